@@ -1,0 +1,1 @@
+"""Prefect orchestration of the ``pipeline`` stages (tasks wrap pipeline functions)."""

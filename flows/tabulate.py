@@ -1,0 +1,86 @@
+"""Prefect flow ``tabulate``: one flow run per release, levels in order, ``.map`` over shards.
+
+Every task wraps a function of :mod:`pipeline.run` and passes only paths and small manifests
+(names, counts, checksums, seconds). No arrays, true values, keys or seeds ever go through
+task parameters, results, logs or artifacts: the confidential state stays in the run
+directory. Retries are safe because every stage is idempotent and measurements are
+write-once files — a retried shard re-reads its noise, it never draws it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+
+from pipeline import run as stages
+
+# Prefect's result cache must never decide whether noise is drawn: the stages are idempotent
+# on disk, so caching is off and retries simply re-enter the stage.
+_TASK = dict(cache_policy=NONE, persist_result=False)
+
+
+@task(name="prepare-run", **_TASK)
+def prepare_task(config_path: str, resume_dir: str | None) -> str:
+    return str(stages.prepare(config_path, resume_dir=resume_dir))
+
+
+@task(name="histograms", retries=2, retry_delay_seconds=[5, 30], **_TASK)
+def histograms_task(run_dir: str) -> dict[str, Any]:
+    return stages.stage_inputs(run_dir)
+
+
+@task(name="shard", task_run_name="solve-{kind}-{level}-{shard}", retries=2, retry_delay_seconds=[5, 30], **_TASK)
+def shard_task(run_dir: str, kind: str, level: str, shard: int) -> dict[str, Any]:
+    return stages.stage_shard(run_dir, kind, level, shard)
+
+
+@task(name="finish-level", task_run_name="finish-{kind}-{level}", **_TASK)
+def finish_level_task(run_dir: str, kind: str, level: str) -> dict[str, Any]:
+    return stages.stage_finish_level(run_dir, kind, level)
+
+
+@task(name="publish", retries=1, retry_delay_seconds=[10], **_TASK)
+def publish_task(run_dir: str) -> dict[str, Any]:
+    return stages.stage_publish(run_dir)
+
+
+@flow(name="dp-tabulate", validate_parameters=True)
+def tabulate(config_path: str, resume_dir: str | None = None) -> dict[str, Any]:
+    """Run one release end to end: validate, histograms, top-down per level, publish.
+
+    Returns a small manifest: run directory, release path, ρ/ε, per-level diagnostics.
+    """
+    log = get_run_logger()
+    run_dir = prepare_task(config_path, resume_dir)
+    histograms_task(run_dir)
+    diagnostics: list[dict[str, Any]] = []
+    for kind in stages.run_kinds(run_dir):
+        for level in stages.run_levels(run_dir):
+            shards = stages.level_shards(run_dir, kind, level)
+            futures = shard_task.map(unmapped(run_dir), unmapped(kind), unmapped(level), shards)
+            futures.wait()
+            futures.result()  # raise the first shard failure, if any
+            summary = finish_level_task(run_dir, kind, level)
+            diagnostics.append(summary)
+            log.info("%s %s: %s parents in %s shards", kind, level, summary.get("parents"), len(shards))
+    published = publish_task(run_dir)
+    create_markdown_artifact(key="privacy-accounting", markdown=published["privacy_markdown"],
+                             description="Privacy-loss accounting of this release")
+    create_table_artifact(key="level-diagnostics", table=diagnostics,
+                          description="Post-processing diagnostics per run kind and level")
+    create_link_artifact(key="release", link=published["release_uri"], link_text=published["release_id"])
+    return {"run_dir": run_dir, "release": published["release_path"], "release_id": published["release_id"],
+            "rho": published["rho"], "epsilon": published["epsilon"], "levels": diagnostics}
+
+
+def with_runner(task_runner: str = "thread", dask_address: str | None = None):
+    """The ``tabulate`` flow with the chosen task runner, without editing decorators."""
+    if task_runner == "dask":
+        from prefect_dask import DaskTaskRunner  # optional extra: pip install 'dptab[dask]'
+
+        return tabulate.with_options(task_runner=DaskTaskRunner(address=dask_address) if dask_address
+                                     else DaskTaskRunner())
+    return tabulate

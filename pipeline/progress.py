@@ -1,0 +1,60 @@
+"""Terminal progress for ``dptab run``: one bar per level (parents/s, ETA) and a stage log.
+
+Progress is presentation only: it prints counts and timings, never data values.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class StageProgress:
+    """Context manager that runs stages and shard loops with rich progress bars."""
+
+    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+        self._progress: Progress | None = None
+
+    def __enter__(self) -> "StageProgress":
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description:<26}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=self.console, transient=False,
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def step(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run one stage, printing its name and duration."""
+        t0 = time.perf_counter()
+        out = fn()
+        if self.enabled:
+            self.console.log(f"{name}: {time.perf_counter() - t0:.1f} s")
+        return out
+
+    def shards(self, name: str, shards: Sequence[int], fn: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run ``fn`` over shards with a bar counting parents (from each shard's ``parents``)."""
+        infos: list[dict[str, Any]] = []
+        task = None
+        if self._progress is not None:
+            task = self._progress.add_task(name, total=len(shards), rate="")
+        t0 = time.perf_counter()
+        parents = 0
+        for s in shards:
+            info = fn(s)
+            infos.append(info)
+            parents += int(info.get("parents", 0))
+            if task is not None:
+                rate = parents / max(time.perf_counter() - t0, 1e-9)
+                self._progress.update(task, advance=1, rate=f"{parents} parents, {rate:,.0f}/s")
+        return infos
