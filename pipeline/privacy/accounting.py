@@ -1,0 +1,273 @@
+"""Exact privacy budgets: strategies as data, ρ per (level, query), ρ → (ε, δ).
+
+Budgets are ``fractions.Fraction`` end to end (ARCHITECTURE §4):
+
+    ρ_q = global ρ × level share × query share,    σ²_q = 1 / ρ_q.
+
+Neighbouring datasets differ in one person's record (bounded DP). Every query is a marginal (a
+partition of the cells), so changing one record moves one answer down by one and another up by
+one: the squared L2 sensitivity is 2 and discrete Gaussian noise of variance σ² gives
+``2 / (2 σ²) = 1/σ²``-zCDP. Hence σ² = 1/ρ_q exactly. zCDP composes by addition, so the total is
+the sum of the ρ_q, which equals the global ρ because the shares sum to exactly one.
+
+The conversion to (ε, δ) uses Canonne, Kamath & Steinke (2020), Corollary 13: a ρ-zCDP
+mechanism is (ε, δ)-DP for every α > 1 with
+
+    ε = α ρ + (ln(1/δ) + (α − 1) ln(1 − 1/α) − ln α) / (α − 1).
+
+Any α > 1 gives a valid bound, so we optimise α in floating point and then *evaluate* the bound
+at that α with rigorous interval arithmetic (mpmath ``iv``) and round the upper end up to the
+reporting grid: the reported ε is never below the true bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCHEMAS_DIR = Path(__file__).resolve().parent.parent.parent / "schemas"
+STRATEGIES_DIR = SCHEMAS_DIR / "strategies"
+#: reported ε values are rounded up to a multiple of this
+EPS_GRID = Fraction(1, 10_000)
+
+
+class StrategyError(ValueError):
+    """A strategy file is malformed or inconsistent (maps to CLI exit status 2)."""
+
+
+def parse_fraction(value: Any, what: str) -> Fraction:
+    """Parse an exact rational from YAML (``"104/4099"``, ``3``, ``"0.25"``); floats are refused.
+
+    A YAML float such as ``0.1`` is not exact, so it is rejected with a message naming ``what``.
+    """
+    if isinstance(value, bool) or value is None:
+        raise StrategyError(f"{what}: expected an exact fraction like '104/4099', got {value!r}")
+    if isinstance(value, float):
+        raise StrategyError(f"{what}: write the fraction exactly as text (e.g. '1/10'), not the float {value!r}")
+    try:
+        return Fraction(str(value).strip())
+    except (ValueError, ZeroDivisionError) as exc:
+        raise StrategyError(f"{what}: not an exact fraction: {value!r} ({exc})") from None
+
+
+def _level_names() -> tuple[str, ...]:
+    raw = yaml.safe_load((SCHEMAS_DIR / "geolevels.yaml").read_text())
+    return tuple(lv["name"] for lv in raw["levels"])
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A measurement strategy: global ρ, level shares and per-level query shares (all exact).
+
+    ``levels`` maps a geolevel name to ``(level share, {query name: query share})``; levels and
+    queries keep the YAML order.
+    """
+
+    name: str
+    spec: str
+    rho: Fraction
+    levels: dict[str, tuple[Fraction, dict[str, Fraction]]]
+    source: Path | None = field(default=None, compare=False)
+    description: str = field(default="", compare=False)
+
+    @property
+    def total_rho(self) -> Fraction:
+        """Sum of ρ_q over every (level, query): equals ``rho`` exactly once validated."""
+        return sum(self.rho_by_level_query().values(), Fraction(0))
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(self.levels)
+
+    def queries(self, level: str) -> tuple[str, ...]:
+        """Names of the queries measured at ``level`` (YAML order)."""
+        return tuple(self._level(level)[1])
+
+    def level_rho(self, level: str) -> Fraction:
+        """ρ spent at one level (global ρ × level share)."""
+        return self.rho * self._level(level)[0]
+
+    def rho_q(self, level: str, query: str) -> Fraction:
+        """ρ of one query at one level."""
+        share, queries = self._level(level)
+        if query not in queries:
+            raise StrategyError(f"strategy {self.name!r} does not measure query {query!r} at level {level!r}")
+        return self.rho * share * queries[query]
+
+    def rho_by_level_query(self) -> dict[tuple[str, str], Fraction]:
+        """``{(level, query): ρ_q}`` for every measured query."""
+        return {(lv, q): self.rho * share * qs for lv, (share, queries) in self.levels.items()
+                for q, qs in queries.items()}
+
+    def sigma2(self, level: str, query: str) -> Fraction:
+        """Exact discrete-Gaussian σ² = 1/ρ_q for one query (per answer, in counts²)."""
+        return 1 / self.rho_q(level, query)
+
+    def _level(self, level: str) -> tuple[Fraction, dict[str, Fraction]]:
+        try:
+            return self.levels[level]
+        except KeyError:
+            raise StrategyError(
+                f"strategy {self.name!r} has no level {level!r}; levels: {', '.join(self.levels)}"
+            ) from None
+
+
+def strategy_path(path_or_name: str | Path) -> Path:
+    """Resolve a strategy file path, or a bare name in ``schemas/strategies/``."""
+    p = Path(path_or_name)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return STRATEGIES_DIR / f"{path_or_name}.yaml"
+
+
+def load_strategy(path_or_name: str | Path) -> Strategy:
+    """Load and validate a strategy YAML file (or a name in ``schemas/strategies/``).
+
+    Checks (each failure raises :class:`StrategyError` naming the file and the item): ρ > 0;
+    level names are geolevel names; every share > 0; level shares sum to exactly 1; the query
+    shares of each level sum to exactly 1; every query exists in the strategy's histogram spec.
+    """
+    from pipeline.spec import SpecError, load_spec
+
+    p = strategy_path(path_or_name)
+    if not p.is_file():
+        raise StrategyError(f"strategy file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise StrategyError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise StrategyError(f"{p}: expected a mapping with keys name, spec, rho, levels")
+    missing = [k for k in ("name", "spec", "rho", "levels") if k not in raw]
+    if missing:
+        raise StrategyError(f"{p}: missing key(s): {', '.join(missing)}")
+    rho = parse_fraction(raw["rho"], f"{p}: rho")
+    if rho <= 0:
+        raise StrategyError(f"{p}: rho must be > 0, got {rho}")
+    try:
+        spec = load_spec(str(raw["spec"]))
+    except (SpecError, OSError) as exc:
+        raise StrategyError(f"{p}: cannot load spec {raw['spec']!r}: {exc}") from None
+    known_levels = _level_names()
+    if not isinstance(raw["levels"], dict) or not raw["levels"]:
+        raise StrategyError(f"{p}: levels must be a non-empty mapping of geolevel name -> share, queries")
+    levels: dict[str, tuple[Fraction, dict[str, Fraction]]] = {}
+    for lv, body in raw["levels"].items():
+        where = f"{p}: level {lv!r}"
+        if lv not in known_levels:
+            raise StrategyError(f"{where}: unknown geolevel; known: {', '.join(known_levels)}")
+        if not isinstance(body, dict) or "share" not in body or "queries" not in body:
+            raise StrategyError(f"{where}: needs 'share' and 'queries'")
+        share = parse_fraction(body["share"], f"{where} share")
+        if share <= 0:
+            raise StrategyError(f"{where}: share must be > 0 (omit the level instead), got {share}")
+        if not isinstance(body["queries"], dict) or not body["queries"]:
+            raise StrategyError(f"{where}: queries must be a non-empty mapping query -> share")
+        queries: dict[str, Fraction] = {}
+        for q, qs in body["queries"].items():
+            if q not in spec.query_defs:
+                raise StrategyError(
+                    f"{where}: query {q!r} is not in spec {spec.name!r}; known: {', '.join(spec.query_defs)}"
+                )
+            f = parse_fraction(qs, f"{where} query {q!r}")
+            if f <= 0:
+                raise StrategyError(f"{where} query {q!r}: share must be > 0 (omit the query instead), got {f}")
+            queries[str(q)] = f
+        total = sum(queries.values(), Fraction(0))
+        if total != 1:
+            raise StrategyError(f"{where}: query shares sum to {total} (= {float(total):.6f}), not exactly 1")
+        levels[str(lv)] = (share, queries)
+    total = sum((s for s, _ in levels.values()), Fraction(0))
+    if total != 1:
+        raise StrategyError(f"{p}: level shares sum to {total} (= {float(total):.6f}), not exactly 1")
+    order = [lv for lv in known_levels if lv in levels]
+    if list(levels) != order:
+        raise StrategyError(f"{p}: levels must be listed top to bottom: {', '.join(order)}")
+    return Strategy(name=str(raw["name"]), spec=str(raw["spec"]), rho=rho, levels=levels,
+                    source=p, description=str(raw.get("description", "")))
+
+
+# --------------------------------------------------------------------------------------
+# ρ -> (ε, δ)
+
+
+def as_fraction(x: float | str | Fraction) -> Fraction:
+    """Exact rational of a δ or ρ given as text, Fraction or float (a float via its shortest repr)."""
+    return x if isinstance(x, Fraction) else Fraction(str(x))
+
+
+def round_up(x: Fraction, grid: Fraction = EPS_GRID) -> Fraction:
+    """Smallest multiple of ``grid`` that is ≥ ``x``."""
+    return math.ceil(x / grid) * grid
+
+
+def _iv_upper(x) -> Fraction:
+    """Exact rational upper end of an mpmath interval."""
+    from mpmath.libmp import to_rational
+
+    return Fraction(*to_rational(x._mpi_[1]))
+
+
+def _cks_eps_at(rho: Fraction, delta: Fraction, alpha: Fraction, prec: int = 200) -> Fraction:
+    """Rigorous upper bound on the CKS20 Cor. 13 ε at one α > 1 (interval arithmetic)."""
+    from mpmath import iv
+
+    old = iv.prec
+    iv.prec = prec
+    try:
+        a = iv.mpf(alpha.numerator) / alpha.denominator
+        r = iv.mpf(rho.numerator) / rho.denominator
+        d = iv.mpf(delta.numerator) / delta.denominator
+        e = a * r + (-iv.log(d) + (a - 1) * iv.log(1 - 1 / a) - iv.log(a)) / (a - 1)
+        return _iv_upper(e)
+    finally:
+        iv.prec = old
+
+
+def cks_epsilon(rho: Fraction | str, delta: float | str | Fraction = "1e-10") -> Fraction:
+    """ε of a ρ-zCDP mechanism at δ by CKS20 Corollary 13, rounded *up* to :data:`EPS_GRID`.
+
+    ``rho`` and ``delta`` are exact rationals (floats are read through their shortest repr).
+    Reference: ρ = 293764/114921, δ = 1e-10 → 17.1436 (the certified 2020 persons ε ≈ 17.14).
+    """
+    rho, delta = as_fraction(rho), as_fraction(delta)
+    if rho <= 0 or not (0 < delta < 1):
+        raise ValueError(f"need rho > 0 and 0 < delta < 1, got rho={rho}, delta={delta}")
+    r, ld = float(rho), math.log(1 / float(delta))
+
+    def eps(a: float) -> float:
+        return a * r + (ld + (a - 1) * math.log1p(-1 / a) - math.log(a)) / (a - 1)
+
+    # ε(α) is convex on α > 1: golden-section search on log(α - 1)
+    lo, hi = -30.0, 30.0
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(200):
+        m1, m2 = hi - g * (hi - lo), lo + g * (hi - lo)
+        if eps(1 + math.exp(m1)) < eps(1 + math.exp(m2)):
+            hi = m2
+        else:
+            lo = m1
+    alpha = Fraction(1 + math.exp((lo + hi) / 2)).limit_denominator(10**12)
+    if alpha <= 1:
+        alpha = Fraction(1) + Fraction(1, 10**12)
+    return round_up(_cks_eps_at(rho, delta, alpha))
+
+
+def loose_epsilon(rho: Fraction | str, delta: float | str | Fraction = "1e-10") -> Fraction:
+    """The textbook bound ρ + 2√(ρ ln(1/δ)) rounded up to :data:`EPS_GRID` (for comparison)."""
+    from mpmath import iv
+
+    rho, delta = as_fraction(rho), as_fraction(delta)
+    old = iv.prec
+    iv.prec = 200
+    try:
+        r = iv.mpf(rho.numerator) / rho.denominator
+        d = iv.mpf(delta.numerator) / delta.denominator
+        return round_up(_iv_upper(r + 2 * iv.sqrt(r * -iv.log(d))))
+    finally:
+        iv.prec = old
