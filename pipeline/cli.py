@@ -10,6 +10,41 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Differentially private tabulation.")
 
 
+@app.command("run")
+def run_cmd(
+    config: str = typer.Argument(None, help="run config YAML (omit with --resume)"),
+    resume: str = typer.Option(None, "--resume", help="continue the run in this run directory"),
+    flow: bool = typer.Option(False, "--flow", help="run as a Prefect flow (ephemeral API unless PREFECT_API_URL is set)"),
+    task_runner: str = typer.Option("thread", "--task-runner", help="thread or dask (with --flow)"),
+    dask_address: str = typer.Option(None, "--dask-address", help="tcp://scheduler:8786 of an existing Dask cluster"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+) -> None:
+    """Run (or resume) a release job: validate, histograms, noise, top-down, publish."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.config import ConfigError
+    from pipeline.run import run_job_for_cli
+
+    if config is None and resume is None:
+        raise typer.BadParameter("give a CONFIG or --resume RUN_DIR")
+    console = Console()
+    try:
+        summary = run_job_for_cli(config, resume, flow=flow, task_runner=task_runner,
+                                  dask_address=dask_address, progress=not quiet)
+    except ConfigError as exc:
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2)
+    except Exception as exc:  # input and budget errors carry their own exit status
+        status = getattr(exc, "exit_status", 1)
+        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+        raise typer.Exit(status)
+    table = Table(title="dptab run summary", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, str(v))
+    console.print(table)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

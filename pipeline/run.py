@@ -351,3 +351,32 @@ def run(config_path: str | Path | None = None, resume_dir: str | Path | None = N
     published["levels"] = diagnostics
     published["wall_seconds"] = round(time.perf_counter() - t0, 2)
     return published
+
+
+def run_job_for_cli(config_path: str | None, resume_dir: str | None, *, flow: bool = False,
+                    task_runner: str = "thread", dask_address: str | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """``dptab run``: the job in-process (default) or as the Prefect flow; returns the closing
+    summary: levels, units, ρ and ε, wall time, peak memory, release path."""
+    import resource
+
+    t0 = time.perf_counter()
+    if flow:
+        from flows.tabulate import with_runner
+
+        out = with_runner(task_runner, dask_address)(config_path=str(config_path) if config_path else "",
+                                                     resume_dir=resume_dir)
+    else:
+        out = run(config_path, resume_dir=resume_dir, progress=progress)
+    ctx = RunContext.load(out["run_dir"])
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    units = ctx.rd.done_info("inputs") or {}
+    return {
+        "release": out.get("release_path") or out.get("release"),
+        "run directory": out["run_dir"],
+        "levels": ", ".join(f"{k} {v}" for k, v in units.get("levels", {}).items()),
+        "rho": out.get("rho"),
+        "epsilon": out.get("epsilon"),
+        "wall time (s)": round(time.perf_counter() - t0, 1),
+        "peak memory (MB)": round(peak_mb),
+    }
