@@ -1,0 +1,341 @@
+"""Total validation of the persons and units inputs against ``schemas/input_contract.yaml``.
+
+:func:`validate_inputs` finds *every* problem and raises them together, or returns the
+normalised lazy frames with a small summary. All checks are vectorised polars expressions
+run with the streaming engine, so memory stays bounded by the number of blocks (and, for the
+duplicate-id check, 8 bytes per unit), never by the number of persons:
+
+- pass 1 per file: one ``select`` of per-check offending-row counts (plus row counts and the
+  hash-distinct count of unit ids);
+- pass 2 per file: one ``group_by(geoid)`` of the valid rows, joined persons x units per block,
+  for the cross-file checks (2020 edit constraints, ARCHITECTURE §6);
+- only when a check fails: a short scan that fetches its first offending rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.io import (
+    MAX_EXAMPLES,
+    ColumnPlan,
+    InputValidationError,
+    PreparedTable,
+    Problem,
+    load_contract,
+    prepare_table,
+)
+from pipeline.spec import HistogramSpec, SpecError, load_spec
+
+N_GQ = 7  # GQ types 1..7 (hhgq codes; unit kinds)
+
+
+@dataclass(frozen=True)
+class InputSummary:
+    """Counts over the validated inputs (all rows are valid when this exists)."""
+
+    persons_layout: str
+    persons_rows: int
+    units_rows: int
+    blocks: int  # distinct blocks with at least one unit or facility
+    person_blocks: int  # distinct blocks with at least one person
+    household_persons: int
+    gq_persons: int
+    housing_units: int
+    occupied_units: int
+    gq_facilities: int
+
+    def lines(self) -> list[str]:
+        """Human-readable summary lines (for the CLI)."""
+        return [
+            f"persons:           {self.persons_rows:>14,}  ({self.persons_layout} layout)",
+            f"  in households:   {self.household_persons:>14,}",
+            f"  in group quarters:{self.gq_persons:>13,}",
+            f"units:             {self.units_rows:>14,}",
+            f"  housing units:   {self.housing_units:>14,}  ({self.occupied_units:,} occupied)",
+            f"  GQ facilities:   {self.gq_facilities:>14,}",
+            f"blocks:            {self.blocks:>14,}  ({self.person_blocks:,} with persons)",
+        ]
+
+
+@dataclass(frozen=True)
+class ValidatedInputs:
+    """Normalised lazy frames of valid inputs (``docs/contracts.md``) and their summary."""
+
+    persons: pl.LazyFrame
+    units: pl.LazyFrame
+    summary: InputSummary
+    persons_path: Path
+    units_path: Path
+
+
+@dataclass(frozen=True)
+class _Check:
+    """A row-level check: ``cond`` is True on offending rows; ``show`` renders the value."""
+
+    column: str
+    kind: str
+    detail: str
+    cond: pl.Expr
+    show: pl.Expr
+
+
+def _column_checks(plan: ColumnPlan, geoid_note: str) -> list[_Check]:
+    c, s, t, name = plan.raw, plan.spec, plan.spec["type"], plan.name
+    show = c.cast(pl.String).fill_null("null")
+    checks = []
+    if "required_where_kind" not in s:
+        checks.append(_Check(name, "null", "missing value", c.is_null(), show))
+    if plan.category == "null":
+        return checks
+    if t == "digits":
+        w = s["width"]
+        if plan.category == "string":
+            checks += [
+                _Check(name, "wrong_length", f"not exactly {w} characters{geoid_note}",
+                       c.str.len_chars() != w, show),
+                _Check(name, "non_digit", f"characters other than the digits 0-9{geoid_note}",
+                       (c.str.len_chars() == w) & ~c.str.contains(r"^[0-9]+$"), show),
+            ]
+        else:
+            checks += [
+                _Check(name, "non_digit", f"negative integer, not a {w}-digit code{geoid_note}", c < 0, show),
+                _Check(name, "wrong_length", f"integer has more than {w} digits{geoid_note}",
+                       c >= 10**w, show),
+            ]
+    elif t == "integer":
+        lo, hi = s["range"]
+        if plan.category == "string":
+            checks.append(_Check(name, "non_integer", "text that is not a base-10 integer",
+                                 c.is_not_null() & plan.parsed().is_null(), show))
+        checks.append(_Check(name, "out_of_domain", f"outside {lo}..{hi}",
+                             ~plan.parsed().is_between(lo, hi), show))
+    elif t == "boolean" and plan.category == "integer":
+        checks.append(_Check(name, "out_of_domain", "integer flag other than 0/1", ~c.is_in([0, 1]), show))
+    return checks
+
+
+def _row_checks(table: PreparedTable, spec: HistogramSpec | None) -> list[_Check]:
+    geo = table.layout_spec["geoid"]
+    note = (f", so {'+'.join(geo)} do not form a 15-digit block GEOID" if len(geo) > 1 else "")
+    checks: list[_Check] = []
+    for name, plan in table.columns.items():
+        checks += _column_checks(plan, note if name in geo else "")
+        s = plan.spec
+        if "required_where_kind" in s and "kind" in table.columns:
+            kind = table.columns["kind"].parsed()
+            show = pl.format("kind {} occupied {}", kind, plan.raw.cast(pl.String).fill_null("null"))
+            checks += [
+                _Check(name, "occupied_missing", "housing unit without an occupied flag",
+                       kind.is_in(s["required_where_kind"]) & plan.raw.is_null(), show),
+                _Check(name, "occupied_for_gq", "group-quarters facility with an occupied flag (must be null)",
+                       kind.is_in(s["null_where_kind"]) & plan.raw.is_not_null(), show),
+            ]
+        if "prefix_of" in s and s["prefix_of"] in table.columns:
+            other = table.columns[s["prefix_of"]]
+            w = s["width"]
+            checks.append(_Check(name, "prefix_mismatch", f"differs from the first {w} digit(s) of {other.name}",
+                                 plan.parsed() != other.parsed().str.slice(0, w),
+                                 pl.format(f"{name}={{}} {other.name}={{}}", plan.parsed(), other.parsed())))
+    targets = table.layout_spec["targets"]
+    if spec is not None and table.role == "persons":
+        for zname, where in spec.structural_zero_defs:
+            if not all(targets.get(a) in table.columns for a in where):
+                continue
+            cond = pl.all_horizontal([table.target_expr(a).is_in(list(codes)) for a, codes in where.items()])
+            show = pl.format(", ".join(f"{targets[a]}={{}}" for a in where),
+                             *[pl.col(targets[a]).cast(pl.String) for a in where])
+            checks.append(_Check("+".join(targets[a] for a in where), "structural_zero",
+                                 f"record in a cell that must be empty ({zname}: "
+                                 + ", ".join(f"{a} in {list(c)}" for a, c in where.items()) + ")", cond, show))
+    return checks
+
+
+def _first_rows(table: PreparedTable, cond: pl.Expr, show: pl.Expr) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    df = (table.source.scan().with_row_index("_row").filter(cond.fill_null(False))
+          .select(pl.col("_row"), show.alias("_show")).head(MAX_EXAMPLES).collect())
+    rows = tuple(int(r) for r in df["_row"])
+    shown = [str(v) for v in df["_show"]]
+    if len(table.source.files) > 1:
+        shown = [f"{v} (at {table.source.locate(r)})" for r, v in zip(rows, shown)]
+    return rows, tuple(shown)
+
+
+def _run_row_checks(table: PreparedTable, checks: list[_Check], dup_col: str | None) -> list[Problem]:
+    """Pass 1: count offenders of every check in one streaming select."""
+    lf = table.source.scan()
+    aggs = [c.cond.fill_null(False).sum().alias(f"c{i}") for i, c in enumerate(checks)]
+    if dup_col is not None:
+        ids = table.columns[dup_col].parsed().drop_nulls()
+        aggs += [ids.count().alias("ids"), ids.hash(seed=0).n_unique().alias("distinct")]
+    if not aggs:
+        return []
+    try:
+        res = lf.select(aggs).collect(engine="streaming").row(0, named=True)
+    except Exception as exc:  # corrupt data pages behind a valid footer
+        return [Problem(table.label, "", "corrupt_parquet", 1, f"rows cannot be read: {exc}")]
+    problems = []
+    for i, c in enumerate(checks):
+        n = int(res[f"c{i}"])
+        if n:
+            rows, shown = _first_rows(table, c.cond, c.show)
+            problems.append(Problem(table.label, c.column, c.kind, n, c.detail, rows, shown))
+    if dup_col is not None and res["ids"] != res["distinct"]:
+        problems += _duplicates(table, dup_col)
+    return problems
+
+
+def _duplicates(table: PreparedTable, col: str) -> list[Problem]:
+    # Exact confirmation: the hash count can only under-count distinct ids (collisions).
+    dups = (table.source.scan().with_row_index("_row").select("_row", table.columns[col].parsed().alias("_id"))
+            .drop_nulls("_id").group_by("_id")
+            .agg(pl.len().alias("n"), pl.col("_row").sort().get(1).alias("second"))
+            .filter(pl.col("n") > 1).collect(engine="streaming").sort("second"))
+    if dups.height == 0:
+        return []
+    head = dups.head(MAX_EXAMPLES)
+    return [Problem(table.label, col, "duplicate_id",
+                    int(dups["n"].sum() - dups.height),
+                    f"rows repeating an earlier id ({dups.height:,} ids used more than once)",
+                    tuple(int(r) for r in head["second"]),
+                    tuple(f"{i!r} x{n}" for i, n in zip(head["_id"], head["n"])))]
+
+
+def _valid_rows(checks: list[_Check]) -> pl.Expr:
+    return ~pl.any_horizontal([c.cond.fill_null(False) for c in checks]) if checks else pl.lit(True)
+
+
+def _block_tables(persons: PreparedTable, p_checks: list[_Check],
+                  units: PreparedTable, u_checks: list[_Check]) -> pl.LazyFrame:
+    """Pass 2: per-block persons and units counts over valid rows, full-joined on geoid."""
+    hhgq = persons.target_expr("hhgq")
+    pb = (persons.source.scan().filter(_valid_rows(p_checks))
+          .select(persons.geoid_expr().alias("geoid"), hhgq.alias("hhgq"))
+          .group_by("geoid")
+          .agg([pl.len().alias("persons"), (pl.col("hhgq") == 0).sum().alias("hh")]
+               + [(pl.col("hhgq") == k).sum().alias(f"g{k}") for k in range(1, N_GQ + 1)]))
+    kind, occ = units.target_expr("kind"), units.target_expr("occupied")
+    ub = (units.source.scan().filter(_valid_rows(u_checks))
+          .select(units.geoid_expr().alias("geoid"), kind.alias("kind"), occ.alias("occ"))
+          .group_by("geoid")
+          .agg([pl.len().alias("units"), (pl.col("kind") == 0).sum().alias("hu"),
+                ((pl.col("kind") == 0) & pl.col("occ").fill_null(False)).sum().alias("occ")]
+               + [(pl.col("kind") == k).sum().alias(f"f{k}") for k in range(1, N_GQ + 1)]))
+    j = pb.join(ub, on="geoid", how="full", coalesce=True)
+    counts = [c for c in j.collect_schema().names() if c != "geoid"]
+    return j.with_columns(pl.col("units").is_not_null().alias("in_units"),
+                          *[pl.col(c).fill_null(0).cast(pl.Int64) for c in counts])
+
+
+def _cross_checks(persons: PreparedTable, p_checks: list[_Check], units: PreparedTable,
+                  u_checks: list[_Check]) -> tuple[list[Problem], dict[str, int]]:
+    """Cross-file checks per block; returns problems and the summary counts."""
+    enabled = load_contract().get("cross_checks", {})
+    j = _block_tables(persons, p_checks, units, u_checks)
+    g = [pl.col(f"g{k}") for k in range(1, N_GQ + 1)]
+    f = [pl.col(f"f{k}") for k in range(1, N_GQ + 1)]
+    inu = pl.col("in_units")
+    hh, hu, occ = pl.col("hh"), pl.col("hu"), pl.col("occ")
+    gq_bad = [(gk > 0) & (fk == 0) & inu for gk, fk in zip(g, f)]
+    # (name, file, column, block condition, offending count per block, detail, show)
+    gq_col = persons.layout_spec["targets"]["hhgq"]
+    specs = [
+        ("block_not_in_units", persons, "geoid", (pl.col("persons") > 0) & ~inu, pl.col("persons"),
+         "persons in a block that has no housing unit or facility in the units file",
+         pl.format("{} persons", pl.col("persons"))),
+        ("gq_without_facility", persons, gq_col, pl.any_horizontal(gq_bad),
+         pl.sum_horizontal([pl.when(b).then(gk).otherwise(0) for b, gk in zip(gq_bad, g)]),
+         "persons in group-quarters type k in a block with no facility of type k (2020 edit constraint)",
+         pl.concat_str([pl.when(b).then(pl.format(f"type {k}: {{}} persons, 0 facilities; ", gk)).otherwise(pl.lit(""))
+                        for k, (b, gk) in enumerate(zip(gq_bad, g), 1)])),
+        ("household_without_housing_unit", persons, gq_col, (hh > 0) & (hu == 0) & inu, hh,
+         "household persons in a block with no housing unit", pl.format("{} household persons, 0 housing units", hh)),
+        ("household_without_occupied_unit", persons, gq_col, (hh > 0) & (hu > 0) & (occ == 0), hh,
+         "household persons in a block whose housing units are all vacant",
+         pl.format("{} household persons, {} housing units, 0 occupied", hh, hu)),
+        ("facility_without_persons", units, "kind", pl.any_horizontal([fk > gk for gk, fk in zip(g, f)]),
+         pl.sum_horizontal([pl.when(fk > gk).then(fk - gk).otherwise(0) for gk, fk in zip(g, f)]),
+         "more group-quarters facilities of a type than persons in that type (facilities in excess)",
+         pl.concat_str([pl.when(fk > gk).then(pl.format(f"type {k}: {{}} facilities, {{}} persons; ", fk, gk))
+                        .otherwise(pl.lit("")) for k, (gk, fk) in enumerate(zip(g, f), 1)])),
+        ("occupied_exceeds_household", units, "occupied", occ > hh, occ - hh,
+         "more occupied housing units than household persons (occupied units in excess)",
+         pl.format("{} occupied units, {} household persons", occ, hh)),
+    ]
+    specs = [s for s in specs if enabled.get(s[0], True)]
+    aggs = [pl.len().alias("blocks_any"), inu.sum().alias("blocks"), (pl.col("persons") > 0).sum().alias("person_blocks"),
+            hh.sum().alias("household_persons"), pl.sum_horizontal(g).sum().alias("gq_persons"),
+            hu.sum().alias("housing_units"), occ.sum().alias("occupied_units"),
+            pl.sum_horizontal(f).sum().alias("gq_facilities")]
+    aggs += [pl.when(cond).then(n).otherwise(0).sum().alias(name) for name, _, _, cond, n, _, _ in specs]
+    res = j.select(aggs).collect(engine="streaming").row(0, named=True)
+    problems = []
+    for name, table, column, cond, _, detail, show in specs:
+        if res[name]:
+            ex = (j.filter(cond).sort("geoid").head(MAX_EXAMPLES)
+                  .select(pl.format("block {}: {}", pl.col("geoid"), show).str.strip_chars_end("; "))
+                  .collect().to_series())
+            problems.append(Problem(table.label, column, name, int(res[name]), detail, (), tuple(ex)))
+    return problems, {k: int(v) for k, v in res.items() if k not in {s[0] for s in specs}}
+
+
+def _check_spec(spec: HistogramSpec) -> None:
+    """The contract's normalised persons domains must be the spec's attribute codes."""
+    for lname, layout in load_contract()["persons"]["layouts"].items():
+        for target, col in layout["targets"].items():
+            cspec = layout["columns"][col]
+            lo, hi = cspec["range"]
+            recode = {int(k): int(v) for k, v in (cspec.get("recode") or {}).items()}
+            codes = tuple(sorted({recode.get(c, c) for c in range(lo, hi + 1)}))
+            if codes != tuple(sorted(spec.attribute(target).codes)):
+                raise SpecError(f"input contract layout {lname!r} column {col!r} gives codes {codes} for "
+                                f"{target!r}, but spec {spec.name!r} has {spec.attribute(target).codes}")
+
+
+def validate_inputs(persons_path: str | Path, units_path: str | Path,
+                    spec: HistogramSpec | None = None) -> ValidatedInputs:
+    """Check both inputs completely; return their normalised lazy frames and a summary.
+
+    ``spec`` (default ``load_spec("pl94")``) supplies the structural zeros and must agree with
+    the contract's domains (else :class:`SpecError`). Raises :class:`InputValidationError`
+    listing every problem of both files (file, column, kind, count, first rows/values).
+    Cross-file checks run on the rows that passed the row checks, whenever both files are
+    readable; so one run reports row problems and block problems together.
+    """
+    spec = spec if spec is not None else load_spec("pl94")
+    _check_spec(spec)
+    problems: list[Problem] = []
+    tables: dict[str, tuple[PreparedTable | None, list[_Check]]] = {}
+    for role, path in (("persons", persons_path), ("units", units_path)):
+        table, probs = prepare_table(role, path)
+        problems += probs
+        checks: list[_Check] = []
+        if table is not None:
+            if table.source.n_rows == 0:
+                problems.append(Problem(table.label, "", "empty_file", 0, "the table has no rows"))
+            checks = _row_checks(table, spec)
+            dup = "unit_id" if role == "units" and "unit_id" in table.columns else None
+            problems += _run_row_checks(table, checks, dup)
+        tables[role] = (table, checks)
+    (pt, pc), (ut, uc) = tables["persons"], tables["units"]
+    needed_p = set(pt.layout_spec["geoid"]) | {pt.layout_spec["targets"]["hhgq"]} if pt else set()
+    usable = (pt is not None and ut is not None and needed_p <= set(pt.columns)
+              and {"geoid", "kind", "occupied"} <= set(ut.columns)
+              and not any(p.kind == "corrupt_parquet" for p in problems))
+    counts: dict[str, int] = {}
+    if usable:
+        cross, counts = _cross_checks(pt, pc, ut, uc)
+        problems += cross
+    if problems:
+        raise InputValidationError(problems)
+    assert pt is not None and ut is not None  # no problems means both tables were prepared
+    summary = InputSummary(
+        persons_layout=pt.layout, persons_rows=pt.source.n_rows, units_rows=ut.source.n_rows,
+        blocks=counts["blocks"], person_blocks=counts["person_blocks"],
+        household_persons=counts["household_persons"], gq_persons=counts["gq_persons"],
+        housing_units=counts["housing_units"], occupied_units=counts["occupied_units"],
+        gq_facilities=counts["gq_facilities"])
+    return ValidatedInputs(pt.normalised(), ut.normalised(), summary, Path(persons_path), Path(units_path))
