@@ -1,0 +1,148 @@
+"""Histograms: block histogram equals a naive count, levels sum consistently, Parquet round trip,
+unit counts. Property tests run on random microdata (hypothesis)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.geography import Geography
+from pipeline.histograms import (HistogramError, SparseHistogram, UnitCounts, aggregate_up,
+                                 build_person_histograms, build_unit_counts)
+from pipeline.spec import load_spec
+
+SPEC = load_spec("pl94")
+ATTRS = ["hhgq", "voting_age", "hispanic", "cenrace"]
+
+_block = st.tuples(st.sampled_from(["01", "44"]), st.sampled_from(["001", "003"]),
+                   st.sampled_from(["000100", "000200"]), st.sampled_from("12"),
+                   st.sampled_from(["000", "001", "205"])).map("".join)
+_PERSON = (st.integers(0, 7), st.integers(0, 1), st.integers(0, 1), st.integers(1, 63))
+
+
+def _frame(rows: list[tuple[str, int, int, int, int]]) -> pl.DataFrame:
+    cols = list(zip(*rows)) if rows else [[]] * 5
+    return pl.DataFrame({"geoid": pl.Series(cols[0], dtype=pl.Utf8),
+                         **{a: pl.Series(c, dtype=pl.Int8) for a, c in zip(ATTRS, cols[1:])}})
+
+
+def _naive(rows, geo: Geography, level: str) -> np.ndarray:
+    lv = geo.level(level)
+    out = np.zeros((lv.n_units, SPEC.n_cells), dtype=np.int64)
+    index = {g: i for i, g in enumerate(lv.geoids.tolist())}
+    for g, h, v, hi, r in rows:
+        out[index[g[: lv.digits]], ((h * 2 + v) * 2 + hi) * 63 + r - 1] += 1
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_block, min_size=1, max_size=12, unique=True), st.data())
+def test_histograms_equal_naive_count_and_sum_consistently(blocks, data):
+    persons = data.draw(st.lists(st.tuples(st.sampled_from(blocks), *_PERSON), max_size=80))
+    geo = Geography.from_block_geoids(blocks)
+    hists = build_person_histograms(_frame(persons).lazy(), geo, SPEC)
+    assert list(hists) == [lv.name for lv in geo.levels]
+    for lv in geo.levels:
+        h = hists[lv.name]
+        assert h.level == lv.name and h.n_units == lv.n_units and h.n_cells == SPEC.n_cells
+        assert (h.count > 0).all()
+        # equal to a naive count at every level
+        np.testing.assert_array_equal(h.dense(), _naive(persons, geo, lv.name))
+        # every level sums to the same total
+        assert h.total() == len(persons) and h.totals().sum() == len(persons)
+    for k in range(len(geo.levels) - 1):
+        up, down = geo.levels[k], geo.levels[k + 1]
+        child = hists[down.name].dense()
+        parent = hists[up.name].dense()
+        for i in range(up.n_units):  # parent = sum of its children
+            np.testing.assert_array_equal(parent[i], child[up.children(i)].sum(axis=0))
+
+
+def test_dense_slices_totals_and_parquet_round_trip(tmp_path):
+    x = np.zeros((5, 7), dtype=np.int64)
+    x[0, 3] = 2
+    x[2, 0] = 1
+    x[2, 6] = 4
+    x[4, 1] = 9
+    h = SparseHistogram.from_dense("block", x)
+    assert h.unit.tolist() == [0, 2, 2, 4] and h.cell.tolist() == [3, 0, 6, 1]
+    np.testing.assert_array_equal(h.dense(1, 4), x[1:4])
+    np.testing.assert_array_equal(h.dense(), x)
+    assert h.dense(2, 2).shape == (0, 7)
+    assert h.totals().tolist() == [2, 0, 5, 0, 9]
+    h.to_parquet(tmp_path / "h.parquet")
+    back = SparseHistogram.from_parquet(tmp_path / "h.parquet")
+    assert back.equals(h) and back.level == "block" and back.n_units == 5 and back.n_cells == 7
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic write leaves no temp file
+
+
+def test_invalid_sparse_histograms_are_refused(tmp_path):
+    with pytest.raises(HistogramError, match="sorted"):
+        SparseHistogram("b", 3, 4, [1, 0], [0, 0], [1, 1])
+    with pytest.raises(HistogramError, match="non-positive"):
+        SparseHistogram("b", 3, 4, [0, 1], [0, 0], [1, 0])
+    with pytest.raises(HistogramError, match="out of range"):
+        SparseHistogram("b", 3, 4, [0, 1], [0, 4], [1, 1])
+    with pytest.raises(HistogramError, match="sorted"):
+        SparseHistogram("b", 3, 4, [0, 0], [2, 2], [1, 1])
+    pl.DataFrame({"unit": [0]}).write_parquet(tmp_path / "x.parquet")
+    with pytest.raises(HistogramError, match="x.parquet"):
+        SparseHistogram.from_parquet(tmp_path / "x.parquet")
+    (tmp_path / "y.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(HistogramError, match="y.parquet"):
+        SparseHistogram.from_parquet(tmp_path / "y.parquet")
+
+
+def test_out_of_domain_codes_and_unknown_blocks_are_refused():
+    geo = Geography.from_block_geoids(["010010001001000", "010010001001001"])
+    ok = ("010010001001000", 0, 1, 0, 1)
+    for bad in [("010010001001000", 8, 1, 0, 1), ("010010001001000", 0, 2, 0, 1),
+                ("010010001001000", 0, 1, 0, 64), ("010010001001000", 0, 1, -1, 1)]:
+        with pytest.raises(HistogramError, match="outside"):
+            build_person_histograms(_frame([ok, bad]), geo, SPEC)
+    with pytest.raises(HistogramError, match="010010001001009"):
+        build_person_histograms(_frame([ok, ("010010001001009", 0, 1, 0, 1)]), geo, SPEC)
+
+
+def test_aggregate_up_at_top_is_an_error():
+    geo = Geography.from_block_geoids(["010010001001000"])
+    h = build_person_histograms(_frame([("010010001001000", 0, 1, 0, 1)]), geo, SPEC)
+    with pytest.raises(HistogramError, match="top level"):
+        aggregate_up(h["nation"], geo)
+    assert aggregate_up(h["block"], geo).equals(h["block_group"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_block, min_size=1, max_size=10, unique=True), st.data())
+def test_unit_counts_equal_naive_and_sum_consistently(blocks, data):
+    rows = data.draw(st.lists(st.tuples(st.sampled_from(blocks), st.integers(0, 7), st.booleans()), max_size=60))
+    geo = Geography.from_block_geoids(blocks)
+    units = pl.DataFrame({
+        "unit_id": [str(i) for i in range(len(rows))],
+        "geoid": pl.Series([r[0] for r in rows], dtype=pl.Utf8),
+        "kind": pl.Series([r[1] for r in rows], dtype=pl.Int8),
+        "occupied": pl.Series([r[2] if r[1] == 0 else None for r in rows], dtype=pl.Boolean),
+    })
+    counts = build_unit_counts(units.lazy(), geo)
+    assert list(counts) == [lv.name for lv in geo.levels]
+    for lv in geo.levels:
+        c = counts[lv.name]
+        assert isinstance(c, UnitCounts) and c.level == lv.name
+        assert c.housing_units.shape == (lv.n_units,) and c.facilities.shape == (lv.n_units, 7)
+        idx = {g: i for i, g in enumerate(lv.geoids.tolist())}
+        hu = np.zeros(lv.n_units, np.int64)
+        occ = np.zeros(lv.n_units, np.int64)
+        fac = np.zeros((lv.n_units, 7), np.int64)
+        for g, k, o in rows:
+            i = idx[g[: lv.digits]]
+            if k == 0:
+                hu[i] += 1
+                occ[i] += o
+            else:
+                fac[i, k - 1] += 1
+        np.testing.assert_array_equal(c.housing_units, hu)
+        np.testing.assert_array_equal(c.occupied, occ)
+        np.testing.assert_array_equal(c.facilities, fac)
