@@ -1,0 +1,131 @@
+"""Comparator estimates from the same noisy measurements: raw answers clipped at 0, and WLS.
+
+Both read one level's measurements (docs/contracts.md: rows ``unit, query, answer, value,
+variance``; ``unit`` indexes the level's geoids) and return statistic values ``(n_units,
+n_stats)`` for the statistics of :class:`pipeline.review.metrics.Statistics`, so they are
+scored exactly like the published counts.
+
+* **Raw noisy, clipped at 0** (``noisy_clipped``): each noisy answer is clipped at 0; a
+  statistic is the sum of the clipped answers of the measured query that represents it
+  (the statistic is a union of that query's answers) with the smallest variance
+  ``answers x variance`` — e.g. ``total`` from the ``total`` query, a P1 line from
+  ``cenrace``, a P2 line from ``hispanic*cenrace``.
+* **Unconstrained weighted least squares** (``wls``): per unit, the minimiser of
+  ``Σ_q ‖Q_q x − y_q‖² / v_q`` over real ``x`` (2,016 detailed cells), i.e.
+  ``x = H⁻¹ Σ_q Q_qᵀ y_q / v_q`` with ``H = Σ_q Q_qᵀ Q_q / v_q`` (a pseudo-inverse when the
+  design does not identify every cell). It is unbiased and ignores non-negativity,
+  integrality and the parent, so it shows what post-processing gains and what bias it adds.
+  Statistics are linear, so ``V x = (H⁻¹ V)ᵀ Σ_q Q_qᵀ y_q / v_q`` is computed without ever
+  forming the dense ``(n_units, 2016)`` array.
+
+Answers absent from the files (skipped because the parent's published answer is 0) count as
+an observed 0: the parent's zero is exact there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.linalg
+import scipy.sparse as sp
+
+from pipeline.review.metrics import MetricsError, Statistics
+from pipeline.spec import HistogramSpec
+
+
+def load_measurements(run_dir: str | Path, kind: str, level: str) -> pl.DataFrame:
+    """Every measurement row of one (run kind, level): ``unit, query, answer, value, variance``.
+
+    Reads ``RUN_DIR/measurements/<kind>/<level>/*.parquet``; an empty frame if there are none.
+    """
+    d = Path(run_dir) / "measurements" / kind / level
+    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    cols = ["unit", "query", "answer", "value", "variance"]
+    if not files:
+        return pl.DataFrame(schema={"unit": pl.Int64, "query": pl.Utf8, "answer": pl.Int32,
+                                    "value": pl.Int64, "variance": pl.Float64})
+    return pl.concat([pl.read_parquet(f, columns=cols) for f in files], how="vertical_relaxed")
+
+
+def _per_query(meas: pl.DataFrame, spec: HistogramSpec, n_units: int
+               ) -> list[tuple[str, float, sp.csr_matrix, sp.csr_matrix]]:
+    """``(query, variance, Y, M)`` per measured query: ``Y`` float ``(n_units, n_answers)``
+    noisy answers (absent = 0), ``M`` the 0/1 query matrix ``(n_answers, n_cells)``."""
+    out = []
+    for (qname,), part in sorted(meas.group_by(["query"]), key=lambda kv: kv[0][0]):
+        q = spec.query(str(qname))
+        var = part["variance"].to_numpy().astype(np.float64)
+        if var.size == 0:
+            continue
+        if not np.allclose(var, var[0], rtol=1e-9, atol=0):
+            raise MetricsError(f"query {qname}: variance differs between units; WLS needs one per query")
+        unit = part["unit"].to_numpy().astype(np.int64)
+        ans = part["answer"].to_numpy().astype(np.int64)
+        if unit.size and (unit.max() >= n_units or ans.max() >= q.n_answers or unit.min() < 0 or ans.min() < 0):
+            raise MetricsError(f"query {qname}: unit or answer index out of range "
+                               f"({n_units} units, {q.n_answers} answers)")
+        y = sp.csr_matrix((part["value"].to_numpy().astype(np.float64), (unit, ans)),
+                          shape=(n_units, q.n_answers))
+        out.append((str(qname), float(var[0]), y, q.matrix().tocsr()))
+    return out
+
+
+def noisy_clipped_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Statistics,
+                             n_units: int) -> np.ndarray:
+    """Statistic values from the raw noisy answers clipped at 0: float64 ``(n_units, n_stats)``.
+
+    Statistics that no measured query represents are NaN (none, when ``detailed`` is measured).
+    """
+    v = stats.vectors.tocsc()
+    n_stats = v.shape[1]
+    best_cost = np.full(n_stats, np.inf)
+    out = np.full((n_units, n_stats), np.nan)
+    for _, var, y, m in _per_query(meas, spec, n_units):
+        size = np.asarray(m.sum(axis=1)).ravel()                     # cells per answer
+        counts = np.asarray((m @ v).toarray())                       # (n_answers, n_stats)
+        full = (counts == size[:, None]) & (size[:, None] > 0)
+        valid = np.all(full | (counts == 0), axis=0)
+        cost = full.sum(axis=0) * var
+        take = valid & (cost < best_cost)
+        if not take.any():
+            continue
+        yc = y.copy()
+        yc.data = np.maximum(yc.data, 0.0)
+        vals = np.asarray((yc @ sp.csc_matrix(full[:, take].astype(np.float64))).toarray())
+        out[:, take] = vals
+        best_cost[take] = cost[take]
+    return out
+
+
+def noisy_clipped_detailed(meas: pl.DataFrame, spec: HistogramSpec, n_units: int) -> sp.csr_matrix | None:
+    """The ``detailed`` noisy answers clipped at 0, CSR ``(n_units, n_cells)``; None if not measured."""
+    d = meas.filter(pl.col("query") == "detailed")
+    if d.height == 0:
+        return None
+    vals = np.maximum(d["value"].to_numpy().astype(np.float64), 0.0)
+    x = sp.csr_matrix((vals, (d["unit"].to_numpy(), d["answer"].to_numpy())), shape=(n_units, spec.n_cells))
+    x.eliminate_zeros()
+    return x
+
+
+def wls_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Statistics, n_units: int) -> np.ndarray:
+    """Statistic values of the unconstrained per-unit WLS estimate: float64 ``(n_units, n_stats)``."""
+    queries = _per_query(meas, spec, n_units)
+    n_stats = stats.vectors.shape[1]
+    if not queries:
+        return np.full((n_units, n_stats), np.nan)
+    h = np.zeros((spec.n_cells, spec.n_cells))
+    for _, var, _, m in queries:
+        h += (m.T @ m).toarray() / var
+    vd = stats.vectors.toarray()
+    if any(name == "detailed" for name, *_ in queries):
+        # every cell measured: H is symmetric positive definite
+        w = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h), vd)   # (n_cells, n_stats)
+    else:
+        w = np.linalg.pinv(h, hermitian=True) @ vd                   # minimum-norm: cells not identified
+    out = np.zeros((n_units, n_stats))
+    for _, var, y, m in queries:
+        out += np.asarray(y @ (m @ w)) / var
+    return out

@@ -1,0 +1,276 @@
+"""Accuracy metrics of published counts against the truth (pure functions over numpy arrays).
+
+Everything here is a function of two arrays per geographic level: the *true* value of a
+statistic for each unit and an *estimate* of it (published, raw noisy clipped, or WLS), both
+``(n_units,)`` or, for many statistics at once, ``(n_units, n_stats)``. Counts are persons
+(or housing units for the units statistics); errors are ``estimate - truth`` in the same unit.
+
+Statistics are 0/1 vectors over the 2,016 cells of the persons histogram
+(:func:`statistic_vectors`): the headline totals (total population, voting age, Hispanic,
+each major race alone, two or more races, group quarters by type) and every line of the
+P.L. 94-171 tables P1–P4, so a statistic's value for every unit is one sparse product
+``X @ V``.
+
+Size bins: a unit's error for a statistic is binned by the statistic's *true* value in that
+unit (0, 1–9, 10–49, 50–249, 250–999, ≥1000), which is what shows post-processing bias
+(small counts pushed up, large ones down). MAPE uses the units whose true total population
+is at least 500 and whose true value of the statistic is positive.
+
+Every value these functions return is derived from confidential truth: see
+``pipeline.review`` for where they may be written.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from pipeline.tables import histogram_matrix, load_tables
+
+#: True-size bins ``(label, low, high)`` with inclusive bounds (``high`` None = no upper bound).
+SIZE_BINS: tuple[tuple[str, int, int | None], ...] = (
+    ("0", 0, 0), ("1-9", 1, 9), ("10-49", 10, 49), ("50-249", 50, 249),
+    ("250-999", 250, 999), (">=1000", 1000, None),
+)
+ALL_BIN = "all"
+MAPE_MIN_POP = 500
+#: Metrics computed per (statistic, size bin); ``n`` is the number of units in the bin.
+ERROR_METRICS = ("n", "mae", "rmse", "bias", "p95_abs", "max_abs", "mape_500")
+METRICS_SCHEMA = {"level": pl.Utf8, "statistic": pl.Utf8, "metric": pl.Utf8,
+                  "size_bin": pl.Utf8, "estimator": pl.Utf8, "value": pl.Float64}
+
+#: Headline statistics as (name, table, line) of ``schemas/tables/pl94.yaml``.
+HEADLINE: tuple[tuple[str, str, int], ...] = (
+    ("total", "P1", 1), ("voting_age", "P3", 1), ("hispanic", "P2", 2),
+    ("white_alone", "P1", 3), ("black_alone", "P1", 4), ("aian_alone", "P1", 5),
+    ("asian_alone", "P1", 6), ("nhpi_alone", "P1", 7), ("sor_alone", "P1", 8),
+    ("two_or_more", "P1", 9),
+    ("gq_total", "P5", 1), ("gq_institutional", "P5", 2), ("gq_correctional", "P5", 3),
+    ("gq_juvenile", "P5", 4), ("gq_nursing", "P5", 5), ("gq_other_inst", "P5", 6),
+    ("gq_noninstitutional", "P5", 7), ("gq_college", "P5", 8), ("gq_military", "P5", 9),
+    ("gq_other_noninst", "P5", 10),
+)
+#: The race/ethnic groups of the redistricting target: Hispanic, and the non-Hispanic
+#: single races and two-or-more (P2 lines 2, 5–11); P2 line 1 is the total.
+ETHNIC_GROUP_LINES = (2, 5, 6, 7, 8, 9, 10, 11)
+DETAIL_TABLES = ("P1", "P2", "P3", "P4")
+
+
+class MetricsError(ValueError):
+    """Arrays given to a metric do not fit together (shapes, units, cells)."""
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """Named statistics as columns of a sparse 0/1 matrix ``vectors`` ``(n_cells, n_stats)``."""
+
+    names: tuple[str, ...]
+    vectors: sp.csc_matrix
+
+    def index(self, name: str) -> int:
+        return self.names.index(name)
+
+    def values(self, hist) -> np.ndarray:
+        """Statistic values per unit, float64 ``(n_units, n_stats)``, of a SparseHistogram,
+        a dense ``(n_units, n_cells)`` array or a CSR matrix."""
+        x = hist if sp.issparse(hist) else histogram_matrix(hist)
+        if x.shape[1] != self.vectors.shape[0]:
+            raise MetricsError(f"histogram has {x.shape[1]} cells, statistics need {self.vectors.shape[0]}")
+        return np.asarray((x.astype(np.float64) @ self.vectors).toarray(), dtype=np.float64)
+
+
+def statistic_vectors(tables: str = "pl94", detail: bool = True) -> Statistics:
+    """The persons statistics: headline names, then ``P1_001`` … ``P4_073`` when ``detail``."""
+    ts = load_tables(tables)
+    names: list[str] = []
+    cols: list[np.ndarray] = []
+    for name, table, line in HEADLINE:
+        t = ts.tables[table]
+        names.append(name)
+        cols.append(t.matrix[t.index(line)].toarray().ravel())
+    if detail:
+        for table in DETAIL_TABLES:
+            t = ts.tables[table]
+            dense = t.matrix.toarray()
+            for i, line in enumerate(t.numbers):
+                names.append(f"{table}_{line:03d}")
+                cols.append(dense[i])
+    p2 = ts.tables["P2"]
+    for line in (1, *ETHNIC_GROUP_LINES):  # the redistricting target needs these lines
+        if f"P2_{line:03d}" not in names:
+            names.append(f"P2_{line:03d}")
+            cols.append(p2.matrix[p2.index(line)].toarray().ravel())
+    v = sp.csc_matrix(np.stack(cols, axis=1).astype(np.float64))
+    return Statistics(tuple(names), v)
+
+
+def size_bin_index(true_values: np.ndarray) -> np.ndarray:
+    """Index into :data:`SIZE_BINS` of each true value (int64, same shape; values < 0 refused)."""
+    t = np.asarray(true_values)
+    if np.any(t < 0):
+        raise MetricsError("true counts must be >= 0")
+    edges = np.array([b[1] for b in SIZE_BINS[1:]], dtype=np.float64)  # 1, 10, 50, 250, 1000
+    return np.searchsorted(edges, t, side="right").astype(np.int64)
+
+
+def _masked_metrics(err: np.ndarray, truth: np.ndarray, mask: np.ndarray, pop_ok: np.ndarray) -> dict[str, np.ndarray]:
+    """Column-wise metrics of ``err`` over the rows where ``mask`` holds; shapes ``(n, s)``."""
+    n = mask.sum(axis=0).astype(np.float64)
+    safe = np.where(n > 0, n, 1.0)
+    a = np.abs(err)
+    out = {
+        "n": n,
+        "mae": np.where(mask, a, 0.0).sum(axis=0) / safe,
+        "rmse": np.sqrt(np.where(mask, err * err, 0.0).sum(axis=0) / safe),
+        "bias": np.where(mask, err, 0.0).sum(axis=0) / safe,
+        "max_abs": np.where(mask, a, -np.inf).max(axis=0, initial=-np.inf),
+    }
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        # 95th percentile with linear interpolation, NaN-masked (all-NaN columns give NaN).
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out["p95_abs"] = np.nanpercentile(np.where(mask, a, np.nan), 95, axis=0)
+        pm = mask & pop_ok & (truth > 0)
+        k = pm.sum(axis=0)
+        ape = np.where(pm, a / np.where(truth > 0, truth, 1.0), 0.0).sum(axis=0)
+        out["mape_500"] = np.where(k > 0, 100.0 * ape / np.where(k > 0, k, 1), np.nan)
+    for m in ("mae", "rmse", "bias", "max_abs", "p95_abs"):
+        out[m] = np.where(n > 0, out[m], np.nan)
+    return out
+
+
+def error_table(truth: np.ndarray, estimate: np.ndarray, true_pop: np.ndarray,
+                names: tuple[str, ...] | list[str]) -> dict[tuple[str, str, str], float]:
+    """Every error metric for every statistic and size bin.
+
+    ``truth``, ``estimate``: ``(n_units, n_stats)`` (or ``(n_units,)`` for one statistic);
+    ``true_pop``: ``(n_units,)`` true total population (for MAPE's ≥ 500 rule).
+    Returns ``{(statistic, metric, size_bin): value}`` with metrics :data:`ERROR_METRICS`
+    (``n`` = units; ``mape_500`` in percent, NaN when no unit qualifies); empty bins are left
+    out, the ``all`` bin is always present.
+    """
+    t = np.asarray(truth, dtype=np.float64)
+    e = np.asarray(estimate, dtype=np.float64)
+    if t.ndim == 1:
+        t, e = t[:, None], e[:, None]
+    if t.shape != e.shape or t.shape[1] != len(names) or len(true_pop) != t.shape[0]:
+        raise MetricsError(f"truth {t.shape}, estimate {e.shape}, {len(names)} names and "
+                           f"{len(true_pop)} populations do not fit")
+    err = e - t
+    pop_ok = (np.asarray(true_pop) >= MAPE_MIN_POP)[:, None]
+    bins = size_bin_index(t)
+    out: dict[tuple[str, str, str], float] = {}
+    groups = [(ALL_BIN, np.ones_like(bins, dtype=bool))] + [(b[0], bins == i) for i, b in enumerate(SIZE_BINS)]
+    for label, mask in groups:
+        res = _masked_metrics(err, t, mask, pop_ok)
+        for j, name in enumerate(names):
+            if label != ALL_BIN and res["n"][j] == 0:
+                continue
+            for m in ERROR_METRICS:
+                out[(name, m, label)] = float(res[m][j])
+    return out
+
+
+def largest_group_within(true_groups: np.ndarray, est_groups: np.ndarray, true_total: np.ndarray,
+                         est_total: np.ndarray, min_pop: int = MAPE_MIN_POP, tolerance_pp: float = 5.0
+                         ) -> tuple[float, int]:
+    """The Census redistricting target for one level and estimator.
+
+    ``true_groups``, ``est_groups``: ``(n_units, n_groups)`` counts of the race/ethnic groups
+    (:data:`ETHNIC_GROUP_LINES`); ``true_total``, ``est_total``: ``(n_units,)``. Among units
+    with true total ≥ ``min_pop``, the share (0–1) whose *truly* largest group's estimated share
+    of the estimated total is within ``tolerance_pp`` percentage points of its true share.
+    Returns ``(share, n_units_considered)``; share is NaN when no unit qualifies.
+    """
+    tg = np.asarray(true_groups, dtype=np.float64)
+    eg = np.asarray(est_groups, dtype=np.float64)
+    tt = np.asarray(true_total, dtype=np.float64)
+    et = np.asarray(est_total, dtype=np.float64)
+    keep = tt >= min_pop
+    n = int(keep.sum())
+    if n == 0:
+        return float("nan"), 0
+    tg, eg, tt, et = tg[keep], eg[keep], tt[keep], et[keep]
+    g = np.argmax(tg, axis=1)
+    rows = np.arange(n)
+    true_share = tg[rows, g] / tt
+    est_share = np.where(et > 0, eg[rows, g] / np.where(et > 0, et, 1.0), 0.0)
+    ok = np.abs(est_share - true_share) * 100.0 <= tolerance_pp + 1e-12
+    return float(ok.mean()), n
+
+
+def _as_csr(hist) -> sp.csr_matrix:
+    """A float64 CSR copy of a SparseHistogram, a dense array or a sparse matrix."""
+    if sp.issparse(hist):
+        return sp.csr_matrix(hist, dtype=np.float64, copy=True)
+    if isinstance(hist, np.ndarray):
+        return sp.csr_matrix(hist.astype(np.float64))
+    return histogram_matrix(hist).astype(np.float64)
+
+
+def _keys(x: sp.csr_matrix, n_cells: int) -> np.ndarray:
+    """Sorted flat keys ``unit * n_cells + cell`` of the non-zero cells of a CSR matrix."""
+    x = x.copy()
+    x.eliminate_zeros()
+    coo = x.tocoo()
+    return np.sort(coo.row.astype(np.int64) * n_cells + coo.col.astype(np.int64))
+
+
+def sparsity(truth, estimate, structural_zero: np.ndarray | None = None) -> dict[str, float]:
+    """Sparsity errors over all ``n_units × n_cells`` detailed cells of a level.
+
+    ``truth``/``estimate``: SparseHistogram, dense ``(n_units, n_cells)`` array or CSR matrix
+    (non-negative counts; an estimate cell counts as non-zero when it is ≥ 0.5 after rounding,
+    so clipped noisy answers can be compared). ``structural_zero`` (bool ``(n_cells,)``) cells
+    are left out of the true-zero denominator. Returns ``false_nonzero_share`` (true-zero cells
+    published non-zero / true-zero cells) and ``false_zero_share`` (true non-zero cells
+    published zero / true non-zero cells), each in 0–1 (NaN with an empty denominator).
+    """
+    xt = _as_csr(truth)
+    xe = _as_csr(estimate)
+    xe.data = np.rint(xe.data)
+    if xt.shape != xe.shape:
+        raise MetricsError(f"truth {xt.shape} and estimate {xe.shape} differ in shape")
+    n_units, n_cells = xt.shape
+    kt, ke = _keys(xt, n_cells), _keys(xe, n_cells)
+    both = np.intersect1d(kt, ke, assume_unique=True).size
+    eligible = n_units * n_cells
+    if structural_zero is not None:
+        eligible -= n_units * int(np.asarray(structural_zero, dtype=bool).sum())
+    true_zero = eligible - kt.size
+    return {
+        "false_nonzero_share": (ke.size - both) / true_zero if true_zero > 0 else float("nan"),
+        "false_zero_share": (kt.size - both) / kt.size if kt.size > 0 else float("nan"),
+    }
+
+
+def level_metrics(level: str, stats: Statistics, truth_values: np.ndarray,
+                  estimates: dict[str, np.ndarray]) -> pl.DataFrame:
+    """Long-format metrics of one level for several estimators.
+
+    ``truth_values``: ``(n_units, n_stats)`` true statistic values (``stats.values(truth)``);
+    ``estimates[estimator]``: the same shape. Rows: every error metric by size bin, plus
+    ``largest_group_within_5pp`` and ``units_500plus`` (statistic ``largest_group``, bin
+    ``all``). Columns :data:`METRICS_SCHEMA`.
+    """
+    true_pop = truth_values[:, stats.index("total")]
+    group_idx = [stats.index(f"P2_{ln:03d}") for ln in ETHNIC_GROUP_LINES]
+    tot_idx = stats.index("P2_001")
+    rows: list[tuple] = []
+    for est_name, est in estimates.items():
+        for (s, m, b), v in error_table(truth_values, est, true_pop, stats.names).items():
+            rows.append((level, s, m, b, est_name, v))
+        share, n = largest_group_within(truth_values[:, group_idx], est[:, group_idx],
+                                        truth_values[:, tot_idx], est[:, tot_idx])
+        rows.append((level, "largest_group", "within_5pp_share", ALL_BIN, est_name, share))
+        rows.append((level, "largest_group", "n", ALL_BIN, est_name, float(n)))
+    return pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
+
+
+def sparsity_rows(level: str, estimator: str, result: dict[str, float]) -> pl.DataFrame:
+    """Rows of :func:`sparsity` in the long metrics format (statistic ``detailed``, bin ``all``)."""
+    return pl.DataFrame([(level, "detailed", k, ALL_BIN, estimator, float(v)) for k, v in result.items()],
+                        schema=METRICS_SCHEMA, orient="row")
