@@ -1,0 +1,153 @@
+"""P.L. 94-171 table definitions, tabulation and the consistency checks (pipeline.tables, pipeline.checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_tables_cases import make_case
+
+from pipeline.checks import Invariants, run_checks
+from pipeline.spec import load_spec
+from pipeline.tables import TableError, load_tables, long_frame, tabulate, tabulate_levels, unit_names
+
+TS = load_tables("pl94")
+SPEC = load_spec("pl94")
+
+
+def digits(geo) -> dict[str, int]:
+    return {lv.name: lv.digits for lv in geo.levels}
+
+
+def test_shells_have_census_line_counts_and_labels() -> None:
+    assert {n: t.n_lines for n, t in TS.tables.items()} == {"P1": 71, "P2": 73, "P3": 71, "P4": 73, "P5": 10, "H1": 3}
+    p1, p2 = TS.tables["P1"], TS.tables["P2"]
+    race = SPEC.attribute("cenrace").labels
+    assert p1.numbers == tuple(range(1, 72)) and p2.numbers == tuple(range(1, 74))
+    assert p1.labels[0] == "Total:" and p1.labels[8] == "Population of two or more races:"
+    assert p1.labels[2:8] == race[:6]                       # lines 3-8: the six races alone
+    assert p1.labels[10:25] == race[6:21]                   # lines 11-25: the 15 pairs, CENRACE order
+    assert p1.labels[70] == race[62]                        # line 71: all six
+    assert p2.labels[1:3] == ("Hispanic or Latino", "Not Hispanic or Latino:")
+    assert p2.labels[3:] == p1.labels[1:]                   # P2 4-73 = P1 2-71 labels
+    assert TS.tables["P5"].labels[4] == "Nursing facilities/Skilled-nursing facilities"
+    assert TS.tables["H1"].labels == ("Total:", "Occupied", "Vacant")
+
+
+def test_line_filters_select_the_right_cells() -> None:
+    codes = SPEC.cell_codes(np.arange(SPEC.n_cells))
+    m = {n: t.matrix.toarray().astype(bool) for n, t in TS.tables.items()}
+    assert m["P1"][0].all()                                       # total: every cell
+    assert np.array_equal(m["P1"][2], codes["cenrace"] == 1)      # White alone
+    assert np.array_equal(m["P1"][8], codes["cenrace"] >= 7)      # two or more races
+    assert np.array_equal(m["P1"][70], codes["cenrace"] == 63)
+    assert np.array_equal(m["P2"][1], codes["hispanic"] == 1)
+    assert np.array_equal(m["P2"][4], (codes["hispanic"] == 0) & (codes["cenrace"] == 1))
+    assert np.array_equal(m["P3"][0], codes["voting_age"] == 1)
+    assert np.array_equal(m["P4"][1], (codes["voting_age"] == 1) & (codes["hispanic"] == 1))
+    assert np.array_equal(m["P5"][0], codes["hhgq"] >= 1)
+    assert np.array_equal(m["P5"][1], np.isin(codes["hhgq"], [1, 2, 3, 4]))
+    assert np.array_equal(m["P5"][9], codes["hhgq"] == 7)
+    assert np.array_equal(m["H1"], np.array([[1, 1], [0, 1], [1, 0]], dtype=bool))
+
+
+def test_tabulate_matches_direct_sums() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4, size=(7, SPEC.n_cells))
+    codes = SPEC.cell_codes(np.arange(SPEC.n_cells))
+    p2 = tabulate(x, TS.tables["P2"])
+    assert p2.shape == (7, 73) and p2.dtype == np.int64
+    assert np.array_equal(p2[:, 0], x.sum(1))
+    assert np.array_equal(p2[:, 1], x[:, codes["hispanic"] == 1].sum(1))
+    assert np.array_equal(p2[:, 72], x[:, (codes["hispanic"] == 0) & (codes["cenrace"] == 63)].sum(1))
+    p5 = tabulate(x, TS.tables["P5"])
+    assert np.array_equal(p5[:, 6], x[:, codes["hhgq"] >= 5].sum(1))
+    with pytest.raises(TableError):
+        tabulate(x[:, :2], TS.tables["P1"])
+
+
+def test_every_check_passes_on_consistent_release() -> None:
+    c = make_case(0)
+    lts = tabulate_levels(TS, c.geography, c.persons, c.units)
+    assert [lt.level for lt in lts] == ["nation", "state", "county", "tract", "block_group", "block"]
+    assert run_checks(TS, lts, digits(c.geography), c.invariants) == []
+    # the check lines are computed (household population) and used
+    assert lts[0].check_lines["household_population"][0] + lts[0].counts["P5"][0, 0] == lts[0].counts["P1"][0, 0]
+
+
+def _corrupted(kind: str):
+    c = make_case(2)
+    lts = tabulate_levels(TS, c.geography, c.persons, c.units)
+    by = {lt.level: lt for lt in lts}
+    return c, lts, by
+
+
+@pytest.mark.parametrize("what", ["hierarchy", "additivity", "cross_table", "subset", "non_negative",
+                                  "state_invariant", "hu_invariant", "household"])
+def test_each_check_catches_its_violation(what: str) -> None:
+    c, lts, by = _corrupted(what)
+    inv = c.invariants
+    blk = by["block"]
+    b = int(np.nonzero(blk.counts["P1"][:, 0])[0][0])
+    expect_check, expect_table = what, None
+    if what == "hierarchy":      # one block line changed alone: its parent no longer adds up (and its table neither)
+        blk.counts["P1"][b, 2] += 1
+        expect_table = "P1"
+    elif what == "additivity":   # tract line 1 moved with its children: only the within-table sum breaks
+        for lt in lts:
+            lt.counts["P5"][:, 0] += 1
+        expect_table = "P5"
+    elif what == "cross_table":  # P2 total moved with its parts at every level: only P1 = P2 breaks
+        for lt in lts:
+            lt.counts["P2"][:, [0, 1]] += 1
+        expect_table = "P1"
+    elif what == "subset":       # 18+ exceeds total on one line, consistently up the hierarchy
+        for lt in lts:
+            lt.counts["P3"][:, 70] += lt.counts["P1"][:, 70] + 1
+        expect_check, expect_table = "cross_table", "P3"
+    elif what == "non_negative":
+        blk.counts["H1"][b, 1] = -1
+        expect_table = "H1"
+    elif what == "state_invariant":
+        inv = Invariants({k: v + 1 for k, v in inv.state_totals.items()}, inv.block_geoids, inv.block_housing_units)
+        expect_check, expect_table = "invariant", "P1"
+    elif what == "hu_invariant":
+        hu = inv.block_housing_units.copy()
+        hu[3] += 2
+        inv = Invariants(inv.state_totals, inv.block_geoids, hu)
+        expect_check, expect_table = "invariant", "H1"
+    elif what == "household":
+        blk.check_lines["household_population"][b] += 1
+        expect_check, expect_table = "cross_table", "P1"
+    failures = run_checks(TS, lts, digits(c.geography), inv)
+    hits = [f for f in failures if f.check == expect_check and f.table == expect_table]
+    assert hits, f"{what}: not detected; got {[str(f) for f in failures][:5]}"
+    assert all(f.geoid is not None for f in hits) and str(hits[0])
+
+
+def test_failures_are_capped_with_a_summary() -> None:
+    c, lts, by = _corrupted("many")
+    by["block"].counts["P1"][:, 2] += 1  # every block: many failures
+    fails = run_checks(TS, lts, digits(c.geography), c.invariants, limit=3)
+    summaries = [f for f in fails if "more failures" in f.detail]
+    assert summaries and len(fails) < 60
+
+
+def test_unit_names() -> None:
+    assert unit_names("nation", np.array([""]))[0] == "United States"
+    assert unit_names("state", np.array(["01", "99"])).tolist() == ["Alabama", "State 99"]
+    assert unit_names("county", np.array(["01105"]))[0] == "Perry County, Alabama"
+    assert unit_names("tract", np.array(["01105686800", "01105000101"])).tolist() == ["Census Tract 6868", "Census Tract 1.01"]
+    assert unit_names("block_group", np.array(["011056868001"]))[0] == "Block Group 1"
+    assert unit_names("block", np.array(["011056868001000"]))[0] == "Block 1000"
+
+
+def test_long_frame_layout() -> None:
+    t = TS.tables["H1"]
+    counts = np.array([[5, 3, 2], [0, 0, 0]], dtype=np.int64)
+    df = long_frame(t, "block", np.array(["011056868001000", "011056868001001"]),
+                    np.array(["Block 1000", "Block 1001"], dtype=object), counts, np.array([0.0, 2.6, np.nan]))
+    assert df.columns == ["geoid", "geolevel", "name", "table", "line", "label", "count", "moe90"]
+    assert df.height == 6 and df["line"].to_list() == [1, 2, 3, 1, 2, 3]
+    assert df["count"].to_list() == [5, 3, 2, 0, 0, 0]
+    assert df["moe90"].to_list() == [0.0, 2.6, None, 0.0, 2.6, None]
+    assert df["label"][1] == "Occupied" and df["geolevel"].unique().to_list() == ["block"]
