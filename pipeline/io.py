@@ -35,6 +35,17 @@ if TYPE_CHECKING:
 CONTRACT_PATH = Path(__file__).resolve().parent.parent / "schemas" / "input_contract.yaml"
 PARQUET_MAGIC = b"PAR1"
 MAX_EXAMPLES = 5
+# What a reader of a damaged file can raise: polars/pyarrow errors, and polars' Rust panics,
+# which arrive as pyo3 PanicException (a BaseException, not an Exception).
+READ_ERRORS: tuple[type[BaseException], ...] = (
+    pl.exceptions.PolarsError, pl.exceptions.PanicException, pa.ArrowException, OSError, ValueError)
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (panics carry long backtraces), truncated."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -150,8 +161,8 @@ def _check_part(f: Path, label: str) -> tuple[dict[str, pl.DataType] | None, int
     try:
         rows = int(pq.read_metadata(f).num_rows)
         schema = dict(pl.read_parquet_schema(f))
-    except Exception as exc:  # pyarrow/polars raise several types for a corrupt footer
-        return None, 0, [Problem(label, "", "corrupt_parquet", 1, f"unreadable Parquet footer: {exc}")]
+    except READ_ERRORS as exc:  # pyarrow/polars raise several types for a corrupt footer
+        return None, 0, [Problem(label, "", "corrupt_parquet", 1, f"unreadable Parquet footer: {first_line(exc)}")]
     return schema, rows, []
 
 
@@ -298,7 +309,7 @@ def _resolve_layout(role: str, source: ParquetSource) -> tuple[str | None, list[
         present = list(layouts)
     if len(present) > 1:
         detail = "columns of more than one layout: " + "; ".join(f"{n}: {', '.join(hits[n])}" for n in present)
-        return None, [Problem(label, ",".join(c for n in present for c in hits[n]), "ambiguous_layout", 1, detail)]
+        return None, [Problem(label, "", "ambiguous_layout", 1, detail)]
     if not present:
         detail = "none of the layouts' columns found (have: " + ", ".join(sorted(cols)) + "); expected " + \
             " or ".join(f"{n} ({', '.join(s['columns'])})" for n, s in layouts.items())

@@ -23,8 +23,10 @@ from pipeline.io import (
     MAX_EXAMPLES,
     ColumnPlan,
     InputValidationError,
+    READ_ERRORS,
     PreparedTable,
     Problem,
+    first_line,
     load_contract,
     prepare_table,
 )
@@ -173,10 +175,7 @@ def _run_row_checks(table: PreparedTable, checks: list[_Check], dup_col: str | N
         aggs += [ids.count().alias("ids"), ids.hash(seed=0).n_unique().alias("distinct")]
     if not aggs:
         return []
-    try:
-        res = lf.select(aggs).collect(engine="streaming").row(0, named=True)
-    except Exception as exc:  # corrupt data pages behind a valid footer
-        return [Problem(table.label, "", "corrupt_parquet", 1, f"rows cannot be read: {exc}")]
+    res = lf.select(aggs).collect(engine="streaming").row(0, named=True)
     problems = []
     for i, c in enumerate(checks):
         n = int(res[f"c{i}"])
@@ -192,7 +191,7 @@ def _duplicates(table: PreparedTable, col: str) -> list[Problem]:
     # Exact confirmation: the hash count can only under-count distinct ids (collisions).
     dups = (table.source.scan().with_row_index("_row").select("_row", table.columns[col].parsed().alias("_id"))
             .drop_nulls("_id").group_by("_id")
-            .agg(pl.len().alias("n"), pl.col("_row").sort().get(1).alias("second"))
+            .agg(pl.len().alias("n"), pl.col("_row").sort().slice(1, 1).first().alias("second"))
             .filter(pl.col("n") > 1).collect(engine="streaming").sort("second"))
     if dups.height == 0:
         return []
@@ -210,20 +209,30 @@ def _valid_rows(checks: list[_Check]) -> pl.Expr:
 
 def _block_tables(persons: PreparedTable, p_checks: list[_Check],
                   units: PreparedTable, u_checks: list[_Check]) -> pl.LazyFrame:
-    """Pass 2: per-block persons and units counts over valid rows, full-joined on geoid."""
-    hhgq = persons.target_expr("hhgq")
-    pb = (persons.source.scan().filter(_valid_rows(p_checks))
-          .select(persons.geoid_expr().alias("geoid"), hhgq.alias("hhgq"))
+    """Pass 2: per-block persons and units counts, full-joined on geoid.
+
+    Rows whose GEOID is invalid cannot be placed and are left out. Counts use valid rows only;
+    ``p_bad``/``u_bad`` count the block's other invalid rows, so that the cross-file checks can
+    skip such blocks: one bad row is reported once, not again as a knock-on block problem.
+    """
+    def per_block(table: PreparedTable, checks: list[_Check], values: dict[str, pl.Expr]) -> pl.LazyFrame:
+        geo = set(table.layout_spec["geoid"])
+        return (table.source.scan().filter(_valid_rows([c for c in checks if c.column in geo]))
+                .select(table.geoid_expr().alias("geoid"), _valid_rows(checks).alias("_ok"),
+                        *[e.alias(n) for n, e in values.items()]))
+
+    ok = pl.col("_ok")
+    hhgq = pl.col("hhgq")
+    pb = (per_block(persons, p_checks, {"hhgq": persons.target_expr("hhgq")}).group_by("geoid")
+          .agg([pl.len().alias("p_rows"), (~ok).sum().alias("p_bad"), ok.sum().alias("persons"),
+                (ok & (hhgq == 0)).fill_null(False).sum().alias("hh")]
+               + [(ok & (hhgq == k)).fill_null(False).sum().alias(f"g{k}") for k in range(1, N_GQ + 1)]))
+    kind, occ = pl.col("kind"), pl.col("occ")
+    ub = (per_block(units, u_checks, {"kind": units.target_expr("kind"), "occ": units.target_expr("occupied")})
           .group_by("geoid")
-          .agg([pl.len().alias("persons"), (pl.col("hhgq") == 0).sum().alias("hh")]
-               + [(pl.col("hhgq") == k).sum().alias(f"g{k}") for k in range(1, N_GQ + 1)]))
-    kind, occ = units.target_expr("kind"), units.target_expr("occupied")
-    ub = (units.source.scan().filter(_valid_rows(u_checks))
-          .select(units.geoid_expr().alias("geoid"), kind.alias("kind"), occ.alias("occ"))
-          .group_by("geoid")
-          .agg([pl.len().alias("units"), (pl.col("kind") == 0).sum().alias("hu"),
-                ((pl.col("kind") == 0) & pl.col("occ").fill_null(False)).sum().alias("occ")]
-               + [(pl.col("kind") == k).sum().alias(f"f{k}") for k in range(1, N_GQ + 1)]))
+          .agg([pl.len().alias("units"), (~ok).sum().alias("u_bad"), (ok & (kind == 0)).fill_null(False).sum().alias("hu"),
+                (ok & (kind == 0) & occ).fill_null(False).sum().alias("occ")]
+               + [(ok & (kind == k)).fill_null(False).sum().alias(f"f{k}") for k in range(1, N_GQ + 1)]))
     j = pb.join(ub, on="geoid", how="full", coalesce=True)
     counts = [c for c in j.collect_schema().names() if c != "geoid"]
     return j.with_columns(pl.col("units").is_not_null().alias("in_units"),
@@ -237,15 +246,15 @@ def _cross_checks(persons: PreparedTable, p_checks: list[_Check], units: Prepare
     j = _block_tables(persons, p_checks, units, u_checks)
     g = [pl.col(f"g{k}") for k in range(1, N_GQ + 1)]
     f = [pl.col(f"f{k}") for k in range(1, N_GQ + 1)]
-    inu = pl.col("in_units")
+    inu = pl.col("in_units") & (pl.col("p_bad") == 0) & (pl.col("u_bad") == 0)  # placed, all rows valid
     hh, hu, occ = pl.col("hh"), pl.col("hu"), pl.col("occ")
     gq_bad = [(gk > 0) & (fk == 0) & inu for gk, fk in zip(g, f)]
     # (name, file, column, block condition, offending count per block, detail, show)
     gq_col = persons.layout_spec["targets"]["hhgq"]
     specs = [
-        ("block_not_in_units", persons, "geoid", (pl.col("persons") > 0) & ~inu, pl.col("persons"),
+        ("block_not_in_units", persons, "geoid", (pl.col("p_rows") > 0) & ~pl.col("in_units"), pl.col("p_rows"),
          "persons in a block that has no housing unit or facility in the units file",
-         pl.format("{} persons", pl.col("persons"))),
+         pl.format("{} persons", pl.col("p_rows"))),
         ("gq_without_facility", persons, gq_col, pl.any_horizontal(gq_bad),
          pl.sum_horizontal([pl.when(b).then(gk).otherwise(0) for b, gk in zip(gq_bad, g)]),
          "persons in group-quarters type k in a block with no facility of type k (2020 edit constraint)",
@@ -253,20 +262,20 @@ def _cross_checks(persons: PreparedTable, p_checks: list[_Check], units: Prepare
                         for k, (b, gk) in enumerate(zip(gq_bad, g), 1)])),
         ("household_without_housing_unit", persons, gq_col, (hh > 0) & (hu == 0) & inu, hh,
          "household persons in a block with no housing unit", pl.format("{} household persons, 0 housing units", hh)),
-        ("household_without_occupied_unit", persons, gq_col, (hh > 0) & (hu > 0) & (occ == 0), hh,
+        ("household_without_occupied_unit", persons, gq_col, (hh > 0) & (hu > 0) & (occ == 0) & inu, hh,
          "household persons in a block whose housing units are all vacant",
          pl.format("{} household persons, {} housing units, 0 occupied", hh, hu)),
-        ("facility_without_persons", units, "kind", pl.any_horizontal([fk > gk for gk, fk in zip(g, f)]),
+        ("facility_without_persons", units, "kind", pl.any_horizontal([fk > gk for gk, fk in zip(g, f)]) & inu,
          pl.sum_horizontal([pl.when(fk > gk).then(fk - gk).otherwise(0) for gk, fk in zip(g, f)]),
          "more group-quarters facilities of a type than persons in that type (facilities in excess)",
          pl.concat_str([pl.when(fk > gk).then(pl.format(f"type {k}: {{}} facilities, {{}} persons; ", fk, gk))
                         .otherwise(pl.lit("")) for k, (gk, fk) in enumerate(zip(g, f), 1)])),
-        ("occupied_exceeds_household", units, "occupied", occ > hh, occ - hh,
+        ("occupied_exceeds_household", units, "occupied", (occ > hh) & inu, occ - hh,
          "more occupied housing units than household persons (occupied units in excess)",
          pl.format("{} occupied units, {} household persons", occ, hh)),
     ]
     specs = [s for s in specs if enabled.get(s[0], True)]
-    aggs = [pl.len().alias("blocks_any"), inu.sum().alias("blocks"), (pl.col("persons") > 0).sum().alias("person_blocks"),
+    aggs = [pl.col("in_units").sum().alias("blocks"), (pl.col("persons") > 0).sum().alias("person_blocks"),
             hh.sum().alias("household_persons"), pl.sum_horizontal(g).sum().alias("gq_persons"),
             hu.sum().alias("housing_units"), occ.sum().alias("occupied_units"),
             pl.sum_horizontal(f).sum().alias("gq_facilities")]
@@ -315,10 +324,14 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
         checks: list[_Check] = []
         if table is not None:
             if table.source.n_rows == 0:
-                problems.append(Problem(table.label, "", "empty_file", 0, "the table has no rows"))
+                problems.append(Problem(table.label, "", "empty_file", 1, "the table has no rows"))
             checks = _row_checks(table, spec)
             dup = "unit_id" if role == "units" and "unit_id" in table.columns else None
-            problems += _run_row_checks(table, checks, dup)
+            try:
+                problems += _run_row_checks(table, checks, dup)
+            except READ_ERRORS as exc:  # corrupt data pages behind a valid footer
+                problems.append(Problem(table.label, "", "corrupt_parquet", 1,
+                                        f"rows cannot be read: {first_line(exc)}"))
         tables[role] = (table, checks)
     (pt, pc), (ut, uc) = tables["persons"], tables["units"]
     needed_p = set(pt.layout_spec["geoid"]) | {pt.layout_spec["targets"]["hhgq"]} if pt else set()
@@ -327,8 +340,12 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
               and not any(p.kind == "corrupt_parquet" for p in problems))
     counts: dict[str, int] = {}
     if usable:
-        cross, counts = _cross_checks(pt, pc, ut, uc)
-        problems += cross
+        try:
+            cross, counts = _cross_checks(pt, pc, ut, uc)
+            problems += cross
+        except READ_ERRORS as exc:
+            problems.append(Problem(f"{pt.label} + {ut.label}", "", "corrupt_parquet", 1,
+                                    f"rows cannot be read: {first_line(exc)}"))
     if problems:
         raise InputValidationError(problems)
     assert pt is not None and ut is not None  # no problems means both tables were prepared

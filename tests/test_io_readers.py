@@ -1,0 +1,161 @@
+"""Readers (both persons layouts, real PPMF records), atomic writes and file hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from io_cases import persons_df, to_ppmf, units_df, write  # noqa: E402
+
+from pipeline.io import (  # noqa: E402
+    InputValidationError,
+    read_persons,
+    read_units,
+    sha256_file,
+    validate_inputs,
+    write_parquet_atomic,
+)
+
+PERRY_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ppmf_20210428_eps12-2_P_01105_perry_al.csv"
+PERSONS_OUT = {"geoid": pl.String, "hhgq": pl.Int32, "voting_age": pl.Int32, "hispanic": pl.Int32, "cenrace": pl.Int32}
+
+
+def test_read_persons_our_layout(tmp_path: Path) -> None:
+    lf = read_persons(write(persons_df(), tmp_path / "p.parquet"))
+    assert isinstance(lf, pl.LazyFrame)
+    df = lf.collect()
+    assert df.schema == PERSONS_OUT
+    assert df["geoid"].to_list() == persons_df()["geoid"].to_list()
+    assert df["cenrace"].to_list() == persons_df()["cenrace"].cast(pl.Int32).to_list()
+
+
+@pytest.mark.parametrize("integers", [False, True])
+def test_read_persons_ppmf_layout_equals_ours(tmp_path: Path, integers: bool) -> None:
+    ppmf = to_ppmf(persons_df(), integers=integers)
+    if integers:
+        assert ppmf["TABBLKST"].dtype == pl.Int64 and ppmf["TABBLKST"][0] == 1  # "01" lost its zero
+    got = read_persons(write(ppmf, tmp_path / "p.parquet")).collect()
+    want = read_persons(write(persons_df(), tmp_path / "q.parquet")).collect()
+    assert got.equals(want)
+
+
+def test_read_units(tmp_path: Path) -> None:
+    df = read_units(write(units_df(), tmp_path / "u.parquet")).collect()
+    assert df.schema == {"unit_id": pl.String, "geoid": pl.String, "kind": pl.Int32, "occupied": pl.Boolean}
+    assert df["occupied"].null_count() == 2  # the two GQ facilities
+    assert df.filter(pl.col("kind") > 0)["occupied"].is_null().all()
+
+
+def test_read_units_integer_ids_and_flags(tmp_path: Path) -> None:
+    u = units_df().with_columns(pl.int_range(100, 109).alias("unit_id"), pl.col("occupied").cast(pl.UInt8))
+    df = read_units(write(u, tmp_path / "u.parquet")).collect()
+    assert df["unit_id"].to_list() == [str(i) for i in range(100, 109)]
+    assert df["occupied"].to_list() == units_df()["occupied"].to_list()
+
+
+def test_readers_refuse_schema_problems(tmp_path: Path) -> None:
+    with pytest.raises(InputValidationError, match="missing_column"):
+        read_persons(write(persons_df().drop("hispanic"), tmp_path / "p.parquet"))
+    with pytest.raises(InputValidationError, match="missing_path"):
+        read_units(tmp_path / "absent.parquet")
+
+
+@pytest.fixture(scope="module")
+def perry(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not PERRY_CSV.exists():
+        pytest.skip(f"real PPMF sample not found at {PERRY_CSV}")
+    d = tmp_path_factory.mktemp("perry")
+    # inferred types: the CSV reader turns "01"/"105"/"01" into integers, exercising zero-padding
+    return write(pl.read_csv(PERRY_CSV), d / "perry.parquet")
+
+
+def test_real_ppmf_perry_county(perry: Path, tmp_path: Path) -> None:
+    raw = pl.read_parquet(perry)
+    assert raw["TABBLKST"].dtype.is_integer()
+    df = read_persons(perry).collect()
+    assert df.height == raw.height == 10588
+    assert df["geoid"].str.len_chars().eq(15).all() and df["geoid"].str.starts_with("01105").all()
+    assert df["geoid"].str.contains(r"^[0-9]{15}$").all()
+    # block group digit = first digit of the block code
+    assert (df["geoid"].str.slice(11, 1) == raw["TABBLKGRPCE"].cast(pl.String)).all()
+    assert int(df["voting_age"].sum()) == int((raw["VOTING_AGE"] == 2).sum())
+    assert int(df["hispanic"].sum()) == int((raw["CENHISP"] == 2).sum())
+    assert df["cenrace"].to_list() == raw["CENRACE"].cast(pl.Int32).to_list()
+    assert set(df["hhgq"].unique()) <= set(range(8))
+    # with a units file built to match, the whole real file validates
+    blocks = df.group_by("geoid").agg(
+        (pl.col("hhgq") == 0).sum().alias("hh"), *[(pl.col("hhgq") == k).sum().alias(f"g{k}") for k in range(1, 8)])
+    rows = []
+    for r in blocks.iter_rows(named=True):
+        rows += [(f"{r['geoid']}h{i}", r["geoid"], 0, i < r["hh"]) for i in range(max(r["hh"] // 2, 1))]
+        rows += [(f"{r['geoid']}g{k}", r["geoid"], k, None) for k in range(1, 8) if r[f"g{k}"]]
+    u = write(units_df(rows), tmp_path / "units.parquet")
+    v = validate_inputs(perry, u)
+    assert v.summary.persons_rows == 10588 and v.summary.persons_layout == "ppmf"
+    assert v.summary.person_blocks == blocks.height
+    assert v.summary.gq_persons == int((raw["GQTYPE_PL"] > 0).sum())
+
+
+# --------------------------------------------------------------------------------------
+# writing
+
+
+def test_write_parquet_atomic_round_trip(tmp_path: Path) -> None:
+    df = persons_df()
+    out = write_parquet_atomic(df, tmp_path / "sub" / "x.parquet")
+    assert pl.read_parquet(out).equals(df)
+    table = pa.table({"a": [1, 2, 3]})
+    write_parquet_atomic(table, out)  # overwrite allowed by default
+    assert pl.read_parquet(out)["a"].to_list() == [1, 2, 3]
+    assert [p.name for p in out.parent.iterdir()] == ["x.parquet"]  # no temp files left
+
+
+def test_write_parquet_atomic_refuses_overwrite(tmp_path: Path) -> None:
+    out = write_parquet_atomic(persons_df(), tmp_path / "x.parquet")
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError):
+        write_parquet_atomic(units_df(), out, overwrite=False)
+    assert out.read_bytes() == before
+    assert len(list(tmp_path.iterdir())) == 1
+    write_parquet_atomic(units_df(), tmp_path / "y.parquet", overwrite=False)
+    assert pl.read_parquet(tmp_path / "y.parquet").equals(units_df())
+
+
+def test_write_parquet_atomic_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.io as io
+
+    out = write_parquet_atomic(persons_df(), tmp_path / "x.parquet")
+    before = out.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.pq, "write_table", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_parquet_atomic(units_df(), out)
+    assert out.read_bytes() == before  # old content intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.parquet"]
+
+
+def test_write_parquet_atomic_rejects_other_types(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        write_parquet_atomic({"a": [1]}, tmp_path / "x.parquet")  # type: ignore[arg-type]
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 + 17)
+    f = tmp_path / "blob"
+    f.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(f) == want
+    assert sha256_file(f, chunk_bytes=1000) == want  # chunk boundaries do not matter
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
