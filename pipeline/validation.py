@@ -19,17 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.io import (
-    MAX_EXAMPLES,
-    ColumnPlan,
-    InputValidationError,
-    READ_ERRORS,
-    PreparedTable,
-    Problem,
-    first_line,
-    load_contract,
-    prepare_table,
-)
+from pipeline.contract import ColumnPlan, PreparedTable, load_contract, prepare_table
+from pipeline.io import MAX_EXAMPLES, READ_ERRORS, InputValidationError, Problem, first_line
 from pipeline.spec import HistogramSpec, SpecError, load_spec
 
 N_GQ = 7  # GQ types 1..7 (hhgq codes; unit kinds)
