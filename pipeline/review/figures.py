@@ -1,0 +1,131 @@
+"""Matplotlib figures of the review, returned as base64 PNG data URIs (no external assets).
+
+Every figure drawn from truth-based metrics is confidential (see ``pipeline.review``); these
+functions only return bytes for the report writer, which writes under ``RUN_DIR/review``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display, no GUI backend
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from pipeline.review.metrics import ALL_BIN, SIZE_BINS  # noqa: E402
+
+ESTIMATOR_COLORS = {"published": "#1f77b4", "noisy_clipped": "#ff7f0e", "wls": "#2ca02c"}
+
+
+def to_data_uri(fig) -> str:
+    """PNG data URI of a figure (100 dpi); closes the figure."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def published_vs_true(scatter: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """Published vs true total population, one panel per level (counties, tracts, blocks)."""
+    levels = [lv for lv in ("county", "tract", "block") if lv in scatter] or list(scatter)[:3]
+    fig, axes = plt.subplots(1, max(1, len(levels)), figsize=(4.2 * max(1, len(levels)), 4), squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        t, p = scatter[lv]
+        ax.scatter(t, p, s=4 if t.size > 2000 else 12, alpha=0.4, color="#1f77b4", rasterized=True)
+        hi = float(max(t.max(initial=1), p.max(initial=1)))
+        ax.plot([0, hi], [0, hi], color="k", lw=0.8, ls="--", label="y = x")
+        ax.set_title(f"{lv} (n={t.size:,})")
+        ax.set_xlabel("true total population")
+        ax.set_ylabel("published")
+        if hi > 200:
+            ax.set_xscale("symlog", linthresh=10)
+            ax.set_yscale("symlog", linthresh=10)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.suptitle("Published vs true total population")
+    return to_data_uri(fig)
+
+
+def error_by_level(metrics: pl.DataFrame, levels: list[str], statistic: str = "total") -> str:
+    """MAE and RMSE of one statistic by geolevel, one bar per estimator."""
+    m = metrics.filter((pl.col("statistic") == statistic) & (pl.col("size_bin") == ALL_BIN))
+    ests = [e for e in ESTIMATOR_COLORS if e in set(m["estimator"].to_list())]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    x = np.arange(len(levels))
+    w = 0.8 / max(1, len(ests))
+    for ax, metric in zip(axes, ("mae", "rmse")):
+        for k, est in enumerate(ests):
+            vals = [_value(m, lv, metric, ALL_BIN, est) for lv in levels]
+            ax.bar(x + (k - (len(ests) - 1) / 2) * w, vals, w, label=est, color=ESTIMATOR_COLORS[est])
+        ax.set_xticks(x, levels, rotation=20)
+        ax.set_ylabel(f"{metric.upper()} (persons)")
+        ax.set_title(f"{metric.upper()} of {statistic} by geolevel")
+        ax.legend(fontsize=8)
+    return to_data_uri(fig)
+
+
+def bias_by_bin(metrics: pl.DataFrame, levels: list[str], statistics: tuple[str, ...]) -> str:
+    """Mean signed error (published) by true-size bin: per level for ``total``; per statistic at the lowest level."""
+    bins = [b[0] for b in SIZE_BINS]
+    pub = metrics.filter((pl.col("estimator") == "published") & (pl.col("metric") == "bias"))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = np.arange(len(bins))
+    for lv in levels:
+        axes[0].plot(x, [_value(pub, lv, "bias", b, "published", "total") for b in bins], marker="o", label=lv)
+    axes[0].set_title("bias of total population by true size")
+    low = levels[-1] if levels else ""
+    for s in statistics:
+        axes[1].plot(x, [_value(pub, low, "bias", b, "published", s) for b in bins], marker="o", label=s)
+    axes[1].set_title(f"bias by true size at {low} level")
+    for ax in axes:
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(x, bins)
+        ax.set_xlabel("true count of the statistic")
+        ax.set_ylabel("mean (published − true)")
+        ax.legend(fontsize=7)
+    return to_data_uri(fig)
+
+
+def error_distribution(errors: dict[str, np.ndarray]) -> str:
+    """Histogram of published − true total population per unit, one curve per level."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for lv, e in errors.items():
+        if e.size < 2:
+            continue
+        lim = max(1.0, float(np.percentile(np.abs(e), 99.5)))
+        edges = np.arange(-np.ceil(lim) - 0.5, np.ceil(lim) + 1.5, max(1.0, np.ceil(lim / 40)))
+        ax.hist(np.clip(e, edges[0], edges[-1]), bins=edges, histtype="step", density=True, label=f"{lv} (n={e.size:,})")
+    ax.set_xlabel("published − true total population")
+    ax.set_ylabel("share of units")
+    ax.set_title("Error distribution (total population)")
+    ax.legend(fontsize=8)
+    return to_data_uri(fig)
+
+
+def accuracy_vs_epsilon(summary: pl.DataFrame, statistic: str = "total", metric: str = "mae") -> str:
+    """Experiment: mean ± sd of a metric (published, all units) against ε, one line per level."""
+    s = summary.filter((pl.col("statistic") == statistic) & (pl.col("metric") == metric)
+                       & (pl.col("size_bin") == ALL_BIN) & (pl.col("estimator") == "published"))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (lv,), part in s.group_by(["level"], maintain_order=True):
+        part = part.sort("epsilon")
+        ax.errorbar(part["epsilon"].to_numpy(), part["mean"].to_numpy(), yerr=part["sd"].fill_nan(0).to_numpy(),
+                    marker="o", capsize=3, label=str(lv))
+    ax.set_xlabel("ε (persons, at δ)")
+    ax.set_ylabel(f"{metric.upper()} of {statistic}")
+    ax.set_yscale("log")
+    ax.set_title(f"Accuracy vs ε ({metric.upper()} of {statistic}, mean ± sd over trials)")
+    ax.legend(fontsize=8)
+    return to_data_uri(fig)
+
+
+def _value(m: pl.DataFrame, level: str, metric: str, size_bin: str, estimator: str,
+           statistic: str | None = None) -> float:
+    f = m.filter((pl.col("level") == level) & (pl.col("metric") == metric) & (pl.col("size_bin") == size_bin)
+                 & (pl.col("estimator") == estimator))
+    if statistic is not None:
+        f = f.filter(pl.col("statistic") == statistic)
+    return float(f["value"][0]) if f.height else float("nan")

@@ -1,0 +1,231 @@
+"""``dptab review RUN_DIR``: metrics of a finished run against its confidential truth.
+
+Reads, from the run directory (docs/contracts.md, pipeline/run.py):
+``histograms/persons_<level>.parquet`` (truth), ``solved/persons_<level>.parquet``
+(published), ``measurements/persons/<level>/*.parquet`` (noisy answers, for the comparators),
+and for housing units ``histograms/units_<level>.parquet`` / ``solved/units_<level>.parquet``.
+Writes ``RUN_DIR/review/metrics.parquet`` and ``RUN_DIR/review/report.html`` (see
+``pipeline.review`` for the confidentiality rule) and returns their paths only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import yaml
+
+from pipeline.review.comparators import (load_measurements, noisy_clipped_detailed,
+                                         noisy_clipped_statistics, wls_statistics)
+from pipeline.review.metrics import (METRICS_SCHEMA, Statistics, error_table, level_metrics, sparsity,
+                                     sparsity_rows, statistic_vectors)
+from pipeline.spec import load_spec
+
+PUBLISHED = "published"
+NOISY = "noisy_clipped"
+WLS = "wls"
+ESTIMATORS = (PUBLISHED, NOISY, WLS)
+#: Levels whose published-vs-true scatter goes into the report.
+SCATTER_LEVELS = ("county", "tract", "block")
+
+
+class ReviewError(RuntimeError):
+    """The run directory lacks what the review needs (names the missing file)."""
+
+    exit_status = 2
+
+
+class ConfidentialityError(PermissionError):
+    """A truth-based output was about to leave the run directory of a confidential run."""
+
+    exit_status = 2
+
+
+@dataclass
+class ReviewData:
+    """What the report draws from: metrics plus a few per-unit arrays (all confidential).
+
+    ``scatter[level] = (true_total, published_total)`` float64 ``(n_units,)`` each;
+    ``errors[level] = published - true`` total population per unit.
+    """
+
+    metrics: pl.DataFrame
+    summary: dict[str, Any]
+    scatter: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    errors: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    p = run_dir / "config.yaml"
+    if not p.is_file():
+        raise ReviewError(f"{run_dir}: no config.yaml (not a dptab run directory)")
+    return yaml.safe_load(p.read_text()) or {}
+
+
+def is_confidential(run_dir: str | Path) -> bool:
+    """True unless the run's config says ``confidential: false`` (the default is confidential)."""
+    return bool(_read_config(Path(run_dir)).get("confidential", True))
+
+
+def _levels(run_dir: Path) -> list[str]:
+    from pipeline.geography import load_geolevels
+
+    names = [lv.name for lv in load_geolevels()]
+    return [n for n in names if (run_dir / "histograms" / f"persons_{n}.parquet").is_file()]
+
+
+def _hist(path: Path):
+    from pipeline.histograms import SparseHistogram
+
+    if not path.is_file():
+        raise ReviewError(f"{path}: missing (has the run finished this level?)")
+    return SparseHistogram.from_parquet(path)
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """Run and privacy parameters for the report header (public facts only)."""
+    import json
+
+    from pipeline.privacy.accounting import cks_epsilon, load_strategy
+
+    cfg = _read_config(run_dir)
+    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").is_file() else {}
+    priv = cfg.get("privacy", {}) or {}
+    out: dict[str, Any] = {
+        "run": run_dir.name, "dataset": cfg.get("dataset_id"), "title": cfg.get("title"),
+        "confidential": bool(cfg.get("confidential", True)), "created": state.get("created"),
+        "randomness": priv.get("randomness"), "delta": priv.get("delta"),
+        "persons strategy": priv.get("strategy"), "units strategy": priv.get("units_strategy"),
+    }
+    rho_rows = []
+    total = 0
+    for kind in ("strategy", "units_strategy"):
+        name = priv.get(kind)
+        if not name:
+            continue
+        s = load_strategy(name)
+        total += s.total_rho
+        for lv in s.level_names:
+            rho_rows.append((s.name, lv, str(s.level_rho(lv)), float(s.level_rho(lv))))
+    if total:
+        out["rho (total)"] = f"{total} ≈ {float(total):.4f}"
+        out["epsilon at delta"] = f"{float(cks_epsilon(total, str(priv.get('delta', '1e-10')))):.4f}"
+    out["rho_by_level"] = rho_rows
+    return out
+
+
+def _units_metrics(run_dir: Path, level: str) -> pl.DataFrame | None:
+    """Occupied / vacant housing-unit errors (published units run vs truth), if both exist."""
+    t_path = run_dir / "histograms" / f"units_{level}.parquet"
+    p_path = run_dir / "solved" / f"units_{level}.parquet"
+    if not (t_path.is_file() and p_path.is_file()):
+        return None
+    t = pl.read_parquet(t_path)
+    occ = t["occupied"].to_numpy().astype(np.float64)
+    truth = np.stack([t["housing_units"].to_numpy() - occ, occ], axis=1).astype(np.float64)
+    pub = _hist(p_path)
+    est = np.zeros_like(truth)
+    np.add.at(est, (pub.unit, pub.cell), pub.count)
+    rows = [(level, s, m, b, PUBLISHED, v)
+            for (s, m, b), v in error_table(truth, est, truth.sum(axis=1), ["vacant_units", "occupied_units"]).items()]
+    return pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
+
+
+def compute_review(run_dir: str | Path, stats: Statistics | None = None) -> ReviewData:
+    """All metrics of a finished run (every level, estimator and statistic) plus plot arrays."""
+    run_dir = Path(run_dir)
+    stats = stats or statistic_vectors()
+    spec = load_spec(str(_read_config(run_dir).get("spec", "pl94")))
+    levels = _levels(run_dir)
+    if not levels:
+        raise ReviewError(f"{run_dir}/histograms: no persons histograms (run the inputs stage first)")
+    frames: list[pl.DataFrame] = []
+    data = ReviewData(pl.DataFrame(schema=METRICS_SCHEMA), run_summary(run_dir))
+    ti = stats.index("total")
+    for level in levels:
+        truth = _hist(run_dir / "histograms" / f"persons_{level}.parquet")
+        pub = _hist(run_dir / "solved" / f"persons_{level}.parquet")
+        tv = stats.values(truth)
+        estimates = {PUBLISHED: stats.values(pub)}
+        meas = load_measurements(run_dir, "persons", level)
+        if meas.height:
+            estimates[NOISY] = noisy_clipped_statistics(meas, spec, stats, truth.n_units)
+            estimates[WLS] = wls_statistics(meas, spec, stats, truth.n_units)
+        frames.append(level_metrics(level, stats, tv, estimates))
+        frames.append(sparsity_rows(level, PUBLISHED, sparsity(truth, pub, spec.structural_zero_mask)))
+        noisy_det = noisy_clipped_detailed(meas, spec, truth.n_units) if meas.height else None
+        if noisy_det is not None:
+            frames.append(sparsity_rows(level, NOISY, sparsity(truth, noisy_det, spec.structural_zero_mask)))
+        u = _units_metrics(run_dir, level)
+        if u is not None:
+            frames.append(u)
+        data.errors[level] = estimates[PUBLISHED][:, ti] - tv[:, ti]
+        if level in SCATTER_LEVELS:
+            data.scatter[level] = (tv[:, ti], estimates[PUBLISHED][:, ti])
+    data.metrics = pl.concat(frames, how="vertical")
+    return data
+
+
+def _private_write(path: Path, write) -> None:
+    """Write a confidential file with mode 0600 via a temp file + rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def review_dir(run_dir: str | Path) -> Path:
+    """``RUN_DIR/review`` (created with mode 0700)."""
+    d = Path(run_dir) / "review"
+    d.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(d, 0o700)
+    return d
+
+
+def review_run_dir(run_dir: str | Path, experiment: str | Path | None = None) -> Path:
+    """Write ``metrics.parquet`` and ``report.html`` under ``RUN_DIR/review``; return the report path.
+
+    ``experiment``: an experiment directory (``dptab experiment``) whose summary is added
+    to the report. Only paths are returned — never a metric value (confidentiality rule).
+    """
+    from pipeline.review.report import write_report
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    data = compute_review(run_dir)
+    out = review_dir(run_dir)
+    _private_write(out / "metrics.parquet", lambda p: data.metrics.write_parquet(p))
+    exp = None
+    if experiment is not None:
+        exp_path = Path(experiment) / "summary.parquet"
+        if not exp_path.is_file():
+            raise ReviewError(f"{exp_path}: missing (not a finished experiment directory)")
+        exp = pl.read_parquet(exp_path)
+    data.summary["review seconds"] = round(time.perf_counter() - t0, 1)
+    report = out / "report.html"
+    _private_write(report, lambda p: write_report(p, data, experiment=exp))
+    return report
+
+
+def export_review(run_dir: str | Path, dest: str | Path) -> Path:
+    """Copy ``RUN_DIR/review`` to ``dest`` — allowed only for a run marked non-confidential.
+
+    Raises :class:`ConfidentialityError` for a confidential run (the default), whatever ``dest``.
+    """
+    run_dir = Path(run_dir)
+    if is_confidential(run_dir):
+        raise ConfidentialityError(f"{run_dir}: the input is confidential; its truth-based review "
+                                   "stays in the run directory (set `confidential: false` only for "
+                                   "synthetic or public input)")
+    src = run_dir / "review"
+    if not (src / "report.html").is_file():
+        raise ReviewError(f"{src}: no review yet (run `dptab review {run_dir}`)")
+    dest = Path(dest)
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    return dest
