@@ -84,6 +84,116 @@ def validate_cmd(
         typer.echo(f"  {line}")
 
 
+@app.command("synth")
+def synth_cmd(
+    persons: int = typer.Option(..., "--persons", help="number of persons to generate"),
+    seed: int = typer.Option(..., "--seed", help="random seed (the output is a function of persons, seed, states)"),
+    out: str = typer.Option(..., "--out", help="output directory: writes persons.parquet and units.parquet"),
+    state: list[str] = typer.Option(None, "--state", help="state FIPS code(s) to fill first, e.g. 44 (repeatable)"),
+    batch_persons: int = typer.Option(1_000_000, "--batch-persons", help="persons per written batch (bounds memory)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+) -> None:
+    """Generate a realistic synthetic population (persons and units) in bounded memory."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.synth import SynthError, synthesize
+
+    console = Console(stderr=True)
+    try:
+        with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, disable=quiet) as bar:
+            task = bar.add_task("synth", total=persons)
+            s = synthesize(persons, seed, out, states=state or None, batch_persons=batch_persons,
+                           progress=lambda done, total: bar.update(task, completed=done))
+    except SynthError as exc:
+        typer.echo(f"synth: {exc}", err=True)
+        raise typer.Exit(2)
+    rate = s.persons / s.seconds if s.seconds > 0 else float("inf")
+    typer.echo(f"wrote {s.persons_path} ({s.persons:,} persons, {s.gq_persons:,} in group quarters, "
+               f"{s.voting_age / max(s.persons, 1):.1%} voting age)")
+    typer.echo(f"wrote {s.units_path} ({s.housing_units:,} housing units, {s.occupied:,} occupied, "
+               f"{s.facilities:,} GQ facilities)")
+    typer.echo(f"geography: {s.states} state(s), {s.counties} counties, {s.tracts:,} tracts, "
+               f"{s.block_groups:,} block groups, {s.blocks:,} blocks ({s.populated_blocks:,} populated)")
+    typer.echo(f"{s.seconds:.1f} s ({rate:,.0f} persons/s)")
+
+
+@app.command("histograms")
+def histograms_cmd(
+    persons: str = typer.Option(..., "--persons", help="persons Parquet file or directory of parts"),
+    units: str = typer.Option(..., "--units", help="units Parquet file or directory of parts"),
+    spec: str = typer.Option("pl94", "--spec", help="histogram spec name or YAML path"),
+) -> None:
+    """Build the true histograms of every level and print per-level unit counts and totals."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.geography import Geography, GeographyError
+    from pipeline.histograms import HistogramError, build_person_histograms, build_unit_counts
+    from pipeline.io import InputValidationError, read_persons, read_units
+    from pipeline.spec import load_spec
+
+    console = Console()
+    times: dict[str, float] = {}
+    try:
+        t = time.perf_counter()
+        with console.status("reading units, building the geography"):
+            u = read_units(units)
+            blocks = u.select("geoid").unique().collect(engine="streaming")["geoid"]
+            geo = Geography.from_block_geoids(blocks)
+        times["geography"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with console.status("persons histograms (one pass)"):
+            hists = build_person_histograms(read_persons(persons), geo, load_spec(spec))
+        times["persons histograms"] = time.perf_counter() - t
+        t = time.perf_counter()
+        with console.status("unit counts"):
+            counts = build_unit_counts(u, geo)
+        times["unit counts"] = time.perf_counter() - t
+    except (InputValidationError, HistogramError, GeographyError) as exc:
+        typer.echo(f"{type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(2)
+    table = Table(title=f"histograms of {persons}")
+    for col in ("level", "units", "non-zero cells", "persons", "housing units", "occupied", "GQ facilities"):
+        table.add_column(col, justify="left" if col == "level" else "right")
+    for lv in geo.levels:
+        h, c = hists[lv.name], counts[lv.name]
+        table.add_row(lv.name, f"{lv.n_units:,}", f"{h.nnz:,}", f"{h.total():,}", f"{int(c.housing_units.sum()):,}",
+                      f"{int(c.occupied.sum()):,}", f"{int(c.facilities.sum()):,}")
+    console.print(table)
+    console.print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items())
+                  + f", total {sum(times.values()):.2f} s")
+
+
+@app.command("verify")
+def verify_cmd(
+    release_dir: str = typer.Argument(..., help="a release folder releases/<release-id>/"),
+    show: int = typer.Option(50, "--show", help="list at most this many failures"),
+) -> None:
+    """Recompute every checksum and consistency check of a release; exit 1 listing failures."""
+    import time
+
+    from pipeline.release_verify import ReleaseFormatError, verify_release
+
+    t0 = time.perf_counter()
+    try:
+        failures = verify_release(release_dir)
+    except ReleaseFormatError as exc:
+        typer.echo(f"not a release: {exc}", err=True)
+        raise typer.Exit(2)
+    if failures:
+        typer.echo(f"{release_dir}: {len(failures)} failure(s)", err=True)
+        for f in failures[:show]:
+            typer.echo(f"  {f}", err=True)
+        if len(failures) > show:
+            typer.echo(f"  ... and {len(failures) - show} more", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"{release_dir}: every checksum and consistency check passes ({time.perf_counter() - t0:.1f} s)")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
