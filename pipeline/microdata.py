@@ -94,7 +94,7 @@ def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
     ``unit`` indexes ``block_geoids`` (sorted); a row whose block is not listed raises
     :class:`MicrodataError`. Used by ``dptab verify`` and the round-trip tests.
     """
-    geoid = pl.concat_str([persons[c] for c in ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK")])
+    geoid = persons.select(pl.concat_str(["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"])).to_series()
     g = np.asarray(block_geoids).astype(str)
     keys = geoid.to_numpy().astype(str)
     unit = np.searchsorted(g, keys)

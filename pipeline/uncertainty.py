@@ -79,6 +79,36 @@ def information_matrix(spec: HistogramSpec, variances: Mapping[str, float],
     return h
 
 
+def _solve_with_detailed(spec: HistogramSpec, variances: Mapping[str, float], cells: np.ndarray,
+                         rhs: np.ndarray) -> np.ndarray:
+    """``H⁻¹ rhs`` when ``detailed`` is measured, by the Woodbury identity.
+
+    ``H = I/v_d + U diag(1/v) Uᵀ`` where ``U`` stacks the 0/1 answer columns of the other
+    queries (a few hundred for the 2020 strategy), so only a small ``(r, r)`` system is
+    factorised instead of the ``(n_cells, n_cells)`` one:
+    ``H⁻¹ = v_d I − v_d² U (diag(v) + v_d UᵀU)⁻¹ Uᵀ``.
+    """
+    vd = float(variances["detailed"])
+    cols, wv = [], []
+    for name, v in variances.items():
+        v = float(v)
+        if not np.isfinite(v) or v <= 0:
+            raise UncertaintyError(f"variance of query {name!r} must be finite and > 0, got {v}")
+        if name == "detailed":
+            continue
+        q = spec.query(name)
+        u = np.zeros((cells.size, q.n_answers))
+        u[np.arange(cells.size), q.cell_to_answer[cells]] = 1.0
+        cols.append(u)
+        wv.append(np.full(q.n_answers, v))
+    if not cols:
+        return vd * rhs
+    u = np.hstack(cols)
+    m = np.diag(np.concatenate(wv)) + vd * (u.T @ u)
+    inner = la.cho_solve(la.cho_factor(m), u.T @ rhs)
+    return vd * rhs - vd * vd * (u @ inner)
+
+
 def line_covariance(spec: HistogramSpec, variances: Mapping[str, float], lines: np.ndarray,
                     exact: Sequence[np.ndarray] = (), rtol: float = 1e-9) -> np.ndarray:
     """Variances ``aᵀ Σ_c a`` of linear functionals ``lines`` (float ``(n_lines, n_cells)``).
@@ -106,12 +136,12 @@ def line_covariance(spec: HistogramSpec, variances: Mapping[str, float], lines: 
     estimable = np.all(ak == a_at[:, atom], axis=1)
     c_at = c_at[np.all(ck == c_at[:, atom], axis=1)]  # exact vectors usable on atoms
     cells = np.nonzero(keep)[0][first]
-    h = information_matrix(spec, variances, cells)
     rhs = np.vstack([a_at, c_at]).T                    # (n_atoms, n_lines + k)
     if "detailed" in variances:
-        # every cell is its own atom and measured: H is positive definite (Cholesky, exact)
-        sol = la.cho_solve(la.cho_factor(h), rhs)
+        # every cell is its own atom and measured: H is positive definite
+        sol = _solve_with_detailed(spec, variances, cells, rhs)
     else:
+        h = information_matrix(spec, variances, cells)
         w, v = np.linalg.eigh(h)
         pos = w > rtol * w.max()
         vp = v[:, pos]

@@ -1,0 +1,68 @@
+"""Margins of error from the measurement design (pipeline.uncertainty)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.spec import load_spec
+from pipeline.tables import load_tables
+from pipeline.uncertainty import Z90, UncertaintyError, line_covariance, release_moe90, table_moe90
+
+TS = load_tables("pl94")
+SPEC = load_spec("pl94")
+N_FREE = int((~SPEC.structural_zero_mask).sum())  # 1953 cells that can be non-zero
+
+
+def test_detailed_only_gives_sum_of_cell_variances() -> None:
+    moe = table_moe90(SPEC, {"detailed": 10.0}, TS.of_kind("persons"))
+    # P1 total sums every free cell; White alone (P1 3) has 32 cells minus 2 structural zeros
+    assert moe["P1"][0] == pytest.approx(Z90 * np.sqrt(10.0 * N_FREE))
+    assert moe["P1"][2] == pytest.approx(Z90 * np.sqrt(10.0 * 30))
+    assert moe["P2"][1] == pytest.approx(Z90 * np.sqrt(10.0 * 945))  # Hispanic: 1008 cells minus 63 zeros
+
+
+def test_matches_brute_force_generalised_least_squares() -> None:
+    """aᵀ(QᵀV⁻¹Q)⁻¹a against an explicit stacked-matrix computation."""
+    v = {"total": 2.0, "hhgq": 3.0, "votingage*hispanic*cenrace": 5.0, "detailed": 11.0}
+    keep = ~SPEC.structural_zero_mask
+    q = np.vstack([SPEC.query(n).matrix().toarray()[:, keep] for n in v])
+    w = np.concatenate([np.full(SPEC.query(n).n_answers, 1 / x) for n, x in v.items()])
+    cov = np.linalg.inv(q.T @ (q * w[:, None]))
+    a = np.vstack([t.matrix.toarray() for t in TS.of_kind("persons")])[:, keep].astype(float)
+    want = np.einsum("ij,jk,ik->i", a, cov, a)
+    got = line_covariance(SPEC, v, np.vstack([t.matrix.toarray() for t in TS.of_kind("persons")]))
+    assert np.allclose(got, want, rtol=1e-8)
+
+
+def test_invariant_total_has_zero_margin_and_shrinks_others() -> None:
+    v = {"total": 2.0, "detailed": 10.0}
+    free = table_moe90(SPEC, v, TS.of_kind("persons"))
+    fixed = table_moe90(SPEC, v, TS.of_kind("persons"), exact=[np.ones(SPEC.n_cells)])
+    assert fixed["P1"][0] == 0.0 and fixed["P2"][0] == 0.0 and free["P1"][0] > 0
+    assert np.all(fixed["P1"][1:] <= free["P1"][1:] + 1e-12)
+    # units: known total, 2 cells with variance 5 -> occupied has variance 5/2
+    u = table_moe90(TS.specs["units"], {"detailed": 5.0}, TS.of_kind("units"), exact=[np.ones(2)])
+    assert u["H1"][0] == 0.0 and u["H1"][1] == pytest.approx(Z90 * np.sqrt(2.5))
+
+
+def test_lines_not_determined_by_the_measurements_are_nan() -> None:
+    moe = table_moe90(SPEC, {"total": 2.0, "cenrace": 3.0}, TS.of_kind("persons"))
+    assert np.isfinite(moe["P1"]).all()              # every P1 line is a function of cenrace
+    assert np.isnan(moe["P2"][1]) and np.isnan(moe["P5"]).all()  # Hispanic, GQ types: not measured
+    none = table_moe90(TS.specs["units"], {}, TS.of_kind("units"), exact=[np.ones(2)])
+    assert none["H1"][0] == 0.0 and np.isnan(none["H1"][1:]).all()
+
+
+def test_release_moe_per_table_and_level() -> None:
+    variances = {"persons": {"nation": {"detailed": 4.0}, "block": {"detailed": 9.0, "total": 1.0}},
+                 "units": {"block": {"detailed": 3.0}}}
+    out = release_moe90({k: TS.of_kind(k) for k in ("persons", "units")}, TS.specs, variances,
+                        ["nation", "block"], {"persons": ["nation"], "units": ["nation", "block"]})
+    assert out[("P1", "nation")][0] == 0.0 and out[("P1", "block")][0] > 0
+    assert out[("H1", "block")][0] == 0.0 and np.isnan(out[("H1", "nation")][1])
+
+
+def test_bad_variance_is_refused() -> None:
+    with pytest.raises(UncertaintyError):
+        table_moe90(SPEC, {"detailed": 0.0}, TS.of_kind("persons"))
