@@ -302,3 +302,33 @@ def synthesize(n_persons: int, seed: int, out_dir: str | Path, states: Sequence[
         counties=plan.height, tracts=stats["tracts"], block_groups=stats["bgs"], blocks=stats["blocks"],
         populated_blocks=stats["populated"], seconds=time.perf_counter() - t0,
         persons_path=paths["persons"], units_path=paths["units"])
+
+
+def units_from_persons(persons: pl.LazyFrame | pl.DataFrame, persons_per_unit: float = 2.5,
+                       vacant_share: float = 0.12) -> pl.DataFrame:
+    """A plausible, deterministic units table for persons microdata that has none (e.g. PPMF).
+
+    Rule, per block: occupied housing units = ceil(household persons / ``persons_per_unit``)
+    (so at least one where anyone lives, never more than the household persons), vacant units
+    = round(occupied × ``vacant_share`` / (1 − ``vacant_share``)) so that about
+    ``vacant_share`` of housing units are vacant, and one GQ facility per GQ type present.
+    ``persons`` is normalised (``geoid``, ``hhgq``). Returns ``unit_id``, ``geoid``, ``kind``
+    (Int8), ``occupied`` (null for facilities), sorted by ``unit_id``. Synthetic: not census data.
+    """
+    if persons_per_unit < 1 or not 0 <= vacant_share < 1:
+        raise SynthError("persons_per_unit must be >= 1 and vacant_share in [0, 1)")
+    by = (persons.lazy().group_by("geoid", pl.col("hhgq").cast(pl.Int8)).agg(pl.len().alias("n"))
+          .collect().sort("geoid", "hhgq"))
+    hh = by.filter(pl.col("hhgq") == 0)
+    occ = np.ceil(hh["n"].to_numpy() / persons_per_unit).astype(np.int64)
+    vac = np.rint(occ * vacant_share / (1 - vacant_share)).astype(np.int64)
+    hu = pl.DataFrame({
+        "geoid": np.repeat(hh["geoid"].to_numpy(), occ + vac),
+        "kind": pl.Series(np.zeros(int((occ + vac).sum())), dtype=pl.Int8),
+        "occupied": np.repeat(np.tile([True, False], occ.size), np.stack([occ, vac], axis=1).reshape(-1)),
+    })
+    fac = by.filter(pl.col("hhgq") > 0).select("geoid", pl.col("hhgq").alias("kind"),
+                                                  pl.lit(None, dtype=pl.Boolean).alias("occupied"))
+    units = pl.concat([hu, fac]).sort("geoid", "kind", maintain_order=True)
+    seq = pl.int_range(pl.len()).over("geoid").cast(pl.Utf8).str.zfill(5)
+    return units.select(pl.concat_str([pl.col("geoid"), pl.lit("-"), seq]).alias("unit_id"), "geoid", "kind", "occupied")
