@@ -64,11 +64,10 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]
         if not p.is_file():
             out.append(_fail("file_missing", f"{rel} is listed in the manifest but missing"))
             continue
-        if p.stat().st_size != f.get("bytes"):
-            out.append(_fail("checksum", f"{rel}: size {p.stat().st_size} bytes, manifest says {f.get('bytes')}"))
         digest = sha256_file(p)
-        if digest != f.get("sha256"):
-            out.append(_fail("checksum", f"{rel}: sha256 {digest} differs from the manifest's {f.get('sha256')}"))
+        if digest != f.get("sha256") or p.stat().st_size != f.get("bytes"):
+            out.append(_fail("checksum", f"{rel}: sha256 {digest} ({p.stat().st_size} bytes) differs from the "
+                                         f"manifest's {f.get('sha256')} ({f.get('bytes')} bytes)"))
         elif p.suffix == ".parquet" and "rows" in f:
             import pyarrow.parquet as pq
 
@@ -119,7 +118,10 @@ def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: 
     path = root / "microdata" / "persons.parquet"
     if not path.is_file() or not lts:
         return []
-    persons = pl.read_parquet(path)
+    try:
+        persons = pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        return [_fail("unreadable", f"microdata/persons.parquet: {exc}")]
     block = lts[-1]
     spec = ts.specs["persons"]
     try:
@@ -169,6 +171,16 @@ def verify_release(path: str | Path) -> list[CheckFailure]:
     if failures:
         return failures
     failures += _verify_files(root, manifest)
+    try:
+        failures += _verify_contents(root, manifest)
+    except (OSError, ValueError, KeyError, pl.exceptions.PolarsError) as exc:
+        # a damaged file (already reported by its checksum) must not hide the other failures
+        failures.append(_fail("unreadable", f"content checks stopped: {type(exc).__name__}: {exc}"))
+    return failures
+
+
+def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
+    failures: list[CheckFailure] = []
     ts = load_tables(manifest["table_definitions"])
     digits = {g["name"]: int(g["digits"]) for g in manifest["geolevels"]}
     lts, layout = read_release_tables(root, manifest, ts)

@@ -1,0 +1,205 @@
+"""Release folders: atomic write, refusal to overwrite, manifest, index.html, verify (pipeline.release*)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from test_tables_cases import make_case
+from typer.testing import CliRunner
+
+import pipeline.release as release_mod
+from pipeline.checks import Invariants
+from pipeline.cli import app
+from pipeline.histograms import SparseHistogram
+from pipeline.privacy.accounting import load_strategy
+from pipeline.release import (ReleaseCheckError, ReleaseError, ReleaseExistsError, ReleaseMetadata,
+                              privacy_parameters, sha256_file, write_release)
+from pipeline.release_verify import ReleaseFormatError, manifest_errors, verify_release
+
+PRIVACY = privacy_parameters({"persons": load_strategy("census2020_pl94"), "units": load_strategy("census2020_units")})
+
+
+def meta(rid: str = "rel-1") -> ReleaseMetadata:
+    return ReleaseMetadata(rid, "synthetic-test", "0.1.0", "ab" * 32, git_commit="0123abc", seed=7, title="test release")
+
+
+def measurement_file(tmp: Path, n_units: int, extra: bool = False) -> Path:
+    """A measurement file of the contract (docs/contracts.md) for the block level."""
+    rng = np.random.default_rng(0)
+    df = pl.DataFrame({
+        "unit": np.arange(n_units, dtype=np.int64), "query": ["total"] * n_units,
+        "answer": np.zeros(n_units, dtype=np.int32), "value": rng.integers(-3, 20, n_units),
+        "variance": np.full(n_units, 819.4), "sigma2": ["4097/5"] * n_units,
+    })
+    if extra:
+        df = df.with_columns(pl.lit(1).alias("true_value"))
+    p = tmp / ("bad.parquet" if extra else "m.parquet")
+    df.write_parquet(p)
+    return p
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One release written once for the read-only tests (copied before any tampering)."""
+    tmp = tmp_path_factory.mktemp("rel")
+    c = make_case(0)
+    n_blocks = c.geography.level("block").n_units
+    mf = {("persons", "block"): [measurement_file(tmp, n_blocks)]}
+    path = write_release(tmp / "releases", meta(), c.geography, c.persons, c.units, c.invariants, PRIVACY,
+                         measurement_files=mf)
+    return c, path
+
+
+def copy_of(built, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(built[1], dst)
+    return dst
+
+
+def test_layout_manifest_and_verify(built) -> None:
+    c, path = built
+    for rel in ["manifest.json", "index.html", "tables/P1.parquet", "tables/H1.parquet", "csv/block/P2.csv",
+                "csv/nation/P5.csv", "microdata/persons.parquet", "invariants/block_housing_units.parquet",
+                "measurements/noisy_measurements.parquet"]:
+        assert (path / rel).is_file(), rel
+    assert not list(path.parent.glob(".*tmp*"))  # the temporary directory was renamed away
+    m = json.loads((path / "manifest.json").read_text())
+    assert manifest_errors(m) == []
+    assert m["privacy"]["runs"]["persons"]["rho"] == "293764/114921"
+    assert rho_composes(m)  # the total is the exact sum of the runs' ρ
+    files = {f["path"]: f for f in m["files"]}
+    assert files["tables/P1.parquet"]["sha256"] == sha256_file(path / "tables/P1.parquet")
+    assert files["microdata/persons.parquet"]["rows"] == int(c.block_dense.sum())
+    assert m["persons"] == int(c.block_dense.sum()) and m["seed"] == 7
+    assert m["invariants"]["state_totals"] == {k: int(v) for k, v in sorted(c.invariants.state_totals.items())}
+    p1 = pl.read_parquet(path / "tables/P1.parquet")
+    assert p1.columns == ["geoid", "geolevel", "name", "table", "line", "label", "count", "moe90"]
+    assert p1.height == 71 * sum(lv.n_units for lv in c.geography.levels)
+    nat = p1.filter((pl.col("geolevel") == "nation") & (pl.col("line") == 1))
+    assert nat["count"][0] == int(c.block_dense.sum()) and nat["moe90"][0] == 0.0  # invariant total
+    csv = pl.read_csv(path / "csv/county/P1.csv", schema_overrides={"geoid": pl.Utf8})
+    assert csv.equals(p1.filter(pl.col("geolevel") == "county").drop("moe90").with_columns(
+        pl.col("line").cast(pl.Int64)).hstack([csv["moe90"]]))
+    meas = pl.read_parquet(path / "measurements/noisy_measurements.parquet")
+    assert meas.columns == ["run", "geolevel", "geoid", "query", "answer", "answer_label", "value", "variance", "sigma2"]
+    assert meas["geoid"].to_list() == c.geography.level("block").geoids.tolist()
+    assert verify_release(path) == []
+
+
+def rho_composes(m) -> bool:
+    from fractions import Fraction
+
+    return Fraction(m["privacy"]["rho"]) == sum(Fraction(r["rho"]) for r in m["privacy"]["runs"].values())
+
+
+def test_index_html_is_self_contained(built) -> None:
+    html = (built[1] / "index.html").read_text()
+    assert not re.search(r"(?i)(https?:|//[a-z0-9]|src\s*=|href\s*=|@import|url\(|<script|<link)", html)
+    m = json.loads((built[1] / "manifest.json").read_text())
+    for f in m["files"]:
+        if f["path"] != "index.html":
+            assert f["path"] in html and f["sha256"] in html
+    assert "margin of error" in html and "How to cite" in html and "17.14" in html  # CKS ε of the persons run
+
+
+def test_existing_release_id_is_refused(built, tmp_path) -> None:
+    c, path = built
+    before = sha256_file(path / "manifest.json")
+    with pytest.raises(ReleaseExistsError):
+        write_release(path.parent, meta(), c.geography, c.persons, c.units, c.invariants, PRIVACY)
+    assert sha256_file(path / "manifest.json") == before
+
+
+def test_failure_midway_leaves_nothing(monkeypatch, tmp_path) -> None:
+    c = make_case(1)
+
+    def boom(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(release_mod, "microdata_from_blocks", boom)
+    with pytest.raises(OSError, match="simulated"):
+        write_release(tmp_path, meta("rel-x"), c.geography, c.persons, c.units, c.invariants, PRIVACY)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inconsistent_histograms_are_not_published(tmp_path) -> None:
+    c = make_case(3)
+    h = c.persons["block"]
+    count = h.count.copy()
+    count[0] += 1  # one block no longer sums to its block group
+    c.persons["block"] = SparseHistogram("block", h.n_units, h.n_cells, h.unit, h.cell, count)
+    with pytest.raises(ReleaseCheckError) as err:
+        write_release(tmp_path, meta("rel-bad"), c.geography, c.persons, c.units, c.invariants, PRIVACY)
+    assert any(f.check == "hierarchy" for f in err.value.failures)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_measurement_file_with_extra_columns_is_refused(tmp_path) -> None:
+    c = make_case(1)
+    bad = measurement_file(tmp_path, c.geography.level("block").n_units, extra=True)
+    with pytest.raises(ReleaseError, match="exactly the columns"):
+        write_release(tmp_path / "out", meta("rel-m"), c.geography, c.persons, c.units, c.invariants, PRIVACY,
+                      measurement_files={("persons", "block"): [bad]})
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_verify_detects_a_modified_file(built, tmp_path) -> None:
+    path = copy_of(built, tmp_path)
+    p = path / "csv" / "block" / "P1.csv"
+    p.write_bytes(p.read_bytes().replace(b",Total:,", b",Total:,9", 1))
+    fails = verify_release(path)
+    assert [f.check for f in fails] == ["checksum"] and "csv/block/P1.csv" in fails[0].detail
+    (path / "extra.txt").write_text("x")
+    assert "file_unlisted" in {f.check for f in verify_release(path)}
+
+
+def test_verify_catches_a_consistently_rehashed_inconsistent_table(built, tmp_path) -> None:
+    """Someone edits a count and updates the manifest's checksum: the checks still catch it."""
+    path = copy_of(built, tmp_path)
+    t = path / "tables" / "P5.parquet"
+    df = pl.read_parquet(t)
+    row = df.with_row_index().filter((pl.col("geolevel") == "tract") & (pl.col("line") == 8))["index"][0]
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) == row).then(pl.col("count") + 5)
+                         .otherwise(pl.col("count")).alias("count"))
+    df.write_parquet(t)
+    m = json.loads((path / "manifest.json").read_text())
+    for f in m["files"]:
+        if f["path"] == "tables/P5.parquet":
+            f["sha256"], f["bytes"] = sha256_file(t), t.stat().st_size
+    (path / "manifest.json").write_text(json.dumps(m))
+    fails = verify_release(path)
+    checks = {(f.check, f.table, f.geolevel) for f in fails}
+    assert ("hierarchy", "P5", "tract") in checks      # tract line 8 != sum over its block groups
+    assert ("hierarchy", "P5", "county") in checks     # county line 8 != sum over its tracts
+    assert ("additivity", "P5", "tract") in checks     # line 7 != 8 + 9 + 10
+
+
+def test_verify_cli_exit_codes(built, tmp_path) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", str(built[1])])
+    assert ok.exit_code == 0, ok.output
+    path = copy_of(built, tmp_path)
+    (path / "microdata" / "persons.parquet").write_bytes(b"garbage")
+    bad = runner.invoke(app, ["verify", str(path)])
+    assert bad.exit_code == 1 and "checksum" in bad.output
+    none = runner.invoke(app, ["verify", str(tmp_path)])
+    assert none.exit_code == 2
+    with pytest.raises(ReleaseFormatError):
+        verify_release(tmp_path)
+
+
+def test_verify_checks_microdata_against_block_tables(built, tmp_path) -> None:
+    path = copy_of(built, tmp_path)
+    mp = path / "microdata" / "persons.parquet"
+    df = pl.read_parquet(mp)
+    df = df.with_columns(pl.when(pl.col("EPNUM") == 1).then(pl.lit("02")).otherwise(pl.col("CENRACE")).alias("CENRACE"))
+    if df["CENRACE"][0] == pl.read_parquet(mp)["CENRACE"][0]:
+        df = df.with_columns(pl.when(pl.col("EPNUM") == 1).then(pl.lit("03")).otherwise(pl.col("CENRACE")).alias("CENRACE"))
+    df.write_parquet(mp)
+    assert "microdata" in {f.check for f in verify_release(path)}
