@@ -303,7 +303,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography, pe
             "config_hash": meta.config_hash, "seed": meta.seed, "citation": meta.citation,
             "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
             "tables": [{"name": t.name, "title": t.title, "universe": t.universe, "histogram": t.histogram,
-                        "lines": t.n_lines} for t in ts.tables.values()],
+                        "lines": t.n_lines} for t in ts.tables.values() if writers[t.name].writer is not None],
             "table_definitions": ts.name,
             "privacy": dict(privacy),
             "invariants": invariants.to_json(),

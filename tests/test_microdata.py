@@ -75,3 +75,16 @@ def test_reproduces_census_ppmf_records() -> None:
     a = src.select(cols).with_columns(pl.col("RTYPE").cast(pl.Utf8)).sort(cols)
     b = out.select(cols).sort(cols)
     assert a.height == 10_588 and a.equals(b)
+
+
+def test_our_ppmf_reader_reads_the_microdata(tmp_path) -> None:
+    """The project's PPMF input reader (pipeline.io) reads the file back to the same histogram."""
+    from pipeline.histograms import build_block_histogram
+    from pipeline.io import read_persons
+
+    c = make_case(6)
+    blocks = c.geography.level("block")
+    df = microdata_from_blocks(blocks.geoids, c.persons["block"], SPEC)
+    df.write_parquet(tmp_path / "ppmf.parquet")
+    h = build_block_histogram(read_persons(tmp_path / "ppmf.parquet"), c.geography, SPEC)
+    assert h.equals(c.persons["block"])
