@@ -194,6 +194,54 @@ def verify_cmd(
     typer.echo(f"{release_dir}: every checksum and consistency check passes ({time.perf_counter() - t0:.1f} s)")
 
 
+@app.command("review")
+def review_cmd(
+    run_dir: str = typer.Argument(..., help="a finished run directory (runs/<run-id>)"),
+    experiment: str = typer.Option(None, "--experiment", help="add this experiment directory's comparison"),
+) -> None:
+    """Internal review: metrics vs truth and an HTML report under RUN_DIR/review (confidential).
+
+    Prints only the paths written: the truth-based figures stay in the run directory.
+    """
+    from rich.console import Console
+
+    from pipeline.review.runner import review_run_dir
+
+    console = Console()
+    try:
+        report = review_run_dir(run_dir, experiment=experiment)
+    except Exception as exc:  # missing files and bad run directories carry exit status 2
+        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+        raise typer.Exit(getattr(exc, "exit_status", 1))
+    console.print(f"metrics: {report.parent / 'metrics.parquet'}")
+    console.print(f"report:  {report}")
+
+
+@app.command("eval-data")
+def eval_data_cmd(
+    name: str = typer.Argument(..., help="evaluation set: ri2010"),
+    out: str = typer.Option(..., "--out", help="output directory for persons.parquet and units.parquet"),
+    source: str = typer.Option(None, "--source", help="ri_2010_block.csv (default: ../shared/data/real/)"),
+    seed: int = typer.Option(2010, "--seed", help="seed of the documented assignment rule"),
+) -> None:
+    """Build a real-data evaluation set (exact 2010 block counts, assigned detail; see ACCURACY.md)."""
+    from rich.console import Console
+
+    from pipeline.review.evaldata import DEFAULT_SOURCE, write_ri2010
+
+    console = Console()
+    if name != "ri2010":
+        console.print(f"[red]unknown evaluation set {name!r}[/red]; known: ri2010")
+        raise typer.Exit(2)
+    try:
+        paths = write_ri2010(out, source or DEFAULT_SOURCE, seed=seed)
+    except Exception as exc:
+        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+        raise typer.Exit(getattr(exc, "exit_status", 1))
+    for k, p in paths.items():
+        console.print(f"{k}: {p}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
