@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import scipy.linalg
 import scipy.sparse as sp
 
 from pipeline.review.metrics import MetricsError, Statistics
@@ -110,21 +109,38 @@ def noisy_clipped_detailed(meas: pl.DataFrame, spec: HistogramSpec, n_units: int
     return x
 
 
+_WLS_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _wls_weights(spec: HistogramSpec, stats: Statistics, design: tuple[tuple[str, float], ...]) -> np.ndarray:
+    """``H⁻¹ V`` ``(n_cells, n_stats)`` for a design ``((query, variance), ...)`` (cached: every
+    trial of an experiment and often every level share the design)."""
+    key = (spec.name, spec.n_cells, stats.names, design)
+    if key not in _WLS_CACHE:
+        if len(_WLS_CACHE) > 16:
+            _WLS_CACHE.clear()
+        _WLS_CACHE[key] = _solve_design(spec, stats, design)
+    return _WLS_CACHE[key]
+
+
+def _solve_design(spec: HistogramSpec, stats: Statistics, design: tuple[tuple[str, float], ...]) -> np.ndarray:
+    h = np.zeros((spec.n_cells, spec.n_cells))
+    for name, var in design:
+        m = spec.query(name).matrix()
+        h += (m.T @ m).toarray() / var
+    vd = stats.vectors.toarray()
+    if any(name == "detailed" for name, _ in design):
+        return np.linalg.solve(h, vd)                     # every cell measured: H is positive definite
+    return np.linalg.pinv(h, hermitian=True) @ vd         # minimum-norm: some cells not identified
+
+
 def wls_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Statistics, n_units: int) -> np.ndarray:
     """Statistic values of the unconstrained per-unit WLS estimate: float64 ``(n_units, n_stats)``."""
     queries = _per_query(meas, spec, n_units)
     n_stats = stats.vectors.shape[1]
     if not queries:
         return np.full((n_units, n_stats), np.nan)
-    h = np.zeros((spec.n_cells, spec.n_cells))
-    for _, var, _, m in queries:
-        h += (m.T @ m).toarray() / var
-    vd = stats.vectors.toarray()
-    if any(name == "detailed" for name, *_ in queries):
-        # every cell measured: H is symmetric positive definite
-        w = scipy.linalg.cho_solve(scipy.linalg.cho_factor(h), vd)   # (n_cells, n_stats)
-    else:
-        w = np.linalg.pinv(h, hermitian=True) @ vd                   # minimum-norm: cells not identified
+    w = _wls_weights(spec, stats, tuple((name, var) for name, var, _, _ in queries))
     out = np.zeros((n_units, n_stats))
     for _, var, y, m in queries:
         out += np.asarray(y @ (m @ w)) / var
