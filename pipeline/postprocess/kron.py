@@ -1,0 +1,122 @@
+"""Exact ``(H + rho I)^-1`` on the full cell grid by Kronecker algebra.
+
+Each query is a tensor product over the attribute axes of a factor ``R^T R``: ``I`` (axis
+kept), ``J = 11^T`` (summed out) or a recode's block matrix. On an axis where every factor is
+``I`` or ``J`` ("simple" axis) both are diagonal in the split {constant, mean-zero}; the other
+("dense") axes are kept as small dense blocks. With T the set of simple axes in the constant
+class, ``H = sum_T B_T (x) P_T`` and ``(H + rho I)^-1 = sum_T (B_T + rho I)^-1 (x) P_T``; a
+Moebius inversion turns that into sums of axis means (notes, section 3.2). For PL94 this is
+8 matrices of 8 x 8, and applying the inverse to (k, 2016) data is a few passes over memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from pipeline.spec import HistogramSpec
+
+
+def _axis_factor(spec: HistogramSpec, query: str, axis: int) -> np.ndarray:
+    """The (n_a, n_a) factor ``R^T R`` of ``query`` on ``axis``."""
+    attr = spec.attributes[axis]
+    for f in spec.query(query).by:
+        name, m, _ = spec.factor_map(f)
+        if name == attr.name:
+            return (m[:, None] == m[None, :]).astype(np.float64)
+    return np.ones((attr.size, attr.size))
+
+
+def _is_simple(F: np.ndarray) -> bool:
+    return bool(np.array_equal(F, np.eye(F.shape[0])) or np.all(F == 1.0))
+
+
+class KronInverse:
+    """``(H + rho I)^-1`` for ``H = sum_q w_q Q_q^T Q_q`` over all cells of ``spec``.
+
+    ``weights`` are per-query scalars (every answer of a query measured). ``extra`` adds a
+    penalty weight per query on top (used for the ADMM splitting of bounds on a query).
+    """
+
+    def __init__(self, spec: HistogramSpec, weights: dict[str, float]):
+        self.spec = spec
+        self.shape = spec.shape
+        self.names = tuple(weights)
+        self.weights = dict(weights)
+        na = len(self.shape)
+        factors = {q: [_axis_factor(spec, q, a) for a in range(na)] for q in self.names}
+        self.simple = [a for a in range(na) if all(_is_simple(factors[q][a]) for q in self.names)]
+        self.dense = [a for a in range(na) if a not in self.simple]
+        self.d = int(np.prod([self.shape[a] for a in self.dense])) if self.dense else 1
+        if self.d > 1024:
+            raise ValueError(f"spec {spec.name!r}: dense Kronecker block {self.d} too large")
+        self.perm = tuple(self.dense + self.simple)
+        self.subsets = [
+            T for r in range(len(self.simple) + 1) for T in itertools.combinations(self.simple, r)
+        ]
+        # per query: dense block and, per simple axis, whether it is J (summed out)
+        self._dense_q: dict[str, np.ndarray] = {}
+        self._is_j: dict[str, dict[int, bool]] = {}
+        for q in self.names:
+            D = np.ones((1, 1))
+            for a in self.dense:
+                D = np.kron(D, factors[q][a])
+            self._dense_q[q] = D
+            self._is_j[q] = {a: bool(np.all(factors[q][a] == 1.0)) for a in self.simple}
+        self.rho = None
+        self.extra: dict[str, float] = {}
+
+    def block(self, T: tuple[int, ...], extra: dict[str, float] | None = None) -> np.ndarray:
+        """``B_T``: the (d, d) block of H on the class where axes T are constant."""
+        B = np.zeros((self.d, self.d))
+        w = dict(self.weights)
+        for q, e in (extra or {}).items():
+            w[q] = w.get(q, 0.0) + e
+        for q, wq in w.items():
+            if wq == 0.0:
+                continue
+            if q not in self._dense_q:
+                raise ValueError(f"query {q!r} not part of this operator")
+            lam = 1.0
+            for a in self.simple:
+                if self._is_j[q][a]:
+                    lam *= self.shape[a] if a in T else 0.0
+            B += wq * lam * self._dense_q[q]
+        return B
+
+    def eig_range(self) -> tuple[float, float]:
+        """(lambda_min, lambda_max) of H over all cells (exact, from the blocks)."""
+        ev = np.concatenate([np.linalg.eigvalsh(self.block(T)) for T in self.subsets])
+        return float(ev.min()), float(ev.max())
+
+    def set_rho(self, rho: float, extra: dict[str, float] | None = None) -> None:
+        """Prepare ``(H + extra terms + rho I)^-1``; costs 2^m small inversions."""
+        self.rho = float(rho)
+        self.extra = dict(extra or {})
+        A = {
+            T: np.linalg.inv(self.block(T, self.extra) + self.rho * np.eye(self.d))
+            for T in self.subsets
+        }
+        self.C = {
+            S: sum(
+                (-1) ** (len(S) - len(T)) * A[T] for T in self.subsets if set(T) <= set(S)
+            )
+            for S in self.subsets
+        }
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        """Apply the prepared inverse to ``X`` (k, n_cells) -> (k, n_cells)."""
+        k = X.shape[0]
+        Y = X.reshape((k,) + self.shape).transpose((0,) + tuple(a + 1 for a in self.perm))
+        simple_shape = tuple(self.shape[a] for a in self.simple)
+        Y = Y.reshape((k, self.d) + simple_shape)
+        pos = {a: i + 2 for i, a in enumerate(self.simple)}
+        out = np.zeros_like(Y)
+        for S in self.subsets:
+            M = Y.mean(axis=tuple(pos[a] for a in S), keepdims=True) if S else Y
+            out += np.einsum("ij,kj...->ki...", self.C[S], M)
+        dense_shape = tuple(self.shape[a] for a in self.dense)
+        out = out.reshape((k,) + dense_shape + simple_shape)
+        inv = np.argsort((0,) + tuple(a + 1 for a in self.perm))
+        return np.ascontiguousarray(out.transpose(tuple(inv))).reshape(k, -1)

@@ -1,0 +1,168 @@
+"""The weighted least-squares objective of one parent on a cell domain, and its certificate.
+
+``f(X) = 1/2 sum_q w_q sum_c sum_a m_qca ((Q_q x_c)_a - y_qca)^2`` with ``w_q = 1/v_q`` and
+``m = 1`` where measured. All children of a parent share the per-answer weights (answers
+measured for some but not all children of a parent are dropped for all of them and counted),
+so they share one normal matrix ``H``. Constraint set handled by the projection ("C1"):
+``X >= 0``, ``X = 0`` off ``allowed``, and (with a parent) ``sum_c X[:, j] = p_j``; exact child
+totals and lower bounds on a query are handled by Lagrange multipliers in the certificate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.postprocess.operators import QuerySystem
+from pipeline.postprocess.problem import ParentProblem
+from pipeline.postprocess.projection import project_columns_sort
+
+
+class L2Objective:
+    """Objective data of one parent restricted to ``domain`` (sorted cell ids).
+
+    ``queries``: the query names in this pass; ``totals``: float ``(k,)`` row constraints or
+    None; ``lower``: float ``(k, n_answers(bound_query))`` or None.
+    """
+
+    def __init__(
+        self,
+        prob: ParentProblem,
+        queries: tuple[str, ...],
+        domain: np.ndarray,
+        totals: np.ndarray | None,
+        lower: np.ndarray | None,
+    ):
+        self.prob = prob
+        self.k = prob.k
+        self.domain = np.asarray(domain, dtype=np.int64)
+        self.n = self.domain.size
+        self.queries = tuple(queries)
+        names = self.queries + ((prob.bound_query,) if lower is not None else ())
+        self.sys = QuerySystem(prob.spec, self.domain, tuple(dict.fromkeys(names)))
+        self.allowed = prob.allowed(self.domain)
+        live = self.allowed.any(axis=0)  # cells that may be non-zero for some child
+        self.w: dict[str, np.ndarray] = {}  # per-answer weights (n_local,)
+        self.y: dict[str, np.ndarray] = {}  # (k, n_local), 0 where unmeasured
+        self.dropped = 0
+        off_total = 0.0
+        for q in self.queries:
+            yl, m, off = self.sys.local_targets(q, prob.targets[q])
+            wq = 1.0 / float(prob.variances[q])
+            # an answer without a live cell has Q x = 0 on C1, so its term is a constant:
+            # weighting it with target 0 keeps the weights uniform (Kronecker path)
+            dead = np.bincount(self.sys.terms[q].ans, weights=live, minlength=yl.shape[1]) == 0
+            full = m.all(axis=0) & ~dead
+            self.dropped += int((m.any(axis=0) & ~m.all(axis=0) & ~dead).sum())
+            self.w[q] = wq * (full | dead)
+            self.y[q] = np.where(full[None, :], yl, 0.0)
+            off += float(np.sum(np.where(dead[None, :], yl, 0.0) ** 2))
+            off_total += wq * off
+        # terms of answers with no domain cell are constants (Q x = 0 there)
+        self.const_off = 0.5 * off_total
+        self.b = np.zeros((self.k, self.n))
+        for q in self.queries:
+            self.b += self.sys.back(q, self.w[q][None, :] * self.y[q])
+        self.p = prob.parent_float()[self.domain]
+        self.consistency = prob.has_parent
+        self.totals = None if totals is None else np.asarray(totals, dtype=np.float64)
+        self.lower = None
+        if lower is not None:
+            t = self.sys.terms[prob.bound_query]
+            self.lower = np.asarray(lower, dtype=np.float64)[:, t.answers]
+        self.mu = 0.0  # strong-convexity modulus of f on the domain, set by the solver
+
+    def uniform_weights(self) -> dict[str, float] | None:
+        """Per-query scalar weights if every answer carries its query's weight, else None."""
+        out = {}
+        for q in self.queries:
+            wq = 1.0 / float(self.prob.variances[q])
+            if not np.all(self.w[q] == wq):
+                return None
+            out[q] = wq
+        return out
+
+    # -- objective ---------------------------------------------------------------------------
+    def hess_apply(self, X: np.ndarray) -> np.ndarray:
+        """``H X`` for X (k, n)."""
+        out = np.zeros_like(X)
+        for q in self.queries:
+            out += self.sys.back(q, self.w[q][None, :] * self.sys.answer(q, X))
+        return out
+
+    def value_grad(self, X: np.ndarray) -> tuple[float, np.ndarray]:
+        """``(f(X), grad f(X))`` including the constant terms."""
+        f = 0.0
+        g = np.zeros_like(X)
+        for q in self.queries:
+            r = self.sys.answer(q, X) - self.y[q]
+            wr = self.w[q][None, :] * r
+            f += float(np.sum(wr * r))
+            g += self.sys.back(q, wr)
+        return 0.5 * f + self.const_off, g
+
+    def value(self, X: np.ndarray) -> float:
+        return self.value_grad(X)[0]
+
+    # -- constraints -------------------------------------------------------------------------
+    def project(self, V: np.ndarray) -> np.ndarray:
+        """Euclidean projection onto C1 (non-negativity, zeros, per-cell parent sums)."""
+        if self.consistency:
+            return project_columns_sort(V, self.p, self.allowed)[0]
+        return np.where(self.allowed, np.maximum(V, 0.0), 0.0)
+
+    def bound_answer(self, X: np.ndarray) -> np.ndarray:
+        return self.sys.answer(self.prob.bound_query, X)
+
+    def bound_back(self, A: np.ndarray) -> np.ndarray:
+        return self.sys.back(self.prob.bound_query, A)
+
+    def infeasibility(self, Z: np.ndarray) -> float:
+        """Largest violation of the row totals and lower bounds at Z (persons)."""
+        v = 0.0
+        if self.totals is not None:
+            v = max(v, float(np.abs(Z.sum(axis=1) - self.totals).max(initial=0.0)))
+        if self.lower is not None:
+            v = max(v, float(np.max(self.lower - self.bound_answer(Z), initial=0.0)))
+        return v
+
+    def certificate(
+        self, Z: np.ndarray, alpha: np.ndarray | None, nu: np.ndarray | None
+    ) -> tuple[float, float, float]:
+        """Suboptimality certificate at a C1-feasible ``Z``.
+
+        With Lagrangian ``g = f - sum alpha_c (1'z_c - t_c) - sum nu (G z - l)`` (nu >= 0),
+        ``f* >= g* >= g(Z) - max_S [<grad g, Z - S> - mu/2 |Z - S|^2]`` over S in C1, the max
+        attained at ``S = Proj_C1(Z - grad g / mu)`` (Frank-Wolfe vertex when mu = 0).
+        Returns ``(f(Z), upper bound on f(Z) - f*, KKT spread)``; the spread is
+        ``max_j (max_{c: z_cj > 0} grad_cj - min_{c allowed} grad_cj)``, 0 at a KKT point.
+        """
+        f, grad = self.value_grad(Z)
+        g = f
+        if alpha is not None and self.totals is not None:
+            g -= float(np.sum(alpha * (Z.sum(axis=1) - self.totals)))
+            grad = grad - alpha[:, None]
+        if nu is not None and self.lower is not None:
+            g -= float(np.sum(nu * (self.bound_answer(Z) - self.lower)))
+            grad = grad - self.bound_back(nu)
+        if self.mu > 0:
+            S = self.project(Z - grad / self.mu)
+            D = Z - S
+            bound = float(np.sum(grad * D)) - 0.5 * self.mu * float(np.sum(D * D))
+        else:
+            gm = np.where(self.allowed, grad, np.inf)
+            if self.consistency:
+                low = gm.min(axis=0, initial=np.inf)
+                low = np.where(np.isfinite(low), low, 0.0)
+                bound = float(np.sum(grad * Z)) - float(np.sum(low * self.p))
+            elif np.any(grad[self.allowed] < 0):
+                bound = np.inf  # min of a linear function over the orthant is unbounded
+            else:
+                bound = float(np.sum(grad * Z))
+        bound = max(bound, 0.0) + (f - g)
+        if self.consistency and self.k:
+            gmin = np.where(self.allowed, grad, np.inf).min(axis=0)
+            gmax = np.where(Z > 0, grad, -np.inf).max(axis=0)
+            spread = float(np.max(np.where(np.isfinite(gmax), gmax - gmin, 0.0), initial=0.0))
+        else:
+            spread = float(np.max(np.where(Z > 0, np.abs(grad), 0.0), initial=0.0))
+        return f, max(bound, 0.0), spread

@@ -1,0 +1,209 @@
+"""Controlled rounding of one parent's least-squares solution to non-negative integers.
+
+Minimise the L1 distance to the real solution on every answer of the nested rounder chain
+(e.g. total > hhgq > hhgq*hispanic > hhgq*hispanic*cenrace > detailed) subject to exact
+per-cell parent sums, exact child totals (invariants), lower bounds on one chain query, and
+every chain answer within [floor, ceil] of its real value. The per-child chain is a laminar
+family and the per-cell sums another, so the constraint matrix is a network matrix (totally
+unimodular): a basic optimal solution of the LP (HiGHS dual simplex) is integral, no integer
+solver needed. Each chain answer ``n = base + sum_s d_s`` with unit segments ``d_s`` whose
+costs are the secant slopes of ``|n - a|`` (convex, so segments fill in order).
+
+The detailed-only case (no chain above the cells, no totals, no bounds) separates by cell and
+is solved exactly by largest remainder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.optimize
+import scipy.sparse as sp
+
+from pipeline.postprocess.problem import PostprocessError
+from pipeline.spec import HistogramSpec
+
+SNAP = 1e-6  # real answers this close to an integer are treated as that integer
+
+
+def largest_remainder(X: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Round ``X`` (k, n), column sums ``p`` (n,) int, to integers with exact column sums.
+
+    Floors every entry and gives the +1s of each column to the largest fractional parts;
+    ties go to the lower child index (stable sort), so the result is deterministic. This is
+    exactly L1-optimal per cell. Returns int64 (k, n).
+    """
+    X = np.maximum(np.asarray(X, dtype=np.float64), 0.0)
+    k, n = X.shape
+    F = np.floor(X + SNAP)
+    frac = np.where(X - F > 0, X - F, 0.0)
+    R = np.asarray(p, dtype=np.int64) - F.sum(axis=0).astype(np.int64)
+    if (R < 0).any() or (R > k).any():
+        raise PostprocessError("largest remainder: column sums of X are not within 1 of p")
+    order = np.argsort(-frac, axis=0, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(k)[:, None].repeat(n, axis=1), axis=0)
+    return F.astype(np.int64) + (rank < R[None, :])
+
+
+def _chain_levels(spec: HistogramSpec, chain: tuple[str, ...], with_total: bool) -> list[np.ndarray]:
+    """cell -> answer arrays for each chain level (cells level last), checking nesting."""
+    names = list(chain)
+    if with_total and "total" not in names:
+        names.insert(0, "total")
+    maps = [spec.query(q).cell_to_answer for q in names]
+    if not names or spec.query(names[-1]).n_answers != spec.n_cells:
+        maps.append(np.arange(spec.n_cells))
+    for a, b in zip(maps[:-1], maps[1:]):
+        pairs = np.unique(np.stack([b, a]), axis=1)
+        if np.unique(pairs[0]).size != pairs.shape[1]:
+            raise PostprocessError(f"rounder chain {chain} is not nested")
+    return maps
+
+
+def controlled_round(
+    spec: HistogramSpec,
+    X: np.ndarray,
+    parent: np.ndarray | None,
+    allowed: np.ndarray,
+    chain: tuple[str, ...],
+    totals: np.ndarray | None = None,
+    lower: np.ndarray | None = None,
+    bound_query: str = "hhgq",
+    widen: bool = False,
+) -> np.ndarray:
+    """Integer children ``(k, n_cells)`` int64 from the real solution ``X`` (k, n_cells).
+
+    ``parent``: int ``(n_cells,)`` per-cell sums to meet exactly (None at the root);
+    ``allowed``: bool (k, n_cells); ``totals``: exact integer child totals or None;
+    ``lower``: lower bounds ``(k, n_answers(bound_query))`` (must be a chain query).
+    ``widen``: allow every answer one unit beyond [floor, ceil] (the fallback when the
+    real solution only meets constraints to a tolerance). Raises PostprocessError when
+    the LP is infeasible or returns a non-integral point.
+    """
+    X = np.where(allowed, np.maximum(np.asarray(X, dtype=np.float64), 0.0), 0.0)
+    k, n = X.shape
+    maps = _chain_levels(spec, chain, totals is not None)
+    if lower is not None and bound_query not in chain:
+        raise PostprocessError(f"lower bounds on {bound_query!r} need it in the rounder chain")
+    live = allowed & (X > SNAP) if not widen else allowed.copy()
+    if parent is not None:
+        live &= (np.asarray(parent) > 0)[None, :]
+    lc, lj = np.nonzero(live)
+    nodes_of_leaf = []
+    node_off = [0]
+    level_keys = []
+    for m in maps:
+        na = int(m.max()) + 1
+        keys, inv = np.unique(lc * na + m[lj], return_inverse=True)
+        nodes_of_leaf.append(node_off[-1] + inv.ravel())
+        level_keys.append((keys, na))
+        node_off.append(node_off[-1] + keys.size)
+    n_nodes = node_off[-1]
+    value = np.zeros(n_nodes)
+    child_of_node = np.zeros(n_nodes, dtype=np.int64)
+    ans_of_node = np.zeros(n_nodes, dtype=np.int64)
+    level_of_node = np.zeros(n_nodes, dtype=np.int64)
+    parent_node = np.full(n_nodes, -1, dtype=np.int64)
+    for li, (keys, na) in enumerate(level_keys):
+        sl = slice(node_off[li], node_off[li + 1])
+        child_of_node[sl] = keys // na
+        ans_of_node[sl] = keys % na
+        level_of_node[sl] = li
+        # value includes the (tiny) mass of non-live cells of the answer
+        idx = (np.arange(k)[:, None] * na + maps[li][None, :]).ravel()
+        value[sl] = np.bincount(idx, weights=X.ravel(), minlength=k * na)[keys]
+        if li > 0:
+            parent_node[nodes_of_leaf[li]] = nodes_of_leaf[li - 1]
+    # segments: n = base + sum_s d_s, d_s in [lo_s, hi_s], cost c_s
+    r = np.rint(value)
+    snapped = np.abs(value - r) <= SNAP
+    fl = np.where(snapped, r, np.floor(value))
+    frac = np.where(snapped, 0.0, value - fl)
+    mid_cost = 1.0 - 2.0 * frac
+    if widen:
+        base = np.maximum(fl - 1, 0)
+        # segments fl-1 -> fl (slope -1), fl -> fl+1 (secant slope), fl+1 -> fl+2 (slope +1)
+        seg_cost = np.stack([np.full(n_nodes, -1.0), mid_cost, np.ones(n_nodes)], axis=1)
+        seg_hi = np.stack([(fl >= 1).astype(float), np.ones(n_nodes), np.ones(n_nodes)], axis=1)
+    else:
+        base = fl
+        seg_cost = mid_cost[:, None]
+        seg_hi = np.where(snapped, 0.0, 1.0)[:, None]
+    seg_lo = np.zeros_like(seg_hi)
+    need = np.zeros(n_nodes)
+    if lower is not None:
+        bi = _names(chain, totals).index(bound_query)
+        sl = slice(node_off[bi], node_off[bi + 1])
+        L = np.asarray(lower, dtype=np.float64)[child_of_node[sl], ans_of_node[sl]]
+        need[sl] = np.maximum(L - base[sl], 0.0)
+    if totals is not None:
+        sl = slice(node_off[0], node_off[1])
+        base[sl] = np.asarray(totals, dtype=np.float64)[child_of_node[sl]]
+        seg_hi[sl] = 0.0
+        need[sl] = 0.0
+    # force the cheapest-first segments to cover lower bounds (convex costs fill in order)
+    ns = seg_hi.shape[1]
+    for s in range(ns):
+        take = np.minimum(need, seg_hi[:, s])
+        seg_lo[:, s] = np.maximum(seg_lo[:, s], take)
+        need -= take
+    if (need > 0).any() and not widen:
+        raise PostprocessError("rounding: a lower bound lies above ceil of its real answer")
+    nv = n_nodes * ns
+    var_node = np.repeat(np.arange(n_nodes), ns)
+    # rows: one per node that has children (n_P - sum n_children = 0) + one per parent cell
+    rows, cols, vals = [], [], []
+    has_kids = np.zeros(n_nodes, dtype=bool)
+    has_kids[parent_node[parent_node >= 0]] = True
+    row_of_node = np.full(n_nodes, -1, dtype=np.int64)
+    row_of_node[has_kids] = np.arange(int(has_kids.sum()))
+    n_rows = int(has_kids.sum())
+    rhs = np.zeros(n_rows)
+    own = row_of_node[var_node] >= 0
+    rows.append(row_of_node[var_node][own]); cols.append(np.nonzero(own)[0]); vals.append(np.ones(own.sum()))
+    par = parent_node[var_node]
+    up = par >= 0
+    rows.append(row_of_node[par[up]]); cols.append(np.nonzero(up)[0]); vals.append(-np.ones(up.sum()))
+    np.add.at(rhs, row_of_node[parent_node[parent_node >= 0]], base[parent_node >= 0])
+    rhs[row_of_node[has_kids]] -= base[has_kids]
+    leaf0 = node_off[-2]
+    if parent is not None:
+        cells = np.nonzero(np.asarray(parent) > 0)[0]
+        cell_row = np.full(n, -1, dtype=np.int64)
+        cell_row[cells] = n_rows + np.arange(cells.size)
+        leaf_cell = ans_of_node[leaf0:]
+        vleaf = var_node >= leaf0
+        rows.append(cell_row[leaf_cell[var_node[vleaf] - leaf0]]); cols.append(np.nonzero(vleaf)[0])
+        vals.append(np.ones(vleaf.sum()))
+        crhs = np.asarray(parent, dtype=np.float64)[cells].copy()
+        np.subtract.at(crhs, cell_row[leaf_cell] - n_rows, base[leaf0:])
+        rhs = np.concatenate([rhs, crhs])
+        n_rows += cells.size
+    A = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, nv)
+    )
+    N = np.zeros((k, n), dtype=np.int64)
+    if nv == 0:
+        if np.any(rhs != 0):
+            raise PostprocessError("rounding: nothing to round but parent cells are non-zero")
+        return N
+    res = scipy.optimize.linprog(
+        seg_cost.ravel(), A_eq=A, b_eq=rhs,
+        bounds=np.stack([seg_lo.ravel(), seg_hi.ravel()], axis=1), method="highs-ds",
+    )
+    if res.status != 0:
+        raise PostprocessError(f"rounding LP failed: {res.message}")
+    d = res.x.reshape(n_nodes, ns).sum(axis=1)
+    di = np.rint(d)
+    if np.abs(d - di).max(initial=0.0) > 1e-6:
+        raise PostprocessError("rounding LP returned a non-integral vertex")
+    nleaf = (base + di)[leaf0:].astype(np.int64)
+    N[child_of_node[leaf0:], ans_of_node[leaf0:]] = nleaf
+    return N
+
+
+def _names(chain: tuple[str, ...], totals: np.ndarray | None) -> list[str]:
+    names = list(chain)
+    if totals is not None and "total" not in names:
+        names.insert(0, "total")
+    return names

@@ -1,0 +1,177 @@
+"""Top-down driver: the root alone, then one level at a time, parent by parent.
+
+``solve_root`` solves the nation histogram; ``solve_level`` solves every parent of one level
+(serially or in a process pool over contiguous parent ranges, BLAS pinned to one thread per
+worker) and returns the children's integer histograms with :class:`LevelDiagnostics`;
+``run_topdown`` chains levels for tests and small runs. Every parent is verified after its
+solve (``checks.verify_children``); a violation raises :class:`PostprocessError` naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from pipeline.postprocess.diagnostics import LevelDiagnostics
+from pipeline.postprocess.parent import SolveOptions, solve_parent
+from pipeline.postprocess.problem import LevelBatch, ParentProblem, PostprocessError
+from pipeline.spec import HistogramSpec
+
+
+def solve_root(
+    spec: HistogramSpec,
+    targets: dict[str, np.ndarray],
+    variances: dict[str, float],
+    total: int | None = None,
+    lower: np.ndarray | None = None,
+    zero_answers: np.ndarray | None = None,
+    options: SolveOptions | None = None,
+    label: str = "root",
+) -> tuple[np.ndarray, LevelDiagnostics]:
+    """The root histogram: int64 ``(n_cells,)`` from targets ``(1, n_answers)`` per query.
+
+    ``total``: exact root total (invariant) or None; ``lower`` (1, n_answers(hhgq)) and
+    ``zero_answers`` (1, n_answers(hhgq)) as for children.
+    """
+    t0 = time.perf_counter()
+    prob = ParentProblem(
+        spec, None, {q: np.asarray(y, dtype=np.float64).reshape(1, -1) for q, y in targets.items()},
+        variances, totals=None if total is None else np.array([int(total)]),
+        lower=lower, zero_answers=zero_answers, label=label,
+    )
+    with threadpool_limits(1, "blas"):
+        N, st = solve_parent(prob, options or SolveOptions())
+    diag = LevelDiagnostics("root")
+    diag.add(st, 1)
+    diag.seconds = time.perf_counter() - t0
+    return N[0], diag
+
+
+def _solve_range(args) -> tuple[np.ndarray, LevelDiagnostics]:
+    batch, start, stop, options, level = args
+    diag = LevelDiagnostics(level)
+    a, b = int(batch.child_ptr[start]), int(batch.child_ptr[stop])
+    out = np.zeros((b - a, batch.spec.n_cells), dtype=np.int64)
+    with threadpool_limits(1, "blas"):
+        for i in range(start, stop):
+            prob = batch.problem(i)
+            try:
+                N, st = solve_parent(prob, options)
+            except PostprocessError:
+                raise
+            except Exception as exc:  # any numerical failure names its parent
+                raise PostprocessError(f"parent {batch.label(i)!r}: {exc!r}") from exc
+            c0 = int(batch.child_ptr[i]) - a
+            out[c0:c0 + prob.k] = N
+            diag.add(st, prob.k)
+    return out, diag
+
+
+def _ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
+    """Split parents into contiguous ranges of roughly equal work (children x 1)."""
+    n = child_ptr.size - 1
+    if n == 0:
+        return []
+    work = np.cumsum(np.maximum(np.diff(child_ptr), 1))
+    cuts = np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)[1:-1], side="right")
+    bounds = np.unique(np.concatenate([[0], cuts, [n]]))
+    return [(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+
+
+def solve_level(
+    batch: LevelBatch,
+    options: SolveOptions | None = None,
+    workers: int = 1,
+    level: str = "",
+    chunks_per_worker: int = 4,
+) -> tuple[np.ndarray, LevelDiagnostics]:
+    """Solve all parents of one level: returns children int64 ``(n_children, n_cells)``.
+
+    ``workers > 1`` runs contiguous parent ranges in a process pool (each worker pins BLAS to
+    one thread); results are identical to the serial run (every parent is deterministic).
+    """
+    t0 = time.perf_counter()
+    options = options or SolveOptions()
+    diag = LevelDiagnostics(level)
+    ranges = _ranges(batch.child_ptr, max(1, workers * chunks_per_worker) if workers > 1 else 1)
+    out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
+    jobs = [(batch, s, e, options, level) for s, e in ranges]
+    if workers > 1 and len(jobs) > 1:
+        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                results = list(pool.map(_solve_range, jobs))
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    else:
+        results = [_solve_range(j) for j in jobs]
+    for (s, _), (part, d) in zip(ranges, results):
+        a = int(batch.child_ptr[s])
+        out[a:a + part.shape[0]] = part
+        diag.merge(d)
+    diag.seconds = time.perf_counter() - t0
+    return out, diag
+
+
+@dataclass
+class LevelInput:
+    """Inputs of one level for :func:`run_topdown` (arrays over that level's units).
+
+    ``child_ptr``: CSR offsets from the level above (None for the root level); ``targets``
+    per query ``(n_units, n_answers)``; ``totals``/``lower``/``zero_answers`` per unit.
+    """
+
+    name: str
+    targets: dict[str, np.ndarray]
+    variances: dict[str, float]
+    child_ptr: np.ndarray | None = None
+    totals: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    zero_answers: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    multipass: bool = False
+
+
+def run_topdown(
+    spec: HistogramSpec,
+    levels: list[LevelInput],
+    options: SolveOptions | None = None,
+    workers: int = 1,
+) -> tuple[dict[str, np.ndarray], list[LevelDiagnostics]]:
+    """Root then every level; returns ``{level: int64 (n_units, n_cells)}`` and diagnostics."""
+    options = options or SolveOptions()
+    root = levels[0]
+    hist, d0 = solve_root(
+        spec, root.targets, root.variances,
+        None if root.totals is None else int(np.asarray(root.totals).ravel()[0]),
+        root.lower, root.zero_answers, options, label=root.name,
+    )
+    d0.level = root.name
+    out = {root.name: hist[None, :]}
+    diags = [d0]
+    parents = hist[None, :]
+    parent_labels = None if root.labels is None else np.asarray(root.labels)
+    for lev in levels[1:]:
+        if lev.child_ptr is None:
+            raise PostprocessError(f"level {lev.name!r} needs child_ptr")
+        batch = LevelBatch(
+            spec, parents, lev.child_ptr, lev.targets, lev.variances, lev.totals, lev.lower,
+            lev.zero_answers, labels=parent_labels,
+        )
+        parent_labels = None if lev.labels is None else np.asarray(lev.labels)
+        opts = SolveOptions(**{**options.__dict__, "multipass": lev.multipass})
+        parents, d = solve_level(batch, opts, workers=workers, level=lev.name)
+        out[lev.name] = parents
+        diags.append(d)
+    return out, diags

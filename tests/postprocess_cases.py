@@ -1,0 +1,123 @@
+"""Synthetic post-processing cases: seeded parents and small hierarchies with GQ facilities."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.postprocess import LevelInput, ParentProblem
+from pipeline.spec import HistogramSpec, load_spec
+
+PL94 = load_spec("pl94")
+
+
+def person_cells(spec: HistogramSpec, rng: np.random.Generator, g: int, n: int,
+                 base: np.ndarray) -> np.ndarray:
+    """Histogram (n_cells,) of n persons of hhgq type g drawn from ``base`` weights."""
+    hh = spec.query("hhgq").cell_to_answer
+    w = np.where((hh == g) & ~spec.structural_zero_mask, base, 0.0)
+    return rng.multinomial(n, w / w.sum())
+
+
+def noisy_targets(spec, truth, rng, variances):
+    """Targets = true answers + Gaussian noise (NaN never used here)."""
+    out = {}
+    for q, v in variances.items():
+        a = spec.query(q).answer(truth).astype(float)
+        out[q] = a + rng.normal(0.0, np.sqrt(v), a.shape)
+    return out
+
+
+def default_variances(spec: HistogramSpec, scale: float = 1.0) -> dict[str, float]:
+    return {q: scale * (1.0 + (i % 4)) for i, q in enumerate(spec.query_names)}
+
+
+def random_parent(k: int = 10, pop: int = 50, seed: int = 0, spec: HistogramSpec = PL94,
+                  variances: dict | None = None, alpha: float = 0.05,
+                  gq: bool = False) -> tuple[ParentProblem, np.ndarray]:
+    """A parent with k children (truth from a sparse Dirichlet), noisy targets, optional GQ."""
+    rng = np.random.default_rng(seed)
+    base = rng.dirichlet(np.full(spec.n_cells, alpha))
+    base[spec.structural_zero_mask] = 0.0
+    base /= base.sum()
+    truth = np.stack([rng.multinomial(int(rng.poisson(pop)) + 1, base) for _ in range(k)])
+    truth[:, spec.structural_zero_mask] = 0
+    lower = zero = None
+    if gq and spec.name == "pl94":
+        fac = np.zeros((k, 8), dtype=np.int64)
+        for c in range(k):
+            if rng.random() < 0.4:
+                g = int(rng.integers(1, 8))
+                fac[c, g] = 1 + int(rng.integers(0, 2))
+        hh = spec.query("hhgq").cell_to_answer
+        for c in range(k):
+            for g in range(1, 8):
+                truth[c, hh == g] = 0
+                if fac[c, g]:
+                    truth[c] += person_cells(spec, rng, g, fac[c, g] + int(rng.poisson(8)), base + 1e-3)
+        lower = fac
+        zero = np.zeros((k, 8), dtype=bool)
+        zero[:, 1:] = fac[:, 1:] == 0
+    v = variances or default_variances(spec)
+    targets = noisy_targets(spec, truth, rng, v)
+    prob = ParentProblem(spec, truth.sum(axis=0), targets, v, lower=lower, zero_answers=zero,
+                         label=f"synthetic-{seed}")
+    return prob, truth
+
+
+def hierarchy(seed: int = 0, fanout=(2, 2, 2, 3, 4), spec: HistogramSpec = PL94,
+              block_pop: int = 25, scale: float = 1.0) -> tuple[list[LevelInput], dict]:
+    """nation -> state -> county -> tract -> block group -> block with GQ facilities.
+
+    Returns the per-level inputs for ``run_topdown`` (state totals invariant; GQ lower bounds
+    and zeros from facilities, household zeros where a block has no housing unit) and truth.
+    """
+    rng = np.random.default_rng(seed)
+    names = ["nation", "state", "county", "tract", "block_group", "block"]
+    counts = [1]
+    ptrs = []
+    for f in fanout:
+        sizes = rng.integers(1, f + 1, size=counts[-1])
+        sizes[0] = f  # at least one parent with several children at every level
+        ptrs.append(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+        counts.append(int(sizes.sum()))
+    nb = counts[-1]
+    base = rng.dirichlet(np.full(spec.n_cells, 0.1))
+    base[spec.structural_zero_mask] = 0
+    base /= base.sum()
+    hh = spec.query("hhgq").cell_to_answer
+    truth = np.zeros((nb, spec.n_cells), dtype=np.int64)
+    fac = np.zeros((nb, 8), dtype=np.int64)
+    housing = rng.poisson(8, size=nb) * (rng.random(nb) < 0.9)
+    for b in range(nb):
+        if housing[b]:
+            truth[b] += person_cells(spec, rng, 0, int(rng.poisson(block_pop)), base + 1e-4)
+        if rng.random() < 0.15:
+            g = int(rng.integers(1, 8))
+            fac[b, g] = 1
+            truth[b] += person_cells(spec, rng, g, 1 + int(rng.poisson(10)), base + 1e-3)
+    level_truth = [truth]
+    level_fac = [fac]
+    level_hu = [housing]
+    for ptr in reversed(ptrs):
+        seg = np.repeat(np.arange(ptr.size - 1), np.diff(ptr))
+        agg = lambda x: np.add.reduceat(x, ptr[:-1], axis=0) if x.shape[0] else x  # noqa: E731
+        del seg
+        level_truth.insert(0, agg(level_truth[0]))
+        level_fac.insert(0, agg(level_fac[0]))
+        level_hu.insert(0, agg(level_hu[0]))
+    v = default_variances(spec, scale)
+    levels = []
+    for i, name in enumerate(names):
+        t, f, h = level_truth[i], level_fac[i], level_hu[i]
+        zero = np.zeros((t.shape[0], 8), dtype=bool)
+        zero[:, 1:] = f[:, 1:] == 0
+        zero[:, 0] = h == 0
+        levels.append(LevelInput(
+            name=name, targets=noisy_targets(spec, t, rng, v), variances=v,
+            child_ptr=None if i == 0 else ptrs[i - 1],
+            totals=t.sum(axis=1) if name in ("nation", "state") else None,
+            lower=f, zero_answers=zero,
+            labels=np.array([f"{name}-{j}" for j in range(t.shape[0])]),
+            multipass=name in ("state", "county", "tract", "block_group"),
+        ))
+    return levels, {n: t for n, t in zip(names, level_truth)}
