@@ -71,12 +71,17 @@ def validate_cmd(
     if persons is None or units is None:
         typer.echo("give --persons FILE and --units FILE, or --config FILE", err=True)
         raise typer.Exit(2)
+    from rich.console import Console
+
     t0 = time.perf_counter()
-    try:
-        inputs = validate_inputs(persons, units, spec)
-    except InputValidationError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+    # a spinner naming the current pass, on stderr and only on a terminal
+    with Console(stderr=True).status("validating inputs") as status:
+        try:
+            inputs = validate_inputs(persons, units, spec, on_step=lambda text: status.update(text))
+        except InputValidationError as exc:
+            status.stop()
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2)
     typer.echo(f"valid inputs ({time.perf_counter() - t0:.1f} s)")
     typer.echo(f"  persons file: {persons}")
     typer.echo(f"  units file:   {units}")
@@ -215,6 +220,36 @@ def review_cmd(
         raise typer.Exit(getattr(exc, "exit_status", 1))
     console.print(f"metrics: {report.parent / 'metrics.parquet'}")
     console.print(f"report:  {report}")
+
+
+@app.command("experiment")
+def experiment_cmd(
+    config: str = typer.Argument(..., help="run config YAML (its inputs and strategy)"),
+    trials: int = typer.Option(..., "--trials", min=1, help="repetitions per setting"),
+    rho: list[str] = typer.Option(None, "--rho", help="rescale the strategy to this total rho (repeatable)"),
+    strategy: list[str] = typer.Option(None, "--strategy", help="a strategy name or YAML (repeatable)"),
+    workers: int = typer.Option(2, "--workers", min=1, help="parallel worker processes"),
+    out: str = typer.Option(None, "--out", help="experiment directory (default runs/experiments/...)"),
+    seed: int = typer.Option(20_200_401, "--seed", help="base seed (trial t uses seed + 1 + t)"),
+) -> None:
+    """Repeat noise + post-processing N times on the same histograms; mean ± sd per metric."""
+    from rich.console import Console
+
+    from pipeline.config import ConfigError
+    from pipeline.review.experiment import run_experiment
+
+    console = Console()
+    try:
+        exp = run_experiment(config, trials, rhos=rho or None, strategies=strategy or None,
+                             workers=workers, out_dir=out, seed=seed)
+    except ConfigError as exc:
+        console.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2)
+    except Exception as exc:
+        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
+        raise typer.Exit(getattr(exc, "exit_status", 1))
+    console.print(f"experiment: {exp}")
+    console.print(f"report:     {exp / 'report.html'}")
 
 
 @app.command("eval-data")

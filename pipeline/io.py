@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
+    from typing import Callable
+
     from pipeline.spec import HistogramSpec
     from pipeline.validation import ValidatedInputs
 
@@ -221,11 +223,12 @@ def read_units(path: str | Path) -> pl.LazyFrame:
 
 
 def validate_inputs(persons_path: str | Path, units_path: str | Path,
-                    spec: "HistogramSpec | None" = None) -> "ValidatedInputs":
+                    spec: "HistogramSpec | None" = None,
+                    on_step: "Callable[[str], None] | None" = None) -> "ValidatedInputs":
     """Validate both inputs completely; see :func:`pipeline.validation.validate_inputs`."""
     from pipeline.validation import validate_inputs as _validate
 
-    return _validate(persons_path, units_path, spec)
+    return _validate(persons_path, units_path, spec, on_step)
 
 
 # --------------------------------------------------------------------------------------

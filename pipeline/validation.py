@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import polars as pl
 
@@ -149,7 +150,7 @@ def _row_checks(table: PreparedTable, spec: HistogramSpec | None) -> list[_Check
 
 def _first_rows(table: PreparedTable, cond: pl.Expr, show: pl.Expr) -> tuple[tuple[int, ...], tuple[str, ...]]:
     df = (table.source.scan().with_row_index("_row").filter(cond.fill_null(False))
-          .select(pl.col("_row"), show.alias("_show")).head(MAX_EXAMPLES).collect())
+          .select(pl.col("_row"), show.alias("_show")).head(MAX_EXAMPLES).collect(engine="streaming"))
     rows = tuple(int(r) for r in df["_row"])
     shown = [str(v) for v in df["_show"]]
     if len(table.source.files) > 1:
@@ -277,7 +278,7 @@ def _cross_checks(persons: PreparedTable, p_checks: list[_Check], units: Prepare
         if res[name]:
             ex = (j.filter(cond).sort("geoid").head(MAX_EXAMPLES)
                   .select(pl.format("block {}: {}", pl.col("geoid"), show).str.strip_chars_end("; "))
-                  .collect().to_series())
+                  .collect(engine="streaming").to_series())
             problems.append(Problem(table.label, column, name, int(res[name]), detail, (), tuple(ex)))
     return problems, {k: int(v) for k, v in res.items() if k not in {s[0] for s in specs}}
 
@@ -296,15 +297,18 @@ def _check_spec(spec: HistogramSpec) -> None:
 
 
 def validate_inputs(persons_path: str | Path, units_path: str | Path,
-                    spec: HistogramSpec | None = None) -> ValidatedInputs:
+                    spec: HistogramSpec | None = None,
+                    on_step: Callable[[str], None] | None = None) -> ValidatedInputs:
     """Check both inputs completely; return their normalised lazy frames and a summary.
 
     ``spec`` (default ``load_spec("pl94")``) supplies the structural zeros and must agree with
     the contract's domains (else :class:`SpecError`). Raises :class:`InputValidationError`
     listing every problem of both files (file, column, kind, count, first rows/values).
     Cross-file checks run on the rows that passed the row checks, whenever both files are
-    readable; so one run reports row problems and block problems together.
+    readable; so one run reports row problems and block problems together. ``on_step`` is
+    called with a short description before each pass over the data (for progress display).
     """
+    step = on_step or (lambda _: None)
     spec = spec if spec is not None else load_spec("pl94")
     _check_spec(spec)
     problems: list[Problem] = []
@@ -318,11 +322,15 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
                 problems.append(Problem(table.label, "", "empty_file", 1, "the table has no rows"))
             checks = _row_checks(table, spec)
             dup = "unit_id" if role == "units" and "unit_id" in table.columns else None
+            step(f"{role}: checking {table.source.n_rows:,} rows")
             try:
-                problems += _run_row_checks(table, checks, dup)
+                row_problems = _run_row_checks(table, checks, dup)
             except READ_ERRORS as exc:  # corrupt data pages behind a valid footer
-                problems.append(Problem(table.label, "", "corrupt_parquet", 1,
-                                        f"rows cannot be read: {first_line(exc)}"))
+                row_problems = [Problem(table.label, "", "corrupt_parquet", 1,
+                                        f"rows cannot be read: {first_line(exc)}")]
+            problems += row_problems
+            # every row passed: the cross-file pass need not re-evaluate the row checks
+            checks = checks if any(p.column for p in row_problems) else []
         tables[role] = (table, checks)
     (pt, pc), (ut, uc) = tables["persons"], tables["units"]
     needed_p = set(pt.layout_spec["geoid"]) | {pt.layout_spec["targets"]["hhgq"]} if pt else set()
@@ -331,6 +339,7 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
               and not any(p.kind == "corrupt_parquet" for p in problems))
     counts: dict[str, int] = {}
     if usable:
+        step("persons x units: checking blocks")
         try:
             cross, counts = _cross_checks(pt, pc, ut, uc)
             problems += cross

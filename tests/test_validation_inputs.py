@@ -417,3 +417,9 @@ def test_error_kind_of_problem_is_stable_text() -> None:
     assert str(e) == ("invalid input: 1 problem found\n  - f.parquet, column 'hhgq': out_of_domain — outside 0..7 "
                       "(count 3); first rows: 0: 9, 2: 8")
     assert e.exit_status == 2
+
+
+def test_on_step_reports_each_pass(tmp_path: Path) -> None:
+    steps: list[str] = []
+    validate_inputs(*_paths(tmp_path), on_step=steps.append)
+    assert steps == ["persons: checking 16 rows", "units: checking 9 rows", "persons x units: checking blocks"]
