@@ -1,0 +1,201 @@
+"""``dptab experiment CONFIG --trials N``: repeat noise + post-processing on the same histograms.
+
+The true histograms are built once (a base run directory). Each *setting* — the config's
+strategy, or one strategy per ``--strategy``, or the config's strategy rescaled to each
+``--rho`` (same shares, exact fractions) — is run ``N`` times with seeded randomness
+(seed = base seed + 1 + trial, the same in every setting: common random numbers make the
+settings' differences less noisy), in a pool of worker processes. A trial runs the same stages as
+``dptab run`` (pipeline/run.py: measure and post-process every level) but never publishes;
+its metrics (pipeline/review/runner.py) are kept and its bulky files are removed.
+
+Outputs, in ``EXP_DIR`` (default ``<runs_dir>/experiments/<dataset>-<time>``, mode 0700,
+confidential like a run directory): ``trials.parquet`` (one metrics row per trial:
+``setting, rho, epsilon, trial`` + the metrics columns), ``summary.parquet`` (``mean``, ``sd``,
+``trials`` per setting and metric) and ``report.html`` (accuracy-vs-ε table and plot).
+
+Experiments spend no budget of the dataset's ledger: they are never published, and they use
+a ledger private to the experiment directory. They are internal, like the review — see the
+confidentiality rule in ``pipeline.review``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import yaml
+
+EXPERIMENT_LIFETIME_RHO = "1000000"  # the experiment's own ledger: never the dataset's
+DEFAULT_SEED = 20_200_401
+
+
+class ExperimentError(ValueError):
+    """Bad experiment options (names the option)."""
+
+    exit_status = 2
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One experimental condition: a name, a strategy file or name, its total ρ and ε."""
+
+    name: str
+    strategy: str
+    rho: str
+    epsilon: float
+
+
+def _scaled_strategy(base: str, rho: Fraction, out_dir: Path) -> Path:
+    """Write a copy of strategy ``base`` whose global ρ is ``rho`` (shares unchanged)."""
+    from pipeline.privacy.accounting import strategy_path
+
+    raw = yaml.safe_load(strategy_path(base).read_text())
+    raw["rho"] = f"{rho.numerator}/{rho.denominator}" if rho.denominator != 1 else str(rho.numerator)
+    raw["name"] = f"{raw.get('name', 'strategy')}_rho_{float(rho):g}"
+    raw["description"] = f"{raw.get('description', '')} (rescaled to rho = {rho} for an experiment)"
+    p = out_dir / f"{raw['name']}.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
+
+
+def make_settings(base_strategy: str, delta: float, rhos: list[str] | None, strategies: list[str] | None,
+                  out_dir: Path) -> list[Setting]:
+    """The experimental settings: rescaled copies for ``rhos``, else ``strategies``, else the base."""
+    from pipeline.privacy.accounting import cks_epsilon, load_strategy
+
+    if rhos and strategies:
+        raise ExperimentError("give --rho or --strategy, not both")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chosen: list[tuple[str, str]] = []
+    if rhos:
+        for r in rhos:
+            try:
+                f = Fraction(r)
+            except (ValueError, ZeroDivisionError):
+                raise ExperimentError(f"--rho {r!r}: not a number or fraction") from None
+            if f <= 0:
+                raise ExperimentError(f"--rho {r!r}: must be > 0")
+            chosen.append((f"rho={r}", str(_scaled_strategy(base_strategy, f, out_dir))))
+    else:
+        for s in strategies or [base_strategy]:
+            chosen.append((Path(s).stem, s))
+    out = []
+    for name, path in chosen:
+        s = load_strategy(path)
+        out.append(Setting(name, path, str(s.total_rho), float(cks_epsilon(s.total_rho, str(delta)))))
+    return out
+
+
+def _trial_config(cfg_raw: dict[str, Any], exp_dir: Path, strategy: str, seed: int, release_id: str) -> Path:
+    """A run config for one trial (seeded, persons only, private ledger and folders)."""
+    c = dict(cfg_raw)
+    c["release_id"] = release_id
+    c["privacy"] = dict(c.get("privacy") or {}, strategy=strategy, units_strategy=None, randomness="seeded",
+                        seed=seed, ledger=str(exp_dir / "ledger.sqlite"), lifetime_rho=EXPERIMENT_LIFETIME_RHO)
+    c["output"] = dict(c.get("output") or {}, runs_dir=str(exp_dir / "runs"),
+                       releases_dir=str(exp_dir / "never-published"))
+    c["execution"] = dict(c.get("execution") or {}, workers=1)
+    p = exp_dir / "configs" / f"{release_id}.yaml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(c, sort_keys=False))
+    return p
+
+
+def _link_histograms(base_run: Path, run_dir: Path) -> None:
+    """Give a trial the base run's true histograms (hard links; copies across filesystems)."""
+    src, dst = base_run / "histograms", run_dir / "histograms"
+    dst.mkdir(exist_ok=True)
+    for f in src.iterdir():
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def run_trial(run_dir: str, base_run: str, keep: bool = False) -> str:
+    """One trial in a prepared run directory: link the true histograms, measure and
+    post-process every level, then the metrics; returns the metrics file's path."""
+    from pipeline import run as runmod
+    from pipeline.review.runner import compute_review
+
+    run_dir = Path(run_dir)
+    _link_histograms(Path(base_run), run_dir)
+    from pipeline.rundir import RunDir
+
+    RunDir.open(run_dir).mark_done("inputs", RunDir.open(Path(base_run)).done_info("inputs") or {})
+    for kind in runmod.run_kinds(run_dir):
+        for level in runmod.run_levels(run_dir):
+            for shard in runmod.level_shards(run_dir, kind, level):
+                runmod.stage_shard(run_dir, kind, level, shard)
+            runmod.stage_finish_level(run_dir, kind, level)
+    metrics = compute_review(run_dir).metrics
+    out = Path(run_dir).parent.parent / "trials" / f"{Path(run_dir).name}.parquet"
+    out.parent.mkdir(exist_ok=True)
+    metrics.write_parquet(out)
+    if not keep:
+        shutil.rmtree(run_dir)
+    return str(out)
+
+
+def summarise(trials: pl.DataFrame) -> pl.DataFrame:
+    """Mean, standard deviation (ddof 1; NaN for one trial) and trial count per setting × metric row."""
+    keys = ["setting", "rho", "epsilon", "level", "statistic", "metric", "size_bin", "estimator"]
+    return (trials.filter(pl.col("value").is_not_nan())
+            .group_by(keys, maintain_order=True)
+            .agg(pl.col("value").mean().alias("mean"), pl.col("value").std(ddof=1).fill_null(float("nan")).alias("sd"),
+                 pl.len().alias("trials"))
+            .sort(["epsilon", "level", "statistic", "metric", "size_bin", "estimator"]))
+
+
+def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None = None,
+                   strategies: list[str] | None = None, workers: int = 2, out_dir: str | Path | None = None,
+                   seed: int = DEFAULT_SEED) -> Path:
+    """Run every setting ``trials`` times; write trials/summary Parquet and the report; return EXP_DIR."""
+    from pipeline import run as runmod
+    from pipeline.config import load_config
+    from pipeline.review.report import write_experiment_report
+
+    if trials < 1:
+        raise ExperimentError("--trials must be >= 1")
+    cfg = load_config(config_path)
+    cfg_raw = cfg.model_dump(mode="json", exclude={"source_path"})
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    exp_dir = Path(out_dir) if out_dir else cfg.output.runs_dir / "experiments" / f"{cfg.dataset_id}-{stamp}"
+    exp_dir.mkdir(parents=True, mode=0o700, exist_ok=False)
+    os.chmod(exp_dir, 0o700)
+    settings = make_settings(cfg.privacy.strategy, cfg.privacy.delta, rhos, strategies, exp_dir / "strategies")
+    t0 = time.perf_counter()
+    base_cfg = _trial_config(cfg_raw, exp_dir, cfg.privacy.strategy, seed, "base")
+    base_run = runmod.prepare(base_cfg)
+    runmod.stage_inputs(base_run)
+    jobs = []
+    for si, s in enumerate(settings):
+        for t in range(trials):
+            rid = f"s{si:02d}-t{t:03d}"
+            # prepared here, one after another: the experiment ledger is written by this process only
+            trial_cfg = _trial_config(cfg_raw, exp_dir, s.strategy, seed + 1 + t, rid)
+            jobs.append((s, t, str(runmod.prepare(trial_cfg)), rid))
+    frames = []
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
+        futs = [(s, t, pool.submit(run_trial, p, str(base_run))) for s, t, p, _ in jobs]
+        for s, t, fut in futs:
+            m = pl.read_parquet(fut.result())
+            frames.append(m.with_columns(pl.lit(s.name).alias("setting"), pl.lit(s.rho).alias("rho"),
+                                         pl.lit(s.epsilon).alias("epsilon"), pl.lit(t).alias("trial")))
+    all_trials = pl.concat(frames, how="vertical")
+    all_trials.write_parquet(exp_dir / "trials.parquet")
+    summary = summarise(all_trials)
+    summary.write_parquet(exp_dir / "summary.parquet")
+    info = {"dataset": cfg.dataset_id, "config": str(cfg.source_path), "trials per setting": trials,
+            "settings": ", ".join(f"{s.name} (ρ={s.rho}, ε={s.epsilon:.3f})" for s in settings),
+            "base seed": seed, "workers": workers, "wall seconds": round(time.perf_counter() - t0, 1)}
+    write_experiment_report(exp_dir / "report.html", summary, info, confidential=cfg.confidential)
+    shutil.rmtree(base_run / "measurements", ignore_errors=True)
+    return exp_dir
