@@ -22,6 +22,7 @@ from pipeline.geography import Geography, GeographyError, LevelIndex, geoid_code
 from pipeline.spec import HistogramSpec
 
 N_GQ_TYPES = 7  # GQ facility kinds 1..7 (the hhgq codes of the pl94 spec)
+DENSE_SUM_LIMIT = 4_000_000  # parents x cells up to which aggregate_up sums densely (32 MB)
 
 
 class HistogramError(ValueError):
@@ -197,11 +198,19 @@ def build_block_histogram(persons: pl.LazyFrame | pl.DataFrame, geography: Geogr
         raise HistogramError(f"persons: {n} record(s) with attribute codes outside the {spec.name} "
                              f"spec, in blocks {bad['geoid'].head(5).to_list()}")
     blocks = geography.blocks
-    unit = _block_index(counts["geoid"], blocks, "persons")
+    try:
+        codes = geoid_codes(counts["geoid"], blocks.digits, what="persons geoid values")
+    except GeographyError as exc:
+        raise HistogramError(f"persons: {exc}") from exc
     cell = counts["cell"].to_numpy().astype(np.int64, copy=False)
-    count = counts["count"].to_numpy().astype(np.int64, copy=False)
-    order = np.argsort(unit * spec.n_cells + cell, kind="stable")
-    return SparseHistogram(blocks.name, blocks.n_units, spec.n_cells, unit[order], cell[order], count[order])
+    # sort by (GEOID, cell) first: block order is GEOID order, and sorted lookups are cache-friendly
+    order = np.argsort(codes * spec.n_cells + cell)
+    try:
+        unit = blocks.index_of_codes(codes[order])
+    except GeographyError as exc:
+        raise HistogramError(f"persons: {exc}") from exc
+    count = counts["count"].to_numpy().astype(np.int64, copy=False)[order]
+    return SparseHistogram(blocks.name, blocks.n_units, spec.n_cells, unit, cell[order], count)
 
 
 def aggregate_up(hist: SparseHistogram, geography: Geography) -> SparseHistogram:
@@ -214,14 +223,20 @@ def aggregate_up(hist: SparseHistogram, geography: Geography) -> SparseHistogram
         raise HistogramError(f"{hist.level} histogram has {hist.n_units} units, geography has {child.n_units}")
     pu = child.parent[hist.unit]
     key = pu * hist.n_cells + hist.cell
-    # within a parent, each child's entries are already sorted by cell: a stable sort merges runs
-    order = np.argsort(key, kind="stable")
-    key = key[order]
     if key.size == 0:
         return SparseHistogram(parent.name, parent.n_units, hist.n_cells, key, key, key)
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    count = np.add.reduceat(hist.count[order], starts)
-    ukey = key[starts]
+    if parent.n_units * hist.n_cells <= DENSE_SUM_LIMIT:
+        # few parents (nation, states, counties): a dense bincount beats sorting
+        dense = np.bincount(key, weights=hist.count, minlength=parent.n_units * hist.n_cells)
+        ukey = np.flatnonzero(dense)
+        count = dense[ukey].astype(np.int64)  # exact: float64 holds integers below 2**53
+    else:
+        # within a parent, each child's entries are already sorted by cell: a stable sort merges runs
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        count = np.add.reduceat(hist.count[order], starts)
+        ukey = key[starts]
     return SparseHistogram(parent.name, parent.n_units, hist.n_cells,
                            ukey // hist.n_cells, ukey % hist.n_cells, count)
 

@@ -146,3 +146,22 @@ def test_unit_counts_equal_naive_and_sum_consistently(blocks, data):
         np.testing.assert_array_equal(c.housing_units, hu)
         np.testing.assert_array_equal(c.occupied, occ)
         np.testing.assert_array_equal(c.facilities, fac)
+
+
+def test_sorted_and_dense_aggregation_agree(monkeypatch):
+    import pipeline.histograms as H
+
+    rng = np.random.default_rng(5)
+    blocks = sorted({f"{s:02d}{c:03d}{t:06d}{b:04d}" for s, c, t, b in
+                     zip(rng.integers(1, 4, 300), rng.integers(1, 6, 300), rng.integers(1, 9, 300), rng.integers(1000, 3999, 300))})
+    n = 20_000
+    df = pl.DataFrame({"geoid": rng.choice(blocks, n), "hhgq": rng.integers(0, 8, n), "voting_age": rng.integers(0, 2, n),
+                       "hispanic": rng.integers(0, 2, n), "cenrace": rng.integers(1, 64, n)})
+    geo = Geography.from_block_geoids(blocks)
+    dense_path = build_person_histograms(df, geo, SPEC)
+    monkeypatch.setattr(H, "DENSE_SUM_LIMIT", 0)
+    sorted_path = build_person_histograms(df, geo, SPEC)
+    for name in dense_path:
+        assert dense_path[name].equals(sorted_path[name]), name
+    assert sorted_path["county"].total() == n
+    np.testing.assert_array_equal(sorted_path["state"].dense(), _naive(list(df.iter_rows()), geo, "state"))

@@ -1,0 +1,106 @@
+"""Benchmark the histogram build against its floor, measured in the same process and run.
+
+- floor: a bare polars scan of persons.parquet + ``group_by(geoid, hhgq, voting_age, hispanic,
+  cenrace).len()`` (streaming engine) — the least work that counts every block cell;
+- ours: ``build_person_histograms(read_persons(file), geography, spec)`` — the normalising
+  reader, one group_by at block level, mapping to block indices, sorting, and every upper level
+  by summing children (what ``dptab histograms`` and the run do).
+Runs alternate floor/ours to share the machine's noise; reported: medians and the median of
+the per-pair ratios. The geography (from the units file) and unit counts are timed separately.
+
+    .venv/bin/python benchmarks/histograms.py              # 10 M persons, 5 pairs
+    .venv/bin/python benchmarks/histograms.py --quick      # 1 M persons, 3 pairs
+    .venv/bin/python benchmarks/histograms.py --data DIR   # use DIR/persons.parquet, DIR/units.parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import polars as pl  # noqa: E402
+
+from pipeline.geography import Geography  # noqa: E402
+from pipeline.histograms import build_person_histograms, build_unit_counts  # noqa: E402
+from pipeline.io import read_persons, read_units  # noqa: E402
+from pipeline.spec import load_spec  # noqa: E402
+from pipeline.synth import synthesize  # noqa: E402
+
+ATTRS = ["hhgq", "voting_age", "hispanic", "cenrace"]
+
+
+def floor(path: Path) -> int:
+    """The bare scan + group_by; returns the number of non-empty (block, cell) groups."""
+    return pl.scan_parquet(path).group_by("geoid", *ATTRS).len().collect(engine="streaming").height
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--persons", type=int, default=10_000_000)
+    ap.add_argument("--repeats", type=int, default=None, help="floor/ours pairs (default 5, quick 3)")
+    ap.add_argument("--quick", action="store_true", help="1 M persons")
+    ap.add_argument("--data", type=Path, default=None, help="existing synth output directory")
+    args = ap.parse_args()
+    n = 1_000_000 if args.quick else args.persons
+    repeats = args.repeats or (3 if args.quick else 5)
+    tmp = None
+    if args.data is None:
+        tmp = Path(tempfile.mkdtemp(prefix="dptab-bench-hist-"))
+        t0 = time.perf_counter()
+        synthesize(n, 1, tmp)
+        print(f"synth {n:,} persons: {time.perf_counter() - t0:.1f} s", flush=True)
+    data = args.data or tmp
+    persons, units = data / "persons.parquet", data / "units.parquet"
+    spec = load_spec("pl94")
+    try:
+        t0 = time.perf_counter()
+        u = read_units(units)
+        geo = Geography.from_block_geoids(u.select("geoid").unique().collect(engine="streaming")["geoid"])
+        geo_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        build_unit_counts(u, geo)
+        units_s = time.perf_counter() - t0
+        floor(persons)  # warm the page cache for both
+        fl, ours, ratios = [], [], []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            groups = floor(persons)
+            fl.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            hists = build_person_histograms(read_persons(persons), geo, spec)
+            ours.append(time.perf_counter() - t0)
+            ratios.append(ours[-1] / fl[-1])
+            assert hists["block"].nnz == groups  # same work: one entry per non-empty block cell
+            print(f"pair {r + 1}: floor {fl[-1]:.2f} s, ours {ours[-1]:.2f} s, ratio {ratios[-1]:.2f}", flush=True)
+        total = hists["nation"].total()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    res = {
+        "persons": total, "pairs": repeats,
+        "blocks": geo.blocks.n_units, "block_cells_nonzero": groups,
+        "levels": {lv.name: lv.n_units for lv in geo.levels},
+        "floor_seconds_median": round(statistics.median(fl), 3),
+        "ours_seconds_median": round(statistics.median(ours), 3),
+        "ratio_median": round(statistics.median(ratios), 2),
+        "ratio_of_medians": round(statistics.median(ours) / statistics.median(fl), 2),
+        "persons_per_second": round(total / statistics.median(ours)),
+        "geography_seconds": round(geo_s, 3), "unit_counts_seconds": round(units_s, 3),
+        "geography_int_arrays_mib": round(geo.nbytes / 2**20, 1),
+    }
+    for k, v in res.items():
+        print(f"{k:>26}: {v}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
