@@ -72,7 +72,8 @@ def summary_section(summary: dict[str, Any]) -> str:
 def target_section(look: dict, levels: list[str], estimators: list[str]) -> str:
     rows = []
     for lv in levels:
-        row: list[Any] = [lv, look.get((lv, "largest_group", "n", ALL_BIN, estimators[0]))]
+        n = look.get((lv, "largest_group", "n", ALL_BIN, estimators[0]))
+        row: list[Any] = [lv, None if n is None or n != n else int(n)]
         for e in estimators:
             v = look.get((lv, "largest_group", "within_5pp_share", ALL_BIN, e))
             row.append(None if v is None or v != v else f"{100 * v:.1f}%")
