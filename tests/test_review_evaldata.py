@@ -6,6 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.config import load_config
 from pipeline.review.evaldata import (DEFAULT_SOURCE, GROUP_CENRACE, EvalDataError, read_ri2010,
                                       ri2010_persons, ri2010_units, write_ri2010)
 
@@ -41,6 +42,8 @@ def test_ri2010_reproduces_every_published_block_count(tmp_path):
         assert (joined[c] == joined[f"{c}_got"]).all(), c
     assert set(persons["hhgq"].unique()) == {0}
     assert "CC BY-SA 4.0" in paths["readme"].read_text()
+    cfg = load_config(paths["config"])  # a valid run config pointing at the written files
+    assert cfg.inputs.persons == paths["persons"].resolve() and cfg.privacy.strategy == "census2020_pl94"
 
 
 @needs_source

@@ -156,15 +156,45 @@ def ri2010_units(df: pl.DataFrame, seed: int = DEFAULT_SEED) -> pl.DataFrame:
     })
 
 
+#: A run config for the evaluation set (written next to the Parquet files): the 2020 production
+#: strategies, seeded noise so the ACCURACY.md figures can be reproduced, and
+#: ``confidential: false`` because the counts are public (the assigned detail is synthetic).
+RUN_CONFIG = """# Rhode Island 2010 evaluation set: public block counts, 2020 production strategies.
+dataset_id: ri2010-eval
+title: "Rhode Island 2010 evaluation set (exact block margins, assigned detail; seed {seed})"
+confidential: false
+spec: pl94
+inputs:
+  persons: persons.parquet
+  units: units.parquet
+privacy:
+  strategy: census2020_pl94
+  units_strategy: census2020_units
+  delta: 1.0e-10
+  lifetime_rho: "1000"
+  ledger: runs/ledger.sqlite
+  randomness: seeded
+  seed: 2021
+output:
+  runs_dir: runs
+  releases_dir: releases
+execution:
+  workers: 2
+"""
+
+
 def write_ri2010(out_dir: str | Path, source: str | Path = DEFAULT_SOURCE, seed: int = DEFAULT_SEED
                  ) -> dict[str, Path]:
-    """Write ``persons.parquet``, ``units.parquet`` and ``README.md`` (attribution and rule) to ``out_dir``."""
+    """Write ``persons.parquet``, ``units.parquet``, ``config.yaml`` (:data:`RUN_CONFIG`) and
+    ``README.md`` (attribution and the assignment rule) to ``out_dir``; returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     df = read_ri2010(source)
     paths = {"persons": out / "persons.parquet", "units": out / "units.parquet", "readme": out / "README.md"}
     write_parquet_atomic(ri2010_persons(df, seed), paths["persons"])
     write_parquet_atomic(ri2010_units(df, seed), paths["units"])
+    paths["config"] = out / "config.yaml"
+    paths["config"].write_text(RUN_CONFIG.format(seed=seed))
     paths["readme"].write_text(
         "# Rhode Island 2010 evaluation set (dptab eval-data ri2010)\n\n"
         f"Built from `{Path(source).name}` with seed {seed} by `pipeline/review/evaldata.py`.\n\n"
