@@ -1,0 +1,219 @@
+"""Noisy measurements of one level's queries for a range of units, written once as Parquet.
+
+For units ``start:stop`` of a level and every query the strategy measures there, each answer
+gets true answer + exact discrete Gaussian noise with σ² = 1/ρ_q (``pipeline.privacy``). The
+file (contract in ``docs/contracts.md``: ``unit, query, answer, value, variance, sigma2``) is
+written once: to a temporary file in the same directory, then hard-linked into place, which
+fails if the file exists — an existing file for the same release, level and shard is reused and
+never overwritten, so no retry can draw fresh noise for measurements already taken.
+
+Skipping answers whose parent answer is zero (``full=False`` with a ``parent``): post-processing
+gives every child variables only on the cells where its (already published, integer) parent is
+positive. If the parent's answer ``a`` of query ``q`` is zero, every parent cell that maps to
+``a`` is zero, so every child cell that maps to ``a`` is forced to zero and the child's answer
+``a`` is 0 whatever was measured. The post-processed output is therefore a function of the other
+measurements only, and each of those is still true answer + independent N_Z(0, σ²_q) noise, so
+the output distribution is exactly the same as with every answer drawn. Skipped answers are
+absent from the file (not drawn at all). ``full=True`` draws every answer, for a complete noisy
+measurement file; the privacy cost is the same either way (it is accounted per query).
+
+Draw order, for keyed reproducibility: queries in strategy order, then units, then answers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.histograms import SparseHistogram
+from pipeline.privacy.accounting import Strategy
+from pipeline.privacy.randomness import RandomSource, resolve_source
+from pipeline.privacy.samplers import discrete_gaussian, discrete_gaussian_variance
+from pipeline.spec import HistogramSpec
+
+COLUMNS = ("unit", "query", "answer", "value", "variance", "sigma2")
+SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.string()), ("answer", pa.int32()),
+                    ("value", pa.int64()), ("variance", pa.float64()), ("sigma2", pa.string())])
+#: answers per noise batch (bounds memory: ~40 bytes per answer)
+BATCH_ANSWERS = 1 << 22
+
+
+class MeasurementError(ValueError):
+    """A measurement request is inconsistent, or an existing file does not match it."""
+
+
+@dataclass(frozen=True)
+class MeasureResult:
+    """What :func:`measure_shard` did: ``drawn`` is False when an existing file was reused."""
+
+    path: Path
+    rows: int
+    drawn: bool
+    skipped: int
+
+
+@dataclass(frozen=True)
+class QueryMeasurements:
+    """One query's measurements over a unit range: ``values`` float64 ``(n_units, n_answers)``
+    (NaN where not measured), one ``variance`` (exact DG variance, counts²) and exact ``sigma2``."""
+
+    values: np.ndarray
+    variance: float
+    sigma2: Fraction
+
+
+def _answers(unit: np.ndarray, cell: np.ndarray, count: np.ndarray, row0: int, n_rows: int,
+             cell_to_answer: np.ndarray, n_answers: int) -> np.ndarray:
+    """int64 ``(n_rows, n_answers)`` query answers from sparse entries of rows ``row0:row0+n_rows``."""
+    idx = (unit - row0) * n_answers + cell_to_answer[cell]
+    out = np.bincount(idx, weights=count, minlength=n_rows * n_answers)
+    return np.rint(out).astype(np.int64).reshape(n_rows, n_answers)  # counts < 2^53: exact
+
+
+def _entries(hist: SparseHistogram, ptr: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse entries of the given (distinct) units: (row position in ``units``, cell, count)."""
+    starts, ends = ptr[units], ptr[units + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    offs = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+    rows = np.repeat(np.arange(units.size), lengths)
+    return rows, hist.cell[offs], hist.count[offs]
+
+
+def _const_text(text: str, n: int) -> pa.Array:
+    """A string column repeating ``text`` ``n`` times (built without a Python list)."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text])).cast(pa.string())
+
+
+def _file_meta(level: str, start: int, stop: int, full: bool, strategy: Strategy) -> dict[bytes, bytes]:
+    return {b"dptab.level": level.encode(), b"dptab.units": f"{start}:{stop}".encode(),
+            b"dptab.full": str(bool(full)).encode(), b"dptab.strategy": strategy.name.encode()}
+
+
+def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, strategy: Strategy,
+                  level: str, start: int, stop: int, source: RandomSource | None = None, *,
+                  parent: SparseHistogram | None = None, parent_of: np.ndarray | None = None,
+                  full: bool = False) -> MeasureResult:
+    """Measure units ``start:stop`` of ``level`` once and write ``path`` (or reuse it).
+
+    ``hist``: the level's confidential histogram; ``parent`` the parent level's published
+    integer histogram and ``parent_of`` the parent index of each unit ``start:stop`` (int64,
+    ``(stop - start,)``) — with both given and ``full=False``, answers whose parent answer is
+    zero are skipped. ``source`` defaults to the secure source.
+    """
+    path = Path(path)
+    meta = _file_meta(level, start, stop, full, strategy)
+    if path.exists():
+        return _reuse(path, meta)
+    if not 0 <= start <= stop <= hist.n_units:
+        raise MeasurementError(f"{level}: bad unit range {start}:{stop} of {hist.n_units}")
+    if hist.n_cells != spec.n_cells:
+        raise MeasurementError(f"{level}: histogram has {hist.n_cells} cells, spec {spec.name!r} has {spec.n_cells}")
+    skip = parent is not None and not full
+    if skip:
+        parent_of = np.asarray(parent_of, dtype=np.int64)
+        if parent_of.shape != (stop - start,):
+            raise MeasurementError(f"{level}: parent_of must have shape ({stop - start},), got {parent_of.shape}")
+        parent_ptr = parent.unit_ptr()
+    src = resolve_source(source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    rows = skipped = 0
+    try:
+        with pq.ParquetWriter(tmp, SCHEMA.with_metadata(meta), compression="zstd") as writer:
+            for qname in strategy.queries(level):
+                q = spec.query(qname)
+                s2 = strategy.sigma2(level, qname)
+                var, s2_text = discrete_gaussian_variance(s2), f"{s2.numerator}/{s2.denominator}"
+                chunk = max(1, BATCH_ANSWERS // q.n_answers)
+                for c0 in range(start, stop, chunk):
+                    c1 = min(stop, c0 + chunk)
+                    lo, hi = np.searchsorted(hist.unit, [c0, c1], side="left")
+                    true = _answers(hist.unit[lo:hi], hist.cell[lo:hi], hist.count[lo:hi], c0, c1 - c0,
+                                    q.cell_to_answer, q.n_answers)
+                    if skip:
+                        pu, inv = np.unique(parent_of[c0 - start:c1 - start], return_inverse=True)
+                        r, c, k = _entries(parent, parent_ptr, pu)
+                        pans = _answers(r, c, k, 0, pu.size, q.cell_to_answer, q.n_answers)
+                        flat = np.flatnonzero(pans[inv] > 0)
+                        skipped += true.size - flat.size
+                    else:
+                        flat = np.arange(true.size)
+                    noise = discrete_gaussian(s2, flat.size, src)
+                    n = flat.size
+                    writer.write_table(pa.table({
+                        "unit": c0 + flat // q.n_answers,
+                        "query": _const_text(qname, n),
+                        "answer": (flat % q.n_answers).astype(np.int32),
+                        "value": true.reshape(-1)[flat] + noise,
+                        "variance": np.full(n, var),
+                        "sigma2": _const_text(s2_text, n),
+                    }, schema=SCHEMA))
+                    rows += n
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic and refuses to replace an existing file
+        except FileExistsError:  # another process won the race: its noise is the one used
+            return _reuse(path, meta)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return MeasureResult(path, rows, True, skipped)
+
+
+def _reuse(path: Path, meta: dict[bytes, bytes]) -> MeasureResult:
+    """Reuse an existing measurement file after checking it was made for the same request."""
+    try:
+        md = pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise MeasurementError(f"{path}: existing measurement file is unreadable ({exc}); "
+                               "it is never overwritten — inspect it") from exc
+    have = md.schema.to_arrow_schema().metadata or {}
+    for k, v in meta.items():
+        if have.get(k) != v:
+            raise MeasurementError(f"{path}: existing measurement file was made for {k.decode()}="
+                                   f"{have.get(k, b'?').decode()}, not {v.decode()}; refusing to reuse or overwrite it")
+    return MeasureResult(path, md.num_rows, False, 0)
+
+
+def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec, start: int, stop: int,
+                      queries: list[str] | tuple[str, ...] | None = None) -> dict[str, QueryMeasurements]:
+    """Per query, the dense float matrix ``(stop - start, n_answers)`` of units ``start:stop``
+    (row ``i`` = unit ``start + i``; NaN where not measured) with its variance and σ².
+
+    ``queries`` restricts (and orders) the result; by default every query found in the files.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    frames = [pl.read_parquet(p, columns=list(COLUMNS)) for p in paths]
+    df = pl.concat(frames) if frames else pl.DataFrame(schema={c: pl.Utf8 for c in COLUMNS})
+    df = df.filter((pl.col("unit") >= start) & (pl.col("unit") < stop))
+    found = df["query"].unique(maintain_order=True).to_list() if df.height else []
+    wanted = list(queries) if queries is not None else found
+    out: dict[str, QueryMeasurements] = {}
+    for qname, part in df.partition_by("query", as_dict=True).items() if df.height else []:
+        qname = qname[0] if isinstance(qname, tuple) else qname
+        if qname not in wanted:
+            continue
+        q = spec.query(qname)
+        s2s = part["sigma2"].unique().to_list()
+        if len(s2s) != 1:
+            raise MeasurementError(f"query {qname!r} has several sigma2 values in {paths}: {s2s}")
+        vals = np.full((stop - start, q.n_answers), np.nan)
+        u = part["unit"].to_numpy() - start
+        a = part["answer"].to_numpy().astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() >= q.n_answers):
+            raise MeasurementError(f"query {qname!r}: answer index out of range 0..{q.n_answers - 1} in {paths}")
+        vals[u, a] = part["value"].to_numpy().astype(np.float64)
+        out[qname] = QueryMeasurements(vals, float(part["variance"][0]), Fraction(s2s[0]))
+    missing = [q for q in wanted if q not in out]
+    if queries is not None and missing:
+        raise MeasurementError(f"no measurements of {missing} for units {start}:{stop} in {paths}")
+    return {q: out[q] for q in wanted if q in out}
