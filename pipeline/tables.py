@@ -327,25 +327,35 @@ def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
     """One row per (unit, line), sorted by geoid then line, columns :data:`LONG_SCHEMA`.
 
     ``counts`` is int64 ``(n_units, n_lines)``; ``moe90`` is float ``(n_lines,)`` (the same for
-    every unit of a level: margins of error are data-independent), NaN → null where a line
-    has no margin of error; ``None`` gives an all-null column.
+    every unit of a level: margins of error are data-independent), rounded to 2 decimals,
+    NaN → null where a line has no margin of error; ``None`` gives an all-null column.
     """
     n_units, n_lines = counts.shape
     if n_lines != table.n_lines or len(geoids) != n_units or len(names) != n_units:
         raise TableError(f"{table.name}/{level}: counts {counts.shape} do not fit {len(geoids)} units x "
                          f"{table.n_lines} lines")
+    n = n_units * n_lines
     if moe90 is None:
-        moe_col = pl.Series("moe90", [None] * (n_units * n_lines), dtype=pl.Float64)
+        moe_col = pl.Series("moe90", [None] * n, dtype=pl.Float64)
     else:
-        moe = np.tile(np.asarray(moe90, dtype=np.float64), n_units)
+        # two decimals: the margin itself is an approximation; more digits only bloat the CSV
+        moe = np.tile(np.round(np.asarray(moe90, dtype=np.float64), 2), n_units)
         moe_col = pl.Series("moe90", moe, dtype=pl.Float64, nan_to_null=True)
+    # gathers from the small per-unit and per-line frames are much cheaper than building
+    # n strings from numpy arrays
+    unit_idx = pl.Series(np.repeat(np.arange(n_units, dtype=np.uint32), n_lines))
+    line_idx = pl.Series(np.tile(np.arange(n_lines, dtype=np.uint32), n_units))
+    units = pl.DataFrame({"geoid": pl.Series(np.asarray(geoids).astype(str), dtype=pl.Utf8),
+                          "name": pl.Series(np.asarray(names, dtype=object), dtype=pl.Utf8)})
+    lines = pl.DataFrame({"line": pl.Series(table.numbers, dtype=pl.Int32), "label": pl.Series(table.labels, dtype=pl.Utf8)})
+    u, ln = units[unit_idx], lines[line_idx]
     return pl.DataFrame({
-        "geoid": pl.Series(np.repeat(np.asarray(geoids).astype(str), n_lines), dtype=pl.Utf8),
-        "geolevel": pl.repeat(level, n_units * n_lines, dtype=pl.Utf8, eager=True),
-        "name": pl.Series(np.repeat(np.asarray(names, dtype=object), n_lines), dtype=pl.Utf8),
-        "table": pl.repeat(table.name, n_units * n_lines, dtype=pl.Utf8, eager=True),
-        "line": pl.Series(np.tile(np.asarray(table.numbers, dtype=np.int32), n_units), dtype=pl.Int32),
-        "label": pl.Series(np.tile(np.asarray(table.labels, dtype=object), n_units), dtype=pl.Utf8),
+        "geoid": u["geoid"],
+        "geolevel": pl.repeat(level, n, dtype=pl.Utf8, eager=True),
+        "name": u["name"],
+        "table": pl.repeat(table.name, n, dtype=pl.Utf8, eager=True),
+        "line": ln["line"],
+        "label": ln["label"],
         "count": pl.Series(counts.reshape(-1), dtype=pl.Int64),
         "moe90": moe_col,
     })

@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import scipy.linalg as la
+from threadpoolctl import threadpool_limits
 
 from pipeline.spec import HistogramSpec
 from pipeline.tables import TableDef
@@ -196,6 +197,12 @@ def release_moe90(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: Mappi
     persons: nation and state; units: every level when block housing units are invariant).
     """
     out: dict[tuple[str, str], np.ndarray] = {}
+    with threadpool_limits(1, "blas"):  # small dense systems: BLAS threads only contend
+        _release_moe90(tables_by_kind, specs, variances, levels, exact_totals, out)
+    return out
+
+
+def _release_moe90(tables_by_kind, specs, variances, levels, exact_totals, out) -> None:
     for kind, tabs in tables_by_kind.items():
         if not tabs or kind not in variances:
             continue
@@ -205,4 +212,3 @@ def release_moe90(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: Mappi
             moe = table_moe90(spec, variances[kind].get(level, {}), tabs, exact)
             for name, m in moe.items():
                 out[(name, level)] = m
-    return out
