@@ -159,3 +159,35 @@ def test_sha256_file(tmp_path: Path) -> None:
     assert sha256_file(f, chunk_bytes=1000) == want  # chunk boundaries do not matter
     (tmp_path / "empty").write_bytes(b"")
     assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_arrow_dictionary_large_string_and_unsigned_columns(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    p = persons_df()
+    table = pa.table({
+        "geoid": pa.array(p["geoid"].to_list()).dictionary_encode(),
+        "hhgq": pa.array(p["hhgq"].to_list(), pa.uint8()),
+        "voting_age": pa.array(p["voting_age"].to_list(), pa.uint16()),
+        "hispanic": pa.array(p["hispanic"].to_list(), pa.int64()),
+        "cenrace": pa.array([f"{c:02d}" for c in p["cenrace"]], pa.large_string()),
+    })
+    pq.write_table(table, tmp_path / "p.parquet")
+    u = units_df()
+    pq.write_table(pa.table({"unit_id": pa.array(u["unit_id"].to_list(), pa.large_string()),
+                             "geoid": pa.array(u["geoid"].to_list()).dictionary_encode(),
+                             "kind": pa.array(u["kind"].to_list(), pa.uint32()),
+                             "occupied": pa.array(u["occupied"].to_list(), pa.bool_())}), tmp_path / "u.parquet")
+    v = validate_inputs(tmp_path / "p.parquet", tmp_path / "u.parquet")
+    assert v.persons.collect().equals(read_persons(write(p, tmp_path / "q.parquet")).collect())
+    assert v.units.collect()["kind"].to_list() == u["kind"].to_list()
+
+
+def test_group_quarters_only_units_with_all_null_occupied(tmp_path: Path) -> None:
+    # a units file holding only facilities has an all-null `occupied` column (Null dtype)
+    p = persons_df([("010010201001000", 5, 1, 0, 1), ("010010201001000", 5, 0, 1, 2)])
+    u = pl.DataFrame({"unit_id": ["f1"], "geoid": ["010010201001000"], "kind": [5], "occupied": [None]})
+    assert u.schema["occupied"] == pl.Null
+    v = validate_inputs(write(p, tmp_path / "p.parquet"), write(u, tmp_path / "u.parquet"))
+    assert v.summary.gq_persons == 2 and v.summary.housing_units == 0
+    assert v.units.collect()["occupied"].dtype == pl.Boolean
