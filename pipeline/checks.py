@@ -168,7 +168,7 @@ def run_checks(tables: TableSet, levels: Sequence[LevelTables], digits: Mapping[
             _line_failures(col, "hierarchy", name, parent.level, pg, tables.tables[name].numbers, sums, pc,
                            f"parent line vs sum over {child.level} children")
     if invariants is not None:
-        _invariant_checks(col, levels, invariants)
+        _invariant_checks(col, tables, levels, invariants)
     return col.failures
 
 
@@ -203,12 +203,13 @@ def _cross_checks(col: _Collector, tables: TableSet, lt: LevelTables, g: np.ndar
                     wc[rows, cols], pc[rows, cols], f"{part} must not exceed {whole} (value shown as expected: the bound)")
 
 
-def _invariant_checks(col: _Collector, levels: Sequence[LevelTables], inv: Invariants) -> None:
+def _invariant_checks(col: _Collector, tables: TableSet, levels: Sequence[LevelTables], inv: Invariants) -> None:
     by_level = {lt.level: lt for lt in levels}
+    p1_total, h1_total = tables.tables["P1"].index(1), tables.tables["H1"].index(1)
     if inv.state_totals is not None and "state" in by_level and "P1" in by_level["state"].counts:
         lt = by_level["state"]
         g = np.asarray(lt.geoids).astype(str)
-        got = lt.counts["P1"][:, 0]
+        got = lt.counts["P1"][:, p1_total]
         want = np.array([int(inv.state_totals.get(x, -1)) for x in g], dtype=np.int64)
         missing = set(inv.state_totals) - set(g.tolist())
         for m in sorted(missing):
@@ -218,7 +219,7 @@ def _invariant_checks(col: _Collector, levels: Sequence[LevelTables], inv: Invar
         if bad.size:
             col.add("invariant", "P1", "state", g, bad, [1] * bad.size, want[bad], got[bad], "state total population")
         if "nation" in by_level and "P1" in by_level["nation"].counts:
-            nat = int(by_level["nation"].counts["P1"][0, 0])
+            nat = int(by_level["nation"].counts["P1"][0, p1_total])
             total = int(sum(int(v) for v in inv.state_totals.values()))
             if nat != total:
                 col.failures.append(CheckFailure("invariant", "P1", 1, "nation", "", total, nat,
@@ -228,7 +229,7 @@ def _invariant_checks(col: _Collector, levels: Sequence[LevelTables], inv: Invar
         g = np.asarray(lt.geoids).astype(str)
         ig = np.asarray(inv.block_geoids).astype(str)
         iv = np.asarray(inv.block_housing_units, dtype=np.int64)
-        got = lt.counts["H1"][:, 0]
+        got = lt.counts["H1"][:, h1_total]
         pos = np.clip(np.searchsorted(ig, g), 0, max(len(ig) - 1, 0))
         found = (ig[pos] == g) if len(ig) else np.zeros(len(g), bool)
         want = np.where(found, iv[pos] if len(ig) else 0, 0)  # a published block absent from the invariant has 0

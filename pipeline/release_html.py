@@ -33,6 +33,11 @@ def _dec(frac: str, digits: int = 4) -> str:
     return f"{float(Fraction(frac)):.{digits}g}"
 
 
+def _eps(frac: str) -> str:
+    """ε is already rounded *up* to the 1e-4 reporting grid: show exactly that value."""
+    return f"{float(Fraction(frac)):.4f}"
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -45,15 +50,15 @@ def _privacy_section(p: Mapping[str, Any]) -> str:
     rows = []
     for kind, run in p["runs"].items():
         rows.append(f"<tr><td>{_e(kind)}</td><td>{_e(run['strategy'])}</td><td class=num><code>{_e(run['rho'])}</code> "
-                    f"(≈ {_dec(run['rho'])})</td><td class=num>{_dec(run['epsilon']['cks2020'], 5)}</td>"
-                    f"<td class=num>{_dec(run['epsilon']['loose'], 5)}</td></tr>")
+                    f"(≈ {_dec(run['rho'])})</td><td class=num>{_eps(run['epsilon']['cks2020'])}</td>"
+                    f"<td class=num>{_eps(run['epsilon']['loose'])}</td></tr>")
     rows.append(f"<tr><th>all (composed)</th><th></th><th class=num><code>{_e(p['rho'])}</code> (≈ {_dec(p['rho'])})</th>"
-                f"<th class=num>{_dec(p['epsilon']['cks2020'], 5)}</th><th class=num>{_dec(p['epsilon']['loose'], 5)}</th></tr>")
+                f"<th class=num>{_eps(p['epsilon']['cks2020'])}</th><th class=num>{_eps(p['epsilon']['loose'])}</th></tr>")
     detail = []
     for kind, run in p["runs"].items():
         by = run["rho_by_level_query"]
         queries: list[str] = []
-        for qs in by.values():
+        for qs in sorted(by.values(), key=len, reverse=True):  # the fullest level sets the order
             queries += [q for q in qs if q not in queries]
         head = "".join(f"<th>{_e(lv)}</th>" for lv in by)
         body = "".join(
@@ -119,7 +124,7 @@ def render_index(manifest: Mapping[str, Any]) -> str:
     citation = m.get("citation") or (
         f"{m['title']} (release {m['release_id']}, {m['created'][:10]}). Differentially private P.L. 94-171 style "
         f"tables produced with dptab {sw['version']} (commit {commit}), dataset {m['dataset_id']}, "
-        f"privacy-loss budget ρ = {m['privacy']['rho']} (ε = {_dec(m['privacy']['epsilon']['cks2020'], 5)} at "
+        f"privacy-loss budget ρ = {m['privacy']['rho']} (ε = {_eps(m['privacy']['epsilon']['cks2020'])} at "
         f"δ = {m['privacy']['delta']}). Manifest sha256 listed in the release.")
     meas = ("<li><code>measurements/noisy_measurements.parquet</code>: every noisy measurement that was drawn "
             "(run, geolevel, geoid, query, answer index and label, noisy value, exact noise variance, σ² as a "
@@ -152,12 +157,13 @@ not real people: they are the protected block counts written out one person per 
 {_privacy_section(m['privacy'])}
 {_invariants_section(m['invariants'])}
 <h2>How to read margins of error</h2>
-<p>The column <code>moe90</code> is a 90% margin of error: for a count published as <em>c</em> with
-margin <em>m</em>, the interval <em>c</em> ± <em>m</em> would contain the count computed from the noisy
-measurements without post-processing 90% of the time. It is computed from the noise design alone
-(the same for every area of a level, so it reveals nothing about the data) as {m['uncertainty']['z']} times
-the standard error of the weighted least-squares estimate of that line from the level's own noisy
-measurements. The standard error is <em>m</em> / {m['uncertainty']['z']}.</p>
+<p>The column <code>moe90</code> is a 90% margin of error <em>m</em> that describes the noise: the
+estimate of that table line computed from the level's own noisy measurements alone (weighted least
+squares, before post-processing) lies within ± <em>m</em> of the confidential count in 90% of draws of
+the noise. It is computed from the noise design alone — the same for every area of a level, so it
+reveals nothing about the data — as {m['uncertainty']['z']} times that estimate's standard error; the
+standard error is <em>m</em> / {m['uncertainty']['z']}. Read a published count <em>c</em> as
+"<em>c</em> ± <em>m</em>, give or take the post-processing effects below".</p>
 <ul>
 <li>A margin of 0 marks a count that is exact (an invariant).</li>
 <li>An empty margin means the level's measurements do not determine that line on their own.</li>
