@@ -11,6 +11,7 @@ the per-pair ratios. The geography (from the units file) and unit counts are tim
     .venv/bin/python benchmarks/histograms.py              # 10 M persons, 5 pairs
     .venv/bin/python benchmarks/histograms.py --quick      # 1 M persons, 3 pairs
     .venv/bin/python benchmarks/histograms.py --data DIR   # use DIR/persons.parquet, DIR/units.parquet
+    .venv/bin/python benchmarks/histograms.py --national-geography   # 2020-sized block hierarchy only
 """
 
 from __future__ import annotations
@@ -42,13 +43,54 @@ def floor(path: Path) -> int:
     return pl.scan_parquet(path).group_by("geoid", *ATTRS).len().collect(engine="streaming").height
 
 
+def national_geography() -> dict:
+    """Build the geography of a national-size block set (all 3,143 counties' real tract and
+    block-group counts, blocks per block group as in synth): time and bytes held."""
+    import numpy as np
+    import resource
+
+    from pipeline import synth_model as m
+    from pipeline.synth import plan_counties
+
+    plan = plan_counties(331_000_000, 1)
+    rng = np.random.default_rng(1)
+    parts = []
+    for st, co, nt, nbg in plan.select("state", "county", "n_tracts", "n_bg").iter_rows():
+        per = m.split_tracts(rng, nt, nbg)
+        tc = m.tract_codes(rng, nt)
+        nb = m.blocks_per_bg(rng, int(per.sum()))
+        tract = np.repeat(np.repeat(tc, per), nb)
+        bg = np.repeat(np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per) + 1, nb)
+        seq = np.arange(nb.sum()) - np.repeat(np.cumsum(nb) - nb, nb)
+        parts.append(int(st) * 10**13 + int(co) * 10**10 + tract * 10_000 + bg * 1000 + seq)
+    codes = np.concatenate(parts)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    geo = Geography.from_block_codes(codes)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    strings = sum(lv.geoids.nbytes for lv in geo.levels)
+    strings_s = time.perf_counter() - t0
+    return {"levels": {lv.name: lv.n_units for lv in geo.levels}, "build_seconds": round(build_s, 2),
+            "int_arrays_mib": round(geo.nbytes / 2**20, 1), "geoid_strings_mib": round(strings / 2**20, 1),
+            "geoid_strings_seconds": round(strings_s, 2),
+            "peak_rss_growth_mib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--persons", type=int, default=10_000_000)
     ap.add_argument("--repeats", type=int, default=None, help="floor/ours pairs (default 5, quick 3)")
     ap.add_argument("--quick", action="store_true", help="1 M persons")
     ap.add_argument("--data", type=Path, default=None, help="existing synth output directory")
+    ap.add_argument("--national-geography", action="store_true", help="only the national-size geography build")
     args = ap.parse_args()
+    if args.national_geography:
+        res = national_geography()
+        for k, v in res.items():
+            print(f"{k:>22}: {v}")
+        print(json.dumps(res))
+        return 0
     n = 1_000_000 if args.quick else args.persons
     repeats = args.repeats or (3 if args.quick else 5)
     tmp = None

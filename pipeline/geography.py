@@ -91,8 +91,14 @@ class LevelIndex:
         """Sorted unique GEOID prefixes, numpy ``<U{digits}`` ``(n_units,)`` (nation: ``[""]``)."""
         if self.digits == 0:
             return np.full(self.n_units, "", dtype="<U1")
-        s = pl.Series(self.codes).cast(pl.Utf8).str.zfill(self.digits)
-        return s.to_numpy().astype(f"<U{self.digits}")
+        # ASCII digits by integer arithmetic, viewed as fixed-width bytes: no Python objects
+        ascii_digits = np.empty((self.n_units, self.digits), dtype=np.uint8)
+        rest = self.codes.copy()
+        for j in range(self.digits - 1, -1, -1):
+            ascii_digits[:, j] = rest % 10
+            rest //= 10
+        ascii_digits += ord("0")
+        return ascii_digits.view(f"S{self.digits}").reshape(-1).astype(f"<U{self.digits}")
 
     def n_children(self) -> np.ndarray:
         """int64 ``(n_units,)``: number of children of each unit in the level below."""
@@ -154,6 +160,15 @@ def geoid_codes(geoids: Iterable[str] | np.ndarray | pl.Series, digits: int, wha
     return s.cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
 
 
+def _run_starts(x: np.ndarray) -> np.ndarray:
+    """bool ``(n,)``: True where a sorted array starts a new run of equal values."""
+    keep = np.empty(x.size, dtype=bool)
+    if x.size:
+        keep[0] = True
+        np.not_equal(x[1:], x[:-1], out=keep[1:])
+    return keep
+
+
 class Geography:
     """All levels of a hierarchy, top to bottom, built from the block GEOIDs.
 
@@ -183,33 +198,29 @@ class Geography:
         levels = tuple(levels) if levels is not None else load_geolevels()
         _check_levels(levels, "levels")
         bottom = levels[-1].digits
-        codes = np.unique(np.asarray(block_codes, dtype=np.int64))
+        # sort + run boundaries: numpy's hash-based np.unique is far slower on millions of int64
+        codes = np.sort(np.asarray(block_codes, dtype=np.int64))
+        codes = codes[_run_starts(codes)]
         if codes.size and (codes[0] < 0 or codes[-1] >= 10**bottom):
             raise GeographyError(f"block codes must lie in [0, 10**{bottom})")
-        # prefix codes of every level, bottom up; each is sorted because the blocks are
-        per_level: list[np.ndarray] = []
-        for lv in levels:
-            prefix = codes // (10 ** (bottom - lv.digits))
-            if prefix.size:
-                keep = np.empty(prefix.size, dtype=bool)
-                keep[0] = True
-                np.not_equal(prefix[1:], prefix[:-1], out=keep[1:])
-                prefix = prefix[keep]
-            elif lv.digits == 0:
-                prefix = np.zeros(1, dtype=np.int64)  # the nation exists even with no blocks
-            per_level.append(prefix)
-        out: list[LevelIndex] = []
-        parents: list[np.ndarray] = [np.full(per_level[0].size, -1, dtype=np.int64)]
-        for k in range(1, len(levels)):
-            up = per_level[k] // (10 ** (levels[k].digits - levels[k - 1].digits))
-            parents.append(np.searchsorted(per_level[k - 1], up).astype(np.int64))
-        for k, lv in enumerate(levels):
-            n = per_level[k].size
-            if k + 1 < len(levels):
-                child_ptr = np.searchsorted(parents[k + 1], np.arange(n + 1), side="left").astype(np.int64)
-            else:
-                child_ptr = np.zeros(n + 1, dtype=np.int64)
-            out.append(LevelIndex(lv.name, lv.digits, per_level[k], parents[k], child_ptr))
+        # walk up: each level's units are the runs of equal prefixes of the level below, so the
+        # parent index is a running count of run starts and child_ptr lists the run starts
+        per_level: list[np.ndarray] = [codes]
+        parents: list[np.ndarray] = []
+        ptrs: list[np.ndarray] = [np.zeros(codes.size + 1, dtype=np.int64)]
+        for k in range(len(levels) - 1, 0, -1):
+            up = per_level[0] // (10 ** (levels[k].digits - levels[k - 1].digits))
+            starts = _run_starts(up)
+            parents.insert(0, np.cumsum(starts, dtype=np.int64) - 1)
+            first = np.flatnonzero(starts)
+            if levels[k - 1].digits == 0 and first.size == 0:  # no blocks: the nation still exists
+                per_level.insert(0, np.zeros(1, dtype=np.int64))
+                ptrs.insert(0, np.zeros(2, dtype=np.int64))
+                continue
+            per_level.insert(0, up[first])
+            ptrs.insert(0, np.append(first, up.size).astype(np.int64))
+        parents.insert(0, np.full(per_level[0].size, -1, dtype=np.int64))
+        out = [LevelIndex(lv.name, lv.digits, per_level[k], parents[k], ptrs[k]) for k, lv in enumerate(levels)]
         return cls(out)
 
     def level(self, name: str) -> LevelIndex:
