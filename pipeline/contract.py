@@ -134,7 +134,7 @@ def _resolve_layout(role: str, source: ParquetSource) -> tuple[str | None, list[
     if not present:
         detail = "none of the layouts' columns found (have: " + ", ".join(sorted(cols)) + "); expected " + \
             " or ".join(f"{n} ({', '.join(s['columns'])})" for n, s in layouts.items())
-        return None, [Problem(label, "", "missing_column", len(next(iter(layouts.values()))["columns"]), detail)]
+        return None, [Problem(label, "", "missing_column", 1, detail)]
     name = present[0]
     missing = [c for c in layouts[name]["columns"] if c not in cols]
     return name, [Problem(label, c, "missing_column", 1, f"required column of the {name} layout is absent")
@@ -170,6 +170,4 @@ def prepare_table(role: str, path: str | Path) -> tuple[PreparedTable | None, li
                                     f"column has type {dtype}, expected {want}"))
             continue
         plans[name] = ColumnPlan(name, cspec, cat)
-    if problems:
-        return PreparedTable(role, source, layout, spec, plans), problems
-    return PreparedTable(role, source, layout, spec, plans), []
+    return PreparedTable(role, source, layout, spec, plans), problems

@@ -184,6 +184,20 @@ def under_18_in_nursing_facility(t):
 
 
 @case
+def ppmf_under_18_in_nursing_facility(t):
+    p = _set(to_ppmf(persons_df()), 10, VOTING_AGE=1)  # PPMF 1 = under 18
+    return *_paths(t, p), [("persons", "GQTYPE_PL+VOTING_AGE", "structural_zero")]
+
+
+@case
+def units_directory_with_bad_part(t):
+    d = t / "units"
+    write(units_df().head(5), d / "part-0.parquet")
+    (d / "part-1.parquet").write_bytes(b"PAR1 garbage")
+    return write(persons_df(), t / "persons.parquet"), d, [(str(d / "part-1.parquet"), "", "truncated_parquet")]
+
+
+@case
 def duplicate_unit_ids(t):
     return *_paths(t, None, _set(units_df(), 4, unit_id="u2")), [("units", "unit_id", "duplicate_id")]
 
