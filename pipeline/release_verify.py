@@ -61,6 +61,9 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]
         rel = f.get("path", "")
         listed.add(rel)
         p = root / rel
+        if root.resolve() not in (p.resolve().parents):  # e.g. "../x": the manifest points outside
+            out.append(_fail("manifest", f"{rel} is not inside the release folder"))
+            continue
         if not p.is_file():
             out.append(_fail("file_missing", f"{rel} is listed in the manifest but missing"))
             continue

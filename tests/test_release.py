@@ -203,3 +203,12 @@ def test_verify_checks_microdata_against_block_tables(built, tmp_path) -> None:
         df = df.with_columns(pl.when(pl.col("EPNUM") == 1).then(pl.lit("03")).otherwise(pl.col("CENRACE")).alias("CENRACE"))
     df.write_parquet(mp)
     assert "microdata" in {f.check for f in verify_release(path)}
+
+
+def test_verify_refuses_paths_outside_the_release(built, tmp_path) -> None:
+    path = copy_of(built, tmp_path)
+    (tmp_path / "outside.txt").write_text("x")
+    m = json.loads((path / "manifest.json").read_text())
+    m["files"].append({"path": "../outside.txt", "bytes": 1, "sha256": sha256_file(tmp_path / "outside.txt")})
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert any(f.check == "manifest" and "outside" in f.detail for f in verify_release(path))
