@@ -110,7 +110,6 @@ class _County:
     """One county's generated structure (all arrays indexed by block unless said otherwise)."""
 
     geoids: pa.Array  # block GEOIDs (string)
-    bg_of_block: np.ndarray
     hh: np.ndarray  # household persons per block
     gq: np.ndarray  # (n_blocks, 7) GQ persons per block and type
     fac_block: np.ndarray  # block of each facility
@@ -123,6 +122,8 @@ class _County:
 
 def _make_county(rng: np.random.Generator, state: str, county: str, n_tracts: int, n_bg: int,
                  n_persons: int) -> _County:
+    """Tracts, block groups and blocks of one county; GQ facilities and persons; household
+    persons per block; race/ethnicity mix and voting-age offset per block."""
     bg_per_tract = m.split_tracts(rng, n_tracts, n_bg)
     n_bg = int(bg_per_tract.sum())
     tcodes = m.tract_codes(rng, n_tracts)
@@ -168,7 +169,7 @@ def _make_county(rng: np.random.Generator, state: str, county: str, n_tracts: in
     va_offset = rng.normal(0.0, m.VOTING_AGE_BLOCK_SD, n_blocks)
     fb = np.concatenate(fac_block) if fac_block else np.zeros(0, np.int64)
     fk = np.concatenate(fac_kind) if fac_kind else np.zeros(0, np.int64)
-    return _County(geoids, bg_of_block, hh, gq, fb.astype(np.int64), fk.astype(np.int64), bmix,
+    return _County(geoids, hh, gq, fb.astype(np.int64), fk.astype(np.int64), bmix,
                    va_offset, n_tracts, n_bg)
 
 
