@@ -34,13 +34,16 @@ import shutil
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.checks import CheckFailure, Invariants, run_checks
+
+if TYPE_CHECKING:
+    from pipeline.geography import Geography
 from pipeline.microdata import microdata_from_blocks
 from pipeline.spec import SCHEMAS_DIR
 from pipeline.tables import LONG_SCHEMA, TableSet, load_tables, long_frame, tabulate_levels, unit_names
@@ -121,13 +124,15 @@ def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-1
 
 
 def variances_from_privacy(privacy: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{kind: {level: {query: σ² = 1/ρ_q}}}`` from a privacy section (counts²).
+    """``{kind: {level: {query: exact noise variance}}}`` from a privacy section (counts²).
 
-    The exact discrete-Gaussian variance is below σ² by a relative amount under 1e-9 for σ² ≥ 1
-    (every 2020 query), so σ² is the variance used for margins of error unless exact
-    variances are passed to :func:`write_release`.
+    The variance of the discrete Gaussian N_Z(0, σ²) with σ² = 1/ρ_q, computed exactly by
+    ``pipeline.privacy.samplers.discrete_gaussian_variance`` (it is below σ², visibly so for
+    σ < 1), i.e. the same weights post-processing uses.
     """
-    return {kind: {lv: {q: 1.0 / float(Fraction(r)) for q, r in qs.items()}
+    from pipeline.privacy.samplers import discrete_gaussian_variance
+
+    return {kind: {lv: {q: float(discrete_gaussian_variance(1 / Fraction(r))) for q, r in qs.items()}
                    for lv, qs in run["rho_by_level_query"].items()}
             for kind, run in privacy["runs"].items()}
 
@@ -179,7 +184,7 @@ class _TableWriter:
             self.writer.close()
 
 
-def _write_measurements(root: Path, geography, tables: TableSet,
+def _write_measurements(root: Path, geography: "Geography", tables: TableSet,
                         files: Mapping[tuple[str, str], Sequence[Path]]) -> Path | None:
     """Consolidate the run's measurement files into one Parquet (adds run, geolevel, geoid, label)."""
     if not files:
@@ -222,7 +227,7 @@ def _write_measurements(root: Path, geography, tables: TableSet,
     return out if writer is not None else None
 
 
-def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography, persons: Mapping[str, Any],
+def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "Geography", persons: Mapping[str, Any],
                   units: Mapping[str, Any] | None, invariants: Invariants, privacy: Mapping[str, Any], *,
                   variances: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
                   measurement_files: Mapping[tuple[str, str], Sequence[Path]] | None = None,
@@ -233,8 +238,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography, pe
     ``units[level]``: the *published* (post-processed, integer) histograms of every level
     (units: 2 cells vacant/occupied, SparseHistogram or dense ``(n_units, 2)``);
     ``invariants``: the declared public invariants; ``privacy``: :func:`privacy_parameters`;
-    ``variances[kind][level][query]``: exact noise variances for margins of error (default
-    σ² = 1/ρ_q from ``privacy``); ``measurement_files[(kind, level)]``: the run's measurement
+    ``variances[kind][level][query]``: exact noise variances for margins of error (default:
+    :func:`variances_from_privacy`); ``measurement_files[(kind, level)]``: the run's measurement
     Parquet files to publish. Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """

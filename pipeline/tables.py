@@ -18,7 +18,7 @@ import csv
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import TYPE_CHECKING, Mapping, Protocol
 
 import numpy as np
 import polars as pl
@@ -26,6 +26,9 @@ import scipy.sparse as sp
 import yaml
 
 from pipeline.spec import SCHEMAS_DIR, HistogramSpec, load_spec
+
+if TYPE_CHECKING:
+    from pipeline.geography import Geography
 
 TABLES_DIR = SCHEMAS_DIR / "tables"
 GEONAMES_DIR = SCHEMAS_DIR / "geonames"
@@ -361,7 +364,7 @@ def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
     })
 
 
-def tabulate_levels(tables: TableSet, geography, persons: Mapping[str, HistogramLike],
+def tabulate_levels(tables: TableSet, geography: "Geography", persons: Mapping[str, HistogramLike],
                     units: Mapping[str, HistogramLike | np.ndarray] | None = None) -> list[LevelTables]:
     """Every table at every level of ``geography`` (top to bottom) from published histograms.
 
