@@ -362,6 +362,10 @@ def run_job_for_cli(config_path: str | None, resume_dir: str | None, *, flow: bo
 
     t0 = time.perf_counter()
     if flow:
+        import os
+
+        # the first start of an ephemeral API server on a busy 2-core machine can take > 20 s
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
         from flows.tabulate import with_runner
 
         out = with_runner(task_runner, dask_address)(config_path=str(config_path) if config_path else "",
@@ -374,9 +378,9 @@ def run_job_for_cli(config_path: str | None, resume_dir: str | None, *, flow: bo
     return {
         "release": out.get("release_path") or out.get("release"),
         "run directory": out["run_dir"],
-        "levels": ", ".join(f"{k} {v}" for k, v in units.get("levels", {}).items()),
-        "rho": out.get("rho"),
-        "epsilon": out.get("epsilon"),
+        "levels": ", ".join(f"{lv} {units.get('levels', {}).get(lv)}" for lv in ctx.level_names),
+        "rho": f"{float(Fraction(out['rho'])):.4f} (exact {out['rho']})",
+        "epsilon": f"{float(Fraction(out['epsilon'])):.2f} at delta {ctx.cfg.privacy.delta:g} (exact upper bound {out['epsilon']})",
         "wall time (s)": round(time.perf_counter() - t0, 1),
         "peak memory (MB)": round(peak_mb),
     }
