@@ -277,6 +277,50 @@ def eval_data_cmd(
         console.print(f"{k}: {p}")
 
 
+@app.command("budget")
+def budget_cmd(
+    strategy: str = typer.Argument(..., help="strategy YAML file or a name in schemas/strategies/"),
+    delta: str = typer.Option("1e-10", "--delta", help="δ for the (ε, δ) figures"),
+    pld: bool = typer.Option(True, "--pld/--no-pld", help="also compute the PLD ε (a few seconds)"),
+) -> None:
+    """Print the privacy budget of a strategy: level × query → ρ_q, σ, share; total ρ; ε (CKS and PLD)."""
+    from fractions import Fraction
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.privacy.accounting import StrategyError, budget_rows, cks_epsilon, load_strategy, loose_epsilon
+
+    console = Console()
+    try:
+        s = load_strategy(strategy)
+        d = Fraction(delta)
+        if not 0 < d < 1:
+            raise StrategyError(f"--delta must be in (0, 1), got {delta}")
+    except (StrategyError, ValueError, ZeroDivisionError) as exc:
+        console.print(f"[red]invalid strategy or delta:[/red] {exc}")
+        raise typer.Exit(2)
+    table = Table(title=f"{s.name}  (spec {s.spec}, ρ = {s.rho})")
+    for col in ("level", "query", "ρ_q", "σ", "share of ρ"):
+        table.add_column(col, justify="left" if col in ("level", "query") else "right")
+    for r in budget_rows(s):
+        table.add_row(r["level"], r["query"], f"{float(r['rho']):.6g}", f"{r['sigma']:.3f}",
+                      f"{float(r['share']) * 100:.2f}%")
+    console.print(table)
+    total = s.total_rho
+    console.print(f"total ρ = {total} ≈ {float(total):.6f}", soft_wrap=True)
+    eps = float(cks_epsilon(total, d))
+    console.print(f"ε (zCDP → (ε, δ), CKS20 Cor. 13) ≤ {eps:.4f} (≈ {eps:.2f}) at δ = {delta}", soft_wrap=True)
+    console.print(f"ε (loose bound ρ + 2√(ρ ln 1/δ)) ≤ {float(loose_epsilon(total, d)):.4f}", soft_wrap=True)
+    if pld:
+        from pipeline.privacy.pld import strategy_pld_epsilon
+
+        e_pld = float(strategy_pld_epsilon(s, d))
+        console.print(f"ε (PLD of the composed discrete Gaussians, worst-case neighbour) ≤ {e_pld:.4f} "
+                      f"(≈ {e_pld:.2f}) at δ = {delta}", soft_wrap=True)
+    console.print("(ε values are rounded up to 1e-4; the ≈ figures are for reading only)", soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -39,6 +39,8 @@ EPS_GRID = Fraction(1, 10_000)
 class StrategyError(ValueError):
     """A strategy file is malformed or inconsistent (maps to CLI exit status 2)."""
 
+    exit_status = 2
+
 
 def parse_fraction(value: Any, what: str) -> Fraction:
     """Parse an exact rational from YAML (``"104/4099"``, ``3``, ``"0.25"``); floats are refused.
@@ -115,6 +117,13 @@ class Strategy:
             raise StrategyError(
                 f"strategy {self.name!r} has no level {level!r}; levels: {', '.join(self.levels)}"
             ) from None
+
+
+def budget_rows(strategy: Strategy) -> list[dict[str, Any]]:
+    """One row per (level, query): exact ρ_q, σ² and σ (float), and the share of the total ρ."""
+    total = strategy.total_rho
+    return [{"level": lv, "query": q, "rho": r, "sigma2": 1 / r, "sigma": math.sqrt(1 / r),
+             "share": r / total} for (lv, q), r in strategy.rho_by_level_query().items()]
 
 
 def strategy_path(path_or_name: str | Path) -> Path:

@@ -27,6 +27,8 @@ from typing import Iterator
 class LedgerError(RuntimeError):
     """The ledger refuses an operation (inconsistent release, unknown reservation, ...)."""
 
+    exit_status = 2  # nothing has run: the CLI reports it as a configuration error
+
 
 class BudgetExceededError(LedgerError):
     """Reserving this release would push the dataset over its declared lifetime budget."""
