@@ -154,8 +154,8 @@ class SparseHistogram:
 
 
 def cell_expr(spec: HistogramSpec) -> pl.Expr:
-    """Polars expression for the cell index of each record (Int64), null if any code is out of
-    the spec's domain. Row-major over ``spec.attributes`` (``cell = ravel_multi_index``)."""
+    """Polars expression for the cell index of each record (Int16 or wider), null if any code
+    is out of the spec's domain. Row-major over ``spec.attributes`` (``ravel_multi_index``)."""
     cell: pl.Expr | None = None
     valid: pl.Expr | None = None
     for attr in spec.attributes:
@@ -170,7 +170,9 @@ def cell_expr(spec: HistogramSpec) -> pl.Expr:
         cell = pos if cell is None else cell * attr.size + pos
         valid = ok if valid is None else valid & ok
     assert cell is not None and valid is not None
-    return pl.when(valid).then(cell).otherwise(None).alias("cell")
+    # a narrow key makes the group_by hash smaller and faster (2,016 cells fit in Int16)
+    dtype = pl.Int16 if spec.n_cells <= 2**15 else pl.Int32 if spec.n_cells <= 2**31 else pl.Int64
+    return pl.when(valid).then(cell).otherwise(None).cast(dtype).alias("cell")
 
 
 def _block_index(geoids: pl.Series, blocks: LevelIndex, what: str) -> np.ndarray:
