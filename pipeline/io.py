@@ -136,13 +136,16 @@ def _part_files(directory: Path) -> list[Path]:
 
 def _check_part(f: Path, label: str) -> tuple[dict[str, pl.DataType] | None, int, list[Problem]]:
     """Footer-level checks of one Parquet file: (schema, rows, problems)."""
-    size = f.stat().st_size
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(max(size - 4, 0))
+            tail = fh.read(4)
+    except OSError as exc:  # permissions, a directory where a file should be, I/O errors
+        return None, 0, [Problem(label, "", "unreadable_file", 1, f"cannot read the file: {first_line(exc)}")]
     if size == 0:
         return None, 0, [Problem(label, "", "zero_byte_file", 1, "the file is empty (0 bytes), not Parquet")]
-    with open(f, "rb") as fh:
-        head = fh.read(4)
-        fh.seek(max(size - 4, 0))
-        tail = fh.read(4)
     if head != PARQUET_MAGIC:
         return None, 0, [Problem(label, "", "not_parquet", 1,
                                  f"does not start with the Parquet magic bytes (starts with {head!r})")]

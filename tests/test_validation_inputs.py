@@ -198,6 +198,23 @@ def units_directory_with_bad_part(t):
 
 
 @case
+def files_swapped(t):
+    p, u = _paths(t)
+    # roles follow the arguments: the units file is read as persons and vice versa
+    return u, p, [("persons", "hhgq", "missing_column"), ("persons", "cenrace", "missing_column"),
+                  ("units", "unit_id", "missing_column"), ("units", "kind", "missing_column")]
+
+
+@case
+def unreadable_file(t):
+    p, u = _paths(t)
+    p.unlink()
+    p.mkdir()  # a directory named like the file, holding a directory named like a part
+    (p / "part-0.parquet").mkdir()
+    return p, u, [("persons", "", "empty_directory")]
+
+
+@case
 def duplicate_unit_ids(t):
     return *_paths(t, None, _set(units_df(), 4, unit_id="u2")), [("units", "unit_id", "duplicate_id")]
 
