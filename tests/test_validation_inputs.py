@@ -206,7 +206,7 @@ def files_swapped(t):
 
 
 @case
-def unreadable_file(t):
+def directory_whose_parts_are_directories(t):
     p, u = _paths(t)
     p.unlink()
     p.mkdir()  # a directory named like the file, holding a directory named like a part
@@ -454,3 +454,19 @@ def test_on_step_reports_each_pass(tmp_path: Path) -> None:
     steps: list[str] = []
     validate_inputs(*_paths(tmp_path), on_step=steps.append)
     assert steps == ["persons: checking 16 rows", "units: checking 9 rows", "persons x units: checking blocks"]
+
+
+def test_unreadable_file_is_a_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p, u = _paths(tmp_path)
+    real_open = open
+
+    def guarded(path, *a, **k):
+        if Path(path) == p:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("pipeline.io.open", guarded, raising=False)
+    with pytest.raises(InputValidationError) as info:
+        validate_inputs(p, u)
+    _assert_problems(info.value, [(str(p), "", "unreadable_file")])
+    assert "Permission denied" in str(info.value)
