@@ -134,3 +134,24 @@ def test_level_metrics_long_format():
     assert pub["value"].to_list() == pytest.approx([1.0] * pub.height)
     w = df.filter((pl.col("estimator") == "wls") & (pl.col("metric") == "max_abs"))
     assert w["value"].max() == 0
+
+
+def test_p95_and_max_by_bin_match_numpy():
+    from pipeline.review.metrics import SIZE_BINS, _order_stats
+
+    rng = np.random.default_rng(1)
+    t = rng.poisson(30, (2000, 12)).astype(float)
+    t[:50] = 0
+    a = np.abs(rng.normal(0, 3, t.shape) * rng.random(t.shape) * 50)
+    bins = size_bin_index(t)
+    o = _order_stats(np.ascontiguousarray(a.T), np.ascontiguousarray(bins.T))
+    p = {k: v[0] for k, v in o.items()}
+    assert o["all"][1] == pytest.approx(a.max(axis=0))
+    for j in range(t.shape[1]):
+        assert p["all"][j] == pytest.approx(np.percentile(a[:, j], 95))
+        for i, (label, _, _) in enumerate(SIZE_BINS):
+            m = bins[:, j] == i
+            if m.any():
+                assert p[label][j] == pytest.approx(np.percentile(a[m, j], 95)), (label, j)
+            else:
+                assert math.isnan(p[label][j])

@@ -22,7 +22,6 @@ Every value these functions return is derived from confidential truth: see
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,28 +116,74 @@ def size_bin_index(true_values: np.ndarray) -> np.ndarray:
     return np.searchsorted(edges, t, side="right").astype(np.int64)
 
 
-def _masked_metrics(err: np.ndarray, truth: np.ndarray, mask: np.ndarray, pop_ok: np.ndarray) -> dict[str, np.ndarray]:
-    """Column-wise metrics of ``err`` over the rows where ``mask`` holds; shapes ``(n, s)``."""
-    n = mask.sum(axis=0).astype(np.float64)
-    safe = np.where(n > 0, n, 1.0)
+def _percentile_sorted(a_sorted: np.ndarray, start: np.ndarray, count: np.ndarray, q: float) -> np.ndarray:
+    """Linear-interpolation percentile ``q`` of each row's segment ``[start, start+count)`` of
+    the row-sorted array ``a_sorted`` ``(s, n)`` (``numpy.percentile``'s default rule); NaN if empty."""
+    last = start + np.maximum(count - 1, 0)
+    pos = start + (q / 100.0) * np.maximum(count - 1, 0)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, last)
+    rows = np.arange(a_sorted.shape[0])
+    n = a_sorted.shape[1]
+    vlo = a_sorted[rows, np.clip(lo, 0, n - 1)]
+    vhi = a_sorted[rows, np.clip(hi, 0, n - 1)]
+    return np.where(count > 0, vlo + (pos - lo) * (vhi - vlo), np.nan)
+
+
+def _order_stats(a: np.ndarray, bins: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``(p95, max)`` of ``a`` ``(s, n)`` per row (statistic), overall and within each size bin.
+
+    Two row-wise sorts instead of a masked percentile per bin: sorting by (bin, value) makes
+    every bin a contiguous, sorted segment of each row."""
+    s, n = a.shape
+    zero = np.zeros(s, dtype=np.int64)
+    srt = np.sort(a, axis=1)
+    full = np.full(s, n)
+    out = {ALL_BIN: (_percentile_sorted(srt, zero, full, 95), _percentile_sorted(srt, zero, full, 100))}
+    # bins are small integers and a >= 0, so bin * (max + 1) + a orders by (bin, a)
+    scale = a.max(initial=0) + 1.0
+    srt = np.sort(bins * scale + a, axis=1)
+    srt -= np.sort(bins, axis=1) * scale
+    start = zero.copy()
+    for i, b in enumerate(SIZE_BINS):
+        count = (bins == i).sum(axis=1)
+        out[b[0]] = (_percentile_sorted(srt, start, count, 95), _percentile_sorted(srt, start, count, 100))
+        start = start + count
+    return out
+
+
+def _binned_metrics(err: np.ndarray, truth: np.ndarray, bins: np.ndarray, pop_ok: np.ndarray
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """``{size_bin: {metric: (s,)}}`` for ``err``/``truth`` ``(s, n)`` (statistic-major);
+    ``pop_ok`` ``(1, n)`` marks units with >= 500 persons. Sums by bin are one ``bincount`` each."""
+    s, n = err.shape
+    nb = len(SIZE_BINS)
+    key = (np.arange(s, dtype=np.int64)[:, None] * nb + bins).ravel()
+
+    def by_bin(w: np.ndarray | None) -> np.ndarray:
+        return np.bincount(key, weights=None if w is None else w.ravel(), minlength=s * nb).reshape(s, nb)
+
     a = np.abs(err)
-    out = {
-        "n": n,
-        "mae": np.where(mask, a, 0.0).sum(axis=0) / safe,
-        "rmse": np.sqrt(np.where(mask, err * err, 0.0).sum(axis=0) / safe),
-        "bias": np.where(mask, err, 0.0).sum(axis=0) / safe,
-        "max_abs": np.where(mask, a, -np.inf).max(axis=0, initial=-np.inf),
-    }
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        # 95th percentile with linear interpolation, NaN-masked (all-NaN columns give NaN).
-        warnings.simplefilter("ignore", RuntimeWarning)
-        out["p95_abs"] = np.nanpercentile(np.where(mask, a, np.nan), 95, axis=0)
-        pm = mask & pop_ok & (truth > 0)
-        k = pm.sum(axis=0)
-        ape = np.where(pm, a / np.where(truth > 0, truth, 1.0), 0.0).sum(axis=0)
-        out["mape_500"] = np.where(k > 0, 100.0 * ape / np.where(k > 0, k, 1), np.nan)
-    for m in ("mae", "rmse", "bias", "max_abs", "p95_abs"):
-        out[m] = np.where(n > 0, out[m], np.nan)
+    ok = pop_ok & (truth > 0)
+    sums = {"n": by_bin(None), "e": by_bin(err), "a": by_bin(a), "e2": by_bin(err * err),
+            "k": by_bin(ok.astype(np.float64)),
+            "ape": by_bin(np.where(ok, a / np.where(truth > 0, truth, 1.0), 0.0))}
+    order = _order_stats(a, bins)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for label, j in [(ALL_BIN, None)] + [(b[0], i) for i, b in enumerate(SIZE_BINS)]:
+        v = {k: (x.sum(axis=1) if j is None else x[:, j]) for k, x in sums.items()}
+        cnt = v["n"]
+        safe = np.where(cnt > 0, cnt, 1.0)
+        empty = cnt == 0
+        out[label] = {
+            "n": cnt.astype(np.float64),
+            "mae": np.where(empty, np.nan, v["a"] / safe),
+            "rmse": np.where(empty, np.nan, np.sqrt(v["e2"] / safe)),
+            "bias": np.where(empty, np.nan, v["e"] / safe),
+            "p95_abs": order[label][0],
+            "max_abs": order[label][1],
+            "mape_500": np.where(v["k"] > 0, 100.0 * v["ape"] / np.where(v["k"] > 0, v["k"], 1.0), np.nan),
+        }
     return out
 
 
@@ -159,18 +204,19 @@ def error_table(truth: np.ndarray, estimate: np.ndarray, true_pop: np.ndarray,
     if t.shape != e.shape or t.shape[1] != len(names) or len(true_pop) != t.shape[0]:
         raise MetricsError(f"truth {t.shape}, estimate {e.shape}, {len(names)} names and "
                            f"{len(true_pop)} populations do not fit")
-    err = e - t
-    pop_ok = (np.asarray(true_pop) >= MAPE_MIN_POP)[:, None]
+    # work statistic-major (s, n): every reduction and sort runs over contiguous memory
+    t = np.ascontiguousarray(t.T)
+    err = np.ascontiguousarray(e.T) - t
+    pop_ok = (np.asarray(true_pop) >= MAPE_MIN_POP)[None, :]
     bins = size_bin_index(t)
+    res = _binned_metrics(err, t, bins, pop_ok)
     out: dict[tuple[str, str, str], float] = {}
-    groups = [(ALL_BIN, np.ones_like(bins, dtype=bool))] + [(b[0], bins == i) for i, b in enumerate(SIZE_BINS)]
-    for label, mask in groups:
-        res = _masked_metrics(err, t, mask, pop_ok)
+    for label, r in res.items():
         for j, name in enumerate(names):
-            if label != ALL_BIN and res["n"][j] == 0:
+            if label != ALL_BIN and r["n"][j] == 0:
                 continue
             for m in ERROR_METRICS:
-                out[(name, m, label)] = float(res[m][j])
+                out[(name, m, label)] = float(r[m][j])
     return out
 
 
