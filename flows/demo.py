@@ -27,16 +27,23 @@ def main() -> int:
     result = tabulate(config_path=str(config))
     from pipeline import run as stages
 
+    from fractions import Fraction
+
+    from pipeline.release_verify import verify_release
+
     report = stages.review_run(result["run_dir"])
     release = Path(result["release"])
+    failures = verify_release(release)
     print()
     print(f"dptab demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"  release:      {release}")
     print(f"  index page:   {release / 'index.html'}")
     print(f"  review report (internal): {report}")
     print(f"  run directory (confidential): {result['run_dir']}")
-    print(f"  privacy: rho = {result['rho']}  epsilon = {result['epsilon']}")
-    return 0
+    print(f"  privacy: rho = {float(Fraction(result['rho'])):.4f}, "
+          f"epsilon = {float(Fraction(result['epsilon'])):.2f} at delta = 1e-10")
+    print(f"  dptab verify: {'every checksum and consistency check passes' if not failures else failures}")
+    return 0 if not failures else 1
 
 
 if __name__ == "__main__":
