@@ -64,13 +64,13 @@ class Problem:
     examples: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        """One line: ``file, column 'c': kind — detail (count N); first rows: row: value, ...``."""
+        """One line: ``file, column 'c': kind — detail (count N); first rows (0-based): row: value, ...``."""
         col = f", column '{self.column}'" if self.column else ""
         text = f"{self.file}{col}: {self.kind} — {self.detail} (count {self.count:,})"
         if self.first_rows and len(self.examples) == len(self.first_rows):
-            text += "; first rows: " + ", ".join(f"{r}: {e}" for r, e in zip(self.first_rows, self.examples))
+            text += "; first rows (0-based): " + ", ".join(f"{r}: {e}" for r, e in zip(self.first_rows, self.examples))
         elif self.first_rows:
-            text += "; first rows: " + ", ".join(str(r) for r in self.first_rows)
+            text += "; first rows (0-based): " + ", ".join(str(r) for r in self.first_rows)
         elif self.examples:
             text += "; e.g. " + ", ".join(self.examples)
         return text

@@ -419,7 +419,7 @@ def test_problem_reports_count_rows_and_values(tmp_path: Path) -> None:
     assert prob.count == 7
     assert prob.first_rows == (1, 4, 6, 8, 9)  # first five, 0-based
     assert prob.examples == ("71", "74", "76", "78", "79")
-    assert "first rows: 1: 71, 4: 74" in str(info.value)
+    assert "first rows (0-based): 1: 71, 4: 74" in str(info.value)
 
 
 def test_row_numbers_in_directory_parts_name_the_part(tmp_path: Path) -> None:
@@ -446,7 +446,7 @@ def test_directory_of_parts_reads_as_one_table(tmp_path: Path) -> None:
 def test_error_kind_of_problem_is_stable_text() -> None:
     e = InputValidationError([Problem("f.parquet", "hhgq", "out_of_domain", 3, "outside 0..7", (0, 2), ("9", "8"))])
     assert str(e) == ("invalid input: 1 problem found\n  - f.parquet, column 'hhgq': out_of_domain — outside 0..7 "
-                      "(count 3); first rows: 0: 9, 2: 8")
+                      "(count 3); first rows (0-based): 0: 9, 2: 8")
     assert e.exit_status == 2
 
 
