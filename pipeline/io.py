@@ -173,7 +173,9 @@ def open_parquet(path: str | Path) -> tuple[ParquetSource | None, list[Problem]]
         return None, [Problem(label, "", "missing_path", 1, "no such file or directory")]
     files = _part_files(path) if path.is_dir() else [path]
     if not files:
-        return None, [Problem(label, "", "empty_directory", 1, "the directory holds no *.parquet part files")]
+        subdirs = path.is_dir() and any(p.is_dir() for p in path.iterdir())
+        return None, [Problem(label, "", "empty_directory", 1, "the directory holds no *.parquet part files"
+                              + (" (subdirectories, e.g. Hive partitions, are not searched)" if subdirs else ""))]
     problems: list[Problem] = []
     schemas: list[tuple[Path, dict[str, pl.DataType]]] = []
     counts: list[int] = []
