@@ -218,8 +218,8 @@ def review_cmd(
     except Exception as exc:  # missing files and bad run directories carry exit status 2
         console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
         raise typer.Exit(getattr(exc, "exit_status", 1))
-    console.print(f"metrics: {report.parent / 'metrics.parquet'}")
-    console.print(f"report:  {report}")
+    typer.echo(f"metrics: {report.parent / 'metrics.parquet'}")
+    typer.echo(f"report:  {report}")
 
 
 @app.command("experiment")
@@ -248,8 +248,8 @@ def experiment_cmd(
     except Exception as exc:
         console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
         raise typer.Exit(getattr(exc, "exit_status", 1))
-    console.print(f"experiment: {exp}")
-    console.print(f"report:     {exp / 'report.html'}")
+    typer.echo(f"experiment: {exp}")
+    typer.echo(f"report:     {exp / 'report.html'}")
 
 
 @app.command("eval-data")
@@ -274,7 +274,7 @@ def eval_data_cmd(
         console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
         raise typer.Exit(getattr(exc, "exit_status", 1))
     for k, p in paths.items():
-        console.print(f"{k}: {p}")
+        typer.echo(f"{k}: {p}")
 
 
 @app.command("budget")

@@ -8,7 +8,7 @@ scored exactly like the published counts.
 * **Raw noisy, clipped at 0** (``noisy_clipped``): each noisy answer is clipped at 0; a
   statistic is the sum of the clipped answers of the measured query that represents it
   (the statistic is a union of that query's answers) with the smallest variance
-  ``answers x variance`` — e.g. ``total`` from the ``total`` query, a P1 line from
+  ``measured answers x variance`` (answers per unit on average, skipped ones excluded) — e.g. ``total`` from the ``total`` query, a P1 line from
   ``cenrace``, a P2 line from ``hispanic*cenrace``.
 * **Unconstrained weighted least squares** (``wls``): per unit, the minimiser of
   ``Σ_q ‖Q_q x − y_q‖² / v_q`` over real ``x`` (2,016 detailed cells), i.e.
@@ -81,12 +81,15 @@ def noisy_clipped_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Sta
     n_stats = v.shape[1]
     best_cost = np.full(n_stats, np.inf)
     out = np.full((n_units, n_stats), np.nan)
-    for _, var, y, m in _per_query(meas, spec, n_units):
+    for qname, var, y, m in _per_query(meas, spec, n_units):
         size = np.asarray(m.sum(axis=1)).ravel()                     # cells per answer
         counts = np.asarray((m @ v).toarray())                       # (n_answers, n_stats)
         full = (counts == size[:, None]) & (size[:, None] > 0)
         valid = np.all(full | (counts == 0), axis=0)
-        cost = full.sum(axis=0) * var
+        # variance of the sum = var x answers actually measured (skipped answers are exact 0s)
+        ans = meas.filter(pl.col("query") == qname)["answer"].to_numpy()
+        measured = np.bincount(ans, minlength=m.shape[0]) / max(n_units, 1)
+        cost = (full * measured[:, None]).sum(axis=0) * var
         take = valid & (cost < best_cost)
         if not take.any():
             continue
