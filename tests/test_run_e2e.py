@@ -1,0 +1,97 @@
+"""End to end: `dptab run` on tiny synthetic data and on the real Perry County PPMF records."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline import run as stages
+from pipeline.histograms import SparseHistogram
+from pipeline.privacy.ledger import BudgetExceededError
+from pipeline.release_verify import verify_release
+from run_helpers import make_inputs, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    inputs = make_inputs(tmp)
+    cfg = write_config(tmp, inputs, release_id="rel-1")
+    out = stages.run(cfg, progress=False)
+    return tmp, inputs, cfg, out
+
+
+def test_release_verifies_and_levels_are_consistent(finished_run) -> None:
+    tmp, _, _, out = finished_run
+    release = Path(out["release_path"])
+    assert release.name == "rel-1" and (release / "index.html").is_file()
+    assert verify_release(release) == []
+    run_dir = Path(out["run_dir"])
+    levels = stages.run_levels(run_dir)
+    for kind in ("persons", "units"):
+        hists = {lv: SparseHistogram.from_parquet(run_dir / "solved" / f"{kind}_{lv}.parquet") for lv in levels}
+        ctx = stages.RunContext.load(run_dir)
+        for i, lv in enumerate(levels[1:], start=1):
+            child = hists[lv].dense()
+            parent = hists[levels[i - 1]].dense()
+            par = ctx.geography.level(lv).parent
+            summed = np.zeros_like(parent)
+            np.add.at(summed, par, child)
+            assert np.array_equal(summed, parent), f"{kind} {lv} does not add up to its parent"
+            assert (child >= 0).all()
+
+
+def test_invariants_hold_exactly(finished_run) -> None:
+    _, inputs, _, out = finished_run
+    run_dir = Path(out["run_dir"])
+    persons = pl.read_parquet(inputs / "persons.parquet")
+    units = pl.read_parquet(inputs / "units.parquet")
+    nation = SparseHistogram.from_parquet(run_dir / "solved" / "persons_nation.parquet")
+    assert nation.total() == persons.height  # nation total invariant
+    states = SparseHistogram.from_parquet(run_dir / "solved" / "persons_state.parquet").totals()
+    true_states = persons.group_by(pl.col("geoid").str.slice(0, 2)).len().sort("geoid")["len"].to_numpy()
+    assert np.array_equal(states, true_states)
+    blocks = SparseHistogram.from_parquet(run_dir / "solved" / "units_block.parquet").dense()
+    hu = (units.filter(pl.col("kind") == 0).group_by("geoid").len().sort("geoid"))
+    ctx = stages.RunContext.load(run_dir)
+    geoids = ctx.geography.level("block").geoids
+    hu_by_block = dict(zip(hu["geoid"].to_list(), hu["len"].to_list()))
+    expected = np.array([hu_by_block.get(g, 0) for g in geoids])
+    assert np.array_equal(blocks.sum(axis=1), expected)
+
+
+def test_same_release_id_is_refused_before_reading_data(finished_run, tmp_path) -> None:
+    tmp, inputs, _, _ = finished_run
+    cfg = write_config(tmp, inputs, name="again.yaml", release_id="rel-1",
+                       inputs={"persons": str(tmp_path / "absent.parquet"), "units": str(tmp_path / "absent2.parquet")})
+    with pytest.raises(stages.ReleaseExistsError, match="rel-1"):
+        stages.prepare(cfg)
+
+
+def test_overspending_run_is_refused_before_reading_data(tmp_path) -> None:
+    # the inputs do not exist: a refusal that reads no data must come before any file error
+    cfg = write_config(tmp_path, tmp_path / "nowhere", privacy={"lifetime_rho": "1"})
+    with pytest.raises(BudgetExceededError) as err:
+        stages.prepare(cfg)
+    assert "1" in str(err.value)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_perry_county_ppmf_end_to_end(tmp_path) -> None:
+    """The real PPMF-layout records of Perry County, AL through the whole job."""
+    cfg = write_config(
+        tmp_path, tmp_path, release_id="perry",
+        inputs={"persons": str(ROOT / "data" / "perry_al_ppmf_persons.parquet"),
+                "units": str(ROOT / "data" / "perry_al_units.parquet")})
+    out = stages.run(cfg, progress=False)
+    release = Path(out["release_path"])
+    assert verify_release(release) == []
+    p1 = pl.read_parquet(release / "tables" / "P1.parquet")
+    county = p1.filter((pl.col("geolevel") == "county") & (pl.col("line") == 1))
+    assert county["count"].to_list() == [10588]  # the state total invariant (one county)
