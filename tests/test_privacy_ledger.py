@@ -1,0 +1,97 @@
+"""Budget ledger: refusal with the arithmetic, idempotent reservations, concurrency safety."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+from pipeline.privacy.ledger import BudgetExceededError, Ledger, LedgerError
+
+
+def test_reserve_commit_fail_and_refusal(tmp_path: Path):
+    led = Ledger(tmp_path / "ledger.sqlite")
+    assert led.check_and_reserve("ds", "r1", Fraction(1), Fraction(3), eps="10.0") == 1
+    assert led.check_and_reserve("ds", "r2", Fraction(3, 2), Fraction(3)) == Fraction(5, 2)
+    with pytest.raises(BudgetExceededError) as err:
+        led.check_and_reserve("ds", "r3", Fraction(1), Fraction(3))
+    msg = str(err.value)
+    assert "spent 5/2" in msg and "this release 'r3' 1" in msg and "= 7/2" in msg and "> lifetime 3" in msg
+    assert led.spent("ds") == Fraction(5, 2)  # the refused release left no row
+    led.commit("ds", "r1")
+    led.commit("ds", "r1")  # idempotent
+    led.fail("ds", "r2")
+    assert led.spent("ds") == 1
+    with pytest.raises(LedgerError, match="committed"):
+        led.fail("ds", "r1")
+    with pytest.raises(LedgerError, match="no reservation"):
+        led.commit("ds", "nope")
+    assert led.check_and_reserve("ds", "r3", Fraction(2), Fraction(3)) == 3  # exactly at the limit
+    assert led.spent("other") == 0
+    rows = {r["release"]: r for r in led.entries("ds")}
+    assert rows["r1"]["status"] == "committed" and rows["r1"]["rho"] == "1" and rows["r1"]["eps"] == "10.0"
+    assert rows["r2"]["status"] == "failed"
+
+
+def test_same_release_does_not_double_count(tmp_path: Path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.check_and_reserve("ds", "r1", Fraction(2), Fraction(3))
+    assert led.check_and_reserve("ds", "r1", Fraction(2), Fraction(3)) == 2  # retry / resume
+    led.commit("ds", "r1")
+    assert Ledger(tmp_path / "l.sqlite").check_and_reserve("ds", "r1", Fraction(2), Fraction(3)) == 2
+    with pytest.raises(LedgerError, match="different rho"):
+        led.check_and_reserve("ds", "r1", Fraction(1), Fraction(3))
+    # a failed reservation retried is counted again (and checked again)
+    led.check_and_reserve("ds", "r2", Fraction(1), Fraction(3))
+    led.fail("ds", "r2")
+    assert led.check_and_reserve("ds", "r2", Fraction(1), Fraction(3)) == 3
+
+
+def test_lifetime_cannot_be_changed_by_a_run(tmp_path: Path):
+    led = Ledger(tmp_path / "l.sqlite")
+    led.check_and_reserve("ds", "r1", Fraction(1), Fraction(3))
+    with pytest.raises(LedgerError, match="cannot be changed"):
+        led.check_and_reserve("ds", "r2", Fraction(1), Fraction(100))
+    with pytest.raises(LedgerError, match="> 0"):
+        led.check_and_reserve("ds2", "r", Fraction(0), Fraction(1))
+
+
+def _reserve(path: str, release: str, start, results) -> None:
+    start.wait()
+    try:
+        Ledger(path).check_and_reserve("ds", release, Fraction(3, 5), Fraction(1))
+        results.put((release, "ok"))
+    except BudgetExceededError:
+        results.put((release, "refused"))
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_two_processes_cannot_both_overspend(tmp_path: Path, trial: int, monkeypatch):
+    # each asks for 3/5 of a lifetime of 1: exactly one may succeed. The read of the spent total
+    # is slowed down (in the forked children too) so that, without the write lock taken by
+    # BEGIN IMMEDIATE before that read, both processes would read 0 and both reserve.
+    import time
+
+    real = Ledger._spent
+
+    def slow_spent(con, dataset, exclude=None):
+        out = real(con, dataset, exclude)
+        time.sleep(0.3)
+        return out
+
+    monkeypatch.setattr(Ledger, "_spent", staticmethod(slow_spent))
+    path = str(tmp_path / "l.sqlite")
+    Ledger(path)
+    ctx = mp.get_context("fork")
+    start, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_reserve, args=(path, f"r{i}", start, results)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    outcome = sorted(results.get(timeout=5)[1] for _ in procs)
+    assert outcome == ["ok", "refused"]
+    assert Ledger(path).spent("ds") == Fraction(3, 5)
