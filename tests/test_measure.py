@@ -1,0 +1,127 @@
+"""Measurements: contract columns, exact noise scale, parent-zero skipping, write-once files."""
+
+from __future__ import annotations
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.histograms import SparseHistogram
+from pipeline.measure import COLUMNS, MeasurementError, load_measurements, measure_shard
+from pipeline.privacy.accounting import load_strategy
+from pipeline.privacy.randomness import keyed_source, seeded_source
+from pipeline.privacy.samplers import discrete_gaussian_variance
+from pipeline.spec import load_spec
+
+SPEC = load_spec("pl94")
+STRATEGY = load_strategy("census2020_pl94")
+
+
+def _blocks(n_units: int = 120, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(0.03, size=(n_units, SPEC.n_cells))
+    x[:, SPEC.structural_zero_mask] = 0
+    return x
+
+
+def test_full_measurement_contract_and_noise_scale(tmp_path: Path):
+    x = _blocks()
+    h = SparseHistogram.from_dense("block", x)
+    res = measure_shard(tmp_path / "m.parquet", h, SPEC, STRATEGY, "block", 20, 120,
+                        seeded_source(1, "block", 0), full=True)
+    n_answers = sum(SPEC.query(q).n_answers for q in STRATEGY.queries("block"))
+    assert res.drawn and res.rows == 100 * n_answers and res.skipped == 0
+    df = pl.read_parquet(res.path)
+    assert tuple(df.columns) == COLUMNS
+    assert [str(t) for t in df.dtypes] == ["Int64", "String", "Int32", "Int64", "Float64", "String"]
+    assert df["unit"].min() == 20 and df["unit"].max() == 119
+    m = load_measurements(res.path, SPEC, 20, 120)
+    assert list(m) == list(STRATEGY.queries("block"))
+    for q, meas in m.items():
+        qq = SPEC.query(q)
+        s2 = STRATEGY.sigma2("block", q)
+        assert meas.sigma2 == s2 and meas.variance == discrete_gaussian_variance(s2)
+        assert meas.values.shape == (100, qq.n_answers) and not np.isnan(meas.values).any()
+        resid = meas.values - qq.answer(x[20:120])
+        assert np.all(resid == np.rint(resid))  # integer noise
+    # detailed: 201,600 residuals with exact variance v; mean and variance within 6 s.e.
+    resid = (m["detailed"].values - x[20:120]).ravel()
+    v = m["detailed"].variance
+    assert abs(resid.mean()) < 6 * np.sqrt(v / resid.size)
+    assert abs(resid.var() / v - 1) < 6 * np.sqrt(2 / resid.size) * 1.2
+
+
+def test_parent_zero_answers_are_skipped(tmp_path: Path):
+    x = _blocks(100, seed=3)
+    parents = x.reshape(10, 10, -1).sum(axis=1)  # 10 block groups of 10 blocks
+    parent = SparseHistogram.from_dense("block_group", parents)
+    h = SparseHistogram.from_dense("block", x)
+    parent_of = np.repeat(np.arange(10), 10)
+    res = measure_shard(tmp_path / "s.parquet", h, SPEC, STRATEGY, "block", 0, 100,
+                        seeded_source(2), parent=parent, parent_of=parent_of)
+    total_answers = 100 * sum(SPEC.query(q).n_answers for q in STRATEGY.queries("block"))
+    assert res.rows + res.skipped == total_answers and res.skipped > 0
+    m = load_measurements(res.path, SPEC, 0, 100)
+    for q, meas in m.items():
+        pans = SPEC.query(q).answer(parents)[parent_of]  # each block's parent answers
+        assert np.array_equal(~np.isnan(meas.values), pans > 0), q
+    # `full` draws everything even with a parent
+    full = measure_shard(tmp_path / "f.parquet", h, SPEC, STRATEGY, "block", 0, 100,
+                         seeded_source(2), parent=parent, parent_of=parent_of, full=True)
+    assert full.rows == total_answers
+
+
+def test_written_once_and_reused(tmp_path: Path):
+    x = _blocks(30)
+    h = SparseHistogram.from_dense("block", x)
+    path = tmp_path / "measurements" / "persons" / "block" / "shard-00000.parquet"
+    first = measure_shard(path, h, SPEC, STRATEGY, "block", 0, 30, seeded_source(5))
+    before, mtime = path.read_bytes(), path.stat().st_mtime_ns
+    again = measure_shard(path, h, SPEC, STRATEGY, "block", 0, 30, seeded_source(6))  # other noise
+    assert first.drawn and not again.drawn and again.rows == first.rows
+    assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left behind
+    with pytest.raises(MeasurementError, match="units=0:30, not 0:20"):
+        measure_shard(path, h, SPEC, STRATEGY, "block", 0, 20, seeded_source(5))
+    with pytest.raises(MeasurementError, match="full"):
+        measure_shard(path, h, SPEC, STRATEGY, "block", 0, 30, seeded_source(5), full=True)
+
+
+def test_keyed_noise_is_reproducible(tmp_path: Path):
+    key = os.urandom(32)
+    h = SparseHistogram.from_dense("block", _blocks(20))
+    a = measure_shard(tmp_path / "a.parquet", h, SPEC, STRATEGY, "block", 0, 20, keyed_source(key, "block", 0))
+    b = measure_shard(tmp_path / "b.parquet", h, SPEC, STRATEGY, "block", 0, 20, keyed_source(key, "block", 0))
+    assert pl.read_parquet(a.path).equals(pl.read_parquet(b.path))
+    c = measure_shard(tmp_path / "c.parquet", h, SPEC, STRATEGY, "block", 0, 20, keyed_source(key, "block", 1))
+    assert not pl.read_parquet(a.path)["value"].equals(pl.read_parquet(c.path)["value"])
+
+
+def test_bad_requests(tmp_path: Path):
+    h = SparseHistogram.from_dense("block", _blocks(10))
+    with pytest.raises(MeasurementError, match="bad unit range"):
+        measure_shard(tmp_path / "x.parquet", h, SPEC, STRATEGY, "block", 5, 11, seeded_source(1))
+    units = SparseHistogram.from_dense("block", np.ones((3, 2), dtype=np.int64))
+    with pytest.raises(MeasurementError, match="cells"):
+        measure_shard(tmp_path / "y.parquet", units, SPEC, STRATEGY, "block", 0, 3, seeded_source(1))
+    with pytest.raises(MeasurementError, match="parent_of"):
+        measure_shard(tmp_path / "z.parquet", h, SPEC, STRATEGY, "block", 0, 10, seeded_source(1),
+                      parent=h, parent_of=np.zeros(3, dtype=np.int64))
+    good = measure_shard(tmp_path / "g.parquet", h, SPEC, STRATEGY, "block", 0, 10, seeded_source(1))
+    with pytest.raises(MeasurementError, match="no measurements"):
+        load_measurements(good.path, SPEC, 0, 10, queries=["detailed", "total", "hhgq*hispanic"])
+
+
+def test_units_measurements(tmp_path: Path):
+    spec = load_spec("units")
+    strat = load_strategy("census2020_units")
+    occ = np.array([[3, 10], [0, 0], [1, 7]])
+    h = SparseHistogram.from_dense("tract", occ)
+    res = measure_shard(tmp_path / "u.parquet", h, spec, strat, "tract", 0, 3, seeded_source(9), full=True)
+    m = load_measurements(res.path, spec, 0, 3)
+    assert list(m) == ["detailed"] and m["detailed"].values.shape == (3, 2)
+    assert m["detailed"].sigma2 == 1 / (strat.rho * Fraction(1456, 4100))
