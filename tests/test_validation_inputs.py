@@ -122,6 +122,12 @@ def geoid_non_digits(t):
 
 
 @case
+def geoid_sign_space_and_unicode_digits(t):
+    p = _set(_set(_set(persons_df(), 0, geoid="+" + B1[1:]), 3, geoid=B1[:-1] + " "), 6, geoid=B1[:-1] + "\u0661")
+    return *_paths(t, p), [("persons", "geoid", "non_digit")]
+
+
+@case
 def ppmf_component_wrong_width(t):
     p = _set(to_ppmf(persons_df()), 0, TABTRACTCE="20100")
     return *_paths(t, p), [("persons", "TABTRACTCE", "wrong_length")]
@@ -407,6 +413,14 @@ def test_ppmf_layout_validates_to_the_same_frames(tmp_path: Path) -> None:
         v = validate_inputs(*_paths(tmp_path / f"b{integers}", to_ppmf(persons_df(), integers=integers)))
         assert v.summary.persons_layout == "ppmf"
         assert v.persons.collect().equals(ours.persons.collect())
+
+
+def test_sign_space_and_unicode_digit_geoids_all_counted(tmp_path: Path) -> None:
+    p, u, _ = CASES["geoid_sign_space_and_unicode_digits"](tmp_path)
+    with pytest.raises(InputValidationError) as info:
+        validate_inputs(p, u)
+    (prob,) = [q for q in info.value.problems if q.kind == "non_digit"]
+    assert prob.count == 3 and prob.first_rows == (0, 3, 6)
 
 
 def test_problem_reports_count_rows_and_values(tmp_path: Path) -> None:
