@@ -27,7 +27,6 @@ from typing import Callable, Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import synth_model as m
@@ -116,6 +115,8 @@ class _County:
     fac_kind: np.ndarray  # GQ type 1..7 of each facility
     mix: np.ndarray  # (n_blocks, 8) group mix
     va_offset: np.ndarray  # voting-age rate offset per block
+    occupied: np.ndarray  # occupied housing units per block
+    vacant: np.ndarray  # vacant housing units per block
     n_tracts: int
     n_bg: int
 
@@ -169,8 +170,15 @@ def _make_county(rng: np.random.Generator, state: str, county: str, n_tracts: in
     va_offset = rng.normal(0.0, m.VOTING_AGE_BLOCK_SD, n_blocks)
     fb = np.concatenate(fac_block) if fac_block else np.zeros(0, np.int64)
     fk = np.concatenate(fac_kind) if fac_kind else np.zeros(0, np.int64)
+    # housing units: occupied ≈ household persons / 2.1–3.0 (at least 1 where anyone lives,
+    # never more than the persons), ~11% extra vacant; a few empty blocks have vacant units only
+    occ = np.where(hh > 0, np.clip(np.rint(hh / rng.uniform(2.1, 3.0, n_blocks)), 1, hh), 0).astype(np.int64)
+    vacant = rng.binomial(occ, m.VACANT_SHARE).astype(np.int64)
+    empty = hh == 0
+    vacant[empty] = ((rng.random(int(empty.sum())) < m.EMPTY_BLOCK_WITH_HOUSING)
+                     * (1 + rng.poisson(1.0, int(empty.sum()))))
     return _County(geoids, hh, gq, fb.astype(np.int64), fk.astype(np.int64), bmix,
-                   va_offset, n_tracts, n_bg)
+                   va_offset, occ, vacant, n_tracts, n_bg)
 
 
 def _persons_batch(rng: np.random.Generator, c: _County, lo: int, hi: int) -> pa.Table:
@@ -203,30 +211,26 @@ def _persons_batch(rng: np.random.Generator, c: _County, lo: int, hi: int) -> pa
     }, schema=PERSONS_SCHEMA)
 
 
-def _units_table(rng: np.random.Generator, c: _County) -> pa.Table:
-    """Housing units (occupied ≈ household persons / 2.1–3.0, at least 1 where anyone lives,
-    about 11% extra vacant) and one row per GQ facility; ``unit_id`` = GEOID + '-' + sequence."""
-    hh = c.hh
-    size = rng.uniform(2.1, 3.0, hh.size)
-    occ = np.where(hh > 0, np.clip(np.rint(hh / size), 1, hh), 0).astype(np.int64)
-    vacant = rng.binomial(occ, m.VACANT_SHARE)
-    empty = hh == 0
-    vacant[empty] = (rng.random(int(empty.sum())) < m.EMPTY_BLOCK_WITH_HOUSING) * (1 + rng.poisson(1.0, int(empty.sum())))
-    per_block = occ + vacant + np.bincount(c.fac_block, minlength=hh.size)
-    nb = hh.size
-    # rows: for each block, occupied units, vacant units, then facilities
+def _units_table(c: _County, lo: int, hi: int) -> pa.Table:
+    """Unit rows of blocks ``lo:hi`` in GEOID order: per block its occupied housing units, its
+    vacant ones, then one row per GQ facility; ``unit_id`` = GEOID + '-' + 5-digit sequence."""
+    occ, vacant = c.occupied[lo:hi], c.vacant[lo:hi]
+    nb = hi - lo
+    in_range = (c.fac_block >= lo) & (c.fac_block < hi)
+    fac_order = np.flatnonzero(in_range)[np.argsort(c.fac_block[in_range], kind="stable")]
+    fac_block = c.fac_block[fac_order] - lo
+    n_fac = np.bincount(fac_block, minlength=nb)
+    per_block = occ + vacant + n_fac
     hu_block = np.repeat(np.arange(nb), occ + vacant)
     hu_occ = np.repeat(np.tile([True, False], nb), np.stack([occ, vacant], axis=1).reshape(-1))
-    order = np.argsort(c.fac_block, kind="stable")
-    block = np.concatenate([hu_block, c.fac_block[order]])
-    kind = np.concatenate([np.zeros(hu_block.size, np.int8), c.fac_kind[order].astype(np.int8)])
-    occupied = pa.array(np.concatenate([hu_occ, np.zeros(order.size, bool)]),
-                        mask=np.concatenate([np.zeros(hu_block.size, bool), np.ones(order.size, bool)]))
+    block = np.concatenate([hu_block, fac_block])
+    kind = np.concatenate([np.zeros(hu_block.size, np.int8), c.fac_kind[fac_order].astype(np.int8)])
+    is_fac = np.concatenate([np.zeros(hu_block.size, bool), np.ones(fac_block.size, bool)])
     srt = np.argsort(block, kind="stable")  # GEOID order, housing units before facilities
-    block, kind = block[srt], kind[srt]
-    occupied = occupied.take(pa.array(srt))
+    block, kind, is_fac = block[srt], kind[srt], is_fac[srt]
+    occupied = pa.array(np.concatenate([hu_occ, np.zeros(fac_block.size, bool)])[srt], mask=is_fac)
     seq = np.arange(block.size) - np.repeat(np.cumsum(per_block) - per_block, per_block)
-    geoid = c.geoids.take(pa.array(block))
+    geoid = c.geoids.take(pa.array(block + lo))
     ids = (pl.DataFrame({"g": pl.Series(geoid), "s": seq})
            .select(pl.concat_str([pl.col("g"), pl.lit("-"), pl.col("s").cast(pl.Utf8).str.zfill(5)]))
            .to_series().to_arrow())
@@ -279,14 +283,15 @@ def synthesize(n_persons: int, seed: int, out_dir: str | Path, states: Sequence[
                         pw.write_table(t)
                         stats["va"] += int(np.asarray(t.column("voting_age")).sum())
                     done += t.num_rows
+                    units = _units_table(c, lo, hi)
+                    if units.num_rows:
+                        uw.write_table(units)
                     if progress is not None:
                         progress(done, n_persons)
-                units = _units_table(np.random.default_rng([seed, 3, i]), c)
-                uw.write_table(units)
                 hu = c.hh > 0
                 stats["gq"] += int(c.gq.sum())
-                stats["hu"] += int(units.num_rows - c.fac_block.size)
-                stats["occ"] += int(pc.sum(pc.fill_null(units.column("occupied"), False).cast(pa.int64())).as_py() or 0)
+                stats["hu"] += int(c.occupied.sum() + c.vacant.sum())
+                stats["occ"] += int(c.occupied.sum())
                 stats["fac"] += int(c.fac_block.size)
                 stats["tracts"] += c.n_tracts
                 stats["bgs"] += c.n_bg
