@@ -163,6 +163,15 @@ def test_table_entries_are_exact_floors():
         assert int(ts.table[-1]) == 2**63 - 1  # the table reaches the top: no draw falls beyond it
 
 
+def test_guide_lookup_equals_plain_search():
+    # the guide-table shortcut must give exactly the first k with T_k >= U (no ties here)
+    for s2 in (Fraction(1), Fraction(1000), Fraction(10**6)):
+        ts = table_sampler("gaussian", s2)
+        u = seeded_source(8).uint64(200_000) >> np.uint64(1)
+        u = np.concatenate([u, ts.table[:50] + np.uint64(1), ts.table[:50] - np.uint64(1)])
+        assert np.array_equal(ts.magnitudes(u, seeded_source(9)), np.searchsorted(ts.table, u, side="left"))
+
+
 def test_cdf_bounds_bracket_the_truth():
     for fam, par in (("gaussian", Fraction(10)), ("laplace", Fraction(5, 2))):
         b = CdfBounds(fam, par, 100)

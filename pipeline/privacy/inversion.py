@@ -55,7 +55,6 @@ TABLE_BITS = 63
 GUIDE_BITS = 16
 #: largest table we build (entries); beyond it the samplers use CKS rejection instead
 MAX_TABLE_ENTRIES = 1 << 20
-_SENTINEL = np.uint64(2**64 - 1)
 
 
 def _fixed(x_mpi_end, prec: int, up: bool) -> int:
@@ -204,11 +203,16 @@ class TableSampler:
             prec *= 2
         self.table = table
         self.n_entries = len(table)
-        self._padded = np.append(table, _SENTINEL)
+        # Guide table over the top g bits of U: bucket i holds U in [i, i+1)·2^(b-g). The first
+        # k with T_k ≥ U lies in [G[i], G[i+1]]; when G[i] == G[i+1] no boundary (and no tie)
+        # falls in the bucket and k = G[i] is decided by the lookup alone. code = 2·G[i] + flag.
         g = min(GUIDE_BITS, bits)
-        self._guide_shift = np.uint64(bits - g)
-        starts = np.arange(1 << g, dtype=np.uint64) << self._guide_shift
-        self._guide = np.searchsorted(table, starts, side="left").astype(np.int64)
+        self._g = g
+        starts = np.arange((1 << g) + 1, dtype=np.uint64) << np.uint64(bits - g)
+        guide = np.searchsorted(table, starts, side="left").astype(np.int64)
+        flag = (guide[1:] != guide[:-1]) | (guide[:-1] >= table.size)  # beyond a truncated table
+        self._code = 2 * guide[:-1] + flag
+        self._complete = bool(table.size) and int(table[-1]) == (1 << bits) - 1
         self._bounds: dict[int, CdfBounds] = {}
         self.resolved_draws = 0  # how many draws needed the exact resolution path
 
@@ -231,25 +235,37 @@ class TableSampler:
 
     def magnitudes(self, u: np.ndarray, source: RandomSource) -> np.ndarray:
         """Magnitudes for uniform b-bit integers ``u`` (uint64 < 2^b), int64 of the same shape."""
-        T = self._padded
-        k = self._guide[(u >> self._guide_shift).astype(np.intp)]
-        for _ in range(2):  # most buckets hold 0 or 1 boundary: two steps settle nearly all
-            k += T[k] < u
-        rest = np.flatnonzero(T[k] < u)
-        if rest.size:
-            k[rest] = np.searchsorted(self.table, u[rest], side="left")
-        rare = np.flatnonzero((k >= self.n_entries) | (T[np.minimum(k, self.n_entries)] == u))
-        for i in rare.tolist():
-            k[i] = self._resolve(int(u[i]), int(k[i]), source)
+        code = self._code[(u >> np.uint64(self.bits - self._g)).view(np.int64)]
+        return self._finish(code, u, source)
+
+    def _finish(self, code: np.ndarray, u: np.ndarray | None, source: RandomSource,
+                w: np.ndarray | None = None) -> np.ndarray:
+        """Magnitudes from guide codes; the few ambiguous buckets are searched exactly."""
+        k = code >> 1
+        amb = np.flatnonzero(code & 1)
+        if amb.size:
+            ua = u[amb] if u is not None else w[amb] >> np.uint64(64 - self.bits)
+            ka = np.searchsorted(self.table, ua, side="left")
+            rare = np.flatnonzero(ka >= self.n_entries) if not self._complete else np.empty(0, np.int64)
+            inside = ka < self.n_entries
+            tie = np.zeros(ka.size, dtype=bool)
+            tie[inside] = self.table[ka[inside]] == ua[inside]
+            rare = np.union1d(rare, np.flatnonzero(tie))
+            for i in rare.tolist():
+                ka[i] = self._resolve(int(ua[i]), int(ka[i]), source)
+            k[amb] = ka
         return k
 
     def sample(self, size: int, source: RandomSource) -> np.ndarray:
-        """``size`` exact draws as int64 (one 64-bit word each: b bits of V, one sign bit)."""
+        """``size`` exact draws as int64 from one 64-bit word each: the top b bits are U, the
+        lowest bit the sign (b ≤ 63, so the two never overlap)."""
         w = source.uint64(size)
-        u = w >> np.uint64(64 - self.bits)
-        sign = (w & np.uint64(1)).astype(bool)
-        m = self.magnitudes(u, source)
-        np.negative(m, out=m, where=sign)
+        code = self._code[(w >> np.uint64(64 - self._g)).view(np.int64)]
+        m = self._finish(code, None, source, w)
+        neg = (w & np.uint64(1)).view(np.int64)
+        np.negative(neg, out=neg)          # 0 or -1 (all ones)
+        m ^= neg                           # m or ~m
+        m -= neg                           # m or ~m + 1 = -m
         return m
 
     def _cdf_bounds(self, prec: int) -> CdfBounds:

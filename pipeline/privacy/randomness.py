@@ -128,10 +128,11 @@ class AesCtrSource(RandomSource):
         nbytes = 8 * n
         if len(self._zeros) < nbytes:
             self._zeros = bytes(max(nbytes, 1 << 16))
-        # update_into needs len(out) >= len(in) + 15
-        buf = bytearray(nbytes + 15)
-        self._enc.update_into(memoryview(self._zeros)[:nbytes], buf)
-        return np.frombuffer(buf, dtype=np.uint64, count=n).copy() if n else np.empty(0, np.uint64)
+        # the keystream is AES-CTR applied to zeros; update_into needs len(out) >= len(in) + 15,
+        # so write straight into a slightly longer numpy buffer (no copy)
+        out = np.empty(n + 2, dtype=np.uint64)
+        self._enc.update_into(memoryview(self._zeros)[:nbytes], memoryview(out).cast("B"))
+        return out[:n]
 
 
 class SeededSource(RandomSource):
