@@ -70,21 +70,20 @@ def microdata_from_blocks(block_geoids: np.ndarray, hist: HistogramLike | np.nda
     # sort by (unit, cell) so persons come out in geography order whatever the input order
     order = np.lexsort((cell, unit))
     unit, cell, count = unit[order], cell[order], count[order]
-    p_unit = np.repeat(unit, count)
-    codes = spec.cell_codes(np.repeat(cell, count))
-    n = int(p_unit.size)
+    # one row per non-zero histogram entry, then a single gather repeats each by its count
+    codes = spec.cell_codes(cell)
     geo = block_geography_frame(block_geoids)
-    hhgq = codes["hhgq"]
-    race = pl.Series("CENRACE", codes["cenrace"], dtype=pl.Int64).cast(pl.Utf8).str.zfill(2)
-    persons = geo[p_unit] if n else geo.clear()
-    return persons.with_columns(
-        pl.Series("EPNUM", np.arange(1, n + 1, dtype=np.int64)),
-        pl.Series("RTYPE", np.where(hhgq == 0, "3", "5"), dtype=pl.Utf8),
-        pl.Series("GQTYPE_PL", hhgq, dtype=pl.Int64),
+    race_text = pl.Series([f"{c:02d}" for c in spec.attribute("cenrace").codes], dtype=pl.Utf8)
+    entries = geo[pl.Series(unit, dtype=pl.UInt32)].with_columns(
+        pl.Series("RTYPE", ["3", "5"], dtype=pl.Utf8)[pl.Series((codes["hhgq"] > 0).astype(np.uint32))],
+        pl.Series("GQTYPE_PL", codes["hhgq"], dtype=pl.Int64),
         pl.Series("VOTING_AGE", codes["voting_age"] + 1, dtype=pl.Int64),
         pl.Series("CENHISP", codes["hispanic"] + 1, dtype=pl.Int64),
-        race,
-    ).select(PPMF_COLUMNS)
+        race_text[pl.Series(spec.attribute("cenrace").index_of(codes["cenrace"]).astype(np.uint32))].alias("CENRACE"),
+    )
+    n = int(count.sum())
+    persons = entries[pl.Series(np.repeat(np.arange(unit.size, dtype=np.uint32), count))]
+    return persons.with_columns(pl.Series("EPNUM", np.arange(1, n + 1, dtype=np.int64))).select(PPMF_COLUMNS)
 
 
 def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
