@@ -168,7 +168,8 @@ def test_guide_lookup_equals_plain_search():
     for s2 in (Fraction(1), Fraction(1000), Fraction(10**6)):
         ts = table_sampler("gaussian", s2)
         u = seeded_source(8).uint64(200_000) >> np.uint64(1)
-        u = np.concatenate([u, ts.table[:50] + np.uint64(1), ts.table[:50] - np.uint64(1)])
+        near = ts.table[ts.table < np.uint64(2**63 - 1)][:50]
+        u = np.concatenate([u, near + np.uint64(1), near - np.uint64(1)])
         assert np.array_equal(ts.magnitudes(u, seeded_source(9)), np.searchsorted(ts.table, u, side="left"))
 
 
