@@ -100,3 +100,26 @@ def _exact_variances(ctx: "RunContext", kinds: list[str]) -> dict[str, dict[str,
         for (lv, q), _ in s.rho_by_level_query().items():
             out.setdefault(k, {}).setdefault(lv, {})[q] = float(discrete_gaussian_variance(s.sigma2(lv, q)))
     return out
+
+
+def adopt_existing_release(ctx: "RunContext") -> dict[str, Any] | None:
+    """The manifest of this run's own release if it is already in place and verifies, else None.
+
+    Raises :class:`pipeline.release.ReleaseExistsError` when a release with this id exists but
+    belongs to another run (different config hash) — it is never overwritten.
+    """
+    import json
+
+    from pipeline.release import ReleaseExistsError
+    from pipeline.release_verify import verify_release
+
+    path = ctx.cfg.output.releases_dir / ctx.state["release_id"]
+    if not path.exists():
+        return None
+    manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
+    if manifest.get("config_hash") != ctx.state["config_hash"] or verify_release(path):
+        raise ReleaseExistsError(f"release {path} exists and is not this run's verified release; not overwritten")
+    privacy = manifest["privacy"]
+    return {"release_id": path.name, "release_path": str(path), "release_uri": path.resolve().as_uri(),
+            "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
+            "privacy_markdown": privacy_markdown(privacy)}

@@ -135,6 +135,11 @@ def prepare(config_path: str | Path, resume_dir: str | Path | None = None) -> Pa
     Ledger(cfg.privacy.ledger).check_and_reserve(
         cfg.dataset_id, release_id, rho, Fraction(cfg.privacy.lifetime_rho)
     )
+    stale = cfg.output.runs_dir / release_id
+    if stale.is_dir() and not (stale / "state.json").exists():
+        # a previous attempt died inside prepare, before its state existed: no data was read
+        # and no noise drawn there yet, so the half-made directory is safe to start over
+        shutil.rmtree(stale)
     rd = RunDir.create(cfg.output.runs_dir, release_id, {
         "release_id": release_id,
         "dataset_id": cfg.dataset_id,
@@ -309,9 +314,11 @@ def stage_publish(run_dir: str | Path) -> dict[str, Any]:
     ctx = RunContext.load(run_dir)
     if ctx.rd.is_done("publish"):
         return ctx.rd.done_info("publish") or {}
-    from pipeline.publish import publish_release
+    from pipeline.publish import adopt_existing_release, publish_release
 
-    info = publish_release(ctx)
+    # a run killed after the release was renamed into place but before this stage was
+    # recorded: the folder is ours if its manifest names this run and it verifies
+    info = adopt_existing_release(ctx) or publish_release(ctx)
     from pipeline.privacy.ledger import Ledger
 
     Ledger(ctx.cfg.privacy.ledger).commit(ctx.cfg.dataset_id, ctx.state["release_id"])

@@ -32,6 +32,33 @@ class RunDirError(RuntimeError):
     """The run directory is missing, foreign or inconsistent."""
 
 
+#: Fault injection for the kill-and-resume tests: when this environment variable names a
+#: crash point, the process SIGKILLs itself there (nothing is flushed or cleaned up), exactly
+#: like an operator's ``kill -9`` or a lost machine at that instant.
+CRASH_ENV = "DPTAB_CRASH_AT"
+
+
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Die at ``name`` if the crash-test variable asks for it (no-op otherwise).
+
+    The variable is ``name`` (die at the first hit) or ``name#k`` (die at the k-th hit).
+    """
+    want = os.environ.get(CRASH_ENV)
+    if not want:
+        return
+    target, _, nth = want.partition("#")
+    if target != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file + fsync + rename (readers never see a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +68,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             json.dump(obj, fh, indent=2, sort_keys=True, default=str)
             fh.flush()
             os.fsync(fh.fileno())
+        crash_point(f"mid-write:{path.name}")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,6 +124,7 @@ class RunDir:
 
     def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
         """Record ``stage`` as complete (call only after its outputs are in place)."""
+        crash_point(f"before:{stage}")
         st = self.state()
         st["done"][stage] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
         write_json_atomic(self.state_path, st)
