@@ -101,13 +101,16 @@ def read_release_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet) -
                 continue
             n = sub.height // t.n_lines
             lines = sub["line"].to_numpy()
-            labels = sub["label"].to_list()
+            label_of = dict(zip(t.numbers, t.labels))
+            wrong_label = sub.select(
+                (pl.col("label") != pl.col("line").replace_strict(label_of, default=None, return_dtype=pl.Utf8))
+                .fill_null(True).any()).item()
             if (sub.height % t.n_lines or not np.array_equal(lines, np.tile(np.asarray(t.numbers), n))
-                    or labels != list(t.labels) * n):
+                    or wrong_label):
                 problems.append(_fail("table_layout", f"{t.name} at {lv}: rows are not every unit x lines "
                                       f"{t.numbers[0]}..{t.numbers[-1]} with the shell's labels", t.name, lv))
                 continue
-            g = sub["geoid"].to_numpy()[:: t.n_lines].astype(str)
+            g = sub["geoid"].gather_every(t.n_lines).to_numpy().astype(str)
             if lv in geoids and not np.array_equal(geoids[lv], g):
                 problems.append(_fail("table_layout", f"{t.name} at {lv}: units differ from the other tables", t.name, lv))
                 continue
