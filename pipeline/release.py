@@ -7,6 +7,7 @@
     index.html                           what is here, how it was protected, how to read it
     tables/<table>.parquet               long format: geoid, geolevel, name, table, line,
                                          label, count, moe90 (every level)
+    tables/definitions.yaml              the table definitions used (schemas/tables/pl94.yaml)
     csv/<geolevel>/<table>.csv           the same rows, one file per level and table
     microdata/persons.parquet            protected microdata, PPMF layout (pipeline.microdata)
     invariants/block_housing_units.parquet  the declared block housing-unit invariant
@@ -284,6 +285,10 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             if w.writer is not None:
                 entries.append(_file_entry(tmp, w.path))
                 entries += [_file_entry(tmp, p, rows) for p, rows in sorted(w.csv_rows.items())]
+        # the table definitions travel with the release: readers see exactly what each line sums
+        defs = tmp / "tables" / "definitions.yaml"
+        shutil.copyfile(ts.source, defs)
+        entries.append(_file_entry(tmp, defs))
         blocks = geography.levels[-1]
         micro = microdata_from_blocks(blocks.geoids, persons[blocks.name], ts.specs["persons"])
         mpath = tmp / "microdata" / "persons.parquet"
@@ -309,7 +314,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
             "tables": [{"name": t.name, "title": t.title, "universe": t.universe, "histogram": t.histogram,
                         "lines": t.n_lines} for t in ts.tables.values() if writers[t.name].writer is not None],
-            "table_definitions": ts.name,
+            "table_definitions": defs.relative_to(tmp).as_posix(),
             "privacy": dict(privacy),
             "invariants": invariants.to_json(),
             "uncertainty": {"z": Z90, "level": 0.9,

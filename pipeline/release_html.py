@@ -148,6 +148,8 @@ Census Bureau's PPMF layout (TABBLKST, TABBLKCOU, TABTRACTCE, TABBLKGRPCE, TABBL
 GQTYPE_PL, VOTING_AGE, CENHISP, CENRACE). Tabulating it gives exactly the block tables. The rows are
 not real people: they are the protected block counts written out one person per row.</li>
 {meas}
+<li><code>tables/definitions.yaml</code>: how every table line is defined (a filter over the
+histogram's attributes) and which lines must add up.</li>
 <li><code>manifest.json</code>: machine-readable description of this release with the checksum of every file.</li>
 </ul>
 <h3>Tables (line numbers and labels follow the 2020 P.L. 94-171 table shells)</h3>

@@ -187,7 +187,10 @@ def verify_release(path: str | Path) -> list[CheckFailure]:
 
 def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
     failures: list[CheckFailure] = []
-    ts = load_tables(manifest["table_definitions"])
+    defs = root / manifest["table_definitions"]
+    if root.resolve() not in defs.resolve().parents or not defs.is_file():
+        return [_fail("file_missing", f"table definitions {manifest['table_definitions']} not found in the release")]
+    ts = load_tables(defs.resolve())
     digits = {g["name"]: int(g["digits"]) for g in manifest["geolevels"]}
     lts, layout = read_release_tables(root, manifest, ts)
     failures += layout
