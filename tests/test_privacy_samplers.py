@@ -217,7 +217,7 @@ def test_discrete_laplace_matches_exact_pmf(scale: Fraction):
 # CKS paths
 
 
-@pytest.mark.parametrize("sigma2", [Fraction(1, 2), Fraction(7, 3), Fraction(100)], ids=str)
+@pytest.mark.parametrize("sigma2", [Fraction(1, 2), Fraction(7, 3), Fraction(100), Fraction(10**6)], ids=str)
 def test_vectorised_cks_matches_exact_pmf(sigma2: Fraction):
     lo, pmf = oracle_pmf("gaussian", sigma2)
     x = discrete_gaussian(sigma2, 200_000, seeded_source(11, str(sigma2)), method="cks")

@@ -85,7 +85,7 @@ def dgauss_scalar(sigma2: Fraction, source: RandomSource) -> int:
 
 
 def _bern_exp_le1_vec(num: np.ndarray, den: int, source: RandomSource) -> np.ndarray:
-    """Bernoulli(exp(−num_i/den)) for 0 ≤ num_i ≤ den < 2^40, vectorised; bool array."""
+    """Bernoulli(exp(−num_i/den)) for 0 ≤ num_i ≤ den < 2^56, vectorised; bool array."""
     n = num.shape[0]
     k = np.ones(n, dtype=np.int64)
     res = np.zeros(n, dtype=bool)
@@ -110,7 +110,7 @@ def _bern_exp_le1_vec(num: np.ndarray, den: int, source: RandomSource) -> np.nda
 
 
 def _bern_exp_vec(num: np.ndarray, den: int, source: RandomSource) -> np.ndarray:
-    """Bernoulli(exp(−num_i/den)) for num_i ≥ 0 (int64), den < 2^40."""
+    """Bernoulli(exp(−num_i/den)) for num_i ≥ 0 (int64), den < 2^56."""
     out = np.ones(num.shape[0], dtype=bool)
     whole = num // den
     rem = num - whole * den
@@ -157,10 +157,11 @@ def _dlaplace_int_vec(n: int, t: int, source: RandomSource) -> np.ndarray:
 
 
 def vec_supported(sigma2: Fraction) -> bool:
-    """True when the int64 vectorised path applies: 2 p q t² < 2^40."""
+    """True when the int64 vectorised path applies: den = 2 p q t² < 2^56 (then den·k, which
+    grows by den per step of the alternating series, is caught at 2^62 before it can overflow)."""
     p, q = sigma2.numerator, sigma2.denominator
     t = math.isqrt(p // q) + 1
-    return 2 * p * q * t * t < (1 << 40)
+    return 2 * p * q * t * t < (1 << 56)
 
 
 def dgauss_vec(size: int, sigma2: Fraction, source: RandomSource) -> np.ndarray:

@@ -12,7 +12,7 @@ Routes (chosen by ``method="auto"``):
   an exact 63-bit table of the CDF with an exact resolution of the rare boundary draws — see the
   exactness argument in :mod:`pipeline.privacy.inversion`. One 64-bit word per sample.
 - ``"cks"``: CKS20 rejection vectorised in int64 (:mod:`pipeline.privacy.cks`), where
-  ``2 p q t² < 2^40``.
+  ``2 p q t² < 2^56``.
 - ``"bigint"``: the scalar CKS20 algorithm over Python integers — every rational parameter,
   however large its numerator or denominator, slow.
 
