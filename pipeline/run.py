@@ -36,6 +36,8 @@ RUN_KINDS = ("persons", "units")
 class ReleaseExistsError(RuntimeError):
     """The release id is already published; releases are never overwritten."""
 
+    exit_status = 2  # refused before anything ran
+
 
 # --------------------------------------------------------------------------------------
 # context
@@ -318,7 +320,9 @@ def stage_publish(run_dir: str | Path) -> dict[str, Any]:
 
     # a run killed after the release was renamed into place but before this stage was
     # recorded: the folder is ours if its manifest names this run and it verifies
+    t0 = time.perf_counter()
     info = adopt_existing_release(ctx) or publish_release(ctx)
+    info["seconds"] = round(time.perf_counter() - t0, 3)
     from pipeline.privacy.ledger import Ledger
 
     Ledger(ctx.cfg.privacy.ledger).commit(ctx.cfg.dataset_id, ctx.state["release_id"])

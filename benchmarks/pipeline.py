@@ -1,0 +1,100 @@
+"""Whole-job benchmark: `dptab run` on N synthetic persons against the I/O floor.
+
+    python benchmarks/pipeline.py --persons 1000000 [--repeats 3] [--workers 2]
+
+The floor is what any tabulation of the same file must do: read the persons Parquet, one
+group_by to block x cell counts, write the result (measured in the same process, same run).
+Each job runs in a fresh subprocess (so its peak RSS is its own); per-stage times come from
+the run's ``state.json``. Prints a table and a last line of JSON (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def io_floor(persons: Path, out: Path) -> float:
+    """Seconds to read persons, count per (block, hhgq, voting_age, hispanic, cenrace), write."""
+    t0 = time.perf_counter()
+    counts = (pl.scan_parquet(persons)
+              .group_by(["geoid", "hhgq", "voting_age", "hispanic", "cenrace"]).len()
+              .collect())
+    counts.write_parquet(out)
+    return time.perf_counter() - t0
+
+
+def one_job(inputs: Path, work: Path, tag: str, workers: int) -> dict:
+    cfg = {
+        "dataset_id": "bench", "confidential": False, "release_id": tag,
+        "inputs": {"persons": str(inputs / "persons.parquet"), "units": str(inputs / "units.parquet")},
+        "privacy": {"randomness": "keyed", "ledger": str(work / "ledger.sqlite"), "lifetime_rho": "100000"},
+        "output": {"runs_dir": str(work / "runs"), "releases_dir": str(work / "releases"),
+                   "publish_measurements": True},
+        "execution": {"workers": workers},
+    }
+    path = work / f"{tag}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--quiet", str(path)], cwd=ROOT,
+                         capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(res.stdout[-3000:] + res.stderr[-3000:])
+    peak_mb = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
+    state = json.loads((work / "runs" / tag / "state.json").read_text())
+    stages: dict[str, float] = {"inputs": state["done"]["inputs"]["seconds"]}
+    for name, info in state["done"].items():
+        if name.startswith("level:"):
+            _, kind, level = name.split(":")
+            stages[f"{kind}:{level}"] = info["seconds"]
+    stages["publish"] = state["done"]["publish"].get("seconds", float("nan"))
+    return {"wall": wall, "peak_mb": peak_mb, "stages": stages}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--persons", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    cache = ROOT / "bench-out" / f"synth-{args.persons}-{args.seed}"
+    if not (cache / "units.parquet").exists():
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "synth", "--persons", str(args.persons),
+                        "--seed", str(args.seed), "--out", str(cache)], cwd=ROOT, check=True)
+    jobs, floors = [], []
+    with tempfile.TemporaryDirectory(prefix="dptab-bench-") as tmp:
+        work = Path(tmp)
+        for r in range(args.repeats):
+            floors.append(io_floor(cache / "persons.parquet", work / f"floor-{r}.parquet"))
+            jobs.append(one_job(cache, work, f"rep{r}", args.workers))
+            print(f"repeat {r}: job {jobs[-1]['wall']:.1f} s, floor {floors[-1]:.2f} s, "
+                  f"peak {jobs[-1]['peak_mb']:.0f} MB", flush=True)
+    med = statistics.median
+    stage_names = list(jobs[0]["stages"])
+    stage_med = {s: round(med([j["stages"][s] for j in jobs]), 2) for s in stage_names}
+    for s, v in stage_med.items():
+        print(f"  {s:<22} {v:8.2f} s")
+    out = {"persons": args.persons, "repeats": args.repeats, "workers": args.workers,
+           "wall_s": round(med([j["wall"] for j in jobs]), 2), "io_floor_s": round(med(floors), 3),
+           "ratio_vs_floor": round(med([j["wall"] / f for j, f in zip(jobs, floors)]), 1),
+           "peak_rss_mb": round(med([j["peak_mb"] for j in jobs])), "stages_s": stage_med}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
