@@ -10,6 +10,8 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -125,3 +127,17 @@ def test_cli_synth_and_histograms(tmp_path):
     r = CliRunner().invoke(app, ["histograms", "--persons", str(tmp_path / "bad.parquet"),
                                  "--units", str(tmp_path / "units.parquet")])
     assert r.exit_code == 2
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 4_000), seed=st.integers(0, 2**32 - 1))
+def test_any_size_and_seed_gives_valid_consistent_inputs(tmp_path, n, seed):
+    out = tmp_path / f"s{seed}-{n}"
+    s = synthesize(n, seed, out, batch_persons=1_500)
+    assert s.persons == n
+    validate_inputs(out / "persons.parquet", out / "units.parquet", load_spec("pl94"))
+    p = pl.read_parquet(out / "persons.parquet")
+    u = pl.read_parquet(out / "units.parquet")
+    assert p.height == n and p["geoid"].is_sorted() and u["geoid"].is_sorted()
+    assert s.gq_persons == p.filter(pl.col("hhgq") > 0).height
+    assert s.occupied == u["occupied"].sum() and s.facilities == u.filter(pl.col("kind") > 0).height
