@@ -24,7 +24,7 @@ BLOCKS_PER_BG_LOGSD = 0.6
 BLOCKS_PER_BG_MAX = 999  # block codes are the BG digit + 3 digits
 BG_WEIGHT_LOGSD = 0.45  # spread of block-group populations (RI 2010: 10%-90% = 700-2050)
 COUNTY_WEIGHT_LOGSD = 0.25
-BLOCK_POPULATED = 0.74  # share of blocks that may hold household persons (multinomial zeros add more)
+BLOCK_POPULATED = 0.69  # share of blocks that may hold household persons (multinomial zeros add more)
 BLOCK_WEIGHT_LOGSD = 0.95
 GQ_SHARE = 0.025
 VACANT_SHARE = 0.11  # vacant housing units per occupied unit (about 10% of all units vacant)
