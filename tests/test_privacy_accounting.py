@@ -151,3 +151,21 @@ def test_pld_not_below_dp_accounting():
         ours = float(strategy_pld_epsilon(load_strategy(name), 1e-10))
         assert ours >= theirs, (name, ours, theirs)
         assert ours - theirs < 0.1, (name, ours, theirs)
+
+
+def test_cli_budget_prints_the_table_and_both_epsilons():
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["budget", "schemas/strategies/census2020_pl94.yaml", "--delta", "1e-10"],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "17.1436 (≈ 17.14)" in out and "17.9002" in out and "PLD" in out and "16.5301" in out
+    assert "293764/114921" in out
+    assert "block_group" in out and "hispanic*cenrace" in out and "3.177" in out  # block detailed σ
+    bad = CliRunner().invoke(app, ["budget", "no_such_strategy", "--no-pld"])
+    assert bad.exit_code == 2 and "not found" in bad.output
+    units = CliRunner().invoke(app, ["budget", "census2020_units", "--no-pld"])
+    assert units.exit_code == 0 and "2.4747" in units.output and "PLD" not in units.output
