@@ -161,8 +161,8 @@ def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, An
 class _TableWriter:
     """Streams one table's long rows into its Parquet file and per-level CSV files."""
 
-    def __init__(self, root: Path, name: str) -> None:
-        self.root, self.name = root, name
+    def __init__(self, root: Path, name: str, csv: bool = True) -> None:
+        self.root, self.name, self.csv = root, name, csv
         self.path = root / "tables" / f"{name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer: pq.ParquetWriter | None = None
@@ -173,6 +173,8 @@ class _TableWriter:
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
         self.writer.write_table(table)
+        if not self.csv:
+            return
         csv = self.root / "csv" / level / f"{self.name}.csv"
         csv.parent.mkdir(parents=True, exist_ok=True)
         first = csv not in self.csv_rows
@@ -194,7 +196,8 @@ def _write_measurements(root: Path, geography: "Geography", tables: TableSet,
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = None
     try:
-        for (kind, level), paths in sorted(files.items()):
+        order = {lv.name: i for i, lv in enumerate(geography.levels)}  # top-down, as the run drew them
+        for (kind, level), paths in sorted(files.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
             spec = tables.specs[kind]
             geoids = np.asarray(geography.level(level).geoids).astype(str)
             for p in paths:
@@ -232,7 +235,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                   units: Mapping[str, Any] | None, invariants: Invariants, privacy: Mapping[str, Any], *,
                   variances: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
                   measurement_files: Mapping[tuple[str, str], Sequence[Path]] | None = None,
-                  tables: str | Path = "pl94") -> Path:
+                  tables: str | Path = "pl94", csv: bool = True) -> Path:
     """Write ``releases_dir/<meta.release_id>/`` atomically and return its path.
 
     ``geography``: a ``pipeline.geography.Geography``; ``persons[level]`` /
@@ -241,7 +244,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     ``invariants``: the declared public invariants; ``privacy``: :func:`privacy_parameters`;
     ``variances[kind][level][query]``: exact noise variances for margins of error (default:
     :func:`variances_from_privacy`); ``measurement_files[(kind, level)]``: the run's measurement
-    Parquet files to publish. Raises :class:`ReleaseExistsError` if the id exists,
+    Parquet files to publish; ``csv=False`` skips ``csv/`` (it is ~100x the size of the
+    Parquet tables). Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
     from pipeline.release_html import write_index
@@ -269,7 +273,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         moe = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
 
         entries: list[dict[str, Any]] = []
-        writers = {name: _TableWriter(tmp, name) for name in ts.tables}
+        writers = {name: _TableWriter(tmp, name, csv) for name in ts.tables}
         try:
             for lt in lts:
                 names = unit_names(lt.level, lt.geoids)

@@ -116,6 +116,8 @@ def render_index(manifest: Mapping[str, Any]) -> str:
         f"<tr><td><code>{_e(f['path'])}</code></td><td class=num>{_size(f['bytes'])}</td>"
         f"<td class=num>{'' if 'rows' not in f else format(f['rows'], ',')}</td>"
         f"<td class=mono>{_e(f['sha256'])}</td></tr>" for f in m["files"])
+    csv_note = (" The same rows as CSV in <code>csv/&lt;geolevel&gt;/&lt;table&gt;.csv</code>."
+                if any(f["path"].startswith("csv/") for f in m["files"]) else "")
     has_meas = any(f["path"].startswith("measurements/") for f in m["files"])
     commit = sw.get("git_commit") or "unknown"
     seed = "" if m.get("seed") is None else (f"<p class=note>This release was made with a fixed random seed "
@@ -141,8 +143,7 @@ def render_index(manifest: Mapping[str, Any]) -> str:
 <h2>What is here</h2>
 <ul>
 <li><code>tables/&lt;table&gt;.parquet</code>: each table for every geographic level, one row per area and
-table line: <code>geoid, geolevel, name, table, line, label, count, moe90</code>. The same rows as CSV in
-<code>csv/&lt;geolevel&gt;/&lt;table&gt;.csv</code>.</li>
+table line: <code>geoid, geolevel, name, table, line, label, count, moe90</code>.{csv_note}</li>
 <li><code>microdata/persons.parquet</code>: privacy-protected microdata, one row per person, in the
 Census Bureau's PPMF layout (TABBLKST, TABBLKCOU, TABTRACTCE, TABBLKGRPCE, TABBLK, EPNUM, RTYPE,
 GQTYPE_PL, VOTING_AGE, CENHISP, CENRACE). Tabulating it gives exactly the block tables. The rows are

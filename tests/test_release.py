@@ -212,3 +212,10 @@ def test_verify_refuses_paths_outside_the_release(built, tmp_path) -> None:
     m["files"].append({"path": "../outside.txt", "bytes": 1, "sha256": sha256_file(tmp_path / "outside.txt")})
     (path / "manifest.json").write_text(json.dumps(m))
     assert any(f.check == "manifest" and "outside" in f.detail for f in verify_release(path))
+
+
+def test_release_without_csv(tmp_path) -> None:
+    c = make_case(8, n_blocks=20)
+    path = write_release(tmp_path, meta("rel-nocsv"), c.geography, c.persons, c.units, c.invariants, PRIVACY, csv=False)
+    assert not (path / "csv").exists() and (path / "tables" / "P1.parquet").is_file()
+    assert "csv/" not in (path / "index.html").read_text() and verify_release(path) == []
