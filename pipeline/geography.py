@@ -150,14 +150,17 @@ def geoid_codes(geoids: Iterable[str] | np.ndarray | pl.Series, digits: int, wha
         raise GeographyError(f"{what} must be strings, got dtype {s.dtype}")
     if digits == 0:
         bad = s.is_null() | (s.str.len_chars() != 0)
-    else:
-        bad = s.is_null() | ~s.str.contains(f"^[0-9]{{{digits}}}$")
+        if bad.any():
+            raise GeographyError(f"{int(bad.sum())} {what} are not empty strings, e.g. {s.filter(bad).head(5).to_list()}")
+        return np.zeros(s.len(), dtype=np.int64)
+    # fast exact check: right byte length, and an unsigned integer parse that succeeds; the
+    # parse accepts a leading '+', which the length would otherwise let through
+    codes = s.cast(pl.UInt64, strict=False)
+    bad = codes.is_null() | (s.str.len_bytes() != digits) | s.str.starts_with("+")
     if bad.any():
         examples = s.filter(bad).head(5).to_list()
         raise GeographyError(f"{int(bad.sum())} {what} are not {digits}-digit strings, e.g. {examples}")
-    if digits == 0:
-        return np.zeros(s.len(), dtype=np.int64)
-    return s.cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
+    return codes.cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
 
 
 def _run_starts(x: np.ndarray) -> np.ndarray:

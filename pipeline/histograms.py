@@ -67,6 +67,17 @@ class SparseHistogram:
         if (du < 0).any() or ((du == 0) & (np.diff(c) <= 0)).any():
             raise HistogramError(f"{self.level}: entries not sorted by (unit, cell) without repeats")
 
+    @classmethod
+    def _trusted(cls, level: str, n_units: int, n_cells: int, unit: np.ndarray, cell: np.ndarray,
+                 count: np.ndarray) -> "SparseHistogram":
+        """Construct without the O(nnz) checks, for arrays this module built sorted and positive
+        (the property tests re-check them through the public constructor)."""
+        h = object.__new__(cls)
+        for name, value in (("level", level), ("n_units", int(n_units)), ("n_cells", int(n_cells)),
+                            ("unit", unit), ("cell", cell), ("count", count)):
+            object.__setattr__(h, name, value)
+        return h
+
     @property
     def nnz(self) -> int:
         """Number of stored (non-zero) cells."""
@@ -212,7 +223,8 @@ def build_block_histogram(persons: pl.LazyFrame | pl.DataFrame, geography: Geogr
     except GeographyError as exc:
         raise HistogramError(f"persons: {exc}") from exc
     count = counts["count"].to_numpy().astype(np.int64, copy=False)[order]
-    return SparseHistogram(blocks.name, blocks.n_units, spec.n_cells, unit, cell[order], count)
+    # group_by keys are unique, counts >= 1, the sort is by (unit, cell) and lookup checked units
+    return SparseHistogram._trusted(blocks.name, blocks.n_units, spec.n_cells, unit, cell[order], count)
 
 
 def aggregate_up(hist: SparseHistogram, geography: Geography) -> SparseHistogram:
@@ -239,8 +251,9 @@ def aggregate_up(hist: SparseHistogram, geography: Geography) -> SparseHistogram
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
         count = np.add.reduceat(hist.count[order], starts)
         ukey = key[starts]
-    return SparseHistogram(parent.name, parent.n_units, hist.n_cells,
-                           ukey // hist.n_cells, ukey % hist.n_cells, count)
+    # unique sorted keys with positive sums: valid by construction
+    return SparseHistogram._trusted(parent.name, parent.n_units, hist.n_cells,
+                                    ukey // hist.n_cells, ukey % hist.n_cells, count.astype(np.int64, copy=False))
 
 
 def build_person_histograms(persons: pl.LazyFrame | pl.DataFrame, geography: Geography,

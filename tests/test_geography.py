@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,3 +89,13 @@ def test_random_hierarchies_are_consistent(blocks):
         for i in range(up.n_units):
             assert (lv.parent[up.children(i)] == i).all()
         assert (up.n_children() >= 1).all()
+
+
+@pytest.mark.parametrize("bad", ["+10010201001000", " 10010201001000", "01001020100100 ", "-10010201001000",
+                                 "01001020100100\u0661", "0100102010010.0", None])
+def test_geoid_parse_rejects_signs_spaces_and_non_ascii(bad):
+    from pipeline.geography import geoid_codes
+
+    with pytest.raises(GeographyError, match="1 block GEOIDs are not 15-digit"):
+        geoid_codes(pl.Series([BLOCKS[0], bad], dtype=pl.Utf8), 15, what="block GEOIDs")
+    assert geoid_codes(pl.Series(BLOCKS), 15).tolist() == [int(b) for b in BLOCKS]

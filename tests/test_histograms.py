@@ -49,6 +49,9 @@ def test_histograms_equal_naive_count_and_sum_consistently(blocks, data):
         h = hists[lv.name]
         assert h.level == lv.name and h.n_units == lv.n_units and h.n_cells == SPEC.n_cells
         assert (h.count > 0).all()
+        # the internally built arrays pass every check of the public constructor
+        SparseHistogram(h.level, h.n_units, h.n_cells, h.unit, h.cell, h.count)
+        assert h.unit.dtype == h.cell.dtype == h.count.dtype == np.int64
         # equal to a naive count at every level
         np.testing.assert_array_equal(h.dense(), _naive(persons, geo, lv.name))
         # every level sums to the same total
@@ -163,5 +166,7 @@ def test_sorted_and_dense_aggregation_agree(monkeypatch):
     sorted_path = build_person_histograms(df, geo, SPEC)
     for name in dense_path:
         assert dense_path[name].equals(sorted_path[name]), name
+        h = sorted_path[name]
+        SparseHistogram(h.level, h.n_units, h.n_cells, h.unit, h.cell, h.count)  # valid
     assert sorted_path["county"].total() == n
     np.testing.assert_array_equal(sorted_path["state"].dense(), _naive(list(df.iter_rows()), geo, "state"))
