@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_tables_cases import make_case
 
 from pipeline.checks import Invariants, run_checks
@@ -151,3 +153,17 @@ def test_long_frame_layout() -> None:
     assert df["count"].to_list() == [5, 3, 2, 0, 0, 0]
     assert df["moe90"].to_list() == [0.0, 2.6, None, 0.0, 2.6, None]
     assert df["label"][1] == "Occupied" and df["geolevel"].unique().to_list() == ["block"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), pick=st.integers(0, 10**9), delta=st.integers(-5, 5).filter(bool))
+def test_any_single_changed_count_is_caught(seed: int, pick: int, delta: int) -> None:
+    """Changing one published count anywhere (any level, table, unit, line) fails some check."""
+    c = make_case(seed % 7, n_blocks=25, cells_per_block=6)
+    lts = tabulate_levels(TS, c.geography, c.persons, c.units)
+    slots = [(i, name) for i, lt in enumerate(lts) for name in lt.counts]
+    i, name = slots[pick % len(slots)]
+    arr = lts[i].counts[name]
+    r, col = (pick // 7) % arr.shape[0], (pick // 13) % arr.shape[1]
+    arr[r, col] += delta
+    assert run_checks(TS, lts, digits(c.geography), c.invariants)
