@@ -173,6 +173,10 @@ standard error is <em>m</em> / {m['uncertainty']['z']}. Read a published count <
 <li>Post-processing (whole, non-negative, consistent numbers) can shift small counts, mostly upward
 from zero; that bias is not in the margin of error. Treat small counts with extra caution, and
 prefer sums over several areas or lines: their relative error is smaller.</li>
+<li>The margin uses only the level's own measurements. Post-processing also makes every area add up
+to the area above it, which usually makes published counts more accurate than the margin says — most
+visibly for blocks, where the 2020 design spends little of the budget and the margins are wide. The
+margin is a guide to the noise, not a bound on the published count's error.</li>
 <li>For the sum of several areas at the same level, the standard errors add in quadrature.</li>
 </ul>
 <h2>What was checked</h2>
