@@ -11,7 +11,7 @@ For σ ∈ {1, 3.18, 10, 100, 1000} (σ² = σ exactly as a decimal fraction, sq
 Figures are CPU time (``time.process_time``, single thread), median of ``--repeats`` runs, so
 they are per-core throughput on a shared machine. The last line printed is JSON.
 
-    .venv/bin/python benchmarks/samplers.py [--n 10000000] [--repeats 3]
+    .venv/bin/python benchmarks/samplers.py [--n 10000000] [--repeats 3] [--quick]
 """
 
 from __future__ import annotations
@@ -68,7 +68,10 @@ def main() -> None:
     ap.add_argument("--n-cks", type=int, default=1_000_000, help="draws per run, vectorised CKS")
     ap.add_argument("--n-scalar", type=int, default=20_000, help="draws per run, scalar CKS")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="10x fewer draws (make bench)")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.n_cks, args.n_scalar = args.n // 10, args.n_cks // 5, args.n_scalar // 5
     src = secure_source()
     rng = np.random.default_rng(12345)
     sysrand = SystemRandomSource()
