@@ -90,14 +90,19 @@ def read_release_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet) -
     geoids: dict[str, np.ndarray] = {}
     counts: dict[str, dict[str, np.ndarray]] = {lv: {} for lv in levels}
     problems: list[CheckFailure] = []
+    published = {t["name"] for t in manifest["tables"]}
     for t in ts.tables.values():
         path = root / "tables" / f"{t.name}.parquet"
+        if t.name not in published:
+            continue
         if not path.is_file():
+            problems.append(_fail("file_missing", f"tables/{t.name}.parquet (listed in the manifest's tables)", t.name))
             continue
         df = pl.read_parquet(path, columns=["geoid", "geolevel", "line", "label", "count"])
         for lv in levels:
             sub = df.filter(pl.col("geolevel") == lv).sort(["geoid", "line"])
             if sub.height == 0:
+                problems.append(_fail("table_layout", f"{t.name} has no rows at level {lv}", t.name, lv))
                 continue
             n = sub.height // t.n_lines
             lines = sub["line"].to_numpy()

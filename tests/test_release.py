@@ -219,3 +219,16 @@ def test_release_without_csv(tmp_path) -> None:
     path = write_release(tmp_path, meta("rel-nocsv"), c.geography, c.persons, c.units, c.invariants, PRIVACY, csv=False)
     assert not (path / "csv").exists() and (path / "tables" / "P1.parquet").is_file()
     assert "csv/" not in (path / "index.html").read_text() and verify_release(path) == []
+
+
+def test_verify_catches_a_level_deleted_from_a_table(built, tmp_path) -> None:
+    path = copy_of(built, tmp_path)
+    t = path / "tables" / "P3.parquet"
+    pl.read_parquet(t).filter(pl.col("geolevel") != "block").write_parquet(t)
+    m = json.loads((path / "manifest.json").read_text())
+    for f in m["files"]:
+        if f["path"] == "tables/P3.parquet":
+            f["sha256"], f["bytes"], f["rows"] = sha256_file(t), t.stat().st_size, pl.read_parquet(t).height
+    (path / "manifest.json").write_text(json.dumps(m))
+    fails = verify_release(path)
+    assert any(f.check == "table_layout" and f.table == "P3" and f.geolevel == "block" for f in fails)
