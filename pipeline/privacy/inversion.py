@@ -44,6 +44,7 @@ floating-point number decides any sample. The only floats are in choosing table 
 from __future__ import annotations
 
 import math
+import threading
 from fractions import Fraction
 from typing import Iterator
 
@@ -214,6 +215,7 @@ class TableSampler:
         self._code = 2 * guide[:-1] + flag
         self._complete = bool(table.size) and int(table[-1]) == (1 << bits) - 1
         self._bounds: dict[int, CdfBounds] = {}
+        self._lock = threading.Lock()  # the lazily extended bounds are shared between threads
         self.resolved_draws = 0  # how many draws needed the exact resolution path
 
     def _build(self, prec: int, cap: int) -> np.ndarray | None:
@@ -251,8 +253,10 @@ class TableSampler:
             tie = np.zeros(ka.size, dtype=bool)
             tie[inside] = self.table[ka[inside]] == ua[inside]
             rare = np.union1d(rare, np.flatnonzero(tie))
-            for i in rare.tolist():
-                ka[i] = self._resolve(int(ua[i]), int(ka[i]), source)
+            if rare.size:
+                with self._lock:
+                    for i in rare.tolist():
+                        ka[i] = self._resolve(int(ua[i]), int(ka[i]), source)
             k[amb] = ka
         return k
 
