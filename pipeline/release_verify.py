@@ -124,15 +124,20 @@ def read_release_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet) -
     return [LevelTables(lv, geoids[lv], counts[lv]) for lv in levels if lv in geoids], problems
 
 
-def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int]) -> list[CheckFailure]:
+def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int],
+                      manifest_persons: int) -> list[CheckFailure]:
     """Household population per level from the microdata; block tables re-tabulated from it."""
     path = root / "microdata" / "persons.parquet"
-    if not path.is_file() or not lts:
+    if not path.is_file():
+        return [_fail("file_missing", "microdata/persons.parquet (every release carries its microdata)")]
+    if not lts:
         return []
     try:
         persons = pl.read_parquet(path)
     except (OSError, pl.exceptions.PolarsError) as exc:
         return [_fail("unreadable", f"microdata/persons.parquet: {exc}")]
+    if persons.height != manifest_persons:
+        return [_fail("microdata", f"{persons.height} microdata rows, manifest says {manifest_persons} persons")]
     block = lts[-1]
     spec = ts.specs["persons"]
     try:
@@ -203,7 +208,7 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
         want = next(g["units"] for g in manifest["geolevels"] if g["name"] == lt.level)
         if len(lt.geoids) != want:
             failures.append(_fail("table_layout", f"{len(lt.geoids)} units published, manifest says {want}", "*", lt.level))
-    failures += _microdata_checks(root, ts, lts, digits)
+    failures += _microdata_checks(root, ts, lts, digits, int(manifest["persons"]))
     inv = manifest.get("invariants") or {}
     block_geoids = block_hu = None
     if inv.get("block_housing_units"):
