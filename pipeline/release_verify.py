@@ -24,16 +24,11 @@ class ReleaseFormatError(ValueError):
     """The directory is not a release (no readable manifest.json): CLI exit status 2."""
 
 
-def validate_manifest(manifest: Mapping[str, Any]) -> list[str]:
-    """Validate a manifest against ``schemas/manifest.schema.json``; raise on the first error set.
-
-    Returns an empty list when valid (so callers can also collect messages); raises
-    ``jsonschema.ValidationError`` from :func:`write_release` paths via :func:`manifest_errors`.
-    """
+def validate_manifest(manifest: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` listing every violation of ``schemas/manifest.schema.json``."""
     errors = manifest_errors(manifest)
     if errors:
         raise ValueError("manifest does not match schemas/manifest.schema.json:\n  " + "\n  ".join(errors))
-    return errors
 
 
 def manifest_errors(manifest: Mapping[str, Any]) -> list[str]:
