@@ -127,7 +127,7 @@ def render_index(manifest: Mapping[str, Any]) -> str:
         f"{m['title']} (release {m['release_id']}, {m['created'][:10]}). Differentially private P.L. 94-171 style "
         f"tables produced with dptab {sw['version']} (commit {commit}), dataset {m['dataset_id']}, "
         f"privacy-loss budget ρ = {m['privacy']['rho']} (ε = {_eps(m['privacy']['epsilon']['cks2020'])} at "
-        f"δ = {m['privacy']['delta']}). Manifest sha256 listed in the release.")
+        f"δ = {m['privacy']['delta']}). Files and checksums: manifest.json of the release.")
     meas = ("<li><code>measurements/noisy_measurements.parquet</code>: every noisy measurement that was drawn "
             "(run, geolevel, geoid, query, answer index and label, noisy value, exact noise variance, σ² as a "
             "fraction). Researchers can build their own estimators from it.</li>" if has_meas else "")
