@@ -22,6 +22,7 @@ Draw order, for keyed reproducibility: queries in strategy order, then units, th
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -93,8 +94,17 @@ def _const_text(text: str, n: int) -> pa.Array:
 
 
 def _file_meta(level: str, start: int, stop: int, full: bool, strategy: Strategy) -> dict[bytes, bytes]:
+    """Parquet key-value metadata: what was measured, and every query's σ² and variance (so a
+    query whose answers were all skipped is still known to the loader)."""
+    queries = [[q, _frac_text(strategy.sigma2(level, q)), discrete_gaussian_variance(strategy.sigma2(level, q))]
+               for q in strategy.queries(level)]
     return {b"dptab.level": level.encode(), b"dptab.units": f"{start}:{stop}".encode(),
-            b"dptab.full": str(bool(full)).encode(), b"dptab.strategy": strategy.name.encode()}
+            b"dptab.full": str(bool(full)).encode(), b"dptab.strategy": strategy.name.encode(),
+            b"dptab.queries": json.dumps(queries).encode()}
+
+
+def _frac_text(x: Fraction) -> str:
+    return f"{x.numerator}/{x.denominator}"
 
 
 def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, strategy: Strategy,
@@ -131,7 +141,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
             for qname in strategy.queries(level):
                 q = spec.query(qname)
                 s2 = strategy.sigma2(level, qname)
-                var, s2_text = discrete_gaussian_variance(s2), f"{s2.numerator}/{s2.denominator}"
+                var, s2_text = discrete_gaussian_variance(s2), _frac_text(s2)
                 chunk = max(1, BATCH_ANSWERS // q.n_answers)
                 for c0 in range(start, stop, chunk):
                     c1 = min(stop, c0 + chunk)
@@ -188,32 +198,41 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
     """Per query, the dense float matrix ``(stop - start, n_answers)`` of units ``start:stop``
     (row ``i`` = unit ``start + i``; NaN where not measured) with its variance and σ².
 
-    ``queries`` restricts (and orders) the result; by default every query found in the files.
+    Every query the files were made for is returned (all NaN if every answer was skipped);
+    ``queries`` restricts and orders the result and must be a subset of them.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    frames = [pl.read_parquet(p, columns=list(COLUMNS)) for p in paths]
-    df = pl.concat(frames) if frames else pl.DataFrame(schema={c: pl.Utf8 for c in COLUMNS})
-    df = df.filter((pl.col("unit") >= start) & (pl.col("unit") < stop))
-    found = df["query"].unique(maintain_order=True).to_list() if df.height else []
-    wanted = list(queries) if queries is not None else found
+    known: dict[str, tuple[Fraction, float]] = {}
+    frames = []
+    for p in paths:
+        try:
+            meta = pq.read_schema(p).metadata or {}
+            for q, s2, var in json.loads(meta[b"dptab.queries"]):
+                if q in known and known[q][0] != Fraction(s2):
+                    raise MeasurementError(f"query {q!r} has different sigma2 in {paths}")
+                known[q] = (Fraction(s2), float(var))
+        except (KeyError, ValueError) as exc:
+            raise MeasurementError(f"{p}: not a measurement file written by measure_shard ({exc!r})") from None
+        frames.append(pl.read_parquet(p, columns=list(COLUMNS)))
+    df = pl.concat(frames).filter((pl.col("unit") >= start) & (pl.col("unit") < stop))
+    wanted = list(queries) if queries is not None else list(known)
+    missing = [q for q in wanted if q not in known]
+    if missing:
+        raise MeasurementError(f"no measurements of {missing} in {[str(p) for p in paths]}; "
+                               f"they hold {list(known)}")
+    parts = {k[0]: v for k, v in df.partition_by("query", as_dict=True).items()} if df.height else {}
     out: dict[str, QueryMeasurements] = {}
-    for qname, part in df.partition_by("query", as_dict=True).items() if df.height else []:
-        qname = qname[0] if isinstance(qname, tuple) else qname
-        if qname not in wanted:
-            continue
+    for qname in wanted:
         q = spec.query(qname)
-        s2s = part["sigma2"].unique().to_list()
-        if len(s2s) != 1:
-            raise MeasurementError(f"query {qname!r} has several sigma2 values in {paths}: {s2s}")
         vals = np.full((stop - start, q.n_answers), np.nan)
-        u = part["unit"].to_numpy() - start
-        a = part["answer"].to_numpy().astype(np.int64)
-        if a.size and (a.min() < 0 or a.max() >= q.n_answers):
-            raise MeasurementError(f"query {qname!r}: answer index out of range 0..{q.n_answers - 1} in {paths}")
-        vals[u, a] = part["value"].to_numpy().astype(np.float64)
-        out[qname] = QueryMeasurements(vals, float(part["variance"][0]), Fraction(s2s[0]))
-    missing = [q for q in wanted if q not in out]
-    if queries is not None and missing:
-        raise MeasurementError(f"no measurements of {missing} for units {start}:{stop} in {paths}")
-    return {q: out[q] for q in wanted if q in out}
+        part = parts.get(qname)
+        if part is not None:
+            u = part["unit"].to_numpy() - start
+            a = part["answer"].to_numpy().astype(np.int64)
+            if a.size and (a.min() < 0 or a.max() >= q.n_answers):
+                raise MeasurementError(f"query {qname!r}: answer index out of range 0..{q.n_answers - 1} in {paths}")
+            vals[u, a] = part["value"].to_numpy().astype(np.float64)
+        s2, var = known[qname]
+        out[qname] = QueryMeasurements(vals, var, s2)
+    return out

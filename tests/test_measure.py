@@ -114,6 +114,25 @@ def test_bad_requests(tmp_path: Path):
     good = measure_shard(tmp_path / "g.parquet", h, SPEC, STRATEGY, "block", 0, 10, seeded_source(1))
     with pytest.raises(MeasurementError, match="no measurements"):
         load_measurements(good.path, SPEC, 0, 10, queries=["detailed", "total", "hhgq*hispanic"])
+    assert list(load_measurements(good.path, SPEC, 0, 10, queries=["total", "detailed"])) == ["total", "detailed"]
+    other = tmp_path / "other.parquet"
+    pl.DataFrame({c: [] for c in COLUMNS}).write_parquet(other)
+    with pytest.raises(MeasurementError, match="not a measurement file"):
+        load_measurements(other, SPEC, 0, 10)
+
+
+def test_fully_skipped_queries_are_still_returned(tmp_path: Path):
+    # every parent is empty: nothing is drawn, yet the loader returns each query, all NaN,
+    # with its exact variance (post-processing needs the variances, not the rows)
+    h = SparseHistogram.from_dense("block", np.zeros((6, SPEC.n_cells), dtype=np.int64))
+    parent = SparseHistogram.from_dense("block_group", np.zeros((2, SPEC.n_cells), dtype=np.int64))
+    res = measure_shard(tmp_path / "e.parquet", h, SPEC, STRATEGY, "block", 0, 6, seeded_source(1),
+                        parent=parent, parent_of=np.repeat([0, 1], 3))
+    assert res.rows == 0
+    m = load_measurements(res.path, SPEC, 0, 6)
+    assert list(m) == list(STRATEGY.queries("block"))
+    assert all(np.isnan(v.values).all() for v in m.values())
+    assert m["detailed"].variance == discrete_gaussian_variance(STRATEGY.sigma2("block", "detailed"))
 
 
 def test_units_measurements(tmp_path: Path):
