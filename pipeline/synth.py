@@ -264,7 +264,10 @@ def synthesize(n_persons: int, seed: int, out_dir: str | Path, states: Sequence[
     if batch_persons < 1:
         raise SynthError(f"batch_persons must be >= 1, got {batch_persons}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SynthError(f"cannot create output directory {out}: {exc.strerror or exc}") from exc
     plan = plan_counties(n_persons, seed, states)
     paths = {"persons": out / "persons.parquet", "units": out / "units.parquet"}
     tmp = {k: p.with_name(f".{p.name}.tmp-{os.getpid()}") for k, p in paths.items()}

@@ -112,6 +112,14 @@ def test_plan_scales_with_persons_and_honours_states():
         plan_counties(0, 1)
 
 
+def test_output_path_that_is_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SynthError, match="cannot create output directory .*f"):
+        synthesize(10, 1, tmp_path / "f")
+    r = CliRunner().invoke(app, ["synth", "--persons", "10", "--seed", "1", "--out", str(tmp_path / "f"), "--quiet"])
+    assert r.exit_code == 2
+
+
 def test_cli_synth_and_histograms(tmp_path):
     r = CliRunner().invoke(app, ["synth", "--persons", "5000", "--seed", "2", "--out", str(tmp_path), "--quiet"])
     assert r.exit_code == 0, r.output
