@@ -5,7 +5,7 @@
 (``unit_id`` Utf8, ``geoid`` Utf8, ``kind`` Int8, ``occupied`` Boolean, null for facilities).
 
 Shape: real 2020 counts of tracts and block groups per county
-(``../shared/data/real/tracts_bgs_per_county.csv``); counties are taken state by state (seeded
+(``data/tracts_bgs_per_county.csv``, committed); counties are taken state by state (seeded
 order, or ``states``) until they hold about ``n_persons / 1380`` block groups, so a small
 population is one county or a part of one. Everything else is drawn from the distributions in
 :mod:`pipeline.synth_model`. Generation runs county by county, and within a county in batches
@@ -31,8 +31,8 @@ import pyarrow.parquet as pq
 
 from pipeline import synth_model as m
 
-REAL_DATA_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
-COUNTIES_CSV = Path(os.environ.get("DPTAB_COUNTIES_CSV", REAL_DATA_DIR / "tracts_bgs_per_county.csv"))
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+COUNTIES_CSV = Path(os.environ.get("DPTAB_COUNTIES_CSV", DATA_DIR / "tracts_bgs_per_county.csv"))
 
 PERSONS_SCHEMA = pa.schema([("geoid", pa.string()), ("hhgq", pa.int8()), ("voting_age", pa.int8()),
                             ("hispanic", pa.int8()), ("cenrace", pa.int8())])
