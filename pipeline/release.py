@@ -155,6 +155,9 @@ def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, An
         entry["schema"] = {f.name: str(f.type) for f in meta.schema_arrow}
     elif rows is not None:
         entry["rows"] = int(rows)
+    if path.suffix == ".csv":
+        # header row + one row per (unit, line); the types a reader should apply
+        entry["schema"] = {k: str(v) for k, v in LONG_SCHEMA.items()}
     return entry
 
 

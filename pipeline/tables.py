@@ -14,7 +14,6 @@ label, count, moe90`` (:func:`long_frame`). Tables are computed only from *publi
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,13 +24,13 @@ import polars as pl
 import scipy.sparse as sp
 import yaml
 
+from pipeline.geonames import unit_names
 from pipeline.spec import SCHEMAS_DIR, HistogramSpec, load_spec
 
 if TYPE_CHECKING:
     from pipeline.geography import Geography
 
 TABLES_DIR = SCHEMAS_DIR / "tables"
-GEONAMES_DIR = SCHEMAS_DIR / "geonames"
 HISTOGRAM_KINDS = ("persons", "units")
 
 
@@ -275,48 +274,6 @@ def tabulate_vector(hist: HistogramLike | np.ndarray | sp.csr_matrix, vector: np
 
 
 # --------------------------------------------------------------------------------------
-# geography names
-
-
-@lru_cache(maxsize=1)
-def _name_maps() -> tuple[dict[str, str], dict[str, str]]:
-    with open(GEONAMES_DIR / "states_fips.csv", newline="") as fh:
-        states = {r["state"]: r["name"] for r in csv.DictReader(fh)}
-    with open(GEONAMES_DIR / "county_fips_2020.csv", newline="") as fh:
-        counties = {r["state"] + r["county"]: r["name"] for r in csv.DictReader(fh)}
-    return states, counties
-
-
-def _tract_name(code: str) -> str:
-    base, suffix = code[:4].lstrip("0") or "0", code[4:]
-    return f"Census Tract {base}" if suffix == "00" else f"Census Tract {base}.{suffix}"
-
-
-def unit_names(level: str, geoids: np.ndarray) -> np.ndarray:
-    """Readable names of a level's units, ``(n_units,)`` object array.
-
-    Nation "United States"; states and counties by FIPS ("Perry County, Alabama"; unknown codes
-    "State 99", "County 999"); "Census Tract 6868" (or "6868.01"), "Block Group 1", "Block 1000".
-    """
-    states, counties = _name_maps()
-    g = [str(x) for x in np.asarray(geoids).tolist()]
-    if level == "nation":
-        return np.array(["United States"] * len(g), dtype=object)
-    if level == "state":
-        return np.array([states.get(x, f"State {x}") for x in g], dtype=object)
-    if level == "county":
-        return np.array([f"{counties.get(x, 'County ' + x[2:])}, {states.get(x[:2], 'State ' + x[:2])}" for x in g],
-                        dtype=object)
-    if level == "tract":
-        return np.array([_tract_name(x[5:11]) for x in g], dtype=object)
-    if level == "block_group":
-        return np.array([f"Block Group {x[11:12]}" for x in g], dtype=object)
-    if level == "block":
-        return np.array([f"Block {x[11:15]}" for x in g], dtype=object)
-    return np.array([f"{level} {x}" for x in g], dtype=object)
-
-
-# --------------------------------------------------------------------------------------
 # long format
 
 LONG_SCHEMA = {
@@ -392,3 +349,19 @@ def tabulate_levels(tables: TableSet, geography: "Geography", persons: Mapping[s
                     checks[c.name] = tabulate_vector(x, c.vector)
         out.append(LevelTables(name, geoids, counts, checks))
     return out
+
+
+def long_tables(tables: TableSet, levels: list[LevelTables],
+                moe90: Mapping[tuple[str, str], np.ndarray] | None = None) -> dict[str, pl.DataFrame]:
+    """Every table in long format over all ``levels``: ``{table: DataFrame}`` (:data:`LONG_SCHEMA`).
+
+    For in-memory use (review, notebooks); releases stream the same rows to disk per level.
+    ``moe90[(table, level)]`` is float ``(n_lines,)`` as from ``pipeline.uncertainty.release_moe90``.
+    """
+    out: dict[str, list[pl.DataFrame]] = {}
+    for lt in levels:
+        names = unit_names(lt.level, lt.geoids)
+        for name, counts in lt.counts.items():
+            out.setdefault(name, []).append(long_frame(tables.tables[name], lt.level, lt.geoids, names, counts,
+                                                       None if moe90 is None else moe90.get((name, lt.level))))
+    return {name: pl.concat(frames) for name, frames in out.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -167,3 +168,15 @@ def test_any_single_changed_count_is_caught(seed: int, pick: int, delta: int) ->
     r, col = (pick // 7) % arr.shape[0], (pick // 13) % arr.shape[1]
     arr[r, col] += delta
     assert run_checks(TS, lts, digits(c.geography), c.invariants)
+
+
+def test_long_tables_cover_every_level() -> None:
+    from pipeline.tables import long_tables
+
+    c = make_case(9, n_blocks=20)
+    lts = tabulate_levels(TS, c.geography, c.persons, c.units)
+    frames = long_tables(TS, lts)
+    n_units = sum(lv.n_units for lv in c.geography.levels)
+    assert {k: v.height for k, v in frames.items()} == {k: t.n_lines * n_units for k, t in TS.tables.items()}
+    p1 = frames["P1"].filter((pl.col("geolevel") == "nation") & (pl.col("line") == 1))
+    assert p1["count"].to_list() == [int(c.block_dense.sum())]
