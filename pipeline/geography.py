@@ -1,10 +1,11 @@
 """Geographic hierarchy as flat arrays: per level, sorted unit GEOIDs, parent index, CSR children.
 
-A block GEOID is 15 digits (state 2 + county 3 + tract 6 + block group 1 + block 4); the
-unit of a level is identified by the GEOID prefix of that level's length
+A block GEOID is 15 digits (state 2 + county 3 + tract 6 + block 4, whose first digit is the
+block group); the unit of a level is identified by the GEOID prefix of that level's length
 (``schemas/geolevels.yaml``). Because GEOIDs sort by prefix, the children of every unit are a
 contiguous range of the next level down, so the whole hierarchy is a handful of int64 arrays:
-no per-unit Python objects, about 16 bytes per block plus the GEOID strings.
+no per-unit Python objects, about 25 bytes per block (185 MiB for 7.7 M blocks) plus the
+GEOID strings.
 
 Internally each unit is also held as its GEOID read as an integer (``codes``, int64): numeric
 order equals string order for fixed-length digit strings, and integer searches are fast.
