@@ -121,3 +121,52 @@ def hierarchy(seed: int = 0, fanout=(2, 2, 2, 3, 4), spec: HistogramSpec = PL94,
             multipass=name in ("state", "county", "tract", "block_group"),
         ))
     return levels, {n: t for n, t in zip(names, level_truth)}
+
+
+def reference_qp(obj) -> tuple[np.ndarray, float]:
+    """Solve an :class:`L2Objective` with Clarabel (interior point) as a reference.
+
+    Variables are the allowed (child, domain cell) entries; returns ``(Z (k, n), f(Z))``.
+    """
+    import clarabel
+    import scipy.sparse as sp
+
+    from pipeline.postprocess.operators import dense_normal_matrix
+
+    k, n = obj.k, obj.n
+    H = dense_normal_matrix(obj.sys, obj.w)
+    idx = np.flatnonzero(obj.allowed.ravel())
+    P = sp.kron(sp.eye(k), sp.csr_matrix(H)).tocsc()[idx][:, idx]
+    q = -obj.b.ravel()[idx]
+    cc, jj = np.unravel_index(idx, (k, n))
+    nv = idx.size
+    A_rows, b_rows, cones = [], [], []
+    if obj.consistency:
+        A_rows.append(sp.csr_matrix((np.ones(nv), (jj, np.arange(nv))), shape=(n, nv)))
+        b_rows.append(obj.p)
+        cones.append(clarabel.ZeroConeT(n))
+    if obj.totals is not None:
+        A_rows.append(sp.csr_matrix((np.ones(nv), (cc, np.arange(nv))), shape=(k, nv)))
+        b_rows.append(obj.totals)
+        cones.append(clarabel.ZeroConeT(k))
+    A_rows.append(-sp.eye(nv, format="csr"))
+    b_rows.append(np.zeros(nv))
+    cones.append(clarabel.NonnegativeConeT(nv))
+    if obj.lower is not None:
+        t = obj.sys.terms[obj.prob.bound_query]
+        ng = t.n_local
+        A_rows.append(sp.csr_matrix((-np.ones(nv), (cc * ng + t.ans[jj], np.arange(nv))),
+                                    shape=(k * ng, nv)))
+        b_rows.append(-obj.lower.ravel())
+        cones.append(clarabel.NonnegativeConeT(k * ng))
+    A = sp.vstack(A_rows).tocsc()
+    settings = clarabel.DefaultSettings()
+    settings.verbose = False
+    settings.tol_gap_abs = settings.tol_gap_rel = 1e-12
+    settings.tol_feas = 1e-12
+    sol = clarabel.DefaultSolver(sp.triu(P).tocsc(), q, A, np.concatenate(b_rows), cones,
+                                 settings).solve()
+    Z = np.zeros(k * n)
+    Z[idx] = np.asarray(sol.x)
+    Z = Z.reshape(k, n)
+    return Z, obj.value(Z)

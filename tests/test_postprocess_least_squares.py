@@ -1,0 +1,122 @@
+"""Least squares: closed-form x-steps vs KKT, ADMM vs a reference QP, special cases."""
+
+import numpy as np
+import pytest
+
+from postprocess_cases import PL94, random_parent, reference_qp
+from pipeline.postprocess.least_squares import DenseInverse, _xstep, admm, choose_inverse
+from pipeline.postprocess.objective import L2Objective
+from pipeline.postprocess.projection import project_columns_sort
+from pipeline.spec import load_spec
+
+
+def _obj(prob, totals=None, lower=None, domain=None, queries=None):
+    dom = prob.free_cells() if domain is None else domain
+    return L2Objective(prob, tuple(queries or prob.targets), dom, totals, lower)
+
+
+@pytest.mark.parametrize("with_totals", [False, True])
+def test_xstep_closed_form_satisfies_kkt(with_totals):
+    prob, truth = random_parent(k=6, pop=40, seed=1)
+    totals = truth.sum(axis=1).astype(float) if with_totals else None
+    obj = _obj(prob, totals)
+    inv = DenseInverse(obj)
+    rho = 3.0
+    inv.set_rho(rho)
+    u = inv.apply(np.ones((1, obj.n)))[0]
+    R = np.random.default_rng(0).normal(size=(obj.k, obj.n))
+    X, alpha = _xstep(obj, inv, R, u, float(u.sum()))
+    np.testing.assert_allclose(X.sum(axis=0), obj.p, atol=1e-9)
+    if with_totals:
+        np.testing.assert_allclose(X.sum(axis=1), totals, atol=1e-9)
+    # stationarity: M x_c - r_c = lambda + alpha_c 1 with lambda shared by all children
+    resid = obj.hess_apply(X) + rho * X - R
+    if with_totals:
+        resid -= alpha[:, None]
+    np.testing.assert_allclose(resid - resid.mean(axis=0), 0.0, atol=1e-8)
+
+
+@pytest.mark.parametrize("seed,k,pop,gq,totals", [
+    (0, 5, 30, False, False), (1, 8, 60, True, False), (2, 4, 80, False, True),
+    (3, 6, 40, True, True), (4, 3, 500, True, False),
+])
+def test_admm_matches_reference_qp(seed, k, pop, gq, totals):
+    prob, truth = random_parent(k=k, pop=pop, seed=seed, gq=gq)
+    t = truth.sum(axis=1).astype(float) if totals else None
+    obj = _obj(prob, t, prob.lower_bounds())
+    inv, _ = choose_inverse(obj)
+    res = admm(obj, inv, tol=1e-10)
+    assert res.certified
+    _, fref = reference_qp(obj)
+    assert abs(res.f - fref) <= 1e-6 * fref
+    # the returned point meets x >= 0 and the parent sums whatever the tolerance
+    assert (res.Z >= 0).all()
+    np.testing.assert_allclose(res.Z.sum(axis=0), obj.p, atol=1e-9)
+    assert res.gap <= 1e-10 * res.f
+    assert res.infeas <= 1e-7
+
+
+def test_kron_path_matches_dense_path():
+    # same parent solved on the full grid (Kronecker x-step, zeros by projection) and on
+    # its free cells (dense eigendecomposition): same optimum
+    prob, _ = random_parent(k=5, pop=150, seed=5, alpha=0.3)
+    lower = np.zeros((5, 8))
+    lower[:, 0] = 20.0
+    free = prob.free_cells()
+    full = _obj(prob, lower=lower, domain=np.arange(PL94.n_cells))
+    inv, method = choose_inverse(full, kron_min_cells=100)
+    assert method == "admm-kron"
+    r1 = admm(full, inv, tol=1e-10)
+    obj = _obj(prob, lower=lower)
+    r2 = admm(obj, DenseInverse(obj), tol=1e-10)
+    assert r1.certified and r2.certified
+    assert abs(r1.f - r2.f) <= 1e-8 * r2.f
+    np.testing.assert_allclose(r1.Z[:, free], r2.Z, atol=1e-3)
+    assert np.abs(r1.Z[:, np.setdiff1d(np.arange(PL94.n_cells), free)]).max() == 0.0
+
+
+def test_detailed_only_is_one_projection():
+    prob, _ = random_parent(k=7, pop=50, seed=6)
+    prob.targets = {"detailed": prob.targets["detailed"]}
+    obj = _obj(prob)
+    res = admm(obj, DenseInverse(obj), tol=1e-12)
+    ref, _ = project_columns_sort(prob.targets["detailed"][:, obj.domain], obj.p)
+    np.testing.assert_allclose(res.Z, ref, atol=1e-5)
+
+
+def test_unconstrained_optimum_is_ols_consistent_closed_form():
+    # every child has ~100 persons in each of 40 cells, so non-negativity is inactive and the
+    # optimum is the consistent OLS closed form x = xhat + (p - sum xhat)/k
+    from pipeline.postprocess import ParentProblem
+
+    rng = np.random.default_rng(7)
+    cells = rng.choice(np.flatnonzero(~PL94.structural_zero_mask), 40, replace=False)
+    truth = np.zeros((4, PL94.n_cells), dtype=np.int64)
+    truth[:, cells] = rng.poisson(100, (4, 40))
+    v = {q: 1.0 + i % 3 for i, q in enumerate(PL94.query_names)}
+    y = {q: PL94.query(q).answer(truth) + rng.normal(0, np.sqrt(vq), (4, PL94.query(q).n_answers))
+         for q, vq in v.items()}
+    prob = ParentProblem(PL94, truth.sum(axis=0), y, v)
+    obj = _obj(prob)
+    inv = DenseInverse(obj)
+    res = admm(obj, inv, tol=1e-11)
+    inv.set_rho(1e-300)
+    xhat = inv.apply(obj.b)
+    closed = xhat + (obj.p - xhat.sum(axis=0)) / obj.k
+    assert (closed > 0).all()
+    np.testing.assert_allclose(res.Z, closed, atol=1e-4)
+
+
+def test_units_spec_with_exact_totals():
+    spec = load_spec("units")
+    rng = np.random.default_rng(8)
+    truth = rng.integers(0, 20, (12, 2))
+    from pipeline.postprocess import ParentProblem
+
+    v = {"detailed": 2.0}
+    y = {"detailed": truth + rng.normal(0, 1.4, truth.shape)}
+    prob = ParentProblem(spec, truth.sum(axis=0), y, v, totals=truth.sum(axis=1))
+    obj = _obj(prob, totals=truth.sum(axis=1).astype(float))
+    res = admm(obj, DenseInverse(obj), tol=1e-10)
+    _, fref = reference_qp(obj)
+    assert res.certified and abs(res.f - fref) <= 1e-6 * max(fref, 1.0)

@@ -1,0 +1,141 @@
+"""Top-down driver: end to end on a synthetic hierarchy, shortcuts, fallbacks, errors, pool."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from postprocess_cases import PL94, hierarchy, random_parent
+from pipeline.postprocess import (
+    LevelBatch, PostprocessError, SolveOptions, run_topdown, solve_level, solve_parent, solve_root,
+)
+from pipeline.postprocess.checks import verify_children
+from pipeline.postprocess.feasibility import is_feasible, relax_constraints
+from pipeline.spec import load_spec
+
+
+def _check_level(levels, out):
+    hh = PL94.query("hhgq")
+    for i, lev in enumerate(levels):
+        H = out[lev.name]
+        assert H.dtype == np.int64 and (H >= 0).all()
+        assert (H[:, PL94.structural_zero_mask] == 0).all()
+        if lev.totals is not None:
+            np.testing.assert_array_equal(H.sum(axis=1), lev.totals)
+        G = hh.answer(H)
+        assert (G[:, 1:] >= lev.lower[:, 1:]).all()  # persons in GQ type g >= facilities
+        assert (G[lev.zero_answers] == 0).all()
+        if i:
+            parent = out[levels[i - 1].name]
+            seg = np.repeat(np.arange(parent.shape[0]), np.diff(lev.child_ptr))
+            sums = np.zeros_like(parent)
+            np.add.at(sums, seg, H)
+            np.testing.assert_array_equal(sums, parent)
+
+
+def test_end_to_end_nation_to_block():
+    levels, truth = hierarchy(seed=0)
+    out, diags = run_topdown(PL94, levels)
+    _check_level(levels, out)
+    assert [d.level for d in diags] == [lev.name for lev in levels]
+    for d in diags:
+        assert d.uncertified == 0
+        assert d.max_rel_gap <= 1e-9
+        assert d.seconds > 0
+    # post-processing is far closer to the truth than the raw noisy detailed answers
+    for name in ("county", "block"):
+        err = np.abs(out[name] - truth[name]).sum()
+        raw = np.abs(levels[[lev.name for lev in levels].index(name)].targets["detailed"]
+                     - truth[name]).sum()
+        assert err < 0.2 * raw
+
+
+def test_deterministic_and_pool_equals_serial():
+    levels, _ = hierarchy(seed=1, fanout=(2, 2, 1, 2, 3))
+    a, _ = run_topdown(PL94, levels)
+    b, _ = run_topdown(PL94, levels)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    lev = levels[-1]
+    batch = LevelBatch(PL94, a["block_group"], lev.child_ptr, lev.targets, lev.variances,
+                       lev.totals, lev.lower, lev.zero_answers)
+    serial, _ = solve_level(batch, workers=1)
+    pooled, d = solve_level(batch, workers=2, chunks_per_worker=2)
+    np.testing.assert_array_equal(serial, pooled)
+    assert d.parents == batch.n_parents
+
+
+def test_shortcuts_copy_and_empty():
+    prob, _ = random_parent(k=1, pop=20, seed=3)
+    N, st = solve_parent(prob)
+    assert st.shortcut == "copy"
+    np.testing.assert_array_equal(N[0], prob.parent)
+    prob, _ = random_parent(k=3, pop=20, seed=3)
+    prob = dataclasses.replace(prob, parent=np.zeros(PL94.n_cells, dtype=np.int64))
+    N, st = solve_parent(prob)
+    assert st.shortcut == "empty" and not N.any()
+
+
+def test_infeasible_lower_bounds_are_relaxed_and_counted():
+    prob, truth = random_parent(k=5, pop=20, seed=4, gq=True)
+    lower = prob.lower.copy()
+    c, g = np.argwhere(lower[:, 1:] > 0)[0]
+    # the parent lost persons of that GQ type (noise): bounds can no longer all hold
+    hh = PL94.query("hhgq").cell_to_answer
+    parent = prob.parent.copy()
+    parent[hh == g + 1] = 0
+    parent[np.flatnonzero(hh == g + 1)[0]] = max(lower[:, g + 1].sum() - 1, 0)
+    prob = dataclasses.replace(prob, parent=parent)
+    assert not is_feasible(prob)
+    rel = relax_constraints(prob)
+    assert rel.relaxed_bounds >= 1
+    assert rel.lower.sum() == prob.lower.sum() - 1  # minimal: exactly one person of slack
+    N, st = solve_parent(prob)
+    assert st.relaxed_constraints >= 1
+    assert (N.sum(axis=0) == parent).all()
+    assert (PL94.query("hhgq").answer(N) >= rel.lower).all()
+
+
+def test_violation_names_the_parent():
+    prob, truth = random_parent(k=3, pop=20, seed=5)
+    bad = truth.copy()
+    bad[0, np.flatnonzero(bad[0])[0]] += 1
+    with pytest.raises(PostprocessError, match="synthetic-5"):
+        verify_children(prob, bad, prob.allowed(np.arange(PL94.n_cells)), None)
+    with pytest.raises(PostprocessError, match="synthetic-5"):
+        verify_children(prob, truth - 2 * truth, prob.allowed(np.arange(PL94.n_cells)), None)
+
+
+def test_uncertified_solve_is_counted():
+    prob, _ = random_parent(k=6, pop=50, seed=6)
+    N, st = solve_parent(prob, SolveOptions(max_iter=3, tol=1e-12))
+    assert st.uncertified == 1 and not st.certified
+    assert (N.sum(axis=0) == prob.parent).all()  # still exactly consistent
+
+
+def test_units_spec_root_and_level():
+    spec = load_spec("units")
+    rng = np.random.default_rng(11)
+    occ = rng.integers(0, 30, (9, 2))
+    v = {"detailed": 3.0}
+    root, d = solve_root(spec, {"detailed": occ.sum(axis=0)[None, :] + rng.normal(0, 1.7, (1, 2))},
+                         v, total=int(occ.sum()))
+    assert root.sum() == occ.sum()
+    batch = LevelBatch(spec, root[None, :], np.array([0, 9]),
+                       {"detailed": occ + rng.normal(0, 1.7, occ.shape)}, v,
+                       totals=occ.sum(axis=1))
+    kids, d = solve_level(batch)
+    np.testing.assert_array_equal(kids.sum(axis=1), occ.sum(axis=1))
+    np.testing.assert_array_equal(kids.sum(axis=0), root)
+
+
+@pytest.mark.slow
+def test_large_parent_3000_children():
+    import time
+
+    prob, truth = random_parent(k=3000, pop=40, seed=12, alpha=1.0)
+    t0 = time.perf_counter()
+    N, st = solve_parent(prob, SolveOptions(tol=1e-6, multipass=True))
+    assert st.method == "admm-kron" and st.certified
+    assert (N.sum(axis=0) == prob.parent).all() and (N >= 0).all()
+    print(f"3000 x 2016: {time.perf_counter() - t0:.1f}s, {st}")
