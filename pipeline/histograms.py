@@ -217,7 +217,10 @@ def build_block_histogram(persons: pl.LazyFrame | pl.DataFrame, geography: Geogr
         raise HistogramError(f"persons: {exc}") from exc
     cell = counts["cell"].to_numpy().astype(np.int64, copy=False)
     # sort by (GEOID, cell) first: block order is GEOID order, and sorted lookups are cache-friendly
-    order = np.argsort(codes * spec.n_cells + cell)
+    if 10**blocks.digits * spec.n_cells < 2**62:
+        order = np.argsort(codes * spec.n_cells + cell)
+    else:  # a combined int64 key could overflow for very large specs
+        order = np.lexsort((cell, codes))
     try:
         unit = blocks.index_of_codes(codes[order])
     except GeographyError as exc:
