@@ -170,3 +170,15 @@ def test_sorted_and_dense_aggregation_agree(monkeypatch):
         SparseHistogram(h.level, h.n_units, h.n_cells, h.unit, h.cell, h.count)  # valid
     assert sorted_path["county"].total() == n
     np.testing.assert_array_equal(sorted_path["state"].dense(), _naive(list(df.iter_rows()), geo, "state"))
+
+
+def test_long_geoids_use_the_overflow_safe_sort():
+    from pipeline.geography import GeoLevel
+
+    levels = [GeoLevel("nation", 0), GeoLevel("area", 2), GeoLevel("block", 18)]
+    blocks = ["990000000000000001", "990000000000000000", "120000000000000007"]
+    rows = [(blocks[0], 0, 1, 0, 5), (blocks[1], 3, 1, 1, 63), (blocks[0], 0, 1, 0, 5), (blocks[2], 7, 0, 0, 1)]
+    geo = Geography.from_block_geoids(blocks, levels=levels)
+    hists = build_person_histograms(_frame(rows), geo, SPEC)
+    for lv in geo.levels:
+        np.testing.assert_array_equal(hists[lv.name].dense(), _naive(rows, geo, lv.name))
