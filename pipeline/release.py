@@ -62,7 +62,9 @@ class ReleaseError(RuntimeError):
 
 
 class ReleaseExistsError(ReleaseError, FileExistsError):
-    """A release with this id already exists; releases are never overwritten."""
+    """A release with this id already exists; releases are never overwritten (CLI exit status 2)."""
+
+    exit_status = 2
 
 
 class ReleaseCheckError(ReleaseError):
