@@ -42,6 +42,11 @@ from pipeline.spec import HistogramSpec
 COLUMNS = ("unit", "query", "answer", "value", "variance", "sigma2")
 SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.string()), ("answer", pa.int32()),
                     ("value", pa.int64()), ("variance", pa.float64()), ("sigma2", pa.string())])
+# What is written: the two constant text columns as dictionary arrays (no per-row strings to
+# build or hash); with store_schema=False the file holds plain UTF8 columns, read back as SCHEMA.
+_WRITE_SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.dictionary(pa.int32(), pa.string())),
+                           ("answer", pa.int32()), ("value", pa.int64()), ("variance", pa.float64()),
+                           ("sigma2", pa.dictionary(pa.int32(), pa.string()))])
 #: answers per noise batch (bounds memory: ~40 bytes per answer)
 BATCH_ANSWERS = 1 << 22
 
@@ -89,8 +94,8 @@ def _entries(hist: SparseHistogram, ptr: np.ndarray, units: np.ndarray) -> tuple
 
 
 def _const_text(text: str, n: int) -> pa.Array:
-    """A string column repeating ``text`` ``n`` times (built without a Python list)."""
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text])).cast(pa.string())
+    """A dictionary-encoded text column repeating ``text`` ``n`` times."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text]))
 
 
 def _file_meta(level: str, start: int, stop: int, full: bool, strategy: Strategy) -> dict[bytes, bytes]:
@@ -137,7 +142,8 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     rows = skipped = 0
     try:
-        with pq.ParquetWriter(tmp, SCHEMA.with_metadata(meta), compression="zstd") as writer:
+        with pq.ParquetWriter(tmp, _WRITE_SCHEMA, compression="zstd", store_schema=False) as writer:
+            writer.add_key_value_metadata(meta)
             for qname in strategy.queries(level):
                 q = spec.query(qname)
                 s2 = strategy.sigma2(level, qname)
@@ -165,7 +171,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                         "value": true.reshape(-1)[flat] + noise,
                         "variance": np.full(n, var),
                         "sigma2": _const_text(s2_text, n),
-                    }, schema=SCHEMA))
+                    }, schema=_WRITE_SCHEMA))
                     rows += n
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -185,7 +191,7 @@ def _reuse(path: Path, meta: dict[bytes, bytes]) -> MeasureResult:
     except (OSError, pa.ArrowException) as exc:
         raise MeasurementError(f"{path}: existing measurement file is unreadable ({exc}); "
                                "it is never overwritten — inspect it") from exc
-    have = md.schema.to_arrow_schema().metadata or {}
+    have = md.metadata or {}
     for k, v in meta.items():
         if have.get(k) != v:
             raise MeasurementError(f"{path}: existing measurement file was made for {k.decode()}="
