@@ -169,3 +169,40 @@ def test_cli_budget_prints_the_table_and_both_epsilons():
     assert bad.exit_code == 2 and "not found" in bad.output
     units = CliRunner().invoke(app, ["budget", "census2020_units", "--no-pld"])
     assert units.exit_code == 0 and "2.4747" in units.output and "PLD" not in units.output
+
+
+def _exact_dg_epsilon(sigma2: Fraction, copies: int, delta: float) -> float:
+    """ε(δ) of ``copies`` unit shifts of N_Z(0, σ²), by direct convolution on the exact lattice
+    (losses (copies − 2 Σx)/(2σ²) need no rounding) and bisection."""
+    import numpy as np
+
+    s2 = float(sigma2)
+    k = int(14 * math.sqrt(s2)) + 5
+    x = np.arange(-k, k + 1)
+    p = np.exp(-(x * x) / (2 * s2))
+    p /= p.sum()
+    dist = np.array([1.0])
+    for _ in range(copies):
+        dist = np.convolve(dist, p)
+    sums = np.arange(-copies * k, copies * k + 1)
+    loss = (copies - 2 * sums) / (2 * s2)
+
+    def delta_at(eps: float) -> float:
+        sel = loss > eps
+        return float(np.sum(dist[sel] * -np.expm1(eps - loss[sel])))
+
+    lo, hi = 0.0, 50.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if delta_at(mid) <= delta else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize("sigma2, copies", [(Fraction(1), 1), (Fraction(7, 3), 4), (Fraction(100), 2),
+                                            (Fraction(1, 2), 3)])
+def test_pld_is_a_tight_upper_bound_of_the_exact_value(sigma2: Fraction, copies: int):
+    exact = _exact_dg_epsilon(sigma2, copies, 1e-10)
+    ours = float(composed_dg_epsilon({sigma2: copies}, 1e-10))
+    assert exact <= ours <= exact + copies * 1e-3 + 1e-4  # pessimism: at most one grid step per shift
+    coarse = float(composed_dg_epsilon({sigma2: copies}, 1e-10, grid=1e-2))
+    assert coarse >= ours - 1e-4  # a coarser (more pessimistic) grid never gives less

@@ -126,7 +126,7 @@ def discrete_gaussian_variance(sigma2: Fraction | int | str) -> float:
         return float(theta_variance(v))
 
 
-def theta_variance(v) -> "mpmath.mpf":
+def theta_variance(v):
     """Discrete-Gaussian variance at σ² = v (mpmath number) by Poisson summation (independent
     formula used by :func:`discrete_gaussian_variance` for large σ² and by the tests)."""
     import mpmath
