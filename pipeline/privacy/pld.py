@@ -11,10 +11,10 @@ independent L's. Then
 
 and we report the smallest ε on a 10⁻⁴ grid with δ(ε) ≤ δ.
 
-Pessimistic discretisation (why the figure is an upper bound): every loss value is rounded *up*
-to the grid ``grid`` (a PLD whose losses are larger dominates the true one, so its δ(ε) is
-larger), and the probability of |x| beyond the truncation point of each Gaussian (< 10⁻³⁰) is
-moved to L = +∞. The composition is a product of FFT spectra; to keep the tail that decides
+Pessimistic discretisation (why the figure is an upper bound): shifts with the same σ² are
+composed exactly on their own lattice, then every loss value is rounded *up* to the grid
+``grid`` (a PLD whose losses are larger dominates the true one, so its δ(ε) is larger), and the
+probability of |x| beyond the truncation point of each Gaussian (< 10⁻³⁰) is moved to L = +∞. The composition is a product of FFT spectra; to keep the tail that decides
 δ(ε) accurate in floating point, every component is exponentially tilted by e^{λL} (λ chosen so
 that the tilted mean sits near the answer), which the convolution preserves, and untilted in
 log space afterwards. Floating-point error is then relative (~1e-12) in the region L > ε.
@@ -44,25 +44,31 @@ def strategy_shifts(strategy: Strategy) -> Counter:
     return out
 
 
-def _component(sigma2: Fraction, grid: float) -> tuple[int, np.ndarray, float]:
-    """Discretised loss PMF of one shift: (first grid index, pmf over consecutive indices,
-    mass moved to +∞). Losses are rounded up to the grid."""
+def _component(sigma2: Fraction, copies: int, grid: float) -> tuple[int, np.ndarray, float]:
+    """Discretised loss PMF of ``copies`` unit shifts with the same σ²: (first grid index, pmf
+    over consecutive grid indices, mass moved to +∞).
+
+    The copies are composed exactly on their own lattice first — the summed loss is
+    (copies − 2 Σx)/(2σ²) with Σx the ``copies``-fold convolution of the DG pmf — and only then
+    rounded up to the grid, so the pessimism is one grid step per distinct σ², not per shift.
+    Each x is truncated at ±k with P(|x| > k) < TAIL_MASS; that mass goes to +∞.
+    """
     s2 = float(sigma2)
     s = math.sqrt(s2)
     k = int(math.ceil(s * math.sqrt(2 * math.log(1 / TAIL_MASS)))) + 2
     x = np.arange(-k, k + 1, dtype=np.float64)
-    logw = -(x * x) / (2 * s2)
-    w = np.exp(logw - logw.max())
-    # normaliser over all integers: the truncated part is < TAIL_MASS relative, add a bound
-    z = w.sum() * (1 + TAIL_MASS)
-    pmf = w / z
-    tail = max(0.0, 1.0 - pmf.sum())
-    loss = (1 - 2 * x) / (2 * s2)
+    w = np.exp(-(x * x) / (2 * s2))
+    pmf = w / w.sum()  # the normaliser's truncated part is < TAIL_MASS relative
+    dist = pmf
+    for _ in range(copies - 1):
+        dist = np.convolve(dist, pmf)  # direct: relative accuracy in the tails
+    sums = np.arange(-copies * k, copies * k + 1, dtype=np.float64)
+    loss = (copies - 2 * sums) / (2 * s2)
     idx = np.ceil(loss / grid).astype(np.int64)  # round every loss up (pessimistic)
     lo = int(idx.min())
     out = np.zeros(int(idx.max()) - lo + 1)
-    np.add.at(out, idx - lo, pmf)
-    return lo, out, tail
+    np.add.at(out, idx - lo, np.clip(dist, 0.0, None))
+    return lo, out, 1.0 - (1.0 - TAIL_MASS) ** copies
 
 
 def composed_dg_delta_curve(shifts: dict[Fraction, int], grid: float, tilt: float
@@ -71,25 +77,25 @@ def composed_dg_delta_curve(shifts: dict[Fraction, int], grid: float, tilt: floa
     comps = []
     lo_total, length, p_inf_keep = 0, 1, 1.0
     for s2, c in sorted(shifts.items()):
-        lo, pmf, tail = _component(Fraction(s2), grid)
-        comps.append((pmf, c, lo))
-        lo_total += c * lo
-        length += c * (pmf.size - 1)
-        p_inf_keep *= (1 - tail) ** c
+        lo, pmf, tail = _component(Fraction(s2), c, grid)
+        comps.append((pmf, lo))
+        lo_total += lo
+        length += pmf.size - 1
+        p_inf_keep *= 1 - tail
     n = 1 << (length - 1).bit_length()
     if n > MAX_FFT:
         raise ValueError(f"PLD grid too fine for this strategy ({length} points); use a coarser grid")
     spec_total = np.ones(n // 2 + 1, dtype=np.complex128)
     log_norm = 0.0
-    for pmf, c, lo in comps:
+    for pmf, lo in comps:
         loss = (lo + np.arange(pmf.size)) * grid
         with np.errstate(divide="ignore"):
             lt = np.log(pmf) + tilt * loss
         m = lt.max()
         tilted = np.exp(lt - m)
         s = tilted.sum()
-        log_norm += c * (m + math.log(s))
-        spec_total *= np.fft.rfft(tilted / s, n) ** c
+        log_norm += m + math.log(s)
+        spec_total *= np.fft.rfft(tilted / s, n)
     dens = np.fft.irfft(spec_total, n)[:length]
     dens = np.clip(dens, 0.0, None)
     loss = (lo_total + np.arange(length)) * grid
