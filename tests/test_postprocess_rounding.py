@@ -157,3 +157,19 @@ def test_widened_rounding_recovers_from_inexact_totals():
         controlled_round(PL94, X, prob.parent, allowed, PL94.rounder_chain, totals)
     N = controlled_round(PL94, X, prob.parent, allowed, PL94.rounder_chain, totals, widen=True)
     assert (N.sum(axis=1) == totals).all() and (N.sum(axis=0) == prob.parent).all()
+
+
+def test_joint_rounding_of_several_parents_equals_separate():
+    probs = [random_parent(k=5, pop=20, seed=20 + s)[0] for s in range(3)]
+    Xs = [_l2_solution(p) for p in probs]
+    sep = [controlled_round(PL94, X, p.parent, p.allowed(np.arange(PL94.n_cells)),
+                            PL94.rounder_chain) for p, X in zip(probs, Xs)]
+    X = np.concatenate(Xs)
+    N = controlled_round(PL94, X, np.stack([p.parent for p in probs]),
+                         np.concatenate([p.allowed(np.arange(PL94.n_cells)) for p in probs]),
+                         PL94.rounder_chain, group=np.repeat(np.arange(3), 5))
+    for i, p in enumerate(probs):
+        assert (N[5 * i:5 * i + 5].sum(axis=0) == p.parent).all()
+    S = np.concatenate(sep)
+    assert abs(_chain_cost(PL94, N, X, PL94.rounder_chain)
+               - _chain_cost(PL94, S, X, PL94.rounder_chain)) < 1e-6

@@ -96,6 +96,24 @@ def _trivially_feasible(prob: ParentProblem, totals: np.ndarray | None) -> bool:
     return bool((totals >= -1e-9).all() and abs(totals.sum() - prob.parent_float().sum()) < 1e-6)
 
 
+def _feasible_by_group(prob: ParentProblem) -> bool:
+    """Exact check when zeros and bounds are both on one query's answers and no totals: the
+    transportation problem splits by answer g, feasible iff each child with a bound on g is
+    allowed on g, the bounds fit under the parent's persons in g, and a parent with persons
+    in g has some child allowed on g."""
+    spec = prob.spec
+    c2a = spec.query(prob.bound_query).cell_to_answer
+    na = spec.query(prob.bound_query).n_answers
+    P = np.bincount(c2a, weights=prob.parent_float(), minlength=na)
+    zero = (np.zeros((prob.k, na), dtype=bool) if prob.zero_answers is None
+            else np.asarray(prob.zero_answers, dtype=bool))
+    low = prob.lower_bounds()
+    low = np.zeros((prob.k, na)) if low is None else low
+    if ((low > 0) & zero).any() or (low.sum(axis=0) > P + 1e-9).any():
+        return False
+    return not ((P > 0) & zero.all(axis=0)).any()
+
+
 def is_feasible(prob: ParentProblem, totals: np.ndarray | None = None) -> bool:
     """Whether the child constraints (and ``totals`` (k,) if given) admit a solution."""
     if not prob.has_parent:
@@ -103,6 +121,8 @@ def is_feasible(prob: ParentProblem, totals: np.ndarray | None = None) -> bool:
         return totals is None or low is None or low.sum() <= float(totals[0]) + 1e-9
     if prob.k == 0 or _trivially_feasible(prob, totals):
         return True
+    if totals is None and prob.allowed_mask is None and prob.zero_query == prob.bound_query:
+        return _feasible_by_group(prob)
     res, _ = _transport_lp(prob, totals, relax=False)
     return res.status == 0
 

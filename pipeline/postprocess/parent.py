@@ -34,7 +34,8 @@ class SolveOptions:
     ``tol``: relative suboptimality certificate (gap <= tol * f); ``multipass``: solve
     ``total`` alone first (2020 ordering for state, county, tract, block-group children);
     ``chain``: rounder chain (default ``spec.rounder_chain``); ``kron_min_cells``: free-set size
-    from which the full-grid Kronecker x-step is used.
+    from which the full-grid Kronecker x-step is used; ``batched``: solve eligible parents
+    (no exact/held totals) together with batched FISTA, ``batch_size`` parents at a time.
     """
 
     tol: float = 1e-9
@@ -43,6 +44,8 @@ class SolveOptions:
     multipass: bool = False
     chain: tuple[str, ...] | None = None
     kron_min_cells: int = 600
+    batched: bool = True
+    batch_size: int = 64
 
 
 def _l2(prob: ParentProblem, queries: tuple[str, ...], totals, lower, opts: SolveOptions, st: ParentStats):
@@ -114,6 +117,21 @@ def solve_parent(prob: ParentProblem, opts: SolveOptions | None = None) -> tuple
         else:
             st.multipass_fallback += 1
     X = _l2(prob, queries, totals, lower, opts, st)
+    return round_and_verify(prob, X, exact, lower, opts, st), st
+
+
+def batch_eligible(prob: ParentProblem, opts: SolveOptions) -> bool:
+    """Whether a parent can go to the batched FISTA path (``batched.solve_batch``): it has a
+    parent and >= 2 children, no exact or held child totals, and feasible constraints."""
+    return (prob.has_parent and prob.k >= 2 and bool(np.any(prob.parent))
+            and prob.totals is None and not (opts.multipass and "total" in prob.targets)
+            and is_feasible(prob, None))
+
+
+def round_and_verify(prob: ParentProblem, X: np.ndarray, exact, lower, opts: SolveOptions,
+                st: ParentStats) -> np.ndarray:
+    """Round the real solution X (k, n_cells) and verify: the second half of a parent solve."""
+    spec = prob.spec
     allowed = prob.allowed(np.arange(spec.n_cells))
     chain = tuple(opts.chain if opts.chain is not None else spec.rounder_chain)
     detailed_only = (exact is None and lower is None and prob.has_parent
@@ -129,4 +147,4 @@ def solve_parent(prob: ParentProblem, opts: SolveOptions | None = None) -> tuple
             N = controlled_round(spec, X, prob.parent, allowed, chain, exact, lower,
                                  prob.bound_query, widen=True)
     verify_children(prob, N, allowed, lower)
-    return N, st
+    return N

@@ -70,6 +70,7 @@ def controlled_round(
     lower: np.ndarray | None = None,
     bound_query: str = "hhgq",
     widen: bool = False,
+    group: np.ndarray | None = None,
 ) -> np.ndarray:
     """Integer children ``(k, n_cells)`` int64 from the real solution ``X`` (k, n_cells).
 
@@ -77,7 +78,9 @@ def controlled_round(
     ``allowed``: bool (k, n_cells); ``totals``: exact integer child totals or None;
     ``lower``: lower bounds ``(k, n_answers(bound_query))`` (must be a chain query).
     ``widen``: allow every answer one unit beyond [floor, ceil] (the fallback when the
-    real solution only meets constraints to a tolerance). Raises PostprocessError when
+    real solution only meets constraints to a tolerance). ``group`` (k,) int: round several
+    parents in one LP (block-diagonal, still totally unimodular); then ``parent`` is
+    ``(n_parents, n_cells)`` and child c sums into ``parent[group[c]]``. Raises PostprocessError when
     the LP is infeasible or returns a non-integral point.
     """
     X = np.where(allowed, np.maximum(np.asarray(X, dtype=np.float64), 0.0), 0.0)
@@ -87,7 +90,7 @@ def controlled_round(
         raise PostprocessError(f"lower bounds on {bound_query!r} need it in the rounder chain")
     live = allowed & (X > SNAP) if not widen else allowed.copy()
     if parent is not None:
-        live &= (np.asarray(parent) > 0)[None, :]
+        live &= (np.asarray(parent) > 0)[None, :] if group is None else (np.asarray(parent) > 0)[group]
     lc, lj = np.nonzero(live)
     nodes_of_leaf = []
     node_off = [0]
@@ -168,14 +171,17 @@ def controlled_round(
     rhs[row_of_node[has_kids]] -= base[has_kids]
     leaf0 = node_off[-2]
     if parent is not None:
-        cells = np.nonzero(np.asarray(parent) > 0)[0]
-        cell_row = np.full(n, -1, dtype=np.int64)
+        pflat = np.asarray(parent).ravel()
+        cells = np.nonzero(pflat > 0)[0]
+        cell_row = np.full(pflat.size, -1, dtype=np.int64)
         cell_row[cells] = n_rows + np.arange(cells.size)
         leaf_cell = ans_of_node[leaf0:]
+        if group is not None:  # per-(parent, cell) sums: flat index group * n + cell
+            leaf_cell = group[child_of_node[leaf0:]] * n + leaf_cell
         vleaf = var_node >= leaf0
         rows.append(cell_row[leaf_cell[var_node[vleaf] - leaf0]]); cols.append(np.nonzero(vleaf)[0])
         vals.append(np.ones(vleaf.sum()))
-        crhs = np.asarray(parent, dtype=np.float64)[cells].copy()
+        crhs = pflat.astype(np.float64)[cells]
         np.subtract.at(crhs, cell_row[leaf_cell] - n_rows, base[leaf0:])
         rhs = np.concatenate([rhs, crhs])
         n_rows += cells.size

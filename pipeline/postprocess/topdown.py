@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline.postprocess.diagnostics import LevelDiagnostics
-from pipeline.postprocess.parent import SolveOptions, solve_parent
+from pipeline.postprocess.batched import solve_batch
+from pipeline.postprocess.diagnostics import LevelDiagnostics, ParentStats
+from pipeline.postprocess.parent import SolveOptions, batch_eligible, round_and_verify, solve_parent
 from pipeline.postprocess.problem import LevelBatch, ParentProblem, PostprocessError
 from pipeline.spec import HistogramSpec
 
@@ -52,23 +53,58 @@ def solve_root(
     return N[0], diag
 
 
+def _solve_one(batch: LevelBatch, i: int, options: SolveOptions):
+    try:
+        return solve_parent(batch.problem(i), options)
+    except PostprocessError:
+        raise
+    except Exception as exc:  # any numerical failure names its parent
+        raise PostprocessError(f"parent {batch.label(i)!r}: {exc!r}") from exc
+
+
 def _solve_range(args) -> tuple[np.ndarray, LevelDiagnostics]:
+    """Parents ``start:stop``: eligible ones through batched FISTA, the rest one by one."""
     batch, start, stop, options, level = args
     diag = LevelDiagnostics(level)
     a, b = int(batch.child_ptr[start]), int(batch.child_ptr[stop])
     out = np.zeros((b - a, batch.spec.n_cells), dtype=np.int64)
+
+    def put(i: int, N: np.ndarray, st: ParentStats) -> None:
+        c0 = int(batch.child_ptr[i]) - a
+        out[c0:c0 + N.shape[0]] = N
+        diag.add(st, N.shape[0])
+
     with threadpool_limits(1, "blas"):
+        pending: list[int] = []
         for i in range(start, stop):
             prob = batch.problem(i)
-            try:
-                N, st = solve_parent(prob, options)
-            except PostprocessError:
-                raise
-            except Exception as exc:  # any numerical failure names its parent
-                raise PostprocessError(f"parent {batch.label(i)!r}: {exc!r}") from exc
-            c0 = int(batch.child_ptr[i]) - a
-            out[c0:c0 + prob.k] = N
-            diag.add(st, prob.k)
+            if options.batched and batch_eligible(prob, options):
+                pending.append(i)
+            else:
+                put(i, *_solve_one(batch, i, options))
+            if len(pending) == options.batch_size or (i == stop - 1 and pending):
+                probs = [batch.problem(j) for j in pending]
+                try:
+                    Zs, infos = solve_batch(probs, tol=options.tol, max_iter=options.max_iter)
+                except Exception as exc:
+                    raise PostprocessError(
+                        f"batch of parents {[batch.label(j) for j in pending][:5]}...: {exc!r}"
+                    ) from exc
+                for j, pr, Z, info in zip(pending, probs, Zs, infos):
+                    if Z is None:  # bounds violated or not certified: solve it alone
+                        put(j, *_solve_one(batch, j, options))
+                        continue
+                    st = ParentStats(variables=info["variables"], iterations=info["iterations"],
+                                     gap=info["gap"], rel_gap=info["gap"] / max(info["f"], 1e-300),
+                                     method="fista-batch", dropped_answers=info["dropped"])
+                    try:
+                        N = round_and_verify(pr, Z, None, pr.lower_bounds(), options, st)
+                    except PostprocessError:
+                        raise
+                    except Exception as exc:
+                        raise PostprocessError(f"parent {batch.label(j)!r}: {exc!r}") from exc
+                    put(j, N, st)
+                pending = []
     return out, diag
 
 
