@@ -133,6 +133,8 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
         raise MeasurementError(f"{level}: histogram has {hist.n_cells} cells, spec {spec.name!r} has {spec.n_cells}")
     skip = parent is not None and not full
     if skip:
+        if parent_of is None:
+            raise MeasurementError(f"{level}: a parent histogram needs parent_of (the parent index of each unit)")
         parent_of = np.asarray(parent_of, dtype=np.int64)
         if parent_of.shape != (stop - start,):
             raise MeasurementError(f"{level}: parent_of must have shape ({stop - start},), got {parent_of.shape}")

@@ -111,6 +111,8 @@ def test_bad_requests(tmp_path: Path):
     with pytest.raises(MeasurementError, match="parent_of"):
         measure_shard(tmp_path / "z.parquet", h, SPEC, STRATEGY, "block", 0, 10, seeded_source(1),
                       parent=h, parent_of=np.zeros(3, dtype=np.int64))
+    with pytest.raises(MeasurementError, match="needs parent_of"):
+        measure_shard(tmp_path / "z.parquet", h, SPEC, STRATEGY, "block", 0, 10, seeded_source(1), parent=h)
     good = measure_shard(tmp_path / "g.parquet", h, SPEC, STRATEGY, "block", 0, 10, seeded_source(1))
     with pytest.raises(MeasurementError, match="no measurements"):
         load_measurements(good.path, SPEC, 0, 10, queries=["detailed", "total", "hhgq*hispanic"])
