@@ -103,7 +103,8 @@ def _line_failures(col: _Collector, check: str, table: str, level: str, geoids: 
         col.add(check, table, level, geoids, rows, list(nums), expected[rows, cols], found[rows, cols], detail)
 
 
-def children_of(parent_geoids: np.ndarray, child_geoids: np.ndarray, parent_digits: int) -> tuple[np.ndarray, np.ndarray]:
+def children_of(parent_geoids: np.ndarray, child_geoids: np.ndarray,
+                parent_digits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For sorted GEOIDs: ``(start, stop)`` child ranges of each parent, and orphan child rows.
 
     Children sort by their GEOID prefix, so each parent's children are contiguous.
