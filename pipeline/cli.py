@@ -131,6 +131,7 @@ def histograms_cmd(
     spec: str = typer.Option("pl94", "--spec", help="histogram spec name or YAML path"),
 ) -> None:
     """Build the true histograms of every level and print per-level unit counts and totals."""
+    import sys
     import time
 
     from rich.console import Console
@@ -141,7 +142,8 @@ def histograms_cmd(
     from pipeline.io import InputValidationError, read_persons, read_units
     from pipeline.spec import load_spec
 
-    console = Console()
+    # wide enough for national counts even when not writing to a terminal (rich defaults to 80)
+    console = Console(width=None if sys.stdout.isatty() else 120)
     times: dict[str, float] = {}
     try:
         t = time.perf_counter()
@@ -163,7 +165,7 @@ def histograms_cmd(
         raise typer.Exit(2)
     table = Table(title=f"histograms of {persons}")
     for col in ("level", "units", "non-zero cells", "persons", "housing units", "occupied", "GQ facilities"):
-        table.add_column(col, justify="left" if col == "level" else "right")
+        table.add_column(col, justify="left" if col == "level" else "right", no_wrap=True)
     for lv in geo.levels:
         h, c = hists[lv.name], counts[lv.name]
         table.add_row(lv.name, f"{lv.n_units:,}", f"{h.nnz:,}", f"{h.total():,}", f"{int(c.housing_units.sum()):,}",
