@@ -15,7 +15,7 @@ def _weights(spec, seed):
     return {q: float(rng.uniform(0.1, 3.0)) for q in spec.query_names}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0])
 def test_kron_inverse_matches_dense(seed):
     w = _weights(PL94, seed)
     sysall = QuerySystem(PL94, np.arange(PL94.n_cells), tuple(w))

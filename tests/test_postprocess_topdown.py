@@ -139,3 +139,17 @@ def test_large_parent_3000_children():
     assert st.method == "admm-kron" and st.certified
     assert (N.sum(axis=0) == prob.parent).all() and (N >= 0).all()
     print(f"3000 x 2016: {time.perf_counter() - t0:.1f}s, {st}")
+
+
+def test_level_accepts_sparse_parent_histogram():
+    from pipeline.histograms import SparseHistogram
+
+    levels, _ = hierarchy(seed=2, fanout=(2, 2, 1, 1, 3))
+    out, _ = run_topdown(PL94, levels)
+    lev = levels[-1]
+    dense = LevelBatch(PL94, out["block_group"], lev.child_ptr, lev.targets, lev.variances,
+                       None, lev.lower, lev.zero_answers)
+    sparse = LevelBatch(PL94, SparseHistogram.from_dense("block_group", out["block_group"]),
+                        lev.child_ptr, lev.targets, lev.variances, None, lev.lower,
+                        lev.zero_answers)
+    np.testing.assert_array_equal(solve_level(dense)[0], solve_level(sparse)[0])

@@ -116,7 +116,7 @@ class LevelBatch:
     """All parents of one level as flat arrays with segment offsets.
 
     Children of parent ``i`` are rows ``child_ptr[i]:child_ptr[i+1]`` of every per-child array.
-    ``parents`` is int64 ``(n_parents, n_cells)``; per-child arrays as in :class:`ParentProblem`
+    ``parents`` is int64 ``(n_parents, n_cells)`` or a ``SparseHistogram``; per-child arrays as in :class:`ParentProblem`
     but with ``n_children`` rows.
     """
 
@@ -133,6 +133,8 @@ class LevelBatch:
     zero_query: str = "hhgq"
 
     def __post_init__(self) -> None:
+        if hasattr(self.parents, "dense"):  # a SparseHistogram (docs/contracts.md)
+            self.parents = self.parents.dense(0, self.parents.n_units)
         self.child_ptr = np.asarray(self.child_ptr, dtype=np.int64)
         n_par = self.child_ptr.size - 1
         if np.asarray(self.parents).shape != (n_par, self.spec.n_cells):
