@@ -70,7 +70,11 @@ class SynthSummary:
 def plan_counties(n_persons: int, seed: int, states: Sequence[str] | None = None,
                   counties_csv: Path = COUNTIES_CSV) -> pl.DataFrame:
     """Counties to generate: ``state``, ``county`` (Utf8 FIPS), ``n_tracts``, ``n_bg``,
-    ``persons`` (Int64, summing to ``n_persons``), in output (GEOID) order."""
+    ``persons`` (Int64, summing to ``n_persons``), in output (GEOID) order.
+
+    Counties are taken in FIPS order within each state, the ``states`` first, then the other
+    states in an order drawn from ``seed``, until they hold ``n_persons / 1380`` block groups
+    (the last county is cut to fit)."""
     if n_persons < 1:
         raise SynthError(f"n_persons must be >= 1, got {n_persons}")
     df = (pl.read_csv(counties_csv, schema_overrides={"state": pl.Utf8, "county": pl.Utf8})
@@ -78,13 +82,16 @@ def plan_counties(n_persons: int, seed: int, states: Sequence[str] | None = None
           .filter((pl.col("n_tracts") > 0) & (pl.col("n_bg") > 0)))
     rng = np.random.default_rng([seed, 0])
     all_states = sorted(df["state"].unique().to_list())
-    if states:
-        unknown = [s for s in states if s not in all_states]
-        if unknown:
-            raise SynthError(f"unknown state FIPS code(s) {unknown}; known: {', '.join(all_states)}")
-        order = list(dict.fromkeys(states))
-    else:
-        order = [all_states[i] for i in rng.permutation(len(all_states))]
+    first = list(dict.fromkeys(states or ()))
+    # the fallback order has its own stream when states are given, so that adding it left
+    # the county weights below (drawn from ``rng``) unchanged for every earlier output
+    order_rng = np.random.default_rng([seed, 0, 1]) if first else rng
+    shuffled = [all_states[i] for i in order_rng.permutation(len(all_states))]
+    unknown = [s for s in first if s not in all_states]
+    if unknown:
+        raise SynthError(f"unknown state FIPS code(s) {unknown}; known: {', '.join(all_states)}")
+    # the requested states first; if they hold too few block groups, the others in seeded order
+    order = first + [s for s in shuffled if s not in first]
     target = max(1, round(n_persons / m.PERSONS_PER_BLOCK_GROUP))
     chosen: list[dict] = []
     have = 0

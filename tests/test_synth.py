@@ -103,6 +103,9 @@ def test_realistic_shape(synth_dir):
 def test_plan_scales_with_persons_and_honours_states():
     small = plan_counties(50_000, 1, states=["44"])
     assert small["state"].unique().to_list() == ["44"] and small["persons"].sum() == 50_000
+    spill = plan_counties(3_000_000, 1, states=["44"])  # RI alone holds ~1 M persons' worth of BGs
+    assert spill["state"].to_list()[0] == "44" and spill["state"].n_unique() > 1
+    assert spill.filter(pl.col("state") == "44")["n_bg"].sum() == 792  # all of RI's block groups
     big = plan_counties(20_000_000, 1)
     assert big["persons"].sum() == 20_000_000
     assert 0.8 < big["n_bg"].sum() / (20_000_000 / 1380) < 1.2
