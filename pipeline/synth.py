@@ -83,8 +83,8 @@ def plan_counties(n_persons: int, seed: int, states: Sequence[str] | None = None
     rng = np.random.default_rng([seed, 0])
     all_states = sorted(df["state"].unique().to_list())
     first = list(dict.fromkeys(states or ()))
-    # the fallback order has its own stream when states are given, so that adding it left
-    # the county weights below (drawn from ``rng``) unchanged for every earlier output
+    # with given states, the order of the others comes from its own stream, so it does not
+    # advance ``rng`` (which draws the county weights below)
     order_rng = np.random.default_rng([seed, 0, 1]) if first else rng
     shuffled = [all_states[i] for i in order_rng.permutation(len(all_states))]
     unknown = [s for s in first if s not in all_states]
