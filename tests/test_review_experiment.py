@@ -66,3 +66,56 @@ def test_experiment_report_has_table_and_plot(tmp_path):
     text = out.read_text()
     assert "Accuracy vs ε" in text and text.count("data:image/png;base64,") == 1
     assert "5 ± 1" in text and "CONFIDENTIAL" in text
+
+
+def _tiny_inputs(tmp_path):
+    """~1,500 persons in 12 blocks of 2 counties, with the housing units and dorms they need."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    blocks = [f"44{c:03d}{t:06d}{b:04d}" for c in (1, 3) for t in (100, 200) for b in (1001, 1002, 2001)]
+    rows, units = [], []
+    for g in blocks:
+        n = int(rng.integers(20, 250))
+        gq = rng.random(n) < 0.05
+        for i in range(n):
+            rows.append((g, 5 if gq[i] else 0, int(rng.random() < .75), int(rng.random() < .2),
+                         int(rng.choice([1, 2, 4, 6, 7]))))
+        hh = int((~gq).sum())
+        for k in range(max(1, hh // 3)):
+            units.append((f"{g}-{k}", g, 0, True))
+        units.append((f"{g}-v", g, 0, False))
+        if gq.any():
+            units.append((f"{g}-dorm", g, 5, None))
+    persons = pl.DataFrame(rows, orient="row", schema=["geoid", "hhgq", "voting_age", "hispanic", "cenrace"])
+    unitdf = pl.DataFrame(units, orient="row", schema={"unit_id": pl.Utf8, "geoid": pl.Utf8, "kind": pl.Int64,
+                                                       "occupied": pl.Boolean})
+    persons.write_parquet(tmp_path / "persons.parquet")
+    unitdf.write_parquet(tmp_path / "units.parquet")
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("dataset_id: tiny\nconfidential: true\ninputs: {persons: persons.parquet, units: units.parquet}\n"
+                   "privacy: {strategy: uniform, units_strategy: null, lifetime_rho: '5', ledger: runs/ledger.sqlite,"
+                   " randomness: seeded, seed: 3}\noutput: {runs_dir: runs, releases_dir: releases}\n")
+    return cfg
+
+
+def test_experiment_end_to_end(tmp_path):
+    from pipeline.review.experiment import run_experiment
+
+    cfg = _tiny_inputs(tmp_path)
+    exp = run_experiment(cfg, trials=2, rhos=["1/4", "16"], workers=2, out_dir=tmp_path / "exp")
+    trials = pl.read_parquet(exp / "trials.parquet")
+    assert set(trials["trial"]) == {0, 1} and set(trials["setting"]) == {"rho=1/4", "rho=16"}
+    s = pl.read_parquet(exp / "summary.parquet")
+    mae = {r["setting"]: r["mean"] for r in s.filter(
+        (pl.col("level") == "block") & (pl.col("statistic") == "P1_001") & (pl.col("metric") == "mae")
+        & (pl.col("size_bin") == "all") & (pl.col("estimator") == "wls")).iter_rows(named=True)}
+    # 64x the budget: the WLS block-total error shrinks ~8x in sd; a reversal would need a
+    # > 5-sigma fluctuation over 24 block-trials (false-failure rate well below 1e-6)
+    assert mae["rho=16"] < mae["rho=1/4"]
+    assert (exp / "report.html").is_file() and "Accuracy vs ε" in (exp / "report.html").read_text()
+    # nothing published, and no trial run directory is left behind
+    assert not (exp / "never-published").exists()
+    assert sorted(p.name for p in (exp / "runs").iterdir()) == ["base"]
+    # the dataset's own ledger was never touched
+    assert not (tmp_path / "runs" / "ledger.sqlite").exists()

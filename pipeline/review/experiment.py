@@ -20,6 +20,7 @@ confidentiality rule in ``pipeline.review``.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import time
@@ -183,7 +184,9 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
             trial_cfg = _trial_config(cfg_raw, exp_dir, s.strategy, seed + 1 + t, rid)
             jobs.append((s, t, str(runmod.prepare(trial_cfg)), rid))
     frames = []
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs)))) as pool:
+    # spawn, not fork: forking a process that already runs polars/BLAS threads can deadlock
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx) as pool:
         futs = [(s, t, pool.submit(run_trial, p, str(base_run))) for s, t, p, _ in jobs]
         for s, t, fut in futs:
             m = pl.read_parquet(fut.result())

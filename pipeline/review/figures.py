@@ -62,6 +62,10 @@ def error_by_level(metrics: pl.DataFrame, levels: list[str], statistic: str = "t
             ax.bar(x + (k - (len(ests) - 1) / 2) * w, vals, w, label=est, color=ESTIMATOR_COLORS[est])
         ax.set_xticks(x, levels, rotation=20)
         ax.set_ylabel(f"{metric.upper()} (persons)")
+        vals = m.filter(pl.col("metric") == metric)["value"].drop_nans().to_numpy()
+        vals = vals[vals > 0]
+        if vals.size and vals.max() / vals.min() > 30:  # nation vs block errors span decades
+            ax.set_yscale("log")
         ax.set_title(f"{metric.upper()} of {statistic} by geolevel")
         ax.legend(fontsize=8)
     return to_data_uri(fig)
