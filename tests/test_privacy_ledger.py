@@ -58,33 +58,38 @@ def test_lifetime_cannot_be_changed_by_a_run(tmp_path: Path):
         led.check_and_reserve("ds2", "r", Fraction(0), Fraction(1))
 
 
+def _slow_spent(con, dataset, exclude=None):
+    import time
+
+    out = _REAL_SPENT(con, dataset, exclude)
+    time.sleep(0.3)
+    return out
+
+
+_REAL_SPENT = Ledger._spent
+
+
 def _reserve(path: str, release: str, start, results) -> None:
+    # Runs in a spawned child. The read of the spent total is slowed down so that, without the
+    # write lock that BEGIN IMMEDIATE takes before that read, both processes would read 0 and
+    # both reserve (the test fails if the transaction is made DEFERRED).
+    Ledger._spent = staticmethod(_slow_spent)
     start.wait()
     try:
         Ledger(path).check_and_reserve("ds", release, Fraction(3, 5), Fraction(1))
         results.put((release, "ok"))
     except BudgetExceededError:
         results.put((release, "refused"))
+    except Exception as exc:  # reported to the parent instead of a bare exit code
+        results.put((release, f"error: {exc!r}"))
 
 
 @pytest.mark.parametrize("trial", range(2))
-def test_two_processes_cannot_both_overspend(tmp_path: Path, trial: int, monkeypatch):
-    # each asks for 3/5 of a lifetime of 1: exactly one may succeed. The read of the spent total
-    # is slowed down (in the forked children too) so that, without the write lock taken by
-    # BEGIN IMMEDIATE before that read, both processes would read 0 and both reserve.
-    import time
-
-    real = Ledger._spent
-
-    def slow_spent(con, dataset, exclude=None):
-        out = real(con, dataset, exclude)
-        time.sleep(0.3)
-        return out
-
-    monkeypatch.setattr(Ledger, "_spent", staticmethod(slow_spent))
+def test_two_processes_cannot_both_overspend(tmp_path: Path, trial: int):
+    # each asks for 3/5 of a lifetime of 1: exactly one may succeed
     path = str(tmp_path / "l.sqlite")
     Ledger(path)
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")
     start, results = ctx.Barrier(2), ctx.Queue()
     procs = [ctx.Process(target=_reserve, args=(path, f"r{i}", start, results)) for i in range(2)]
     for p in procs:
