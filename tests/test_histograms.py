@@ -38,7 +38,7 @@ def _naive(rows, geo: Geography, level: str) -> np.ndarray:
     return out
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(_block, min_size=1, max_size=12, unique=True), st.data())
 def test_histograms_equal_naive_count_and_sum_consistently(blocks, data):
     persons = data.draw(st.lists(st.tuples(st.sampled_from(blocks), *_PERSON), max_size=80))
