@@ -9,12 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import polars as pl
-
-from pipeline.io import read_persons
-from pipeline.synth import units_from_persons
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # run as a script from a checkout, installed or not
+
+import polars as pl  # noqa: E402
+
+from pipeline.io import read_persons  # noqa: E402
+from pipeline.synth import units_from_persons  # noqa: E402
 DEFAULT_CSV = HERE.parent.parent / "shared" / "data" / "real" / "ppmf_20210428_eps12-2_P_01105_perry_al.csv"
 
 
