@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.geography import Geography
-from pipeline.histograms import build_person_histograms, build_unit_counts
+from pipeline.histograms import build_person_histograms
 from pipeline.io import read_persons, read_units, validate_inputs
 from pipeline.spec import load_spec
 from pipeline.synth import SynthError, plan_counties, synthesize
