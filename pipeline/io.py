@@ -51,7 +51,8 @@ class Problem:
 
     ``count`` is the number of offending rows (or blocks, or ids, as ``detail`` says);
     ``first_rows`` are 0-based row numbers of the first offenders in the whole table (all
-    parts of a directory, in file-name order) and ``examples`` the matching offending values.
+    parts of a directory, in file-name order) and ``examples`` the matching offending values
+    (same length). ``blocks`` describes the first offending blocks of a cross-file check.
     ``column`` is ``""`` for problems of the file as a whole.
     """
 
@@ -62,6 +63,7 @@ class Problem:
     detail: str = ""
     first_rows: tuple[int, ...] = ()
     examples: tuple[str, ...] = ()
+    blocks: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line: ``file, column 'c': kind — detail (count N); first rows (0-based): row: value, ...``."""
@@ -71,8 +73,8 @@ class Problem:
             text += "; first rows (0-based): " + ", ".join(f"{r}: {e}" for r, e in zip(self.first_rows, self.examples))
         elif self.first_rows:
             text += "; first rows (0-based): " + ", ".join(str(r) for r in self.first_rows)
-        elif self.examples:
-            text += "; e.g. " + ", ".join(self.examples)
+        if self.blocks:
+            text += "; blocks: " + ", ".join(self.blocks)
         return text
 
 

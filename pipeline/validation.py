@@ -243,56 +243,116 @@ def _block_tables(persons: PreparedTable, p_checks: list[_Check],
                           *[pl.col(c).fill_null(0).cast(pl.Int64) for c in counts])
 
 
+def _row_frame(table: PreparedTable, checks: list[_Check], cols: dict[str, pl.Expr]) -> pl.LazyFrame:
+    """Rows of ``table`` with a valid GEOID: global row number ``_row`` and normalised ``cols``.
+
+    (Blocks in the cross checks other than block_not_in_units hold only fully valid rows.)
+    """
+    geo = set(table.layout_spec["geoid"])
+    return (table.source.scan().with_row_index("_row").filter(_valid_rows([c for c in checks if c.column in geo]))
+            .select(pl.col("_row"), table.geoid_expr().alias("geoid"), *[e.alias(n) for n, e in cols.items()]))
+
+
+def _offending_rows(rows: pl.LazyFrame, keys: pl.LazyFrame, row_filter: pl.Expr, table: PreparedTable,
+                    show: pl.Expr) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """First rows (by row number) that fall in the offending ``keys`` (geoid [, type])."""
+    on = keys.collect_schema().names()
+    df = (rows.filter(row_filter).join(keys, on=on, how="semi").sort("_row").head(MAX_EXAMPLES)
+          .select("_row", show.alias("_show")).collect(engine="streaming"))
+    found = tuple(int(r) for r in df["_row"])
+    shown = [str(v) for v in df["_show"]]
+    if len(table.source.files) > 1:
+        shown = [f"{v} (at {table.source.locate(r)})" for r, v in zip(found, shown)]
+    return found, tuple(shown)
+
+
 def _cross_checks(persons: PreparedTable, p_checks: list[_Check], units: PreparedTable,
                   u_checks: list[_Check]) -> tuple[list[Problem], dict[str, int]]:
-    """Cross-file checks per block; returns problems and the summary counts."""
+    """Cross-file checks per block; returns problems and the summary counts.
+
+    A problem names the table whose rows must change: person rows for constraints on persons,
+    unit rows for facilities or occupied units in excess, with the first such rows and blocks.
+    """
     enabled = load_contract().get("cross_checks", {})
     j = _block_tables(persons, p_checks, units, u_checks)
-    g = [pl.col(f"g{k}") for k in range(1, N_GQ + 1)]
-    f = [pl.col(f"f{k}") for k in range(1, N_GQ + 1)]
+    ks = range(1, N_GQ + 1)
+    g = {k: pl.col(f"g{k}") for k in ks}
+    f = {k: pl.col(f"f{k}") for k in ks}
     inu = pl.col("in_units") & (pl.col("p_bad") == 0) & (pl.col("u_bad") == 0)  # placed, all rows valid
     hh, hu, occ = pl.col("hh"), pl.col("hu"), pl.col("occ")
-    gq_bad = [(gk > 0) & (fk == 0) & inu for gk, fk in zip(g, f)]
-    # (name, file, column, block condition, offending count per block, detail, show)
+    gq_bad = {k: (g[k] > 0) & (f[k] == 0) & inu for k in ks}
+    fac_bad = {k: (f[k] > g[k]) & inu for k in ks}
+
+    def per_type(bad: dict[int, pl.Expr], col: str) -> pl.LazyFrame:
+        return pl.concat([j.filter(bad[k]).select("geoid", pl.lit(k, pl.Int32).alias(col)) for k in ks])
+
+    def blocks_of(cond: pl.Expr) -> pl.LazyFrame:
+        return j.filter(cond).select("geoid")
+
     gq_col = persons.layout_spec["targets"]["hhgq"]
-    specs = [
-        ("block_not_in_units", persons, "geoid", (pl.col("p_rows") > 0) & ~pl.col("in_units"), pl.col("p_rows"),
-         "persons in a block that has no housing unit or facility in the units file",
-         pl.format("{} persons", pl.col("p_rows"))),
-        ("gq_without_facility", persons, gq_col, pl.any_horizontal(gq_bad),
-         pl.sum_horizontal([pl.when(b).then(gk).otherwise(0) for b, gk in zip(gq_bad, g)]),
-         "persons in group-quarters type k in a block with no facility of type k (2020 edit constraint)",
-         pl.concat_str([pl.when(b).then(pl.format(f"type {k}: {{}} persons, 0 facilities; ", gk)).otherwise(pl.lit(""))
-                        for k, (b, gk) in enumerate(zip(gq_bad, g), 1)])),
-        ("household_without_housing_unit", persons, gq_col, (hh > 0) & (hu == 0) & inu, hh,
-         "household persons in a block with no housing unit", pl.format("{} household persons, 0 housing units", hh)),
-        ("household_without_occupied_unit", persons, gq_col, (hh > 0) & (hu > 0) & (occ == 0) & inu, hh,
-         "household persons in a block whose housing units are all vacant",
-         pl.format("{} household persons, {} housing units, 0 occupied", hh, hu)),
-        ("facility_without_persons", units, "kind", pl.any_horizontal([fk > gk for gk, fk in zip(g, f)]) & inu,
-         pl.sum_horizontal([pl.when(fk > gk).then(fk - gk).otherwise(0) for gk, fk in zip(g, f)]),
-         "more group-quarters facilities of a type than persons in that type (facilities in excess)",
-         pl.concat_str([pl.when(fk > gk).then(pl.format(f"type {k}: {{}} facilities, {{}} persons; ", fk, gk))
-                        .otherwise(pl.lit("")) for k, (gk, fk) in enumerate(zip(g, f), 1)])),
-        ("occupied_exceeds_household", units, "occupied", (occ > hh) & inu, occ - hh,
-         "more occupied housing units than household persons (occupied units in excess)",
-         pl.format("{} occupied units, {} household persons", occ, hh)),
-    ]
-    specs = [s for s in specs if enabled.get(s[0], True)]
+    hhgq, kind = pl.col("hhgq"), pl.col("kind")
+    everyone = pl.lit(True)
+    # name: (table, column, block condition, offending count per block, detail, block text,
+    #        offending-row keys, row filter)
+    specs = {
+        "block_not_in_units": (
+            persons, "geoid", (pl.col("p_rows") > 0) & ~pl.col("in_units"), pl.col("p_rows"),
+            "persons in a block that has no housing unit or facility in the units file",
+            pl.format("{} persons", pl.col("p_rows")),
+            lambda c: blocks_of(c), everyone),
+        "gq_without_facility": (
+            persons, gq_col, pl.any_horizontal(list(gq_bad.values())),
+            pl.sum_horizontal([pl.when(gq_bad[k]).then(g[k]).otherwise(0) for k in ks]),
+            "persons in group-quarters type k in a block with no facility of type k (2020 edit constraint)",
+            pl.concat_str([pl.when(gq_bad[k]).then(pl.format(f"type {k}: {{}} persons, 0 facilities; ", g[k]))
+                           .otherwise(pl.lit("")) for k in ks]),
+            lambda c: per_type(gq_bad, "hhgq"), everyone),
+        "household_without_housing_unit": (
+            persons, gq_col, (hh > 0) & (hu == 0) & inu, hh, "household persons in a block with no housing unit",
+            pl.format("{} household persons, 0 housing units", hh), lambda c: blocks_of(c), hhgq == 0),
+        "household_without_occupied_unit": (
+            persons, gq_col, (hh > 0) & (hu > 0) & (occ == 0) & inu, hh,
+            "household persons in a block whose housing units are all vacant",
+            pl.format("{} household persons, {} housing units, 0 occupied", hh, hu), lambda c: blocks_of(c),
+            hhgq == 0),
+        "facility_without_persons": (
+            units, "kind", pl.any_horizontal(list(fac_bad.values())),
+            pl.sum_horizontal([pl.when(fac_bad[k]).then(f[k] - g[k]).otherwise(0) for k in ks]),
+            "more group-quarters facilities of a type than persons in that type (facilities in excess)",
+            pl.concat_str([pl.when(fac_bad[k]).then(pl.format(f"type {k}: {{}} facilities, {{}} persons; ", f[k], g[k]))
+                           .otherwise(pl.lit("")) for k in ks]),
+            lambda c: per_type(fac_bad, "kind"), everyone),
+        "occupied_exceeds_household": (
+            units, "occupied", (occ > hh) & inu, occ - hh,
+            "more occupied housing units than household persons (occupied units in excess)",
+            pl.format("{} occupied units, {} household persons", occ, hh), lambda c: blocks_of(c),
+            (kind == 0) & pl.col("occ").fill_null(False)),
+    }
+    specs = {n: v for n, v in specs.items() if enabled.get(n, True)}
     aggs = [pl.col("in_units").sum().alias("blocks"), (pl.col("persons") > 0).sum().alias("person_blocks"),
-            hh.sum().alias("household_persons"), pl.sum_horizontal(g).sum().alias("gq_persons"),
+            hh.sum().alias("household_persons"), pl.sum_horizontal(list(g.values())).sum().alias("gq_persons"),
             hu.sum().alias("housing_units"), occ.sum().alias("occupied_units"),
-            pl.sum_horizontal(f).sum().alias("gq_facilities")]
-    aggs += [pl.when(cond).then(n).otherwise(0).sum().alias(name) for name, _, _, cond, n, _, _ in specs]
+            pl.sum_horizontal(list(f.values())).sum().alias("gq_facilities")]
+    aggs += [pl.when(v[2]).then(v[3]).otherwise(0).sum().alias(n) for n, v in specs.items()]
     res = j.select(aggs).collect(engine="streaming").row(0, named=True)
     problems = []
-    for name, table, column, cond, _, detail, show in specs:
-        if res[name]:
-            ex = (j.filter(cond).sort("geoid").head(MAX_EXAMPLES)
-                  .select(pl.format("block {}: {}", pl.col("geoid"), show).str.strip_chars_end("; "))
+    for name, (table, column, cond, _, detail, show, keys, row_filter) in specs.items():
+        if not res[name]:
+            continue
+        blocks = (j.filter(cond).sort("geoid").head(MAX_EXAMPLES)
+                  .select(pl.format("{}: {}", pl.col("geoid"), show).str.strip_chars_end("; "))
                   .collect(engine="streaming").to_series())
-            problems.append(Problem(table.label, column, name, int(res[name]), detail, (), tuple(ex)))
-    return problems, {k: int(v) for k, v in res.items() if k not in {s[0] for s in specs}}
+        if table is persons:
+            rows = _row_frame(persons, p_checks, {"hhgq": persons.target_expr("hhgq")})
+            row_show = pl.format("block {} hhgq {}", pl.col("geoid"), hhgq)
+        else:
+            rows = _row_frame(units, u_checks, {"kind": units.target_expr("kind"),
+                                                "occ": units.target_expr("occupied"),
+                                                "unit_id": units.target_expr("unit_id")})
+            row_show = pl.format("unit {} block {} kind {}", pl.col("unit_id"), pl.col("geoid"), kind)
+        found, shown = _offending_rows(rows, keys(cond), row_filter, table, row_show)
+        problems.append(Problem(table.label, column, name, int(res[name]), detail, found, shown, tuple(blocks)))
+    return problems, {k: int(v) for k, v in res.items() if k not in specs}
 
 
 def _check_spec(spec: HistogramSpec) -> None:

@@ -484,3 +484,19 @@ def test_unreadable_file_is_a_problem(tmp_path: Path, monkeypatch: pytest.Monkey
         validate_inputs(p, u)
     _assert_problems(info.value, [(str(p), "", "unreadable_file")])
     assert "Permission denied" in str(info.value)
+
+
+def test_cross_file_problems_name_offending_rows_and_blocks(tmp_path: Path) -> None:
+    p, u, _ = CASES["occupied_units_exceed_household_persons"](tmp_path)
+    q, _, _ = CASES["gq_person_without_facility"](tmp_path / "q")
+    with pytest.raises(InputValidationError) as info:
+        validate_inputs(q, u)
+    by_kind = {x.kind: x for x in info.value.problems}
+    occ = by_kind["occupied_exceeds_household"]
+    # B3: 5 occupied units (rows 6, 7 and the three added at 9..11) for 3 household persons
+    assert occ.count == 2 and occ.first_rows == (6, 7, 9, 10, 11)
+    assert occ.blocks == (f"{B3}: 5 occupied units, 3 household persons",)
+    assert occ.examples[0] == f"unit u7 block {B3} kind 0"
+    gq = by_kind["gq_without_facility"]
+    assert gq.count == 1 and gq.first_rows == (12,) and gq.examples == (f"block {B3} hhgq 5",)
+    assert f"first rows (0-based): 12: block {B3} hhgq 5; blocks: {B3}: type 5: 1 persons, 0 facilities" in str(info.value)

@@ -106,4 +106,6 @@ def test_missing_facility_flags_exactly_its_persons(tmp_path_factory, data, pick
         validate_inputs(p, write(units_df(urows), d / "u.parquet"))
     gq = [q for q in info.value.problems if q.kind == "gq_without_facility"]
     assert len(gq) == 1 and gq[0].count == sum(1 for r in prows if (r[0], r[1]) == (block, kind))
-    assert f"block {block}: type {kind}:" in gq[0].examples[0]
+    assert gq[0].blocks[0].startswith(f"{block}: type {kind}:")
+    hit = [i for i, r in enumerate(prows) if (r[0], r[1]) == (block, kind)]
+    assert gq[0].first_rows == tuple(hit[:5])
