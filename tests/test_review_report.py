@@ -104,10 +104,21 @@ def test_review_writes_metrics_and_report(reviewed):
     assert len(re.findall(r'<img src="data:image/png;base64,', text)) >= 4
 
 
+def test_markdown_summary_quotes_the_metrics(reviewed):
+    d = reviewed["confidential"].parent
+    m = pl.read_parquet(d / "metrics.parquet")
+    mae = m.filter((pl.col("level") == "block") & (pl.col("statistic") == "total") & (pl.col("metric") == "mae")
+                   & (pl.col("size_bin") == "all") & (pl.col("estimator") == "published"))["value"][0]
+    text = (d / "summary.md").read_text()
+    row = next(ln for ln in text.splitlines() if ln.startswith("| Total population |"))  # first table: MAE
+    assert row.rstrip(" |").split(" | ")[-1] == f"{mae:.2f}"
+    assert "Redistricting target" in text and "| block |" in text
+
+
 def test_review_files_are_private(reviewed):
     report = reviewed["confidential"]
     assert stat.S_IMODE(os.stat(report.parent).st_mode) == 0o700
-    for f in ("report.html", "metrics.parquet"):
+    for f in ("report.html", "metrics.parquet", "summary.md"):
         assert stat.S_IMODE(os.stat(report.parent / f).st_mode) == 0o600
 
 

@@ -4,7 +4,7 @@ Reads, from the run directory (docs/contracts.md, pipeline/run.py):
 ``histograms/persons_<level>.parquet`` (truth), ``solved/persons_<level>.parquet``
 (published), ``measurements/persons/<level>/*.parquet`` (noisy answers, for the comparators),
 and for housing units ``histograms/units_<level>.parquet`` / ``solved/units_<level>.parquet``.
-Writes ``RUN_DIR/review/metrics.parquet`` and ``RUN_DIR/review/report.html`` (see
+Writes ``RUN_DIR/review/metrics.parquet``, ``summary.md`` and ``report.html`` (see
 ``pipeline.review`` for the confidentiality rule) and returns their paths only.
 """
 
@@ -189,7 +189,8 @@ def review_dir(run_dir: str | Path) -> Path:
 
 
 def review_run_dir(run_dir: str | Path, experiment: str | Path | None = None) -> Path:
-    """Write ``metrics.parquet`` and ``report.html`` under ``RUN_DIR/review``; return the report path.
+    """Write ``metrics.parquet``, ``summary.md`` and ``report.html`` under ``RUN_DIR/review``;
+    return the report path.
 
     ``experiment``: an experiment directory (``dptab experiment``) whose summary is added
     to the report. Only paths are returned — never a metric value (confidentiality rule).
@@ -207,6 +208,9 @@ def review_run_dir(run_dir: str | Path, experiment: str | Path | None = None) ->
         if not exp_path.is_file():
             raise ReviewError(f"{exp_path}: missing (not a finished experiment directory)")
         exp = pl.read_parquet(exp_path)
+    from pipeline.review.markdown import markdown_summary
+
+    _private_write(out / "summary.md", lambda p: p.write_text(markdown_summary(data.metrics)))
     data.summary["review seconds"] = round(time.perf_counter() - t0, 1)
     report = out / "report.html"
     _private_write(report, lambda p: write_report(p, data, experiment=exp))
