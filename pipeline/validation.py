@@ -2,11 +2,11 @@
 
 :func:`validate_inputs` finds *every* problem and raises them together, or returns the
 normalised lazy frames with a small summary. All checks are vectorised polars expressions
-run with the streaming engine, so memory stays bounded by the number of blocks (and, for the
-duplicate-id check, 8 bytes per unit), never by the number of persons:
+run with the streaming engine, so memory grows with the number of blocks and (for the
+duplicate-id check, ~26 bytes per unit id) units, not with the number of persons:
 
 - pass 1 per file: one ``select`` of per-check offending-row counts (plus row counts and the
-  hash-distinct count of unit ids);
+  hash-distinct count of unit ids) — :mod:`pipeline.row_checks`;
 - pass 2 per file: one ``group_by(geoid)`` of the valid rows, joined persons x units per block,
   for the cross-file checks (2020 edit constraints, ARCHITECTURE §6);
 - only when a check fails: a short scan that fetches its first offending rows.
@@ -20,8 +20,9 @@ from typing import Callable
 
 import polars as pl
 
-from pipeline.contract import ColumnPlan, PreparedTable, load_contract, prepare_table
+from pipeline.contract import PreparedTable, load_contract, prepare_table
 from pipeline.io import MAX_EXAMPLES, READ_ERRORS, InputValidationError, Problem, first_line
+from pipeline.row_checks import Check, row_checks, run_row_checks, valid_rows
 from pipeline.spec import HistogramSpec, SpecError, load_spec
 
 N_GQ = 7  # GQ types 1..7 (hhgq codes; unit kinds)
@@ -66,163 +67,18 @@ class ValidatedInputs:
     units_path: Path
 
 
-@dataclass(frozen=True)
-class _Check:
-    """A row-level check: ``cond`` is True on offending rows; ``show`` renders the value."""
-
-    column: str
-    kind: str
-    detail: str
-    cond: pl.Expr
-    show: pl.Expr
-
-
-def _not_all_digits(c: pl.Expr, width: int) -> pl.Expr:
-    """True where a ``width``-character string is not all ASCII digits 0-9.
-
-    The string -> UInt64 cast (Rust ``u64::from_str``) accepts exactly the ASCII digit strings
-    plus an optional leading ``+``, and is 3-6x faster than a regex over the column; it is exact
-    up to 19 digits (no u64 overflow). Wider codes use the regex.
-    """
-    if width <= 19:
-        return c.cast(pl.UInt64, strict=False).is_null() | c.str.starts_with("+")
-    return ~c.str.contains(r"^[0-9]+$")
-
-
-def _column_checks(plan: ColumnPlan, geoid_note: str) -> list[_Check]:
-    c, s, t, name = plan.raw, plan.spec, plan.spec["type"], plan.name
-    show = c.cast(pl.String).fill_null("null")
-    checks = []
-    if "required_where_kind" not in s:
-        checks.append(_Check(name, "null", "missing value", c.is_null(), show))
-    if plan.category == "null":
-        return checks
-    if t == "digits":
-        w = s["width"]
-        if plan.category == "string":
-            checks += [
-                _Check(name, "wrong_length", f"not exactly {w} characters{geoid_note}",
-                       c.str.len_chars() != w, show),
-                _Check(name, "non_digit", f"characters other than the digits 0-9{geoid_note}",
-                       (c.str.len_chars() == w) & _not_all_digits(c, w), show),
-            ]
-        else:
-            checks += [
-                _Check(name, "non_digit", f"negative integer, not a {w}-digit code{geoid_note}", c < 0, show),
-                _Check(name, "wrong_length", f"integer has more than {w} digits{geoid_note}",
-                       c >= 10**w, show),
-            ]
-    elif t == "integer":
-        lo, hi = s["range"]
-        if plan.category == "string":
-            checks.append(_Check(name, "non_integer", "text that is not a base-10 integer",
-                                 c.is_not_null() & plan.parsed().is_null(), show))
-        checks.append(_Check(name, "out_of_domain", f"outside {lo}..{hi}",
-                             ~plan.parsed().is_between(lo, hi), show))
-    elif t == "boolean" and plan.category == "integer":
-        checks.append(_Check(name, "out_of_domain", "integer flag other than 0/1", ~c.is_in([0, 1]), show))
-    return checks
-
-
-def _row_checks(table: PreparedTable, spec: HistogramSpec | None) -> list[_Check]:
-    geo = table.layout_spec["geoid"]
-    note = (f", so {'+'.join(geo)} do not form a 15-digit block GEOID" if len(geo) > 1 else "")
-    checks: list[_Check] = []
-    for name, plan in table.columns.items():
-        checks += _column_checks(plan, note if name in geo else "")
-        s = plan.spec
-        if "required_where_kind" in s and "kind" in table.columns:
-            kind = table.columns["kind"].parsed()
-            show = pl.format("kind {} occupied {}", kind, plan.raw.cast(pl.String).fill_null("null"))
-            checks += [
-                _Check(name, "occupied_missing", "housing unit without an occupied flag",
-                       kind.is_in(s["required_where_kind"]) & plan.raw.is_null(), show),
-                _Check(name, "occupied_for_gq", "group-quarters facility with an occupied flag (must be null)",
-                       kind.is_in(s["null_where_kind"]) & plan.raw.is_not_null(), show),
-            ]
-        if "prefix_of" in s and s["prefix_of"] in table.columns:
-            other = table.columns[s["prefix_of"]]
-            w = s["width"]
-            checks.append(_Check(name, "prefix_mismatch", f"differs from the first {w} digit(s) of {other.name}",
-                                 plan.parsed() != other.parsed().str.slice(0, w),
-                                 pl.format(f"{name}={{}} {other.name}={{}}", plan.parsed(), other.parsed())))
-    targets = table.layout_spec["targets"]
-    if spec is not None and table.role == "persons":
-        for zname, where in spec.structural_zero_defs:
-            if not all(targets.get(a) in table.columns for a in where):
-                continue
-            cond = pl.all_horizontal([table.target_expr(a).is_in(list(codes)) for a, codes in where.items()])
-            show = pl.format(", ".join(f"{targets[a]}={{}}" for a in where),
-                             *[pl.col(targets[a]).cast(pl.String) for a in where])
-            checks.append(_Check("+".join(targets[a] for a in where), "structural_zero",
-                                 f"record in a cell that must be empty ({zname}: "
-                                 + ", ".join(f"{a} in {list(c)}" for a, c in where.items()) + ")", cond, show))
-    return checks
-
-
-def _first_rows(table: PreparedTable, cond: pl.Expr, show: pl.Expr) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    df = (table.source.scan().with_row_index("_row").filter(cond.fill_null(False))
-          .select(pl.col("_row"), show.alias("_show")).head(MAX_EXAMPLES).collect(engine="streaming"))
-    rows = tuple(int(r) for r in df["_row"])
-    shown = [str(v) for v in df["_show"]]
-    if len(table.source.files) > 1:
-        shown = [f"{v} (at {table.source.locate(r)})" for r, v in zip(rows, shown)]
-    return rows, tuple(shown)
-
-
-def _run_row_checks(table: PreparedTable, checks: list[_Check], dup_col: str | None) -> list[Problem]:
-    """Pass 1: count offenders of every check in one streaming select."""
-    lf = table.source.scan()
-    aggs = [c.cond.fill_null(False).sum().alias(f"c{i}") for i, c in enumerate(checks)]
-    if dup_col is not None:
-        ids = table.columns[dup_col].parsed().drop_nulls()
-        aggs += [ids.count().alias("ids"), ids.hash(seed=0).n_unique().alias("distinct")]
-    if not aggs:
-        return []
-    res = lf.select(aggs).collect(engine="streaming").row(0, named=True)
-    problems = []
-    for i, c in enumerate(checks):
-        n = int(res[f"c{i}"])
-        if n:
-            rows, shown = _first_rows(table, c.cond, c.show)
-            problems.append(Problem(table.label, c.column, c.kind, n, c.detail, rows, shown))
-    if dup_col is not None and res["ids"] != res["distinct"]:
-        problems += _duplicates(table, dup_col)
-    return problems
-
-
-def _duplicates(table: PreparedTable, col: str) -> list[Problem]:
-    # Exact confirmation: the hash count can only under-count distinct ids (collisions).
-    dups = (table.source.scan().with_row_index("_row").select("_row", table.columns[col].parsed().alias("_id"))
-            .drop_nulls("_id").group_by("_id")
-            .agg(pl.len().alias("n"), pl.col("_row").sort().slice(1, 1).first().alias("second"))
-            .filter(pl.col("n") > 1).collect(engine="streaming").sort("second"))
-    if dups.height == 0:
-        return []
-    head = dups.head(MAX_EXAMPLES)
-    return [Problem(table.label, col, "duplicate_id",
-                    int(dups["n"].sum() - dups.height),
-                    f"rows repeating an earlier id ({dups.height:,} ids used more than once)",
-                    tuple(int(r) for r in head["second"]),
-                    tuple(f"{i!r} x{n}" for i, n in zip(head["_id"], head["n"])))]
-
-
-def _valid_rows(checks: list[_Check]) -> pl.Expr:
-    return ~pl.any_horizontal([c.cond.fill_null(False) for c in checks]) if checks else pl.lit(True)
-
-
-def _block_tables(persons: PreparedTable, p_checks: list[_Check],
-                  units: PreparedTable, u_checks: list[_Check]) -> pl.LazyFrame:
+def _block_tables(persons: PreparedTable, p_checks: list[Check],
+                  units: PreparedTable, u_checks: list[Check]) -> pl.LazyFrame:
     """Pass 2: per-block persons and units counts, full-joined on geoid.
 
     Rows whose GEOID is invalid cannot be placed and are left out. Counts use valid rows only;
     ``p_bad``/``u_bad`` count the block's other invalid rows, so that the cross-file checks can
     skip such blocks: one bad row is reported once, not again as a knock-on block problem.
     """
-    def per_block(table: PreparedTable, checks: list[_Check], values: dict[str, pl.Expr]) -> pl.LazyFrame:
+    def per_block(table: PreparedTable, checks: list[Check], values: dict[str, pl.Expr]) -> pl.LazyFrame:
         geo = set(table.layout_spec["geoid"])
-        return (table.source.scan().filter(_valid_rows([c for c in checks if c.column in geo]))
-                .select(table.geoid_expr().alias("geoid"), _valid_rows(checks).alias("_ok"),
+        return (table.source.scan().filter(valid_rows([c for c in checks if c.column in geo]))
+                .select(table.geoid_expr().alias("geoid"), valid_rows(checks).alias("_ok"),
                         *[e.alias(n) for n, e in values.items()]))
 
     ok = pl.col("_ok")
@@ -243,13 +99,13 @@ def _block_tables(persons: PreparedTable, p_checks: list[_Check],
                           *[pl.col(c).fill_null(0).cast(pl.Int64) for c in counts])
 
 
-def _row_frame(table: PreparedTable, checks: list[_Check], cols: dict[str, pl.Expr]) -> pl.LazyFrame:
+def _row_frame(table: PreparedTable, checks: list[Check], cols: dict[str, pl.Expr]) -> pl.LazyFrame:
     """Rows of ``table`` with a valid GEOID: global row number ``_row`` and normalised ``cols``.
 
     (Blocks in the cross checks other than block_not_in_units hold only fully valid rows.)
     """
     geo = set(table.layout_spec["geoid"])
-    return (table.source.scan().with_row_index("_row").filter(_valid_rows([c for c in checks if c.column in geo]))
+    return (table.source.scan().with_row_index("_row").filter(valid_rows([c for c in checks if c.column in geo]))
             .select(pl.col("_row"), table.geoid_expr().alias("geoid"), *[e.alias(n) for n, e in cols.items()]))
 
 
@@ -266,8 +122,8 @@ def _offending_rows(rows: pl.LazyFrame, keys: pl.LazyFrame, row_filter: pl.Expr,
     return found, tuple(shown)
 
 
-def _cross_checks(persons: PreparedTable, p_checks: list[_Check], units: PreparedTable,
-                  u_checks: list[_Check]) -> tuple[list[Problem], dict[str, int]]:
+def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: PreparedTable,
+                  u_checks: list[Check]) -> tuple[list[Problem], dict[str, int]]:
     """Cross-file checks per block; returns problems and the summary counts.
 
     A problem names the table whose rows must change: person rows for constraints on persons,
@@ -384,19 +240,19 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
     spec = spec if spec is not None else load_spec("pl94")
     _check_spec(spec)
     problems: list[Problem] = []
-    tables: dict[str, tuple[PreparedTable | None, list[_Check]]] = {}
+    tables: dict[str, tuple[PreparedTable | None, list[Check]]] = {}
     for role, path in (("persons", persons_path), ("units", units_path)):
         table, probs = prepare_table(role, path)
         problems += probs
-        checks: list[_Check] = []
+        checks: list[Check] = []
         if table is not None:
             if table.source.n_rows == 0:
                 problems.append(Problem(table.label, "", "empty_file", 1, "the table has no rows"))
-            checks = _row_checks(table, spec)
+            checks = row_checks(table, spec)
             dup = "unit_id" if role == "units" and "unit_id" in table.columns else None
             step(f"{role}: checking {table.source.n_rows:,} rows")
             try:
-                row_problems = _run_row_checks(table, checks, dup)
+                row_problems = run_row_checks(table, checks, dup)
             except READ_ERRORS as exc:  # corrupt data pages behind a valid footer
                 row_problems = [Problem(table.label, "", "corrupt_parquet", 1,
                                         f"rows cannot be read: {first_line(exc)}")]
