@@ -180,3 +180,17 @@ def test_report_renders_in_headless_chromium(reviewed, tmp_path):
     img = mpimg.imread(shot)
     assert img.shape[0] > 100 and img.shape[1] > 100
     assert float(img[..., :3].std()) > 0.02  # not a blank page
+
+
+def test_cli_review_prints_paths_only(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    run = make_run(tmp_path, confidential=True, seed=13)
+    res = CliRunner().invoke(app, ["review", str(run)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines == [f"metrics: {run / 'review' / 'metrics.parquet'}", f"report:  {run / 'review' / 'report.html'}"]
+    bad = CliRunner().invoke(app, ["review", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "not a dptab run directory" in bad.output
