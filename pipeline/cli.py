@@ -50,6 +50,8 @@ def validate_cmd(
     persons: str = typer.Option(None, "--persons", help="persons Parquet file or directory of parts"),
     units: str = typer.Option(None, "--units", help="units Parquet file or directory of parts"),
     config: str = typer.Option(None, "--config", help="run config YAML (takes the input paths and spec from it)"),
+    hide_values: bool = typer.Option(False, "--hide-values",
+                                     help="report problems without data values (row numbers and counts only)"),
 ) -> None:
     """Validate the persons and units inputs; exit 2 listing every problem if they are invalid."""
     import time
@@ -80,7 +82,7 @@ def validate_cmd(
             inputs = validate_inputs(persons, units, spec, on_step=lambda text: status.update(text))
         except InputValidationError as exc:
             status.stop()
-            typer.echo(str(exc), err=True)
+            typer.echo(exc.message(values=not hide_values), err=True)
             raise typer.Exit(2)
     typer.echo(f"valid inputs ({time.perf_counter() - t0:.1f} s)")
     typer.echo(f"  persons file: {persons}")

@@ -65,10 +65,18 @@ class Problem:
     examples: tuple[str, ...] = ()
     blocks: tuple[str, ...] = ()
 
-    def describe(self) -> str:
-        """One line: ``file, column 'c': kind — detail (count N); first rows (0-based): row: value, ...``."""
+    def describe(self, values: bool = True) -> str:
+        """One line: ``file, column 'c': kind — detail (count N); first rows (0-based): row: value, ...``.
+
+        ``values=False`` leaves out the offending values and blocks (confidential microdata),
+        keeping file, column, kind, count and row numbers: safe for logs outside the run.
+        """
         col = f", column '{self.column}'" if self.column else ""
         text = f"{self.file}{col}: {self.kind} — {self.detail} (count {self.count:,})"
+        if not values:
+            if self.first_rows:
+                text += "; first rows (0-based): " + ", ".join(str(r) for r in self.first_rows)
+            return text
         if self.first_rows and len(self.examples) == len(self.first_rows):
             text += "; first rows (0-based): " + ", ".join(f"{r}: {e}" for r, e in zip(self.first_rows, self.examples))
         elif self.first_rows:
@@ -87,10 +95,11 @@ class InputValidationError(ValueError):
         self.problems = list(problems)
         super().__init__(self.message())
 
-    def message(self) -> str:
+    def message(self, values: bool = True) -> str:
+        """Every problem, one per line; ``values=False`` omits data values (see Problem.describe)."""
         n = len(self.problems)
         head = f"invalid input: {n} problem{'s' if n != 1 else ''} found"
-        return "\n".join([head] + [f"  - {p.describe()}" for p in self.problems])
+        return "\n".join([head] + [f"  - {p.describe(values)}" for p in self.problems])
 
     def __str__(self) -> str:
         return self.message()

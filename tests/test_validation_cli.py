@@ -113,3 +113,13 @@ def test_random_corruption_is_a_validation_error_or_valid(good_bytes: tuple[byte
     # a corruption that leaves a readable, valid table must give a contract-conforming frame
     df = v.persons.collect()
     assert df["geoid"].str.contains(r"^[0-9]{15}$").all() and df["hhgq"].is_between(0, 7).all()
+
+
+def test_cli_hide_values(tmp_path: Path) -> None:
+    p = write(persons_df().with_columns(pl.lit(111).cast(pl.Int8).alias("cenrace")), tmp_path / "persons.parquet")
+    u = write(units_df(), tmp_path / "units.parquet")
+    shown = CliRunner().invoke(app, ["validate", "--persons", str(p), "--units", str(u)])
+    hidden = CliRunner().invoke(app, ["validate", "--persons", str(p), "--units", str(u), "--hide-values"])
+    assert shown.exit_code == hidden.exit_code == 2
+    assert "0: 111" in shown.stderr and ": 111" not in hidden.stderr
+    assert "column 'cenrace': out_of_domain" in hidden.stderr

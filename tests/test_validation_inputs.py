@@ -500,3 +500,12 @@ def test_cross_file_problems_name_offending_rows_and_blocks(tmp_path: Path) -> N
     gq = by_kind["gq_without_facility"]
     assert gq.count == 1 and gq.first_rows == (12,) and gq.examples == (f"block {B3} hhgq 5",)
     assert f"first rows (0-based): 12: block {B3} hhgq 5; blocks: {B3}: type 5: 1 persons, 0 facilities" in str(info.value)
+
+
+def test_message_without_values_hides_microdata(tmp_path: Path) -> None:
+    p, u, _ = CASES["gq_person_without_facility"](tmp_path)
+    with pytest.raises(InputValidationError) as info:
+        validate_inputs(p, u)
+    full, safe = info.value.message(), info.value.message(values=False)
+    assert B3 in full and B3 not in safe
+    assert "gq_without_facility" in safe and "column 'hhgq'" in safe and "first rows (0-based): 12" in safe
