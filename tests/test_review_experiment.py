@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -119,3 +120,27 @@ def test_experiment_end_to_end(tmp_path):
     assert sorted(p.name for p in (exp / "runs").iterdir()) == ["base"]
     # the dataset's own ledger was never touched
     assert not (tmp_path / "runs" / "ledger.sqlite").exists()
+
+
+def test_review_of_a_real_run_stays_out_of_the_release(tmp_path):
+    """The whole job on tiny inputs, then the review: no review file or truth-based metric name
+    appears in the release folder, and a confidential review refuses to be exported there."""
+    from pipeline.review.runner import ConfidentialityError, export_review, review_run_dir
+    from pipeline.run import run
+
+    cfg = _tiny_inputs(tmp_path)
+    out = run(cfg, progress=False)
+    run_dir = Path(out["run_dir"])
+    report = review_run_dir(run_dir)
+    assert report.is_file() and (run_dir / "review" / "metrics.parquet").is_file()
+    releases = [p for p in (tmp_path / "releases").iterdir() if p.is_dir()]
+    assert len(releases) == 1
+    files = [p for p in releases[0].rglob("*") if p.is_file()]
+    assert files and not any(p.name in ("metrics.parquet", "report.html", "summary.md") for p in files)
+    for p in files:
+        if p.suffix in (".html", ".json", ".csv", ".md"):
+            text = p.read_text(errors="ignore")
+            assert "within_5pp" not in text and "mape_500" not in text and "internal review" not in text, p
+    with pytest.raises(ConfidentialityError):
+        export_review(run_dir, releases[0] / "review")
+    assert not (releases[0] / "review").exists()
