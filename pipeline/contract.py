@@ -24,8 +24,18 @@ CONTRACT_PATH = Path(__file__).resolve().parent.parent / "schemas" / "input_cont
 
 @lru_cache(maxsize=4)
 def load_contract(path: str | Path = CONTRACT_PATH) -> dict[str, Any]:
-    """The input contract as a dict (see ``schemas/input_contract.yaml``)."""
-    return yaml.safe_load(Path(path).read_text())
+    """The input contract as a dict (see ``schemas/input_contract.yaml``).
+
+    Raises ``ValueError`` if a layout's GEOID components do not add up to ``geoid_width``.
+    """
+    contract = yaml.safe_load(Path(path).read_text())
+    for role in ("persons", "units"):
+        for name, layout in contract[role]["layouts"].items():
+            widths = [layout["columns"][c]["width"] for c in layout["geoid"]]
+            if sum(widths) != contract["geoid_width"]:
+                raise ValueError(f"{path}: {role} layout {name!r} GEOID components {layout['geoid']} have "
+                                 f"widths {widths}, not adding up to geoid_width {contract['geoid_width']}")
+    return contract
 
 
 def _category(dtype: pl.DataType) -> str:

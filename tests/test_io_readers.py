@@ -191,3 +191,14 @@ def test_group_quarters_only_units_with_all_null_occupied(tmp_path: Path) -> Non
     v = validate_inputs(write(p, tmp_path / "p.parquet"), write(u, tmp_path / "u.parquet"))
     assert v.summary.gq_persons == 2 and v.summary.housing_units == 0
     assert v.units.collect()["occupied"].dtype == pl.Boolean
+
+
+def test_contract_geoid_widths_are_checked(tmp_path: Path) -> None:
+    from pipeline.contract import CONTRACT_PATH, load_contract
+
+    c = load_contract()
+    assert c["geoid_width"] == 15
+    bad = CONTRACT_PATH.read_text().replace("TABTRACTCE: {type: digits, width: 6", "TABTRACTCE: {type: digits, width: 5")
+    (tmp_path / "c.yaml").write_text(bad)
+    with pytest.raises(ValueError, match="geoid_width"):
+        load_contract(tmp_path / "c.yaml")
