@@ -58,7 +58,7 @@ def validate_cmd(
 
     from pipeline.config import ConfigError, load_config
     from pipeline.io import InputValidationError, validate_inputs
-    from pipeline.spec import load_spec
+    from pipeline.spec import SpecError, load_spec
 
     spec = None
     if config is not None:
@@ -69,7 +69,11 @@ def validate_cmd(
             raise typer.Exit(2)
         persons = persons or str(cfg.inputs.persons)
         units = units or str(cfg.inputs.units)
-        spec = load_spec(cfg.spec)
+        try:
+            spec = load_spec(cfg.spec)
+        except (SpecError, OSError) as exc:
+            typer.echo(f"invalid configuration: spec {cfg.spec!r}: {exc}", err=True)
+            raise typer.Exit(2)
     if persons is None or units is None:
         typer.echo("give --persons FILE and --units FILE, or --config FILE", err=True)
         raise typer.Exit(2)

@@ -123,3 +123,11 @@ def test_cli_hide_values(tmp_path: Path) -> None:
     assert shown.exit_code == hidden.exit_code == 2
     assert "0: 111" in shown.stderr and ": 111" not in hidden.stderr
     assert "column 'cenrace': out_of_domain" in hidden.stderr
+
+
+def test_cli_config_with_unknown_spec_exits_2(tmp_path: Path) -> None:
+    _inputs(tmp_path)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset_id: t\nspec: no_such_spec\ninputs:\n  persons: persons.parquet\n  units: units.parquet\n")
+    res = CliRunner().invoke(app, ["validate", "--config", str(cfg)])
+    assert res.exit_code == 2 and "no_such_spec" in res.stderr
