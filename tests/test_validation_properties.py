@@ -3,7 +3,9 @@
 - every consistent dataset validates, and its summary equals naive Python counts;
 - one out-of-domain attribute value gives exactly one problem, naming its column and row
   (no knock-on block problems from the bad row);
-- dropping a block's only type-k facility gives gq_without_facility for exactly its persons.
+- dropping a block's only type-k facility gives gq_without_facility for exactly its persons;
+- random text in a PPMF column is flagged at its row exactly when an independent reference
+  rule says it is invalid.
 """
 
 from __future__ import annotations
@@ -109,3 +111,41 @@ def test_missing_facility_flags_exactly_its_persons(tmp_path_factory, data, pick
     assert gq[0].blocks[0].startswith(f"{block}: type {kind}:")
     hit = [i for i, r in enumerate(prows) if (r[0], r[1]) == (block, kind)]
     assert gq[0].first_rows == tuple(hit[:5])
+
+
+PPMF_TEXT = {"TABBLKST": ("digits", 2), "TABBLKCOU": ("digits", 3), "TABTRACTCE": ("digits", 6),
+             "TABBLK": ("digits", 4), "GQTYPE_PL": ("integer", (0, 7)), "VOTING_AGE": ("integer", (1, 2)),
+             "CENHISP": ("integer", (1, 2)), "CENRACE": ("integer", (1, 63))}
+
+
+def _text_valid(kind: str, arg, v: str) -> bool:
+    """Reference rule, written independently of the polars expressions."""
+    import re
+
+    if kind == "digits":
+        return len(v) == arg and all(ch in "0123456789" for ch in v)
+    return re.fullmatch(r"[+-]?[0-9]+", v) is not None and arg[0] <= int(v) <= arg[1]
+
+
+@SETTINGS
+@given(column=st.sampled_from(sorted(PPMF_TEXT)), pick=st.data(),
+       value=st.one_of(st.text(max_size=8), st.text(alphabet="0123456789+- ", max_size=7)))
+def test_random_text_in_ppmf_columns(tmp_path_factory, column, pick, value) -> None:
+    prows = [r for r in persons_df().rows()]
+    row = pick.draw(st.integers(0, len(prows) - 1))
+    p = to_ppmf(persons_df()).with_columns(pl.col(column).cast(pl.String))
+    p = p.with_columns(pl.when(pl.int_range(pl.len()) == row).then(pl.lit(value)).otherwise(pl.col(column)).alias(column))
+    d = tmp_path_factory.mktemp("txt")
+    kind, arg = PPMF_TEXT[column]
+    try:
+        validate_inputs(write(p, d / "p.parquet"), write(units_df(), d / "u.parquet"))
+        problems = []
+    except InputValidationError as err:
+        problems = err.problems
+    # row-level kinds only: a valid but different value may break a cross-file constraint
+    row_kinds = {"wrong_length", "non_digit", "non_integer", "out_of_domain", "null"}
+    mine = [q for q in problems if q.column == column and row in q.first_rows and q.kind in row_kinds]
+    if _text_valid(kind, arg, value):
+        assert not mine, problems
+    else:
+        assert len(mine) == 1 and mine[0].kind != "null", problems
