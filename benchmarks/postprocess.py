@@ -134,16 +134,29 @@ def run_clarabel(obj, qp, time_limit):
     return secs, _unlift(obj, qp, np.asarray(sol.x)), str(sol.status)
 
 
-def ours_l2(prob, opts):
-    obj = L2Objective(prob, tuple(prob.targets), prob.free_cells(), None, prob.lower_bounds())
+def ours_l2(prob, opts, lower="auto"):
+    """Our L2 stage as production runs it: without the GQ bounds first (optimal if they hold),
+    with them (ADMM splitting) otherwise."""
+    low = prob.lower_bounds()
+    if lower == "auto" and low is not None:
+        obj, res = ours_l2(prob, opts, lower=None)
+        if (prob.spec.query(prob.bound_query).answer(_full(prob, obj, res.Z)) >= low - 1e-7).all():
+            return obj, res
+    use = low if lower == "auto" else None
+    obj = L2Objective(prob, tuple(prob.targets), prob.free_cells(), None, use)
     if prob.free_cells().size >= opts.kron_min_cells:
-        full = L2Objective(prob, tuple(prob.targets), np.arange(prob.spec.n_cells), None,
-                           prob.lower_bounds())
+        full = L2Objective(prob, tuple(prob.targets), np.arange(prob.spec.n_cells), None, use)
         if full.uniform_weights() is not None:
             obj = full
     inv, method = choose_inverse(obj, opts.kron_min_cells)
     res = admm(obj, inv, tol=opts.tol, feas_tol=opts.feas_tol, max_iter=opts.max_iter, method=method)
     return obj, res
+
+
+def _full(prob, obj, Z):
+    X = np.zeros((prob.k, prob.spec.n_cells))
+    X[:, obj.domain] = Z
+    return X
 
 
 def consistency_error(obj, Z):

@@ -70,14 +70,15 @@ def _milp_reference(spec, X, parent, allowed, chain, totals=None, lower=None):
     return res.fun
 
 
-@pytest.mark.parametrize("seed,gq", [(0, False), (1, True), (2, True), (3, False)])
-def test_flow_rounding_matches_milp(seed, gq):
+@pytest.mark.parametrize("seed,gq,method", [(0, False, "flow"), (1, True, "flow"),
+                                            (2, True, "lp"), (3, False, "lp"), (2, True, "flow")])
+def test_flow_rounding_matches_milp(seed, gq, method):
     prob, truth = random_parent(k=6, pop=40, seed=seed, gq=gq)
     X = _l2_solution(prob)
     allowed = prob.allowed(np.arange(PL94.n_cells))
     chain = PL94.rounder_chain
     lower = prob.lower_bounds()
-    N = controlled_round(PL94, X, prob.parent, allowed, chain, None, lower)
+    N = controlled_round(PL94, X, prob.parent, allowed, chain, None, lower, method=method)
     assert N.dtype == np.int64 and (N >= 0).all()
     assert (N.sum(axis=0) == prob.parent).all()
     assert (N[~allowed] == 0).all()

@@ -22,7 +22,50 @@ import scipy.sparse as sp
 from pipeline.postprocess.problem import PostprocessError
 from pipeline.spec import HistogramSpec
 
+try:  # OR-Tools network simplex: the exact min-cost flow, much faster than a general LP
+    from ortools.graph.python import min_cost_flow
+except ImportError:  # pragma: no cover - optional speed-up, the LP gives the same optimum
+    min_cost_flow = None
+
 SNAP = 1e-6  # real answers this close to an integer are treated as that integer
+COST_SCALE = 1e9  # integer arc costs for the flow solver (secant slopes are in [-1, 1])
+
+
+def _flow(parent_node, base, seg_lo, seg_hi, seg_cost, leaf0, leaf_cell, p_cells) -> np.ndarray:
+    """The same rounding as a min-cost flow: source -> level-0 chain nodes -> ... -> leaves ->
+    parent cells (demand p). Each chain node's inflow is ``base + sum_s d_s``: the base and the
+    segment lower bounds are pre-routed (supply adjustments), each segment is a parallel arc
+    of capacity ``hi - lo`` and integer cost ``round(COST_SCALE * c)``. Returns ``sum_s d_s``
+    per chain node (integers)."""
+    n_nodes, ns = seg_hi.shape
+    n_cells = p_cells.size
+    src = 0
+    node_id = 1 + np.arange(n_nodes)
+    tail_of = np.where(parent_node >= 0, parent_node + 1, src)
+    cell_id = 1 + n_nodes + np.arange(n_cells)
+    supply = np.zeros(1 + n_nodes + n_cells, dtype=np.int64)
+    supply[src] = int(p_cells.sum())
+    np.subtract.at(supply, cell_id, p_cells)
+    fixed = (base + seg_lo.sum(axis=1)).astype(np.int64)  # pre-routed flow on each node's arc
+    np.subtract.at(supply, tail_of, fixed)
+    np.add.at(supply, node_id, fixed)
+    cap = (seg_hi - seg_lo).astype(np.int64)
+    v_node, v_seg = np.nonzero(cap > 0)
+    tails = np.concatenate([tail_of[v_node], node_id[leaf0:]])
+    heads = np.concatenate([node_id[v_node], cell_id[leaf_cell]])
+    caps = np.concatenate([cap[v_node, v_seg], np.full(n_nodes - leaf0, int(p_cells.sum()))])
+    costs = np.concatenate([np.rint(COST_SCALE * seg_cost[v_node, v_seg]).astype(np.int64),
+                            np.zeros(n_nodes - leaf0, dtype=np.int64)])
+    mcf = min_cost_flow.SimpleMinCostFlow()
+    arcs = mcf.add_arcs_with_capacity_and_unit_cost(tails, heads, caps, costs)
+    mcf.set_nodes_supplies(np.arange(supply.size), supply)
+    status = mcf.solve()
+    if status != mcf.OPTIMAL:
+        raise PostprocessError(f"rounding flow infeasible (status {status})")
+    flows = mcf.flows(arcs[: v_node.size])
+    d = seg_lo.sum(axis=1).copy()
+    np.add.at(d, v_node, flows)
+    return d
 
 
 def largest_remainder(X: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -45,8 +88,18 @@ def largest_remainder(X: np.ndarray, p: np.ndarray) -> np.ndarray:
     return F.astype(np.int64) + (rank < R[None, :])
 
 
+_CHAIN_CACHE: dict[tuple, list[np.ndarray]] = {}
+
+
 def _chain_levels(spec: HistogramSpec, chain: tuple[str, ...], with_total: bool) -> list[np.ndarray]:
-    """cell -> answer arrays for each chain level (cells level last), checking nesting."""
+    """cell -> answer arrays for each chain level (cells level last), checking nesting once."""
+    key = (id(spec), spec.name, tuple(chain), with_total)
+    if key not in _CHAIN_CACHE:
+        _CHAIN_CACHE[key] = _build_chain_levels(spec, chain, with_total)
+    return _CHAIN_CACHE[key]
+
+
+def _build_chain_levels(spec: HistogramSpec, chain: tuple[str, ...], with_total: bool) -> list[np.ndarray]:
     names = list(chain)
     if with_total and "total" not in names:
         names.insert(0, "total")
@@ -71,6 +124,7 @@ def controlled_round(
     bound_query: str = "hhgq",
     widen: bool = False,
     group: np.ndarray | None = None,
+    method: str = "auto",
 ) -> np.ndarray:
     """Integer children ``(k, n_cells)`` int64 from the real solution ``X`` (k, n_cells).
 
@@ -79,7 +133,9 @@ def controlled_round(
     ``lower``: lower bounds ``(k, n_answers(bound_query))`` (must be a chain query).
     ``widen``: allow every answer one unit beyond [floor, ceil] (the fallback when the
     real solution only meets constraints to a tolerance). ``group`` (k,) int: round several
-    parents in one LP (block-diagonal, still totally unimodular); then ``parent`` is
+    parents in one LP (block-diagonal, still totally unimodular); ``method``: "flow" (OR-Tools
+    network simplex), "lp" (HiGHS dual simplex) or "auto" (flow with a parent if OR-Tools is
+    installed, else LP); both return an optimal vertex. Then ``parent`` is
     ``(n_parents, n_cells)`` and child c sums into ``parent[group[c]]``. Raises PostprocessError when
     the LP is infeasible or returns a non-integral point.
     """
@@ -184,7 +240,14 @@ def controlled_round(
         crhs = pflat.astype(np.float64)[cells]
         np.subtract.at(crhs, cell_row[leaf_cell] - n_rows, base[leaf0:])
         rhs = np.concatenate([rhs, crhs])
+        leaf_cell_idx = cell_row[leaf_cell] - n_rows
         n_rows += cells.size
+        if method == "flow" or (method == "auto" and min_cost_flow is not None):
+            d = _flow(parent_node, base, seg_lo, seg_hi, seg_cost, leaf0, leaf_cell_idx,
+                      pflat[cells].astype(np.int64))
+            N = np.zeros((k, n), dtype=np.int64)
+            N[child_of_node[leaf0:], ans_of_node[leaf0:]] = (base + d)[leaf0:].astype(np.int64)
+            return N
     A = sp.csr_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, nv)
     )
