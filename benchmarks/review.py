@@ -12,9 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+# benchmarks/pipeline.py would shadow the `pipeline` package: import from the repository root
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))
 
 
 def _median_time(fn, repeats: int = 3) -> float:

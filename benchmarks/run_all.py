@@ -18,6 +18,7 @@ SCRIPTS = [
     ("synth", ["synth.py", "--quick"]),
     ("postprocess", ["postprocess.py", "--quick"]),
     ("pipeline", ["pipeline.py", "--persons", "1000000"]),
+    ("review", ["review.py", "--quick"]),
 ]
 
 
