@@ -155,6 +155,23 @@ class LevelBatch:
     def label(self, i: int) -> str:
         return str(self.labels[i]) if self.labels is not None else f"#{i}"
 
+    def slice(self, start: int, stop: int) -> "LevelBatch":
+        """Parents ``start:stop`` as their own batch (rebased offsets), e.g. to ship to a worker."""
+        a, b = int(self.child_ptr[start]), int(self.child_ptr[stop])
+
+        def rows(x):
+            return None if x is None else np.asarray(x)[a:b]
+
+        return LevelBatch(
+            spec=self.spec, parents=np.asarray(self.parents)[start:stop],
+            child_ptr=self.child_ptr[start:stop + 1] - a,
+            targets={q: np.asarray(y)[a:b] for q, y in self.targets.items()},
+            variances=self.variances, totals=rows(self.totals), lower=rows(self.lower),
+            zero_answers=rows(self.zero_answers),
+            labels=None if self.labels is None else np.asarray(self.labels)[start:stop],
+            bound_query=self.bound_query, zero_query=self.zero_query,
+        )
+
     def problem(self, i: int) -> ParentProblem:
         """The :class:`ParentProblem` of parent ``i`` (views into the flat arrays)."""
         a, b = int(self.child_ptr[i]), int(self.child_ptr[i + 1])

@@ -136,8 +136,9 @@ def solve_level(
     diag = LevelDiagnostics(level)
     ranges = _ranges(batch.child_ptr, max(1, workers * chunks_per_worker) if workers > 1 else 1)
     out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
-    jobs = [(batch, s, e, options, level) for s, e in ranges]
-    if workers > 1 and len(jobs) > 1:
+    if workers > 1 and len(ranges) > 1:
+        # ship each worker only its parents' rows
+        jobs = [(batch.slice(s, e), 0, e - s, options, level) for s, e in ranges]
         env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
@@ -151,7 +152,7 @@ def solve_level(
                 else:
                     os.environ[k] = v
     else:
-        results = [_solve_range(j) for j in jobs]
+        results = [_solve_range((batch, s, e, options, level)) for s, e in ranges]
     for (s, _), (part, d) in zip(ranges, results):
         a = int(batch.child_ptr[s])
         out[a:a + part.shape[0]] = part
