@@ -202,6 +202,8 @@ class TableSampler:
             if table is not None:
                 break
             prec *= 2
+            if prec > 1 << 16:  # would need C(m)·2^b to be (almost) an integer
+                raise ArithmeticError(f"cannot determine the table of {family} {param} to 2^-{bits}")
         self.table = table
         self.n_entries = len(table)
         # Guide table over the top g bits of U: bucket i holds U in [i, i+1)·2^(b-g). The first
