@@ -211,6 +211,14 @@ def test_discrete_laplace_matches_exact_pmf(scale: Fraction):
     assert chi2_pvalue(x, lo, pmf) > ALPHA
     wrong = discrete_laplace(scale * Fraction(102, 100), N, seeded_source(78, str(scale)))
     assert chi2_pvalue(wrong, lo, pmf) < ALPHA
+    # truncated tail: |x| > 5·scale (≥ 2) redrawn
+    y = discrete_laplace(scale, N, seeded_source(79, str(scale)))
+    cut = max(2, int(5 * scale))
+    bad = np.abs(y) > cut
+    while bad.any():
+        y[bad] = discrete_laplace(scale, int(bad.sum()), seeded_source(80, str(int(bad.sum()))))
+        bad = np.abs(y) > cut
+    assert chi2_pvalue(y, lo, pmf) < ALPHA
 
 
 # --------------------------------------------------------------------------------------
