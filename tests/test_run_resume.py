@@ -10,6 +10,7 @@ used the same noise key (rule: measurements are drawn once and reused on resume)
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -34,6 +35,13 @@ def _dptab(args: list[str], crash_at: str | None = None) -> subprocess.Completed
         env["DPTAB_CRASH_AT"] = crash_at
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--quiet", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def _done_count(run_dir: Path) -> int:
+    try:
+        return len(json.loads((run_dir / "state.json").read_text())["done"])
+    except (OSError, ValueError):
+        return 0
 
 
 def _digests(root: Path, pattern: str) -> dict[str, str]:
@@ -90,11 +98,17 @@ def test_random_kills_with_the_same_key_resume_to_identical_release(tmp_path) ->
     run_b = stages.prepare(write_config(tmp_path, inputs, name="b.yaml", release_id="keyed-b", privacy=keyed))
     shutil.copyfile(Path(ref["run_dir"]) / "noise.key", run_b / "noise.key")  # same key, as on a retry
     rng = random.Random(20261123)
+    # kill points drawn over the run's progress (number of recorded stages), plus a random
+    # delay of up to 0.3 s so the kill usually lands in the middle of the next stage
+    n_stages = len(json.loads((Path(ref["run_dir"]) / "state.json").read_text())["done"])
+    targets = sorted(rng.sample(range(1, n_stages - 1), 4))
     kills = 0
-    for _ in range(4):
+    for target in targets:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--quiet", "--resume", str(run_b)],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.0, 9.0))
+        while proc.poll() is None and _done_count(run_b) < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
