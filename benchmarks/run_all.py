@@ -14,11 +14,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     ("samplers", ["samplers.py", "--quick"]),
-    ("histograms", ["histograms.py", "--quick"]),
+    ("privacy", ["privacy.py", "--quick"]),
     ("synth", ["synth.py", "--quick"]),
+    ("histograms", ["histograms.py", "--quick"]),
+    ("validation", ["validation.py", "--quick"]),
     ("postprocess", ["postprocess.py", "--quick"]),
-    ("pipeline", ["pipeline.py", "--persons", "1000000"]),
+    ("release", ["release.py", "--quick"]),
     ("review", ["review.py", "--quick"]),
+    ("pipeline", ["pipeline.py", "--persons", "1000000", "--repeats", "3"]),
 ]
 
 
