@@ -77,6 +77,9 @@ def _column_checks(plan: ColumnPlan, geoid_note: str) -> list[Check]:
 
 
 def row_checks(table: PreparedTable, spec: HistogramSpec | None) -> list[Check]:
+    """Every row check of ``table``: per-column (null, type, width, digits, domain), the
+    conditional nulls of ``occupied``, prefix consistency (PPMF block group) and, for persons,
+    the spec's structural zeros. Builds expressions only; reads nothing."""
     geo = table.layout_spec["geoid"]
     note = (f", so {'+'.join(geo)} do not form a 15-digit block GEOID" if len(geo) > 1 else "")
     checks: list[Check] = []
@@ -113,6 +116,7 @@ def row_checks(table: PreparedTable, spec: HistogramSpec | None) -> list[Check]:
 
 
 def _first_rows(table: PreparedTable, cond: pl.Expr, show: pl.Expr) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The first offending row numbers and their rendered values (part file named for parts)."""
     df = (table.source.scan().with_row_index("_row").filter(cond.fill_null(False))
           .select(pl.col("_row"), show.alias("_show")).head(MAX_EXAMPLES).collect(engine="streaming"))
     rows = tuple(int(r) for r in df["_row"])
@@ -123,7 +127,8 @@ def _first_rows(table: PreparedTable, cond: pl.Expr, show: pl.Expr) -> tuple[tup
 
 
 def run_row_checks(table: PreparedTable, checks: list[Check], dup_col: str | None) -> list[Problem]:
-    """Pass 1: count offenders of every check in one streaming select."""
+    """Pass 1: count offenders of every check in one streaming select; one Problem per failing
+    check with its first rows. ``dup_col`` (unit ids) is also checked for duplicates."""
     lf = table.source.scan()
     aggs = [c.cond.fill_null(False).sum().alias(f"c{i}") for i, c in enumerate(checks)]
     if dup_col is not None:
