@@ -341,6 +341,20 @@ def corrupt_footer(t):
 
 
 @case
+def corrupt_data_pages_behind_valid_footer(t):
+    import pyarrow.parquet as pq
+
+    p, u = _paths(t)
+    col = pq.read_metadata(p).row_group(0).column(0)  # the geoid column chunk
+    start = col.dictionary_page_offset or col.data_page_offset
+    raw = bytearray(p.read_bytes())
+    for i in range(start + 10, start + col.total_compressed_size - 2):
+        raw[i] ^= 0x5A  # footer intact: only reading the rows can find this
+    p.write_bytes(bytes(raw))
+    return p, u, [("persons", "", "corrupt_parquet")]
+
+
+@case
 def csv_instead_of_parquet(t):
     p, u = _paths(t)
     persons_df().write_csv(p)
