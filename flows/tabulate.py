@@ -27,9 +27,32 @@ def prepare_task(config_path: str, resume_dir: str | None) -> str:
     return str(stages.prepare(config_path, resume_dir=resume_dir))
 
 
-@task(name="histograms", retries=2, retry_delay_seconds=[5, 30], **_TASK)
+class InvalidInputError(ValueError):
+    """Invalid input, described without data values (Prefect stores logs and exceptions)."""
+
+
+@task(name="histograms", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=lambda task, run, state: not _is_invalid_input(state), **_TASK)
 def histograms_task(run_dir: str) -> dict[str, Any]:
-    return stages.stage_inputs(run_dir)
+    from pipeline.io import InputValidationError
+
+    try:
+        return stages.stage_inputs(run_dir)
+    except InputValidationError as exc:
+        # the full message (with offending values) is for the operator's terminal; what
+        # reaches Prefect's database names files, columns, kinds, counts and rows only
+        raise InvalidInputError(exc.message(values=False)) from None
+
+
+def _is_invalid_input(state) -> bool:
+    """Invalid input is deterministic: never retry it."""
+    try:
+        state.result()
+    except InvalidInputError:
+        return True
+    except Exception:
+        return False
+    return False
 
 
 @task(name="shard", task_run_name="solve-{kind}-{level}-{shard}", retries=2, retry_delay_seconds=[5, 30], **_TASK)
