@@ -31,7 +31,10 @@ from pipeline.postprocess.rounding import controlled_round, largest_remainder
 class SolveOptions:
     """Tolerances and choices for one level.
 
-    ``tol``: relative suboptimality certificate (gap <= tol * f); ``multipass``: solve
+    ``tol``: relative suboptimality certificate (gap <= tol * f); ``feas_tol``: largest
+    violation (persons) of held/exact child totals and lower bounds accepted in the real
+    solution; the rounding then meets exact totals and bounds exactly (2020 held pass-1 totals
+    within an optimised tolerance plus 0.1); ``multipass``: solve
     ``total`` alone first (2020 ordering for state, county, tract, block-group children);
     ``chain``: rounder chain (default ``spec.rounder_chain``); ``kron_min_cells``: free-set size
     from which the full-grid Kronecker x-step is used; ``batched``: solve eligible parents
@@ -39,7 +42,7 @@ class SolveOptions:
     """
 
     tol: float = 1e-9
-    feas_tol: float = 1e-7
+    feas_tol: float = 1e-3
     max_iter: int = 5000
     multipass: bool = False
     chain: tuple[str, ...] | None = None
