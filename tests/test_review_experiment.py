@@ -144,3 +144,13 @@ def test_review_of_a_real_run_stays_out_of_the_release(tmp_path):
     with pytest.raises(ConfidentialityError):
         export_review(run_dir, releases[0] / "review")
     assert not (releases[0] / "review").exists()
+
+
+def test_experiment_markdown_orders_settings_by_epsilon():
+    from pipeline.review.markdown import experiment_markdown
+
+    text = experiment_markdown(summarise(_trials()))
+    header = next(ln for ln in text.splitlines() if ln.startswith("| margin | level |"))
+    assert header.index("ε 5.00") < header.index("ε 20.00")
+    row = next(ln for ln in text.splitlines() if ln.startswith("| Total population | county |"))
+    assert "5.00 ± 1.00" in row and "1.10 ± 0.17" in row

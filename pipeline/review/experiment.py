@@ -11,7 +11,8 @@ its metrics (pipeline/review/runner.py) are kept and its bulky files are removed
 Outputs, in ``EXP_DIR`` (default ``<runs_dir>/experiments/<dataset>-<time>``, mode 0700,
 confidential like a run directory): ``trials.parquet`` (one metrics row per trial:
 ``setting, rho, epsilon, trial`` + the metrics columns), ``summary.parquet`` (``mean``, ``sd``,
-``trials`` per setting and metric) and ``report.html`` (accuracy-vs-ε table and plot).
+``trials`` per setting and metric), ``summary.md`` (the headline tables) and ``report.html``
+(accuracy-vs-ε table and plot).
 
 Experiments spend no budget of the dataset's ledger: they are never published, and they use
 a ledger private to the experiment directory. They are internal, like the review — see the
@@ -200,5 +201,8 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
             "settings": ", ".join(f"{s.name} (ρ={s.rho}, ε={s.epsilon:.3f})" for s in settings),
             "base seed": seed, "workers": workers, "wall seconds": round(time.perf_counter() - t0, 1)}
     write_experiment_report(exp_dir / "report.html", summary, info, confidential=cfg.confidential)
+    from pipeline.review.markdown import experiment_markdown
+
+    (exp_dir / "summary.md").write_text(experiment_markdown(summary))
     shutil.rmtree(base_run / "measurements", ignore_errors=True)
     return exp_dir

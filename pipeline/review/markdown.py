@@ -84,3 +84,41 @@ def markdown_summary(metrics: pl.DataFrame, levels: list[str] | None = None) -> 
                  + _md(["level", "true 0 → published ≠ 0", "true ≠ 0 → published 0",
                         "true 0 → noisy ≠ 0", "true ≠ 0 → noisy 0"], rows))
     return "\n".join(parts)
+
+
+def experiment_markdown(summary: pl.DataFrame, levels: tuple[str, ...] = ("county", "tract", "block_group", "block"),
+                        margins: tuple[tuple[str, str], ...] = MARGINS[:3] + (MARGINS[3], MARGINS[4], MARGINS[6],
+                                                                             MARGINS[9])) -> str:
+    """Markdown tables of an experiment's ``summary.parquet``: mean ± sd over trials per setting
+    (columns ordered by ε) of the published MAE per margin and level, the redistricting target
+    at the lowest level, block bias by true size, and total MAE by estimator per setting."""
+    look = {(r["setting"], r["level"], r["statistic"], r["metric"], r["size_bin"], r["estimator"]): r
+            for r in summary.iter_rows(named=True)}
+    settings = (summary.select("setting", "rho", "epsilon").unique().sort("epsilon").iter_rows(named=True))
+    settings = [(s["setting"], f"ρ = {s['rho']} (ε {s['epsilon']:.2f})") for s in settings]
+    head = [n for _, n in settings]
+
+    def cell(key: tuple, scale: float = 1.0, digits: int = 2) -> str:
+        r = look.get(key)
+        if r is None:
+            return "–"
+        sd = r["sd"] * scale if r["sd"] == r["sd"] else float("nan")
+        return f"{r['mean'] * scale:.{digits}f} ± {_num(sd, digits)}"
+
+    n_trials = int(summary["trials"].max()) if summary.height else 0
+    parts = [f"**MAE of the published counts (persons), mean ± sd over {n_trials} trials**\n\n"
+             + _md(["margin", "level"] + head,
+                   [[label, lv] + [cell((k, lv, s, "mae", ALL_BIN, "published")) for k, _ in settings]
+                    for s, label in margins for lv in levels])]
+    low = levels[-1]
+    parts.append(f"**Redistricting target at {low} level (share within 5 pp, %)**\n\n"
+                 + _md(["level"] + head, [[lv] + [cell((k, lv, "largest_group", "within_5pp_share", ALL_BIN, "published"),
+                                                       100.0, 1) for k, _ in settings] for lv in levels]))
+    parts.append(f"**Bias of the {low} total population by true size (persons)**\n\n"
+                 + _md(["true size"] + head, [[b] + [cell((k, low, "total", "bias", b, "published")) for k, _ in settings]
+                                              for b in [x[0] for x in SIZE_BINS]]))
+    rows = [[name, lv] + [cell((k, lv, "total", "mae", ALL_BIN, e)) for e in ("published", "noisy_clipped", "wls")]
+            for k, name in settings for lv in levels]
+    parts.append("**Total population MAE by estimator (persons)**\n\n"
+                 + _md(["setting", "level", "published", "raw noisy clipped at 0", "unconstrained WLS"], rows))
+    return "\n".join(parts)
