@@ -29,6 +29,11 @@ measures only ``total``, asked for P1 line 3), the line has no unbiased estimate
 level's measurements: its margin of error is NaN (published as null), and the release's
 ``index.html`` says so. Otherwise ``H`` is inverted on its range (pseudo-inverse), which is
 exact for every estimable line.
+
+Computation: cells that no measured query tells apart are merged first (so a level without
+``detailed`` works on a small matrix); with ``detailed`` measured, ``H`` is a scaled identity
+plus a low-rank sum and ``H⁻¹`` is applied by the Woodbury identity (a ~600 × 600 Cholesky for
+the 2020 strategy instead of 1,953 × 1,953). Everything is per level, never per unit.
 """
 
 from __future__ import annotations
