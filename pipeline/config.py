@@ -70,6 +70,7 @@ class OutputConfig(BaseModel):
     runs_dir: Path = Path("runs")
     releases_dir: Path = Path("releases")
     publish_measurements: bool = True
+    csv: bool = Field(True, description="also write csv/<geolevel>/<table>.csv (large at block level)")
 
 
 class ExecutionConfig(BaseModel):

@@ -84,7 +84,8 @@ def publish_release(ctx: "RunContext") -> dict[str, Any]:
                            seed=ctx.cfg.privacy.seed if ctx.cfg.privacy.randomness == "seeded" else None,
                            title=ctx.cfg.title)
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
-                         declared_invariants(ctx), privacy, variances=variances, measurement_files=meas)
+                         declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
+                         csv=ctx.cfg.output.csv)
     return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),
             "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
             "privacy_markdown": privacy_markdown(privacy)}
