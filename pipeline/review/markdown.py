@@ -95,7 +95,8 @@ def experiment_markdown(summary: pl.DataFrame, levels: tuple[str, ...] = ("count
     look = {(r["setting"], r["level"], r["statistic"], r["metric"], r["size_bin"], r["estimator"]): r
             for r in summary.iter_rows(named=True)}
     settings = (summary.select("setting", "rho", "epsilon").unique().sort("epsilon").iter_rows(named=True))
-    settings = [(s["setting"], f"ρ = {s['rho']} (ε {s['epsilon']:.2f})") for s in settings]
+    settings = [(s["setting"], f"ρ = {s['rho']} (ε {s['epsilon']:.2f})" if s["setting"].startswith("rho=")
+                 else f"{s['setting']}: ρ = {s['rho']} (ε {s['epsilon']:.2f})") for s in settings]
     head = [n for _, n in settings]
 
     def cell(key: tuple, scale: float = 1.0, digits: int = 2) -> str:
