@@ -153,3 +153,47 @@ def test_level_accepts_sparse_parent_histogram():
                         lev.child_ptr, lev.targets, lev.variances, None, lev.lower,
                         lev.zero_answers)
     np.testing.assert_array_equal(solve_level(dense)[0], solve_level(sparse)[0])
+
+
+def test_root_bounds_above_total_are_lowered_minimally():
+    rng = np.random.default_rng(13)
+    v = {q: 2.0 for q in PL94.query_names}
+    truth = np.zeros(PL94.n_cells, dtype=np.int64)
+    truth[PL94.query("hhgq").cell_to_answer == 5] = 0
+    truth[:40] = 3
+    y = {q: PL94.query(q).answer(truth)[None, :] + rng.normal(0, 1.4, (1, PL94.query(q).n_answers))
+         for q in PL94.query_names}
+    lower = np.zeros((1, 8), dtype=np.int64)
+    lower[0, 5] = truth.sum() + 7  # more facilities than the (exact) total allows
+    root, d = solve_root(PL94, y, v, total=int(truth.sum()), lower=lower)
+    assert root.sum() == truth.sum()
+    assert d.relaxed_constraints >= 1 and d.fallbacks == 1
+    assert PL94.query("hhgq").answer(root)[5] == truth.sum()  # bound lowered just to the total
+
+
+def test_unrealisable_pass_one_totals_fall_back_to_one_pass():
+    hh = PL94.query("hhgq").cell_to_answer
+    rng = np.random.default_rng(14)
+    truth = np.zeros((3, PL94.n_cells), dtype=np.int64)
+    h_cells = np.flatnonzero((hh == 0) & ~PL94.structural_zero_mask)[:10]
+    g_cells = np.flatnonzero((hh == 5) & ~PL94.structural_zero_mask)[:5]
+    truth[0, g_cells] = 4          # child 0: a college dorm only
+    truth[1, h_cells] = 3          # children 1, 2: households only
+    truth[2, h_cells[:4]] = 5
+    v = {q: 1.0 for q in PL94.query_names}
+    y = {q: PL94.query(q).answer(truth) + rng.normal(0, 1, (3, PL94.query(q).n_answers))
+         for q in PL94.query_names}
+    y["total"][:, 0] = [5.0, 45.0, 20.0]  # noisy totals no arrangement of the parent can meet
+    lower = np.zeros((3, 8), dtype=np.int64)
+    lower[0, 5] = 1
+    zero = np.zeros((3, 8), dtype=bool)
+    zero[0, 0] = True
+    zero[1:, 5] = True
+    zero[:, [1, 2, 3, 4, 6, 7]] = True
+    from pipeline.postprocess import ParentProblem
+
+    prob = ParentProblem(PL94, truth.sum(axis=0), y, v, lower=lower, zero_answers=zero, label="mp")
+    N, st = solve_parent(prob, SolveOptions(multipass=True))
+    assert st.multipass_fallback == 1
+    assert (N.sum(axis=0) == prob.parent).all()
+    assert N[0, g_cells].sum() == 20 and N[1:, g_cells].sum() == 0  # zeros and bounds hold
