@@ -40,6 +40,8 @@ class L2Objective:
         names = self.queries + ((prob.bound_query,) if lower is not None else ())
         self.sys = QuerySystem(prob.spec, self.domain, tuple(dict.fromkeys(names)))
         self.allowed = prob.allowed(self.domain)
+        # masking costs several passes per projection: skip it when every entry is allowed
+        self._mask = None if self.allowed.all() else self.allowed
         live = self.allowed.any(axis=0)  # cells that may be non-zero for some child
         self.w: dict[str, np.ndarray] = {}  # per-answer weights (n_local,)
         self.y: dict[str, np.ndarray] = {}  # (k, n_local), 0 where unmeasured
@@ -107,7 +109,7 @@ class L2Objective:
     def project(self, V: np.ndarray) -> np.ndarray:
         """Euclidean projection onto C1 (non-negativity, zeros, per-cell parent sums)."""
         if self.consistency:
-            return project_columns_sort(V, self.p, self.allowed)[0]
+            return project_columns_sort(V, self.p, self._mask)[0]
         return np.where(self.allowed, np.maximum(V, 0.0), 0.0)
 
     def bound_answer(self, X: np.ndarray) -> np.ndarray:
