@@ -120,6 +120,8 @@ def test_experiment_end_to_end(tmp_path):
     assert sorted(p.name for p in (exp / "runs").iterdir()) == ["base"]
     # the dataset's own ledger was never touched
     assert not (tmp_path / "runs" / "ledger.sqlite").exists()
+    with pytest.raises(ExperimentError, match="already exists"):
+        run_experiment(cfg, trials=1, out_dir=exp)
 
 
 def test_review_of_a_real_run_stays_out_of_the_release(tmp_path):

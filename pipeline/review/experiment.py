@@ -170,7 +170,9 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
     cfg_raw = cfg.model_dump(mode="json", exclude={"source_path"})
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     exp_dir = Path(out_dir) if out_dir else cfg.output.runs_dir / "experiments" / f"{cfg.dataset_id}-{stamp}"
-    exp_dir.mkdir(parents=True, mode=0o700, exist_ok=False)
+    if exp_dir.exists():
+        raise ExperimentError(f"--out {exp_dir}: already exists; experiments never overwrite")
+    exp_dir.mkdir(parents=True, mode=0o700)
     os.chmod(exp_dir, 0o700)
     settings = make_settings(cfg.privacy.strategy, cfg.privacy.delta, rhos, strategies, exp_dir / "strategies")
     t0 = time.perf_counter()
