@@ -99,9 +99,9 @@ def hierarchy(seed: int = 0, fanout=(2, 2, 2, 3, 4), spec: HistogramSpec = PL94,
     level_fac = [fac]
     level_hu = [housing]
     for ptr in reversed(ptrs):
-        seg = np.repeat(np.arange(ptr.size - 1), np.diff(ptr))
-        agg = lambda x: np.add.reduceat(x, ptr[:-1], axis=0) if x.shape[0] else x  # noqa: E731
-        del seg
+        def agg(x, ptr=ptr):  # every parent has >= 1 child, so reduceat sums its children
+            return np.add.reduceat(x, ptr[:-1], axis=0)
+
         level_truth.insert(0, agg(level_truth[0]))
         level_fac.insert(0, agg(level_fac[0]))
         level_hu.insert(0, agg(level_hu[0]))
