@@ -136,6 +136,8 @@ def admm(
     U = np.zeros_like(Z)
     if has_low:
         W = np.maximum(obj.bound_answer(Z), obj.lower)
+        if obj.upper is not None:
+            W = np.minimum(W, obj.upper)
         U2 = np.zeros_like(W)
     f, gap, spread, infeas = np.inf, np.inf, np.inf, np.inf
     it = 0
@@ -151,9 +153,13 @@ def admm(
         if has_low:
             GXh = relax * obj.bound_answer(X) + (1.0 - relax) * W
             W = np.maximum(GXh + U2, obj.lower)
+            if obj.upper is not None:
+                W = np.minimum(W, obj.upper)
             U2 += GXh - W
         if it % check_every == 0 or it == max_iter:
             nu = np.maximum(-rho * U2, 0.0) if has_low else None
+            if nu is not None and obj.upper is not None:
+                nu[obj.upper == 0.0] = 0.0  # forced-zero answers: Z is 0 there already
             f, gap, spread = obj.certificate(Z, alpha, nu)
             infeas = obj.infeasibility(Z)
             if gap <= tol * max(f, 1e-300) and infeas <= feas_tol:

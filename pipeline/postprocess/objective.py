@@ -37,7 +37,14 @@ class L2Objective:
         self.domain = np.asarray(domain, dtype=np.int64)
         self.n = self.domain.size
         self.queries = tuple(queries)
-        names = self.queries + ((prob.bound_query,) if lower is not None else ())
+        # per-child zeros on the bound query also go into the G X = W splitting when child
+        # totals are held: the x-step then sees them (otherwise only the z-step does, and the
+        # held totals converge slowly)
+        zero_split = (totals is not None and prob.zero_answers is not None
+                      and prob.allowed_mask is None and prob.zero_query == prob.bound_query
+                      and bool(np.any(prob.zero_answers)))
+        split = lower is not None or zero_split
+        names = self.queries + ((prob.bound_query,) if split else ())
         self.sys = QuerySystem(prob.spec, self.domain, tuple(dict.fromkeys(names)))
         self.allowed = prob.allowed(self.domain)
         # masking costs several passes per projection: skip it when every entry is allowed
@@ -68,9 +75,14 @@ class L2Objective:
         self.consistency = prob.has_parent
         self.totals = None if totals is None else np.asarray(totals, dtype=np.float64)
         self.lower = None
-        if lower is not None:
+        self.upper = None
+        if split:
             t = self.sys.terms[prob.bound_query]
-            self.lower = np.asarray(lower, dtype=np.float64)[:, t.answers]
+            self.lower = (np.zeros((self.k, t.n_local)) if lower is None
+                          else np.asarray(lower, dtype=np.float64)[:, t.answers])
+            if zero_split:
+                z = np.asarray(prob.zero_answers, dtype=bool)[:, t.answers]
+                self.upper = np.where(z, 0.0, np.inf)
         self.mu = 0.0  # strong-convexity modulus of f on the domain, set by the solver
 
     def uniform_weights(self) -> dict[str, float] | None:
