@@ -28,7 +28,6 @@ the measurement contract, so a file carrying any extra (e.g. true) column cannot
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import secrets
 import shutil
@@ -41,6 +40,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from pipeline.io import sha256_file  # noqa: F401  (re-exported: verify and tests use it)
 from pipeline.checks import CheckFailure, Invariants, run_checks
 
 if TYPE_CHECKING:
@@ -138,14 +138,6 @@ def variances_from_privacy(privacy: Mapping[str, Any]) -> dict[str, dict[str, di
     return {kind: {lv: {q: float(discrete_gaussian_variance(1 / Fraction(r))) for q, r in qs.items()}
                    for lv, qs in run["rho_by_level_query"].items()}
             for kind, run in privacy["runs"].items()}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, Any]:
