@@ -58,7 +58,9 @@ def privacy_markdown(privacy: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Total rho = {privacy['rho']} (~{float(Fraction(privacy['rho'])):.4f}); "
                  f"epsilon = {float(Fraction(privacy['epsilon']['cks2020'])):.2f} at delta = {privacy['delta']} "
-                 "(zCDP to (epsilon, delta) conversion of Canonne, Kamath & Steinke 2020).")
+                 "(zCDP to (epsilon, delta) conversion of Canonne, Kamath & Steinke 2020); "
+                 f"{float(Fraction(privacy['epsilon']['pld'])):.2f} from the privacy-loss distribution "
+                 "of the composed discrete Gaussian mechanisms.")
     return "\n".join(lines)
 
 

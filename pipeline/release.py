@@ -101,19 +101,27 @@ def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-1
 
     ``strategies`` maps a run kind (``persons``, ``units``) to its Strategy. ρ values are exact
     fraction strings; ε is the CKS 2020 bound (and the loose textbook bound) at ``delta``,
-    rounded up, for each run and for their composition (ρ adds up under zCDP).
+    rounded up, for each run and for their composition (ρ adds up under zCDP); ``pld`` is the
+    tighter ε from the privacy-loss distribution of the composed discrete Gaussians actually
+    used (``pipeline.privacy.pld``, also rounded up).
     """
-    from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
+    from collections import Counter
 
-    runs, total = {}, Fraction(0)
+    from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
+    from pipeline.privacy.pld import composed_dg_epsilon, strategy_shifts
+
+    runs, total, shifts = {}, Fraction(0), Counter()
     for kind, s in strategies.items():
         by: dict[str, dict[str, str]] = {}
         for (lv, q), r in s.rho_by_level_query().items():
             by.setdefault(lv, {})[q] = _frac(r)
         rho = s.total_rho
         total += rho
+        run_shifts = strategy_shifts(s)
+        shifts.update(run_shifts)
         runs[kind] = {"strategy": s.name, "spec": s.spec, "rho": _frac(rho),
-                      "epsilon": {"cks2020": _frac(cks_epsilon(rho, delta)), "loose": _frac(loose_epsilon(rho, delta))},
+                      "epsilon": {"cks2020": _frac(cks_epsilon(rho, delta)), "loose": _frac(loose_epsilon(rho, delta)),
+                                  "pld": _frac(composed_dg_epsilon(run_shifts, delta))},
                       "rho_by_level_query": by}
     return {
         "definition": "zero-concentrated differential privacy (rho-zCDP), converted to (epsilon, delta)-DP",
@@ -121,7 +129,8 @@ def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-1
         "mechanism": "exact discrete Gaussian noise, sigma^2 = 1/rho per query",
         "delta": str(delta),
         "rho": _frac(total),
-        "epsilon": {"cks2020": _frac(cks_epsilon(total, delta)), "loose": _frac(loose_epsilon(total, delta))},
+        "epsilon": {"cks2020": _frac(cks_epsilon(total, delta)), "loose": _frac(loose_epsilon(total, delta)),
+                    "pld": _frac(composed_dg_epsilon(shifts, delta))},
         "runs": runs,
     }
 
