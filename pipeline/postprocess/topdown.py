@@ -9,6 +9,7 @@ solve (``checks.verify_children``); a violation raises :class:`PostprocessError`
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -108,6 +109,19 @@ def _solve_range(args) -> tuple[np.ndarray, LevelDiagnostics]:
     return out, diag
 
 
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """Workers come from a fork server, not a fork of this process.
+
+    This process may run threads (a Prefect task runner, its API client, a logging handler);
+    forking a threaded process can deadlock the child on a lock held at fork time
+    (PrefectHQ/prefect#19112). The fork server is a clean single-threaded process that has
+    imported this module once, so each worker still starts in milliseconds.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def _ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
     """Split parents into contiguous ranges of roughly equal work (children x 1)."""
     n = child_ptr.size - 1
@@ -143,7 +157,7 @@ def solve_level(
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
                 results = list(pool.map(_solve_range, jobs))
         finally:
             for k, v in old.items():
