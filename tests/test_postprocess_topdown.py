@@ -197,3 +197,27 @@ def test_unrealisable_pass_one_totals_fall_back_to_one_pass():
     assert st.multipass_fallback == 1
     assert (N.sum(axis=0) == prob.parent).all()
     assert N[0, g_cells].sum() == 20 and N[1:, g_cells].sum() == 0  # zeros and bounds hold
+
+
+def _solve_in_child(batch, queue):
+    out, _ = solve_level(batch, workers=2, chunks_per_worker=2)
+    queue.put(out)
+
+
+def test_pool_request_inside_a_daemonic_process_solves_serially():
+    """A Dask worker (daemonic under its nanny) may not start children: same result, no pool."""
+    import multiprocessing as mp
+
+    levels, _ = hierarchy(seed=2, fanout=(2, 2, 1, 2, 3))
+    a, _ = run_topdown(PL94, levels)
+    lev = levels[-1]
+    batch = LevelBatch(PL94, a["block_group"], lev.child_ptr, lev.targets, lev.variances,
+                       lev.totals, lev.lower, lev.zero_answers)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_solve_in_child, args=(batch, queue), daemon=True)
+    proc.start()
+    out = queue.get(timeout=120)
+    proc.join(60)
+    assert proc.exitcode == 0
+    np.testing.assert_array_equal(out, a["block"])

@@ -150,7 +150,8 @@ def solve_level(
     diag = LevelDiagnostics(level)
     ranges = _ranges(batch.child_ptr, max(1, workers * chunks_per_worker) if workers > 1 else 1)
     out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
-    if workers > 1 and len(ranges) > 1:
+    # a daemonic process (a Dask worker under its nanny) may not start children: solve here
+    if workers > 1 and len(ranges) > 1 and not multiprocessing.current_process().daemon:
         # ship each worker only its parents' rows
         jobs = [(batch.slice(s, e), 0, e - s, options, level) for s, e in ranges]
         env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
