@@ -5,9 +5,20 @@ Exit status: 0 success, 2 invalid input or configuration (nothing later runs), 1
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Differentially private tabulation.")
+
+
+def _fail(exc: Exception) -> NoReturn:
+    """Print an error and exit with its status: 2 for input, configuration and budget errors
+    (their classes carry ``exit_status = 2``: nothing later ran), 1 for anything else."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]{type(exc).__name__}:[/red] {exc}")
+    raise typer.Exit(getattr(exc, "exit_status", 1))
 
 
 @app.command("run")
@@ -23,7 +34,6 @@ def run_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.config import ConfigError
     from pipeline.run import run_job_for_cli
 
     if config is None and resume is None:
@@ -32,13 +42,8 @@ def run_cmd(
     try:
         summary = run_job_for_cli(config, resume, flow=flow, task_runner=task_runner,
                                   dask_address=dask_address, progress=not quiet)
-    except ConfigError as exc:
-        console.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2)
-    except Exception as exc:  # input and budget errors carry their own exit status
-        status = getattr(exc, "exit_status", 1)
-        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
-        raise typer.Exit(status)
+    except Exception as exc:  # input, configuration and budget errors carry exit status 2
+        _fail(exc)
     table = Table(title="dptab run summary", show_header=False)
     for k, v in summary.items():
         table.add_row(k, str(v))
@@ -216,16 +221,12 @@ def review_cmd(
 
     Prints only the paths written: the truth-based figures stay in the run directory.
     """
-    from rich.console import Console
-
     from pipeline.review.runner import review_run_dir
 
-    console = Console()
     try:
         report = review_run_dir(run_dir, experiment=experiment)
     except Exception as exc:  # missing files and bad run directories carry exit status 2
-        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
-        raise typer.Exit(getattr(exc, "exit_status", 1))
+        _fail(exc)
     typer.echo(f"metrics: {report.parent / 'metrics.parquet'}")
     typer.echo(f"report:  {report}")
 
@@ -241,21 +242,13 @@ def experiment_cmd(
     seed: int = typer.Option(20_200_401, "--seed", help="base seed (trial t uses seed + 1 + t)"),
 ) -> None:
     """Repeat noise + post-processing N times on the same histograms; mean ± sd per metric."""
-    from rich.console import Console
-
-    from pipeline.config import ConfigError
     from pipeline.review.experiment import run_experiment
 
-    console = Console()
     try:
         exp = run_experiment(config, trials, rhos=rho or None, strategies=strategy or None,
                              workers=workers, out_dir=out, seed=seed)
-    except ConfigError as exc:
-        console.print(f"[red]invalid configuration:[/red] {exc}")
-        raise typer.Exit(2)
     except Exception as exc:
-        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
-        raise typer.Exit(getattr(exc, "exit_status", 1))
+        _fail(exc)
     typer.echo(f"experiment: {exp}")
     typer.echo(f"report:     {exp / 'report.html'}")
 
@@ -279,8 +272,7 @@ def eval_data_cmd(
     try:
         paths = write_ri2010(out, source or DEFAULT_SOURCE, seed=seed)
     except Exception as exc:
-        console.print(f"[red]{type(exc).__name__}:[/red] {exc}")
-        raise typer.Exit(getattr(exc, "exit_status", 1))
+        _fail(exc)
     for k, p in paths.items():
         typer.echo(f"{k}: {p}")
 

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class ConfigError(ValueError):
     """The run configuration is invalid (maps to CLI exit status 2)."""
 
+    exit_status = 2
+
 
 class InputsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -14,7 +14,6 @@ re-entered shard re-reads its measurements instead of drawing new ones.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import RunConfig, load_config
-from pipeline.rundir import RunDir, RunDirError, new_run_id
+from pipeline.rundir import RunDir, new_run_id
 from pipeline.spec import HistogramSpec, load_spec
 
 RUN_KINDS = ("persons", "units")
@@ -177,8 +176,6 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
     ctx = RunContext.load(run_dir)
     if ctx.rd.is_done("inputs"):
         return ctx.rd.done_info("inputs") or {}
-    import polars as pl
-
     from pipeline.geography import Geography
     from pipeline.histograms import build_person_histograms, build_unit_counts
     from pipeline.io import validate_inputs, write_parquet_atomic
@@ -204,7 +201,7 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
     return info
 
 
-def _unit_counts_frame(u) -> "pl.DataFrame":
+def _unit_counts_frame(u) -> Any:
     import polars as pl
 
     cols = {"housing_units": u.housing_units, "occupied": u.occupied}
