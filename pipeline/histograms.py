@@ -135,7 +135,8 @@ class SparseHistogram:
         table = table.replace_schema_metadata(meta)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            pq.write_table(table, tmp, compression="zstd")
+            # row groups of 1 Mi entries: a shard's unit range reads only the groups it needs
+            pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -143,11 +144,16 @@ class SparseHistogram:
             tmp.unlink(missing_ok=True)
 
     @classmethod
-    def from_parquet(cls, path: str | Path) -> "SparseHistogram":
-        """Read a file written by :meth:`to_parquet` (HistogramError naming the file if it is not one)."""
+    def from_parquet(cls, path: str | Path, units: tuple[int, int] | None = None) -> "SparseHistogram":
+        """Read a file written by :meth:`to_parquet` (HistogramError naming the file if it is not one).
+
+        ``units=(start, stop)`` reads only the entries of units ``start:stop`` (unit indices stay
+        global, ``n_units`` unchanged), skipping row groups outside the range.
+        """
         path = Path(path)
+        filters = None if units is None else [("unit", ">=", int(units[0])), ("unit", "<", int(units[1]))]
         try:
-            table = pq.read_table(path)
+            table = pq.read_table(path, filters=filters)
         except (OSError, pa.ArrowException) as exc:
             raise HistogramError(f"{path}: not a readable Parquet histogram ({exc})") from exc
         meta = table.schema.metadata or {}

@@ -35,10 +35,12 @@ class ConsistencyError(RuntimeError):
     """A merged level does not add up to its parent level (a bug: the run stops)."""
 
 
-def truth_histogram(ctx: "RunContext", kind: str, level: str) -> SparseHistogram:
-    """The confidential true histogram of one level (persons: 2016 cells; units: vacant/occupied)."""
+def truth_histogram(ctx: "RunContext", kind: str, level: str,
+                    units: tuple[int, int] | None = None) -> SparseHistogram:
+    """The confidential true histogram of one level (persons: 2016 cells; units: vacant/occupied);
+    ``units=(start, stop)`` reads only that range of units (indices stay global)."""
     if kind == "persons":
-        return SparseHistogram.from_parquet(ctx.rd.root / "histograms" / f"persons_{level}.parquet")
+        return SparseHistogram.from_parquet(ctx.rd.root / "histograms" / f"persons_{level}.parquet", units)
     from pipeline.run import load_unit_counts
 
     u = load_unit_counts(ctx, level)
@@ -46,9 +48,10 @@ def truth_histogram(ctx: "RunContext", kind: str, level: str) -> SparseHistogram
     return SparseHistogram.from_dense(level, dense)
 
 
-def published_histogram(ctx: "RunContext", kind: str, level: str) -> SparseHistogram:
-    """The post-processed (published) integer histogram of a finished level."""
-    return SparseHistogram.from_parquet(ctx.rd.root / "solved" / f"{kind}_{level}.parquet")
+def published_histogram(ctx: "RunContext", kind: str, level: str,
+                        units: tuple[int, int] | None = None) -> SparseHistogram:
+    """The post-processed (published) integer histogram of a finished level (optionally a unit range)."""
+    return SparseHistogram.from_parquet(ctx.rd.root / "solved" / f"{kind}_{level}.parquet", units)
 
 
 def _child_constraints(ctx: "RunContext", kind: str, level: str, c0: int, c1: int,
@@ -90,7 +93,6 @@ def solve_shard(ctx: "RunContext", kind: str, level: str, shard: int, bounds: np
     levels = ctx.geography.levels
     i = ctx.level_names.index(level)
     lv = levels[i]
-    truth = truth_histogram(ctx, kind, level)
     if i == 0:
         a, b, c0, c1 = 0, 1, 0, 1
         parent_hist = parent_of = None
@@ -98,8 +100,9 @@ def solve_shard(ctx: "RunContext", kind: str, level: str, shard: int, bounds: np
         plv = levels[i - 1]
         a, b = int(bounds[shard]), int(bounds[shard + 1])
         c0, c1 = int(plv.child_ptr[a]), int(plv.child_ptr[b])
-        parent_hist = published_histogram(ctx, kind, plv.name)
+        parent_hist = published_histogram(ctx, kind, plv.name, (a, b))
         parent_of = lv.parent[c0:c1]
+    truth = truth_histogram(ctx, kind, level, (c0, c1))
     measure_path.parent.mkdir(parents=True, exist_ok=True)
     m = measure_shard(measure_path, truth, spec, strategy, level, c0, c1, ctx.source(kind, level, shard),
                       parent=parent_hist, parent_of=parent_of, full=ctx.cfg.privacy.full_measurements)
