@@ -6,13 +6,13 @@ import scipy.optimize
 import scipy.sparse as sp
 
 from postprocess_cases import PL94, random_parent
-from pipeline.postprocess.parent import SolveOptions, _l2
-from pipeline.postprocess.diagnostics import ParentStats
+from pipeline.postprocess.parent import SolveOptions, prepare_parent, solve_least_squares
 from pipeline.postprocess.rounding import SNAP, controlled_round, largest_remainder
 
 
 def _l2_solution(prob):
-    return _l2(prob, tuple(prob.targets), None, prob.lower_bounds(), SolveOptions(), ParentStats())
+    opts = SolveOptions()
+    return solve_least_squares([prepare_parent(prob, opts)], opts)[0]
 
 
 def _chain_cost(spec, N, X, chain, totals=False):

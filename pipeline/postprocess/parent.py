@@ -20,7 +20,8 @@ import numpy as np
 from pipeline.postprocess.checks import verify_children
 from pipeline.postprocess.diagnostics import ParentStats
 from pipeline.postprocess.feasibility import is_feasible, relax_constraints
-from pipeline.postprocess.least_squares import admm, choose_inverse
+from pipeline.postprocess.batched_admm import admm_batch
+from pipeline.postprocess.least_squares import L2Result, admm, choose_inverse
 from pipeline.postprocess.objective import L2Objective
 from pipeline.postprocess.problem import ParentProblem, PostprocessError
 from pipeline.postprocess.projection import project_capped_simplex
@@ -37,8 +38,9 @@ class SolveOptions:
     within an optimised tolerance plus 0.1); ``multipass``: solve
     ``total`` alone first (2020 ordering for state, county, tract, block-group children);
     ``chain``: rounder chain (default ``spec.rounder_chain``); ``kron_min_cells``: free-set size
-    from which the full-grid Kronecker x-step is used; ``batched``: solve eligible parents
-    (no exact/held totals) together with batched FISTA, ``batch_size`` parents at a time.
+    from which the full-grid Kronecker x-step is used; ``batched``: solve parents with at
+    most ``batch_max_cells`` free cells together by batched ADMM, up to ``batch_size`` parents
+    and ``batch_max_bytes`` of per-batch eigenvectors (P x n x n float64) at a time.
     """
 
     tol: float = 1e-9
@@ -49,78 +51,44 @@ class SolveOptions:
     kron_min_cells: int = 600
     batched: bool = True
     batch_size: int = 64
+    batch_max_cells: int = 400
+    batch_max_bytes: int = 64 << 20
 
 
-def _l2(prob: ParentProblem, queries: tuple[str, ...], totals, lower, opts: SolveOptions, st: ParentStats):
-    """One least-squares pass; returns X (k, n_cells).
+@dataclasses.dataclass
+class Prepared:
+    """A parent ready for least squares: constraints made feasible, pass-1 totals fixed.
 
-    Lower bounds are usually inactive at the optimum, so the pass is first solved without them
-    (no splitting variable, far fewer iterations); if that optimum meets the bounds it is also
-    the optimum with them, otherwise the pass is re-solved with the bounds.
+    ``prob`` may be a relaxed copy of the input; ``exact``: float ``(k,)`` exact child totals
+    or None; ``totals``: the totals the least squares holds (exact, or pass-1 totals under
+    multipass); ``queries``: the queries of the (last) pass; ``lower``: GQ lower bounds or None;
+    ``shortcut``: int64 children when no least squares is needed (copy / empty / no children).
     """
-    if lower is not None:
-        trial = ParentStats()
-        X = _l2_once(prob, queries, totals, None, opts, trial)
-        G = prob.spec.query(prob.bound_query).answer(X)
-        if trial.certified and (G >= lower - opts.feas_tol).all():
-            st.iterations += trial.iterations
-            for f in ("variables", "uncertified", "dropped_answers"):
-                setattr(st, f, getattr(st, f) + getattr(trial, f))
-            for f in ("gap", "rel_gap", "spread", "infeas"):
-                setattr(st, f, max(getattr(st, f), getattr(trial, f)))
-            st.method = trial.method
-            return X
-        st.iterations += trial.iterations
-    return _l2_once(prob, queries, totals, lower, opts, st)
+
+    prob: ParentProblem
+    st: ParentStats
+    exact: np.ndarray | None = None
+    totals: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    queries: tuple[str, ...] = ()
+    shortcut: np.ndarray | None = None
 
 
-def _l2_once(prob, queries, totals, lower, opts: SolveOptions, st: ParentStats) -> np.ndarray:
-    free = prob.free_cells()
-    domain = free
-    if free.size >= opts.kron_min_cells and free.size < prob.spec.n_cells:
-        full = L2Objective(prob, queries, np.arange(prob.spec.n_cells), totals, lower)
-        obj = full if full.uniform_weights() is not None else None
-    else:
-        obj = None
-    if obj is None:
-        obj = L2Objective(prob, queries, domain, totals, lower)
-    inv, method = choose_inverse(obj, opts.kron_min_cells)
-    res = admm(obj, inv, tol=opts.tol, feas_tol=opts.feas_tol, max_iter=opts.max_iter, method=method)
-    st.variables += int(obj.allowed.sum())
-    st.iterations += res.iterations
-    st.gap = max(st.gap, res.gap)
-    st.rel_gap = max(st.rel_gap, res.gap / max(res.f, 1e-300))
-    st.spread = max(st.spread, res.spread)
-    st.infeas = max(st.infeas, res.infeas)
-    st.method = method
-    st.dropped_answers += obj.dropped
-    if not res.certified:
-        st.certified = False
-        st.uncertified += 1
-    X = np.zeros((prob.k, prob.spec.n_cells))
-    X[:, obj.domain] = res.Z
-    return X
-
-
-def solve_parent(prob: ParentProblem, opts: SolveOptions | None = None) -> tuple[np.ndarray, ParentStats]:
-    """Integer children ``(k, n_cells)`` int64 for one parent, plus its statistics."""
-    opts = opts or SolveOptions()
+def prepare_parent(prob: ParentProblem, opts: SolveOptions) -> Prepared:
+    """Shortcuts, the feasibility fallback and (multipass) the pass-1 child totals."""
     spec = prob.spec
     st = ParentStats()
     k = prob.k
-    N = np.zeros((k, spec.n_cells), dtype=np.int64)
     if k == 0:
         st.shortcut = "no-children"
-        return N, st
-    if prob.has_parent and k == 1:
-        N[0] = prob.parent
-        st.shortcut = "copy"
+        return Prepared(prob, st, shortcut=np.zeros((0, spec.n_cells), dtype=np.int64))
+    if prob.has_parent and (k == 1 or not np.any(prob.parent)):
+        N = np.zeros((k, spec.n_cells), dtype=np.int64)
+        if k == 1:
+            N[0] = prob.parent
+        st.shortcut = "copy" if k == 1 else "empty"
         verify_children(prob, N, prob.allowed(np.arange(spec.n_cells)), prob.lower_bounds())
-        return N, st
-    if prob.has_parent and not np.any(prob.parent):
-        st.shortcut = "empty"
-        verify_children(prob, N, prob.allowed(np.arange(spec.n_cells)), prob.lower_bounds())
-        return N, st
+        return Prepared(prob, st, shortcut=N)
     exact = None if prob.totals is None else np.asarray(prob.totals, dtype=np.float64)
     if not is_feasible(prob, exact):
         rel = relax_constraints(prob, exact)
@@ -141,16 +109,102 @@ def solve_parent(prob: ParentProblem, opts: SolveOptions | None = None) -> tuple
             queries = tuple(q for q in queries if q != "total")
         else:
             st.multipass_fallback += 1
-    X = _l2(prob, queries, totals, lower, opts, st)
-    return round_and_verify(prob, X, exact, lower, opts, st), st
+    return Prepared(prob, st, exact, totals, lower, queries)
 
 
-def batch_eligible(prob: ParentProblem, opts: SolveOptions) -> bool:
-    """Whether a parent can go to the batched FISTA path (``batched.solve_batch``): it has a
-    parent and >= 2 children, no exact or held child totals, and feasible constraints."""
-    return (prob.has_parent and prob.k >= 2 and bool(np.any(prob.parent))
-            and prob.totals is None and not (opts.multipass and "total" in prob.targets)
-            and is_feasible(prob, None))
+def objective(prep: Prepared, opts: SolveOptions, with_lower: bool) -> L2Objective:
+    """The pass's objective: on the full grid (Kronecker x-step) for large free sets with
+    uniform weights, else on the free cells."""
+    prob = prep.prob
+    lower = prep.lower if with_lower else None
+    free = prob.free_cells()
+    if opts.kron_min_cells <= free.size < prob.spec.n_cells:
+        full = L2Objective(prob, prep.queries, np.arange(prob.spec.n_cells), prep.totals, lower)
+        if full.uniform_weights() is not None:
+            return full
+    return L2Objective(prob, prep.queries, free, prep.totals, lower)
+
+
+def batchable(prep: Prepared, opts: SolveOptions) -> bool:
+    """Whether the batched ADMM takes this parent: it needs a least-squares solve, has a
+    parent, and its free set is below ``opts.batch_max_cells`` (dense x-step per parent)."""
+    return (prep.shortcut is None and prep.prob.has_parent
+            and prep.prob.free_cells().size <= opts.batch_max_cells)
+
+
+def _record(st: ParentStats, obj: L2Objective, res: L2Result) -> None:
+    st.variables += int(obj.allowed.sum())
+    st.iterations += res.iterations
+    st.gap = max(st.gap, res.gap)
+    st.rel_gap = max(st.rel_gap, res.gap / max(res.f, 1e-300))
+    st.spread = max(st.spread, res.spread)
+    st.infeas = max(st.infeas, res.infeas)
+    st.method = res.method
+    st.dropped_answers += obj.dropped
+    if not res.certified:
+        st.certified = False
+        st.uncertified += 1
+
+
+def _full(prob: ParentProblem, obj: L2Objective, Z: np.ndarray) -> np.ndarray:
+    X = np.zeros((prob.k, prob.spec.n_cells))
+    X[:, obj.domain] = Z
+    return X
+
+
+def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool = False) -> list[np.ndarray]:
+    """Real children ``(k, n_cells)`` for every prepared parent (statistics go to ``prep.st``).
+
+    Lower bounds are usually inactive at the optimum, so every parent is first solved without
+    them (no splitting variable, far fewer iterations); if that optimum is certified and meets
+    the bounds it is also the optimum with them, otherwise the parent is solved again with the
+    bounds. ``batched``: all parents go through :func:`batched_admm.admm_batch` together,
+    else one :func:`least_squares.admm` each.
+    """
+    def run(objs: list[L2Objective]) -> list[L2Result]:
+        if batched:
+            return admm_batch(objs, tol=opts.tol, feas_tol=opts.feas_tol, max_iter=opts.max_iter)
+        out = []
+        for o in objs:
+            inv, method = choose_inverse(o, opts.kron_min_cells)
+            out.append(admm(o, inv, tol=opts.tol, feas_tol=opts.feas_tol,
+                            max_iter=opts.max_iter, method=method))
+        return out
+
+    objs = [objective(p, opts, with_lower=False) for p in preps]
+    X: list[np.ndarray | None] = [None] * len(preps)
+    redo = []
+    for i, (p, o, r) in enumerate(zip(preps, objs, run(objs))):
+        if p.lower is not None:
+            t = o.sys.terms[p.prob.bound_query]
+            G = np.zeros_like(p.lower)
+            G[:, t.answers] = o.sys.answer(t.name, r.Z)
+            if not (r.certified and (G >= p.lower - opts.feas_tol).all()):
+                p.st.iterations += r.iterations  # the trial's work, then solve with bounds
+                redo.append(i)
+                continue
+        _record(p.st, o, r)
+        X[i] = _full(p.prob, o, r.Z)
+    objs = [objective(preps[i], opts, with_lower=True) for i in redo]
+    for i, o, r in zip(redo, objs, run(objs)):
+        _record(preps[i].st, o, r)
+        X[i] = _full(preps[i].prob, o, r.Z)
+    return X  # type: ignore[return-value]
+
+
+def solve_parent(prob: ParentProblem, opts: SolveOptions | None = None) -> tuple[np.ndarray, ParentStats]:
+    """Integer children ``(k, n_cells)`` int64 for one parent, plus its statistics."""
+    opts = opts or SolveOptions()
+    prep = prepare_parent(prob, opts)
+    if prep.shortcut is not None:
+        return prep.shortcut, prep.st
+    X = solve_least_squares([prep], opts)[0]
+    return finish_parent(prep, X, opts), prep.st
+
+
+def finish_parent(prep: Prepared, X: np.ndarray, opts: SolveOptions) -> np.ndarray:
+    """Round and verify the real solution X of a prepared parent."""
+    return round_and_verify(prep.prob, X, prep.exact, prep.lower, opts, prep.st)
 
 
 def round_and_verify(prob: ParentProblem, X: np.ndarray, exact, lower, opts: SolveOptions,

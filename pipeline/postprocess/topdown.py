@@ -18,9 +18,16 @@ from dataclasses import dataclass
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline.postprocess.batched import solve_batch
 from pipeline.postprocess.diagnostics import LevelDiagnostics, ParentStats
-from pipeline.postprocess.parent import SolveOptions, batch_eligible, round_and_verify, solve_parent
+from pipeline.postprocess.parent import (
+    Prepared,
+    SolveOptions,
+    batchable,
+    finish_parent,
+    prepare_parent,
+    solve_least_squares,
+    solve_parent,
+)
 from pipeline.postprocess.problem import LevelBatch, ParentProblem, PostprocessError
 from pipeline.spec import HistogramSpec
 
@@ -54,17 +61,34 @@ def solve_root(
     return N[0], diag
 
 
-def _solve_one(batch: LevelBatch, i: int, options: SolveOptions):
+def _named(batch: LevelBatch, idx: list[int], fn, *args):
+    """Run ``fn(*args)``; any numerical failure names the parent(s) involved."""
     try:
-        return solve_parent(batch.problem(i), options)
+        return fn(*args)
     except PostprocessError:
         raise
-    except Exception as exc:  # any numerical failure names its parent
-        raise PostprocessError(f"parent {batch.label(i)!r}: {exc!r}") from exc
+    except Exception as exc:
+        names = [batch.label(i) for i in idx]
+        what = f"parent {names[0]!r}" if len(names) == 1 else f"batch of parents {names[:5]}..."
+        raise PostprocessError(f"{what}: {exc!r}") from exc
+
+
+def _batches(preps: list[tuple[int, Prepared]], options: SolveOptions) -> list[list[tuple[int, Prepared]]]:
+    """Group batchable parents by free-set size (little padding) under the size caps."""
+    preps = sorted(preps, key=lambda ip: ip[1].prob.free_cells().size)
+    out: list[list[tuple[int, Prepared]]] = []
+    cur: list[tuple[int, Prepared]] = []
+    for ip in preps:
+        n = ip[1].prob.free_cells().size
+        if cur and (len(cur) == options.batch_size or (len(cur) + 1) * n * n * 8 > options.batch_max_bytes):
+            out.append(cur)
+            cur = []
+        cur.append(ip)
+    return out + ([cur] if cur else [])
 
 
 def _solve_range(args) -> tuple[np.ndarray, LevelDiagnostics]:
-    """Parents ``start:stop``: eligible ones through batched FISTA, the rest one by one."""
+    """Parents ``start:stop``: small ones by batched ADMM, large ones one by one."""
     batch, start, stop, options, level = args
     diag = LevelDiagnostics(level)
     a, b = int(batch.child_ptr[start]), int(batch.child_ptr[stop])
@@ -76,36 +100,21 @@ def _solve_range(args) -> tuple[np.ndarray, LevelDiagnostics]:
         diag.add(st, N.shape[0])
 
     with threadpool_limits(1, "blas"):
-        pending: list[int] = []
+        pending: list[tuple[int, Prepared]] = []
         for i in range(start, stop):
-            prob = batch.problem(i)
-            if options.batched and batch_eligible(prob, options):
-                pending.append(i)
+            prep = _named(batch, [i], prepare_parent, batch.problem(i), options)
+            if prep.shortcut is not None:
+                put(i, prep.shortcut, prep.st)
+            elif options.batched and batchable(prep, options):
+                pending.append((i, prep))
             else:
-                put(i, *_solve_one(batch, i, options))
-            if len(pending) == options.batch_size or (i == stop - 1 and pending):
-                probs = [batch.problem(j) for j in pending]
-                try:
-                    Zs, infos = solve_batch(probs, tol=options.tol, max_iter=options.max_iter)
-                except Exception as exc:
-                    raise PostprocessError(
-                        f"batch of parents {[batch.label(j) for j in pending][:5]}...: {exc!r}"
-                    ) from exc
-                for j, pr, Z, info in zip(pending, probs, Zs, infos):
-                    if Z is None:  # bounds violated or not certified: solve it alone
-                        put(j, *_solve_one(batch, j, options))
-                        continue
-                    st = ParentStats(variables=info["variables"], iterations=info["iterations"],
-                                     gap=info["gap"], rel_gap=info["gap"] / max(info["f"], 1e-300),
-                                     method="fista-batch", dropped_answers=info["dropped"])
-                    try:
-                        N = round_and_verify(pr, Z, None, pr.lower_bounds(), options, st)
-                    except PostprocessError:
-                        raise
-                    except Exception as exc:
-                        raise PostprocessError(f"parent {batch.label(j)!r}: {exc!r}") from exc
-                    put(j, N, st)
-                pending = []
+                X = _named(batch, [i], solve_least_squares, [prep], options)[0]
+                put(i, _named(batch, [i], finish_parent, prep, X, options), prep.st)
+        for group in _batches(pending, options):
+            idx = [i for i, _ in group]
+            Xs = _named(batch, idx, solve_least_squares, [p for _, p in group], options, True)
+            for (i, prep), X in zip(group, Xs):
+                put(i, _named(batch, [i], finish_parent, prep, X, options), prep.st)
     return out, diag
 
 

@@ -1,0 +1,172 @@
+"""Batched ADMM: the same optima, certificates and constraints as the one-parent ADMM."""
+
+import numpy as np
+import pytest
+
+from postprocess_cases import PL94, hierarchy, random_parent, reference_qp
+from pipeline.postprocess import LevelBatch
+from pipeline.postprocess.batched_admm import admm_batch
+from pipeline.postprocess.least_squares import DenseInverse, admm
+from pipeline.postprocess.objective import L2Objective
+from pipeline.postprocess.parent import SolveOptions, prepare_parent, solve_least_squares, solve_parent
+from pipeline.postprocess.topdown import _batches, run_topdown, solve_level
+
+
+def _obj(prob, totals=None, lower=None):
+    return L2Objective(prob, tuple(prob.targets), prob.free_cells(), totals, lower)
+
+
+def _mixed_objectives():
+    """Parents of different sizes (padding in k and n), with and without totals and bounds."""
+    objs = []
+    for s, (k, pop, gq, tot, low) in enumerate([
+        (3, 20, False, False, False), (7, 15, True, False, True), (4, 80, False, True, False),
+        (6, 30, True, True, True), (2, 200, True, False, True), (9, 8, False, False, False),
+        (5, 40, True, True, False),
+    ]):
+        prob, truth = random_parent(k=k, pop=pop, seed=60 + s, gq=gq)
+        totals = truth.sum(axis=1).astype(float) if tot else None
+        objs.append(_obj(prob, totals, prob.lower_bounds() if low else None))
+    return objs
+
+
+def test_batch_matches_reference_qp_and_single_admm():
+    objs = _mixed_objectives()
+    results = admm_batch(objs, tol=1e-10)
+    for o, r in zip(objs, results):
+        assert r.certified and r.method == "admm-batch"
+        assert r.Z.shape == (o.k, o.n)
+        _, fref = reference_qp(o)
+        assert abs(r.f - fref) <= 1e-6 * fref
+        one = admm(o, DenseInverse(o), tol=1e-10)
+        assert abs(r.f - one.f) <= 1e-8 * one.f
+        # the certificate is a true bound: f(Z) - f* <= gap
+        assert r.f - fref <= r.gap + 1e-9 * fref
+        assert r.gap <= 1e-10 * r.f
+        # C1-feasible whatever the tolerance: x >= 0, zeros off allowed, parent sums
+        assert (r.Z >= 0).all() and (r.Z[~o.allowed] == 0).all()
+        np.testing.assert_allclose(r.Z.sum(axis=0), o.p, atol=1e-8)
+        assert r.infeas <= 1e-7 and o.infeasibility(r.Z) <= 1e-7
+
+
+def test_batch_result_does_not_depend_on_batch_company():
+    objs = _mixed_objectives()
+    together = admm_batch(objs, tol=1e-10)
+    for o, r in zip(objs, together):
+        alone = admm_batch([o], tol=1e-10)[0]
+        assert abs(alone.f - r.f) <= 1e-8 * r.f
+
+
+def test_held_totals_with_forced_zero_answers_use_the_splitting():
+    # held totals + per-child zero answers: the bound query is split (box [0, 0]) even
+    # without lower bounds, in the batch exactly as in the one-parent solver
+    prob, truth = random_parent(k=6, pop=60, seed=71, gq=True)
+    obj = _obj(prob, truth.sum(axis=1).astype(float))
+    assert obj.upper is not None and obj.lower is not None
+    r = admm_batch([obj], tol=1e-10)[0]
+    _, fref = reference_qp(obj)
+    assert r.certified and abs(r.f - fref) <= 1e-6 * fref
+    zero = np.asarray(prob.zero_answers)[:, obj.sys.terms["hhgq"].answers]
+    assert np.abs(obj.bound_answer(r.Z)[zero]).max(initial=0.0) <= 1e-9
+
+
+def test_hitting_max_iter_is_reported_uncertified():
+    objs = _mixed_objectives()[:3]
+    res = admm_batch(objs, tol=1e-14, max_iter=3, check_every=1)
+    assert all(not r.certified and r.iterations == 3 for r in res)
+    for o, r in zip(objs, res):  # still C1-feasible
+        assert (r.Z >= 0).all()
+        np.testing.assert_allclose(r.Z.sum(axis=0), o.p, atol=1e-8)
+
+
+def test_root_is_refused():
+    prob, _ = random_parent(k=1, pop=20, seed=3)
+    from pipeline.postprocess import ParentProblem
+
+    root = ParentProblem(PL94, None, prob.targets, prob.variances)
+    with pytest.raises(ValueError, match="root"):
+        admm_batch([_obj(root)])
+
+
+@pytest.mark.parametrize("multipass", [False, True])
+def test_batched_least_squares_equals_one_by_one(multipass):
+    probs = [random_parent(k=3 + s % 4, pop=50, seed=80 + s, gq=True)[0] for s in range(8)]
+    opts = SolveOptions(tol=1e-10, multipass=multipass)
+    one = [prepare_parent(p, opts) for p in probs]
+    X1 = solve_least_squares(one, opts, batched=False)
+    many = [prepare_parent(p, opts) for p in probs]
+    X2 = solve_least_squares(many, opts, batched=True)
+    for a, b, x1, x2 in zip(one, many, X1, X2):
+        assert b.st.certified and b.st.method == "admm-batch"
+        assert b.st.rel_gap <= 1e-10
+        # same optimum (f within the certified gaps); solutions close in the strongly convex f
+        assert np.abs(x1 - x2).max() <= 1e-3
+        np.testing.assert_allclose(x2.sum(axis=0), b.prob.parent, atol=1e-8)
+        if b.totals is not None:
+            assert np.abs(x2.sum(axis=1) - b.totals).max() <= opts.feas_tol
+
+
+def test_lower_bounds_violated_without_them_are_re_solved_with_them():
+    prob, _ = random_parent(k=5, pop=10, seed=40, gq=True)
+    low = np.zeros_like(prob.lower)
+    low[0, 0] = prob.parent[PL94.query("hhgq").cell_to_answer == 0].sum()  # all households in child 0
+    prob.lower = low
+    opts = SolveOptions(tol=1e-10)
+    prep = prepare_parent(prob, opts)
+    X = solve_least_squares([prep], opts, batched=True)[0]
+    G = PL94.query("hhgq").answer(X)
+    assert (G >= low - opts.feas_tol).all()
+    ref = solve_least_squares([prepare_parent(prob, opts)], opts)[0]
+    assert np.abs(X - ref).max() <= 1e-3
+
+
+def test_batches_group_by_size_under_the_caps():
+    probs = [random_parent(k=3, pop=5 + 40 * (s % 3), seed=90 + s)[0] for s in range(10)]
+    opts = SolveOptions(batch_size=3, batch_max_bytes=10**9)
+    preps = list(enumerate(prepare_parent(p, opts) for p in probs))
+    groups = _batches(preps, opts)
+    assert sorted(i for g in groups for i, _ in g) == list(range(10))
+    assert all(len(g) <= 3 for g in groups)
+    sizes = [p.prob.free_cells().size for g in groups for _, p in g]
+    assert sizes == sorted(sizes)
+    n_max = max(sizes)
+    cap = 2 * n_max * n_max * 8
+    tight = _batches(preps, SolveOptions(batch_max_bytes=cap))
+    assert sorted(i for g in tight for i, _ in g) == list(range(10))
+    for g in tight:  # P x n_max^2 float64 eigenvectors within the cap
+        n = max(p.prob.free_cells().size for _, p in g)
+        assert len(g) * n * n * 8 <= cap
+    assert any(len(g) == 2 for g in tight if max(p.prob.free_cells().size for _, p in g) == n_max)
+
+
+def test_level_batched_equals_unbatched_and_passes_checks():
+    levels, _ = hierarchy(seed=4, fanout=(2, 2, 3, 3, 5))
+    on, d_on = run_topdown(PL94, levels, SolveOptions(tol=1e-10))
+    off, _ = run_topdown(PL94, levels, SolveOptions(tol=1e-10, batched=False))
+    assert any(d.methods.get("admm-batch") for d in d_on)
+    for name in on:
+        # rounding of equal real solutions: identical, up to ties broken at ~1e-9 differences
+        diff = np.abs(on[name] - off[name]).sum(axis=1)
+        assert (diff <= 2).all(), name
+    for name, nxt in zip(list(on)[:-1], list(on)[1:]):
+        lev = next(lv for lv in levels if lv.name == nxt)
+        assert (np.add.reduceat(on[nxt], lev.child_ptr[:-1], axis=0) == on[name]).all()
+        assert (on[nxt] >= 0).all()
+
+
+def test_solve_level_batched_matches_solve_parent():
+    probs = [random_parent(k=4, pop=60, seed=100 + s, gq=True)[0] for s in range(6)]
+    cat = lambda f: np.concatenate([f(p) for p in probs])  # noqa: E731
+    batch = LevelBatch(PL94, np.stack([p.parent for p in probs]),
+                       np.concatenate([[0], np.cumsum([p.k for p in probs])]),
+                       {q: cat(lambda p: p.targets[q]) for q in probs[0].targets},
+                       probs[0].variances, lower=cat(lambda p: p.lower),
+                       zero_answers=cat(lambda p: p.zero_answers))
+    opts = SolveOptions(tol=1e-10, multipass=True)
+    N, diag = solve_level(batch, opts, level="bg")
+    assert diag.methods.get("admm-batch", 0) == 6 and diag.uncertified == 0
+    for i, p in enumerate(probs):
+        Ni, _ = solve_parent(p, opts)
+        got = N[batch.child_ptr[i]:batch.child_ptr[i + 1]]
+        assert (got.sum(axis=0) == p.parent).all()
+        assert np.abs(got - Ni).sum() <= 2
