@@ -23,6 +23,9 @@ import scipy.sparse as sp
 from pipeline.postprocess.problem import ParentProblem, PostprocessError
 
 
+HALL_MAX_CHILDREN = 12  # up to here the 2^k subset check beats one HiGHS LP
+
+
 @dataclass
 class Relaxation:
     """Effective constraints after the fallback: ``allowed`` (k, n_cells) and ``lower``."""
@@ -114,6 +117,36 @@ def _feasible_by_group(prob: ParentProblem) -> bool:
     return not ((P > 0) & zero.all(axis=0)).any()
 
 
+def _feasible_by_hall(prob: ParentProblem, totals: np.ndarray, tol: float = 1e-9) -> bool:
+    """Exact check with child totals when zeros and bounds are on one query's answers.
+
+    Shift the bounds out (child c takes ``l_cg`` of answer g first): the rest is a
+    transportation problem with supplies ``P_g - sum_c l_cg``, demands ``t_c - sum_g l_cg`` and
+    uncapped allowed pairs (c, g), so by Hall's theorem it is feasible iff supplies and demands
+    are non-negative with equal sums and every set S of children demands no more than the
+    supply of the answers some child of S may take. Enumerates the ``2^k`` sets (small k).
+    """
+    spec = prob.spec
+    c2a = spec.query(prob.bound_query).cell_to_answer
+    na = spec.query(prob.bound_query).n_answers
+    supply = np.bincount(c2a, weights=prob.parent_float(), minlength=na)
+    zero = (np.zeros((prob.k, na), dtype=bool) if prob.zero_answers is None
+            else np.asarray(prob.zero_answers, dtype=bool))
+    low = prob.lower_bounds()
+    low = np.zeros((prob.k, na)) if low is None else low
+    supply = supply - low.sum(axis=0)
+    demand = np.asarray(totals, dtype=np.float64) - low.sum(axis=1)
+    if ((low > 0) & zero).any() or (supply < -tol).any() or (demand < -tol).any():
+        return False
+    if abs(supply.sum() - demand.sum()) > tol * max(1.0, supply.sum()):
+        return False
+    k = prob.k
+    sets = (np.arange(1, 1 << k)[:, None] >> np.arange(k)[None, :]) & 1  # (2^k - 1, k)
+    reach = (sets @ (~zero).astype(np.int64)) > 0  # answers some child of the set may take
+    need = sets @ demand
+    return bool((need <= reach @ np.maximum(supply, 0.0) + tol * max(1.0, supply.sum())).all())
+
+
 def is_feasible(prob: ParentProblem, totals: np.ndarray | None = None) -> bool:
     """Whether the child constraints (and ``totals`` (k,) if given) admit a solution."""
     if not prob.has_parent:
@@ -121,8 +154,11 @@ def is_feasible(prob: ParentProblem, totals: np.ndarray | None = None) -> bool:
         return totals is None or low is None or low.sum() <= float(totals[0]) + 1e-9
     if prob.k == 0 or _trivially_feasible(prob, totals):
         return True
-    if totals is None and prob.allowed_mask is None and prob.zero_query == prob.bound_query:
-        return _feasible_by_group(prob)
+    if prob.allowed_mask is None and prob.zero_query == prob.bound_query:
+        if totals is None:
+            return _feasible_by_group(prob)
+        if prob.k <= HALL_MAX_CHILDREN:
+            return _feasible_by_hall(prob, totals)
     res, _ = _transport_lp(prob, totals, relax=False)
     return res.status == 0
 
