@@ -41,9 +41,13 @@ class QuerySystem:
         self.domain = np.asarray(domain, dtype=np.int64)
         self.terms: dict[str, QueryTerm] = {}
         for n in names:
-            c2a = spec.query(n).cell_to_answer[self.domain]
-            answers, ans = np.unique(c2a, return_inverse=True)
-            self.terms[n] = QueryTerm(n, ans.astype(np.int64), answers.astype(np.int64))
+            q = spec.query(n)
+            c2a = q.cell_to_answer[self.domain]
+            # compress answer ids by a mark-and-count table: O(n_answers), no sort
+            mark = np.zeros(q.n_answers, dtype=bool)
+            mark[c2a] = True
+            lut = np.cumsum(mark, dtype=np.int64) - 1
+            self.terms[n] = QueryTerm(n, lut[c2a], np.flatnonzero(mark).astype(np.int64))
 
     @property
     def n(self) -> int:
@@ -73,11 +77,12 @@ class QuerySystem:
         y = np.asarray(y, dtype=np.float64)
         yl = y[:, t.answers]
         m = np.isfinite(yl)
-        off = np.ones(y.shape[1], dtype=bool)
-        off[t.answers] = False
-        yo = y[:, off]
-        const = float(np.sum(np.where(np.isfinite(yo), yo, 0.0) ** 2))
-        return np.where(m, yl, 0.0), m, const
+        yl = np.where(m, yl, 0.0)
+        # off-domain part = all measured answers minus the domain's (no gather of the rest)
+        ya = np.where(np.isfinite(y), y, 0.0).ravel()
+        ylr = yl.ravel()
+        const = max(float(np.einsum("i,i->", ya, ya)) - float(np.einsum("i,i->", ylr, ylr)), 0.0)
+        return yl, m, const
 
 
 def dense_normal_matrix(
