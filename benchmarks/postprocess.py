@@ -2,10 +2,13 @@
 
 Parents are synthetic (sparse Dirichlet populations, GQ facilities) shaped like each level,
 with the 2020 production variances of ``schemas/strategies/census2020_pl94.yaml``
-(sigma^2 = 1 / (2 rho_q)). For each parent: time of our L2 stage (median of 3), of the full
-parent solve (L2 + rounding + checks), OSQP and Clarabel on the lifted QP (the formulation
-the 2020 DAS gave Gurobi) with a time limit, and the objective gap of every solution to the
-best certified lower bound ``f_ours - gap_ours``. Last line: JSON summary.
+(sigma^2 = 1 / (2 rho_q)). Per level shape, our time per parent exactly as production runs
+it (median of 3): the L2 stage including preparation (feasibility, multipass pass-1 totals;
+batched ADMM at the block and block-group shapes, as ``solve_level`` does), and the whole
+parent solve (L2 + rounding + checks) through ``solve_level``. OSQP and Clarabel solve the
+same QPs one parent at a time, lifted (the formulation the 2020 DAS gave Gurobi), with a time
+limit; every solution's objective is compared to the best certified lower bound
+``f_ours - gap_ours``. Last line: JSON summary.
 
     .venv/bin/python benchmarks/postprocess.py --quick      # < 5 minutes
     .venv/bin/python benchmarks/postprocess.py              # adds a county with 3,000 tracts
@@ -32,12 +35,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from postprocess_cases import random_parent  # noqa: E402
 
-from pipeline.postprocess.least_squares import admm, choose_inverse  # noqa: E402
 from pipeline.postprocess.objective import L2Objective  # noqa: E402
-from pipeline.postprocess.parent import SolveOptions, solve_parent  # noqa: E402
+from pipeline.postprocess.parent import (  # noqa: E402
+    SolveOptions, batchable, objective, prepare_parent, solve_least_squares, solve_parent)
 from pipeline.postprocess.problem import LevelBatch, PostprocessError  # noqa: E402
-from pipeline.postprocess.batched import solve_batch  # noqa: E402
-from pipeline.postprocess.topdown import solve_level  # noqa: E402
+from pipeline.postprocess.topdown import _batches, solve_level  # noqa: E402
 
 US_BLOCK_GROUPS = 239_780  # parents at the block level (2020 Census block groups)
 
@@ -134,29 +136,24 @@ def run_clarabel(obj, qp, time_limit):
     return secs, _unlift(obj, qp, np.asarray(sol.x)), str(sol.status)
 
 
-def ours_l2(prob, opts, lower="auto"):
-    """Our L2 stage as production runs it: without the GQ bounds first (optimal if they hold),
-    with them (ADMM splitting) otherwise."""
-    low = prob.lower_bounds()
-    if lower == "auto" and low is not None:
-        obj, res = ours_l2(prob, opts, lower=None)
-        if (prob.spec.query(prob.bound_query).answer(_full(prob, obj, res.Z)) >= low - 1e-7).all():
-            return obj, res
-    use = low if lower == "auto" else None
-    obj = L2Objective(prob, tuple(prob.targets), prob.free_cells(), None, use)
-    if prob.free_cells().size >= opts.kron_min_cells:
-        full = L2Objective(prob, tuple(prob.targets), np.arange(prob.spec.n_cells), None, use)
-        if full.uniform_weights() is not None:
-            obj = full
-    inv, method = choose_inverse(obj, opts.kron_min_cells)
-    res = admm(obj, inv, tol=opts.tol, feas_tol=opts.feas_tol, max_iter=opts.max_iter, method=method)
-    return obj, res
-
-
-def _full(prob, obj, Z):
-    X = np.zeros((prob.k, prob.spec.n_cells))
-    X[:, obj.domain] = Z
-    return X
+def ours_l2(probs, opts, batched):
+    """Our least-squares stage exactly as production runs it (``solve_least_squares``: without
+    the GQ bounds first, with them where violated), batched by free-set size when ``batched``.
+    Returns per parent (objective of the full problem, real solution on its domain, stats)."""
+    preps = [prepare_parent(p, opts) for p in probs]
+    X = [None] * len(preps)
+    small = [(i, p) for i, p in enumerate(preps) if batched and batchable(p, opts)]
+    rest = [(i, p) for i, p in enumerate(preps) if not (batched and batchable(p, opts))]
+    for g in _batches(small, opts):  # as solve_level: small parents batched by size
+        for (i, _), x in zip(g, solve_least_squares([p for _, p in g], opts, True)):
+            X[i] = x
+    for i, p in rest:
+        X[i] = solve_least_squares([p], opts)[0]
+    out = []
+    for p, x in zip(preps, X):
+        obj = objective(p, opts, with_lower=True)
+        out.append((obj, x[:, obj.domain], p.st))
+    return out
 
 
 def consistency_error(obj, Z):
@@ -166,136 +163,126 @@ def consistency_error(obj, Z):
 
 
 CASES = {
-    # level: (children, persons per child, Dirichlet alpha, n parents quick, n parents full)
-    "block": (30, 6, 0.02, 5, 20),
-    "block_group": (4, 300, 0.03, 3, 10),
-    "tract": (30, 600, 0.3, 1, 3),
+    # level: (children, persons per child, Dirichlet alpha, multipass, batched, parents quick, full)
+    "block": (30, 6, 0.02, False, True, 64, 128),
+    "block_group": (4, 300, 0.03, True, True, 128, 256),
+    "tract": (30, 600, 0.3, True, True, 1, 3),
     # households and every GQ type populated: free set = the full grid (Kronecker x-step)
-    "tract_dense": (30, 600, 1.0, 1, 2),
+    "tract_dense": (30, 600, 1.0, False, False, 1, 2),
 }
+
+
+def _median_time(fn, reps: int = 3) -> tuple[float, object]:
+    ts, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--time-limit", type=float, default=None, help="per OSQP/Clarabel solve, s")
+    ap.add_argument("--osqp-parents", type=int, default=8,
+                    help="parents per batched level also solved by OSQP / Clarabel")
     args = ap.parse_args()
     limit = args.time_limit or (20.0 if args.quick else 300.0)
-    opts = SolveOptions(tol=1e-9)
-    rows, violations, large = [], 0, None
-    cases = dict(CASES)
-    if not args.quick:
-        cases["county_3000_tracts"] = (3000, 40, 1.0, 0, 1)
+    rows, violations, large, levels = [], 0, None, {}
     with threadpool_limits(1, "blas"):
-        for level, (k, pop, alpha, nq, nf) in cases.items():
-            var_level = "tract" if level.startswith(("county", "tract")) else level
-            for seed in range(nq if args.quick else nf):
-                prob, _ = random_parent(k=k, pop=pop, seed=100 + seed, alpha=alpha,
-                                        variances=production_variances(var_level),
-                                        gq=level != "tract_dense")
-                if level.startswith("county"):
-                    # production path for a huge parent: multipass (pass 2 well conditioned),
-                    # tol 1e-6; one run, no reference solver (OSQP/Clarabel cannot finish)
-                    t0 = time.perf_counter()
-                    try:
-                        _, st = solve_parent(prob, SolveOptions(tol=1e-6, multipass=True))
-                    except PostprocessError as exc:
-                        violations += 1
-                        print(f"VIOLATION {level}: {exc}", file=sys.stderr)
-                        continue
-                    large = dict(level=level, k=k, free=int(prob.free_cells().size),
-                                 seconds=time.perf_counter() - t0, iterations=st.iterations,
-                                 method=st.method, rel_gap=st.rel_gap, certified=st.certified)
-                    print(json.dumps(large), flush=True)
-                    continue
-                reps = 3
-                t_l2, t_full = [], []
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    obj, res = ours_l2(prob, opts)
-                    t_l2.append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    try:
-                        solve_parent(prob, opts)
-                    except PostprocessError as exc:
-                        violations += 1
-                        print(f"VIOLATION {level} seed {seed}: {exc}", file=sys.stderr)
-                    t_full.append(time.perf_counter() - t0)
-                lb = res.f - res.gap  # certified lower bound on f*
-                row = dict(level=level, k=k, free=int(prob.free_cells().size),
-                           variables=int(obj.allowed.sum()), ours_l2_s=statistics.median(t_l2),
-                           ours_full_s=statistics.median(t_full), iterations=res.iterations,
-                           method=res.method, certified=res.certified,
-                           ours_rel_gap=(res.f - lb) / res.f,
-                           ours_consistency_err=consistency_error(obj, res.Z))
-                run_ref = obj.allowed.sum() <= 400_000
-                if run_ref:
+        for level, (k, pop, alpha, multipass, batched, nq, nf) in CASES.items():
+            opts = SolveOptions(tol=1e-9, multipass=multipass)
+            var_level = "tract" if level.startswith("tract") else level
+            probs = [random_parent(k=k, pop=pop, seed=100 + s, alpha=alpha,
+                                   variances=production_variances(var_level),
+                                   gq=level != "tract_dense")[0]
+                     for s in range(nq if args.quick else nf)]
+            # production path: L2 per parent (batched where production batches), then the
+            # whole parent solve (L2 + rounding + checks) through solve_level
+            t_l2, sols = _median_time(lambda: ours_l2(probs, opts, batched))
+            t_single = None
+            if batched:
+                t_single, _ = _median_time(lambda: ours_l2(probs, opts, False))
+            def cat(f):
+                parts = [f(p) for p in probs]
+                return None if parts[0] is None else np.concatenate(parts)
+
+            lb = LevelBatch(probs[0].spec, np.stack([p.parent for p in probs]),
+                            np.concatenate([[0], np.cumsum([p.k for p in probs])]),
+                            {q: cat(lambda p: p.targets[q]) for q in probs[0].targets},
+                            probs[0].variances, lower=cat(lambda p: p.lower),
+                            zero_answers=cat(lambda p: p.zero_answers))
+            try:
+                t_full, (_, diag) = _median_time(lambda: solve_level(lb, opts, level=level))
+            except PostprocessError as exc:
+                violations += 1
+                print(f"VIOLATION {level}: {exc}", file=sys.stderr)
+                continue
+            n = len(probs)
+            levels[level] = dict(parents=n, batched=batched, ours_l2_s=t_l2 / n,
+                                 ours_l2_unbatched_s=None if t_single is None else t_single / n,
+                                 ours_full_s=t_full / n, methods=diag.methods,
+                                 max_rel_gap=diag.max_rel_gap, uncertified=diag.uncertified)
+            print(json.dumps(dict(level=level, **levels[level])), flush=True)
+            # reference solvers on (a sample of) the same QPs, one parent at a time
+            for prob, (obj, Z, st) in list(zip(probs, sols))[: args.osqp_parents]:
+                f = obj.value(Z)
+                lbound = f - st.gap  # certified lower bound on f*
+                row = dict(level=level, k=prob.k, free=int(prob.free_cells().size),
+                           variables=int(obj.allowed.sum()), ours_l2_s=t_l2 / n,
+                           iterations=st.iterations, method=st.method, certified=st.certified,
+                           ours_rel_gap=st.gap / max(f, 1e-300),
+                           ours_consistency_err=consistency_error(obj, Z))
+                if obj.allowed.sum() <= 400_000:
                     qp = lifted_qp(obj)
-                    s, Z, status = run_osqp(obj, qp, limit)
-                    row.update(osqp_s=s, osqp_status=status)
-                    if Z is not None:
-                        row["osqp_rel_gap"] = (obj.value(Z) - lb) / res.f
-                        row["osqp_consistency_err"] = consistency_error(obj, Z)
+                    sec, Zr, status = run_osqp(obj, qp, limit)
+                    row.update(osqp_s=sec, osqp_status=status)
+                    if Zr is not None:
+                        row["osqp_rel_gap"] = (obj.value(Zr) - lbound) / f
+                        row["osqp_consistency_err"] = consistency_error(obj, Zr)
                     if obj.allowed.sum() <= 20_000:
-                        s, Z, status = run_clarabel(obj, qp, limit)
-                        row.update(clarabel_s=s, clarabel_status=status,
-                                   clarabel_rel_gap=(obj.value(Z) - lb) / res.f,
-                                   clarabel_consistency_err=consistency_error(obj, Z))
+                        sec, Zr, status = run_clarabel(obj, qp, limit)
+                        row.update(clarabel_s=sec, clarabel_status=status,
+                                   clarabel_rel_gap=(obj.value(Zr) - lbound) / f,
+                                   clarabel_consistency_err=consistency_error(obj, Zr))
                 rows.append(row)
                 print(json.dumps({k2: (float(f"{v:.4g}") if isinstance(v, float) else v)
                                   for k2, v in row.items()}), flush=True)
-    # the block level runs batched in production: time many block-shaped parents together
-    nb = 32 if args.quick else 128
-    k, pop, alpha, _, _ = CASES["block"]
-    probs = [random_parent(k=k, pop=pop, seed=1000 + s, alpha=alpha,
-                           variances=production_variances("block"), gq=True)[0] for s in range(nb)]
-    with threadpool_limits(1, "blas"):
-        t_b = []
-        for _ in range(3):
+        if not args.quick:
+            # a county with 3,000 tracts: multipass (pass 2 well conditioned), tol 1e-6; one
+            # run, no reference solver (OSQP / Clarabel cannot finish)
+            prob, _ = random_parent(k=3000, pop=40, seed=100, alpha=1.0,
+                                    variances=production_variances("tract"), gq=True)
             t0 = time.perf_counter()
-            solve_batch(probs, tol=opts.tol)
-            t_b.append((time.perf_counter() - t0) / nb)
-        cat = lambda f: np.concatenate([f(p) for p in probs])  # noqa: E731
-        batch = LevelBatch(probs[0].spec, np.stack([p.parent for p in probs]),
-                           np.concatenate([[0], np.cumsum([p.k for p in probs])]),
-                           {q: cat(lambda p: p.targets[q]) for q in probs[0].targets},
-                           probs[0].variances, lower=cat(lambda p: p.lower),
-                           zero_answers=cat(lambda p: p.zero_answers))
-        t_lv = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            _, d = solve_level(batch, opts, level="block")
-            t_lv.append((time.perf_counter() - t0) / nb)
-        violations += 0  # solve_level raises on any violation
-    block_batched_l2 = statistics.median(t_b)
-    block_level_s = statistics.median(t_lv)
-    print(json.dumps(dict(level="block_batched", parents=nb, l2_s_per_parent=block_batched_l2,
-                          level_s_per_parent=block_level_s, methods=d.methods,
-                          max_rel_gap=d.max_rel_gap, fallbacks=d.fallbacks)), flush=True)
-    for r in rows:
-        if r["level"] == "block":
-            r["ours_l2_s"] = min(r["ours_l2_s"], block_batched_l2)
+            try:
+                _, st = solve_parent(prob, SolveOptions(tol=1e-6, multipass=True))
+                large = dict(level="county_3000_tracts", k=3000, free=int(prob.free_cells().size),
+                             seconds=time.perf_counter() - t0, iterations=st.iterations,
+                             method=st.method, rel_gap=st.rel_gap, certified=st.certified)
+                print(json.dumps(large), flush=True)
+            except PostprocessError as exc:
+                violations += 1
+                print(f"VIOLATION county: {exc}", file=sys.stderr)
     speed = [r["osqp_s"] / r["ours_l2_s"] for r in rows if "osqp_s" in r]
-    by_level = {}
-    for r in rows:
-        by_level.setdefault(r["level"], []).append(r)
-    per_level = {lv: dict(ours_l2_s=statistics.median(x["ours_l2_s"] for x in rs),
-                          ours_full_s=statistics.median(x["ours_full_s"] for x in rs),
-                          osqp_s=statistics.median(x["osqp_s"] for x in rs) if all("osqp_s" in x for x in rs) else None)
-                 for lv, rs in by_level.items()}
-    block_s = block_level_s
+    per_level = {}
+    for lv, info in levels.items():
+        rs = [r for r in rows if r["level"] == lv and "osqp_s" in r]
+        osqp = statistics.median(r["osqp_s"] for r in rs) if rs else None
+        per_level[lv] = dict(info, osqp_s=osqp,
+                             speedup_vs_osqp=None if osqp is None else osqp / info["ours_l2_s"])
+    block_s = levels["block"]["ours_full_s"] if "block" in levels else None
     summary = dict(
         speedup_vs_osqp=min(speed) if speed else None,
         median_speedup_vs_osqp=statistics.median(speed) if speed else None,
-        max_rel_objective_gap=max(max(r["ours_rel_gap"] for r in rows), d.max_rel_gap),
+        max_rel_objective_gap=max([r["ours_rel_gap"] for r in rows]
+                                  + [v["max_rel_gap"] for v in levels.values()]),
         max_osqp_rel_gap=max((r.get("osqp_rel_gap", 0.0) for r in rows), default=None),
         consistency_violations=violations,
         max_ours_consistency_err=max(r["ours_consistency_err"] for r in rows),
         per_level=per_level,
-        block_batched_l2_s_per_parent=block_batched_l2,
-        block_level_s_per_parent=block_level_s,
-        us_block_level_core_hours=block_s * US_BLOCK_GROUPS / 3600,
-        us_block_level_hours_2_cores=block_s * US_BLOCK_GROUPS / 3600 / 2,
+        us_block_level_core_hours=None if block_s is None else block_s * US_BLOCK_GROUPS / 3600,
+        us_block_level_hours_2_cores=None if block_s is None else block_s * US_BLOCK_GROUPS / 7200,
         osqp_time_limit_s=limit,
         large_parent=large,
     )
