@@ -163,14 +163,19 @@ def controlled_round(
     ans_of_node = np.zeros(n_nodes, dtype=np.int64)
     level_of_node = np.zeros(n_nodes, dtype=np.int64)
     parent_node = np.full(n_nodes, -1, dtype=np.int64)
+    ec, ej = np.nonzero(X > 0)  # the mass to aggregate (X is 0 elsewhere)
+    ex = X[ec, ej]
     for li, (keys, na) in enumerate(level_keys):
         sl = slice(node_off[li], node_off[li + 1])
         child_of_node[sl] = keys // na
         ans_of_node[sl] = keys % na
         level_of_node[sl] = li
-        # value includes the (tiny) mass of non-live cells of the answer
-        idx = (np.arange(k)[:, None] * na + maps[li][None, :]).ravel()
-        value[sl] = np.bincount(idx, weights=X.ravel(), minlength=k * na)[keys]
+        # value includes the (tiny) mass of non-live cells of the answer; mass of answers
+        # without a live cell has no node (those answers round to 0)
+        ekey = ec * na + maps[li][ej]
+        pos = np.minimum(np.searchsorted(keys, ekey), max(keys.size - 1, 0))
+        hit = keys[pos] == ekey if keys.size else np.zeros(ekey.size, dtype=bool)
+        value[sl] = np.bincount(pos[hit], weights=ex[hit], minlength=keys.size)
         if li > 0:
             parent_node[nodes_of_leaf[li]] = nodes_of_leaf[li - 1]
     # segments: n = base + sum_s d_s, d_s in [lo_s, hi_s], cost c_s
@@ -208,9 +213,26 @@ def controlled_round(
         need -= take
     if (need > 0).any() and not widen:
         raise PostprocessError("rounding: a lower bound lies above ceil of its real answer")
+    leaf0 = node_off[-2]
+    pflat = cells = leaf_cell_idx = None
+    if parent is not None:
+        pflat = np.asarray(parent).ravel()
+        cells = np.nonzero(pflat > 0)[0]
+        cell_pos = np.full(pflat.size, -1, dtype=np.int64)
+        cell_pos[cells] = np.arange(cells.size)
+        leaf_cell = ans_of_node[leaf0:]
+        if group is not None:  # per-(parent, cell) sums: flat index group * n + cell
+            leaf_cell = group[child_of_node[leaf0:]] * n + leaf_cell
+        leaf_cell_idx = cell_pos[leaf_cell]
+        if method == "flow" or (method == "auto" and min_cost_flow is not None):
+            d = _flow(parent_node, base, seg_lo, seg_hi, seg_cost, leaf0, leaf_cell_idx,
+                      pflat[cells].astype(np.int64))
+            N = np.zeros((k, n), dtype=np.int64)
+            N[child_of_node[leaf0:], ans_of_node[leaf0:]] = (base + d)[leaf0:].astype(np.int64)
+            return N
+    # the LP: one row per node that has children (n_P - sum n_children = 0) + one per cell
     nv = n_nodes * ns
     var_node = np.repeat(np.arange(n_nodes), ns)
-    # rows: one per node that has children (n_P - sum n_children = 0) + one per parent cell
     rows, cols, vals = [], [], []
     has_kids = np.zeros(n_nodes, dtype=bool)
     has_kids[parent_node[parent_node >= 0]] = True
@@ -225,29 +247,14 @@ def controlled_round(
     rows.append(row_of_node[par[up]]); cols.append(np.nonzero(up)[0]); vals.append(-np.ones(up.sum()))
     np.add.at(rhs, row_of_node[parent_node[parent_node >= 0]], base[parent_node >= 0])
     rhs[row_of_node[has_kids]] -= base[has_kids]
-    leaf0 = node_off[-2]
     if parent is not None:
-        pflat = np.asarray(parent).ravel()
-        cells = np.nonzero(pflat > 0)[0]
-        cell_row = np.full(pflat.size, -1, dtype=np.int64)
-        cell_row[cells] = n_rows + np.arange(cells.size)
-        leaf_cell = ans_of_node[leaf0:]
-        if group is not None:  # per-(parent, cell) sums: flat index group * n + cell
-            leaf_cell = group[child_of_node[leaf0:]] * n + leaf_cell
         vleaf = var_node >= leaf0
-        rows.append(cell_row[leaf_cell[var_node[vleaf] - leaf0]]); cols.append(np.nonzero(vleaf)[0])
+        rows.append(n_rows + leaf_cell_idx[var_node[vleaf] - leaf0]); cols.append(np.nonzero(vleaf)[0])
         vals.append(np.ones(vleaf.sum()))
         crhs = pflat.astype(np.float64)[cells]
-        np.subtract.at(crhs, cell_row[leaf_cell] - n_rows, base[leaf0:])
+        np.subtract.at(crhs, leaf_cell_idx, base[leaf0:])
         rhs = np.concatenate([rhs, crhs])
-        leaf_cell_idx = cell_row[leaf_cell] - n_rows
         n_rows += cells.size
-        if method == "flow" or (method == "auto" and min_cost_flow is not None):
-            d = _flow(parent_node, base, seg_lo, seg_hi, seg_cost, leaf0, leaf_cell_idx,
-                      pflat[cells].astype(np.int64))
-            N = np.zeros((k, n), dtype=np.int64)
-            N[child_of_node[leaf0:], ans_of_node[leaf0:]] = (base + d)[leaf0:].astype(np.int64)
-            return N
     A = sp.csr_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_rows, nv)
     )
