@@ -139,7 +139,7 @@ def run_clarabel(obj, qp, time_limit):
 def ours_l2(probs, opts, batched):
     """Our least-squares stage exactly as production runs it (``solve_least_squares``: without
     the GQ bounds first, with them where violated), batched by free-set size when ``batched``.
-    Returns per parent (objective of the full problem, real solution on its domain, stats)."""
+    Returns the prepared parents (with their stats) and the real solutions (k, n_cells)."""
     preps = [prepare_parent(p, opts) for p in probs]
     X = [None] * len(preps)
     small = [(i, p) for i, p in enumerate(preps) if batched and batchable(p, opts)]
@@ -149,6 +149,11 @@ def ours_l2(probs, opts, batched):
             X[i] = x
     for i, p in rest:
         X[i] = solve_least_squares([p], opts)[0]
+    return preps, X
+
+
+def with_objectives(preps, X, opts):
+    """Per parent (objective of the full problem, real solution on its domain, stats)."""
     out = []
     for p, x in zip(preps, X):
         obj = objective(p, opts, with_lower=True)
@@ -200,7 +205,8 @@ def main() -> None:
                      for s in range(nq if args.quick else nf)]
             # production path: L2 per parent (batched where production batches), then the
             # whole parent solve (L2 + rounding + checks) through solve_level
-            t_l2, sols = _median_time(lambda: ours_l2(probs, opts, batched))
+            t_l2, (preps, X) = _median_time(lambda: ours_l2(probs, opts, batched))
+            sols = with_objectives(preps, X, opts)
             t_single = None
             if batched:
                 t_single, _ = _median_time(lambda: ours_l2(probs, opts, False))
