@@ -151,6 +151,17 @@ class L2Objective:
         ``max_j (max_{c: z_cj > 0} grad_cj - min_{c allowed} grad_cj)``, 0 at a KKT point.
         """
         f, grad = self.value_grad(Z)
+        lb, spread = self.lower_bound(Z, f, grad, alpha, nu)
+        return f, max(f - lb, 0.0), spread
+
+    def lower_bound(
+        self, Z: np.ndarray, f: float, grad: np.ndarray, alpha: np.ndarray | None,
+        nu: np.ndarray | None,
+    ) -> tuple[float, float]:
+        """``(lower bound on f*, KKT spread)`` from a C1-feasible ``Z`` with ``(f, grad) =
+        value_grad(Z)`` and any multipliers ``alpha`` (k,) / ``nu >= 0`` (see
+        :meth:`certificate`). Valid for every C1 point, also one whose row totals or lower
+        bounds are not met yet."""
         g = f
         if alpha is not None and self.totals is not None:
             g -= float(np.sum(alpha * (Z.sum(axis=1) - self.totals)))
@@ -172,11 +183,11 @@ class L2Objective:
                 bound = np.inf  # min of a linear function over the orthant is unbounded
             else:
                 bound = float(np.sum(grad * Z))
-        bound = max(bound, 0.0) + (f - g)
+        lb = g - max(bound, 0.0)
         if self.consistency and self.k:
             gmin = np.where(self.allowed, grad, np.inf).min(axis=0)
             gmax = np.where(Z > 0, grad, -np.inf).max(axis=0)
             spread = float(np.max(np.where(np.isfinite(gmax), gmax - gmin, 0.0), initial=0.0))
         else:
             spread = float(np.max(np.where(Z > 0, np.abs(grad), 0.0), initial=0.0))
-        return f, max(bound, 0.0), spread
+        return lb, spread

@@ -4,11 +4,18 @@ The consistency set of one parent is ``{X >= 0, X[c, j] = 0 where not allowed, s
 it separates by cell into one scaled simplex per column, so the projection is exact
 (Held-Wolfe-Crowder / Duchi et al. 2008 by sorting, or Michelot's Newton iteration).
 Arrays are ``(k, n)``: k children (rows) by n cells (columns), float64.
+
+Held child totals (row sums) make the set a transportation polytope, which is not separable;
+:func:`fix_row_sums` moves a point of the column set onto it by minimum-norm corrections on
+the point's support (used to certify ADMM iterates whose row sums are still slightly off), and
+:func:`fit_row_col_offsets` fits ``G ~ a_c + b_j`` on the same support (dual estimates).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 
 
 def _mask_out(V: np.ndarray, p: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
@@ -120,3 +127,76 @@ def project_capped_simplex(
         t0, t1, f0, f1 = bps[i - 1], bps[i], vals[i - 1], vals[i]
         tau = t0 + (t1 - t0) * f0 / (f0 - f1)  # phi is linear between breakpoints
     return np.clip(y - tau, lower, upper)
+
+
+def _support_solve(
+    rows: np.ndarray, cols: np.ndarray, k: int, n: int, rr: np.ndarray, rc: np.ndarray,
+    maxiter: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares ``(a, b)`` for ``sum_{j in S_c} (a_c + b_j) = rr_c`` and
+    ``sum_{c in S_j} (a_c + b_j) = rc_j`` on the bipartite support ``S = {(rows, cols)}``.
+
+    The matrix ``[[D_r, B], [B', D_c]]`` (B the 0/1 support pattern) is the signless Laplacian
+    of a bipartite graph: PSD, null vector ``(1, -1)`` per connected component. Jacobi-
+    preconditioned CG; components where the right-hand side is inconsistent get a least-squares
+    answer, which the callers check.
+    """
+    B = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(k, n))
+    BT = B.T.tocsr()
+    dr = np.diff(B.indptr).astype(np.float64)
+    dc = np.diff(BT.indptr).astype(np.float64)
+    d = np.maximum(np.concatenate([dr, dc]), 1.0)
+
+    def mv(x: np.ndarray) -> np.ndarray:
+        a, b = x[:k], x[k:]
+        return np.concatenate([dr * a + B @ b, BT @ a + dc * b])
+
+    A = spla.LinearOperator((k + n, k + n), matvec=mv, dtype=np.float64)
+    M = spla.LinearOperator((k + n, k + n), matvec=lambda x: x / d, dtype=np.float64)
+    rhs = np.concatenate([rr, rc])
+    sol, _ = spla.cg(A, rhs, rtol=1e-12, atol=0.0, M=M, maxiter=maxiter)
+    return sol[:k], sol[k:]
+
+
+def fix_row_sums(
+    Z: np.ndarray, p: np.ndarray, t: np.ndarray, steps: int = 6, maxiter: int = 300
+) -> np.ndarray:
+    """Move ``Z`` (k, n), ``Z >= 0`` with column sums ``p``, towards row sums ``t`` (k,).
+
+    Each step adds the minimum-norm correction ``a_c + b_j`` on the support ``Z > 0`` that
+    makes rows sum to ``t`` and columns to ``p`` (a semismooth Newton step for the projection
+    onto the transportation polytope with the support frozen), then clips at 0. Zeros of
+    ``Z`` stay zero, so masks are kept. Returns a new array; row and column sums are met only
+    approximately (exactly when the support keeps up), so callers re-project the columns and
+    check the row error. Needs ``sum(t) == sum(p)``.
+    """
+    k, n = Z.shape
+    Z = np.array(Z, dtype=np.float64, copy=True)
+    scale = max(float(np.abs(t).max(initial=0.0)), 1.0)
+    for _ in range(steps):
+        er = t - Z.sum(axis=1)
+        ec = p - Z.sum(axis=0)
+        if max(np.abs(er).max(initial=0.0), np.abs(ec).max(initial=0.0)) <= 1e-13 * scale:
+            break
+        rows, cols = np.nonzero(Z > 0)
+        a, b = _support_solve(rows, cols, k, n, er, ec, maxiter)
+        Z[rows, cols] += a[rows] + b[cols]
+        np.maximum(Z, 0.0, out=Z)
+    return Z
+
+
+def fit_row_col_offsets(
+    Z: np.ndarray, G: np.ndarray, maxiter: int = 300
+) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares fit ``G[c, j] ~ a_c + b_j`` over the support ``Z > 0`` of ``Z`` (k, n).
+
+    At a KKT point of ``min f`` over the transportation polytope the gradient is exactly
+    ``alpha_c + tau_j`` on the support, so ``a`` estimates the row-sum multipliers.
+    Returns ``(a (k,), b (n,))``.
+    """
+    k, n = Z.shape
+    rows, cols = np.nonzero(Z > 0)
+    g = G[rows, cols]
+    rr = np.bincount(rows, weights=g, minlength=k)
+    rc = np.bincount(cols, weights=g, minlength=n)
+    return _support_solve(rows, cols, k, n, rr, rc, maxiter)
