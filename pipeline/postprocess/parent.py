@@ -39,8 +39,9 @@ class SolveOptions:
     ``total`` alone first (2020 ordering for state, county, tract, block-group children);
     ``chain``: rounder chain (default ``spec.rounder_chain``); ``kron_min_cells``: free-set size
     from which the full-grid Kronecker x-step is used; ``batched``: solve parents with at
-    most ``batch_max_cells`` free cells together by batched ADMM, up to ``batch_size`` parents
-    and ``batch_max_bytes`` of per-batch eigenvectors (P x n x n float64) at a time.
+    most ``batch_max_cells`` free cells together by batched ADMM, up to ``batch_size`` parents,
+    ``batch_max_bytes`` of per-batch matrices (P x n x n float64) and ``batch_max_entries``
+    entries of the (P x K x n) iterates at a time.
     """
 
     tol: float = 1e-9
@@ -53,6 +54,7 @@ class SolveOptions:
     batch_size: int = 64
     batch_max_cells: int = 400
     batch_max_bytes: int = 64 << 20
+    batch_max_entries: int = 1 << 17
 
 
 @dataclasses.dataclass

@@ -74,16 +74,24 @@ def _named(batch: LevelBatch, idx: list[int], fn, *args):
 
 
 def _batches(preps: list[tuple[int, Prepared]], options: SolveOptions) -> list[list[tuple[int, Prepared]]]:
-    """Group batchable parents by free-set size (little padding) under the size caps."""
+    """Group batchable parents by free-set size (little padding) under the size caps: at most
+    ``batch_size`` parents, ``batch_max_bytes`` of (P, n, n) float64 matrices and
+    ``batch_max_entries`` entries in the (P, K, n) iterates (larger batches leave the cache and
+    get slower per parent)."""
     preps = sorted(preps, key=lambda ip: ip[1].prob.free_cells().size)
     out: list[list[tuple[int, Prepared]]] = []
     cur: list[tuple[int, Prepared]] = []
+    k_max = 0
     for ip in preps:
         n = ip[1].prob.free_cells().size
-        if cur and (len(cur) == options.batch_size or (len(cur) + 1) * n * n * 8 > options.batch_max_bytes):
+        k = max(k_max, ip[1].prob.k)
+        if cur and (len(cur) == options.batch_size
+                    or (len(cur) + 1) * n * n * 8 > options.batch_max_bytes
+                    or (len(cur) + 1) * k * n > options.batch_max_entries):
             out.append(cur)
-            cur = []
+            cur, k = [], ip[1].prob.k
         cur.append(ip)
+        k_max = k
     return out + ([cur] if cur else [])
 
 
