@@ -63,3 +63,45 @@ def test_query_system_answers_match_spec():
         A = rng.random((4, s.terms[q].n_local))
         # <Q x, a> = <x, Q^T a>
         np.testing.assert_allclose(np.sum(s.answer(q, X) * A), np.sum(X * s.back(q, A)))
+
+
+def test_kron_inverse_dense_axis_not_first_and_out_buffer():
+    # a recode on the middle axis makes it the dense one: the apply permutes axes; ``out`` is
+    # filled in place; several queries of each kind (I, J, recode) on each axis
+    from pipeline.spec import Attribute, HistogramSpec, Recode
+
+    spec = HistogramSpec(
+        name="toy-mid-dense",
+        attributes=(Attribute("a", (0, 1, 2), ("a0", "a1", "a2")),
+                    Attribute("b", (0, 1, 2, 3), ("b0", "b1", "b2", "b3")),
+                    Attribute("c", (0, 1), ("c0", "c1"))),
+        recodes={"bg": Recode("bg", "b", ((0, 1), (2, 3)), ("lo", "hi"))},
+        query_defs={"total": (), "bg": ("bg",), "a*bg": ("a", "bg"), "c": ("c",),
+                    "a*c": ("a", "c"), "detailed": ("a", "b", "c")},
+        rounder_chain=("total", "detailed"),
+        structural_zero_defs=(),
+    )
+    w = {"total": 0.7, "bg": 1.3, "a*bg": 0.4, "c": 2.0, "a*c": 0.9, "detailed": 0.5}
+    kron = KronInverse(spec, w)
+    assert kron.dense == [1] and kron.perm != (0, 1, 2)
+    sysall = QuerySystem(spec, np.arange(spec.n_cells), tuple(w))
+    H = dense_normal_matrix(sysall, {q: np.full(sysall.terms[q].n_local, wq) for q, wq in w.items()})
+    X = np.random.default_rng(3).normal(size=(5, spec.n_cells))
+    kron.set_rho(0.3, {"bg": 0.3})
+    G = spec.query("bg").matrix().toarray()
+    M = H + 0.3 * np.eye(spec.n_cells) + 0.3 * G.T @ G
+    out = np.full_like(X, np.nan)
+    Y = kron.apply(X, out=out)
+    assert Y is out
+    np.testing.assert_allclose(Y @ M, X, atol=1e-10)
+    np.testing.assert_allclose(kron.apply(X), Y, atol=1e-13)
+
+
+def test_kron_apply_out_buffer_pl94_matches_allocating_apply():
+    kron = KronInverse(PL94, _weights(PL94, 4))
+    kron.set_rho(1.7)
+    X = np.random.default_rng(4).normal(size=(7, PL94.n_cells))
+    out = np.full_like(X, np.nan)
+    Y = kron.apply(X, out=out)
+    assert Y is out or np.shares_memory(Y, out)
+    np.testing.assert_array_equal(Y, kron.apply(X))

@@ -180,3 +180,24 @@ def test_held_totals_are_certified_on_the_repaired_point(monkeypatch):
     inv2, _ = choose_inverse(obj, kron_min_cells=100)
     slow = admm(obj, inv2, tol=1e-6, feas_tol=1e-3)
     assert slow.certified and 2 * res.iterations <= slow.iterations
+
+
+def test_inplace_projection_and_bound_operators_match_the_plain_ones():
+    prob, _ = random_parent(k=9, pop=60, seed=11, alpha=0.3, gq=True)
+    rng = np.random.default_rng(0)
+    for domain in (prob.free_cells(), np.arange(PL94.n_cells)):
+        obj = _obj(prob, lower=prob.lower_bounds(), domain=domain)
+        V = rng.normal(0, 2, (obj.k, obj.n))
+        ref = obj.project(V)
+        out = np.empty_like(V)
+        Z, tau = obj.project_inplace(V.copy(), out, None)  # cold: sort
+        np.testing.assert_allclose(Z, ref, atol=1e-12)
+        V2 = V + rng.normal(0, 0.1, V.shape)
+        Z2, _ = obj.project_inplace(V2.copy(), out, tau)  # warm: Newton
+        np.testing.assert_allclose(Z2, obj.project(V2), atol=1e-10)
+        A = rng.normal(size=(obj.k, obj.sys.terms[prob.bound_query].n_local))
+        np.testing.assert_allclose(obj.bound_answer(V), obj.sys.answer(prob.bound_query, V),
+                                   atol=1e-12)
+        R = V.copy()
+        obj.bound_back_add(R, A)
+        np.testing.assert_allclose(R, V + obj.bound_back(A), atol=1e-12)

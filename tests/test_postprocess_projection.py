@@ -9,6 +9,7 @@ from pipeline.postprocess.projection import (
     project_capped_simplex,
     project_columns_newton,
     project_columns_sort,
+    project_columns_warm,
 )
 
 
@@ -179,3 +180,26 @@ def test_fit_row_col_offsets_recovers_exact_offsets_on_the_support():
     np.testing.assert_allclose(fit[Z > 0], G[Z > 0], atol=1e-8)
     # (a, b) is defined up to a shift a + s, b - s on a connected support
     np.testing.assert_allclose(fa - fa[0], a - a[0], atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_warm_newton_matches_sort_from_any_start(seed):
+    # masks as -inf, ties, p = 0 columns, dead columns (no allowed entry), starts above every
+    # entry, below, at the solution and at random
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        k, n = int(rng.integers(1, 40)), int(rng.integers(1, 30))
+        V = rng.normal(0, 3, (k, n))
+        if seed % 2:
+            V = np.round(V)
+        allowed = rng.random((k, n)) < 0.7
+        p = rng.integers(0, 15, n).astype(float)
+        p[~allowed.any(axis=0)] = 0.0
+        Xs, ts = project_columns_sort(V, p, allowed)
+        W = np.where(allowed, V, -np.inf)
+        for t0 in (ts, ts + rng.normal(0, 2, n), np.full(n, 1e3), np.full(n, -1e3)):
+            out = np.full((k, n), np.nan)
+            Xw, tw = project_columns_warm(W, p, t0, out=out)
+            assert Xw is out
+            np.testing.assert_allclose(Xw, Xs, atol=1e-10)
+            assert (Xw >= 0).all() and (Xw[~allowed] == 0).all()

@@ -105,18 +105,50 @@ class KronInverse:
             for S in self.subsets
         }
 
-    def apply(self, X: np.ndarray) -> np.ndarray:
-        """Apply the prepared inverse to ``X`` (k, n_cells) -> (k, n_cells)."""
+    def apply(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Apply the prepared inverse to ``X`` (k, n_cells) -> (k, n_cells).
+
+        ``out`` (k, n_cells), C-contiguous and not overlapping ``X``, receives the result.
+        Axis means are built from the next larger subset's means (one pass over X for the
+        largest ones); the small per-subset terms ``C_S M_S`` are accumulated into one
+        another from the smallest up, so only the one-axis terms are added to the full
+        array (a few passes over memory in all, no full-size temporaries on the PL94 grid).
+        """
         k = X.shape[0]
-        Y = X.reshape((k,) + self.shape).transpose((0,) + tuple(a + 1 for a in self.perm))
+        identity = self.perm == tuple(range(len(self.shape)))
         simple_shape = tuple(self.shape[a] for a in self.simple)
-        Y = Y.reshape((k, self.d) + simple_shape)
+        if identity:
+            Y = np.ascontiguousarray(X).reshape((k, self.d) + simple_shape)
+        else:
+            Y = X.reshape((k,) + self.shape).transpose((0,) + tuple(a + 1 for a in self.perm))
+            Y = np.ascontiguousarray(Y).reshape((k, self.d) + simple_shape)
         pos = {a: i + 2 for i, a in enumerate(self.simple)}
-        out = np.zeros_like(Y)
-        for S in self.subsets:
-            M = Y.mean(axis=tuple(pos[a] for a in S), keepdims=True) if S else Y
-            out += np.einsum("ij,kj...->ki...", self.C[S], M)
+        M: dict[tuple[int, ...], np.ndarray] = {(): Y}
+        for S in self.subsets[1:]:  # by size: every S minus one axis is already there
+            parent = min((tuple(b for b in S if b != a) for a in S), key=lambda T: M[T].size)
+            a = next(b for b in S if b not in parent)
+            M[S] = M[parent].mean(axis=pos[a], keepdims=True)
+        T = {S: np.matmul(self.C[S], M[S].reshape(k, self.d, -1)).reshape(M[S].shape)
+             for S in self.subsets[1:]}
+        for S in sorted(self.subsets[1:], key=len, reverse=True):
+            if len(S) > 1:  # add into the smallest term with one axis fewer (broadcasts)
+                parent = min((tuple(b for b in S if b != a) for a in S), key=lambda U: T[U].size)
+                T[parent] += T[S]
+        if identity and out is not None:
+            res = out.reshape(Y.shape)
+        else:
+            res = np.empty_like(Y)
+        np.matmul(self.C[()], Y.reshape(k, self.d, -1), out=res.reshape(k, self.d, -1))
+        for S in self.subsets[1:]:
+            if len(S) == 1:
+                res += T[S]
+        if identity:
+            return res.reshape(k, -1)
         dense_shape = tuple(self.shape[a] for a in self.dense)
-        out = out.reshape((k,) + dense_shape + simple_shape)
+        res = res.reshape((k,) + dense_shape + simple_shape)
         inv = np.argsort((0,) + tuple(a + 1 for a in self.perm))
-        return np.ascontiguousarray(out.transpose(tuple(inv))).reshape(k, -1)
+        full = res.transpose(tuple(inv)).reshape(k, -1)
+        if out is None:
+            return np.ascontiguousarray(full)
+        out[...] = full
+        return out

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.linalg.blas
 
 from pipeline.postprocess.kron import KronInverse
 from pipeline.postprocess.objective import L2Objective
@@ -50,8 +51,8 @@ class DenseInverse:
         self.rho = float(rho)
         self._d = 1.0 / (self.lam + self.rho)
 
-    def apply(self, R: np.ndarray) -> np.ndarray:
-        return ((R @ self.V) * self._d[None, :]) @ self.V.T
+    def apply(self, R: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.matmul((R @ self.V) * self._d[None, :], self.V.T, out=out)
 
 
 class KronXInverse:
@@ -73,8 +74,8 @@ class KronXInverse:
     def set_rho(self, rho: float) -> None:
         self.op.set_rho(rho, {self.bound: rho} if self.bound else None)
 
-    def apply(self, R: np.ndarray) -> np.ndarray:
-        return self.op.apply(R)
+    def apply(self, R: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return self.op.apply(R, out=out)
 
 
 @dataclass
@@ -96,15 +97,33 @@ class L2Result:
     method: str
 
 
-def _xstep(obj: L2Objective, inv, R: np.ndarray, u: np.ndarray, s: float):
-    V = inv.apply(R)
+def _xstep(obj: L2Objective, inv, R: np.ndarray, u: np.ndarray, s: float,
+           out: np.ndarray | None = None):
+    """x-step ``M^-1 R`` plus the closed-form consistency / row-total corrections (module
+    docstring); ``out`` (k, n) optionally receives X. Returns ``(X, alpha or None)``."""
+    V = inv.apply(R) if out is None else inv.apply(R, out=out)
     k = obj.k
-    if obj.consistency:
-        V += ((obj.p - V.sum(axis=0)) / k)[None, :]
+    mu = ((obj.p - V.sum(axis=0)) / k) if obj.consistency else None
     alpha = None
     if obj.totals is not None:
-        alpha = (obj.totals - V.sum(axis=1)) / s
-        V += alpha[:, None] * u[None, :]
+        # row sums after the consistency shift: V 1 + sum(mu)
+        rows = V.sum(axis=1) + (float(mu.sum()) if mu is not None else 0.0)
+        alpha = (obj.totals - rows) / s
+    if mu is None and alpha is None:
+        return V, alpha
+    # V += 1 mu' + alpha u' as one rank-2 update (one pass, in place on V's memory)
+    A = np.zeros((V.shape[1], 2), order="F")
+    B = np.zeros((2, k), order="F")
+    if mu is not None:
+        A[:, 0], B[0] = mu, 1.0
+    if alpha is not None:
+        A[:, 1], B[1] = u, alpha
+    if V.flags.c_contiguous:
+        r = scipy.linalg.blas.dgemm(1.0, A, B, beta=1.0, c=V.T, overwrite_c=1)
+        if not np.may_share_memory(r, V):  # f2py made a copy after all
+            V[...] = r.T
+    else:
+        V += (A @ B).T
     return V, alpha
 
 
@@ -149,19 +168,31 @@ def admm(
         if obj.upper is not None:
             W = np.minimum(W, obj.upper)
         U2 = np.zeros_like(W)
+    # (k, n) work arrays, reused: fresh large temporaries cost page faults on every iteration
+    R = np.empty_like(Z)
+    T = np.empty_like(Z)
+    Zold = np.empty_like(Z)
+    tau = None  # projection thresholds of the last z-step (warm start)
     f, gap, spread, infeas = np.inf, np.inf, np.inf, np.inf
     it = 0
     for it in range(1, max_iter + 1):
-        R = obj.b + rho * (Z - U)
+        np.subtract(Z, U, out=R)  # R = b + rho (Z - U) [+ rho G'(W - U2)]
+        R *= rho
+        R += obj.b
         if has_low:
-            R += rho * obj.bound_back(W - U2)
-        X, alpha = _xstep(obj, inv, R, u, s)
-        Xh = relax * X + (1.0 - relax) * Z
-        Zold = Z
-        Z = obj.project(Xh + U)
-        U += Xh - Z
+            obj.bound_back_add(R, rho * (W - U2))
+        X, alpha = _xstep(obj, inv, R, u, s, out=X)
         if has_low:
             GXh = relax * obj.bound_answer(X) + (1.0 - relax) * W
+        X *= relax  # X <- relaxed Xh = relax X + (1 - relax) Z
+        np.multiply(Z, 1.0 - relax, out=T)
+        X += T
+        np.add(X, U, out=T)
+        Z, Zold = Zold, Z
+        Z, tau = obj.project_inplace(T, Z, tau)
+        U += X
+        U -= Z
+        if has_low:
             W = np.maximum(GXh + U2, obj.lower)
             if obj.upper is not None:
                 W = np.minimum(W, obj.upper)
@@ -183,8 +214,10 @@ def admm(
                     res = _repair(obj, Z, lb, alpha, nu, tol, feas_tol, it, method)
                     if res is not None:
                         return res
-            r = np.linalg.norm(X - Z)
-            dual = rho * np.linalg.norm(Z - Zold)
+            np.subtract(X, Z, out=T)
+            r = float(np.linalg.norm(T)) / relax  # X - Z = (Xh - Z) / relax
+            np.subtract(Z, Zold, out=T)
+            dual = rho * float(np.linalg.norm(T))
             if r > balance * dual or dual > balance * r:  # residual balancing (Boyd 2011, 3.4.1)
                 fac = 2.0 if r > balance * dual else 0.5
                 rho *= fac

@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.postprocess.operators import QuerySystem
 from pipeline.postprocess.problem import ParentProblem
-from pipeline.postprocess.projection import project_columns_sort
+from pipeline.postprocess.projection import project_columns_sort, project_columns_warm
 
 
 class L2Objective:
@@ -84,6 +84,9 @@ class L2Objective:
                 z = np.asarray(prob.zero_answers, dtype=bool)[:, t.answers]
                 self.upper = np.where(z, 0.0, np.inf)
         self.mu = 0.0  # strong-convexity modulus of f on the domain, set by the solver
+        self._neg: np.ndarray | None = None  # 0 / -inf on allowed / other entries (lazy)
+        self._bq_starts: np.ndarray | None = None  # bound-query answer runs (lazy)
+        self._bq_checked = False
 
     def uniform_weights(self) -> dict[str, float] | None:
         """Per-query scalar weights if every answer carries its query's weight, else None."""
@@ -124,11 +127,58 @@ class L2Objective:
             return project_columns_sort(V, self.p, self._mask)[0]
         return np.where(self.allowed, np.maximum(V, 0.0), 0.0)
 
+    def project_inplace(
+        self, V: np.ndarray, out: np.ndarray, tau: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`project` for the ADMM loop: ``V`` (k, n) is scratch (overwritten), the
+        result goes to ``out``; ``tau`` (n,) warm-starts the per-cell thresholds (None: cold,
+        by sorting). Returns ``(out, tau)``; same projection as :meth:`project`."""
+        if not self.consistency:
+            np.maximum(V, 0.0, out=out)
+            if self._mask is not None:
+                out *= self._mask
+            return out, None
+        if tau is None:
+            X, tau = project_columns_sort(V, self.p, self._mask)
+            out[...] = X
+            return out, tau
+        if self._mask is not None:
+            if self._neg is None:
+                self._neg = np.where(self._mask, 0.0, -np.inf)
+            V += self._neg
+        return project_columns_warm(V, self.p, tau, out=out)
+
+    def _bound_groups(self) -> np.ndarray | None:
+        """Start of each answer's cell run when the bound query's answers are contiguous
+        runs of the (sorted) domain, as for hhgq, the slowest PL94 axis; else None."""
+        if not self._bq_checked:
+            self._bq_checked = True
+            ans = self.sys.terms[self.prob.bound_query].ans
+            if ans.size and bool(np.all(np.diff(ans) >= 0)):
+                self._bq_starts = np.flatnonzero(np.r_[True, np.diff(ans) > 0])
+        return self._bq_starts
+
     def bound_answer(self, X: np.ndarray) -> np.ndarray:
+        """``G X`` (k, n_local answers of the bound query)."""
+        starts = self._bound_groups()
+        if starts is not None and X.shape[1] == self.n:
+            return np.add.reduceat(X, starts, axis=1)
         return self.sys.answer(self.prob.bound_query, X)
 
     def bound_back(self, A: np.ndarray) -> np.ndarray:
+        """``G' A`` (k, n)."""
         return self.sys.back(self.prob.bound_query, A)
+
+    def bound_back_add(self, R: np.ndarray, A: np.ndarray) -> np.ndarray:
+        """``R += G' A`` in place (no (k, n) temporary when the answers are cell runs)."""
+        starts = self._bound_groups()
+        if starts is None:
+            R += self.bound_back(A)
+            return R
+        ends = np.r_[starts[1:], self.n]
+        for i, (a, b) in enumerate(zip(starts, ends)):
+            R[:, a:b] += A[:, i:i + 1]
+        return R
 
     def infeasibility(self, Z: np.ndarray) -> float:
         """Largest violation of the row totals and lower bounds at Z (persons)."""

@@ -92,6 +92,67 @@ def project_columns_newton(
     return X, tau
 
 
+def project_columns_warm(
+    W: np.ndarray,
+    p: np.ndarray,
+    tau: np.ndarray,
+    out: np.ndarray | None = None,
+    max_iter: int = 50,
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-place, warm-started :func:`project_columns_newton` for the ADMM loop.
+
+    ``W`` (k, n) holds the points with ``-inf`` on disallowed entries; it is not modified.
+    ``tau`` (n,) is a starting threshold (e.g. the previous iteration's). Michelot/Newton
+    steps ``tau += (sum_j max(w - tau, 0) - p) / |{w > tau}|``: one step from any tau with a
+    non-empty support lands at or below tau*, and a column is exact as soon as its support
+    count repeats (supports of thresholds are nested). Columns still moving after a step are
+    handled on their own (column subset), so late ADMM iterations cost about two passes.
+    ``out`` (k, n) receives X (may be preallocated). Returns ``(X, tau)`` like
+    :func:`project_columns_sort`.
+    """
+    k, n = W.shape
+    X = np.empty_like(W) if out is None else out
+    tau = np.array(tau, dtype=np.float64, copy=True)
+    mask = np.empty((k, n), dtype=bool)
+    cols = None  # None: all columns; else the columns still moving
+    Wc, Xc, pc, tc, mc = W, X, p, tau, mask
+    prev = None
+    for _ in range(max_iter):
+        np.subtract(Wc, tc[None, :], out=Xc)
+        np.maximum(Xc, 0.0, out=Xc)
+        np.greater(Xc, 0.0, out=mc)
+        cnt = np.add.reduce(mc.view(np.int8), axis=0, dtype=np.int64)
+        s = Xc.sum(axis=0)
+        empty = cnt == 0
+        if empty.any():  # tau above every entry: restart at the lower bound max(w) - p
+            e = np.flatnonzero(empty & (pc > 0))
+            if e.size:
+                tc[e] = Wc[:, e].max(axis=0) - pc[e]
+        new = np.where(empty, tc, tc + (s - pc) / np.maximum(cnt, 1))
+        done = (empty & (pc <= 0)) | (cnt == prev if prev is not None else np.zeros(cnt.shape, bool))
+        done &= ~(empty & (pc > 0))
+        if cols is None:
+            tau[:] = np.where(done, tc, new)
+        else:
+            tau[cols] = np.where(done, tc, new)
+            X[:, cols] = Xc
+        if done.all():
+            return X, tau
+        keep = np.flatnonzero(~done)
+        prev = cnt[keep]
+        cols = keep if cols is None else cols[keep]
+        Wc = W[:, cols]
+        Xc = np.empty_like(Wc)
+        mc = np.empty(Wc.shape, dtype=bool)
+        pc = p[cols]
+        tc = tau[cols].copy()
+    # not settled after max_iter steps (should not happen): exact sort on those columns
+    Xs, ts = project_columns_sort(np.where(np.isfinite(W[:, cols]), W[:, cols], -1e300), p[cols])
+    X[:, cols] = Xs
+    tau[cols] = ts
+    return X, tau
+
+
 def project_capped_simplex(
     y: np.ndarray, total: float, lower: np.ndarray, upper: np.ndarray
 ) -> np.ndarray:
