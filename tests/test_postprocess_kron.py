@@ -105,3 +105,14 @@ def test_kron_apply_out_buffer_pl94_matches_allocating_apply():
     Y = kron.apply(X, out=out)
     assert Y is out or np.shares_memory(Y, out)
     np.testing.assert_array_equal(Y, kron.apply(X))
+
+
+def test_kron_forward_is_the_normal_matrix():
+    w = _weights(PL94, 5)
+    sysall = QuerySystem(PL94, np.arange(PL94.n_cells), tuple(w))
+    H = dense_normal_matrix(sysall, {q: np.full(sysall.terms[q].n_local, wq) for q, wq in w.items()})
+    kron = KronInverse(PL94, w)
+    X = np.random.default_rng(5).normal(size=(4, PL94.n_cells))
+    np.testing.assert_allclose(kron.forward(X), X @ H, atol=1e-10)
+    kron.set_rho(0.9)  # the forward operator ignores rho
+    np.testing.assert_allclose(kron.forward(X), X @ H, atol=1e-10)

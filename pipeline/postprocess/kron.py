@@ -66,6 +66,7 @@ class KronInverse:
             self._is_j[q] = {a: bool(np.all(factors[q][a] == 1.0)) for a in self.simple}
         self.rho = None
         self.extra: dict[str, float] = {}
+        self._D: dict | None = None  # Moebius coefficients of H itself (forward), lazy
 
     def block(self, T: tuple[int, ...], extra: dict[str, float] | None = None) -> np.ndarray:
         """``B_T``: the (d, d) block of H on the class where axes T are constant."""
@@ -98,12 +99,24 @@ class KronInverse:
             T: np.linalg.inv(self.block(T, self.extra) + self.rho * np.eye(self.d))
             for T in self.subsets
         }
-        self.C = {
+        self.C = self._moebius(A)
+
+    def _moebius(self, A: dict) -> dict:
+        """Per-class blocks ``A_T`` -> coefficients ``C_S`` of the axis means (notes, 3.2)."""
+        return {
             S: sum(
                 (-1) ** (len(S) - len(T)) * A[T] for T in self.subsets if set(T) <= set(S)
             )
             for S in self.subsets
         }
+
+    def forward(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``H X`` for ``X`` (k, n_cells) (the weights of the constructor, no rho or extra
+        terms): the same sums-of-axis-means evaluation as :meth:`apply` with the blocks
+        ``B_T`` in place of their inverses."""
+        if self._D is None:
+            self._D = self._moebius({T: self.block(T) for T in self.subsets})
+        return self._apply(self._D, X, out)
 
     def apply(self, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Apply the prepared inverse to ``X`` (k, n_cells) -> (k, n_cells).
@@ -114,6 +127,10 @@ class KronInverse:
         another from the smallest up, so only the one-axis terms are added to the full
         array (a few passes over memory in all, no full-size temporaries on the PL94 grid).
         """
+        return self._apply(self.C, X, out)
+
+    def _apply(self, C: dict, X: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """``sum_S C_S (x) mean_S`` applied to ``X`` (k, n_cells)."""
         k = X.shape[0]
         identity = self.perm == tuple(range(len(self.shape)))
         simple_shape = tuple(self.shape[a] for a in self.simple)
@@ -128,7 +145,7 @@ class KronInverse:
             parent = min((tuple(b for b in S if b != a) for a in S), key=lambda T: M[T].size)
             a = next(b for b in S if b not in parent)
             M[S] = M[parent].mean(axis=pos[a], keepdims=True)
-        T = {S: np.matmul(self.C[S], M[S].reshape(k, self.d, -1)).reshape(M[S].shape)
+        T = {S: np.matmul(C[S], M[S].reshape(k, self.d, -1)).reshape(M[S].shape)
              for S in self.subsets[1:]}
         for S in sorted(self.subsets[1:], key=len, reverse=True):
             if len(S) > 1:  # add into the smallest term with one axis fewer (broadcasts)
@@ -138,7 +155,7 @@ class KronInverse:
             res = out.reshape(Y.shape)
         else:
             res = np.empty_like(Y)
-        np.matmul(self.C[()], Y.reshape(k, self.d, -1), out=res.reshape(k, self.d, -1))
+        np.matmul(C[()], Y.reshape(k, self.d, -1), out=res.reshape(k, self.d, -1))
         for S in self.subsets[1:]:
             if len(S) == 1:
                 res += T[S]

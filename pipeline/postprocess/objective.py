@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.postprocess.kron import KronInverse
 from pipeline.postprocess.operators import QuerySystem
 from pipeline.postprocess.problem import ParentProblem
 from pipeline.postprocess.projection import project_columns_sort, project_columns_warm
+
+_FAST_HESS_MIN = 100_000  # k * n from which value_grad uses the Kronecker H (full grid)
 
 
 class L2Objective:
@@ -87,6 +90,10 @@ class L2Objective:
         self._neg: np.ndarray | None = None  # 0 / -inf on allowed / other entries (lazy)
         self._bq_starts: np.ndarray | None = None  # bound-query answer runs (lazy)
         self._bq_checked = False
+        self._lb_tau: np.ndarray | None = None  # thresholds of the last certificate projection
+        self._kron: KronInverse | None = None  # fast H on the full grid (lazy)
+        self._kron_checked = False
+        self._c0 = 0.0
 
     def uniform_weights(self) -> dict[str, float] | None:
         """Per-query scalar weights if every answer carries its query's weight, else None."""
@@ -106,8 +113,35 @@ class L2Objective:
             out += self.sys.back(q, self.w[q][None, :] * self.sys.answer(q, X))
         return out
 
+    def _fast_hess(self) -> KronInverse | None:
+        """Kronecker ``H`` on the full grid with uniform weights for large parents (one
+        structured pass instead of a segment sum per query), else None."""
+        if not self._kron_checked:
+            self._kron_checked = True
+            weights = self.uniform_weights()
+            if (self.n == self.prob.spec.n_cells and weights is not None
+                    and self.k * self.n >= _FAST_HESS_MIN):
+                try:
+                    self._kron = KronInverse(self.prob.spec, weights)
+                except ValueError:
+                    self._kron = None
+                self._c0 = 0.5 * sum(float(np.sum(self.w[q][None, :] * self.y[q] ** 2))
+                                     for q in self.queries) + self.const_off
+        return self._kron
+
     def value_grad(self, X: np.ndarray) -> tuple[float, np.ndarray]:
-        """``(f(X), grad f(X))`` including the constant terms."""
+        """``(f(X), grad f(X))`` including the constant terms.
+
+        On large full-grid parents ``grad = H X - b`` with the Kronecker ``H`` and
+        ``f = <X, H X/2 - b> + c0``; the expanded form loses nothing here because ``c0``
+        (the value at X = 0) is of the size of f itself, not of a large cancelling sum.
+        """
+        kron = self._fast_hess()
+        if kron is not None:
+            g = kron.forward(X)
+            g -= self.b
+            f = 0.5 * (float(np.vdot(X, g)) - float(np.vdot(X, self.b))) + self._c0
+            return f, g
         f = 0.0
         g = np.zeros_like(X)
         for q in self.queries:
@@ -220,7 +254,10 @@ class L2Objective:
             g -= float(np.sum(nu * (self.bound_answer(Z) - self.lower)))
             grad = grad - self.bound_back(nu)
         if self.mu > 0:
-            S = self.project(Z - grad / self.mu)
+            V = Z - grad / self.mu
+            # exact projection; warm-started from the previous bound's thresholds (the
+            # points of successive checks are close), by sorting the first time
+            S, self._lb_tau = self.project_inplace(V, np.empty_like(V), self._lb_tau)
             D = Z - S
             bound = float(np.sum(grad * D)) - 0.5 * self.mu * float(np.sum(D * D))
         else:
