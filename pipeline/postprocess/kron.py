@@ -67,6 +67,7 @@ class KronInverse:
         self.rho = None
         self.extra: dict[str, float] = {}
         self._D: dict | None = None  # Moebius coefficients of H itself (forward), lazy
+        self._plan: dict | None = None  # work arrays of _apply for the last k
 
     def block(self, T: tuple[int, ...], extra: dict[str, float] | None = None) -> np.ndarray:
         """``B_T``: the (d, d) block of H on the class where axes T are constant."""
@@ -129,28 +130,58 @@ class KronInverse:
         """
         return self._apply(self.C, X, out)
 
+    def _work(self, k: int) -> dict:
+        """Per-k plan and work arrays of :meth:`_apply`, kept between calls: the same shapes
+        recur every ADMM iteration, and fresh large arrays cost page faults each time."""
+        if self._plan is None or self._plan["k"] != k:
+            simple_shape = tuple(self.shape[a] for a in self.simple)
+            pos = {a: i + 2 for i, a in enumerate(self.simple)}
+            shape = {(): (k, self.d) + simple_shape}
+            steps = []
+            for S in self.subsets[1:]:  # by size: every S minus one axis is already there
+                parent = min((tuple(b for b in S if b != a) for a in S),
+                             key=lambda T: int(np.prod(shape[T])))
+                a = next(b for b in S if b not in parent)
+                sh = list(shape[parent])
+                sh[pos[a]] = 1
+                shape[S] = tuple(sh)
+                steps.append((S, parent, pos[a]))
+            adds = []
+            for S in sorted(self.subsets[1:], key=len, reverse=True):
+                if len(S) > 1:  # into the smallest term with one axis fewer (broadcasts)
+                    parent = min((tuple(b for b in S if b != a) for a in S),
+                                 key=lambda U: int(np.prod(shape[U])))
+                    adds.append((S, parent))
+            self._plan = dict(
+                k=k, simple_shape=simple_shape, steps=steps, adds=adds,
+                M={S: np.empty(shape[S]) for S in self.subsets[1:]},
+                T={S: np.empty(shape[S]) for S in self.subsets[1:]},
+                # sums instead of means: 1 / (number of cells summed) goes into C_S
+                scale={S: 1.0 / float(np.prod([self.shape[a] for a in S])) for S in self.subsets},
+            )
+        return self._plan
+
     def _apply(self, C: dict, X: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         """``sum_S C_S (x) mean_S`` applied to ``X`` (k, n_cells)."""
         k = X.shape[0]
+        w = self._work(k)
         identity = self.perm == tuple(range(len(self.shape)))
-        simple_shape = tuple(self.shape[a] for a in self.simple)
+        simple_shape = w["simple_shape"]
         if identity:
             Y = np.ascontiguousarray(X).reshape((k, self.d) + simple_shape)
         else:
             Y = X.reshape((k,) + self.shape).transpose((0,) + tuple(a + 1 for a in self.perm))
             Y = np.ascontiguousarray(Y).reshape((k, self.d) + simple_shape)
-        pos = {a: i + 2 for i, a in enumerate(self.simple)}
-        M: dict[tuple[int, ...], np.ndarray] = {(): Y}
-        for S in self.subsets[1:]:  # by size: every S minus one axis is already there
-            parent = min((tuple(b for b in S if b != a) for a in S), key=lambda T: M[T].size)
-            a = next(b for b in S if b not in parent)
-            M[S] = M[parent].mean(axis=pos[a], keepdims=True)
-        T = {S: np.matmul(C[S], M[S].reshape(k, self.d, -1)).reshape(M[S].shape)
-             for S in self.subsets[1:]}
-        for S in sorted(self.subsets[1:], key=len, reverse=True):
-            if len(S) > 1:  # add into the smallest term with one axis fewer (broadcasts)
-                parent = min((tuple(b for b in S if b != a) for a in S), key=lambda U: T[U].size)
-                T[parent] += T[S]
+        M, T = w["M"], w["T"]
+        src = {(): Y}
+        for S, parent, ax in w["steps"]:
+            np.sum(src[parent], axis=ax, keepdims=True, out=M[S])
+            src[S] = M[S]
+        for S in self.subsets[1:]:
+            np.matmul(C[S] * w["scale"][S], M[S].reshape(k, self.d, -1),
+                      out=T[S].reshape(k, self.d, -1))
+        for S, parent in w["adds"]:
+            T[parent] += T[S]
         if identity and out is not None:
             res = out.reshape(Y.shape)
         else:

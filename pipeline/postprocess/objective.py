@@ -94,6 +94,7 @@ class L2Objective:
         self._kron: KronInverse | None = None  # fast H on the full grid (lazy)
         self._kron_checked = False
         self._c0 = 0.0
+        self._work: list[np.ndarray] = []  # (k, n) work arrays of lower_bound
 
     def uniform_weights(self) -> dict[str, float] | None:
         """Per-query scalar weights if every answer carries its query's weight, else None."""
@@ -161,6 +162,18 @@ class L2Objective:
             return project_columns_sort(V, self.p, self._mask)[0]
         return np.where(self.allowed, np.maximum(V, 0.0), 0.0)
 
+    def _scratch(self, i: int) -> np.ndarray:
+        """(k, n) float64 work array number i, kept on the objective."""
+        while len(self._work) <= i:
+            self._work.append(np.empty((self.k, self.n)))
+        return self._work[i]
+
+    def _neg_mask(self) -> np.ndarray:
+        """0 on allowed entries, -inf elsewhere (added to a point before the projection)."""
+        if self._neg is None:
+            self._neg = np.where(self.allowed, 0.0, -np.inf)
+        return self._neg
+
     def project_inplace(
         self, V: np.ndarray, out: np.ndarray, tau: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -177,9 +190,7 @@ class L2Objective:
             out[...] = X
             return out, tau
         if self._mask is not None:
-            if self._neg is None:
-                self._neg = np.where(self._mask, 0.0, -np.inf)
-            V += self._neg
+            V += self._neg_mask()
         return project_columns_warm(V, self.p, tau, out=out)
 
     def _bound_groups(self) -> np.ndarray | None:
@@ -210,6 +221,10 @@ class L2Objective:
             R += self.bound_back(A)
             return R
         ends = np.r_[starts[1:], self.n]
+        size = ends - starts
+        if R.flags.c_contiguous and np.all(size == size[0]):  # equal runs: one broadcast
+            R.reshape(R.shape[0], starts.size, int(size[0]))[...] += A[:, :, None]
+            return R
         for i, (a, b) in enumerate(zip(starts, ends)):
             R[:, a:b] += A[:, i:i + 1]
         return R
@@ -247,34 +262,48 @@ class L2Objective:
         :meth:`certificate`). Valid for every C1 point, also one whose row totals or lower
         bounds are not met yet."""
         g = f
+        # the Lagrangian gradient goes to a work array kept on the objective (large parents:
+        # fresh (k, n) temporaries page-fault on every check)
+        G = self._scratch(0)
+        np.copyto(G, grad)
         if alpha is not None and self.totals is not None:
             g -= float(np.sum(alpha * (Z.sum(axis=1) - self.totals)))
-            grad = grad - alpha[:, None]
+            G -= alpha[:, None]
         if nu is not None and self.lower is not None:
             g -= float(np.sum(nu * (self.bound_answer(Z) - self.lower)))
-            grad = grad - self.bound_back(nu)
+            self.bound_back_add(G, -nu)
         if self.mu > 0:
-            V = Z - grad / self.mu
+            V = self._scratch(1)
+            np.multiply(G, -1.0 / self.mu, out=V)
+            V += Z
             # exact projection; warm-started from the previous bound's thresholds (the
             # points of successive checks are close), by sorting the first time
-            S, self._lb_tau = self.project_inplace(V, np.empty_like(V), self._lb_tau)
-            D = Z - S
-            bound = float(np.sum(grad * D)) - 0.5 * self.mu * float(np.sum(D * D))
+            S, self._lb_tau = self.project_inplace(V, self._scratch(2), self._lb_tau)
+            D = np.subtract(Z, S, out=self._scratch(1))
+            bound = float(np.vdot(G, D)) - 0.5 * self.mu * float(np.vdot(D, D))
         else:
-            gm = np.where(self.allowed, grad, np.inf)
+            gm = np.where(self.allowed, G, np.inf)
             if self.consistency:
                 low = gm.min(axis=0, initial=np.inf)
                 low = np.where(np.isfinite(low), low, 0.0)
-                bound = float(np.sum(grad * Z)) - float(np.sum(low * self.p))
-            elif np.any(grad[self.allowed] < 0):
+                bound = float(np.vdot(G, Z)) - float(np.sum(low * self.p))
+            elif np.any(G[self.allowed] < 0):
                 bound = np.inf  # min of a linear function over the orthant is unbounded
             else:
-                bound = float(np.sum(grad * Z))
+                bound = float(np.vdot(G, Z))
         lb = g - max(bound, 0.0)
         if self.consistency and self.k:
-            gmin = np.where(self.allowed, grad, np.inf).min(axis=0)
-            gmax = np.where(Z > 0, grad, -np.inf).max(axis=0)
+            # min over allowed / max over the support of G per cell, via +-inf work arrays
+            W = self._scratch(1)
+            if self._mask is None:
+                gmin = G.min(axis=0)
+            else:
+                np.subtract(G, self._neg_mask(), out=W)  # +inf off allowed
+                gmin = W.min(axis=0)
+            np.copyto(W, G)
+            W[Z <= 0] = -np.inf
+            gmax = W.max(axis=0)
             spread = float(np.max(np.where(np.isfinite(gmax), gmax - gmin, 0.0), initial=0.0))
         else:
-            spread = float(np.max(np.where(Z > 0, np.abs(grad), 0.0), initial=0.0))
+            spread = float(np.max(np.where(Z > 0, np.abs(G), 0.0), initial=0.0))
         return lb, spread

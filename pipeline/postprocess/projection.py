@@ -105,51 +105,60 @@ def project_columns_warm(
     ``tau`` (n,) is a starting threshold (e.g. the previous iteration's). Michelot/Newton
     steps ``tau += (sum_j max(w - tau, 0) - p) / |{w > tau}|``: one step from any tau with a
     non-empty support lands at or below tau*, and a column is exact as soon as its support
-    count repeats (supports of thresholds are nested). Columns still moving after a step are
-    handled on their own (column subset), so late ADMM iterations cost about two passes.
-    ``out`` (k, n) receives X (may be preallocated). Returns ``(X, tau)`` like
+    count repeats (supports of thresholds are nested). While most columns still move, all
+    columns are re-evaluated (settled ones with their tau frozen, so unchanged); once few
+    remain they are gathered and handled on their own, so late ADMM iterations cost about
+    two passes. ``out`` (k, n) receives X. Returns ``(X, tau)`` like
     :func:`project_columns_sort`.
     """
     k, n = W.shape
     X = np.empty_like(W) if out is None else out
     tau = np.array(tau, dtype=np.float64, copy=True)
-    mask = np.empty((k, n), dtype=bool)
-    cols = None  # None: all columns; else the columns still moving
-    Wc, Xc, pc, tc, mc = W, X, p, tau, mask
-    prev = None
-    for _ in range(max_iter):
+    settled = np.zeros(n, dtype=bool)
+    prev = np.full(n, -1, dtype=np.int64)  # support count at the previous evaluation
+    cols = None  # None: all columns (full arrays); else the gathered columns still moving
+    Wc, Xc, pc = W, X, p
+    mc = np.empty((k, n), dtype=bool)
+    for step in range(max_iter):
+        tc = tau if cols is None else tau[cols]
         np.subtract(Wc, tc[None, :], out=Xc)
         np.maximum(Xc, 0.0, out=Xc)
         np.greater(Xc, 0.0, out=mc)
         cnt = np.add.reduce(mc.view(np.int8), axis=0, dtype=np.int64)
         s = Xc.sum(axis=0)
-        empty = cnt == 0
-        if empty.any():  # tau above every entry: restart at the lower bound max(w) - p
-            e = np.flatnonzero(empty & (pc > 0))
-            if e.size:
-                tc[e] = Wc[:, e].max(axis=0) - pc[e]
-        new = np.where(empty, tc, tc + (s - pc) / np.maximum(cnt, 1))
-        done = (empty & (pc <= 0)) | (cnt == prev if prev is not None else np.zeros(cnt.shape, bool))
-        done &= ~(empty & (pc > 0))
+        pv = prev if cols is None else prev[cols]
+        st = settled if cols is None else settled[cols]
+        lost = (cnt == 0) & (pc > 0)  # tau above every entry: restart at max(w) - p <= tau*
+        done = st | ((cnt == 0) & (pc <= 0)) | ((cnt == pv) & (step > 0) & ~lost)
+        new = np.where(done, tc, tc + (s - pc) / np.maximum(cnt, 1))
+        if lost.any():
+            e = np.flatnonzero(lost)
+            new[e] = Wc[:, e].max(axis=0) - pc[e]
         if cols is None:
-            tau[:] = np.where(done, tc, new)
+            tau[:] = new
+            settled |= done
+            prev[:] = cnt
         else:
-            tau[cols] = np.where(done, tc, new)
+            tau[cols] = new
+            settled[cols] = done
+            prev[cols] = cnt
             X[:, cols] = Xc
         if done.all():
             return X, tau
-        keep = np.flatnonzero(~done)
-        prev = cnt[keep]
-        cols = keep if cols is None else cols[keep]
+        if cols is None and 2 * int(settled.sum()) < n:
+            continue  # most columns still moving: a gather would cost more than it saves
+        cols = np.flatnonzero(~settled)
         Wc = W[:, cols]
         Xc = np.empty_like(Wc)
         mc = np.empty(Wc.shape, dtype=bool)
         pc = p[cols]
-        tc = tau[cols].copy()
     # not settled after max_iter steps (should not happen): exact sort on those columns
-    Xs, ts = project_columns_sort(np.where(np.isfinite(W[:, cols]), W[:, cols], -1e300), p[cols])
-    X[:, cols] = Xs
-    tau[cols] = ts
+    rest = np.flatnonzero(~settled)
+    Wr = W[:, rest]
+    Xs, ts = project_columns_sort(np.where(np.isfinite(Wr), Wr, 0.0), p[rest],
+                                  np.isfinite(Wr))
+    X[:, rest] = Xs
+    tau[rest] = ts
     return X, tau
 
 
