@@ -216,3 +216,30 @@ def test_fast_full_grid_value_grad_matches_the_per_query_sums():
     f2, g2 = slow.value_grad(Z)
     assert abs(f1 - f2) <= 1e-12 * f2
     np.testing.assert_allclose(g1, g2, atol=1e-10)
+
+
+def test_warm_start_from_a_related_solve():
+    # the redo with lower bounds started from the trial without them reaches the same
+    # certified optimum as a cold start; restarting a solve from its own result certifies
+    # at the first check
+    prob, truth = random_parent(k=12, pop=40, seed=3, alpha=1.0, gq=True)
+    t = truth.sum(axis=1).astype(float)
+    trial_obj = _obj(prob, totals=t)
+    trial = admm(trial_obj, DenseInverse(trial_obj), tol=1e-7, feas_tol=1e-5)
+    assert trial.certified and trial.state is not None
+    # the first GQ child's bound half a person above the trial's answer: active
+    lower = prob.lower_bounds().copy()
+    ans = trial_obj.sys.terms["hhgq"].answers
+    G = np.zeros_like(lower)
+    G[:, ans] = trial_obj.sys.answer("hhgq", trial.Z)
+    c, g = np.argwhere(lower[:, 1:] > 0)[0]
+    lower[c, g + 1] = G[c, g + 1] + 0.5
+    obj = _obj(prob, totals=t, lower=lower)
+    cold = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5)
+    warm = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5, warm=trial)
+    assert cold.certified and warm.certified
+    assert (obj.bound_answer(cold.Z) >= obj.lower - 1e-6).all()
+    assert warm.f > trial.f + 1e-3  # the bounds cost something: the trial is not optimal
+    assert abs(warm.f - cold.f) <= max(warm.gap, cold.gap) + 1e-12 * cold.f
+    again = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5, warm=warm)
+    assert again.certified and again.iterations == 10
