@@ -225,7 +225,7 @@ def test_warm_start_from_a_related_solve():
     prob, truth = random_parent(k=12, pop=40, seed=3, alpha=1.0, gq=True)
     t = truth.sum(axis=1).astype(float)
     trial_obj = _obj(prob, totals=t)
-    trial = admm(trial_obj, DenseInverse(trial_obj), tol=1e-7, feas_tol=1e-5)
+    trial = admm(trial_obj, DenseInverse(trial_obj), tol=1e-7, feas_tol=1e-5, keep_state=True)
     assert trial.certified and trial.state is not None
     # the first GQ child's bound half a person above the trial's answer: active
     lower = prob.lower_bounds().copy()
@@ -236,7 +236,8 @@ def test_warm_start_from_a_related_solve():
     lower[c, g + 1] = G[c, g + 1] + 0.5
     obj = _obj(prob, totals=t, lower=lower)
     cold = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5)
-    warm = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5, warm=trial)
+    warm = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5, warm=trial, keep_state=True)
+    assert cold.state is None  # not kept unless asked for
     assert cold.certified and warm.certified
     assert (obj.bound_answer(cold.Z) >= obj.lower - 1e-6).all()
     assert warm.f > trial.f + 1e-3  # the bounds cost something: the trial is not optimal

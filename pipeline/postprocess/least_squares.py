@@ -146,6 +146,7 @@ def admm(
     method: str = "admm",
     balance: float = 10.0,
     warm: L2Result | None = None,
+    keep_state: bool = False,
 ) -> L2Result:
     """Solve the parent's least squares by ADMM; stop when ``gap <= tol * f`` and
     ``infeas <= feas_tol``. If ``max_iter`` is hit the result has ``certified=False``.
@@ -158,7 +159,8 @@ def admm(
 
     ``warm``: a result of an earlier solve of the same parent (same children and domain, e.g.
     without the lower bounds); its iterate, dual and rho are the starting point. Any start
-    converges to the same certified optimum; a near one saves iterations.
+    converges to the same certified optimum; a near one saves iterations. ``keep_state``:
+    return that state in ``L2Result.state`` (off by default: it holds two more (k, n) arrays).
     """
     k, n = obj.k, obj.n
     obj.mu = inv.mu
@@ -196,6 +198,11 @@ def admm(
     R = np.empty_like(Z)
     T = np.empty_like(Z)
     Zold = np.empty_like(Z)
+    def state() -> dict | None:
+        if not keep_state:
+            return None
+        return dict(Z=Z, U=U, U2=U2 if has_low else None, rho=rho, tau=tau)
+
     f, gap, spread, infeas = np.inf, np.inf, np.inf, np.inf
     it = 0
     for it in range(1, max_iter + 1):
@@ -229,15 +236,14 @@ def admm(
             gap = max(f - lb, 0.0)
             infeas = obj.infeasibility(Z)
             if gap <= tol * max(f, 1e-300) and infeas <= feas_tol:
-                return L2Result(Z, f, gap, spread, infeas, it, True, method,
-                                dict(Z=Z, U=U, U2=U2 if has_low else None, rho=rho, tau=tau))
+                return L2Result(Z, f, gap, spread, infeas, it, True, method, state())
             if can_repair and infeas > feas_tol:
                 # first-order value of f at the repaired point: f + alpha'(t - Z 1)
                 pred = f + float(np.sum(alpha * (obj.totals - Z.sum(axis=1))))
                 if pred - lb <= _REPAIR_GATE * tol * max(f, 1e-300):
                     res = _repair(obj, Z, lb, alpha, nu, tol, feas_tol, it, method)
                     if res is not None:
-                        res.state = dict(Z=Z, U=U, U2=U2 if has_low else None, rho=rho, tau=tau)
+                        res.state = state()
                         return res
             np.subtract(X, Z, out=T)
             r = float(np.linalg.norm(T)) / relax  # X - Z = (Xh - Z) / relax
@@ -251,8 +257,7 @@ def admm(
                     U2 /= fac
                 inv.set_rho(rho)
                 u, s = ones_solve()
-    return L2Result(Z, f, gap, spread, infeas, it, False, method,
-                    dict(Z=Z, U=U, U2=U2 if has_low else None, rho=rho, tau=tau))
+    return L2Result(Z, f, gap, spread, infeas, it, False, method, state())
 
 
 def _repair(obj: L2Objective, Z: np.ndarray, lb: float, alpha, nu, tol: float,
