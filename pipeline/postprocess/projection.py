@@ -249,7 +249,11 @@ def fix_row_sums(
         if max(np.abs(er).max(initial=0.0), np.abs(ec).max(initial=0.0)) <= 1e-13 * scale:
             break
         rows, cols = np.nonzero(Z > 0)
+        if rows.size == 0:
+            break
         a, b = _support_solve(rows, cols, k, n, er, ec, maxiter)
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            break
         Z[rows, cols] += a[rows] + b[cols]
         np.maximum(Z, 0.0, out=Z)
     return Z
