@@ -8,7 +8,10 @@ every child shares ``M = H + rho I (+ rho G'G)`` (notes section 3.3):
 ``x_c = v_c + mu + alpha_c u`` with ``u = M^-1 1`` and ``s = 1'u``. ``M^-1`` is either a dense
 (generalised) eigendecomposition on the free cells or the Kronecker inverse on the full grid.
 The z-step is the exact per-cell simplex projection, so every returned Z meets x >= 0 and the
-parent sums to rounding error whatever the tolerance; the loop stops on a certificate.
+parent sums to rounding error whatever the tolerance; the loop stops on a certificate. With
+held child totals the iterate's row sums lag far behind its optimality, so a check may instead
+certify the iterate moved onto the totals (:func:`_repair`). Large parents: the loop works on
+reused (k, n) arrays and warm-starts the projection (``objective.project_inplace``).
 """
 
 from __future__ import annotations
