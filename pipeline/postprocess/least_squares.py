@@ -31,6 +31,7 @@ from pipeline.postprocess.projection import fit_row_col_offsets, fix_row_sums
 # of the target (the estimate is pessimistic: on 300-3,000-child parents the repaired gap was
 # 2-4x below it, and waiting for estimate <= target cost 20-50 % more iterations)
 _REPAIR_GATE = 3.0
+_INPLACE_MIN = 20_000  # k * n from which the x-step correction is one in-place dgemm
 
 
 class DenseInverse:
@@ -121,6 +122,12 @@ def _xstep(obj: L2Objective, inv, R: np.ndarray, u: np.ndarray, s: float,
         rows = V.sum(axis=1) + (float(mu.sum()) if mu is not None else 0.0)
         alpha = (obj.totals - rows) / s
     if mu is None and alpha is None:
+        return V, alpha
+    if V.size < _INPLACE_MIN:  # small parents: fewer numpy calls beat fewer passes
+        if mu is not None:
+            V += mu[None, :]
+        if alpha is not None:
+            V += alpha[:, None] * u[None, :]
         return V, alpha
     # V += 1 mu' + alpha u' as one rank-2 update (one pass, in place on V's memory)
     A = np.zeros((V.shape[1], 2), order="F")

@@ -18,6 +18,9 @@ from pipeline.postprocess.problem import ParentProblem
 from pipeline.postprocess.projection import project_columns_sort, project_columns_warm
 
 _FAST_HESS_MIN = 100_000  # k * n from which value_grad uses the Kronecker H (full grid)
+# k * n from which the warm Newton projection beats one sort call (its ~15 numpy calls per
+# step cost more than the sort on small parents)
+_WARM_PROJECTION_MIN = 20_000
 
 
 class L2Objective:
@@ -185,7 +188,7 @@ class L2Objective:
             if self._mask is not None:
                 out *= self._mask
             return out, None
-        if tau is None:
+        if tau is None or V.size < _WARM_PROJECTION_MIN:
             X, tau = project_columns_sort(V, self.p, self._mask)
             out[...] = X
             return out, tau
@@ -217,7 +220,7 @@ class L2Objective:
     def bound_back_add(self, R: np.ndarray, A: np.ndarray) -> np.ndarray:
         """``R += G' A`` in place (no (k, n) temporary when the answers are cell runs)."""
         starts = self._bound_groups()
-        if starts is None:
+        if starts is None or R.size < _WARM_PROJECTION_MIN:  # small: one gather is cheaper
             R += self.bound_back(A)
             return R
         ends = np.r_[starts[1:], self.n]
