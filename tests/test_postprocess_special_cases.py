@@ -200,12 +200,6 @@ def test_nested_chain_kron_path_equals_dense_gls(zero_cell, with_totals):
     assert_matches(TOY, targets, TOY_VAR, X, ref, res.f)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: least_squares.DenseInverse sets mu = max(lam.min(initial=0.0), 0) and "
-    "np.min(initial=0.0) caps the result at 0, so the strong-convexity modulus is always 0; "
-    "the certificate falls back to the loose Frank-Wolfe bound and, e.g., the nested TOY case "
-    "with exact totals never certifies at tol=1e-10 in 5000 iterations (gap/f stuck near 7e-10) "
-    "while the Kronecker path certifies in 40"))
 def test_dense_inverse_modulus_is_smallest_eigenvalue():
     targets, truth = nested_parent(TOY, TOY_VAR, k=3, cells=np.arange(TOY.n_cells), pop=200,
                                    seed=12)

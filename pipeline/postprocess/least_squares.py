@@ -44,10 +44,10 @@ class DenseInverse:
             ans = obj.sys.terms[obj.prob.bound_query].ans
             B = np.eye(n) + (ans[:, None] == ans[None, :])
             self.lam, self.V = scipy.linalg.eigh(H, B)
-            self.mu = float(max(np.linalg.eigvalsh(H).min(initial=0.0), 0.0)) if n else 0.0
+            self.mu = float(max(np.linalg.eigvalsh(H).min(), 0.0)) if n else 0.0
         else:
             self.lam, self.V = np.linalg.eigh(H)
-            self.mu = float(max(self.lam.min(initial=0.0), 0.0)) if n else 0.0
+            self.mu = float(max(self.lam.min(), 0.0)) if n else 0.0
         self.lam = np.maximum(self.lam, 0.0)
         self.rho = 1.0
 

@@ -174,19 +174,22 @@ def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool
         return out
 
     objs = [objective(p, opts, with_lower=False) for p in preps]
+    # a parent whose objective splits anyway (held totals with forced-zero answers) gains
+    # nothing from a trial without its bounds: solve it with them at once
+    objs = [objective(p, opts, with_lower=True) if p.lower is not None and o.lower is not None
+            else o for p, o in zip(preps, objs)]
     X: list[np.ndarray | None] = [None] * len(preps)
     redo = []
     for i, (p, o, r) in enumerate(zip(preps, objs, run(objs))):
-        if p.lower is not None:
-            t = o.sys.terms[p.prob.bound_query]
-            G = np.zeros_like(p.lower)
-            G[:, t.answers] = o.sys.answer(t.name, r.Z)
+        Xi = _full(p.prob, o, r.Z)
+        if p.lower is not None and o.lower is None:
+            G = p.prob.spec.query(p.prob.bound_query).answer(Xi)
             if not (r.certified and (G >= p.lower - opts.feas_tol).all()):
                 p.st.iterations += r.iterations  # the trial's work, then solve with bounds
                 redo.append(i)
                 continue
         _record(p.st, o, r)
-        X[i] = _full(p.prob, o, r.Z)
+        X[i] = Xi
     objs = [objective(preps[i], opts, with_lower=True) for i in redo]
     for i, o, r in zip(redo, objs, run(objs)):
         _record(preps[i].st, o, r)
