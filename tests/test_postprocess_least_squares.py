@@ -122,33 +122,6 @@ def test_units_spec_with_exact_totals():
     assert res.certified and abs(res.f - fref) <= 1e-6 * max(fref, 1.0)
 
 
-def test_batched_fista_matches_per_parent_admm():
-    from pipeline.postprocess.batched import solve_batch
-
-    probs = [random_parent(k=int(3 + s), pop=10, seed=30 + s, alpha=0.05)[0] for s in range(4)]
-    Zs, infos = solve_batch(probs, tol=1e-10)
-    for p, Z, info in zip(probs, Zs, infos):
-        assert Z is not None
-        obj = _obj(p)
-        res = admm(obj, DenseInverse(obj), tol=1e-10)
-        fz = obj.value(Z[:, obj.domain])
-        assert abs(fz - res.f) <= 1e-8 * res.f
-        assert info["gap"] <= 1e-10 * info["f"]
-        assert (Z >= 0).all()
-        np.testing.assert_allclose(Z.sum(axis=0), p.parent, atol=1e-9)
-
-
-def test_batched_fista_leaves_violated_bounds_to_admm():
-    from pipeline.postprocess.batched import solve_batch
-
-    prob, _ = random_parent(k=5, pop=10, seed=40, gq=True)
-    low = np.zeros_like(prob.lower)
-    low[0, 0] = prob.parent[PL94.query("hhgq").cell_to_answer == 0].sum()  # all households in child 0
-    prob.lower = low
-    Zs, _ = solve_batch([prob])
-    assert Zs[0] is None
-
-
 def test_held_totals_are_certified_on_the_repaired_point(monkeypatch):
     # the multipass pass-2 shape: held child totals, per-child GQ zeros (bound splitting),
     # full grid (Kronecker x-step). The iterate is near-optimal long before its row sums meet
