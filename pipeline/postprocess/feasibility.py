@@ -99,19 +99,23 @@ def _trivially_feasible(prob: ParentProblem, totals: np.ndarray | None) -> bool:
     return bool((totals >= -1e-9).all() and abs(totals.sum() - prob.parent_float().sum()) < 1e-6)
 
 
+def _by_answer(prob: ParentProblem) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parent's persons per bound-query answer ``(na,)``, forced zeros ``(k, na)`` bool and
+    lower bounds ``(k, na)`` float (zeros when none)."""
+    q = prob.spec.query(prob.bound_query)
+    persons = np.bincount(q.cell_to_answer, weights=prob.parent_float(), minlength=q.n_answers)
+    zero = (np.zeros((prob.k, q.n_answers), dtype=bool) if prob.zero_answers is None
+            else np.asarray(prob.zero_answers, dtype=bool))
+    low = prob.lower_bounds()
+    return persons, zero, np.zeros((prob.k, q.n_answers)) if low is None else low
+
+
 def _feasible_by_group(prob: ParentProblem) -> bool:
     """Exact check when zeros and bounds are both on one query's answers and no totals: the
     transportation problem splits by answer g, feasible iff each child with a bound on g is
     allowed on g, the bounds fit under the parent's persons in g, and a parent with persons
     in g has some child allowed on g."""
-    spec = prob.spec
-    c2a = spec.query(prob.bound_query).cell_to_answer
-    na = spec.query(prob.bound_query).n_answers
-    P = np.bincount(c2a, weights=prob.parent_float(), minlength=na)
-    zero = (np.zeros((prob.k, na), dtype=bool) if prob.zero_answers is None
-            else np.asarray(prob.zero_answers, dtype=bool))
-    low = prob.lower_bounds()
-    low = np.zeros((prob.k, na)) if low is None else low
+    P, zero, low = _by_answer(prob)
     if ((low > 0) & zero).any() or (low.sum(axis=0) > P + 1e-9).any():
         return False
     return not ((P > 0) & zero.all(axis=0)).any()
@@ -126,14 +130,7 @@ def _feasible_by_hall(prob: ParentProblem, totals: np.ndarray, tol: float = 1e-9
     are non-negative with equal sums and every set S of children demands no more than the
     supply of the answers some child of S may take. Enumerates the ``2^k`` sets (small k).
     """
-    spec = prob.spec
-    c2a = spec.query(prob.bound_query).cell_to_answer
-    na = spec.query(prob.bound_query).n_answers
-    supply = np.bincount(c2a, weights=prob.parent_float(), minlength=na)
-    zero = (np.zeros((prob.k, na), dtype=bool) if prob.zero_answers is None
-            else np.asarray(prob.zero_answers, dtype=bool))
-    low = prob.lower_bounds()
-    low = np.zeros((prob.k, na)) if low is None else low
+    supply, zero, low = _by_answer(prob)
     supply = supply - low.sum(axis=0)
     demand = np.asarray(totals, dtype=np.float64) - low.sum(axis=1)
     if ((low > 0) & zero).any() or (supply < -tol).any() or (demand < -tol).any():
