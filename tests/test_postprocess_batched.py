@@ -8,7 +8,8 @@ from pipeline.postprocess import LevelBatch
 from pipeline.postprocess.batched_admm import admm_batch
 from pipeline.postprocess.least_squares import DenseInverse, admm
 from pipeline.postprocess.objective import L2Objective
-from pipeline.postprocess.parent import SolveOptions, prepare_parent, solve_least_squares, solve_parent
+from pipeline.postprocess.parent import (
+    SolveOptions, batchable, prepare_parent, solve_least_squares, solve_parent)
 from pipeline.postprocess.topdown import _batches, run_topdown, solve_level
 
 
@@ -170,3 +171,13 @@ def test_solve_level_batched_matches_solve_parent():
         got = N[batch.child_ptr[i]:batch.child_ptr[i + 1]]
         assert (got.sum(axis=0) == p.parent).all()
         assert np.abs(got - Ni).sum() <= 2
+
+
+def test_parents_with_many_children_are_solved_alone():
+    small, _ = random_parent(k=4, pop=30, seed=120)
+    many, _ = random_parent(k=70, pop=3, seed=121)
+    opts = SolveOptions()
+    assert many.free_cells().size <= opts.batch_max_cells
+    assert batchable(prepare_parent(small, opts), opts)
+    assert not batchable(prepare_parent(many, opts), opts)
+    assert batchable(prepare_parent(many, opts), SolveOptions(batch_max_children=70))
