@@ -58,7 +58,7 @@ def lifted_qp(obj: L2Objective):
     idx = np.flatnonzero(obj.allowed.ravel())
     cc, jj = np.unravel_index(idx, (k, n))
     nv = idx.size
-    blocks, pdiag, qvec, eq_rows = [], [], [], []
+    blocks, pdiag, qvec = [], [], []
     na_tot = 0
     for q in obj.queries:
         t = obj.sys.terms[q]
