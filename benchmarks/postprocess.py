@@ -40,6 +40,7 @@ from pipeline.postprocess.parent import (  # noqa: E402
     SolveOptions, batchable, objective, prepare_parent, solve_least_squares, solve_parent)
 from pipeline.postprocess.problem import LevelBatch, PostprocessError  # noqa: E402
 from pipeline.postprocess.topdown import _batches, solve_level  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
 
 US_BLOCK_GROUPS = 239_780  # parents at the block level (2020 Census block groups)
 
@@ -177,15 +178,6 @@ CASES = {
 }
 
 
-def _median_time(fn, reps: int = 3) -> tuple[float, object]:
-    ts, out = [], None
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -205,11 +197,11 @@ def main() -> None:
                      for s in range(nq if args.quick else nf)]
             # production path: L2 per parent (batched where production batches), then the
             # whole parent solve (L2 + rounding + checks) through solve_level
-            t_l2, (preps, X) = _median_time(lambda: ours_l2(probs, opts, batched))
+            t_l2, (preps, X) = median_time(lambda: ours_l2(probs, opts, batched))
             sols = with_objectives(preps, X, opts)
             t_single = None
             if batched:
-                t_single, _ = _median_time(lambda: ours_l2(probs, opts, False))
+                t_single, _ = median_time(lambda: ours_l2(probs, opts, False))
             def cat(f):
                 parts = [f(p) for p in probs]
                 return None if parts[0] is None else np.concatenate(parts)
@@ -220,7 +212,7 @@ def main() -> None:
                             probs[0].variances, lower=cat(lambda p: p.lower),
                             zero_answers=cat(lambda p: p.zero_answers))
             try:
-                t_full, (_, diag) = _median_time(lambda: solve_level(lb, opts, level=level))
+                t_full, (_, diag) = median_time(lambda: solve_level(lb, opts, level=level))
             except PostprocessError as exc:
                 violations += 1
                 print(f"VIOLATION {level}: {exc}", file=sys.stderr)

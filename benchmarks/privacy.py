@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -32,15 +31,7 @@ from pipeline.privacy.pld import strategy_pld_epsilon  # noqa: E402
 from pipeline.privacy.randomness import secure_source  # noqa: E402
 from pipeline.privacy.samplers import discrete_gaussian  # noqa: E402
 from pipeline.spec import load_spec  # noqa: E402
-
-
-def timed(fn, repeats: int, clock=time.process_time) -> tuple[float, object]:
-    out, times = None, []
-    for _ in range(repeats):
-        t = clock()
-        out = fn()
-        times.append(clock() - t)
-    return statistics.median(times), out
+from benchmarks.timing import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -53,9 +44,9 @@ def main() -> None:
         args.blocks = 2_000
     res: dict = {"blocks": args.blocks, "repeats": args.repeats}
 
-    t_load, strat = timed(lambda: load_strategy("census2020_pl94"), args.repeats, time.perf_counter)
-    t_cks, eps = timed(lambda: cks_epsilon(strat.total_rho, "1e-10"), args.repeats, time.perf_counter)
-    t_pld, eps_pld = timed(lambda: strategy_pld_epsilon(strat, "1e-10"), args.repeats, time.perf_counter)
+    t_load, strat = median_time(lambda: load_strategy("census2020_pl94"), args.repeats, time.perf_counter)
+    t_cks, eps = median_time(lambda: cks_epsilon(strat.total_rho, "1e-10"), args.repeats, time.perf_counter)
+    t_pld, eps_pld = median_time(lambda: strategy_pld_epsilon(strat, "1e-10"), args.repeats, time.perf_counter)
     res["accounting_s"] = {"load_strategy": round(t_load, 4), "cks_epsilon": round(t_cks, 4),
                            "pld_epsilon": round(t_pld, 3)}
     res["epsilon"] = {"cks": str(eps), "pld": str(eps_pld)}
@@ -79,9 +70,10 @@ def main() -> None:
                                  args.blocks, src, parent=parent, parent_of=parent_of, full=full)
 
         for full in (False, True):
-            t, r = timed(lambda: run(full), args.repeats)
+            t, r = median_time(lambda: run(full), args.repeats, time.process_time)
             key = "full" if full else "skip_parent_zero"
-            base_t, _ = timed(lambda: discrete_gaussian(strat.sigma2("block", "detailed"), r.rows, src), args.repeats)
+            base_t, _ = median_time(lambda: discrete_gaussian(strat.sigma2("block", "detailed"), r.rows, src),
+                                    args.repeats, time.process_time)
             res[key] = {"rows": r.rows, "skipped": r.skipped, "cpu_s": round(t, 3),
                         "answers_per_s": round(r.rows / t), "bare_sampler_per_s": round(r.rows / base_t)}
             print(f"measure_shard {key}: {r.rows} answers ({r.skipped} skipped) in {t:.2f} CPU s = "

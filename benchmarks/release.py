@@ -15,10 +15,8 @@ import argparse
 import json
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,7 @@ from pipeline.release_verify import verify_release  # noqa: E402
 from pipeline.spec import load_spec  # noqa: E402
 from pipeline.tables import load_tables, long_frame, tabulate_levels, unit_names  # noqa: E402
 from pipeline.uncertainty import release_moe90  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
 
 
 def synthetic(persons: int, seed: int = 0):
@@ -70,15 +69,6 @@ def synthetic(persons: int, seed: int = 0):
         units[names[i]] = cur = up
     inv = Invariants({"44": int(hists["state"].total())}, geo.blocks.geoids, hu.astype(np.int64))
     return geo, hists, units, inv
-
-
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def main() -> int:

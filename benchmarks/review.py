@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-
-def _median_time(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from benchmarks.timing import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -51,12 +42,12 @@ def main() -> None:
     truth[:, stats.index("total")] = rng.poisson(40.0, size=n)
     ests = {k: truth + rng.normal(0, 2, size=truth.shape) for k in ("published", "noisy_clipped", "wls")}
 
-    t_metrics = _median_time(lambda: level_metrics("block", stats, truth, ests))
-    t_floor = _median_time(lambda: [np.abs(e - truth).mean(axis=0) for e in ests.values()])
+    t_metrics = median_time(lambda: level_metrics("block", stats, truth, ests))[0]
+    t_floor = median_time(lambda: [np.abs(e - truth).mean(axis=0) for e in ests.values()])[0]
     spec = load_spec("pl94")
     strat = load_strategy("census2020_pl94")
     design = tuple((q, float(strat.sigma2("block", q))) for q in strat.queries("block"))
-    t_wls = _median_time(lambda: _solve_design(spec, stats, design))
+    t_wls = median_time(lambda: _solve_design(spec, stats, design))[0]
     out = {"units": n, "statistics": len(stats.names), "level_metrics_s": round(t_metrics, 3),
            "mae_floor_s": round(t_floor, 4), "ratio_vs_floor": round(t_metrics / t_floor, 1),
            "wls_design_solve_s": round(t_wls, 3)}
