@@ -26,16 +26,11 @@ import numpy as np
 
 from pipeline import __version__
 from pipeline.config import RunConfig, load_config
+from pipeline.release import ReleaseExistsError
 from pipeline.rundir import RunDir, new_run_id
 from pipeline.spec import HistogramSpec, load_spec
 
 RUN_KINDS = ("persons", "units")
-
-
-class ReleaseExistsError(RuntimeError):
-    """The release id is already published; releases are never overwritten."""
-
-    exit_status = 2  # refused before anything ran
 
 
 # --------------------------------------------------------------------------------------
