@@ -31,6 +31,14 @@ def _mask_out(V: np.ndarray, p: np.ndarray, allowed: np.ndarray | None) -> np.nd
     return np.where(allowed, V, (big - p - 1.0)[None, :])
 
 
+def _clip_at(W: np.ndarray, tau: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
+    """``max(W - tau, 0)`` per column, exactly 0 off ``allowed``: the projection at threshold tau."""
+    X = np.maximum(W - tau[None, :], 0.0)
+    if allowed is not None:
+        X[~allowed] = 0.0
+    return X
+
+
 def project_columns_sort(
     V: np.ndarray, p: np.ndarray, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -50,10 +58,7 @@ def project_columns_sort(
     cond[0] = True  # p_j == 0 (or all equal): keep at least one element in the support
     r = k - 1 - np.argmax(cond[::-1], axis=0)
     tau = css[r, np.arange(n)] / (r + 1)
-    X = np.maximum(W - tau[None, :], 0.0)
-    if allowed is not None:
-        X[~allowed] = 0.0
-    return X, tau
+    return _clip_at(W, tau, allowed), tau
 
 
 def project_columns_newton(
@@ -86,10 +91,7 @@ def project_columns_newton(
             tau = new
             break
         tau, prev = new, cnt
-    X = np.maximum(W - tau[None, :], 0.0)
-    if allowed is not None:
-        X[~allowed] = 0.0
-    return X, tau
+    return _clip_at(W, tau, allowed), tau
 
 
 def project_columns_warm(
