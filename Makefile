@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test lint test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m flows.demo
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# the layer contract, types of the core wings, and lint (part of `make test`)
+lint: setup
+	$(BIN)/ruff check pipeline flows tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy pipeline/model pipeline/privacy pipeline/postprocess pipeline/errors.py pipeline/files.py
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

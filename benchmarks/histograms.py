@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import polars as pl  # noqa: E402
 
-from pipeline.geography import Geography  # noqa: E402
-from pipeline.histograms import build_person_histograms, build_unit_counts  # noqa: E402
-from pipeline.io import read_persons, read_units  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from pipeline.synth import synthesize  # noqa: E402
+from pipeline.inputs.histograms import build_person_histograms, build_unit_counts  # noqa: E402
+from pipeline.inputs.readers import read_persons, read_units  # noqa: E402
+from pipeline.inputs.synth import synthesize  # noqa: E402
+from pipeline.model.geography import Geography  # noqa: E402
+from pipeline.model.spec import load_spec  # noqa: E402
 
 ATTRS = ["hhgq", "voting_age", "hispanic", "cenrace"]
 
@@ -47,11 +47,12 @@ def floor(path: Path) -> int:
 def national_geography() -> dict:
     """Build the geography of a national-size block set (all 3,143 counties' real tract and
     block-group counts, blocks per block group as in synth): time and bytes held."""
-    import numpy as np
     import resource
 
-    from pipeline import synth_model as m
-    from pipeline.synth import plan_counties
+    import numpy as np
+
+    from pipeline.inputs import synth_model as m
+    from pipeline.inputs.synth import plan_counties
 
     plan = plan_counties(331_000_000, 1)
     rng = np.random.default_rng(1)

@@ -35,12 +35,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from postprocess_cases import random_parent  # noqa: E402
 
+from benchmarks.timing import median_time  # noqa: E402
 from pipeline.postprocess.objective import L2Objective  # noqa: E402
-from pipeline.postprocess.parent import (  # noqa: E402
-    SolveOptions, batchable, objective, prepare_parent, solve_least_squares, solve_parent)
+from pipeline.postprocess.parent import SolveOptions, batchable, objective, prepare_parent, solve_least_squares, solve_parent  # noqa: E402
 from pipeline.postprocess.problem import LevelBatch, PostprocessError  # noqa: E402
 from pipeline.postprocess.topdown import _batches, solve_level  # noqa: E402
-from benchmarks.timing import median_time  # noqa: E402
 
 US_BLOCK_GROUPS = 239_780  # parents at the block level (2020 Census block groups)
 

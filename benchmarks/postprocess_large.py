@@ -52,10 +52,10 @@ def child(root: str, k: int, seed: int, out: str | None) -> None:
     import time
 
     import numpy as np
+    from postprocess_cases import random_parent
     from threadpoolctl import threadpool_limits
 
     import pipeline.postprocess.parent as parent_mod
-    from postprocess_cases import random_parent
 
     assert Path(pipeline.__file__).resolve().is_relative_to(Path(root).resolve())
     solves = []

@@ -24,14 +24,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.histograms import SparseHistogram  # noqa: E402
-from pipeline.measure import measure_shard  # noqa: E402
-from pipeline.privacy.accounting import cks_epsilon, load_strategy  # noqa: E402
+from benchmarks.timing import median_time  # noqa: E402
+from pipeline.model.histogram import SparseHistogram  # noqa: E402
+from pipeline.model.spec import load_spec  # noqa: E402
+from pipeline.model.strategy import load_strategy  # noqa: E402
+from pipeline.privacy.accounting import cks_epsilon
+from pipeline.privacy.measure import measure_shard  # noqa: E402
 from pipeline.privacy.pld import strategy_pld_epsilon  # noqa: E402
 from pipeline.privacy.randomness import secure_source  # noqa: E402
 from pipeline.privacy.samplers import discrete_gaussian  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from benchmarks.timing import median_time  # noqa: E402
 
 
 def main() -> None:

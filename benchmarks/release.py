@@ -24,17 +24,18 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.checks import Invariants, run_checks  # noqa: E402
-from pipeline.geography import Geography  # noqa: E402
-from pipeline.histograms import SparseHistogram, aggregate_up  # noqa: E402
-from pipeline.microdata import microdata_from_blocks  # noqa: E402
-from pipeline.privacy.accounting import load_strategy  # noqa: E402
-from pipeline.release import ReleaseMetadata, privacy_parameters, variances_from_privacy, write_release  # noqa: E402
-from pipeline.release_verify import verify_release  # noqa: E402
-from pipeline.spec import load_spec  # noqa: E402
-from pipeline.tables import load_tables, long_frame, tabulate_levels, unit_names  # noqa: E402
-from pipeline.uncertainty import release_moe90  # noqa: E402
 from benchmarks.timing import median_time  # noqa: E402
+from pipeline.inputs.histograms import aggregate_up  # noqa: E402
+from pipeline.model.geography import Geography  # noqa: E402
+from pipeline.model.histogram import SparseHistogram
+from pipeline.model.spec import load_spec  # noqa: E402
+from pipeline.model.strategy import load_strategy  # noqa: E402
+from pipeline.release.checks import Invariants, run_checks  # noqa: E402
+from pipeline.release.microdata import microdata_from_blocks  # noqa: E402
+from pipeline.release.tables import load_tables, long_frame, tabulate_levels, unit_names  # noqa: E402
+from pipeline.release.uncertainty import release_moe90  # noqa: E402
+from pipeline.release.verify import verify_release  # noqa: E402
+from pipeline.release.writer import ReleaseMetadata, privacy_parameters, variances_from_privacy, write_release  # noqa: E402
 
 
 def synthetic(persons: int, seed: int = 0):

@@ -31,10 +31,10 @@ def main() -> None:
     args = ap.parse_args()
     n = 5_000 if args.quick else args.units
 
-    from pipeline.privacy.accounting import load_strategy
+    from pipeline.model.spec import load_spec
+    from pipeline.model.strategy import load_strategy
     from pipeline.review.comparators import _solve_design
     from pipeline.review.metrics import level_metrics, statistic_vectors
-    from pipeline.spec import load_spec
 
     stats = statistic_vectors()
     rng = np.random.default_rng(0)

@@ -14,8 +14,9 @@ sys.path.insert(0, str(HERE.parent))  # run as a script from a checkout, install
 
 import polars as pl  # noqa: E402
 
-from pipeline.io import read_persons  # noqa: E402
-from pipeline.synth import units_from_persons  # noqa: E402
+from pipeline.inputs.readers import read_persons  # noqa: E402
+from pipeline.inputs.synth import units_from_persons  # noqa: E402
+
 DEFAULT_CSV = HERE.parent.parent / "shared" / "data" / "real" / "ppmf_20210428_eps12-2_P_01105_perry_al.csv"
 
 

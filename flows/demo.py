@@ -25,13 +25,12 @@ def main() -> int:
 
     t0 = time.perf_counter()
     result = tabulate(config_path=str(config))
-    from pipeline import run as stages
-
     from fractions import Fraction
 
-    from pipeline.release_verify import verify_release
+    from pipeline.release.verify import verify_release
+    from pipeline.review import review_run_dir
 
-    report = stages.review_run(result["run_dir"])
+    report = review_run_dir(Path(result["run_dir"]))
     release = Path(result["release"])
     failures = verify_release(release)
     print()

@@ -1,6 +1,7 @@
 """Prefect flow ``tabulate``: one flow run per release, levels in order, ``.map`` over shards.
 
-Every task wraps a function of :mod:`pipeline.run` and passes only paths and small manifests
+Every task wraps a stage of :mod:`pipeline.job.stages`, in the order of
+:func:`pipeline.job.plan.plan`, and passes only paths and small manifests
 (names, counts, checksums, seconds). No arrays, true values, keys or seeds ever go through
 task parameters, results, logs or artifacts: the confidential state stays in the run
 directory. Retries are safe because every stage is idempotent and measurements are
@@ -15,7 +16,10 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from pipeline import run as stages
+from pipeline.errors import InputError
+from pipeline.job import stages
+from pipeline.job.context import RunContext
+from pipeline.job.plan import plan
 
 # Prefect's result cache must never decide whether noise is drawn: the stages are idempotent
 # on disk, so caching is off and retries simply re-enter the stage.
@@ -27,14 +31,14 @@ def prepare_task(config_path: str, resume_dir: str | None) -> str:
     return str(stages.prepare(config_path, resume_dir=resume_dir))
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(InputError):
     """Invalid input, described without data values (Prefect stores logs and exceptions)."""
 
 
 @task(name="histograms", retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=lambda task, run, state: not _is_invalid_input(state), **_TASK)
 def histograms_task(run_dir: str) -> dict[str, Any]:
-    from pipeline.io import InputValidationError
+    from pipeline.inputs.problems import InputValidationError
 
     try:
         return stages.stage_inputs(run_dir)
@@ -80,15 +84,13 @@ def tabulate(config_path: str, resume_dir: str | None = None) -> dict[str, Any]:
     run_dir = prepare_task(config_path, resume_dir)
     histograms_task(run_dir)
     diagnostics: list[dict[str, Any]] = []
-    for kind in stages.run_kinds(run_dir):
-        for level in stages.run_levels(run_dir):
-            shards = stages.level_shards(run_dir, kind, level)
-            futures = shard_task.map(unmapped(run_dir), unmapped(kind), unmapped(level), shards)
-            futures.wait()
-            futures.result()  # raise the first shard failure, if any
-            summary = finish_level_task(run_dir, kind, level)
-            diagnostics.append(summary)
-            log.info("%s %s: %s parents in %s shards", kind, level, summary.get("parents"), len(shards))
+    for step in plan(RunContext.load(run_dir)):
+        futures = shard_task.map(unmapped(run_dir), unmapped(step.kind), unmapped(step.level), list(step.shards))
+        futures.wait()
+        futures.result()  # raise the first shard failure, if any
+        summary = finish_level_task(run_dir, step.kind, step.level)
+        diagnostics.append(summary)
+        log.info("%s %s: %s parents in %s shards", step.kind, step.level, summary.get("parents"), len(step.shards))
     published = publish_task(run_dir)
     create_markdown_artifact(key="privacy-accounting", markdown=published["privacy_markdown"],
                              description="Privacy-loss accounting of this release")

@@ -26,28 +26,60 @@ def run_cmd(
     config: str = typer.Argument(None, help="run config YAML (omit with --resume)"),
     resume: str = typer.Option(None, "--resume", help="continue the run in this run directory"),
     flow: bool = typer.Option(False, "--flow", help="run as a Prefect flow (ephemeral API unless PREFECT_API_URL is set)"),
-    task_runner: str = typer.Option("thread", "--task-runner", help="thread or dask (with --flow)"),
-    dask_address: str = typer.Option(None, "--dask-address", help="tcp://scheduler:8786 of an existing Dask cluster"),
+    task_runner: str = typer.Option(None, "--task-runner",
+                                    help="thread or dask (with --flow; default: the config's execution.task_runner)"),
+    dask_address: str = typer.Option(None, "--dask-address",
+                                     help="tcp://scheduler:8786 of an existing Dask cluster (default: execution.dask_address)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
 ) -> None:
     """Run (or resume) a release job: validate, histograms, noise, top-down, publish."""
+    import time
+
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.run import run_job_for_cli
+    from pipeline.job.stages import closing_summary, run
 
     if config is None and resume is None:
         raise typer.BadParameter("give a CONFIG or --resume RUN_DIR")
     console = Console()
+    t0 = time.perf_counter()
     try:
-        summary = run_job_for_cli(config, resume, flow=flow, task_runner=task_runner,
-                                  dask_address=dask_address, progress=not quiet)
-    except Exception as exc:  # input, configuration and budget errors carry exit status 2
+        if flow or task_runner is not None or dask_address is not None:
+            out = _run_flow(config, resume, task_runner, dask_address)
+        else:
+            out = run(config, resume_dir=resume, progress=not quiet)
+        summary = closing_summary(out, t0)
+    except Exception as exc:  # library errors carry their exit status (pipeline.errors)
         _fail(exc)
     table = Table(title="dptab run summary", show_header=False)
     for k, v in summary.items():
         table.add_row(k, str(v))
     console.print(table)
+
+
+def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
+              dask_address: str | None) -> dict:
+    """``dptab run --flow``: the same job as the Prefect flow ``dp-tabulate``. The task runner
+    and Dask address default to the config's ``execution`` section."""
+    import os
+
+    from pipeline.job.context import RunContext
+    from pipeline.model.config import ConfigError, load_config
+
+    if config is not None:
+        execution = load_config(config).execution
+    else:
+        execution = RunContext.load(resume).cfg.execution
+    runner = task_runner or execution.task_runner
+    if runner not in ("thread", "dask"):
+        raise ConfigError(f"--task-runner must be 'thread' or 'dask', not {runner!r}")
+    # the first start of an ephemeral API server on a busy 2-core machine can take > 20 s
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from flows.tabulate import with_runner  # the CLI is a roof: it may start the flow
+
+    return with_runner(runner, dask_address or execution.dask_address)(
+        config_path=str(config) if config else "", resume_dir=resume)
 
 
 @app.command("validate")
@@ -61,9 +93,10 @@ def validate_cmd(
     """Validate the persons and units inputs; exit 2 listing every problem if they are invalid."""
     import time
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.io import InputValidationError, validate_inputs
-    from pipeline.spec import SpecError, load_spec
+    from pipeline.inputs.problems import InputValidationError
+    from pipeline.inputs.validation import validate_inputs
+    from pipeline.model.config import ConfigError, load_config
+    from pipeline.model.spec import SpecError, load_spec
 
     spec = None
     if config is not None:
@@ -113,7 +146,7 @@ def synth_cmd(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.synth import SynthError, synthesize
+    from pipeline.inputs.synth import SynthError, synthesize
 
     console = Console(stderr=True)
     try:
@@ -148,10 +181,12 @@ def histograms_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.geography import Geography, GeographyError
-    from pipeline.histograms import HistogramError, build_person_histograms, build_unit_counts
-    from pipeline.io import InputValidationError, read_persons, read_units
-    from pipeline.spec import load_spec
+    from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
+    from pipeline.inputs.problems import InputValidationError
+    from pipeline.inputs.readers import read_persons, read_units
+    from pipeline.model.geography import Geography, GeographyError
+    from pipeline.model.histogram import HistogramError
+    from pipeline.model.spec import load_spec
 
     # wide enough for national counts even when not writing to a terminal (rich defaults to 80)
     console = Console(width=None if sys.stdout.isatty() else 120)
@@ -194,7 +229,7 @@ def verify_cmd(
     """Recompute every checksum and consistency check of a release; exit 1 listing failures."""
     import time
 
-    from pipeline.release_verify import ReleaseFormatError, verify_release
+    from pipeline.release.verify import ReleaseFormatError, verify_release
 
     t0 = time.perf_counter()
     try:
@@ -289,7 +324,8 @@ def budget_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.privacy.accounting import StrategyError, budget_rows, cks_epsilon, load_strategy, loose_epsilon
+    from pipeline.model.strategy import StrategyError, budget_rows, load_strategy
+    from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
 
     console = Console()
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.model.spec import HistogramSpec, load_spec
 from pipeline.postprocess import LevelInput, ParentProblem
-from pipeline.spec import HistogramSpec, load_spec
 
 PL94 = load_spec("pl94")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.synth import synthesize
+from pipeline.inputs.synth import synthesize
 
 
 def make_inputs(tmp: Path, persons: int = 3000, seed: int = 11) -> Path:

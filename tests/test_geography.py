@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.geography import Geography, GeographyError, GeoLevel, load_geolevels
+from pipeline.model.geography import Geography, GeographyError, GeoLevel, load_geolevels
 
 BLOCKS = ["010010201001000", "010010201001001", "010010201002000", "010030201001000", "020010000001000"]
 
@@ -94,7 +94,7 @@ def test_random_hierarchies_are_consistent(blocks):
 @pytest.mark.parametrize("bad", ["+10010201001000", " 10010201001000", "01001020100100 ", "-10010201001000",
                                  "01001020100100\u0661", "0100102010010.0", None])
 def test_geoid_parse_rejects_signs_spaces_and_non_ascii(bad):
-    from pipeline.geography import geoid_codes
+    from pipeline.model.geography import geoid_codes
 
     with pytest.raises(GeographyError, match="1 block GEOIDs are not 15-digit"):
         geoid_codes(pl.Series([BLOCKS[0], bad], dtype=pl.Utf8), 15, what="block GEOIDs")

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.geography import Geography
-from pipeline.histograms import (HistogramError, SparseHistogram, UnitCounts, aggregate_up,
-                                 build_person_histograms, build_unit_counts)
-from pipeline.spec import load_spec
+from pipeline.inputs.histograms import UnitCounts, aggregate_up, build_person_histograms, build_unit_counts
+from pipeline.model.geography import Geography
+from pipeline.model.histogram import HistogramError, SparseHistogram
+from pipeline.model.spec import load_spec
 
 SPEC = load_spec("pl94")
 ATTRS = ["hhgq", "voting_age", "hispanic", "cenrace"]
@@ -152,7 +152,7 @@ def test_unit_counts_equal_naive_and_sum_consistently(blocks, data):
 
 
 def test_sorted_and_dense_aggregation_agree(monkeypatch):
-    import pipeline.histograms as H
+    import pipeline.inputs.histograms as H
 
     rng = np.random.default_rng(5)
     blocks = sorted({f"{s:02d}{c:03d}{t:06d}{b:04d}" for s, c, t, b in
@@ -173,7 +173,7 @@ def test_sorted_and_dense_aggregation_agree(monkeypatch):
 
 
 def test_long_geoids_use_the_overflow_safe_sort():
-    from pipeline.geography import GeoLevel
+    from pipeline.model.geography import GeoLevel
 
     levels = [GeoLevel("nation", 0), GeoLevel("area", 2), GeoLevel("block", 18)]
     blocks = ["990000000000000001", "990000000000000000", "120000000000000007"]

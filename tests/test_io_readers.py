@@ -14,14 +14,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from io_cases import persons_df, to_ppmf, units_df, write  # noqa: E402
 
-from pipeline.io import (  # noqa: E402
-    InputValidationError,
-    read_persons,
-    read_units,
-    sha256_file,
-    validate_inputs,
-    write_parquet_atomic,
-)
+from pipeline.files import sha256_file, write_parquet_atomic
+from pipeline.inputs.problems import InputValidationError
+from pipeline.inputs.readers import read_persons, read_units
+from pipeline.inputs.validation import validate_inputs
 
 PERRY_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "ppmf_20210428_eps12-2_P_01105_perry_al.csv"
 PERSONS_OUT = {"geoid": pl.String, "hhgq": pl.Int32, "voting_age": pl.Int32, "hispanic": pl.Int32, "cenrace": pl.Int32}
@@ -129,7 +125,7 @@ def test_write_parquet_atomic_refuses_overwrite(tmp_path: Path) -> None:
 
 
 def test_write_parquet_atomic_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.io as io
+    import pipeline.files as io
 
     out = write_parquet_atomic(persons_df(), tmp_path / "x.parquet")
     before = out.read_bytes()
@@ -194,7 +190,7 @@ def test_group_quarters_only_units_with_all_null_occupied(tmp_path: Path) -> Non
 
 
 def test_contract_geoid_widths_are_checked(tmp_path: Path) -> None:
-    from pipeline.contract import CONTRACT_PATH, load_contract
+    from pipeline.inputs.contract import CONTRACT_PATH, load_contract
 
     c = load_contract()
     assert c["geoid_width"] == 15

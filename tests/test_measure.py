@@ -10,12 +10,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.histograms import SparseHistogram
-from pipeline.measure import COLUMNS, MeasurementError, load_measurements, measure_shard
-from pipeline.privacy.accounting import load_strategy
+from pipeline.model.histogram import SparseHistogram
+from pipeline.model.spec import load_spec
+from pipeline.model.strategy import load_strategy
+from pipeline.privacy.measure import COLUMNS, MeasurementError, load_measurements, measure_shard
 from pipeline.privacy.randomness import keyed_source, seeded_source
 from pipeline.privacy.samplers import discrete_gaussian_variance
-from pipeline.spec import load_spec
 
 SPEC = load_spec("pl94")
 STRATEGY = load_strategy("census2020_pl94")

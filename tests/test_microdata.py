@@ -10,10 +10,14 @@ import polars as pl
 import pytest
 from test_tables_cases import make_case
 
-from pipeline.histograms import SparseHistogram
-from pipeline.microdata import (PPMF_COLUMNS, MicrodataError, histogram_from_microdata,
-                                microdata_from_blocks)
-from pipeline.spec import load_spec
+from pipeline.model.histogram import SparseHistogram
+from pipeline.model.spec import load_spec
+from pipeline.release.microdata import (
+    PPMF_COLUMNS,
+    MicrodataError,
+    histogram_from_microdata,
+    microdata_from_blocks,
+)
 
 SPEC = load_spec("pl94")
 PERRY = Path("/work/shared/data/real/ppmf_20210428_eps12-2_P_01105_perry_al.csv")
@@ -79,8 +83,8 @@ def test_reproduces_census_ppmf_records() -> None:
 
 def test_our_ppmf_reader_reads_the_microdata(tmp_path) -> None:
     """The project's PPMF input reader (pipeline.io) reads the file back to the same histogram."""
-    from pipeline.histograms import build_block_histogram
-    from pipeline.io import read_persons
+    from pipeline.inputs.histograms import build_block_histogram
+    from pipeline.inputs.readers import read_persons
 
     c = make_case(6)
     blocks = c.geography.level("block")

@@ -2,14 +2,13 @@
 
 import numpy as np
 import pytest
-
 from postprocess_cases import PL94, hierarchy, random_parent, reference_qp
+
 from pipeline.postprocess import LevelBatch
 from pipeline.postprocess.batched_admm import admm_batch
 from pipeline.postprocess.least_squares import DenseInverse, admm
 from pipeline.postprocess.objective import L2Objective
-from pipeline.postprocess.parent import (
-    SolveOptions, batchable, prepare_parent, solve_least_squares, solve_parent)
+from pipeline.postprocess.parent import SolveOptions, batchable, prepare_parent, solve_least_squares, solve_parent
 from pipeline.postprocess.topdown import _batches, run_topdown, solve_level
 
 

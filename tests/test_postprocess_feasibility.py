@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from postprocess_cases import PL94
+
 from pipeline.postprocess import ParentProblem
 from pipeline.postprocess.feasibility import _feasible_by_hall, _transport_lp, is_feasible
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from pipeline.model.spec import load_spec
 from pipeline.postprocess.kron import KronInverse
 from pipeline.postprocess.operators import QuerySystem, dense_normal_matrix
-from pipeline.spec import load_spec
 
 PL94 = load_spec("pl94")
 
@@ -68,7 +68,7 @@ def test_query_system_answers_match_spec():
 def test_kron_inverse_dense_axis_not_first_and_out_buffer():
     # a recode on the middle axis makes it the dense one: the apply permutes axes; ``out`` is
     # filled in place; several queries of each kind (I, J, recode) on each axis
-    from pipeline.spec import Attribute, HistogramSpec, Recode
+    from pipeline.model.spec import Attribute, HistogramSpec, Recode
 
     spec = HistogramSpec(
         name="toy-mid-dense",

@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-
 from postprocess_cases import PL94, random_parent, reference_qp
+
+from pipeline.model.spec import load_spec
 from pipeline.postprocess.least_squares import DenseInverse, _xstep, admm, choose_inverse
 from pipeline.postprocess.objective import L2Objective
 from pipeline.postprocess.projection import project_columns_sort
-from pipeline.spec import load_spec
 
 
 def _obj(prob, totals=None, lower=None, domain=None, queries=None):

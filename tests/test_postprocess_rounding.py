@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import scipy.optimize
 import scipy.sparse as sp
-
 from postprocess_cases import PL94, random_parent
+
 from pipeline.postprocess.parent import SolveOptions, prepare_parent, solve_least_squares
 from pipeline.postprocess.rounding import SNAP, controlled_round, largest_remainder
 
@@ -96,8 +96,8 @@ def test_flow_rounding_matches_milp(seed, gq, method):
 def test_exact_totals_are_met():
     prob, truth = random_parent(k=5, pop=30, seed=4)
     totals = truth.sum(axis=1)
-    from pipeline.postprocess.objective import L2Objective
     from pipeline.postprocess.least_squares import admm, choose_inverse
+    from pipeline.postprocess.objective import L2Objective
 
     obj = L2Objective(prob, tuple(prob.targets), prob.free_cells(), totals.astype(float), None)
     inv, _ = choose_inverse(obj)

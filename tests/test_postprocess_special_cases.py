@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from postprocess_cases import PL94
+
+from pipeline.model.spec import Attribute, HistogramSpec, Recode
 from pipeline.postprocess import LevelBatch, ParentProblem, SolveOptions, solve_level, solve_parent
 from pipeline.postprocess.least_squares import DenseInverse, admm, choose_inverse
 from pipeline.postprocess.objective import L2Objective
 from pipeline.postprocess.operators import dense_normal_matrix
 from pipeline.postprocess.parent import prepare_parent, solve_least_squares
-from pipeline.spec import Attribute, HistogramSpec, Recode
 
 CHAIN = ("total", "hhgq", "hhgq*hispanic", "hhgq*hispanic*cenrace", "detailed")
 assert CHAIN == tuple(PL94.rounder_chain)  # the nested chain of schemas/pl94.yaml

@@ -4,14 +4,21 @@ import dataclasses
 
 import numpy as np
 import pytest
-
 from postprocess_cases import PL94, hierarchy, random_parent
+
+from pipeline.job.executor import Executor
+from pipeline.model.spec import load_spec
 from pipeline.postprocess import (
-    LevelBatch, PostprocessError, SolveOptions, run_topdown, solve_level, solve_parent, solve_root,
+    LevelBatch,
+    PostprocessError,
+    SolveOptions,
+    run_topdown,
+    solve_level,
+    solve_parent,
+    solve_root,
 )
 from pipeline.postprocess.checks import verify_children
 from pipeline.postprocess.feasibility import is_feasible, relax_constraints
-from pipeline.spec import load_spec
 
 
 def _check_level(levels, out):
@@ -59,8 +66,12 @@ def test_deterministic_and_pool_equals_serial():
     lev = levels[-1]
     batch = LevelBatch(PL94, a["block_group"], lev.child_ptr, lev.targets, lev.variances,
                        lev.totals, lev.lower, lev.zero_answers)
-    serial, _ = solve_level(batch, workers=1)
-    pooled, d = solve_level(batch, workers=2, chunks_per_worker=2)
+    serial, _ = solve_level(batch)
+    ex = Executor(2)
+    try:
+        pooled, d = solve_level(batch, mapper=ex.map, chunks=4)
+    finally:
+        ex.close()
     np.testing.assert_array_equal(serial, pooled)
     assert d.parents == batch.n_parents
 
@@ -142,7 +153,7 @@ def test_large_parent_3000_children():
 
 
 def test_level_accepts_sparse_parent_histogram():
-    from pipeline.histograms import SparseHistogram
+    from pipeline.model.histogram import SparseHistogram
 
     levels, _ = hierarchy(seed=2, fanout=(2, 2, 1, 1, 3))
     out, _ = run_topdown(PL94, levels)
@@ -200,7 +211,9 @@ def test_unrealisable_pass_one_totals_fall_back_to_one_pass():
 
 
 def _solve_in_child(batch, queue):
-    out, _ = solve_level(batch, workers=2, chunks_per_worker=2)
+    ex = Executor(2)
+    out, _ = solve_level(batch, mapper=ex.map, chunks=4)
+    ex.close()
     queue.put(out)
 
 

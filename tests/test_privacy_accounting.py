@@ -8,12 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.privacy.accounting import (
-    StrategyError,
-    cks_epsilon,
-    load_strategy,
-    loose_epsilon,
-)
+from pipeline.model.strategy import StrategyError, load_strategy
+from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
 from pipeline.privacy.pld import composed_dg_epsilon, strategy_pld_epsilon, strategy_shifts
 
 PERSONS_RHO = Fraction(293764, 114921)

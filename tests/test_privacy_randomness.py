@@ -40,10 +40,10 @@ def test_production_default_is_the_secure_source(monkeypatch):
 
 
 def test_measure_default_is_the_secure_source(monkeypatch, tmp_path):
-    from pipeline.histograms import SparseHistogram
-    from pipeline.measure import measure_shard
-    from pipeline.privacy.accounting import load_strategy
-    from pipeline.spec import load_spec
+    from pipeline.model.histogram import SparseHistogram
+    from pipeline.model.spec import load_spec
+    from pipeline.model.strategy import load_strategy
+    from pipeline.privacy.measure import measure_shard
 
     calls = []
     real = randomness.secure_source

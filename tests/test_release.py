@@ -13,14 +13,20 @@ import pytest
 from test_tables_cases import make_case
 from typer.testing import CliRunner
 
-import pipeline.release as release_mod
-from pipeline.checks import Invariants
+import pipeline.release.writer as release_mod
 from pipeline.cli import app
-from pipeline.histograms import SparseHistogram
-from pipeline.privacy.accounting import load_strategy
-from pipeline.release import (ReleaseCheckError, ReleaseError, ReleaseExistsError, ReleaseMetadata,
-                              privacy_parameters, sha256_file, write_release)
-from pipeline.release_verify import ReleaseFormatError, manifest_errors, verify_release
+from pipeline.files import sha256_file
+from pipeline.model.histogram import SparseHistogram
+from pipeline.model.strategy import load_strategy
+from pipeline.release.verify import ReleaseFormatError, manifest_errors, verify_release
+from pipeline.release.writer import (
+    ReleaseCheckError,
+    ReleaseError,
+    ReleaseExistsError,
+    ReleaseMetadata,
+    privacy_parameters,
+    write_release,
+)
 
 PRIVACY = privacy_parameters({"persons": load_strategy("census2020_pl94"), "units": load_strategy("census2020_units")})
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.checks import Invariants
-from pipeline.geography import Geography
-from pipeline.histograms import build_person_histograms
-from pipeline.io import read_persons
-from pipeline.privacy.accounting import load_strategy
-from pipeline.release import ReleaseMetadata, privacy_parameters, write_release
-from pipeline.release_verify import verify_release
-from pipeline.spec import load_spec
+from pipeline.inputs.histograms import build_person_histograms
+from pipeline.inputs.readers import read_persons
+from pipeline.model.geography import Geography
+from pipeline.model.spec import load_spec
+from pipeline.model.strategy import load_strategy
+from pipeline.release.checks import Invariants
+from pipeline.release.verify import verify_release
+from pipeline.release.writer import ReleaseMetadata, privacy_parameters, write_release
 
 PERRY = Path("/work/shared/data/real/ppmf_20210428_eps12-2_P_01105_perry_al.csv")
 

@@ -6,9 +6,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.config import load_config
-from pipeline.review.evaldata import (DEFAULT_SOURCE, GROUP_CENRACE, EvalDataError, read_ri2010,
-                                      ri2010_persons, ri2010_units, write_ri2010)
+from pipeline.model.config import load_config
+from pipeline.review.evaldata import (
+    DEFAULT_SOURCE,
+    GROUP_CENRACE,
+    EvalDataError,
+    read_ri2010,
+    ri2010_persons,
+    ri2010_units,
+    write_ri2010,
+)
 
 needs_source = pytest.mark.skipif(not DEFAULT_SOURCE.is_file(), reason=f"{DEFAULT_SOURCE} not present")
 

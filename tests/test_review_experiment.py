@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.privacy.accounting import load_strategy
+from pipeline.model.strategy import load_strategy
 from pipeline.review.experiment import ExperimentError, make_settings, summarise
 from pipeline.review.report import write_experiment_report
 
@@ -127,8 +127,8 @@ def test_experiment_end_to_end(tmp_path):
 def test_review_of_a_real_run_stays_out_of_the_release(tmp_path):
     """The whole job on tiny inputs, then the review: no review file or truth-based metric name
     appears in the release folder, and a confidential review refuses to be exported there."""
+    from pipeline.job.stages import run
     from pipeline.review.runner import ConfidentialityError, export_review, review_run_dir
-    from pipeline.run import run
 
     cfg = _tiny_inputs(tmp_path)
     out = run(cfg, progress=False)

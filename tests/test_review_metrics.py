@@ -8,10 +8,17 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.model.spec import load_spec
 from pipeline.review.comparators import noisy_clipped_statistics, wls_statistics
-from pipeline.review.metrics import (MetricsError, error_table, largest_group_within, level_metrics,
-                                     size_bin_index, sparsity, statistic_vectors)
-from pipeline.spec import load_spec
+from pipeline.review.metrics import (
+    MetricsError,
+    error_table,
+    largest_group_within,
+    level_metrics,
+    size_bin_index,
+    sparsity,
+    statistic_vectors,
+)
 
 TRUTH = np.array([0, 5, 20, 100, 600], dtype=float)
 EST = np.array([1, 4, 23, 100, 590], dtype=float)

@@ -19,10 +19,11 @@ import polars as pl
 import pytest
 import yaml
 
-from pipeline.geography import Geography
-from pipeline.histograms import SparseHistogram, build_person_histograms
+from pipeline.inputs.histograms import build_person_histograms
+from pipeline.model.geography import Geography
+from pipeline.model.histogram import SparseHistogram
+from pipeline.model.spec import load_spec
 from pipeline.review.runner import ConfidentialityError, export_review, review_run_dir
-from pipeline.spec import load_spec
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-
-from pipeline import run as stages
-from pipeline.histograms import SparseHistogram
-from pipeline.privacy.ledger import BudgetExceededError
-from pipeline.release_verify import verify_release
 from run_helpers import make_inputs, write_config
+
+from pipeline.job import stages
+from pipeline.job.context import RunContext
+from pipeline.model.histogram import SparseHistogram
+from pipeline.privacy.ledger import BudgetExceededError
+from pipeline.release.verify import verify_release
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,10 +33,10 @@ def test_release_verifies_and_levels_are_consistent(finished_run) -> None:
     assert release.name == "rel-1" and (release / "index.html").is_file()
     assert verify_release(release) == []
     run_dir = Path(out["run_dir"])
-    levels = stages.run_levels(run_dir)
+    ctx = RunContext.load(run_dir)
+    levels = ctx.level_names
     for kind in ("persons", "units"):
-        hists = {lv: SparseHistogram.from_parquet(run_dir / "solved" / f"{kind}_{lv}.parquet") for lv in levels}
-        ctx = stages.RunContext.load(run_dir)
+        hists = {lv: SparseHistogram.from_parquet(ctx.rd.solved_path(kind, lv)) for lv in levels}
         for i, lv in enumerate(levels[1:], start=1):
             child = hists[lv].dense()
             parent = hists[levels[i - 1]].dense()
@@ -59,7 +59,7 @@ def test_invariants_hold_exactly(finished_run) -> None:
     assert np.array_equal(states, true_states)
     blocks = SparseHistogram.from_parquet(run_dir / "solved" / "units_block.parquet").dense()
     hu = (units.filter(pl.col("kind") == 0).group_by("geoid").len().sort("geoid"))
-    ctx = stages.RunContext.load(run_dir)
+    ctx = RunContext.load(run_dir)
     geoids = ctx.geography.level("block").geoids
     hu_by_block = dict(zip(hu["geoid"].to_list(), hu["len"].to_list()))
     expected = np.array([hu_by_block.get(g, 0) for g in geoids])

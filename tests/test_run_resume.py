@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pipeline import run as stages
 from run_helpers import make_inputs, write_config
+
+from pipeline.job import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 

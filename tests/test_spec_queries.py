@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.spec import load_spec
+from pipeline.model.spec import load_spec
 
 PL94 = load_spec("pl94")
 

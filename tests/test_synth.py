@@ -15,11 +15,12 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.geography import Geography
-from pipeline.histograms import build_person_histograms
-from pipeline.io import read_persons, read_units, validate_inputs
-from pipeline.spec import load_spec
-from pipeline.synth import SynthError, plan_counties, synthesize
+from pipeline.inputs.histograms import build_person_histograms
+from pipeline.inputs.readers import read_persons, read_units
+from pipeline.inputs.synth import SynthError, plan_counties, synthesize
+from pipeline.inputs.validation import validate_inputs
+from pipeline.model.geography import Geography
+from pipeline.model.spec import load_spec
 
 N = 60_000
 

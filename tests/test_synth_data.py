@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.geography import Geography
-from pipeline.histograms import build_person_histograms, build_unit_counts
-from pipeline.io import read_persons, read_units, validate_inputs
-from pipeline.spec import load_spec
-from pipeline.synth import units_from_persons
+from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
+from pipeline.inputs.readers import read_persons, read_units
+from pipeline.inputs.synth import units_from_persons
+from pipeline.inputs.validation import validate_inputs
+from pipeline.model.geography import Geography
+from pipeline.model.spec import load_spec
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SPEC = load_spec("pl94")

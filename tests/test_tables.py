@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_tables_cases import make_case
 
-from pipeline.checks import Invariants, run_checks
-from pipeline.spec import load_spec
-from pipeline.tables import TableError, load_tables, long_frame, tabulate, tabulate_levels, unit_names
+from pipeline.model.spec import load_spec
+from pipeline.release.checks import Invariants, run_checks
+from pipeline.release.tables import TableError, load_tables, long_frame, tabulate, tabulate_levels, unit_names
 
 TS = load_tables("pl94")
 SPEC = load_spec("pl94")
@@ -171,7 +171,7 @@ def test_any_single_changed_count_is_caught(seed: int, pick: int, delta: int) ->
 
 
 def test_long_tables_cover_every_level() -> None:
-    from pipeline.tables import long_tables
+    from pipeline.release.tables import long_tables
 
     c = make_case(9, n_blocks=20)
     lts = tabulate_levels(TS, c.geography, c.persons, c.units)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.checks import Invariants
-from pipeline.geography import Geography
-from pipeline.histograms import SparseHistogram, aggregate_up
-from pipeline.spec import load_spec
+from pipeline.inputs.histograms import aggregate_up
+from pipeline.model.geography import Geography
+from pipeline.model.histogram import SparseHistogram
+from pipeline.model.spec import load_spec
+from pipeline.release.checks import Invariants
 
 
 @dataclass

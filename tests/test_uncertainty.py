@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.spec import load_spec
-from pipeline.tables import load_tables
-from pipeline.uncertainty import Z90, UncertaintyError, line_covariance, release_moe90, table_moe90
+from pipeline.model.spec import load_spec
+from pipeline.release.tables import load_tables
+from pipeline.release.uncertainty import Z90, UncertaintyError, line_covariance, release_moe90, table_moe90
 
 TS = load_tables("pl94")
 SPEC = load_spec("pl94")

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from io_cases import B3, persons_df, units_df, write  # noqa: E402
 
 from pipeline.cli import app  # noqa: E402
-from pipeline.io import InputValidationError, validate_inputs  # noqa: E402
+from pipeline.inputs.problems import InputValidationError
+from pipeline.inputs.validation import validate_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from io_cases import B1, B2, B3, B4, persons_df, to_ppmf, units_df, write  # noqa: E402
 
-from pipeline.io import InputValidationError, Problem, validate_inputs  # noqa: E402
+from pipeline.inputs.problems import InputValidationError, Problem
+from pipeline.inputs.validation import validate_inputs  # noqa: E402
 
 Expect = tuple[str, str, str]  # (file role "persons"/"units" or a path, column, kind)
 
@@ -493,7 +494,7 @@ def test_unreadable_file_is_a_problem(tmp_path: Path, monkeypatch: pytest.Monkey
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *a, **k)
 
-    monkeypatch.setattr("pipeline.io.open", guarded, raising=False)
+    monkeypatch.setattr("pipeline.inputs.parquet.open", guarded, raising=False)
     with pytest.raises(InputValidationError) as info:
         validate_inputs(p, u)
     _assert_problems(info.value, [(str(p), "", "unreadable_file")])

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 from io_cases import persons_df, to_ppmf, units_df, write  # noqa: E402
 
-from pipeline.io import InputValidationError, validate_inputs  # noqa: E402
+from pipeline.inputs.problems import InputValidationError
+from pipeline.inputs.validation import validate_inputs  # noqa: E402
 
 POOL = ["010010201001000", "010010201001001", "010010202002005", "020130001001234", "440070101001003",
         "440070101002000"]

@@ -22,7 +22,6 @@ import scipy.sparse as sp
 
 from pipeline.postprocess.problem import ParentProblem, PostprocessError
 
-
 HALL_MAX_CHILDREN = 12  # up to here the 2^k subset check beats one HiGHS LP
 
 

@@ -15,7 +15,7 @@ import itertools
 
 import numpy as np
 
-from pipeline.spec import HistogramSpec
+from pipeline.model.spec import HistogramSpec
 
 
 def _axis_factor(spec: HistogramSpec, query: str, axis: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.spec import HistogramSpec
+from pipeline.model.spec import HistogramSpec
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,10 @@ import dataclasses
 
 import numpy as np
 
+from pipeline.postprocess.batched_admm import admm_batch
 from pipeline.postprocess.checks import verify_children
 from pipeline.postprocess.diagnostics import ParentStats
 from pipeline.postprocess.feasibility import is_feasible, relax_constraints
-from pipeline.postprocess.batched_admm import admm_batch
 from pipeline.postprocess.least_squares import L2Result, admm, choose_inverse
 from pipeline.postprocess.objective import L2Objective
 from pipeline.postprocess.problem import ParentProblem, PostprocessError

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.spec import HistogramSpec
+from pipeline.errors import DptabError
+from pipeline.model.spec import HistogramSpec
 
 
-class PostprocessError(RuntimeError):
+class PostprocessError(DptabError, RuntimeError):
     """A post-processing problem is malformed or its result violates a constraint."""
 
 

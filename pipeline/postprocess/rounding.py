@@ -19,8 +19,8 @@ import numpy as np
 import scipy.optimize
 import scipy.sparse as sp
 
+from pipeline.model.spec import HistogramSpec
 from pipeline.postprocess.problem import PostprocessError
-from pipeline.spec import HistogramSpec
 
 try:  # OR-Tools network simplex: the exact min-cost flow, much faster than a general LP
     from ortools.graph.python import min_cost_flow

@@ -1,23 +1,22 @@
 """Top-down driver: the root alone, then one level at a time, parent by parent.
 
 ``solve_root`` solves the nation histogram; ``solve_level`` solves every parent of one level
-(serially or in a process pool over contiguous parent ranges, BLAS pinned to one thread per
-worker) and returns the children's integer histograms with :class:`LevelDiagnostics`;
+(in contiguous parent ranges, run by the caller's mapper) and returns the children's integer histograms with :class:`LevelDiagnostics`;
 ``run_topdown`` chains levels for tests and small runs. Every parent is verified after its
 solve (``checks.verify_children``); a violation raises :class:`PostprocessError` naming it.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from pipeline.model.spec import HistogramSpec
 from pipeline.postprocess.diagnostics import LevelDiagnostics, ParentStats
 from pipeline.postprocess.parent import (
     Prepared,
@@ -29,7 +28,6 @@ from pipeline.postprocess.parent import (
     solve_parent,
 )
 from pipeline.postprocess.problem import LevelBatch, ParentProblem, PostprocessError
-from pipeline.spec import HistogramSpec
 
 
 def solve_root(
@@ -126,19 +124,6 @@ def _solve_range(args) -> tuple[np.ndarray, LevelDiagnostics]:
     return out, diag
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """Workers come from a fork server, not a fork of this process.
-
-    This process may run threads (a Prefect task runner, its API client, a logging handler);
-    forking a threaded process can deadlock the child on a lock held at fork time
-    (PrefectHQ/prefect#19112). The fork server is a clean single-threaded process that has
-    imported this module once, so each worker still starts in milliseconds.
-    """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
 def _ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
     """Split parents into contiguous ranges of roughly equal work (children x 1)."""
     n = child_ptr.size - 1
@@ -153,36 +138,24 @@ def _ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
 def solve_level(
     batch: LevelBatch,
     options: SolveOptions | None = None,
-    workers: int = 1,
     level: str = "",
-    chunks_per_worker: int = 4,
+    mapper: Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]] | None = None,
+    chunks: int = 1,
 ) -> tuple[np.ndarray, LevelDiagnostics]:
     """Solve all parents of one level: returns children int64 ``(n_children, n_cells)``.
 
-    ``workers > 1`` runs contiguous parent ranges in a process pool (each worker pins BLAS to
-    one thread); results are identical to the serial run (every parent is deterministic).
+    The parents are cut into ``chunks`` contiguous ranges of about equal work, each solved by
+    ``mapper(fn, items)`` (default: in order, here); the caller's executor may run them in
+    worker processes. Results are identical either way (every parent is deterministic).
     """
     t0 = time.perf_counter()
     options = options or SolveOptions()
     diag = LevelDiagnostics(level)
-    ranges = _ranges(batch.child_ptr, max(1, workers * chunks_per_worker) if workers > 1 else 1)
+    ranges = _ranges(batch.child_ptr, max(1, chunks))
     out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
-    # a daemonic process (a Dask worker under its nanny) may not start children: solve here
-    if workers > 1 and len(ranges) > 1 and not multiprocessing.current_process().daemon:
-        # ship each worker only its parents' rows
-        jobs = [(batch.slice(s, e), 0, e - s, options, level) for s, e in ranges]
-        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-                results = list(pool.map(_solve_range, jobs))
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    if mapper is not None and len(ranges) > 1:
+        # ship each work item only its parents' rows
+        results = mapper(_solve_range, [(batch.slice(s, e), 0, e - s, options, level) for s, e in ranges])
     else:
         results = [_solve_range((batch, s, e, options, level)) for s, e in ranges]
     for (s, _), (part, d) in zip(ranges, results):
@@ -240,7 +213,7 @@ def run_topdown(
         )
         parent_labels = None if lev.labels is None else np.asarray(lev.labels)
         opts = SolveOptions(**{**options.__dict__, "multipass": lev.multipass})
-        parents, d = solve_level(batch, opts, workers=workers, level=lev.name)
+        parents, d = solve_level(batch, opts, level=lev.name)
         out[lev.name] = parents
         diags.append(d)
     return out, diags

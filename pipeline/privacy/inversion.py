@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import threading
 from fractions import Fraction
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -58,7 +58,7 @@ GUIDE_BITS = 16
 MAX_TABLE_ENTRIES = 1 << 20
 
 
-def _fixed(x_mpi_end, prec: int, up: bool) -> int:
+def _fixed(x_mpi_end: Any, prec: int, up: bool) -> int:
     """Exact floor (``up=False``) or ceil of ``2^prec · x`` for an mpmath raw mpf endpoint."""
     from mpmath.libmp import to_man_exp
 
@@ -162,6 +162,7 @@ class CdfBounds:
                     if 2 * t <= n + 1:
                         self._z = (s_lo, s_hi + 2 * t)
                         break
+        assert self._z is not None  # the tail bound falls below n + 1 for some n (it decays)
         return self._z
 
     def s(self, m: int) -> tuple[int, int]:
@@ -248,7 +249,11 @@ class TableSampler:
         k = code >> 1
         amb = np.flatnonzero(code & 1)
         if amb.size:
-            ua = u[amb] if u is not None else w[amb] >> np.uint64(64 - self.bits)
+            if u is not None:
+                ua = u[amb]
+            else:
+                assert w is not None  # callers pass the raw words when they pass no u
+                ua = w[amb] >> np.uint64(64 - self.bits)
             ka = np.searchsorted(self.table, ua, side="left")
             rare = np.flatnonzero(ka >= self.n_entries) if not self._complete else np.empty(0, np.int64)
             inside = ka < self.n_entries

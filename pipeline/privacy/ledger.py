@@ -23,11 +23,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.errors import RefusedError
 
-class LedgerError(RuntimeError):
+
+class LedgerError(RefusedError):
     """The ledger refuses an operation (inconsistent release, unknown reservation, ...)."""
-
-    exit_status = 2  # nothing has run: the CLI reports it as a configuration error
 
 
 class BudgetExceededError(LedgerError):

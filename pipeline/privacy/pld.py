@@ -29,7 +29,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from pipeline.privacy.accounting import EPS_GRID, Strategy, as_fraction, cks_epsilon, round_up
+from pipeline.model.strategy import Strategy
+from pipeline.privacy.accounting import EPS_GRID, as_fraction, cks_epsilon, round_up
 
 TAIL_MASS = 1e-30
 MAX_FFT = 1 << 24

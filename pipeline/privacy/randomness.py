@@ -26,11 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import DptabError
+
 KEY_BYTES = 32
 _DOMAIN = b"dptab-noise-stream-v1"
 
 
-class KeyFileError(ValueError):
+class KeyFileError(DptabError, ValueError):
     """A release key file is missing, malformed, exists already, or is readable by others."""
 
 
@@ -131,7 +133,7 @@ class AesCtrSource(RandomSource):
         # the keystream is AES-CTR applied to zeros; update_into needs len(out) >= len(in) + 15,
         # so write straight into a slightly longer numpy buffer (no copy)
         out = np.empty(n + 2, dtype=np.uint64)
-        self._enc.update_into(memoryview(self._zeros)[:nbytes], memoryview(out).cast("B"))
+        self._enc.update_into(memoryview(self._zeros)[:nbytes], memoryview(out).cast("B"))  # type: ignore[arg-type]  # numpy arrays are buffers
         return out[:n]
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
@@ -126,7 +127,7 @@ def discrete_gaussian_variance(sigma2: Fraction | int | str) -> float:
         return float(theta_variance(v))
 
 
-def theta_variance(v):
+def theta_variance(v: Any) -> Any:
     """Discrete-Gaussian variance at σ² = v (mpmath number) by Poisson summation (independent
     formula used by :func:`discrete_gaussian_variance` for large σ² and by the tests)."""
     import mpmath

@@ -11,8 +11,14 @@ confidential run.
 
 from __future__ import annotations
 
-from pipeline.review.runner import (ConfidentialityError, ReviewError, compute_review, export_review,
-                                    is_confidential, review_run_dir)
+from pipeline.review.runner import (
+                                    ConfidentialityError,
+                                    ReviewError,
+                                    compute_review,
+                                    export_review,
+                                    is_confidential,
+                                    review_run_dir,
+)
 
 __all__ = ["ConfidentialityError", "ReviewError", "compute_review", "export_review", "is_confidential",
            "review_run_dir"]

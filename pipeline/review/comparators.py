@@ -30,8 +30,10 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from pipeline.job.rundir import RunDir
+from pipeline.model.spec import HistogramSpec
+from pipeline.privacy.measure import read_measurement_rows
 from pipeline.review.metrics import MetricsError, Statistics
-from pipeline.spec import HistogramSpec
 
 
 def load_measurements(run_dir: str | Path, kind: str, level: str) -> pl.DataFrame:
@@ -39,13 +41,12 @@ def load_measurements(run_dir: str | Path, kind: str, level: str) -> pl.DataFram
 
     Reads ``RUN_DIR/measurements/<kind>/<level>/*.parquet``; an empty frame if there are none.
     """
-    d = Path(run_dir) / "measurements" / kind / level
-    files = sorted(d.glob("*.parquet")) if d.is_dir() else []
+    files = RunDir(Path(run_dir)).measurement_files(kind, level)
     cols = ["unit", "query", "answer", "value", "variance"]
     if not files:
         return pl.DataFrame(schema={"unit": pl.Int64, "query": pl.Utf8, "answer": pl.Int32,
                                     "value": pl.Int64, "variance": pl.Float64})
-    return pl.concat([pl.read_parquet(f, columns=cols) for f in files], how="vertical_relaxed")
+    return pl.concat([read_measurement_rows(f, cols) for f in files], how="vertical_relaxed")
 
 
 def _per_query(meas: pl.DataFrame, spec: HistogramSpec, n_units: int

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.io import write_parquet_atomic
+from pipeline.errors import InputError
+from pipeline.files import write_parquet_atomic
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / "shared" / "data" / "real" / "ri_2010_block.csv"
 GROUPS = ("hisp", "white", "black", "aian", "asian", "nhpi", "other", "two")
@@ -66,10 +67,8 @@ def _two_or_more_weights() -> np.ndarray:
 TWO_OR_MORE_WEIGHTS = _two_or_more_weights()
 
 
-class EvalDataError(ValueError):
+class EvalDataError(InputError):
     """The source file is missing, malformed or internally inconsistent (names file and rows)."""
-
-    exit_status = 2
 
 
 def read_ri2010(source: str | Path = DEFAULT_SOURCE) -> pl.DataFrame:

@@ -21,11 +21,9 @@ confidentiality rule in ``pipeline.review``.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -34,14 +32,17 @@ from typing import Any
 import polars as pl
 import yaml
 
+from pipeline.errors import InputError
+from pipeline.job.executor import Executor
+from pipeline.job.rundir import RunDir
+from pipeline.job.stages import solve_levels
+
 EXPERIMENT_LIFETIME_RHO = "1000000"  # the experiment's own ledger: never the dataset's
 DEFAULT_SEED = 20_200_401
 
 
-class ExperimentError(ValueError):
+class ExperimentError(InputError):
     """Bad experiment options (names the option)."""
-
-    exit_status = 2
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Setting:
 
 def _scaled_strategy(base: str, rho: Fraction, out_dir: Path) -> Path:
     """Write a copy of strategy ``base`` whose global ρ is ``rho`` (shares unchanged)."""
-    from pipeline.privacy.accounting import strategy_path
+    from pipeline.model.strategy import strategy_path
 
     raw = yaml.safe_load(strategy_path(base).read_text())
     raw["rho"] = f"{rho.numerator}/{rho.denominator}" if rho.denominator != 1 else str(rho.numerator)
@@ -70,7 +71,8 @@ def _scaled_strategy(base: str, rho: Fraction, out_dir: Path) -> Path:
 def make_settings(base_strategy: str, delta: float, rhos: list[str] | None, strategies: list[str] | None,
                   out_dir: Path) -> list[Setting]:
     """The experimental settings: rescaled copies for ``rhos``, else ``strategies``, else the base."""
-    from pipeline.privacy.accounting import cks_epsilon, load_strategy
+    from pipeline.model.strategy import load_strategy
+    from pipeline.privacy.accounting import cks_epsilon
 
     if rhos and strategies:
         raise ExperimentError("give --rho or --strategy, not both")
@@ -110,35 +112,36 @@ def _trial_config(cfg_raw: dict[str, Any], exp_dir: Path, strategy: str, seed: i
     return p
 
 
-def _link_histograms(base_run: Path, run_dir: Path) -> None:
-    """Give a trial the base run's true histograms (hard links; copies across filesystems)."""
-    src, dst = base_run / "histograms", run_dir / "histograms"
-    dst.mkdir(exist_ok=True)
-    for f in src.iterdir():
+def _link_inputs(base_run: Path, run_dir: Path) -> None:
+    """Give a trial the base run's inputs stage — geography, true histograms, invariants — by
+    hard links (copies across filesystems); the trial draws its own noise on the same truth."""
+    base, trial = RunDir(base_run), RunDir(run_dir)
+    files = [base.geography_path] + sorted(base.truth_path("persons", "x").parent.iterdir()) \
+        + sorted(base.invariants_path("x").parent.iterdir())
+    for f in files:
+        dst = trial.root / f.relative_to(base.root)
+        dst.parent.mkdir(exist_ok=True)
         try:
-            os.link(f, dst / f.name)
+            os.link(f, dst)
         except OSError:
-            shutil.copy2(f, dst / f.name)
+            shutil.copy2(f, dst)
+
+
+def _run_trial_item(item: tuple[str, str]) -> str:
+    return run_trial(*item)
 
 
 def run_trial(run_dir: str, base_run: str, keep: bool = False) -> str:
     """One trial in a prepared run directory: link the true histograms, measure and
     post-process every level, then the metrics; returns the metrics file's path."""
-    from pipeline import run as runmod
     from pipeline.review.runner import compute_review
 
     run_dir = Path(run_dir)
-    _link_histograms(Path(base_run), run_dir)
-    from pipeline.rundir import RunDir
-
+    _link_inputs(Path(base_run), run_dir)
     RunDir.open(run_dir).mark_done("inputs", RunDir.open(Path(base_run)).done_info("inputs") or {})
-    for kind in runmod.run_kinds(run_dir):
-        for level in runmod.run_levels(run_dir):
-            for shard in runmod.level_shards(run_dir, kind, level):
-                runmod.stage_shard(run_dir, kind, level, shard)
-            runmod.stage_finish_level(run_dir, kind, level)
+    solve_levels(run_dir)
     metrics = compute_review(run_dir).metrics
-    out = Path(run_dir).parent.parent / "trials" / f"{Path(run_dir).name}.parquet"
+    out = RunDir(Path(run_dir)).trials_path()
     out.parent.mkdir(exist_ok=True)
     metrics.write_parquet(out)
     if not keep:
@@ -160,8 +163,8 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
                    strategies: list[str] | None = None, workers: int = 2, out_dir: str | Path | None = None,
                    seed: int = DEFAULT_SEED) -> Path:
     """Run every setting ``trials`` times; write trials/summary Parquet and the report; return EXP_DIR."""
-    from pipeline import run as runmod
-    from pipeline.config import load_config
+    from pipeline.job import stages as runmod
+    from pipeline.model.config import load_config
     from pipeline.review.report import write_experiment_report
 
     if trials < 1:
@@ -187,14 +190,16 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
             trial_cfg = _trial_config(cfg_raw, exp_dir, s.strategy, seed + 1 + t, rid)
             jobs.append((s, t, str(runmod.prepare(trial_cfg)), rid))
     frames = []
-    # spawn, not fork: forking a process that already runs polars/BLAS threads can deadlock
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=ctx) as pool:
-        futs = [(s, t, pool.submit(run_trial, p, str(base_run))) for s, t, p, _ in jobs]
-        for s, t, fut in futs:
-            m = pl.read_parquet(fut.result())
-            frames.append(m.with_columns(pl.lit(s.name).alias("setting"), pl.lit(s.rho).alias("rho"),
-                                         pl.lit(s.epsilon).alias("epsilon"), pl.lit(t).alias("trial")))
+    # trials are independent: the run's one executor spreads them over its worker processes
+    executor = Executor(max(1, min(workers, len(jobs))))
+    try:
+        paths = executor.map(_run_trial_item, [(p, str(base_run)) for _, _, p, _ in jobs])
+    finally:
+        executor.close()
+    for (s, t, _, _), path in zip(jobs, paths):
+        m = pl.read_parquet(path)
+        frames.append(m.with_columns(pl.lit(s.name).alias("setting"), pl.lit(s.rho).alias("rho"),
+                                     pl.lit(s.epsilon).alias("epsilon"), pl.lit(t).alias("trial")))
     all_trials = pl.concat(frames, how="vertical")
     all_trials.write_parquet(exp_dir / "trials.parquet")
     summary = summarise(all_trials)
@@ -206,5 +211,5 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
     from pipeline.review.markdown import experiment_markdown
 
     (exp_dir / "summary.md").write_text(experiment_markdown(summary))
-    shutil.rmtree(base_run / "measurements", ignore_errors=True)
+    shutil.rmtree(RunDir(base_run).root / "measurements", ignore_errors=True)
     return exp_dir

@@ -28,7 +28,8 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from pipeline.tables import histogram_matrix, load_tables
+from pipeline.errors import DptabError
+from pipeline.release.tables import histogram_matrix, load_tables
 
 #: True-size bins ``(label, low, high)`` with inclusive bounds (``high`` None = no upper bound).
 SIZE_BINS: tuple[tuple[str, int, int | None], ...] = (
@@ -59,7 +60,7 @@ ETHNIC_GROUP_LINES = (2, 5, 6, 7, 8, 9, 10, 11)
 DETAIL_TABLES = ("P1", "P2", "P3", "P4")
 
 
-class MetricsError(ValueError):
+class MetricsError(DptabError, ValueError):
     """Arrays given to a metric do not fit together (shapes, units, cells)."""
 
 

@@ -21,11 +21,19 @@ import numpy as np
 import polars as pl
 import yaml
 
-from pipeline.review.comparators import (load_measurements, noisy_clipped_detailed,
-                                         noisy_clipped_statistics, wls_statistics)
-from pipeline.review.metrics import (METRICS_SCHEMA, Statistics, error_table, level_metrics, sparsity,
-                                     sparsity_rows, statistic_vectors)
-from pipeline.spec import load_spec
+from pipeline.errors import InputError, RefusedError
+from pipeline.job.rundir import RunDir
+from pipeline.model.spec import load_spec
+from pipeline.review.comparators import load_measurements, noisy_clipped_detailed, noisy_clipped_statistics, wls_statistics
+from pipeline.review.metrics import (
+    METRICS_SCHEMA,
+    Statistics,
+    error_table,
+    level_metrics,
+    sparsity,
+    sparsity_rows,
+    statistic_vectors,
+)
 
 PUBLISHED = "published"
 NOISY = "noisy_clipped"
@@ -35,16 +43,12 @@ ESTIMATORS = (PUBLISHED, NOISY, WLS)
 SCATTER_LEVELS = ("county", "tract", "block")
 
 
-class ReviewError(RuntimeError):
+class ReviewError(InputError):
     """The run directory lacks what the review needs (names the missing file)."""
 
-    exit_status = 2
 
-
-class ConfidentialityError(PermissionError):
+class ConfidentialityError(RefusedError, PermissionError):
     """A truth-based output was about to leave the run directory of a confidential run."""
-
-    exit_status = 2
 
 
 @dataclass
@@ -62,7 +66,7 @@ class ReviewData:
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / "config.yaml"
+    p = RunDir(run_dir).config_path
     if not p.is_file():
         raise ReviewError(f"{run_dir}: no config.yaml (not a dptab run directory)")
     return yaml.safe_load(p.read_text()) or {}
@@ -74,14 +78,15 @@ def is_confidential(run_dir: str | Path) -> bool:
 
 
 def _levels(run_dir: Path) -> list[str]:
-    from pipeline.geography import load_geolevels
+    from pipeline.model.geography import load_geolevels
 
     names = [lv.name for lv in load_geolevels()]
-    return [n for n in names if (run_dir / "histograms" / f"persons_{n}.parquet").is_file()]
+    rd = RunDir(run_dir)
+    return [n for n in names if rd.truth_path("persons", n).is_file()]
 
 
 def _hist(path: Path):
-    from pipeline.histograms import SparseHistogram
+    from pipeline.model.histogram import SparseHistogram
 
     if not path.is_file():
         raise ReviewError(f"{path}: missing (has the run finished this level?)")
@@ -90,12 +95,12 @@ def _hist(path: Path):
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """Run and privacy parameters for the report header (public facts only)."""
-    import json
 
-    from pipeline.privacy.accounting import cks_epsilon, load_strategy
+    from pipeline.model.strategy import load_strategy
+    from pipeline.privacy.accounting import cks_epsilon
 
     cfg = _read_config(run_dir)
-    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").is_file() else {}
+    state = RunDir(run_dir).state() if RunDir(run_dir).state_path.is_file() else {}
     priv = cfg.get("privacy", {}) or {}
     out: dict[str, Any] = {
         "run": run_dir.name, "dataset": cfg.get("dataset_id"), "title": cfg.get("title"),
@@ -122,13 +127,11 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
 
 def _units_metrics(run_dir: Path, level: str) -> pl.DataFrame | None:
     """Occupied / vacant housing-unit errors (published units run vs truth), if both exist."""
-    t_path = run_dir / "histograms" / f"units_{level}.parquet"
-    p_path = run_dir / "solved" / f"units_{level}.parquet"
+    rd = RunDir(run_dir)
+    t_path, p_path = rd.truth_path("units", level), rd.solved_path("units", level)
     if not (t_path.is_file() and p_path.is_file()):
         return None
-    t = pl.read_parquet(t_path)
-    occ = t["occupied"].to_numpy().astype(np.float64)
-    truth = np.stack([t["housing_units"].to_numpy() - occ, occ], axis=1).astype(np.float64)
+    truth = _hist(t_path).dense().astype(np.float64)
     pub = _hist(p_path)
     est = np.zeros_like(truth)
     np.add.at(est, (pub.unit, pub.cell), pub.count)
@@ -149,8 +152,8 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None) -> Revi
     data = ReviewData(pl.DataFrame(schema=METRICS_SCHEMA), run_summary(run_dir))
     ti = stats.index("total")
     for level in levels:
-        truth = _hist(run_dir / "histograms" / f"persons_{level}.parquet")
-        pub = _hist(run_dir / "solved" / f"persons_{level}.parquet")
+        truth = _hist(RunDir(run_dir).truth_path("persons", level))
+        pub = _hist(RunDir(run_dir).solved_path("persons", level))
         tv = stats.values(truth)
         estimates = {PUBLISHED: stats.values(pub)}
         meas = load_measurements(run_dir, "persons", level)
@@ -182,7 +185,7 @@ def _private_write(path: Path, write) -> None:
 
 def review_dir(run_dir: str | Path) -> Path:
     """``RUN_DIR/review`` (created with mode 0700)."""
-    d = Path(run_dir) / "review"
+    d = RunDir(Path(run_dir)).review_dir
     d.mkdir(mode=0o700, exist_ok=True)
     os.chmod(d, 0o700)
     return d
@@ -227,7 +230,7 @@ def export_review(run_dir: str | Path, dest: str | Path) -> Path:
         raise ConfidentialityError(f"{run_dir}: the input is confidential; its truth-based review "
                                    "stays in the run directory (set `confidential: false` only for "
                                    "synthetic or public input)")
-    src = run_dir / "review"
+    src = RunDir(run_dir).review_dir
     if not (src / "report.html").is_file():
         raise ReviewError(f"{src}: no review yet (run `dptab review {run_dir}`)")
     dest = Path(dest)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from run_helpers import make_inputs, write_config
 
 
@@ -22,7 +21,7 @@ def flow_result(prefect_harness, tmp_path_factory):
 
 
 def test_flow_publishes_a_verified_release(flow_result) -> None:
-    from pipeline.release_verify import verify_release
+    from pipeline.release.verify import verify_release
 
     tmp, state = flow_result
     assert state.is_completed()
@@ -36,10 +35,9 @@ def test_flow_publishes_a_verified_release(flow_result) -> None:
 
 
 def test_flow_writes_privacy_diagnostics_and_link_artifacts(flow_result) -> None:
+    import anyio
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    import anyio
 
     async def read():
         async with get_client() as client:

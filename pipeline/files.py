@@ -1,0 +1,112 @@
+"""Files: atomic writes, checksums and crash points, for every wing that writes.
+
+Readers never see a partial file: everything is written to a temp file in the target
+directory, fsynced, and renamed into place (then the directory is fsynced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+#: Fault injection for the kill-and-resume tests: when this environment variable names a
+#: crash point, the process SIGKILLs itself there (nothing is flushed or cleaned up), exactly
+#: like an operator's ``kill -9`` or a lost machine at that instant.
+CRASH_ENV = "DPTAB_CRASH_AT"
+
+
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Die at ``name`` if the crash-test variable asks for it (no-op otherwise).
+
+    The variable is ``name`` (die at the first hit) or ``name#k`` (die at the k-th hit).
+    """
+    want = os.environ.get(CRASH_ENV)
+    if not want:
+        return
+    target, _, nth = want.partition("#")
+    if target != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] == int(nth or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temp file + fsync + rename (readers never see a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        crash_point(f"mid-write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(data: pl.DataFrame | pa.Table, path: str | Path, *,
+                         overwrite: bool = True, compression: str = "zstd") -> Path:
+    """Write a table to ``path`` so readers see either nothing or the whole file.
+
+    Writes a temp file in the same directory, fsyncs it, then renames it into place (and
+    fsyncs the directory). With ``overwrite=False`` an existing ``path`` raises
+    :class:`FileExistsError` and is left untouched (hard link: atomic no-clobber).
+    Returns ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path}: refusing to overwrite an existing file")
+    table = data.to_arrow() if isinstance(data, pl.DataFrame) else data
+    if not isinstance(table, pa.Table):
+        raise TypeError(f"write_parquet_atomic needs a polars DataFrame or pyarrow Table, got {type(data).__name__}")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh, compression=compression)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if path appeared meanwhile: never clobbers
+            tmp.unlink()
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in ``chunk_bytes`` chunks (bounded memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()

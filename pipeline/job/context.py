@@ -1,0 +1,97 @@
+"""What every stage of a run needs, rebuilt from the run directory (no hidden process state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import cached_property
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.inputs.invariants import LevelInvariants, read_invariants
+from pipeline.job.rundir import RunDir
+from pipeline.model.config import RunConfig, load_config
+from pipeline.model.geography import Geography
+from pipeline.model.spec import HistogramSpec, load_spec
+from pipeline.model.strategy import Strategy, load_strategy
+from pipeline.privacy import randomness
+
+#: the run kinds, in the order they run; a kind runs when the config names its strategy
+RUN_KINDS = ("persons", "units")
+
+
+@dataclass
+class RunContext:
+    """A run directory and its config, with the derived objects each stage reads."""
+
+    rd: RunDir
+    cfg: RunConfig
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> "RunContext":
+        rd = RunDir.open(Path(run_dir))
+        return cls(rd, load_config(rd.config_path))
+
+    @cached_property
+    def state(self) -> dict[str, object]:
+        return self.rd.state()
+
+    @cached_property
+    def persons_spec(self) -> HistogramSpec:
+        return load_spec(self.cfg.spec)
+
+    @cached_property
+    def units_spec(self) -> HistogramSpec:
+        return load_spec("units")
+
+    def spec(self, kind: str) -> HistogramSpec:
+        return self.persons_spec if kind == "persons" else self.units_spec
+
+    @cached_property
+    def strategies(self) -> dict[str, Strategy]:
+        """The strategy of every run kind of this run: ``{kind: Strategy}`` in run order."""
+        return configured_strategies(self.cfg)
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self.strategies)
+
+    @cached_property
+    def geography(self) -> Geography:
+        blocks = pl.read_parquet(self.rd.geography_path)["geoid"].to_numpy()
+        return Geography.from_block_geoids(blocks)
+
+    @property
+    def level_names(self) -> list[str]:
+        return [lv.name for lv in self.geography.levels]
+
+    def invariants(self, level: str) -> LevelInvariants:
+        """The declared public invariants of one level (``invariants/<level>.parquet``)."""
+        cache = self.__dict__.setdefault("_invariants", {})
+        if level not in cache:
+            cache[level] = read_invariants(level, self.rd.invariants_path(level))
+        return cache[level]
+
+    def source(self, kind: str, level: str, shard: int) -> randomness.RandomSource:
+        """The randomness source of one shard: keyed by the release key, or seeded for tests."""
+        mode = self.cfg.privacy.randomness
+        if mode == "seeded":
+            assert self.cfg.privacy.seed is not None  # the config validator guarantees it
+            return randomness.seeded_source_for(self.cfg.privacy.seed, kind, level, shard)
+        if mode == "keyed":
+            return randomness.keyed_source(randomness.load_key(self.rd.key_path), kind, level, str(shard))
+        return randomness.secure_source()
+
+
+def configured_strategies(cfg: RunConfig) -> dict[str, Strategy]:
+    """``{kind: Strategy}`` for the run kinds a config names (persons always, units if set)."""
+    out = {"persons": load_strategy(cfg.privacy.strategy)}
+    if cfg.privacy.units_strategy:
+        out["units"] = load_strategy(cfg.privacy.units_strategy)
+    return out
+
+
+def total_rho(strategies: dict[str, Strategy]) -> Fraction:
+    """The run's total ρ: zCDP composes by addition over the run kinds."""
+    return sum((s.total_rho for s in strategies.values()), Fraction(0))

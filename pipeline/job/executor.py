@@ -1,0 +1,96 @@
+"""The one executor of a run: where independent pieces of work run.
+
+Today: this process (``workers: 1``) or one pool of worker processes kept for the whole run
+(``workers > 1``), created on first use and reused by every shard of every level — not one pool
+per shard. The post-processing engine never starts processes itself: it receives
+:meth:`Executor.map` and splits a level's parents into ``chunks`` independent work items.
+
+Workers come from a fork server, not a fork of this process: this process may run threads (a
+Prefect task runner, its API client, a logging handler), and forking a threaded process can
+deadlock the child on a lock held at fork time (PrefectHQ/prefect#19112). Each worker pins BLAS
+to one thread, so two workers use two cores.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: BLAS / OpenMP thread counts of each worker process (one core each)
+_WORKER_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+#: work items per worker for a level's parents (evens out unequal parents)
+CHUNKS_PER_WORKER = 4
+
+
+class Executor:
+    """Runs ``fn`` over independent items, in order of the results; see the module doc."""
+
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = max(1, int(workers))
+        self._pool: ProcessPoolExecutor | None = None
+
+    @property
+    def parallel(self) -> bool:
+        # a daemonic process (a Dask worker under its nanny) may not start children: run here
+        return self.workers > 1 and not multiprocessing.current_process().daemon
+
+    @property
+    def chunks(self) -> int:
+        """How many work items to cut a level's parents into."""
+        return self.workers * CHUNKS_PER_WORKER if self.parallel else 1
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``[fn(x) for x in items]``, in a worker pool when parallel and worth it. ``fn`` must
+        be a module-level function and the items picklable."""
+        if not self.parallel or len(items) < 2:
+            return [fn(x) for x in items]
+        return list(self._get_pool().map(fn, items))
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["pipeline.postprocess.topdown"])
+            old = {k: os.environ.get(k) for k in _WORKER_ENV}
+            os.environ.update(_WORKER_ENV)  # inherited by the fork server and its workers
+            try:
+                self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+                # start the fork server and workers now, while the environment is pinned
+                list(self._pool.map(int, range(self.workers)))
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+_current: Executor | None = None
+
+
+def executor_for(workers: int) -> Executor:
+    """This process's executor for ``workers`` (kept across shards and levels of a run)."""
+    global _current
+    if _current is None or _current.workers != max(1, int(workers)):
+        close_executor()
+        _current = Executor(workers)
+    return _current
+
+
+def close_executor() -> None:
+    """Stop this process's worker pool (end of a run)."""
+    global _current
+    if _current is not None:
+        _current.close()
+        _current = None

@@ -1,0 +1,48 @@
+"""The work list of a run: which (kind, level, shards) steps, in which order.
+
+One place decides the order of the top-down job (ARCHITECTURE §1): for each run kind, the levels
+top to bottom; within a level, the shards of parents, which are independent of each other.
+``dptab run``, the Prefect flow and the experiment all iterate :func:`plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.job.context import RunContext
+
+
+@dataclass(frozen=True)
+class LevelStep:
+    """One level of one run kind: its shards run independently, then the level is finished."""
+
+    kind: str
+    level: str
+    shards: tuple[int, ...]
+
+
+def shard_bounds(ctx: RunContext, level: str) -> np.ndarray:
+    """Parent-index boundaries of the shards of ``level``, int64 ``(n_shards + 1,)``.
+
+    A shard is a contiguous range of parents whose children x cells add up to about
+    ``execution.shard_target_cells`` (10–120 s of work); the top level is one shard. The
+    bounds depend only on the geography and the config, so a resumed run finds the same shards.
+    """
+    names = ctx.level_names
+    i = names.index(level)
+    if i == 0:
+        return np.array([0, 1], dtype=np.int64)
+    parent = ctx.geography.levels[i - 1]
+    n_children = np.diff(parent.child_ptr)
+    work = np.cumsum(n_children * ctx.persons_spec.n_cells)
+    target = ctx.cfg.execution.shard_target_cells
+    cuts = np.searchsorted(work, np.arange(target, work[-1], target), side="left") + 1
+    return np.unique(np.concatenate([[0], cuts, [parent.n_units]])).astype(np.int64)
+
+
+def plan(ctx: RunContext) -> list[LevelStep]:
+    """Every (kind, level) step of the run in execution order (after the inputs stage)."""
+    return [LevelStep(kind, level, tuple(range(len(shard_bounds(ctx, level)) - 1)))
+            for kind in ctx.kinds for level in ctx.level_names]

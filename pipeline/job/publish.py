@@ -1,0 +1,120 @@
+"""Publish a finished run: gather the published histograms, declared invariants and privacy
+parameters from the run directory and hand them to :func:`pipeline.release.write_release`.
+
+Only the post-processed histograms (``solved/``), the noisy measurements and the declared
+invariants are read here — never the confidential true histograms beyond the invariants the
+config declares public (state totals, block housing units).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from pipeline.job.context import RunContext
+from pipeline.job.shard import published_histogram
+from pipeline.release.checks import Invariants
+
+
+def git_commit() -> str | None:
+    """The source tree's git commit, when it is a git checkout (recorded in the manifest)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def declared_invariants(ctx: RunContext) -> Invariants:
+    """The public invariants the release states and checks: state totals and block housing
+    units, as declared (read from ``invariants/``, never from a confidential file)."""
+    geo = ctx.geography
+    state = ctx.invariants("state")
+    block = ctx.invariants("block")
+    state_totals = None
+    if state.persons is not None:
+        state_totals = {str(g): int(t) for g, t in zip(geo.level("state").geoids, state.persons)}
+    hu = block.housing_units
+    return Invariants(state_totals=state_totals, block_geoids=geo.level("block").geoids if hu is not None else None,
+                      block_housing_units=hu)
+
+
+def privacy_markdown(privacy: dict[str, Any]) -> str:
+    """A markdown table of ρ per level × query and the totals (for the Prefect artifact)."""
+    lines = ["| run | level | query | rho |", "|---|---|---|---|"]
+    for kind, r in privacy["runs"].items():
+        for level, qs in r["rho_by_level_query"].items():
+            for q, rho in qs.items():
+                lines.append(f"| {kind} | {level} | {q} | {float(Fraction(rho)):.6g} |")
+    lines.append("")
+    lines.append(f"Total rho = {privacy['rho']} (~{float(Fraction(privacy['rho'])):.4f}); "
+                 f"epsilon = {float(Fraction(privacy['epsilon']['cks2020'])):.2f} at delta = {privacy['delta']} "
+                 "(zCDP to (epsilon, delta) conversion of Canonne, Kamath & Steinke 2020); "
+                 f"{float(Fraction(privacy['epsilon']['pld'])):.2f} from the privacy-loss distribution "
+                 "of the composed discrete Gaussian mechanisms.")
+    return "\n".join(lines)
+
+
+def publish_release(ctx: RunContext) -> dict[str, Any]:
+    """Write the release folder for a run whose levels are all finished; returns a manifest."""
+    from pipeline import __version__
+    from pipeline.release.writer import ReleaseMetadata, privacy_parameters, write_release
+    state = ctx.state
+    kinds = [k for k in ("persons", "units") if k in ctx.strategies]
+    persons = {lv: published_histogram(ctx, "persons", lv) for lv in ctx.level_names}
+    units = ({lv: published_histogram(ctx, "units", lv) for lv in ctx.level_names} if "units" in kinds else None)
+    privacy = privacy_parameters({k: ctx.strategies[k] for k in kinds}, ctx.cfg.privacy.delta)
+    variances = _exact_variances(ctx, kinds)
+    meas = None
+    if ctx.cfg.output.publish_measurements:
+        meas = {(k, lv): ctx.rd.measurement_files(k, lv)
+                for k in kinds for lv in ctx.level_names}
+    meta = ReleaseMetadata(release_id=state["release_id"], dataset_id=ctx.cfg.dataset_id,
+                           software_version=__version__, config_hash=state["config_hash"],
+                           git_commit=git_commit(),
+                           seed=ctx.cfg.privacy.seed if ctx.cfg.privacy.randomness == "seeded" else None,
+                           title=ctx.cfg.title)
+    path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
+                         declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
+                         csv=ctx.cfg.output.csv)
+    return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),
+            "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
+            "privacy_markdown": privacy_markdown(privacy)}
+
+
+def _exact_variances(ctx: RunContext, kinds: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """Exact discrete-Gaussian variances per (kind, level, query) for margins of error."""
+    from pipeline.privacy.samplers import discrete_gaussian_variance
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for k in kinds:
+        s = ctx.strategies[k]
+        for (lv, q), _ in s.rho_by_level_query().items():
+            out.setdefault(k, {}).setdefault(lv, {})[q] = float(discrete_gaussian_variance(s.sigma2(lv, q)))
+    return out
+
+
+def adopt_existing_release(ctx: RunContext) -> dict[str, Any] | None:
+    """The manifest of this run's own release if it is already in place and verifies, else None.
+
+    Raises :class:`pipeline.release.ReleaseExistsError` when a release with this id exists but
+    belongs to another run (different config hash) — it is never overwritten.
+    """
+    import json
+
+    from pipeline.release.verify import verify_release
+    from pipeline.release.writer import ReleaseExistsError
+
+    path = ctx.cfg.output.releases_dir / ctx.state["release_id"]
+    if not path.exists():
+        return None
+    manifest = json.loads((path / "manifest.json").read_text()) if (path / "manifest.json").is_file() else {}
+    if manifest.get("config_hash") != ctx.state["config_hash"] or verify_release(path):
+        raise ReleaseExistsError(f"release {path} exists and is not this run's verified release; not overwritten")
+    privacy = manifest["privacy"]
+    return {"release_id": path.name, "release_path": str(path), "release_uri": path.resolve().as_uri(),
+            "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
+            "privacy_markdown": privacy_markdown(privacy)}

@@ -1,0 +1,146 @@
+"""The confidential run directory ``runs/<run-id>/`` and its ``state.json`` checkpoint.
+
+Layout (ARCHITECTURE §8)::
+
+    runs/<run-id>/            mode 0700: confidential
+      config.yaml             the config as run (copied, for audit)
+      state.json              which stages and shards are done; updated atomically
+      noise.key               the release's secret noise key (mode 0600; keyed randomness)
+      geography.parquet       the bottom units (block GEOIDs) the hierarchy is built from
+      invariants/<level>.parquet   the declared public invariants of every unit of a level
+      histograms/<kind>_<level>.parquet   true histograms per level (confidential)
+      measurements/<kind>/<level>/shard-<s>.parquet   noisy measurements, write-once
+      solved/<kind>/<level>/shard-<s>.parquet   published integer histograms per shard
+      solved/<kind>_<level>.parquet   published integer histograms per level (merged)
+      review/                 internal, truth-based review (never released)
+
+:class:`RunDir` is the only place these paths are spelled; every stage and the review ask it.
+
+``state.json`` is the single source of truth for resume: a stage is recorded as done only
+after its output files were written and renamed into place, so a run killed at any point
+resumes from the last recorded stage and recomputes at most the stage in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.files import crash_point, write_json_atomic
+
+
+class RunDirError(InputError):
+    """The run directory is missing, foreign or inconsistent."""
+
+
+def new_run_id(dataset_id: str) -> str:
+    """A sortable, unique run id: ``<dataset>-<UTC time>-<random>``."""
+    return f"{dataset_id}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class RunDir:
+    """Handle on one run directory; all paths derive from ``root``."""
+
+    root: Path
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    # ---- the files of a run (one place; nothing else spells these paths)
+
+    @property
+    def config_path(self) -> Path:
+        """The resolved config as run (``config.yaml``)."""
+        return self.root / "config.yaml"
+
+    @property
+    def key_path(self) -> Path:
+        """The release's secret noise key (keyed randomness)."""
+        return self.root / "noise.key"
+
+    @property
+    def geography_path(self) -> Path:
+        """The sorted bottom-level GEOIDs (one column ``geoid``)."""
+        return self.root / "geography.parquet"
+
+    def invariants_path(self, level: str) -> Path:
+        """Declared public invariants of every unit of ``level`` (see ``pipeline.inputs.invariants``)."""
+        return self.root / "invariants" / f"{level}.parquet"
+
+    def truth_path(self, kind: str, level: str) -> Path:
+        """The confidential true histogram of one (run kind, level)."""
+        return self.root / "histograms" / f"{kind}_{level}.parquet"
+
+    def measurement_dir(self, kind: str, level: str) -> Path:
+        """The write-once measurement shard files of one (run kind, level)."""
+        return self.root / "measurements" / kind / level
+
+    def measurement_path(self, kind: str, level: str, shard: int) -> Path:
+        return self.measurement_dir(kind, level) / f"shard-{shard:05d}.parquet"
+
+    def measurement_files(self, kind: str, level: str) -> list[Path]:
+        """Every measurement shard file of one (run kind, level), in shard order."""
+        return sorted(self.measurement_dir(kind, level).glob("shard-*.parquet"))
+
+    def solved_shard_path(self, kind: str, level: str, shard: int) -> Path:
+        return self.root / "solved" / kind / level / f"shard-{shard:05d}.parquet"
+
+    def solved_path(self, kind: str, level: str) -> Path:
+        """The published integer histogram of one finished (run kind, level)."""
+        return self.root / "solved" / f"{kind}_{level}.parquet"
+
+    @property
+    def review_dir(self) -> Path:
+        """Internal, truth-based review output (never released)."""
+        return self.root / "review"
+
+    def trials_path(self) -> Path:
+        """Where an experiment collects the metrics of this trial run (beside the runs directory)."""
+        return self.root.parent.parent / "trials" / f"{self.root.name}.parquet"
+
+    @classmethod
+    def create(cls, runs_dir: Path, run_id: str, initial_state: dict[str, Any]) -> "RunDir":
+        """Create ``runs_dir/run_id`` with mode 0700 and an initial ``state.json``."""
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        root = runs_dir / run_id
+        root.mkdir(mode=0o700)
+        os.chmod(root, 0o700)  # mkdir's mode is filtered by the umask
+        rd = cls(root)
+        write_json_atomic(rd.state_path, {"run_id": run_id, "done": {}, **initial_state})
+        return rd
+
+    @classmethod
+    def open(cls, root: Path) -> "RunDir":
+        root = Path(root)
+        if not (root / "state.json").is_file():
+            raise RunDirError(f"{root}: not a run directory (no state.json)")
+        return cls(root)
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.state_path.read_text())
+
+    def is_done(self, stage: str) -> bool:
+        return stage in self.state()["done"]
+
+    def done_info(self, stage: str) -> dict[str, Any] | None:
+        return self.state()["done"].get(stage)
+
+    def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
+        """Record ``stage`` as complete (call only after its outputs are in place)."""
+        crash_point(f"before:{stage}")
+        st = self.state()
+        st["done"][stage] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
+        write_json_atomic(self.state_path, st)
+
+    def update(self, **fields: Any) -> None:
+        st = self.state()
+        st.update(fields)
+        write_json_atomic(self.state_path, st)

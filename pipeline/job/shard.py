@@ -1,0 +1,156 @@
+"""One shard of one level: measure the children (write-once), post-process, checkpoint.
+
+A shard is a contiguous range of parents ``bounds[s]:bounds[s+1]`` of the level above; its
+children are the contiguous units ``child_ptr[a]:child_ptr[b]`` of the level (CSR). The nation
+level is one shard with no parent (the root problem). This module only wires the stages of
+``pipeline.privacy.measure`` and ``pipeline.postprocess`` to the files of a run directory.
+
+What each run kind declares (ARCHITECTURE §6, 2020 semantics):
+
+- persons: nation and state totals exact (``invariants.state_totals``); per child, persons in
+  GQ type g ≥ facilities of type g and = 0 where there is none, household persons = 0 where
+  there is no housing unit (``invariants.gq_facilities`` / ``block_housing_units``).
+- units: the histogram is (vacant, occupied) housing units; every child's total is the
+  public housing-unit count (``invariants.block_housing_units``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import DptabError
+from pipeline.job.context import RunContext
+from pipeline.job.executor import Executor
+from pipeline.model.histogram import SparseHistogram
+from pipeline.postprocess.parent import SolveOptions
+from pipeline.postprocess.problem import LevelBatch
+from pipeline.postprocess.topdown import solve_level, solve_root
+from pipeline.privacy.measure import load_measurements, measure_shard
+
+#: child levels solved with the 2020 multipass ordering (``total`` alone first)
+MULTIPASS_LEVELS = frozenset({"state", "county", "tract", "block_group"})
+
+
+class ConsistencyError(DptabError, RuntimeError):
+    """A merged level does not add up to its parent level (a bug: the run stops)."""
+
+
+def truth_histogram(ctx: RunContext, kind: str, level: str,
+                    units: tuple[int, int] | None = None) -> SparseHistogram:
+    """The confidential true histogram of one level (persons: the spec's cells; units: vacant /
+    occupied); ``units=(start, stop)`` reads only that range of units (indices stay global)."""
+    return SparseHistogram.from_parquet(ctx.rd.truth_path(kind, level), units)
+
+
+def published_histogram(ctx: RunContext, kind: str, level: str,
+                        units: tuple[int, int] | None = None) -> SparseHistogram:
+    """The post-processed (published) integer histogram of a finished level (optionally a unit range)."""
+    return SparseHistogram.from_parquet(ctx.rd.solved_path(kind, level), units)
+
+
+def _child_constraints(ctx: RunContext, kind: str, level: str, c0: int, c1: int) -> dict[str, np.ndarray | None]:
+    """Exact totals, hhgq lower bounds and hhgq structural zeros of children ``c0:c1``, from the
+    declared public invariants only (``invariants/<level>.parquet``)."""
+    inv = ctx.invariants(level)
+    if kind == "units":
+        totals = None if inv.housing_units is None else inv.housing_units[c0:c1]
+        return {"totals": totals, "lower": None, "zero_answers": None}
+    totals = None if inv.persons is None else inv.persons[c0:c1]
+    lower = zero = None
+    if inv.facilities is not None:
+        fac = inv.facilities[c0:c1]
+        lower = np.concatenate([np.zeros((c1 - c0, 1), np.int64), fac], axis=1)
+        zero = np.concatenate([np.zeros((c1 - c0, 1), bool), fac == 0], axis=1)
+    if inv.housing_units is not None:
+        zero = np.zeros((c1 - c0, 8), bool) if zero is None else zero
+        zero[:, 0] = inv.housing_units[c0:c1] == 0
+    return {"totals": totals, "lower": lower, "zero_answers": zero}
+
+
+def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.ndarray,
+                executor: Executor) -> dict[str, Any]:
+    """Measure and post-process one shard; write its published children. Returns a manifest
+    (counts, seconds, diagnostics) with no data values."""
+    measure_path = ctx.rd.measurement_path(kind, level, shard)
+    out_path = ctx.rd.solved_shard_path(kind, level, shard)
+
+    t0 = time.perf_counter()
+    spec = ctx.spec(kind)
+    strategy = ctx.strategies[kind]
+    levels = ctx.geography.levels
+    i = ctx.level_names.index(level)
+    lv = levels[i]
+    if i == 0:
+        a, b, c0, c1 = 0, 1, 0, 1
+        parent_hist = parent_of = None
+    else:
+        plv = levels[i - 1]
+        a, b = int(bounds[shard]), int(bounds[shard + 1])
+        c0, c1 = int(plv.child_ptr[a]), int(plv.child_ptr[b])
+        parent_hist = published_histogram(ctx, kind, plv.name, (a, b))
+        parent_of = lv.parent[c0:c1]
+    truth = truth_histogram(ctx, kind, level, (c0, c1))
+    measure_path.parent.mkdir(parents=True, exist_ok=True)
+    m = measure_shard(measure_path, truth, spec, strategy, level, c0, c1, ctx.source(kind, level, shard),
+                      parent=parent_hist, parent_of=parent_of, full=ctx.cfg.privacy.full_measurements)
+    meas = load_measurements(measure_path, spec, c0, c1)
+    targets = {q: qm.values for q, qm in meas.items()}
+    variances = {q: qm.variance for q, qm in meas.items()}
+    cons = _child_constraints(ctx, kind, level, c0, c1)
+    options = SolveOptions(multipass=kind == "persons" and level in MULTIPASS_LEVELS)
+    if i == 0:
+        total = None if cons["totals"] is None else int(cons["totals"][0])
+        root, diag = solve_root(spec, targets, variances, total, cons["lower"], cons["zero_answers"],
+                                options, label=kind + ":nation")
+        children = root[None, :]
+    else:
+        batch = LevelBatch(spec, parent_hist.dense(a, b), plv.child_ptr[a:b + 1] - c0, targets, variances,
+                           cons["totals"], cons["lower"], cons["zero_answers"], labels=plv.geoids[a:b])
+        children, diag = solve_level(batch, options, level=level, mapper=executor.map, chunks=executor.chunks)
+    out = SparseHistogram.from_dense(level, children)
+    shard_hist = SparseHistogram(level, lv.n_units, spec.n_cells, out.unit + c0, out.cell, out.count)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    shard_hist.to_parquet(out_path)
+    return {"kind": kind, "level": level, "shard": shard, "parents": b - a, "children": c1 - c0,
+            "measured_rows": m.rows, "measurements_reused": not m.drawn,
+            "seconds": round(time.perf_counter() - t0, 3), "diagnostics": diag.as_dict()}
+
+
+def merge_level(ctx: RunContext, kind: str, level: str, infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate a level's shard outputs (``infos``: their checkpoint manifests, in shard
+    order) and check them against the parent level; writes ``solved/<kind>_<level>.parquet``."""
+    parts = [ctx.rd.solved_shard_path(kind, level, s) for s in range(len(infos))]
+    out_path = ctx.rd.solved_path(kind, level)
+    spec = ctx.spec(kind)
+    lv = ctx.geography.level(level)
+    hs = [SparseHistogram.from_parquet(p) for p in parts]
+    merged = SparseHistogram(level, lv.n_units, spec.n_cells,
+                             np.concatenate([h.unit for h in hs]), np.concatenate([h.cell for h in hs]),
+                             np.concatenate([h.count for h in hs]))
+    i = ctx.level_names.index(level)
+    if i > 0:
+        parent = published_histogram(ctx, kind, ctx.level_names[i - 1])
+        if not _sums_match(lv.parent[merged.unit], merged.cell, merged.count, parent):
+            raise ConsistencyError(f"{kind} {level}: children do not add up to the published {parent.level}")
+    merged.to_parquet(out_path)
+    diag = [i_.get("diagnostics", {}) for i_ in infos]
+    return {"kind": kind, "level": level, "shards": len(parts), "parents": sum(i_.get("parents", 0) for i_ in infos),
+            "units": lv.n_units,
+            "iterations": sum(d.get("iterations", 0) for d in diag),
+            "max_rel_gap": max((d.get("max_rel_gap", 0.0) for d in diag), default=0.0),
+            "fallbacks": sum(d.get("fallbacks", 0) for d in diag),
+            "uncertified": sum(d.get("uncertified", 0) for d in diag),
+            "seconds": round(sum(i_.get("seconds", 0.0) for i_ in infos), 3)}
+
+
+def _sums_match(unit: np.ndarray, cell: np.ndarray, count: np.ndarray, b: SparseHistogram) -> bool:
+    """Do the (unit, cell, count) entries, summed over repeats, equal histogram ``b`` exactly?"""
+    key_a = unit * b.n_cells + cell
+    uniq, inv = np.unique(key_a, return_inverse=True)
+    sums = np.bincount(inv, weights=count, minlength=uniq.size).astype(np.int64)
+    nz = sums != 0
+    key_b = b.unit * b.n_cells + b.cell
+    return np.array_equal(uniq[nz], key_b) and np.array_equal(sums[nz], b.count)

@@ -1,0 +1,134 @@
+"""Run configuration: one YAML file per release job, validated with pydantic.
+
+Paths in the file are resolved relative to the file's directory. The config never holds a
+secret: the noise key lives only in the run directory (mode 0600). A ``seed`` is allowed only
+together with ``randomness: seeded`` (tests and experiments) and is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.errors import ConfigurationError
+
+
+class ConfigError(ConfigurationError):
+    """The run configuration is invalid (maps to CLI exit status 2)."""
+
+
+class InputsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    persons: Path
+    units: Path
+
+
+class PrivacyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: str = "census2020_pl94"
+    units_strategy: str | None = "census2020_units"
+    delta: float = Field(1e-10, gt=0, lt=1)
+    lifetime_rho: str = Field("10", description="dataset's declared lifetime zCDP budget, exact fraction text")
+    ledger: Path = Path("runs/ledger.sqlite")
+    randomness: Literal["secure", "keyed", "seeded"] = "keyed"
+    seed: int | None = None
+    full_measurements: bool = False
+
+    @field_validator("lifetime_rho")
+    @classmethod
+    def _positive_fraction(cls, v: str) -> str:
+        try:
+            f = Fraction(v)
+        except (ValueError, ZeroDivisionError) as exc:
+            raise ValueError(f"lifetime_rho must be an exact fraction like '10' or '293764/114921': {exc}")
+        if f <= 0:
+            raise ValueError("lifetime_rho must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _seed_only_when_seeded(self) -> "PrivacyConfig":
+        if self.randomness == "seeded" and self.seed is None:
+            raise ValueError("randomness: seeded needs a seed")
+        if self.randomness != "seeded" and self.seed is not None:
+            raise ValueError("a seed is only allowed with randomness: seeded (tests and experiments)")
+        return self
+
+
+class InvariantsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    state_totals: bool = True
+    block_housing_units: bool = True
+    gq_facilities: bool = True
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    runs_dir: Path = Path("runs")
+    releases_dir: Path = Path("releases")
+    publish_measurements: bool = True
+    csv: bool = Field(True, description="also write csv/<geolevel>/<table>.csv (large at block level)")
+
+
+class ExecutionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workers: int = Field(1, ge=1, le=256)
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: str | None = None
+    shard_target_cells: int = Field(5_000_000, ge=1, description="cells (children x free cells) per shard")
+
+
+class RunConfig(BaseModel):
+    """A release job: inputs, privacy, invariants, outputs and execution settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    dataset_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    release_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    title: str = "dptab release"
+    confidential: bool = True
+    spec: str = "pl94"
+    inputs: InputsConfig
+    privacy: PrivacyConfig = PrivacyConfig()
+    invariants: InvariantsConfig = InvariantsConfig()
+    output: OutputConfig = OutputConfig()
+    execution: ExecutionConfig = ExecutionConfig()
+    source_path: Path | None = Field(None, exclude=True)
+
+    def config_hash(self) -> str:
+        """sha256 of the canonical JSON of the config (paths as given, source path excluded)."""
+        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _resolve(base: Path, p: Path) -> Path:
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load, validate and resolve a run config YAML. Raises :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except Exception as exc:  # pydantic.ValidationError: list every problem in one message
+        raise ConfigError(f"{path}: invalid run config:\n{exc}") from None
+    base = path.resolve().parent
+    cfg.inputs.persons = _resolve(base, cfg.inputs.persons)
+    cfg.inputs.units = _resolve(base, cfg.inputs.units)
+    cfg.privacy.ledger = _resolve(base, cfg.privacy.ledger)
+    cfg.output.runs_dir = _resolve(base, cfg.output.runs_dir)
+    cfg.output.releases_dir = _resolve(base, cfg.output.releases_dir)
+    cfg.source_path = path.resolve()
+    return cfg

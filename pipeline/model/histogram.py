@@ -1,0 +1,165 @@
+"""A sparse histogram of one geographic level: the value every wing passes around, and its file.
+
+``(unit, cell, count)`` int64 arrays sorted by ``(unit, cell)`` with positive counts only, since
+most block cells are zero. The Parquet form (``unit``, ``cell``, ``count`` + level metadata) is
+the run directory's histogram file: true histograms (inputs), published histograms (job).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+
+
+class HistogramError(InputError):
+    """Input to a histogram build is inconsistent (codes out of domain, unknown blocks, bad file)."""
+
+
+
+@dataclass(frozen=True, eq=False)
+class SparseHistogram:
+    """A histogram of ``n_units`` units × ``n_cells`` cells of one ``level``, stored sparsely.
+
+    ``unit``, ``cell``, ``count``: int64 arrays of equal length ``nnz``, sorted by
+    ``(unit, cell)`` without repeats, ``0 <= unit < n_units``, ``0 <= cell < n_cells``,
+    ``count > 0``. Construction checks all of this (O(nnz)).
+    """
+
+    level: str
+    n_units: int
+    n_cells: int
+    unit: np.ndarray = field(repr=False)
+    cell: np.ndarray = field(repr=False)
+    count: np.ndarray = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("unit", "cell", "count"):
+            object.__setattr__(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.int64))
+        object.__setattr__(self, "n_units", int(self.n_units))
+        object.__setattr__(self, "n_cells", int(self.n_cells))
+        u, c, k = self.unit, self.cell, self.count
+        if not (u.ndim == c.ndim == k.ndim == 1 and u.size == c.size == k.size):
+            raise HistogramError(f"{self.level}: unit/cell/count must be 1-D of equal length, got "
+                                 f"{u.shape}, {c.shape}, {k.shape}")
+        if u.size == 0:
+            return
+        if u[0] < 0 or u[-1] >= self.n_units or c.min() < 0 or c.max() >= self.n_cells:
+            raise HistogramError(f"{self.level}: unit or cell index out of range "
+                                 f"(n_units={self.n_units}, n_cells={self.n_cells})")
+        if k.min() <= 0:
+            raise HistogramError(f"{self.level}: {int((k <= 0).sum())} non-positive counts stored")
+        du = np.diff(u)
+        if (du < 0).any() or ((du == 0) & (np.diff(c) <= 0)).any():
+            raise HistogramError(f"{self.level}: entries not sorted by (unit, cell) without repeats")
+
+    @classmethod
+    def _trusted(cls, level: str, n_units: int, n_cells: int, unit: np.ndarray, cell: np.ndarray,
+                 count: np.ndarray) -> "SparseHistogram":
+        """Construct without the O(nnz) checks, for arrays this module built sorted and positive
+        (the property tests re-check them through the public constructor)."""
+        h = object.__new__(cls)
+        for name, value in (("level", level), ("n_units", int(n_units)), ("n_cells", int(n_cells)),
+                            ("unit", unit), ("cell", cell), ("count", count)):
+            object.__setattr__(h, name, value)
+        return h
+
+    @property
+    def nnz(self) -> int:
+        """Number of stored (non-zero) cells."""
+        return int(self.count.size)
+
+    def total(self) -> int:
+        """Sum of all counts."""
+        return int(self.count.sum())
+
+    def totals(self) -> np.ndarray:
+        """int64 ``(n_units,)``: the total count of each unit."""
+        out = np.zeros(self.n_units, dtype=np.int64)
+        if self.nnz:
+            starts = np.flatnonzero(np.r_[True, self.unit[1:] != self.unit[:-1]])
+            out[self.unit[starts]] = np.add.reduceat(self.count, starts)
+        return out
+
+    def unit_ptr(self) -> np.ndarray:
+        """int64 ``(n_units + 1,)``: entries of unit ``i`` are ``unit_ptr[i]:unit_ptr[i+1]``."""
+        return np.searchsorted(self.unit, np.arange(self.n_units + 1), side="left").astype(np.int64)
+
+    def dense(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """int64 ``(stop - start, n_cells)``: dense rows of units ``start:stop``."""
+        stop = self.n_units if stop is None else int(stop)
+        start = int(start)
+        if not 0 <= start <= stop <= self.n_units:
+            raise HistogramError(f"{self.level}: bad unit range {start}:{stop} of {self.n_units}")
+        lo, hi = np.searchsorted(self.unit, [start, stop], side="left")
+        out = np.zeros((stop - start, self.n_cells), dtype=np.int64)
+        out[self.unit[lo:hi] - start, self.cell[lo:hi]] = self.count[lo:hi]
+        return out
+
+    @classmethod
+    def from_dense(cls, level: str, x: np.ndarray) -> "SparseHistogram":
+        """The sparse form of a dense non-negative integer array ``(n_units, n_cells)``."""
+        x = np.asarray(x)
+        if x.ndim != 2 or (x < 0).any():
+            raise HistogramError(f"{level}: dense histogram must be 2-D and non-negative")
+        unit, cell = np.nonzero(x)
+        return cls(level, x.shape[0], x.shape[1], unit, cell, x[unit, cell])
+
+    def equals(self, other: "SparseHistogram") -> bool:
+        """Same level, shape and entries."""
+        return (self.level == other.level and self.n_units == other.n_units
+                and self.n_cells == other.n_cells and np.array_equal(self.unit, other.unit)
+                and np.array_equal(self.cell, other.cell) and np.array_equal(self.count, other.count))
+
+    def to_parquet(self, path: str | Path) -> None:
+        """Write atomically (temp file + rename): columns unit, cell, count (int64); the level,
+        n_units and n_cells go into the Parquet key-value metadata."""
+        path = Path(path)
+        table = pa.table({"unit": self.unit, "cell": self.cell, "count": self.count})
+        meta = {b"dptab.level": self.level.encode(), b"dptab.n_units": str(self.n_units).encode(),
+                b"dptab.n_cells": str(self.n_cells).encode()}
+        table = table.replace_schema_metadata(meta)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            # row groups of 1 Mi entries: a shard's unit range reads only the groups it needs
+            pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def from_parquet(cls, path: str | Path, units: tuple[int, int] | None = None) -> "SparseHistogram":
+        """Read a file written by :meth:`to_parquet` (HistogramError naming the file if it is not one).
+
+        ``units=(start, stop)`` reads only the entries of units ``start:stop`` (unit indices stay
+        global, ``n_units`` unchanged), skipping row groups outside the range.
+        """
+        path = Path(path)
+        filters = None if units is None else [("unit", ">=", int(units[0])), ("unit", "<", int(units[1]))]
+        try:
+            table = pq.read_table(path, filters=filters)
+        except (OSError, pa.ArrowException) as exc:
+            raise HistogramError(f"{path}: not a readable Parquet histogram ({exc})") from exc
+        meta = table.schema.metadata or {}
+        try:
+            level = meta[b"dptab.level"].decode()
+            n_units = int(meta[b"dptab.n_units"])
+            n_cells = int(meta[b"dptab.n_cells"])
+            cols = [table.column(c).to_numpy() for c in ("unit", "cell", "count")]
+        except (KeyError, ValueError) as exc:
+            raise HistogramError(f"{path}: missing histogram column or metadata ({exc})") from exc
+        try:
+            return cls(level, n_units, n_cells, *cols)
+        except HistogramError as exc:
+            raise HistogramError(f"{path}: {exc}") from exc
+
+

@@ -1,0 +1,187 @@
+"""Measurement strategies as data: ρ per (level, query) as exact fractions.
+
+A strategy YAML names a spec, a global ρ and per-level / per-query shares; see
+``pipeline/schemas/strategies``. ``σ²_q = 1/ρ_q`` (squared L2 sensitivity 2 of a marginal under
+bounded neighbours; see :mod:`pipeline.privacy.accounting`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigurationError
+from pipeline.model.schemas import SCHEMAS_DIR
+
+STRATEGIES_DIR = SCHEMAS_DIR / "strategies"
+
+
+class StrategyError(ConfigurationError):
+    """A strategy file is malformed or inconsistent (exit status 2)."""
+
+
+def parse_fraction(value: Any, what: str) -> Fraction:
+    """Parse an exact rational from YAML (``"104/4099"``, ``3``, ``"0.25"``); floats are refused.
+
+    A YAML float such as ``0.1`` is not exact, so it is rejected with a message naming ``what``.
+    """
+    if isinstance(value, bool) or value is None:
+        raise StrategyError(f"{what}: expected an exact fraction like '104/4099', got {value!r}")
+    if isinstance(value, float):
+        raise StrategyError(f"{what}: write the fraction exactly as text (e.g. '1/10'), not the float {value!r}")
+    try:
+        return Fraction(str(value).strip())
+    except (ValueError, ZeroDivisionError) as exc:
+        raise StrategyError(f"{what}: not an exact fraction: {value!r} ({exc})") from None
+
+
+def _level_names() -> tuple[str, ...]:
+    from pipeline.model.geography import load_geolevels
+
+    return tuple(lv.name for lv in load_geolevels())
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A measurement strategy: global ρ, level shares and per-level query shares (all exact).
+
+    ``levels`` maps a geolevel name to ``(level share, {query name: query share})``; levels and
+    queries keep the YAML order.
+    """
+
+    name: str
+    spec: str
+    rho: Fraction
+    levels: dict[str, tuple[Fraction, dict[str, Fraction]]]
+    source: Path | None = field(default=None, compare=False)
+    description: str = field(default="", compare=False)
+
+    @property
+    def total_rho(self) -> Fraction:
+        """Sum of ρ_q over every (level, query): equals ``rho`` exactly once validated."""
+        return sum(self.rho_by_level_query().values(), Fraction(0))
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(self.levels)
+
+    def queries(self, level: str) -> tuple[str, ...]:
+        """Names of the queries measured at ``level`` (YAML order)."""
+        return tuple(self._level(level)[1])
+
+    def level_rho(self, level: str) -> Fraction:
+        """ρ spent at one level (global ρ × level share)."""
+        return self.rho * self._level(level)[0]
+
+    def rho_q(self, level: str, query: str) -> Fraction:
+        """ρ of one query at one level."""
+        share, queries = self._level(level)
+        if query not in queries:
+            raise StrategyError(f"strategy {self.name!r} does not measure query {query!r} at level {level!r}")
+        return self.rho * share * queries[query]
+
+    def rho_by_level_query(self) -> dict[tuple[str, str], Fraction]:
+        """``{(level, query): ρ_q}`` for every measured query."""
+        return {(lv, q): self.rho * share * qs for lv, (share, queries) in self.levels.items()
+                for q, qs in queries.items()}
+
+    def sigma2(self, level: str, query: str) -> Fraction:
+        """Exact discrete-Gaussian σ² = 1/ρ_q for one query (per answer, in counts²)."""
+        return 1 / self.rho_q(level, query)
+
+    def _level(self, level: str) -> tuple[Fraction, dict[str, Fraction]]:
+        try:
+            return self.levels[level]
+        except KeyError:
+            raise StrategyError(
+                f"strategy {self.name!r} has no level {level!r}; levels: {', '.join(self.levels)}"
+            ) from None
+
+
+def budget_rows(strategy: Strategy) -> list[dict[str, Any]]:
+    """One row per (level, query): exact ρ_q, σ² and σ (float), and the share of the total ρ."""
+    total = strategy.total_rho
+    return [{"level": lv, "query": q, "rho": r, "sigma2": 1 / r, "sigma": math.sqrt(1 / r),
+             "share": r / total} for (lv, q), r in strategy.rho_by_level_query().items()]
+
+
+def strategy_path(path_or_name: str | Path) -> Path:
+    """Resolve a strategy file path, or a bare name in ``schemas/strategies/``."""
+    p = Path(path_or_name)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    return STRATEGIES_DIR / f"{path_or_name}.yaml"
+
+
+def load_strategy(path_or_name: str | Path) -> Strategy:
+    """Load and validate a strategy YAML file (or a name in ``schemas/strategies/``).
+
+    Checks (each failure raises :class:`StrategyError` naming the file and the item): ρ > 0;
+    level names are geolevel names; every share > 0; level shares sum to exactly 1; the query
+    shares of each level sum to exactly 1; every query exists in the strategy's histogram spec.
+    """
+    from pipeline.model.spec import SpecError, load_spec
+
+    p = strategy_path(path_or_name)
+    if not p.is_file():
+        raise StrategyError(f"strategy file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise StrategyError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise StrategyError(f"{p}: expected a mapping with keys name, spec, rho, levels")
+    missing = [k for k in ("name", "spec", "rho", "levels") if k not in raw]
+    if missing:
+        raise StrategyError(f"{p}: missing key(s): {', '.join(missing)}")
+    rho = parse_fraction(raw["rho"], f"{p}: rho")
+    if rho <= 0:
+        raise StrategyError(f"{p}: rho must be > 0, got {rho}")
+    try:
+        spec = load_spec(str(raw["spec"]))
+    except (SpecError, OSError) as exc:
+        raise StrategyError(f"{p}: cannot load spec {raw['spec']!r}: {exc}") from None
+    known_levels = _level_names()
+    if not isinstance(raw["levels"], dict) or not raw["levels"]:
+        raise StrategyError(f"{p}: levels must be a non-empty mapping of geolevel name -> share, queries")
+    levels: dict[str, tuple[Fraction, dict[str, Fraction]]] = {}
+    for lv, body in raw["levels"].items():
+        where = f"{p}: level {lv!r}"
+        if lv not in known_levels:
+            raise StrategyError(f"{where}: unknown geolevel; known: {', '.join(known_levels)}")
+        if not isinstance(body, dict) or "share" not in body or "queries" not in body:
+            raise StrategyError(f"{where}: needs 'share' and 'queries'")
+        share = parse_fraction(body["share"], f"{where} share")
+        if share <= 0:
+            raise StrategyError(f"{where}: share must be > 0 (omit the level instead), got {share}")
+        if not isinstance(body["queries"], dict) or not body["queries"]:
+            raise StrategyError(f"{where}: queries must be a non-empty mapping query -> share")
+        queries: dict[str, Fraction] = {}
+        for q, qs in body["queries"].items():
+            if q not in spec.query_defs:
+                raise StrategyError(
+                    f"{where}: query {q!r} is not in spec {spec.name!r}; known: {', '.join(spec.query_defs)}"
+                )
+            f = parse_fraction(qs, f"{where} query {q!r}")
+            if f <= 0:
+                raise StrategyError(f"{where} query {q!r}: share must be > 0 (omit the query instead), got {f}")
+            queries[str(q)] = f
+        total = sum(queries.values(), Fraction(0))
+        if total != 1:
+            raise StrategyError(f"{where}: query shares sum to {total} (= {float(total):.6f}), not exactly 1")
+        levels[str(lv)] = (share, queries)
+    total = sum((s for s, _ in levels.values()), Fraction(0))
+    if total != 1:
+        raise StrategyError(f"{p}: level shares sum to {total} (= {float(total):.6f}), not exactly 1")
+    order = [lv for lv in known_levels if lv in levels]
+    if list(levels) != order:
+        raise StrategyError(f"{p}: levels must be listed top to bottom: {', '.join(order)}")
+    return Strategy(name=str(raw["name"]), spec=str(raw["spec"]), rho=rho, levels=levels,
+                    source=p, description=str(raw.get("description", "")))
+
+

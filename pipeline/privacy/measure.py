@@ -1,0 +1,262 @@
+"""Noisy measurements of one level's queries for a range of units, written once as Parquet.
+
+For units ``start:stop`` of a level and every query the strategy measures there, each answer
+gets true answer + exact discrete Gaussian noise with σ² = 1/ρ_q (``pipeline.privacy``). The
+file (contract in ``docs/contracts.md``: ``unit, query, answer, value, variance, sigma2``) is
+written once: to a temporary file in the same directory, then hard-linked into place, which
+fails if the file exists — an existing file for the same release, level and shard is reused and
+never overwritten, so no retry can draw fresh noise for measurements already taken.
+
+Skipping answers whose parent answer is zero (``full=False`` with a ``parent``): post-processing
+gives every child variables only on the cells where its (already published, integer) parent is
+positive. If the parent's answer ``a`` of query ``q`` is zero, every parent cell that maps to
+``a`` is zero, so every child cell that maps to ``a`` is forced to zero and the child's answer
+``a`` is 0 whatever was measured. The post-processed output is therefore a function of the other
+measurements only, and each of those is still true answer + independent N_Z(0, σ²_q) noise, so
+the output distribution is exactly the same as with every answer drawn. Skipped answers are
+absent from the file (not drawn at all). ``full=True`` draws every answer, for a complete noisy
+measurement file; the privacy cost is the same either way (it is accounted per query).
+
+Draw order, for keyed reproducibility: queries in strategy order, then units, then answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DptabError
+from pipeline.model.histogram import SparseHistogram
+from pipeline.model.spec import HistogramSpec
+from pipeline.model.strategy import Strategy
+from pipeline.privacy.randomness import RandomSource, resolve_source
+from pipeline.privacy.samplers import discrete_gaussian, discrete_gaussian_variance
+
+COLUMNS = ("unit", "query", "answer", "value", "variance", "sigma2")
+SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.string()), ("answer", pa.int32()),
+                    ("value", pa.int64()), ("variance", pa.float64()), ("sigma2", pa.string())])
+# What is written: the two constant text columns as dictionary arrays (no per-row strings to
+# build or hash); with store_schema=False the file holds plain UTF8 columns, read back as SCHEMA.
+_WRITE_SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.dictionary(pa.int32(), pa.string())),
+                           ("answer", pa.int32()), ("value", pa.int64()), ("variance", pa.float64()),
+                           ("sigma2", pa.dictionary(pa.int32(), pa.string()))])
+#: answers per noise batch (bounds memory: ~40 bytes per answer)
+BATCH_ANSWERS = 1 << 22
+
+
+class MeasurementError(DptabError, ValueError):
+    """A measurement request is inconsistent, or an existing file does not match it."""
+
+
+@dataclass(frozen=True)
+class MeasureResult:
+    """What :func:`measure_shard` did: ``drawn`` is False when an existing file was reused."""
+
+    path: Path
+    rows: int
+    drawn: bool
+    skipped: int
+
+
+@dataclass(frozen=True)
+class QueryMeasurements:
+    """One query's measurements over a unit range: ``values`` float64 ``(n_units, n_answers)``
+    (NaN where not measured), one ``variance`` (exact DG variance, counts²) and exact ``sigma2``."""
+
+    values: np.ndarray
+    variance: float
+    sigma2: Fraction
+
+
+def _answers(unit: np.ndarray, cell: np.ndarray, count: np.ndarray, row0: int, n_rows: int,
+             cell_to_answer: np.ndarray, n_answers: int) -> np.ndarray:
+    """int64 ``(n_rows, n_answers)`` query answers from sparse entries of rows ``row0:row0+n_rows``."""
+    idx = (unit - row0) * n_answers + cell_to_answer[cell]
+    out = np.bincount(idx, weights=count, minlength=n_rows * n_answers)
+    return np.rint(out).astype(np.int64).reshape(n_rows, n_answers)  # counts < 2^53: exact
+
+
+def _entries(hist: SparseHistogram, ptr: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sparse entries of the given (distinct) units: (row position in ``units``, cell, count)."""
+    starts, ends = ptr[units], ptr[units + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    offs = np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(total)
+    rows = np.repeat(np.arange(units.size), lengths)
+    return rows, hist.cell[offs], hist.count[offs]
+
+
+def _const_text(text: str, n: int) -> pa.Array:
+    """A dictionary-encoded text column repeating ``text`` ``n`` times."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text]))
+
+
+def _file_meta(level: str, start: int, stop: int, full: bool, strategy: Strategy) -> dict[bytes, bytes]:
+    """Parquet key-value metadata: what was measured, and every query's σ² and variance (so a
+    query whose answers were all skipped is still known to the loader)."""
+    queries = [[q, _frac_text(strategy.sigma2(level, q)), discrete_gaussian_variance(strategy.sigma2(level, q))]
+               for q in strategy.queries(level)]
+    return {b"dptab.level": level.encode(), b"dptab.units": f"{start}:{stop}".encode(),
+            b"dptab.full": str(bool(full)).encode(), b"dptab.strategy": strategy.name.encode(),
+            b"dptab.queries": json.dumps(queries).encode()}
+
+
+def _frac_text(x: Fraction) -> str:
+    return f"{x.numerator}/{x.denominator}"
+
+
+def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, strategy: Strategy,
+                  level: str, start: int, stop: int, source: RandomSource | None = None, *,
+                  parent: SparseHistogram | None = None, parent_of: np.ndarray | None = None,
+                  full: bool = False) -> MeasureResult:
+    """Measure units ``start:stop`` of ``level`` once and write ``path`` (or reuse it).
+
+    ``hist``: the level's confidential histogram; ``parent`` the parent level's published
+    integer histogram and ``parent_of`` the parent index of each unit ``start:stop`` (int64,
+    ``(stop - start,)``) — with both given and ``full=False``, answers whose parent answer is
+    zero are skipped. ``source`` defaults to the secure source.
+    """
+    path = Path(path)
+    meta = _file_meta(level, start, stop, full, strategy)
+    if path.exists():
+        return _reuse(path, meta)
+    if not 0 <= start <= stop <= hist.n_units:
+        raise MeasurementError(f"{level}: bad unit range {start}:{stop} of {hist.n_units}")
+    if hist.n_cells != spec.n_cells:
+        raise MeasurementError(f"{level}: histogram has {hist.n_cells} cells, spec {spec.name!r} has {spec.n_cells}")
+    skip = parent is not None and not full
+    if parent is not None and not full:
+        if parent_of is None:
+            raise MeasurementError(f"{level}: a parent histogram needs parent_of (the parent index of each unit)")
+        parent_of = np.asarray(parent_of, dtype=np.int64)
+        if parent_of.shape != (stop - start,):
+            raise MeasurementError(f"{level}: parent_of must have shape ({stop - start},), got {parent_of.shape}")
+        parent_ptr = parent.unit_ptr()
+    src = resolve_source(source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    rows = skipped = 0
+    try:
+        with pq.ParquetWriter(tmp, _WRITE_SCHEMA, compression="zstd", store_schema=False) as writer:
+            writer.add_key_value_metadata(meta)
+            for qname in strategy.queries(level):
+                q = spec.query(qname)
+                s2 = strategy.sigma2(level, qname)
+                var, s2_text = discrete_gaussian_variance(s2), _frac_text(s2)
+                chunk = max(1, BATCH_ANSWERS // q.n_answers)
+                for c0 in range(start, stop, chunk):
+                    c1 = min(stop, c0 + chunk)
+                    lo, hi = np.searchsorted(hist.unit, [c0, c1], side="left")
+                    true = _answers(hist.unit[lo:hi], hist.cell[lo:hi], hist.count[lo:hi], c0, c1 - c0,
+                                    q.cell_to_answer, q.n_answers)
+                    if skip:
+                        assert parent is not None and parent_of is not None  # checked above
+                        pu, inv = np.unique(parent_of[c0 - start:c1 - start], return_inverse=True)
+                        r, c, k = _entries(parent, parent_ptr, pu)
+                        pans = _answers(r, c, k, 0, pu.size, q.cell_to_answer, q.n_answers)
+                        flat = np.flatnonzero(pans[inv] > 0)
+                        skipped += true.size - flat.size
+                    else:
+                        flat = np.arange(true.size)
+                    noise = discrete_gaussian(s2, flat.size, src)
+                    n = flat.size
+                    writer.write_table(pa.table({
+                        "unit": c0 + flat // q.n_answers,
+                        "query": _const_text(qname, n),
+                        "answer": (flat % q.n_answers).astype(np.int32),
+                        "value": true.reshape(-1)[flat] + noise,
+                        "variance": np.full(n, var),
+                        "sigma2": _const_text(s2_text, n),
+                    }, schema=_WRITE_SCHEMA))
+                    rows += n
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic and refuses to replace an existing file
+        except FileExistsError:  # another process won the race: its noise is the one used
+            return _reuse(path, meta)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return MeasureResult(path, rows, True, skipped)
+
+
+def _reuse(path: Path, meta: dict[bytes, bytes]) -> MeasureResult:
+    """Reuse an existing measurement file after checking it was made for the same request."""
+    try:
+        md = pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise MeasurementError(f"{path}: existing measurement file is unreadable ({exc}); "
+                               "it is never overwritten — inspect it") from exc
+    have = md.metadata or {}
+    for k, v in meta.items():
+        if have.get(k) != v:
+            raise MeasurementError(f"{path}: existing measurement file was made for {k.decode()}="
+                                   f"{have.get(k, b'?').decode()}, not {v.decode()}; refusing to reuse or overwrite it")
+    return MeasureResult(path, md.num_rows, False, 0)
+
+
+def read_measurement_rows(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """The rows of one measurement file (``unit, query, answer, value, variance, sigma2``; see
+    ``docs/contracts.md``), or only ``columns``. The one reader of the raw file: the engine,
+    the release and the review all come through here. Raises :class:`MeasurementError` if the
+    file does not have exactly the measurement columns."""
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as exc:
+        raise MeasurementError(f"{path}: not a readable measurement file ({exc})") from None
+    if tuple(sorted(names)) != tuple(sorted(COLUMNS)):
+        raise MeasurementError(f"{path}: a measurement file has exactly the columns {COLUMNS}, found {names}")
+    return pl.read_parquet(path, columns=columns)
+
+
+def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec, start: int, stop: int,
+                      queries: list[str] | tuple[str, ...] | None = None) -> dict[str, QueryMeasurements]:
+    """Per query, the dense float matrix ``(stop - start, n_answers)`` of units ``start:stop``
+    (row ``i`` = unit ``start + i``; NaN where not measured) with its variance and σ².
+
+    Every query the files were made for is returned (all NaN if every answer was skipped);
+    ``queries`` restricts and orders the result and must be a subset of them.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    known: dict[str, tuple[Fraction, float]] = {}
+    frames = []
+    for p in paths:
+        try:
+            meta = pq.read_schema(p).metadata or {}
+            for q, s2, var in json.loads(meta[b"dptab.queries"]):
+                if q in known and known[q][0] != Fraction(s2):
+                    raise MeasurementError(f"query {q!r} has different sigma2 in {paths}")
+                known[q] = (Fraction(s2), float(var))
+        except (KeyError, ValueError) as exc:
+            raise MeasurementError(f"{p}: not a measurement file written by measure_shard ({exc!r})") from None
+        frames.append(read_measurement_rows(p, list(COLUMNS)))
+    df = pl.concat(frames).filter((pl.col("unit") >= start) & (pl.col("unit") < stop))
+    wanted = list(queries) if queries is not None else list(known)
+    missing = [q for q in wanted if q not in known]
+    if missing:
+        raise MeasurementError(f"no measurements of {missing} in {[str(p) for p in paths]}; "
+                               f"they hold {list(known)}")
+    parts = {k[0]: v for k, v in df.partition_by("query", as_dict=True).items()} if df.height else {}
+    out: dict[str, QueryMeasurements] = {}
+    for qname in wanted:
+        q = spec.query(qname)
+        vals = np.full((stop - start, q.n_answers), np.nan)
+        part = parts.get(qname)
+        if part is not None:
+            u = part["unit"].to_numpy() - start
+            a = part["answer"].to_numpy().astype(np.int64)
+            if a.size and (a.min() < 0 or a.max() >= q.n_answers):
+                raise MeasurementError(f"query {qname!r}: answer index out of range 0..{q.n_answers - 1} in {paths}")
+            vals[u, a] = part["value"].to_numpy().astype(np.float64)
+        s2, var = known[qname]
+        out[qname] = QueryMeasurements(vals, var, s2)
+    return out

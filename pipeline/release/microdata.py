@@ -1,0 +1,111 @@
+"""Privacy-protected microdata: one row per person, expanded from the published block histograms.
+
+The layout is the Census Bureau's privacy-protected microdata file (PPMF) for P.L. 94-171
+(ARCHITECTURE §8; ``notes/census2020-das.md`` §5.6), so tools built for the Census files read it:
+
+=============  ======  =====================================================================
+column         type    meaning
+=============  ======  =====================================================================
+TABBLKST       Utf8    state FIPS, 2 digits
+TABBLKCOU      Utf8    county FIPS, 3 digits
+TABTRACTCE     Utf8    census tract, 6 digits
+TABBLKGRPCE    Utf8    block group, 1 digit (the first digit of the block)
+TABBLK         Utf8    block, 4 digits
+EPNUM          Int64   person number, 1..N in file order
+RTYPE          Utf8    "3" person in a housing unit, "5" person in group quarters
+GQTYPE_PL      Int64   0 household, 1..7 major group-quarters type (the ``hhgq`` code)
+VOTING_AGE     Int64   1 under 18, 2 18 and over
+CENHISP        Int64   1 not Hispanic or Latino, 2 Hispanic or Latino
+CENRACE        Utf8    "01".."63", Census race combination code
+=============  ======  =====================================================================
+
+Rows are sorted by geography (the 15-digit block GEOID) then EPNUM. The file is a pure
+function of the block histogram: the persons of a block are its cells, each repeated by its
+count (``np.repeat``), in cell order; nothing else about a person is published.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from pipeline.errors import DptabError
+from pipeline.model.spec import HistogramSpec
+from pipeline.release.tables import HistogramLike, as_sparse_arrays
+
+PPMF_COLUMNS = ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLKGRPCE", "TABBLK", "EPNUM", "RTYPE",
+                "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE")
+
+
+class MicrodataError(DptabError, ValueError):
+    """The block histogram or the block GEOIDs do not fit the PPMF layout."""
+
+
+def block_geography_frame(block_geoids: np.ndarray) -> pl.DataFrame:
+    """The five PPMF geography columns of each block GEOID (15 digits), ``(n_blocks,)`` rows."""
+    g = pl.Series("geoid", np.asarray(block_geoids).astype(str), dtype=pl.Utf8)
+    bad = g.str.len_chars() != 15
+    if bad.any():
+        raise MicrodataError(f"block GEOIDs must have 15 digits; e.g. {g.filter(bad).head(3).to_list()}")
+    return pl.DataFrame({
+        "TABBLKST": g.str.slice(0, 2), "TABBLKCOU": g.str.slice(2, 3), "TABTRACTCE": g.str.slice(5, 6),
+        "TABBLKGRPCE": g.str.slice(11, 1), "TABBLK": g.str.slice(11, 4),
+    })
+
+
+def microdata_from_blocks(block_geoids: np.ndarray, hist: HistogramLike | np.ndarray,
+                          spec: HistogramSpec) -> pl.DataFrame:
+    """Expand a block-level persons histogram into one PPMF row per person.
+
+    ``block_geoids``: sorted 15-digit block GEOIDs ``(n_blocks,)``; ``hist``: the published
+    integer block histogram of ``spec`` (a SparseHistogram or dense ``(n_blocks, n_cells)``).
+    Returns a DataFrame with :data:`PPMF_COLUMNS`, ``hist.count.sum()`` rows.
+    """
+    n_units, n_cells, unit, cell, count = as_sparse_arrays(hist)
+    if n_units != len(block_geoids):
+        raise MicrodataError(f"histogram has {n_units} blocks but {len(block_geoids)} block GEOIDs were given")
+    if n_cells != spec.n_cells:
+        raise MicrodataError(f"histogram has {n_cells} cells, spec {spec.name!r} has {spec.n_cells}")
+    if count.size and (count.min() < 0):
+        raise MicrodataError("a published block histogram cannot have negative counts")
+    # sort by (unit, cell) so persons come out in geography order whatever the input order
+    order = np.lexsort((cell, unit))
+    unit, cell, count = unit[order], cell[order], count[order]
+    # one row per non-zero histogram entry, then a single gather repeats each by its count
+    codes = spec.cell_codes(cell)
+    geo = block_geography_frame(block_geoids)
+    race_text = pl.Series([f"{c:02d}" for c in spec.attribute("cenrace").codes], dtype=pl.Utf8)
+    entries = geo[pl.Series(unit, dtype=pl.UInt32)].with_columns(
+        pl.Series("RTYPE", ["3", "5"], dtype=pl.Utf8)[pl.Series((codes["hhgq"] > 0).astype(np.uint32))],
+        pl.Series("GQTYPE_PL", codes["hhgq"], dtype=pl.Int64),
+        pl.Series("VOTING_AGE", codes["voting_age"] + 1, dtype=pl.Int64),
+        pl.Series("CENHISP", codes["hispanic"] + 1, dtype=pl.Int64),
+        race_text[pl.Series(spec.attribute("cenrace").index_of(codes["cenrace"]).astype(np.uint32))].alias("CENRACE"),
+    )
+    n = int(count.sum())
+    persons = entries[pl.Series(np.repeat(np.arange(unit.size, dtype=np.uint32), count))]
+    return persons.with_columns(pl.Series("EPNUM", np.arange(1, n + 1, dtype=np.int64))).select(PPMF_COLUMNS)
+
+
+def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
+                             spec: HistogramSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-tabulate PPMF rows into a block histogram: ``(unit, cell, count)`` int64, sorted.
+
+    ``unit`` indexes ``block_geoids`` (sorted); a row whose block is not listed raises
+    :class:`MicrodataError`. Used by ``dptab verify`` and the round-trip tests.
+    """
+    geoid = persons.select(pl.concat_str(["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"])).to_series()
+    g = np.asarray(block_geoids).astype(str)
+    keys = geoid.to_numpy().astype(str)
+    unit = np.searchsorted(g, keys)
+    unit_c = np.clip(unit, 0, max(len(g) - 1, 0))
+    if len(keys) and (len(g) == 0 or np.any(g[unit_c] != keys)):
+        bad = keys[(g[unit_c] != keys) if len(g) else np.ones(len(keys), bool)][:3]
+        raise MicrodataError(f"microdata rows in blocks that are not published, e.g. {bad.tolist()}")
+    cells = spec.cell_index(
+        hhgq=persons["GQTYPE_PL"].to_numpy(), voting_age=persons["VOTING_AGE"].to_numpy() - 1,
+        hispanic=persons["CENHISP"].to_numpy() - 1, cenrace=persons["CENRACE"].cast(pl.Int64).to_numpy(),
+    )
+    flat = unit_c.astype(np.int64) * spec.n_cells + cells
+    uniq, cnt = np.unique(flat, return_counts=True)
+    return uniq // spec.n_cells, uniq % spec.n_cells, cnt.astype(np.int64)

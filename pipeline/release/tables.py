@@ -1,0 +1,369 @@
+"""P.L. 94-171 tables from published histograms: definitions as data, tabulation as a sparse product.
+
+``schemas/tables/pl94.yaml`` declares every table line as a filter over the cells of a histogram
+spec (persons: ``schemas/pl94.yaml``, 2,016 cells; housing units: ``schemas/units.yaml``, 2
+cells). :func:`load_tables` turns each table into a 0/1 matrix ``A`` of shape
+``(n_lines, n_cells)``; the table of every unit of a level is then one sparse product
+``X @ A.T`` where ``X`` is the level's histogram as a ``(n_units, n_cells)`` CSR matrix — no
+Python loop over units, so millions of blocks tabulate in a few passes over the histogram.
+
+Outputs are in long format (one row per unit and line): ``geoid, geolevel, name, table, line,
+label, count, moe90`` (:func:`long_frame`). Tables are computed only from *published*
+(post-processed) histograms; this module never sees confidential data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Protocol
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import yaml
+
+from pipeline.errors import ConfigurationError
+from pipeline.model.geonames import unit_names
+from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.model.spec import HistogramSpec, load_spec
+
+if TYPE_CHECKING:
+    from pipeline.model.geography import Geography
+
+TABLES_DIR = SCHEMAS_DIR / "tables"
+HISTOGRAM_KINDS = ("persons", "units")
+
+
+class TableError(ConfigurationError):
+    """A table definition file is malformed, or a histogram does not fit the table's spec."""
+
+
+class HistogramLike(Protocol):
+    """What tabulation reads from a ``pipeline.histograms.SparseHistogram``.
+
+    ``unit``, ``cell``, ``count``: int64 arrays sorted by ``(unit, cell)``, counts > 0.
+    """
+
+    n_units: int
+    n_cells: int
+    unit: np.ndarray
+    cell: np.ndarray
+    count: np.ndarray
+
+
+@dataclass(frozen=True)
+class TableDef:
+    """One table: its lines and their 0/1 cell matrix.
+
+    ``matrix`` is CSR int64 of shape ``(n_lines, n_cells)`` of the table's histogram spec;
+    ``sums`` maps a line number to the line numbers that must add up to it.
+    """
+
+    name: str
+    title: str
+    universe: str
+    histogram: str
+    numbers: tuple[int, ...]
+    labels: tuple[str, ...]
+    matrix: sp.csr_matrix = field(repr=False, compare=False)
+    sums: dict[int, tuple[int, ...]] = field(default_factory=dict, compare=False)
+
+    @property
+    def n_lines(self) -> int:
+        return len(self.numbers)
+
+    def index(self, line: int) -> int:
+        """Column of line number ``line`` in a tabulated ``(n_units, n_lines)`` array."""
+        try:
+            return self.numbers.index(int(line))
+        except ValueError:
+            raise TableError(f"table {self.name} has no line {line}") from None
+
+
+@dataclass(frozen=True)
+class CheckLine:
+    """An unpublished line used only by the consistency checks (e.g. household population)."""
+
+    name: str
+    label: str
+    histogram: str
+    vector: np.ndarray = field(repr=False, compare=False)  # 0/1 int64 (n_cells,)
+
+
+@dataclass(frozen=True)
+class TableSet:
+    """Every table of a product, with the check declarations of ``schemas/tables/<name>.yaml``."""
+
+    name: str
+    tables: dict[str, TableDef]
+    check_lines: dict[str, CheckLine]
+    equal_checks: tuple[tuple[tuple[str, int | None], tuple[tuple[str, int | None], ...]], ...]
+    subset_checks: tuple[tuple[str, str], ...]
+    specs: dict[str, HistogramSpec] = field(repr=False, compare=False)
+    source: Path | None = None
+
+    def of_kind(self, kind: str) -> list[TableDef]:
+        """The tables computed from the ``persons`` or the ``units`` histogram."""
+        return [t for t in self.tables.values() if t.histogram == kind]
+
+
+def _cell_mask(spec: HistogramSpec, where: Mapping[str, list], what: str) -> np.ndarray:
+    """Boolean ``(n_cells,)`` mask of a ``where`` filter (attributes by code, recodes by label)."""
+    if not isinstance(where, Mapping):
+        raise TableError(f"{what}: `where` must be a mapping, got {where!r}")
+    grids = np.indices(spec.shape).reshape(len(spec.shape), -1)
+    mask = np.ones(spec.n_cells, dtype=bool)
+    for factor, values in where.items():
+        if not isinstance(values, list) or not values:
+            raise TableError(f"{what}: `where.{factor}` must be a non-empty list")
+        if factor in spec.recodes:
+            attr_name, m, labels = spec.factor_map(factor)
+            unknown = [v for v in values if v not in labels]
+            if unknown:
+                raise TableError(f"{what}: recode {factor!r} has no group(s) {unknown}; groups: {list(labels)}")
+            keep_groups = np.array([labels.index(v) for v in values])
+            keep_pos = np.isin(m, keep_groups)
+        else:
+            try:
+                attr = spec.attribute(factor)
+            except Exception:
+                raise TableError(f"{what}: {factor!r} is neither an attribute nor a recode of spec {spec.name!r}") from None
+            attr_name = attr.name
+            unknown = [v for v in values if v not in attr.codes]
+            if unknown:
+                raise TableError(f"{what}: attribute {factor!r} has no code(s) {unknown}")
+            keep_pos = np.zeros(attr.size, dtype=bool)
+            keep_pos[attr.index_of(np.array(values))] = True
+        mask &= keep_pos[grids[spec.axis(attr_name)]]
+    return mask
+
+
+def _ref(item, what: str) -> tuple[str, int | None]:
+    """A check operand: ``[table, line]`` or the name of a check line."""
+    if isinstance(item, str):
+        return item, None
+    if isinstance(item, list) and len(item) == 2:
+        return str(item[0]), int(item[1])
+    raise TableError(f"{what}: operand must be [table, line] or a check-line name, got {item!r}")
+
+
+@lru_cache(maxsize=8)
+def load_tables(path: str | Path = "pl94") -> TableSet:
+    """Load and validate a table product (a YAML file, or a name in ``schemas/tables/``)."""
+    p = Path(path)
+    if not p.suffix:
+        p = TABLES_DIR / f"{path}.yaml"
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise TableError(f"{p}: table definition file not found") from None
+    try:
+        specs = {"persons": load_spec(raw["persons_spec"]), "units": load_spec(raw["units_spec"])}
+        tables: dict[str, TableDef] = {}
+        for name, t in raw["tables"].items():
+            kind = t["histogram"]
+            if kind not in specs:
+                raise TableError(f"{p}: table {name}: histogram must be one of {HISTOGRAM_KINDS}")
+            spec = specs[kind]
+            universe = _cell_mask(spec, t.get("where") or {}, f"{p}: table {name}")
+            numbers, labels, rows = [], [], []
+            for ln in t["lines"]:
+                num = int(ln["line"])
+                mask = universe & _cell_mask(spec, ln.get("where") or {}, f"{p}: {name} line {num}")
+                numbers.append(num)
+                labels.append(str(ln["label"]))
+                rows.append(mask)
+            if len(set(numbers)) != len(numbers):
+                raise TableError(f"{p}: table {name} repeats a line number")
+            dense = np.array(rows, dtype=np.int64)
+            sums = {int(k): tuple(int(x) for x in v) for k, v in (t.get("sums") or {}).items()}
+            td = TableDef(name, str(t["title"]), str(t["universe"]), kind, tuple(numbers), tuple(labels),
+                          sp.csr_matrix(dense), sums)
+            for k, parts in sums.items():  # every referenced line must exist
+                td.index(k)
+                for x in parts:
+                    td.index(x)
+            tables[name] = td
+        check_lines = {}
+        for name, c in (raw.get("check_lines") or {}).items():
+            spec = specs[c["histogram"]]
+            vec = _cell_mask(spec, c.get("where") or {}, f"{p}: check line {name}").astype(np.int64)
+            check_lines[name] = CheckLine(name, str(c.get("label", name)), c["histogram"], vec)
+        cc = raw.get("cross_checks") or {}
+        equal = tuple(
+            (_ref(e["left"], f"{p}: cross check"), tuple(_ref(r, f"{p}: cross check") for r in e["right"]))
+            for e in cc.get("equal") or ()
+        )
+        subset = tuple((str(s["part"]), str(s["whole"])) for s in cc.get("subset") or ())
+    except (KeyError, TypeError) as exc:
+        raise TableError(f"{p}: malformed table definitions ({exc!r})") from exc
+    ts = TableSet(str(raw["name"]), tables, check_lines, equal, subset, specs, p)
+    for left, right in equal:
+        for ref in (left, *right):
+            _operand_kind(ts, ref)
+    for part, whole in subset:
+        if part not in tables or whole not in tables or tables[part].numbers != tables[whole].numbers:
+            raise TableError(f"{p}: subset check {part} <= {whole} needs two tables with the same lines")
+    return ts
+
+
+def _operand_kind(ts: TableSet, ref: tuple[str, int | None]) -> str:
+    name, line = ref
+    if line is None:
+        if name not in ts.check_lines:
+            raise TableError(f"{ts.source}: unknown check line {name!r}")
+        return ts.check_lines[name].histogram
+    if name not in ts.tables:
+        raise TableError(f"{ts.source}: unknown table {name!r}")
+    ts.tables[name].index(line)
+    return ts.tables[name].histogram
+
+
+# --------------------------------------------------------------------------------------
+# tabulation
+
+
+@dataclass
+class LevelTables:
+    """The published tables of one level.
+
+    ``geoids``: sorted unique GEOIDs ``(n_units,)``; ``counts[table]``: int64
+    ``(n_units, n_lines)`` in the table's line order; ``check_lines[name]``: int64 ``(n_units,)``.
+    """
+
+    level: str
+    geoids: np.ndarray
+    counts: dict[str, np.ndarray]
+    check_lines: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def as_sparse_arrays(hist: HistogramLike | np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """``(n_units, n_cells, unit, cell, count)`` of a SparseHistogram or a dense ``(n_units, n_cells)`` array."""
+    if isinstance(hist, np.ndarray):
+        if hist.ndim != 2:
+            raise TableError(f"a dense histogram must be 2-D (n_units, n_cells), got shape {hist.shape}")
+        unit, cell = np.nonzero(hist)
+        return hist.shape[0], hist.shape[1], unit.astype(np.int64), cell.astype(np.int64), hist[unit, cell].astype(np.int64)
+    return (int(hist.n_units), int(hist.n_cells), np.asarray(hist.unit, dtype=np.int64),
+            np.asarray(hist.cell, dtype=np.int64), np.asarray(hist.count, dtype=np.int64))
+
+
+def histogram_matrix(hist: HistogramLike | np.ndarray) -> sp.csr_matrix:
+    """The histogram as a CSR int64 matrix ``(n_units, n_cells)``."""
+    n_units, n_cells, unit, cell, count = as_sparse_arrays(hist)
+    return sp.csr_matrix((count, (unit, cell)), shape=(n_units, n_cells), dtype=np.int64)
+
+
+def tabulate(hist: HistogramLike | np.ndarray | sp.csr_matrix, table: TableDef) -> np.ndarray:
+    """Counts of every line for every unit: int64 ``(n_units, n_lines)``.
+
+    ``hist`` is a SparseHistogram, a dense ``(n_units, n_cells)`` array or a CSR matrix of
+    the table's spec. Each line is a 0/1 filter over cells, so this is ``X @ A.T``.
+    """
+    x = hist if sp.issparse(hist) else histogram_matrix(hist)
+    if x.shape[1] != table.matrix.shape[1]:
+        raise TableError(f"table {table.name} needs a {table.histogram} histogram with "
+                         f"{table.matrix.shape[1]} cells, got {x.shape[1]}")
+    return np.asarray((x @ table.matrix.T).toarray(), dtype=np.int64)
+
+
+def tabulate_vector(hist: HistogramLike | np.ndarray | sp.csr_matrix, vector: np.ndarray) -> np.ndarray:
+    """Sum of the cells selected by a 0/1 ``(n_cells,)`` vector, per unit: int64 ``(n_units,)``."""
+    x = hist if sp.issparse(hist) else histogram_matrix(hist)
+    return np.asarray(x @ np.asarray(vector, dtype=np.int64), dtype=np.int64).reshape(-1)
+
+
+# --------------------------------------------------------------------------------------
+# long format
+
+LONG_SCHEMA = {
+    "geoid": pl.Utf8, "geolevel": pl.Utf8, "name": pl.Utf8, "table": pl.Utf8,
+    "line": pl.Int32, "label": pl.Utf8, "count": pl.Int64, "moe90": pl.Float64,
+}
+
+
+def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
+               moe90: np.ndarray | None = None) -> pl.DataFrame:
+    """One row per (unit, line), sorted by geoid then line, columns :data:`LONG_SCHEMA`.
+
+    ``counts`` is int64 ``(n_units, n_lines)``; ``moe90`` is float ``(n_lines,)`` (the same for
+    every unit of a level: margins of error are data-independent), rounded to 2 decimals,
+    NaN → null where a line has no margin of error; ``None`` gives an all-null column.
+    """
+    n_units, n_lines = counts.shape
+    if n_lines != table.n_lines or len(geoids) != n_units or len(names) != n_units:
+        raise TableError(f"{table.name}/{level}: counts {counts.shape} do not fit {len(geoids)} units x "
+                         f"{table.n_lines} lines")
+    n = n_units * n_lines
+    if moe90 is None:
+        moe_col = pl.Series("moe90", [None] * n, dtype=pl.Float64)
+    else:
+        # two decimals: the margin itself is an approximation; more digits only bloat the CSV
+        moe = np.tile(np.round(np.asarray(moe90, dtype=np.float64), 2), n_units)
+        moe_col = pl.Series("moe90", moe, dtype=pl.Float64, nan_to_null=True)
+    # gathers from the small per-unit and per-line frames are much cheaper than building
+    # n strings from numpy arrays
+    unit_idx = pl.Series(np.repeat(np.arange(n_units, dtype=np.uint32), n_lines))
+    line_idx = pl.Series(np.tile(np.arange(n_lines, dtype=np.uint32), n_units))
+    units = pl.DataFrame({"geoid": pl.Series(np.asarray(geoids).astype(str), dtype=pl.Utf8),
+                          "name": pl.Series(np.asarray(names, dtype=object), dtype=pl.Utf8)})
+    lines = pl.DataFrame({"line": pl.Series(table.numbers, dtype=pl.Int32), "label": pl.Series(table.labels, dtype=pl.Utf8)})
+    u, ln = units[unit_idx], lines[line_idx]
+    return pl.DataFrame({
+        "geoid": u["geoid"],
+        "geolevel": pl.repeat(level, n, dtype=pl.Utf8, eager=True),
+        "name": u["name"],
+        "table": pl.repeat(table.name, n, dtype=pl.Utf8, eager=True),
+        "line": ln["line"],
+        "label": ln["label"],
+        "count": pl.Series(counts.reshape(-1), dtype=pl.Int64),
+        "moe90": moe_col,
+    })
+
+
+def tabulate_levels(tables: TableSet, geography: "Geography", persons: Mapping[str, HistogramLike],
+                    units: Mapping[str, HistogramLike | np.ndarray] | None = None) -> list[LevelTables]:
+    """Every table at every level of ``geography`` (top to bottom) from published histograms.
+
+    ``persons[level]`` is the level's persons histogram (2,016 cells), ``units[level]`` its
+    housing-unit histogram (2 cells: vacant, occupied) as a SparseHistogram or a dense
+    ``(n_units, 2)`` array. Levels missing from ``units`` get no H1. Returns a list of
+    :class:`LevelTables` in ``geography.levels`` order.
+    """
+    out = []
+    for lv in geography.levels:
+        name = lv.name
+        geoids = np.asarray(geography.level(name).geoids)
+        counts: dict[str, np.ndarray] = {}
+        checks: dict[str, np.ndarray] = {}
+        for kind, source in (("persons", persons), ("units", units or {})):
+            if name not in source:
+                continue
+            x = histogram_matrix(source[name])
+            if x.shape[0] != len(geoids):
+                raise TableError(f"{kind} histogram of level {name} has {x.shape[0]} units, geography has {len(geoids)}")
+            for t in tables.of_kind(kind):
+                counts[t.name] = tabulate(x, t)
+            for c in tables.check_lines.values():
+                if c.histogram == kind:
+                    checks[c.name] = tabulate_vector(x, c.vector)
+        out.append(LevelTables(name, geoids, counts, checks))
+    return out
+
+
+def long_tables(tables: TableSet, levels: list[LevelTables],
+                moe90: Mapping[tuple[str, str], np.ndarray] | None = None) -> dict[str, pl.DataFrame]:
+    """Every table in long format over all ``levels``: ``{table: DataFrame}`` (:data:`LONG_SCHEMA`).
+
+    For in-memory use (review, notebooks); releases stream the same rows to disk per level.
+    ``moe90[(table, level)]`` is float ``(n_lines,)`` as from ``pipeline.uncertainty.release_moe90``.
+    """
+    out: dict[str, list[pl.DataFrame]] = {}
+    for lt in levels:
+        names = unit_names(lt.level, lt.geoids)
+        for name, counts in lt.counts.items():
+            out.setdefault(name, []).append(long_frame(tables.tables[name], lt.level, lt.geoids, names, counts,
+                                                       None if moe90 is None else moe90.get((name, lt.level))))
+    return {name: pl.concat(frames) for name, frames in out.items()}

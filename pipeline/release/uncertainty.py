@@ -1,0 +1,220 @@
+"""Margins of error (90%) of published table lines, from the measurement design alone.
+
+For one geographic unit at level ``L`` the strategy measures queries ``Q_q`` (0/1 matrices
+``(n_answers_q, n_cells)``) with independent noise of exact variance ``v_q`` (the same for every
+unit of the level). The weighted-least-squares estimate of the unit's histogram from those
+measurements alone has covariance ``H⁻¹`` with
+
+    H = Σ_q Q_qᵀ Q_q / v_q          (n_cells × n_cells),
+
+so a table line ``a`` (a 0/1 vector over cells) has variance ``aᵀ H⁻¹ a`` and
+
+    moe90 = 1.645 · sqrt(aᵀ H⁻¹ a)        (the 90% convention of the American Community Survey).
+
+Exact knowledge enters as equality constraints ``C x = c``: structural zeros (cells that are 0
+by definition) and invariants (the total population at nation and state level, housing units
+at every level when the block counts are invariant). The constrained estimate has covariance
+``Σ − Σ Cᵀ (C Σ Cᵀ)⁻ C Σ`` (Σ = H⁻¹), so an invariant line gets a margin of error of exactly 0.
+
+What the number is, honestly: it is the margin of error of the *unconstrained* (apart from the
+equalities above) linear estimate from the level's own noisy measurements. It depends only on
+the strategy, never on the data, so publishing it costs no privacy. The published counts are
+further post-processed (non-negativity, consistency with the parent, integer rounding), which
+can reduce variance but adds a data-dependent bias, largest for small counts; the margin of
+error does not include that bias.
+
+Levels where some cell combinations are not measured: if the measured queries do not
+determine a line (``a`` is not in the row space of the stacked ``Q_q``; e.g. a level that
+measures only ``total``, asked for P1 line 3), the line has no unbiased estimate from that
+level's measurements: its margin of error is NaN (published as null), and the release's
+``index.html`` says so. Otherwise ``H`` is inverted on its range (pseudo-inverse), which is
+exact for every estimable line.
+
+Computation: cells that no measured query tells apart are merged first (so a level without
+``detailed`` works on a small matrix); with ``detailed`` measured, ``H`` is a scaled identity
+plus a low-rank sum and ``H⁻¹`` is applied by the Woodbury identity (a ~600 × 600 Cholesky for
+the 2020 strategy instead of 1,953 × 1,953). Everything is per level, never per unit.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import scipy.linalg as la
+from threadpoolctl import threadpool_limits
+
+from pipeline.errors import DptabError
+from pipeline.model.spec import HistogramSpec
+from pipeline.release.tables import TableDef
+
+#: two-sided 90% normal quantile, rounded as in the ACS
+Z90 = 1.645
+
+
+class UncertaintyError(DptabError, ValueError):
+    """A variance is missing, non-positive or refers to an unknown query."""
+
+
+def _atoms(spec: HistogramSpec, queries: Sequence[str], keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group the kept cells into atoms: cells that no measured query tells apart.
+
+    Returns ``(atom, first)``: the atom of each kept cell ``(n_kept,)`` and one representative
+    kept-cell index per atom ``(n_atoms,)``. Every query is constant on an atom, so the
+    information matrix lives on atoms and is small when ``detailed`` is not measured.
+    """
+    keys = np.stack([spec.query(q).cell_to_answer[keep] for q in queries], axis=1)
+    _, first, atom = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return atom.reshape(-1), first
+
+
+def information_matrix(spec: HistogramSpec, variances: Mapping[str, float],
+                       cells: np.ndarray | None = None) -> np.ndarray:
+    """``H = Σ_q Q_qᵀ Q_q / v_q`` restricted to ``cells`` (default all): float64 ``(n, n)``.
+
+    Each query is a partition of cells, so ``Q_qᵀ Q_q`` is 1 exactly where two cells share an
+    answer: ``H[i, j] = Σ_q [c2a_q(i) == c2a_q(j)] / v_q``.
+    """
+    idx = np.arange(spec.n_cells) if cells is None else np.asarray(cells)
+    h = np.zeros((idx.size, idx.size), dtype=np.float64)
+    for name, v in variances.items():
+        v = float(v)
+        if not np.isfinite(v) or v <= 0:
+            raise UncertaintyError(f"variance of query {name!r} must be finite and > 0, got {v}")
+        c2a = spec.query(name).cell_to_answer[idx]
+        h += (c2a[:, None] == c2a[None, :]) / v
+    return h
+
+
+def _solve_with_detailed(spec: HistogramSpec, variances: Mapping[str, float], cells: np.ndarray,
+                         rhs: np.ndarray) -> np.ndarray:
+    """``H⁻¹ rhs`` when ``detailed`` is measured, by the Woodbury identity.
+
+    ``H = I/v_d + U diag(1/v) Uᵀ`` where ``U`` stacks the 0/1 answer columns of the other
+    queries (a few hundred for the 2020 strategy), so only a small ``(r, r)`` system is
+    factorised instead of the ``(n_cells, n_cells)`` one:
+    ``H⁻¹ = v_d I − v_d² U (diag(v) + v_d UᵀU)⁻¹ Uᵀ``.
+    """
+    vd = float(variances["detailed"])
+    cols, wv = [], []
+    for name, v in variances.items():
+        v = float(v)
+        if not np.isfinite(v) or v <= 0:
+            raise UncertaintyError(f"variance of query {name!r} must be finite and > 0, got {v}")
+        if name == "detailed":
+            continue
+        q = spec.query(name)
+        u = np.zeros((cells.size, q.n_answers))
+        u[np.arange(cells.size), q.cell_to_answer[cells]] = 1.0
+        cols.append(u)
+        wv.append(np.full(q.n_answers, v))
+    if not cols:
+        return vd * rhs
+    u = np.hstack(cols)
+    m = np.diag(np.concatenate(wv)) + vd * (u.T @ u)
+    inner = la.cho_solve(la.cho_factor(m), u.T @ rhs)
+    return vd * rhs - vd * vd * (u @ inner)
+
+
+def line_covariance(spec: HistogramSpec, variances: Mapping[str, float], lines: np.ndarray,
+                    exact: Sequence[np.ndarray] = (), rtol: float = 1e-9) -> np.ndarray:
+    """Variances ``aᵀ Σ_c a`` of linear functionals ``lines`` (float ``(n_lines, n_cells)``).
+
+    ``exact``: vectors ``(n_cells,)`` whose value is known exactly (invariants); structural
+    zeros of ``spec`` are always exact. Returns float64 ``(n_lines,)``; NaN where a line is not
+    estimable from the measured queries.
+    """
+    a = np.asarray(lines, dtype=np.float64)
+    n_lines = a.shape[0]
+    c_all = np.asarray(exact, dtype=np.float64).reshape(-1, spec.n_cells)
+    if not variances:
+        # nothing measured: only lines spanned by the exact vectors are known (variance 0)
+        out = np.full(n_lines, np.nan)
+        if c_all.shape[0]:
+            coef, *_ = np.linalg.lstsq(c_all.T, a.T, rcond=None)
+            resid = np.linalg.norm(c_all.T @ coef - a.T, axis=0)
+            out[resid <= 1e-9 * np.maximum(1, np.linalg.norm(a, axis=1))] = 0.0
+        return out
+    keep = ~spec.structural_zero_mask  # structural zeros are known: drop their cells
+    atom, first = _atoms(spec, list(variances), keep)
+    ak, ck = a[:, keep], c_all[:, keep]
+    # a line that splits an atom is not a function of the measured answers: not estimable
+    a_at, c_at = ak[:, first], ck[:, first]
+    estimable = np.all(ak == a_at[:, atom], axis=1)
+    c_at = c_at[np.all(ck == c_at[:, atom], axis=1)]  # exact vectors usable on atoms
+    cells = np.nonzero(keep)[0][first]
+    rhs = np.vstack([a_at, c_at]).T                    # (n_atoms, n_lines + k)
+    if "detailed" in variances:
+        # every cell is its own atom and measured: H is positive definite
+        sol = _solve_with_detailed(spec, variances, cells, rhs)
+    else:
+        h = information_matrix(spec, variances, cells)
+        w, v = np.linalg.eigh(h)
+        pos = w > rtol * w.max()
+        vp = v[:, pos]
+        proj = vp.T @ rhs
+        sol = vp @ (proj / w[pos][:, None])            # pseudo-inverse applied to rhs
+        # a line is estimable iff it lies in the range of H
+        outside = np.linalg.norm(rhs - vp @ proj, axis=0)
+        inside = outside <= 1e-8 * np.maximum(1.0, np.linalg.norm(rhs, axis=0))
+        estimable &= inside[:n_lines]
+        keep_c = inside[n_lines:]
+        sol = np.hstack([sol[:, :n_lines], sol[:, n_lines:][:, keep_c]])
+        rhs = np.hstack([rhs[:, :n_lines], rhs[:, n_lines:][:, keep_c]])
+    sa = sol[:, :n_lines]                              # Σ a
+    var = np.einsum("ij,ij->j", rhs[:, :n_lines], sa)
+    if sol.shape[1] > n_lines:
+        sc = sol[:, n_lines:]                          # Σ C
+        m = rhs[:, n_lines:].T @ sc                    # Cᵀ Σ C
+        t = rhs[:, :n_lines].T @ sc                    # aᵀ Σ C   (n_lines, k)
+        var = var - np.einsum("ij,ij->i", t @ np.linalg.pinv(m, rcond=1e-12), t)
+    base = np.einsum("ij,ij->j", rhs[:, :n_lines], sa)
+    var = np.where(var <= 1e-9 * np.maximum(base, 1e-300), 0.0, var)  # invariant lines: exactly 0
+    var[~estimable] = np.nan
+    return var
+
+
+def table_moe90(spec: HistogramSpec, variances: Mapping[str, float], tables: Sequence[TableDef],
+                exact: Sequence[np.ndarray] = ()) -> dict[str, np.ndarray]:
+    """90% margins of error per line of each table at one level: ``{table: float (n_lines,)}``.
+
+    ``variances``: exact noise variance per measured query at this level (counts²);
+    ``exact``: cell vectors known exactly at this level (see :func:`line_covariance`).
+    """
+    if not tables:
+        return {}
+    stacked = np.vstack([t.matrix.toarray() for t in tables]).astype(np.float64)
+    var = line_covariance(spec, variances, stacked, exact)
+    out, k = {}, 0
+    for t in tables:
+        out[t.name] = Z90 * np.sqrt(var[k:k + t.n_lines])
+        k += t.n_lines
+    return out
+
+
+def release_moe90(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: Mapping[str, HistogramSpec],
+                  variances: Mapping[str, Mapping[str, Mapping[str, float]]],
+                  levels: Sequence[str], exact_totals: Mapping[str, Sequence[str]]) -> dict[tuple[str, str], np.ndarray]:
+    """Margins of error for every (table, level): ``{(table, level): float (n_lines,)}``.
+
+    ``variances[kind][level][query]``: the exact noise variance of each measured query
+    (``kind`` is ``persons`` or ``units``); a level absent from it measured nothing.
+    ``exact_totals[kind]``: the levels where that histogram's total is invariant (e.g.
+    persons: nation and state; units: every level when block housing units are invariant).
+    """
+    out: dict[tuple[str, str], np.ndarray] = {}
+    with threadpool_limits(1, "blas"):  # small dense systems: BLAS threads only contend
+        _release_moe90(tables_by_kind, specs, variances, levels, exact_totals, out)
+    return out
+
+
+def _release_moe90(tables_by_kind, specs, variances, levels, exact_totals, out) -> None:
+    for kind, tabs in tables_by_kind.items():
+        if not tabs or kind not in variances:
+            continue
+        spec = specs[kind]
+        for level in levels:
+            exact = [np.ones(spec.n_cells)] if level in exact_totals.get(kind, ()) else []
+            moe = table_moe90(spec, variances[kind].get(level, {}), tabs, exact)
+            for name, m in moe.items():
+                out[(name, level)] = m

@@ -1,0 +1,358 @@
+"""The public release folder ``releases/<release-id>/`` (ARCHITECTURE §8).
+
+::
+
+    manifest.json                        id, time, software, config hash, privacy, invariants,
+                                         every file with sha256, rows and schema
+    index.html                           what is here, how it was protected, how to read it
+    tables/<table>.parquet               long format: geoid, geolevel, name, table, line,
+                                         label, count, moe90 (every level)
+    tables/definitions.yaml              the table definitions used (schemas/tables/pl94.yaml)
+    csv/<geolevel>/<table>.csv           the same rows, one file per level and table
+    microdata/persons.parquet            protected microdata, PPMF layout (pipeline.microdata)
+    invariants/block_housing_units.parquet  the declared block housing-unit invariant
+    measurements/noisy_measurements.parquet optional: every drawn noisy answer with its variance
+
+:func:`write_release` builds everything in a hidden temporary directory next to the target,
+runs every consistency check (``pipeline.checks``) and the verifier over the written files,
+and only then renames the directory into place: a failure leaves no partial release, and an
+existing release id is never overwritten (:class:`ReleaseExistsError`).
+
+What may go into a release: only *published* data — the post-processed integer histograms, the
+declared invariants, the noisy measurements and the privacy parameters. The writer takes no
+confidential histogram and no truth-based metric (those live in the run directory's
+``review/``, never here); measurement files are refused unless their columns are exactly
+the measurement contract, so a file carrying any extra (e.g. true) column cannot slip in.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipeline.files import sha256_file
+from pipeline.release.checks import CheckFailure, Invariants, run_checks
+
+if TYPE_CHECKING:
+    from pipeline.model.geography import Geography
+from pipeline.errors import DptabError, RefusedError
+from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.privacy.measure import MeasurementError, read_measurement_rows
+from pipeline.release.microdata import microdata_from_blocks
+from pipeline.release.tables import (
+    LONG_SCHEMA,
+    TableSet,
+    load_tables,
+    long_frame,
+    tabulate_levels,
+    unit_names,
+)
+from pipeline.release.uncertainty import Z90, release_moe90
+
+MANIFEST_SCHEMA = SCHEMAS_DIR / "manifest.schema.json"
+MANIFEST_FORMAT = "dptab-release/1"
+#: rows of the long tables written per chunk (bounds memory at block level)
+CHUNK_UNITS = 50_000
+
+
+class ReleaseError(DptabError, RuntimeError):
+    """The release could not be written; nothing was published."""
+
+
+class ReleaseExistsError(ReleaseError, RefusedError, FileExistsError):
+    """A release with this id already exists; releases are never overwritten (CLI exit status 2)."""
+
+
+class ReleaseCheckError(ReleaseError):
+    """A consistency check failed on the release being written; ``failures`` lists them."""
+
+    def __init__(self, failures: Sequence[CheckFailure]) -> None:
+        self.failures = list(failures)
+        head = "\n".join(f"  {f}" for f in self.failures[:20])
+        super().__init__(f"{len(self.failures)} consistency check failure(s); nothing was published:\n{head}")
+
+
+@dataclass(frozen=True)
+class ReleaseMetadata:
+    """Who and what made a release (all public). ``created`` defaults to now (UTC, ISO 8601)."""
+
+    release_id: str
+    dataset_id: str
+    software_version: str
+    config_hash: str
+    git_commit: str | None = None
+    seed: int | None = None
+    title: str = "dptab release"
+    citation: str | None = None
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _frac(x: Any) -> str:
+    f = Fraction(x)
+    return f"{f.numerator}/{f.denominator}" if f.denominator != 1 else str(f.numerator)
+
+
+def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-10") -> dict[str, Any]:
+    """The manifest's ``privacy`` section from ``pipeline.privacy.accounting.Strategy`` objects.
+
+    ``strategies`` maps a run kind (``persons``, ``units``) to its Strategy. ρ values are exact
+    fraction strings; ε is the CKS 2020 bound (and the loose textbook bound) at ``delta``,
+    rounded up, for each run and for their composition (ρ adds up under zCDP); ``pld`` is the
+    tighter ε from the privacy-loss distribution of the composed discrete Gaussians actually
+    used (``pipeline.privacy.pld``, also rounded up).
+    """
+    from collections import Counter
+
+    from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
+    from pipeline.privacy.pld import composed_dg_epsilon, strategy_shifts
+
+    runs, total, shifts = {}, Fraction(0), Counter()
+    for kind, s in strategies.items():
+        by: dict[str, dict[str, str]] = {}
+        for (lv, q), r in s.rho_by_level_query().items():
+            by.setdefault(lv, {})[q] = _frac(r)
+        rho = s.total_rho
+        total += rho
+        run_shifts = strategy_shifts(s)
+        shifts.update(run_shifts)
+        runs[kind] = {"strategy": s.name, "spec": s.spec, "rho": _frac(rho),
+                      "epsilon": {"cks2020": _frac(cks_epsilon(rho, delta)), "loose": _frac(loose_epsilon(rho, delta)),
+                                  "pld": _frac(composed_dg_epsilon(run_shifts, delta))},
+                      "rho_by_level_query": by}
+    return {
+        "definition": "zero-concentrated differential privacy (rho-zCDP), converted to (epsilon, delta)-DP",
+        "neighbouring": "bounded: datasets differing in one person's record",
+        "mechanism": "exact discrete Gaussian noise, sigma^2 = 1/rho per query",
+        "delta": str(delta),
+        "rho": _frac(total),
+        "epsilon": {"cks2020": _frac(cks_epsilon(total, delta)), "loose": _frac(loose_epsilon(total, delta)),
+                    "pld": _frac(composed_dg_epsilon(shifts, delta))},
+        "runs": runs,
+    }
+
+
+def variances_from_privacy(privacy: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{kind: {level: {query: exact noise variance}}}`` from a privacy section (counts²).
+
+    The variance of the discrete Gaussian N_Z(0, σ²) with σ² = 1/ρ_q, computed exactly by
+    ``pipeline.privacy.samplers.discrete_gaussian_variance`` (it is below σ², visibly so for
+    σ < 1), i.e. the same weights post-processing uses.
+    """
+    from pipeline.privacy.samplers import discrete_gaussian_variance
+
+    return {kind: {lv: {q: float(discrete_gaussian_variance(1 / Fraction(r))) for q, r in qs.items()}
+                   for lv, qs in run["rho_by_level_query"].items()}
+            for kind, run in privacy["runs"].items()}
+
+
+def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size,
+                             "sha256": sha256_file(path)}
+    if path.suffix == ".parquet":
+        meta = pq.ParquetFile(path)
+        entry["rows"] = int(meta.metadata.num_rows)
+        entry["schema"] = {f.name: str(f.type) for f in meta.schema_arrow}
+    elif rows is not None:
+        entry["rows"] = int(rows)
+    if path.suffix == ".csv":
+        # header row + one row per (unit, line); the types a reader should apply
+        entry["schema"] = {k: str(v) for k, v in LONG_SCHEMA.items()}
+    return entry
+
+
+class _TableWriter:
+    """Streams one table's long rows into its Parquet file and per-level CSV files."""
+
+    def __init__(self, root: Path, name: str, csv: bool = True) -> None:
+        self.root, self.name, self.csv = root, name, csv
+        self.path = root / "tables" / f"{name}.parquet"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer: pq.ParquetWriter | None = None
+        self.csv_rows: dict[Path, int] = {}
+
+    def write(self, level: str, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.writer.write_table(table)
+        if not self.csv:
+            return
+        csv = self.root / "csv" / level / f"{self.name}.csv"
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        first = csv not in self.csv_rows
+        with open(csv, "a" if not first else "w", newline="") as fh:
+            frame.write_csv(fh, include_header=first)
+        self.csv_rows[csv] = self.csv_rows.get(csv, 0) + frame.height
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _write_measurements(root: Path, geography: "Geography", tables: TableSet,
+                        files: Mapping[tuple[str, str], Sequence[Path]]) -> Path | None:
+    """Consolidate the run's measurement files into one Parquet (adds run, geolevel, geoid, label)."""
+    if not files:
+        return None
+    out = root / "measurements" / "noisy_measurements.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = None
+    try:
+        order = {lv.name: i for i, lv in enumerate(geography.levels)}  # top-down, as the run drew them
+        for (kind, level), paths in sorted(files.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+            spec = tables.specs[kind]
+            geoids = np.asarray(geography.level(level).geoids).astype(str)
+            for p in paths:
+                try:
+                    df = read_measurement_rows(p)
+                except MeasurementError as exc:
+                    raise ReleaseError(f"{exc}; refusing to publish it") from None
+                unit = df["unit"].to_numpy()
+                if unit.size and (unit.min() < 0 or unit.max() >= len(geoids)):
+                    raise ReleaseError(f"{p}: column unit out of range for level {level} ({len(geoids)} units)")
+                labels = np.empty(df.height, dtype=object)
+                for q in df["query"].unique().to_list():
+                    sel = (df["query"] == q).to_numpy()
+                    names = np.array(["; ".join(a) for a in spec.query(q).answer_labels], dtype=object)
+                    labels[sel] = names[df["answer"].to_numpy()[sel]]
+                frame = pl.DataFrame({
+                    "run": pl.repeat(kind, df.height, dtype=pl.Utf8, eager=True),
+                    "geolevel": pl.repeat(level, df.height, dtype=pl.Utf8, eager=True),
+                    "geoid": pl.Series(geoids[unit] if unit.size else np.array([], dtype=str), dtype=pl.Utf8),
+                    "query": df["query"].cast(pl.Utf8), "answer": df["answer"].cast(pl.Int32),
+                    "answer_label": pl.Series(labels, dtype=pl.Utf8),
+                    "value": df["value"].cast(pl.Int64), "variance": df["variance"].cast(pl.Float64),
+                    "sigma2": df["sigma2"].cast(pl.Utf8),
+                }).to_arrow()
+                if writer is None:
+                    writer = pq.ParquetWriter(out, frame.schema, compression="zstd")
+                writer.write_table(frame)
+    finally:
+        if writer is not None:
+            writer.close()
+    return out if writer is not None else None
+
+
+def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "Geography", persons: Mapping[str, Any],
+                  units: Mapping[str, Any] | None, invariants: Invariants, privacy: Mapping[str, Any], *,
+                  variances: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+                  measurement_files: Mapping[tuple[str, str], Sequence[Path]] | None = None,
+                  tables: str | Path = "pl94", csv: bool = True) -> Path:
+    """Write ``releases_dir/<meta.release_id>/`` atomically and return its path.
+
+    ``geography``: a ``pipeline.geography.Geography``; ``persons[level]`` /
+    ``units[level]``: the *published* (post-processed, integer) histograms of every level
+    (units: 2 cells vacant/occupied, SparseHistogram or dense ``(n_units, 2)``);
+    ``invariants``: the declared public invariants; ``privacy``: :func:`privacy_parameters`;
+    ``variances[kind][level][query]``: exact noise variances for margins of error (default:
+    :func:`variances_from_privacy`); ``measurement_files[(kind, level)]``: the run's measurement
+    Parquet files to publish; ``csv=False`` skips ``csv/`` (it is ~100x the size of the
+    Parquet tables). Raises :class:`ReleaseExistsError` if the id exists,
+    :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
+    """
+    from pipeline.release.html import write_index
+    from pipeline.release.verify import validate_manifest, verify_release
+
+    releases_dir = Path(releases_dir)
+    target = releases_dir / meta.release_id
+    if target.exists():
+        raise ReleaseExistsError(f"release {meta.release_id!r} already exists at {target}; releases are never overwritten")
+    releases_dir.mkdir(parents=True, exist_ok=True)
+    tmp = releases_dir / f".{meta.release_id}.tmp-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        ts = load_tables(tables)
+        levels = [lv.name for lv in geography.levels]
+        digits = {lv.name: lv.digits for lv in geography.levels}
+        lts = tabulate_levels(ts, geography, persons, units)
+        failures = run_checks(ts, lts, digits, invariants)
+        if failures:
+            raise ReleaseCheckError(failures)
+        variances = variances if variances is not None else variances_from_privacy(privacy)
+        exact_totals = {"persons": [lv for lv in levels if invariants.state_totals is not None and digits[lv] <= 2],
+                        "units": levels if invariants.block_housing_units is not None else []}
+        by_kind = {k: ts.of_kind(k) for k in ("persons", "units")}
+        moe = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
+
+        entries: list[dict[str, Any]] = []
+        writers = {name: _TableWriter(tmp, name, csv) for name in ts.tables}
+        try:
+            for lt in lts:
+                names = unit_names(lt.level, lt.geoids)
+                for name, counts in lt.counts.items():
+                    for s in range(0, max(len(lt.geoids), 1), CHUNK_UNITS):
+                        e = min(s + CHUNK_UNITS, len(lt.geoids))
+                        writers[name].write(lt.level, long_frame(ts.tables[name], lt.level, lt.geoids[s:e], names[s:e],
+                                                                 counts[s:e], moe.get((name, lt.level))))
+        finally:
+            for w in writers.values():
+                w.close()
+        for w in writers.values():
+            if w.writer is not None:
+                entries.append(_file_entry(tmp, w.path))
+                entries += [_file_entry(tmp, p, rows) for p, rows in sorted(w.csv_rows.items())]
+        # the table definitions travel with the release: readers see exactly what each line sums
+        defs = tmp / "tables" / "definitions.yaml"
+        shutil.copyfile(ts.source, defs)
+        entries.append(_file_entry(tmp, defs))
+        blocks = geography.levels[-1]
+        micro = microdata_from_blocks(blocks.geoids, persons[blocks.name], ts.specs["persons"])
+        mpath = tmp / "microdata" / "persons.parquet"
+        mpath.parent.mkdir()
+        micro.write_parquet(mpath, compression="zstd")
+        entries.append(_file_entry(tmp, mpath))
+        if invariants.block_housing_units is not None:
+            ipath = tmp / "invariants" / "block_housing_units.parquet"
+            ipath.parent.mkdir()
+            pl.DataFrame({"geoid": pl.Series(np.asarray(invariants.block_geoids).astype(str), dtype=pl.Utf8),
+                          "housing_units": pl.Series(np.asarray(invariants.block_housing_units), dtype=pl.Int64)}
+                         ).write_parquet(ipath)
+            entries.append(_file_entry(tmp, ipath))
+        mfile = _write_measurements(tmp, geography, ts, measurement_files or {})
+        if mfile is not None:
+            entries.append(_file_entry(tmp, mfile))
+
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT, "release_id": meta.release_id, "title": meta.title,
+            "created": meta.created, "dataset_id": meta.dataset_id,
+            "software": {"name": "dptab", "version": meta.software_version, "git_commit": meta.git_commit},
+            "config_hash": meta.config_hash, "seed": meta.seed, "citation": meta.citation,
+            "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
+            "tables": [{"name": t.name, "title": t.title, "universe": t.universe, "histogram": t.histogram,
+                        "lines": t.n_lines} for t in ts.tables.values() if writers[t.name].writer is not None],
+            "table_definitions": defs.relative_to(tmp).as_posix(),
+            "privacy": dict(privacy),
+            "invariants": invariants.to_json(),
+            "uncertainty": {"z": Z90, "level": 0.9,
+                            "method": "standard error of the weighted least-squares estimate from the level's own "
+                                      "noisy measurements (data-independent); invariants and structural zeros as exact"},
+            "persons": int(micro.height),
+            "files": entries,
+        }
+        index = write_index(tmp, manifest)
+        manifest["files"].append(_file_entry(tmp, index))
+        validate_manifest(manifest)
+        from pipeline.files import write_json_atomic
+
+        write_json_atomic(tmp / "manifest.json", manifest)
+        os.chmod(tmp / "manifest.json", 0o644)
+        problems = verify_release(tmp)
+        if problems:
+            raise ReleaseCheckError(problems)
+        if target.exists():  # a concurrent writer won the race
+            raise ReleaseExistsError(f"release {meta.release_id!r} appeared at {target} while writing; not overwritten")
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

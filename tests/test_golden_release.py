@@ -1,0 +1,60 @@
+"""No behaviour change: a seeded run on a fixed synthetic input gives the same release contents.
+
+``tests/golden/seeded_20k.json`` holds content digests of every data file of a release made by
+commit ab543c8 (before the wings were rebuilt) from ``make_inputs(persons=20000, seed=11)`` with
+``randomness: seeded, seed: 5`` and two workers. A change that alters any published count,
+margin of error, microdata row or noisy measurement fails here. Parquet files are compared by
+their contents (rows in file order, as CSV text), so a writer-library upgrade that changes only
+the bytes of the file framing does not fail the test; CSV files are compared byte for byte.
+
+Regenerate (only for an intended change of results, saying why in the commit):
+``python tests/test_golden_release.py OUT_JSON``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import polars as pl
+
+GOLDEN = Path(__file__).parent / "golden" / "seeded_20k.json"
+
+
+def release_digest(release: Path) -> dict[str, str]:
+    """``{relative path: sha256}`` of every data file of a release (not manifest or HTML,
+    which carry dates, versions and paths)."""
+    out = {}
+    for p in sorted(release.rglob("*")):
+        if not p.is_file() or p.name == "manifest.json" or p.suffix == ".html":
+            continue
+        if p.suffix == ".parquet":
+            data = pl.read_parquet(p).write_csv().encode()
+        else:
+            data = p.read_bytes()
+        out[p.relative_to(release).as_posix()] = hashlib.sha256(data).hexdigest()
+    return out
+
+
+def _make_release(tmp: Path) -> Path:
+    from run_helpers import make_inputs, write_config
+
+    from pipeline.job.stages import run
+
+    inputs = make_inputs(tmp, persons=20000, seed=11)
+    cfg = write_config(tmp, inputs, release_id="G1", execution={"workers": 2})
+    return Path(run(cfg, progress=False)["release_path"])
+
+
+def test_seeded_release_is_unchanged(tmp_path: Path) -> None:
+    want = json.loads(GOLDEN.read_text())
+    got = release_digest(_make_release(tmp_path))
+    assert sorted(got) == sorted(want), "the release holds other files than before"
+    changed = [k for k in want if got[k] != want[k]]
+    assert not changed, f"contents changed: {changed}"
+
+
+if __name__ == "__main__":
+    print(json.dumps(release_digest(Path(sys.argv[1])), indent=1, sort_keys=True))
