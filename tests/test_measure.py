@@ -10,12 +10,12 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.model.design import discrete_gaussian_variance
 from pipeline.model.histogram import SparseHistogram
 from pipeline.model.spec import load_spec
 from pipeline.model.strategy import load_strategy
 from pipeline.privacy.measure import COLUMNS, MeasurementError, load_measurements, measure_shard
 from pipeline.privacy.randomness import keyed_source, seeded_source
-from pipeline.privacy.samplers import discrete_gaussian_variance
 
 SPEC = load_spec("pl94")
 STRATEGY = load_strategy("census2020_pl94")

@@ -21,16 +21,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from pipeline.model.design import discrete_gaussian_variance, theta_variance
 from pipeline.privacy import cks
 from pipeline.privacy.inversion import CdfBounds, TableSampler
 from pipeline.privacy.randomness import seeded_source
 from pipeline.privacy.samplers import (
     discrete_gaussian,
-    discrete_gaussian_variance,
     discrete_laplace,
     discrete_laplace_variance,
     table_sampler,
-    theta_variance,
 )
 
 ALPHA = 1e-6

@@ -82,8 +82,9 @@ def test_margin_covers_the_real_discrete_gaussian_estimator() -> None:
     """
     from fractions import Fraction
 
+    from pipeline.model.design import discrete_gaussian_variance
     from pipeline.privacy.randomness import seeded_source
-    from pipeline.privacy.samplers import discrete_gaussian, discrete_gaussian_variance
+    from pipeline.privacy.samplers import discrete_gaussian
 
     s2 = Fraction(1, 4)
     v = float(discrete_gaussian_variance(s2))

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipeline.job.context import RunContext
 from pipeline.job.shard import published_histogram
+from pipeline.model.design import design
 from pipeline.release.checks import Invariants
 
 
@@ -67,7 +68,7 @@ def publish_release(ctx: RunContext) -> dict[str, Any]:
     persons = {lv: published_histogram(ctx, "persons", lv) for lv in ctx.level_names}
     units = ({lv: published_histogram(ctx, "units", lv) for lv in ctx.level_names} if "units" in kinds else None)
     privacy = privacy_parameters({k: ctx.strategies[k] for k in kinds}, ctx.cfg.privacy.delta)
-    variances = _exact_variances(ctx, kinds)
+    variances = design({k: ctx.strategies[k] for k in kinds}).variances()
     meas = None
     if ctx.cfg.output.publish_measurements:
         meas = {(k, lv): ctx.rd.measurement_files(k, lv)
@@ -83,18 +84,6 @@ def publish_release(ctx: RunContext) -> dict[str, Any]:
     return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),
             "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
             "privacy_markdown": privacy_markdown(privacy)}
-
-
-def _exact_variances(ctx: RunContext, kinds: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    """Exact discrete-Gaussian variances per (kind, level, query) for margins of error."""
-    from pipeline.privacy.samplers import discrete_gaussian_variance
-
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for k in kinds:
-        s = ctx.strategies[k]
-        for (lv, q), _ in s.rho_by_level_query().items():
-            out.setdefault(k, {}).setdefault(lv, {})[q] = float(discrete_gaussian_variance(s.sigma2(lv, q)))
-    return out
 
 
 def adopt_existing_release(ctx: RunContext) -> dict[str, Any] | None:

@@ -34,11 +34,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DptabError
+from pipeline.model.design import discrete_gaussian_variance
 from pipeline.model.histogram import SparseHistogram
 from pipeline.model.spec import HistogramSpec
 from pipeline.model.strategy import Strategy
 from pipeline.privacy.randomness import RandomSource, resolve_source
-from pipeline.privacy.samplers import discrete_gaussian, discrete_gaussian_variance
+from pipeline.privacy.samplers import discrete_gaussian
 
 COLUMNS = ("unit", "query", "answer", "value", "variance", "sigma2")
 SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.string()), ("answer", pa.int32()),

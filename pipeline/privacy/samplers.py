@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 from fractions import Fraction
-from typing import Any
 
 import numpy as np
 
@@ -99,48 +98,6 @@ def _check_size(size: int) -> int:
     if size < 0:
         raise ValueError(f"size must be >= 0, got {size}")
     return size
-
-
-@functools.lru_cache(maxsize=4096)
-def discrete_gaussian_variance(sigma2: Fraction | int | str) -> float:
-    """Exact variance of N_Z(0, σ²) as the nearest float (counts²).
-
-    Σ x² e^{−x²/2σ²} / Σ e^{−x²/2σ²} summed over the support at 40 significant digits (terms
-    beyond 40σ are below e^{−800}); for σ² > 100 the equivalent theta-function (Poisson
-    summation) form σ² Σ_k (1 − 4π²k²σ²) e^{−2π²k²σ²} / Σ_k e^{−2π²k²σ²}, which converges in a
-    handful of terms there. It is below σ² (visibly so for σ < 1) and is what post-processing
-    uses as the weight 1/variance.
-    """
-    import mpmath
-
-    s2 = exact_parameter(sigma2, "sigma2")
-    with mpmath.workdps(40):
-        v = mpmath.mpf(s2.numerator) / s2.denominator
-        if s2 <= 100:
-            n_max = int(40 * float(s2) ** 0.5) + 10
-            num = den = mpmath.mpf(0)
-            for x in range(1, n_max + 1):
-                e = mpmath.exp(-mpmath.mpf(x * x) / (2 * v))
-                num += x * x * e
-                den += e
-            return float(2 * num / (1 + 2 * den))
-        return float(theta_variance(v))
-
-
-def theta_variance(v: Any) -> Any:
-    """Discrete-Gaussian variance at σ² = v (mpmath number) by Poisson summation (independent
-    formula used by :func:`discrete_gaussian_variance` for large σ² and by the tests)."""
-    import mpmath
-
-    num = den = mpmath.mpf(1)  # the k = 0 term
-    for k in range(1, 10_000):
-        a = 2 * mpmath.pi ** 2 * k * k * v
-        e = mpmath.exp(-a)
-        num += 2 * (1 - 2 * a) * e
-        den += 2 * e
-        if e < mpmath.mpf(10) ** (-mpmath.mp.dps - 5):
-            break
-    return v * num / den
 
 
 def discrete_laplace_variance(scale: Fraction | int | str) -> float:

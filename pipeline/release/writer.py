@@ -46,6 +46,7 @@ from pipeline.release.checks import CheckFailure, Invariants, run_checks
 if TYPE_CHECKING:
     from pipeline.model.geography import Geography
 from pipeline.errors import DptabError, RefusedError
+from pipeline.model.design import design_from_rho
 from pipeline.model.schemas import SCHEMAS_DIR
 from pipeline.privacy.measure import MeasurementError, read_measurement_rows
 from pipeline.release.microdata import microdata_from_blocks
@@ -144,15 +145,11 @@ def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-1
 def variances_from_privacy(privacy: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     """``{kind: {level: {query: exact noise variance}}}`` from a privacy section (counts²).
 
-    The variance of the discrete Gaussian N_Z(0, σ²) with σ² = 1/ρ_q, computed exactly by
-    ``pipeline.privacy.samplers.discrete_gaussian_variance`` (it is below σ², visibly so for
-    σ < 1), i.e. the same weights post-processing uses.
+    The variance of the discrete Gaussian N_Z(0, σ²) with σ² = 1/ρ_q, from the measurement
+    design (:mod:`pipeline.model.design`; below σ², visibly so for σ < 1), i.e. the same
+    weights post-processing uses.
     """
-    from pipeline.privacy.samplers import discrete_gaussian_variance
-
-    return {kind: {lv: {q: float(discrete_gaussian_variance(1 / Fraction(r))) for q, r in qs.items()}
-                   for lv, qs in run["rho_by_level_query"].items()}
-            for kind, run in privacy["runs"].items()}
+    return design_from_rho({kind: run["rho_by_level_query"] for kind, run in privacy["runs"].items()}).variances()
 
 
 def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, Any]:
