@@ -13,12 +13,17 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Differential
 
 
 def _fail(exc: Exception) -> NoReturn:
-    """Print an error and exit with its status: 2 for input, configuration and budget errors
-    (their classes carry ``exit_status = 2``: nothing later ran), 1 for anything else."""
+    """Print an error and exit with its status: every library error carries its own
+    (``pipeline.errors``: 2 for input, configuration and refusals — nothing later ran — 1 for
+    failures while working); anything else is 1. Data values inside the message are printed as
+    text, never as console markup."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]{type(exc).__name__}:[/red] {exc}")
-    raise typer.Exit(getattr(exc, "exit_status", 1))
+    from pipeline.errors import DptabError
+
+    Console(stderr=True, soft_wrap=True).print(f"[red]{type(exc).__name__}:[/red] {escape(str(exc))}")
+    raise typer.Exit(exc.exit_status if isinstance(exc, DptabError) else 1)
 
 
 @app.command("run")

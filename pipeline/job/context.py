@@ -12,7 +12,7 @@ import polars as pl
 from pipeline.inputs.invariants import LevelInvariants, read_invariants
 from pipeline.job.rundir import RunDir
 from pipeline.model.config import RunConfig, load_config
-from pipeline.model.geography import Geography
+from pipeline.model.geography import Geography, load_geolevels
 from pipeline.model.spec import HistogramSpec, load_spec
 from pipeline.model.strategy import Strategy, load_strategy
 from pipeline.privacy import randomness
@@ -60,7 +60,7 @@ class RunContext:
     @cached_property
     def geography(self) -> Geography:
         blocks = pl.read_parquet(self.rd.geography_path)["geoid"].to_numpy()
-        return Geography.from_block_geoids(blocks)
+        return Geography.from_block_geoids(blocks, load_geolevels(self.cfg.geography.levels))
 
     @property
     def level_names(self) -> list[str]:

@@ -34,12 +34,12 @@ def declared_invariants(ctx: RunContext) -> Invariants:
     units, as declared (read from ``invariants/``, never from a confidential file)."""
     geo = ctx.geography
     state = ctx.invariants("state")
-    block = ctx.invariants("block")
+    block = ctx.invariants(geo.blocks.name)
     state_totals = None
     if state.persons is not None:
         state_totals = {str(g): int(t) for g, t in zip(geo.level("state").geoids, state.persons)}
     hu = block.housing_units
-    return Invariants(state_totals=state_totals, block_geoids=geo.level("block").geoids if hu is not None else None,
+    return Invariants(state_totals=state_totals, block_geoids=geo.blocks.geoids if hu is not None else None,
                       block_housing_units=hu)
 
 

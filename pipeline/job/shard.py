@@ -30,9 +30,6 @@ from pipeline.postprocess.problem import LevelBatch
 from pipeline.postprocess.topdown import solve_level, solve_root
 from pipeline.privacy.measure import load_measurements, measure_shard
 
-#: child levels solved with the 2020 multipass ordering (``total`` alone first)
-MULTIPASS_LEVELS = frozenset({"state", "county", "tract", "block_group"})
-
 
 class ConsistencyError(DptabError, RuntimeError):
     """A merged level does not add up to its parent level (a bug: the run stops)."""
@@ -100,7 +97,7 @@ def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.n
     targets = {q: qm.values for q, qm in meas.items()}
     variances = {q: qm.variance for q, qm in meas.items()}
     cons = _child_constraints(ctx, kind, level, c0, c1)
-    options = SolveOptions(multipass=kind == "persons" and level in MULTIPASS_LEVELS)
+    options = SolveOptions(multipass=level in strategy.multipass_levels)
     if i == 0:
         total = None if cons["totals"] is None else int(cons["totals"][0])
         root, diag = solve_root(spec, targets, variances, total, cons["lower"], cons["zero_answers"],

@@ -34,8 +34,10 @@ from pipeline.job.executor import close_executor, executor_for
 from pipeline.job.plan import plan, shard_bounds
 from pipeline.job.progress import StageProgress
 from pipeline.job.rundir import RunDir, new_run_id
-from pipeline.model.config import RunConfig, load_config
-from pipeline.model.geography import Geography
+from pipeline.model.config import ConfigError, RunConfig, load_config
+from pipeline.model.geography import Geography, load_geolevels
+from pipeline.model.spec import load_spec
+from pipeline.model.strategy import Strategy
 from pipeline.privacy import randomness
 from pipeline.privacy.ledger import Ledger
 from pipeline.release.writer import ReleaseExistsError
@@ -59,7 +61,9 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
     if (cfg.output.releases_dir / release_id).exists():
         raise ReleaseExistsError(f"release {release_id!r} already exists in {cfg.output.releases_dir}; "
                                  "releases are never overwritten")
-    rho = total_rho(configured_strategies(cfg))
+    strategies = configured_strategies(cfg)
+    _check_strategies_fit(cfg, strategies)
+    rho = total_rho(strategies)
     Ledger(cfg.privacy.ledger).check_and_reserve(
         cfg.dataset_id, release_id, rho, Fraction(cfg.privacy.lifetime_rho)
     )
@@ -84,6 +88,21 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
     return rd.root
 
 
+def _check_strategies_fit(cfg: RunConfig, strategies: dict[str, Strategy]) -> None:
+    """Refuse (before any budget is reserved) strategies that do not fit the run: a persons
+    strategy for another spec, or levels the run's geography does not have."""
+    levels = [lv.name for lv in load_geolevels(cfg.geography.levels)]
+    for kind, s in strategies.items():
+        want_spec = cfg.spec if kind == "persons" else "units"
+        if load_spec(s.spec).name != load_spec(want_spec).name:
+            raise ConfigError(f"{cfg.source_path}: the {kind} strategy {s.name!r} is for spec {s.spec!r}, "
+                              f"but the run's {kind} spec is {want_spec!r}")
+        missing = [lv for lv in s.level_names if lv not in levels]
+        if missing:
+            raise ConfigError(f"{cfg.source_path}: the {kind} strategy {s.name!r} measures levels {missing} "
+                              f"that the geography {cfg.geography.levels!r} does not have ({', '.join(levels)})")
+
+
 def _write_resolved_config(cfg: RunConfig, path: Path) -> None:
     data = cfg.model_dump(mode="json", exclude={"source_path"})
     data["release_id"] = path.parent.name
@@ -106,7 +125,7 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
     # facility); validation guarantees every person's block is in it.
     blocks = inputs.units.select("geoid").unique().sort("geoid").collect()
     write_parquet_atomic(blocks, ctx.rd.geography_path)
-    geo = Geography.from_block_geoids(blocks["geoid"].to_numpy())
+    geo = Geography.from_block_geoids(blocks["geoid"].to_numpy(), load_geolevels(ctx.cfg.geography.levels))
     person_hists = build_person_histograms(inputs.persons, geo, ctx.persons_spec)
     unit_counts = build_unit_counts(inputs.units, geo)
     for lv in geo.levels:

@@ -60,6 +60,11 @@ class PrivacyConfig(BaseModel):
         return self
 
 
+class GeographyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    levels: str = Field("geolevels", description="geolevels YAML: a name in schemas/ or a path (top to bottom)")
+
+
 class InvariantsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     state_totals: bool = True
@@ -93,6 +98,7 @@ class RunConfig(BaseModel):
     confidential: bool = True
     spec: str = "pl94"
     inputs: InputsConfig
+    geography: GeographyConfig = GeographyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     invariants: InvariantsConfig = InvariantsConfig()
     output: OutputConfig = OutputConfig()

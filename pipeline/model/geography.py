@@ -43,8 +43,13 @@ class GeoLevel:
 
 
 def load_geolevels(path: str | Path = GEOLEVELS_PATH) -> tuple[GeoLevel, ...]:
-    """Levels top to bottom from ``schemas/geolevels.yaml`` (strictly increasing ``digits``)."""
+    """Levels top to bottom (strictly increasing ``digits``) from a geolevels YAML file or a
+    bare name in ``schemas/`` (default ``schemas/geolevels.yaml``)."""
     p = Path(path)
+    if not p.suffix:
+        p = SCHEMAS_DIR / f"{path}.yaml"
+    if not p.is_file():
+        raise GeographyError(f"{p}: geolevels file not found")
     raw = yaml.safe_load(p.read_text())
     try:
         levels = tuple(GeoLevel(str(d["name"]), int(d["digits"])) for d in raw["levels"])

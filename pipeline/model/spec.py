@@ -22,6 +22,9 @@ import yaml
 from pipeline.errors import ConfigurationError
 from pipeline.model.schemas import SCHEMAS_DIR
 
+#: query roles a spec may declare (see ``roles:`` in ``schemas/pl94.yaml``)
+ROLES = ("total", "identity", "bound")
+
 
 class SpecError(ConfigurationError):
     """A spec file is malformed or refers to something it does not define."""
@@ -113,6 +116,18 @@ class HistogramSpec:
     rounder_chain: tuple[str, ...]
     structural_zero_defs: tuple[tuple[str, dict[str, tuple[int, ...]]], ...]
     source: Path | None = None
+    roles: dict[str, str] = field(default_factory=dict)
+
+    def role(self, role: str) -> str:
+        """The name of the query that plays ``role`` (``total``, ``identity``, ``bound``);
+        SpecError if the spec declares none."""
+        try:
+            return self.roles[role]
+        except KeyError:
+            raise SpecError(f"spec {self.name!r} declares no query with role {role!r} (roles: {self.roles})") from None
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -234,6 +249,7 @@ def load_spec(path: str | Path = "pl94") -> HistogramSpec:
             rounder_chain=tuple(raw.get("rounder_chain") or ()),
             structural_zero_defs=zeros,
             source=p,
+            roles={str(k): str(v) for k, v in (raw.get("roles") or {}).items()},
         )
     except (KeyError, TypeError) as exc:
         raise SpecError(f"{p}: malformed spec ({exc!r})") from exc
@@ -242,6 +258,13 @@ def load_spec(path: str | Path = "pl94") -> HistogramSpec:
         flat = sorted(c for g in r.groups for c in g)
         if flat != sorted(attr.codes) or len(r.groups) != len(r.labels):
             raise SpecError(f"{p}: recode {r.name!r} must partition the codes of {attr.name!r}")
-    for n in list(queries) + list(spec.rounder_chain):
+    unknown_roles = set(spec.roles) - set(ROLES)
+    if unknown_roles:
+        raise SpecError(f"{p}: unknown query roles {sorted(unknown_roles)}; roles are {list(ROLES)}")
+    for n in list(queries) + list(spec.rounder_chain) + list(spec.roles.values()):
         spec.query(n)  # builds and checks every query
+    if "total" in spec.roles and spec.query(spec.roles["total"]).n_answers != 1:
+        raise SpecError(f"{p}: the total role needs a query with one answer, not {spec.roles['total']!r}")
+    if "identity" in spec.roles and spec.query(spec.roles["identity"]).n_answers != spec.n_cells:
+        raise SpecError(f"{p}: the identity role needs a query with one answer per cell, not {spec.roles['identity']!r}")
     return spec

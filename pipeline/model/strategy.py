@@ -60,6 +60,9 @@ class Strategy:
     levels: dict[str, tuple[Fraction, dict[str, Fraction]]]
     source: Path | None = field(default=None, compare=False)
     description: str = field(default="", compare=False)
+    #: levels whose units are solved in two passes, the spec's ``total`` query alone first
+    #: (the 2020 ordering for state, county, tract and block-group children)
+    multipass_levels: tuple[str, ...] = ()
 
     @property
     def total_rho(self) -> Fraction:
@@ -121,6 +124,9 @@ def strategy_path(path_or_name: str | Path) -> Path:
 def load_strategy(path_or_name: str | Path) -> Strategy:
     """Load and validate a strategy YAML file (or a name in ``schemas/strategies/``).
 
+    Keys: ``name``, ``spec``, ``rho``, ``levels`` (``{level: {share, queries: {query: share}}}``)
+    and optionally ``multipass`` (levels solved total-first), ``description``.
+
     Checks (each failure raises :class:`StrategyError` naming the file and the item): ρ > 0;
     level names are geolevel names; every share > 0; level shares sum to exactly 1; the query
     shares of each level sum to exactly 1; every query exists in the strategy's histogram spec.
@@ -181,7 +187,13 @@ def load_strategy(path_or_name: str | Path) -> Strategy:
     order = [lv for lv in known_levels if lv in levels]
     if list(levels) != order:
         raise StrategyError(f"{p}: levels must be listed top to bottom: {', '.join(order)}")
+    multipass = tuple(str(lv) for lv in (raw.get("multipass") or ()))
+    unknown = [lv for lv in multipass if lv not in levels]
+    if unknown:
+        raise StrategyError(f"{p}: multipass levels {unknown} are not levels of this strategy")
+    if multipass and not spec.has_role("total"):
+        raise StrategyError(f"{p}: multipass needs a spec whose queries include a 'total' role")
     return Strategy(name=str(raw["name"]), spec=str(raw["spec"]), rho=rho, levels=levels,
-                    source=p, description=str(raw.get("description", "")))
+                    source=p, description=str(raw.get("description", "")), multipass_levels=multipass)
 
 

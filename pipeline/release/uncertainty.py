@@ -88,20 +88,21 @@ def information_matrix(spec: HistogramSpec, variances: Mapping[str, float],
 
 def _solve_with_detailed(spec: HistogramSpec, variances: Mapping[str, float], cells: np.ndarray,
                          rhs: np.ndarray) -> np.ndarray:
-    """``H⁻¹ rhs`` when ``detailed`` is measured, by the Woodbury identity.
+    """``H⁻¹ rhs`` when the identity query (one answer per cell) is measured, by the Woodbury identity.
 
     ``H = I/v_d + U diag(1/v) Uᵀ`` where ``U`` stacks the 0/1 answer columns of the other
     queries (a few hundred for the 2020 strategy), so only a small ``(r, r)`` system is
     factorised instead of the ``(n_cells, n_cells)`` one:
     ``H⁻¹ = v_d I − v_d² U (diag(v) + v_d UᵀU)⁻¹ Uᵀ``.
     """
-    vd = float(variances["detailed"])
+    ident = spec.role("identity")
+    vd = float(variances[ident])
     cols, wv = [], []
     for name, v in variances.items():
         v = float(v)
         if not np.isfinite(v) or v <= 0:
             raise UncertaintyError(f"variance of query {name!r} must be finite and > 0, got {v}")
-        if name == "detailed":
+        if name == ident:
             continue
         q = spec.query(name)
         u = np.zeros((cells.size, q.n_answers))
@@ -144,7 +145,7 @@ def line_covariance(spec: HistogramSpec, variances: Mapping[str, float], lines: 
     c_at = c_at[np.all(ck == c_at[:, atom], axis=1)]  # exact vectors usable on atoms
     cells = np.nonzero(keep)[0][first]
     rhs = np.vstack([a_at, c_at]).T                    # (n_atoms, n_lines + k)
-    if "detailed" in variances:
+    if spec.has_role("identity") and spec.role("identity") in variances:
         # every cell is its own atom and measured: H is positive definite
         sol = _solve_with_detailed(spec, variances, cells, rhs)
     else:

@@ -103,8 +103,11 @@ def noisy_clipped_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Sta
 
 
 def noisy_clipped_detailed(meas: pl.DataFrame, spec: HistogramSpec, n_units: int) -> sp.csr_matrix | None:
-    """The ``detailed`` noisy answers clipped at 0, CSR ``(n_units, n_cells)``; None if not measured."""
-    d = meas.filter(pl.col("query") == "detailed")
+    """The identity query's noisy answers (one per cell) clipped at 0, CSR ``(n_units, n_cells)``;
+    None if not measured."""
+    if not spec.has_role("identity"):
+        return None
+    d = meas.filter(pl.col("query") == spec.role("identity"))
     if d.height == 0:
         return None
     vals = np.maximum(d["value"].to_numpy().astype(np.float64), 0.0)
@@ -133,7 +136,7 @@ def _solve_design(spec: HistogramSpec, stats: Statistics, design: tuple[tuple[st
         m = spec.query(name).matrix()
         h += (m.T @ m).toarray() / var
     vd = stats.vectors.toarray()
-    if any(name == "detailed" for name, _ in design):
+    if spec.has_role("identity") and any(name == spec.role("identity") for name, _ in design):
         return np.linalg.solve(h, vd)                     # every cell measured: H is positive definite
     return np.linalg.pinv(h, hermitian=True) @ vd         # minimum-norm: some cells not identified
 

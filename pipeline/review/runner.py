@@ -80,7 +80,7 @@ def is_confidential(run_dir: str | Path) -> bool:
 def _levels(run_dir: Path) -> list[str]:
     from pipeline.model.geography import load_geolevels
 
-    names = [lv.name for lv in load_geolevels()]
+    names = [lv.name for lv in load_geolevels((_read_config(run_dir).get("geography") or {}).get("levels", "geolevels"))]
     rd = RunDir(run_dir)
     return [n for n in names if rd.truth_path("persons", n).is_file()]
 
