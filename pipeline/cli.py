@@ -87,6 +87,68 @@ def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
         config_path=str(config) if config else "", resume_dir=resume)
 
 
+ledger_app = typer.Typer(no_args_is_help=True, help="The privacy-budget ledger: spends per dataset; give back a failed run's ρ.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("show")
+def ledger_show_cmd(
+    ledger: str = typer.Option(None, "--ledger", help="ledger file (default: the config's privacy.ledger)"),
+    config: str = typer.Option(None, "--config", help="run config YAML naming the ledger and dataset"),
+    dataset: str = typer.Option(None, "--dataset", help="only this dataset"),
+) -> None:
+    """List every spend per dataset: lifetime ρ, spent ρ, and each release's ρ and status.
+
+    Example: dptab ledger show --config configs/demo.yaml
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.job.budget import ledger_summary
+    from pipeline.model.config import load_config
+
+    try:
+        if ledger is None:
+            if config is None:
+                raise typer.BadParameter("give --ledger or --config")
+            cfg = load_config(config)
+            ledger, dataset = str(cfg.privacy.ledger), dataset or cfg.dataset_id
+        summary = ledger_summary(ledger, dataset)
+    except typer.BadParameter:
+        raise
+    except Exception as exc:
+        _fail(exc)
+    console = Console(soft_wrap=True)
+    for ds in summary:
+        t = Table(title=f"{ds['dataset']}: spent {ds['spent_rho']} of lifetime {ds['lifetime_rho']}")
+        for col in ("release", "rho", "eps", "status", "created", "updated"):
+            t.add_column(col)
+        for r in ds["releases"]:
+            t.add_row(*(str(r[c]) for c in ("release", "rho", "eps", "status", "created", "updated")))
+        console.print(t)
+    if not summary:
+        console.print("no spends recorded")
+
+
+@ledger_app.command("fail")
+def ledger_fail_cmd(run_dir: str = typer.Argument(..., help="the run directory whose reservation to give back")) -> None:
+    """Mark a run failed so its ρ stops counting — refused if anything derived from its noise
+    left the run directory (a release, even a partial one). The run can never resume after.
+
+    Example: dptab ledger fail runs/synthetic-sample-20261204T101500Z-a1b2c3
+    """
+    from rich.console import Console
+
+    from pipeline.job.budget import fail_run
+
+    try:
+        out = fail_run(run_dir)
+    except Exception as exc:
+        _fail(exc)
+    Console(soft_wrap=True).print(f"release {out['release']} of {out['dataset']}: marked failed, rho "
+                                  f"{out['rho_released']} no longer counts (spent now {out['spent_now']})")
+
+
 @app.command("validate")
 def validate_cmd(
     persons: str = typer.Option(None, "--persons", help="persons Parquet file or directory of parts"),

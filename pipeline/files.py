@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,17 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := fh.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Files and directories created inside are readable by their owner only (0600 / 0700).
+
+    Used while a stage writes confidential files (true histograms, noisy measurements,
+    invariants, solved histograms) into the run directory; sets the process umask, so it also
+    covers files written by libraries (pyarrow, polars)."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)

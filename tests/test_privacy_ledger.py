@@ -37,16 +37,55 @@ def test_reserve_commit_fail_and_refusal(tmp_path: Path):
 
 def test_same_release_does_not_double_count(tmp_path: Path):
     led = Ledger(tmp_path / "l.sqlite")
-    led.check_and_reserve("ds", "r1", Fraction(2), Fraction(3))
-    assert led.check_and_reserve("ds", "r1", Fraction(2), Fraction(3)) == 2  # retry / resume
+    led.check_and_reserve("ds", "r1", Fraction(2), Fraction(3), run="tok-a")
+    assert led.check_and_reserve("ds", "r1", Fraction(2), Fraction(3), run="tok-a") == 2  # retry / resume
     led.commit("ds", "r1")
-    assert Ledger(tmp_path / "l.sqlite").check_and_reserve("ds", "r1", Fraction(2), Fraction(3)) == 2
+    assert Ledger(tmp_path / "l.sqlite").check_and_reserve("ds", "r1", Fraction(2), Fraction(3), run="tok-a") == 2
     with pytest.raises(LedgerError, match="different rho"):
-        led.check_and_reserve("ds", "r1", Fraction(1), Fraction(3))
-    # a failed reservation retried is counted again (and checked again)
-    led.check_and_reserve("ds", "r2", Fraction(1), Fraction(3))
+        led.check_and_reserve("ds", "r1", Fraction(1), Fraction(3), run="tok-a")
+
+
+def test_a_release_id_is_used_by_one_run_only(tmp_path: Path):
+    """Another run (another runs directory, a re-run after archiving) may not reuse a release
+    id: two differently-noised releases would be counted as one spend."""
+    led = Ledger(tmp_path / "l.sqlite")
+    led.check_and_reserve("ds", "R1", Fraction(1), Fraction(10), run="first")
+    with pytest.raises(LedgerError, match="already used by another run"):
+        led.check_and_reserve("ds", "R1", Fraction(1), Fraction(10), run="second")
+    with pytest.raises(LedgerError, match="already used by another run"):
+        led.check_and_reserve("ds", "R1", Fraction(1), Fraction(10))
+    led.commit("ds", "R1")
+    with pytest.raises(LedgerError, match="already used by another run"):
+        led.check_and_reserve("ds", "R1", Fraction(1), Fraction(10), run="third")
+    assert led.spent("ds") == 1
+
+
+def test_a_failed_release_cannot_come_back(tmp_path: Path):
+    """Marking a run failed stops its ρ counting, so the run may never publish afterwards."""
+    led = Ledger(tmp_path / "l.sqlite")
+    led.check_and_reserve("ds", "r2", Fraction(1), Fraction(3), run="t")
     led.fail("ds", "r2")
-    assert led.check_and_reserve("ds", "r2", Fraction(1), Fraction(3)) == 3
+    assert led.spent("ds") == 0
+    with pytest.raises(LedgerError, match="marked failed"):
+        led.check_and_reserve("ds", "r2", Fraction(1), Fraction(3), run="t")
+    with pytest.raises(LedgerError, match="failed"):
+        led.commit("ds", "r2")
+
+
+def test_a_vanished_or_replaced_ledger_stops_the_run(tmp_path: Path):
+    from pipeline.privacy.ledger import LedgerMissingError
+
+    path = tmp_path / "l.sqlite"
+    led = Ledger(path)
+    ident = led.ledger_id
+    assert Ledger.open_existing(path, ident).ledger_id == ident
+    path.unlink()
+    with pytest.raises(LedgerMissingError, match="gone"):
+        Ledger.open_existing(path, ident)
+    assert not path.exists()  # never silently recreated
+    Ledger(path)  # someone makes a new, empty one
+    with pytest.raises(LedgerMissingError, match="replaced"):
+        Ledger.open_existing(path, ident)
 
 
 def test_lifetime_cannot_be_changed_by_a_run(tmp_path: Path):

@@ -60,6 +60,10 @@ def _part_files(directory: Path) -> list[Path]:
 
 def _check_part(f: Path, label: str) -> tuple[dict[str, pl.DataType] | None, int, list[Problem]]:
     """Footer-level checks of one Parquet file: (schema, rows, problems)."""
+    if f.exists() and not f.is_file():
+        # a FIFO, socket or device would block or stream forever: refuse before opening it
+        return None, 0, [Problem(label, "", "not_regular_file", 1,
+                                 "not a regular file (a pipe, socket or device); give a Parquet file")]
     try:
         size = f.stat().st_size
         with open(f, "rb") as fh:

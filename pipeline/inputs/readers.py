@@ -41,3 +41,16 @@ def read_units(path: str | Path) -> pl.LazyFrame:
     return _read("units", path)
 
 
+
+
+def input_fingerprint(path: str | Path) -> list[list[object]]:
+    """``[[file name, size in bytes, mtime in ns], ...]`` of an input file or of its part files:
+    what the run validated. If it is unchanged when the histograms are built, the rows are the
+    ones validated and need not be checked again."""
+    p = Path(path)
+    files = sorted(q for q in p.iterdir() if q.is_file()) if p.is_dir() else [p]
+    out: list[list[object]] = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f), int(st.st_size), int(st.st_mtime_ns)])
+    return out

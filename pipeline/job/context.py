@@ -9,8 +9,9 @@ from pathlib import Path
 
 import polars as pl
 
+from pipeline.files import sha256_file
 from pipeline.inputs.invariants import LevelInvariants, read_invariants
-from pipeline.job.rundir import RunDir
+from pipeline.job.rundir import RunDir, RunDirError
 from pipeline.model.config import RunConfig, load_config
 from pipeline.model.geography import Geography, load_geolevels
 from pipeline.model.spec import HistogramSpec, load_spec
@@ -30,7 +31,13 @@ class RunContext:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunContext":
+        """Open a run directory; refuse it if its ``config.yaml`` changed since the run started
+        (a changed strategy would change ρ behind the ledger's back)."""
         rd = RunDir.open(Path(run_dir))
+        want = rd.state().get("config_sha256")
+        if want is not None and sha256_file(rd.config_path) != want:
+            raise RunDirError(f"{rd.config_path} was edited after the run started (the ledger holds the ρ of "
+                              "the original config); restore it, or start a new run with a new release id")
         return cls(rd, load_config(rd.config_path))
 
     @cached_property
@@ -59,7 +66,7 @@ class RunContext:
 
     @cached_property
     def geography(self) -> Geography:
-        blocks = pl.read_parquet(self.rd.geography_path)["geoid"].to_numpy()
+        blocks = pl.read_parquet(self.rd.verified(self.rd.geography_path))["geoid"].to_numpy()
         return Geography.from_block_geoids(blocks, load_geolevels(self.cfg.geography.levels))
 
     @property
@@ -70,7 +77,7 @@ class RunContext:
         """The declared public invariants of one level (``invariants/<level>.parquet``)."""
         cache = self.__dict__.setdefault("_invariants", {})
         if level not in cache:
-            cache[level] = read_invariants(level, self.rd.invariants_path(level))
+            cache[level] = read_invariants(level, self.rd.verified(self.rd.invariants_path(level)))
         return cache[level]
 
     def source(self, kind: str, level: str, shard: int) -> randomness.RandomSource:

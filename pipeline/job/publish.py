@@ -11,9 +11,10 @@ from __future__ import annotations
 import subprocess
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline.job.context import RunContext
+from pipeline.job.plan import plan
 from pipeline.job.shard import published_histogram
 from pipeline.model.design import design
 from pipeline.release.checks import Invariants
@@ -59,8 +60,9 @@ def privacy_markdown(privacy: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def publish_release(ctx: RunContext) -> dict[str, Any]:
-    """Write the release folder for a run whose levels are all finished; returns a manifest."""
+def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Write the release folder for a run whose levels are all finished; returns a manifest.
+    ``before_publish`` runs right before the finished folder is renamed into place."""
     from pipeline import __version__
     from pipeline.release.writer import ReleaseMetadata, privacy_parameters, write_release
     state = ctx.state
@@ -71,8 +73,11 @@ def publish_release(ctx: RunContext) -> dict[str, Any]:
     variances = design({k: ctx.strategies[k] for k in kinds}).variances()
     meas = None
     if ctx.cfg.output.publish_measurements:
-        meas = {(k, lv): ctx.rd.measurement_files(k, lv)
-                for k in kinds for lv in ctx.level_names}
+        # exactly the shards of the plan, each the file its stage recorded: a missing or edited
+        # shard file stops the release instead of silently dropping or changing rows
+        meas = {(step.kind, step.level): [ctx.rd.verified(ctx.rd.measurement_path(step.kind, step.level, s))
+                                          for s in step.shards]
+                for step in plan(ctx)}
     meta = ReleaseMetadata(release_id=state["release_id"], dataset_id=ctx.cfg.dataset_id,
                            software_version=__version__, config_hash=state["config_hash"],
                            git_commit=git_commit(),
@@ -80,10 +85,25 @@ def publish_release(ctx: RunContext) -> dict[str, Any]:
                            title=ctx.cfg.title)
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
                          declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
-                         csv=ctx.cfg.output.csv)
+                         csv=ctx.cfg.output.csv, before_publish=before_publish)
     return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),
             "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
             "privacy_markdown": privacy_markdown(privacy)}
+
+
+def remove_partial_releases(ctx: RunContext) -> list[Path]:
+    """Delete the hidden ``releases/.<id>.tmp-*`` folders of earlier attempts of this run that
+    were killed while writing (never public: only a finished, verified folder is renamed to
+    ``releases/<id>``). Returns what was removed."""
+    import shutil
+
+    release_id = str(ctx.state["release_id"])
+    gone = []
+    for d in sorted(ctx.cfg.output.releases_dir.glob(f".{release_id}.tmp-*")):
+        if d.is_dir():
+            shutil.rmtree(d)
+            gone.append(d)
+    return gone
 
 
 def adopt_existing_release(ctx: RunContext) -> dict[str, Any] | None:

@@ -18,25 +18,41 @@ Layout (ARCHITECTURE §8)::
 
 ``state.json`` is the single source of truth for resume: a stage is recorded as done only
 after its output files were written and renamed into place, so a run killed at any point
-resumes from the last recorded stage and recomputes at most the stage in flight.
+resumes from the last recorded stage and recomputes at most the stage in flight. With the
+stage it records the sha256 of every file the stage wrote (``files``); a later stage reads
+a recorded file only through :meth:`RunDir.verified`, so a deleted, truncated or edited
+artefact stops the run instead of silently changing the release. Updates of ``state.json``
+hold an exclusive lock (``state.lock``), so concurrent shard tasks (threads, processes, Dask
+workers on one machine) never lose each other's records.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
-from pipeline.files import crash_point, write_json_atomic
+from pipeline.errors import DptabError, InputError
+from pipeline.files import crash_point, sha256_file, write_json_atomic
 
 
 class RunDirError(InputError):
     """The run directory is missing, foreign or inconsistent."""
+
+
+class RunDirIntegrityError(DptabError):
+    """A file a finished stage wrote is missing or changed (exit 1: the run stops)."""
+
+
+#: files verified in this process: (path, size, mtime_ns) -> sha256 (hash each version once)
+_VERIFIED: dict[tuple[str, int, int], str] = {}
 
 
 def new_run_id(dataset_id: str) -> str:
@@ -127,20 +143,60 @@ class RunDir:
     def state(self) -> dict[str, Any]:
         return json.loads(self.state_path.read_text())
 
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive lock for a read-modify-write of ``state.json``."""
+        fd = os.open(self.root / "state.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _rel(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    def verified(self, path: Path) -> Path:
+        """``path`` after checking it is the file a finished stage recorded (same sha256).
+        Raises :class:`RunDirIntegrityError` naming the file if it is missing, unrecorded or changed."""
+        path = Path(path)
+        rel = self._rel(path)
+        want = self.state().get("files", {}).get(rel)
+        if want is None:
+            raise RunDirIntegrityError(f"{path}: not recorded as written by a finished stage of this run")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise RunDirIntegrityError(f"{path}: missing — a finished stage wrote it (sha256 {want[:12]}…); "
+                                       "the run directory was changed, the run stops") from None
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        got = _VERIFIED.get(key) or sha256_file(path)
+        if got != want:
+            raise RunDirIntegrityError(f"{path}: changed since its stage finished (sha256 {got[:12]}… instead of "
+                                       f"{want[:12]}…); the run stops")
+        _VERIFIED[key] = got
+        return path
+
     def is_done(self, stage: str) -> bool:
         return stage in self.state()["done"]
 
     def done_info(self, stage: str) -> dict[str, Any] | None:
         return self.state()["done"].get(stage)
 
-    def mark_done(self, stage: str, info: dict[str, Any] | None = None) -> None:
-        """Record ``stage`` as complete (call only after its outputs are in place)."""
+    def mark_done(self, stage: str, info: dict[str, Any] | None = None, files: Sequence[Path] = ()) -> None:
+        """Record ``stage`` as complete with the sha256 of the ``files`` it wrote (call only
+        after its outputs are in place)."""
         crash_point(f"before:{stage}")
-        st = self.state()
-        st["done"][stage] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
-        write_json_atomic(self.state_path, st)
+        sums = {self._rel(f): sha256_file(f) for f in files}  # hashed outside the lock
+        with self._locked():
+            st = self.state()
+            st["done"][stage] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(info or {})}
+            st.setdefault("files", {}).update(sums)
+            write_json_atomic(self.state_path, st)
 
     def update(self, **fields: Any) -> None:
-        st = self.state()
-        st.update(fields)
-        write_json_atomic(self.state_path, st)
+        with self._locked():
+            st = self.state()
+            st.update(fields)
+            write_json_atomic(self.state_path, st)

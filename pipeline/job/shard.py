@@ -39,13 +39,13 @@ def truth_histogram(ctx: RunContext, kind: str, level: str,
                     units: tuple[int, int] | None = None) -> SparseHistogram:
     """The confidential true histogram of one level (persons: the spec's cells; units: vacant /
     occupied); ``units=(start, stop)`` reads only that range of units (indices stay global)."""
-    return SparseHistogram.from_parquet(ctx.rd.truth_path(kind, level), units)
+    return SparseHistogram.from_parquet(ctx.rd.verified(ctx.rd.truth_path(kind, level)), units)
 
 
 def published_histogram(ctx: RunContext, kind: str, level: str,
                         units: tuple[int, int] | None = None) -> SparseHistogram:
     """The post-processed (published) integer histogram of a finished level (optionally a unit range)."""
-    return SparseHistogram.from_parquet(ctx.rd.solved_path(kind, level), units)
+    return SparseHistogram.from_parquet(ctx.rd.verified(ctx.rd.solved_path(kind, level)), units)
 
 
 def _child_constraints(ctx: RunContext, kind: str, level: str, c0: int, c1: int) -> dict[str, np.ndarray | None]:
@@ -123,7 +123,7 @@ def merge_level(ctx: RunContext, kind: str, level: str, infos: list[dict[str, An
     out_path = ctx.rd.solved_path(kind, level)
     spec = ctx.spec(kind)
     lv = ctx.geography.level(level)
-    hs = [SparseHistogram.from_parquet(p) for p in parts]
+    hs = [SparseHistogram.from_parquet(ctx.rd.verified(p)) for p in parts]
     merged = SparseHistogram(level, lv.n_units, spec.n_cells,
                              np.concatenate([h.unit for h in hs]), np.concatenate([h.cell for h in hs]),
                              np.concatenate([h.count for h in hs]))

@@ -15,7 +15,10 @@ re-entered shard re-reads its measurements instead of drawing new ones.
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import secrets
 import shutil
 import time
 from fractions import Fraction
@@ -25,9 +28,11 @@ from typing import Any, Callable
 import yaml
 
 from pipeline import __version__
-from pipeline.files import write_parquet_atomic
+from pipeline.errors import RefusedError
+from pipeline.files import crash_point, private_files, sha256_file, write_parquet_atomic
 from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
 from pipeline.inputs.invariants import declared, units_truth, write_invariants
+from pipeline.inputs.readers import input_fingerprint, read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
 from pipeline.job.context import RunContext, configured_strategies, total_rho
 from pipeline.job.executor import close_executor, executor_for
@@ -39,53 +44,140 @@ from pipeline.model.geography import Geography, load_geolevels
 from pipeline.model.spec import load_spec
 from pipeline.model.strategy import Strategy
 from pipeline.privacy import randomness
-from pipeline.privacy.ledger import Ledger
+from pipeline.privacy.ledger import Ledger, LedgerError, LedgerMissingError
 from pipeline.release.writer import ReleaseExistsError
 
 # --------------------------------------------------------------------------------------
 # prepare
 
+#: the largest lifetime ρ a config may declare (ε in the thousands; beyond is a typo)
+MAX_LIFETIME_RHO = Fraction(10**6)
+
 
 def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None) -> Path:
-    """Create (or reopen, on resume) the run directory; refuse overspending before reading data.
+    """Create (or reopen, on resume) the run directory and reserve the run's ρ in the ledger.
 
-    The ledger check happens here, before any confidential file is opened, and reserves the
-    run's ρ for the dataset; a release id that already exists is refused.
+    In this order, so that bad input never holds budget and no noise is drawn uncounted:
+    config, strategies and output paths are checked; the ledger refuses an overspend before
+    any data is read; the inputs are validated completely; the run directory is made (mode
+    0700, with the run's ledger token); the ρ is reserved atomically. Any failure before the
+    reservation leaves no reservation and no run directory. A release id that already exists
+    (as a release, a run directory or a ledger row of another run) is refused.
     """
     if resume_dir is not None:
-        return RunDir.open(Path(resume_dir)).root
+        ctx = RunContext.load(resume_dir)  # refuses an edited config.yaml
+        _reserve(ctx)
+        return ctx.rd.root
     if config_path is None:
-        raise ValueError("prepare needs a config path or a run directory to resume")
+        raise ConfigError("give a run config, or a run directory to resume")
     cfg = load_config(config_path)
     release_id = cfg.release_id or new_run_id(cfg.dataset_id)
-    if (cfg.output.releases_dir / release_id).exists():
-        raise ReleaseExistsError(f"release {release_id!r} already exists in {cfg.output.releases_dir}; "
-                                 "releases are never overwritten")
     strategies = configured_strategies(cfg)
     _check_strategies_fit(cfg, strategies)
+    _check_request(cfg, release_id)
     rho = total_rho(strategies)
-    Ledger(cfg.privacy.ledger).check_and_reserve(
-        cfg.dataset_id, release_id, rho, Fraction(cfg.privacy.lifetime_rho)
-    )
+    lifetime = Fraction(cfg.privacy.lifetime_rho)
+    ledger = _ledger_for_new_run(cfg)
+    ledger.check_budget(cfg.dataset_id, rho, lifetime)  # before any data is read
+    validate_inputs(cfg.inputs.persons, cfg.inputs.units, load_spec(cfg.spec))
+    fingerprint = {"persons": input_fingerprint(cfg.inputs.persons), "units": input_fingerprint(cfg.inputs.units)}
     stale = cfg.output.runs_dir / release_id
     if stale.is_dir() and not RunDir(stale).state_path.exists():
         # a previous attempt died inside prepare, before its state existed: no data was read
-        # and no noise drawn there yet, so the half-made directory is safe to start over
+        # into it and no noise drawn there, so the half-made directory is safe to start over
         shutil.rmtree(stale)
-    rd = RunDir.create(cfg.output.runs_dir, release_id, {
-        "release_id": release_id,
-        "dataset_id": cfg.dataset_id,
-        "config_hash": cfg.config_hash(),
-        "software_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rho": str(rho),
-        "randomness": cfg.privacy.randomness,
-        "seed": cfg.privacy.seed,
-    })
-    _write_resolved_config(cfg, rd.config_path)
-    if cfg.privacy.randomness == "keyed":
-        randomness.create_key(rd.key_path)
+    token = secrets.token_hex(16)
+    with private_files():
+        rd = RunDir.create(cfg.output.runs_dir, release_id, {
+            "release_id": release_id,
+            "dataset_id": cfg.dataset_id,
+            "config_hash": cfg.config_hash(),
+            "software_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rho": str(rho),
+            "randomness": cfg.privacy.randomness,
+            "seed": cfg.privacy.seed,
+            "run_token": token,
+            "ledger": str(cfg.privacy.ledger),
+            "ledger_id": ledger.ledger_id,
+            "validated_inputs": fingerprint,
+        })
+        try:
+            _write_resolved_config(cfg, rd.config_path)
+            rd.update(config_sha256=sha256_file(rd.config_path))
+            ledger.check_and_reserve(cfg.dataset_id, release_id, rho, lifetime, run=token)
+        except BaseException:
+            # nothing was read into the run directory and no noise drawn: it goes, and with
+            # it any claim on the release id
+            shutil.rmtree(rd.root, ignore_errors=True)
+            raise
+        crash_point("prepare:reserved")
+        if cfg.privacy.randomness == "keyed":
+            randomness.create_key(rd.key_path)
     return rd.root
+
+
+def _reserve(ctx: RunContext) -> None:
+    """Resume: the run's reservation must still be in the same ledger (reserved or committed);
+    a run made before it was reserved (killed in between) reserves now, with the same checks."""
+    st = ctx.state
+    if st.get("ledger_failed"):
+        raise LedgerError(f"run {ctx.rd.root} was marked failed in the ledger (`dptab ledger fail`); its noise "
+                          "may never be published — start a new run with a new release id")
+    ledger = Ledger.open_existing(ctx.cfg.privacy.ledger, st.get("ledger_id"))  # type: ignore[arg-type]
+    ledger.check_and_reserve(ctx.cfg.dataset_id, str(st["release_id"]), Fraction(str(st["rho"])),
+                             Fraction(ctx.cfg.privacy.lifetime_rho), run=st.get("run_token"))  # type: ignore[arg-type]
+
+
+def _ledger_for_new_run(cfg: RunConfig) -> Ledger:
+    """The ledger of a new run. A missing ledger is created only if no run of this dataset
+    recorded it: a ledger that disappeared would otherwise reset the dataset's spent budget."""
+    path = cfg.privacy.ledger
+    if not path.exists() and cfg.output.runs_dir.is_dir():
+        for state_path in cfg.output.runs_dir.glob("*/state.json"):
+            try:
+                st = json.loads(state_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if st.get("dataset_id") == cfg.dataset_id and st.get("ledger") == str(path):
+                raise LedgerMissingError(
+                    f"the privacy ledger {path} is missing, but run {state_path.parent} of dataset "
+                    f"{cfg.dataset_id!r} recorded its spend there; restore the ledger from a backup — "
+                    "a new, empty ledger would forget what was spent")
+    return Ledger(path)
+
+
+def _check_request(cfg: RunConfig, release_id: str) -> None:
+    """Everything about the request that can be checked without data: the release id is new,
+    the output paths can be written, the lifetime budget is sane."""
+    if Fraction(cfg.privacy.lifetime_rho) > MAX_LIFETIME_RHO:
+        raise ConfigError(f"{cfg.source_path}: privacy.lifetime_rho {cfg.privacy.lifetime_rho!r} is above "
+                          f"{MAX_LIFETIME_RHO} (ε in the thousands): not a meaningful privacy budget")
+    if (cfg.output.releases_dir / release_id).exists():
+        raise ReleaseExistsError(f"release {release_id!r} already exists in {cfg.output.releases_dir}; "
+                                 "releases are never overwritten")
+    run_dir = cfg.output.runs_dir / release_id
+    if (run_dir / "state.json").exists():
+        raise RunExistsError(f"a run with release id {release_id!r} already exists at {run_dir}; continue it "
+                             f"with `dptab run --resume {run_dir}`, or choose a new release_id")
+    for what, d in (("output.runs_dir", cfg.output.runs_dir), ("output.releases_dir", cfg.output.releases_dir),
+                    ("privacy.ledger", cfg.privacy.ledger.parent)):
+        _check_writable_dir(cfg, what, d)
+
+
+def _check_writable_dir(cfg: RunConfig, what: str, d: Path) -> None:
+    """``d`` exists (or can be made) as a writable directory; ConfigError naming the key if not."""
+    probe = d
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{cfg.source_path}: {what} {d}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{cfg.source_path}: {what} {d}: {probe} is not writable")
+
+
+class RunExistsError(RefusedError):
+    """A run with this release id exists: resume it instead of starting over."""
 
 
 def _check_strategies_fit(cfg: RunConfig, strategies: dict[str, Strategy]) -> None:
@@ -114,28 +206,40 @@ def _write_resolved_config(cfg: RunConfig, path: Path) -> None:
 
 
 def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
-    """Validate the inputs; write the geography, the true histograms of every level
-    (confidential) and the declared public invariants (``invariants/<level>.parquet``)."""
+    """Build the geography, the true histograms of every level (confidential) and the declared
+    public invariants (``invariants/<level>.parquet``) from the validated inputs."""
     ctx = RunContext.load(run_dir)
     if ctx.rd.is_done("inputs"):
         return ctx.rd.done_info("inputs") or {}
     t0 = time.perf_counter()
-    inputs = validate_inputs(ctx.cfg.inputs.persons, ctx.cfg.inputs.units, ctx.persons_spec)
-    # The geography comes from the units file (public: every block with a housing unit or a
-    # facility); validation guarantees every person's block is in it.
-    blocks = inputs.units.select("geoid").unique().sort("geoid").collect()
-    write_parquet_atomic(blocks, ctx.rd.geography_path)
-    geo = Geography.from_block_geoids(blocks["geoid"].to_numpy(), load_geolevels(ctx.cfg.geography.levels))
-    person_hists = build_person_histograms(inputs.persons, geo, ctx.persons_spec)
-    unit_counts = build_unit_counts(inputs.units, geo)
-    for lv in geo.levels:
-        person_hists[lv.name].to_parquet(ctx.rd.truth_path("persons", lv.name))
-        units_truth(unit_counts[lv.name]).to_parquet(ctx.rd.truth_path("units", lv.name))
-        write_invariants(declared(lv.name, person_hists[lv.name], unit_counts[lv.name], ctx.cfg.invariants),
-                         ctx.rd.invariants_path(lv.name), int(lv.n_units))
+    cfg = ctx.cfg
+    validated = ctx.state.get("validated_inputs") or {}
+    if (validated.get("persons") == input_fingerprint(cfg.inputs.persons)
+            and validated.get("units") == input_fingerprint(cfg.inputs.units)):
+        # the files prepare validated, unchanged: read them without checking every row again
+        persons, units = read_persons(cfg.inputs.persons), read_units(cfg.inputs.units)
+    else:
+        inputs = validate_inputs(cfg.inputs.persons, cfg.inputs.units, ctx.persons_spec)
+        persons, units = inputs.persons, inputs.units
+    with private_files():
+        # The geography comes from the units file (public: every block with a housing unit or
+        # a facility); validation guarantees every person's block is in it.
+        blocks = units.select("geoid").unique().sort("geoid").collect()
+        write_parquet_atomic(blocks, ctx.rd.geography_path)
+        geo = Geography.from_block_geoids(blocks["geoid"].to_numpy(), load_geolevels(cfg.geography.levels))
+        person_hists = build_person_histograms(persons, geo, ctx.persons_spec)
+        unit_counts = build_unit_counts(units, geo)
+        written = [ctx.rd.geography_path]
+        for lv in geo.levels:
+            person_hists[lv.name].to_parquet(ctx.rd.truth_path("persons", lv.name))
+            units_truth(unit_counts[lv.name]).to_parquet(ctx.rd.truth_path("units", lv.name))
+            write_invariants(declared(lv.name, person_hists[lv.name], unit_counts[lv.name], cfg.invariants),
+                             ctx.rd.invariants_path(lv.name), int(lv.n_units))
+            written += [ctx.rd.truth_path("persons", lv.name), ctx.rd.truth_path("units", lv.name),
+                        ctx.rd.invariants_path(lv.name)]
     info = {"levels": {lv.name: int(lv.n_units) for lv in geo.levels},
             "seconds": round(time.perf_counter() - t0, 3)}
-    ctx.rd.mark_done("inputs", info)
+    ctx.rd.mark_done("inputs", info, files=written)
     return info
 
 
@@ -155,8 +259,10 @@ def stage_shard(run_dir: str | Path, kind: str, level: str, shard: int) -> dict[
     stage = _shard_stage(kind, level, shard)
     if ctx.rd.is_done(stage):
         return ctx.rd.done_info(stage) or {}
-    info = solve_shard(ctx, kind, level, shard, shard_bounds(ctx, level), executor_for(ctx.cfg.execution.workers))
-    ctx.rd.mark_done(stage, info)
+    with private_files():
+        info = solve_shard(ctx, kind, level, shard, shard_bounds(ctx, level), executor_for(ctx.cfg.execution.workers))
+    ctx.rd.mark_done(stage, info, files=[ctx.rd.measurement_path(kind, level, shard),
+                                         ctx.rd.solved_shard_path(kind, level, shard)])
     return info
 
 
@@ -170,8 +276,9 @@ def stage_finish_level(run_dir: str | Path, kind: str, level: str) -> dict[str, 
         return ctx.rd.done_info(stage) or {}
     n = len(shard_bounds(ctx, level)) - 1
     infos = [ctx.rd.done_info(_shard_stage(kind, level, s)) or {} for s in range(n)]
-    summary = merge_level(ctx, kind, level, infos)
-    ctx.rd.mark_done(stage, summary)
+    with private_files():
+        summary = merge_level(ctx, kind, level, infos)
+    ctx.rd.mark_done(stage, summary, files=[ctx.rd.solved_path(kind, level)])
     return summary
 
 
@@ -200,18 +307,30 @@ def solve_levels(run_dir: str | Path,
 
 
 def stage_publish(run_dir: str | Path) -> dict[str, Any]:
-    """Tables, microdata and the release folder; then the ledger records the spend."""
-    from pipeline.job.publish import adopt_existing_release, publish_release
+    """Tables, microdata and the release folder. The ledger records the spend as committed
+    right before the finished folder is renamed into place, so nothing becomes public that the
+    ledger does not count; a ledger that is gone or was replaced stops the run."""
+    from pipeline.job.publish import adopt_existing_release, publish_release, remove_partial_releases
 
     ctx = RunContext.load(run_dir)
     if ctx.rd.is_done("publish"):
         return ctx.rd.done_info("publish") or {}
+    st = ctx.state
+    ledger = Ledger.open_existing(ctx.cfg.privacy.ledger, st.get("ledger_id"))  # type: ignore[arg-type]
+    release_id = str(st["release_id"])
+    status = ledger.status(ctx.cfg.dataset_id, release_id)
+    if status not in ("reserved", "committed"):
+        raise LedgerError(f"release {release_id!r} of dataset {ctx.cfg.dataset_id!r} is "
+                          f"{status or 'not in the ledger'}; its noise may not be published")
+    t0 = time.perf_counter()
     # a run killed after the release was renamed into place but before this stage was
     # recorded: the folder is ours if its manifest names this run and it verifies
-    t0 = time.perf_counter()
-    info = adopt_existing_release(ctx) or publish_release(ctx)
+    info = adopt_existing_release(ctx)
+    if info is None:
+        remove_partial_releases(ctx)  # folders of an attempt killed while writing
+        info = publish_release(ctx, before_publish=lambda: ledger.commit(ctx.cfg.dataset_id, release_id))
+    ledger.commit(ctx.cfg.dataset_id, release_id)  # idempotent (adopted releases, old runs)
     info["seconds"] = round(time.perf_counter() - t0, 3)
-    Ledger(ctx.cfg.privacy.ledger).commit(ctx.cfg.dataset_id, str(ctx.state["release_id"]))
     ctx.rd.mark_done("publish", info)
     return info
 

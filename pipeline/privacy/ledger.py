@@ -10,12 +10,20 @@ Concurrency: every check-and-reserve runs inside ``BEGIN IMMEDIATE``, which take
 write lock before reading the spent total, so two processes cannot both read the same total and
 both reserve: the second waits (up to ``timeout`` seconds) and then sees the first one's row.
 
-Idempotence: reserving the same (dataset, release) again with the same ρ is a no-op (a retried
-or resumed run does not count twice); with a different ρ it is refused.
+Idempotence: reserving the same (dataset, release) again by the same run (its ``run`` token,
+kept in the run directory) with the same ρ is a no-op — a retried or resumed run does not count
+twice. The same release id from another run (another runs directory, a re-run after archiving)
+is refused: two differently-noised releases under one ledger row would count one spend.
+
+Identity: each ledger file holds a random ``ledger_id`` made at creation. A run records it;
+resuming or publishing a run opens the ledger with :meth:`Ledger.open_existing`, which fails if
+the file is gone or was replaced — a ledger that disappears stops the run, it is never silently
+recreated empty.
 """
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -23,7 +31,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import RefusedError
+from pipeline.errors import DptabError, RefusedError
 
 
 class LedgerError(RefusedError):
@@ -32,6 +40,10 @@ class LedgerError(RefusedError):
 
 class BudgetExceededError(LedgerError):
     """Reserving this release would push the dataset over its declared lifetime budget."""
+
+
+class LedgerMissingError(DptabError):
+    """The ledger a run reserved its budget in is gone or was replaced: the run stops (exit 1)."""
 
 
 _SCHEMA = """
@@ -50,6 +62,7 @@ CREATE TABLE IF NOT EXISTS spends (
     status TEXT NOT NULL CHECK (status IN ('reserved', 'committed', 'failed')),
     PRIMARY KEY (dataset, release)
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -70,7 +83,36 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         con = self._connect()
         try:
-            con.executescript(_SCHEMA)
+            con.executescript(_SCHEMA)  # idempotent
+        finally:
+            con.close()
+        with self._tx() as con:
+            cols = [r[1] for r in con.execute("PRAGMA table_info(spends)")]
+            if "run" not in cols:  # a ledger made before runs were recorded
+                con.execute("ALTER TABLE spends ADD COLUMN run TEXT")
+            if con.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone() is None:
+                con.execute("INSERT INTO meta VALUES ('ledger_id', ?)", (secrets.token_hex(16),))
+
+    @classmethod
+    def open_existing(cls, path: str | Path, ledger_id: str | None, timeout: float = 60.0) -> "Ledger":
+        """The ledger a run reserved in: it must still exist and be the same file (``ledger_id``).
+        Raises :class:`LedgerMissingError` otherwise — never creates a new, empty ledger."""
+        path = Path(path)
+        if not path.is_file():
+            raise LedgerMissingError(f"the privacy ledger {path} is gone; this run's spend was recorded there. "
+                                     "Restore it from a backup before resuming; the run stops here")
+        led = cls(path, timeout)
+        if ledger_id is not None and led.ledger_id != ledger_id:
+            raise LedgerMissingError(f"the privacy ledger {path} was replaced (id {led.ledger_id}, the run "
+                                     f"reserved in {ledger_id}); restore the original before resuming")
+        return led
+
+    @property
+    def ledger_id(self) -> str:
+        """The random identity of this ledger file, made when it was created."""
+        con = self._connect()
+        try:
+            return str(con.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()[0])
         finally:
             con.close()
 
@@ -102,12 +144,36 @@ class Ledger:
         ).fetchall()
         return sum((Fraction(r) for rel, r in rows if rel != exclude), Fraction(0))
 
+    def check_budget(self, dataset: str, rho: Fraction, lifetime_rho: Fraction) -> Fraction:
+        """Raise :class:`BudgetExceededError` if ``rho`` more would exceed the dataset's lifetime
+        budget (read only; :meth:`check_and_reserve` checks again atomically). Returns the spent
+        total. Used before any data is read."""
+        rho, lifetime_rho = Fraction(rho), Fraction(lifetime_rho)
+        con = self._connect()
+        try:
+            row = con.execute("SELECT lifetime_rho FROM datasets WHERE dataset = ?", (dataset,)).fetchone()
+            if row is not None and Fraction(row[0]) != lifetime_rho:
+                raise LedgerError(
+                    f"dataset {dataset!r} was declared with lifetime rho {row[0]}; this run declares "
+                    f"{lifetime_rho}. The lifetime budget of a dataset cannot be changed by a run.")
+            spent = self._spent(con, dataset)
+        finally:
+            con.close()
+        if spent + rho > lifetime_rho:
+            raise BudgetExceededError(
+                f"privacy budget exceeded for dataset {dataset!r}: spent {_fmt(spent)} + this run "
+                f"{_fmt(rho)} = {_fmt(spent + rho)} > lifetime {_fmt(lifetime_rho)}; refused before reading any data")
+        return spent
+
     def check_and_reserve(self, dataset: str, release: str, rho: Fraction,
-                          lifetime_rho: Fraction, eps: str | None = None) -> Fraction:
+                          lifetime_rho: Fraction, eps: str | None = None, run: str | None = None) -> Fraction:
         """Reserve ``rho`` for ``release`` of ``dataset`` or raise :class:`BudgetExceededError`.
 
-        Returns the dataset's spent total after the reservation. The lifetime budget is fixed at
-        the dataset's first reservation; a later call declaring a different one is refused.
+        ``run``: the reserving run's token (kept in its run directory). A reservation of the
+        same release by the same run is a no-op; by another run (or with another ρ) it is
+        refused, whatever its status. Returns the dataset's spent total after the reservation.
+        The lifetime budget is fixed at the dataset's first reservation; a later call declaring
+        a different one is refused.
         """
         rho, lifetime_rho = Fraction(rho), Fraction(lifetime_rho)
         if rho <= 0 or lifetime_rho <= 0:
@@ -122,15 +188,25 @@ class Ledger:
                     f"{lifetime_rho}. The lifetime budget of a dataset cannot be changed by a run."
                 )
             existing = con.execute(
-                "SELECT rho, status FROM spends WHERE dataset = ? AND release = ?", (dataset, release)
+                "SELECT rho, status, run FROM spends WHERE dataset = ? AND release = ?", (dataset, release)
             ).fetchone()
             if existing is not None and Fraction(existing[0]) != rho:
                 raise LedgerError(
                     f"release {release!r} of dataset {dataset!r} already holds rho {existing[0]}; "
                     f"cannot reserve a different rho {rho} under the same release id"
                 )
-            if existing is not None and existing[1] in ("reserved", "committed"):
-                return self._spent(con, dataset)  # retry / resume: already counted
+            if existing is not None and (run is None or existing[2] != run):
+                raise LedgerError(
+                    f"release id {release!r} of dataset {dataset!r} was already used by another run "
+                    f"({existing[1]}); a release id is used once — choose a new one"
+                )
+            if existing is not None and existing[1] == "failed":
+                raise LedgerError(
+                    f"release {release!r} of dataset {dataset!r} was marked failed (its noise never "
+                    "published); the run cannot continue — start a new run with a new release id"
+                )
+            if existing is not None:
+                return self._spent(con, dataset)  # retry / resume of the same run: already counted
             spent = self._spent(con, dataset, exclude=release)
             if spent + rho > lifetime_rho:
                 raise BudgetExceededError(
@@ -139,12 +215,8 @@ class Ledger:
                     f"{_fmt(lifetime_rho)}; refused before reading any data"
                 )
             now = _now()
-            if existing is None:
-                con.execute("INSERT INTO spends VALUES (?, ?, ?, ?, ?, ?, 'reserved')",
-                            (dataset, release, str(rho), eps, now, now))
-            else:  # a failed reservation being retried
-                con.execute("UPDATE spends SET status = 'reserved', eps = ?, updated = ? "
-                            "WHERE dataset = ? AND release = ?", (eps, now, dataset, release))
+            con.execute("INSERT INTO spends (dataset, release, rho, eps, created, updated, status, run) "
+                        "VALUES (?, ?, ?, ?, ?, ?, 'reserved', ?)", (dataset, release, str(rho), eps, now, now, run))
             return spent + rho
 
     def _set_status(self, dataset: str, release: str, status: str, allowed: tuple[str, ...]) -> None:
@@ -176,6 +248,24 @@ class Ledger:
             return self._spent(con, dataset)
         finally:
             con.close()
+
+    def status(self, dataset: str, release: str) -> str | None:
+        """``reserved`` / ``committed`` / ``failed``, or None if the release has no row."""
+        con = self._connect()
+        try:
+            row = con.execute("SELECT status FROM spends WHERE dataset = ? AND release = ?", (dataset, release)).fetchone()
+        finally:
+            con.close()
+        return None if row is None else str(row[0])
+
+    def lifetime(self, dataset: str) -> Fraction | None:
+        """The dataset's declared lifetime ρ, or None if it has no reservation yet."""
+        con = self._connect()
+        try:
+            row = con.execute("SELECT lifetime_rho FROM datasets WHERE dataset = ?", (dataset,)).fetchone()
+        finally:
+            con.close()
+        return None if row is None else Fraction(row[0])
 
     def entries(self, dataset: str | None = None) -> list[dict[str, str]]:
         """All rows (optionally of one dataset) as dicts, oldest first."""

@@ -34,13 +34,13 @@ import shutil
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.files import sha256_file
+from pipeline.files import crash_point, sha256_file
 from pipeline.release.checks import CheckFailure, Invariants, run_checks
 
 if TYPE_CHECKING:
@@ -244,8 +244,13 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                   units: Mapping[str, Any] | None, invariants: Invariants, privacy: Mapping[str, Any], *,
                   variances: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
                   measurement_files: Mapping[tuple[str, str], Sequence[Path]] | None = None,
-                  tables: str | Path = "pl94", csv: bool = True) -> Path:
+                  tables: str | Path = "pl94", csv: bool = True,
+                  before_publish: Callable[[], None] | None = None) -> Path:
     """Write ``releases_dir/<meta.release_id>/`` atomically and return its path.
+
+    ``before_publish`` is called once the folder is complete and verified, right before it is
+    renamed into place (the job records the spend in the ledger there, so nothing is public
+    before the ledger counts it).
 
     ``geography``: a ``pipeline.geography.Geography``; ``persons[level]`` /
     ``units[level]``: the *published* (post-processed, integer) histograms of every level
@@ -348,6 +353,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             raise ReleaseCheckError(problems)
         if target.exists():  # a concurrent writer won the race
             raise ReleaseExistsError(f"release {meta.release_id!r} appeared at {target} while writing; not overwritten")
+        if before_publish is not None:
+            before_publish()
+        crash_point("publish:before-rename")
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

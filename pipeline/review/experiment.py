@@ -112,19 +112,22 @@ def _trial_config(cfg_raw: dict[str, Any], exp_dir: Path, strategy: str, seed: i
     return p
 
 
-def _link_inputs(base_run: Path, run_dir: Path) -> None:
+def _link_inputs(base_run: Path, run_dir: Path) -> list[Path]:
     """Give a trial the base run's inputs stage — geography, true histograms, invariants — by
     hard links (copies across filesystems); the trial draws its own noise on the same truth."""
     base, trial = RunDir(base_run), RunDir(run_dir)
     files = [base.geography_path] + sorted(base.truth_path("persons", "x").parent.iterdir()) \
         + sorted(base.invariants_path("x").parent.iterdir())
+    out = []
     for f in files:
         dst = trial.root / f.relative_to(base.root)
-        dst.parent.mkdir(exist_ok=True)
+        dst.parent.mkdir(mode=0o700, exist_ok=True)
         try:
             os.link(f, dst)
         except OSError:
             shutil.copy2(f, dst)
+        out.append(dst)
+    return out
 
 
 def _run_trial_item(item: tuple[str, str]) -> str:
@@ -137,8 +140,8 @@ def run_trial(run_dir: str, base_run: str, keep: bool = False) -> str:
     from pipeline.review.runner import compute_review
 
     run_dir = Path(run_dir)
-    _link_inputs(Path(base_run), run_dir)
-    RunDir.open(run_dir).mark_done("inputs", RunDir.open(Path(base_run)).done_info("inputs") or {})
+    linked = _link_inputs(Path(base_run), run_dir)
+    RunDir.open(run_dir).mark_done("inputs", RunDir.open(Path(base_run)).done_info("inputs") or {}, files=linked)
     solve_levels(run_dir)
     metrics = compute_review(run_dir).metrics
     out = RunDir(Path(run_dir)).trials_path()
