@@ -26,13 +26,20 @@ from pipeline.job.plan import plan
 _TASK = dict(cache_policy=NONE, persist_result=False)
 
 
-@task(name="prepare-run", **_TASK)
-def prepare_task(config_path: str, resume_dir: str | None) -> str:
-    return str(stages.prepare(config_path, resume_dir=resume_dir))
-
-
 class InvalidInputError(InputError):
     """Invalid input, described without data values (Prefect stores logs and exceptions)."""
+
+
+@task(name="prepare-run", **_TASK)
+def prepare_task(config_path: str, resume_dir: str | None) -> str:
+    """Config, ledger check, input validation, reservation (see ``stages.prepare``)."""
+    from pipeline.inputs.problems import InputValidationError
+
+    try:
+        return str(stages.prepare(config_path or None, resume_dir=resume_dir))
+    except InputValidationError as exc:
+        # values stay on the operator's terminal; Prefect's database gets files, columns, rows
+        raise InvalidInputError(exc.message(values=False)) from None
 
 
 @task(name="histograms", retries=2, retry_delay_seconds=[5, 30],

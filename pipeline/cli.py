@@ -79,12 +79,17 @@ def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
     runner = task_runner or execution.task_runner
     if runner not in ("thread", "dask"):
         raise ConfigError(f"--task-runner must be 'thread' or 'dask', not {runner!r}")
+    if resume is None:
+        # config, budget and input checks run here, before Prefect starts: bad input ends with
+        # the same message and exit status as without --flow, and never reaches Prefect's logs
+        from pipeline.job.stages import prepare
+
+        resume = str(prepare(config))
     # the first start of an ephemeral API server on a busy 2-core machine can take > 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.tabulate import with_runner  # the CLI is a roof: it may start the flow
 
-    return with_runner(runner, dask_address or execution.dask_address)(
-        config_path=str(config) if config else "", resume_dir=resume)
+    return with_runner(runner, dask_address or execution.dask_address)(config_path="", resume_dir=resume)
 
 
 ledger_app = typer.Typer(no_args_is_help=True, help="The privacy-budget ledger: spends per dataset; give back a failed run's ρ.")

@@ -117,3 +117,60 @@ def test_random_kills_with_the_same_key_resume_to_identical_release(tmp_path) ->
     assert done.returncode == 0, done.stderr[-3000:]
     assert kills >= 1, "no kill landed: the run finished before the first kill"
     _same_outputs(Path(ref["run_dir"]), Path(ref["release_path"]), run_b, tmp_path / "releases" / "keyed-b")
+
+
+#: kill points that still lie ahead while levels remain, and once only publishing remains
+SOLVE_POINTS = ["shard:measured", "shard:solved", "mid-write:state.json"]
+PUBLISH_POINTS = ["publish:tables-written", "publish:before-rename"]
+
+
+def _leftovers(tmp: Path, run_dir: Path, release: str) -> list[str]:
+    """Anything a killed attempt could leave: hidden partial release folders, temp files."""
+    out = [p.name for p in (tmp / "releases").iterdir() if p.name != release and release in p.name]
+    out += [str(p.relative_to(run_dir)) for p in run_dir.rglob(".*") if p.is_file()]
+    return out
+
+
+def _kill_campaign(tmp: Path, inputs: Path, n_kills: int, seed: int) -> None:
+    """Kill `dptab run --resume` at random points (measure, solve, publish) ``n_kills`` times,
+    then finish; the release must equal an uninterrupted run with the same key, with nothing
+    left behind."""
+    keyed = {"randomness": "keyed", "seed": None}
+    ref = stages.run(write_config(tmp, inputs, name="a.yaml", release_id="camp-a", privacy=keyed), progress=False)
+    run_b = stages.prepare(write_config(tmp, inputs, name="b.yaml", release_id="camp-b", privacy=keyed))
+    shutil.copyfile(Path(ref["run_dir"]) / "noise.key", run_b / "noise.key")  # same key, as on a retry
+    rng = random.Random(seed)
+    kills, fired = 0, []
+    while kills < n_kills:
+        levels_left = "level:units:block" not in json.loads((run_b / "state.json").read_text())["done"]
+        if levels_left and kills < n_kills - 2:
+            point = rng.choice(SOLVE_POINTS)
+        elif levels_left:  # the last two kills go to publishing: finish the levels first
+            stages.solve_levels(run_b)
+            continue
+        elif kills < n_kills - 1:
+            point = rng.choice(PUBLISH_POINTS)
+        else:  # release renamed into place, stage not recorded: the resume must adopt it
+            point = "before:publish"
+        res = _dptab(["--resume", str(run_b)], crash_at=point)
+        assert res.returncode == -signal.SIGKILL, f"{point} did not fire: {res.stderr[-2000:]}"
+        kills += 1
+        fired.append(point)
+    done = _dptab(["--resume", str(run_b)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(SOLVE_POINTS[:2]) & set(fired) and set(PUBLISH_POINTS) & set(fired), \
+        f"kills did not cover measuring or solving, and publishing: {fired}"
+    _same_outputs(Path(ref["run_dir"]), Path(ref["release_path"]), run_b, tmp / "releases" / "camp-b")
+    assert _leftovers(tmp, run_b, "camp-b") == []
+
+
+def test_kill_campaign_resumes_to_identical_release(tmp_path) -> None:
+    """A handful of kills in `make test` (the slow suite runs the long campaign)."""
+    inputs = make_inputs(tmp_path, persons=1500, seed=9)
+    _kill_campaign(tmp_path, inputs, n_kills=5, seed=7)
+
+
+@pytest.mark.slow
+def test_long_kill_campaign_resumes_to_identical_release(tmp_path) -> None:
+    inputs = make_inputs(tmp_path, persons=3000, seed=10)
+    _kill_campaign(tmp_path, inputs, n_kills=24, seed=2026)

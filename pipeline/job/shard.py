@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DptabError
+from pipeline.files import crash_point
 from pipeline.job.context import RunContext
 from pipeline.job.executor import Executor
 from pipeline.model.histogram import SparseHistogram
@@ -93,6 +94,7 @@ def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.n
     measure_path.parent.mkdir(parents=True, exist_ok=True)
     m = measure_shard(measure_path, truth, spec, strategy, level, c0, c1, ctx.source(kind, level, shard),
                       parent=parent_hist, parent_of=parent_of, full=ctx.cfg.privacy.full_measurements)
+    crash_point("shard:measured")
     meas = load_measurements(measure_path, spec, c0, c1)
     targets = {q: qm.values for q, qm in meas.items()}
     variances = {q: qm.variance for q, qm in meas.items()}
@@ -107,6 +109,7 @@ def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.n
         batch = LevelBatch(spec, parent_hist.dense(a, b), plv.child_ptr[a:b + 1] - c0, targets, variances,
                            cons["totals"], cons["lower"], cons["zero_answers"], labels=plv.geoids[a:b])
         children, diag = solve_level(batch, options, level=level, mapper=executor.map, chunks=executor.chunks)
+    crash_point("shard:solved")
     out = SparseHistogram.from_dense(level, children)
     shard_hist = SparseHistogram(level, lv.n_units, spec.n_cells, out.unit + c0, out.cell, out.count)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
     if resume_dir is not None:
         ctx = RunContext.load(resume_dir)  # refuses an edited config.yaml
         _reserve(ctx)
+        _remove_stale_temp_files(ctx.rd)
         return ctx.rd.root
     if config_path is None:
         raise ConfigError("give a run config, or a run directory to resume")
@@ -115,6 +116,17 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
         if cfg.privacy.randomness == "keyed":
             randomness.create_key(rd.key_path)
     return rd.root
+
+
+def _remove_stale_temp_files(rd: RunDir) -> list[Path]:
+    """Temp files of writes killed before their rename (``.<name>.tmp-*``, ``.state.json.*``).
+    Called when a run resumes, when no other process works in its run directory; a finished
+    file is only ever made by the rename, so these hold nothing that is used."""
+    stale = [p for p in rd.root.rglob(".*") if p.is_file()
+             and (".tmp" in p.name or p.name.startswith(f".{rd.state_path.name}."))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _reserve(ctx: RunContext) -> None:

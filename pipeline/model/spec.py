@@ -223,7 +223,12 @@ def load_spec(path: str | Path = "pl94") -> HistogramSpec:
     p = Path(path)
     if not p.suffix:
         p = SCHEMAS_DIR / f"{path}.yaml"
-    raw = yaml.safe_load(p.read_text())
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{p}: spec file not found (spec {str(path)!r}: a YAML file or a name in schemas/)") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{p}: not valid YAML: {exc}") from None
     try:
         attributes = tuple(
             Attribute(a["name"], tuple(int(c) for c in a["codes"]), tuple(a["labels"]))

@@ -308,6 +308,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         shutil.copyfile(ts.source, defs)
         entries.append(_file_entry(tmp, defs))
         blocks = geography.levels[-1]
+        crash_point("publish:tables-written")
         micro = microdata_from_blocks(blocks.geoids, persons[blocks.name], ts.specs["persons"])
         mpath = tmp / "microdata" / "persons.parquet"
         mpath.parent.mkdir()
