@@ -5,9 +5,24 @@ Exit status: 0 success, 2 invalid input or configuration (nothing later runs), 1
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+def _console(stderr: bool = False) -> "Console":
+    """A console that never wraps or cuts messages when its output is not a terminal (logs,
+    cron mail, CI): there the width is generous and long lines stay whole, so file paths do too."""
+    import sys
+
+    from rich.console import Console
+
+    tty = (sys.stderr if stderr else sys.stdout).isatty()
+    return Console(stderr=stderr, soft_wrap=not tty, width=None if tty else 200)
+
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Differentially private tabulation.")
 
@@ -17,12 +32,11 @@ def _fail(exc: Exception) -> NoReturn:
     (``pipeline.errors``: 2 for input, configuration and refusals — nothing later ran — 1 for
     failures while working); anything else is 1. Data values inside the message are printed as
     text, never as console markup."""
-    from rich.console import Console
     from rich.markup import escape
 
     from pipeline.errors import DptabError
 
-    Console(stderr=True, soft_wrap=True).print(f"[red]{type(exc).__name__}:[/red] {escape(str(exc))}")
+    _console(stderr=True).print(f"[red]{type(exc).__name__}:[/red] {escape(str(exc))}")
     raise typer.Exit(exc.exit_status if isinstance(exc, DptabError) else 1)
 
 
@@ -40,14 +54,13 @@ def run_cmd(
     """Run (or resume) a release job: validate, histograms, noise, top-down, publish."""
     import time
 
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline.job.stages import closing_summary, run
 
     if config is None and resume is None:
         raise typer.BadParameter("give a CONFIG or --resume RUN_DIR")
-    console = Console()
+    console = _console()
     t0 = time.perf_counter()
     try:
         if flow or task_runner is not None or dask_address is not None:
@@ -106,7 +119,6 @@ def ledger_show_cmd(
 
     Example: dptab ledger show --config configs/demo.yaml
     """
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline.job.budget import ledger_summary
@@ -123,7 +135,7 @@ def ledger_show_cmd(
         raise
     except Exception as exc:
         _fail(exc)
-    console = Console(soft_wrap=True)
+    console = _console()
     for ds in summary:
         t = Table(title=f"{ds['dataset']}: spent {ds['spent_rho']} of lifetime {ds['lifetime_rho']}")
         for col in ("release", "rho", "eps", "status", "created", "updated"):
@@ -142,7 +154,6 @@ def ledger_fail_cmd(run_dir: str = typer.Argument(..., help="the run directory w
 
     Example: dptab ledger fail runs/synthetic-sample-20261204T101500Z-a1b2c3
     """
-    from rich.console import Console
 
     from pipeline.job.budget import fail_run
 
@@ -150,7 +161,7 @@ def ledger_fail_cmd(run_dir: str = typer.Argument(..., help="the run directory w
         out = fail_run(run_dir)
     except Exception as exc:
         _fail(exc)
-    Console(soft_wrap=True).print(f"release {out['release']} of {out['dataset']}: marked failed, rho "
+    _console().print(f"release {out['release']} of {out['dataset']}: marked failed, rho "
                                   f"{out['rho_released']} no longer counts (spent now {out['spent_now']})")
 
 
@@ -187,11 +198,10 @@ def validate_cmd(
     if persons is None or units is None:
         typer.echo("give --persons FILE and --units FILE, or --config FILE", err=True)
         raise typer.Exit(2)
-    from rich.console import Console
 
     t0 = time.perf_counter()
     # a spinner naming the current pass, on stderr and only on a terminal
-    with Console(stderr=True).status("validating inputs") as status:
+    with _console(stderr=True).status("validating inputs") as status:
         try:
             inputs = validate_inputs(persons, units, spec, on_step=lambda text: status.update(text))
         except InputValidationError as exc:
@@ -215,12 +225,11 @@ def synth_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
 ) -> None:
     """Generate a realistic synthetic population (persons and units) in bounded memory."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.inputs.synth import SynthError, synthesize
 
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     try:
         with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, disable=quiet) as bar:
@@ -247,10 +256,8 @@ def histograms_cmd(
     spec: str = typer.Option("pl94", "--spec", help="histogram spec name or YAML path"),
 ) -> None:
     """Build the true histograms of every level and print per-level unit counts and totals."""
-    import sys
     import time
 
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
@@ -261,7 +268,7 @@ def histograms_cmd(
     from pipeline.model.spec import load_spec
 
     # wide enough for national counts even when not writing to a terminal (rich defaults to 80)
-    console = Console(width=None if sys.stdout.isatty() else 120)
+    console = _console()
     times: dict[str, float] = {}
     try:
         t = time.perf_counter()
@@ -368,11 +375,10 @@ def eval_data_cmd(
     seed: int = typer.Option(2010, "--seed", help="seed of the documented assignment rule"),
 ) -> None:
     """Build a real-data evaluation set (exact 2010 block counts, assigned detail; see ACCURACY.md)."""
-    from rich.console import Console
 
     from pipeline.review.evaldata import DEFAULT_SOURCE, write_ri2010
 
-    console = Console()
+    console = _console()
     if name != "ri2010":
         console.print(f"[red]unknown evaluation set {name!r}[/red]; known: ri2010")
         raise typer.Exit(2)
@@ -393,13 +399,12 @@ def budget_cmd(
     """Print the privacy budget of a strategy: level × query → ρ_q, σ, share; total ρ; ε (CKS and PLD)."""
     from fractions import Fraction
 
-    from rich.console import Console
     from rich.table import Table
 
     from pipeline.model.strategy import StrategyError, budget_rows, load_strategy
     from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
 
-    console = Console()
+    console = _console()
     try:
         s = load_strategy(strategy)
         d = Fraction(delta)

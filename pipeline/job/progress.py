@@ -5,6 +5,7 @@ Progress is presentation only: it prints counts and timings, never data values.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -17,7 +18,9 @@ class StageProgress:
 
     def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        # off a terminal (logs) lines are not wrapped at 80 columns: paths stay whole
+        self.console = console or Console(stderr=True, soft_wrap=not sys.stderr.isatty(),
+                                          width=None if sys.stderr.isatty() else 200)
         self._progress: Progress | None = None
 
     def __enter__(self) -> "StageProgress":
