@@ -23,6 +23,13 @@ def main() -> int:
     config = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "configs" / "demo.yaml"
     from flows.tabulate import tabulate  # after PREFECT_HOME is set
 
+    # Prefect's own chatter stays at WARNING; the flow's stage lines (checking inputs, each
+    # level with its parents and seconds, publishing) are shown, so the demo is never silent
+    import logging
+
+    logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)
+    print(f"dptab demo: running the Prefect flow dp-tabulate on {config} (about a minute)", flush=True)
+
     t0 = time.perf_counter()
     result = tabulate(config_path=str(config))
     from fractions import Fraction

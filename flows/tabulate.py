@@ -88,16 +88,21 @@ def tabulate(config_path: str, resume_dir: str | None = None) -> dict[str, Any]:
     Returns a small manifest: run directory, release path, ρ/ε, per-level diagnostics.
     """
     log = get_run_logger()
+    log.info("checking config, budget and inputs")
     run_dir = prepare_task(config_path, resume_dir)
+    log.info("building histograms and invariants")
     histograms_task(run_dir)
     diagnostics: list[dict[str, Any]] = []
-    for step in plan(RunContext.load(run_dir)):
+    steps = plan(RunContext.load(run_dir))
+    for k, step in enumerate(steps, start=1):
         futures = shard_task.map(unmapped(run_dir), unmapped(step.kind), unmapped(step.level), list(step.shards))
         futures.wait()
         futures.result()  # raise the first shard failure, if any
         summary = finish_level_task(run_dir, step.kind, step.level)
         diagnostics.append(summary)
-        log.info("%s %s: %s parents in %s shards", step.kind, step.level, summary.get("parents"), len(step.shards))
+        log.info("[%d/%d] %s %s: %s parents in %s shards, %.1f s", k, len(steps), step.kind, step.level,
+                 summary.get("parents"), len(step.shards), summary.get("seconds", 0.0))
+    log.info("publishing the release")
     published = publish_task(run_dir)
     create_markdown_artifact(key="privacy-accounting", markdown=published["privacy_markdown"],
                              description="Privacy-loss accounting of this release")

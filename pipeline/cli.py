@@ -335,10 +335,12 @@ def review_cmd(
 
     Prints only the paths written: the truth-based figures stay in the run directory.
     """
+    from pipeline.job.progress import StageProgress
     from pipeline.review.runner import review_run_dir
 
     try:
-        report = review_run_dir(run_dir, experiment=experiment)
+        with StageProgress(console=_console(stderr=True)) as prog:
+            report = review_run_dir(run_dir, experiment=experiment, progress=prog.report)
     except Exception as exc:  # missing files and bad run directories carry exit status 2
         _fail(exc)
     typer.echo(f"metrics: {report.parent / 'metrics.parquet'}")
@@ -356,11 +358,13 @@ def experiment_cmd(
     seed: int = typer.Option(20_200_401, "--seed", help="base seed (trial t uses seed + 1 + t)"),
 ) -> None:
     """Repeat noise + post-processing N times on the same histograms; mean ± sd per metric."""
+    from pipeline.job.progress import StageProgress
     from pipeline.review.experiment import run_experiment
 
     try:
-        exp = run_experiment(config, trials, rhos=rho or None, strategies=strategy or None,
-                             workers=workers, out_dir=out, seed=seed)
+        with StageProgress(console=_console(stderr=True)) as prog:
+            exp = run_experiment(config, trials, rhos=rho or None, strategies=strategy or None,
+                                 workers=workers, out_dir=out, seed=seed, progress=prog.report)
     except Exception as exc:
         _fail(exc)
     typer.echo(f"experiment: {exp}")

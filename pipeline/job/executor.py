@@ -16,7 +16,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -45,12 +45,25 @@ class Executor:
         """How many work items to cut a level's parents into."""
         return self.workers * CHUNKS_PER_WORKER if self.parallel else 1
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    def map(self, fn: Callable[[T], R], items: Sequence[T],
+            on_done: Callable[[int, int], None] | None = None) -> list[R]:
         """``[fn(x) for x in items]``, in a worker pool when parallel and worth it. ``fn`` must
-        be a module-level function and the items picklable."""
-        if not self.parallel or len(items) < 2:
-            return [fn(x) for x in items]
-        return list(self._get_pool().map(fn, items))
+        be a module-level function and the items picklable. ``on_done(done, total)`` is called
+        as items finish (for progress display)."""
+        total = len(items)
+        if not self.parallel or total < 2:
+            out = []
+            for x in items:
+                out.append(fn(x))
+                if on_done is not None:
+                    on_done(len(out), total)
+            return out
+        if on_done is None:
+            return list(self._get_pool().map(fn, items))
+        futures = [self._get_pool().submit(fn, x) for x in items]
+        for k, _ in enumerate(as_completed(futures), start=1):
+            on_done(k, total)
+        return [f.result() for f in futures]
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:

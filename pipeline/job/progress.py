@@ -61,3 +61,16 @@ class StageProgress:
                 rate = parents / max(time.perf_counter() - t0, 1e-9)
                 self._progress.update(task, advance=1, rate=f"{parents} parents, {rate:,.0f}/s")
         return infos
+
+    def report(self, label: str, done: int, total: int) -> None:
+        """Progress of a loop whose steps arrive elsewhere (levels of a review, trials of an
+        experiment): a bar with ETA on a terminal, one plain line per step in logs."""
+        if not self.enabled:
+            return
+        if self._progress is not None and self.console.is_terminal:
+            tasks = self.__dict__.setdefault("_report_tasks", {})
+            if label not in tasks:
+                tasks[label] = self._progress.add_task(label, total=total, rate="")
+            self._progress.update(tasks[label], completed=done, total=total)
+        else:
+            self.console.log(f"{label}: {done}/{total}")

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import polars as pl
 import yaml
@@ -164,7 +164,7 @@ def summarise(trials: pl.DataFrame) -> pl.DataFrame:
 
 def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None = None,
                    strategies: list[str] | None = None, workers: int = 2, out_dir: str | Path | None = None,
-                   seed: int = DEFAULT_SEED) -> Path:
+                   seed: int = DEFAULT_SEED, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Run every setting ``trials`` times; write trials/summary Parquet and the report; return EXP_DIR."""
     from pipeline.job import stages as runmod
     from pipeline.model.config import load_config
@@ -196,7 +196,8 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
     # trials are independent: the run's one executor spreads them over its worker processes
     executor = Executor(max(1, min(workers, len(jobs))))
     try:
-        paths = executor.map(_run_trial_item, [(p, str(base_run)) for _, _, p, _ in jobs])
+        paths = executor.map(_run_trial_item, [(p, str(base_run)) for _, _, p, _ in jobs],
+                             on_done=None if progress is None else lambda k, n: progress("experiment: trials", k, n))
     finally:
         executor.close()
     for (s, t, _, _), path in zip(jobs, paths):

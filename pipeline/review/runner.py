@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -140,8 +140,10 @@ def _units_metrics(run_dir: Path, level: str) -> pl.DataFrame | None:
     return pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
 
 
-def compute_review(run_dir: str | Path, stats: Statistics | None = None) -> ReviewData:
-    """All metrics of a finished run (every level, estimator and statistic) plus plot arrays."""
+def compute_review(run_dir: str | Path, stats: Statistics | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> ReviewData:
+    """All metrics of a finished run (every level, estimator and statistic) plus plot arrays.
+    ``progress(label, done, total)`` is called after each level."""
     run_dir = Path(run_dir)
     stats = stats or statistic_vectors()
     spec = load_spec(str(_read_config(run_dir).get("spec", "pl94")))
@@ -171,6 +173,8 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None) -> Revi
         data.errors[level] = estimates[PUBLISHED][:, ti] - tv[:, ti]
         if level in SCATTER_LEVELS:
             data.scatter[level] = (tv[:, ti], estimates[PUBLISHED][:, ti])
+        if progress is not None:
+            progress("review: levels", levels.index(level) + 1, len(levels))
     data.metrics = pl.concat(frames, how="vertical")
     return data
 
@@ -191,7 +195,8 @@ def review_dir(run_dir: str | Path) -> Path:
     return d
 
 
-def review_run_dir(run_dir: str | Path, experiment: str | Path | None = None) -> Path:
+def review_run_dir(run_dir: str | Path, experiment: str | Path | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Write ``metrics.parquet``, ``summary.md`` and ``report.html`` under ``RUN_DIR/review``;
     return the report path.
 
@@ -202,7 +207,7 @@ def review_run_dir(run_dir: str | Path, experiment: str | Path | None = None) ->
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
-    data = compute_review(run_dir)
+    data = compute_review(run_dir, progress=progress)
     out = review_dir(run_dir)
     _private_write(out / "metrics.parquet", lambda p: data.metrics.write_parquet(p))
     exp = None
