@@ -71,12 +71,10 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
         return ctx.rd.root
     if config_path is None:
         raise ConfigError("give a run config, or a run directory to resume")
-    cfg = load_config(config_path)
+    cfg = check_config(config_path)
     release_id = cfg.release_id or new_run_id(cfg.dataset_id)
-    strategies = configured_strategies(cfg)
-    _check_strategies_fit(cfg, strategies)
-    _check_request(cfg, release_id)
-    rho = total_rho(strategies)
+    _check_release_id(cfg, release_id)
+    rho = total_rho(configured_strategies(cfg))
     lifetime = Fraction(cfg.privacy.lifetime_rho)
     ledger = _ledger_for_new_run(cfg)
     ledger.check_budget(cfg.dataset_id, rho, lifetime)  # before any data is read
@@ -159,12 +157,23 @@ def _ledger_for_new_run(cfg: RunConfig) -> Ledger:
     return Ledger(path)
 
 
-def _check_request(cfg: RunConfig, release_id: str) -> None:
-    """Everything about the request that can be checked without data: the release id is new,
-    the output paths can be written, the lifetime budget is sane."""
+def check_config(config_path: str | Path) -> RunConfig:
+    """Everything about a run config that can be checked without reading data or touching the
+    ledger: it validates, its strategies fit the spec and geography, the lifetime budget is
+    sane and the output folders can be written. Returns the loaded config."""
+    cfg = load_config(config_path)
+    _check_strategies_fit(cfg, configured_strategies(cfg))
     if Fraction(cfg.privacy.lifetime_rho) > MAX_LIFETIME_RHO:
         raise ConfigError(f"{cfg.source_path}: privacy.lifetime_rho {cfg.privacy.lifetime_rho!r} is above "
                           f"{MAX_LIFETIME_RHO} (ε in the thousands): not a meaningful privacy budget")
+    for what, d in (("output.runs_dir", cfg.output.runs_dir), ("output.releases_dir", cfg.output.releases_dir),
+                    ("privacy.ledger", cfg.privacy.ledger.parent)):
+        _check_writable_dir(cfg, what, d)
+    return cfg
+
+
+def _check_release_id(cfg: RunConfig, release_id: str) -> None:
+    """The release id is new: no release, no run directory of that id."""
     if (cfg.output.releases_dir / release_id).exists():
         raise ReleaseExistsError(f"release {release_id!r} already exists in {cfg.output.releases_dir}; "
                                  "releases are never overwritten")
@@ -172,9 +181,6 @@ def _check_request(cfg: RunConfig, release_id: str) -> None:
     if (run_dir / "state.json").exists():
         raise RunExistsError(f"a run with release id {release_id!r} already exists at {run_dir}; continue it "
                              f"with `dptab run --resume {run_dir}`, or choose a new release_id")
-    for what, d in (("output.runs_dir", cfg.output.runs_dir), ("output.releases_dir", cfg.output.releases_dir),
-                    ("privacy.ledger", cfg.privacy.ledger.parent)):
-        _check_writable_dir(cfg, what, d)
 
 
 def _check_writable_dir(cfg: RunConfig, what: str, d: Path) -> None:
