@@ -21,11 +21,11 @@ def main() -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     config = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "configs" / "demo.yaml"
-    from flows.tabulate import tabulate  # after PREFECT_HOME is set
-
     # Prefect's own chatter stays at WARNING; the flow's stage lines (checking inputs, each
     # level with its parents and seconds, publishing) are shown, so the demo is never silent
     import logging
+
+    from flows.tabulate import tabulate  # after PREFECT_HOME is set
 
     logging.getLogger("prefect.flow_runs").setLevel(logging.INFO)
     print(f"dptab demo: running the Prefect flow dp-tabulate on {config} (about a minute)", flush=True)
