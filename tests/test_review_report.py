@@ -191,7 +191,10 @@ def test_cli_review_prints_paths_only(tmp_path):
     run = make_run(tmp_path, confidential=True, seed=13)
     res = CliRunner().invoke(app, ["review", str(run)])
     assert res.exit_code == 0, res.output
-    lines = res.output.strip().splitlines()
+    lines = res.stdout.strip().splitlines()
     assert lines == [f"metrics: {run / 'review' / 'metrics.parquet'}", f"report:  {run / 'review' / 'report.html'}"]
+    # progress (stderr) names stages and counts only: no figure from the truth
+    progress = res.stderr.strip().splitlines()
+    assert progress and all("review: levels:" in ln and "/6" in ln for ln in progress), progress
     bad = CliRunner().invoke(app, ["review", str(tmp_path / "nowhere")])
     assert bad.exit_code == 2 and "not a dptab run directory" in bad.output

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
+
 from pipeline.model.strategy import Strategy
 
 
@@ -55,6 +57,28 @@ class Design:
         for m in self.measurements:
             out.setdefault(m.kind, {}).setdefault(m.level, {})[m.query] = m.variance
         return out
+
+
+def normal_matrix(answers: Mapping[str, np.ndarray], weights: Mapping[str, Any]) -> np.ndarray:
+    """``H = Σ_q Q_qᵀ diag(w_q) Q_q`` on n cells: float64 ``(n, n)``.
+
+    ``answers[q]``: the answer index of each of the n cells under query q, int ``(n,)`` (a
+    query is a partition of the cells, so ``Q_qᵀ Q_q`` is 1 exactly where two cells share an
+    answer); ``weights[q]``: 1/variance (1/counts²), a scalar or one weight per answer. The one
+    normal matrix of the design: the engine's x-step, the margins of error and the review's
+    WLS comparator all build it here.
+    """
+    n = len(next(iter(answers.values()))) if answers else 0
+    h = np.zeros((n, n), dtype=np.float64)
+    for q, ans in answers.items():
+        ans = np.asarray(ans)
+        same = ans[:, None] == ans[None, :]
+        w = weights[q]
+        if np.ndim(w) == 0:
+            h += same * float(w)
+        else:
+            h += np.where(same, np.asarray(w, dtype=np.float64)[ans][:, None], 0.0)
+    return h
 
 
 def measurement(kind: str, level: str, query: str, rho: Fraction) -> Measurement:

@@ -45,6 +45,7 @@ import scipy.linalg as la
 from threadpoolctl import threadpool_limits
 
 from pipeline.errors import DptabError
+from pipeline.model.design import normal_matrix
 from pipeline.model.spec import HistogramSpec
 from pipeline.release.tables import TableDef
 
@@ -76,14 +77,13 @@ def information_matrix(spec: HistogramSpec, variances: Mapping[str, float],
     answer: ``H[i, j] = Σ_q [c2a_q(i) == c2a_q(j)] / v_q``.
     """
     idx = np.arange(spec.n_cells) if cells is None else np.asarray(cells)
-    h = np.zeros((idx.size, idx.size), dtype=np.float64)
     for name, v in variances.items():
-        v = float(v)
-        if not np.isfinite(v) or v <= 0:
+        if not np.isfinite(float(v)) or float(v) <= 0:
             raise UncertaintyError(f"variance of query {name!r} must be finite and > 0, got {v}")
-        c2a = spec.query(name).cell_to_answer[idx]
-        h += (c2a[:, None] == c2a[None, :]) / v
-    return h
+    if not variances:
+        return np.zeros((idx.size, idx.size), dtype=np.float64)
+    return normal_matrix({name: spec.query(name).cell_to_answer[idx] for name in variances},
+                         {name: 1.0 / float(v) for name, v in variances.items()})
 
 
 def _solve_with_detailed(spec: HistogramSpec, variances: Mapping[str, float], cells: np.ndarray,

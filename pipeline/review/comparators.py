@@ -31,6 +31,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from pipeline.job.rundir import RunDir
+from pipeline.model.design import normal_matrix
 from pipeline.model.spec import HistogramSpec
 from pipeline.privacy.measure import read_measurement_rows
 from pipeline.review.metrics import MetricsError, Statistics
@@ -131,10 +132,8 @@ def _wls_weights(spec: HistogramSpec, stats: Statistics, design: tuple[tuple[str
 
 
 def _solve_design(spec: HistogramSpec, stats: Statistics, design: tuple[tuple[str, float], ...]) -> np.ndarray:
-    h = np.zeros((spec.n_cells, spec.n_cells))
-    for name, var in design:
-        m = spec.query(name).matrix()
-        h += (m.T @ m).toarray() / var
+    h = normal_matrix({name: spec.query(name).cell_to_answer for name, _ in design},
+                      {name: 1.0 / var for name, var in design})
     vd = stats.vectors.toarray()
     if spec.has_role("identity") and any(name == spec.role("identity") for name, _ in design):
         return np.linalg.solve(h, vd)                     # every cell measured: H is positive definite
