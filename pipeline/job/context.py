@@ -62,7 +62,9 @@ class RunContext:
 
     @property
     def kinds(self) -> list[str]:
-        return list(self.strategies)
+        """Run kinds in the order they run: units first when persons are constrained by them."""
+        kinds = list(self.strategies)
+        return sorted(kinds, key=lambda k: k != "units") if self.cfg.joint.households else kinds
 
     @cached_property
     def geography(self) -> Geography:

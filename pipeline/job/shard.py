@@ -65,6 +65,14 @@ def _child_constraints(ctx: RunContext, kind: str, level: str, c0: int, c1: int)
     if inv.housing_units is not None:
         zero = np.zeros((c1 - c0, 8), bool) if zero is None else zero
         zero[:, 0] = inv.housing_units[c0:c1] == 0
+    if ctx.cfg.joint.households:
+        # the published (noisy, post-processed) occupied units of the same children, solved
+        # first: persons in households (hhgq answer 0) >= occupied units, = 0 where there are none
+        occupied = published_histogram(ctx, "units", level, (c0, c1)).dense(c0, c1)[:, 1]
+        lower = np.zeros((c1 - c0, 8), np.int64) if lower is None else lower
+        zero = np.zeros((c1 - c0, 8), bool) if zero is None else zero
+        lower[:, 0] = np.maximum(lower[:, 0], occupied)
+        zero[:, 0] |= occupied == 0
     return {"totals": totals, "lower": lower, "zero_answers": zero}
 
 

@@ -72,6 +72,14 @@ class InvariantsConfig(BaseModel):
     gq_facilities: bool = True
 
 
+class JointConfig(BaseModel):
+    """Persons and housing units that agree with each other, at every level (off = 2020)."""
+
+    model_config = ConfigDict(extra="forbid")
+    households: bool = Field(False, description="solve units first; then persons in households >= occupied "
+                                                "units, and = 0 where there are none")
+
+
 class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     runs_dir: Path = Path("runs")
@@ -101,9 +109,16 @@ class RunConfig(BaseModel):
     geography: GeographyConfig = GeographyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     invariants: InvariantsConfig = InvariantsConfig()
+    joint: JointConfig = JointConfig()
     output: OutputConfig = OutputConfig()
     execution: ExecutionConfig = ExecutionConfig()
     source_path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _joint_needs_units(self) -> "RunConfig":
+        if self.joint.households and not self.privacy.units_strategy:
+            raise ValueError("joint.households needs the units run (privacy.units_strategy)")
+        return self
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the config (paths as given, source path excluded)."""
