@@ -1,9 +1,16 @@
 """The one executor of a run: where independent pieces of work run.
 
-Today: this process (``workers: 1``) or one pool of worker processes kept for the whole run
-(``workers > 1``), created on first use and reused by every shard of every level — not one pool
-per shard. The post-processing engine never starts processes itself: it receives
-:meth:`Executor.map` and splits a level's parents into ``chunks`` independent work items.
+Locally (``execution.executor: local``): this process (``workers: 1``) or one pool of worker
+processes kept for the whole run (``workers > 1``), created on first use and reused by every
+shard of every level — not one pool per shard. The post-processing engine never starts
+processes itself: it receives :meth:`Executor.map` and splits a level's parents into ``chunks``
+independent work items.
+
+On a Dask cluster (``execution.executor: dask``, ``execution.dask_address``): the shards of a
+level are the work items, one Dask task each (:class:`DaskExecutor`); every task reads and
+writes its own shard files in the run directory (which the workers must see at the same
+path) and solves its parents in its worker process. Results are the same as a local run: noise
+is keyed by (run kind, level, shard) and every parent's solve is deterministic.
 
 Workers come from a fork server, not a fork of this process: this process may run threads (a
 Prefect task runner, its API client, a logging handler), and forking a threaded process can
@@ -107,3 +114,27 @@ def close_executor() -> None:
     if _current is not None:
         _current.close()
         _current = None
+
+
+class DaskExecutor:
+    """Runs items as tasks on an existing ``distributed`` cluster (``tcp://host:port``)."""
+
+    def __init__(self, address: str) -> None:
+        from distributed import Client  # optional dependency: pip install 'dptab[dask]'
+
+        self.address = address
+        self.client = Client(address, set_as_default=False, timeout="60s")
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T],
+            on_done: Callable[[int, int], None] | None = None) -> list[R]:
+        """``[fn(x) for x in items]`` as cluster tasks (``fn`` importable on the workers)."""
+        from distributed import as_completed as dask_completed
+
+        futures = self.client.map(fn, list(items), pure=False)
+        if on_done is not None:
+            for k, _ in enumerate(dask_completed(futures), start=1):
+                on_done(k, len(futures))
+        return list(self.client.gather(futures))
+
+    def close(self) -> None:
+        self.client.close()

@@ -35,7 +35,7 @@ from pipeline.inputs.invariants import declared, units_truth, write_invariants
 from pipeline.inputs.readers import input_fingerprint, read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
 from pipeline.job.context import RunContext, configured_strategies, total_rho
-from pipeline.job.executor import close_executor, executor_for
+from pipeline.job.executor import DaskExecutor, close_executor, executor_for
 from pipeline.job.plan import plan, shard_bounds
 from pipeline.job.progress import StageProgress
 from pipeline.job.rundir import RunDir, new_run_id
@@ -300,23 +300,36 @@ def stage_finish_level(run_dir: str | Path, kind: str, level: str) -> dict[str, 
     return summary
 
 
+def _stage_shard_item(item: tuple[str, str, str, int]) -> dict[str, Any]:
+    """One shard as a cluster task: ``(run_dir, kind, level, shard)``."""
+    return stage_shard(*item)
+
+
 def solve_levels(run_dir: str | Path,
                  each_level: Callable[[str, Any, Callable[[int], dict[str, Any]]], None] | None = None
                  ) -> list[dict[str, Any]]:
-    """Every step of :func:`plan` in this process: shards, then finish the level; returns the
-    level summaries. ``each_level(label, shards, run_shard)`` may drive a level's shards (e.g.
-    with progress bars); by default they run in order."""
+    """Every step of :func:`plan`: its shards, then finish the level; returns the level
+    summaries. Locally the shards run in this process (each spreading its parents over the
+    run's worker pool) and ``each_level(label, shards, run_shard)`` may drive them (progress
+    bars); with ``execution.executor: dask`` each shard is a task on the cluster."""
     ctx = RunContext.load(run_dir)
+    dask = DaskExecutor(ctx.cfg.execution.dask_address) if ctx.cfg.execution.executor == "dask" else None
     summaries = []
-    for step in plan(ctx):
-        def run_shard(s: int, k: str = step.kind, lv: str = step.level) -> dict[str, Any]:
-            return stage_shard(run_dir, k, lv, s)
-        if each_level is None:
-            for s in step.shards:
-                run_shard(s)
-        else:
-            each_level(f"{step.kind} {step.level}", list(step.shards), run_shard)
-        summaries.append(stage_finish_level(run_dir, step.kind, step.level))
+    try:
+        for step in plan(ctx):
+            def run_shard(s: int, k: str = step.kind, lv: str = step.level) -> dict[str, Any]:
+                return stage_shard(run_dir, k, lv, s)
+            if dask is not None:
+                dask.map(_stage_shard_item, [(str(run_dir), step.kind, step.level, s) for s in step.shards])
+            elif each_level is None:
+                for s in step.shards:
+                    run_shard(s)
+            else:
+                each_level(f"{step.kind} {step.level}", list(step.shards), run_shard)
+            summaries.append(stage_finish_level(run_dir, step.kind, step.level))
+    finally:
+        if dask is not None:
+            dask.close()
     return summaries
 
 

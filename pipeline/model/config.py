@@ -91,9 +91,16 @@ class OutputConfig(BaseModel):
 class ExecutionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     workers: int = Field(1, ge=1, le=256)
-    task_runner: Literal["thread", "dask"] = "thread"
-    dask_address: str | None = None
+    executor: Literal["local", "dask"] = Field("local", description="where shards run without Prefect: this "
+                                              "machine's worker pool, or the Dask cluster at dask_address")
+    task_runner: Literal["thread", "dask"] = Field("thread", description="Prefect task runner (dptab run --flow)")
+    dask_address: str | None = Field(None, description="tcp://scheduler:8786 of an existing Dask cluster")
     shard_target_cells: int = Field(5_000_000, ge=1, description="cells (children x free cells) per shard")
+
+
+def _dask_needs_address(e: "ExecutionConfig") -> None:
+    if e.executor == "dask" and not e.dask_address:
+        raise ValueError("execution.executor: dask needs execution.dask_address (tcp://scheduler:8786)")
 
 
 class RunConfig(BaseModel):
@@ -113,6 +120,11 @@ class RunConfig(BaseModel):
     output: OutputConfig = OutputConfig()
     execution: ExecutionConfig = ExecutionConfig()
     source_path: Path | None = Field(None, exclude=True)
+
+    @model_validator(mode="after")
+    def _execution_is_complete(self) -> "RunConfig":
+        _dask_needs_address(self.execution)
+        return self
 
     @model_validator(mode="after")
     def _joint_needs_units(self) -> "RunConfig":

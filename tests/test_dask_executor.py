@@ -1,0 +1,100 @@
+"""The same job on a Dask cluster (``execution.executor: dask``, no Prefect): a real scheduler
+and two workers on 127.0.0.1 (subprocesses, stopped by PID), a two-state job whose shards run
+as cluster tasks, and a release identical to the local run's."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from run_helpers import write_config
+
+from pipeline.inputs.synth import synthesize
+from pipeline.job.stages import run
+
+pytest.importorskip("distributed")
+DASK = Path(sys.executable).with_name("dask")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("dask")
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "True"}
+    procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], stdout=open(logs / "scheduler.log", "w"),
+                              stderr=subprocess.STDOUT, env=env, start_new_session=True)]
+    time.sleep(2)
+    for i in range(2):
+        procs.append(subprocess.Popen([str(DASK), "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                       "--host", "127.0.0.1", "--dashboard-address", ":0", "--no-nanny"],
+                                      stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True, cwd=Path(__file__).resolve().parent.parent))
+    from distributed import Client
+
+    deadline = time.time() + 120
+    with Client(address, timeout="60s") as client:
+        while len(client.scheduler_info()["workers"]) < 2:
+            assert time.time() < deadline, (logs / "worker0.log").read_text()[-2000:]
+            time.sleep(0.5)
+    yield address
+    for p in procs:
+        os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _digests(release: Path) -> dict[str, str]:
+    return {p.relative_to(release).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(release.rglob("*")) if p.is_file() and p.name != "manifest.json" and p.suffix != ".html"}
+
+
+def _two_states(tmp: Path) -> Path:
+    """Two small synthetic states (Rhode Island, Delaware) in one input."""
+    parts = []
+    for st, seed in (("44", 21), ("10", 22)):
+        synthesize(1500, seed, tmp / st, states=[st])
+        parts.append(tmp / st)
+    out = tmp / "inputs"
+    out.mkdir()
+    pl.concat([pl.read_parquet(d / "persons.parquet") for d in parts]).write_parquet(out / "persons.parquet")
+    pl.concat([pl.read_parquet(d / "units.parquet").with_columns(pl.lit(d.name + "-") + pl.col("unit_id"))
+               for d in parts]).write_parquet(out / "units.parquet")
+    return out
+
+
+def test_dask_run_gives_the_local_release(cluster, tmp_path: Path) -> None:
+    inputs = _two_states(tmp_path)
+    seeded = {"randomness": "seeded", "seed": 7}
+    # a small shard target: every level below the states has several shards (cluster tasks)
+    execution = {"workers": 1, "shard_target_cells": 20_000}
+    (tmp_path / "l").mkdir()
+    (tmp_path / "d").mkdir()
+    local = write_config(tmp_path / "l", inputs, release_id="L", privacy=seeded, execution=execution)
+    dask = write_config(tmp_path / "d", inputs, release_id="D", privacy=seeded,
+                        execution={**execution, "executor": "dask", "dask_address": cluster})
+    a = Path(run(local, progress=False)["release_path"])
+    b_out = run(dask, progress=False)
+    b = Path(b_out["release_path"])
+    states = [k for k in b_out["levels"] if k["level"] == "state"]
+    assert states[0]["units"] == 2
+    assert sum(k["shards"] for k in b_out["levels"]) > len(b_out["levels"]), "no level ran as several cluster tasks"
+    assert _digests(a) == _digests(b)
