@@ -5,11 +5,60 @@ Exit status: 0 success, 2 invalid input or configuration (nothing later runs), 1
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Differentially private tabulation.")
+
+def _flags_as_flags(params: list[Any]) -> list[Any]:
+    """Boolean flags show as flags in ``--help`` (``--quiet``, not ``--quiet <bool>``).
+
+    (Typer carries its own copy of click, so options are recognised by their ``is_flag``.)"""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
+def _examples(*lines: str) -> str:
+    """The ``Examples`` epilog of a command's ``--help``: one command per line, verbatim."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {ln}" for ln in lines)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                  help="Differentially private tabulation: formally private, consistent census count tables.",
+                  epilog=_examples("dptab run configs/demo.yaml            # the whole job on the demo config",
+                                   "dptab verify releases/<release-id>     # check a downloaded release",
+                                   "dptab COMMAND --help                   # every command has examples"))
+
+
+def _command(name: str, *examples: str) -> Any:
+    return app.command(name, cls=_Command, epilog=_examples(*examples))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"dptab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the dptab version and exit")) -> None:
+    """Differentially private tabulation: formally private, consistent census count tables."""
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -26,7 +75,11 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(exc.exit_status if isinstance(exc, DptabError) else 1)
 
 
-@app.command("run")
+@_command("run",
+          'dptab run configs/demo.yaml',
+          'dptab run my-job.yaml --quiet            # no progress bars (logs, cron)',
+          'dptab run --resume runs/<run-id>         # after a crash or kill: reuses every measurement drawn',
+          'dptab run my-job.yaml --flow --task-runner dask --dask-address tcp://scheduler:8786')
 def run_cmd(
     config: str = typer.Argument(None, help="run config YAML (omit with --resume)"),
     resume: str = typer.Option(None, "--resume", help="continue the run in this run directory"),
@@ -87,7 +140,9 @@ def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
         config_path=str(config) if config else "", resume_dir=resume)
 
 
-@app.command("validate")
+@_command("validate",
+          'dptab validate --persons persons.parquet --units units.parquet',
+          'dptab validate --config my-job.yaml --hide-values   # no data values in the messages')
 def validate_cmd(
     persons: str = typer.Option(None, "--persons", help="persons Parquet file or directory of parts"),
     units: str = typer.Option(None, "--units", help="units Parquet file or directory of parts"),
@@ -138,7 +193,9 @@ def validate_cmd(
         typer.echo(f"  {line}")
 
 
-@app.command("synth")
+@_command("synth",
+          'dptab synth --persons 100000 --seed 1 --out data/synth',
+          'dptab synth --persons 1000000 --seed 2020 --state 44 --state 09 --out data/ri_ct --quiet')
 def synth_cmd(
     persons: int = typer.Option(..., "--persons", help="number of persons to generate"),
     seed: int = typer.Option(..., "--seed", help="random seed (the output is a function of persons, seed, states)"),
@@ -173,7 +230,8 @@ def synth_cmd(
     typer.echo(f"{s.seconds:.1f} s ({rate:,.0f} persons/s)")
 
 
-@app.command("histograms")
+@_command("histograms",
+          'dptab histograms --persons data/synth/persons.parquet --units data/synth/units.parquet')
 def histograms_cmd(
     persons: str = typer.Option(..., "--persons", help="persons Parquet file or directory of parts"),
     units: str = typer.Option(..., "--units", help="units Parquet file or directory of parts"),
@@ -226,7 +284,9 @@ def histograms_cmd(
                   + f", total {sum(times.values()):.2f} s")
 
 
-@app.command("verify")
+@_command("verify",
+          'dptab verify releases/<release-id>',
+          'dptab verify releases/<release-id> --show 10   # list at most 10 failures')
 def verify_cmd(
     release_dir: str = typer.Argument(..., help="a release folder releases/<release-id>/"),
     show: int = typer.Option(50, "--show", help="list at most this many failures"),
@@ -252,7 +312,9 @@ def verify_cmd(
     typer.echo(f"{release_dir}: every checksum and consistency check passes ({time.perf_counter() - t0:.1f} s)")
 
 
-@app.command("review")
+@_command("review",
+          'dptab review runs/<run-id>',
+          'dptab review runs/<run-id> --experiment runs/experiments/<name>')
 def review_cmd(
     run_dir: str = typer.Argument(..., help="a finished run directory (runs/<run-id>)"),
     experiment: str = typer.Option(None, "--experiment", help="add this experiment directory's comparison"),
@@ -271,7 +333,9 @@ def review_cmd(
     typer.echo(f"report:  {report}")
 
 
-@app.command("experiment")
+@_command("experiment",
+          'dptab experiment my-job.yaml --trials 20 --rho 1 --rho 5',
+          'dptab experiment my-job.yaml --trials 5 --strategy census2020_pl94 --strategy uniform --workers 2')
 def experiment_cmd(
     config: str = typer.Argument(..., help="run config YAML (its inputs and strategy)"),
     trials: int = typer.Option(..., "--trials", min=1, help="repetitions per setting"),
@@ -293,7 +357,9 @@ def experiment_cmd(
     typer.echo(f"report:     {exp / 'report.html'}")
 
 
-@app.command("eval-data")
+@_command("eval-data",
+          'dptab eval-data ri2010 --out data/ri2010',
+          'dptab eval-data ri2010 --out data/ri2010 --source ../shared/data/real/ri_2010_block.csv')
 def eval_data_cmd(
     name: str = typer.Argument(..., help="evaluation set: ri2010"),
     out: str = typer.Option(..., "--out", help="output directory for persons.parquet and units.parquet"),
@@ -317,7 +383,9 @@ def eval_data_cmd(
         typer.echo(f"{k}: {p}")
 
 
-@app.command("budget")
+@_command("budget",
+          'dptab budget census2020_pl94 --delta 1e-10',
+          'dptab budget schemas/strategies/uniform.yaml --no-pld   # skip the PLD epsilon (faster)')
 def budget_cmd(
     strategy: str = typer.Argument(..., help="strategy YAML file or a name in schemas/strategies/"),
     delta: str = typer.Option("1e-10", "--delta", help="δ for the (ε, δ) figures"),
