@@ -322,7 +322,12 @@ def census_geo_id(geoids: pl.Expr | pl.Series) -> pl.Expr | pl.Series:
 
 def csv_frame(frame: pl.DataFrame) -> pl.DataFrame:
     """Long rows (:data:`LONG_SCHEMA`) as written to the release CSVs (:data:`CSV_SCHEMA`)."""
-    return frame.select(census_geo_id(pl.col("geoid")).alias("GEO_ID"), pl.exclude("geoid"))
+    lengths = frame["geoid"].str.len_chars()
+    if frame.height and lengths.min() == lengths.max():  # one level per write: one prefix for every row
+        geo_id = pl.lit(f"{summary_level(int(lengths[0]))}0000US") + pl.col("geoid")
+    else:
+        geo_id = census_geo_id(pl.col("geoid"))
+    return frame.select(geo_id.alias("GEO_ID"), pl.exclude("geoid"))
 
 
 def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
