@@ -33,7 +33,7 @@ class _Group(TyperGroup):
 
 def _examples(*lines: str) -> str:
     """The ``Examples`` epilog of a command's ``--help``: one command per line, verbatim."""
-    return "Examples:\n\n\b\n" + "\n".join(f"  {ln}" for ln in lines)
+    return "\b\nExamples:\n" + "\n".join(f"  {ln}" for ln in lines)
 
 
 app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
@@ -78,8 +78,8 @@ def _fail(exc: Exception) -> NoReturn:
 @_command("run",
           'dptab run configs/demo.yaml',
           'dptab run my-job.yaml --quiet            # no progress bars (logs, cron)',
-          'dptab run --resume runs/<run-id>         # after a crash or kill: reuses every measurement drawn',
-          'dptab run my-job.yaml --flow --task-runner dask --dask-address tcp://scheduler:8786')
+          'dptab run --resume runs/<run-id>         # after a crash or kill',
+          'dptab run my-job.yaml --flow             # as the Prefect flow dp-tabulate')
 def run_cmd(
     config: str = typer.Argument(None, help="run config YAML (omit with --resume)"),
     resume: str = typer.Option(None, "--resume", help="continue the run in this run directory"),
@@ -142,7 +142,7 @@ def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
 
 @_command("validate",
           'dptab validate --persons persons.parquet --units units.parquet',
-          'dptab validate --config my-job.yaml --hide-values   # no data values in the messages')
+          'dptab validate --config my-job.yaml --hide-values   # no data values shown')
 def validate_cmd(
     persons: str = typer.Option(None, "--persons", help="persons Parquet file or directory of parts"),
     units: str = typer.Option(None, "--units", help="units Parquet file or directory of parts"),
@@ -195,7 +195,7 @@ def validate_cmd(
 
 @_command("synth",
           'dptab synth --persons 100000 --seed 1 --out data/synth',
-          'dptab synth --persons 1000000 --seed 2020 --state 44 --state 09 --out data/ri_ct --quiet')
+          'dptab synth --persons 1000000 --seed 2020 --state 44 --out data/ri')
 def synth_cmd(
     persons: int = typer.Option(..., "--persons", help="number of persons to generate"),
     seed: int = typer.Option(..., "--seed", help="random seed (the output is a function of persons, seed, states)"),
@@ -231,7 +231,7 @@ def synth_cmd(
 
 
 @_command("histograms",
-          'dptab histograms --persons data/synth/persons.parquet --units data/synth/units.parquet')
+          'dptab histograms --persons data/persons.parquet --units data/units.parquet')
 def histograms_cmd(
     persons: str = typer.Option(..., "--persons", help="persons Parquet file or directory of parts"),
     units: str = typer.Option(..., "--units", help="units Parquet file or directory of parts"),
@@ -335,7 +335,7 @@ def review_cmd(
 
 @_command("experiment",
           'dptab experiment my-job.yaml --trials 20 --rho 1 --rho 5',
-          'dptab experiment my-job.yaml --trials 5 --strategy census2020_pl94 --strategy uniform --workers 2')
+          'dptab experiment my-job.yaml --trials 5 --strategy uniform --workers 2')
 def experiment_cmd(
     config: str = typer.Argument(..., help="run config YAML (its inputs and strategy)"),
     trials: int = typer.Option(..., "--trials", min=1, help="repetitions per setting"),
@@ -359,7 +359,7 @@ def experiment_cmd(
 
 @_command("eval-data",
           'dptab eval-data ri2010 --out data/ri2010',
-          'dptab eval-data ri2010 --out data/ri2010 --source ../shared/data/real/ri_2010_block.csv')
+          'dptab eval-data ri2010 --out data/ri2010 --source ri_2010_block.csv')
 def eval_data_cmd(
     name: str = typer.Argument(..., help="evaluation set: ri2010"),
     out: str = typer.Option(..., "--out", help="output directory for persons.parquet and units.parquet"),
@@ -385,7 +385,7 @@ def eval_data_cmd(
 
 @_command("budget",
           'dptab budget census2020_pl94 --delta 1e-10',
-          'dptab budget schemas/strategies/uniform.yaml --no-pld   # skip the PLD epsilon (faster)')
+          'dptab budget uniform --no-pld      # without the PLD epsilon (faster)')
 def budget_cmd(
     strategy: str = typer.Argument(..., help="strategy YAML file or a name in schemas/strategies/"),
     delta: str = typer.Option("1e-10", "--delta", help="δ for the (ε, δ) figures"),

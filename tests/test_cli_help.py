@@ -57,3 +57,14 @@ def test_serve_options_have_help() -> None:
     assert "Example" in text and "python -m flows.serve --config" in text
     args = ap.parse_args(["--config", "c.yaml"])
     assert (args.cron, args.timezone, args.name) == ("0 2 * * *", "UTC", "nightly-served")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_examples_fit_an_80_column_terminal(command: str) -> None:
+    """Each example is one unbroken line in a standard terminal, so it can be copied."""
+    examples = [ln.strip() for ln in get_command(app).commands[command].epilog.splitlines() if ln.strip().startswith("dptab")]
+    assert examples
+    res = CliRunner().invoke(app, [command, "--help"], terminal_width=80)
+    lines = [ln.strip(" │") for ln in res.output.splitlines()]
+    for ex in examples:
+        assert ex in lines, (ex, res.output)
