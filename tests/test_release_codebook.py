@@ -105,6 +105,8 @@ def test_codebook_has_every_table_line_column_and_code(release: Path) -> None:
         cols = by_path[pattern]["columns"]
         assert [c["name"] for c in cols] == list(schema), pattern
         assert all(c["description"] and c["type"] for c in cols), pattern
+    units = {c["name"]: c["unit"] for c in by_path["tables/<table>.parquet"]["columns"]}
+    assert units["count"].startswith("persons") and "housing units" in units["count"] and units["moe90"] == "as count"
     assert [c["name"] for c in by_path["csv/<geolevel>/<table>.csv"]["columns"]] == pl.read_csv(
         release / "csv/state/P1.csv").columns
     # every microdata code in the data has a label; the PPMF code lists are complete

@@ -158,12 +158,27 @@ def microdata_columns(ts: TableSet, types: Mapping[str, str]) -> list[dict[str, 
         ("CENHISP", "Hispanic or Latino origin", _codes(a("hispanic"), offset=1)),
         ("CENRACE", "Census race: the 63 combinations of the six OMB race groups", _codes(a("cenrace"), width=2)),
     ]
-    return [{"name": n, "type": types.get(n, ""), "unit": "code" if codes else "", "description": d,
+    return [{"name": n, "type": types.get(n, ""), "unit": "code" if codes else COLUMN_UNITS.get(n, ""), "description": d,
              **({"codes": codes} if codes else {})} for n, d, codes in cols]
 
 
+#: the unit of every numeric column that counts something (other columns are codes or text)
+COLUMN_UNITS = {
+    "count": "persons (housing units in tables of housing units, e.g. H1)",
+    "moe90": "as count",
+    "value": "persons (housing units for run = units)",
+    "variance": "squared counts",
+    "sigma2": "squared counts",
+    "housing_units": "housing units",
+    "EPNUM": "person number",
+}
+
+
 def _columns(descriptions: Mapping[str, str], types: Mapping[str, str]) -> list[dict[str, Any]]:
-    return [{"name": k, "type": str(types.get(k, "")), "description": descriptions[k]} for k in types]
+    """Every column of a file, in file order, with its type, unit and description (a column
+    without a description raises KeyError: the codebook cannot silently miss one)."""
+    return [{"name": k, "type": str(types.get(k, "")), "unit": COLUMN_UNITS.get(k, ""), "description": descriptions[k]}
+            for k in types]
 
 
 def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mapping[str, str]) -> dict[str, Any]:
