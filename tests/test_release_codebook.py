@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +176,34 @@ def test_configured_values_are_escaped_in_index_and_readme(tmp_path: Path) -> No
     assert re.search(r"<title>My release &lt;script&gt;", (path / "index.html").read_text())
     assert "Total: &lt;script&gt;" in (path / "README.md").read_text()
     assert verify_release(path) == []
+
+
+RSCRIPT = shutil.which("Rscript")
+
+
+@pytest.mark.skipif(RSCRIPT is None, reason="R not installed (apt-get install r-base-core r-cran-readr)")
+def test_csv_geoids_read_right_in_r(release: Path, tmp_path: Path) -> None:
+    """R's read.csv (and readr::read_csv when installed) with default settings keep GEO_ID as text."""
+    csvs = [release / "csv" / lv / "P1.csv" for lv in ("nation", "state", "county", "tract", "block_group", "block")]
+    script = tmp_path / "read.R"
+    script.write_text(
+        "args <- commandArgs(trailingOnly = TRUE)\n"
+        "out <- args[1]\n"
+        "for (f in args[-1]) {\n"
+        "  a <- read.csv(f)\n"
+        "  cat(f, 'read.csv', class(a$GEO_ID), class(a$count), a$GEO_ID, '\\n', file = out, append = TRUE, sep = '|')\n"
+        "  if (requireNamespace('readr', quietly = TRUE)) {\n"
+        "    b <- readr::read_csv(f, show_col_types = FALSE, progress = FALSE)\n"
+        "    cat(f, 'readr', class(b$GEO_ID), class(b$count), b$GEO_ID, '\\n', file = out, append = TRUE, sep = '|')\n"
+        "  }\n"
+        "}\n")
+    out = tmp_path / "out.txt"
+    subprocess.run([RSCRIPT, str(script), str(out), *map(str, csvs)], check=True, capture_output=True, timeout=120)
+    seen = set()
+    for line in out.read_text().splitlines():
+        f, reader, cls, count_cls, *geo_ids = line.rstrip("|").split("|")
+        want = _expected(release, Path(f)).select(census_geo_id(pl.col("geoid"))).to_series().to_list()
+        assert cls == "character" and count_cls in ("integer", "numeric"), (f, reader, cls)
+        assert [g.strip() for g in geo_ids] == want, (f, reader)
+        seen.add((Path(f).parent.name, reader))
+    assert {lv for lv, _ in seen} == {"nation", "state", "county", "tract", "block_group", "block"}
