@@ -25,6 +25,7 @@ import yaml
 from pipeline.release.tables import (
     CENSUS_SUMMARY_LEVEL_NAMES,
     CSV_SCHEMA,
+    TableError,
     TableSet,
     summary_level,
 )
@@ -124,6 +125,8 @@ def copy_specs(root: Path, ts: TableSet) -> list[Path]:
     for kind in ("persons", "units"):
         ref = str(raw[f"{kind}_spec"])
         dst = root / "tables" / (Path(ref).name if Path(ref).suffix else f"{ref}.yaml")
+        if dst.exists():  # e.g. a spec named "definitions": never overwrite a file of the release
+            raise TableError(f"{ts.source}: {kind}_spec {ref!r} would overwrite {dst.relative_to(root)} in the release")
         shutil.copyfile(ts.specs[kind].source, dst)
         out.append(dst)
     return out
