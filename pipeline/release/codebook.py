@@ -114,27 +114,33 @@ def release_citation(title: str, release_id: str, created: str, dataset_id: str,
             f"{software_citation(software_version + commit)}")
 
 
+def _path(p: Path | None) -> Path:
+    if p is None:
+        raise TableError("the table definitions and specs of a release must come from files")
+    return Path(p)
+
+
 def copy_specs(root: Path, ts: TableSet) -> list[Path]:
     """Copy the histogram specs the table definitions refer to beside ``tables/definitions.yaml``.
 
     ``persons_spec: pl94`` then resolves to ``tables/pl94.yaml`` (a name is a file of that name
     in the same folder). Returns the written paths.
     """
-    raw = yaml.safe_load(Path(ts.source).read_text())
+    raw = yaml.safe_load(_path(ts.source).read_text())
     out = []
     for kind in ("persons", "units"):
         ref = str(raw[f"{kind}_spec"])
         dst = root / "tables" / (Path(ref).name if Path(ref).suffix else f"{ref}.yaml")
         if dst.exists():  # e.g. a spec named "definitions": never overwrite a file of the release
             raise TableError(f"{ts.source}: {kind}_spec {ref!r} would overwrite {dst.relative_to(root)} in the release")
-        shutil.copyfile(ts.specs[kind].source, dst)
+        shutil.copyfile(_path(ts.specs[kind].source), dst)
         out.append(dst)
     return out
 
 
 def _descriptions(spec: Any) -> dict[str, str]:
     """``{attribute: description}`` from a spec's YAML (descriptions are documentation only)."""
-    raw = yaml.safe_load(Path(spec.source).read_text())
+    raw = yaml.safe_load(_path(spec.source).read_text())
     return {a["name"]: str(a.get("description") or "") for a in raw.get("attributes") or ()}
 
 
@@ -197,7 +203,7 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
     def first(prefix: str) -> str | None:
         return next((p for p in paths if p.startswith(prefix)), None)
 
-    raw = yaml.safe_load(Path(ts.source).read_text())
+    raw = yaml.safe_load(_path(ts.source).read_text())
     files: list[dict[str, Any]] = []
     t = next((p for p in paths if p.startswith("tables/") and p.endswith(".parquet")), None)
     if t:

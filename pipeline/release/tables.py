@@ -315,7 +315,11 @@ def census_geo_id(geoids: pl.Expr | pl.Series) -> pl.Expr | pl.Series:
     characters.
     """
     if isinstance(geoids, pl.Series):
-        return geoids.to_frame("g").select(census_geo_id(pl.col("g")).alias("GEO_ID")).to_series()
+        return geoids.to_frame("g").select(_geo_id_expr(pl.col("g")).alias("GEO_ID")).to_series()
+    return _geo_id_expr(geoids)
+
+
+def _geo_id_expr(geoids: pl.Expr) -> pl.Expr:
     sumlev = geoids.str.len_chars().replace_strict({d: summary_level(d) for d in range(19)}, return_dtype=pl.Utf8)
     return pl.concat_str([sumlev, pl.lit("0000US"), geoids])
 
@@ -326,7 +330,7 @@ def csv_frame(frame: pl.DataFrame) -> pl.DataFrame:
     if frame.height and lengths.min() == lengths.max():  # one level per write: one prefix for every row
         geo_id = pl.lit(f"{summary_level(int(lengths[0]))}0000US") + pl.col("geoid")
     else:
-        geo_id = census_geo_id(pl.col("geoid"))
+        geo_id = _geo_id_expr(pl.col("geoid"))
     return frame.select(geo_id.alias("GEO_ID"), pl.exclude("geoid"))
 
 
