@@ -5,9 +5,10 @@ Exit status: 0 success, 2 invalid input or configuration (nothing later runs), 1
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -24,7 +25,54 @@ def _console(stderr: bool = False) -> "Console":
     return Console(stderr=stderr, soft_wrap=not tty, width=None if tty else 200)
 
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Differentially private tabulation.")
+def _flags_as_flags(params: list[Any]) -> list[Any]:
+    """Boolean flags show as flags in ``--help`` (``--quiet``, not ``--quiet <bool>``).
+
+    (Typer carries its own copy of click, so options are recognised by their ``is_flag``.)"""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_as_flags(super().get_params(ctx))
+
+
+def _examples(*lines: str) -> str:
+    """The ``Examples`` epilog of a command's ``--help``: one command per line, verbatim."""
+    return "\b\nExamples:\n" + "\n".join(f"  {ln}" for ln in lines)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                  help="Differentially private tabulation: formally private, consistent census count tables.",
+                  epilog=_examples("dptab run configs/demo.yaml            # the whole job on the demo config",
+                                   "dptab verify releases/<release-id>     # check a downloaded release",
+                                   "dptab COMMAND --help                   # every command has examples"))
+
+
+def _command(name: str, *examples: str) -> Any:
+    return app.command(name, cls=_Command, epilog=_examples(*examples))
+
+
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"dptab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the dptab version and exit")) -> None:
+    """Differentially private tabulation: formally private, consistent census count tables."""
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -40,7 +88,11 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(exc.exit_status if isinstance(exc, DptabError) else 1)
 
 
-@app.command("run")
+@_command("run",
+          'dptab run configs/demo.yaml',
+          'dptab run my-job.yaml --quiet            # no progress bars (logs, cron)',
+          'dptab run --resume runs/<run-id>         # after a crash or kill',
+          'dptab run my-job.yaml --flow             # as the Prefect flow dp-tabulate')
 def run_cmd(
     config: str = typer.Argument(None, help="run config YAML (omit with --resume)"),
     resume: str = typer.Option(None, "--resume", help="continue the run in this run directory"),
@@ -105,20 +157,22 @@ def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
     return with_runner(runner, dask_address or execution.dask_address)(config_path="", resume_dir=resume)
 
 
-ledger_app = typer.Typer(no_args_is_help=True, help="The privacy-budget ledger: spends per dataset; give back a failed run's ρ.")
+ledger_app = typer.Typer(cls=_Group, no_args_is_help=True,
+                         help="The privacy-budget ledger: spends per dataset; give back a failed run's ρ.",
+                         epilog=_examples("dptab ledger show --config configs/demo.yaml",
+                                          "dptab ledger fail runs/<run-id>"))
 app.add_typer(ledger_app, name="ledger")
 
 
-@ledger_app.command("show")
+@ledger_app.command("show", cls=_Command, epilog=_examples(
+    "dptab ledger show --config configs/demo.yaml     # the config's ledger and dataset",
+    "dptab ledger show --ledger runs/ledger.sqlite    # every dataset in a ledger"))
 def ledger_show_cmd(
     ledger: str = typer.Option(None, "--ledger", help="ledger file (default: the config's privacy.ledger)"),
     config: str = typer.Option(None, "--config", help="run config YAML naming the ledger and dataset"),
     dataset: str = typer.Option(None, "--dataset", help="only this dataset"),
 ) -> None:
-    """List every spend per dataset: lifetime ρ, spent ρ, and each release's ρ and status.
-
-    Example: dptab ledger show --config configs/demo.yaml
-    """
+    """List every spend per dataset: lifetime ρ, spent ρ, and each release's ρ and status."""
     from rich.table import Table
 
     from pipeline.job.budget import ledger_summary
@@ -147,13 +201,11 @@ def ledger_show_cmd(
         console.print("no spends recorded")
 
 
-@ledger_app.command("fail")
+@ledger_app.command("fail", cls=_Command, epilog=_examples(
+    "dptab ledger fail runs/<run-id>     # the run's noise never left its run directory"))
 def ledger_fail_cmd(run_dir: str = typer.Argument(..., help="the run directory whose reservation to give back")) -> None:
     """Mark a run failed so its ρ stops counting — refused if anything derived from its noise
-    left the run directory (a release, even a partial one). The run can never resume after.
-
-    Example: dptab ledger fail runs/synthetic-sample-20261204T101500Z-a1b2c3
-    """
+    left the run directory (a release, even a partial one). The run can never resume after."""
 
     from pipeline.job.budget import fail_run
 
@@ -165,7 +217,9 @@ def ledger_fail_cmd(run_dir: str = typer.Argument(..., help="the run directory w
                                   f"{out['rho_released']} no longer counts (spent now {out['spent_now']})")
 
 
-@app.command("validate")
+@_command("validate",
+          'dptab validate --persons persons.parquet --units units.parquet',
+          'dptab validate --config my-job.yaml --hide-values   # no data values shown')
 def validate_cmd(
     persons: str = typer.Option(None, "--persons", help="persons Parquet file or directory of parts"),
     units: str = typer.Option(None, "--units", help="units Parquet file or directory of parts"),
@@ -215,7 +269,9 @@ def validate_cmd(
         typer.echo(f"  {line}")
 
 
-@app.command("synth")
+@_command("synth",
+          'dptab synth --persons 100000 --seed 1 --out data/synth',
+          'dptab synth --persons 1000000 --seed 2020 --state 44 --out data/ri')
 def synth_cmd(
     persons: int = typer.Option(..., "--persons", help="number of persons to generate"),
     seed: int = typer.Option(..., "--seed", help="random seed (the output is a function of persons, seed, states)"),
@@ -249,7 +305,8 @@ def synth_cmd(
     typer.echo(f"{s.seconds:.1f} s ({rate:,.0f} persons/s)")
 
 
-@app.command("histograms")
+@_command("histograms",
+          'dptab histograms --persons data/persons.parquet --units data/units.parquet')
 def histograms_cmd(
     persons: str = typer.Option(..., "--persons", help="persons Parquet file or directory of parts"),
     units: str = typer.Option(..., "--units", help="units Parquet file or directory of parts"),
@@ -300,7 +357,9 @@ def histograms_cmd(
                   + f", total {sum(times.values()):.2f} s")
 
 
-@app.command("verify")
+@_command("verify",
+          'dptab verify releases/<release-id>',
+          'dptab verify releases/<release-id> --show 10   # list at most 10 failures')
 def verify_cmd(
     release_dir: str = typer.Argument(..., help="a release folder releases/<release-id>/"),
     show: int = typer.Option(50, "--show", help="list at most this many failures"),
@@ -326,7 +385,9 @@ def verify_cmd(
     typer.echo(f"{release_dir}: every checksum and consistency check passes ({time.perf_counter() - t0:.1f} s)")
 
 
-@app.command("review")
+@_command("review",
+          'dptab review runs/<run-id>',
+          'dptab review runs/<run-id> --experiment runs/experiments/<name>')
 def review_cmd(
     run_dir: str = typer.Argument(..., help="a finished run directory (runs/<run-id>)"),
     experiment: str = typer.Option(None, "--experiment", help="add this experiment directory's comparison"),
@@ -347,7 +408,9 @@ def review_cmd(
     typer.echo(f"report:  {report}")
 
 
-@app.command("experiment")
+@_command("experiment",
+          'dptab experiment my-job.yaml --trials 20 --rho 1 --rho 5',
+          'dptab experiment my-job.yaml --trials 5 --strategy uniform --workers 2')
 def experiment_cmd(
     config: str = typer.Argument(..., help="run config YAML (its inputs and strategy)"),
     trials: int = typer.Option(..., "--trials", min=1, help="repetitions per setting"),
@@ -371,7 +434,9 @@ def experiment_cmd(
     typer.echo(f"report:     {exp / 'report.html'}")
 
 
-@app.command("eval-data")
+@_command("eval-data",
+          'dptab eval-data ri2010 --out data/ri2010',
+          'dptab eval-data ri2010 --out data/ri2010 --source ri_2010_block.csv')
 def eval_data_cmd(
     name: str = typer.Argument(..., help="evaluation set: ri2010"),
     out: str = typer.Option(..., "--out", help="output directory for persons.parquet and units.parquet"),
@@ -394,7 +459,9 @@ def eval_data_cmd(
         typer.echo(f"{k}: {p}")
 
 
-@app.command("budget")
+@_command("budget",
+          'dptab budget census2020_pl94 --delta 1e-10',
+          'dptab budget uniform --no-pld      # without the PLD epsilon (faster)')
 def budget_cmd(
     strategy: str = typer.Argument(..., help="strategy YAML file or a name in schemas/strategies/"),
     delta: str = typer.Option("1e-10", "--delta", help="δ for the (ε, δ) figures"),

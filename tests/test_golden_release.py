@@ -24,11 +24,11 @@ GOLDEN = Path(__file__).parent / "golden" / "seeded_20k.json"
 
 
 def release_digest(release: Path) -> dict[str, str]:
-    """``{relative path: sha256}`` of every data file of a release (not manifest or HTML,
-    which carry dates, versions and paths)."""
+    """``{relative path: sha256}`` of every data file of a release (not manifest, HTML or the
+    codebook — README.md, codebook.json — which carry dates, versions and paths)."""
     out = {}
     for p in sorted(release.rglob("*")):
-        if not p.is_file() or p.name == "manifest.json" or p.suffix == ".html":
+        if not p.is_file() or p.name in ("manifest.json", "README.md", "codebook.json") or p.suffix == ".html":
             continue
         if p.suffix == ".parquet":
             data = pl.read_parquet(p).write_csv().encode()

@@ -89,9 +89,14 @@ def test_layout_manifest_and_verify(built) -> None:
     assert p1.height == 71 * sum(lv.n_units for lv in c.geography.levels)
     nat = p1.filter((pl.col("geolevel") == "nation") & (pl.col("line") == 1))
     assert nat["count"][0] == int(c.block_dense.sum()) and nat["moe90"][0] == 0.0  # invariant total
-    csv = pl.read_csv(path / "csv/county/P1.csv", schema_overrides={"geoid": pl.Utf8})
-    assert csv.equals(p1.filter(pl.col("geolevel") == "county").drop("moe90").with_columns(
+    # the CSV is the same rows with the GEOID as a Census GEO_ID, read with default settings
+    csv = pl.read_csv(path / "csv/county/P1.csv")
+    county = p1.filter(pl.col("geolevel") == "county")
+    assert csv.columns == ["GEO_ID", "geolevel", "name", "table", "line", "label", "count", "moe90"]
+    assert (csv["GEO_ID"].str.slice(9) == county["geoid"]).all() and (csv["GEO_ID"].str.slice(0, 9) == "0500000US").all()
+    assert csv.drop("GEO_ID").equals(county.drop("geoid", "moe90").with_columns(
         pl.col("line").cast(pl.Int64)).hstack([csv["moe90"]]))
+    assert np.allclose(csv["moe90"].to_numpy(), county["moe90"].to_numpy())
     meas = pl.read_parquet(path / "measurements/noisy_measurements.parquet")
     assert meas.columns == ["run", "geolevel", "geoid", "query", "answer", "answer_label", "value", "variance", "sigma2"]
     assert meas["geoid"].to_list() == c.geography.level("block").geoids.tolist()
@@ -105,12 +110,20 @@ def rho_composes(m) -> bool:
 
 
 def test_index_html_is_self_contained(built) -> None:
+    """No external asset or link; the only links are relative links to files of the release,
+    and every file of the manifest is linked with its checksum (format change: the files table
+    used to show paths without links)."""
     html = (built[1] / "index.html").read_text()
-    assert not re.search(r"(?i)(https?:|//[a-z0-9]|src\s*=|href\s*=|@import|url\(|<script|<link)", html)
+    assert not re.search(r"(?i)(https?:|//[a-z0-9]|src\s*=|@import|url\(|<script|<link)", html)
+    hrefs = re.findall(r'href\s*=\s*"([^"]*)"', html)
+    assert len(hrefs) == len(re.findall(r"(?i)href\s*=", html))  # every href is a quoted attribute
+    for h in hrefs:
+        assert not h.startswith(("/", ".")) and ":" not in h and (built[1] / h).is_file(), h
     m = json.loads((built[1] / "manifest.json").read_text())
     for f in m["files"]:
-        if f["path"] != "index.html":
-            assert f["path"] in html and f["sha256"] in html
+        if f["path"] != "index.html":  # listed after the page is written
+            assert f'href="{f["path"]}"' in html and f["sha256"] in html, f["path"]
+    assert 'href="manifest.json"' in html and 'href="README.md"' in html
     assert "margin of error" in html and "How to cite" in html and "17.14" in html  # CKS ε of the persons run
 
 

@@ -7,10 +7,9 @@ upper levels are their sums. No units file exists for them, so the release has n
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import polars as pl
-import pytest
+from shared_data import shared_file
 
 from pipeline.inputs.histograms import build_person_histograms
 from pipeline.inputs.readers import read_persons
@@ -21,12 +20,13 @@ from pipeline.release.checks import Invariants
 from pipeline.release.verify import verify_release
 from pipeline.release.writer import ReleaseMetadata, privacy_parameters, write_release
 
-PERRY = Path("/work/shared/data/real/ppmf_20210428_eps12-2_P_01105_perry_al.csv")
+#: the Census Bureau's Perry County, AL PPMF, in ../shared beside the repository (tests/shared_data.py)
+PERRY = "data/real/ppmf_20210428_eps12-2_P_01105_perry_al.csv"
 
 
-@pytest.mark.skipif(not PERRY.exists(), reason="real PPMF sample not available")
 def test_release_from_perry_county_ppmf(tmp_path) -> None:
-    src = pl.read_csv(PERRY, infer_schema=False)
+    perry = shared_file(PERRY)  # skips locally, fails in CI when missing
+    src = pl.read_csv(perry, infer_schema=False)
     src.write_parquet(tmp_path / "perry.parquet")
     persons = read_persons(tmp_path / "perry.parquet")
     blocks = persons.select("geoid").unique().collect()["geoid"]

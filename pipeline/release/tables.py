@@ -284,6 +284,56 @@ LONG_SCHEMA = {
 }
 
 
+#: Census summary-level codes by GEOID length (the first three characters of a Census GEO_ID)
+CENSUS_SUMMARY_LEVELS = {0: "010", 2: "040", 5: "050", 11: "140", 12: "150", 15: "100"}
+#: what each summary level is called by the Census Bureau (for the codebook)
+CENSUS_SUMMARY_LEVEL_NAMES = {"010": "Nation", "040": "State", "050": "County", "140": "Census Tract",
+                              "150": "Block Group", "100": "Block"}
+
+#: the release CSVs (``csv/<geolevel>/<table>.csv``): the long rows with the GEOID written as a
+#: Census-style ``GEO_ID`` text key instead of the bare code (see :func:`census_geo_id`)
+CSV_SCHEMA = {"GEO_ID": pl.Utf8, **{k: v for k, v in LONG_SCHEMA.items() if k != "geoid"}}
+
+
+def summary_level(digits: int) -> str:
+    """The three-character summary-level part of a GEO_ID for GEOIDs of ``digits`` digits.
+
+    The six Census levels get their Census codes (nation 010, state 040, county 050, tract 140,
+    block group 150, block 100); any other prefix length gets ``L`` and its two-digit length
+    (e.g. ``L07``), which is not a Census code and cannot be mistaken for one.
+    """
+    return CENSUS_SUMMARY_LEVELS.get(int(digits), f"L{int(digits):02d}")
+
+
+def census_geo_id(geoids: pl.Expr | pl.Series) -> pl.Expr | pl.Series:
+    """The Census-style GEO_ID of plain GEOIDs: summary level + ``0000US`` + GEOID.
+
+    ``"01105"`` -> ``"0500000US01105"``, nation ``""`` -> ``"0100000US"``, as on data.census.gov
+    and in the ``GEOIDFQ`` column of TIGER/Line shapefiles. The ``US`` makes the value text to
+    every CSV reader, so leading zeros survive default settings in pandas, polars, R and Excel,
+    and the nation never reads as missing; the plain GEOID is everything after the first 9
+    characters.
+    """
+    if isinstance(geoids, pl.Series):
+        return geoids.to_frame("g").select(_geo_id_expr(pl.col("g")).alias("GEO_ID")).to_series()
+    return _geo_id_expr(geoids)
+
+
+def _geo_id_expr(geoids: pl.Expr) -> pl.Expr:
+    sumlev = geoids.str.len_chars().replace_strict({d: summary_level(d) for d in range(19)}, return_dtype=pl.Utf8)
+    return pl.concat_str([sumlev, pl.lit("0000US"), geoids])
+
+
+def csv_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """Long rows (:data:`LONG_SCHEMA`) as written to the release CSVs (:data:`CSV_SCHEMA`)."""
+    lengths = frame["geoid"].str.len_chars()
+    if frame.height and lengths.min() == lengths.max():  # one level per write: one prefix for every row
+        geo_id = pl.lit(f"{summary_level(int(lengths[0]))}0000US") + pl.col("geoid")
+    else:
+        geo_id = _geo_id_expr(pl.col("geoid"))
+    return frame.select(geo_id.alias("GEO_ID"), pl.exclude("geoid"))
+
+
 def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
                moe90: np.ndarray | None = None) -> pl.DataFrame:
     """One row per (unit, line), sorted by geoid then line, columns :data:`LONG_SCHEMA`.

@@ -8,7 +8,9 @@
     tables/<table>.parquet               long format: geoid, geolevel, name, table, line,
                                          label, count, moe90 (every level)
     tables/definitions.yaml              the table definitions used (schemas/tables/pl94.yaml)
-    csv/<geolevel>/<table>.csv           the same rows, one file per level and table
+    tables/<spec>.yaml                   the histogram specs definitions.yaml names (pl94, units)
+    README.md, codebook.json             the codebook: every file, table, column, code and label
+    csv/<geolevel>/<table>.csv           the same rows, one file per level and table, GEOID as GEO_ID
     microdata/persons.parquet            protected microdata, PPMF layout (pipeline.microdata)
     invariants/block_housing_units.parquet  the declared block housing-unit invariant
     measurements/noisy_measurements.parquet optional: every drawn noisy answer with its variance
@@ -51,8 +53,9 @@ from pipeline.model.schemas import SCHEMAS_DIR
 from pipeline.privacy.measure import MeasurementError, read_measurement_rows
 from pipeline.release.microdata import microdata_from_blocks
 from pipeline.release.tables import (
-    LONG_SCHEMA,
+    CSV_SCHEMA,
     TableSet,
+    csv_frame,
     load_tables,
     long_frame,
     tabulate_levels,
@@ -163,12 +166,18 @@ def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, An
         entry["rows"] = int(rows)
     if path.suffix == ".csv":
         # header row + one row per (unit, line); the types a reader should apply
-        entry["schema"] = {k: str(v) for k, v in LONG_SCHEMA.items()}
+        entry["schema"] = {k: str(v) for k, v in CSV_SCHEMA.items()}
     return entry
 
 
 class _TableWriter:
-    """Streams one table's long rows into its Parquet file and per-level CSV files."""
+    """Streams one table's long rows into its Parquet file and per-level CSV files.
+
+    The CSVs carry the GEOID as a Census-style ``GEO_ID`` (``0500000US01105``; nation
+    ``0100000US``) instead of the bare code: a column of digits loses its leading zeros in
+    pandas, polars, R and Excel with default settings, and the nation's empty GEOID reads as
+    missing (``pipeline.release.tables.census_geo_id``). Everything else is as in the Parquet.
+    """
 
     def __init__(self, root: Path, name: str, csv: bool = True) -> None:
         self.root, self.name, self.csv = root, name, csv
@@ -188,7 +197,7 @@ class _TableWriter:
         csv.parent.mkdir(parents=True, exist_ok=True)
         first = csv not in self.csv_rows
         with open(csv, "a" if not first else "w", newline="") as fh:
-            frame.write_csv(fh, include_header=first)
+            csv_frame(frame).write_csv(fh, include_header=first)
         self.csv_rows[csv] = self.csv_rows.get(csv, 0) + frame.height
 
     def close(self) -> None:
@@ -262,6 +271,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     Parquet tables). Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
+    from pipeline.release.codebook import release_citation, write_codebook
     from pipeline.release.html import write_index
     from pipeline.release.verify import validate_manifest, verify_release
 
@@ -329,7 +339,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "format": MANIFEST_FORMAT, "release_id": meta.release_id, "title": meta.title,
             "created": meta.created, "dataset_id": meta.dataset_id,
             "software": {"name": "dptab", "version": meta.software_version, "git_commit": meta.git_commit},
-            "config_hash": meta.config_hash, "seed": meta.seed, "citation": meta.citation,
+            "config_hash": meta.config_hash, "seed": meta.seed,
+            "citation": meta.citation or release_citation(meta.title, meta.release_id, meta.created, meta.dataset_id,
+                                                          meta.software_version, meta.git_commit, privacy),
             "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
             "tables": [{"name": t.name, "title": t.title, "universe": t.universe, "histogram": t.histogram,
                         "lines": t.n_lines} for t in ts.tables.values() if writers[t.name].writer is not None],
@@ -342,6 +354,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "persons": int(micro.height),
             "files": entries,
         }
+        # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed
+        manifest["files"] += [_file_entry(tmp, p) for p in write_codebook(tmp, manifest, ts)]
         index = write_index(tmp, manifest)
         manifest["files"].append(_file_entry(tmp, index))
         validate_manifest(manifest)

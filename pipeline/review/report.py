@@ -5,6 +5,10 @@ level; metric tables per level (published, raw noisy clipped at 0, unconstrained
 published-vs-true plots (counties, tracts, blocks), error by geolevel, bias by true-size bin,
 the error distribution; and, when given, experiment comparisons (accuracy vs ε).
 
+The page is the Jinja2 template ``templates/report.html.j2`` with autoescaping: every value
+(a config title, a dataset or strategy name, a level) is escaped. Results below the 2020
+redistricting target (:data:`TARGET_WITHIN_5PP`) are highlighted in the tables and named above them.
+
 Confidentiality: the report is built from the truth. :func:`write_report` writes exactly the
 path it is given; ``pipeline.review.runner`` only ever gives it ``RUN_DIR/review/report.html``
 (or an experiment directory, also confidential), and nothing here logs or returns a value.
@@ -12,11 +16,13 @@ path it is given; ``pipeline.review.runner`` only ever gives it ``RUN_DIR/review
 
 from __future__ import annotations
 
-import html
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import polars as pl
+from markupsafe import Markup
 
 from pipeline.review import figures
 from pipeline.review.metrics import ALL_BIN, HEADLINE
@@ -31,9 +37,25 @@ td:first-child,th:first-child{text-align:left}
 .public{background:#e8f4fd;border-color:#a0c4e0}
 figure{margin:1em 0}figure img{max-width:100%}figcaption{font-size:.85em;color:#555}
 .note{font-size:.85em;color:#555}
+td.below{background:#fde8e8;color:#a00;font-weight:600}td.meets{color:#1a6b1a}
+.alert{background:#fde8e8;border-left:4px solid #c00;padding:.4em .8em;font-weight:600}
+span.below{color:#a00}
 """
 METRIC_COLS = ("mae", "rmse", "bias", "p95_abs", "max_abs", "mape_500")
 HEADLINE_NAMES = tuple(h[0] for h in HEADLINE) + ("occupied_units", "vacant_units")
+
+
+#: the 2020 redistricting accuracy target: share of units (>= 500 persons) whose largest group's
+#: estimated share is within 5 percentage points of its true share
+TARGET_WITHIN_5PP = 0.95
+
+
+@lru_cache(maxsize=1)
+def template_env() -> jinja2.Environment:
+    """The Jinja2 environment of the report (``pipeline/review/templates/``), autoescaping on:
+    every value from a config (title, dataset, strategy) or a metric table is escaped."""
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 
 def _fmt(v: Any) -> str:
@@ -43,17 +65,24 @@ def _fmt(v: Any) -> str:
         if v != v:  # NaN
             return "–"
         return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
-    return html.escape(str(v))
+    return str(v)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _cell(v: Any, cls: str = "", title: str = "") -> dict[str, str]:
+    return {"text": _fmt(v), "cls": cls, "title": title}
 
 
-def _figure(uri: str, caption: str) -> str:
-    return f'<figure><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+def _target_cell(share: float | None) -> dict[str, str]:
+    """A within-5-pp share as a percentage, highlighted when below the 2020 target."""
+    if share is None or share != share:
+        return _cell(None)
+    if share < TARGET_WITHIN_5PP:
+        return _cell(f"▼ {100 * share:.1f}%", "below", f"below the {100 * TARGET_WITHIN_5PP:.0f}% target")
+    return _cell(f"{100 * share:.1f}%", "meets")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> dict[str, Any]:
+    return {"header": header, "rows": [[c if isinstance(c, dict) else _cell(c) for c in r] for r in rows]}
 
 
 def _lookup(m: pl.DataFrame) -> dict[tuple[str, str, str, str, str], float]:
@@ -61,22 +90,23 @@ def _lookup(m: pl.DataFrame) -> dict[tuple[str, str, str, str, str], float]:
     return {(a, b, c, d, e): v for a, b, c, d, e, v in zip(*cols)}
 
 
-def summary_section(summary: dict[str, Any]) -> str:
+def summary_context(summary: dict[str, Any]) -> dict[str, Any]:
     plain = [[k, v] for k, v in summary.items() if k != "rho_by_level"]
-    out = "<h2>Run summary and privacy parameters</h2>" + _table(["item", "value"], plain)
-    if summary.get("rho_by_level"):
-        out += _table(["strategy", "level", "ρ (exact)", "ρ"], [list(r) for r in summary["rho_by_level"]])
-    return out
+    rho = summary.get("rho_by_level")
+    return {"plain": _table(["item", "value"], plain),
+            "rho": _table(["strategy", "level", "ρ (exact)", "ρ"], [list(r) for r in rho]) if rho else None}
 
 
-def target_section(look: dict, levels: list[str], estimators: list[str]) -> str:
-    rows = []
+def target_context(look: dict, levels: list[str], estimators: list[str]) -> dict[str, Any]:
+    rows, below = [], []
     for lv in levels:
         n = look.get((lv, "largest_group", "n", ALL_BIN, estimators[0]))
         row: list[Any] = [lv, None if n is None or n != n else int(n)]
         for e in estimators:
             v = look.get((lv, "largest_group", "within_5pp_share", ALL_BIN, e))
-            row.append(None if v is None or v != v else f"{100 * v:.1f}%")
+            row.append(_target_cell(v))
+            if e == "published" and v is not None and v == v and v < TARGET_WITHIN_5PP:
+                below.append(f"{lv} ({100 * v:.1f}% published)")
         for e in ("published", "noisy_clipped"):
             for k in ("false_nonzero_share", "false_zero_share"):
                 v = look.get((lv, "detailed", k, ALL_BIN, e))
@@ -84,18 +114,11 @@ def target_section(look: dict, levels: list[str], estimators: list[str]) -> str:
         rows.append(row)
     header = (["level", "units ≥ 500"] + [f"within 5 pp ({e})" for e in estimators]
               + ["true-0 published ≠0", "true≠0 published 0", "true-0 noisy ≠0", "true≠0 noisy 0"])
-    return ("<h2>Redistricting target and sparsity</h2><p class='note'>Share of units with ≥ 500 persons "
-            "whose largest race/ethnic group (Hispanic; non-Hispanic White, Black, AIAN, Asian, NHPI, "
-            "other, two or more) has an estimated share within 5 percentage points of its true share "
-            "(2020 target: ≥ 95%). Sparsity over every detailed cell of the level (structural zeros "
-            "excluded).</p>" + _table(header, rows))
+    return {"goal": f"{100 * TARGET_WITHIN_5PP:.0f}%", "below": below, "table": _table(header, rows), "figure": None}
 
 
-def level_sections(look: dict, levels: list[str], estimators: list[str], statistics: list[str]) -> str:
-    out = ["<h2>Metric tables per level</h2><p class='note'>Errors are estimate − truth in persons "
-           "(housing units for the *_units rows), over all units of the level. MAPE: units with ≥ 500 "
-           "persons and a positive true count, in percent. Every P1–P4 line and every size bin is "
-           "in <code>metrics.parquet</code>.</p>"]
+def level_context(look: dict, levels: list[str], estimators: list[str], statistics: list[str]) -> list[dict[str, Any]]:
+    out = []
     for lv in levels:
         rows = []
         for s in statistics:
@@ -106,36 +129,31 @@ def level_sections(look: dict, levels: list[str], estimators: list[str], statist
             rows.append(row)
         header = (["statistic"] + [f"{m} (published)" for m in METRIC_COLS]
                   + [f"mae ({e})" for e in estimators if e != "published"])
-        out.append(f"<h3>{html.escape(lv)}</h3>" + _table(header, rows))
-    return "".join(out)
+        out.append({"name": lv, "table": _table(header, rows)})
+    return out
 
 
-def experiment_section(summary: pl.DataFrame) -> str:
+def experiment_context(summary: pl.DataFrame) -> dict[str, Any]:
     """Accuracy-vs-ε table (MAE of total and largest-group target per level) and plot."""
     s = summary.filter((pl.col("estimator") == "published") & (pl.col("size_bin") == ALL_BIN)
                        & (((pl.col("statistic") == "total") & (pl.col("metric").is_in(["mae", "rmse", "bias"])))
                           | ((pl.col("statistic") == "largest_group") & (pl.col("metric") == "within_5pp_share"))))
     s = s.sort(["setting", "level", "statistic", "metric"])
-    rows = [[r["setting"], r["epsilon"], r["level"], r["statistic"], r["metric"],
-             f"{r['mean']:.3g} ± {r['sd']:.2g}", r["trials"]] for r in s.iter_rows(named=True)]
-    return ("<h2>Experiment comparisons</h2><p class='note'>Each setting repeats noise and post-processing "
-            "on the same true histograms; mean ± standard deviation over trials.</p>"
-            + _figure(figures.accuracy_vs_epsilon(summary), "Accuracy vs ε (MAE of total population)")
-            + _table(["setting", "ε", "level", "statistic", "metric", "mean ± sd", "trials"], rows))
+    rows = []
+    for r in s.iter_rows(named=True):
+        low = r["metric"] == "within_5pp_share" and r["mean"] == r["mean"] and r["mean"] < TARGET_WITHIN_5PP
+        value = f"{r['mean']:.3g} ± {r['sd']:.2g}"
+        rows.append([r["setting"], r["epsilon"], r["level"], r["statistic"], r["metric"],
+                     _cell(f"▼ {value}", "below", "below the target") if low else value, r["trials"]])
+    return {"figure": {"uri": figures.accuracy_vs_epsilon(summary), "caption": "Accuracy vs ε (MAE of total population)"},
+            "table": _table(["setting", "ε", "level", "statistic", "metric", "mean ± sd", "trials"], rows)}
 
 
-def banner(confidential: bool) -> str:
-    if confidential:
-        return ("<p class='banner'>CONFIDENTIAL — internal review. Every figure here is computed from "
-                "the confidential input; it stays in the run directory and is never published.</p>")
-    return ("<p class='banner public'>Input marked non-confidential (synthetic or public data): this review "
-            "may be shared.</p>")
-
-
-def page(title: str, confidential: bool, body: str) -> str:
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<link rel='icon' href='data:,'><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"{banner(confidential)}{body}</body></html>")
+def render(title: str, confidential: bool, **sections: Any) -> str:
+    """The report page: ``sections`` are the contexts above (summary, target, figures, levels, experiment)."""
+    ctx = {"summary": None, "target": None, "figures": [], "levels": [], "experiment": None, **sections}
+    return template_env().get_template("report.html.j2").render(title=title, confidential=confidential,
+                                                                css=Markup(CSS), **ctx)
 
 
 def write_report(path: str | Path, data, experiment: pl.DataFrame | None = None) -> None:
@@ -145,23 +163,27 @@ def write_report(path: str | Path, data, experiment: pl.DataFrame | None = None)
     levels = list(dict.fromkeys(m["level"].to_list()))
     present = set(m["estimator"].to_list())
     estimators = [e for e in ("published", "noisy_clipped", "wls") if e in present]
-    parts = [summary_section(data.summary), target_section(look, levels, estimators), "<h2>Figures</h2>"]
+    figs = []
     if data.scatter:
-        parts.append(_figure(figures.published_vs_true(data.scatter), "Published vs true total population"))
-    parts.append(_figure(figures.error_by_level(m, levels), "MAE and RMSE of total population by geolevel"))
-    parts.append(_figure(figures.bias_by_bin(m, levels, ("hispanic", "white_alone", "black_alone", "asian_alone",
-                                                         "two_or_more")), "Bias by true-size bin"))
-    parts.append(_figure(figures.error_distribution({k: v for k, v in data.errors.items() if k != "nation"}),
-                         "Distribution of published − true total population"))
-    parts.append(level_sections(look, levels, estimators, list(HEADLINE_NAMES)))
-    if experiment is not None and experiment.height:
-        parts.append(experiment_section(experiment))
+        figs.append({"uri": figures.published_vs_true(data.scatter), "caption": "Published vs true total population"})
+    figs.append({"uri": figures.error_by_level(m, levels), "caption": "MAE and RMSE of total population by geolevel"})
+    figs.append({"uri": figures.bias_by_bin(m, levels, ("hispanic", "white_alone", "black_alone", "asian_alone",
+                                                       "two_or_more")), "caption": "Bias by true-size bin"})
+    figs.append({"uri": figures.error_distribution({k: v for k, v in data.errors.items() if k != "nation"}),
+                 "caption": "Distribution of published − true total population"})
+    target = target_context(look, levels, estimators)
+    target["figure"] = {"uri": figures.target_by_level(m, levels, TARGET_WITHIN_5PP),
+                        "caption": f"Redistricting target by level: bars below {target['goal']} are hatched red"}
     title = f"dptab review — {data.summary.get('title') or data.summary.get('run')}"
-    Path(path).write_text(page(title, bool(data.summary.get("confidential", True)), "".join(parts)))
+    Path(path).write_text(render(
+        title, bool(data.summary.get("confidential", True)), summary=summary_context(data.summary),
+        target=target, figures=figs,
+        levels=level_context(look, levels, estimators, list(HEADLINE_NAMES)),
+        experiment=experiment_context(experiment) if experiment is not None and experiment.height else None))
 
 
 def write_experiment_report(path: str | Path, summary: pl.DataFrame, info: dict[str, Any],
                             confidential: bool) -> None:
     """Write the report of an experiment directory (``dptab experiment``) to ``path``."""
-    body = summary_section(info) + experiment_section(summary)
-    Path(path).write_text(page(f"dptab experiment — {info.get('dataset')}", confidential, body))
+    Path(path).write_text(render(f"dptab experiment — {info.get('dataset')}", confidential,
+                                 summary=summary_context(info), experiment=experiment_context(summary)))
