@@ -416,6 +416,8 @@ def experiment_cmd(
     trials: int = typer.Option(..., "--trials", min=1, help="repetitions per setting"),
     rho: list[str] = typer.Option(None, "--rho", help="rescale the strategy to this total rho (repeatable)"),
     strategy: list[str] = typer.Option(None, "--strategy", help="a strategy name or YAML (repeatable)"),
+    compare_joint: bool = typer.Option(False, "--compare-joint",
+                                       help="persons and units independent (2020) vs joint.households, paired"),
     workers: int = typer.Option(2, "--workers", min=1, help="parallel worker processes"),
     out: str = typer.Option(None, "--out", help="experiment directory (default runs/experiments/...)"),
     seed: int = typer.Option(20_200_401, "--seed", help="base seed (trial t uses seed + 1 + t)"),
@@ -426,7 +428,7 @@ def experiment_cmd(
 
     try:
         with StageProgress(console=_console(stderr=True)) as prog:
-            exp = run_experiment(config, trials, rhos=rho or None, strategies=strategy or None,
+            exp = run_experiment(config, trials, rhos=rho or None, strategies=strategy or None, compare_joint=compare_joint,
                                  workers=workers, out_dir=out, seed=seed, progress=prog.report)
     except Exception as exc:
         _fail(exc)

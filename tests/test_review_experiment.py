@@ -124,6 +124,31 @@ def test_experiment_end_to_end(tmp_path):
         run_experiment(cfg, trials=1, out_dir=exp)
 
 
+def test_compare_joint_is_paired_and_measures_units(tmp_path):
+    """`--compare-joint`: the same seeds with persons and units independent and joint; the units
+    run is measured in both (occupied units), and the joint trials' persons differ."""
+    from pipeline.review.experiment import run_experiment
+
+    cfg = _tiny_inputs(tmp_path)
+    with pytest.raises(ExperimentError, match="units_strategy"):
+        run_experiment(cfg, trials=1, out_dir=tmp_path / "exp0", compare_joint=True)
+    cfg.write_text(cfg.read_text().replace("units_strategy: null", "units_strategy: census2020_units"))
+    exp = run_experiment(cfg, trials=1, workers=2, out_dir=tmp_path / "exp", compare_joint=True)
+    trials = pl.read_parquet(exp / "trials.parquet")
+    assert set(trials["setting"]) == {"independent (2020)", "joint households"}
+    occ = trials.filter(pl.col("statistic") == "occupied_units")
+    assert occ.height and set(occ["setting"]) == {"independent (2020)", "joint households"}
+    # paired: the units run draws the same noise in both settings, and is solved before the
+    # persons either way, so its published errors are identical
+    a, b = (occ.filter(pl.col("setting") == s).sort(["level", "metric", "size_bin"])["value"]
+            for s in ("independent (2020)", "joint households"))
+    import numpy as np
+
+    assert np.array_equal(a.to_numpy(), b.to_numpy(), equal_nan=True)
+    with pytest.raises(ExperimentError, match="no --rho"):
+        run_experiment(cfg, trials=1, rhos=["1"], out_dir=tmp_path / "exp2", compare_joint=True)
+
+
 def test_review_of_a_real_run_stays_out_of_the_release(tmp_path):
     """The whole job on tiny inputs, then the review: no review file or truth-based metric name
     appears in the release folder, and a confidential review refuses to be exported there."""

@@ -53,6 +53,8 @@ class Setting:
     strategy: str
     rho: str
     epsilon: float
+    #: None: persons only (the default); False/True: with the units run, joint.households off/on
+    joint: bool | None = None
 
 
 def _scaled_strategy(base: str, rho: Fraction, out_dir: Path) -> Path:
@@ -69,13 +71,22 @@ def _scaled_strategy(base: str, rho: Fraction, out_dir: Path) -> Path:
 
 
 def make_settings(base_strategy: str, delta: float, rhos: list[str] | None, strategies: list[str] | None,
-                  out_dir: Path) -> list[Setting]:
-    """The experimental settings: rescaled copies for ``rhos``, else ``strategies``, else the base."""
+                  out_dir: Path, compare_joint: bool = False) -> list[Setting]:
+    """The experimental settings: rescaled copies for ``rhos``, else ``strategies``, else the
+    base; ``compare_joint``: the base strategy with persons and units solved independently
+    (2020) and with ``joint.households`` (paired: trial t uses the same seed in both)."""
     from pipeline.model.strategy import load_strategy
     from pipeline.privacy.accounting import cks_epsilon
 
     if rhos and strategies:
         raise ExperimentError("give --rho or --strategy, not both")
+    if compare_joint:
+        if rhos or strategies:
+            raise ExperimentError("--compare-joint compares the config's strategy with itself; no --rho or --strategy")
+        s = load_strategy(base_strategy)
+        eps = float(cks_epsilon(s.total_rho, str(delta)))
+        return [Setting("independent (2020)", base_strategy, str(s.total_rho), eps, joint=False),
+                Setting("joint households", base_strategy, str(s.total_rho), eps, joint=True)]
     out_dir.mkdir(parents=True, exist_ok=True)
     chosen: list[tuple[str, str]] = []
     if rhos:
@@ -97,11 +108,17 @@ def make_settings(base_strategy: str, delta: float, rhos: list[str] | None, stra
     return out
 
 
-def _trial_config(cfg_raw: dict[str, Any], exp_dir: Path, strategy: str, seed: int, release_id: str) -> Path:
-    """A run config for one trial (seeded, persons only, private ledger and folders)."""
+def _trial_config(cfg_raw: dict[str, Any], exp_dir: Path, strategy: str, seed: int, release_id: str,
+                  joint: bool | None = None) -> Path:
+    """A run config for one trial (seeded, private ledger and folders): persons only, or with
+    the config's units run and ``joint.households`` = ``joint`` when that is not None."""
     c = dict(cfg_raw)
     c["release_id"] = release_id
-    c["privacy"] = dict(c.get("privacy") or {}, strategy=strategy, units_strategy=None, randomness="seeded",
+    units = (c.get("privacy") or {}).get("units_strategy") if joint is not None else None
+    if joint is not None and not units:
+        raise ExperimentError("--compare-joint needs the config's privacy.units_strategy")
+    c["joint"] = {"households": bool(joint)}
+    c["privacy"] = dict(c.get("privacy") or {}, strategy=strategy, units_strategy=units, randomness="seeded",
                         seed=seed, ledger=str(exp_dir / "ledger.sqlite"), lifetime_rho=EXPERIMENT_LIFETIME_RHO)
     c["output"] = dict(c.get("output") or {}, runs_dir=str(exp_dir / "runs"),
                        releases_dir=str(exp_dir / "never-published"))
@@ -164,7 +181,8 @@ def summarise(trials: pl.DataFrame) -> pl.DataFrame:
 
 def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None = None,
                    strategies: list[str] | None = None, workers: int = 2, out_dir: str | Path | None = None,
-                   seed: int = DEFAULT_SEED, progress: Callable[[str, int, int], None] | None = None) -> Path:
+                   seed: int = DEFAULT_SEED, progress: Callable[[str, int, int], None] | None = None,
+                   compare_joint: bool = False) -> Path:
     """Run every setting ``trials`` times; write trials/summary Parquet and the report; return EXP_DIR."""
     from pipeline.job import stages as runmod
     from pipeline.model.config import load_config
@@ -180,7 +198,8 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
         raise ExperimentError(f"--out {exp_dir}: already exists; experiments never overwrite")
     exp_dir.mkdir(parents=True, mode=0o700)
     os.chmod(exp_dir, 0o700)
-    settings = make_settings(cfg.privacy.strategy, cfg.privacy.delta, rhos, strategies, exp_dir / "strategies")
+    settings = make_settings(cfg.privacy.strategy, cfg.privacy.delta, rhos, strategies, exp_dir / "strategies",
+                             compare_joint=compare_joint)
     t0 = time.perf_counter()
     base_cfg = _trial_config(cfg_raw, exp_dir, cfg.privacy.strategy, seed, "base")
     base_run = runmod.prepare(base_cfg)
@@ -190,7 +209,7 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
         for t in range(trials):
             rid = f"s{si:02d}-t{t:03d}"
             # prepared here, one after another: the experiment ledger is written by this process only
-            trial_cfg = _trial_config(cfg_raw, exp_dir, s.strategy, seed + 1 + t, rid)
+            trial_cfg = _trial_config(cfg_raw, exp_dir, s.strategy, seed + 1 + t, rid, joint=s.joint)
             jobs.append((s, t, str(runmod.prepare(trial_cfg)), rid))
     frames = []
     # trials are independent: the run's one executor spreads them over its worker processes
