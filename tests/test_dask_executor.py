@@ -64,7 +64,9 @@ def cluster(tmp_path_factory):
 
 def _digests(release: Path) -> dict[str, str]:
     return {p.relative_to(release).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(release.rglob("*")) if p.is_file() and p.name != "manifest.json" and p.suffix != ".html"}
+            for p in sorted(release.rglob("*"))
+            # manifest, index page, README and codebook carry the release id and dates
+            if p.is_file() and p.name not in ("manifest.json", "README.md", "codebook.json") and p.suffix != ".html"}
 
 
 def _two_states(tmp: Path) -> Path:
