@@ -50,20 +50,45 @@ def measurement_file(tmp: Path, n_units: int, extra: bool = False) -> Path:
     return p
 
 
+def full_measurement_files(tmp: Path, geography, privacy) -> dict:
+    """A complete measurement file per (kind, level) of the design: every answer of every unit
+    (as ``privacy.full_measurements`` draws them), with the design's variance and sigma2."""
+    from pipeline.model.design import design_from_rho
+    from pipeline.model.spec import load_spec
+
+    rng = np.random.default_rng(0)
+    d = design_from_rho({k: r["rho_by_level_query"] for k, r in privacy["runs"].items()})
+    out: dict = {}
+    for kind, run in privacy["runs"].items():
+        spec = load_spec(run["spec"])
+        for lv in run["rho_by_level_query"]:
+            n = geography.level(lv).n_units
+            frames = []
+            for q, m in d.of(kind, lv).items():
+                na = spec.query(q).n_answers
+                frames.append(pl.DataFrame({
+                    "unit": np.repeat(np.arange(n, dtype=np.int64), na), "query": [q] * (n * na),
+                    "answer": np.tile(np.arange(na, dtype=np.int32), n), "value": rng.integers(-3, 20, n * na),
+                    "variance": np.full(n * na, m.variance), "sigma2": [f"{m.sigma2.numerator}/{m.sigma2.denominator}"] * (n * na)}))
+            path = tmp / f"m_{kind}_{lv}.parquet"
+            pl.concat(frames).write_parquet(path)
+            out[(kind, lv)] = [path]
+    return out
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One release written once for the read-only tests (copied before any tampering)."""
     tmp = tmp_path_factory.mktemp("rel")
     c = make_case(0)
-    n_blocks = c.geography.level("block").n_units
-    mf = {("persons", "block"): [measurement_file(tmp, n_blocks)]}
+    mf = full_measurement_files(tmp, c.geography, PRIVACY)
     path = write_release(tmp / "releases", meta(), c.geography, c.persons, c.units, c.invariants, PRIVACY,
                          measurement_files=mf)
     return c, path
 
 
 def copy_of(built, tmp_path: Path) -> Path:
-    dst = tmp_path / "copy"
+    dst = tmp_path / built[1].name  # a release's folder is named by its id
     shutil.copytree(built[1], dst)
     return dst
 
@@ -94,7 +119,8 @@ def test_layout_manifest_and_verify(built) -> None:
         pl.col("line").cast(pl.Int64)).hstack([csv["moe90"]]))
     meas = pl.read_parquet(path / "measurements/noisy_measurements.parquet")
     assert meas.columns == ["run", "geolevel", "geoid", "query", "answer", "answer_label", "value", "variance", "sigma2"]
-    assert meas["geoid"].to_list() == c.geography.level("block").geoids.tolist()
+    blocks = meas.filter((pl.col("geolevel") == "block") & (pl.col("query") == "total"))
+    assert blocks["geoid"].to_list() == c.geography.level("block").geoids.tolist()
     assert verify_release(path) == []
 
 
@@ -160,7 +186,8 @@ def test_verify_detects_a_modified_file(built, tmp_path) -> None:
     p = path / "csv" / "block" / "P1.csv"
     p.write_bytes(p.read_bytes().replace(b",Total:,", b",Total:,9", 1))
     fails = verify_release(path)
-    assert [f.check for f in fails] == ["checksum"] and "csv/block/P1.csv" in fails[0].detail
+    assert [f.check for f in fails] == ["checksum", "table_rows"] and "csv/block/P1.csv" in fails[0].detail
+    assert "csv/block/P1.csv" in fails[1].detail and "tables/P1.parquet" in fails[1].detail  # CSV vs Parquet
     (path / "extra.txt").write_text("x")
     assert "file_unlisted" in {f.check for f in verify_release(path)}
 

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
-from pipeline.errors import InputError
-from pipeline.release.checks import CheckFailure, Invariants, run_checks
+from pipeline.errors import DptabError, InputError
+from pipeline.model.geonames import unit_names
+from pipeline.release.checks import MAX_PER_GROUP, CheckFailure, Invariants, run_checks
 from pipeline.release.microdata import MicrodataError, histogram_from_microdata
-from pipeline.release.tables import LevelTables, TableSet, load_tables, tabulate, tabulate_vector
+from pipeline.release.tables import (
+    LONG_SCHEMA,
+    LevelTables,
+    TableSet,
+    load_tables,
+    long_frame,
+    tabulate,
+    tabulate_vector,
+)
 
 
 class ReleaseFormatError(InputError):
@@ -166,10 +175,21 @@ def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: 
     return out
 
 
-def verify_release(path: str | Path) -> list[CheckFailure]:
+def verify_release(path: str | Path, *, release_id: str | None = None) -> list[CheckFailure]:
     """Every failure of a release folder (empty list: all checksums and checks pass).
 
-    Raises :class:`ReleaseFormatError` if ``path`` has no readable ``manifest.json``.
+    ``release_id``: the id the release must carry (default: the folder's name; the writer
+    passes its id while the folder still has its temporary name). Raises
+    :class:`ReleaseFormatError` if ``path`` has no readable ``manifest.json``.
+
+    Checked, each independently (a damaged file cannot hide another failure): the manifest's
+    schema; its id against the folder name; seed iff seeded randomness; ``index.html`` equal to
+    the page the manifest renders to; every listed file's sha256, size and rows; the files
+    present and listed against what the manifest's own settings require; the privacy section
+    recomputed from the strategy copies in ``privacy/``; every table's rows regenerated from its
+    counts (names, labels, and every ``moe90`` recomputed from the design, bitwise); each CSV
+    against its Parquet table; the consistency checks and declared invariants; the microdata
+    against the block tables; the noisy measurements against the design and the geography.
     """
     root = Path(path)
     mpath = root / "manifest.json"
@@ -179,16 +199,141 @@ def verify_release(path: str | Path) -> list[CheckFailure]:
         raise ReleaseFormatError(f"{root}: not a release (no manifest.json)") from None
     except json.JSONDecodeError as exc:
         raise ReleaseFormatError(f"{mpath}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ReleaseFormatError(f"{mpath}: not a JSON object")
     failures = [_fail("manifest", e) for e in manifest_errors(manifest)]
     if failures:
         return failures
+    expect = release_id if release_id is not None else root.resolve().name
+    recomputed: list[dict[str, Any]] = []
+    failures += _guard("privacy", _verify_privacy, root, manifest, recomputed)
+    failures += _guard("identity", _verify_identity, root, manifest, expect, recomputed[0] if recomputed else None)
     failures += _verify_files(root, manifest)
-    try:
-        failures += _verify_contents(root, manifest)
-    except (OSError, ValueError, KeyError, pl.exceptions.PolarsError) as exc:
-        # a damaged file (already reported by its checksum) must not hide the other failures
-        failures.append(_fail("unreadable", f"content checks stopped: {type(exc).__name__}: {exc}"))
+    failures += _guard("contents", _verify_required_files, manifest)
+    failures += _guard("unreadable", _verify_contents, root, manifest)
     return failures
+
+
+def _guard(check: str, fn: Callable[..., list[CheckFailure]], *args: Any) -> list[CheckFailure]:
+    """``fn(*args)``, with a damaged or malformed file reported as one failure instead of raised."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ArithmeticError, pl.exceptions.PolarsError,
+            DptabError) as exc:
+        # a damaged file (usually already reported by its checksum) must not hide other failures
+        return [_fail(check, f"{fn.__name__.lstrip('_')} stopped: {type(exc).__name__}: {exc}")]
+
+
+def _verify_identity(root: Path, manifest: Mapping[str, Any], expect: str,
+                     privacy: Mapping[str, Any] | None) -> list[CheckFailure]:
+    """Release id = folder name; a seed iff randomness is seeded; index.html = the manifest's page.
+
+    ``privacy``: the recomputed privacy section (its key order is the writer's; manifest.json is
+    stored with sorted keys), used for the page when it equals the manifest's.
+    """
+    out = []
+    if manifest["release_id"] != expect:
+        out.append(_fail("identity", f"manifest.json: release_id {manifest['release_id']!r} differs from the "
+                                     f"release folder's name {expect!r}"))
+    seeded, seed = manifest["randomness"] == "seeded", manifest["seed"]
+    if seeded != (seed is not None):
+        out.append(_fail("identity", f"manifest.json: randomness {manifest['randomness']!r} with seed {seed!r}; "
+                                     "a seed is recorded iff the randomness is seeded"))
+    index = root / "index.html"
+    if index.is_file():
+        from pipeline.release.html import render_index
+
+        m = dict(manifest)  # the page is rendered before its own entry joins the file list
+        m["files"] = [f for f in manifest["files"] if f["path"] != "index.html"]
+        if privacy is not None and privacy == manifest["privacy"]:
+            m["privacy"] = privacy
+        if index.read_text(encoding="utf-8") != render_index(m):
+            out.append(_fail("identity", "index.html differs from the page manifest.json renders to (the manifest "
+                                         "or the page was edited after the release was written)"))
+    return out
+
+
+def required_files(manifest: Mapping[str, Any]) -> set[str]:
+    """Relative paths a release must hold by its manifest's own settings (besides manifest.json).
+
+    Every published table as Parquet (and per geolevel as CSV when ``contents.csv``), the table
+    definitions, the microdata, each run's strategy copy, the block housing-unit file when that
+    invariant is declared, the noisy measurements when ``contents.measurements``, and index.html.
+    """
+    need = {"index.html", manifest["table_definitions"], "microdata/persons.parquet"}
+    for t in manifest["tables"]:
+        need.add(f"tables/{t['name']}.parquet")
+        if manifest["contents"]["csv"]:
+            need |= {f"csv/{g['name']}/{t['name']}.csv" for g in manifest["geolevels"]}
+    if manifest["contents"]["measurements"]:
+        need.add("measurements/noisy_measurements.parquet")
+    bhu = manifest["invariants"]["block_housing_units"]
+    if bhu is not None:
+        need.add(bhu["file"])
+    need |= {run["strategy_file"] for run in manifest["privacy"]["runs"].values()}
+    return need
+
+
+def _verify_required_files(manifest: Mapping[str, Any]) -> list[CheckFailure]:
+    listed = {f["path"] for f in manifest["files"]}
+    need = required_files(manifest)
+    s = manifest["contents"]
+    why = f"csv {s['csv']}, measurements {s['measurements']}, tables {[t['name'] for t in manifest['tables']]}"
+    out = [_fail("file_missing", f"{p} is required by the manifest's settings ({why}) but not listed in its files")
+           for p in sorted(need - listed)]
+    out += [_fail("file_unexpected", f"{p} is listed in the manifest but is not part of a release with these "
+                                     f"settings ({why})") for p in sorted(listed - need)]
+    seen: set[str] = set()
+    for f in manifest["files"]:
+        if f["path"] in seen:
+            out.append(_fail("manifest", f"{f['path']} is listed twice in the manifest's files"))
+        seen.add(f["path"])
+    return out
+
+
+def _verify_privacy(root: Path, manifest: Mapping[str, Any], recomputed: list[dict[str, Any]]) -> list[CheckFailure]:
+    """Recompute the whole privacy section from the strategy copies the manifest names (appended
+    to ``recomputed``) and report every value of the manifest's that differs."""
+    from pipeline.model.strategy import StrategyError, load_strategy
+    from pipeline.release.writer import privacy_parameters
+
+    privacy = manifest["privacy"]
+    loaded, out = {}, []
+    for kind, run in privacy["runs"].items():
+        rel = run["strategy_file"]
+        p = root / rel
+        if root.resolve() not in p.resolve().parents or not p.is_file():
+            out.append(_fail("privacy", f"{rel} (the {kind} run's strategy) is missing: the privacy section "
+                                        "cannot be recomputed"))
+            continue
+        try:
+            loaded[kind] = load_strategy(p)
+        except StrategyError as exc:
+            out.append(_fail("privacy", f"{rel}: {exc}"))
+    if out:
+        return out
+    got = dict(privacy_parameters(loaded, privacy["delta"]))
+    recomputed.append(got)
+    diffs = _json_diff(got, privacy, "privacy")
+    files = ", ".join(run["strategy_file"] for run in privacy["runs"].values())
+    return [_fail("privacy", f"manifest.json {d} (recomputed from {files} at delta {privacy['delta']})")
+            for d in diffs[:MAX_PER_GROUP]]
+
+
+def _json_diff(want: Any, found: Any, where: str) -> list[str]:
+    """Readable differences between two JSON values: ``where: found X, expected Y``."""
+    if isinstance(want, dict) and isinstance(found, dict):
+        out = []
+        for k in want:
+            if k not in found:
+                out.append(f"{where}.{k}: missing, expected {want[k]!r}")
+            else:
+                out += _json_diff(want[k], found[k], f"{where}.{k}")
+        out += [f"{where}.{k}: unexpected {found[k]!r}" for k in found if k not in want]
+        return out
+    if want != found or type(want) is not type(found):
+        return [f"{where}: found {found!r}, expected {want!r}"]
+    return []
 
 
 def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
@@ -197,6 +342,7 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
     if root.resolve() not in defs.resolve().parents or not defs.is_file():
         return [_fail("file_missing", f"table definitions {manifest['table_definitions']} not found in the release")]
     ts = load_tables(defs.resolve())
+    failures += _table_list_checks(ts, manifest)
     digits = {g["name"]: int(g["digits"]) for g in manifest["geolevels"]}
     lts, layout = read_release_tables(root, manifest, ts)
     failures += layout
@@ -204,16 +350,167 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
         want = next(g["units"] for g in manifest["geolevels"] if g["name"] == lt.level)
         if len(lt.geoids) != want:
             failures.append(_fail("table_layout", f"{len(lt.geoids)} units published, manifest says {want}", "*", lt.level))
-    failures += _microdata_checks(root, ts, lts, digits, int(manifest["persons"]))
-    inv = manifest.get("invariants") or {}
+    failures += _guard("microdata", _microdata_checks, root, ts, lts, digits, int(manifest["persons"]))
+    inv = manifest["invariants"]
     block_geoids = block_hu = None
-    if inv.get("block_housing_units"):
-        ipath = root / inv["block_housing_units"]["file"]
+    if inv["block_housing_units"] is not None:
+        decl = inv["block_housing_units"]
+        ipath = root / decl["file"]
         if ipath.is_file():
             idf = pl.read_parquet(ipath).sort("geoid")
             block_geoids, block_hu = idf["geoid"].to_numpy().astype(str), idf["housing_units"].to_numpy()
+            if idf.height != decl["blocks"] or int(block_hu.sum()) != decl["total"]:
+                failures.append(_fail("invariant", f"{decl['file']}: {idf.height} blocks with {int(block_hu.sum())} "
+                                                   f"housing units, manifest says {decl['blocks']} blocks, "
+                                                   f"{decl['total']} units", "H1"))
         else:
-            failures.append(_fail("file_missing", f"{inv['block_housing_units']['file']} (declared invariant) is missing"))
-    invariants = Invariants(inv.get("state_totals"), block_geoids, block_hu)
+            failures.append(_fail("file_missing", f"{decl['file']} (declared invariant) is missing"))
+    invariants = Invariants(inv["state_totals"], block_geoids, block_hu)
     failures += run_checks(ts, lts, digits, invariants)
+    if len(lts) == len(manifest["geolevels"]):
+        failures += _guard("table_rows", _table_row_checks, root, manifest, ts, lts, digits)
+        failures += _guard("measurements", _measurement_file_checks, root, manifest, ts, lts, digits)
     return failures
+
+
+def _table_list_checks(ts: TableSet, manifest: Mapping[str, Any]) -> list[CheckFailure]:
+    """The manifest's tables are exactly the definitions' tables of the published runs, as defined."""
+    runs = set(manifest["privacy"]["runs"])
+    want = [t for t in ts.tables.values() if t.histogram in runs]
+    listed = {t["name"]: t for t in manifest["tables"]}
+    out = [_fail("tables", f"table {t.name} ({t.histogram}) of {manifest['table_definitions']} is not published "
+                           f"although the {t.histogram} run is", t.name) for t in want if t.name not in listed]
+    for name, t in listed.items():
+        d = ts.tables.get(name)
+        if d is None or d.histogram not in runs:
+            out.append(_fail("tables", f"manifest lists table {name}, which {manifest['table_definitions']} does not "
+                                       f"define for the published runs {sorted(runs)}", name))
+            continue
+        got = (t["title"], t["universe"], t["histogram"], t["lines"])
+        if got != (d.title, d.universe, d.histogram, d.n_lines):
+            out.append(_fail("tables", f"manifest.json table {name}: (title, universe, histogram, lines) {got} differ "
+                                       f"from the definitions' {(d.title, d.universe, d.histogram, d.n_lines)}", name))
+    return out
+
+
+def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
+                      digits: Mapping[str, int]) -> list[CheckFailure]:
+    """Regenerate every table's rows from its counts (names, labels, moe90 from the design) and
+    compare each Parquet file, then each CSV file, row by row."""
+    from pipeline.release.writer import release_margins, variances_from_privacy
+
+    inv = manifest["invariants"]
+    levels = [g["name"] for g in manifest["geolevels"]]
+    moe = release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, digits,
+                          inv["state_totals"] is not None, inv["block_housing_units"] is not None)
+    out: list[CheckFailure] = []
+    for t in manifest["tables"]:
+        name = t["name"]
+        table = ts.tables[name]
+        want = [long_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids), lt.counts[name],
+                           moe.get((name, lt.level))) for lt in lts if name in lt.counts]
+        if len(want) != len(lts):
+            continue  # a level missing from the table: already a table_layout failure
+        rel = f"tables/{name}.parquet"
+        found = pl.read_parquet(root / rel)
+        out += _frame_diff(pl.concat(want), found, rel, "regenerated from its counts and the design's margins "
+                                                       "of error", name)
+        if manifest["contents"]["csv"]:
+            for lt in lts:
+                crel = f"csv/{lt.level}/{name}.csv"
+                if not (root / crel).is_file():
+                    continue  # reported by the file checks
+                csv = pl.read_csv(root / crel, schema=LONG_SCHEMA)
+                out += _frame_diff(found.filter(pl.col("geolevel") == lt.level), csv, crel,
+                                   f"{rel} (its {lt.level} rows)", name, lt.level)
+    return out
+
+
+def _frame_diff(want: pl.DataFrame, found: pl.DataFrame, rel: str, against: str, table: str,
+                level: str = "") -> list[CheckFailure]:
+    """Failures where ``found`` (the file ``rel``) differs from ``want``: columns, rows, values."""
+    if found.columns != want.columns or found.dtypes != want.dtypes:
+        return [_fail("table_rows", f"{rel}: columns {dict(found.schema)} differ from {against}: {dict(want.schema)}",
+                      table, level)]
+    if found.height != want.height:
+        return [_fail("table_rows", f"{rel}: {found.height} rows, {against} has {want.height}", table, level)]
+    if found.equals(want):
+        return []
+    out = []
+    for c in want.columns:
+        a, b = want[c], found[c]
+        bad = ~((a == b).fill_null(False) | (a.is_null() & b.is_null()))
+        idx = np.flatnonzero(bad.to_numpy())
+        if idx.size:
+            r = int(idx[0])
+            out.append(CheckFailure(
+                "table_rows", table, int(want["line"][r]), str(want["geolevel"][r]), str(want["geoid"][r]),
+                detail=f"{rel}: column {c} differs from {against} in {idx.size} row(s); first at row {r}: "
+                       f"found {b[r]!r}, expected {a[r]!r}"))
+    return out
+
+
+def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
+                             digits: Mapping[str, int]) -> list[CheckFailure]:
+    """The published noisy measurements against the design and the published geography."""
+    rel = "measurements/noisy_measurements.parquet"
+    path = root / rel
+    if not manifest["contents"]["measurements"] or not path.is_file():
+        return []
+    from pipeline.model.design import design_from_rho
+    from pipeline.release.checks import measurement_checks
+
+    runs = manifest["privacy"]["runs"]
+    design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in runs.items()})
+    published = _published_histograms(root, ts, lts, digits, list(runs))
+    return measurement_checks(pl.read_parquet(path), rel, design, ts.specs, lts, digits, published)
+
+
+def _published_histograms(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int],
+                          kinds: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{kind: {level: csr (n_units, n_cells) int64}}``: the published histograms of every level.
+
+    Persons: the microdata tabulated per block and summed up by GEOID prefix (the tables are
+    consistent, so this is every level's published histogram). Units: solved from the tables of
+    the units histogram when their lines determine every cell (H1: occupied, vacant); a kind
+    whose histogram the release does not determine is left out.
+    """
+    import scipy.sparse as sp
+
+    from pipeline.release.microdata import histogram_from_microdata
+
+    out: dict[str, dict[str, Any]] = {}
+    block = lts[-1]
+    if "persons" in kinds:
+        spec = ts.specs["persons"]
+        unit, cell, count = histogram_from_microdata(pl.read_parquet(root / "microdata" / "persons.parquet"),
+                                                     block.geoids, spec)
+        x = sp.csr_matrix((count, (unit, cell)), shape=(len(block.geoids), spec.n_cells), dtype=np.int64)
+        out["persons"] = {lt.level: _aggregate(x, block.geoids, lt.geoids, digits[lt.level]) for lt in lts}
+    for kind in kinds:
+        if kind == "persons":
+            continue
+        spec, tabs = ts.specs[kind], ts.of_kind(kind)
+        if not tabs:
+            continue
+        m = sp.vstack([t.matrix for t in tabs]).toarray().astype(np.float64)  # (lines, cells)
+        if np.linalg.matrix_rank(m) < spec.n_cells:
+            continue
+        pinv = np.linalg.pinv(m)                                             # (cells, lines)
+        hist = {}
+        for lt in lts:
+            c = np.hstack([lt.counts[t.name] for t in tabs]).astype(np.float64)  # (units, lines)
+            hist[lt.level] = sp.csr_matrix(np.rint(c @ pinv.T).astype(np.int64))
+        out[kind] = hist
+    return out
+
+
+def _aggregate(x: Any, block_geoids: np.ndarray, geoids: np.ndarray, d: int) -> Any:
+    """Sum block rows of csr ``x`` into the units ``geoids`` (sorted) by GEOID prefix of length ``d``."""
+    import scipy.sparse as sp
+
+    pref = block_geoids.astype(f"<U{d}") if d else np.full(len(block_geoids), "", dtype="<U1")
+    pos = np.searchsorted(geoids, pref)
+    ok = np.nonzero((pos < len(geoids)) & (geoids[np.minimum(pos, len(geoids) - 1)] == pref))[0]  # orphans: hierarchy
+    agg = sp.csr_matrix((np.ones(ok.size, np.int64), (pos[ok], ok)), shape=(len(geoids), len(pref)))
+    return (agg @ x).tocsr()
