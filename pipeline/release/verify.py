@@ -77,9 +77,14 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]
             out.append(_fail("checksum", f"{rel}: sha256 {digest} ({p.stat().st_size} bytes) differs from the "
                                          f"manifest's {f.get('sha256')} ({f.get('bytes')} bytes)"))
         elif p.suffix == ".parquet" and "rows" in f:
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            rows = pq.ParquetFile(p).metadata.num_rows
+            try:
+                rows = pq.ParquetFile(p).metadata.num_rows
+            except (OSError, pa.ArrowException) as exc:
+                out.append(_fail("unreadable", f"{rel}: not a readable Parquet file ({exc})"))
+                continue
             if rows != f["rows"]:
                 out.append(_fail("rows", f"{rel}: {rows} rows, manifest says {f['rows']}"))
     for p in sorted(root.rglob("*")):
