@@ -4,6 +4,27 @@ Works from the files alone (no run directory, no geography object): the manifest
 levels and their GEOID lengths, the tables are re-read from Parquet and pivoted back to
 ``(n_units, n_lines)`` arrays, the household population comes from the protected microdata,
 and the microdata are re-tabulated to the block tables they must reproduce.
+
+Nothing in the manifest is taken on trust that can be recomputed from the release:
+
+- the privacy section (ρ per level × query, ρ and ε per run and composed, at the manifest's δ)
+  is recomputed from the strategy copies ``privacy/<kind>.yaml`` the release carries, so it
+  stays verifiable when the package's strategies change;
+- the release id must be the folder's name, a seed is present iff ``randomness`` is
+  ``seeded``, and ``index.html`` must be the page the manifest renders to (it shows the seed,
+  ρ, ε and every checksum, so an edit of one that is not carried into the other shows);
+- the files must be exactly those the manifest's own settings require (:func:`required_files`);
+- every table's rows are regenerated from its counts with the writer's own code (names,
+  labels, and ``moe90`` from the measurement design: bitwise equal), and every CSV is compared
+  with its Parquet table;
+- the noisy measurements are checked against the design (variance, σ², which level × query)
+  and the published geography (units, answers, which answers a run draws:
+  :func:`pipeline.release.checks.measurement_checks`).
+
+What the release cannot show: a noisy measurement's *value* edited together with its checksum
+(nothing public determines it), or a consistent rewrite of every file and the manifest. The
+verdict is that of the verifier's own code: a release written by another version with a
+different page or table layout is reported as differing.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@
     microdata/persons.parquet            protected microdata, PPMF layout (pipeline.microdata)
     invariants/block_housing_units.parquet  the declared block housing-unit invariant
     measurements/noisy_measurements.parquet optional: every drawn noisy answer with its variance
+    privacy/<kind>.yaml                  the strategy of each run (persons, units), byte copies:
+                                         ``dptab verify`` recomputes the privacy section from them
 
 :func:`write_release` builds everything in a hidden temporary directory next to the target,
 runs every consistency check (``pipeline.checks``) and the verifier over the written files,
@@ -23,6 +25,27 @@ declared invariants, the noisy measurements and the privacy parameters. The writ
 confidential histogram and no truth-based metric (those live in the run directory's
 ``review/``, never here); measurement files are refused unless their columns are exactly
 the measurement contract, so a file carrying any extra (e.g. true) column cannot slip in.
+
+The manifest says what the release must hold (``contents``: ``csv``, ``measurements``; the
+tables, invariants and runs it lists), how its noise was drawn (``randomness``, and ``seed``
+only when seeded) and where each run's strategy copy is (``privacy.runs.<kind>.strategy_file``);
+``dptab verify`` checks the folder against all of it.
+
+Which blocks a release shows to exist. Every block of the ``geography`` passed in is published:
+a row per block and line in every ``tables/*.parquet`` and ``csv/block/*.csv`` (zero counts
+included), the block count in ``manifest.json`` (``geolevels``) and ``index.html``, the block
+measurements in ``measurements/`` (every block is measured at the block level), and — only when
+declared — ``invariants/block_housing_units.parquet`` with one row per block. Published counts
+are post-processed onto exactly these blocks, so even a release without zero rows would show
+them. The writer adds nothing beyond the geography and the declared invariants: the housing-unit
+file is written only when ``block_housing_units`` is declared, the microdata hold rows only for
+published persons, and the margins of error do not depend on which blocks exist. But the block
+list *is* the geography: the job builds it from the units file (``pipeline/job/stages.py``,
+``stage_inputs``: every block with at least one housing unit or group-quarters facility), so
+with ``invariants.block_housing_units`` (or ``gq_facilities``) off a release still reveals
+exactly which blocks have at least one housing unit or facility. Only a geography taken from a
+public block list (every block of the area, empty ones included) removes that; the writer
+cannot, since it sees only the geography it is given.
 """
 
 from __future__ import annotations
