@@ -464,3 +464,27 @@ def test_tampering_is_reported(release: Path, tmp_path: Path, tamper, checks, ne
     assert fails, f"{tamper.__name__}: verify reported nothing"
     hits = [f for f in fails if f.check in checks and needle in str(f)]
     assert hits, f"{tamper.__name__}: no {checks} failure mentioning {needle!r}; got:\n" + "\n".join(map(str, fails[:15]))
+
+
+def test_rows_are_compared_chunk_by_chunk(release: Path, tmp_path: Path, monkeypatch) -> None:
+    """With 5 units per chunk the block level spans many chunks: a clean copy still verifies, and
+    edits far into the block rows (a CSV count, then a margin of error in Parquet and CSV alike)
+    are found in their chunk."""
+    import pipeline.release.writer as writer
+
+    monkeypatch.setattr(writer, "CHUNK_UNITS", 5)
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    assert verify_release(copy) == []
+    edit_csv(copy, "csv/block/P1.csv", lambda df: set_at(df, df.height - 2, "count", int(df["count"][df.height - 2]) + 1))
+    fails = verify_release(copy)
+    assert any(f.check == "table_rows" and "csv/block/P1.csv" in f.detail for f in fails), fails
+
+    def half_moe(df):
+        i = df.height - 70
+        return set_at(df, i, "moe90", float(df["moe90"][i]) / 2)
+    edit_parquet(copy, "tables/P3.parquet", half_moe)
+    edit_csv(copy, "csv/block/P3.csv", half_moe)
+    fails = verify_release(copy)
+    assert any(f.check == "table_rows" and "tables/P3.parquet: column moe90" in f.detail and f.geolevel == "block"
+               for f in fails), fails

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Generator, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -420,36 +420,85 @@ def _table_list_checks(ts: TableSet, manifest: Mapping[str, Any]) -> list[CheckF
 
 
 def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-                      digits: Mapping[str, int]) -> list[CheckFailure]:
+                      digits: Mapping[str, int], chunk_units: int | None = None) -> list[CheckFailure]:
     """Regenerate every table's rows from its counts (names, labels, moe90 from the design) and
-    compare each Parquet file, then each CSV file, row by row."""
-    from pipeline.release.writer import release_margins, variances_from_privacy
+    compare each Parquet file, then each CSV file, row by row.
 
+    Streams ``chunk_units`` units at a time (default the writer's chunk), so memory stays that of
+    one chunk of rows at block level; each file reports its first differing chunk.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.release.writer import CHUNK_UNITS, release_margins, variances_from_privacy
+
+    step = chunk_units or CHUNK_UNITS
     inv = manifest["invariants"]
     levels = [g["name"] for g in manifest["geolevels"]]
     moe = release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, digits,
                           inv["state_totals"] is not None, inv["block_housing_units"] is not None)
     out: list[CheckFailure] = []
+    against = "the rows regenerated from its counts and the design's margins of error"
     for t in manifest["tables"]:
         name = t["name"]
         table = ts.tables[name]
-        want = [long_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids), lt.counts[name],
-                           moe.get((name, lt.level))) for lt in lts if name in lt.counts]
-        if len(want) != len(lts):
+        if any(name not in lt.counts for lt in lts):
             continue  # a level missing from the table: already a table_layout failure
         rel = f"tables/{name}.parquet"
-        found = pl.read_parquet(root / rel)
-        out += _frame_diff(pl.concat(want), found, rel, "regenerated from its counts and the design's margins "
-                                                       "of error", name)
-        if manifest["contents"]["csv"]:
-            for lt in lts:
-                crel = f"csv/{lt.level}/{name}.csv"
-                if not (root / crel).is_file():
-                    continue  # reported by the file checks
-                csv = pl.read_csv(root / crel, schema=LONG_SCHEMA)
-                out += _frame_diff(found.filter(pl.col("geolevel") == lt.level), csv, crel,
-                                   f"{rel} (its {lt.level} rows)", name, lt.level)
+        rows = pq.ParquetFile(root / rel).metadata.num_rows
+        want_rows = sum(len(lt.geoids) for lt in lts) * table.n_lines
+        if rows != want_rows:
+            out.append(_fail("table_rows", f"{rel}: {rows} rows, {against} are {want_rows}", name))
+            continue
+        lazy = pl.scan_parquet(root / rel)
+        offset, bad_parquet = 0, False
+        for lt in lts:
+            crel = f"csv/{lt.level}/{name}.csv"
+            csv = _csv_chunks(root / crel) if manifest["contents"]["csv"] and (root / crel).is_file() else None
+            bad_csv = False
+            if csv is not None:
+                header = next(csv)
+                if header != ",".join(LONG_SCHEMA):
+                    out.append(_fail("table_rows", f"{crel}: header {header!r}, expected {','.join(LONG_SCHEMA)!r}",
+                                     name, lt.level))
+                    csv = None
+            names = unit_names(lt.level, lt.geoids)
+            for s in range(0, max(len(lt.geoids), 1), step):
+                e = min(s + step, len(lt.geoids))
+                want = long_frame(table, lt.level, lt.geoids[s:e], names[s:e], lt.counts[name][s:e],
+                                  moe.get((name, lt.level)))
+                found = lazy.slice(offset, want.height).collect()
+                offset += want.height
+                if not bad_parquet:
+                    diff = _frame_diff(want, found, rel, against, name, lt.level)
+                    out += diff
+                    bad_parquet = bool(diff)
+                if csv is not None and not bad_csv:
+                    diff = _frame_diff(found, csv.send(found.height), crel, f"{rel} (its {lt.level} rows)", name,
+                                       lt.level)
+                    out += diff
+                    bad_csv = bool(diff)
+            if csv is not None and not bad_csv:
+                rest = csv.send(-1)
+                if rest.height:
+                    out.append(_fail("table_rows", f"{crel}: {rest.height} row(s) beyond the {lt.level} rows of "
+                                                   f"{rel}", name, lt.level))
     return out
+
+
+def _csv_chunks(path: Path) -> Generator[Any, int, None]:
+    """A generator that first yields the header line of a long-format CSV, then, sent a row count
+    ``n``, the next ``n`` rows (``-1``: every remaining row) typed as :data:`LONG_SCHEMA`. Rows
+    are split on line ends (no field of a release CSV holds a newline), so a block-level file is
+    never read whole."""
+    import io
+    import itertools
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = fh.readline()
+        n = yield header.rstrip("\r\n")
+        while True:
+            lines = list(fh) if n < 0 else list(itertools.islice(fh, n))
+            n = yield pl.read_csv(io.StringIO(header + "".join(lines)), schema=LONG_SCHEMA)
 
 
 def _frame_diff(want: pl.DataFrame, found: pl.DataFrame, rel: str, against: str, table: str,
