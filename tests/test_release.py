@@ -265,3 +265,32 @@ def test_verify_catches_a_level_deleted_from_a_table(built, tmp_path) -> None:
     (path / "manifest.json").write_text(json.dumps(m))
     fails = verify_release(path)
     assert any(f.check == "table_layout" and f.table == "P3" and f.geolevel == "block" for f in fails)
+
+
+def test_privacy_section_must_follow_from_the_strategy_files(tmp_path) -> None:
+    """A privacy section edited before writing (here: a smaller ε) is refused; nothing is published."""
+    c = make_case(8, n_blocks=20)
+    bad = privacy_parameters({"persons": load_strategy("census2020_pl94"), "units": load_strategy("census2020_units")})
+    bad["epsilon"]["cks2020"] = "1/10"
+    with pytest.raises(ReleaseError, match="does not follow from the strategy files"):
+        write_release(tmp_path, meta("rel-eps"), c.geography, c.persons, c.units, c.invariants, bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_release_carries_its_strategies_and_settings(built) -> None:
+    path = built[1]
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["format"] == "dptab-release/2" and m["randomness"] == "seeded" and m["seed"] == 7
+    assert m["contents"] == {"csv": True, "measurements": True}
+    for kind, name in (("persons", "census2020_pl94"), ("units", "census2020_units")):
+        assert m["privacy"]["runs"][kind]["strategy_file"] == f"privacy/{kind}.yaml"
+        assert (path / "privacy" / f"{kind}.yaml").read_bytes() == load_strategy(name).source.read_bytes()
+
+
+@pytest.mark.parametrize("seed, randomness", [(7, "keyed"), (None, "seeded"), (7, "sometimes")])
+def test_seed_and_randomness_must_agree(tmp_path, seed, randomness) -> None:
+    c = make_case(8, n_blocks=20)
+    m = ReleaseMetadata("rel-seed", "synthetic-test", "0.1.0", "ab" * 32, seed=seed, randomness=randomness)
+    with pytest.raises(ReleaseError, match="randomness"):
+        write_release(tmp_path, m, c.geography, c.persons, c.units, c.invariants, PRIVACY)
+    assert list(tmp_path.iterdir()) == []
