@@ -377,6 +377,27 @@ def t_index_edited(r: Path) -> None:
     rehash(r, "index.html")
 
 
+def t_config_hash(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(config_hash="f" * 64))
+
+
+def t_dataset_id(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(dataset_id="another-dataset"))
+
+
+def t_rows_entry(r: Path) -> None:
+    def f(m):
+        e = next(x for x in m["files"] if x["path"] == "tables/P1.parquet")
+        e["rows"] += 71
+    edit_manifest(r, f)
+
+
+def t_invariant_file_outside(r: Path) -> None:
+    """The declared invariant file moved out of the release, the manifest pointing at it."""
+    shutil.move(r / "invariants" / "block_housing_units.parquet", r.parent / "bhu.parquet")
+    edit_manifest(r, lambda m: m["invariants"]["block_housing_units"].update(file="../bhu.parquet"))
+
+
 def t_csv_switched_off(r: Path) -> None:
     """The manifest claims a Parquet-only release but the CSVs are still there, unlisted."""
     def f(m):
@@ -438,6 +459,10 @@ CASES: list[tuple[Callable[[Path], None], tuple[str, ...], str]] = [
     (t_table_title, ("tables",), "title"),
     (t_index_edited, ("identity",), "index.html"),
     (t_csv_switched_off, ("file_unlisted",), "csv/"),
+    (t_config_hash, ("identity",), "index.html"),
+    (t_dataset_id, ("identity",), "index.html"),
+    (t_rows_entry, ("rows",), "tables/P1.parquet"),
+    (t_invariant_file_outside, ("file_missing",), "invariants/block_housing_units.parquet"),
 ]
 
 

@@ -50,6 +50,8 @@ class CheckFailure:
     detail: str = ""
 
     def __str__(self) -> str:
+        if self.table == "*" and self.line is None and not self.geolevel and self.expected is None:
+            return f"[{self.check}] {self.detail}"  # about a file or the manifest, not a table cell
         where = f"{self.table}" + (f" line {self.line}" if self.line is not None else "")
         at = f"{self.geolevel} {self.geoid!r}" if self.geolevel else ""
         vals = f": expected {self.expected}, found {self.found}" if self.expected is not None else ""

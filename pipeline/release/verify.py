@@ -240,6 +240,24 @@ def verify_release(path: str | Path, *, release_id: str | None = None) -> list[C
     return failures
 
 
+#: (loader, sha256 of the file) -> what it loaded: a verifier process (the writer's self-check,
+#: a test suite) reads the same definitions and strategies again and again
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def _by_content(loader: Callable[[Path], Any], path: Path) -> Any:
+    """``loader(path)``, memoised on the file's bytes (the package's specs and geolevels, which
+    loaders also read, do not change within a process)."""
+    from pipeline.files import sha256_file
+
+    key = (f"{loader.__module__}.{loader.__qualname__}", sha256_file(path))
+    if key not in _LOADED:
+        if len(_LOADED) > 64:
+            _LOADED.clear()
+        _LOADED[key] = loader(path)
+    return _LOADED[key]
+
+
 def _guard(check: str, fn: Callable[..., list[CheckFailure]], *args: Any) -> list[CheckFailure]:
     """``fn(*args)``, with a damaged or malformed file reported as one failure instead of raised."""
     try:
@@ -333,7 +351,7 @@ def _verify_privacy(root: Path, manifest: Mapping[str, Any], recomputed: list[di
                                         "cannot be recomputed"))
             continue
         try:
-            loaded[kind] = load_strategy(p)
+            loaded[kind] = _by_content(load_strategy, p)
         except StrategyError as exc:
             out.append(_fail("privacy", f"{rel}: {exc}"))
     if out:
@@ -367,7 +385,7 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
     defs = root / manifest["table_definitions"]
     if root.resolve() not in defs.resolve().parents or not defs.is_file():
         return [_fail("file_missing", f"table definitions {manifest['table_definitions']} not found in the release")]
-    ts = load_tables(defs.resolve())
+    ts = _by_content(load_tables, defs.resolve())
     failures += _table_list_checks(ts, manifest)
     digits = {g["name"]: int(g["digits"]) for g in manifest["geolevels"]}
     lts, layout = read_release_tables(root, manifest, ts)
@@ -382,7 +400,7 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
     if inv["block_housing_units"] is not None:
         decl = inv["block_housing_units"]
         ipath = root / decl["file"]
-        if ipath.is_file():
+        if root.resolve() in ipath.resolve().parents and ipath.is_file():
             idf = pl.read_parquet(ipath).sort("geoid")
             block_geoids, block_hu = idf["geoid"].to_numpy().astype(str), idf["housing_units"].to_numpy()
             if idf.height != decl["blocks"] or int(block_hu.sum()) != decl["total"]:

@@ -255,15 +255,14 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
     exact at levels of at most 2 GEOID digits when state totals are declared, the units total at
     every level when block housing units are. The writer and ``dptab verify`` both call this,
     so a verified margin is bitwise the one the writer computed. Results are memoised on every
-    input (the definitions file's sha256, the variances, levels and flags): the same inputs give
-    the same floats, and the writer's own verification then costs no second computation.
+    input (a digest of the tables' line matrices and the specs' queries, the variances, levels
+    and flags): the same inputs give the same floats, and the writer's own verification then
+    costs no second computation.
     """
     exact_totals = {"persons": [lv for lv in levels if state_totals and digits[lv] <= 2],
                     "units": list(levels) if block_housing_units else []}
     by_kind = {k: ts.of_kind(k) for k in ("persons", "units")}
-    if ts.source is None:
-        return release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
-    key = (sha256_file(Path(ts.source)),
+    key = (_design_digest(ts, by_kind),
            tuple((k, lv, q, float(v)) for k, by in variances.items() for lv, qs in by.items() for q, v in qs.items()),
            tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]))
     if key not in _MARGINS_CACHE:
@@ -274,6 +273,27 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
 
 
 _MARGINS_CACHE: dict[tuple, dict[tuple[str, str], np.ndarray]] = {}
+
+
+def _design_digest(ts: TableSet, by_kind: Mapping[str, Sequence[Any]]) -> str:
+    """sha256 of everything margins of error depend on besides variances: each table's line
+    matrix and each spec's cells, structural zeros and query partitions."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for kind, tabs in by_kind.items():
+        spec = ts.specs[kind]
+        h.update(f"{kind}|{spec.n_cells}|".encode())
+        h.update(np.ascontiguousarray(spec.structural_zero_mask).tobytes())
+        for q in spec.query_defs:
+            h.update(f"|{q}|".encode())
+            h.update(np.ascontiguousarray(spec.query(q).cell_to_answer, dtype=np.int64).tobytes())
+        for t in tabs:
+            m = t.matrix.tocsr()
+            h.update(f"|{t.name}|{t.numbers}|".encode())
+            for a in (m.indptr, m.indices, m.data):
+                h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def variances_from_privacy(privacy: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
