@@ -57,7 +57,7 @@ import shutil
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -262,8 +262,13 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
     exact_totals = {"persons": [lv for lv in levels if state_totals and digits[lv] <= 2],
                     "units": list(levels) if block_housing_units else []}
     by_kind = {k: ts.of_kind(k) for k in ("persons", "units")}
+    # one query order whatever order the variances come in (the run's strategy order, or the
+    # sorted keys of manifest.json): float sums depend on it, and the margins must be bitwise equal
+    variances = {kind: {lv: {q: qs[q] for q in sorted(qs, key=_spec_order(ts.specs.get(kind)))}
+                        for lv, qs in by.items()} for kind, by in variances.items()}
     key = (_design_digest(ts, by_kind),
-           tuple((k, lv, q, float(v)) for k, by in variances.items() for lv, qs in by.items() for q, v in qs.items()),
+           tuple(sorted((k, lv, q, float(v)) for k, by in variances.items() for lv, qs in by.items()
+                        for q, v in qs.items())),
            tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]))
     if key not in _MARGINS_CACHE:
         if len(_MARGINS_CACHE) > 16:
@@ -273,6 +278,12 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
 
 
 _MARGINS_CACHE: dict[tuple, dict[tuple[str, str], np.ndarray]] = {}
+
+
+def _spec_order(spec: Any) -> Callable[[str], tuple[int, str]]:
+    """Sort key of query names: the spec's query order, unknown names after it by name."""
+    order = {q: i for i, q in enumerate(spec.query_defs)} if spec is not None else {}
+    return lambda q: (order.get(q, len(order)), q)
 
 
 def _design_digest(ts: TableSet, by_kind: Mapping[str, Sequence[Any]]) -> str:
