@@ -513,3 +513,43 @@ def test_rows_are_compared_chunk_by_chunk(release: Path, tmp_path: Path, monkeyp
     fails = verify_release(copy)
     assert any(f.check == "table_rows" and "tables/P3.parquet: column moe90" in f.detail and f.geolevel == "block"
                for f in fails), fails
+
+
+def _tiny_measurements(answer_rows: list[tuple[str, str, str, int]]) -> pl.DataFrame:
+    """A release measurement frame for the persons ``total`` query (sigma2 = 1, ρ = 1)."""
+    from pipeline.model.design import discrete_gaussian_variance
+
+    var = discrete_gaussian_variance(1)
+    return pl.DataFrame(
+        [(run, lv, g, "total", a, "Total", 3, var, "1/1") for run, lv, g, a in answer_rows],
+        schema={"run": pl.Utf8, "geolevel": pl.Utf8, "geoid": pl.Utf8, "query": pl.Utf8, "answer": pl.Int32,
+                "answer_label": pl.Utf8, "value": pl.Int64, "variance": pl.Float64, "sigma2": pl.Utf8}, orient="row")
+
+
+@pytest.mark.parametrize("nation_persons, state_rows, ok", [
+    (0, [], True),                                     # empty parent: every child answer skipped, no rows is right
+    (5, [], False),                                    # a positive parent: the children's answers must be there
+    (5, [("01", 0), ("02", 0)], True),
+    (0, [("01", 0), ("02", 0)], True),                 # a full measurement file draws them anyway
+    (5, [("01", 0)], False),                           # one child's answer missing
+])
+def test_measurement_rows_follow_the_published_parent(nation_persons, state_rows, ok) -> None:
+    """Which answers a run draws: all at the top; below, those whose parent answer is positive."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from pipeline.model.design import design_from_rho
+    from pipeline.model.spec import load_spec
+    from pipeline.release.checks import measurement_checks
+    from pipeline.release.tables import LevelTables
+
+    spec = load_spec("pl94")
+    design = design_from_rho({"persons": {"nation": {"total": "1"}, "state": {"total": "1"}}})  # sigma2 = 1
+    levels = [LevelTables("nation", np.array([""]), {}), LevelTables("state", np.array(["01", "02"]), {})]
+    nation = sp.csr_matrix(np.eye(1, spec.n_cells, 0, dtype=np.int64) * nation_persons)
+    df = _tiny_measurements([("persons", "nation", "", 0)] + [("persons", "state", g, a) for g, a in state_rows])
+    fails = measurement_checks(df, "m.parquet", design, {"persons": spec}, levels, {"nation": 0, "state": 2},
+                               {"persons": {"nation": nation}})
+    assert (fails == []) == ok, fails
+    if not ok:
+        assert all(f.check == "measurements" and "persons/state/total" in f.detail for f in fails)
