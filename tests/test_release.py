@@ -50,20 +50,45 @@ def measurement_file(tmp: Path, n_units: int, extra: bool = False) -> Path:
     return p
 
 
+def full_measurement_files(tmp: Path, geography, privacy) -> dict:
+    """A complete measurement file per (kind, level) of the design: every answer of every unit
+    (as ``privacy.full_measurements`` draws them), with the design's variance and sigma2."""
+    from pipeline.model.design import design_from_rho
+    from pipeline.model.spec import load_spec
+
+    rng = np.random.default_rng(0)
+    d = design_from_rho({k: r["rho_by_level_query"] for k, r in privacy["runs"].items()})
+    out: dict = {}
+    for kind, run in privacy["runs"].items():
+        spec = load_spec(run["spec"])
+        for lv in run["rho_by_level_query"]:
+            n = geography.level(lv).n_units
+            frames = []
+            for q, m in d.of(kind, lv).items():
+                na = spec.query(q).n_answers
+                frames.append(pl.DataFrame({
+                    "unit": np.repeat(np.arange(n, dtype=np.int64), na), "query": [q] * (n * na),
+                    "answer": np.tile(np.arange(na, dtype=np.int32), n), "value": rng.integers(-3, 20, n * na),
+                    "variance": np.full(n * na, m.variance), "sigma2": [f"{m.sigma2.numerator}/{m.sigma2.denominator}"] * (n * na)}))
+            path = tmp / f"m_{kind}_{lv}.parquet"
+            pl.concat(frames).write_parquet(path)
+            out[(kind, lv)] = [path]
+    return out
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One release written once for the read-only tests (copied before any tampering)."""
     tmp = tmp_path_factory.mktemp("rel")
     c = make_case(0)
-    n_blocks = c.geography.level("block").n_units
-    mf = {("persons", "block"): [measurement_file(tmp, n_blocks)]}
+    mf = full_measurement_files(tmp, c.geography, PRIVACY)
     path = write_release(tmp / "releases", meta(), c.geography, c.persons, c.units, c.invariants, PRIVACY,
                          measurement_files=mf)
     return c, path
 
 
 def copy_of(built, tmp_path: Path) -> Path:
-    dst = tmp_path / "copy"
+    dst = tmp_path / built[1].name  # a release's folder is named by its id
     shutil.copytree(built[1], dst)
     return dst
 
@@ -99,7 +124,8 @@ def test_layout_manifest_and_verify(built) -> None:
     assert np.allclose(csv["moe90"].to_numpy(), county["moe90"].to_numpy())
     meas = pl.read_parquet(path / "measurements/noisy_measurements.parquet")
     assert meas.columns == ["run", "geolevel", "geoid", "query", "answer", "answer_label", "value", "variance", "sigma2"]
-    assert meas["geoid"].to_list() == c.geography.level("block").geoids.tolist()
+    blocks = meas.filter((pl.col("geolevel") == "block") & (pl.col("query") == "total"))
+    assert blocks["geoid"].to_list() == c.geography.level("block").geoids.tolist()
     assert verify_release(path) == []
 
 
@@ -173,7 +199,8 @@ def test_verify_detects_a_modified_file(built, tmp_path) -> None:
     p = path / "csv" / "block" / "P1.csv"
     p.write_bytes(p.read_bytes().replace(b",Total:,", b",Total:,9", 1))
     fails = verify_release(path)
-    assert [f.check for f in fails] == ["checksum"] and "csv/block/P1.csv" in fails[0].detail
+    assert [f.check for f in fails] == ["checksum", "table_rows"] and "csv/block/P1.csv" in fails[0].detail
+    assert "csv/block/P1.csv" in fails[1].detail and "tables/P1.parquet" in fails[1].detail  # CSV vs Parquet
     (path / "extra.txt").write_text("x")
     assert "file_unlisted" in {f.check for f in verify_release(path)}
 
@@ -251,3 +278,32 @@ def test_verify_catches_a_level_deleted_from_a_table(built, tmp_path) -> None:
     (path / "manifest.json").write_text(json.dumps(m))
     fails = verify_release(path)
     assert any(f.check == "table_layout" and f.table == "P3" and f.geolevel == "block" for f in fails)
+
+
+def test_privacy_section_must_follow_from_the_strategy_files(tmp_path) -> None:
+    """A privacy section edited before writing (here: a smaller ε) is refused; nothing is published."""
+    c = make_case(8, n_blocks=20)
+    bad = privacy_parameters({"persons": load_strategy("census2020_pl94"), "units": load_strategy("census2020_units")})
+    bad["epsilon"]["cks2020"] = "1/10"
+    with pytest.raises(ReleaseError, match="does not follow from the strategy files"):
+        write_release(tmp_path, meta("rel-eps"), c.geography, c.persons, c.units, c.invariants, bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_release_carries_its_strategies_and_settings(built) -> None:
+    path = built[1]
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["format"] == "dptab-release/2" and m["randomness"] == "seeded" and m["seed"] == 7
+    assert m["contents"] == {"csv": True, "measurements": True}
+    for kind, name in (("persons", "census2020_pl94"), ("units", "census2020_units")):
+        assert m["privacy"]["runs"][kind]["strategy_file"] == f"privacy/{kind}.yaml"
+        assert (path / "privacy" / f"{kind}.yaml").read_bytes() == load_strategy(name).source.read_bytes()
+
+
+@pytest.mark.parametrize("seed, randomness", [(7, "keyed"), (None, "seeded"), (7, "sometimes")])
+def test_seed_and_randomness_must_agree(tmp_path, seed, randomness) -> None:
+    c = make_case(8, n_blocks=20)
+    m = ReleaseMetadata("rel-seed", "synthetic-test", "0.1.0", "ab" * 32, seed=seed, randomness=randomness)
+    with pytest.raises(ReleaseError, match="randomness"):
+        write_release(tmp_path, m, c.geography, c.persons, c.units, c.invariants, PRIVACY)
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,8 @@ The checks (ARCHITECTURE §8; declarations in ``schemas/tables/pl94.yaml``):
 - ``cross_table``: the same totals agree across tables (P1 1 = P2 1; P1 1 = P5 1 + household
   population; …) and a table of a sub-population never exceeds its whole (P3 ≤ P1 line by line);
 - ``invariant``: state totals and block housing-unit counts equal the declared invariants;
-- ``non_negative``: no count is negative.
+- ``non_negative``: no count is negative;
+- ``measurements``: the published noisy measurements match the design (:func:`measurement_checks`).
 
 They work on :class:`LevelTables` (per level: sorted GEOIDs and one int64 ``(n_units, n_lines)``
 array per table), which both the release writer (from histograms) and the verifier (from the
@@ -18,11 +19,18 @@ failure names the check, table, line, level and GEOID.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from pipeline.release.tables import LevelTables, TableSet
+
+if TYPE_CHECKING:
+    import polars as pl
+    import scipy.sparse as sp
+
+    from pipeline.model.design import Design
+    from pipeline.model.spec import HistogramSpec
 
 #: failures reported individually per (check, table, level); the rest are counted in one summary
 MAX_PER_GROUP = 20
@@ -42,6 +50,8 @@ class CheckFailure:
     detail: str = ""
 
     def __str__(self) -> str:
+        if self.table == "*" and self.line is None and not self.geolevel and self.expected is None:
+            return f"[{self.check}] {self.detail}"  # about a file or the manifest, not a table cell
         where = f"{self.table}" + (f" line {self.line}" if self.line is not None else "")
         at = f"{self.geolevel} {self.geoid!r}" if self.geolevel else ""
         vals = f": expected {self.expected}, found {self.found}" if self.expected is not None else ""
@@ -242,3 +252,112 @@ def _invariant_checks(col: _Collector, tables: TableSet, levels: Sequence[LevelT
         if absent.size:
             col.add("invariant", "H1", "block", ig, absent, [1] * absent.size, iv[absent],
                     np.zeros(absent.size, np.int64), "block with declared housing units is not published")
+
+
+#: columns and types of a release's ``measurements/noisy_measurements.parquet``
+MEASUREMENT_COLUMNS = {"run": "String", "geolevel": "String", "geoid": "String", "query": "String", "answer": "Int32",
+                       "answer_label": "String", "value": "Int64", "variance": "Float64", "sigma2": "String"}
+
+
+def measurement_checks(df: "pl.DataFrame", rel: str, design: "Design", specs: Mapping[str, "HistogramSpec"],
+                       levels: Sequence[LevelTables], digits: Mapping[str, int],
+                       published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
+    """The published noisy measurements (``df``, read from ``rel``) against the design and geography.
+
+    - the (run, geolevel, query) groups are exactly the design's measurements;
+    - ``variance`` and ``sigma2`` equal the design's exact variance (float, bitwise) and σ² = 1/ρ
+      (fraction text ``p/q``);
+    - every ``geoid`` is a published unit of its level, every ``answer`` an answer of the query
+      with its spec label, no (unit, answer) twice;
+    - the (unit, answer) pairs of a (run, level, query) are every answer of every unit (a full
+      measurement file) or exactly those whose answer in the published parent histogram is
+      positive (answers forced to zero are never drawn: ``pipeline.privacy.measure``).
+
+    ``published[kind][level]``: csr int64 ``(n_units, n_cells)`` published histogram (a kind
+    absent from it gets only the full-or-subset test); ``levels`` top to bottom.
+    """
+    import scipy.sparse as sp
+
+    def fail(detail: str, level: str = "", table: str = "*") -> CheckFailure:
+        return CheckFailure("measurements", table, None, level, "", detail=f"{rel}: {detail}")
+
+    schema = {c: str(t) for c, t in df.schema.items()}
+    if schema != MEASUREMENT_COLUMNS:
+        return [fail(f"columns {schema} differ from {MEASUREMENT_COLUMNS}")]
+    want = {(m.kind, m.level, m.query): m for m in design.measurements}
+    parts = df.partition_by(["run", "geolevel", "query"], as_dict=True, maintain_order=True)
+    out = [fail(f"{k}/{lv}/{q} has {g.height} rows but is not measured by the strategy", str(lv))
+           for (k, lv, q), g in parts.items() if (k, lv, q) not in want]
+    for key in want:  # a measured query without rows: right only if every answer was skipped
+        if key not in parts:
+            parts[key] = df.clear()
+    names = [lt.level for lt in levels]
+    by_level = {lt.level: lt for lt in levels}
+    for key, g in parts.items():
+        if key not in want:
+            continue
+        kind, level, query = key
+        what = f"{kind}/{level}/{query}"
+        m = want[key]
+        n_var = int((g["variance"] != m.variance).sum())
+        s2 = f"{m.sigma2.numerator}/{m.sigma2.denominator}"
+        n_s2 = int((g["sigma2"] != s2).sum())
+        if n_var or n_s2:
+            out.append(fail(f"{what}: {n_var} row(s) with a variance other than the design's {m.variance!r} and "
+                            f"{n_s2} with a sigma2 other than {s2}", level))
+        if level not in by_level:
+            out.append(fail(f"{what}: level {level} is not a published geolevel", level))
+            continue
+        lt = by_level[level]
+        lg = np.asarray(lt.geoids).astype(str)
+        gg = g["geoid"].to_numpy().astype(str)
+        pos = np.clip(np.searchsorted(lg, gg), 0, max(len(lg) - 1, 0))
+        known = (lg[pos] == gg) if len(lg) else np.zeros(len(gg), bool)
+        q = specs[kind].query(query)
+        ans = g["answer"].to_numpy().astype(np.int64)
+        in_range = (ans >= 0) & (ans < q.n_answers)
+        if not known.all() or not in_range.all():
+            bad = int(np.flatnonzero(~(known & in_range))[0])
+            out.append(fail(f"{what}: {int((~known).sum())} row(s) with a geoid that is not a published {level} "
+                            f"unit and {int((~in_range).sum())} with an answer outside 0..{q.n_answers - 1} "
+                            f"(first: geoid {gg[bad]!r}, answer {int(ans[bad])})", level))
+            continue
+        labels = np.array(["; ".join(a) for a in q.answer_labels], dtype=object)[ans]
+        n_lab = int(np.sum(labels != g["answer_label"].to_numpy().astype(object)))
+        if n_lab:
+            out.append(fail(f"{what}: {n_lab} row(s) whose answer_label is not the spec's label of the answer", level))
+        keys = np.sort(pos.astype(np.int64) * q.n_answers + ans)
+        if keys.size > 1 and np.any(keys[1:] == keys[:-1]):
+            out.append(fail(f"{what}: a (geoid, answer) appears more than once", level))
+            continue
+        full = len(lg) * q.n_answers
+        i = names.index(level)
+        if keys.size == full or (i > 0 and kind not in published):
+            continue  # every answer drawn (or the parent histogram is not in the release)
+        if i == 0:
+            out.append(fail(f"{what}: {keys.size} rows; the top level draws every answer of every unit ({full})",
+                            level))
+            continue
+        parent = by_level[names[i - 1]]
+        d = digits[parent.level]
+        pg = np.asarray(parent.geoids).astype(str)
+        ppos = np.searchsorted(pg, lg.astype(f"<U{d}") if d else np.full(len(lg), "", dtype="<U1"))
+        a = sp.csr_matrix((np.ones(len(q.cell_to_answer), np.int64), (np.arange(len(q.cell_to_answer)),
+                                                                       q.cell_to_answer)),
+                          shape=(len(q.cell_to_answer), q.n_answers))
+        positive = (published[kind][parent.level] @ a).tocsr() > 0
+        rows, cols = positive[np.minimum(ppos, len(pg) - 1)].nonzero()
+        expect = np.sort(rows.astype(np.int64) * q.n_answers + cols)
+        if not np.array_equal(keys, expect):
+            if keys.size == 0:
+                out.append(fail(f"{what} is measured by the strategy but has no rows; the published {parent.level} "
+                                f"answers require {expect.size}", level))
+                continue
+            missing = np.setdiff1d(expect, keys)
+            extra = np.setdiff1d(keys, expect)
+            ex = missing[0] if missing.size else extra[0]
+            out.append(fail(f"{what}: {keys.size} rows, but the published {parent.level} answers require {expect.size} "
+                            f"(each answer whose parent answer is positive) or {full} (every answer): "
+                            f"{missing.size} missing, {extra.size} unexpected (first: geoid {lg[ex // q.n_answers]!r}, "
+                            f"answer {int(ex % q.n_answers)})", level))
+    return out

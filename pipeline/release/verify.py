@@ -4,21 +4,52 @@ Works from the files alone (no run directory, no geography object): the manifest
 levels and their GEOID lengths, the tables are re-read from Parquet and pivoted back to
 ``(n_units, n_lines)`` arrays, the household population comes from the protected microdata,
 and the microdata are re-tabulated to the block tables they must reproduce.
+
+Nothing in the manifest is taken on trust that can be recomputed from the release:
+
+- the privacy section (ρ per level × query, ρ and ε per run and composed, at the manifest's δ)
+  is recomputed from the strategy copies ``privacy/<kind>.yaml`` the release carries, so it
+  stays verifiable when the package's strategies change;
+- the release id must be the folder's name, a seed is present iff ``randomness`` is
+  ``seeded``, and ``index.html`` must be the page the manifest renders to (it shows the seed,
+  ρ, ε and every checksum, so an edit of one that is not carried into the other shows);
+- the files must be exactly those the manifest's own settings require (:func:`required_files`);
+- every table's rows are regenerated from its counts with the writer's own code (names,
+  labels, and ``moe90`` from the measurement design: bitwise equal), and every CSV is compared
+  with its Parquet table;
+- the noisy measurements are checked against the design (variance, σ², which level × query)
+  and the published geography (units, answers, which answers a run draws:
+  :func:`pipeline.release.checks.measurement_checks`).
+
+What the release cannot show: a noisy measurement's *value* edited together with its checksum
+(nothing public determines it), or a consistent rewrite of every file and the manifest. The
+verdict is that of the verifier's own code: a release written by another version with a
+different page or table layout is reported as differing.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Generator, Iterable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
-from pipeline.errors import InputError
-from pipeline.release.checks import CheckFailure, Invariants, run_checks
+from pipeline.errors import DptabError, InputError
+from pipeline.model.geonames import unit_names
+from pipeline.release.checks import MAX_PER_GROUP, CheckFailure, Invariants, run_checks
 from pipeline.release.microdata import MicrodataError, histogram_from_microdata
-from pipeline.release.tables import LevelTables, TableSet, load_tables, tabulate, tabulate_vector
+from pipeline.release.tables import (
+    CSV_SCHEMA,
+    LevelTables,
+    TableSet,
+    csv_frame,
+    load_tables,
+    long_frame,
+    tabulate,
+    tabulate_vector,
+)
 
 
 class ReleaseFormatError(InputError):
@@ -68,9 +99,14 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]
             out.append(_fail("checksum", f"{rel}: sha256 {digest} ({p.stat().st_size} bytes) differs from the "
                                          f"manifest's {f.get('sha256')} ({f.get('bytes')} bytes)"))
         elif p.suffix == ".parquet" and "rows" in f:
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            rows = pq.ParquetFile(p).metadata.num_rows
+            try:
+                rows = pq.ParquetFile(p).metadata.num_rows
+            except (OSError, pa.ArrowException) as exc:
+                out.append(_fail("unreadable", f"{rel}: not a readable Parquet file ({exc})"))
+                continue
             if rows != f["rows"]:
                 out.append(_fail("rows", f"{rel}: {rows} rows, manifest says {f['rows']}"))
     for p in sorted(root.rglob("*")):
@@ -166,10 +202,21 @@ def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: 
     return out
 
 
-def verify_release(path: str | Path) -> list[CheckFailure]:
+def verify_release(path: str | Path, *, release_id: str | None = None) -> list[CheckFailure]:
     """Every failure of a release folder (empty list: all checksums and checks pass).
 
-    Raises :class:`ReleaseFormatError` if ``path`` has no readable ``manifest.json``.
+    ``release_id``: the id the release must carry (default: the folder's name; the writer
+    passes its id while the folder still has its temporary name). Raises
+    :class:`ReleaseFormatError` if ``path`` has no readable ``manifest.json``.
+
+    Checked, each independently (a damaged file cannot hide another failure): the manifest's
+    schema; its id against the folder name; seed iff seeded randomness; ``index.html`` equal to
+    the page the manifest renders to; every listed file's sha256, size and rows; the files
+    present and listed against what the manifest's own settings require; the privacy section
+    recomputed from the strategy copies in ``privacy/``; every table's rows regenerated from its
+    counts (names, labels, and every ``moe90`` recomputed from the design, bitwise); each CSV
+    against its Parquet table; the consistency checks and declared invariants; the microdata
+    against the block tables; the noisy measurements against the design and the geography.
     """
     root = Path(path)
     mpath = root / "manifest.json"
@@ -179,16 +226,176 @@ def verify_release(path: str | Path) -> list[CheckFailure]:
         raise ReleaseFormatError(f"{root}: not a release (no manifest.json)") from None
     except json.JSONDecodeError as exc:
         raise ReleaseFormatError(f"{mpath}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ReleaseFormatError(f"{mpath}: not a JSON object")
     failures = [_fail("manifest", e) for e in manifest_errors(manifest)]
     if failures:
         return failures
+    expect = release_id if release_id is not None else root.resolve().name
+    recomputed: list[dict[str, Any]] = []
+    failures += _guard("privacy", _verify_privacy, root, manifest, recomputed)
+    failures += _guard("identity", _verify_identity, root, manifest, expect, recomputed[0] if recomputed else None)
     failures += _verify_files(root, manifest)
-    try:
-        failures += _verify_contents(root, manifest)
-    except (OSError, ValueError, KeyError, pl.exceptions.PolarsError) as exc:
-        # a damaged file (already reported by its checksum) must not hide the other failures
-        failures.append(_fail("unreadable", f"content checks stopped: {type(exc).__name__}: {exc}"))
+    failures += _guard("contents", _verify_required_files, manifest, root)
+    failures += _guard("unreadable", _verify_contents, root, manifest)
     return failures
+
+
+#: (loader, sha256 of the file) -> what it loaded: a verifier process (the writer's self-check,
+#: a test suite) reads the same definitions and strategies again and again
+_LOADED: dict[tuple[str, str], Any] = {}
+
+
+def _by_content(loader: Callable[[Path], Any], path: Path) -> Any:
+    """``loader(path)``, memoised on the file's bytes (the package's specs and geolevels, which
+    loaders also read, do not change within a process)."""
+    from pipeline.files import sha256_file
+
+    key = (f"{loader.__module__}.{loader.__qualname__}", sha256_file(path))
+    if key not in _LOADED:
+        if len(_LOADED) > 64:
+            _LOADED.clear()
+        _LOADED[key] = loader(path)
+    return _LOADED[key]
+
+
+def _guard(check: str, fn: Callable[..., list[CheckFailure]], *args: Any) -> list[CheckFailure]:
+    """``fn(*args)``, with a damaged or malformed file reported as one failure instead of raised."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, ArithmeticError, pl.exceptions.PolarsError,
+            DptabError) as exc:
+        # a damaged file (usually already reported by its checksum) must not hide other failures
+        return [_fail(check, f"{fn.__name__.lstrip('_')} stopped: {type(exc).__name__}: {exc}")]
+
+
+def _verify_identity(root: Path, manifest: Mapping[str, Any], expect: str,
+                     privacy: Mapping[str, Any] | None) -> list[CheckFailure]:
+    """Release id = folder name; a seed iff randomness is seeded; index.html = the manifest's page.
+
+    ``privacy``: the recomputed privacy section (its key order is the writer's; manifest.json is
+    stored with sorted keys), used for the page when it equals the manifest's.
+    """
+    out = []
+    if manifest["release_id"] != expect:
+        out.append(_fail("identity", f"manifest.json: release_id {manifest['release_id']!r} differs from the "
+                                     f"release folder's name {expect!r}"))
+    seeded, seed = manifest["randomness"] == "seeded", manifest["seed"]
+    if seeded != (seed is not None):
+        out.append(_fail("identity", f"manifest.json: randomness {manifest['randomness']!r} with seed {seed!r}; "
+                                     "a seed is recorded iff the randomness is seeded"))
+    index = root / "index.html"
+    if index.is_file():
+        from pipeline.release.html import render_index
+
+        m = dict(manifest)  # the page is rendered before its own entry joins the file list
+        m["files"] = [f for f in manifest["files"] if f["path"] != "index.html"]
+        if privacy is not None and privacy == manifest["privacy"]:
+            m["privacy"] = privacy
+        if index.read_text(encoding="utf-8") != render_index(m):
+            out.append(_fail("identity", "index.html differs from the page manifest.json renders to (the manifest "
+                                         "or the page was edited after the release was written)"))
+    return out
+
+
+def required_files(manifest: Mapping[str, Any], spec_files: Iterable[str] = ()) -> set[str]:
+    """Relative paths a release must hold by its manifest's own settings (besides manifest.json).
+
+    Every published table as Parquet (and per geolevel as CSV when ``contents.csv``), the table
+    definitions and the specs they name (``spec_files``), the codebook (``README.md``,
+    ``codebook.json``), the microdata, each run's strategy copy, the block housing-unit file when
+    that invariant is declared, the noisy measurements when ``contents.measurements``, and
+    index.html.
+    """
+    need = {"index.html", manifest["table_definitions"], "microdata/persons.parquet", "README.md", "codebook.json",
+            *spec_files}
+    for t in manifest["tables"]:
+        need.add(f"tables/{t['name']}.parquet")
+        if manifest["contents"]["csv"]:
+            need |= {f"csv/{g['name']}/{t['name']}.csv" for g in manifest["geolevels"]}
+    if manifest["contents"]["measurements"]:
+        need.add("measurements/noisy_measurements.parquet")
+    bhu = manifest["invariants"]["block_housing_units"]
+    if bhu is not None:
+        need.add(bhu["file"])
+    need |= {run["strategy_file"] for run in manifest["privacy"]["runs"].values()}
+    return need
+
+
+def _spec_copies(root: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """The spec copies the release's table definitions name (``persons_spec``, ``units_spec``),
+    as release paths beside the definitions."""
+    import yaml
+
+    defs = Path(manifest["table_definitions"])
+    raw = yaml.safe_load((root / defs).read_text())
+    out = []
+    for kind in ("persons", "units"):
+        ref = str(raw[f"{kind}_spec"])
+        out.append((defs.parent / (Path(ref).name if Path(ref).suffix else f"{ref}.yaml")).as_posix())
+    return out
+
+
+def _verify_required_files(manifest: Mapping[str, Any], root: Path) -> list[CheckFailure]:
+    listed = {f["path"] for f in manifest["files"]}
+    need = required_files(manifest, _spec_copies(root, manifest))
+    s = manifest["contents"]
+    why = f"csv {s['csv']}, measurements {s['measurements']}, tables {[t['name'] for t in manifest['tables']]}"
+    out = [_fail("file_missing", f"{p} is required by the manifest's settings ({why}) but not listed in its files")
+           for p in sorted(need - listed)]
+    out += [_fail("file_unexpected", f"{p} is listed in the manifest but is not part of a release with these "
+                                     f"settings ({why})") for p in sorted(listed - need)]
+    seen: set[str] = set()
+    for f in manifest["files"]:
+        if f["path"] in seen:
+            out.append(_fail("manifest", f"{f['path']} is listed twice in the manifest's files"))
+        seen.add(f["path"])
+    return out
+
+
+def _verify_privacy(root: Path, manifest: Mapping[str, Any], recomputed: list[dict[str, Any]]) -> list[CheckFailure]:
+    """Recompute the whole privacy section from the strategy copies the manifest names (appended
+    to ``recomputed``) and report every value of the manifest's that differs."""
+    from pipeline.model.strategy import StrategyError, load_strategy
+    from pipeline.release.writer import privacy_parameters
+
+    privacy = manifest["privacy"]
+    loaded, out = {}, []
+    for kind, run in privacy["runs"].items():
+        rel = run["strategy_file"]
+        p = root / rel
+        if root.resolve() not in p.resolve().parents or not p.is_file():
+            out.append(_fail("privacy", f"{rel} (the {kind} run's strategy) is missing: the privacy section "
+                                        "cannot be recomputed"))
+            continue
+        try:
+            loaded[kind] = _by_content(load_strategy, p)
+        except StrategyError as exc:
+            out.append(_fail("privacy", f"{rel}: {exc}"))
+    if out:
+        return out
+    got = dict(privacy_parameters(loaded, privacy["delta"]))
+    recomputed.append(got)
+    diffs = _json_diff(got, privacy, "privacy")
+    files = ", ".join(run["strategy_file"] for run in privacy["runs"].values())
+    return [_fail("privacy", f"manifest.json {d} (recomputed from {files} at delta {privacy['delta']})")
+            for d in diffs[:MAX_PER_GROUP]]
+
+
+def _json_diff(want: Any, found: Any, where: str) -> list[str]:
+    """Readable differences between two JSON values: ``where: found X, expected Y``."""
+    if isinstance(want, dict) and isinstance(found, dict):
+        out = []
+        for k in want:
+            if k not in found:
+                out.append(f"{where}.{k}: missing, expected {want[k]!r}")
+            else:
+                out += _json_diff(want[k], found[k], f"{where}.{k}")
+        out += [f"{where}.{k}: unexpected {found[k]!r}" for k in found if k not in want]
+        return out
+    if want != found or type(want) is not type(found):
+        return [f"{where}: found {found!r}, expected {want!r}"]
+    return []
 
 
 def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
@@ -196,7 +403,8 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
     defs = root / manifest["table_definitions"]
     if root.resolve() not in defs.resolve().parents or not defs.is_file():
         return [_fail("file_missing", f"table definitions {manifest['table_definitions']} not found in the release")]
-    ts = load_tables(defs.resolve())
+    ts = _by_content(load_tables, defs.resolve())
+    failures += _table_list_checks(ts, manifest)
     digits = {g["name"]: int(g["digits"]) for g in manifest["geolevels"]}
     lts, layout = read_release_tables(root, manifest, ts)
     failures += layout
@@ -204,16 +412,217 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
         want = next(g["units"] for g in manifest["geolevels"] if g["name"] == lt.level)
         if len(lt.geoids) != want:
             failures.append(_fail("table_layout", f"{len(lt.geoids)} units published, manifest says {want}", "*", lt.level))
-    failures += _microdata_checks(root, ts, lts, digits, int(manifest["persons"]))
-    inv = manifest.get("invariants") or {}
+    failures += _guard("microdata", _microdata_checks, root, ts, lts, digits, int(manifest["persons"]))
+    inv = manifest["invariants"]
     block_geoids = block_hu = None
-    if inv.get("block_housing_units"):
-        ipath = root / inv["block_housing_units"]["file"]
-        if ipath.is_file():
+    if inv["block_housing_units"] is not None:
+        decl = inv["block_housing_units"]
+        ipath = root / decl["file"]
+        if root.resolve() in ipath.resolve().parents and ipath.is_file():
             idf = pl.read_parquet(ipath).sort("geoid")
             block_geoids, block_hu = idf["geoid"].to_numpy().astype(str), idf["housing_units"].to_numpy()
+            if idf.height != decl["blocks"] or int(block_hu.sum()) != decl["total"]:
+                failures.append(_fail("invariant", f"{decl['file']}: {idf.height} blocks with {int(block_hu.sum())} "
+                                                   f"housing units, manifest says {decl['blocks']} blocks, "
+                                                   f"{decl['total']} units", "H1"))
         else:
-            failures.append(_fail("file_missing", f"{inv['block_housing_units']['file']} (declared invariant) is missing"))
-    invariants = Invariants(inv.get("state_totals"), block_geoids, block_hu)
+            failures.append(_fail("file_missing", f"{decl['file']} (declared invariant) is missing"))
+    invariants = Invariants(inv["state_totals"], block_geoids, block_hu)
     failures += run_checks(ts, lts, digits, invariants)
+    if len(lts) == len(manifest["geolevels"]):
+        failures += _guard("table_rows", _table_row_checks, root, manifest, ts, lts, digits)
+        failures += _guard("measurements", _measurement_file_checks, root, manifest, ts, lts, digits)
     return failures
+
+
+def _table_list_checks(ts: TableSet, manifest: Mapping[str, Any]) -> list[CheckFailure]:
+    """The manifest's tables are exactly the definitions' tables of the published runs, as defined."""
+    runs = set(manifest["privacy"]["runs"])
+    want = [t for t in ts.tables.values() if t.histogram in runs]
+    listed = {t["name"]: t for t in manifest["tables"]}
+    out = [_fail("tables", f"table {t.name} ({t.histogram}) of {manifest['table_definitions']} is not published "
+                           f"although the {t.histogram} run is", t.name) for t in want if t.name not in listed]
+    for name, t in listed.items():
+        d = ts.tables.get(name)
+        if d is None or d.histogram not in runs:
+            out.append(_fail("tables", f"manifest lists table {name}, which {manifest['table_definitions']} does not "
+                                       f"define for the published runs {sorted(runs)}", name))
+            continue
+        got = (t["title"], t["universe"], t["histogram"], t["lines"])
+        if got != (d.title, d.universe, d.histogram, d.n_lines):
+            out.append(_fail("tables", f"manifest.json table {name}: (title, universe, histogram, lines) {got} differ "
+                                       f"from the definitions' {(d.title, d.universe, d.histogram, d.n_lines)}", name))
+    return out
+
+
+def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
+                      digits: Mapping[str, int], chunk_units: int | None = None) -> list[CheckFailure]:
+    """Regenerate every table's rows from its counts (names, labels, moe90 from the design) and
+    compare each Parquet file, then each CSV file, row by row.
+
+    Streams ``chunk_units`` units at a time (default the writer's chunk), so memory stays that of
+    one chunk of rows at block level; each file reports its first differing chunk.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.release.writer import CHUNK_UNITS, release_margins, variances_from_privacy
+
+    step = chunk_units or CHUNK_UNITS
+    inv = manifest["invariants"]
+    levels = [g["name"] for g in manifest["geolevels"]]
+    moe = release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, digits,
+                          inv["state_totals"] is not None, inv["block_housing_units"] is not None)
+    out: list[CheckFailure] = []
+    against = "the rows regenerated from its counts and the design's margins of error"
+    for t in manifest["tables"]:
+        name = t["name"]
+        table = ts.tables[name]
+        if any(name not in lt.counts for lt in lts):
+            continue  # a level missing from the table: already a table_layout failure
+        rel = f"tables/{name}.parquet"
+        rows = pq.ParquetFile(root / rel).metadata.num_rows
+        want_rows = sum(len(lt.geoids) for lt in lts) * table.n_lines
+        if rows != want_rows:
+            out.append(_fail("table_rows", f"{rel}: {rows} rows, {against} are {want_rows}", name))
+            continue
+        lazy = pl.scan_parquet(root / rel)
+        offset, bad_parquet = 0, False
+        for lt in lts:
+            crel = f"csv/{lt.level}/{name}.csv"
+            csv = _csv_chunks(root / crel) if manifest["contents"]["csv"] and (root / crel).is_file() else None
+            bad_csv = False
+            if csv is not None:
+                header = next(csv)
+                if header != ",".join(CSV_SCHEMA):
+                    out.append(_fail("table_rows", f"{crel}: header {header!r}, expected {','.join(CSV_SCHEMA)!r}",
+                                     name, lt.level))
+                    csv = None
+            names = unit_names(lt.level, lt.geoids)
+            for s in range(0, max(len(lt.geoids), 1), step):
+                e = min(s + step, len(lt.geoids))
+                want = long_frame(table, lt.level, lt.geoids[s:e], names[s:e], lt.counts[name][s:e],
+                                  moe.get((name, lt.level)))
+                found = lazy.slice(offset, want.height).collect()
+                offset += want.height
+                if not bad_parquet:
+                    diff = _frame_diff(want, found, rel, against, name, lt.level)
+                    out += diff
+                    bad_parquet = bool(diff)
+                if csv is not None and not bad_csv:
+                    diff = _frame_diff(csv_frame(found), csv.send(found.height), crel, f"{rel} (its {lt.level} rows)",
+                                       name, lt.level)
+                    out += diff
+                    bad_csv = bool(diff)
+            if csv is not None and not bad_csv:
+                rest = csv.send(-1)
+                if rest.height:
+                    out.append(_fail("table_rows", f"{crel}: {rest.height} row(s) beyond the {lt.level} rows of "
+                                                   f"{rel}", name, lt.level))
+    return out
+
+
+def _csv_chunks(path: Path) -> Generator[Any, int, None]:
+    """A generator that first yields the header line of a release CSV, then, sent a row count
+    ``n``, the next ``n`` rows (``-1``: every remaining row) typed as :data:`CSV_SCHEMA`. Rows
+    are split on line ends (no field of a release CSV holds a newline), so a block-level file is
+    never read whole."""
+    import io
+    import itertools
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        header = fh.readline()
+        n = yield header.rstrip("\r\n")
+        while True:
+            lines = list(fh) if n < 0 else list(itertools.islice(fh, n))
+            n = yield pl.read_csv(io.StringIO(header + "".join(lines)), schema=CSV_SCHEMA)
+
+
+def _frame_diff(want: pl.DataFrame, found: pl.DataFrame, rel: str, against: str, table: str,
+                level: str = "") -> list[CheckFailure]:
+    """Failures where ``found`` (the file ``rel``) differs from ``want``: columns, rows, values."""
+    if found.columns != want.columns or found.dtypes != want.dtypes:
+        return [_fail("table_rows", f"{rel}: columns {dict(found.schema)} differ from {against}: {dict(want.schema)}",
+                      table, level)]
+    if found.height != want.height:
+        return [_fail("table_rows", f"{rel}: {found.height} rows, {against} has {want.height}", table, level)]
+    if found.equals(want):
+        return []
+    out = []
+    for c in want.columns:
+        a, b = want[c], found[c]
+        bad = ~((a == b).fill_null(False) | (a.is_null() & b.is_null()))
+        idx = np.flatnonzero(bad.to_numpy())
+        if idx.size:
+            r = int(idx[0])
+            out.append(CheckFailure(
+                "table_rows", table, int(want["line"][r]), str(want["geolevel"][r]),
+                str(want["geoid"][r] if "geoid" in want.columns else want["GEO_ID"][r]),
+                detail=f"{rel}: column {c} differs from {against} in {idx.size} row(s); first at row {r}: "
+                       f"found {b[r]!r}, expected {a[r]!r}"))
+    return out
+
+
+def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
+                             digits: Mapping[str, int]) -> list[CheckFailure]:
+    """The published noisy measurements against the design and the published geography."""
+    rel = "measurements/noisy_measurements.parquet"
+    path = root / rel
+    if not manifest["contents"]["measurements"] or not path.is_file():
+        return []
+    from pipeline.model.design import design_from_rho
+    from pipeline.release.checks import measurement_checks
+
+    runs = manifest["privacy"]["runs"]
+    design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in runs.items()})
+    published = _published_histograms(root, ts, lts, digits, list(runs))
+    return measurement_checks(pl.read_parquet(path), rel, design, ts.specs, lts, digits, published)
+
+
+def _published_histograms(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int],
+                          kinds: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{kind: {level: csr (n_units, n_cells) int64}}``: the published histograms of every level.
+
+    Persons: the microdata tabulated per block and summed up by GEOID prefix (the tables are
+    consistent, so this is every level's published histogram). Units: solved from the tables of
+    the units histogram when their lines determine every cell (H1: occupied, vacant); a kind
+    whose histogram the release does not determine is left out.
+    """
+    import scipy.sparse as sp
+
+    from pipeline.release.microdata import histogram_from_microdata
+
+    out: dict[str, dict[str, Any]] = {}
+    block = lts[-1]
+    if "persons" in kinds:
+        spec = ts.specs["persons"]
+        unit, cell, count = histogram_from_microdata(pl.read_parquet(root / "microdata" / "persons.parquet"),
+                                                     block.geoids, spec)
+        x = sp.csr_matrix((count, (unit, cell)), shape=(len(block.geoids), spec.n_cells), dtype=np.int64)
+        out["persons"] = {lt.level: _aggregate(x, block.geoids, lt.geoids, digits[lt.level]) for lt in lts}
+    for kind in kinds:
+        if kind == "persons":
+            continue
+        spec, tabs = ts.specs[kind], ts.of_kind(kind)
+        if not tabs:
+            continue
+        m = sp.vstack([t.matrix for t in tabs]).toarray().astype(np.float64)  # (lines, cells)
+        if np.linalg.matrix_rank(m) < spec.n_cells:
+            continue
+        pinv = np.linalg.pinv(m)                                             # (cells, lines)
+        hist = {}
+        for lt in lts:
+            c = np.hstack([lt.counts[t.name] for t in tabs]).astype(np.float64)  # (units, lines)
+            hist[lt.level] = sp.csr_matrix(np.rint(c @ pinv.T).astype(np.int64))
+        out[kind] = hist
+    return out
+
+
+def _aggregate(x: Any, block_geoids: np.ndarray, geoids: np.ndarray, d: int) -> Any:
+    """Sum block rows of csr ``x`` into the units ``geoids`` (sorted) by GEOID prefix of length ``d``."""
+    import scipy.sparse as sp
+
+    pref = block_geoids.astype(f"<U{d}") if d else np.full(len(block_geoids), "", dtype="<U1")
+    pos = np.searchsorted(geoids, pref)
+    ok = np.nonzero((pos < len(geoids)) & (geoids[np.minimum(pos, len(geoids) - 1)] == pref))[0]  # orphans: hierarchy
+    agg = sp.csr_matrix((np.ones(ok.size, np.int64), (pos[ok], ok)), shape=(len(geoids), len(pref)))
+    return (agg @ x).tocsr()

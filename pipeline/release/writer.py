@@ -14,6 +14,8 @@
     microdata/persons.parquet            protected microdata, PPMF layout (pipeline.microdata)
     invariants/block_housing_units.parquet  the declared block housing-unit invariant
     measurements/noisy_measurements.parquet optional: every drawn noisy answer with its variance
+    privacy/<kind>.yaml                  the strategy of each run (persons, units), byte copies:
+                                         ``dptab verify`` recomputes the privacy section from them
 
 :func:`write_release` builds everything in a hidden temporary directory next to the target,
 runs every consistency check (``pipeline.checks``) and the verifier over the written files,
@@ -25,6 +27,27 @@ declared invariants, the noisy measurements and the privacy parameters. The writ
 confidential histogram and no truth-based metric (those live in the run directory's
 ``review/``, never here); measurement files are refused unless their columns are exactly
 the measurement contract, so a file carrying any extra (e.g. true) column cannot slip in.
+
+The manifest says what the release must hold (``contents``: ``csv``, ``measurements``; the
+tables, invariants and runs it lists), how its noise was drawn (``randomness``, and ``seed``
+only when seeded) and where each run's strategy copy is (``privacy.runs.<kind>.strategy_file``);
+``dptab verify`` checks the folder against all of it.
+
+Which blocks a release shows to exist. Every block of the ``geography`` passed in is published:
+a row per block and line in every ``tables/*.parquet`` and ``csv/block/*.csv`` (zero counts
+included), the block count in ``manifest.json`` (``geolevels``) and ``index.html``, the block
+measurements in ``measurements/`` (every block is measured at the block level), and — only when
+declared — ``invariants/block_housing_units.parquet`` with one row per block. Published counts
+are post-processed onto exactly these blocks, so even a release without zero rows would show
+them. The writer adds nothing beyond the geography and the declared invariants: the housing-unit
+file is written only when ``block_housing_units`` is declared, the microdata hold rows only for
+published persons, and the margins of error do not depend on which blocks exist. But the block
+list *is* the geography: the job builds it from the units file (``pipeline/job/stages.py``,
+``stage_inputs``: every block with at least one housing unit or group-quarters facility), so
+with ``invariants.block_housing_units`` (or ``gq_facilities``) off a release still reveals
+exactly which blocks have at least one housing unit or facility. Only a geography taken from a
+public block list (every block of the area, empty ones included) removes that; the writer
+cannot, since it sees only the geography it is given.
 """
 
 from __future__ import annotations
@@ -64,7 +87,9 @@ from pipeline.release.tables import (
 from pipeline.release.uncertainty import Z90, release_moe90
 
 MANIFEST_SCHEMA = SCHEMAS_DIR / "manifest.schema.json"
-MANIFEST_FORMAT = "dptab-release/1"
+MANIFEST_FORMAT = "dptab-release/2"
+#: ``randomness`` values of a manifest (``unseeded``: not seeded, mode not recorded by the caller)
+RANDOMNESS_MODES = ("secure", "keyed", "seeded", "unseeded")
 #: rows of the long tables written per chunk (bounds memory at block level)
 CHUNK_UNITS = 50_000
 
@@ -99,6 +124,18 @@ class ReleaseMetadata:
     title: str = "dptab release"
     citation: str | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    #: the run's ``privacy.randomness`` (``secure``, ``keyed`` or ``seeded``); ``None``: the caller
+    #: did not say, recorded as ``seeded`` when a seed is given and ``unseeded`` otherwise
+    randomness: str | None = None
+
+    def randomness_mode(self) -> str:
+        """The manifest's ``randomness``; raises :class:`ReleaseError` if it contradicts ``seed``."""
+        mode = self.randomness or ("seeded" if self.seed is not None else "unseeded")
+        if mode not in RANDOMNESS_MODES:
+            raise ReleaseError(f"randomness {mode!r} is not one of {', '.join(RANDOMNESS_MODES)}")
+        if (mode == "seeded") != (self.seed is not None):
+            raise ReleaseError(f"randomness {mode!r} with seed {self.seed!r}: a seed is recorded iff randomness is seeded")
+        return mode
 
 
 def _frac(x: Any) -> str:
@@ -106,15 +143,49 @@ def _frac(x: Any) -> str:
     return f"{f.numerator}/{f.denominator}" if f.denominator != 1 else str(f.numerator)
 
 
-def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-10") -> dict[str, Any]:
-    """The manifest's ``privacy`` section from ``pipeline.privacy.accounting.Strategy`` objects.
+class PrivacySection(dict):
+    """The manifest's ``privacy`` section (a plain ``dict`` once written) that also remembers the
+    strategy file each run kind was loaded from (``sources[kind]``: a path, or ``None`` for a
+    strategy built in code), so :func:`write_release` can copy those files into the release."""
+
+    sources: dict[str, Path | None]
+
+
+def _strategy_key(kind: str, s: Any) -> tuple:
+    """Everything of a Strategy the privacy section depends on, hashable (for the cache)."""
+    return (kind, s.name, s.spec, s.rho,
+            tuple((lv, share, tuple(qs.items())) for lv, (share, qs) in s.levels.items()))
+
+
+#: privacy sections already computed, keyed by (strategy keys, delta text): the PLD accounting
+#: takes ~1.5 s, and the writer, its self-check and ``dptab verify`` each recompute the section
+_PRIVACY_CACHE: dict[tuple, dict[str, Any]] = {}
+
+
+def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-10") -> PrivacySection:
+    """The manifest's ``privacy`` section from ``pipeline.model.strategy.Strategy`` objects.
 
     ``strategies`` maps a run kind (``persons``, ``units``) to its Strategy. ρ values are exact
     fraction strings; ε is the CKS 2020 bound (and the loose textbook bound) at ``delta``,
     rounded up, for each run and for their composition (ρ adds up under zCDP); ``pld`` is the
     tighter ε from the privacy-loss distribution of the composed discrete Gaussians actually
-    used (``pipeline.privacy.pld``, also rounded up).
+    used (``pipeline.privacy.pld``, also rounded up). Each run names its strategy and the copy
+    of the strategy file the release carries (``strategy_file``: ``privacy/<kind>.yaml``), from
+    which ``dptab verify`` recomputes this whole section.
     """
+    import copy
+
+    key = (tuple(_strategy_key(k, s) for k, s in strategies.items()), str(delta))
+    if key not in _PRIVACY_CACHE:
+        if len(_PRIVACY_CACHE) > 64:
+            _PRIVACY_CACHE.clear()
+        _PRIVACY_CACHE[key] = _privacy_section(strategies, delta)
+    out = PrivacySection(copy.deepcopy(_PRIVACY_CACHE[key]))
+    out.sources = {kind: s.source for kind, s in strategies.items()}
+    return out
+
+
+def _privacy_section(strategies: Mapping[str, Any], delta: float | str) -> dict[str, Any]:
     from collections import Counter
 
     from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
@@ -129,7 +200,7 @@ def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-1
         total += rho
         run_shifts = strategy_shifts(s)
         shifts.update(run_shifts)
-        runs[kind] = {"strategy": s.name, "spec": s.spec, "rho": _frac(rho),
+        runs[kind] = {"strategy": s.name, "strategy_file": strategy_file(kind), "spec": s.spec, "rho": _frac(rho),
                       "epsilon": {"cks2020": _frac(cks_epsilon(rho, delta)), "loose": _frac(loose_epsilon(rho, delta)),
                                   "pld": _frac(composed_dg_epsilon(run_shifts, delta))},
                       "rho_by_level_query": by}
@@ -143,6 +214,100 @@ def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-1
                     "pld": _frac(composed_dg_epsilon(shifts, delta))},
         "runs": runs,
     }
+
+
+def strategy_file(kind: str) -> str:
+    """Where a release keeps the copy of a run kind's strategy YAML (relative path)."""
+    return f"privacy/{kind}.yaml"
+
+
+def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy every run's strategy YAML to ``root/privacy/<kind>.yaml`` and recompute the privacy
+    section from the copies; returns it. Raises :class:`ReleaseError` when the given ``privacy``
+    does not follow from those files (nothing is published then)."""
+    from pipeline.model.strategy import StrategyError, load_strategy, strategy_path
+
+    sources = getattr(privacy, "sources", {}) or {}
+    loaded = {}
+    for kind, run in privacy["runs"].items():
+        src = sources.get(kind) or strategy_path(run["strategy"])
+        if not Path(src).is_file():
+            raise ReleaseError(f"strategy file of the {kind} run ({run['strategy']!r}) not found at {src}; "
+                               "a release carries the strategies its privacy section is computed from")
+        dst = root / strategy_file(kind)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        try:
+            loaded[kind] = load_strategy(dst)
+        except StrategyError as exc:
+            raise ReleaseError(f"strategy file {src} of the {kind} run: {exc}") from None
+    recomputed = dict(privacy_parameters(loaded, privacy["delta"]))
+    if recomputed != dict(privacy):
+        raise ReleaseError("the privacy section does not follow from the strategy files "
+                           f"{', '.join(str(sources.get(k) or strategy_path(r['strategy'])) for k, r in privacy['runs'].items())}"
+                           f" at delta {privacy['delta']}; refusing to publish it")
+    return recomputed
+
+
+def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[str, float]]], levels: Sequence[str],
+                    digits: Mapping[str, int], state_totals: bool, block_housing_units: bool
+                    ) -> dict[tuple[str, str], np.ndarray]:
+    """The published ``moe90`` of every (table, level): float ``(n_lines,)`` (before rounding).
+
+    ``variances[kind][level][query]``: exact noise variances (counts²); the persons total is
+    exact at levels of at most 2 GEOID digits when state totals are declared, the units total at
+    every level when block housing units are. The writer and ``dptab verify`` both call this,
+    so a verified margin is bitwise the one the writer computed. Results are memoised on every
+    input (a digest of the tables' line matrices and the specs' queries, the variances, levels
+    and flags): the same inputs give the same floats, and the writer's own verification then
+    costs no second computation.
+    """
+    exact_totals = {"persons": [lv for lv in levels if state_totals and digits[lv] <= 2],
+                    "units": list(levels) if block_housing_units else []}
+    by_kind = {k: ts.of_kind(k) for k in ("persons", "units")}
+    # one query order whatever order the variances come in (the run's strategy order, or the
+    # sorted keys of manifest.json): float sums depend on it, and the margins must be bitwise equal
+    variances = {kind: {lv: {q: qs[q] for q in sorted(qs, key=_spec_order(ts.specs.get(kind)))}
+                        for lv, qs in by.items()} for kind, by in variances.items()}
+    key = (_design_digest(ts, by_kind),
+           tuple(sorted((k, lv, q, float(v)) for k, by in variances.items() for lv, qs in by.items()
+                        for q, v in qs.items())),
+           tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]))
+    if key not in _MARGINS_CACHE:
+        if len(_MARGINS_CACHE) > 16:
+            _MARGINS_CACHE.clear()
+        _MARGINS_CACHE[key] = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
+    return {k: v.copy() for k, v in _MARGINS_CACHE[key].items()}
+
+
+_MARGINS_CACHE: dict[tuple, dict[tuple[str, str], np.ndarray]] = {}
+
+
+def _spec_order(spec: Any) -> Callable[[str], tuple[int, str]]:
+    """Sort key of query names: the spec's query order, unknown names after it by name."""
+    order = {q: i for i, q in enumerate(spec.query_defs)} if spec is not None else {}
+    return lambda q: (order.get(q, len(order)), q)
+
+
+def _design_digest(ts: TableSet, by_kind: Mapping[str, Sequence[Any]]) -> str:
+    """sha256 of everything margins of error depend on besides variances: each table's line
+    matrix and each spec's cells, structural zeros and query partitions."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for kind, tabs in by_kind.items():
+        spec = ts.specs[kind]
+        h.update(f"{kind}|{spec.n_cells}|".encode())
+        h.update(np.ascontiguousarray(spec.structural_zero_mask).tobytes())
+        for q in spec.query_defs:
+            h.update(f"|{q}|".encode())
+            h.update(np.ascontiguousarray(spec.query(q).cell_to_answer, dtype=np.int64).tobytes())
+        for t in tabs:
+            m = t.matrix.tocsr()
+            h.update(f"|{t.name}|{t.numbers}|".encode())
+            for a in (m.indptr, m.indices, m.data):
+                h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def variances_from_privacy(privacy: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
@@ -290,11 +455,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         failures = run_checks(ts, lts, digits, invariants)
         if failures:
             raise ReleaseCheckError(failures)
+        randomness = meta.randomness_mode()
+        privacy = _copy_strategies(tmp, privacy)
         variances = variances if variances is not None else variances_from_privacy(privacy)
-        exact_totals = {"persons": [lv for lv in levels if invariants.state_totals is not None and digits[lv] <= 2],
-                        "units": levels if invariants.block_housing_units is not None else []}
-        by_kind = {k: ts.of_kind(k) for k in ("persons", "units")}
-        moe = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
+        moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
+                              invariants.block_housing_units is not None)
 
         entries: list[dict[str, Any]] = []
         writers = {name: _TableWriter(tmp, name, csv) for name in ts.tables}
@@ -334,12 +499,14 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         mfile = _write_measurements(tmp, geography, ts, measurement_files or {})
         if mfile is not None:
             entries.append(_file_entry(tmp, mfile))
+        for kind in privacy["runs"]:
+            entries.append(_file_entry(tmp, tmp / strategy_file(kind)))
 
         manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT, "release_id": meta.release_id, "title": meta.title,
             "created": meta.created, "dataset_id": meta.dataset_id,
             "software": {"name": "dptab", "version": meta.software_version, "git_commit": meta.git_commit},
-            "config_hash": meta.config_hash, "seed": meta.seed,
+            "config_hash": meta.config_hash, "randomness": randomness, "seed": meta.seed,
             "citation": meta.citation or release_citation(meta.title, meta.release_id, meta.created, meta.dataset_id,
                                                           meta.software_version, meta.git_commit, privacy),
             "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
@@ -352,6 +519,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                             "method": "standard error of the weighted least-squares estimate from the level's own "
                                       "noisy measurements (data-independent); invariants and structural zeros as exact"},
             "persons": int(micro.height),
+            # what this release must hold beyond the tables, definitions, microdata, strategies and
+            # index.html (dptab verify derives the complete file list from these settings)
+            "contents": {"csv": bool(csv), "measurements": mfile is not None},
             "files": entries,
         }
         # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed
@@ -363,7 +533,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
 
         write_json_atomic(tmp / "manifest.json", manifest)
         os.chmod(tmp / "manifest.json", 0o644)
-        problems = verify_release(tmp)
+        problems = verify_release(tmp, release_id=meta.release_id)
         if problems:
             raise ReleaseCheckError(problems)
         if target.exists():  # a concurrent writer won the race

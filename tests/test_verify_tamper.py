@@ -1,0 +1,555 @@
+"""A tamper suite for ``dptab verify``: every edit of a release folder must be reported.
+
+One small seeded release is built per module (3,000 synthetic persons, the 2020 strategies,
+CSV and measurements on); each case copies it (the copy keeps the folder name, which is the
+release id), applies one tampering and asserts that :func:`verify_release` reports at least one
+failure of the expected check that names the expected file or item. Most tamperings also
+rewrite the manifest's checksum, byte count and row count of the files they touch, as a hostile
+editor would, so the checksums alone cannot catch them. The untampered copy must verify clean.
+
+A rehashed edit of a noisy measurement's *value* is not in the suite: the release alone cannot
+tell it from the drawn value (the check would need the confidential invariants and a re-run of
+post-processing); an edit without rehashing is (``measurement_value_no_rehash``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+import pytest
+
+from pipeline.files import sha256_file
+from pipeline.release.verify import verify_release
+
+RID = "T1"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> Path:
+    """The untampered release ``releases/T1`` (seeded, built once)."""
+    from run_helpers import make_inputs, write_config
+
+    from pipeline.job.stages import run
+
+    tmp = tmp_path_factory.mktemp("tamper")
+    cfg = write_config(tmp, make_inputs(tmp, persons=3000), release_id=RID)
+    return Path(run(cfg, progress=False)["release_path"])
+
+
+# -- editing helpers -----------------------------------------------------------------------
+
+def manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def save(root: Path, m: dict) -> None:
+    (root / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True))
+
+
+def edit_manifest(root: Path, fn: Callable[[dict], None]) -> None:
+    m = manifest(root)
+    fn(m)
+    save(root, m)
+
+
+def rehash(root: Path, *rels: str) -> None:
+    """Update the manifest's sha256, bytes and (Parquet) rows of ``rels`` to the files as they are."""
+    import pyarrow.parquet as pq
+
+    m = manifest(root)
+    for f in m["files"]:
+        if f["path"] in rels:
+            p = root / f["path"]
+            f["sha256"], f["bytes"] = sha256_file(p), p.stat().st_size
+            if p.suffix == ".parquet":
+                f["rows"] = pq.ParquetFile(p).metadata.num_rows
+    save(root, m)
+
+
+def drop(root: Path, *rels: str) -> None:
+    """Delete files together with their manifest entries."""
+    for rel in rels:
+        (root / rel).unlink()
+    edit_manifest(root, lambda m: m.update(files=[f for f in m["files"] if f["path"] not in rels]))
+
+
+def edit_parquet(root: Path, rel: str, fn: Callable[[pl.DataFrame], pl.DataFrame], *, hashed: bool = True) -> None:
+    p = root / rel
+    fn(pl.read_parquet(p)).write_parquet(p)
+    if hashed:
+        rehash(root, rel)
+
+
+def edit_csv(root: Path, rel: str, fn: Callable[[pl.DataFrame], pl.DataFrame], *, hashed: bool = True) -> None:
+    from pipeline.release.tables import CSV_SCHEMA
+
+    p = root / rel
+    fn(pl.read_csv(p, schema=CSV_SCHEMA)).write_csv(p)
+    if hashed:
+        rehash(root, rel)
+
+
+def set_at(df: pl.DataFrame, row: int, col: str, value) -> pl.DataFrame:
+    """``df`` with ``df[row, col] = value`` (same dtype)."""
+    return df.with_columns(pl.when(pl.int_range(pl.len()) == row).then(pl.lit(value, dtype=df[col].dtype))
+                           .otherwise(pl.col(col)).alias(col))
+
+
+def first_row(df: pl.DataFrame, **eq) -> int:
+    cond = pl.lit(True)
+    for k, v in eq.items():
+        cond = cond & (pl.col(k) == v)
+    return int(df.with_row_index().filter(cond)["index"][0])
+
+
+def swap_rows(df: pl.DataFrame, i: int, j: int) -> pl.DataFrame:
+    order = list(range(df.height))
+    order[i], order[j] = order[j], order[i]
+    return df[order]
+
+
+def bump_fraction(text: str) -> str:
+    """A different (smaller) exact fraction."""
+    from fractions import Fraction
+
+    f = Fraction(text) * Fraction(9, 10)
+    return f"{f.numerator}/{f.denominator}"
+
+
+# -- the tamperings ---------------------------------------------------------------------------
+
+def t_epsilon_total(r: Path) -> None:
+    edit_manifest(r, lambda m: m["privacy"]["epsilon"].update(cks2020=bump_fraction(m["privacy"]["epsilon"]["cks2020"])))
+
+
+def t_epsilon_run_pld(r: Path) -> None:
+    def f(m):
+        e = m["privacy"]["runs"]["persons"]["epsilon"]
+        e["pld"] = bump_fraction(e["pld"])
+    edit_manifest(r, f)
+
+
+def t_rho_total(r: Path) -> None:
+    edit_manifest(r, lambda m: m["privacy"].update(rho=bump_fraction(m["privacy"]["rho"])))
+
+
+def t_rho_level_query(r: Path) -> None:
+    def f(m):
+        by = m["privacy"]["runs"]["persons"]["rho_by_level_query"]["county"]
+        by["total"] = bump_fraction(by["total"])
+    edit_manifest(r, f)
+
+
+def t_delta(r: Path) -> None:
+    edit_manifest(r, lambda m: m["privacy"].update(delta="1e-05"))
+
+
+def t_seed_changed(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(seed=m["seed"] + 1))
+
+
+def t_seed_removed(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(seed=None))
+
+
+def t_randomness_claims_secure(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(randomness="secure"))
+
+
+def t_release_id(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(release_id="T2"))
+
+
+def t_strategy_name(r: Path) -> None:
+    edit_manifest(r, lambda m: m["privacy"]["runs"]["units"].update(strategy="uniform"))
+
+
+def t_strategy_file_edited(r: Path) -> None:
+    """Budget moved from the nation to the state level in the units strategy copy (still valid)."""
+    p = r / "privacy" / "units.yaml"
+    text = p.read_text()
+    assert "nation: {share: 20/4100" in text and "state: {share: 20/4100" in text
+    p.write_text(text.replace("nation: {share: 20/4100", "nation: {share: 10/4100")
+                 .replace("state: {share: 20/4100", "state: {share: 30/4100"))
+    rehash(r, "privacy/units.yaml")
+
+
+def t_strategy_file_deleted(r: Path) -> None:
+    drop(r, "privacy/units.yaml")
+
+
+def t_csv_value(r: Path) -> None:
+    edit_csv(r, "csv/tract/P1.csv", lambda df: set_at(df, 5, "count", int(df["count"][5]) + 1))
+
+
+def t_csv_rows_swapped(r: Path) -> None:
+    edit_csv(r, "csv/block/P3.csv", lambda df: swap_rows(df, 3, 4))
+
+
+def t_csv_rows_swapped_no_rehash(r: Path) -> None:
+    edit_csv(r, "csv/block/P4.csv", lambda df: swap_rows(df, 10, 11), hashed=False)
+
+
+def t_parquet_name(r: Path) -> None:
+    edit_parquet(r, "tables/P2.parquet", lambda df: set_at(df, first_row(df, geolevel="county"), "name", "Atlantis"))
+
+
+def t_parquet_rows_swapped(r: Path) -> None:
+    edit_parquet(r, "tables/H1.parquet", lambda df: swap_rows(df, first_row(df, geolevel="block"),
+                                                             first_row(df, geolevel="block") + 3))
+
+
+def t_moe(r: Path) -> None:
+    """The margin of error of P1 line 3 at county, in the Parquet table and its CSV alike."""
+    def f(df):
+        i = first_row(df, geolevel="county", line=3)
+        return set_at(df, i, "moe90", float(df["moe90"][i]) / 2)
+    edit_parquet(r, "tables/P1.parquet", f)
+    edit_csv(r, "csv/county/P1.csv", f)
+
+
+def t_moe_nulled(r: Path) -> None:
+    def f(df):
+        return set_at(df, first_row(df, geolevel="block", line=2), "moe90", None)
+    edit_parquet(r, "tables/H1.parquet", f)
+    edit_csv(r, "csv/block/H1.csv", f)
+
+
+def t_table_count(r: Path) -> None:
+    edit_parquet(r, "tables/P5.parquet", lambda df: set_at(df, first_row(df, geolevel="tract", line=8), "count", 99))
+
+
+MEAS = "measurements/noisy_measurements.parquet"
+
+
+def t_measurement_variance(r: Path) -> None:
+    edit_parquet(r, MEAS, lambda df: set_at(df, first_row(df, geolevel="county", query="total"), "variance", 1.0))
+
+
+def t_measurement_sigma2(r: Path) -> None:
+    edit_parquet(r, MEAS, lambda df: df.with_columns(
+        pl.when(pl.col("geolevel") == "tract").then(pl.lit("1/1")).otherwise(pl.col("sigma2")).alias("sigma2")))
+
+
+def t_measurement_query_removed(r: Path) -> None:
+    edit_parquet(r, MEAS, lambda df: df.filter(~((pl.col("geolevel") == "state") & (pl.col("query") == "hhgq"))))
+
+
+def t_measurement_row_removed(r: Path) -> None:
+    edit_parquet(r, MEAS, lambda df: df.filter(pl.int_range(pl.len()) != first_row(df, geolevel="block", query="detailed")))
+
+
+def t_measurement_extra_query(r: Path) -> None:
+    """Rows of a query the strategy does not measure at that level (units run, county, a copy)."""
+    def f(df):
+        extra = df.filter((pl.col("run") == "units") & (pl.col("geolevel") == "county")).with_columns(
+            pl.lit("occupancy_copy").alias("query"))
+        return pl.concat([df, extra])
+    edit_parquet(r, MEAS, f)
+
+
+def t_measurement_geoid(r: Path) -> None:
+    edit_parquet(r, MEAS, lambda df: set_at(df, first_row(df, geolevel="block"), "geoid", "999999999999999"))
+
+
+def t_measurement_label(r: Path) -> None:
+    edit_parquet(r, MEAS, lambda df: set_at(df, first_row(df, geolevel="nation", query="cenrace"), "answer_label",
+                                           "Martian alone"))
+
+
+def t_measurement_value_no_rehash(r: Path) -> None:
+    edit_parquet(r, MEAS, lambda df: set_at(df, 0, "value", int(df["value"][0]) + 7), hashed=False)
+
+
+def t_deleted_csv_with_entry(r: Path) -> None:
+    drop(r, "csv/block/P1.csv")
+
+
+def t_deleted_measurements_with_entry(r: Path) -> None:
+    drop(r, MEAS)
+
+
+def t_deleted_invariants_with_entry(r: Path) -> None:
+    drop(r, "invariants/block_housing_units.parquet")
+
+
+def t_deleted_index_with_entry(r: Path) -> None:
+    drop(r, "index.html")
+
+
+def t_deleted_microdata_with_entry(r: Path) -> None:
+    drop(r, "microdata/persons.parquet")
+
+
+def t_deleted_table_everywhere(r: Path) -> None:
+    """P5 removed: its Parquet, its CSVs, their entries and its line in the manifest's tables."""
+    drop(r, "tables/P5.parquet", *[f"csv/{lv}/P5.csv" for lv in
+                                    ("nation", "state", "county", "tract", "block_group", "block")])
+    edit_manifest(r, lambda m: m.update(tables=[t for t in m["tables"] if t["name"] != "P5"]))
+
+
+def t_deleted_file(r: Path) -> None:
+    (r / "tables" / "P4.parquet").unlink()
+
+
+def t_checksum_edited(r: Path) -> None:
+    def f(m):
+        e = next(x for x in m["files"] if x["path"] == "tables/P3.parquet")
+        e["sha256"] = "0" * 64
+    edit_manifest(r, f)
+
+
+def t_extra_file(r: Path) -> None:
+    (r / "tables" / "P9.parquet").write_bytes(b"PAR1")
+
+
+def t_extra_file_listed(r: Path) -> None:
+    (r / "notes.txt").write_text("not part of a release")
+    edit_manifest(r, lambda m: m["files"].append({"path": "notes.txt", "bytes": 21, "sha256": sha256_file(r / "notes.txt")}))
+
+
+def t_invariant_file_value(r: Path) -> None:
+    edit_parquet(r, "invariants/block_housing_units.parquet",
+                 lambda df: set_at(df, 0, "housing_units", int(df["housing_units"][0]) + 1))
+
+
+def t_invariant_state_total(r: Path) -> None:
+    edit_manifest(r, lambda m: m["invariants"].update(state_totals={k: v + 1 for k, v in m["invariants"]["state_totals"].items()}))
+
+
+def t_invariant_block_summary(r: Path) -> None:
+    edit_manifest(r, lambda m: m["invariants"]["block_housing_units"].update(total=m["invariants"]["block_housing_units"]["total"] + 5))
+
+
+def t_microdata_value(r: Path) -> None:
+    def f(df):
+        new = "02" if df["CENRACE"][0] != "02" else "03"
+        return set_at(df, 0, "CENRACE", new)
+    edit_parquet(r, "microdata/persons.parquet", f)
+
+
+def t_microdata_row_dropped(r: Path) -> None:
+    edit_parquet(r, "microdata/persons.parquet", lambda df: df.slice(1))
+
+
+def t_truncated_parquet(r: Path) -> None:
+    p = r / "tables" / "P2.parquet"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def t_truncated_parquet_rehashed(r: Path) -> None:
+    p = r / "microdata" / "persons.parquet"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    m = manifest(r)
+    for f in m["files"]:
+        if f["path"] == "microdata/persons.parquet":
+            f["sha256"], f["bytes"] = sha256_file(p), p.stat().st_size
+    save(r, m)
+
+
+def t_persons_count(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(persons=m["persons"] + 1))
+
+
+def t_geolevel_units(r: Path) -> None:
+    edit_manifest(r, lambda m: m["geolevels"][-1].update(units=m["geolevels"][-1]["units"] + 1))
+
+
+def t_definitions_label(r: Path) -> None:
+    p = r / "tables" / "definitions.yaml"
+    text = p.read_text()
+    assert "White alone" in text
+    p.write_text(text.replace("White alone", "White only", 1))
+    rehash(r, "tables/definitions.yaml")
+
+
+def t_table_title(r: Path) -> None:
+    edit_manifest(r, lambda m: m["tables"][0].update(title="SOMETHING ELSE"))
+
+
+def t_index_edited(r: Path) -> None:
+    p = r / "index.html"
+    p.write_text(p.read_text().replace("How to cite", "How not to cite"))
+    rehash(r, "index.html")
+
+
+def t_config_hash(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(config_hash="f" * 64))
+
+
+def t_dataset_id(r: Path) -> None:
+    edit_manifest(r, lambda m: m.update(dataset_id="another-dataset"))
+
+
+def t_rows_entry(r: Path) -> None:
+    def f(m):
+        e = next(x for x in m["files"] if x["path"] == "tables/P1.parquet")
+        e["rows"] += 71
+    edit_manifest(r, f)
+
+
+def t_invariant_file_outside(r: Path) -> None:
+    """The declared invariant file moved out of the release, the manifest pointing at it."""
+    shutil.move(r / "invariants" / "block_housing_units.parquet", r.parent / "bhu.parquet")
+    edit_manifest(r, lambda m: m["invariants"]["block_housing_units"].update(file="../bhu.parquet"))
+
+
+def t_csv_switched_off(r: Path) -> None:
+    """The manifest claims a Parquet-only release but the CSVs are still there, unlisted."""
+    def f(m):
+        m["contents"]["csv"] = False
+        m["files"] = [x for x in m["files"] if not x["path"].startswith("csv/")]
+    edit_manifest(r, f)
+
+
+#: (tampering, checks any of which must report it, text a reported failure must contain)
+CASES: list[tuple[Callable[[Path], None], tuple[str, ...], str]] = [
+    (t_epsilon_total, ("privacy",), "privacy.epsilon.cks2020"),
+    (t_epsilon_run_pld, ("privacy",), "privacy.runs.persons.epsilon.pld"),
+    (t_rho_total, ("privacy",), "privacy.rho"),
+    (t_rho_level_query, ("privacy",), "rho_by_level_query.county.total"),
+    (t_delta, ("privacy",), "epsilon"),
+    (t_seed_changed, ("identity",), "index.html"),
+    (t_seed_removed, ("identity",), "seed"),
+    (t_randomness_claims_secure, ("identity",), "seed"),
+    (t_release_id, ("identity",), "release_id"),
+    (t_strategy_name, ("privacy",), "privacy.runs.units.strategy"),
+    (t_strategy_file_edited, ("privacy",), "rho_by_level_query.nation.detailed"),
+    (t_strategy_file_deleted, ("file_missing", "privacy"), "privacy/units.yaml"),
+    (t_csv_value, ("table_rows",), "csv/tract/P1.csv"),
+    (t_csv_rows_swapped, ("table_rows",), "csv/block/P3.csv"),
+    (t_csv_rows_swapped_no_rehash, ("checksum",), "csv/block/P4.csv"),
+    (t_parquet_name, ("table_rows",), "tables/P2.parquet: column name"),
+    (t_parquet_rows_swapped, ("table_rows",), "tables/H1.parquet"),
+    (t_moe, ("table_rows",), "tables/P1.parquet: column moe90"),
+    (t_moe_nulled, ("table_rows",), "tables/H1.parquet: column moe90"),
+    (t_table_count, ("hierarchy", "additivity"), "P5"),
+    (t_measurement_variance, ("measurements",), "persons/county/total"),
+    (t_measurement_sigma2, ("measurements",), "sigma2"),
+    (t_measurement_query_removed, ("measurements",), "persons/state/hhgq"),
+    (t_measurement_row_removed, ("measurements",), "persons/block/detailed"),
+    (t_measurement_extra_query, ("measurements",), "units/county/occupancy_copy"),
+    (t_measurement_geoid, ("measurements",), "999999999999999"),
+    (t_measurement_label, ("measurements",), "answer_label"),
+    (t_measurement_value_no_rehash, ("checksum",), MEAS),
+    (t_deleted_csv_with_entry, ("file_missing",), "csv/block/P1.csv"),
+    (t_deleted_measurements_with_entry, ("file_missing",), MEAS),
+    (t_deleted_invariants_with_entry, ("file_missing",), "invariants/block_housing_units.parquet"),
+    (t_deleted_index_with_entry, ("file_missing",), "index.html"),
+    (t_deleted_microdata_with_entry, ("file_missing",), "microdata/persons.parquet"),
+    (t_deleted_table_everywhere, ("tables",), "P5"),
+    (t_deleted_file, ("file_missing",), "tables/P4.parquet"),
+    (t_checksum_edited, ("checksum",), "tables/P3.parquet"),
+    (t_extra_file, ("file_unlisted",), "tables/P9.parquet"),
+    (t_extra_file_listed, ("file_unexpected",), "notes.txt"),
+    (t_invariant_file_value, ("invariant",), "block housing units"),
+    (t_invariant_state_total, ("invariant",), "state total"),
+    (t_invariant_block_summary, ("invariant",), "invariants/block_housing_units.parquet"),
+    (t_microdata_value, ("microdata",), "microdata"),
+    (t_microdata_row_dropped, ("microdata",), "microdata"),
+    (t_truncated_parquet, ("checksum",), "tables/P2.parquet"),
+    (t_truncated_parquet_rehashed, ("microdata", "unreadable"), "microdata/persons.parquet"),
+    (t_persons_count, ("microdata",), "manifest says"),
+    (t_geolevel_units, ("table_layout",), "manifest says"),
+    (t_definitions_label, ("table_layout",), "P1"),
+    (t_table_title, ("tables",), "title"),
+    (t_index_edited, ("identity",), "index.html"),
+    (t_csv_switched_off, ("file_unlisted",), "csv/"),
+    (t_config_hash, ("identity",), "index.html"),
+    (t_dataset_id, ("identity",), "index.html"),
+    (t_rows_entry, ("rows",), "tables/P1.parquet"),
+    (t_invariant_file_outside, ("file_missing",), "invariants/block_housing_units.parquet"),
+]
+
+
+def test_untampered_release_verifies_clean(release: Path, tmp_path: Path) -> None:
+    assert verify_release(release) == []
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    assert verify_release(copy) == []
+
+
+def test_release_copied_under_another_name_is_reported(release: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "T1-renamed"
+    shutil.copytree(release, copy)
+    fails = verify_release(copy)
+    assert [f.check for f in fails] == ["identity"] and "T1-renamed" in fails[0].detail
+
+
+@pytest.mark.parametrize("tamper, checks, needle", CASES, ids=[c[0].__name__[2:] for c in CASES])
+def test_tampering_is_reported(release: Path, tmp_path: Path, tamper, checks, needle) -> None:
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    tamper(copy)
+    fails = verify_release(copy)
+    assert fails, f"{tamper.__name__}: verify reported nothing"
+    hits = [f for f in fails if f.check in checks and needle in str(f)]
+    assert hits, f"{tamper.__name__}: no {checks} failure mentioning {needle!r}; got:\n" + "\n".join(map(str, fails[:15]))
+
+
+def test_rows_are_compared_chunk_by_chunk(release: Path, tmp_path: Path, monkeypatch) -> None:
+    """With 5 units per chunk the block level spans many chunks: a clean copy still verifies, and
+    edits far into the block rows (a CSV count, then a margin of error in Parquet and CSV alike)
+    are found in their chunk."""
+    import pipeline.release.writer as writer
+
+    monkeypatch.setattr(writer, "CHUNK_UNITS", 5)
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    assert verify_release(copy) == []
+    edit_csv(copy, "csv/block/P1.csv", lambda df: set_at(df, df.height - 2, "count", int(df["count"][df.height - 2]) + 1))
+    fails = verify_release(copy)
+    assert any(f.check == "table_rows" and "csv/block/P1.csv" in f.detail for f in fails), fails
+
+    def half_moe(df):
+        i = df.height - 70
+        return set_at(df, i, "moe90", float(df["moe90"][i]) / 2)
+    edit_parquet(copy, "tables/P3.parquet", half_moe)
+    edit_csv(copy, "csv/block/P3.csv", half_moe)
+    fails = verify_release(copy)
+    assert any(f.check == "table_rows" and "tables/P3.parquet: column moe90" in f.detail and f.geolevel == "block"
+               for f in fails), fails
+
+
+def _tiny_measurements(answer_rows: list[tuple[str, str, str, int]]) -> pl.DataFrame:
+    """A release measurement frame for the persons ``total`` query (sigma2 = 1, ρ = 1)."""
+    from pipeline.model.design import discrete_gaussian_variance
+
+    var = discrete_gaussian_variance(1)
+    return pl.DataFrame(
+        [(run, lv, g, "total", a, "Total", 3, var, "1/1") for run, lv, g, a in answer_rows],
+        schema={"run": pl.Utf8, "geolevel": pl.Utf8, "geoid": pl.Utf8, "query": pl.Utf8, "answer": pl.Int32,
+                "answer_label": pl.Utf8, "value": pl.Int64, "variance": pl.Float64, "sigma2": pl.Utf8}, orient="row")
+
+
+@pytest.mark.parametrize("nation_persons, state_rows, ok", [
+    (0, [], True),                                     # empty parent: every child answer skipped, no rows is right
+    (5, [], False),                                    # a positive parent: the children's answers must be there
+    (5, [("01", 0), ("02", 0)], True),
+    (0, [("01", 0), ("02", 0)], True),                 # a full measurement file draws them anyway
+    (5, [("01", 0)], False),                           # one child's answer missing
+])
+def test_measurement_rows_follow_the_published_parent(nation_persons, state_rows, ok) -> None:
+    """Which answers a run draws: all at the top; below, those whose parent answer is positive."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from pipeline.model.design import design_from_rho
+    from pipeline.model.spec import load_spec
+    from pipeline.release.checks import measurement_checks
+    from pipeline.release.tables import LevelTables
+
+    spec = load_spec("pl94")
+    design = design_from_rho({"persons": {"nation": {"total": "1"}, "state": {"total": "1"}}})  # sigma2 = 1
+    levels = [LevelTables("nation", np.array([""]), {}), LevelTables("state", np.array(["01", "02"]), {})]
+    nation = sp.csr_matrix(np.eye(1, spec.n_cells, 0, dtype=np.int64) * nation_persons)
+    df = _tiny_measurements([("persons", "nation", "", 0)] + [("persons", "state", g, a) for g, a in state_rows])
+    fails = measurement_checks(df, "m.parquet", design, {"persons": spec}, levels, {"nation": 0, "state": 2},
+                               {"persons": {"nation": nation}})
+    assert (fails == []) == ok, fails
+    if not ok:
+        assert all(f.check == "measurements" and "persons/state/total" in f.detail for f in fails)
