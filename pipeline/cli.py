@@ -365,7 +365,9 @@ def verify_cmd(
     show: int = typer.Option(50, "--show", help="list at most this many failures"),
 ) -> None:
     """Recompute every checksum and consistency check of a release; exit 1 listing failures."""
+    import json
     import time
+    from pathlib import Path
 
     from pipeline.release.verify import ReleaseFormatError, verify_release
 
@@ -383,6 +385,13 @@ def verify_cmd(
             typer.echo(f"  ... and {len(failures) - show} more", err=True)
         raise typer.Exit(1)
     typer.echo(f"{release_dir}: every checksum and consistency check passes ({time.perf_counter() - t0:.1f} s)")
+    from pipeline.release.joint import RULES, release_joint_violations
+
+    v = release_joint_violations(release_dir)
+    n = {r: int(v[r].sum()) for r in RULES}
+    joint = (json.loads((Path(release_dir) / "manifest.json").read_text()).get("joint") or {}).get("households")
+    typer.echo(f"persons vs housing units ({'held together' if joint else 'independent, as 2020'}): "
+               + ", ".join(f"{k.replace('_', ' ')}: {c}" for k, c in n.items()))
 
 
 @_command("review",

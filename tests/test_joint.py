@@ -40,9 +40,23 @@ def test_joint_release_has_no_impossible_units(tmp_path: Path, sample: str) -> N
 
 
 def test_without_joint_the_2020_faults_appear(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
     release = _release(tmp_path, "perry", False, {"randomness": "seeded", "seed": 5})
     v = release_joint_violations(release)
     assert all(int(v[r].sum()) > 0 for r in RULES), v
+    out = CliRunner().invoke(app, ["verify", str(release)])
+    assert out.exit_code == 0 and "independent, as 2020" in out.output
+    assert f"occupied units without persons: {int(v[RULES[1]].sum())}" in out.output
+    # a manifest that claimed joint households for this release fails verification
+    m = json.loads((release / "manifest.json").read_text())
+    m["joint"]["households"] = True
+    (release / "manifest.json").write_text(json.dumps(m))
+    assert any(f.check == "joint" and f.geolevel == "block" for f in verify_release(release))
 
 
 def test_joint_needs_the_units_run(tmp_path: Path) -> None:

@@ -82,7 +82,8 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
                            software_version=__version__, config_hash=state["config_hash"],
                            git_commit=git_commit(),
                            seed=ctx.cfg.privacy.seed if ctx.cfg.privacy.randomness == "seeded" else None,
-                           randomness=ctx.cfg.privacy.randomness, title=ctx.cfg.title)
+                           randomness=ctx.cfg.privacy.randomness, title=ctx.cfg.title,
+                           joint_households=ctx.cfg.joint.households)
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
                          declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
                          csv=ctx.cfg.output.csv, before_publish=before_publish)

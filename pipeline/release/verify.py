@@ -238,7 +238,21 @@ def verify_release(path: str | Path, *, release_id: str | None = None) -> list[C
     failures += _verify_files(root, manifest)
     failures += _guard("contents", _verify_required_files, manifest, root)
     failures += _guard("unreadable", _verify_contents, root, manifest)
+    failures += _guard("joint", _verify_joint, root, manifest)
     return failures
+
+
+def _verify_joint(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
+    """With ``joint.households`` no unit may break the persons-vs-units rules
+    (``pipeline.release.joint``); without it (2020 TopDown) they are only counted."""
+    if not (manifest.get("joint") or {}).get("households"):
+        return []
+    from pipeline.release.joint import RULES, release_joint_violations
+
+    v = release_joint_violations(root)
+    return [_fail("joint", f"{int(row[rule])} unit(s) break the rule {rule} although the release holds persons "
+                           "to its housing units (joint.households)", "P1", row["geolevel"])
+            for row in v.iter_rows(named=True) for rule in RULES if row[rule]]
 
 
 #: (loader, sha256 of the file) -> what it loaded: a verifier process (the writer's self-check,
