@@ -13,10 +13,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.errors import ConfigurationError
+from pipeline.model.schemas import load_yaml
 
 
 class ConfigError(ConfigurationError):
@@ -145,12 +145,7 @@ def _resolve(base: Path, p: Path) -> Path:
 def load_config(path: str | Path) -> RunConfig:
     """Load, validate and resolve a run config YAML. Raises :class:`ConfigError`."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = load_yaml(path, ConfigError, "config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:

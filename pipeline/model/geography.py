@@ -22,10 +22,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import polars as pl
-import yaml
 
 from pipeline.errors import InputError
-from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.model.schemas import SCHEMAS_DIR, load_yaml, schema_path
 
 GEOLEVELS_PATH = SCHEMAS_DIR / "geolevels.yaml"
 
@@ -45,12 +44,8 @@ class GeoLevel:
 def load_geolevels(path: str | Path = GEOLEVELS_PATH) -> tuple[GeoLevel, ...]:
     """Levels top to bottom (strictly increasing ``digits``) from a geolevels YAML file or a
     bare name in ``schemas/`` (default ``schemas/geolevels.yaml``)."""
-    p = Path(path)
-    if not p.suffix:
-        p = SCHEMAS_DIR / f"{path}.yaml"
-    if not p.is_file():
-        raise GeographyError(f"{p}: geolevels file not found")
-    raw = yaml.safe_load(p.read_text())
+    p = schema_path(path)
+    raw = load_yaml(p, GeographyError, "geolevels")
     try:
         levels = tuple(GeoLevel(str(d["name"]), int(d["digits"])) for d in raw["levels"])
     except (KeyError, TypeError, ValueError) as exc:

@@ -4,6 +4,31 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import InputError
 
 #: specs, strategies, table shells, geolevels, the input contract and the manifest schema
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def schema_path(name_or_path: str | Path, folder: Path = SCHEMAS_DIR) -> Path:
+    """A YAML file: a path as given when it has a suffix, else ``folder/<name>.yaml``."""
+    p = Path(name_or_path)
+    return p if p.suffix else folder / f"{name_or_path}.yaml"
+
+
+def load_yaml(path: Path, error: type[InputError], what: str) -> Any:
+    """The YAML document at ``path``; ``error`` (naming the file and ``what`` it should be) if the
+    file is missing or not valid YAML. The one reader of configs, specs, strategies, geolevels
+    and table definitions."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: a directory, not a {what} file") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({exc})") from None

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-import yaml
 
 from pipeline.errors import ConfigurationError
-from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.model.schemas import load_yaml, schema_path
 
 #: query roles a spec may declare (see ``roles:`` in ``schemas/pl94.yaml``)
 ROLES = ("total", "identity", "bound")
@@ -220,15 +219,8 @@ class HistogramSpec:
 
 def load_spec(path: str | Path = "pl94") -> HistogramSpec:
     """Load and validate a histogram spec. ``path`` is a YAML file or a name in ``schemas/``."""
-    p = Path(path)
-    if not p.suffix:
-        p = SCHEMAS_DIR / f"{path}.yaml"
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"{p}: spec file not found (spec {str(path)!r}: a YAML file or a name in schemas/)") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{p}: not valid YAML: {exc}") from None
+    p = schema_path(path)
+    raw = load_yaml(p, SpecError, f"spec {str(path)!r} (a YAML file or a name in schemas/)")
     try:
         attributes = tuple(
             Attribute(a["name"], tuple(int(c) for c in a["codes"]), tuple(a["labels"]))

@@ -13,10 +13,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from pipeline.errors import ConfigurationError
-from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.model.schemas import SCHEMAS_DIR, load_yaml
 
 STRATEGIES_DIR = SCHEMAS_DIR / "strategies"
 
@@ -134,12 +132,7 @@ def load_strategy(path_or_name: str | Path) -> Strategy:
     from pipeline.model.spec import SpecError, load_spec
 
     p = strategy_path(path_or_name)
-    if not p.is_file():
-        raise StrategyError(f"strategy file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise StrategyError(f"{p}: not valid YAML ({exc})") from None
+    raw = load_yaml(p, StrategyError, "strategy")
     if not isinstance(raw, dict):
         raise StrategyError(f"{p}: expected a mapping with keys name, spec, rho, levels")
     missing = [k for k in ("name", "spec", "rho", "levels") if k not in raw]

@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING, Mapping, Protocol
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-import yaml
 
 from pipeline.errors import ConfigurationError
 from pipeline.model.geonames import unit_names
-from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.model.schemas import SCHEMAS_DIR, load_yaml
 from pipeline.model.spec import HistogramSpec, load_spec
 
 if TYPE_CHECKING:
@@ -155,10 +154,7 @@ def load_tables(path: str | Path = "pl94") -> TableSet:
     p = Path(path)
     if not p.suffix:
         p = TABLES_DIR / f"{path}.yaml"
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except FileNotFoundError:
-        raise TableError(f"{p}: table definition file not found") from None
+    raw = load_yaml(p, TableError, "table definition")
     try:
         specs = {"persons": load_spec(raw["persons_spec"]), "units": load_spec(raw["units_spec"])}
         tables: dict[str, TableDef] = {}
