@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import yaml
@@ -34,3 +35,10 @@ def write_config(tmp: Path, input_dir: Path, name: str = "config.yaml", **overri
     path = tmp / name
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for test servers: Prefect, Dask)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

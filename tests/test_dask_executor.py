@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,27 +14,20 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from run_helpers import write_config
+from run_helpers import free_port, write_config
 
 from pipeline.inputs.synth import synthesize
 from pipeline.job.stages import run
 
-pytest.importorskip("distributed")
 DASK = Path(sys.executable).with_name("dask")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("dask")
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "True"}
+    env = dict(os.environ)
     procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--dashboard-address", ":0"], stdout=open(logs / "scheduler.log", "w"),
                               stderr=subprocess.STDOUT, env=env, start_new_session=True)]
