@@ -295,3 +295,33 @@ def test_shutil_is_not_needed_to_clean_up_after_refusals(tmp_path: Path, inputs:
     assert code == 2 and "budget exceeded" in out
     assert _run_dirs(tmp_path) == [] and _spends(tmp_path / "ledger.sqlite") == []
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+
+
+def test_private_unit_counts_need_a_public_block_list(tmp_path: Path, inputs: Path) -> None:
+    """With no housing-unit or facility invariant the release may not reveal which blocks have
+    units: a run needs a public block list, and then publishes every listed block."""
+    off = {"block_housing_units": False, "gq_facilities": False}
+    cfg = write_config(tmp_path, inputs, invariants=off)
+    code, out = _cli("run", "--quiet", str(cfg))
+    assert code == 2 and "geography.blocks" in out
+    assert _spends(tmp_path / "ledger.sqlite") == [] and _run_dirs(tmp_path) == []
+    units = pl.read_parquet(inputs / "units.parquet")
+    have = sorted(set(units["geoid"].to_list()))
+    # the public list: every block with units plus empty blocks of the same block groups
+    empty = sorted({g[:12] + f"{900 + i:03d}" for i, g in enumerate(have[:40])} - set(have))
+    listed = tmp_path / "blocks.csv"
+    pl.DataFrame({"geoid": have + empty}).write_csv(listed)
+    cfg = write_config(tmp_path, inputs, name="listed.yaml", release_id="B1", invariants=off,
+                       geography={"blocks": str(listed)})
+    out = stages.run(cfg, progress=False)
+    p1 = pl.read_parquet(Path(out["release_path"]) / "tables" / "P1.parquet")
+    shown = set(p1.filter(pl.col("geolevel") == "block")["geoid"].to_list())
+    assert shown == set(have) | set(empty) and len(empty) > 0
+    # a list that misses a block of the units file is refused before any reservation
+    short = tmp_path / "short.csv"
+    pl.DataFrame({"geoid": have[1:]}).write_csv(short)
+    cfg = write_config(tmp_path, inputs, name="short.yaml", release_id="B2", invariants=off,
+                       geography={"blocks": str(short)})
+    code, text = _cli("run", "--quiet", str(cfg))
+    assert code == 2 and "block_not_in_geography" in text and have[0] in text
+    assert Ledger(tmp_path / "ledger.sqlite").status("test-ds", "B2") is None

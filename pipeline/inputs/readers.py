@@ -54,3 +54,38 @@ def input_fingerprint(path: str | Path) -> list[list[object]]:
         st = f.stat()
         out.append([str(f), int(st.st_size), int(st.st_mtime_ns)])
     return out
+
+
+def read_block_list(path: str | Path, units: pl.LazyFrame, digits: int) -> pl.DataFrame:
+    """The public list of bottom-level units (``geography.blocks``: Parquet or CSV with a text
+    column ``geoid``), sorted and unique, checked against the units file: every unit's block
+    must be listed. Raises :class:`InputValidationError` naming the file, column and blocks.
+
+    With a public list the release shows every listed block (empty ones too), so it does not
+    reveal which blocks have a housing unit or a facility.
+    """
+    from pipeline.inputs.problems import Problem
+
+    p = Path(path)
+    try:
+        raw = pl.read_csv(p, schema_overrides={"geoid": pl.Utf8}) if p.suffix.lower() == ".csv" else pl.read_parquet(p)
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise InputValidationError([Problem(str(p), "", "unreadable_file", 1, f"cannot read the block list: {exc}")]) \
+            from None
+    if "geoid" not in raw.columns:
+        raise InputValidationError([Problem(str(p), "geoid", "missing_column", 1,
+                                            f"the block list needs a text column geoid; found {raw.columns}")])
+    blocks = raw.select(pl.col("geoid").cast(pl.Utf8)).unique().sort("geoid")
+    bad = blocks.filter(pl.col("geoid").is_null() | (pl.col("geoid").str.len_chars() != digits)
+                        | ~pl.col("geoid").str.contains(r"^[0-9]+$"))
+    if bad.height:
+        raise InputValidationError([Problem(str(p), "geoid", "malformed_geoid", bad.height,
+                                            f"block GEOIDs must have {digits} digits",
+                                            examples=tuple(str(g) for g in bad["geoid"].head(5).to_list()))])
+    missing = (units.select("geoid").unique().collect()
+               .join(blocks, on="geoid", how="anti").sort("geoid"))
+    if missing.height:
+        raise InputValidationError([Problem("units", "geoid", "block_not_in_geography", missing.height,
+                                            f"blocks of the units file missing from the block list {p}",
+                                            blocks=tuple(missing["geoid"].head(5).to_list()))])
+    return blocks

@@ -32,7 +32,7 @@ from pipeline.errors import RefusedError
 from pipeline.files import crash_point, private_files, sha256_file, write_parquet_atomic
 from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
 from pipeline.inputs.invariants import declared, units_truth, write_invariants
-from pipeline.inputs.readers import input_fingerprint, read_persons, read_units
+from pipeline.inputs.readers import input_fingerprint, read_block_list, read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
 from pipeline.job.context import RunContext, configured_strategies, total_rho
 from pipeline.job.executor import DaskExecutor, close_executor, executor_for
@@ -78,7 +78,9 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
     lifetime = Fraction(cfg.privacy.lifetime_rho)
     ledger = _ledger_for_new_run(cfg)
     ledger.check_budget(cfg.dataset_id, rho, lifetime)  # before any data is read
-    validate_inputs(cfg.inputs.persons, cfg.inputs.units, load_spec(cfg.spec))
+    valid = validate_inputs(cfg.inputs.persons, cfg.inputs.units, load_spec(cfg.spec))
+    if cfg.geography.blocks is not None:
+        read_block_list(cfg.geography.blocks, valid.units, load_geolevels(cfg.geography.levels)[-1].digits)
     fingerprint = {"persons": input_fingerprint(cfg.inputs.persons), "units": input_fingerprint(cfg.inputs.units)}
     stale = cfg.output.runs_dir / release_id
     if stale.is_dir() and not RunDir(stale).state_path.exists():
@@ -242,9 +244,13 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
     with private_files():
         # The geography comes from the units file (public: every block with a housing unit or
         # a facility); validation guarantees every person's block is in it.
-        blocks = units.select("geoid").unique().sort("geoid").collect()
+        levels = load_geolevels(cfg.geography.levels)
+        if cfg.geography.blocks is not None:  # a public list: every block, with units or not
+            blocks = read_block_list(cfg.geography.blocks, units, levels[-1].digits)
+        else:
+            blocks = units.select("geoid").unique().sort("geoid").collect()
         write_parquet_atomic(blocks, ctx.rd.geography_path)
-        geo = Geography.from_block_geoids(blocks["geoid"].to_numpy(), load_geolevels(cfg.geography.levels))
+        geo = Geography.from_block_geoids(blocks["geoid"].to_numpy(), levels)
         person_hists = build_person_histograms(persons, geo, ctx.persons_spec)
         unit_counts = build_unit_counts(units, geo)
         written = [ctx.rd.geography_path]

@@ -63,6 +63,8 @@ class PrivacyConfig(BaseModel):
 class GeographyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     levels: str = Field("geolevels", description="geolevels YAML: a name in schemas/ or a path (top to bottom)")
+    blocks: Path | None = Field(None, description="public list of every block (Parquet or CSV, column geoid); "
+                                                  "default: the blocks of the units file")
 
 
 class InvariantsConfig(BaseModel):
@@ -127,6 +129,18 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _block_list_when_unit_counts_are_private(self) -> "RunConfig":
+        # without a public block list the geography is the set of blocks that have a housing
+        # unit or a facility, which every release shows; that is public only when an invariant
+        # on housing units or facilities is declared
+        inv = self.invariants
+        if self.geography.blocks is None and not (inv.block_housing_units or inv.gq_facilities):
+            raise ValueError("with invariants.block_housing_units and invariants.gq_facilities both off, give "
+                             "geography.blocks (a public list of every block): otherwise the release would show "
+                             "which blocks have a housing unit or a facility")
+        return self
+
+    @model_validator(mode="after")
     def _joint_needs_units(self) -> "RunConfig":
         if self.joint.households and not self.privacy.units_strategy:
             raise ValueError("joint.households needs the units run (privacy.units_strategy)")
@@ -158,5 +172,7 @@ def load_config(path: str | Path) -> RunConfig:
     cfg.privacy.ledger = _resolve(base, cfg.privacy.ledger)
     cfg.output.runs_dir = _resolve(base, cfg.output.runs_dir)
     cfg.output.releases_dir = _resolve(base, cfg.output.releases_dir)
+    if cfg.geography.blocks is not None:
+        cfg.geography.blocks = _resolve(base, cfg.geography.blocks)
     cfg.source_path = path.resolve()
     return cfg
