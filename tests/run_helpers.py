@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.inputs.synth import synthesize
@@ -42,3 +44,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def needs_tool(path: str | None, what: str, install: str) -> pytest.MarkDecorator:
+    """Skip a test that needs an external program when it is missing — except in CI
+    (``CI=true``), where ``.ci/run`` installs it, so a missing program fails the test loudly."""
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    return pytest.mark.skipif(path is None and not in_ci, reason=f"{what} not installed ({install})")

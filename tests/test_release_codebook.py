@@ -15,6 +15,7 @@ import pandas as pd
 import polars as pl
 import pytest
 import yaml
+from run_helpers import needs_tool
 from test_release import PRIVACY, meta
 from test_tables_cases import make_case
 
@@ -181,9 +182,10 @@ def test_configured_values_are_escaped_in_index_and_readme(tmp_path: Path) -> No
 RSCRIPT = shutil.which("Rscript")
 
 
-@pytest.mark.skipif(RSCRIPT is None, reason="R not installed (apt-get install r-base-core r-cran-readr)")
+@needs_tool(RSCRIPT, "R", "apt-get install r-base-core r-cran-readr")
 def test_csv_geoids_read_right_in_r(release: Path, tmp_path: Path) -> None:
     """R's read.csv (and readr::read_csv when installed) with default settings keep GEO_ID as text."""
+    assert RSCRIPT is not None, "Rscript is missing: .ci/run installs r-base-core"
     csvs = [release / "csv" / lv / "P1.csv" for lv in ("nation", "state", "county", "tract", "block_group", "block")]
     script = tmp_path / "read.R"
     script.write_text(

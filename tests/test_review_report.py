@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 import pytest
 import yaml
+from run_helpers import needs_tool
 
 from pipeline.inputs.histograms import build_person_histograms
 from pipeline.model.geography import Geography
@@ -147,8 +148,9 @@ def test_review_returns_only_a_path_and_logs_no_values(tmp_path, caplog):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install -y chromium)")
+@needs_tool(CHROMIUM, "headless Chromium", "apt-get install -y chromium")
 def test_report_renders_in_headless_chromium(reviewed, tmp_path):
+    assert CHROMIUM is not None, "chromium is missing: .ci/run installs it"
     report = reviewed["confidential"]
     shot = tmp_path / "shot.png"
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
