@@ -65,3 +65,21 @@ def test_joint_needs_the_units_run(tmp_path: Path) -> None:
     cfg = write_config(tmp_path, tmp_path, joint={"households": True}, privacy={"units_strategy": None})
     with pytest.raises(ConfigError, match="units_strategy"):
         load_config(cfg)
+
+
+@pytest.mark.slow
+def test_ri2010_joint_release_has_no_impossible_blocks(tmp_path: Path) -> None:
+    """Rhode Island 2010 (25,181 real blocks, ../shared/data/real), keyed, 2020 strategies with
+    joint households: 0 blocks break the rules, from the release files alone."""
+    from shared_data import shared_file
+
+    from pipeline.review.evaldata import write_ri2010
+
+    source = shared_file("data/real/ri_2010_block.csv")
+    write_ri2010(tmp_path / "ri", source)
+    cfg = write_config(tmp_path, tmp_path / "ri", release_id="ri-joint", joint={"households": True},
+                       privacy={"randomness": "keyed", "seed": None}, execution={"workers": 2})
+    release = Path(run(cfg, progress=False)["release_path"])
+    v = release_joint_violations(release)
+    assert v.filter(v["geolevel"] == "block")["units"].item() == 25_181
+    assert {r: int(v[r].sum()) for r in RULES} == dict.fromkeys(RULES, 0), v
