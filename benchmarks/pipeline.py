@@ -49,7 +49,7 @@ def one_job(inputs: Path, work: Path, tag: str, workers: int) -> dict:
     path.write_text(yaml.safe_dump(cfg))
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--quiet", str(path)], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "dptab.cli", "run", "--quiet", str(path)], cwd=ROOT,
                          capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
@@ -74,7 +74,7 @@ def main() -> None:
     args = ap.parse_args()
     cache = ROOT / "bench-out" / f"synth-{args.persons}-{args.seed}"
     if not (cache / "units.parquet").exists():
-        subprocess.run([sys.executable, "-m", "pipeline.cli", "synth", "--persons", str(args.persons),
+        subprocess.run([sys.executable, "-m", "dptab.cli", "synth", "--persons", str(args.persons),
                         "--seed", str(args.seed), "--out", str(cache)], cwd=ROOT, check=True)
     jobs, floors = [], []
     with tempfile.TemporaryDirectory(prefix="dptab-bench-") as tmp:

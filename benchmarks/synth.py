@@ -1,6 +1,6 @@
 """Benchmark ``dptab synth``: persons/s and peak memory (max RSS of the process).
 
-Each run is a fresh ``python -m pipeline.cli synth`` subprocess (peak RSS from ``wait4``).
+Each run is a fresh ``python -m dptab.cli synth`` subprocess (peak RSS from ``wait4``).
 Baselines measured in the same run:
 - time: a bare polars read + zstd rewrite of the very files synth produced (the I/O floor for
   the same rows and bytes); ratio = synth seconds / rewrite seconds;
@@ -43,7 +43,7 @@ def _synth_argv(n: int, seed: int, out: Path) -> list[str]:
     # a tiny wrapper prints the child's own peak RSS (ru_maxrss of RUSAGE_SELF) on exit
     code = ("import resource, sys, atexit\n"
             "atexit.register(lambda: print(f'MAXRSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr))\n"
-            "from pipeline.cli import app\n"
+            "from dptab.cli import app\n"
             f"app(['synth', '--persons', '{n}', '--seed', '{seed}', '--out', r'{out}', '--quiet'], standalone_mode=False)\n")
     return [sys.executable, "-c", code]
 
@@ -64,7 +64,7 @@ def main() -> int:
     n = 1_000_000 if args.quick else args.persons
     work = Path(tempfile.mkdtemp(prefix="dptab-bench-synth-"))
     try:
-        idle = _run([sys.executable, "-c", "import resource, sys\nimport pipeline.synth, pipeline.cli\n"
+        idle = _run([sys.executable, "-c", "import resource, sys\nimport pipeline.synth, dptab.cli\n"
                      "print(f'MAXRSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)"])[1]
         small = _run(_synth_argv(max(n // 10, 1), 1, work / "small"))
         synth_s, synth_rss, rewrite_s = [], [], []

@@ -19,7 +19,7 @@ from run_helpers import write_config
 from test_validation_inputs import CASES, _resolve
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from dptab.cli import app
 from pipeline.privacy.ledger import Ledger
 
 

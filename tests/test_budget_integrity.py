@@ -17,7 +17,7 @@ import yaml
 from run_helpers import make_inputs, write_config
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from dptab.cli import app
 from pipeline.job import stages
 from pipeline.job.context import RunContext
 from pipeline.job.rundir import RunDirError, RunDirIntegrityError

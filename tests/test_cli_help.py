@@ -10,7 +10,7 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 from pipeline import __version__
-from pipeline.cli import app
+from dptab.cli import app
 
 COMMANDS = sorted(get_command(app).commands)
 

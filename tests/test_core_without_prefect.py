@@ -39,3 +39,6 @@ def test_every_pipeline_module_imports_with_prefect_blocked() -> None:
 def test_no_prefect_import_in_pipeline_source(path: Path) -> None:
     text = path.read_text()
     assert "import prefect" not in text and "from prefect" not in text
+    # the library never imports a roof, not even inside a function: flows/ or the dptab CLI
+    assert "from flows" not in text and "import flows" not in text
+    assert "from dptab" not in text and "import dptab" not in text

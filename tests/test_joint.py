@@ -44,7 +44,7 @@ def test_without_joint_the_2020_faults_appear(tmp_path: Path) -> None:
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from dptab.cli import app
 
     release = _release(tmp_path, "perry", False, {"randomness": "seeded", "seed": 5})
     v = release_joint_violations(release)

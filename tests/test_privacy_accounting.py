@@ -152,7 +152,7 @@ def test_pld_not_below_dp_accounting():
 def test_cli_budget_prints_the_table_and_both_epsilons():
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from dptab.cli import app
 
     res = CliRunner().invoke(app, ["budget", "schemas/strategies/census2020_pl94.yaml", "--delta", "1e-10"],
                              env={"COLUMNS": "200"})

@@ -14,7 +14,7 @@ from test_tables_cases import make_case
 from typer.testing import CliRunner
 
 import pipeline.release.writer as release_mod
-from pipeline.cli import app
+from dptab.cli import app
 from pipeline.files import sha256_file
 from pipeline.model.histogram import SparseHistogram
 from pipeline.model.strategy import load_strategy

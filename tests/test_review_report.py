@@ -188,7 +188,7 @@ def test_report_renders_in_headless_chromium(reviewed, tmp_path):
 def test_cli_review_prints_paths_only(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from dptab.cli import app
 
     run = make_run(tmp_path, confidential=True, seed=13)
     res = CliRunner().invoke(app, ["review", str(run)])

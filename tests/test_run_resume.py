@@ -33,7 +33,7 @@ def _dptab(args: list[str], crash_at: str | None = None) -> subprocess.Completed
     env.pop("DPTAB_CRASH_AT", None)
     if crash_at:
         env["DPTAB_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--quiet", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "dptab.cli", "run", "--quiet", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -104,7 +104,7 @@ def test_random_kills_with_the_same_key_resume_to_identical_release(tmp_path) ->
     targets = sorted(rng.sample(range(1, n_stages - 1), 4))
     kills = 0
     for target in targets:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--quiet", "--resume", str(run_b)],
+        proc = subprocess.Popen([sys.executable, "-m", "dptab.cli", "run", "--quiet", "--resume", str(run_b)],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None and _done_count(run_b) < target:
             time.sleep(0.01)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from dptab.cli import app
 from pipeline.inputs.histograms import build_person_histograms
 from pipeline.inputs.readers import read_persons, read_units
 from pipeline.inputs.synth import SynthError, plan_counties, synthesize

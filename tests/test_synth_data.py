@@ -73,7 +73,7 @@ def test_synthetic_sample():
 def test_synthetic_sample_is_reproduced_by_the_recorded_command(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from dptab.cli import app
 
     r = CliRunner().invoke(app, ["synth", "--persons", "75000", "--seed", "2020", "--state", "44",
                                  "--out", str(tmp_path), "--quiet"])

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from io_cases import B3, persons_df, units_df, write  # noqa: E402
 
-from pipeline.cli import app  # noqa: E402
+from dptab.cli import app  # noqa: E402
 from pipeline.inputs.problems import InputValidationError
 from pipeline.inputs.validation import validate_inputs  # noqa: E402
 
@@ -77,7 +77,7 @@ def test_cli_needs_inputs() -> None:
 def test_cli_subprocess_exit_status(tmp_path: Path) -> None:
     p, u = _inputs(tmp_path)
     p.write_bytes(b"not parquet at all")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", "--persons", str(p), "--units", str(u)],
+    proc = subprocess.run([sys.executable, "-m", "dptab.cli", "validate", "--persons", str(p), "--units", str(u)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert str(p) in proc.stderr and "not_parquet" in proc.stderr

@@ -72,7 +72,7 @@ def test_deploy_trigger_and_publish(server, tmp_path: Path) -> None:
     assert worker.returncode == 0, (worker.stdout + worker.stderr)[-4000:]
     releases = [p for p in (tmp_path / "releases").iterdir() if not p.name.startswith(".")]
     assert len(releases) == 1, worker.stdout[-3000:]
-    verify = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(releases[0])], cwd=ROOT,
+    verify = subprocess.run([sys.executable, "-m", "dptab.cli", "verify", str(releases[0])], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     manifest = json.loads((releases[0] / "manifest.json").read_text())

@@ -1,0 +1,5 @@
+"""The ``dptab`` command line: a roof over the ``pipeline`` library and the ``flows`` package.
+
+The library (``pipeline/``) never imports this package or ``flows/``; the command line may start
+the Prefect flow (``dptab run --flow``) and the review (``dptab review``).
+"""
