@@ -195,7 +195,9 @@ class Ledger:
                     f"release {release!r} of dataset {dataset!r} already holds rho {existing[0]}; "
                     f"cannot reserve a different rho {rho} under the same release id"
                 )
-            if existing is not None and (run is None or existing[2] != run):
+            # the same run (its token; both None for a run made before tokens were recorded)
+            # may re-reserve its own row: a resume or retry; anyone else may not
+            if existing is not None and existing[2] != run:
                 raise LedgerError(
                     f"release id {release!r} of dataset {dataset!r} was already used by another run "
                     f"({existing[1]}); a release id is used once — choose a new one"
