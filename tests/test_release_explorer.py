@@ -199,9 +199,10 @@ class Browser:
                 raise AssertionError(f"timed out waiting for {expression}")
             time.sleep(0.05)
 
-    def open(self, url: str) -> None:
+    def open(self, url: str, ready: bool = True) -> None:
         self.send("Page.navigate", url=url)
-        self.wait("document.readyState === 'complete' && document.documentElement.dataset.explorer === 'ready'")
+        self.wait("document.readyState === 'complete'" +
+                  (" && document.documentElement.dataset.explorer === 'ready'" if ready else ""))
 
     def type(self, selector: str, text: str) -> None:
         """Clear an input the way a user does (select all, delete), then type ``text``."""
@@ -405,6 +406,25 @@ def test_search_county_tract_and_blocks_in_chromium(release: Path, tables: pl.Da
     assert b.problems() == []
     assert all(u.startswith(("file://", "data:")) for u in b.requested()), b.requested()
     assert any(u.endswith("/explorer/blocks/02016-1.js") or "/explorer/blocks/02016" in u for u in b.requested())
+
+
+@pytest.mark.browser
+def test_missing_data_files_say_so_in_chromium(release: Path, browser: Browser, tmp_path: Path) -> None:
+    """A block file or the index that cannot be loaded gives a message, not a page that waits forever."""
+    copy = tmp_path / "copy"
+    shutil.copytree(release, copy)
+    (copy / "explorer/blocks/02016-3.js").unlink()
+    b = browser
+    b.open((copy / "index.html").as_uri() + "#area=1500000US020160003001")
+    b.wait("document.querySelector('#explorer-children') !== null && "
+           "document.querySelector('#explorer-children').textContent.indexOf('could not load') >= 0")
+    assert "explorer/blocks/02016-3.js" in b.js("document.getElementById('explorer-children').textContent")
+    assert b.js("document.querySelector('details[data-table=P1]') !== null")  # the block group itself is shown
+    (copy / "explorer/areas.js").unlink()
+    b.open((copy / "index.html").as_uri(), ready=False)
+    assert b.js("document.getElementById('explorer-status').textContent") == \
+        "The area index explorer/areas.js could not be loaded."
+    assert b.js("document.getElementById('explorer-q').disabled") is True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85
 #explorer-results{list-style:none;padding-left:0;max-height:18rem;overflow-y:auto} #explorer-results li{margin:.15rem 0}
 button.area-link{background:none;border:0;padding:0;color:#0645ad;text-decoration:underline;cursor:pointer;font:inherit}
 #explorer-area h3{margin-bottom:0} #explorer-area table{background:#fff} #explorer-area summary{cursor:pointer;margin:.4rem 0}
-td.moe{color:#555;white-space:nowrap} #explorer .scroll{max-height:16rem;overflow-y:auto;display:inline-block}
+td.moe{color:#555;white-space:nowrap} #explorer-area th{white-space:nowrap} #explorer .scroll{max-height:16rem;overflow-y:auto;display:inline-block}
 #explorer .scroll table{margin:0}
 """
 

@@ -4,7 +4,9 @@
 
     manifest.json                        id, time, software, config hash, privacy, invariants,
                                          every file with sha256, rows and schema
-    index.html                           what is here, how it was protected, how to read it
+    index.html                           what is here, how it was protected, how to read it, and
+                                         a search for any area (the area explorer)
+    explorer/*.js                        the explorer's data, read back from tables/ (pipeline.release.html)
     tables/<table>.parquet               long format: geoid, geolevel, name, table, line,
                                          label, count, moe90 (every level)
     tables/definitions.yaml              the table definitions used (schemas/tables/pl94.yaml)

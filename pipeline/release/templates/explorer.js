@@ -405,5 +405,10 @@
     return box;
   }
 
+  window.addEventListener("load", function () {
+    var status = $("explorer-status");
+    if (!X && status) { status.textContent = "The area index explorer/areas.js could not be loaded."; }
+  });
+
   window.dptabExplorer = {load: load, need: need};
 }());
