@@ -79,6 +79,19 @@ def load_js(path: Path) -> tuple[str, dict]:
     return json.loads(m.group(1)), json.loads(m.group(2))
 
 
+def test_explorer_script_is_package_data() -> None:
+    """``templates/explorer.js`` is copied into every release: a non-editable install must carry it."""
+    import fnmatch
+    import tomllib
+
+    root = Path(html_mod.__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pipeline.release"]
+    pkg = Path(html_mod.__file__).parent
+    files = [p.relative_to(pkg).as_posix() for p in (pkg / html_mod.TEMPLATES).rglob("*") if p.is_file()]
+    assert "templates/explorer.js" in files
+    assert all(any(fnmatch.fnmatchcase(f, pat) and f.count("/") == pat.count("/") for pat in patterns) for f in files)
+
+
 def decode(text: str) -> list[int]:
     out: list[int] = []
     for t in text.split(",") if text else []:
@@ -330,6 +343,14 @@ def test_search_county_tract_and_blocks_in_chromium(release: Path, tables: pl.Da
     assert s["parents"] == ["", "02"]
     assert s["children"] == geoids_at(tables, "tract", "02016") and len(s["children"]) == 2
     assert "#area=0500000US02016" in b.js("location.hash")
+
+    # a tract by name: query words begin words of the name (or of the areas above), so "3" is not
+    # found inside a code, and the area named so comes first
+    b.type("#explorer-q", "tract 3")
+    b.wait("document.querySelectorAll('#explorer-results button').length > 0")
+    names = result_buttons(b)
+    assert names[0] == "Census Tract 3" and "Census Tract 2" not in names and "Census Tract 1" not in names
+    assert "in Aleutians West Census Area, Alaska ·" in b.js("document.querySelector('#explorer-results li').textContent")
 
     # a tract by its code, chosen with Enter
     tract = "02016000300"

@@ -89,7 +89,8 @@
     X.areas.forEach(function (a) {
       var words = [a.name, levelName(a.level), a.geoid];
       for (var p = a.parent; p && p.level > 0; p = p.parent) { words.push(p.name); }
-      a.search = words.join(" | ").toLowerCase();
+      // the words a query word may begin: of the name, the level, the code and the areas above
+      a.words = words.join(" ").toLowerCase().split(/[\s,;()|]+/).filter(function (w) { return w !== ""; });
     });
     if (document.readyState === "loading") {
       document.addEventListener("DOMContentLoaded", start);
@@ -144,14 +145,17 @@
     if (code !== null && hasBlocks() && code.length === X.levels[blockLevel()].digits) {
       hits.push({block: code});
     }
-    var words = q.split(/\s+/);
+    var words = q.split(/[\s,;()|]+/).filter(function (w) { return w !== ""; });
     X.areas.forEach(function (a) {
       var rank;
       if (code !== null && a.geoid.indexOf(code) === 0) {
         rank = a.geoid === code ? 0 : 2;
-      } else if (words.every(function (w) { return a.search.indexOf(w) >= 0; })) {
+      } else if (words.every(function (w) { return a.words.some(function (x) { return x.indexOf(w) === 0; }); })) {
+        // the name itself first: equal or ending in the query, then beginning a word of it with it
         var n = a.name.toLowerCase();
-        rank = n === q ? 0 : (n.indexOf(q) === 0 ? 1 : 3);
+        var end = n.length - q.length;
+        rank = n === q || (end > 0 && n.lastIndexOf(" " + q) === end - 1) ? 0 :
+          (n.indexOf(q) === 0 || n.indexOf(" " + q) >= 0 ? 1 : 3);
       } else {
         return;
       }
@@ -179,7 +183,11 @@
   function describe(a) {
     var parts = [levelName(a.level), a.geoid || "(no code)"];
     var up = [];
-    for (var p = a.parent; p && p.level > 0; p = p.parent) { up.push(p.name); }
+    for (var p = a.parent; p && p.level > 0; p = p.parent) {
+      // "Bristol County, Rhode Island" already names its state
+      var named = up.some(function (u) { return u.slice(-(p.name.length + 2)) === ", " + p.name; });
+      if (!named) { up.push(p.name); }
+    }
     if (up.length) { parts.push("in " + up.join(", ")); }
     if (a.total !== null && a.total !== undefined) { parts.push(totalLabel() + " " + fmt(a.total)); }
     return "· " + parts.join(" · ");
