@@ -269,7 +269,7 @@ def write_explorer(root: Path, manifest: Mapping[str, Any]) -> list[Path]:
     total_of = next((i for i, t in enumerate(tables) if t["name"] == "P1"), 0)
 
     index: dict[str, Any] = {
-        "format": 1, "release_id": manifest["release_id"],
+        "format": 1,
         "levels": [{"name": g["name"], "digits": int(g["digits"]), "geo_id": f"{summary_level(int(g['digits']))}0000US",
                     "csv": [t["name"] for t in tables if f"csv/{g['name']}/{t['name']}.csv" in paths]} for g in levels],
         "tables": [], "total": {"table": tables[total_of]["name"] if tables else None,
