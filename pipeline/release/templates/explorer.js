@@ -120,7 +120,8 @@
       }
     });
     $("explorer-status").textContent = fmt(X.areas.length) + " areas above block" +
-      (hasBlocks() ? "; blocks are found by their 15-digit code or from their block group." : ".");
+      (hasBlocks() ? "; a " + levelName(blockLevel()) + " is found by its " + X.levels[blockLevel()].digits +
+        "-digit code or from the " + levelName(blockLevel() - 1) + " it is in." : ".");
     window.addEventListener("hashchange", fromHash);
     fromHash();
     document.documentElement.setAttribute("data-explorer", "ready");
