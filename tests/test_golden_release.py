@@ -25,10 +25,13 @@ GOLDEN = Path(__file__).parent / "golden" / "seeded_20k.json"
 
 def release_digest(release: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every data file of a release (not manifest, HTML or the
-    codebook — README.md, codebook.json — which carry dates, versions and paths)."""
+    codebook — README.md, codebook.json — which carry dates, versions and paths — nor the area
+    explorer's ``explorer/``, the page's copy of the tables, which tests/test_release_explorer.py
+    compares with the tables)."""
     out = {}
     for p in sorted(release.rglob("*")):
-        if not p.is_file() or p.name in ("manifest.json", "README.md", "codebook.json") or p.suffix == ".html":
+        if (not p.is_file() or p.name in ("manifest.json", "README.md", "codebook.json") or p.suffix == ".html"
+                or p.relative_to(release).parts[0] == "explorer"):
             continue
         if p.suffix == ".parquet":
             data = pl.read_parquet(p).write_csv().encode()

@@ -138,8 +138,15 @@ def rho_composes(m) -> bool:
 def test_index_html_is_self_contained(built) -> None:
     """No external asset or link; the only links are relative links to files of the release,
     and every file of the manifest is linked with its checksum (format change: the files table
-    used to show paths without links)."""
-    html = (built[1] / "index.html").read_text()
+    used to show paths without links). The only scripts are the area explorer's, by relative
+    path from ``explorer/`` (format change: the page had no script before the explorer)."""
+    page = (built[1] / "index.html").read_text()
+    scripts = re.findall(r"<script\b[^>]*>\s*</script>", page)
+    assert scripts == ['<script src="explorer/explorer.js"></script>', '<script src="explorer/areas.js"></script>']
+    assert all((built[1] / "explorer" / n).is_file() for n in ("explorer.js", "areas.js"))
+    html = page
+    for tag in scripts:
+        html = html.replace(tag, "")
     assert not re.search(r"(?i)(https?:|//[a-z0-9]|src\s*=|@import|url\(|<script|<link)", html)
     hrefs = re.findall(r'href\s*=\s*"([^"]*)"', html)
     assert len(hrefs) == len(re.findall(r"(?i)href\s*=", html))  # every href is a quoted attribute

@@ -1,23 +1,29 @@
 """The release's ``index.html``: a static, self-contained page for researchers.
 
-No external assets, no script, no link outside the release folder (the files table links to
-each file by its relative path): the page is readable offline and from an archive. The page is
+No external assets and no link outside the release folder (the files table links to each file
+by its relative path): the page is readable offline and from an archive. Its only scripts are the
+area explorer's (:func:`write_explorer`), loaded by relative paths from ``explorer/``; without
+them the page reads as before. The page is
 the Jinja2 template ``templates/index.html.j2`` with autoescaping, so every value (a config
 title, a table label, a code list) is escaped. It says what is in the release, how the data were protected
 (plain language and the ρ/ε table), how to read margins of error, what was checked, how to
-cite, and lists every file with its size and sha256. Everything shown comes from the
-manifest, so the page never carries anything the manifest does not.
+cite, and lists every file with its size and sha256. Everything the HTML shows comes from the
+manifest, so the page never carries anything the manifest does not; the explorer shows the
+published tables through files the manifest lists.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 from urllib.parse import quote
 
 import jinja2
+import numpy as np
 from markupsafe import Markup
 
 TEMPLATES = "templates"
@@ -30,6 +36,13 @@ table{border-collapse:collapse;margin:.5rem 0 1rem} td,th{border:1px solid #ccc;
 vertical-align:top} th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em;word-break:break-all}
 .meta{color:#555} .note{background:#f7f7f0;border-left:4px solid #c9b458;padding:.5rem 1rem}
+#explorer{background:#f6f8fb;border:1px solid #d5dde8;border-radius:6px;padding:0 1rem 1rem;margin-top:1.5rem}
+#explorer h2{border:0} #explorer-q{font-size:1rem;padding:.35rem .5rem;width:min(28rem,90%)}
+#explorer-results{list-style:none;padding-left:0;max-height:18rem;overflow-y:auto} #explorer-results li{margin:.15rem 0}
+button.area-link{background:none;border:0;padding:0;color:#0645ad;text-decoration:underline;cursor:pointer;font:inherit}
+#explorer-area h3{margin-bottom:0} #explorer-area table{background:#fff} #explorer-area summary{cursor:pointer;margin:.4rem 0}
+td.moe{color:#555;white-space:nowrap} #explorer-area th{white-space:nowrap} #explorer .scroll{max-height:16rem;overflow-y:auto;display:inline-block}
+#explorer .scroll table{margin:0}
 """
 
 
@@ -108,6 +121,7 @@ def render_index(manifest: Mapping[str, Any]) -> str:
     levels = [{**g, "prefix": f"{summary_level(g['digits'])}0000US"} for g in m["geolevels"]]
     return template_env().get_template("index.html.j2").render(
         m=m, sw=m["software"], commit=m["software"].get("git_commit") or "unknown", css=Markup(_CSS),
+        explorer=f"{EXPLORER}/areas.js" in paths,
         has={"csv": any(q.startswith("csv/") for q in paths), "readme": "README.md" in paths,
              "measurements": any(q.startswith("measurements/") for q in paths)},
         spec_files=spec_files, levels=levels, p=m["privacy"], privacy=_privacy_context(m["privacy"]),
@@ -119,3 +133,211 @@ def write_index(root: Path, manifest: Mapping[str, Any]) -> Path:
     path = Path(root) / "index.html"
     path.write_text(render_index(manifest), encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The area explorer: data files for the search on index.html (explorer/*.js)
+# ---------------------------------------------------------------------------------------------
+
+EXPLORER = "explorer"
+#: at most this many blocks in one block file: a larger county is split at block-group boundaries
+BLOCK_CHUNK_UNITS = 2000
+_KEY = re.compile(r"[0-9A-Za-z]+")
+
+
+class ExplorerError(ValueError):
+    """The release's tables do not have the layout the explorer reads (a bug upstream)."""
+
+
+def _js_call(key: str, payload: Any) -> str:
+    """``dptabExplorer.load("key", {...});``: JSON is a JavaScript expression. ``ensure_ascii`` and
+    ``<``, ``>``, ``&`` as ``\\u`` escapes leave no character that could end a script element or
+    be read as markup, should the text ever be inlined into a page."""
+    body = json.dumps(payload, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
+    body = body.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f"dptabExplorer.load({json.dumps(key)},{body});\n"
+
+
+def encode_counts(row: Sequence[int]) -> str:
+    """A row of counts as text, runs of zeros shortened: ``[5, 0, 0, 0, 2, 0]`` -> ``"5,~3,2,0"``.
+
+    Most block counts are 0 (about 90% on the demo release), so this makes the block files
+    about six times smaller than a JSON list; ``explorer.js`` expands it (``decodeCounts``).
+    """
+    out: list[str] = []
+    zeros = 0
+    for x in row:
+        if x == 0:
+            zeros += 1
+            continue
+        if zeros:
+            out.append("0" if zeros == 1 else f"~{zeros}")
+            zeros = 0
+        out.append(str(int(x)))
+    if zeros:
+        out.append("0" if zeros == 1 else f"~{zeros}")
+    return ",".join(out)
+
+
+def _level_rows(root: Path, tables: Sequence[Mapping[str, Any]], level: str
+                ) -> tuple[list[str], list[str], np.ndarray, list[list[float | None]], list[dict[str, Any]]]:
+    """One level read back from ``tables/*.parquet``: geoids, names, counts ``(n_units, all lines)``
+    (the tables side by side), each table's margins of error and its line numbers and labels."""
+    import polars as pl
+
+    geoids: list[str] | None = None
+    names: list[str] = []
+    blocks, moes, shells = [], [], []
+    for t in tables:
+        n_lines = int(t["lines"])
+        df = (pl.scan_parquet(root / "tables" / f"{t['name']}.parquet").filter(pl.col("geolevel") == level)
+              .select("geoid", "name", "line", "label", "count", "moe90").sort("geoid", "line").collect())
+        n = df.height // n_lines
+        lines = df["line"].to_numpy()
+        if df.height % n_lines or (n and not np.array_equal(lines, np.tile(lines[:n_lines], n))):
+            raise ExplorerError(f"tables/{t['name']}.parquet at {level}: rows are not every area x {n_lines} lines")
+        g = df["geoid"].gather_every(n_lines).to_list()
+        if geoids is None:
+            geoids, names = g, df["name"].gather_every(n_lines).to_list()
+        elif g != geoids:
+            raise ExplorerError(f"tables/{t['name']}.parquet at {level}: areas differ from the other tables")
+        blocks.append(df["count"].to_numpy().reshape(n, n_lines))
+        moe = df["moe90"].to_numpy().reshape(n, n_lines) if n else np.full((0, n_lines), np.nan)
+        if n and not np.array_equal(moe, np.broadcast_to(moe[0], moe.shape), equal_nan=True):
+            raise ExplorerError(f"tables/{t['name']}.parquet at {level}: margins of error differ between areas")
+        moes.append([None if n == 0 or np.isnan(v) else float(v) for v in (moe[0] if n else np.full(n_lines, np.nan))])
+        head = df.head(n_lines)
+        shells.append({"lines": head["line"].to_list(), "labels": head["label"].to_list()})
+    counts = np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), dtype=np.int64)
+    return geoids or [], names, counts, moes, shells
+
+
+def _chunk_name(key: str, taken: dict[str, str]) -> str:
+    """A file-name-safe, unique chunk name for a GEOID prefix (GEOIDs are digits; anything else is numbered)."""
+    name = key if _KEY.fullmatch(key) else f"n{len(taken)}"
+    taken[key] = name
+    return name
+
+
+def write_explorer(root: Path, manifest: Mapping[str, Any]) -> list[Path]:
+    """Write the area explorer's data under ``root/explorer/`` and return every file written.
+
+    Read back from the release's own ``tables/*.parquet`` (so the explorer shows exactly the
+    published rows):
+
+    - ``explorer/explorer.js``: the page's script (``templates/explorer.js``, copied);
+    Counts are rows of every line of every table side by side, as :func:`encode_counts` text.
+
+    - ``explorer/areas.js``: every area above block (level, code, name, total population), the
+      table shells, each level's margins of error (the same for every area of a level), the
+      counts of the levels above county, and which file holds which counts;
+    - ``explorer/areas/<county>.js``: the counts of a county, its tracts and block groups;
+    - ``explorer/blocks/<county>.js`` (``<county>-<k>.js`` when a county has more than
+      :data:`BLOCK_CHUNK_UNITS` blocks, split at block-group boundaries): its blocks, loaded only
+      when a block or a block group's blocks are shown.
+
+    The files are JavaScript (``dptabExplorer.load(key, data)``), because a page opened from
+    ``file://`` may load scripts but not fetch files. Every value is JSON-encoded; the page
+    inserts them as text, never as HTML.
+    """
+    import shutil
+
+    from pipeline.release.tables import summary_level
+
+    root = Path(root)
+    out_dir = root / EXPLORER
+    (out_dir / "areas").mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def emit(key: str, payload: Any) -> None:
+        path = out_dir / f"{key}.js"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_js_call(key, payload), encoding="ascii")
+        written.append(path)
+
+    script = out_dir / "explorer.js"
+    shutil.copyfile(Path(__file__).parent / TEMPLATES / "explorer.js", script)
+    written.append(script)
+
+    tables = list(manifest["tables"])
+    levels = list(manifest["geolevels"])
+    paths = {f["path"] for f in manifest["files"]}
+    above = levels[:-1] if len(levels) > 1 else levels
+    # counts are split by the county (or, in another geography, the third level from the top)
+    chunk = next((g for g in above if g["name"] == "county"), above[min(2, len(above) - 1)])
+    chunk_digits = int(chunk["digits"])
+    total_of = next((i for i, t in enumerate(tables) if t["name"] == "P1"), 0)
+
+    index: dict[str, Any] = {
+        "format": 1,
+        "levels": [{"name": g["name"], "digits": int(g["digits"]), "geo_id": f"{summary_level(int(g['digits']))}0000US",
+                    "csv": [t["name"] for t in tables if f"csv/{g['name']}/{t['name']}.csv" in paths]} for g in levels],
+        "tables": [], "total": {"table": tables[total_of]["name"] if tables else None,
+                                "universe": tables[total_of].get("universe") if tables else None},
+        "chunk_digits": chunk_digits, "moe": [], "areas": [], "counts": {}, "area_chunks": {}, "block_chunks": {},
+        "parquet": [f"tables/{t['name']}.parquet" for t in tables if f"tables/{t['name']}.parquet" in paths],
+    }
+    offset = [0]
+    for t in tables:
+        offset.append(offset[-1] + int(t["lines"]))
+    taken: dict[str, str] = {}
+    by_chunk: dict[str, dict[str, str]] = {}
+    for li, g in enumerate(levels):
+        geoids, area_names, counts, moes, shells = _level_rows(root, tables, g["name"])
+        index["moe"].append(moes)
+        if not index["tables"] and geoids:
+            index["tables"] = [{"name": t["name"], "title": t.get("title", ""), "universe": t.get("universe", ""), **s}
+                               for t, s in zip(tables, shells)]
+        totals = counts[:, offset[total_of]].tolist() if tables and len(geoids) else [0] * len(geoids)
+        if g is levels[-1] and len(levels) > 1:
+            _write_blocks(emit, index, taken, levels, chunk_digits, geoids, area_names, counts)
+            continue
+        for geoid, name, total, row in zip(geoids, area_names, totals, counts.tolist()):
+            index["areas"].append([li, geoid, name, total])
+            if int(g["digits"]) < chunk_digits:
+                index["counts"][geoid] = encode_counts(row)
+            else:
+                by_chunk.setdefault(geoid[:chunk_digits], {})[geoid] = encode_counts(row)
+    for key, rows in by_chunk.items():
+        name = "areas/" + _chunk_name(key, taken)
+        index["area_chunks"][key] = name
+        emit(name, {"counts": rows})
+    emit("areas", index)
+    return written
+
+
+def _write_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken: dict[str, str],
+                  levels: Sequence[Mapping[str, Any]], chunk_digits: int, geoids: list[str], names: list[str],
+                  counts: np.ndarray) -> None:
+    """Blocks per county (``blocks/<county>.js``), a large county split at block-group boundaries."""
+    parent_digits = int(levels[-2]["digits"])
+    rows = counts.tolist()
+    start = 0
+    while start < len(geoids):
+        key = geoids[start][:chunk_digits]
+        end = start
+        while end < len(geoids) and geoids[end][:chunk_digits] == key:
+            end += 1
+        # the county's blocks [start, end): parts of at most BLOCK_CHUNK_UNITS, cut where the parent changes
+        cuts, s = [], start
+        while s < end:
+            e = min(s + BLOCK_CHUNK_UNITS, end)
+            if e < end:  # cut where the parent (block group) changes, never inside one
+                back = e
+                while back > s and geoids[back - 1][:parent_digits] == geoids[back][:parent_digits]:
+                    back -= 1
+                if back > s:
+                    e = back
+                else:  # one block group holds more blocks than a part: keep it whole
+                    while e < end and geoids[e][:parent_digits] == geoids[e - 1][:parent_digits]:
+                        e += 1
+            cuts.append((s, e))
+            s = e
+        base = "blocks/" + _chunk_name(key, taken)
+        parts = []
+        for k, (s, e) in enumerate(cuts):
+            name = base if len(cuts) == 1 else f"{base}-{k + 1}"
+            parts.append([geoids[s][:parent_digits], name])
+            emit(name, {"blocks": [[geoids[i], names[i], encode_counts(rows[i])] for i in range(s, e)]})
+        index["block_chunks"][key] = parts
+        start = end

@@ -4,7 +4,9 @@
 
     manifest.json                        id, time, software, config hash, privacy, invariants,
                                          every file with sha256, rows and schema
-    index.html                           what is here, how it was protected, how to read it
+    index.html                           what is here, how it was protected, how to read it, and
+                                         a search for any area (the area explorer)
+    explorer/*.js                        the explorer's data, read back from tables/ (pipeline.release.html)
     tables/<table>.parquet               long format: geoid, geolevel, name, table, line,
                                          label, count, moe90 (every level)
     tables/definitions.yaml              the table definitions used (schemas/tables/pl94.yaml)
@@ -439,7 +441,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
     from pipeline.release.codebook import release_citation, write_codebook
-    from pipeline.release.html import write_index
+    from pipeline.release.html import write_explorer, write_index
     from pipeline.release.verify import validate_manifest, verify_release
 
     releases_dir = Path(releases_dir)
@@ -529,6 +531,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         }
         # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed
         manifest["files"] += [_file_entry(tmp, p) for p in write_codebook(tmp, manifest, ts)]
+        # the area explorer's data (read back from tables/), listed and checksummed like every file
+        manifest["files"] += [_file_entry(tmp, p) for p in write_explorer(tmp, manifest)]
         index = write_index(tmp, manifest)
         manifest["files"].append(_file_entry(tmp, index))
         validate_manifest(manifest)
