@@ -457,11 +457,14 @@ EVIL_LABEL = 'Total: <script>window.__pwned=3</script><b onmouseover="window.__p
 
 
 @pytest.fixture(scope="module")
-def evil_release(tmp_path_factory) -> Path:
+def evil_release(tmp_path_factory):
+    """A release whose county names (as if from an edited geography-names file) and a P1 label
+    carry markup; the names stay patched while the tests verify it (verify regenerates names)."""
     import yaml
     from test_release import PRIVACY, meta
     from test_tables_cases import make_case
 
+    import pipeline.release.verify as verify_mod
     import pipeline.release.writer as writer_mod
     from pipeline.model.schemas import SCHEMAS_DIR
 
@@ -479,7 +482,8 @@ def evil_release(tmp_path_factory) -> Path:
     c = make_case(3, n_blocks=30)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(writer_mod, "unit_names", names)
-        return write_release_(tmp, c, meta("evil"), defs, PRIVACY)
+        mp.setattr(verify_mod, "unit_names", names)
+        yield write_release_(tmp, c, meta("evil"), defs, PRIVACY)
 
 
 def write_release_(tmp, c, m, defs, privacy) -> Path:

@@ -226,20 +226,26 @@ def write_explorer(root: Path, manifest: Mapping[str, Any]) -> list[Path]:
     published rows):
 
     - ``explorer/explorer.js``: the page's script (``templates/explorer.js``, copied);
-    Counts are rows of every line of every table side by side, as :func:`encode_counts` text.
-
     - ``explorer/areas.js``: every area above block (level, code, name, total population), the
       table shells, each level's margins of error (the same for every area of a level), the
       counts of the levels above county, and which file holds which counts;
     - ``explorer/areas/<county>.js``: the counts of a county, its tracts and block groups;
     - ``explorer/blocks/<county>.js`` (``<county>-<k>.js`` when a county has more than
-      :data:`BLOCK_CHUNK_UNITS` blocks, split at block-group boundaries): its blocks, loaded only
-      when a block or a block group's blocks are shown.
+      ``manifest["explorer"]["block_chunk_units"]`` blocks (default :data:`BLOCK_CHUNK_UNITS`),
+      split at block-group boundaries): its blocks, loaded only when a block or a block group's
+      blocks are shown.
+
+    Counts are rows of every line of every table side by side, as :func:`encode_counts` text.
 
     The files are JavaScript (``dptabExplorer.load(key, data)``), because a page opened from
     ``file://`` may load scripts but not fetch files. Every value is JSON-encoded; the page
     inserts them as text, never as HTML.
     """
+    chunk_units = int((manifest.get("explorer") or {}).get("block_chunk_units", BLOCK_CHUNK_UNITS))
+    return _write_explorer(root, manifest, chunk_units)
+
+
+def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -> list[Path]:
     import shutil
 
     from pipeline.release.tables import summary_level
@@ -290,7 +296,7 @@ def write_explorer(root: Path, manifest: Mapping[str, Any]) -> list[Path]:
                                for t, s in zip(tables, shells)]
         totals = counts[:, offset[total_of]].tolist() if tables and len(geoids) else [0] * len(geoids)
         if g is levels[-1] and len(levels) > 1:
-            _write_blocks(emit, index, taken, levels, chunk_digits, geoids, area_names, counts)
+            _write_blocks(emit, index, taken, levels, chunk_digits, geoids, area_names, counts, chunk_units)
             continue
         for geoid, name, total, row in zip(geoids, area_names, totals, counts.tolist()):
             index["areas"].append([li, geoid, name, total])
@@ -308,8 +314,9 @@ def write_explorer(root: Path, manifest: Mapping[str, Any]) -> list[Path]:
 
 def _write_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken: dict[str, str],
                   levels: Sequence[Mapping[str, Any]], chunk_digits: int, geoids: list[str], names: list[str],
-                  counts: np.ndarray) -> None:
-    """Blocks per county (``blocks/<county>.js``), a large county split at block-group boundaries."""
+                  counts: np.ndarray, chunk_units: int) -> None:
+    """Blocks per county (``blocks/<county>.js``), a county of more than ``chunk_units`` blocks
+    split at block-group boundaries."""
     parent_digits = int(levels[-2]["digits"])
     rows = counts.tolist()
     start = 0
@@ -321,7 +328,7 @@ def _write_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken
         # the county's blocks [start, end): parts of at most BLOCK_CHUNK_UNITS, cut where the parent changes
         cuts, s = [], start
         while s < end:
-            e = min(s + BLOCK_CHUNK_UNITS, end)
+            e = min(s + chunk_units, end)
             if e < end:  # cut where the parent (block group) changes, never inside one
                 back = e
                 while back > s and geoids[back - 1][:parent_digits] == geoids[back][:parent_digits]:

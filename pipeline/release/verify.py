@@ -239,6 +239,7 @@ def verify_release(path: str | Path, *, release_id: str | None = None) -> list[C
     failures += _guard("contents", _verify_required_files, manifest, root)
     failures += _guard("unreadable", _verify_contents, root, manifest)
     failures += _guard("joint", _verify_joint, root, manifest)
+    failures += _guard("explorer", _verify_explorer, root, manifest)
     return failures
 
 
@@ -350,9 +351,36 @@ def _spec_copies(root: Path, manifest: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def explorer_files(root: Path, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """``{release path: sha256}`` of the area explorer's files as the writer makes them from
+    this release's own tables (regenerated in a scratch folder)."""
+    import hashlib
+    import tempfile
+
+    from pipeline.release.html import write_explorer
+
+    with tempfile.TemporaryDirectory(prefix="dptab-verify-") as tmp:
+        scratch = Path(tmp)
+        (scratch / "tables").symlink_to((root / "tables").resolve())
+        return {p.relative_to(scratch).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in write_explorer(scratch, manifest)}
+
+
+def _verify_explorer(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
+    """The explorer's files are exactly those the writer makes from the published tables."""
+    from pipeline.files import sha256_file
+
+    out = []
+    for rel, want in sorted(explorer_files(root, manifest).items()):
+        path = root / rel
+        if path.is_file() and sha256_file(path) != want:
+            out.append(_fail("explorer", f"{rel} differs from the explorer data made from the release's tables"))
+    return out
+
+
 def _verify_required_files(manifest: Mapping[str, Any], root: Path) -> list[CheckFailure]:
     listed = {f["path"] for f in manifest["files"]}
-    need = required_files(manifest, _spec_copies(root, manifest))
+    need = required_files(manifest, _spec_copies(root, manifest)) | set(explorer_files(root, manifest))
     s = manifest["contents"]
     why = f"csv {s['csv']}, measurements {s['measurements']}, tables {[t['name'] for t in manifest['tables']]}"
     out = [_fail("file_missing", f"{p} is required by the manifest's settings ({why}) but not listed in its files")

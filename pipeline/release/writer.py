@@ -440,6 +440,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     Parquet tables). Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
+    from pipeline.release import html as _html
     from pipeline.release.codebook import release_citation, write_codebook
     from pipeline.release.html import write_explorer, write_index
     from pipeline.release.verify import validate_manifest, verify_release
@@ -532,6 +533,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed
         manifest["files"] += [_file_entry(tmp, p) for p in write_codebook(tmp, manifest, ts)]
         # the area explorer's data (read back from tables/), listed and checksummed like every file
+        # the explorer's block files hold at most this many blocks (verify regenerates them alike)
+        manifest["explorer"] = {"block_chunk_units": _html.BLOCK_CHUNK_UNITS}
         manifest["files"] += [_file_entry(tmp, p) for p in write_explorer(tmp, manifest)]
         index = write_index(tmp, manifest)
         manifest["files"].append(_file_entry(tmp, index))
