@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from pipeline.postprocess import LevelInput, ParentProblem
+from pipeline.postprocess import (
+    LevelBatch, LevelDiagnostics, ParentProblem, PostprocessError, SolveOptions, solve_level,
+    solve_root,
+)
 from pipeline.spec import HistogramSpec, load_spec
 
 PL94 = load_spec("pl94")
@@ -64,11 +69,64 @@ def random_parent(k: int = 10, pop: int = 50, seed: int = 0, spec: HistogramSpec
     return prob, truth
 
 
+@dataclass
+class LevelInput:
+    """Inputs of one level for :func:`run_levels` (arrays over that level's units).
+
+    ``child_ptr``: CSR offsets from the level above (None for the root level); ``targets``
+    per query ``(n_units, n_answers)``; ``totals``/``lower``/``zero_answers`` per unit.
+    """
+
+    name: str
+    targets: dict[str, np.ndarray]
+    variances: dict[str, float]
+    child_ptr: np.ndarray | None = None
+    totals: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    zero_answers: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    multipass: bool = False
+
+
+def run_levels(spec: HistogramSpec, levels: list[LevelInput], options: SolveOptions | None = None,
+               mapper=None, chunks: int = 1) -> tuple[dict[str, np.ndarray], list[LevelDiagnostics]]:
+    """Test helper: ``solve_root`` then ``solve_level`` for every level below, each level's
+    published histograms the next one's parents. Returns ``{level: int64 (n_units, n_cells)}``
+    and the diagnostics per level."""
+    import dataclasses
+
+    options = options or SolveOptions()
+    root = levels[0]
+    hist, d0 = solve_root(
+        spec, root.targets, root.variances,
+        None if root.totals is None else int(np.asarray(root.totals).ravel()[0]),
+        root.lower, root.zero_answers, options, label=root.name,
+    )
+    d0.level = root.name
+    out = {root.name: hist[None, :]}
+    diags = [d0]
+    parents = hist[None, :]
+    parent_labels = None if root.labels is None else np.asarray(root.labels)
+    for lev in levels[1:]:
+        if lev.child_ptr is None:
+            raise PostprocessError(f"level {lev.name!r} needs child_ptr")
+        batch = LevelBatch(
+            spec, parents, lev.child_ptr, lev.targets, lev.variances, lev.totals, lev.lower,
+            lev.zero_answers, labels=parent_labels,
+        )
+        parent_labels = None if lev.labels is None else np.asarray(lev.labels)
+        opts = dataclasses.replace(options, multipass=lev.multipass)
+        parents, d = solve_level(batch, opts, level=lev.name, mapper=mapper, chunks=chunks)
+        out[lev.name] = parents
+        diags.append(d)
+    return out, diags
+
+
 def hierarchy(seed: int = 0, fanout=(2, 2, 2, 3, 4), spec: HistogramSpec = PL94,
               block_pop: int = 25, scale: float = 1.0) -> tuple[list[LevelInput], dict]:
     """nation -> state -> county -> tract -> block group -> block with GQ facilities.
 
-    Returns the per-level inputs for ``run_topdown`` (state totals invariant; GQ lower bounds
+    Returns the per-level inputs for ``run_levels`` (state totals invariant; GQ lower bounds
     and zeros from facilities, household zeros where a block has no housing unit) and truth.
     """
     rng = np.random.default_rng(seed)
@@ -170,3 +228,40 @@ def reference_qp(obj) -> tuple[np.ndarray, float]:
     Z[idx] = np.asarray(sol.x)
     Z = Z.reshape(k, n)
     return Z, obj.value(Z)
+
+
+def run_admm(obj, xstep: str = "auto", kron_min_cells: int = 600, **kw):
+    """The one-parent ADMM on ``obj`` as production runs it, with the x-step ``xstep``
+    ("dense", "kron" or "auto": the one ``solver.xstep_for`` picks under ``kron_min_cells``)."""
+    from pipeline.postprocess.admm import admm
+    from pipeline.postprocess.solver import Thresholds, kernel_flags, xstep_for
+
+    th = Thresholds(kron_min_cells=kron_min_cells)
+    return admm(obj, xstep_for(obj, th) if xstep == "auto" else xstep, kernel_flags(obj, th), **kw)
+
+
+def workspace(obj, **flags):
+    """The one-parent ADMM's workspace on ``obj`` (production kernel flags unless given)."""
+    from pipeline.postprocess.admm import Workspace
+    from pipeline.postprocess.solver import KernelFlags, Thresholds, kernel_flags
+
+    f = kernel_flags(obj, Thresholds())
+    return Workspace(obj, KernelFlags(**{**f.__dict__, **flags}))
+
+
+def certificate_gap(obj, Z, alpha=None, nu=None, mu: float = 0.0) -> tuple[float, float]:
+    """``(f(Z), certified bound on f(Z) - f*)`` at a C1 point Z of ``obj`` (modulus ``mu``)."""
+    from pipeline.postprocess.certificate import lower_bound
+
+    ws = workspace(obj)
+    ws.mu = mu
+    f, grad = ws.value_grad(Z)
+    lb, _ = lower_bound(ws, Z, f, grad, alpha, nu)
+    return f, max(f - lb, 0.0)
+
+
+def infeasibility(obj, Z) -> float:
+    """Largest violation of ``obj``'s held totals / lower bounds at Z (persons)."""
+    from pipeline.postprocess.certificate import infeasibility as infeas
+
+    return float(infeas(workspace(obj), Z))

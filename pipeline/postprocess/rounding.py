@@ -123,7 +123,6 @@ def controlled_round(
     lower: np.ndarray | None = None,
     bound_query: str = "hhgq",
     widen: bool = False,
-    group: np.ndarray | None = None,
     method: str = "auto",
 ) -> np.ndarray:
     """Integer children ``(k, n_cells)`` int64 from the real solution ``X`` (k, n_cells).
@@ -132,11 +131,9 @@ def controlled_round(
     ``allowed``: bool (k, n_cells); ``totals``: exact integer child totals or None;
     ``lower``: lower bounds ``(k, n_answers(bound_query))`` (must be a chain query).
     ``widen``: allow every answer one unit beyond [floor, ceil] (the fallback when the
-    real solution only meets constraints to a tolerance). ``group`` (k,) int: round several
-    parents in one LP (block-diagonal, still totally unimodular); ``method``: "flow" (OR-Tools
+    real solution only meets constraints to a tolerance). ``method``: "flow" (OR-Tools
     network simplex), "lp" (HiGHS dual simplex) or "auto" (flow with a parent if OR-Tools is
-    installed, else LP); both return an optimal vertex. Then ``parent`` is
-    ``(n_parents, n_cells)`` and child c sums into ``parent[group[c]]``. Raises PostprocessError when
+    installed, else LP); both return an optimal vertex. Raises PostprocessError when
     the LP is infeasible or returns a non-integral point.
     """
     X = np.where(allowed, np.maximum(np.asarray(X, dtype=np.float64), 0.0), 0.0)
@@ -146,7 +143,7 @@ def controlled_round(
         raise PostprocessError(f"lower bounds on {bound_query!r} need it in the rounder chain")
     live = allowed & (X > SNAP) if not widen else allowed.copy()
     if parent is not None:
-        live &= (np.asarray(parent) > 0)[None, :] if group is None else (np.asarray(parent) > 0)[group]
+        live &= (np.asarray(parent) > 0)[None, :]
     lc, lj = np.nonzero(live)
     nodes_of_leaf = []
     node_off = [0]
@@ -221,8 +218,6 @@ def controlled_round(
         cell_pos = np.full(pflat.size, -1, dtype=np.int64)
         cell_pos[cells] = np.arange(cells.size)
         leaf_cell = ans_of_node[leaf0:]
-        if group is not None:  # per-(parent, cell) sums: flat index group * n + cell
-            leaf_cell = group[child_of_node[leaf0:]] * n + leaf_cell
         leaf_cell_idx = cell_pos[leaf_cell]
         if method == "flow" or (method == "auto" and min_cost_flow is not None):
             d = _flow(parent_node, base, seg_lo, seg_hi, seg_cost, leaf0, leaf_cell_idx,

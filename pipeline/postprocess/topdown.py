@@ -1,19 +1,21 @@
-"""Top-down driver: the root alone, then one level at a time, parent by parent.
+"""Top-down entry points: the root alone, and every parent of one level.
 
 ``solve_root`` solves the nation histogram; ``solve_level`` solves every parent of one level
-(serially or in a process pool over contiguous parent ranges, BLAS pinned to one thread per
-worker) and returns the children's integer histograms with :class:`LevelDiagnostics`;
-``run_topdown`` chains levels for tests and small runs. Every parent is verified after its
-solve (``checks.verify_children``); a violation raises :class:`PostprocessError` naming it.
+and returns the children's integer histograms with :class:`LevelDiagnostics`. The level is
+split into contiguous parent ranges (work items, :class:`RangeJob`) handed to an injected
+``mapper``; the caller chooses how they run (serially by default, or a process pool: the
+work items are picklable and :func:`solve_range` is a top-level function). Each work item pins
+BLAS to one thread. Within a range, :func:`solver.plan` decides every parent's path. Every
+parent is verified after its solve (``checks.verify_children``); a violation raises
+:class:`PostprocessError` naming it.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -21,15 +23,23 @@ from threadpoolctl import threadpool_limits
 from pipeline.postprocess.diagnostics import LevelDiagnostics, ParentStats
 from pipeline.postprocess.parent import (
     Prepared,
-    SolveOptions,
-    batchable,
     finish_parent,
     prepare_parent,
     solve_least_squares,
     solve_parent,
 )
 from pipeline.postprocess.problem import LevelBatch, ParentProblem, PostprocessError
+from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, plan
 from pipeline.spec import HistogramSpec
+
+T = TypeVar("T")
+R = TypeVar("R")
+Mapper = Callable[[Callable[[T], R], Sequence[T]], list[R]]
+
+
+def serial_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """The default mapper: ``[fn(x) for x in items]`` in this process."""
+    return [fn(x) for x in items]
 
 
 def solve_root(
@@ -41,11 +51,13 @@ def solve_root(
     zero_answers: np.ndarray | None = None,
     options: SolveOptions | None = None,
     label: str = "root",
+    solver: Solver | None = None,
 ) -> tuple[np.ndarray, LevelDiagnostics]:
     """The root histogram: int64 ``(n_cells,)`` from targets ``(1, n_answers)`` per query.
 
     ``total``: exact root total (invariant) or None; ``lower`` (1, n_answers(hhgq)) and
-    ``zero_answers`` (1, n_answers(hhgq)) as for children.
+    ``zero_answers`` (1, n_answers(hhgq)) as for children; ``solver``: default
+    :class:`solver.AdmmSolver`. Runs in this process with BLAS pinned to one thread.
     """
     t0 = time.perf_counter()
     prob = ParentProblem(
@@ -54,14 +66,14 @@ def solve_root(
         lower=lower, zero_answers=zero_answers, label=label,
     )
     with threadpool_limits(1, "blas"):
-        N, st = solve_parent(prob, options or SolveOptions())
+        N, st = solve_parent(prob, options or SolveOptions(), solver)
     diag = LevelDiagnostics("root")
     diag.add(st, 1)
     diag.seconds = time.perf_counter() - t0
     return N[0], diag
 
 
-def _named(batch: LevelBatch, idx: list[int], fn, *args):
+def _named(batch: LevelBatch, idx: list[int], fn: Callable[..., Any], *args: Any) -> Any:
     """Run ``fn(*args)``; any numerical failure names the parent(s) involved."""
     try:
         return fn(*args)
@@ -73,74 +85,60 @@ def _named(batch: LevelBatch, idx: list[int], fn, *args):
         raise PostprocessError(f"{what}: {exc!r}") from exc
 
 
-def _batches(preps: list[tuple[int, Prepared]], options: SolveOptions) -> list[list[tuple[int, Prepared]]]:
-    """Group batchable parents by free-set size (little padding) under the size caps: at most
-    ``batch_size`` parents, ``batch_max_bytes`` of (P, n, n) float64 matrices and
-    ``batch_max_entries`` entries in the (P, K, n) iterates (larger batches leave the cache and
-    get slower per parent)."""
-    preps = sorted(preps, key=lambda ip: ip[1].prob.free_cells().size)
-    out: list[list[tuple[int, Prepared]]] = []
-    cur: list[tuple[int, Prepared]] = []
-    k_max = 0
-    for ip in preps:
-        n = ip[1].prob.free_cells().size
-        k = max(k_max, ip[1].prob.k)
-        if cur and (len(cur) == options.batch_size
-                    or (len(cur) + 1) * n * n * 8 > options.batch_max_bytes
-                    or (len(cur) + 1) * k * n > options.batch_max_entries):
-            out.append(cur)
-            cur, k = [], ip[1].prob.k
-        cur.append(ip)
-        k_max = k
-    return out + ([cur] if cur else [])
+@dataclass(frozen=True)
+class RangeJob:
+    """One work item of :func:`solve_level`: a contiguous range of parents as their own
+    (rebased) :class:`LevelBatch`, with the level's options. Picklable."""
+
+    batch: LevelBatch
+    options: SolveOptions
+    level: str
+    solver: Solver
 
 
-def _solve_range(args) -> tuple[np.ndarray, LevelDiagnostics]:
-    """Parents ``start:stop``: small ones by batched ADMM, large ones one by one."""
-    batch, start, stop, options, level = args
-    diag = LevelDiagnostics(level)
-    a, b = int(batch.child_ptr[start]), int(batch.child_ptr[stop])
-    out = np.zeros((b - a, batch.spec.n_cells), dtype=np.int64)
+def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
+    """Every parent of ``job.batch``: children int64 ``(n_children, n_cells)`` and diagnostics.
+
+    BLAS is pinned to one thread here (the work item may run in any process). Parents take the
+    paths :func:`solver.plan` gives them: shortcuts, then the single parents in order, then
+    the batches.
+    """
+    batch, options = job.batch, job.options
+    diag = LevelDiagnostics(job.level)
+    out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
 
     def put(i: int, N: np.ndarray, st: ParentStats) -> None:
-        c0 = int(batch.child_ptr[i]) - a
+        c0 = int(batch.child_ptr[i])
         out[c0:c0 + N.shape[0]] = N
         diag.add(st, N.shape[0])
 
     with threadpool_limits(1, "blas"):
-        pending: list[tuple[int, Prepared]] = []
-        for i in range(start, stop):
-            prep = _named(batch, [i], prepare_parent, batch.problem(i), options)
+        preps: list[Prepared] = [
+            _named(batch, [i], prepare_parent, batch.problem(i), options)
+            for i in range(batch.n_parents)
+        ]
+        paths = plan(preps, options)
+        # diagnostics in parent order for shortcuts and single parents, as they are met
+        batched = {i for g in paths.batches for i in g}
+        for i, prep in enumerate(preps):
+            if i in batched:
+                continue
             if prep.shortcut is not None:
                 put(i, prep.shortcut, prep.st)
-            elif options.batched and batchable(prep, options):
-                pending.append((i, prep))
             else:
-                X = _named(batch, [i], solve_least_squares, [prep], options)[0]
+                X = _named(batch, [i], solve_least_squares, [prep], options, False, job.solver)[0]
                 put(i, _named(batch, [i], finish_parent, prep, X, options), prep.st)
-        for group in _batches(pending, options):
-            idx = [i for i, _ in group]
-            Xs = _named(batch, idx, solve_least_squares, [p for _, p in group], options, True)
-            for (i, prep), X in zip(group, Xs):
-                put(i, _named(batch, [i], finish_parent, prep, X, options), prep.st)
+        for group in paths.batches:
+            Xs = _named(batch, group, solve_least_squares, [preps[i] for i in group], options,
+                        True, job.solver)
+            for i, X in zip(group, Xs):
+                put(i, _named(batch, [i], finish_parent, preps[i], X, options), preps[i].st)
     return out, diag
 
 
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """Workers come from a fork server, not a fork of this process.
-
-    This process may run threads (a Prefect task runner, its API client, a logging handler);
-    forking a threaded process can deadlock the child on a lock held at fork time
-    (PrefectHQ/prefect#19112). The fork server is a clean single-threaded process that has
-    imported this module once, so each worker still starts in milliseconds.
-    """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    return ctx
-
-
-def _ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
-    """Split parents into contiguous ranges of roughly equal work (children x 1)."""
+def ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
+    """Split parents into at most ``n_chunks`` contiguous ranges of roughly equal work
+    (children, at least 1 per parent)."""
     n = child_ptr.size - 1
     if n == 0:
         return []
@@ -153,94 +151,32 @@ def _ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
 def solve_level(
     batch: LevelBatch,
     options: SolveOptions | None = None,
-    workers: int = 1,
     level: str = "",
-    chunks_per_worker: int = 4,
+    mapper: Mapper[RangeJob, tuple[np.ndarray, LevelDiagnostics]] | None = None,
+    chunks: int = 1,
+    solver: Solver | None = None,
 ) -> tuple[np.ndarray, LevelDiagnostics]:
     """Solve all parents of one level: returns children int64 ``(n_children, n_cells)``.
 
-    ``workers > 1`` runs contiguous parent ranges in a process pool (each worker pins BLAS to
-    one thread); results are identical to the serial run (every parent is deterministic).
+    The parents are cut into ``chunks`` contiguous ranges of about equal work; each range is
+    one :class:`RangeJob` and ``mapper(solve_range, jobs)`` must return their results in
+    order (default: serially here). A process-pool map gives identical results (every parent
+    is deterministic and independent of the ranges). ``solver``: default
+    :class:`solver.AdmmSolver` (must be picklable for a process pool).
     """
     t0 = time.perf_counter()
     options = options or SolveOptions()
+    solver = solver or AdmmSolver()
     diag = LevelDiagnostics(level)
-    ranges = _ranges(batch.child_ptr, max(1, workers * chunks_per_worker) if workers > 1 else 1)
+    rs = ranges(batch.child_ptr, max(1, chunks))
+    # ship each work item only its parents' rows (one range: the batch itself, no copy)
+    jobs = [RangeJob(batch if (s, e) == (0, batch.n_parents) else batch.slice(s, e),
+                     options, level, solver) for s, e in rs]
+    results = (mapper or serial_map)(solve_range, jobs)
     out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
-    # a daemonic process (a Dask worker under its nanny) may not start children: solve here
-    if workers > 1 and len(ranges) > 1 and not multiprocessing.current_process().daemon:
-        # ship each worker only its parents' rows
-        jobs = [(batch.slice(s, e), 0, e - s, options, level) for s, e in ranges]
-        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-                results = list(pool.map(_solve_range, jobs))
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-    else:
-        results = [_solve_range((batch, s, e, options, level)) for s, e in ranges]
-    for (s, _), (part, d) in zip(ranges, results):
+    for (s, _), (part, d) in zip(rs, results):
         a = int(batch.child_ptr[s])
         out[a:a + part.shape[0]] = part
         diag.merge(d)
     diag.seconds = time.perf_counter() - t0
     return out, diag
-
-
-@dataclass
-class LevelInput:
-    """Inputs of one level for :func:`run_topdown` (arrays over that level's units).
-
-    ``child_ptr``: CSR offsets from the level above (None for the root level); ``targets``
-    per query ``(n_units, n_answers)``; ``totals``/``lower``/``zero_answers`` per unit.
-    """
-
-    name: str
-    targets: dict[str, np.ndarray]
-    variances: dict[str, float]
-    child_ptr: np.ndarray | None = None
-    totals: np.ndarray | None = None
-    lower: np.ndarray | None = None
-    zero_answers: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    multipass: bool = False
-
-
-def run_topdown(
-    spec: HistogramSpec,
-    levels: list[LevelInput],
-    options: SolveOptions | None = None,
-    workers: int = 1,
-) -> tuple[dict[str, np.ndarray], list[LevelDiagnostics]]:
-    """Root then every level; returns ``{level: int64 (n_units, n_cells)}`` and diagnostics."""
-    options = options or SolveOptions()
-    root = levels[0]
-    hist, d0 = solve_root(
-        spec, root.targets, root.variances,
-        None if root.totals is None else int(np.asarray(root.totals).ravel()[0]),
-        root.lower, root.zero_answers, options, label=root.name,
-    )
-    d0.level = root.name
-    out = {root.name: hist[None, :]}
-    diags = [d0]
-    parents = hist[None, :]
-    parent_labels = None if root.labels is None else np.asarray(root.labels)
-    for lev in levels[1:]:
-        if lev.child_ptr is None:
-            raise PostprocessError(f"level {lev.name!r} needs child_ptr")
-        batch = LevelBatch(
-            spec, parents, lev.child_ptr, lev.targets, lev.variances, lev.totals, lev.lower,
-            lev.zero_answers, labels=parent_labels,
-        )
-        parent_labels = None if lev.labels is None else np.asarray(lev.labels)
-        opts = SolveOptions(**{**options.__dict__, "multipass": lev.multipass})
-        parents, d = solve_level(batch, opts, workers=workers, level=lev.name)
-        out[lev.name] = parents
-        diags.append(d)
-    return out, diags
