@@ -287,7 +287,7 @@ def certificate_gap(obj, Z, alpha=None, nu=None, mu: float = 0.0) -> tuple[float
     ws.mu = mu
     f, grad = ws.value_grad(Z)
     lb, _ = lower_bound(ws, Z, f, grad, alpha, nu)
-    return f, max(f - lb, 0.0)
+    return f, max(f - float(lb), 0.0)
 
 
 def infeasibility(obj, Z) -> float:

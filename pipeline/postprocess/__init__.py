@@ -9,8 +9,20 @@ Public entry points: :func:`solve_root`, :func:`solve_level` (``topdown.py``),
 from pipeline.postprocess.diagnostics import LevelDiagnostics, ParentStats
 from pipeline.postprocess.parent import solve_parent
 from pipeline.postprocess.problem import LevelBatch, ParentProblem, PostprocessError
-from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, Thresholds, plan
-from pipeline.postprocess.topdown import RangeJob, serial_map, solve_level, solve_range, solve_root
+from pipeline.postprocess.solver import (
+    AdmmSolver,
+    SolveOptions,
+    Solver,
+    Thresholds,
+    plan,
+)
+from pipeline.postprocess.topdown import (
+    RangeJob,
+    serial_map,
+    solve_level,
+    solve_range,
+    solve_root,
+)
 
 __all__ = [
     "AdmmSolver", "LevelBatch", "LevelDiagnostics", "ParentProblem", "ParentStats",

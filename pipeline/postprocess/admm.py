@@ -24,7 +24,7 @@ Two layouts share the rules (initial rho :func:`initial_rho`, residual balancing
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import scipy.linalg
@@ -344,8 +344,9 @@ def admm(
     U = np.zeros_like(Z)
     tau = None  # projection thresholds of the last z-step (warm start)
     W = U2 = np.zeros((0, 0))
-    if has_low:
-        W = np.maximum(ws.bound_answer(Z), obj.lower)
+    low = obj.lower  # not None exactly when has_low
+    if low is not None:
+        W = np.maximum(ws.bound_answer(Z), low)
         if obj.upper is not None:
             W = np.minimum(W, obj.upper)
         U2 = np.zeros_like(W)
@@ -373,8 +374,8 @@ def admm(
         Z, tau = ws.project_inplace(T, Z, tau)
         U += X
         U -= Z
-        if has_low:
-            W = np.maximum(GXh + U2, obj.lower)
+        if low is not None:
+            W = np.maximum(GXh + U2, low)
             if obj.upper is not None:
                 W = np.minimum(W, obj.upper)
             U2 += GXh - W
@@ -383,16 +384,17 @@ def admm(
             if nu is not None and obj.upper is not None:
                 nu[obj.upper == 0.0] = 0.0  # forced-zero answers: Z is 0 there already
             f, grad = ws.value_grad(Z)
-            lb, spread = lower_bound(ws, Z, f, grad, alpha, nu)
+            lb_a, spread_a = lower_bound(ws, Z, f, grad, alpha, nu)
+            lb, spread = float(lb_a), float(spread_a)
             gap = max(f - lb, 0.0)
             infeas = float(infeasibility(ws, Z))
             if _stop(f, gap, infeas, tol, feas_tol):
-                return L2Result(Z, f, gap, float(spread), infeas, it, True, method)
+                return L2Result(Z, f, gap, spread, infeas, it, True, method)
             if can_repair and infeas > feas_tol and alpha is not None and obj.totals is not None:
                 # first-order value of f at the repaired point: f + alpha'(t - Z 1)
                 pred = f + float(np.sum(alpha * (obj.totals - Z.sum(axis=1))))
                 if pred - lb <= _REPAIR_GATE * tol * max(f, 1e-300):
-                    res = _repair(ws, Z, float(lb), alpha, nu, tol, feas_tol, it, method)
+                    res = _repair(ws, Z, lb, alpha, nu, tol, feas_tol, it, method)
                     if res is not None:
                         return res
             np.subtract(X, Z, out=T)
@@ -542,7 +544,7 @@ class _Group:
             self.rho_range = (np.maximum(lam[:, 0], 0.0), lam[:, -1])
         else:
             self.rho_range = (self.mu, H.sum(axis=2).max(axis=1))
-        self.Minv = np.zeros_like(H)
+        self.Minv: np.ndarray = np.zeros_like(H)
         # certificate layout (certificate.CertificateOps)
         self.totals = self.t if self.has_t else None
         self.held = self.trows
@@ -566,7 +568,7 @@ class _Group:
     # -- operators ---------------------------------------------------------------------------
     def answer(self, q: str, X: np.ndarray) -> np.ndarray:
         """``Q_q X`` per parent and child: ``(P, K, A_q)``."""
-        P, K, n = X.shape
+        P, K, _ = X.shape
         A = self.w[q].shape[1]
         idx = (np.arange(P * K).reshape(P, K, 1) * A + self.ans[q][:, None, :]).ravel()
         return np.bincount(idx, weights=X.ravel(), minlength=P * K * A).reshape(P, K, A)
@@ -627,12 +629,13 @@ def _solve_group(objs: list[Objective], tol: float, feas_tol: float, max_iter: i
     # rho from the curvature range of f, as in the one-parent solver (bounds, not eigenvalues)
     rho = initial_rho(*G.rho_range)
 
-    def factors(rho, which):
+    def factors(rho: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         G.refactor(rho, which)
         u = G.minv(G.dom[:, None, :])[:, 0, :] * G.dom
         return u, u.sum(axis=1)
 
-    def xstep(R, u, s):
+    def xstep(R: np.ndarray, u: np.ndarray,
+              s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         V = G.minv(R) * G.rows[:, :, None]
         V += ((G.p - V.sum(axis=1)) / G.k[:, None])[:, None, :] * G.rows[:, :, None]
         alpha = np.zeros((V.shape[0], G.K))
@@ -645,8 +648,9 @@ def _solve_group(objs: list[Objective], tol: float, feas_tol: float, max_iter: i
     X, alpha = xstep(G.b.copy(), u, s)
     Z = G.project(X)
     U = np.zeros_like(Z)
+    W = U2 = np.zeros((0, 0, 0))
     if G.split:
-        W = np.minimum(np.maximum(G.answer(G.bq, Z), G.lower), G.upper)
+        W = np.minimum(np.maximum(G.answer(G.bq, Z), cast(np.ndarray, G.lower)), G.upper)
         U2 = np.zeros_like(W)
     it = 0
     for it in range(1, max_iter + 1):
@@ -661,7 +665,7 @@ def _solve_group(objs: list[Objective], tol: float, feas_tol: float, max_iter: i
         U += Xh - Z
         if G.split:
             GXh = relax * G.answer(G.bq, X) + (1.0 - relax) * W
-            W = np.minimum(np.maximum(GXh + U2, G.lower), G.upper)
+            W = np.minimum(np.maximum(GXh + U2, cast(np.ndarray, G.lower)), G.upper)
             U2 += GXh - W
         if it % check_every and it != max_iter:
             continue

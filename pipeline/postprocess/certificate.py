@@ -26,13 +26,20 @@ class CertificateOps(Protocol):
     None, ``held``: rows whose total is held (None: all); ``lower``: bounds on ``G Z`` or None.
     """
 
-    mu: float | np.ndarray
-    p: np.ndarray
-    allowed: np.ndarray
-    consistency: bool
-    totals: np.ndarray | None
-    held: np.ndarray | None
-    lower: np.ndarray | None
+    @property
+    def mu(self) -> float | np.ndarray: ...
+    @property
+    def p(self) -> np.ndarray: ...
+    @property
+    def allowed(self) -> np.ndarray: ...
+    @property
+    def consistency(self) -> bool: ...
+    @property
+    def totals(self) -> np.ndarray | None: ...
+    @property
+    def held(self) -> np.ndarray | None: ...
+    @property
+    def lower(self) -> np.ndarray | None: ...
 
     def bound_answer(self, X: np.ndarray) -> np.ndarray:
         """``G X`` per child."""
@@ -57,8 +64,9 @@ def pdot(A: np.ndarray, B: np.ndarray) -> float | np.ndarray:
     return np.einsum("pkn,pkn->p", A, B)
 
 
-def infeasibility(ops: CertificateOps, Z: np.ndarray) -> float | np.ndarray:
-    """Largest violation of the held row totals and lower bounds at Z (persons), per parent."""
+def infeasibility(ops: CertificateOps, Z: np.ndarray) -> np.ndarray:
+    """Largest violation of the held row totals and lower bounds at Z (persons), per parent:
+    a 0-d array for one parent's (k, n), ``(P,)`` for a batch."""
     v: float | np.ndarray = 0.0 if Z.ndim == 2 else np.zeros(Z.shape[0])
     if ops.totals is not None:
         rs = np.abs(Z.sum(axis=-1) - ops.totals)
@@ -67,14 +75,14 @@ def infeasibility(ops: CertificateOps, Z: np.ndarray) -> float | np.ndarray:
         v = np.maximum(v, rs.max(axis=-1, initial=0.0))
     if ops.lower is not None:
         v = np.maximum(v, np.max(ops.lower - ops.bound_answer(Z), axis=(-2, -1), initial=0.0))
-    return float(v) if Z.ndim == 2 else v
+    return np.asarray(v, dtype=np.float64)
 
 
 def lower_bound(
     ops: CertificateOps, Z: np.ndarray, f: float | np.ndarray, grad: np.ndarray,
     alpha: np.ndarray | None, nu: np.ndarray | None,
-) -> tuple[float | np.ndarray, float | np.ndarray]:
-    """``(lower bound on f*, KKT spread)`` from a C1-feasible ``Z`` with ``(f, grad)`` of f at
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(lower bound on f*, KKT spread)`` (0-d arrays for one parent, ``(P,)`` for a batch) from a C1-feasible ``Z`` with ``(f, grad)`` of f at
     Z and any multipliers ``alpha`` (row totals, 0 on rows not held) / ``nu >= 0`` (lower
     bounds). The spread is ``max_j (max_{c: z_cj > 0} grad_cj - min_{c allowed} grad_cj)`` of
     the Lagrangian gradient, 0 at a KKT point (root: ``max |grad|`` on the support)."""
@@ -132,6 +140,4 @@ def lower_bound(
         spread = np.max(np.where(ok, gmax - gmin, 0.0), axis=-1, initial=0.0)
     else:
         spread = np.max(np.where(Z > 0, np.abs(G), 0.0), axis=(-2, -1), initial=0.0)
-    if one:
-        return float(lb), float(spread)
-    return lb, spread
+    return np.asarray(lb, dtype=np.float64), np.asarray(spread, dtype=np.float64)

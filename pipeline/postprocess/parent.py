@@ -60,7 +60,7 @@ def prepare_parent(prob: ParentProblem, opts: SolveOptions) -> Prepared:
     if prob.has_parent and (k == 1 or not np.any(prob.parent)):
         N = np.zeros((k, spec.n_cells), dtype=np.int64)
         if k == 1:
-            N[0] = prob.parent
+            N[0] = np.asarray(prob.parent)
         st.shortcut = "copy" if k == 1 else "empty"
         verify_children(prob, N, prob.allowed(np.arange(spec.n_cells)), prob.lower_bounds())
         return Prepared(prob, st, shortcut=N)
@@ -176,8 +176,9 @@ def finish_parent(prep: Prepared, X: np.ndarray, opts: SolveOptions) -> np.ndarr
     return round_and_verify(prep.prob, X, prep.exact, prep.lower, opts, prep.st)
 
 
-def round_and_verify(prob: ParentProblem, X: np.ndarray, exact, lower, opts: SolveOptions,
-                st: ParentStats) -> np.ndarray:
+def round_and_verify(prob: ParentProblem, X: np.ndarray, exact: np.ndarray | None,
+                     lower: np.ndarray | None, opts: SolveOptions,
+                     st: ParentStats) -> np.ndarray:
     """Round the real solution X (k, n_cells) and verify: the second half of a parent solve."""
     spec = prob.spec
     allowed = prob.allowed(np.arange(spec.n_cells))
@@ -185,6 +186,7 @@ def round_and_verify(prob: ParentProblem, X: np.ndarray, exact, lower, opts: Sol
     detailed_only = (exact is None and lower is None and prob.has_parent
                      and all(spec.query(q).n_answers == spec.n_cells for q in chain))
     if detailed_only:
+        assert prob.parent is not None
         N = largest_remainder(X, prob.parent)
     else:
         try:

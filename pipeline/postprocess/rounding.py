@@ -15,6 +15,8 @@ is solved exactly by largest remainder.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import scipy.optimize
 import scipy.sparse as sp
@@ -31,13 +33,15 @@ SNAP = 1e-6  # real answers this close to an integer are treated as that integer
 COST_SCALE = 1e9  # integer arc costs for the flow solver (secant slopes are in [-1, 1])
 
 
-def _flow(parent_node, base, seg_lo, seg_hi, seg_cost, leaf0, leaf_cell, p_cells) -> np.ndarray:
+def _flow(parent_node: np.ndarray, base: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray,
+          seg_cost: np.ndarray, leaf0: int, leaf_cell: np.ndarray,
+          p_cells: np.ndarray) -> np.ndarray:
     """The same rounding as a min-cost flow: source -> level-0 chain nodes -> ... -> leaves ->
     parent cells (demand p). Each chain node's inflow is ``base + sum_s d_s``: the base and the
     segment lower bounds are pre-routed (supply adjustments), each segment is a parallel arc
     of capacity ``hi - lo`` and integer cost ``round(COST_SCALE * c)``. Returns ``sum_s d_s``
     per chain node (integers)."""
-    n_nodes, ns = seg_hi.shape
+    n_nodes = seg_hi.shape[0]
     n_cells = p_cells.size
     src = 0
     node_id = 1 + np.arange(n_nodes)
@@ -106,7 +110,7 @@ def _build_chain_levels(spec: HistogramSpec, chain: tuple[str, ...], with_total:
     maps = [spec.query(q).cell_to_answer for q in names]
     if not names or spec.query(names[-1]).n_answers != spec.n_cells:
         maps.append(np.arange(spec.n_cells))
-    for a, b in zip(maps[:-1], maps[1:]):
+    for a, b in itertools.pairwise(maps):
         pairs = np.unique(np.stack([b, a]), axis=1)
         if np.unique(pairs[0]).size != pairs.shape[1]:
             raise PostprocessError(f"rounder chain {chain} is not nested")
@@ -243,6 +247,7 @@ def controlled_round(
     np.add.at(rhs, row_of_node[parent_node[parent_node >= 0]], base[parent_node >= 0])
     rhs[row_of_node[has_kids]] -= base[has_kids]
     if parent is not None:
+        assert pflat is not None and cells is not None and leaf_cell_idx is not None
         vleaf = var_node >= leaf0
         rows.append(n_rows + leaf_cell_idx[var_node[vleaf] - leaf0]); cols.append(np.nonzero(vleaf)[0])
         vals.append(np.ones(vleaf.sum()))

@@ -12,6 +12,7 @@ parent is verified after its solve (``checks.verify_children``); a violation rai
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -145,7 +146,7 @@ def ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
     work = np.cumsum(np.maximum(np.diff(child_ptr), 1))
     cuts = np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)[1:-1], side="right")
     bounds = np.unique(np.concatenate([[0], cuts, [n]]))
-    return [(int(s), int(e)) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return [(int(s), int(e)) for s, e in itertools.pairwise(bounds) if e > s]
 
 
 def solve_level(
