@@ -10,16 +10,21 @@ with ``u = M^-1 1`` and ``s = 1'u``. The z-step is the exact per-cell simplex pr
 every returned Z meets x >= 0 and the parent sums to rounding error whatever the tolerance;
 the loop stops on the certificate of ``certificate.py``.
 
-Two layouts share the rules (initial rho :func:`initial_rho`, residual balancing
-:func:`rho_factor`, over-relaxation, stopping rule, certificate, column projection):
+One loop (:func:`_run`: initial rho :func:`initial_rho`, over-relaxed iterations, a
+certificate every ``check_every`` iterations, the stopping rule, the held-totals repair,
+certified parents leaving the run, residual balancing :func:`rho_factor`) drives two array
+layouts, which do the arithmetic of each step:
 
-- :func:`admm`: one parent, ``(k, n)`` arrays reused in place, ``M^-1`` a dense
-  (generalised) eigendecomposition on the free cells or the Kronecker inverse on the full
-  grid, warm-started projections; with held child totals a check may certify the iterate moved
-  onto the totals (:func:`_repair`).
-- :func:`admm_batch`: P small parents padded into ``(P, K, n)`` arrays; each parent's
-  ``M_i`` is inverted explicitly (one batched ``inv`` per change of ``rho_i``), each parent
-  keeps its own ``rho`` and leaves the batch when certified (the arrays shrink).
+- :class:`_One` (:func:`admm`): one parent, ``(k, n)`` arrays reused in place, ``M^-1`` a
+  dense (generalised) eigendecomposition on the free cells or the Kronecker inverse on the
+  full grid, warm-started projections; with held child totals a check may certify the
+  iterate moved onto the totals (:func:`_repair`).
+- :class:`_Batch` (:func:`admm_batch`): P small parents padded into ``(P, K, n)`` arrays;
+  each parent's ``M_i`` is inverted explicitly (one batched ``inv`` per change of ``rho_i``),
+  each parent keeps its own ``rho`` and leaves the batch when certified (the arrays shrink).
+
+Both use the one certificate of ``certificate.py`` and the column projection of
+``projection.py``.
 """
 
 from __future__ import annotations
@@ -304,6 +309,208 @@ def _xstep(ws: Workspace, inv: XInverse, R: np.ndarray, u: np.ndarray, s: float,
     return V, alpha
 
 
+# -- the one ADMM loop --------------------------------------------------------------------------
+class _Layout(Protocol):
+    """The arrays of one ADMM run: one parent (:class:`_One`) or a padded batch
+    (:class:`_Batch`). Per-parent values are ``(P,)`` arrays (P = 1 for one parent). The
+    layout owns its iterates, ``rho`` and x-step factorisation and does the array arithmetic
+    of each step; :func:`_run` owns the control flow and the rules."""
+
+    def curvature(self) -> tuple[np.ndarray | float, np.ndarray | float]:
+        """Curvature range ``(lo, hi)`` of the x-step operator (sets the initial rho)."""
+
+    def set_rho(self, rho: np.ndarray) -> None:
+        """The initial penalty (before :meth:`start`)."""
+
+    def start(self) -> None:
+        """First x-step from ``b``, its projection, zero duals."""
+
+    def iterate(self, relax: float) -> None:
+        """One over-relaxed ADMM iteration (x-step, z-step, dual updates)."""
+
+    def check(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Certificate at the current iterate: ``(f, lower bound, gap, spread, infeas)``."""
+
+    def repair(self, open_: np.ndarray, f: np.ndarray, lb: np.ndarray, infeas: np.ndarray,
+               tol: float, feas_tol: float, it: int) -> np.ndarray:
+        """Certify repaired points for parents ``open_`` (not yet certified) where possible;
+        returns which were (their results are recorded)."""
+
+    def emit(self, done: np.ndarray, ok: np.ndarray, f: np.ndarray, gap: np.ndarray,
+             spread: np.ndarray, infeas: np.ndarray, it: int) -> None:
+        """Record the results of parents ``done`` (certified where ``ok``)."""
+
+    def residuals(self, relax: float) -> tuple[np.ndarray, np.ndarray]:
+        """Primal and dual residual norms per parent (residual balancing)."""
+
+    def drop(self, keep: np.ndarray) -> None:
+        """Keep only parents ``keep`` (bool ``(P,)``) in the run."""
+
+    def rescale(self, fac: np.ndarray) -> None:
+        """``rho *= fac`` per parent: scaled duals and the x-step factorisation follow."""
+
+
+def _run(lay: _Layout, tol: float, feas_tol: float, max_iter: int, relax: float,
+         check_every: int, balance: float) -> None:
+    """The ADMM control flow shared by every layout: initial rho, iterations, a certificate
+    every ``check_every`` iterations, the stopping rule, the held-totals repair, certified
+    parents leaving the run, residual balancing. Results go to the layout."""
+    lay.set_rho(initial_rho(*lay.curvature()))
+    lay.start()
+    for it in range(1, max_iter + 1):
+        lay.iterate(relax)
+        if it % check_every and it != max_iter:
+            continue
+        f, lb, gap, spread, infeas = lay.check()
+        ok = _stop(f, gap, infeas, tol, feas_tol)
+        repaired = lay.repair(~ok, f, lb, infeas, tol, feas_tol, it)
+        done = ok | repaired | (it == max_iter)
+        lay.emit(done & ~repaired, ok, f, gap, spread, infeas, it)
+        if done.all():
+            return
+        r, dual = lay.residuals(relax)
+        fac = rho_factor(r, dual, balance)
+        if done.any():
+            lay.drop(~done)
+            fac = fac[~done]
+        lay.rescale(fac)
+
+
+class _One:
+    """One parent: ``(k, n)`` iterates reused in place (fresh large temporaries cost page
+    faults on every iteration), the dense or Kronecker x-step, warm-started projections, the
+    held-totals repair (:func:`_repair`)."""
+
+    def __init__(self, obj: Objective, xstep: Literal["kron", "dense"], flags: KernelFlags):
+        self.obj = obj
+        self.inv, self.method = make_inverse(obj, xstep)
+        self.ws = Workspace(obj, flags)
+        self.ws.mu = self.inv.mu
+        self.low = obj.lower  # not None exactly when the bound query is split (G X = W)
+        self.can_repair = obj.totals is not None and obj.consistency and obj.k > 1
+        self.result: L2Result | None = None
+        self.rho = 1.0
+
+    def curvature(self) -> tuple[float, float]:
+        return self.inv.eig_range()
+
+    def set_rho(self, rho: np.ndarray) -> None:
+        self.rho = float(rho)
+        self.inv.set_rho(self.rho)
+
+    def _ones_solve(self) -> None:
+        u = self.inv.apply(np.ones((1, self.obj.n)))[0]
+        self.u, self.s = u, float(u.sum())
+
+    def start(self) -> None:
+        obj, ws = self.obj, self.ws
+        self._ones_solve()
+        X, self.alpha = _xstep(ws, self.inv, obj.b.copy(), self.u, self.s)
+        self.X = X
+        self.Z = obj.project(X)
+        self.U = np.zeros_like(self.Z)
+        self.tau: np.ndarray | None = None  # thresholds of the last z-step (warm start)
+        self.W = self.U2 = np.zeros((0, 0))
+        if self.low is not None:
+            W = np.maximum(ws.bound_answer(self.Z), self.low)
+            if obj.upper is not None:
+                W = np.minimum(W, obj.upper)
+            self.W = W
+            self.U2 = np.zeros_like(W)
+        # (k, n) work arrays, reused
+        self.R = np.empty_like(self.Z)
+        self.T = np.empty_like(self.Z)
+        self.Zold = np.empty_like(self.Z)
+
+    def iterate(self, relax: float) -> None:
+        obj, ws, rho, low = self.obj, self.ws, self.rho, self.low
+        R, T, U, W, U2 = self.R, self.T, self.U, self.W, self.U2
+        np.subtract(self.Z, U, out=R)  # R = b + rho (Z - U) [+ rho G'(W - U2)]
+        R *= rho
+        R += obj.b
+        if low is not None:
+            ws.bound_back_add(R, rho * (W - U2))
+        X, self.alpha = _xstep(ws, self.inv, R, self.u, self.s, out=self.X)
+        if low is not None:
+            GXh = relax * ws.bound_answer(X) + (1.0 - relax) * W
+        X *= relax  # X <- relaxed Xh = relax X + (1 - relax) Z
+        np.multiply(self.Z, 1.0 - relax, out=T)
+        X += T
+        np.add(X, U, out=T)
+        self.Z, self.Zold = self.Zold, self.Z
+        self.Z, self.tau = ws.project_inplace(T, self.Z, self.tau)
+        U += X
+        U -= self.Z
+        if low is not None:
+            W = np.maximum(GXh + U2, low)
+            if obj.upper is not None:
+                W = np.minimum(W, obj.upper)
+            U2 += GXh - W
+            self.W = W
+        self.X = X
+
+    def _nu(self) -> np.ndarray | None:
+        if self.low is None:
+            return None
+        nu = np.maximum(-self.rho * self.U2, 0.0)
+        if self.obj.upper is not None:
+            nu[self.obj.upper == 0.0] = 0.0  # forced-zero answers: Z is 0 there already
+        return nu
+
+    def check(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        self.nu = self._nu()
+        f, grad = self.ws.value_grad(self.Z)
+        lb_a, spread_a = lower_bound(self.ws, self.Z, f, grad, self.alpha, self.nu)
+        lb = float(lb_a)
+        gap = max(f - lb, 0.0)
+        infeas = float(infeasibility(self.ws, self.Z))
+        return (np.array([f]), np.array([lb]), np.array([gap]), np.array([float(spread_a)]),
+                np.array([infeas]))
+
+    def repair(self, open_: np.ndarray, f: np.ndarray, lb: np.ndarray, infeas: np.ndarray,
+               tol: float, feas_tol: float, it: int) -> np.ndarray:
+        obj, alpha = self.obj, self.alpha
+        f0, lb0 = float(f[0]), float(lb[0])
+        if (open_[0] and self.can_repair and float(infeas[0]) > feas_tol
+                and alpha is not None and obj.totals is not None):
+            # first-order value of f at the repaired point: f + alpha'(t - Z 1)
+            pred = f0 + float(np.sum(alpha * (obj.totals - self.Z.sum(axis=1))))
+            if pred - lb0 <= _REPAIR_GATE * tol * max(f0, 1e-300):
+                res = _repair(self.ws, self.Z, lb0, alpha, self.nu, tol, feas_tol, it,
+                              self.method)
+                if res is not None:
+                    self.result = res
+                    return np.array([True])
+        return np.array([False])
+
+    def emit(self, done: np.ndarray, ok: np.ndarray, f: np.ndarray, gap: np.ndarray,
+             spread: np.ndarray, infeas: np.ndarray, it: int) -> None:
+        if done[0]:
+            self.result = L2Result(self.Z, float(f[0]), float(gap[0]), float(spread[0]),
+                                   float(infeas[0]), it, bool(ok[0]), self.method)
+
+    def residuals(self, relax: float) -> tuple[np.ndarray, np.ndarray]:
+        T = self.T
+        np.subtract(self.X, self.Z, out=T)
+        r = float(np.linalg.norm(T)) / relax  # X - Z = (Xh - Z) / relax
+        np.subtract(self.Z, self.Zold, out=T)
+        dual = self.rho * float(np.linalg.norm(T))
+        return np.array([r]), np.array([dual])
+
+    def drop(self, keep: np.ndarray) -> None:
+        pass  # one parent: the run ends when it is done
+
+    def rescale(self, fac: np.ndarray) -> None:
+        f = float(fac[0])
+        if f != 1.0:
+            self.rho *= f
+            self.U /= f
+            if self.low is not None:
+                self.U2 /= f
+            self.inv.set_rho(self.rho)
+            self._ones_solve()
+
+
 def admm(
     obj: Objective,
     xstep: Literal["kron", "dense"],
@@ -325,91 +532,10 @@ def admm(
     is already near-optimal, so at a check that is optimal but not yet feasible enough, the
     iterate is moved onto the totals (:func:`_repair`) and certified there instead.
     """
-    inv, method = make_inverse(obj, xstep)
-    ws = Workspace(obj, flags)
-    k, n = obj.k, obj.n
-    ws.mu = inv.mu
-    rho = float(initial_rho(*inv.eig_range()))
-    inv.set_rho(rho)
-    has_low = obj.lower is not None
-    can_repair = obj.totals is not None and obj.consistency and k > 1
-
-    def ones_solve() -> tuple[np.ndarray, float]:
-        u = inv.apply(np.ones((1, n)))[0]
-        return u, float(u.sum())
-
-    u, s = ones_solve()
-    X, alpha = _xstep(ws, inv, obj.b.copy(), u, s)
-    Z = obj.project(X)
-    U = np.zeros_like(Z)
-    tau = None  # projection thresholds of the last z-step (warm start)
-    W = U2 = np.zeros((0, 0))
-    low = obj.lower  # not None exactly when has_low
-    if low is not None:
-        W = np.maximum(ws.bound_answer(Z), low)
-        if obj.upper is not None:
-            W = np.minimum(W, obj.upper)
-        U2 = np.zeros_like(W)
-    # (k, n) work arrays, reused: fresh large temporaries cost page faults on every iteration
-    R = np.empty_like(Z)
-    T = np.empty_like(Z)
-    Zold = np.empty_like(Z)
-
-    f, gap, spread, infeas = np.inf, np.inf, np.inf, np.inf
-    it = 0
-    for it in range(1, max_iter + 1):
-        np.subtract(Z, U, out=R)  # R = b + rho (Z - U) [+ rho G'(W - U2)]
-        R *= rho
-        R += obj.b
-        if has_low:
-            ws.bound_back_add(R, rho * (W - U2))
-        X, alpha = _xstep(ws, inv, R, u, s, out=X)
-        if has_low:
-            GXh = relax * ws.bound_answer(X) + (1.0 - relax) * W
-        X *= relax  # X <- relaxed Xh = relax X + (1 - relax) Z
-        np.multiply(Z, 1.0 - relax, out=T)
-        X += T
-        np.add(X, U, out=T)
-        Z, Zold = Zold, Z
-        Z, tau = ws.project_inplace(T, Z, tau)
-        U += X
-        U -= Z
-        if low is not None:
-            W = np.maximum(GXh + U2, low)
-            if obj.upper is not None:
-                W = np.minimum(W, obj.upper)
-            U2 += GXh - W
-        if it % check_every == 0 or it == max_iter:
-            nu = np.maximum(-rho * U2, 0.0) if has_low else None
-            if nu is not None and obj.upper is not None:
-                nu[obj.upper == 0.0] = 0.0  # forced-zero answers: Z is 0 there already
-            f, grad = ws.value_grad(Z)
-            lb_a, spread_a = lower_bound(ws, Z, f, grad, alpha, nu)
-            lb, spread = float(lb_a), float(spread_a)
-            gap = max(f - lb, 0.0)
-            infeas = float(infeasibility(ws, Z))
-            if _stop(f, gap, infeas, tol, feas_tol):
-                return L2Result(Z, f, gap, spread, infeas, it, True, method)
-            if can_repair and infeas > feas_tol and alpha is not None and obj.totals is not None:
-                # first-order value of f at the repaired point: f + alpha'(t - Z 1)
-                pred = f + float(np.sum(alpha * (obj.totals - Z.sum(axis=1))))
-                if pred - lb <= _REPAIR_GATE * tol * max(f, 1e-300):
-                    res = _repair(ws, Z, lb, alpha, nu, tol, feas_tol, it, method)
-                    if res is not None:
-                        return res
-            np.subtract(X, Z, out=T)
-            r = float(np.linalg.norm(T)) / relax  # X - Z = (Xh - Z) / relax
-            np.subtract(Z, Zold, out=T)
-            dual = rho * float(np.linalg.norm(T))
-            fac = float(rho_factor(r, dual, balance))
-            if fac != 1.0:
-                rho *= fac
-                U /= fac
-                if has_low:
-                    U2 /= fac
-                inv.set_rho(rho)
-                u, s = ones_solve()
-    return L2Result(Z, float(f), float(gap), float(spread), float(infeas), it, False, method)
+    lay = _One(obj, xstep, flags)
+    _run(lay, tol, feas_tol, max_iter, relax, check_every, balance)
+    assert lay.result is not None
+    return lay.result
 
 
 def _repair(ws: Workspace, Z: np.ndarray, lb: float, alpha: np.ndarray, nu: np.ndarray | None,
@@ -620,22 +746,37 @@ class _Group:
         return self.neg
 
 
-def _solve_group(objs: list[Objective], tol: float, feas_tol: float, max_iter: int,
-                 relax: float, check_every: int, balance: float) -> list[L2Result]:
-    G = _Group(objs)
-    P = len(objs)
-    idx = np.arange(P)  # original position of each parent still in the batch
-    out: list[L2Result | None] = [None] * P
-    # rho from the curvature range of f, as in the one-parent solver (bounds, not eigenvalues)
-    rho = initial_rho(*G.rho_range)
+class _Batch:
+    """P small parents padded into one :class:`_Group`: whole-batch numpy passes, each
+    parent's ``M_i`` inverted explicitly (one batched ``inv`` per change of its ``rho_i``),
+    fresh (small) arrays per step, no repair (measured slower here, see BENCHMARKS.md).
+    Certified parents leave the batch (:meth:`drop`), so the arrays shrink."""
 
-    def factors(rho: np.ndarray, which: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        G.refactor(rho, which)
+    method = "admm-batch"
+
+    def __init__(self, objs: list[Objective]):
+        self.objs = objs
+        self.G = _Group(objs)
+        P = len(objs)
+        self.idx = np.arange(P)  # original position of each parent still in the batch
+        self.out: list[L2Result | None] = [None] * P
+        self.rho = np.ones(P)
+
+    def curvature(self) -> tuple[np.ndarray, np.ndarray]:
+        # of f (bounds) or, with the splitting, of the pencil (H, B), as for one parent
+        return self.G.rho_range
+
+    def set_rho(self, rho: np.ndarray) -> None:
+        self.rho = rho
+
+    def _factors(self, which: np.ndarray) -> None:
+        G = self.G
+        G.refactor(self.rho, which)
         u = G.minv(G.dom[:, None, :])[:, 0, :] * G.dom
-        return u, u.sum(axis=1)
+        self.u, self.s = u, u.sum(axis=1)
 
-    def xstep(R: np.ndarray, u: np.ndarray,
-              s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _xstep(self, R: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        G, u, s = self.G, self.u, self.s
         V = G.minv(R) * G.rows[:, :, None]
         V += ((G.p - V.sum(axis=1)) / G.k[:, None])[:, None, :] * G.rows[:, :, None]
         alpha = np.zeros((V.shape[0], G.K))
@@ -644,69 +785,81 @@ def _solve_group(objs: list[Objective], tol: float, feas_tol: float, max_iter: i
             V += alpha[:, :, None] * u[:, None, :]
         return V, alpha
 
-    u, s = factors(rho, np.ones(P, dtype=bool))
-    X, alpha = xstep(G.b.copy(), u, s)
-    Z = G.project(X)
-    U = np.zeros_like(Z)
-    W = U2 = np.zeros((0, 0, 0))
-    if G.split:
-        W = np.minimum(np.maximum(G.answer(G.bq, Z), cast(np.ndarray, G.lower)), G.upper)
-        U2 = np.zeros_like(W)
-    it = 0
-    for it in range(1, max_iter + 1):
-        r3 = rho[:, None, None]
-        R = G.b + r3 * (Z - U)
+    def start(self) -> None:
+        G = self.G
+        self._factors(np.ones(len(self.objs), dtype=bool))
+        self.X, self.alpha = self._xstep(G.b.copy())
+        self.Z = G.project(self.X)
+        self.U = np.zeros_like(self.Z)
+        self.W = self.U2 = np.zeros((0, 0, 0))
         if G.split:
-            R += r3 * G.back(G.bq, W - U2)
-        X, alpha = xstep(R, u, s)
-        Xh = relax * X + (1.0 - relax) * Z
-        Zold = Z
-        Z = G.project(Xh + U)
-        U += Xh - Z
+            self.W = np.minimum(np.maximum(G.answer(G.bq, self.Z), cast(np.ndarray, G.lower)),
+                                G.upper)
+            self.U2 = np.zeros_like(self.W)
+
+    def iterate(self, relax: float) -> None:
+        G = self.G
+        r3 = self.rho[:, None, None]
+        R = G.b + r3 * (self.Z - self.U)
         if G.split:
-            GXh = relax * G.answer(G.bq, X) + (1.0 - relax) * W
-            W = np.minimum(np.maximum(GXh + U2, cast(np.ndarray, G.lower)), G.upper)
-            U2 += GXh - W
-        if it % check_every and it != max_iter:
-            continue
+            R += r3 * G.back(G.bq, self.W - self.U2)
+        X, self.alpha = self._xstep(R)
+        Xh = relax * X + (1.0 - relax) * self.Z
+        self.Zold = self.Z
+        self.Z = G.project(Xh + self.U)
+        self.U += Xh - self.Z
+        if G.split:
+            GXh = relax * G.answer(G.bq, X) + (1.0 - relax) * self.W
+            self.W = np.minimum(np.maximum(GXh + self.U2, cast(np.ndarray, G.lower)), G.upper)
+            self.U2 += GXh - self.W
+        self.X = X
+
+    def check(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        G = self.G
         nu = None
         if G.split:
-            nu = np.maximum(-r3 * U2, 0.0)
+            nu = np.maximum(-self.rho[:, None, None] * self.U2, 0.0)
             nu[G.upper == 0.0] = 0.0  # forced-zero answers: Z is 0 there already
-        f, grad = G.value_grad(Z)
-        lb, spread = lower_bound(G, Z, f, grad, alpha, nu)
+        f, grad = G.value_grad(self.Z)
+        lb, spread = lower_bound(G, self.Z, f, grad, self.alpha, nu)
         gap = np.maximum(f - lb, 0.0)
-        infeas = infeasibility(G, Z)
-        ok = _stop(f, gap, infeas, tol, feas_tol)
-        done = ok | (it == max_iter)
+        return f, lb, gap, spread, infeasibility(G, self.Z)
+
+    def repair(self, open_: np.ndarray, f: np.ndarray, lb: np.ndarray, infeas: np.ndarray,
+               tol: float, feas_tol: float, it: int) -> np.ndarray:
+        return np.zeros(open_.shape, dtype=bool)
+
+    def emit(self, done: np.ndarray, ok: np.ndarray, f: np.ndarray, gap: np.ndarray,
+             spread: np.ndarray, infeas: np.ndarray, it: int) -> None:
         for j in np.flatnonzero(done):
-            o = objs[idx[j]]
-            certified = bool(ok[j])
-            out[idx[j]] = L2Result(Z[j, : o.k, : o.n].copy(), float(f[j]), float(gap[j]),
-                                   float(spread[j]), float(infeas[j]), it, certified, "admm-batch")
-        if done.all():
-            break
-        # residual balancing per parent (Boyd et al. 2011, 3.4.1)
-        r = np.sqrt(np.einsum("pkn,pkn->p", X - Z, X - Z))
-        dz = Z - Zold
-        dual = rho * np.sqrt(np.einsum("pkn,pkn->p", dz, dz))
-        fac = rho_factor(r, dual, balance)
-        keep = ~done
-        if done.any():
-            G.take(keep)
-            idx, rho, fac = idx[keep], rho[keep], fac[keep]
-            Z, U, alpha, u = Z[keep], U[keep], alpha[keep], u[keep]
-            s = u.sum(axis=1)
-            if G.split:
-                W, U2 = W[keep], U2[keep]
+            o = self.objs[self.idx[j]]
+            self.out[self.idx[j]] = L2Result(
+                self.Z[j, : o.k, : o.n].copy(), float(f[j]), float(gap[j]), float(spread[j]),
+                float(infeas[j]), it, bool(ok[j]), self.method)
+
+    def residuals(self, relax: float) -> tuple[np.ndarray, np.ndarray]:
+        D = self.X - self.Z
+        r = np.sqrt(np.einsum("pkn,pkn->p", D, D))
+        dz = self.Z - self.Zold
+        dual = self.rho * np.sqrt(np.einsum("pkn,pkn->p", dz, dz))
+        return r, dual
+
+    def drop(self, keep: np.ndarray) -> None:
+        self.G.take(keep)
+        self.idx, self.rho = self.idx[keep], self.rho[keep]
+        self.Z, self.U, self.alpha, self.u = self.Z[keep], self.U[keep], self.alpha[keep], self.u[keep]
+        self.s = self.u.sum(axis=1)
+        if self.G.split:
+            self.W, self.U2 = self.W[keep], self.U2[keep]
+
+    def rescale(self, fac: np.ndarray) -> None:
         changed = fac != 1.0
         if changed.any():
-            rho = rho * fac
-            U /= fac[:, None, None]
-            if G.split:
-                U2 /= fac[:, None, None]
-            u, s = factors(rho, changed)
-    return out  # type: ignore[return-value]
+            self.rho = self.rho * fac
+            self.U /= fac[:, None, None]
+            if self.G.split:
+                self.U2 /= fac[:, None, None]
+            self._factors(changed)
 
 
 def admm_batch(
@@ -730,8 +883,8 @@ def admm_batch(
     for split in (False, True):
         pos = [i for i, o in enumerate(objs) if (o.lower is not None) == split]
         if pos:
-            res = _solve_group([objs[i] for i in pos], tol, feas_tol, max_iter, relax,
-                               check_every, balance)
-            for i, r in zip(pos, res):
+            lay = _Batch([objs[i] for i in pos])
+            _run(lay, tol, feas_tol, max_iter, relax, check_every, balance)
+            for i, r in zip(pos, lay.out):
                 out[i] = r
     return out  # type: ignore[return-value]
