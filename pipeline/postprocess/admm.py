@@ -35,7 +35,7 @@ import numpy as np
 import scipy.linalg
 import scipy.linalg.blas
 
-from pipeline.postprocess.certificate import infeasibility, lower_bound
+from pipeline.postprocess.certificate import certificate, infeasibility, lower_bound
 from pipeline.postprocess.kron import KronInverse
 from pipeline.postprocess.objective import L2Result, Objective
 from pipeline.postprocess.operators import dense_normal_matrix
@@ -460,10 +460,10 @@ class _One:
     def check(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         self.nu = self._nu()
         f, grad = self.ws.value_grad(self.Z)
-        lb_a, spread_a = lower_bound(self.ws, self.Z, f, grad, self.alpha, self.nu)
+        lb_a, spread_a, infeas_a = certificate(self.ws, self.Z, f, grad, self.alpha, self.nu)
         lb = float(lb_a)
         gap = max(f - lb, 0.0)
-        infeas = float(infeasibility(self.ws, self.Z))
+        infeas = float(infeas_a)
         return (np.array([f]), np.array([lb]), np.array([gap]), np.array([float(spread_a)]),
                 np.array([infeas]))
 
@@ -821,9 +821,9 @@ class _Batch:
             nu = np.maximum(-self.rho[:, None, None] * self.U2, 0.0)
             nu[G.upper == 0.0] = 0.0  # forced-zero answers: Z is 0 there already
         f, grad = G.value_grad(self.Z)
-        lb, spread = lower_bound(G, self.Z, f, grad, self.alpha, nu)
+        lb, spread, infeas = certificate(G, self.Z, f, grad, self.alpha, nu)
         gap = np.maximum(f - lb, 0.0)
-        return f, lb, gap, spread, infeasibility(G, self.Z)
+        return f, lb, gap, spread, infeas
 
     def repair(self, open_: np.ndarray, f: np.ndarray, lb: np.ndarray, infeas: np.ndarray,
                tol: float, feas_tol: float, it: int) -> np.ndarray:

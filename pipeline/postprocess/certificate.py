@@ -64,39 +64,72 @@ def pdot(A: np.ndarray, B: np.ndarray) -> float | np.ndarray:
     return np.einsum("pkn,pkn->p", A, B)
 
 
-def infeasibility(ops: CertificateOps, Z: np.ndarray) -> np.ndarray:
-    """Largest violation of the held row totals and lower bounds at Z (persons), per parent:
-    a 0-d array for one parent's (k, n), ``(P,)`` for a batch."""
+def _rows_and_answers(ops: CertificateOps,
+                      Z: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Row sums of Z (when totals are held) and ``G Z`` (when bounded), each computed once."""
+    rows = Z.sum(axis=-1) if ops.totals is not None else None
+    GZ = ops.bound_answer(Z) if ops.lower is not None else None
+    return rows, GZ
+
+
+def _infeasibility(ops: CertificateOps, Z: np.ndarray, rows: np.ndarray | None,
+                   GZ: np.ndarray | None) -> np.ndarray:
     v: float | np.ndarray = 0.0 if Z.ndim == 2 else np.zeros(Z.shape[0])
-    if ops.totals is not None:
-        rs = np.abs(Z.sum(axis=-1) - ops.totals)
+    if ops.totals is not None and rows is not None:
+        rs = np.abs(rows - ops.totals)
         if ops.held is not None:
             rs = np.where(ops.held, rs, 0.0)
         v = np.maximum(v, rs.max(axis=-1, initial=0.0))
-    if ops.lower is not None:
-        v = np.maximum(v, np.max(ops.lower - ops.bound_answer(Z), axis=(-2, -1), initial=0.0))
+    if ops.lower is not None and GZ is not None:
+        v = np.maximum(v, np.max(ops.lower - GZ, axis=(-2, -1), initial=0.0))
     return np.asarray(v, dtype=np.float64)
+
+
+def infeasibility(ops: CertificateOps, Z: np.ndarray) -> np.ndarray:
+    """Largest violation of the held row totals and lower bounds at Z (persons), per parent:
+    a 0-d array for one parent's (k, n), ``(P,)`` for a batch."""
+    return _infeasibility(ops, Z, *_rows_and_answers(ops, Z))
+
+
+def certificate(
+    ops: CertificateOps, Z: np.ndarray, f: float | np.ndarray, grad: np.ndarray,
+    alpha: np.ndarray | None, nu: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(lower bound on f*, KKT spread, infeasibility)`` at a C1 point Z: :func:`lower_bound`
+    and :func:`infeasibility` sharing Z's row sums and bound answers."""
+    rows, GZ = _rows_and_answers(ops, Z)
+    lb, spread = _lower_bound(ops, Z, f, grad, alpha, nu, rows, GZ)
+    return lb, spread, _infeasibility(ops, Z, rows, GZ)
 
 
 def lower_bound(
     ops: CertificateOps, Z: np.ndarray, f: float | np.ndarray, grad: np.ndarray,
     alpha: np.ndarray | None, nu: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(lower bound on f*, KKT spread)`` (0-d arrays for one parent, ``(P,)`` for a batch) from a C1-feasible ``Z`` with ``(f, grad)`` of f at
-    Z and any multipliers ``alpha`` (row totals, 0 on rows not held) / ``nu >= 0`` (lower
-    bounds). The spread is ``max_j (max_{c: z_cj > 0} grad_cj - min_{c allowed} grad_cj)`` of
-    the Lagrangian gradient, 0 at a KKT point (root: ``max |grad|`` on the support)."""
+    """``(lower bound on f*, KKT spread)`` (0-d arrays for one parent, ``(P,)`` for a batch)
+    from a C1-feasible ``Z`` with ``(f, grad)`` of f at Z and any multipliers ``alpha`` (row
+    totals, 0 on rows not held) / ``nu >= 0`` (lower bounds). The spread is
+    ``max_j (max_{c: z_cj > 0} grad_cj - min_{c allowed} grad_cj)`` of the Lagrangian
+    gradient, 0 at a KKT point (root: ``max |grad|`` on the support)."""
+    return _lower_bound(ops, Z, f, grad, alpha, nu, *_rows_and_answers(ops, Z))
+
+
+def _lower_bound(
+    ops: CertificateOps, Z: np.ndarray, f: float | np.ndarray, grad: np.ndarray,
+    alpha: np.ndarray | None, nu: np.ndarray | None, rows: np.ndarray | None,
+    GZ: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
     one = Z.ndim == 2
     g = f if one else np.array(f, dtype=np.float64, copy=True)
     # the Lagrangian gradient goes to a work array (large parents: fresh (k, n) temporaries
     # page-fault on every check)
     G = ops.scratch(0, Z)
     np.copyto(G, grad)
-    if alpha is not None and ops.totals is not None:
-        g = g - np.sum(alpha * (Z.sum(axis=-1) - ops.totals), axis=-1)
+    if alpha is not None and ops.totals is not None and rows is not None:
+        g = g - np.sum(alpha * (rows - ops.totals), axis=-1)
         G -= alpha[..., None]
-    if nu is not None and ops.lower is not None:
-        g = g - np.sum(nu * (ops.bound_answer(Z) - ops.lower), axis=(-2, -1))
+    if nu is not None and ops.lower is not None and GZ is not None:
+        g = g - np.sum(nu * (GZ - ops.lower), axis=(-2, -1))
         ops.bound_back_add(G, -nu)
     mu = np.asarray(ops.mu, dtype=np.float64)
     strong = mu > 0

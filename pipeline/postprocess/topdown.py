@@ -27,7 +27,6 @@ from pipeline.postprocess.parent import (
     finish_parent,
     prepare_parent,
     solve_least_squares,
-    solve_parent,
 )
 from pipeline.postprocess.problem import LevelBatch, ParentProblem, PostprocessError
 from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, plan
@@ -66,8 +65,17 @@ def solve_root(
         variances, totals=None if total is None else np.array([int(total)]),
         lower=lower, zero_answers=zero_answers, label=label,
     )
+    options = options or SolveOptions()
     with threadpool_limits(1, "blas"):
-        N, st = solve_parent(prob, options or SolveOptions(), solver)
+        prep = prepare_parent(prob, options)
+        paths = plan([prep], options)  # the root is never batched (no parent): single
+        if paths.shortcut:
+            N = prep.shortcut
+        else:
+            X = solve_least_squares([prep], options, False, solver)[0]
+            N = finish_parent(prep, X, options)
+        st = prep.st
+    assert N is not None
     diag = LevelDiagnostics("root")
     diag.add(st, 1)
     diag.seconds = time.perf_counter() - t0
