@@ -24,7 +24,7 @@ from pipeline.postprocess.objective import L2Result, Objective
 from pipeline.postprocess.problem import ParentProblem, PostprocessError
 from pipeline.postprocess.projection import project_capped_simplex
 from pipeline.postprocess.rounding import controlled_round, largest_remainder
-from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, domain_for
+from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, objective
 
 __all__ = ["Prepared", "SolveOptions", "finish_parent", "objective", "prepare_parent",
            "round_and_verify", "solve_least_squares", "solve_parent"]
@@ -85,19 +85,6 @@ def prepare_parent(prob: ParentProblem, opts: SolveOptions) -> Prepared:
         else:
             st.multipass_fallback += 1
     return Prepared(prob, st, exact, totals, lower, queries)
-
-
-def objective(prep: Prepared, opts: SolveOptions, with_lower: bool) -> Objective:
-    """The pass's objective on the domain ``solver.domain_for`` chooses: the full grid
-    (Kronecker x-step) if its weights are uniform, else the free cells."""
-    prob = prep.prob
-    lower = prep.lower if with_lower else None
-    free = prob.free_cells()
-    if domain_for(free, prob.spec.n_cells, opts.paths) == "full":
-        full = Objective(prob, prep.queries, np.arange(prob.spec.n_cells), prep.totals, lower)
-        if full.uniform_weights() is not None:
-            return full
-    return Objective(prob, prep.queries, free, prep.totals, lower)
 
 
 def _record(st: ParentStats, obj: Objective, res: L2Result) -> None:

@@ -5,8 +5,8 @@ named in :class:`Thresholds`:
 
 - :func:`plan`: which parents of a level need no least squares (shortcut), which are solved
   together by the batched ADMM (``batched``) and in which groups, and which alone (``single``);
-- :func:`domain_for`: whether a single parent is solved on its free cells or on the full grid
-  (the full grid admits the Kronecker x-step);
+- :func:`domain_for` / :func:`objective`: whether a parent is solved on its free cells or on
+  the full grid (which admits the Kronecker x-step);
 - :func:`xstep_for`: dense (eigendecomposition) or Kronecker x-step for a single parent;
 - :func:`kernel_flags`: which large-array kernels the one-parent ADMM uses (in-place rank-2
   x-step correction, warm-started projection, Kronecker ``H`` in the certificate).
@@ -123,6 +123,21 @@ def domain_for(free: np.ndarray, n_cells: int, th: Thresholds) -> Literal["free"
     """Domain of a parent's objective: the full grid (then the Kronecker x-step applies if the
     weights are uniform, checked by the caller) for large free sets, else the free cells."""
     return "full" if th.kron_min_cells <= free.size < n_cells else "free"
+
+
+def objective(prep: Prepared, opts: SolveOptions, with_lower: bool) -> Objective:
+    """The least-squares objective of a prepared parent's (last) pass, on the domain
+    :func:`domain_for` chooses: the full grid only if its weights are uniform there (else the
+    Kronecker x-step cannot apply), else the free cells. ``with_lower``: include the GQ lower
+    bounds (the ``G X = W`` splitting)."""
+    prob = prep.prob
+    lower = prep.lower if with_lower else None
+    free = prob.free_cells()
+    if domain_for(free, prob.spec.n_cells, opts.paths) == "full":
+        full = Objective(prob, prep.queries, np.arange(prob.spec.n_cells), prep.totals, lower)
+        if full.uniform_weights() is not None:
+            return full
+    return Objective(prob, prep.queries, free, prep.totals, lower)
 
 
 def xstep_for(obj: Objective, th: Thresholds) -> Literal["kron", "dense"]:
