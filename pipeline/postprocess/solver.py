@@ -28,6 +28,7 @@ from pipeline.postprocess.objective import L2Result, Objective
 
 if TYPE_CHECKING:
     from pipeline.postprocess.parent import Prepared
+    from pipeline.spec import HistogramSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +120,12 @@ def kernel_flags(obj: Objective, th: Thresholds) -> KernelFlags:
     )
 
 
-def domain_for(free: np.ndarray, n_cells: int, th: Thresholds) -> Literal["free", "full"]:
+def domain_for(free: np.ndarray, spec: HistogramSpec, th: Thresholds) -> Literal["free", "full"]:
     """Domain of a parent's objective: the full grid (then the Kronecker x-step applies if the
     weights are uniform, checked by the caller) for large free sets, else the free cells."""
-    return "full" if th.kron_min_cells <= free.size < n_cells else "free"
+    if free.size < th.kron_min_cells:  # first: spec.n_cells is not free to evaluate
+        return "free"
+    return "full" if free.size < spec.n_cells else "free"
 
 
 def objective(prep: Prepared, opts: SolveOptions, with_lower: bool) -> Objective:
@@ -133,7 +136,7 @@ def objective(prep: Prepared, opts: SolveOptions, with_lower: bool) -> Objective
     prob = prep.prob
     lower = prep.lower if with_lower else None
     free = prob.free_cells()
-    if domain_for(free, prob.spec.n_cells, opts.paths) == "full":
+    if domain_for(free, prob.spec, opts.paths) == "full":
         full = Objective(prob, prep.queries, np.arange(prob.spec.n_cells), prep.totals, lower)
         if full.uniform_weights() is not None:
             return full
