@@ -59,8 +59,8 @@ def child(root: str, k: int, seed: int, out: str | None) -> None:
 
     assert Path(pipeline.__file__).resolve().is_relative_to(Path(root).resolve())
     solves = []
-    try:  # the one-parent ADMM: admm.admm (looked up at call time), or parent.admm before
-        import pipeline.postprocess.admm as admm_mod
+    try:  # the one-parent ADMM as the solver module calls it, or parent.admm before
+        import pipeline.postprocess.solver as admm_mod
     except ImportError:
         admm_mod = parent_mod
     admm = admm_mod.admm

@@ -29,7 +29,7 @@ Both use the one certificate of ``certificate.py`` and the column projection of
 
 from __future__ import annotations
 
-from typing import Literal, Protocol, cast
+from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 import numpy as np
 import scipy.linalg
@@ -45,7 +45,9 @@ from pipeline.postprocess.projection import (
     project_columns_sort,
     project_columns_warm,
 )
-from pipeline.postprocess.solver import KernelFlags
+
+if TYPE_CHECKING:  # solver imports this module
+    from pipeline.postprocess.solver import KernelFlags
 
 # attempt the repair when the first-order estimate of the repaired gap is within this factor
 # of the target (the estimate is pessimistic: on 300-3,000-child parents the repaired gap was

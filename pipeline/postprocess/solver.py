@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
+from pipeline.postprocess.admm import admm, admm_batch
 from pipeline.postprocess.objective import L2Result, Objective
 
 if TYPE_CHECKING:
@@ -216,8 +217,6 @@ class AdmmSolver:
 
     def solve(self, objs: Sequence[Objective], opts: SolveOptions,
               batched: bool) -> list[L2Result]:
-        from pipeline.postprocess.admm import admm, admm_batch
-
         if batched:
             return admm_batch(list(objs), tol=opts.tol, feas_tol=opts.feas_tol,
                               max_iter=opts.max_iter)
