@@ -33,13 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from postprocess_cases import random_parent  # noqa: E402
+from postprocess_cases import infeasibility, random_parent  # noqa: E402
 
 from benchmarks.timing import median_time  # noqa: E402
-from pipeline.postprocess.objective import L2Objective  # noqa: E402
-from pipeline.postprocess.parent import SolveOptions, batchable, objective, prepare_parent, solve_least_squares, solve_parent  # noqa: E402
+from pipeline.postprocess.objective import Objective  # noqa: E402
+from pipeline.postprocess.parent import objective, prepare_parent, solve_least_squares, solve_parent  # noqa: E402
 from pipeline.postprocess.problem import LevelBatch, PostprocessError  # noqa: E402
-from pipeline.postprocess.topdown import _batches, solve_level  # noqa: E402
+from pipeline.postprocess.solver import SolveOptions, Thresholds, plan  # noqa: E402
+from pipeline.postprocess.topdown import solve_level  # noqa: E402
 
 US_BLOCK_GROUPS = 239_780  # parents at the block level (2020 Census block groups)
 
@@ -52,7 +53,7 @@ def production_variances(level: str) -> dict[str, float]:
             for q, s in L["queries"].items()}
 
 
-def lifted_qp(obj: L2Objective):
+def lifted_qp(obj: Objective):
     """Lifted QP: variables [x (allowed entries), a_q (answers)], P diagonal on a_q."""
     k, n = obj.k, obj.n
     idx = np.flatnonzero(obj.allowed.ravel())
@@ -140,15 +141,18 @@ def ours_l2(probs, opts, batched):
     """Our least-squares stage exactly as production runs it (``solve_least_squares``: without
     the GQ bounds first, with them where violated), batched by free-set size when ``batched``.
     Returns the prepared parents (with their stats) and the real solutions (k, n_cells)."""
+    if not batched:
+        opts = SolveOptions(**{**opts.__dict__, "paths": Thresholds(batched=False)})
     preps = [prepare_parent(p, opts) for p in probs]
     X = [None] * len(preps)
-    small = [(i, p) for i, p in enumerate(preps) if batched and batchable(p, opts)]
-    rest = [(i, p) for i, p in enumerate(preps) if not (batched and batchable(p, opts))]
-    for g in _batches(small, opts):  # as solve_level: small parents batched by size
-        for (i, _), x in zip(g, solve_least_squares([p for _, p in g], opts, True)):
+    paths = plan(preps, opts)  # as solve_level: small parents batched by size
+    for g in paths.batches:
+        for i, x in zip(g, solve_least_squares([preps[i] for i in g], opts, True)):
             X[i] = x
-    for i, p in rest:
-        X[i] = solve_least_squares([p], opts)[0]
+    for i in paths.single:
+        X[i] = solve_least_squares([preps[i]], opts)[0]
+    for i in paths.shortcut:
+        X[i] = preps[i].shortcut.astype(np.float64)
     return preps, X
 
 
@@ -164,7 +168,7 @@ def with_objectives(preps, X, opts):
 def consistency_error(obj, Z):
     err = float(np.abs(Z.sum(axis=0) - obj.p).max()) if obj.consistency else 0.0
     err = max(err, float(-Z.min(initial=0.0)))
-    return max(err, obj.infeasibility(Z))
+    return max(err, infeasibility(obj, Z))
 
 
 CASES = {

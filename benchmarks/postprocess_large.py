@@ -59,15 +59,19 @@ def child(root: str, k: int, seed: int, out: str | None) -> None:
 
     assert Path(pipeline.__file__).resolve().is_relative_to(Path(root).resolve())
     solves = []
-    admm = parent_mod.admm
+    try:  # the one-parent ADMM as the solver module calls it, or parent.admm before
+        import pipeline.postprocess.solver as admm_mod
+    except ImportError:
+        admm_mod = parent_mod
+    admm = admm_mod.admm
 
-    def traced(obj, inv, **kw):  # record the L2 objective and certificate of every ADMM solve
-        res = admm(obj, inv, **kw)
+    def traced(*a, **kw):  # record the L2 objective and certificate of every ADMM solve
+        res = admm(*a, **kw)
         solves.append(dict(f=res.f, gap=res.gap, infeas=res.infeas, it=res.iterations,
                            certified=res.certified))
         return res
 
-    parent_mod.admm = traced
+    admm_mod.admm = traced
     prob, _ = random_parent(k=k, pop=40, seed=seed, alpha=1.0,
                             variances=production_variances("tract"), gq=True)
     with threadpool_limits(1, "blas"):

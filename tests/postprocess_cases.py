@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline.model.spec import HistogramSpec, load_spec
-from pipeline.postprocess import LevelInput, ParentProblem
+from pipeline.postprocess import (
+    LevelBatch,
+    LevelDiagnostics,
+    ParentProblem,
+    PostprocessError,
+    SolveOptions,
+    solve_level,
+    solve_root,
+)
 
 PL94 = load_spec("pl94")
 
@@ -64,11 +74,64 @@ def random_parent(k: int = 10, pop: int = 50, seed: int = 0, spec: HistogramSpec
     return prob, truth
 
 
+@dataclass
+class LevelInput:
+    """Inputs of one level for :func:`run_levels` (arrays over that level's units).
+
+    ``child_ptr``: CSR offsets from the level above (None for the root level); ``targets``
+    per query ``(n_units, n_answers)``; ``totals``/``lower``/``zero_answers`` per unit.
+    """
+
+    name: str
+    targets: dict[str, np.ndarray]
+    variances: dict[str, float]
+    child_ptr: np.ndarray | None = None
+    totals: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    zero_answers: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    multipass: bool = False
+
+
+def run_levels(spec: HistogramSpec, levels: list[LevelInput], options: SolveOptions | None = None,
+               mapper=None, chunks: int = 1) -> tuple[dict[str, np.ndarray], list[LevelDiagnostics]]:
+    """Test helper: ``solve_root`` then ``solve_level`` for every level below, each level's
+    published histograms the next one's parents. Returns ``{level: int64 (n_units, n_cells)}``
+    and the diagnostics per level."""
+    import dataclasses
+
+    options = options or SolveOptions()
+    root = levels[0]
+    hist, d0 = solve_root(
+        spec, root.targets, root.variances,
+        None if root.totals is None else int(np.asarray(root.totals).ravel()[0]),
+        root.lower, root.zero_answers, options, label=root.name,
+    )
+    d0.level = root.name
+    out = {root.name: hist[None, :]}
+    diags = [d0]
+    parents = hist[None, :]
+    parent_labels = None if root.labels is None else np.asarray(root.labels)
+    for lev in levels[1:]:
+        if lev.child_ptr is None:
+            raise PostprocessError(f"level {lev.name!r} needs child_ptr")
+        batch = LevelBatch(
+            spec, parents, lev.child_ptr, lev.targets, lev.variances, lev.totals, lev.lower,
+            lev.zero_answers, labels=parent_labels,
+        )
+        parent_labels = None if lev.labels is None else np.asarray(lev.labels)
+        opts = dataclasses.replace(options, multipass=lev.multipass)
+        parents, d = solve_level(batch, opts, level=lev.name, mapper=mapper, chunks=chunks)
+        out[lev.name] = parents
+        diags.append(d)
+    return out, diags
+
+
 def hierarchy(seed: int = 0, fanout=(2, 2, 2, 3, 4), spec: HistogramSpec = PL94,
               block_pop: int = 25, scale: float = 1.0) -> tuple[list[LevelInput], dict]:
     """nation -> state -> county -> tract -> block group -> block with GQ facilities.
 
-    Returns the per-level inputs for ``run_topdown`` (state totals invariant; GQ lower bounds
+    Returns the per-level inputs for ``run_levels`` (state totals invariant; GQ lower bounds
     and zeros from facilities, household zeros where a block has no housing unit) and truth.
     """
     rng = np.random.default_rng(seed)
@@ -84,7 +147,6 @@ def hierarchy(seed: int = 0, fanout=(2, 2, 2, 3, 4), spec: HistogramSpec = PL94,
     base = rng.dirichlet(np.full(spec.n_cells, 0.1))
     base[spec.structural_zero_mask] = 0
     base /= base.sum()
-    hh = spec.query("hhgq").cell_to_answer
     truth = np.zeros((nb, spec.n_cells), dtype=np.int64)
     fac = np.zeros((nb, 8), dtype=np.int64)
     housing = rng.poisson(8, size=nb) * (rng.random(nb) < 0.9)
@@ -123,11 +185,11 @@ def hierarchy(seed: int = 0, fanout=(2, 2, 2, 3, 4), spec: HistogramSpec = PL94,
     return levels, {n: t for n, t in zip(names, level_truth)}
 
 
-def reference_qp(obj) -> tuple[np.ndarray, float]:
-    """Solve an :class:`L2Objective` with Clarabel (interior point) as a reference.
+def _clarabel(obj):
+    """Clarabel's solution of an :class:`Objective`'s QP: ``(Z (k, n), solution)``.
 
-    Variables are the allowed (child, domain cell) entries; returns ``(Z (k, n), f(Z))``.
-    """
+    Variables are the allowed (child, domain cell) entries; constraints: per-cell parent sums
+    (with a parent), held row totals, x >= 0, lower bounds on the bound query."""
     import clarabel
     import scipy.sparse as sp
 
@@ -168,5 +230,72 @@ def reference_qp(obj) -> tuple[np.ndarray, float]:
                                  settings).solve()
     Z = np.zeros(k * n)
     Z[idx] = np.asarray(sol.x)
-    Z = Z.reshape(k, n)
+    return Z.reshape(k, n), sol
+
+
+def reference_qp(obj) -> tuple[np.ndarray, float]:
+    """Solve an :class:`Objective` with Clarabel (interior point) as a reference:
+    ``(Z (k, n), f(Z))``."""
+    Z, _ = _clarabel(obj)
     return Z, obj.value(Z)
+
+
+@dataclass(frozen=True)
+class ReferenceSolver:
+    """A second implementation of the engine's ``Solver`` protocol (tests only): every
+    objective alone by Clarabel's interior point method, batched or not.
+
+    ``Z`` is Clarabel's point projected onto C1 (x >= 0 and the parent sums to working
+    precision, as the protocol promises); ``gap`` is Clarabel's primal-dual objective gap
+    and ``spread`` the larger of its primal / dual KKT residuals."""
+
+    def solve(self, objs, opts, batched):
+        from pipeline.postprocess.objective import L2Result
+
+        out = []
+        for o in objs:
+            Z, sol = _clarabel(o)
+            Z = o.project(Z)
+            f = o.value(Z)
+            ok = str(sol.status) == "Solved"
+            out.append(L2Result(Z, f, abs(float(sol.obj_val) - float(sol.obj_val_dual)),
+                                max(float(sol.r_prim), float(sol.r_dual)),
+                                infeasibility(o, Z), int(sol.iterations), ok, "clarabel"))
+        return out
+
+
+def run_admm(obj, xstep: str = "auto", kron_min_cells: int = 600, **kw):
+    """The one-parent ADMM on ``obj`` as production runs it, with the x-step ``xstep``
+    ("dense", "kron" or "auto": the one ``solver.xstep_for`` picks under ``kron_min_cells``)."""
+    from pipeline.postprocess.admm import admm
+    from pipeline.postprocess.solver import Thresholds, kernel_flags, xstep_for
+
+    th = Thresholds(kron_min_cells=kron_min_cells)
+    return admm(obj, xstep_for(obj, th) if xstep == "auto" else xstep, kernel_flags(obj, th), **kw)
+
+
+def workspace(obj, **flags):
+    """The one-parent ADMM's workspace on ``obj`` (production kernel flags unless given)."""
+    from pipeline.postprocess.admm import Workspace
+    from pipeline.postprocess.solver import KernelFlags, Thresholds, kernel_flags
+
+    f = kernel_flags(obj, Thresholds())
+    return Workspace(obj, KernelFlags(**{**f.__dict__, **flags}))
+
+
+def certificate_gap(obj, Z, alpha=None, nu=None, mu: float = 0.0) -> tuple[float, float]:
+    """``(f(Z), certified bound on f(Z) - f*)`` at a C1 point Z of ``obj`` (modulus ``mu``)."""
+    from pipeline.postprocess.certificate import lower_bound
+
+    ws = workspace(obj)
+    ws.mu = mu
+    f, grad = ws.value_grad(Z)
+    lb, _ = lower_bound(ws, Z, f, grad, alpha, nu)
+    return f, max(f - float(lb), 0.0)
+
+
+def infeasibility(obj, Z) -> float:
+    """Largest violation of ``obj``'s held totals / lower bounds at Z (persons)."""
+    from pipeline.postprocess.certificate import infeasibility as infeas
+
+    return float(infeas(workspace(obj), Z))

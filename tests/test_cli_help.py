@@ -9,8 +9,8 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from pipeline import __version__
 from dptab.cli import app
+from pipeline import __version__
 
 COMMANDS = sorted(get_command(app).commands)
 

@@ -2,18 +2,18 @@
 
 import numpy as np
 import pytest
-from postprocess_cases import PL94, hierarchy, random_parent, reference_qp
+from postprocess_cases import PL94, hierarchy, infeasibility, random_parent, reference_qp, run_admm, run_levels
 
 from pipeline.postprocess import LevelBatch
-from pipeline.postprocess.batched_admm import admm_batch
-from pipeline.postprocess.least_squares import DenseInverse, admm
-from pipeline.postprocess.objective import L2Objective
-from pipeline.postprocess.parent import SolveOptions, batchable, prepare_parent, solve_least_squares, solve_parent
-from pipeline.postprocess.topdown import _batches, run_topdown, solve_level
+from pipeline.postprocess.admm import admm_batch
+from pipeline.postprocess.objective import Objective
+from pipeline.postprocess.parent import prepare_parent, solve_least_squares, solve_parent
+from pipeline.postprocess.solver import SolveOptions, Thresholds, _batches, batchable, plan
+from pipeline.postprocess.topdown import solve_level
 
 
 def _obj(prob, totals=None, lower=None):
-    return L2Objective(prob, tuple(prob.targets), prob.free_cells(), totals, lower)
+    return Objective(prob, tuple(prob.targets), prob.free_cells(), totals, lower)
 
 
 def _mixed_objectives():
@@ -38,7 +38,7 @@ def test_batch_matches_reference_qp_and_single_admm():
         assert r.Z.shape == (o.k, o.n)
         _, fref = reference_qp(o)
         assert abs(r.f - fref) <= 1e-6 * fref
-        one = admm(o, DenseInverse(o), tol=1e-10)
+        one = run_admm(o, "dense", tol=1e-10)
         assert abs(r.f - one.f) <= 1e-8 * one.f
         # the certificate is a true bound: f(Z) - f* <= gap
         assert r.f - fref <= r.gap + 1e-9 * fref
@@ -46,7 +46,7 @@ def test_batch_matches_reference_qp_and_single_admm():
         # C1-feasible whatever the tolerance: x >= 0, zeros off allowed, parent sums
         assert (r.Z >= 0).all() and (r.Z[~o.allowed] == 0).all()
         np.testing.assert_allclose(r.Z.sum(axis=0), o.p, atol=1e-8)
-        assert r.infeas <= 1e-7 and o.infeasibility(r.Z) <= 1e-7
+        assert r.infeas <= 1e-7 and infeasibility(o, r.Z) <= 1e-7
 
 
 def test_batch_result_does_not_depend_on_batch_company():
@@ -122,27 +122,28 @@ def test_lower_bounds_violated_without_them_are_re_solved_with_them():
 
 def test_batches_group_by_size_under_the_caps():
     probs = [random_parent(k=3, pop=5 + 40 * (s % 3), seed=90 + s)[0] for s in range(10)]
-    opts = SolveOptions(batch_size=3, batch_max_bytes=10**9)
-    preps = list(enumerate(prepare_parent(p, opts) for p in probs))
-    groups = _batches(preps, opts)
-    assert sorted(i for g in groups for i, _ in g) == list(range(10))
+    opts = SolveOptions(paths=Thresholds(batch_size=3, batch_max_bytes=10**9))
+    preps = [prepare_parent(p, opts) for p in probs]
+    groups = plan(preps, opts).batches
+    assert sorted(i for g in groups for i in g) == list(range(10))
     assert all(len(g) <= 3 for g in groups)
-    sizes = [p.prob.free_cells().size for g in groups for _, p in g]
+    sizes = [preps[i].prob.free_cells().size for g in groups for i in g]
     assert sizes == sorted(sizes)
     n_max = max(sizes)
     cap = 2 * n_max * n_max * 8
-    tight = _batches(preps, SolveOptions(batch_max_bytes=cap))
-    assert sorted(i for g in tight for i, _ in g) == list(range(10))
+    tight = _batches(list(enumerate(preps)), Thresholds(batch_max_bytes=cap))
+    assert sorted(i for g in tight for i in g) == list(range(10))
     for g in tight:  # P x n_max^2 float64 eigenvectors within the cap
-        n = max(p.prob.free_cells().size for _, p in g)
+        n = max(preps[i].prob.free_cells().size for i in g)
         assert len(g) * n * n * 8 <= cap
-    assert any(len(g) == 2 for g in tight if max(p.prob.free_cells().size for _, p in g) == n_max)
+    assert any(len(g) == 2 for g in tight
+               if max(preps[i].prob.free_cells().size for i in g) == n_max)
 
 
 def test_level_batched_equals_unbatched_and_passes_checks():
     levels, _ = hierarchy(seed=4, fanout=(2, 2, 3, 3, 5))
-    on, d_on = run_topdown(PL94, levels, SolveOptions(tol=1e-10))
-    off, _ = run_topdown(PL94, levels, SolveOptions(tol=1e-10, batched=False))
+    on, d_on = run_levels(PL94, levels, SolveOptions(tol=1e-10))
+    off, _ = run_levels(PL94, levels, SolveOptions(tol=1e-10, paths=Thresholds(batched=False)))
     assert any(d.methods.get("admm-batch") for d in d_on)
     for name in on:
         # rounding of equal real solutions: identical, up to ties broken at ~1e-9 differences
@@ -176,7 +177,8 @@ def test_parents_with_many_children_are_solved_alone():
     small, _ = random_parent(k=4, pop=30, seed=120)
     many, _ = random_parent(k=70, pop=3, seed=121)
     opts = SolveOptions()
-    assert many.free_cells().size <= opts.batch_max_cells
-    assert batchable(prepare_parent(small, opts), opts)
-    assert not batchable(prepare_parent(many, opts), opts)
-    assert batchable(prepare_parent(many, opts), SolveOptions(batch_max_children=70))
+    assert many.free_cells().size <= opts.paths.batch_max_cells
+    assert batchable(prepare_parent(small, opts), opts.paths)
+    assert not batchable(prepare_parent(many, opts), opts.paths)
+    assert batchable(prepare_parent(many, opts), Thresholds(batch_max_children=70))
+    assert not batchable(prepare_parent(small, opts), Thresholds(batched=False))

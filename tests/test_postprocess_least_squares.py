@@ -2,17 +2,17 @@
 
 import numpy as np
 import pytest
-from postprocess_cases import PL94, random_parent, reference_qp
+from postprocess_cases import PL94, random_parent, reference_qp, run_admm, workspace
 
 from pipeline.model.spec import load_spec
-from pipeline.postprocess.least_squares import DenseInverse, _xstep, admm, choose_inverse
-from pipeline.postprocess.objective import L2Objective
+from pipeline.postprocess.admm import DenseInverse, _xstep
+from pipeline.postprocess.objective import Objective
 from pipeline.postprocess.projection import project_columns_sort
 
 
 def _obj(prob, totals=None, lower=None, domain=None, queries=None):
     dom = prob.free_cells() if domain is None else domain
-    return L2Objective(prob, tuple(queries or prob.targets), dom, totals, lower)
+    return Objective(prob, tuple(queries or prob.targets), dom, totals, lower)
 
 
 @pytest.mark.parametrize("with_totals", [False, True])
@@ -25,7 +25,7 @@ def test_xstep_closed_form_satisfies_kkt(with_totals):
     inv.set_rho(rho)
     u = inv.apply(np.ones((1, obj.n)))[0]
     R = np.random.default_rng(0).normal(size=(obj.k, obj.n))
-    X, alpha = _xstep(obj, inv, R, u, float(u.sum()))
+    X, alpha = _xstep(workspace(obj), inv, R, u, float(u.sum()))
     np.testing.assert_allclose(X.sum(axis=0), obj.p, atol=1e-9)
     if with_totals:
         np.testing.assert_allclose(X.sum(axis=1), totals, atol=1e-9)
@@ -44,8 +44,7 @@ def test_admm_matches_reference_qp(seed, k, pop, gq, totals):
     prob, truth = random_parent(k=k, pop=pop, seed=seed, gq=gq)
     t = truth.sum(axis=1).astype(float) if totals else None
     obj = _obj(prob, t, prob.lower_bounds())
-    inv, _ = choose_inverse(obj)
-    res = admm(obj, inv, tol=1e-10)
+    res = run_admm(obj, tol=1e-10)
     assert res.certified
     _, fref = reference_qp(obj)
     assert abs(res.f - fref) <= 1e-6 * fref
@@ -64,11 +63,10 @@ def test_kron_path_matches_dense_path():
     lower[:, 0] = 20.0
     free = prob.free_cells()
     full = _obj(prob, lower=lower, domain=np.arange(PL94.n_cells))
-    inv, method = choose_inverse(full, kron_min_cells=100)
-    assert method == "admm-kron"
-    r1 = admm(full, inv, tol=1e-10)
+    r1 = run_admm(full, kron_min_cells=100, tol=1e-10)
+    assert r1.method == "admm-kron"
     obj = _obj(prob, lower=lower)
-    r2 = admm(obj, DenseInverse(obj), tol=1e-10)
+    r2 = run_admm(obj, "dense", tol=1e-10)
     assert r1.certified and r2.certified
     assert abs(r1.f - r2.f) <= 1e-8 * r2.f
     np.testing.assert_allclose(r1.Z[:, free], r2.Z, atol=1e-3)
@@ -79,7 +77,7 @@ def test_detailed_only_is_one_projection():
     prob, _ = random_parent(k=7, pop=50, seed=6)
     prob.targets = {"detailed": prob.targets["detailed"]}
     obj = _obj(prob)
-    res = admm(obj, DenseInverse(obj), tol=1e-12)
+    res = run_admm(obj, "dense", tol=1e-12)
     ref, _ = project_columns_sort(prob.targets["detailed"][:, obj.domain], obj.p)
     np.testing.assert_allclose(res.Z, ref, atol=1e-5)
 
@@ -99,7 +97,7 @@ def test_unconstrained_optimum_is_ols_consistent_closed_form():
     prob = ParentProblem(PL94, truth.sum(axis=0), y, v)
     obj = _obj(prob)
     inv = DenseInverse(obj)
-    res = admm(obj, inv, tol=1e-11)
+    res = run_admm(obj, "dense", tol=1e-11)
     inv.set_rho(1e-300)
     xhat = inv.apply(obj.b)
     closed = xhat + (obj.p - xhat.sum(axis=0)) / obj.k
@@ -117,7 +115,7 @@ def test_units_spec_with_exact_totals():
     y = {"detailed": truth + rng.normal(0, 1.4, truth.shape)}
     prob = ParentProblem(spec, truth.sum(axis=0), y, v, totals=truth.sum(axis=1))
     obj = _obj(prob, totals=truth.sum(axis=1).astype(float))
-    res = admm(obj, DenseInverse(obj), tol=1e-10)
+    res = run_admm(obj, "dense", tol=1e-10)
     _, fref = reference_qp(obj)
     assert res.certified and abs(res.f - fref) <= 1e-6 * max(fref, 1.0)
 
@@ -126,7 +124,7 @@ def test_held_totals_are_certified_on_the_repaired_point(monkeypatch):
     # the multipass pass-2 shape: held child totals, per-child GQ zeros (bound splitting),
     # full grid (Kronecker x-step). The iterate is near-optimal long before its row sums meet
     # the totals; the check moves it onto them and certifies the moved point.
-    import pipeline.postprocess.least_squares as ls
+    import pipeline.postprocess.admm as ls
     from pipeline.postprocess.projection import project_capped_simplex
 
     prob, _ = random_parent(k=20, pop=40, seed=1, alpha=1.0, gq=True)
@@ -137,9 +135,8 @@ def test_held_totals_are_certified_on_the_repaired_point(monkeypatch):
     queries = tuple(q for q in prob.targets if q != "total")
     obj = _obj(prob, totals=t, domain=np.arange(PL94.n_cells), queries=queries)
     assert obj.upper is not None  # zeros enter the G X = W splitting
-    inv, method = choose_inverse(obj, kron_min_cells=100)
-    assert method == "admm-kron"
-    res = admm(obj, inv, tol=1e-6, feas_tol=1e-3)
+    res = run_admm(obj, kron_min_cells=100, tol=1e-6, feas_tol=1e-3)
+    assert res.method == "admm-kron"
     assert res.certified and res.gap <= 1e-6 * res.f
     Z = res.Z
     assert (Z >= 0).all() and (Z[~obj.allowed] == 0).all()
@@ -150,8 +147,7 @@ def test_held_totals_are_certified_on_the_repaired_point(monkeypatch):
     assert fref - 1e-7 * fref <= res.f <= fref + res.gap + 1e-7 * fref
     # without the repair the same solve needs far more iterations
     monkeypatch.setattr(ls, "_repair", lambda *a, **kw: None)
-    inv2, _ = choose_inverse(obj, kron_min_cells=100)
-    slow = admm(obj, inv2, tol=1e-6, feas_tol=1e-3)
+    slow = run_admm(obj, kron_min_cells=100, tol=1e-6, feas_tol=1e-3)
     assert slow.certified and 2 * res.iterations <= slow.iterations
 
 
@@ -160,19 +156,20 @@ def test_inplace_projection_and_bound_operators_match_the_plain_ones():
     rng = np.random.default_rng(0)
     for domain in (prob.free_cells(), np.arange(PL94.n_cells)):
         obj = _obj(prob, lower=prob.lower_bounds(), domain=domain)
+        ws = workspace(obj, warm_projection=True)
         V = rng.normal(0, 2, (obj.k, obj.n))
         ref = obj.project(V)
         out = np.empty_like(V)
-        Z, tau = obj.project_inplace(V.copy(), out, None)  # cold: sort
+        Z, tau = ws.project_inplace(V.copy(), out, None)  # cold: sort
         np.testing.assert_allclose(Z, ref, atol=1e-12)
         V2 = V + rng.normal(0, 0.1, V.shape)
-        Z2, _ = obj.project_inplace(V2.copy(), out, tau)  # warm: Newton
+        Z2, _ = ws.project_inplace(V2.copy(), out, tau)  # warm: Newton
         np.testing.assert_allclose(Z2, obj.project(V2), atol=1e-10)
         A = rng.normal(size=(obj.k, obj.sys.terms[prob.bound_query].n_local))
-        np.testing.assert_allclose(obj.bound_answer(V), obj.sys.answer(prob.bound_query, V),
+        np.testing.assert_allclose(ws.bound_answer(V), obj.sys.answer(prob.bound_query, V),
                                    atol=1e-12)
         R = V.copy()
-        obj.bound_back_add(R, A)
+        ws.bound_back_add(R, A)
         np.testing.assert_allclose(R, V + obj.bound_back(A), atol=1e-12)
 
 
@@ -181,41 +178,10 @@ def test_fast_full_grid_value_grad_matches_the_per_query_sums():
     # residual form of the same objective (fast path switched off)
     prob, _ = random_parent(k=60, pop=40, seed=12, alpha=1.0, gq=True)
     obj = _obj(prob, domain=np.arange(PL94.n_cells))
-    assert obj._fast_hess() is not None
-    slow = _obj(prob, domain=np.arange(PL94.n_cells))
-    slow._kron_checked = True  # never built: residual form
+    ws = workspace(obj)
+    assert ws.flags.fast_hess and ws._kron is not None
     Z = obj.project(np.random.default_rng(1).normal(2.0, 3.0, (obj.k, obj.n)))
-    f1, g1 = obj.value_grad(Z)
-    f2, g2 = slow.value_grad(Z)
+    f1, g1 = ws.value_grad(Z)
+    f2, g2 = obj.value_grad(Z)  # the objective itself: residual form
     assert abs(f1 - f2) <= 1e-12 * f2
     np.testing.assert_allclose(g1, g2, atol=1e-10)
-
-
-def test_warm_start_from_a_related_solve():
-    # the redo with lower bounds started from the trial without them reaches the same
-    # certified optimum as a cold start; restarting a solve from its own result certifies
-    # at the first check
-    prob, truth = random_parent(k=12, pop=40, seed=3, alpha=1.0, gq=True)
-    t = truth.sum(axis=1).astype(float)
-    trial_obj = _obj(prob, totals=t)
-    trial = admm(trial_obj, DenseInverse(trial_obj), tol=1e-7, feas_tol=1e-5, keep_state=True)
-    assert trial.certified and trial.state is not None
-    # the first GQ child's bound half a person above the trial's answer: active
-    lower = prob.lower_bounds().copy()
-    ans = trial_obj.sys.terms["hhgq"].answers
-    G = np.zeros_like(lower)
-    G[:, ans] = trial_obj.sys.answer("hhgq", trial.Z)
-    c, g = np.argwhere(lower[:, 1:] > 0)[0]
-    lower[c, g + 1] = G[c, g + 1] + 0.5
-    obj = _obj(prob, totals=t, lower=lower)
-    cold = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5)
-    warm = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5, warm=trial, keep_state=True)
-    assert cold.state is None  # not kept unless asked for
-    assert cold.certified and warm.certified
-    assert (obj.bound_answer(cold.Z) >= obj.lower - 1e-6).all()
-    assert warm.f > trial.f + 1e-3  # the bounds cost something: the trial is not optimal
-    # both certified to tol 1e-7 with rows/bounds met to 1e-5 persons (a point that far off the
-    # constraints may sit slightly below f*): equal objectives to the certified tolerance
-    assert abs(warm.f - cold.f) <= 1e-7 * cold.f
-    again = admm(obj, DenseInverse(obj), tol=1e-7, feas_tol=1e-5, warm=warm)
-    assert again.certified and again.iterations == 10

@@ -1,4 +1,4 @@
-"""Exact projections: sort vs Newton, ties, zeros, masks, capped simplex."""
+"""Exact projections: sort vs warm-started Newton, ties, zeros, masks, capped simplex."""
 
 import numpy as np
 import pytest
@@ -7,10 +7,21 @@ from pipeline.postprocess.projection import (
     fit_row_col_offsets,
     fix_row_sums,
     project_capped_simplex,
-    project_columns_newton,
     project_columns_sort,
     project_columns_warm,
 )
+
+
+def project_columns_newton(V, p, allowed=None, tau0=None):
+    """The production Newton projection (``project_columns_warm``) on plain inputs: -inf off
+    ``allowed``, started from ``tau0`` or below every entry (full support)."""
+    W = np.asarray(V, dtype=np.float64)
+    if allowed is not None:
+        W = np.where(allowed, W, -np.inf)
+    if tau0 is None:
+        tau0 = np.where(np.isfinite(W), W, np.inf).min(axis=0) - 1.0
+        tau0 = np.where(np.isfinite(tau0), tau0, 0.0)
+    return project_columns_warm(W, np.asarray(p, dtype=np.float64), tau0)
 
 
 def _kkt_ok(V, X, p, allowed):

@@ -47,7 +47,10 @@ def _milp_reference(spec, X, parent, allowed, chain, totals=None, lower=None):
             lo = hi = totals[keys].astype(float)
         if q == "hhgq" and lower is not None:
             lo = np.maximum(lo, lower.ravel()[keys])
-        rows_A.append(A); lo_A.append(lo); hi_A.append(hi); avals.append(a)
+        rows_A.append(A)
+        lo_A.append(lo)
+        hi_A.append(hi)
+        avals.append(a)
     A = sp.vstack(rows_A).tocsr()
     m = A.shape[0]
     a = np.concatenate(avals)
@@ -96,12 +99,12 @@ def test_flow_rounding_matches_milp(seed, gq, method):
 def test_exact_totals_are_met():
     prob, truth = random_parent(k=5, pop=30, seed=4)
     totals = truth.sum(axis=1)
-    from pipeline.postprocess.least_squares import admm, choose_inverse
-    from pipeline.postprocess.objective import L2Objective
+    from postprocess_cases import run_admm
 
-    obj = L2Objective(prob, tuple(prob.targets), prob.free_cells(), totals.astype(float), None)
-    inv, _ = choose_inverse(obj)
-    res = admm(obj, inv)
+    from pipeline.postprocess.objective import Objective
+
+    obj = Objective(prob, tuple(prob.targets), prob.free_cells(), totals.astype(float), None)
+    res = run_admm(obj)
     X = np.zeros((5, PL94.n_cells))
     X[:, obj.domain] = res.Z
     allowed = prob.allowed(np.arange(PL94.n_cells))
@@ -158,19 +161,3 @@ def test_widened_rounding_recovers_from_inexact_totals():
         controlled_round(PL94, X, prob.parent, allowed, PL94.rounder_chain, totals)
     N = controlled_round(PL94, X, prob.parent, allowed, PL94.rounder_chain, totals, widen=True)
     assert (N.sum(axis=1) == totals).all() and (N.sum(axis=0) == prob.parent).all()
-
-
-def test_joint_rounding_of_several_parents_equals_separate():
-    probs = [random_parent(k=5, pop=20, seed=20 + s)[0] for s in range(3)]
-    Xs = [_l2_solution(p) for p in probs]
-    sep = [controlled_round(PL94, X, p.parent, p.allowed(np.arange(PL94.n_cells)),
-                            PL94.rounder_chain) for p, X in zip(probs, Xs)]
-    X = np.concatenate(Xs)
-    N = controlled_round(PL94, X, np.stack([p.parent for p in probs]),
-                         np.concatenate([p.allowed(np.arange(PL94.n_cells)) for p in probs]),
-                         PL94.rounder_chain, group=np.repeat(np.arange(3), 5))
-    for i, p in enumerate(probs):
-        assert (N[5 * i:5 * i + 5].sum(axis=0) == p.parent).all()
-    S = np.concatenate(sep)
-    assert abs(_chain_cost(PL94, N, X, PL94.rounder_chain)
-               - _chain_cost(PL94, S, X, PL94.rounder_chain)) < 1e-6

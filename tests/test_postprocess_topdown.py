@@ -1,18 +1,17 @@
-"""Top-down driver: end to end on a synthetic hierarchy, shortcuts, fallbacks, errors, pool."""
+"""Top-down entry points: end to end on a synthetic hierarchy, shortcuts, fallbacks, errors,
+an injected process-pool mapper."""
 
 import dataclasses
 
 import numpy as np
 import pytest
-from postprocess_cases import PL94, hierarchy, random_parent
+from postprocess_cases import PL94, hierarchy, random_parent, run_levels
 
-from pipeline.job.executor import Executor
 from pipeline.model.spec import load_spec
 from pipeline.postprocess import (
     LevelBatch,
     PostprocessError,
     SolveOptions,
-    run_topdown,
     solve_level,
     solve_parent,
     solve_root,
@@ -42,7 +41,7 @@ def _check_level(levels, out):
 
 def test_end_to_end_nation_to_block():
     levels, truth = hierarchy(seed=0)
-    out, diags = run_topdown(PL94, levels)
+    out, diags = run_levels(PL94, levels)
     _check_level(levels, out)
     assert [d.level for d in diags] == [lev.name for lev in levels]
     for d in diags:
@@ -59,19 +58,22 @@ def test_end_to_end_nation_to_block():
 
 def test_deterministic_and_pool_equals_serial():
     levels, _ = hierarchy(seed=1, fanout=(2, 2, 1, 2, 3))
-    a, _ = run_topdown(PL94, levels)
-    b, _ = run_topdown(PL94, levels)
+    a, _ = run_levels(PL94, levels)
+    b, _ = run_levels(PL94, levels)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     lev = levels[-1]
     batch = LevelBatch(PL94, a["block_group"], lev.child_ptr, lev.targets, lev.variances,
                        lev.totals, lev.lower, lev.zero_answers)
     serial, _ = solve_level(batch)
-    ex = Executor(2)
-    try:
-        pooled, d = solve_level(batch, mapper=ex.map, chunks=4)
-    finally:
-        ex.close()
+    chunked, _ = solve_level(batch, chunks=3)
+    # the caller's process pool as the mapper: work items and solve_range are picklable
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+        pooled, d = solve_level(batch, mapper=lambda f, xs: list(pool.map(f, xs)), chunks=4)
+    np.testing.assert_array_equal(serial, chunked)
     np.testing.assert_array_equal(serial, pooled)
     assert d.parents == batch.n_parents
 
@@ -156,7 +158,7 @@ def test_level_accepts_sparse_parent_histogram():
     from pipeline.model.histogram import SparseHistogram
 
     levels, _ = hierarchy(seed=2, fanout=(2, 2, 1, 1, 3))
-    out, _ = run_topdown(PL94, levels)
+    out, _ = run_levels(PL94, levels)
     lev = levels[-1]
     dense = LevelBatch(PL94, out["block_group"], lev.child_ptr, lev.targets, lev.variances,
                        None, lev.lower, lev.zero_answers)
@@ -208,29 +210,3 @@ def test_unrealisable_pass_one_totals_fall_back_to_one_pass():
     assert st.multipass_fallback == 1
     assert (N.sum(axis=0) == prob.parent).all()
     assert N[0, g_cells].sum() == 20 and N[1:, g_cells].sum() == 0  # zeros and bounds hold
-
-
-def _solve_in_child(batch, queue):
-    ex = Executor(2)
-    out, _ = solve_level(batch, mapper=ex.map, chunks=4)
-    ex.close()
-    queue.put(out)
-
-
-def test_pool_request_inside_a_daemonic_process_solves_serially():
-    """A Dask worker (daemonic under its nanny) may not start children: same result, no pool."""
-    import multiprocessing as mp
-
-    levels, _ = hierarchy(seed=2, fanout=(2, 2, 1, 2, 3))
-    a, _ = run_topdown(PL94, levels)
-    lev = levels[-1]
-    batch = LevelBatch(PL94, a["block_group"], lev.child_ptr, lev.targets, lev.variances,
-                       lev.totals, lev.lower, lev.zero_answers)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_solve_in_child, args=(batch, queue), daemon=True)
-    proc.start()
-    out = queue.get(timeout=120)
-    proc.join(60)
-    assert proc.exitcode == 0
-    np.testing.assert_array_equal(out, a["block"])

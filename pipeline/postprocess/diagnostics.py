@@ -71,7 +71,7 @@ class LevelDiagnostics:
         key = s.shortcut or s.method
         self.methods[key] = self.methods.get(key, 0) + 1
 
-    def merge(self, other: "LevelDiagnostics") -> None:
+    def merge(self, other: LevelDiagnostics) -> None:
         for f in ("parents", "children", "variables", "iterations", "fallbacks",
                   "relaxed_constraints", "multipass_fallback", "uncertified",
                   "rounding_widened", "dropped_answers", "shortcuts"):

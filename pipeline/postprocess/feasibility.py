@@ -15,6 +15,7 @@ by its slack / open the disallowed pairs that carry flow. Exact totals are never
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.optimize
@@ -35,7 +36,7 @@ class Relaxation:
     opened_cells: int
 
 
-def _classes(prob: ParentProblem, allowed: np.ndarray, cells: np.ndarray):
+def _classes(prob: ParentProblem, allowed: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, int]:
     """Merge cells by (allowed pattern, bound answer): returns class id per cell and count."""
     bq = prob.spec.query(prob.bound_query).cell_to_answer[cells]
     key = np.concatenate([allowed.T.astype(np.uint8), bq[:, None].astype(np.int64)], axis=1)
@@ -43,7 +44,8 @@ def _classes(prob: ParentProblem, allowed: np.ndarray, cells: np.ndarray):
     return cls.ravel(), int(cls.max()) + 1 if cls.size else 0
 
 
-def _transport_lp(prob: ParentProblem, totals: np.ndarray | None, relax: bool):
+def _transport_lp(prob: ParentProblem, totals: np.ndarray | None,
+                  relax: bool) -> tuple[Any, tuple[Any, ...]]:
     """Solve the aggregated transportation LP; returns (result, pieces) for the caller."""
     spec = prob.spec
     cells = np.nonzero(prob.parent_float() > 0)[0]
@@ -164,7 +166,9 @@ def relax_constraints(prob: ParentProblem, totals: np.ndarray | None = None) -> 
     allowed_full = prob.allowed(np.arange(prob.spec.n_cells))
     lower = prob.lower_bounds()
     if not prob.has_parent:
-        # root: lower the largest bounds until they fit under the total
+        # root: lower the largest bounds until they fit under the total (the root is only
+        # infeasible with bounds above its exact total)
+        assert lower is not None and totals is not None
         flat = lower.ravel().copy()
         excess = flat.sum() - float(totals[0])
         for i in np.argsort(-flat, kind="stable"):

@@ -64,7 +64,7 @@ class KronInverse:
                 D = np.kron(D, factors[q][a])
             self._dense_q[q] = D
             self._is_j[q] = {a: bool(np.all(factors[q][a] == 1.0)) for a in self.simple}
-        self.rho = None
+        self.rho = 0.0  # set by set_rho before apply
         self.extra: dict[str, float] = {}
         self._D: dict | None = None  # Moebius coefficients of H itself (forward), lazy
         self._plan: dict | None = None  # work arrays of _apply for the last k
@@ -136,7 +136,7 @@ class KronInverse:
         if self._plan is None or self._plan["k"] != k:
             simple_shape = tuple(self.shape[a] for a in self.simple)
             pos = {a: i + 2 for i, a in enumerate(self.simple)}
-            shape = {(): (k, self.d) + simple_shape}
+            shape: dict[tuple[int, ...], tuple[int, ...]] = {(): (k, self.d) + simple_shape}
             steps = []
             for S in self.subsets[1:]:  # by size: every S minus one axis is already there
                 parent = min((tuple(b for b in S if b != a) for a in S),
@@ -152,13 +152,14 @@ class KronInverse:
                     parent = min((tuple(b for b in S if b != a) for a in S),
                                  key=lambda U: int(np.prod(shape[U])))
                     adds.append((S, parent))
-            self._plan = dict(
-                k=k, simple_shape=simple_shape, steps=steps, adds=adds,
-                M={S: np.empty(shape[S]) for S in self.subsets[1:]},
-                T={S: np.empty(shape[S]) for S in self.subsets[1:]},
+            self._plan = {
+                "k": k, "simple_shape": simple_shape, "steps": steps, "adds": adds,
+                "M": {S: np.empty(shape[S]) for S in self.subsets[1:]},
+                "T": {S: np.empty(shape[S]) for S in self.subsets[1:]},
                 # sums instead of means: 1 / (number of cells summed) goes into C_S
-                scale={S: 1.0 / float(np.prod([self.shape[a] for a in S])) for S in self.subsets},
-            )
+                "scale": {S: 1.0 / float(np.prod([self.shape[a] for a in S]))
+                          for S in self.subsets},
+            }
         return self._plan
 
     def _apply(self, C: dict, X: np.ndarray, out: np.ndarray | None) -> np.ndarray:

@@ -17,46 +17,17 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.postprocess.batched_admm import admm_batch
 from pipeline.postprocess.checks import verify_children
 from pipeline.postprocess.diagnostics import ParentStats
 from pipeline.postprocess.feasibility import is_feasible, relax_constraints
-from pipeline.postprocess.least_squares import L2Result, admm, choose_inverse
-from pipeline.postprocess.objective import L2Objective
+from pipeline.postprocess.objective import L2Result, Objective
 from pipeline.postprocess.problem import ParentProblem, PostprocessError
 from pipeline.postprocess.projection import project_capped_simplex
 from pipeline.postprocess.rounding import controlled_round, largest_remainder
+from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, objective
 
-
-@dataclasses.dataclass
-class SolveOptions:
-    """Tolerances and choices for one level.
-
-    ``tol``: relative suboptimality certificate (gap <= tol * f); ``feas_tol``: largest
-    violation (persons) of held/exact child totals and lower bounds accepted in the real
-    solution; the rounding then meets exact totals and bounds exactly (2020 held pass-1 totals
-    within an optimised tolerance plus 0.1); ``multipass``: solve
-    ``total`` alone first (2020 ordering for state, county, tract, block-group children);
-    ``chain``: rounder chain (default ``spec.rounder_chain``); ``kron_min_cells``: free-set size
-    from which the full-grid Kronecker x-step is used; ``batched``: solve parents with at
-    most ``batch_max_cells`` free cells and ``batch_max_children`` children together by batched
-    ADMM, up to ``batch_size`` parents,
-    ``batch_max_bytes`` of per-batch matrices (P x n x n float64) and ``batch_max_entries``
-    entries of the (P x K x n) iterates at a time.
-    """
-
-    tol: float = 1e-9
-    feas_tol: float = 1e-3
-    max_iter: int = 5000
-    multipass: bool = False
-    chain: tuple[str, ...] | None = None
-    kron_min_cells: int = 600
-    batched: bool = True
-    batch_size: int = 64
-    batch_max_cells: int = 400
-    batch_max_children: int = 64
-    batch_max_bytes: int = 64 << 20
-    batch_max_entries: int = 1 << 17
+__all__ = ["Prepared", "SolveOptions", "finish_parent", "objective", "prepare_parent",
+           "round_and_verify", "solve_least_squares", "solve_parent"]
 
 
 @dataclasses.dataclass
@@ -89,7 +60,7 @@ def prepare_parent(prob: ParentProblem, opts: SolveOptions) -> Prepared:
     if prob.has_parent and (k == 1 or not np.any(prob.parent)):
         N = np.zeros((k, spec.n_cells), dtype=np.int64)
         if k == 1:
-            N[0] = prob.parent
+            N[0] = np.asarray(prob.parent)
         st.shortcut = "copy" if k == 1 else "empty"
         verify_children(prob, N, prob.allowed(np.arange(spec.n_cells)), prob.lower_bounds())
         return Prepared(prob, st, shortcut=N)
@@ -116,30 +87,7 @@ def prepare_parent(prob: ParentProblem, opts: SolveOptions) -> Prepared:
     return Prepared(prob, st, exact, totals, lower, queries)
 
 
-def objective(prep: Prepared, opts: SolveOptions, with_lower: bool) -> L2Objective:
-    """The pass's objective: on the full grid (Kronecker x-step) for large free sets with
-    uniform weights, else on the free cells."""
-    prob = prep.prob
-    lower = prep.lower if with_lower else None
-    free = prob.free_cells()
-    if opts.kron_min_cells <= free.size < prob.spec.n_cells:
-        full = L2Objective(prob, prep.queries, np.arange(prob.spec.n_cells), prep.totals, lower)
-        if full.uniform_weights() is not None:
-            return full
-    return L2Objective(prob, prep.queries, free, prep.totals, lower)
-
-
-def batchable(prep: Prepared, opts: SolveOptions) -> bool:
-    """Whether the batched ADMM takes this parent: it needs a least-squares solve, has a
-    parent, at most ``opts.batch_max_cells`` free cells (dense x-step per parent) and at most
-    ``opts.batch_max_children`` children (beyond, the one-parent ADMM with its held-totals
-    repair is faster: 100 children x 266 cells, 0.24 s alone vs 0.40 s batched)."""
-    return (prep.shortcut is None and prep.prob.has_parent
-            and prep.prob.k <= opts.batch_max_children
-            and prep.prob.free_cells().size <= opts.batch_max_cells)
-
-
-def _record(st: ParentStats, obj: L2Objective, res: L2Result) -> None:
+def _record(st: ParentStats, obj: Objective, res: L2Result) -> None:
     st.variables += int(obj.allowed.sum())
     st.iterations += res.iterations
     st.gap = max(st.gap, res.gap)
@@ -153,30 +101,26 @@ def _record(st: ParentStats, obj: L2Objective, res: L2Result) -> None:
         st.uncertified += 1
 
 
-def _full(prob: ParentProblem, obj: L2Objective, Z: np.ndarray) -> np.ndarray:
+def _full(prob: ParentProblem, obj: Objective, Z: np.ndarray) -> np.ndarray:
     X = np.zeros((prob.k, prob.spec.n_cells))
     X[:, obj.domain] = Z
     return X
 
 
-def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool = False) -> list[np.ndarray]:
+def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool = False,
+                        solver: Solver | None = None) -> list[np.ndarray]:
     """Real children ``(k, n_cells)`` for every prepared parent (statistics go to ``prep.st``).
 
     Lower bounds are usually inactive at the optimum, so every parent is first solved without
     them (no splitting variable, far fewer iterations); if that optimum is certified and meets
     the bounds it is also the optimum with them, otherwise the parent is solved again with the
-    bounds. ``batched``: all parents go through :func:`batched_admm.admm_batch` together,
-    else one :func:`least_squares.admm` each.
+    bounds. ``batched``: the parents are one batch of ``solver.plan``, solved together;
+    ``solver``: default :class:`solver.AdmmSolver`.
     """
-    def run(objs: list[L2Objective]) -> list[L2Result]:
-        if batched:
-            return admm_batch(objs, tol=opts.tol, feas_tol=opts.feas_tol, max_iter=opts.max_iter)
-        out = []
-        for o in objs:
-            inv, method = choose_inverse(o, opts.kron_min_cells)
-            out.append(admm(o, inv, tol=opts.tol, feas_tol=opts.feas_tol,
-                            max_iter=opts.max_iter, method=method))
-        return out
+    solver = solver or AdmmSolver()
+
+    def run(objs: list[Objective]) -> list[L2Result]:
+        return solver.solve(objs, opts, batched) if objs else []
 
     objs = [objective(p, opts, with_lower=False) for p in preps]
     # a parent whose objective splits anyway (held totals with forced-zero answers) gains
@@ -202,13 +146,15 @@ def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool
     return X  # type: ignore[return-value]
 
 
-def solve_parent(prob: ParentProblem, opts: SolveOptions | None = None) -> tuple[np.ndarray, ParentStats]:
-    """Integer children ``(k, n_cells)`` int64 for one parent, plus its statistics."""
+def solve_parent(prob: ParentProblem, opts: SolveOptions | None = None,
+                 solver: Solver | None = None) -> tuple[np.ndarray, ParentStats]:
+    """Integer children ``(k, n_cells)`` int64 for one parent (alone, never batched), plus
+    its statistics."""
     opts = opts or SolveOptions()
     prep = prepare_parent(prob, opts)
     if prep.shortcut is not None:
         return prep.shortcut, prep.st
-    X = solve_least_squares([prep], opts)[0]
+    X = solve_least_squares([prep], opts, solver=solver)[0]
     return finish_parent(prep, X, opts), prep.st
 
 
@@ -217,8 +163,9 @@ def finish_parent(prep: Prepared, X: np.ndarray, opts: SolveOptions) -> np.ndarr
     return round_and_verify(prep.prob, X, prep.exact, prep.lower, opts, prep.st)
 
 
-def round_and_verify(prob: ParentProblem, X: np.ndarray, exact, lower, opts: SolveOptions,
-                st: ParentStats) -> np.ndarray:
+def round_and_verify(prob: ParentProblem, X: np.ndarray, exact: np.ndarray | None,
+                     lower: np.ndarray | None, opts: SolveOptions,
+                     st: ParentStats) -> np.ndarray:
     """Round the real solution X (k, n_cells) and verify: the second half of a parent solve."""
     spec = prob.spec
     allowed = prob.allowed(np.arange(spec.n_cells))
@@ -226,6 +173,7 @@ def round_and_verify(prob: ParentProblem, X: np.ndarray, exact, lower, opts: Sol
     detailed_only = (exact is None and lower is None and prob.has_parent
                      and all(spec.query(q).n_answers == spec.n_cells for q in chain))
     if detailed_only:
+        assert prob.parent is not None
         N = largest_remainder(X, prob.parent)
     else:
         try:

@@ -9,6 +9,7 @@ a better estimator's output), not only raw noisy answers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -135,7 +136,8 @@ class LevelBatch:
 
     def __post_init__(self) -> None:
         if hasattr(self.parents, "dense"):  # a SparseHistogram (docs/contracts.md)
-            self.parents = self.parents.dense(0, self.parents.n_units)
+            sparse: Any = self.parents
+            self.parents = sparse.dense(0, sparse.n_units)
         self.child_ptr = np.asarray(self.child_ptr, dtype=np.int64)
         n_par = self.child_ptr.size - 1
         if np.asarray(self.parents).shape != (n_par, self.spec.n_cells):
@@ -156,11 +158,11 @@ class LevelBatch:
     def label(self, i: int) -> str:
         return str(self.labels[i]) if self.labels is not None else f"#{i}"
 
-    def slice(self, start: int, stop: int) -> "LevelBatch":
+    def slice(self, start: int, stop: int) -> LevelBatch:
         """Parents ``start:stop`` as their own batch (rebased offsets), e.g. to ship to a worker."""
         a, b = int(self.child_ptr[start]), int(self.child_ptr[stop])
 
-        def rows(x):
+        def rows(x: np.ndarray | None) -> np.ndarray | None:
             return None if x is None else np.asarray(x)[a:b]
 
         return LevelBatch(

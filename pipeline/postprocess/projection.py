@@ -61,39 +61,6 @@ def project_columns_sort(
     return _clip_at(W, tau, allowed), tau
 
 
-def project_columns_newton(
-    V: np.ndarray,
-    p: np.ndarray,
-    allowed: np.ndarray | None = None,
-    tau0: np.ndarray | None = None,
-    max_iter: int = 500,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Same projection as :func:`project_columns_sort` by Michelot's Newton iteration.
-
-    ``tau0`` warm-starts the threshold (one Newton step from any point with a non-empty
-    support lands at or below tau*, after which the iteration increases monotonically).
-    Exact after finitely many steps; stops when the support no longer changes.
-    """
-    V = np.asarray(V, dtype=np.float64)
-    p = np.asarray(p, dtype=np.float64)
-    k, n = V.shape
-    W = _mask_out(V, p, allowed)
-    tau = (W.sum(axis=0) - p) / k  # <= tau*: the full support is a superset of the true one
-    if tau0 is not None:
-        ok = (W > tau0[None, :]).any(axis=0)
-        tau = np.where(ok, np.asarray(tau0, dtype=np.float64), tau)
-    prev = None
-    for _ in range(max_iter):
-        S = W > tau[None, :]
-        cnt = S.sum(axis=0)
-        new = np.where(cnt > 0, ((W * S).sum(axis=0) - p) / np.maximum(cnt, 1), tau)
-        if prev is not None and np.array_equal(cnt, prev):
-            tau = new
-            break
-        tau, prev = new, cnt
-    return _clip_at(W, tau, allowed), tau
-
-
 def project_columns_warm(
     W: np.ndarray,
     p: np.ndarray,
@@ -101,7 +68,8 @@ def project_columns_warm(
     out: np.ndarray | None = None,
     max_iter: int = 50,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """In-place, warm-started :func:`project_columns_newton` for the ADMM loop.
+    """The projection of :func:`project_columns_sort`, in place and warm-started (Michelot's
+    Newton iteration), for the ADMM loop.
 
     ``W`` (k, n) holds the points with ``-inf`` on disallowed entries; it is not modified.
     ``tau`` (n,) is a starting threshold (e.g. the previous iteration's). Michelot/Newton

@@ -15,6 +15,8 @@ is solved exactly by largest remainder.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import scipy.optimize
 import scipy.sparse as sp
@@ -31,13 +33,15 @@ SNAP = 1e-6  # real answers this close to an integer are treated as that integer
 COST_SCALE = 1e9  # integer arc costs for the flow solver (secant slopes are in [-1, 1])
 
 
-def _flow(parent_node, base, seg_lo, seg_hi, seg_cost, leaf0, leaf_cell, p_cells) -> np.ndarray:
+def _flow(parent_node: np.ndarray, base: np.ndarray, seg_lo: np.ndarray, seg_hi: np.ndarray,
+          seg_cost: np.ndarray, leaf0: int, leaf_cell: np.ndarray,
+          p_cells: np.ndarray) -> np.ndarray:
     """The same rounding as a min-cost flow: source -> level-0 chain nodes -> ... -> leaves ->
     parent cells (demand p). Each chain node's inflow is ``base + sum_s d_s``: the base and the
     segment lower bounds are pre-routed (supply adjustments), each segment is a parallel arc
     of capacity ``hi - lo`` and integer cost ``round(COST_SCALE * c)``. Returns ``sum_s d_s``
     per chain node (integers)."""
-    n_nodes, ns = seg_hi.shape
+    n_nodes = seg_hi.shape[0]
     n_cells = p_cells.size
     src = 0
     node_id = 1 + np.arange(n_nodes)
@@ -106,7 +110,7 @@ def _build_chain_levels(spec: HistogramSpec, chain: tuple[str, ...], with_total:
     maps = [spec.query(q).cell_to_answer for q in names]
     if not names or spec.query(names[-1]).n_answers != spec.n_cells:
         maps.append(np.arange(spec.n_cells))
-    for a, b in zip(maps[:-1], maps[1:]):
+    for a, b in itertools.pairwise(maps):
         pairs = np.unique(np.stack([b, a]), axis=1)
         if np.unique(pairs[0]).size != pairs.shape[1]:
             raise PostprocessError(f"rounder chain {chain} is not nested")
@@ -123,7 +127,6 @@ def controlled_round(
     lower: np.ndarray | None = None,
     bound_query: str = "hhgq",
     widen: bool = False,
-    group: np.ndarray | None = None,
     method: str = "auto",
 ) -> np.ndarray:
     """Integer children ``(k, n_cells)`` int64 from the real solution ``X`` (k, n_cells).
@@ -132,11 +135,9 @@ def controlled_round(
     ``allowed``: bool (k, n_cells); ``totals``: exact integer child totals or None;
     ``lower``: lower bounds ``(k, n_answers(bound_query))`` (must be a chain query).
     ``widen``: allow every answer one unit beyond [floor, ceil] (the fallback when the
-    real solution only meets constraints to a tolerance). ``group`` (k,) int: round several
-    parents in one LP (block-diagonal, still totally unimodular); ``method``: "flow" (OR-Tools
+    real solution only meets constraints to a tolerance). ``method``: "flow" (OR-Tools
     network simplex), "lp" (HiGHS dual simplex) or "auto" (flow with a parent if OR-Tools is
-    installed, else LP); both return an optimal vertex. Then ``parent`` is
-    ``(n_parents, n_cells)`` and child c sums into ``parent[group[c]]``. Raises PostprocessError when
+    installed, else LP); both return an optimal vertex. Raises PostprocessError when
     the LP is infeasible or returns a non-integral point.
     """
     X = np.where(allowed, np.maximum(np.asarray(X, dtype=np.float64), 0.0), 0.0)
@@ -146,7 +147,7 @@ def controlled_round(
         raise PostprocessError(f"lower bounds on {bound_query!r} need it in the rounder chain")
     live = allowed & (X > SNAP) if not widen else allowed.copy()
     if parent is not None:
-        live &= (np.asarray(parent) > 0)[None, :] if group is None else (np.asarray(parent) > 0)[group]
+        live &= (np.asarray(parent) > 0)[None, :]
     lc, lj = np.nonzero(live)
     nodes_of_leaf = []
     node_off = [0]
@@ -221,8 +222,6 @@ def controlled_round(
         cell_pos = np.full(pflat.size, -1, dtype=np.int64)
         cell_pos[cells] = np.arange(cells.size)
         leaf_cell = ans_of_node[leaf0:]
-        if group is not None:  # per-(parent, cell) sums: flat index group * n + cell
-            leaf_cell = group[child_of_node[leaf0:]] * n + leaf_cell
         leaf_cell_idx = cell_pos[leaf_cell]
         if method == "flow" or (method == "auto" and min_cost_flow is not None):
             d = _flow(parent_node, base, seg_lo, seg_hi, seg_cost, leaf0, leaf_cell_idx,
@@ -241,15 +240,21 @@ def controlled_round(
     n_rows = int(has_kids.sum())
     rhs = np.zeros(n_rows)
     own = row_of_node[var_node] >= 0
-    rows.append(row_of_node[var_node][own]); cols.append(np.nonzero(own)[0]); vals.append(np.ones(own.sum()))
+    rows.append(row_of_node[var_node][own])
+    cols.append(np.nonzero(own)[0])
+    vals.append(np.ones(own.sum()))
     par = parent_node[var_node]
     up = par >= 0
-    rows.append(row_of_node[par[up]]); cols.append(np.nonzero(up)[0]); vals.append(-np.ones(up.sum()))
+    rows.append(row_of_node[par[up]])
+    cols.append(np.nonzero(up)[0])
+    vals.append(-np.ones(up.sum()))
     np.add.at(rhs, row_of_node[parent_node[parent_node >= 0]], base[parent_node >= 0])
     rhs[row_of_node[has_kids]] -= base[has_kids]
     if parent is not None:
+        assert pflat is not None and cells is not None and leaf_cell_idx is not None
         vleaf = var_node >= leaf0
-        rows.append(n_rows + leaf_cell_idx[var_node[vleaf] - leaf0]); cols.append(np.nonzero(vleaf)[0])
+        rows.append(n_rows + leaf_cell_idx[var_node[vleaf] - leaf0])
+        cols.append(np.nonzero(vleaf)[0])
         vals.append(np.ones(vleaf.sum()))
         crhs = pflat.astype(np.float64)[cells]
         np.subtract.at(crhs, leaf_cell_idx, base[leaf0:])
