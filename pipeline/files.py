@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,21 @@ def write_json_atomic(path: Path, obj: Any) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         crash_point(f"mid-write:{path.name}")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to ``path`` via a temp file + fsync + rename (readers never see a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -114,15 +130,29 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+_PRIVATE_LOCK = threading.Lock()
+_private_depth = 0
+_saved_umask = 0o022
+
+
 @contextmanager
 def private_files() -> Iterator[None]:
     """Files and directories created inside are readable by their owner only (0600 / 0700).
 
     Used while a stage writes confidential files (true histograms, noisy measurements,
     invariants, solved histograms) into the run directory; sets the process umask, so it also
-    covers files written by libraries (pyarrow, polars)."""
-    old = os.umask(0o077)
+    covers files written by libraries (pyarrow, polars). The umask is process-wide, so nested or
+    concurrent users (shard tasks on threads) share one count: it is restored only when the
+    last of them leaves, never under another's feet."""
+    global _private_depth, _saved_umask
+    with _PRIVATE_LOCK:
+        if _private_depth == 0:
+            _saved_umask = os.umask(0o077)
+        _private_depth += 1
     try:
         yield
     finally:
-        os.umask(old)
+        with _PRIVATE_LOCK:
+            _private_depth -= 1
+            if _private_depth == 0:
+                os.umask(_saved_umask)

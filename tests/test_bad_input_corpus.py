@@ -136,6 +136,12 @@ CONFIG_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "persons_missing": (lambda t: write_config(t, _valid_inputs(t), inputs={
         "persons": str(t / "absent.parquet"), "units": str(t / "inputs" / "units.parquet")}), "absent.parquet"),
     "persons_fifo": (_fifo, "not a regular file"),
+    "ledger_is_a_directory": (lambda t: _cfg(t, privacy={"ledger": str((t / "ledger-dir").resolve())})
+                              if (t / "ledger-dir").mkdir() is None else None, "not a usable privacy ledger"),
+    "dask_scheduler_unreachable": (lambda t: _cfg(t, execution={"executor": "dask",
+                                                                "dask_address": "tcp://127.0.0.1:9"}),
+                                   "no Dask scheduler answers"),
+    "dask_without_address": (lambda t: _cfg(t, execution={"executor": "dask"}), "dask_address"),
 }
 
 

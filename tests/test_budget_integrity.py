@@ -325,3 +325,137 @@ def test_private_unit_counts_need_a_public_block_list(tmp_path: Path, inputs: Pa
     code, text = _cli("run", "--quiet", str(cfg))
     assert code == 2 and "block_not_in_geography" in text and have[0] in text
     assert Ledger(tmp_path / "ledger.sqlite").status("test-ds", "B2") is None
+
+
+def test_edited_strategy_file_before_resume_is_refused(tmp_path: Path, inputs: Path) -> None:
+    """The ledger holds the ρ of the strategy as it was: a raised ρ in the strategy file after a
+    kill may not be measured (or published) on resume."""
+    from pipeline.model.strategy import strategy_path
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(strategy_path("census2020_pl94").read_text())
+    cfg = write_config(tmp_path, inputs, release_id="S1", privacy={"strategy": str(mine)})
+    run_dir = stages.prepare(cfg)
+    mine.write_text(mine.read_text().replace("rho: 293764/114921", "rho: 100"))
+    with pytest.raises(RunDirError, match="mine.yaml changed since the run started"):
+        stages.run(resume_dir=run_dir, progress=False)
+    import json
+
+    reserved = json.loads((run_dir / "state.json").read_text())["rho"]
+    assert [r["rho"] for r in Ledger(tmp_path / "ledger.sqlite").entries()] == [reserved]
+    assert not (tmp_path / "releases" / "S1").exists()
+
+
+def test_a_state_without_fingerprints_is_not_resumed(tmp_path: Path, inputs: Path) -> None:
+    import json
+
+    cfg = write_config(tmp_path, inputs, release_id="S2")
+    run_dir = stages.prepare(cfg)
+    st = json.loads((run_dir / "state.json").read_text())
+    del st["config_fingerprint"]
+    (run_dir / "state.json").write_text(json.dumps(st))
+    with pytest.raises(RunDirError, match="no config fingerprint"):
+        stages.run(resume_dir=run_dir, progress=False)
+
+
+def test_where_the_work_runs_may_change_on_resume(tmp_path: Path, inputs: Path) -> None:
+    cfg = write_config(tmp_path, inputs, release_id="S3")
+    run_dir = stages.prepare(cfg)
+    c = yaml.safe_load((run_dir / "config.yaml").read_text())
+    c["execution"]["workers"] = 2
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(c))
+    assert Path(stages.run(resume_dir=run_dir, progress=False)["release_path"]).is_dir()
+
+
+def test_a_kill_right_after_the_reservation_resumes_with_its_key(tmp_path: Path, inputs: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    cfg = write_config(tmp_path, inputs, release_id="K1", privacy={"randomness": "keyed", "seed": None})
+    env = {**os.environ, "DPTAB_CRASH_AT": "prepare:reserved"}
+    first = subprocess.run([sys.executable, "-m", "dptab.cli", "run", "--quiet", str(cfg)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    run_dir = tmp_path / "runs" / "K1"
+    assert (run_dir / "noise.key").is_file()
+    stages.run(resume_dir=run_dir, progress=False)
+    assert Ledger(tmp_path / "ledger.sqlite").status("test-ds", "K1") == "committed"
+
+
+@pytest.mark.parametrize("off", ["block_housing_units", "gq_facilities"])
+def test_one_private_unit_count_also_needs_a_block_list(tmp_path: Path, inputs: Path, off: str) -> None:
+    """A facility-only block shows up with 0 housing units (and a housing-only block without
+    facilities): either invariant off needs a public block list."""
+    cfg = write_config(tmp_path, inputs, invariants={off: False})
+    code, out = _cli("run", "--quiet", str(cfg))
+    assert code == 2 and "geography.blocks" in out
+    assert _spends(tmp_path / "ledger.sqlite") == []
+
+
+def test_a_geography_without_a_state_level_publishes(tmp_path: Path, inputs: Path) -> None:
+    levels = tmp_path / "levels.yaml"
+    levels.write_text("levels:\n  - {name: nation, digits: 0}\n  - {name: county, digits: 5}\n"
+                      "  - {name: tract, digits: 11}\n  - {name: block_group, digits: 12}\n  - {name: block, digits: 15}\n")
+    strategy = tmp_path / "nostate.yaml"
+    strategy.write_text("name: nostate\nspec: pl94\nrho: 1\nlevels:\n" + "".join(
+        f"  {lv}: {{share: 1/5, queries: {{total: 1/2, detailed: 1/2}}}}\n"
+        for lv in ("nation", "county", "tract", "block_group", "block")))
+    # the strategy's own level check reads the package geolevels; this one lists a subset of them
+    cfg = write_config(tmp_path, inputs, release_id="NS", geography={"levels": str(levels)},
+                       privacy={"strategy": str(strategy), "units_strategy": None})
+    out = stages.run(cfg, progress=False)
+    m = __import__("json").loads((Path(out["release_path"]) / "manifest.json").read_text())
+    assert [g["name"] for g in m["geolevels"]] == ["nation", "county", "tract", "block_group", "block"]
+    assert m["invariants"]["state_totals"] is None
+
+
+def test_ledger_fail_refuses_a_run_that_began_publishing(tmp_path: Path, inputs: Path) -> None:
+    """The hidden release folder is removed on a failed publish or on resume, but the run
+    directory remembers that publishing began: its ρ stays spent."""
+    import pipeline.release.writer as writer
+
+    cfg = write_config(tmp_path, inputs, release_id="PS")
+    run_dir = _until_publish(cfg)
+    mp = pytest.MonkeyPatch()
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full while writing the release")
+
+    mp.setattr(writer, "write_release", broken)
+    try:
+        with pytest.raises(RuntimeError):
+            stages.stage_publish(run_dir)
+    finally:
+        mp.undo()
+    code, text = _cli("ledger", "fail", str(run_dir))
+    assert code == 2 and "began publishing" in text
+
+
+def test_private_files_hold_under_concurrent_threads(tmp_path: Path) -> None:
+    """One thread leaving `private_files` must not open up files another thread is writing."""
+    import threading
+
+    from pipeline.files import private_files
+
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a() -> None:
+        with private_files():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(5)
+        with private_files():
+            b_in.set()
+            a_out.wait(5)
+            (tmp_path / "b.bin").write_bytes(b"x")
+
+    ts = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == 0o600

@@ -36,6 +36,9 @@ def fail_run(run_dir: str | Path) -> dict[str, Any]:
     releases = ctx.cfg.output.releases_dir
     if ctx.rd.is_done("publish") or (releases / release_id).exists():
         raise LedgerError(f"run {ctx.rd.root} published release {release_id!r}; its ρ stays spent")
+    if st.get("publish_started"):
+        raise LedgerError(f"run {ctx.rd.root} began publishing at {st['publish_started']}: data derived from its "
+                          "noise may have left the run directory, so its ρ stays spent. Resume the run to finish it.")
     partial = sorted(releases.glob(f".{release_id}.tmp-*"))
     if partial:
         raise LedgerError(f"run {ctx.rd.root} began writing its release ({partial[0]}): data derived from its "

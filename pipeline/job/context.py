@@ -14,8 +14,9 @@ from pipeline.inputs.invariants import LevelInvariants, read_invariants
 from pipeline.job.rundir import RunDir, RunDirError
 from pipeline.model.config import RunConfig, load_config
 from pipeline.model.geography import Geography, load_geolevels
+from pipeline.model.schemas import schema_path
 from pipeline.model.spec import HistogramSpec, load_spec
-from pipeline.model.strategy import Strategy, load_strategy
+from pipeline.model.strategy import Strategy, load_strategy, strategy_path
 from pipeline.privacy import randomness
 
 #: the run kinds, in the order they run; a kind runs when the config names its strategy
@@ -31,14 +32,25 @@ class RunContext:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunContext":
-        """Open a run directory; refuse it if its ``config.yaml`` changed since the run started
-        (a changed strategy would change ρ behind the ledger's back)."""
+        """Open a run directory; refuse it if its config, or a strategy, spec or geolevels file
+        it names, changed since the run started (the ledger holds the ρ of the originals, and
+        the noise already drawn was drawn for them). Where the work runs (workers, executor,
+        Dask address) may change."""
         rd = RunDir.open(Path(run_dir))
-        want = rd.state().get("config_sha256")
-        if want is not None and sha256_file(rd.config_path) != want:
+        st = rd.state()
+        if "config_fingerprint" not in st or "definitions" not in st:
+            raise RunDirError(f"{rd.root}: the run directory has no config fingerprint (made by an older dptab, or "
+                              "damaged); it cannot be resumed safely — start a new run")
+        cfg = load_config(rd.config_path)
+        if cfg.run_fingerprint() != st["config_fingerprint"]:
             raise RunDirError(f"{rd.config_path} was edited after the run started (the ledger holds the ρ of "
                               "the original config); restore it, or start a new run with a new release id")
-        return cls(rd, load_config(rd.config_path))
+        now = definition_fingerprints(cfg)
+        changed = sorted(k for k in set(now) | set(st["definitions"]) if now.get(k) != st["definitions"].get(k))
+        if changed:
+            raise RunDirError(f"{rd.root}: {', '.join(changed)} changed since the run started; restore "
+                              f"{'it' if len(changed) == 1 else 'them'}, or start a new run with a new release id")
+        return cls(rd, cfg)
 
     @cached_property
     def state(self) -> dict[str, object]:
@@ -91,6 +103,19 @@ class RunContext:
         if mode == "keyed":
             return randomness.keyed_source(randomness.load_key(self.rd.key_path), kind, level, str(shard))
         return randomness.secure_source()
+
+
+def definition_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """``{what: sha256}`` of every definition file a run's spend and outputs depend on beyond
+    its config: the strategies, the specs and the geolevels it names."""
+    files = {"persons strategy " + str(strategy_path(cfg.privacy.strategy)): strategy_path(cfg.privacy.strategy),
+             "persons spec " + str(schema_path(cfg.spec)): schema_path(cfg.spec),
+             "units spec " + str(schema_path("units")): schema_path("units"),
+             "geolevels " + str(schema_path(cfg.geography.levels)): schema_path(cfg.geography.levels)}
+    if cfg.privacy.units_strategy:
+        u = strategy_path(cfg.privacy.units_strategy)
+        files["units strategy " + str(u)] = u
+    return {k: sha256_file(v) if v.is_file() else "missing" for k, v in files.items()}
 
 
 def configured_strategies(cfg: RunConfig) -> dict[str, Strategy]:

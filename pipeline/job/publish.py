@@ -34,10 +34,11 @@ def declared_invariants(ctx: RunContext) -> Invariants:
     """The public invariants the release states and checks: state totals and block housing
     units, as declared (read from ``invariants/``, never from a confidential file)."""
     geo = ctx.geography
-    state = ctx.invariants("state")
     block = ctx.invariants(geo.blocks.name)
     state_totals = None
-    if state.persons is not None:
+    # a geography without a "state" level (another country's hierarchy) publishes no state totals
+    state = ctx.invariants("state") if "state" in ctx.level_names else None
+    if state is not None and state.persons is not None:
         state_totals = {str(g): int(t) for g, t in zip(geo.level("state").geoids, state.persons)}
     hu = block.housing_units
     return Invariants(state_totals=state_totals, block_geoids=geo.blocks.geoids if hu is not None else None,

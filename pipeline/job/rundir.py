@@ -33,7 +33,7 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,12 +123,20 @@ class RunDir:
         return self.root.parent.parent / "trials" / f"{self.root.name}.parquet"
 
     @classmethod
-    def create(cls, runs_dir: Path, run_id: str, initial_state: dict[str, Any]) -> "RunDir":
-        """Create ``runs_dir/run_id`` with mode 0700 and an initial ``state.json``."""
+    def create(cls, runs_dir: Path, run_id: str, initial_state: dict[str, Any],
+               before_state: Callable[[Path], None] | None = None) -> "RunDir":
+        """Create ``runs_dir/run_id`` with mode 0700 and an initial ``state.json``;
+        ``before_state(root)`` writes what must exist before the state does (the config)."""
         runs_dir.mkdir(parents=True, exist_ok=True)
         root = runs_dir / run_id
-        root.mkdir(mode=0o700)
+        try:
+            root.mkdir(mode=0o700)
+        except FileExistsError:
+            raise RunDirError(f"{root} already exists: another run with this release id is being prepared or "
+                              f"ran; resume it with `dptab run --resume {root}`, or choose a new release_id") from None
         os.chmod(root, 0o700)  # mkdir's mode is filtered by the umask
+        if before_state is not None:
+            before_state(root)
         rd = cls(root)
         write_json_atomic(rd.state_path, {"run_id": run_id, "done": {}, **initial_state})
         return rd

@@ -29,16 +29,16 @@ import yaml
 
 from pipeline import __version__
 from pipeline.errors import RefusedError
-from pipeline.files import crash_point, private_files, sha256_file, write_parquet_atomic
+from pipeline.files import crash_point, private_files, write_parquet_atomic, write_text_atomic
 from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
 from pipeline.inputs.invariants import declared, units_truth, write_invariants
 from pipeline.inputs.readers import input_fingerprint, read_block_list, read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
-from pipeline.job.context import RunContext, configured_strategies, total_rho
+from pipeline.job.context import RunContext, configured_strategies, definition_fingerprints, total_rho
 from pipeline.job.executor import DaskExecutor, close_executor, executor_for
 from pipeline.job.plan import plan, shard_bounds
 from pipeline.job.progress import StageProgress
-from pipeline.job.rundir import RunDir, new_run_id
+from pipeline.job.rundir import RunDir, RunDirError, new_run_id
 from pipeline.model.config import ConfigError, RunConfig, load_config
 from pipeline.model.geography import Geography, load_geolevels
 from pipeline.model.spec import load_spec
@@ -88,11 +88,16 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
         # into it and no noise drawn there, so the half-made directory is safe to start over
         shutil.rmtree(stale)
     token = secrets.token_hex(16)
+    config_text = _resolved_config_text(cfg, release_id)
     with private_files():
+        # config.yaml is written (atomically) before state.json, and state.json is born with
+        # every fingerprint the resume checks: no kill can leave a state without them
         rd = RunDir.create(cfg.output.runs_dir, release_id, {
             "release_id": release_id,
             "dataset_id": cfg.dataset_id,
             "config_hash": cfg.config_hash(),
+            "config_fingerprint": cfg.run_fingerprint(),
+            "definitions": definition_fingerprints(cfg),
             "software_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "rho": str(rho),
@@ -102,19 +107,21 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
             "ledger": str(cfg.privacy.ledger),
             "ledger_id": ledger.ledger_id,
             "validated_inputs": fingerprint,
-        })
+        }, before_state=lambda root: write_text_atomic(root / "config.yaml", config_text))
+        reserved = False
         try:
-            _write_resolved_config(cfg, rd.config_path)
-            rd.update(config_sha256=sha256_file(rd.config_path))
+            if cfg.privacy.randomness == "keyed":
+                randomness.create_key(rd.key_path)  # before the reservation: a resume finds it
             ledger.check_and_reserve(cfg.dataset_id, release_id, rho, lifetime, run=token)
+            reserved = True
         except BaseException:
-            # nothing was read into the run directory and no noise drawn: it goes, and with
-            # it any claim on the release id
-            shutil.rmtree(rd.root, ignore_errors=True)
+            # nothing was read into the run directory and no noise drawn: it goes, unless the
+            # reservation got committed after all (an interrupt inside the ledger call): then
+            # the directory stays, so the run can resume or be given back with `dptab ledger fail`
+            if not reserved and ledger.holder(cfg.dataset_id, release_id) != token:
+                shutil.rmtree(rd.root, ignore_errors=True)
             raise
         crash_point("prepare:reserved")
-        if cfg.privacy.randomness == "keyed":
-            randomness.create_key(rd.key_path)
     return rd.root
 
 
@@ -136,9 +143,19 @@ def _reserve(ctx: RunContext) -> None:
     if st.get("ledger_failed"):
         raise LedgerError(f"run {ctx.rd.root} was marked failed in the ledger (`dptab ledger fail`); its noise "
                           "may never be published — start a new run with a new release id")
+    _check_rho(ctx)
     ledger = Ledger.open_existing(ctx.cfg.privacy.ledger, st.get("ledger_id"))  # type: ignore[arg-type]
     ledger.check_and_reserve(ctx.cfg.dataset_id, str(st["release_id"]), Fraction(str(st["rho"])),
                              Fraction(ctx.cfg.privacy.lifetime_rho), run=st.get("run_token"))  # type: ignore[arg-type]
+
+
+def _check_rho(ctx: RunContext) -> None:
+    """The ρ the run's strategies spend is the ρ it reserved (RunContext.load already refuses
+    changed strategy files; this is the arithmetic check on top)."""
+    have = total_rho(ctx.strategies)
+    if have != Fraction(str(ctx.state["rho"])):
+        raise RunDirError(f"{ctx.rd.root}: the run's strategies now spend rho {have}, but it reserved "
+                          f"{ctx.state['rho']}; restore the strategy files or start a new run")
 
 
 def _ledger_for_new_run(cfg: RunConfig) -> Ledger:
@@ -171,7 +188,23 @@ def check_config(config_path: str | Path) -> RunConfig:
     for what, d in (("output.runs_dir", cfg.output.runs_dir), ("output.releases_dir", cfg.output.releases_dir),
                     ("privacy.ledger", cfg.privacy.ledger.parent)):
         _check_writable_dir(cfg, what, d)
+    if cfg.execution.executor == "dask":
+        _check_dask(cfg)
     return cfg
+
+
+def _check_dask(cfg: RunConfig) -> None:
+    """The Dask scheduler answers (before any budget is reserved, not 60 s into the run)."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ConfigError(f"{cfg.source_path}: execution.executor: dask needs the dask extra "
+                          "(pip install 'dptab[dask]')") from None
+    try:
+        Client(cfg.execution.dask_address, timeout="10s", set_as_default=False).close()
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"{cfg.source_path}: execution.dask_address {cfg.execution.dask_address!r}: no Dask "
+                          f"scheduler answers there ({type(exc).__name__}: {exc})") from None
 
 
 def _check_release_id(cfg: RunConfig, release_id: str) -> None:
@@ -215,10 +248,11 @@ def _check_strategies_fit(cfg: RunConfig, strategies: dict[str, Strategy]) -> No
                               f"that the geography {cfg.geography.levels!r} does not have ({', '.join(levels)})")
 
 
-def _write_resolved_config(cfg: RunConfig, path: Path) -> None:
+def _resolved_config_text(cfg: RunConfig, release_id: str) -> str:
+    """The config as run (paths resolved, the release id filled in), as YAML text."""
     data = cfg.model_dump(mode="json", exclude={"source_path"})
-    data["release_id"] = path.parent.name
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    data["release_id"] = release_id
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -353,12 +387,18 @@ def stage_publish(run_dir: str | Path) -> dict[str, Any]:
     if ctx.rd.is_done("publish"):
         return ctx.rd.done_info("publish") or {}
     st = ctx.state
+    if st.get("ledger_failed"):
+        raise LedgerError(f"run {ctx.rd.root} was marked failed in the ledger; its noise may never be published")
+    _check_rho(ctx)
     ledger = Ledger.open_existing(ctx.cfg.privacy.ledger, st.get("ledger_id"))  # type: ignore[arg-type]
     release_id = str(st["release_id"])
     status = ledger.status(ctx.cfg.dataset_id, release_id)
-    if status not in ("reserved", "committed"):
+    if status not in ("reserved", "committed") or ledger.holder(ctx.cfg.dataset_id, release_id) != st.get("run_token"):
         raise LedgerError(f"release {release_id!r} of dataset {ctx.cfg.dataset_id!r} is "
-                          f"{status or 'not in the ledger'}; its noise may not be published")
+                          f"{status or 'not in the ledger'} for this run; its noise may not be published")
+    # from here on data derived from the noise may leave the run directory (the hidden release
+    # folder): `dptab ledger fail` refuses such a run even if that folder is later removed
+    ctx.rd.update(publish_started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     t0 = time.perf_counter()
     # a run killed after the release was renamed into place but before this stage was
     # recorded: the folder is ours if its manifest names this run and it verifies

@@ -131,11 +131,12 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _block_list_when_unit_counts_are_private(self) -> "RunConfig":
         # without a public block list the geography is the set of blocks that have a housing
-        # unit or a facility, which every release shows; that is public only when an invariant
-        # on housing units or facilities is declared
+        # unit or a facility, which every release shows (a facility-only block shows up with 0
+        # housing units, a housing-only block without facilities); that is public only when both
+        # the housing-unit and the facility invariants are declared
         inv = self.invariants
-        if self.geography.blocks is None and not (inv.block_housing_units or inv.gq_facilities):
-            raise ValueError("with invariants.block_housing_units and invariants.gq_facilities both off, give "
+        if self.geography.blocks is None and not (inv.block_housing_units and inv.gq_facilities):
+            raise ValueError("unless invariants.block_housing_units and invariants.gq_facilities are both on, give "
                              "geography.blocks (a public list of every block): otherwise the release would show "
                              "which blocks have a housing unit or a facility")
         return self
@@ -145,6 +146,16 @@ class RunConfig(BaseModel):
         if self.joint.households and not self.privacy.units_strategy:
             raise ValueError("joint.households needs the units run (privacy.units_strategy)")
         return self
+
+    def run_fingerprint(self) -> str:
+        """sha256 of everything in the config that decides what a run spends, draws and
+        publishes — all of it except where the work runs (``execution.workers``, ``executor``,
+        ``task_runner``, ``dask_address``), which a resume may change."""
+        data = self.model_dump(mode="json")
+        for key in ("workers", "executor", "task_runner", "dask_address"):
+            data["execution"].pop(key, None)
+        canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
 
     def config_hash(self) -> str:
         """sha256 of the canonical JSON of the config (paths as given, source path excluded)."""

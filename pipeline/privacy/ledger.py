@@ -80,12 +80,16 @@ class Ledger:
     def __init__(self, path: str | Path, timeout: float = 60.0) -> None:
         self.path = Path(path)
         self.timeout = timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        con = self._connect()
         try:
-            con.executescript(_SCHEMA)  # idempotent
-        finally:
-            con.close()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            con = self._connect()
+            try:
+                con.executescript(_SCHEMA)  # idempotent
+            finally:
+                con.close()
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise LedgerError(f"{self.path}: not a usable privacy ledger ({exc}); privacy.ledger must name a "
+                              "SQLite ledger file, or a new file in a writable folder") from None
         with self._tx() as con:
             cols = [r[1] for r in con.execute("PRAGMA table_info(spends)")]
             if "run" not in cols:  # a ledger made before runs were recorded
@@ -195,9 +199,8 @@ class Ledger:
                     f"release {release!r} of dataset {dataset!r} already holds rho {existing[0]}; "
                     f"cannot reserve a different rho {rho} under the same release id"
                 )
-            # the same run (its token; both None for a run made before tokens were recorded)
-            # may re-reserve its own row: a resume or retry; anyone else may not
-            if existing is not None and existing[2] != run:
+            # only the run holding the row (its token) may re-reserve it: a resume or retry
+            if existing is not None and (run is None or existing[2] != run):
                 raise LedgerError(
                     f"release id {release!r} of dataset {dataset!r} was already used by another run "
                     f"({existing[1]}); a release id is used once — choose a new one"
@@ -259,6 +262,15 @@ class Ledger:
         finally:
             con.close()
         return None if row is None else str(row[0])
+
+    def holder(self, dataset: str, release: str) -> str | None:
+        """The run token that holds the release's row (None: no row, or a row without a token)."""
+        con = self._connect()
+        try:
+            row = con.execute("SELECT run FROM spends WHERE dataset = ? AND release = ?", (dataset, release)).fetchone()
+        finally:
+            con.close()
+        return None if row is None else row[0]
 
     def lifetime(self, dataset: str) -> Fraction | None:
         """The dataset's declared lifetime ρ, or None if it has no reservation yet."""

@@ -212,20 +212,27 @@ def resolve_source(source: RandomSource | None) -> RandomSource:
 def create_key(path: str | Path) -> Path:
     """Create a new 32-byte release key file with mode 0600; refuses to overwrite one.
 
-    Returns the path. The key itself is never returned, printed or logged.
+    Written to a temp file and linked into place, so a kill never leaves a partial key under
+    the real name. Returns the path. The key itself is never returned, printed or logged.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise KeyFileError(f"release key file already exists (never overwritten): {p}") from None
+    if p.exists():
+        raise KeyFileError(f"release key file already exists (never overwritten): {p}")
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.fchmod(fd, 0o600)  # umask cannot widen it, but be explicit
         os.write(fd, os.urandom(KEY_BYTES))
         os.fsync(fd)
     finally:
         os.close(fd)
+    try:
+        os.link(tmp, p)  # fails if the name appeared meanwhile: never clobbers
+    except FileExistsError:
+        raise KeyFileError(f"release key file already exists (never overwritten): {p}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return p
 
 

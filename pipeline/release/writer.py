@@ -451,7 +451,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         raise ReleaseExistsError(f"release {meta.release_id!r} already exists at {target}; releases are never overwritten")
     releases_dir.mkdir(parents=True, exist_ok=True)
     tmp = releases_dir / f".{meta.release_id}.tmp-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    tmp.mkdir(mode=0o700)  # nobody else can read a release before the ledger counts it
+    os.chmod(tmp, 0o700)
     try:
         ts = load_tables(tables)
         levels = [lv.name for lv in geography.levels]
@@ -551,6 +552,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         if before_publish is not None:
             before_publish()
         crash_point("publish:before-rename")
+        os.chmod(tmp, 0o755)  # public from here on: the ledger has counted it
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
