@@ -202,7 +202,7 @@ def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: 
     return out
 
 
-def verify_release(path: str | Path, *, release_id: str | None = None) -> list[CheckFailure]:
+def verify_release(path: str | Path, *, release_id: str | None = None, regenerate: bool = True) -> list[CheckFailure]:
     """Every failure of a release folder (empty list: all checksums and checks pass).
 
     ``release_id``: the id the release must carry (default: the folder's name; the writer
@@ -216,7 +216,12 @@ def verify_release(path: str | Path, *, release_id: str | None = None) -> list[C
     recomputed from the strategy copies in ``privacy/``; every table's rows regenerated from its
     counts (names, labels, and every ``moe90`` recomputed from the design, bitwise); each CSV
     against its Parquet table; the consistency checks and declared invariants; the microdata
-    against the block tables; the noisy measurements against the design and the geography.
+    against the block tables; the noisy measurements against the design and the geography; the
+    area explorer's files against the ones the tables make.
+
+    ``regenerate=False`` (the writer's self-check of the folder it has just written from the same
+    frames) skips what would only re-run the writer's own code: the table rows and CSVs
+    regenerated from the counts and the explorer files regenerated from the tables.
     """
     root = Path(path)
     mpath = root / "manifest.json"
@@ -236,10 +241,11 @@ def verify_release(path: str | Path, *, release_id: str | None = None) -> list[C
     failures += _guard("privacy", _verify_privacy, root, manifest, recomputed)
     failures += _guard("identity", _verify_identity, root, manifest, expect, recomputed[0] if recomputed else None)
     failures += _verify_files(root, manifest)
-    failures += _guard("contents", _verify_required_files, manifest, root)
-    failures += _guard("unreadable", _verify_contents, root, manifest)
+    failures += _guard("contents", _verify_required_files, manifest, root, regenerate)
+    failures += _guard("unreadable", _verify_contents, root, manifest, regenerate)
     failures += _guard("joint", _verify_joint, root, manifest)
-    failures += _guard("explorer", _verify_explorer, root, manifest)
+    if regenerate:
+        failures += _guard("explorer", _verify_explorer, root, manifest)
     return failures
 
 
@@ -378,9 +384,13 @@ def _verify_explorer(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
     return out
 
 
-def _verify_required_files(manifest: Mapping[str, Any], root: Path) -> list[CheckFailure]:
+def _verify_required_files(manifest: Mapping[str, Any], root: Path, regenerate: bool = True) -> list[CheckFailure]:
     listed = {f["path"] for f in manifest["files"]}
-    need = required_files(manifest, _spec_copies(root, manifest)) | set(explorer_files(root, manifest))
+    # the explorer's files are those the tables make (regenerated), or, in the writer's
+    # self-check, the ones it has just listed
+    explorer = (set(explorer_files(root, manifest)) if regenerate
+                else {p for p in listed if p.startswith("explorer/")})
+    need = required_files(manifest, _spec_copies(root, manifest)) | explorer
     s = manifest["contents"]
     why = f"csv {s['csv']}, measurements {s['measurements']}, tables {[t['name'] for t in manifest['tables']]}"
     out = [_fail("file_missing", f"{p} is required by the manifest's settings ({why}) but not listed in its files")
@@ -440,7 +450,7 @@ def _json_diff(want: Any, found: Any, where: str) -> list[str]:
     return []
 
 
-def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
+def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool = True) -> list[CheckFailure]:
     failures: list[CheckFailure] = []
     defs = root / manifest["table_definitions"]
     if root.resolve() not in defs.resolve().parents or not defs.is_file():
@@ -472,7 +482,8 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailu
     invariants = Invariants(inv["state_totals"], block_geoids, block_hu)
     failures += run_checks(ts, lts, digits, invariants)
     if len(lts) == len(manifest["geolevels"]):
-        failures += _guard("table_rows", _table_row_checks, root, manifest, ts, lts, digits)
+        if regenerate:
+            failures += _guard("table_rows", _table_row_checks, root, manifest, ts, lts, digits)
         failures += _guard("measurements", _measurement_file_checks, root, manifest, ts, lts, digits)
     return failures
 

@@ -544,7 +544,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
 
         write_json_atomic(tmp / "manifest.json", manifest)
         os.chmod(tmp / "manifest.json", 0o644)
-        problems = verify_release(tmp, release_id=meta.release_id)
+        problems = verify_release(tmp, release_id=meta.release_id, regenerate=False)  # `dptab verify` does all
         if problems:
             raise ReleaseCheckError(problems)
         if target.exists():  # a concurrent writer won the race
