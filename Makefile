@@ -22,7 +22,7 @@ test: setup lint
 
 # the layer contract, types of the core wings, and lint (part of `make test`)
 lint: setup
-	$(BIN)/ruff check pipeline flows tests benchmarks
+	$(BIN)/ruff check pipeline dptab flows tests benchmarks data
 	$(BIN)/lint-imports
 	$(BIN)/mypy pipeline/model pipeline/privacy pipeline/postprocess pipeline/errors.py pipeline/files.py
 
