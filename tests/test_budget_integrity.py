@@ -459,3 +459,10 @@ def test_private_files_hold_under_concurrent_threads(tmp_path: Path) -> None:
     for t in ts:
         t.join(10)
     assert stat.S_IMODE((tmp_path / "b.bin").stat().st_mode) == 0o600
+
+
+def test_a_run_without_a_fixed_release_id_resumes(tmp_path: Path, inputs: Path) -> None:
+    """The config as written carries the generated release id; the fingerprint is of that."""
+    cfg = write_config(tmp_path, inputs)
+    run_dir = stages.prepare(cfg)
+    assert Path(stages.run(resume_dir=run_dir, progress=False)["release_path"]).is_dir()

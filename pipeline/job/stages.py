@@ -96,7 +96,8 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
             "release_id": release_id,
             "dataset_id": cfg.dataset_id,
             "config_hash": cfg.config_hash(),
-            "config_fingerprint": cfg.run_fingerprint(),
+            # of the config as written (with its release id), which is what a resume loads
+            "config_fingerprint": cfg.model_copy(update={"release_id": release_id}).run_fingerprint(),
             "definitions": definition_fingerprints(cfg),
             "software_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
