@@ -164,6 +164,9 @@ def test_report_renders_in_headless_chromium(reviewed, tmp_path):
     assert not console_errors, console_errors
     n_figs = len(re.findall(r"<img\b", dom.stdout)) + len(re.findall(r"<svg\b", dom.stdout))
     assert n_figs >= 4
+    # the redistricting-target section renders, and states plainly whether a level falls short
+    assert "Redistricting target and sparsity" in dom.stdout
+    assert ('class="alert">Below the target' in dom.stdout) or ("meets the target" in dom.stdout)
     # every figure decodes: an <img> whose data URI is broken renders with naturalWidth 0,
     # which the page reports through a title that the DOM dump shows
     probe = tmp_path / "probe.html"
