@@ -32,6 +32,7 @@ from pipeline.errors import RefusedError
 from pipeline.files import crash_point, private_files, write_parquet_atomic, write_text_atomic
 from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
 from pipeline.inputs.invariants import declared, units_truth, write_invariants
+from pipeline.inputs.problems import InputValidationError, Problem
 from pipeline.inputs.readers import input_fingerprint, read_block_list, read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
 from pipeline.job.context import RunContext, configured_strategies, definition_fingerprints, total_rho
@@ -274,7 +275,14 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
         # the files prepare validated, unchanged: read them without checking every row again
         persons, units = read_persons(cfg.inputs.persons), read_units(cfg.inputs.units)
     else:
-        inputs = validate_inputs(cfg.inputs.persons, cfg.inputs.units, ctx.persons_spec)
+        try:
+            inputs = validate_inputs(cfg.inputs.persons, cfg.inputs.units, ctx.persons_spec)
+        except InputValidationError as exc:
+            # the files changed after the run validated them and reserved its budget
+            raise InputValidationError(exc.problems + [Problem(
+                str(ctx.rd.root), "", "inputs_changed_after_reservation", 1,
+                "the inputs changed after this run validated them and reserved its budget: restore them and "
+                f"resume, or give the budget back with `dptab ledger fail {ctx.rd.root}`")]) from None
         persons, units = inputs.persons, inputs.units
     with private_files():
         # The geography comes from the units file (public: every block with a housing unit or
