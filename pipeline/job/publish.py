@@ -84,7 +84,9 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
                            git_commit=git_commit(),
                            seed=ctx.cfg.privacy.seed if ctx.cfg.privacy.randomness == "seeded" else None,
                            randomness=ctx.cfg.privacy.randomness, title=ctx.cfg.title,
-                           joint_households=ctx.cfg.joint.households)
+                           joint_households=ctx.cfg.joint.households,
+                           joint_relaxed=any((ctx.rd.done_info(f"level:persons:{lv}") or {}).get("fallbacks", 0)
+                                             for lv in ctx.level_names))
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
                          declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
                          csv=ctx.cfg.output.csv, before_publish=before_publish)

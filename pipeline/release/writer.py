@@ -131,6 +131,8 @@ class ReleaseMetadata:
     randomness: str | None = None
     #: persons were held to the published housing units (``joint.households``)
     joint_households: bool = False
+    #: the engine relaxed some persons bound (a counted fallback), so the joint rules may break there
+    joint_relaxed: bool = False
 
     def randomness_mode(self) -> str:
         """The manifest's ``randomness``; raises :class:`ReleaseError` if it contradicts ``seed``."""
@@ -513,7 +515,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "created": meta.created, "dataset_id": meta.dataset_id,
             "software": {"name": "dptab", "version": meta.software_version, "git_commit": meta.git_commit},
             "config_hash": meta.config_hash, "randomness": randomness, "seed": meta.seed,
-            "joint": {"households": bool(meta.joint_households)},
+            "joint": {"households": bool(meta.joint_households), "relaxed": bool(meta.joint_relaxed)},
             "citation": meta.citation or release_citation(meta.title, meta.release_id, meta.created, meta.dataset_id,
                                                           meta.software_version, meta.git_commit, privacy),
             "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
