@@ -254,32 +254,29 @@ class Ledger:
         finally:
             con.close()
 
-    def status(self, dataset: str, release: str) -> str | None:
-        """``reserved`` / ``committed`` / ``failed``, or None if the release has no row."""
+    def _one(self, sql: str, args: tuple[str, ...]) -> object | None:
+        """The first column of the first row of a read-only query, or None."""
         con = self._connect()
         try:
-            row = con.execute("SELECT status FROM spends WHERE dataset = ? AND release = ?", (dataset, release)).fetchone()
-        finally:
-            con.close()
-        return None if row is None else str(row[0])
-
-    def holder(self, dataset: str, release: str) -> str | None:
-        """The run token that holds the release's row (None: no row, or a row without a token)."""
-        con = self._connect()
-        try:
-            row = con.execute("SELECT run FROM spends WHERE dataset = ? AND release = ?", (dataset, release)).fetchone()
+            row = con.execute(sql, args).fetchone()
         finally:
             con.close()
         return None if row is None else row[0]
 
+    def status(self, dataset: str, release: str) -> str | None:
+        """``reserved`` / ``committed`` / ``failed``, or None if the release has no row."""
+        v = self._one("SELECT status FROM spends WHERE dataset = ? AND release = ?", (dataset, release))
+        return None if v is None else str(v)
+
+    def holder(self, dataset: str, release: str) -> str | None:
+        """The run token that holds the release's row (None: no row, or a row without a token)."""
+        v = self._one("SELECT run FROM spends WHERE dataset = ? AND release = ?", (dataset, release))
+        return None if v is None else str(v)
+
     def lifetime(self, dataset: str) -> Fraction | None:
         """The dataset's declared lifetime ρ, or None if it has no reservation yet."""
-        con = self._connect()
-        try:
-            row = con.execute("SELECT lifetime_rho FROM datasets WHERE dataset = ?", (dataset,)).fetchone()
-        finally:
-            con.close()
-        return None if row is None else Fraction(row[0])
+        v = self._one("SELECT lifetime_rho FROM datasets WHERE dataset = ?", (dataset,))
+        return None if v is None else Fraction(str(v))
 
     def entries(self, dataset: str | None = None) -> list[dict[str, str]]:
         """All rows (optionally of one dataset) as dicts, oldest first."""
