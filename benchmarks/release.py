@@ -31,11 +31,12 @@ from pipeline.model.histogram import SparseHistogram
 from pipeline.model.spec import load_spec  # noqa: E402
 from pipeline.model.strategy import load_strategy  # noqa: E402
 from pipeline.release.checks import Invariants, run_checks  # noqa: E402
+from pipeline.release.manifest import ReleaseMetadata, privacy_parameters, variances_from_privacy
 from pipeline.release.microdata import microdata_from_blocks  # noqa: E402
 from pipeline.release.tables import load_tables, long_frame, tabulate_levels, unit_names  # noqa: E402
 from pipeline.release.uncertainty import release_moe90  # noqa: E402
 from pipeline.release.verify import verify_release  # noqa: E402
-from pipeline.release.writer import ReleaseMetadata, privacy_parameters, variances_from_privacy, write_release  # noqa: E402
+from pipeline.release.writer import write_release  # noqa: E402
 
 
 def synthetic(persons: int, seed: int = 0):

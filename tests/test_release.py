@@ -18,15 +18,15 @@ from dptab.cli import app
 from pipeline.files import sha256_file
 from pipeline.model.histogram import SparseHistogram
 from pipeline.model.strategy import load_strategy
-from pipeline.release.verify import ReleaseFormatError, manifest_errors, verify_release
-from pipeline.release.writer import (
+from pipeline.release.manifest import (
     ReleaseCheckError,
     ReleaseError,
     ReleaseExistsError,
     ReleaseMetadata,
     privacy_parameters,
-    write_release,
 )
+from pipeline.release.verify import ReleaseFormatError, manifest_errors, verify_release
+from pipeline.release.writer import write_release
 
 PRIVACY = privacy_parameters({"persons": load_strategy("census2020_pl94"), "units": load_strategy("census2020_units")})
 

@@ -17,8 +17,9 @@ from pipeline.model.geography import Geography
 from pipeline.model.spec import load_spec
 from pipeline.model.strategy import load_strategy
 from pipeline.release.checks import Invariants
+from pipeline.release.manifest import ReleaseMetadata, privacy_parameters
 from pipeline.release.verify import verify_release
-from pipeline.release.writer import ReleaseMetadata, privacy_parameters, write_release
+from pipeline.release.writer import write_release
 
 #: the Census Bureau's Perry County, AL PPMF, in ../shared beside the repository (tests/shared_data.py)
 PERRY = "data/real/ppmf_20210428_eps12-2_P_01105_perry_al.csv"

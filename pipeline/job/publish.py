@@ -65,7 +65,8 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
     """Write the release folder for a run whose levels are all finished; returns a manifest.
     ``before_publish`` runs right before the finished folder is renamed into place."""
     from pipeline import __version__
-    from pipeline.release.writer import ReleaseMetadata, privacy_parameters, write_release
+    from pipeline.release.manifest import ReleaseMetadata, privacy_parameters
+    from pipeline.release.writer import write_release
     state = ctx.state
     kinds = [k for k in ("persons", "units") if k in ctx.strategies]
     persons = {lv: published_histogram(ctx, "persons", lv) for lv in ctx.level_names}
@@ -118,8 +119,8 @@ def adopt_existing_release(ctx: RunContext) -> dict[str, Any] | None:
     """
     import json
 
+    from pipeline.release.manifest import ReleaseExistsError
     from pipeline.release.verify import verify_release
-    from pipeline.release.writer import ReleaseExistsError
 
     path = ctx.cfg.output.releases_dir / ctx.state["release_id"]
     if not path.exists():

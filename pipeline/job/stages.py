@@ -46,7 +46,7 @@ from pipeline.model.spec import load_spec
 from pipeline.model.strategy import Strategy
 from pipeline.privacy import randomness
 from pipeline.privacy.ledger import Ledger, LedgerError, LedgerMissingError
-from pipeline.release.writer import ReleaseExistsError
+from pipeline.release.manifest import ReleaseExistsError
 
 # --------------------------------------------------------------------------------------
 # prepare

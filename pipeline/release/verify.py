@@ -67,7 +67,7 @@ def manifest_errors(manifest: Mapping[str, Any]) -> list[str]:
     """Every schema violation of a manifest, as readable strings (empty when valid)."""
     import jsonschema
 
-    from pipeline.release.writer import MANIFEST_SCHEMA
+    from pipeline.release.manifest import MANIFEST_SCHEMA
 
     schema = json.loads(MANIFEST_SCHEMA.read_text())
     v = jsonschema.Draft202012Validator(schema)
@@ -413,7 +413,7 @@ def _verify_privacy(root: Path, manifest: Mapping[str, Any], recomputed: list[di
     """Recompute the whole privacy section from the strategy copies the manifest names (appended
     to ``recomputed``) and report every value of the manifest's that differs."""
     from pipeline.model.strategy import StrategyError, load_strategy
-    from pipeline.release.writer import privacy_parameters
+    from pipeline.release.manifest import privacy_parameters
 
     privacy = manifest["privacy"]
     loaded, out = {}, []
@@ -522,7 +522,7 @@ def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts
     """
     import pyarrow.parquet as pq
 
-    from pipeline.release.writer import CHUNK_UNITS, release_margins, variances_from_privacy
+    from pipeline.release.manifest import CHUNK_UNITS, release_margins, variances_from_privacy
 
     step = chunk_units or CHUNK_UNITS
     inv = manifest["invariants"]

@@ -54,12 +54,9 @@ cannot, since it sees only the geography it is given.
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import secrets
 import shutil
-from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -68,14 +65,23 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.files import crash_point, sha256_file
-from pipeline.release.checks import CheckFailure, Invariants, run_checks
+from pipeline.release.checks import Invariants, run_checks
 
 if TYPE_CHECKING:
     from pipeline.model.geography import Geography
-from pipeline.errors import DptabError, RefusedError
-from pipeline.model.design import design_from_rho
-from pipeline.model.schemas import SCHEMAS_DIR
 from pipeline.privacy.measure import MeasurementError, read_measurement_rows
+from pipeline.release.manifest import (
+    CHUNK_UNITS,
+    MANIFEST_FORMAT,
+    ReleaseCheckError,
+    ReleaseError,
+    ReleaseExistsError,
+    ReleaseMetadata,
+    _copy_strategies,
+    release_margins,
+    strategy_file,
+    variances_from_privacy,
+)
 from pipeline.release.microdata import microdata_from_blocks
 from pipeline.release.tables import (
     CSV_SCHEMA,
@@ -86,244 +92,7 @@ from pipeline.release.tables import (
     tabulate_levels,
     unit_names,
 )
-from pipeline.release.uncertainty import Z90, release_moe90
-
-MANIFEST_SCHEMA = SCHEMAS_DIR / "manifest.schema.json"
-MANIFEST_FORMAT = "dptab-release/2"
-#: ``randomness`` values of a manifest (``unseeded``: not seeded, mode not recorded by the caller)
-RANDOMNESS_MODES = ("secure", "keyed", "seeded", "unseeded")
-#: rows of the long tables written per chunk (bounds memory at block level)
-CHUNK_UNITS = 50_000
-
-
-class ReleaseError(DptabError, RuntimeError):
-    """The release could not be written; nothing was published."""
-
-
-class ReleaseExistsError(ReleaseError, RefusedError, FileExistsError):
-    """A release with this id already exists; releases are never overwritten (CLI exit status 2)."""
-
-
-class ReleaseCheckError(ReleaseError):
-    """A consistency check failed on the release being written; ``failures`` lists them."""
-
-    def __init__(self, failures: Sequence[CheckFailure]) -> None:
-        self.failures = list(failures)
-        head = "\n".join(f"  {f}" for f in self.failures[:20])
-        super().__init__(f"{len(self.failures)} consistency check failure(s); nothing was published:\n{head}")
-
-
-@dataclass(frozen=True)
-class ReleaseMetadata:
-    """Who and what made a release (all public). ``created`` defaults to now (UTC, ISO 8601)."""
-
-    release_id: str
-    dataset_id: str
-    software_version: str
-    config_hash: str
-    git_commit: str | None = None
-    seed: int | None = None
-    title: str = "dptab release"
-    citation: str | None = None
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    #: the run's ``privacy.randomness`` (``secure``, ``keyed`` or ``seeded``); ``None``: the caller
-    #: did not say, recorded as ``seeded`` when a seed is given and ``unseeded`` otherwise
-    randomness: str | None = None
-    #: persons were held to the published housing units (``joint.households``)
-    joint_households: bool = False
-    #: the engine relaxed some persons bound (a counted fallback), so the joint rules may break there
-    joint_relaxed: bool = False
-
-    def randomness_mode(self) -> str:
-        """The manifest's ``randomness``; raises :class:`ReleaseError` if it contradicts ``seed``."""
-        mode = self.randomness or ("seeded" if self.seed is not None else "unseeded")
-        if mode not in RANDOMNESS_MODES:
-            raise ReleaseError(f"randomness {mode!r} is not one of {', '.join(RANDOMNESS_MODES)}")
-        if (mode == "seeded") != (self.seed is not None):
-            raise ReleaseError(f"randomness {mode!r} with seed {self.seed!r}: a seed is recorded iff randomness is seeded")
-        return mode
-
-
-def _frac(x: Any) -> str:
-    f = Fraction(x)
-    return f"{f.numerator}/{f.denominator}" if f.denominator != 1 else str(f.numerator)
-
-
-class PrivacySection(dict):
-    """The manifest's ``privacy`` section (a plain ``dict`` once written) that also remembers the
-    strategy file each run kind was loaded from (``sources[kind]``: a path, or ``None`` for a
-    strategy built in code), so :func:`write_release` can copy those files into the release."""
-
-    sources: dict[str, Path | None]
-
-
-def _strategy_key(kind: str, s: Any) -> tuple:
-    """Everything of a Strategy the privacy section depends on, hashable (for the cache)."""
-    return (kind, s.name, s.spec, s.rho,
-            tuple((lv, share, tuple(qs.items())) for lv, (share, qs) in s.levels.items()))
-
-
-#: privacy sections already computed, keyed by (strategy keys, delta text): the PLD accounting
-#: takes ~1.5 s, and the writer, its self-check and ``dptab verify`` each recompute the section
-_PRIVACY_CACHE: dict[tuple, dict[str, Any]] = {}
-
-
-def privacy_parameters(strategies: Mapping[str, Any], delta: float | str = "1e-10") -> PrivacySection:
-    """The manifest's ``privacy`` section from ``pipeline.model.strategy.Strategy`` objects.
-
-    ``strategies`` maps a run kind (``persons``, ``units``) to its Strategy. ρ values are exact
-    fraction strings; ε is the CKS 2020 bound (and the loose textbook bound) at ``delta``,
-    rounded up, for each run and for their composition (ρ adds up under zCDP); ``pld`` is the
-    tighter ε from the privacy-loss distribution of the composed discrete Gaussians actually
-    used (``pipeline.privacy.pld``, also rounded up). Each run names its strategy and the copy
-    of the strategy file the release carries (``strategy_file``: ``privacy/<kind>.yaml``), from
-    which ``dptab verify`` recomputes this whole section.
-    """
-    import copy
-
-    key = (tuple(_strategy_key(k, s) for k, s in strategies.items()), str(delta))
-    if key not in _PRIVACY_CACHE:
-        if len(_PRIVACY_CACHE) > 64:
-            _PRIVACY_CACHE.clear()
-        _PRIVACY_CACHE[key] = _privacy_section(strategies, delta)
-    out = PrivacySection(copy.deepcopy(_PRIVACY_CACHE[key]))
-    out.sources = {kind: s.source for kind, s in strategies.items()}
-    return out
-
-
-def _privacy_section(strategies: Mapping[str, Any], delta: float | str) -> dict[str, Any]:
-    from collections import Counter
-
-    from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
-    from pipeline.privacy.pld import composed_dg_epsilon, strategy_shifts
-
-    runs, total, shifts = {}, Fraction(0), Counter()
-    for kind, s in strategies.items():
-        by: dict[str, dict[str, str]] = {}
-        for (lv, q), r in s.rho_by_level_query().items():
-            by.setdefault(lv, {})[q] = _frac(r)
-        rho = s.total_rho
-        total += rho
-        run_shifts = strategy_shifts(s)
-        shifts.update(run_shifts)
-        runs[kind] = {"strategy": s.name, "strategy_file": strategy_file(kind), "spec": s.spec, "rho": _frac(rho),
-                      "epsilon": {"cks2020": _frac(cks_epsilon(rho, delta)), "loose": _frac(loose_epsilon(rho, delta)),
-                                  "pld": _frac(composed_dg_epsilon(run_shifts, delta))},
-                      "rho_by_level_query": by}
-    return {
-        "definition": "zero-concentrated differential privacy (rho-zCDP), converted to (epsilon, delta)-DP",
-        "neighbouring": "bounded: datasets differing in one person's record",
-        "mechanism": "exact discrete Gaussian noise, sigma^2 = 1/rho per query",
-        "delta": str(delta),
-        "rho": _frac(total),
-        "epsilon": {"cks2020": _frac(cks_epsilon(total, delta)), "loose": _frac(loose_epsilon(total, delta)),
-                    "pld": _frac(composed_dg_epsilon(shifts, delta))},
-        "runs": runs,
-    }
-
-
-def strategy_file(kind: str) -> str:
-    """Where a release keeps the copy of a run kind's strategy YAML (relative path)."""
-    return f"privacy/{kind}.yaml"
-
-
-def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy every run's strategy YAML to ``root/privacy/<kind>.yaml`` and recompute the privacy
-    section from the copies; returns it. Raises :class:`ReleaseError` when the given ``privacy``
-    does not follow from those files (nothing is published then)."""
-    from pipeline.model.strategy import StrategyError, load_strategy, strategy_path
-
-    sources = getattr(privacy, "sources", {}) or {}
-    loaded = {}
-    for kind, run in privacy["runs"].items():
-        src = sources.get(kind) or strategy_path(run["strategy"])
-        if not Path(src).is_file():
-            raise ReleaseError(f"strategy file of the {kind} run ({run['strategy']!r}) not found at {src}; "
-                               "a release carries the strategies its privacy section is computed from")
-        dst = root / strategy_file(kind)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        try:
-            loaded[kind] = load_strategy(dst)
-        except StrategyError as exc:
-            raise ReleaseError(f"strategy file {src} of the {kind} run: {exc}") from None
-    recomputed = dict(privacy_parameters(loaded, privacy["delta"]))
-    if recomputed != dict(privacy):
-        raise ReleaseError("the privacy section does not follow from the strategy files "
-                           f"{', '.join(str(sources.get(k) or strategy_path(r['strategy'])) for k, r in privacy['runs'].items())}"
-                           f" at delta {privacy['delta']}; refusing to publish it")
-    return recomputed
-
-
-def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[str, float]]], levels: Sequence[str],
-                    digits: Mapping[str, int], state_totals: bool, block_housing_units: bool
-                    ) -> dict[tuple[str, str], np.ndarray]:
-    """The published ``moe90`` of every (table, level): float ``(n_lines,)`` (before rounding).
-
-    ``variances[kind][level][query]``: exact noise variances (counts²); the persons total is
-    exact at levels of at most 2 GEOID digits when state totals are declared, the units total at
-    every level when block housing units are. The writer and ``dptab verify`` both call this,
-    so a verified margin is bitwise the one the writer computed. Results are memoised on every
-    input (a digest of the tables' line matrices and the specs' queries, the variances, levels
-    and flags): the same inputs give the same floats, and the writer's own verification then
-    costs no second computation.
-    """
-    exact_totals = {"persons": [lv for lv in levels if state_totals and digits[lv] <= 2],
-                    "units": list(levels) if block_housing_units else []}
-    by_kind = {k: ts.of_kind(k) for k in ("persons", "units")}
-    # one query order whatever order the variances come in (the run's strategy order, or the
-    # sorted keys of manifest.json): float sums depend on it, and the margins must be bitwise equal
-    variances = {kind: {lv: {q: qs[q] for q in sorted(qs, key=_spec_order(ts.specs.get(kind)))}
-                        for lv, qs in by.items()} for kind, by in variances.items()}
-    key = (_design_digest(ts, by_kind),
-           tuple(sorted((k, lv, q, float(v)) for k, by in variances.items() for lv, qs in by.items()
-                        for q, v in qs.items())),
-           tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]))
-    if key not in _MARGINS_CACHE:
-        if len(_MARGINS_CACHE) > 16:
-            _MARGINS_CACHE.clear()
-        _MARGINS_CACHE[key] = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
-    return {k: v.copy() for k, v in _MARGINS_CACHE[key].items()}
-
-
-_MARGINS_CACHE: dict[tuple, dict[tuple[str, str], np.ndarray]] = {}
-
-
-def _spec_order(spec: Any) -> Callable[[str], tuple[int, str]]:
-    """Sort key of query names: the spec's query order, unknown names after it by name."""
-    order = {q: i for i, q in enumerate(spec.query_defs)} if spec is not None else {}
-    return lambda q: (order.get(q, len(order)), q)
-
-
-def _design_digest(ts: TableSet, by_kind: Mapping[str, Sequence[Any]]) -> str:
-    """sha256 of everything margins of error depend on besides variances: each table's line
-    matrix and each spec's cells, structural zeros and query partitions."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for kind, tabs in by_kind.items():
-        spec = ts.specs[kind]
-        h.update(f"{kind}|{spec.n_cells}|".encode())
-        h.update(np.ascontiguousarray(spec.structural_zero_mask).tobytes())
-        for q in spec.query_defs:
-            h.update(f"|{q}|".encode())
-            h.update(np.ascontiguousarray(spec.query(q).cell_to_answer, dtype=np.int64).tobytes())
-        for t in tabs:
-            m = t.matrix.tocsr()
-            h.update(f"|{t.name}|{t.numbers}|".encode())
-            for a in (m.indptr, m.indices, m.data):
-                h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
-def variances_from_privacy(privacy: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
-    """``{kind: {level: {query: exact noise variance}}}`` from a privacy section (counts²).
-
-    The variance of the discrete Gaussian N_Z(0, σ²) with σ² = 1/ρ_q, from the measurement
-    design (:mod:`pipeline.model.design`; below σ², visibly so for σ < 1), i.e. the same
-    weights post-processing uses.
-    """
-    return design_from_rho({kind: run["rho_by_level_query"] for kind, run in privacy["runs"].items()}).variances()
+from pipeline.release.uncertainty import Z90
 
 
 def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, Any]:
