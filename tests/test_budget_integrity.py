@@ -466,3 +466,28 @@ def test_a_run_without_a_fixed_release_id_resumes(tmp_path: Path, inputs: Path) 
     cfg = write_config(tmp_path, inputs)
     run_dir = stages.prepare(cfg)
     assert Path(stages.run(resume_dir=run_dir, progress=False)["release_path"]).is_dir()
+
+
+def test_one_driver_per_run(tmp_path: Path, inputs: Path) -> None:
+    """While another process drives a run, a resume is refused (it would remove that
+    process's temp files and write beside it)."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_config(tmp_path, inputs, release_id="D1")
+    run_dir = stages.prepare(cfg)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(run_dir / 'run.lock')!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(30)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code, out = _cli("run", "--quiet", "--resume", str(run_dir))
+        assert code == 2 and "another process is running this run" in out
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert Path(stages.run(resume_dir=run_dir, progress=False)["release_path"]).is_dir()

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DptabError, InputError
+from pipeline.errors import DptabError, InputError, RefusedError
 from pipeline.files import crash_point, sha256_file, write_json_atomic
 
 
@@ -51,8 +51,14 @@ class RunDirIntegrityError(DptabError):
     """A file a finished stage wrote is missing or changed (exit 1: the run stops)."""
 
 
+class RunBusyError(RefusedError):
+    """Another process is driving this run (exit 2): one driver per run directory."""
+
+
 #: files verified in this process: (path, size, mtime_ns) -> sha256 (hash each version once)
 _VERIFIED: dict[tuple[str, int, int], str] = {}
+#: run directories this process drives: resolved root -> the open, flock-ed run.lock descriptor
+_DRIVING: dict[str, int] = {}
 
 
 def new_run_id(dataset_id: str) -> str:
@@ -150,6 +156,29 @@ class RunDir:
 
     def state(self) -> dict[str, Any]:
         return json.loads(self.state_path.read_text())
+
+    def drive(self) -> None:
+        """Become this run's one driver (an exclusive ``run.lock`` held by this process until it
+        calls :meth:`release` or exits, a kill included); :class:`RunBusyError` if another
+        process drives it. Stage tasks (threads, pool or Dask workers) need no lock of their own;
+        what only a sole driver may do — removing a killed attempt's temp files — runs under it."""
+        key = str(self.root.resolve())
+        if key in _DRIVING:
+            return
+        fd = os.open(self.root / "run.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunBusyError(f"{self.root}: another process is running this run; wait for it to finish (or "
+                               "stop it) before resuming") from None
+        _DRIVING[key] = fd
+
+    def release(self) -> None:
+        """Stop driving this run (see :meth:`drive`)."""
+        fd = _DRIVING.pop(str(self.root.resolve()), None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the flock
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

@@ -67,6 +67,7 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
     """
     if resume_dir is not None:
         ctx = RunContext.load(resume_dir)  # refuses an edited config.yaml
+        ctx.rd.drive()  # one driver: nobody else is writing when the temp files are removed
         _reserve(ctx)
         _remove_stale_temp_files(ctx.rd)
         return ctx.rd.root
@@ -430,6 +431,8 @@ def run(config_path: str | Path | None = None, resume_dir: str | Path | None = N
     """Run (or resume) a whole release job in this process; returns the publish manifest."""
     t0 = time.perf_counter()
     run_dir = prepare(config_path, resume_dir=resume_dir)
+    rd = RunDir(Path(run_dir))
+    rd.drive()
     try:
         with StageProgress(enabled=progress) as prog:
             prog.step("validate + histograms", lambda: stage_inputs(run_dir))
@@ -437,6 +440,7 @@ def run(config_path: str | Path | None = None, resume_dir: str | Path | None = N
             published = dict(prog.step("publish", lambda: stage_publish(run_dir)))
     finally:
         close_executor()
+        rd.release()
     published["run_dir"] = str(run_dir)
     published["levels"] = diagnostics
     published["wall_seconds"] = round(time.perf_counter() - t0, 2)
