@@ -147,7 +147,7 @@ def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
     if resume is None:
         # config, budget and input checks run here, before Prefect starts: bad input ends with
         # the same message and exit status as without --flow, and never reaches Prefect's logs
-        from pipeline.job.stages import prepare
+        from pipeline.job.prepare import prepare
 
         resume = str(prepare(config))
     # the first start of an ephemeral API server on a busy 2-core machine can take > 20 s

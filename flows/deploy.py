@@ -6,7 +6,7 @@
 
 Everything a scheduled run needs is checked *now*, not at 2 a.m.: the config validates, its
 strategies fit the spec and geography, the input files exist and the output folders can be
-written (``dptab.job.stages.check_config``, no data is read and no budget reserved). Paths are
+written (``pipeline.job.prepare.check_config``, no data is read and no budget reserved). Paths are
 resolved from the project: the flow's code is loaded from this repository (the pull step sets
 the working directory to it) and the config is passed as an absolute path. The work pool is
 created (type ``process``) if it does not exist. Exit status 2 with a clear message if anything
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from pipeline.errors import DptabError
-    from pipeline.job.stages import check_config
+    from pipeline.job.prepare import check_config
 
     config = Path(args.config).resolve()
     try:

@@ -13,6 +13,7 @@ from pipeline.job import stages
 from pipeline.job.context import RunContext
 from pipeline.model.histogram import SparseHistogram
 from pipeline.privacy.ledger import BudgetExceededError
+from pipeline.release.manifest import ReleaseExistsError
 from pipeline.release.verify import verify_release
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_same_release_id_is_refused_before_reading_data(finished_run, tmp_path) 
     tmp, inputs, _, _ = finished_run
     cfg = write_config(tmp, inputs, name="again.yaml", release_id="rel-1",
                        inputs={"persons": str(tmp_path / "absent.parquet"), "units": str(tmp_path / "absent2.parquet")})
-    with pytest.raises(stages.ReleaseExistsError, match="rel-1"):
+    with pytest.raises(ReleaseExistsError, match="rel-1"):
         stages.prepare(cfg)
 
 

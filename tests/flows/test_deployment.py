@@ -97,7 +97,7 @@ def test_deploying_a_config_that_cannot_run_fails_at_deploy_time(server, tmp_pat
 
 
 def test_shipped_production_config_validates() -> None:
-    from pipeline.job.stages import check_config
+    from pipeline.job.prepare import check_config
 
     cfg = check_config(ROOT / "configs" / "production.yaml")
     assert cfg.release_id is None and cfg.confidential and (cfg.inputs.persons).is_file()
