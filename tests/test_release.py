@@ -64,7 +64,8 @@ def full_measurement_files(tmp: Path, geography, privacy) -> dict:
         for lv in run["rho_by_level_query"]:
             n = geography.level(lv).n_units
             frames = []
-            for q, m in d.of(kind, lv).items():
+            for m in (m for m in d.measurements if m.kind == kind and m.level == lv):
+                q = m.query
                 na = spec.query(q).n_answers
                 frames.append(pl.DataFrame({
                     "unit": np.repeat(np.arange(n, dtype=np.int64), na), "query": [q] * (n * na),

@@ -19,9 +19,6 @@ from pipeline.model.spec import HistogramSpec, load_spec
 from pipeline.model.strategy import Strategy, load_strategy, strategy_path
 from pipeline.privacy import randomness
 
-#: the run kinds, in the order they run; a kind runs when the config names its strategy
-RUN_KINDS = ("persons", "units")
-
 
 @dataclass
 class RunContext:

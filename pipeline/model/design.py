@@ -35,21 +35,12 @@ class Measurement:
     sigma2: Fraction
     variance: float
 
-    @property
-    def weight(self) -> float:
-        """The least-squares weight 1/variance (1/counts²)."""
-        return 1.0 / self.variance
-
 
 @dataclass(frozen=True)
 class Design:
     """Every measurement of a run, in strategy order."""
 
     measurements: tuple[Measurement, ...]
-
-    def of(self, kind: str, level: str) -> dict[str, Measurement]:
-        """``{query: Measurement}`` of one (kind, level), in the strategy's query order."""
-        return {m.query: m for m in self.measurements if m.kind == kind and m.level == level}
 
     def variances(self) -> dict[str, dict[str, dict[str, float]]]:
         """``{kind: {level: {query: exact variance}}}`` (counts²), for margins of error."""
