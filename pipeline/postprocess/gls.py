@@ -1,0 +1,678 @@
+"""Exact hierarchical GLS (the BLUE) of every unit's cell vector from all noisy measurements.
+
+First stage of ``estimator: full`` (ARCHITECTURE §7; notes §2.2 and §3.2). No non-negativity:
+the result is unbiased, exactly consistent (every parent equals the sum of its children), has
+the structural zeros exactly, and comes with its exact covariance per unit.
+
+Model
+-----
+A tree of levels ``0..L``; unit ``u`` has an unknown cell vector ``x_u`` (length
+``d = spec.n_cells``), a parent is the sum of its children, and at level ``i`` every unit gets
+``y_{u,q} = Q_q x_u + e`` with ``Var(e) = v_{i,q} I`` for each measured query ``q`` (``Q_q`` the
+0/1 matrix of ``cell_to_answer``). The estimate minimises
+``Σ_i Σ_u Σ_q ||Q_q x_u − y_{u,q}||² / v_{i,q}`` over the leaf vectors with ``x_Z = 0`` on the
+structural-zero cells ``Z``.
+
+The algebra (why every d×d matrix is a few tiny blocks)
+-------------------------------------------------------
+Per attribute ``a`` (size ``n_a``) take the finest common refinement of the partitions the
+measured queries use on it (a recode's groups; a summed-out axis is one block; a kept axis is
+the identity and needs no split) and split every code named by a (proper) structural-zero set
+into its own block. With ``p_a`` blocks, the orthonormal basis ``U_a = [ind | perp]`` has the
+normalised block indicators (``ind``, ``p_a`` columns) and a Helmert basis of the vectors that
+sum to zero within each block (``perp``, supported inside one block, so exactly 0 on singleton
+blocks). Every per-axis factor that occurs — ``I``, ``11ᵀ``, a recode's ``Σ_g 1_g 1_gᵀ``, a
+zero-set's ``diag(1_Z)`` — maps ``ind`` to itself (a ``p_a × p_a`` matrix) and acts on ``perp``
+as a scalar (1, 0, 0 and 0). Sums, products and inverses keep that form. Across attributes
+``R^d`` splits into the components ``S ⊆ attributes`` (the axes taken on ``ind``):
+component ``S`` has coordinates ``(⊗_{a∈S} ind_a) ⊗ (⊗_{a∉S} perp_a)`` and every matrix of the
+algebra acts on it as ``M_S ⊗ I`` with ``M_S`` of size ``m_S = Π_{a∈S} p_a``. For ``Q_qᵀQ_q =
+⊗_a F_{q,a}``: ``M_S = (⊗_{a∈S} F_{q,a}|ind) · Π_{a∉S} F_{q,a}|perp``. PL94 with the 2020
+strategy: hhgq p=4 ({0}, {1,2,4}, {3}, {5,6,7}), voting_age p=2 (the zero splits it; its
+perp is empty), hispanic and cenrace p=1: 8 non-empty components of size ≤ 8 instead of one
+2016×2016 matrix.
+
+Structural zeros: the zero projector ``D = diag(1_Z)`` is in the algebra, and in these
+coordinates it is a 0/1 *diagonal* on each component's ``ind`` coordinates (its perp scalars
+are 0 or 1 too). Working on the subspace ``x_Z = 0`` with the pseudo-inverse
+``(ΠJΠ + D)⁻¹ − D`` (``Π = I − D``) is therefore the same as deleting the zero coordinates of
+each block: we keep only each component's *free* coordinates (``m'_S ≤ m_S``). No
+pseudo-measurement, so the zeros hold exactly and nothing is ill-conditioned.
+
+The two passes (Gaussian belief propagation on the tree, information form)
+-------------------------------------------------------------------------
+Per level: ``A_i = Σ_q Q_qᵀQ_q / v_{i,q}`` (one block per component, shared by the level's
+units) and per unit ``b_u = Σ_q Q_qᵀ y_{u,q} / v_{i,q}``.
+
+* Up: leaf ``J = A_L``, ``h = b``. For each child ``c`` its subtree-only estimate is
+  ``z_c = J_c⁻¹ h_c`` with covariance ``cov_c = J_c⁻¹``. A parent ``v`` sees its children's sum
+  ``s_v = Σ_c z_c`` with covariance ``C_v = Σ_c cov_c``, so ``J_v = A_i + C_v⁻¹`` and
+  ``h_v = b_v + C_v⁻¹ s_v``.
+* Down: root ``x̂ = J⁻¹h``, ``P = J⁻¹``. Child ``c`` of ``v``:
+  ``x̂_c = z_c + K_c (x̂_v − s_v)`` with ``K_c = cov_c C_v⁻¹``, and
+  ``P_c = cov_c − K_c cov_c + K_c P_v K_cᵀ``. (Law of total variance: given ``x_v`` the data
+  above ``v`` says nothing more about ``x_c``, and ``x_c | x_v, subtree data`` has mean
+  ``z_c + K_c(x_v − s_v)`` and covariance ``cov_c − K_c cov_c``; the posterior of ``x_v`` adds
+  ``K_c P_v K_cᵀ``. With a flat prior the posterior covariance is the GLS covariance.)
+
+If the bottom level's queries do not identify ``x`` (``A_L`` singular on the free
+coordinates), the problem has no unique BLUE and :class:`PostprocessError` is raised.
+
+Cost: per unit, one change of basis of the measurement vector and one back (``O(d Σ_a n_a)``,
+a few BLAS calls over the whole level) plus ``O(Σ_S m'_S² (m'_S + r_S))`` for the blocks
+(``r_S = Π_{a∉S}(n_a − p_a)``); linear in the number of units, no Python loop over units.
+
+Streaming: :meth:`GLSModel.upward` runs the up pass on any set of subtrees and returns their
+top units' :class:`Message`; messages of several subtrees are stacked with
+:func:`stack_messages` and fed as ``below`` to the up pass of the levels above;
+:meth:`GLSModel.downward` runs the down pass given the top units' :class:`Posterior` (or from
+the root) and returns the posterior of the ``below`` units too, to hand to each subtree.
+:func:`fit` is ``downward(upward(levels))``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from pipeline.model.spec import HistogramSpec
+from pipeline.postprocess.problem import PostprocessError
+
+#: relative tolerance of the algebra self-checks and of the identifiability test
+_ALG_TOL = 1e-10
+_ID_TOL = 1e-12
+#: units per chunk in the cell <-> component changes of basis (bounds the temporaries)
+_CHUNK = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class LevelMeasurements:
+    """One level of the tree and its noisy measurements.
+
+    ``child_ptr``: int64 ``(n_above + 1,)`` CSR offsets of this level's units under the level
+    above (``None`` for the top level of a call: the root, or a subtree's top).
+    ``measured``: query name -> (values float64 ``(n_units, n_answers)`` in persons, variance
+    per answer in persons²). Every answer must be measured (no NaN).
+    """
+
+    child_ptr: np.ndarray | None
+    measured: Mapping[str, tuple[np.ndarray, float]]
+    name: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# the algebra
+
+
+@dataclass(frozen=True)
+class _Axis:
+    n: int
+    p: int
+    U: np.ndarray  # (n, n) orthonormal, columns [:p] block indicators, [p:] Helmert perp
+    blocks: tuple[tuple[int, ...], ...]  # positions of each block, in ind-column order
+
+
+@dataclass(frozen=True)
+class _Component:
+    in_ind: tuple[bool, ...]  # per attribute: on ind (in S) or on perp
+    m: int  # Π_{a∈S} p_a
+    r: int  # Π_{a∉S} (n_a − p_a)
+    free: np.ndarray  # int64 (m',) ind coordinates that are not structural zeros
+    perm: tuple[int, ...]  # axes of the (unit, *attrs) tensor: unit, S axes, other axes
+    dims: tuple[int, ...]  # sizes of the attribute axes in perm order (without the unit)
+
+
+def _refine(labels: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Common refinement of two partitions given as label arrays (labels by first occurrence)."""
+    _, first, inv = np.unique(np.stack([labels, other], 1), axis=0, return_index=True,
+                              return_inverse=True)
+    order = np.argsort(np.argsort(first))  # relabel so block ids follow first position
+    return np.asarray(order[inv.reshape(-1)], dtype=np.int64)
+
+
+def _helmert_perp(blocks: Sequence[Sequence[int]], n: int) -> np.ndarray:
+    """Orthonormal basis of the vectors summing to 0 within every block, each vector supported
+    inside one block (so it is exactly 0 on singleton blocks, i.e. on structural-zero codes)."""
+    cols = []
+    for b in blocks:
+        for k in range(1, len(b)):
+            v = np.zeros(n)
+            v[list(b[:k])] = 1.0
+            v[b[k]] = -float(k)
+            cols.append(v / np.sqrt(k * (k + 1.0)))
+    return np.stack(cols, 1) if cols else np.zeros((n, 0))
+
+
+class GLSModel:
+    """The algebra of one spec and one set of measured queries, and the two passes.
+
+    Build it once for the whole tree (every subtree of a streamed run must share it: messages
+    are in its coordinates). ``queries``: every query measured at any level.
+    """
+
+    def __init__(self, spec: HistogramSpec, queries: Iterable[str]) -> None:
+        self.spec = spec
+        self.queries: tuple[str, ...] = tuple(sorted(set(queries)))
+        for q in self.queries:
+            spec.query(q)  # SpecError for an unknown query
+        shape = spec.shape
+        self.shape = shape
+        self.n_cells = spec.n_cells
+        na = len(shape)
+        # per query and axis: the group of each position (None = identity, i.e. kept as is)
+        self._factor_maps: dict[str, list[np.ndarray | None]] = {}
+        for q in self.queries:
+            maps: list[np.ndarray | None] = [np.zeros(n, dtype=np.int64) for n in shape]
+            for f in spec.query(q).by:
+                attr, m, _ = spec.factor_map(f)
+                ax = spec.axis(attr)
+                maps[ax] = None if f == attr else m
+            self._factor_maps[q] = maps
+        # structural-zero sets per definition and axis (None = the whole axis)
+        zsets: list[list[np.ndarray | None]] = []
+        for _, where in spec.structural_zero_defs:
+            row: list[np.ndarray | None] = [None] * na
+            for attr_name, codes in where.items():
+                ax = spec.axis(attr_name)
+                pos = np.unique(spec.attribute(attr_name).index_of(np.array(codes)))
+                if pos.size < shape[ax]:
+                    row[ax] = pos
+            zsets.append(row)
+        self._zsets = zsets
+        self.axes: tuple[_Axis, ...] = tuple(self._axis(a) for a in range(na))
+        self._check_algebra()
+        self.components: tuple[_Component, ...] = self._components()
+
+    # -- construction -------------------------------------------------------------------
+
+    def _axis(self, a: int) -> _Axis:
+        n = self.shape[a]
+        labels = np.zeros(n, dtype=np.int64)
+        for q in self.queries:
+            m = self._factor_maps[q][a]
+            if m is not None:
+                labels = _refine(labels, m)
+        for row in self._zsets:
+            pos = row[a]
+            if pos is not None:
+                # every code of a proper zero set becomes a singleton block: then diag(1_Z) is
+                # diagonal on ind and 0 on perp (perp vectors vanish on singletons)
+                single = np.full(n, -1, dtype=np.int64)
+                single[pos] = np.arange(pos.size)
+                labels = _refine(labels, single)
+        p = int(labels.max()) + 1
+        blocks = tuple(tuple(int(i) for i in np.flatnonzero(labels == b)) for b in range(p))
+        ind = np.zeros((n, p))
+        for b, pos_b in enumerate(blocks):
+            ind[list(pos_b), b] = 1.0 / np.sqrt(len(pos_b))
+        U = np.concatenate([ind, _helmert_perp(blocks, n)], axis=1)
+        return _Axis(n=n, p=p, U=U, blocks=blocks)
+
+    def _factor(self, q: str, a: int) -> np.ndarray:
+        """``R^T R`` of query ``q`` on axis ``a`` (n_a × n_a)."""
+        m = self._factor_maps[q][a]
+        if m is None:
+            return np.eye(self.shape[a])
+        return (m[:, None] == m[None, :]).astype(np.float64)
+
+    def _split(self, F: np.ndarray, a: int) -> tuple[np.ndarray, float]:
+        """(ind block, perp scalar) of an axis factor; checks that it is in the algebra."""
+        ax = self.axes[a]
+        G = ax.U.T @ F @ ax.U
+        p = ax.p
+        scale = max(1.0, float(np.abs(F).max()))
+        s = float(G[p, p]) if ax.n > p else 0.0
+        off = np.concatenate([G[:p, p:].ravel(), G[p:, :p].ravel(),
+                              (G[p:, p:] - s * np.eye(ax.n - p)).ravel()])
+        if off.size and float(np.abs(off).max()) > _ALG_TOL * scale:
+            raise PostprocessError(f"GLS algebra: a factor on axis {a} is not block-scalar (bug)")
+        return G[:p, :p].copy(), s
+
+    def _check_algebra(self) -> None:
+        self._gen: dict[str, list[tuple[np.ndarray, float]]] = {
+            q: [self._split(self._factor(q, a), a) for a in range(len(self.shape))]
+            for q in self.queries
+        }
+        for row in self._zsets:
+            for a, pos in enumerate(row):
+                if pos is not None:
+                    F = np.zeros((self.shape[a], self.shape[a]))
+                    F[pos, pos] = 1.0
+                    self._split(F, a)
+
+    def _components(self) -> tuple[_Component, ...]:
+        out = []
+        na = len(self.shape)
+        for in_ind in itertools.product((True, False), repeat=na):
+            S = [a for a in range(na) if in_ind[a]]
+            rest = [a for a in range(na) if not in_ind[a]]
+            m = int(np.prod([self.axes[a].p for a in S])) if S else 1
+            r = int(np.prod([self.axes[a].n - self.axes[a].p for a in rest])) if rest else 1
+            if r == 0:
+                continue
+            # zero coordinate: some zero definition covers it on every axis
+            zero = np.zeros([self.axes[a].p for a in S], dtype=bool)
+            for row in self._zsets:
+                hit = np.ones(zero.shape, dtype=bool)
+                if any(row[a] is not None for a in rest):
+                    continue  # a proper zero set on a perp axis: diag(1_Z) is 0 there
+                for k, a in enumerate(S):
+                    pos = row[a]
+                    if pos is None:
+                        continue
+                    inz = np.array([set(b) <= set(pos.tolist()) for b in self.axes[a].blocks])
+                    hit &= inz.reshape([-1 if j == k else 1 for j in range(len(S))])
+                zero |= hit
+            free = np.flatnonzero(~zero.reshape(-1)).astype(np.int64)
+            if free.size == 0:
+                continue
+            perm = (0,) + tuple(1 + a for a in S) + tuple(1 + a for a in rest)
+            dims = tuple(self.axes[a].p for a in S) + tuple(self.axes[a].n - self.axes[a].p
+                                                             for a in rest)
+            out.append(_Component(tuple(in_ind), m, r, free, perm, dims))
+        return tuple(out)
+
+    def _slices(self, c: _Component) -> tuple[slice, ...]:
+        return (slice(None),) + tuple(slice(0, ax.p) if c.in_ind[a] else slice(ax.p, ax.n)
+                                      for a, ax in enumerate(self.axes))
+
+    def block(self, q: str, c: _Component) -> np.ndarray:
+        """``Q_qᵀQ_q`` on component ``c``, free coordinates: (m', m')."""
+        M = np.ones((1, 1))
+        scalar = 1.0
+        for a, (ind, s) in enumerate(self._gen[q]):
+            if c.in_ind[a]:
+                M = np.kron(M, ind)
+            else:
+                scalar *= s
+        return (scalar * M)[np.ix_(c.free, c.free)]
+
+    # -- changes of basis ---------------------------------------------------------------
+
+    def to_components(self, x: np.ndarray) -> list[np.ndarray]:
+        """Cell vectors ``(n, d)`` -> per component ``(n, m', r)`` (free coordinates)."""
+        n = x.shape[0]
+        outs = [np.empty((n, c.free.size, c.r)) for c in self.components]
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            X = x[lo:hi].reshape((hi - lo,) + self.shape)
+            for ax in self.axes:  # contracting axis 1 each time cycles the axes back in order
+                X = np.tensordot(X, ax.U, axes=([1], [0]))
+            for c, out in zip(self.components, outs):
+                blk = X[self._slices(c)].transpose(c.perm).reshape(hi - lo, c.m, c.r)
+                out[lo:hi] = blk[:, c.free, :]
+        return outs
+
+    def from_components(self, comps: Sequence[np.ndarray]) -> np.ndarray:
+        """Inverse of :meth:`to_components`: per component ``(n, m', r)`` -> ``(n, d)``."""
+        n = comps[0].shape[0] if comps else 0
+        out = np.empty((n, self.n_cells))
+        inv_perm = {c.perm: tuple(np.argsort(c.perm)) for c in self.components}
+        for lo in range(0, n, _CHUNK):
+            hi = min(n, lo + _CHUNK)
+            Y = np.zeros((hi - lo,) + self.shape)
+            for c, v in zip(self.components, comps):
+                blk = np.zeros((hi - lo, c.m, c.r))
+                blk[:, c.free, :] = v[lo:hi]
+                Y[self._slices(c)] = blk.reshape((hi - lo,) + c.dims).transpose(inv_perm[c.perm])
+            for ax in self.axes:
+                Y = np.tensordot(Y, ax.U.T, axes=([1], [0]))
+            out[lo:hi] = Y.reshape(hi - lo, -1)
+        out[:, self.spec.structural_zero_mask] = 0.0  # already 0 up to exact arithmetic
+        return out
+
+    # -- the passes -----------------------------------------------------------------------
+
+    def _level_terms(self, lv: LevelMeasurements, i: int, n: int
+                     ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """(A per component (m', m'), b per component (n, m', r) or None if nothing measured)."""
+        A = [np.zeros((c.free.size, c.free.size)) for c in self.components]
+        if not lv.measured:
+            return A, None
+        b = np.zeros((n, self.n_cells))
+        for q, (vals, var) in lv.measured.items():
+            where = f"level {i}{f' ({lv.name})' if lv.name else ''} query {q!r}"
+            if q not in self.queries:
+                raise PostprocessError(f"{where}: not among the model's queries {self.queries}")
+            query = self.spec.query(q)
+            y = np.asarray(vals, dtype=np.float64)
+            if y.shape != (n, query.n_answers):
+                raise PostprocessError(f"{where}: values shape {y.shape} != {(n, query.n_answers)}")
+            if not np.all(np.isfinite(y)):
+                raise PostprocessError(
+                    f"{where}: {int((~np.isfinite(y)).sum())} unmeasured (NaN/inf) answers; the "
+                    "full estimator needs every answer measured")
+            v = float(var)
+            if not (np.isfinite(v) and v > 0):
+                raise PostprocessError(f"{where}: variance must be finite and > 0, got {var!r}")
+            b += y[:, query.cell_to_answer] / v  # Q^T y: each cell gets its answer's value
+            for k, c in enumerate(self.components):
+                A[k] += self.block(q, c) / v
+        return A, self.to_components(b)
+
+    def _n_units(self, levels: Sequence[LevelMeasurements], i: int, n_below: int | None) -> int:
+        lv = levels[i]
+        for vals, _ in lv.measured.values():
+            return int(np.shape(vals)[0])
+        if i + 1 < len(levels) and levels[i + 1].child_ptr is not None:
+            return int(np.asarray(levels[i + 1].child_ptr).size - 1)
+        if i + 1 == len(levels) and n_below is not None:
+            return n_below
+        raise PostprocessError(f"level {i}: no measurements and no child_ptr below it to size it")
+
+    @staticmethod
+    def _parents(ptr: np.ndarray | None, n_parent: int, n_child: int, where: str) -> np.ndarray:
+        if ptr is None:
+            raise PostprocessError(f"{where}: child_ptr is required below the top level")
+        ptr = np.asarray(ptr, dtype=np.int64)
+        if ptr.shape != (n_parent + 1,) or ptr[0] != 0 or ptr[-1] != n_child:
+            raise PostprocessError(
+                f"{where}: child_ptr must be ({n_parent + 1},) from 0 to {n_child}, got shape "
+                f"{ptr.shape} ending at {ptr[-1] if ptr.size else None}")
+        counts = np.diff(ptr)
+        if np.any(counts < 1):
+            raise PostprocessError(f"{where}: every parent needs at least one child "
+                                   f"({int((counts < 1).sum())} have none)")
+        return ptr
+
+    def upward(self, levels: Sequence[LevelMeasurements], below: Message | None = None,
+               below_child_ptr: np.ndarray | None = None) -> Upward:
+        """Up pass over ``levels`` (top first). ``levels[k+1].child_ptr`` places level ``k+1``
+        under level ``k``; ``levels[0].child_ptr`` is ignored. With ``below`` (stacked
+        messages of subtrees, placed under ``levels[-1]`` by ``below_child_ptr``) the bottom of
+        ``levels`` is an internal level; otherwise it is the leaf level and must identify x."""
+        if not levels:
+            raise PostprocessError("GLS: no levels")
+        if (below is None) != (below_child_ptr is None):
+            raise PostprocessError("GLS: below and below_child_ptr go together")
+        if below is not None and below.model is not self:
+            raise PostprocessError("GLS: the message below was built by another GLSModel")
+        L = len(levels)
+        n_below = None if below is None else below.n_units
+        sizes = [self._n_units(levels, i, None if below is None else
+                               int(np.asarray(below_child_ptr).size - 1)) for i in range(L)]
+        bounds: list[_Boundary] = []
+        J: list[np.ndarray] = []
+        h: list[np.ndarray] = []
+        if below is not None:
+            J, h = list(below.info), list(below.h)
+        for i in range(L - 1, -1, -1):
+            lv, n = levels[i], sizes[i]
+            where = f"level {i}{f' ({lv.name})' if lv.name else ''}"
+            A, b = self._level_terms(lv, i, n)
+            if i == L - 1 and below is None:
+                self._check_identified(A, where)
+                J = [a[None] for a in A]  # shared by every leaf
+                h = b if b is not None else []
+                continue
+            n_child = n_below if i == L - 1 else sizes[i + 1]
+            assert n_child is not None
+            ptr = self._parents(below_child_ptr if i == L - 1 else levels[i + 1].child_ptr,
+                                n, n_child, f"{where} -> children")
+            bd = _Boundary.make(ptr, J, h, n_child)
+            bounds.append(bd)
+            J = [a[None] + ci for a, ci in zip(A, bd.Cinv)]
+            h = [ci @ s for ci, s in zip(bd.Cinv, bd.s)]
+            if b is not None:
+                h = [hk + bk for hk, bk in zip(h, b)]
+        bounds.reverse()
+        top = Message(self, tuple(np.broadcast_to(j, (sizes[0],) + j.shape[1:]).copy()
+                                  for j in J), tuple(h))
+        return Upward(self, top, tuple(bounds), tuple(sizes), below is not None)
+
+    def _check_identified(self, A: Sequence[np.ndarray], where: str) -> None:
+        for a, c in zip(A, self.components):
+            ev = np.linalg.eigvalsh(a)
+            if ev.size and not ev.min() > _ID_TOL * max(float(np.abs(ev).max()), 1e-300):
+                raise PostprocessError(
+                    f"{where}: the bottom level's queries do not identify every cell (the "
+                    f"information matrix is singular on component {c.in_ind}); the bottom level "
+                    "must measure an identity-like query set (e.g. the detailed query)")
+
+    def downward(self, up: Upward, top: Posterior | None = None) -> GLSFit:
+        """Down pass. ``top``: posterior of ``up``'s top units (from the fit above, e.g.
+        ``fit_above.below.select(s, s + 1)``); ``None`` if they are roots."""
+        if up.model is not self:
+            raise PostprocessError("GLS: the up pass was run by another GLSModel")
+        if top is None:
+            P = [_sym(np.linalg.inv(j)) for j in up.message.info]
+            mean = [p @ hh for p, hh in zip(P, up.message.h)]
+            post = Posterior(self, tuple(mean), tuple(P))
+        else:
+            if top.model is not self or top.n_units != up.sizes[0]:
+                raise PostprocessError(f"GLS: top posterior has {top.n_units} units from model "
+                                       f"{id(top.model)}, need {up.sizes[0]} from {id(self)}")
+            post = top
+        fits = [LevelFit(self, post)]
+        for bd in up.bounds:
+            post = bd.down(self, post)
+            fits.append(LevelFit(self, post))
+        below = None
+        if up.has_below:
+            below = fits.pop().posterior
+        return GLSFit(tuple(fits), below)
+
+
+def _sym(M: np.ndarray) -> np.ndarray:
+    return np.asarray(0.5 * (M + np.swapaxes(M, -1, -2)))
+
+
+# --------------------------------------------------------------------------------------------
+# messages and state
+
+
+@dataclass(frozen=True)
+class Message:
+    """What a subtree tells the level above, per top unit and component: the information
+    matrix ``info[k]`` (n, m', m') (1/persons²) and vector ``h[k]`` (n, m', r) (1/persons)."""
+
+    model: GLSModel = field(repr=False)
+    info: tuple[np.ndarray, ...]
+    h: tuple[np.ndarray, ...]
+
+    @property
+    def n_units(self) -> int:
+        return int(self.info[0].shape[0]) if self.info else 0
+
+
+def stack_messages(messages: Sequence[Message]) -> Message:
+    """Concatenate the top units of several subtrees (in order) into one message."""
+    if not messages:
+        raise PostprocessError("GLS: no messages to stack")
+    model = messages[0].model
+    if any(m.model is not model for m in messages):
+        raise PostprocessError("GLS: messages from different GLSModels")
+    k = len(model.components)
+    return Message(model, tuple(np.concatenate([m.info[j] for m in messages]) for j in range(k)),
+                   tuple(np.concatenate([m.h[j] for m in messages]) for j in range(k)))
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """Per unit and component: ``mean[k]`` (n, m', r) in persons and covariance ``cov[k]``
+    (n, m', m') in persons² (the covariance is ``cov[k] ⊗ I_r`` on the component)."""
+
+    model: GLSModel = field(repr=False)
+    mean: tuple[np.ndarray, ...]
+    cov: tuple[np.ndarray, ...]
+
+    @property
+    def n_units(self) -> int:
+        return int(self.mean[0].shape[0]) if self.mean else 0
+
+    def select(self, start: int, stop: int) -> Posterior:
+        """Units ``start:stop`` (e.g. one state's, to start its subtree's down pass)."""
+        return Posterior(self.model, tuple(m[start:stop] for m in self.mean),
+                         tuple(c[start:stop] for c in self.cov))
+
+
+@dataclass(frozen=True)
+class _Boundary:
+    """What the down pass needs between a parent level and its children (per component)."""
+
+    parent: np.ndarray  # int64 (n_child,) parent index of each child
+    cov: tuple[np.ndarray, ...]  # children's subtree covariance J_c^-1, (n_c or 1, m', m')
+    z: tuple[np.ndarray, ...]  # children's subtree estimates (n_c, m', r)
+    Cinv: tuple[np.ndarray, ...]  # (Σ_c cov_c)^-1 per parent (n_v, m', m')
+    s: tuple[np.ndarray, ...]  # Σ_c z_c per parent (n_v, m', r)
+
+    @staticmethod
+    def make(ptr: np.ndarray, J: Sequence[np.ndarray], h: Sequence[np.ndarray],
+             n_child: int) -> _Boundary:
+        starts = ptr[:-1]
+        parent = np.repeat(np.arange(starts.size), np.diff(ptr))
+        cov, z, Cinv, s = [], [], [], []
+        for j, hh in zip(J, h):
+            cv = _sym(np.linalg.inv(j))
+            zc = cv @ hh
+            full = np.broadcast_to(cv, (n_child,) + cv.shape[1:])
+            C = np.add.reduceat(full, starts, axis=0)
+            cov.append(cv)
+            z.append(zc)
+            Cinv.append(_sym(np.linalg.inv(C)))
+            s.append(np.add.reduceat(zc, starts, axis=0))
+        return _Boundary(parent, tuple(cov), tuple(z), tuple(Cinv), tuple(s))
+
+    def down(self, model: GLSModel, post: Posterior) -> Posterior:
+        mean, cov = [], []
+        for cv, zc, ci, s, mv, Pv in zip(self.cov, self.z, self.Cinv, self.s, post.mean,
+                                          post.cov):
+            K = cv @ ci[self.parent]  # (n_c, m', m')
+            mean.append(zc + K @ (mv - s)[self.parent])
+            KT = np.swapaxes(K, -1, -2)
+            cov.append(_sym(cv - K @ cv + K @ Pv[self.parent] @ KT))
+        return Posterior(model, tuple(mean), tuple(cov))
+
+
+@dataclass(frozen=True)
+class Upward:
+    """Result of an up pass: the top units' :attr:`message` and the state for the down pass."""
+
+    model: GLSModel = field(repr=False)
+    message: Message
+    bounds: tuple[_Boundary, ...] = field(repr=False)
+    sizes: tuple[int, ...]
+    has_below: bool
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class LevelFit:
+    """The BLUE of one level's units with its exact covariance."""
+
+    model: GLSModel = field(repr=False)
+    posterior: Posterior = field(repr=False)
+
+    @property
+    def n_units(self) -> int:
+        return self.posterior.n_units
+
+    @cached_property
+    def estimate(self) -> np.ndarray:
+        """float64 ``(n_units, d)``: BLUE of every cell (persons), consistent, zeros exactly 0."""
+        return self.model.from_components(self.posterior.mean)
+
+    def query(self, q: str) -> np.ndarray:
+        """``(n_units, n_answers)`` estimates of query ``q``'s answers (persons)."""
+        return self.model.spec.query(q).answer(self.estimate)
+
+    def variance_of(self, factors: Sequence[np.ndarray]) -> np.ndarray:
+        """``(n_units,)`` exact variance (persons²) of ``lᵀx`` with ``l = ⊗_a factors[a]``
+        (``factors[a]``: float ``(n_a,)``, attributes in spec order; e.g. a table line)."""
+        m = self.model
+        if len(factors) != len(m.axes):
+            raise PostprocessError(f"variance_of: need {len(m.axes)} factors, got {len(factors)}")
+        g = []
+        for a, (f, ax) in enumerate(zip(factors, m.axes)):
+            f = np.asarray(f, dtype=np.float64)
+            if f.shape != (ax.n,):
+                raise PostprocessError(f"variance_of: factor {a} shape {f.shape} != {(ax.n,)}")
+            t = ax.U.T @ f
+            g.append((t[:ax.p], float(t[ax.p:] @ t[ax.p:])))
+        out = np.zeros(self.n_units)
+        for c, P in zip(m.components, self.posterior.cov):
+            u = np.ones(1)
+            w = 1.0
+            for a, (ind, pn2) in enumerate(g):
+                if c.in_ind[a]:
+                    u = np.kron(u, ind)
+                else:
+                    w *= pn2
+            if w == 0.0:
+                continue
+            u = u[c.free]
+            out += w * np.einsum("i,nij,j->n", u, P, u)
+        return out
+
+    def query_variance(self, q: str) -> np.ndarray:
+        """``(n_units, n_answers)`` exact variance (persons²) of each answer of query ``q``."""
+        m = self.model
+        query = m.spec.query(q)
+        # per axis: the answer rows on that axis (group indicators; one all-ones row if summed)
+        rows: list[np.ndarray] = []
+        axis_of_by = []
+        for a, attr in enumerate(m.spec.attributes):
+            G = np.ones((1, m.shape[a]))
+            for f in query.by:
+                name, fm, labels = m.spec.factor_map(f)
+                if name == attr.name:
+                    G = (np.arange(len(labels))[:, None] == fm[None, :]).astype(np.float64)
+            rows.append(G)
+        for f in query.by:
+            axis_of_by.append(m.spec.axis(m.spec.factor_map(f)[0]))
+        per_axis = []
+        for G, ax in zip(rows, m.axes):
+            T = G @ ax.U
+            ind = T[:, :ax.p]
+            pn2 = np.einsum("gi,gi->g", T[:, ax.p:], T[:, ax.p:])
+            # many answers share their ind part (e.g. every race code has ind 1/sqrt(63))
+            uniq, first, inv = np.unique(ind, axis=0, return_index=True, return_inverse=True)
+            per_axis.append((ind[first], inv.reshape(-1), pn2))
+        gsizes = tuple(G.shape[0] for G in rows)
+        grids = np.indices(gsizes).reshape(len(gsizes), -1)  # answer multi-index, attr order
+        out = np.zeros((self.n_units, grids.shape[1]))
+        for c, P in zip(m.components, self.posterior.cov):
+            L = np.ones((1, 1))
+            w = np.ones(grids.shape[1])
+            idx = np.zeros(grids.shape[1], dtype=np.int64)
+            for a, (uind, inv, pn2) in enumerate(per_axis):
+                if c.in_ind[a]:
+                    L = np.einsum("ui,vj->uvij", L, uind).reshape(L.shape[0] * uind.shape[0], -1)
+                    idx = idx * uind.shape[0] + inv[grids[a]]
+                else:
+                    w = w * pn2[grids[a]]
+            if not np.any(w):
+                continue
+            L = L[:, c.free]
+            V = np.einsum("gi,nij,gj->ng", L, P, L, optimize=True)  # (n, unique rows)
+            out += V[:, idx] * w[None, :]
+        # answers are row-major over the `by` factors in `by` order
+        order = axis_of_by + [a for a in range(len(gsizes)) if a not in axis_of_by]
+        by_order = out.reshape((self.n_units,) + gsizes).transpose([0] + [1 + a for a in order])
+        return np.ascontiguousarray(by_order.reshape(self.n_units, query.n_answers))
+
+
+@dataclass(frozen=True)
+class GLSFit:
+    """``levels[i]``: the fit of level ``i`` of the call (top first). ``below``: posterior of
+    the units of the stacked messages given to :meth:`GLSModel.upward`, if any."""
+
+    levels: tuple[LevelFit, ...]
+    below: Posterior | None = None
+
+
+def fit(spec: HistogramSpec, levels: Sequence[LevelMeasurements]) -> GLSFit:
+    """The exact hierarchical GLS of a whole tree (``levels[0]``: the root level)."""
+    model = GLSModel(spec, (q for lv in levels for q in lv.measured))
+    return model.downward(model.upward(levels))
