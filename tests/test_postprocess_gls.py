@@ -1,0 +1,311 @@
+"""Hierarchical GLS (pipeline/postprocess/gls.py) against a dense GLS solve with the explicit
+query matrices, the tree sums and the structural zeros (unknowns = the leaves' free cells)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pipeline.model.spec import load_spec
+from pipeline.model.strategy import load_strategy
+from pipeline.postprocess import gls
+from pipeline.postprocess.problem import PostprocessError
+
+PL94 = load_spec("pl94")
+UNITS = load_spec("units")
+STRATEGY = load_strategy("census2020_pl94")
+
+TINY_YAML = """
+name: tiny
+attributes:
+  - {name: a, codes: [0, 1, 2], labels: [a0, a1, a2]}
+  - {name: b, codes: [0, 1, 2, 3], labels: [b0, b1, b2, b3]}
+  - {name: c, codes: [1, 2], labels: [c1, c2]}
+recodes:
+  bgrp: {attribute: b, groups: [[0, 1], [2, 3]], labels: [lo, hi]}
+  agrp: {attribute: a, groups: [[0, 1], [2]], labels: [x, y]}
+queries:
+  total: {by: []}
+  a: {by: [a]}
+  bgrp: {by: [bgrp]}
+  "a*c": {by: [a, c]}
+  "agrp*bgrp": {by: [agrp, bgrp]}
+  "b*c": {by: [b, c]}
+  detailed: {by: [a, b, c]}
+structural_zeros:
+  - {name: z1, where: {a: [2], b: [0, 1]}}
+  - {name: z2, where: {b: [3], c: [1]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    p = tmp_path_factory.mktemp("spec") / "tiny.yaml"
+    p.write_text(TINY_YAML)
+    return load_spec(p)
+
+
+# ------------------------------------------------------------------------------------------
+# trees and measurements
+
+
+def _ptrs(counts_per_level):
+    """CSR child_ptr arrays from per-level child counts (level 0 = one root)."""
+    return [None] + [np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for c in counts_per_level]
+
+
+def random_tree(rng, depth, max_children=3):
+    """child counts per level below the root: uneven, with 1-child parents."""
+    n, out = 1, []
+    for _ in range(depth - 1):
+        c = rng.integers(1, max_children + 1, size=n)
+        c[rng.integers(0, n)] = 1  # at least one only child per level
+        out.append(c)
+        n = int(c.sum())
+    return _ptrs(out)
+
+
+def measure(spec, ptrs, query_sets, rng, variances=None):
+    """Random noisy measurements of random truths (the values need not be realistic)."""
+    levels = []
+    sizes = [1] + [int(p[-1]) for p in ptrs[1:]]
+    for i, (ptr, qs) in enumerate(zip(ptrs, query_sets)):
+        meas = {}
+        for q in qs:
+            var = variances[i][q] if variances else float(rng.uniform(0.5, 20.0))
+            meas[q] = (rng.normal(5.0, 10.0, size=(sizes[i], spec.query(q).n_answers)), var)
+        levels.append(gls.LevelMeasurements(ptr, meas, name=f"L{i}"))
+    return levels
+
+
+def strategy_levels(depth):
+    # keep the nation (root, no `total`) at the top and the block level (detailed) at the bottom
+    names = [STRATEGY.level_names[0]] + list(STRATEGY.level_names)[-(depth - 1):]
+    qsets = [STRATEGY.queries(n) for n in names]
+    var = [{q: float(STRATEGY.sigma2(n, q)) for q in STRATEGY.queries(n)} for n in names]
+    return qsets, var
+
+
+# ------------------------------------------------------------------------------------------
+# the dense reference
+
+
+class DenseGLS:
+    """GLS with unknowns = the leaves' free cells, all measurements stacked explicitly."""
+
+    def __init__(self, spec, levels):
+        self.spec = spec
+        free = np.flatnonzero(~spec.structural_zero_mask)
+        self.free = free
+        L = len(levels)
+        # leaf-descendant membership per level
+        n_leaf = int(levels[-1].child_ptr[-1]) if L > 1 else 1
+        M = [None] * L
+        M[L - 1] = sp.identity(n_leaf, format="csr")
+        for i in range(L - 2, -1, -1):
+            ptr = levels[i + 1].child_ptr
+            parent = np.repeat(np.arange(ptr.size - 1), np.diff(ptr))
+            S = sp.csr_matrix((np.ones(parent.size), (parent, np.arange(parent.size))),
+                              shape=(ptr.size - 1, parent.size))
+            M[i] = (S @ M[i + 1]).tocsr()
+        self.M = M
+        rows, ys, ws = [], [], []
+        for i, lv in enumerate(levels):
+            for q, (y, v) in lv.measured.items():
+                Q = spec.query(q).matrix()[:, free]
+                rows.append(sp.kron(M[i], Q, format="csr"))
+                ys.append(np.asarray(y).ravel())
+                ws.append(np.full(y.size, 1.0 / v))
+        A = sp.vstack(rows).tocsr()
+        W = np.concatenate(ws)
+        N = (A.T @ sp.diags(W) @ A).toarray()
+        rhs = A.T @ (W * np.concatenate(ys))
+        self.cov = np.linalg.inv(N)
+        self.beta = self.cov @ rhs
+        self.n_leaf = n_leaf
+
+    def _R(self, i, u, Lrows):
+        """rows Lrows (k, d) applied to unit u of level i: (k, n_leaf * |free|)."""
+        return sp.kron(self.M[i][u], sp.csr_matrix(Lrows[:, self.free])).toarray()
+
+    def estimate(self, i):
+        B = self.beta.reshape(self.n_leaf, -1)
+        out = np.zeros((self.M[i].shape[0], self.spec.n_cells))
+        out[:, self.free] = self.M[i] @ B
+        return out
+
+    def variances(self, i, Lrows):
+        out = []
+        for u in range(self.M[i].shape[0]):
+            R = self._R(i, u, Lrows)
+            out.append(np.einsum("ij,ij->i", R @ self.cov, R))
+        return np.array(out)
+
+
+def _check_against_dense(spec, levels, queries, scale_tol=1e-9):
+    res = gls.fit(spec, levels)
+    ref = DenseGLS(spec, levels)
+    zero = spec.structural_zero_mask
+    for i, lf in enumerate(res.levels):
+        est = lf.estimate
+        want = ref.estimate(i)
+        scale = max(1.0, float(np.abs(want).max()))
+        assert np.abs(est - want).max() <= scale_tol * scale, (i, np.abs(est - want).max())
+        assert np.all(est[:, zero] == 0.0)  # exactly
+        if i + 1 < len(res.levels):  # children sum to their parent
+            ptr = levels[i + 1].child_ptr
+            sums = np.add.reduceat(res.levels[i + 1].estimate, ptr[:-1], axis=0)
+            assert np.abs(sums - est).max() <= 1e-9 * scale
+        for q in queries:
+            Q = spec.query(q).matrix().toarray()
+            np.testing.assert_allclose(lf.query(q), want @ Q.T, atol=scale_tol * scale, rtol=0)
+            vq = lf.query_variance(q)
+            vref = ref.variances(i, Q)
+            assert vq.shape == vref.shape
+            assert np.abs(vq - vref).max() <= scale_tol * max(1.0, float(vref.max())), q
+    return res, ref
+
+
+# ------------------------------------------------------------------------------------------
+# agreement with the dense reference
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tiny_spec_matches_dense_gls(tiny, seed):
+    rng = np.random.default_rng(seed)
+    depth = 2 + seed % 3
+    ptrs = random_tree(rng, depth)
+    allq = list(tiny.query_names)
+    upper = [q for q in allq if q != "detailed"]
+    qsets = [list(rng.choice(upper, size=rng.integers(0, len(upper) + 1), replace=False))
+             for _ in range(depth - 1)]
+    # the bottom: an identity-like set (detailed) plus random marginals
+    qsets.append(["detailed"] + list(rng.choice(upper, size=2, replace=False)))
+    levels = measure(tiny, ptrs, qsets, rng)
+    res, ref = _check_against_dense(tiny, levels, allq)
+    # variance_of: a random Kronecker-product combination, at every level
+    factors = [rng.normal(size=n) for n in tiny.shape]
+    lvec = factors[0][:, None, None] * factors[1][None, :, None] * factors[2][None, None, :]
+    for i, lf in enumerate(res.levels):
+        v = lf.variance_of(factors)
+        vref = ref.variances(i, lvec.reshape(1, -1))[:, 0]
+        np.testing.assert_allclose(v, vref, rtol=1e-9, atol=1e-12)
+
+
+def test_tiny_algebra_blocks(tiny):
+    """The recode and the zeros split the axes as documented: `a` by agrp ({0,1},{2}); `b` by
+    bgrp and the zero sets (0, 1 and 3 singletons, so 2 too); `c` by z2; kept axes add nothing."""
+    m = gls.GLSModel(tiny, tiny.query_names)
+    assert [ax.p for ax in m.axes] == [2, 4, 2]
+    m2 = gls.GLSModel(tiny, ["total", "bgrp", "agrp*bgrp"])
+    assert [ax.blocks for ax in m2.axes] == [((0, 1), (2,)), ((0,), (1,), (2,), (3,)), ((0,), (1,))]
+
+
+def test_units_spec_matches_dense_gls():
+    rng = np.random.default_rng(7)
+    ptrs = random_tree(rng, 4, max_children=4)
+    qsets = [["total"], ["total", "detailed"], [], ["detailed", "total"]]
+    levels = measure(UNITS, ptrs, qsets, rng)
+    _check_against_dense(UNITS, levels, ["total", "detailed"])
+
+
+def test_pl94_strategy_matches_dense_gls():
+    """The real spec with the 2020 strategy's query sets and variances (nation, block group,
+    block; 2 leaves, so the dense reference stays at 3,780 unknowns)."""
+    rng = np.random.default_rng(3)
+    ptrs = _ptrs([np.array([2]), np.array([1, 1])])  # root -> 2 -> (1, 1)
+    qsets, var = strategy_levels(3)
+    levels = measure(PL94, ptrs, qsets, rng, var)
+    res, ref = _check_against_dense(PL94, levels, ["total", "hhgq", "votingage*hispanic*cenrace"])
+    # a table-line-like combination: adults (va=1) in group quarters, Hispanic, any race
+    factors = [np.r_[0.0, np.ones(7)], np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.ones(63)]
+    lvec = np.einsum("a,b,c,d->abcd", *factors).reshape(1, -1)
+    for i, lf in enumerate(res.levels):
+        np.testing.assert_allclose(lf.variance_of(factors), ref.variances(i, lvec)[:, 0],
+                                   rtol=1e-9)
+    # `detailed` variances at the leaves (all 2016 answers, zeros have variance 0)
+    vd = res.levels[-1].query_variance("detailed")
+    np.testing.assert_allclose(vd, ref.variances(2, np.eye(PL94.n_cells)), rtol=1e-9, atol=1e-9)
+    assert np.all(vd[:, PL94.structural_zero_mask] == 0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# the streaming seam
+
+
+def _subtree(levels, top_level, unit):
+    """Levels top_level.. of the subtree under ``unit`` of ``top_level`` (child_ptr rebased)."""
+    out, lo, hi, ptr = [], unit, unit + 1, None
+    for i in range(top_level, len(levels)):
+        meas = {q: (y[lo:hi], v) for q, (y, v) in levels[i].measured.items()}
+        out.append(gls.LevelMeasurements(ptr, meas, levels[i].name))
+        if i + 1 < len(levels):
+            full = levels[i + 1].child_ptr
+            ptr = full[lo:hi + 1] - full[lo]
+            lo, hi = int(full[lo]), int(full[hi])
+    return out
+
+
+@pytest.mark.parametrize("spec_name", ["tiny", "pl94"])
+def test_streaming_equals_whole_tree(tiny, spec_name):
+    spec = tiny if spec_name == "tiny" else PL94
+    rng = np.random.default_rng(11)
+    ptrs = _ptrs([np.array([3]), np.array([2, 1, 3]), np.array([1, 2, 1, 1, 3, 2])])
+    if spec_name == "tiny":
+        qsets = [["total", "a"], ["bgrp", "a*c"], ["total"], ["detailed", "total"]]
+    else:
+        qsets = strategy_levels(4)[0]
+    levels = measure(spec, ptrs, qsets, rng)
+    whole = gls.fit(spec, levels)
+    model = gls.GLSModel(spec, {q for qs in qsets for q in qs})
+    # per-state up passes; states are level 1 (3 of them)
+    ups = [model.upward(_subtree(levels, 1, s)) for s in range(3)]
+    top = model.upward(levels[:1], below=gls.stack_messages([u.message for u in ups]),
+                       below_child_ptr=levels[1].child_ptr)
+    top_fit = model.downward(top)
+    assert top_fit.below is not None and top_fit.below.n_units == 3
+    np.testing.assert_allclose(top_fit.levels[0].estimate, whole.levels[0].estimate,
+                               rtol=0, atol=1e-10)
+    parts = [model.downward(u, top_fit.below.select(s, s + 1)) for s, u in enumerate(ups)]
+    for i in range(1, 4):
+        est = np.concatenate([p.levels[i - 1].estimate for p in parts])
+        np.testing.assert_allclose(est, whole.levels[i].estimate, rtol=0, atol=1e-10)
+        var = np.concatenate([p.levels[i - 1].query_variance("total") for p in parts])
+        np.testing.assert_allclose(var, whole.levels[i].query_variance("total"), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+
+
+def test_bottom_level_must_identify_x(tiny):
+    rng = np.random.default_rng(0)
+    ptrs = _ptrs([np.array([2])])
+    # every two-way marginal, but no three-way interaction: not identified
+    levels = measure(tiny, ptrs, [["detailed"], ["a*c", "b*c", "agrp*bgrp"]], rng)
+    with pytest.raises(PostprocessError, match="do not identify"):
+        gls.fit(tiny, levels)
+    levels = measure(PL94, ptrs, [["total"], ["total", "hhgq"]], rng)
+    with pytest.raises(PostprocessError, match="identity-like"):
+        gls.fit(PL94, levels)
+
+
+def test_nan_is_refused_naming_level_and_query():
+    rng = np.random.default_rng(0)
+    ptrs = _ptrs([np.array([2])])
+    levels = measure(UNITS, ptrs, [["total"], ["detailed"]], rng)
+    y, v = levels[1].measured["detailed"]
+    y = y.copy()
+    y[1, 0] = np.nan
+    levels[1] = gls.LevelMeasurements(levels[1].child_ptr, {"detailed": (y, v)}, name="block")
+    with pytest.raises(PostprocessError, match=r"level 1 \(block\) query 'detailed'.*NaN"):
+        gls.fit(UNITS, levels)
+
+
+def test_bad_tree_is_refused():
+    rng = np.random.default_rng(0)
+    levels = measure(UNITS, _ptrs([np.array([2])]), [["total"], ["detailed"]], rng)
+    bad = gls.LevelMeasurements(np.array([0, 3]), levels[1].measured, name="block")
+    with pytest.raises(PostprocessError, match="child_ptr"):
+        gls.fit(UNITS, [levels[0], bad])
