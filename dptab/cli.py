@@ -419,7 +419,8 @@ def review_cmd(
 
 @_command("experiment",
           'dptab experiment my-job.yaml --trials 20 --rho 1 --rho 5',
-          'dptab experiment my-job.yaml --trials 5 --strategy uniform --workers 2')
+          'dptab experiment my-job.yaml --trials 5 --strategy uniform --workers 2',
+          'dptab experiment my-job.yaml --trials 20 --compare-estimators')
 def experiment_cmd(
     config: str = typer.Argument(..., help="run config YAML (its inputs and strategy)"),
     trials: int = typer.Option(..., "--trials", min=1, help="repetitions per setting"),
@@ -427,6 +428,8 @@ def experiment_cmd(
     strategy: list[str] = typer.Option(None, "--strategy", help="a strategy name or YAML (repeatable)"),
     compare_joint: bool = typer.Option(False, "--compare-joint",
                                        help="persons and units independent (2020) vs joint.households, paired"),
+    compare_estimators: bool = typer.Option(False, "--compare-estimators",
+                                            help="postprocess.estimator topdown (2020) vs full, on the same noise draws"),
     workers: int = typer.Option(2, "--workers", min=1, help="parallel worker processes"),
     out: str = typer.Option(None, "--out", help="experiment directory (default runs/experiments/...)"),
     seed: int = typer.Option(20_200_401, "--seed", help="base seed (trial t uses seed + 1 + t)"),
@@ -438,7 +441,7 @@ def experiment_cmd(
     try:
         with StageProgress(console=_console(stderr=True)) as prog:
             exp = run_experiment(config, trials, rhos=rho or None, strategies=strategy or None, compare_joint=compare_joint,
-                                 workers=workers, out_dir=out, seed=seed, progress=prog.report)
+                                 compare_estimators=compare_estimators, workers=workers, out_dir=out, seed=seed, progress=prog.report)
     except Exception as exc:
         _fail(exc)
     typer.echo(f"experiment: {exp}")

@@ -66,14 +66,14 @@ def _is_invalid_input(state) -> bool:
     return False
 
 
-@task(name="shard", task_run_name="solve-{kind}-{level}-{shard}", retries=2, retry_delay_seconds=[5, 30], **_TASK)
-def shard_task(run_dir: str, kind: str, level: str, shard: int) -> dict[str, Any]:
-    return stages.stage_shard(run_dir, kind, level, shard)
+@task(name="shard", task_run_name="{action}-{kind}-{level}-{shard}", retries=2, retry_delay_seconds=[5, 30], **_TASK)
+def shard_task(run_dir: str, kind: str, level: str, shard: int, action: str = "solve") -> dict[str, Any]:
+    return stages.stage_shard(run_dir, kind, level, shard, action)
 
 
-@task(name="finish-level", task_run_name="finish-{kind}-{level}", **_TASK)
-def finish_level_task(run_dir: str, kind: str, level: str) -> dict[str, Any]:
-    return stages.stage_finish_level(run_dir, kind, level)
+@task(name="finish-level", task_run_name="finish-{action}-{kind}-{level}", **_TASK)
+def finish_level_task(run_dir: str, kind: str, level: str, action: str = "solve") -> dict[str, Any]:
+    return stages.stage_finish_level(run_dir, kind, level, action)
 
 
 @task(name="publish", retries=1, retry_delay_seconds=[10], **_TASK)
@@ -95,13 +95,14 @@ def tabulate(config_path: str, resume_dir: str | None = None) -> dict[str, Any]:
     diagnostics: list[dict[str, Any]] = []
     steps = plan(RunContext.load(run_dir))
     for k, step in enumerate(steps, start=1):
-        futures = shard_task.map(unmapped(run_dir), unmapped(step.kind), unmapped(step.level), list(step.shards))
+        futures = shard_task.map(unmapped(run_dir), unmapped(step.kind), unmapped(step.level), list(step.shards),
+                                 unmapped(step.action))
         futures.wait()
         futures.result()  # raise the first shard failure, if any
-        summary = finish_level_task(run_dir, step.kind, step.level)
+        summary = finish_level_task(run_dir, step.kind, step.level, step.action)
         diagnostics.append(summary)
-        log.info("[%d/%d] %s %s: %s parents in %s shards, %.1f s", k, len(steps), step.kind, step.level,
-                 summary.get("parents"), len(step.shards), summary.get("seconds", 0.0))
+        log.info("[%d/%d] %s: %s parents in %s shards, %.1f s", k, len(steps), stages.step_label(step),
+                 summary.get("parents", "-"), len(step.shards), summary.get("seconds", 0.0))
     log.info("publishing the release")
     published = publish_task(run_dir)
     create_markdown_artifact(key="privacy-accounting", markdown=published["privacy_markdown"],

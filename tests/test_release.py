@@ -302,7 +302,8 @@ def test_release_carries_its_strategies_and_settings(built) -> None:
     path = built[1]
     m = json.loads((path / "manifest.json").read_text())
     assert m["format"] == "dptab-release/2" and m["randomness"] == "seeded" and m["seed"] == 7
-    assert m["contents"] == {"csv": True, "measurements": True}
+    assert m["contents"] == {"csv": True, "measurements": True, "unbiased": False}
+    assert m["estimator"]["name"] == "topdown"
     for kind, name in (("persons", "census2020_pl94"), ("units", "census2020_units")):
         assert m["privacy"]["runs"][kind]["strategy_file"] == f"privacy/{kind}.yaml"
         assert (path / "privacy" / f"{kind}.yaml").read_bytes() == load_strategy(name).source.read_bytes()

@@ -16,11 +16,18 @@ from pipeline.job.context import RunContext
 
 @dataclass(frozen=True)
 class LevelStep:
-    """One level of one run kind: its shards run independently, then the level is finished."""
+    """One step of one run kind: its shards run independently, then the step is finished.
+
+    ``action``: ``solve`` (measure if not yet measured, post-process, then merge the level),
+    ``measure`` (only draw the level's measurements: the full estimator needs every level's
+    before any is solved) or ``estimate`` (the full estimator's fit over all levels of the kind;
+    one shard, ``level`` is ``"*"``).
+    """
 
     kind: str
     level: str
     shards: tuple[int, ...]
+    action: str = "solve"
 
 
 def shard_bounds(ctx: RunContext, level: str) -> np.ndarray:
@@ -43,6 +50,14 @@ def shard_bounds(ctx: RunContext, level: str) -> np.ndarray:
 
 
 def plan(ctx: RunContext) -> list[LevelStep]:
-    """Every (kind, level) step of the run in execution order (after the inputs stage)."""
-    return [LevelStep(kind, level, tuple(range(len(shard_bounds(ctx, level)) - 1)))
-            for kind in ctx.kinds for level in ctx.level_names]
+    """Every step of the run in execution order (after the inputs stage): per run kind, with
+    ``postprocess.estimator: full`` first every level's measurements and the fit, then for
+    every level top to bottom the solve."""
+    steps = []
+    for kind in ctx.kinds:
+        shards = {level: tuple(range(len(shard_bounds(ctx, level)) - 1)) for level in ctx.level_names}
+        if ctx.cfg.postprocess.estimator == "full":
+            steps += [LevelStep(kind, level, shards[level], "measure") for level in ctx.level_names]
+            steps.append(LevelStep(kind, "*", (0,), "estimate"))
+        steps += [LevelStep(kind, level, shards[level]) for level in ctx.level_names]
+    return steps

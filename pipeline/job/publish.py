@@ -79,18 +79,23 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
         # shard file stops the release instead of silently dropping or changing rows
         meas = {(step.kind, step.level): [ctx.rd.verified(ctx.rd.measurement_path(step.kind, step.level, s))
                                           for s in step.shards]
-                for step in plan(ctx)}
+                for step in plan(ctx) if step.action == "solve"}
     meta = ReleaseMetadata(release_id=state["release_id"], dataset_id=ctx.cfg.dataset_id,
                            software_version=__version__, config_hash=state["config_hash"],
                            git_commit=git_commit(),
                            seed=ctx.cfg.privacy.seed if ctx.cfg.privacy.randomness == "seeded" else None,
                            randomness=ctx.cfg.privacy.randomness, title=ctx.cfg.title,
-                           joint_households=ctx.cfg.joint.households,
+                           joint_households=ctx.cfg.joint.households, estimator=ctx.cfg.postprocess.estimator,
                            joint_relaxed=any((ctx.rd.done_info(f"level:persons:{lv}") or {}).get("fallbacks", 0)
                                              for lv in ctx.level_names))
+    unbiased = None
+    if ctx.cfg.postprocess.estimator == "full":
+        from pipeline.job.estimate import read_line_estimates
+
+        unbiased = {k: v for kind in kinds for k, v in read_line_estimates(ctx, kind).items()}
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
                          declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
-                         csv=ctx.cfg.output.csv, before_publish=before_publish)
+                         csv=ctx.cfg.output.csv, unbiased=unbiased, before_publish=before_publish)
     return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),
             "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
             "privacy_markdown": privacy_markdown(privacy)}

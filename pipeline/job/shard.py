@@ -29,7 +29,7 @@ from pipeline.model.histogram import SparseHistogram
 from pipeline.postprocess.parent import SolveOptions
 from pipeline.postprocess.problem import LevelBatch
 from pipeline.postprocess.topdown import solve_level, solve_root
-from pipeline.privacy.measure import load_measurements, measure_shard
+from pipeline.privacy.measure import MeasureResult, load_measurements, measure_shard
 
 
 class ConsistencyError(DptabError, RuntimeError):
@@ -76,36 +76,66 @@ def _child_constraints(ctx: RunContext, kind: str, level: str, c0: int, c1: int)
     return {"totals": totals, "lower": lower, "zero_answers": zero}
 
 
+def _shard_range(ctx: RunContext, level: str, shard: int, bounds: np.ndarray) -> tuple[int, int, int, int]:
+    """``(a, b, c0, c1)``: the parents ``a:b`` of the level above that shard ``shard`` solves and
+    their children ``c0:c1`` (the root level: ``0, 1, 0, 1``)."""
+    i = ctx.level_names.index(level)
+    if i == 0:
+        return 0, 1, 0, 1
+    plv = ctx.geography.levels[i - 1]
+    a, b = int(bounds[shard]), int(bounds[shard + 1])
+    return a, b, int(plv.child_ptr[a]), int(plv.child_ptr[b])
+
+
+def _measure(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.ndarray) -> MeasureResult:
+    """Draw (or reuse) the measurements of one shard's children. Answers whose parent answer is
+    0 are skipped unless every answer is to be drawn (``RunConfig.measures_every_answer``)."""
+    a, b, c0, c1 = _shard_range(ctx, level, shard, bounds)
+    i = ctx.level_names.index(level)
+    full = ctx.cfg.measures_every_answer
+    parent_hist = parent_of = None
+    if i > 0 and not full:
+        parent_hist = published_histogram(ctx, kind, ctx.level_names[i - 1], (a, b))
+        parent_of = ctx.geography.levels[i].parent[c0:c1]
+    path = ctx.rd.measurement_path(kind, level, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return measure_shard(path, truth_histogram(ctx, kind, level, (c0, c1)), ctx.spec(kind), ctx.strategies[kind],
+                         level, c0, c1, ctx.source(kind, level, shard), parent=parent_hist, parent_of=parent_of,
+                         full=full)
+
+
+def measure_only(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.ndarray) -> dict[str, Any]:
+    """Draw one shard's measurements without solving (the full estimator's first step)."""
+    t0 = time.perf_counter()
+    m = _measure(ctx, kind, level, shard, bounds)
+    return {"kind": kind, "level": level, "shard": shard, "measured_rows": m.rows,
+            "measurements_reused": not m.drawn, "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.ndarray,
                 executor: Executor) -> dict[str, Any]:
-    """Measure and post-process one shard; write its published children. Returns a manifest
-    (counts, seconds, diagnostics) with no data values."""
-    measure_path = ctx.rd.measurement_path(kind, level, shard)
+    """Measure (or reuse the measurements of) and post-process one shard; write its published
+    children. The targets are the shard's own measurements (``topdown``) or the full estimator's
+    BLUE of the same queries (``full``). Returns a manifest (counts, seconds, diagnostics) with no
+    data values."""
     out_path = ctx.rd.solved_shard_path(kind, level, shard)
-
     t0 = time.perf_counter()
     spec = ctx.spec(kind)
     strategy = ctx.strategies[kind]
-    levels = ctx.geography.levels
     i = ctx.level_names.index(level)
-    lv = levels[i]
-    if i == 0:
-        a, b, c0, c1 = 0, 1, 0, 1
-        parent_hist = parent_of = None
-    else:
-        plv = levels[i - 1]
-        a, b = int(bounds[shard]), int(bounds[shard + 1])
-        c0, c1 = int(plv.child_ptr[a]), int(plv.child_ptr[b])
-        parent_hist = published_histogram(ctx, kind, plv.name, (a, b))
-        parent_of = lv.parent[c0:c1]
-    truth = truth_histogram(ctx, kind, level, (c0, c1))
-    measure_path.parent.mkdir(parents=True, exist_ok=True)
-    m = measure_shard(measure_path, truth, spec, strategy, level, c0, c1, ctx.source(kind, level, shard),
-                      parent=parent_hist, parent_of=parent_of, full=ctx.cfg.privacy.full_measurements)
+    lv = ctx.geography.levels[i]
+    a, b, c0, c1 = _shard_range(ctx, level, shard, bounds)
+    m = _measure(ctx, kind, level, shard, bounds)
     crash_point("shard:measured")
-    meas = load_measurements(measure_path, spec, c0, c1)
-    targets = {q: qm.values for q, qm in meas.items()}
-    variances = {q: qm.variance for q, qm in meas.items()}
+    if ctx.cfg.postprocess.estimator == "full":
+        from pipeline.job.estimate import read_targets
+
+        targets, variances = read_targets(ctx.rd.verified(ctx.rd.estimate_path(kind, level, shard)), spec, c0, c1,
+                                          strategy.queries(level))
+    else:
+        meas = load_measurements(ctx.rd.measurement_path(kind, level, shard), spec, c0, c1)
+        targets = {q: qm.values for q, qm in meas.items()}
+        variances = {q: qm.variance for q, qm in meas.items()}
     cons = _child_constraints(ctx, kind, level, c0, c1)
     options = SolveOptions(multipass=level in strategy.multipass_levels)
     if i == 0:
@@ -114,6 +144,8 @@ def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.n
                                 options, label=kind + ":nation")
         children = root[None, :]
     else:
+        plv = ctx.geography.levels[i - 1]
+        parent_hist = published_histogram(ctx, kind, plv.name, (a, b))
         batch = LevelBatch(spec, parent_hist.dense(a, b), plv.child_ptr[a:b + 1] - c0, targets, variances,
                            cons["totals"], cons["lower"], cons["zero_answers"], labels=plv.geoids[a:b])
         children, diag = solve_level(batch, options, level=level, mapper=executor.map, chunks=executor.chunks)

@@ -93,34 +93,56 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
 # one shard, one level
 
 
-def _shard_stage(kind: str, level: str, shard: int) -> str:
-    return f"shard:{kind}:{level}:{shard:05d}"
+def _shard_stage(kind: str, level: str, shard: int, action: str = "solve") -> str:
+    prefix = "shard" if action == "solve" else action
+    return f"{prefix}:{kind}:{level}:{shard:05d}"
 
 
-def stage_shard(run_dir: str | Path, kind: str, level: str, shard: int) -> dict[str, Any]:
-    """Measure (write-once) and post-process one shard of parents; checkpoint its output."""
-    from pipeline.job.shard import solve_shard
+def stage_shard(run_dir: str | Path, kind: str, level: str, shard: int, action: str = "solve") -> dict[str, Any]:
+    """One shard of one step of :func:`plan`: ``solve`` measures (write-once) and post-processes
+    a shard of parents and checkpoints its output; ``measure`` only draws its measurements (the
+    full estimator); ``estimate`` fits the full estimator over every level of ``kind``."""
+    from pipeline.job.shard import measure_only, solve_shard
 
     ctx = RunContext.load(run_dir)
-    stage = _shard_stage(kind, level, shard)
+    stage = f"estimate:{kind}" if action == "estimate" else _shard_stage(kind, level, shard, action)
     if ctx.rd.is_done(stage):
         return ctx.rd.done_info(stage) or {}
     with private_files():
-        info = solve_shard(ctx, kind, level, shard, shard_bounds(ctx, level), executor_for(ctx.cfg.execution.workers))
-    ctx.rd.mark_done(stage, info, files=[ctx.rd.measurement_path(kind, level, shard),
-                                         ctx.rd.solved_shard_path(kind, level, shard)])
+        if action == "estimate":
+            from pipeline.job.estimate import estimate_kind
+
+            info, files = estimate_kind(ctx, kind)
+        elif action == "measure":
+            info = measure_only(ctx, kind, level, shard, shard_bounds(ctx, level))
+            files = [ctx.rd.measurement_path(kind, level, shard)]
+        elif action == "solve":
+            info = solve_shard(ctx, kind, level, shard, shard_bounds(ctx, level),
+                               executor_for(ctx.cfg.execution.workers))
+            files = [ctx.rd.measurement_path(kind, level, shard), ctx.rd.solved_shard_path(kind, level, shard)]
+        else:
+            raise ValueError(f"unknown step action {action!r}")
+    ctx.rd.mark_done(stage, info, files=files)
     return info
 
 
-def stage_finish_level(run_dir: str | Path, kind: str, level: str) -> dict[str, Any]:
-    """Merge a level's shards into ``solved/<kind>_<level>.parquet`` and check parent sums."""
+def stage_finish_level(run_dir: str | Path, kind: str, level: str, action: str = "solve") -> dict[str, Any]:
+    """Finish a step: for ``solve``, merge a level's shards into ``solved/<kind>_<level>.parquet``
+    and check parent sums; the other steps have nothing to merge (returns their summary)."""
     from pipeline.job.shard import merge_level
 
     ctx = RunContext.load(run_dir)
+    if action == "estimate":
+        return {"kind": kind, "level": "*", "action": action, **(ctx.rd.done_info(f"estimate:{kind}") or {})}
+    n = len(shard_bounds(ctx, level)) - 1
+    if action == "measure":
+        infos = [ctx.rd.done_info(_shard_stage(kind, level, s, action)) or {} for s in range(n)]
+        return {"kind": kind, "level": level, "action": action, "shards": n,
+                "measured_rows": sum(i.get("measured_rows", 0) for i in infos),
+                "seconds": round(sum(i.get("seconds", 0.0) for i in infos), 3)}
     stage = f"level:{kind}:{level}"
     if ctx.rd.is_done(stage):
         return ctx.rd.done_info(stage) or {}
-    n = len(shard_bounds(ctx, level)) - 1
     infos = [ctx.rd.done_info(_shard_stage(kind, level, s)) or {} for s in range(n)]
     with private_files():
         summary = merge_level(ctx, kind, level, infos)
@@ -128,15 +150,22 @@ def stage_finish_level(run_dir: str | Path, kind: str, level: str) -> dict[str, 
     return summary
 
 
-def _stage_shard_item(item: tuple[str, str, str, int]) -> dict[str, Any]:
-    """One shard as a cluster task: ``(run_dir, kind, level, shard)``."""
+def _stage_shard_item(item: tuple[str, str, str, int, str]) -> dict[str, Any]:
+    """One shard as a cluster task: ``(run_dir, kind, level, shard, action)``."""
     return stage_shard(*item)
+
+
+def step_label(step: Any) -> str:
+    """How progress output names a step: ``persons county`` (solve), ``persons county (measure)``."""
+    if step.action == "estimate":
+        return f"{step.kind} full estimator"
+    return f"{step.kind} {step.level}" + ("" if step.action == "solve" else f" ({step.action})")
 
 
 def solve_levels(run_dir: str | Path,
                  each_level: Callable[[str, Any, Callable[[int], dict[str, Any]]], None] | None = None
                  ) -> list[dict[str, Any]]:
-    """Every step of :func:`plan`: its shards, then finish the level; returns the level
+    """Every step of :func:`plan`: its shards, then finish the step; returns the step
     summaries. Locally the shards run in this process (each spreading its parents over the
     run's worker pool) and ``each_level(label, shards, run_shard)`` may drive them (progress
     bars); with ``execution.executor: dask`` each shard is a task on the cluster."""
@@ -145,16 +174,17 @@ def solve_levels(run_dir: str | Path,
     summaries = []
     try:
         for step in plan(ctx):
-            def run_shard(s: int, k: str = step.kind, lv: str = step.level) -> dict[str, Any]:
-                return stage_shard(run_dir, k, lv, s)
+            def run_shard(s: int, k: str = step.kind, lv: str = step.level, a: str = step.action) -> dict[str, Any]:
+                return stage_shard(run_dir, k, lv, s, a)
             if dask is not None:
-                dask.map(_stage_shard_item, [(str(run_dir), step.kind, step.level, s) for s in step.shards])
+                dask.map(_stage_shard_item, [(str(run_dir), step.kind, step.level, s, step.action)
+                                             for s in step.shards])
             elif each_level is None:
                 for s in step.shards:
                     run_shard(s)
             else:
-                each_level(f"{step.kind} {step.level}", list(step.shards), run_shard)
-            summaries.append(stage_finish_level(run_dir, step.kind, step.level))
+                each_level(step_label(step), list(step.shards), run_shard)
+            summaries.append(stage_finish_level(run_dir, step.kind, step.level, step.action))
     finally:
         if dask is not None:
             dask.close()

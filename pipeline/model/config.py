@@ -90,6 +90,16 @@ class OutputConfig(BaseModel):
     csv: bool = Field(True, description="also write csv/<geolevel>/<table>.csv (large at block level)")
 
 
+class PostprocessConfig(BaseModel):
+    """How the published counts are estimated from the noisy measurements."""
+
+    model_config = ConfigDict(extra="forbid")
+    estimator: Literal["topdown", "full"] = Field(
+        "topdown", description="topdown: each level from its own measurements and its parent's answer (2020 "
+                               "TopDown); full: the hierarchical least-squares (BLUE) estimate from every "
+                               "level's measurements, then the same constrained top-down engine")
+
+
 class ExecutionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     workers: int = Field(1, ge=1, le=256)
@@ -119,6 +129,7 @@ class RunConfig(BaseModel):
     privacy: PrivacyConfig = PrivacyConfig()
     invariants: InvariantsConfig = InvariantsConfig()
     joint: JointConfig = JointConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
     output: OutputConfig = OutputConfig()
     execution: ExecutionConfig = ExecutionConfig()
     source_path: Path | None = Field(None, exclude=True)
@@ -146,6 +157,12 @@ class RunConfig(BaseModel):
         if self.joint.households and not self.privacy.units_strategy:
             raise ValueError("joint.households needs the units run (privacy.units_strategy)")
         return self
+
+    @property
+    def measures_every_answer(self) -> bool:
+        """Every answer is drawn (no skipping of answers whose parent answer is 0): asked for, or
+        needed by the full estimator, which uses every level's measurements at once."""
+        return self.privacy.full_measurements or self.postprocess.estimator == "full"
 
     def run_fingerprint(self) -> str:
         """sha256 of everything in the config that decides what a run spends, draws and

@@ -590,29 +590,36 @@ class LevelFit:
     def variance_of(self, factors: Sequence[np.ndarray]) -> np.ndarray:
         """``(n_units,)`` exact variance (persons²) of ``lᵀx`` with ``l = ⊗_a factors[a]``
         (``factors[a]``: float ``(n_a,)``, attributes in spec order; e.g. a table line)."""
+        return self.covariance_of(factors, factors)
+
+    def covariance_of(self, left: Sequence[np.ndarray], right: Sequence[np.ndarray]) -> np.ndarray:
+        """``(n_units,)`` exact covariance (persons²) of ``lᵀx`` and ``rᵀx`` for two Kronecker
+        products ``l = ⊗_a left[a]``, ``r = ⊗_a right[a]`` (e.g. a line and the unit's total)."""
         m = self.model
-        if len(factors) != len(m.axes):
-            raise PostprocessError(f"variance_of: need {len(m.axes)} factors, got {len(factors)}")
-        g = []
-        for a, (f, ax) in enumerate(zip(factors, m.axes)):
-            f = np.asarray(f, dtype=np.float64)
-            if f.shape != (ax.n,):
-                raise PostprocessError(f"variance_of: factor {a} shape {f.shape} != {(ax.n,)}")
-            t = ax.U.T @ f
-            g.append((t[:ax.p], float(t[ax.p:] @ t[ax.p:])))
+        sides = []
+        for name, factors in (("left", left), ("right", right)):
+            if len(factors) != len(m.axes):
+                raise PostprocessError(f"covariance_of: {name} needs {len(m.axes)} factors, got {len(factors)}")
+            g = []
+            for a, (f, ax) in enumerate(zip(factors, m.axes)):
+                f = np.asarray(f, dtype=np.float64)
+                if f.shape != (ax.n,):
+                    raise PostprocessError(f"covariance_of: {name} factor {a} shape {f.shape} != {(ax.n,)}")
+                t = ax.U.T @ f
+                g.append((t[:ax.p], t[ax.p:]))
+            sides.append(g)
         out = np.zeros(self.n_units)
         for c, P in zip(m.components, self.posterior.cov):
-            u = np.ones(1)
+            u, v = np.ones(1), np.ones(1)
             w = 1.0
-            for a, (ind, pn2) in enumerate(g):
+            for a, ((ind_l, perp_l), (ind_r, perp_r)) in enumerate(zip(*sides)):
                 if c.in_ind[a]:
-                    u = np.kron(u, ind)
+                    u, v = np.kron(u, ind_l), np.kron(v, ind_r)
                 else:
-                    w *= pn2
+                    w *= float(perp_l @ perp_r)  # the block acts as a scalar on perp
             if w == 0.0:
                 continue
-            u = u[c.free]
-            out += w * np.einsum("i,nij,j->n", u, P, u)
+            out += w * np.einsum("i,nij,j->n", u[c.free], P, v[c.free])
         return out
 
     def query_variance(self, q: str) -> np.ndarray:

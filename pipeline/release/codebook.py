@@ -66,6 +66,19 @@ MEASUREMENT_COLUMNS = {
     "variance": "exact variance of the noise, in squared counts",
     "sigma2": "σ² of the discrete Gaussian as an exact fraction (1/ρ of the query)",
 }
+UNBIASED_COLUMNS = {
+    "geoid": LONG_COLUMNS["geoid"],
+    "geolevel": LONG_COLUMNS["geolevel"],
+    "name": LONG_COLUMNS["name"],
+    "table": LONG_COLUMNS["table"],
+    "line": LONG_COLUMNS["line"],
+    "label": LONG_COLUMNS["label"],
+    "estimate": "unbiased estimate of the line for the area (real-valued: may be fractional or negative); the best "
+                "linear unbiased estimate from every level's noisy measurements. Areas add up exactly (in real "
+                "numbers) to their parent, and lines to their totals",
+    "se": "standard error of estimate, in the same unit (exact: from the noise design and the geography alone); "
+          "estimate ± 1.645 se is a 90% confidence interval",
+}
 INVARIANT_COLUMNS = {
     "geoid": "15-digit block GEOID (text)",
     "housing_units": "declared number of housing units in the block (exact, published without noise)",
@@ -84,6 +97,21 @@ MOE = {
     "exact": "0 marks an exact count (an invariant).",
     "missing": "An empty margin means the level's measurements do not determine that line on their own.",
     "sums": "For a sum of several areas at the same level, standard errors add in quadrature.",
+}
+
+
+#: the margins of error of the full estimator (``postprocess.estimator: full``)
+MOE_FULL = {
+    **MOE,
+    "meaning": "The full estimator's unbiased estimate of the line (tables/unbiased/, from every level's noisy "
+               "measurements) lies within ± moe90 of the confidential count in 90% of draws of the noise. It is "
+               "exact for every area (areas differ by how many areas they contain and sit beside), comes from "
+               "the noise design and the geography alone, and reveals nothing about the data. The published "
+               "integer count is the same estimate made whole, non-negative and consistent; for counts well "
+               "above zero its error is about that of the unbiased estimate.",
+    "excludes": "Post-processing bias: making counts whole and non-negative shifts counts near zero, mostly "
+                "upward; for small counts the published count is usually closer to the truth than moe90 says.",
+    "missing": "Never empty: the full estimator determines every line.",
 }
 
 
@@ -220,6 +248,14 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
                       "description": "privacy-protected microdata, one row per person, Census PPMF layout; "
                                      "tabulating it gives exactly the block tables",
                       "columns": microdata_columns(ts, schema_of["microdata/persons.parquet"])})
+    ub = first("tables/unbiased/")
+    if ub:
+        files.append({"path": "tables/unbiased/<table>.parquet", "format": "Apache Parquet",
+                      "description": "the full estimator's unbiased real-valued estimates with standard errors, one "
+                                     "file per table; every level above the bottom one; prefer them to the integer "
+                                     "counts when adding up many areas or fitting models, where the integer "
+                                     "counts' bias near zero accumulates",
+                      "columns": _columns(UNBIASED_COLUMNS, schema_of[ub])})
     inv = first("invariants/")
     if inv:
         files.append({"path": inv, "format": "Apache Parquet", "description": "the declared block housing-unit invariant",
@@ -273,7 +309,9 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
                        "GEO_ID_prefix": f"{summary_level(g['digits'])}0000US"} for g in m["geolevels"]],
         "tables": tables,
         "files": files,
-        "margins_of_error": {**MOE, "z": m["uncertainty"]["z"], "method": m["uncertainty"]["method"]},
+        "estimator": dict(m.get("estimator") or {"name": "topdown"}),
+        "margins_of_error": {**(MOE_FULL if (m.get("estimator") or {}).get("name") == "full" else MOE),
+                             "z": m["uncertainty"]["z"], "method": m["uncertainty"]["method"]},
         "privacy": {"definition": m["privacy"]["definition"], "neighbouring": m["privacy"]["neighbouring"],
                     "rho": m["privacy"]["rho"], "delta": m["privacy"]["delta"],
                     "epsilon_cks2020": m["privacy"]["epsilon"]["cks2020"]},

@@ -180,14 +180,17 @@ def encode_counts(row: Sequence[int]) -> str:
 
 
 def _level_rows(root: Path, tables: Sequence[Mapping[str, Any]], level: str
-                ) -> tuple[list[str], list[str], np.ndarray, list[list[float | None]], list[dict[str, Any]]]:
+                ) -> tuple[list[str], list[str], np.ndarray, list[list[float | None]] | None, list[dict[str, Any]]]:
     """One level read back from ``tables/*.parquet``: geoids, names, counts ``(n_units, all lines)``
-    (the tables side by side), each table's margins of error and its line numbers and labels."""
+    (the tables side by side), each table's margins of error and its line numbers and labels.
+    Where margins differ between areas (the full estimator), the margins are ``None`` and each
+    row of counts is followed by the area's margins in hundredths (``-1``: none)."""
     import polars as pl
 
     geoids: list[str] | None = None
     names: list[str] = []
-    blocks, moes, shells = [], [], []
+    blocks, moes, shells, moe_rows = [], [], [], []
+    per_area = False
     for t in tables:
         n_lines = int(t["lines"])
         df = (pl.scan_parquet(root / "tables" / f"{t['name']}.parquet").filter(pl.col("geolevel") == level)
@@ -203,12 +206,18 @@ def _level_rows(root: Path, tables: Sequence[Mapping[str, Any]], level: str
             raise ExplorerError(f"tables/{t['name']}.parquet at {level}: areas differ from the other tables")
         blocks.append(df["count"].to_numpy().reshape(n, n_lines))
         moe = df["moe90"].to_numpy().reshape(n, n_lines) if n else np.full((0, n_lines), np.nan)
-        if n and not np.array_equal(moe, np.broadcast_to(moe[0], moe.shape), equal_nan=True):
-            raise ExplorerError(f"tables/{t['name']}.parquet at {level}: margins of error differ between areas")
+        # the full estimator's margins differ between areas: then they travel with each area's counts
+        per_area |= bool(n and not np.array_equal(moe, np.broadcast_to(moe[0], moe.shape), equal_nan=True))
+        moe_rows.append(moe)
         moes.append([None if n == 0 or np.isnan(v) else float(v) for v in (moe[0] if n else np.full(n_lines, np.nan))])
         head = df.head(n_lines)
         shells.append({"lines": head["line"].to_list(), "labels": head["label"].to_list()})
     counts = np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), dtype=np.int64)
+    if per_area:
+        # each area's row: every count, then every margin in hundredths (-1: none), same line order
+        hundredths = np.rint(np.concatenate(moe_rows, axis=1) * 100)
+        counts = np.concatenate([counts, np.where(np.isnan(hundredths), -1, hundredths).astype(np.int64)], axis=1)
+        return geoids or [], names, counts, None, shells
     return geoids or [], names, counts, moes, shells
 
 

@@ -24,7 +24,7 @@ from pipeline.model.schemas import SCHEMAS_DIR
 from pipeline.release.tables import (
     TableSet,
 )
-from pipeline.release.uncertainty import release_moe90
+from pipeline.release.uncertainty import Z90, gls_line_variances, release_moe90
 
 MANIFEST_SCHEMA = SCHEMAS_DIR / "manifest.schema.json"
 MANIFEST_FORMAT = "dptab-release/2"
@@ -71,6 +71,8 @@ class ReleaseMetadata:
     joint_households: bool = False
     #: the engine relaxed some persons bound (a counted fallback), so the joint rules may break there
     joint_relaxed: bool = False
+    #: ``postprocess.estimator``: ``topdown`` (2020) or ``full`` (hierarchical GLS, then the engine)
+    estimator: str = "topdown"
 
     def randomness_mode(self) -> str:
         """The manifest's ``randomness``; raises :class:`ReleaseError` if it contradicts ``seed``."""
@@ -80,6 +82,16 @@ class ReleaseMetadata:
         if (mode == "seeded") != (self.seed is not None):
             raise ReleaseError(f"randomness {mode!r} with seed {self.seed!r}: a seed is recorded iff randomness is seeded")
         return mode
+
+
+#: what the manifest says of each estimator
+ESTIMATORS = {
+    "topdown": "2020 TopDown: each level post-processed from its own noisy measurements and its parent's "
+               "published counts (non-negative, consistent, integer)",
+    "full": "full-information: the hierarchical generalised least-squares (best linear unbiased) estimate from "
+            "every level's noisy measurements, then the same constrained top-down post-processing "
+            "(non-negative, consistent, integer)",
+}
 
 
 def _frac(x: Any) -> str:
@@ -194,18 +206,24 @@ def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[str, float]]], levels: Sequence[str],
-                    digits: Mapping[str, int], state_totals: bool, block_housing_units: bool
+                    digits: Mapping[str, int], state_totals: bool, block_housing_units: bool,
+                    estimator: str = "topdown", child_ptrs: Sequence[np.ndarray] | None = None
                     ) -> dict[tuple[str, str], np.ndarray]:
-    """The published ``moe90`` of every (table, level): float ``(n_lines,)`` (before rounding).
+    """The published ``moe90`` of every (table, level) (before rounding): ``topdown``: float
+    ``(n_lines,)``, the same for every unit of the level (the level's own measurements);
+    ``full``: float ``(n_units, n_lines)``, per unit from the full estimator's exact GLS
+    variances (``child_ptrs``: the geography's CSR child pointers, level by level).
 
     ``variances[kind][level][query]``: exact noise variances (counts²); the persons total is
     exact at levels of at most 2 GEOID digits when state totals are declared, the units total at
     every level when block housing units are. The writer and ``dptab verify`` both call this,
     so a verified margin is bitwise the one the writer computed. Results are memoised on every
-    input (a digest of the tables' line matrices and the specs' queries, the variances, levels
-    and flags): the same inputs give the same floats, and the writer's own verification then
+    input (a digest of the tables' line matrices and the specs' queries, the variances, levels,
+    flags and tree): the same inputs give the same floats, and the writer's own verification then
     costs no second computation.
     """
+    import hashlib
+
     exact_totals = {"persons": [lv for lv in levels if state_totals and digits[lv] <= 2],
                     "units": list(levels) if block_housing_units else []}
     by_kind = {k: ts.of_kind(k) for k in ("persons", "units")}
@@ -213,15 +231,40 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
     # sorted keys of manifest.json): float sums depend on it, and the margins must be bitwise equal
     variances = {kind: {lv: {q: qs[q] for q in sorted(qs, key=_spec_order(ts.specs.get(kind)))}
                         for lv, qs in by.items()} for kind, by in variances.items()}
+    tree = hashlib.sha256()
+    for p in child_ptrs or ():
+        tree.update(np.ascontiguousarray(p, dtype=np.int64).tobytes() + b"|")
     key = (_design_digest(ts, by_kind),
            tuple(sorted((k, lv, q, float(v)) for k, by in variances.items() for lv, qs in by.items()
                         for q, v in qs.items())),
-           tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]))
+           tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]), estimator,
+           tree.hexdigest() if estimator == "full" else "")
     if key not in _MARGINS_CACHE:
         if len(_MARGINS_CACHE) > 16:
             _MARGINS_CACHE.clear()
-        _MARGINS_CACHE[key] = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
+        if estimator == "full":
+            if child_ptrs is None:
+                raise ReleaseError("margins of error of the full estimator need the geography's tree")
+            var = gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals)
+            _MARGINS_CACHE[key] = {k: Z90 * np.sqrt(v) for k, v in var.items()}
+        else:
+            _MARGINS_CACHE[key] = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
     return {k: v.copy() for k, v in _MARGINS_CACHE[key].items()}
+
+
+def child_ptrs_from_geoids(geoids: Sequence[np.ndarray], digits: Sequence[int]) -> list[np.ndarray]:
+    """The CSR child pointers of a GEOID hierarchy: for each level ``i`` but the last, int64
+    ``(n_i + 1,)`` such that level ``i + 1``'s units ``ptr[j]:ptr[j + 1]`` are unit ``j``'s
+    children. ``geoids[i]``: the sorted GEOIDs of level ``i``; ``digits[i]``: their length."""
+    out = []
+    for i in range(len(geoids) - 1):
+        parents = np.asarray(geoids[i]).astype(str)
+        prefix = np.array([str(g)[:digits[i]] for g in np.asarray(geoids[i + 1]).astype(str)])
+        idx = np.searchsorted(parents, prefix)
+        if idx.size and (idx.max() >= parents.size or not np.array_equal(parents[idx], prefix)):
+            raise ReleaseError(f"level {i + 1}: a unit has no parent among the level above's GEOIDs")
+        out.append(np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=parents.size))]).astype(np.int64))
+    return out
 
 
 _MARGINS_CACHE: dict[tuple, dict[tuple[str, str], np.ndarray]] = {}

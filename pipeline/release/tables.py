@@ -335,8 +335,9 @@ def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
     """One row per (unit, line), sorted by geoid then line, columns :data:`LONG_SCHEMA`.
 
     ``counts`` is int64 ``(n_units, n_lines)``; ``moe90`` is float ``(n_lines,)`` (the same for
-    every unit of a level: margins of error are data-independent), rounded to 2 decimals,
-    NaN → null where a line has no margin of error; ``None`` gives an all-null column.
+    every unit of a level: the ``topdown`` margins) or ``(n_units, n_lines)`` (per unit: the
+    ``full`` estimator's), rounded to 2 decimals, NaN → null where a line has no margin of
+    error; ``None`` gives an all-null column.
     """
     n_units, n_lines = counts.shape
     if n_lines != table.n_lines or len(geoids) != n_units or len(names) != n_units:
@@ -347,7 +348,10 @@ def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
         moe_col = pl.Series("moe90", [None] * n, dtype=pl.Float64)
     else:
         # two decimals: the margin itself is an approximation; more digits only bloat the CSV
-        moe = np.tile(np.round(np.asarray(moe90, dtype=np.float64), 2), n_units)
+        m = np.round(np.asarray(moe90, dtype=np.float64), 2)
+        moe = m.reshape(-1) if m.ndim == 2 else np.tile(m, n_units)
+        if moe.size != n:
+            raise TableError(f"{table.name}/{level}: moe90 of shape {m.shape} does not fit {n_units} x {n_lines}")
         moe_col = pl.Series("moe90", moe, dtype=pl.Float64, nan_to_null=True)
     # gathers from the small per-unit and per-line frames are much cheaper than building
     # n strings from numpy arrays

@@ -219,3 +219,78 @@ def _release_moe90(tables_by_kind, specs, variances, levels, exact_totals, out) 
             moe = table_moe90(spec, variances[kind].get(level, {}), tabs, exact)
             for name, m in moe.items():
                 out[(name, level)] = m
+
+
+# --------------------------------------------------------------------------------------
+# the full estimator (``postprocess.estimator: full``): per-unit margins from the GLS
+
+
+def line_factors(spec: HistogramSpec, mask: np.ndarray) -> list[np.ndarray]:
+    """The per-attribute 0/1 vectors whose Kronecker product is the cell mask of one table line.
+
+    ``mask``: bool ``(n_cells,)``; returns one float ``(n_a,)`` per attribute of ``spec``. Every
+    line of a table file is a ``where`` filter (one code set per attribute, intersected), so it
+    factors; anything else raises :class:`UncertaintyError`.
+    """
+    cube = np.asarray(mask, dtype=bool).reshape(spec.shape)
+    axes = range(cube.ndim)
+    factors = [cube.any(axis=tuple(b for b in axes if b != a)) for a in axes]
+    prod = factors[0]
+    for f in factors[1:]:
+        prod = np.multiply.outer(prod, f)
+    if not np.array_equal(prod, cube):
+        raise UncertaintyError("a table line is not a product of one code set per attribute")
+    return [f.astype(np.float64) for f in factors]
+
+
+def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: Mapping[str, HistogramSpec],
+                       variances: Mapping[str, Mapping[str, Mapping[str, float]]], child_ptrs: Sequence[np.ndarray],
+                       levels: Sequence[str], exact_totals: Mapping[str, Sequence[str]]
+                       ) -> dict[tuple[str, str], np.ndarray]:
+    """Exact variances (counts²) of the full estimator's line estimates, per unit:
+    ``{(table, level): float (n_units, n_lines)}``.
+
+    ``child_ptrs[i]``: CSR int64 ``(n_i + 1,)`` of level ``i + 1``'s units under level ``i``
+    (the geography's ``child_ptr``); ``variances`` and ``exact_totals`` as in
+    :func:`release_moe90`. The GLS covariance depends only on the design (which queries, which
+    variances), the shape of the tree and the structural zeros — never on the data — so these
+    margins cost no privacy and ``dptab verify`` recomputes them from the manifest.
+
+    Invariant totals (persons at nation and state, housing units everywhere they are declared)
+    are exact: a line's variance is then the GLS variance conditioned on the unit's total,
+    ``var(l) − cov(l, t)² / var(t)``, so the total itself gets 0. (The GLS itself does not use
+    the invariants; the engine imposes them afterwards, which this per-unit conditioning
+    describes for the unit itself, not for its relatives: an approximation, stated in the
+    release notes.)
+    """
+    from pipeline.postprocess.gls import LevelMeasurements, fit
+
+    out: dict[tuple[str, str], np.ndarray] = {}
+    for kind, tabs in tables_by_kind.items():
+        if not tabs or kind not in variances:
+            continue
+        spec = specs[kind]
+        sizes = [1] + [int(p[-1]) for p in child_ptrs]
+        data = [LevelMeasurements(
+            child_ptr=None if i == 0 else np.asarray(child_ptrs[i - 1]),
+            measured={q: (np.zeros((sizes[i], spec.query(q).n_answers)), float(v))
+                      for q, v in variances[kind].get(level, {}).items()})
+            for i, level in enumerate(levels)]
+        g = fit(spec, data)
+        ones = [np.ones(n, np.float64) for n in spec.shape]
+        for i, level in enumerate(levels):
+            est = g.levels[i]
+            exact = level in exact_totals.get(kind, ())
+            var_t = est.variance_of(ones) if exact else None
+            for t in tabs:
+                dense = t.matrix.toarray() > 0
+                cols = []
+                for j in range(t.n_lines):
+                    f = line_factors(spec, dense[j])
+                    v = est.variance_of(f)
+                    if var_t is not None:
+                        c = est.covariance_of(f, ones)
+                        v = v - np.divide(c * c, var_t, out=np.zeros_like(v), where=var_t > 0)
+                    cols.append(np.maximum(v, 0.0))
+                out[(t.name, level)] = np.stack(cols, axis=1) if cols else np.zeros((sizes[i], 0))
+    return out

@@ -340,6 +340,8 @@ def required_files(manifest: Mapping[str, Any], spec_files: Iterable[str] = ()) 
             need |= {f"csv/{g['name']}/{t['name']}.csv" for g in manifest["geolevels"]}
     if manifest["contents"]["measurements"]:
         need.add("measurements/noisy_measurements.parquet")
+    if manifest["contents"].get("unbiased"):
+        need |= {f"tables/unbiased/{t['name']}.parquet" for t in manifest["tables"]}
     bhu = manifest["invariants"]["block_housing_units"]
     if bhu is not None:
         need.add(bhu["file"])
@@ -489,7 +491,31 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
         if regenerate:
             failures += _guard("table_rows", _table_row_checks, root, manifest, ts, lts, digits)
         failures += _guard("measurements", _measurement_file_checks, root, manifest, ts, lts, digits)
+        if manifest["contents"].get("unbiased"):
+            failures += _guard("unbiased", _unbiased_checks, root, manifest, ts, lts, digits)
     return failures
+
+
+def _margins(manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
+             digits: Mapping[str, int]) -> dict[tuple[str, str], Any]:
+    """The release's margins of error recomputed from its manifest (design, invariants, estimator)
+    and, for the full estimator, the published geography's tree."""
+    from pipeline.release.manifest import child_ptrs_from_geoids, release_margins, variances_from_privacy
+
+    inv = manifest["invariants"]
+    levels = [g["name"] for g in manifest["geolevels"]]
+    estimator = (manifest.get("estimator") or {}).get("name", "topdown")
+    tree = (child_ptrs_from_geoids([lt.geoids for lt in lts], [digits[lt.level] for lt in lts])
+            if estimator == "full" else None)
+    return release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, digits,
+                           inv["state_totals"] is not None, inv["block_housing_units"] is not None, estimator, tree)
+
+
+def _unbiased_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
+                     digits: Mapping[str, int]) -> list[CheckFailure]:
+    from pipeline.release.unbiased import verify_unbiased
+
+    return verify_unbiased(root, manifest, ts, lts, _margins(manifest, ts, lts, digits), digits)
 
 
 def _table_list_checks(ts: TableSet, manifest: Mapping[str, Any]) -> list[CheckFailure]:
@@ -522,13 +548,10 @@ def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts
     """
     import pyarrow.parquet as pq
 
-    from pipeline.release.manifest import CHUNK_UNITS, release_margins, variances_from_privacy
+    from pipeline.release.manifest import CHUNK_UNITS
 
     step = chunk_units or CHUNK_UNITS
-    inv = manifest["invariants"]
-    levels = [g["name"] for g in manifest["geolevels"]]
-    moe = release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, digits,
-                          inv["state_totals"] is not None, inv["block_housing_units"] is not None)
+    moe = _margins(manifest, ts, lts, digits)
     out: list[CheckFailure] = []
     against = "the rows regenerated from its counts and the design's margins of error"
     for t in manifest["tables"]:
@@ -557,8 +580,9 @@ def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts
             names = unit_names(lt.level, lt.geoids)
             for s in range(0, max(len(lt.geoids), 1), step):
                 e = min(s + step, len(lt.geoids))
+                m = moe.get((name, lt.level))
                 want = long_frame(table, lt.level, lt.geoids[s:e], names[s:e], lt.counts[name][s:e],
-                                  moe.get((name, lt.level)))
+                                  m if m is None or m.ndim == 1 else m[s:e])
                 found = lazy.slice(offset, want.height).collect()
                 offset += want.height
                 if not bad_parquet:

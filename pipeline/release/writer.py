@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 from pipeline.privacy.measure import MeasurementError, read_measurement_rows
 from pipeline.release.manifest import (
     CHUNK_UNITS,
+    ESTIMATORS,
     MANIFEST_FORMAT,
     ReleaseCheckError,
     ReleaseError,
@@ -189,11 +190,22 @@ def _write_measurements(root: Path, geography: "Geography", tables: TableSet,
     return out if writer is not None else None
 
 
+#: the manifest's ``uncertainty.method`` per estimator
+UNCERTAINTY_METHODS = {
+    "topdown": "standard error of the weighted least-squares estimate from the level's own noisy measurements "
+               "(data-independent); invariants and structural zeros as exact",
+    "full": "exact standard error, per area, of the hierarchical GLS (best linear unbiased) estimate from every "
+            "level's noisy measurements (data-independent: design and geography only); structural zeros exact; "
+            "an invariant total exact and the area's other lines conditioned on it",
+}
+
+
 def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "Geography", persons: Mapping[str, Any],
                   units: Mapping[str, Any] | None, invariants: Invariants, privacy: Mapping[str, Any], *,
                   variances: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
                   measurement_files: Mapping[tuple[str, str], Sequence[Path]] | None = None,
                   tables: str | Path = "pl94", csv: bool = True,
+                  unbiased: Mapping[tuple[str, str], np.ndarray] | None = None,
                   before_publish: Callable[[], None] | None = None) -> Path:
     """Write ``releases_dir/<meta.release_id>/`` atomically and return its path.
 
@@ -208,7 +220,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     ``variances[kind][level][query]``: exact noise variances for margins of error (default:
     :func:`variances_from_privacy`); ``measurement_files[(kind, level)]``: the run's measurement
     Parquet files to publish; ``csv=False`` skips ``csv/`` (it is ~100x the size of the
-    Parquet tables). Raises :class:`ReleaseExistsError` if the id exists,
+    Parquet tables); ``unbiased[(table, level)]``: the full estimator's real-valued line
+    estimates, float ``(n_units, n_lines)``, for every level but the bottom one (written to
+    ``tables/unbiased/`` with their standard errors). Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
     from pipeline.release import html as _html
@@ -236,7 +250,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         privacy = _copy_strategies(tmp, privacy)
         variances = variances if variances is not None else variances_from_privacy(privacy)
         moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
-                              invariants.block_housing_units is not None)
+                              invariants.block_housing_units is not None, meta.estimator,
+                              [lv.child_ptr for lv in geography.levels[:-1]])
 
         entries: list[dict[str, Any]] = []
         writers = {name: _TableWriter(tmp, name, csv) for name in ts.tables}
@@ -246,8 +261,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                 for name, counts in lt.counts.items():
                     for s in range(0, max(len(lt.geoids), 1), CHUNK_UNITS):
                         e = min(s + CHUNK_UNITS, len(lt.geoids))
+                        m = moe.get((name, lt.level))
                         writers[name].write(lt.level, long_frame(ts.tables[name], lt.level, lt.geoids[s:e], names[s:e],
-                                                                 counts[s:e], moe.get((name, lt.level))))
+                                                                 counts[s:e], m if m is None or m.ndim == 1 else m[s:e]))
         finally:
             for w in writers.values():
                 w.close()
@@ -255,6 +271,10 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             if w.writer is not None:
                 entries.append(_file_entry(tmp, w.path))
                 entries += [_file_entry(tmp, p, rows) for p, rows in sorted(w.csv_rows.items())]
+        if unbiased:
+            from pipeline.release.unbiased import write_unbiased
+
+            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, lts, unbiased, moe)]
         # the table definitions travel with the release: readers see exactly what each line sums
         defs = tmp / "tables" / "definitions.yaml"
         shutil.copyfile(ts.source, defs)
@@ -285,6 +305,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "software": {"name": "dptab", "version": meta.software_version, "git_commit": meta.git_commit},
             "config_hash": meta.config_hash, "randomness": randomness, "seed": meta.seed,
             "joint": {"households": bool(meta.joint_households), "relaxed": bool(meta.joint_relaxed)},
+            "estimator": {"name": meta.estimator, "description": ESTIMATORS[meta.estimator]},
             "citation": meta.citation or release_citation(meta.title, meta.release_id, meta.created, meta.dataset_id,
                                                           meta.software_version, meta.git_commit, privacy),
             "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
@@ -293,13 +314,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "table_definitions": defs.relative_to(tmp).as_posix(),
             "privacy": dict(privacy),
             "invariants": invariants.to_json(),
-            "uncertainty": {"z": Z90, "level": 0.9,
-                            "method": "standard error of the weighted least-squares estimate from the level's own "
-                                      "noisy measurements (data-independent); invariants and structural zeros as exact"},
+            "uncertainty": {"z": Z90, "level": 0.9, "method": UNCERTAINTY_METHODS[meta.estimator]},
             "persons": int(micro.height),
             # what this release must hold beyond the tables, definitions, microdata, strategies and
             # index.html (dptab verify derives the complete file list from these settings)
-            "contents": {"csv": bool(csv), "measurements": mfile is not None},
+            "contents": {"csv": bool(csv), "measurements": mfile is not None, "unbiased": bool(unbiased)},
             "files": entries,
         }
         # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed

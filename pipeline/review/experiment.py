@@ -55,6 +55,9 @@ class Setting:
     epsilon: float
     #: None: persons only (the default); False/True: with the units run, joint.households off/on
     joint: bool | None = None
+    #: None: the config's ``postprocess.estimator``; else ``topdown`` or ``full``, with every
+    #: answer measured so that both estimators see exactly the same noise draws
+    estimator: str | None = None
 
 
 def _scaled_strategy(base: str, rho: Fraction, out_dir: Path) -> Path:
@@ -71,15 +74,25 @@ def _scaled_strategy(base: str, rho: Fraction, out_dir: Path) -> Path:
 
 
 def make_settings(base_strategy: str, delta: float, rhos: list[str] | None, strategies: list[str] | None,
-                  out_dir: Path, compare_joint: bool = False) -> list[Setting]:
+                  out_dir: Path, compare_joint: bool = False, compare_estimators: bool = False) -> list[Setting]:
     """The experimental settings: rescaled copies for ``rhos``, else ``strategies``, else the
     base; ``compare_joint``: the base strategy with persons and units solved independently
-    (2020) and with ``joint.households`` (paired: trial t uses the same seed in both)."""
+    (2020) and with ``joint.households``; ``compare_estimators``: the base strategy post-processed
+    by ``topdown`` (2020) and by ``full`` (paired: trial t uses the same seed — and, for the
+    estimators, the very same noise draws — in both)."""
     from pipeline.model.strategy import load_strategy
     from pipeline.privacy.accounting import cks_epsilon
 
     if rhos and strategies:
         raise ExperimentError("give --rho or --strategy, not both")
+    if compare_estimators:
+        if rhos or strategies or compare_joint:
+            raise ExperimentError("--compare-estimators compares the config's strategy with itself; "
+                                  "no --rho, --strategy or --compare-joint")
+        s = load_strategy(base_strategy)
+        eps = float(cks_epsilon(s.total_rho, str(delta)))
+        return [Setting("topdown (2020)", base_strategy, str(s.total_rho), eps, estimator="topdown"),
+                Setting("full (GLS)", base_strategy, str(s.total_rho), eps, estimator="full")]
     if compare_joint:
         if rhos or strategies:
             raise ExperimentError("--compare-joint compares the config's strategy with itself; no --rho or --strategy")
@@ -109,17 +122,21 @@ def make_settings(base_strategy: str, delta: float, rhos: list[str] | None, stra
 
 
 def _trial_config(cfg_raw: dict[str, Any], exp_dir: Path, strategy: str, seed: int, release_id: str,
-                  joint: bool | None = None) -> Path:
+                  joint: bool | None = None, estimator: str | None = None) -> Path:
     """A run config for one trial (seeded, private ledger and folders): persons only, or with
-    the config's units run and ``joint.households`` = ``joint`` when that is not None."""
+    the config's units run and ``joint.households`` = ``joint`` when that is not None;
+    ``estimator``: that estimator, with every answer measured (the same draws for both)."""
     c = dict(cfg_raw)
+    if estimator is not None:
+        c["postprocess"] = dict(c.get("postprocess") or {}, estimator=estimator)
     c["release_id"] = release_id
     units = (c.get("privacy") or {}).get("units_strategy") if joint is not None else None
     if joint is not None and not units:
         raise ExperimentError("--compare-joint needs the config's privacy.units_strategy")
     c["joint"] = {"households": bool(joint)}
     c["privacy"] = dict(c.get("privacy") or {}, strategy=strategy, units_strategy=units, randomness="seeded",
-                        seed=seed, ledger=str(exp_dir / "ledger.sqlite"), lifetime_rho=EXPERIMENT_LIFETIME_RHO)
+                        seed=seed, ledger=str(exp_dir / "ledger.sqlite"), lifetime_rho=EXPERIMENT_LIFETIME_RHO,
+                        full_measurements=estimator is not None or bool((c.get("privacy") or {}).get("full_measurements")))
     c["output"] = dict(c.get("output") or {}, runs_dir=str(exp_dir / "runs"),
                        releases_dir=str(exp_dir / "never-published"))
     c["execution"] = dict(c.get("execution") or {}, workers=1)
@@ -182,7 +199,7 @@ def summarise(trials: pl.DataFrame) -> pl.DataFrame:
 def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None = None,
                    strategies: list[str] | None = None, workers: int = 2, out_dir: str | Path | None = None,
                    seed: int = DEFAULT_SEED, progress: Callable[[str, int, int], None] | None = None,
-                   compare_joint: bool = False) -> Path:
+                   compare_joint: bool = False, compare_estimators: bool = False) -> Path:
     """Run every setting ``trials`` times; write trials/summary Parquet and the report; return EXP_DIR."""
     from pipeline.job import stages as runmod
     from pipeline.model.config import load_config
@@ -199,7 +216,7 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
     exp_dir.mkdir(parents=True, mode=0o700)
     os.chmod(exp_dir, 0o700)
     settings = make_settings(cfg.privacy.strategy, cfg.privacy.delta, rhos, strategies, exp_dir / "strategies",
-                             compare_joint=compare_joint)
+                             compare_joint=compare_joint, compare_estimators=compare_estimators)
     t0 = time.perf_counter()
     base_cfg = _trial_config(cfg_raw, exp_dir, cfg.privacy.strategy, seed, "base")
     base_run = runmod.prepare(base_cfg)
@@ -209,7 +226,8 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
         for t in range(trials):
             rid = f"s{si:02d}-t{t:03d}"
             # prepared here, one after another: the experiment ledger is written by this process only
-            trial_cfg = _trial_config(cfg_raw, exp_dir, s.strategy, seed + 1 + t, rid, joint=s.joint)
+            trial_cfg = _trial_config(cfg_raw, exp_dir, s.strategy, seed + 1 + t, rid, joint=s.joint,
+                                      estimator=s.estimator)
             jobs.append((s, t, str(runmod.prepare(trial_cfg)), rid))
     frames = []
     # trials are independent: the run's one executor spreads them over its worker processes

@@ -321,3 +321,39 @@ def sparsity_rows(level: str, estimator: str, result: dict[str, float]) -> pl.Da
     """Rows of :func:`sparsity` in the long metrics format (statistic ``detailed``, bin ``all``)."""
     return pl.DataFrame([(level, "detailed", k, ALL_BIN, estimator, float(v)) for k, v in result.items()],
                         schema=METRICS_SCHEMA, orient="row")
+
+
+#: The statistic name of coverage pooled over every table-line statistic of a level.
+POOLED = "all_lines"
+
+
+def coverage_rows(level: str, names: tuple[str, ...] | list[str], truth: np.ndarray, published: np.ndarray,
+                  moe90: np.ndarray, estimator: str = "published") -> pl.DataFrame:
+    """How often the published interval ``count ± moe90`` holds the truth, and how wide it is.
+
+    ``truth``, ``published``: ``(n_units, n_stats)``; ``moe90``: the same shape (per unit) or
+    ``(n_stats,)`` (one margin per line), NaN where a line has none (left out). Rows (columns
+    :data:`METRICS_SCHEMA`): per statistic and size bin ``moe90_coverage`` (share of units
+    covered, 0–1) and ``moe90_median`` (median margin, counts); and the same pooled over every
+    statistic as :data:`POOLED` (the coverage a user meets across a whole level's tables).
+    """
+    t = np.asarray(truth, np.float64)
+    p = np.asarray(published, np.float64)
+    m = np.broadcast_to(np.asarray(moe90, np.float64), t.shape)
+    if t.shape != p.shape or t.shape[1] != len(names):
+        raise MetricsError(f"truth {t.shape}, published {p.shape} and {len(names)} names do not fit")
+    ok = ~np.isnan(m)
+    covered = (np.abs(p - t) <= m + 1e-9) & ok  # margins are rounded to 2 decimals on release
+    bins = size_bin_index(t)
+    rows = []
+    for label, sel in [(ALL_BIN, ok)] + [(b[0], ok & (bins == i)) for i, b in enumerate(SIZE_BINS)]:
+        n = sel.sum(axis=0)
+        for j, name in enumerate(names):
+            if n[j]:
+                rows.append((level, name, "moe90_coverage", label, estimator, float(covered[:, j][sel[:, j]].mean())))
+                rows.append((level, name, "moe90_median", label, estimator, float(np.median(m[:, j][sel[:, j]]))))
+        if sel.any():
+            rows.append((level, POOLED, "moe90_coverage", label, estimator, float(covered[sel].mean())))
+            rows.append((level, POOLED, "moe90_median", label, estimator, float(np.median(m[sel]))))
+            rows.append((level, POOLED, "n", label, estimator, float(sel.sum())))
+    return pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")

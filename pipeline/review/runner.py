@@ -26,8 +26,10 @@ from pipeline.job.rundir import RunDir
 from pipeline.model.spec import load_spec
 from pipeline.review.comparators import load_measurements, noisy_clipped_detailed, noisy_clipped_statistics, wls_statistics
 from pipeline.review.metrics import (
+    HEADLINE,
     METRICS_SCHEMA,
     Statistics,
+    coverage_rows,
     error_table,
     level_metrics,
     sparsity,
@@ -38,7 +40,8 @@ from pipeline.review.metrics import (
 PUBLISHED = "published"
 NOISY = "noisy_clipped"
 WLS = "wls"
-ESTIMATORS = (PUBLISHED, NOISY, WLS)
+GLS = "gls_unbiased"
+ESTIMATORS = (PUBLISHED, NOISY, WLS, GLS)
 #: Levels whose published-vs-true scatter goes into the report.
 SCATTER_LEVELS = ("county", "tract", "block")
 
@@ -153,6 +156,7 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
     frames: list[pl.DataFrame] = []
     data = ReviewData(pl.DataFrame(schema=METRICS_SCHEMA), run_summary(run_dir))
     ti = stats.index("total")
+    margins, unbiased = _published_margins(run_dir, stats)
     for level in levels:
         truth = _hist(RunDir(run_dir).truth_path("persons", level))
         pub = _hist(RunDir(run_dir).solved_path("persons", level))
@@ -162,7 +166,11 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
         if meas.height:
             estimates[NOISY] = noisy_clipped_statistics(meas, spec, stats, truth.n_units)
             estimates[WLS] = wls_statistics(meas, spec, stats, truth.n_units)
+        if level in unbiased:
+            estimates[GLS] = unbiased[level]
         frames.append(level_metrics(level, stats, tv, estimates))
+        if level in margins:
+            frames.append(coverage_rows(level, stats.names, tv, estimates[PUBLISHED], margins[level]))
         frames.append(sparsity_rows(level, PUBLISHED, sparsity(truth, pub, spec.structural_zero_mask)))
         noisy_det = noisy_clipped_detailed(meas, spec, truth.n_units) if meas.height else None
         if noisy_det is not None:
@@ -177,6 +185,61 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
             progress("review: levels", levels.index(level) + 1, len(levels))
     data.metrics = pl.concat(frames, how="vertical")
     return data
+
+
+def _statistic_lines(stats: Statistics) -> list[tuple[str, int]]:
+    """The (table, line) of every statistic: headline names, then ``P1_001``-style names."""
+    head = {name: (table, line) for name, table, line in HEADLINE}
+    out = []
+    for name in stats.names:
+        if name in head:
+            out.append(head[name])
+        else:
+            table, line = name.split("_")
+            out.append((table, int(line)))
+    return out
+
+
+def _published_margins(run_dir: Path, stats: Statistics) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per level, the release's margins of error of every statistic (float ``(n_units, n_stats)``,
+    as ``dptab run`` would publish them for this run's design, geography and estimator) and, with
+    the full estimator, its unbiased estimates (levels above the bottom one). Empty when the run
+    directory cannot say (an older run)."""
+    from pipeline.job.context import RunContext
+    from pipeline.model.design import design
+    from pipeline.release.manifest import release_margins
+    from pipeline.release.tables import load_tables
+
+    try:
+        ctx = RunContext.load(run_dir)
+        geo = ctx.geography
+    except Exception:  # noqa: BLE001 - a review of an older or partial run still reports errors
+        return {}, {}
+    ts = load_tables("pl94")
+    levels = [lv.name for lv in geo.levels]
+    digits = {lv.name: lv.digits for lv in geo.levels}
+    moe = release_margins(ts, design(ctx.strategies).variances(), levels, digits, ctx.cfg.invariants.state_totals,
+                          ctx.cfg.invariants.block_housing_units, ctx.cfg.postprocess.estimator,
+                          [lv.child_ptr for lv in geo.levels[:-1]])
+    lines = _statistic_lines(stats)
+    margins, unbiased = {}, {}
+    line_est = {}
+    if ctx.cfg.postprocess.estimator == "full" and ctx.rd.is_done("estimate:persons"):
+        from pipeline.job.estimate import read_line_estimates
+
+        line_est = read_line_estimates(ctx, "persons")
+    for lv in geo.levels:
+        cols, ucols = [], []
+        for table, line in lines:
+            t = ts.tables[table]
+            m = moe[(table, lv.name)]
+            cols.append(m[:, t.index(line)] if m.ndim == 2 else np.full(lv.n_units, m[t.index(line)]))
+            if (table, lv.name) in line_est:
+                ucols.append(line_est[(table, lv.name)][:, t.index(line)])
+        margins[lv.name] = np.stack(cols, axis=1)
+        if len(ucols) == len(lines):
+            unbiased[lv.name] = np.stack(ucols, axis=1)
+    return margins, unbiased
 
 
 def _private_write(path: Path, write) -> None:

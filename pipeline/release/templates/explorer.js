@@ -347,12 +347,20 @@
 
   function moeText(m) { return m === null || m === undefined ? "" : "± " + fmt(m); }
 
+  /* A line's margin of error: the level's (the same for every area), or, where the level has none
+     (null: margins differ between areas), the area's own, stored after its counts in hundredths. */
+  function moeOf(level, ti, i, counts) {
+    var lv = X.index.moe[level];
+    if (lv) { return lv[ti][i]; }
+    var v = counts[X.offsets[X.offsets.length - 1] + X.offsets[ti] + i];
+    return v === undefined || v < 0 ? null : v / 100;
+  }
+
   function tableOf(t, ti, level, counts) {
-    var moe = X.index.moe[level][ti];
     var tb = el("tbody");
     var off = X.offsets[ti];
     t.lines.forEach(function (line, i) {
-      var m = moe[i];
+      var m = moeOf(level, ti, i, counts);
       var tr = el("tr", null, el("td", {className: "num"}, line), el("td", null, t.labels[i]),
                   el("td", {className: "num count"}, fmt(counts[off + i])),
                   el("td", {className: "num moe", title: m === null ? "not determined by this level's measurements" :
@@ -380,7 +388,7 @@
     X.tables.forEach(function (t, ti) {
       t.lines.forEach(function (line, i) {
         rows.push([geoId(level, geoid), X.levels[level].name, name, t.name, line, t.labels[i],
-                   counts[X.offsets[ti] + i], X.index.moe[level][ti][i]].map(csvField).join(","));
+                   counts[X.offsets[ti] + i], moeOf(level, ti, i, counts)].map(csvField).join(","));
       });
     });
     return rows.join("\n") + "\n";

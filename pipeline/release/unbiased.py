@@ -1,0 +1,116 @@
+"""``tables/unbiased/``: the full estimator's real-valued, unbiased line estimates with standard
+errors, beside the integer tables (``postprocess.estimator: full``, levels above the bottom one).
+
+The integer tables are non-negative, consistent and integral, which biases small counts upwards
+and large ones slightly downwards; some users (e.g. for regression inputs or aggregation over
+many areas) prefer an unbiased estimate with a known standard error even when it is negative or
+fractional. The hierarchical GLS estimate is exactly that: the best linear unbiased estimate from
+every level's noisy measurements, consistent across levels (children add up to their parent
+exactly, in real numbers), with exact standard errors from the design and the tree alone.
+
+Rows: ``geoid, geolevel, name, table, line, label, estimate, se`` — ``se`` is ``moe90 / 1.645``
+of the same line's margin of error before rounding, so ``estimate ± 1.645 se`` is its 90%
+interval. ``dptab verify`` checks the rows, the standard errors (recomputed from the design and
+the tree) and that the estimates add up across the hierarchy and within each table shell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import polars as pl
+
+from pipeline.release.checks import CheckFailure
+from pipeline.release.manifest import ReleaseError
+from pipeline.release.tables import TableDef, TableSet, long_frame, unit_names
+from pipeline.release.uncertainty import Z90
+
+#: additivity tolerance of the real-valued estimates (persons): float sums over ~10^4 children
+TOLERANCE = 1e-6
+
+
+def unbiased_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarray, estimates: np.ndarray,
+                   moe90: np.ndarray) -> pl.DataFrame:
+    """Rows of ``tables/unbiased/<table>.parquet`` for one level. ``estimates`` and ``moe90``:
+    float ``(n_units, n_lines)``."""
+    base = long_frame(table, level, geoids, names, np.zeros(np.shape(estimates), np.int64), None)
+    return base.drop("count", "moe90").with_columns(
+        pl.Series("estimate", np.asarray(estimates, np.float64).reshape(-1)),
+        pl.Series("se", (np.asarray(moe90, np.float64) / Z90).reshape(-1)))
+
+
+def write_unbiased(tmp: Path, ts: TableSet, lts: Sequence[Any], unbiased: Mapping[tuple[str, str], np.ndarray],
+                   moe: Mapping[tuple[str, str], np.ndarray]) -> list[Path]:
+    """Write ``tables/unbiased/<table>.parquet`` (every level but the bottom one) under ``tmp``."""
+    out_dir = tmp / "tables" / "unbiased"
+    out_dir.mkdir(parents=True)
+    paths = []
+    for name, table in ts.tables.items():
+        frames = []
+        for lt in lts[:-1]:
+            if name not in lt.counts:
+                continue
+            est, m = unbiased.get((name, lt.level)), moe.get((name, lt.level))
+            if est is None or m is None or m.ndim != 2:
+                raise ReleaseError(f"unbiased estimates of {name} at {lt.level} need the full estimator's "
+                                   "estimates and per-unit margins of error")
+            frames.append(unbiased_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids), est, m))
+        if frames:
+            path = out_dir / f"{name}.parquet"
+            pl.concat(frames).write_parquet(path, compression="zstd")
+            paths.append(path)
+    return paths
+
+
+def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: Sequence[Any],
+                    moe: Mapping[tuple[str, str], np.ndarray], digits: Mapping[str, int]) -> list[CheckFailure]:
+    """Each unbiased file against its regenerated rows and standard errors; its estimates add up
+    to their parents and within each table shell (within :data:`TOLERANCE`)."""
+    from pipeline.release.verify import _fail
+
+    out: list[CheckFailure] = []
+    for t in manifest["tables"]:
+        name = t["name"]
+        rel = f"tables/unbiased/{name}.parquet"
+        path = root / rel
+        if not path.is_file():
+            continue  # a missing required file is reported by the contents check
+        table = ts.tables[name]
+        found = pl.read_parquet(path)
+        offset = 0
+        by_level: dict[str, np.ndarray] = {}
+        for lt in lts[:-1]:
+            m = moe.get((name, lt.level))
+            n = len(lt.geoids) * table.n_lines
+            part = found.slice(offset, n)
+            offset += n
+            if m is None or part.height != n:
+                out.append(_fail("unbiased", f"{rel}: {part.height} {lt.level} rows, expected {n}", name, lt.level))
+                continue
+            est = part["estimate"].to_numpy().reshape(len(lt.geoids), table.n_lines)
+            want = unbiased_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids), est, m)
+            if not part.equals(want):
+                out.append(_fail("unbiased", f"{rel}: {lt.level} rows differ from the rows regenerated from the "
+                                             "estimates and the design's standard errors", name, lt.level))
+            by_level[lt.level] = est
+            for k, parts in table.sums.items():
+                gap = np.abs(est[:, table.index(k)] - est[:, [table.index(j) for j in parts]].sum(axis=1))
+                if gap.size and gap.max() > TOLERANCE * max(1.0, float(np.abs(est).max())):
+                    out.append(_fail("unbiased", f"{rel}: line {k} is not the sum of lines {list(parts)} "
+                                                 f"(off by {gap.max():.3g})", name, lt.level))
+        if offset != found.height:
+            out.append(_fail("unbiased", f"{rel}: {found.height - offset} row(s) beyond the published levels", name))
+        for upper, lower in zip(lts[:-2], lts[1:-1]):
+            if upper.level not in by_level or lower.level not in by_level:
+                continue
+            prefix = np.array([str(g)[:digits[upper.level]] for g in lower.geoids])
+            idx = np.searchsorted(np.asarray(upper.geoids).astype(str), prefix)
+            sums = np.zeros_like(by_level[upper.level])
+            np.add.at(sums, idx, by_level[lower.level])
+            gap = np.abs(sums - by_level[upper.level])
+            if gap.size and gap.max() > TOLERANCE * max(1.0, float(np.abs(sums).max())):
+                out.append(_fail("unbiased", f"{rel}: the {lower.level} estimates do not add up to the {upper.level} "
+                                             f"estimates (off by {gap.max():.3g})", name, lower.level))
+    return out

@@ -1,0 +1,110 @@
+"""The full-information estimator end to end (``postprocess.estimator: full``): every answer
+measured, the hierarchical GLS over all levels, the same constrained engine, and a release that
+names its estimator, carries per-unit margins of error and unbiased tables that add up, and
+verifies; the same noise draws as a ``topdown`` run with ``privacy.full_measurements``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from run_helpers import make_inputs, write_config
+
+from pipeline.job import stages
+from pipeline.job.context import RunContext
+from pipeline.model.histogram import SparseHistogram
+from pipeline.release.verify import verify_release
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    inputs = make_inputs(tmp, persons=4000, seed=3)
+    full = stages.run(write_config(tmp, inputs, "full.yaml", release_id="full-1",
+                                   postprocess={"estimator": "full"}), progress=False)
+    top = stages.run(write_config(tmp, inputs, "top.yaml", release_id="top-1",
+                                  privacy={"full_measurements": True}), progress=False)
+    return tmp, inputs, full, top
+
+
+def test_release_names_estimator_and_verifies(two_runs) -> None:
+    _, _, full, top = two_runs
+    for out, name in ((full, "full"), (top, "topdown")):
+        release = Path(out["release_path"])
+        manifest = json.loads((release / "manifest.json").read_text())
+        assert manifest["estimator"]["name"] == name
+        assert manifest["contents"]["unbiased"] is (name == "full")
+        assert verify_release(release) == []
+
+
+def test_same_noise_draws_as_topdown_with_full_measurements(two_runs) -> None:
+    _, _, full, top = two_runs
+    a, b = RunContext.load(full["run_dir"]), RunContext.load(top["run_dir"])
+    for kind in a.kinds:
+        for lv in a.level_names:
+            fa = sorted(a.rd.measurement_dir(kind, lv).glob("shard-*.parquet"))
+            fb = sorted(b.rd.measurement_dir(kind, lv).glob("shard-*.parquet"))
+            assert [p.name for p in fa] == [p.name for p in fb]
+            for pa, pb in zip(fa, fb):
+                assert pl.read_parquet(pa).equals(pl.read_parquet(pb)), f"{kind} {lv} {pa.name}"
+
+
+def test_published_counts_consistent_nonnegative_and_invariants_exact(two_runs) -> None:
+    _, inputs, full, _ = two_runs
+    ctx = RunContext.load(full["run_dir"])
+    persons = pl.read_parquet(inputs / "persons.parquet")
+    for kind in ctx.kinds:
+        hists = {lv: SparseHistogram.from_parquet(ctx.rd.solved_path(kind, lv)).dense() for lv in ctx.level_names}
+        for i, lv in enumerate(ctx.level_names[1:], start=1):
+            summed = np.zeros_like(hists[ctx.level_names[i - 1]])
+            np.add.at(summed, ctx.geography.level(lv).parent, hists[lv])
+            assert np.array_equal(summed, hists[ctx.level_names[i - 1]])
+            assert (hists[lv] >= 0).all()
+    assert SparseHistogram.from_parquet(ctx.rd.solved_path("persons", "nation")).total() == persons.height
+
+
+def test_margins_are_per_unit_and_exact_lines_get_zero(two_runs) -> None:
+    _, _, full, _ = two_runs
+    release = Path(full["release_path"])
+    p1 = pl.read_parquet(release / "tables" / "P1.parquet")
+    state_total = p1.filter((pl.col("geolevel") == "state") & (pl.col("line") == 1))
+    assert (state_total["moe90"] == 0).all()  # invariant
+    tract = p1.filter((pl.col("geolevel") == "tract") & (pl.col("line") == 3))["moe90"].to_numpy()
+    assert (tract > 0).all() and np.unique(tract).size > 1  # per unit: tracts differ in shape
+    block = p1.filter((pl.col("geolevel") == "block") & (pl.col("line") == 3))["moe90"].to_numpy()
+    assert (block > 0).all()
+    p5 = pl.read_parquet(release / "tables" / "P5.parquet")
+    assert p5["moe90"].null_count() == 0
+
+
+def test_unbiased_tables_add_up_and_match_standard_errors(two_runs) -> None:
+    _, _, full, _ = two_runs
+    release = Path(full["release_path"])
+    u = pl.read_parquet(release / "tables" / "unbiased" / "P1.parquet")
+    assert set(u["geolevel"].unique()) == {"nation", "state", "county", "tract", "block_group"}
+    line1 = u.filter(pl.col("line") == 1)
+    by_level = dict(line1.group_by("geolevel").agg(pl.col("estimate").sum()).iter_rows())
+    for lv in ("state", "county", "tract", "block_group"):
+        assert by_level[lv] == pytest.approx(by_level["nation"], abs=1e-6)
+    p1 = pl.read_parquet(release / "tables" / "P1.parquet").filter(pl.col("geolevel") != "block")
+    joined = u.join(p1, on=["geoid", "geolevel", "line"])
+    assert np.allclose(joined["se"] * 1.645, joined["moe90"], atol=0.006)
+
+
+def test_tampered_unbiased_estimate_is_caught(two_runs, tmp_path) -> None:
+    import shutil
+
+    _, _, full, _ = two_runs
+    copy = tmp_path / "rel"
+    shutil.copytree(full["release_path"], copy)
+    path = copy / "tables" / "unbiased" / "P2.parquet"
+    df = pl.read_parquet(path)
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) == 5).then(pl.col("estimate") + 3.0)
+                         .otherwise(pl.col("estimate")).alias("estimate"))
+    df.write_parquet(path)
+    problems = verify_release(copy)
+    assert any(p.check == "unbiased" for p in problems)
+    assert any(p.check == "checksum" or "sha256" in str(p) for p in problems)
