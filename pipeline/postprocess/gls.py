@@ -73,7 +73,7 @@ the root) and returns the posterior of the ``below`` units too, to hand to each 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -86,7 +86,7 @@ from pipeline.postprocess.problem import PostprocessError
 _ALG_TOL = 1e-10
 _ID_TOL = 1e-12
 #: units per chunk in the cell <-> component changes of basis (bounds the temporaries)
-_CHUNK = 2048
+_CHUNK = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,17 +299,36 @@ class GLSModel:
 
     def to_components(self, x: np.ndarray) -> list[np.ndarray]:
         """Cell vectors ``(n, d)`` -> per component ``(n, m', r)`` (free coordinates)."""
-        n = x.shape[0]
+        return self._to_components(x.shape[0], lambda lo, hi: x[lo:hi])
+
+    def _to_components(self, n: int, rows: Callable[[int, int], np.ndarray]) -> list[np.ndarray]:
+        """As :meth:`to_components`, the cell vectors made chunk by chunk by ``rows(lo, hi)``
+        (so a level's Qᵀy never exists for all units at once)."""
         outs = [np.empty((n, c.free.size, c.r)) for c in self.components]
         for lo in range(0, n, _CHUNK):
             hi = min(n, lo + _CHUNK)
-            X = x[lo:hi].reshape((hi - lo,) + self.shape)
-            for ax in self.axes:  # contracting axis 1 each time cycles the axes back in order
-                X = np.tensordot(X, ax.U, axes=([1], [0]))
+            X = self._along_axes(rows(lo, hi), transpose=True).reshape((hi - lo,) + self.shape)
             for c, out in zip(self.components, outs):
                 blk = X[self._slices(c)].transpose(c.perm).reshape(hi - lo, c.m, c.r)
                 out[lo:hi] = blk[:, c.free, :]
         return outs
+
+    def _along_axes(self, x: np.ndarray, transpose: bool) -> np.ndarray:
+        """Apply ``U_aᵀ`` (``transpose``) or ``U_a`` along every attribute axis of cell vectors
+        ``(n, d)`` -> ``(n, d)``: one batched matmul per axis on a (n·pre, n_a, post) view, so
+        nothing is transposed in memory."""
+        n = x.shape[0]
+        X = np.asarray(x, dtype=np.float64)
+        pre = 1
+        for a, ax in enumerate(self.axes):
+            post = self.n_cells // (pre * ax.n)
+            M = ax.U.T if transpose else ax.U
+            if post == 1:
+                X = X.reshape(n * pre, ax.n) @ M.T
+            else:
+                X = np.matmul(M, X.reshape(n * pre, ax.n, post))
+            pre *= ax.n
+        return X.reshape(n, self.n_cells)
 
     def from_components(self, comps: Sequence[np.ndarray]) -> np.ndarray:
         """Inverse of :meth:`to_components`: per component ``(n, m', r)`` -> ``(n, d)``."""
@@ -323,9 +342,7 @@ class GLSModel:
                 blk = np.zeros((hi - lo, c.m, c.r))
                 blk[:, c.free, :] = v[lo:hi]
                 Y[self._slices(c)] = blk.reshape((hi - lo,) + c.dims).transpose(inv_perm[c.perm])
-            for ax in self.axes:
-                Y = np.tensordot(Y, ax.U.T, axes=([1], [0]))
-            out[lo:hi] = Y.reshape(hi - lo, -1)
+            out[lo:hi] = self._along_axes(Y, transpose=False)
         out[:, self.spec.structural_zero_mask] = 0.0  # already 0 up to exact arithmetic
         return out
 
@@ -337,7 +354,7 @@ class GLSModel:
         A = [np.zeros((c.free.size, c.free.size)) for c in self.components]
         if not lv.measured:
             return A, None
-        b = np.zeros((n, self.n_cells))
+        terms: list[tuple[np.ndarray, str, float]] = []
         for q, (vals, var) in lv.measured.items():
             where = f"level {i}{f' ({lv.name})' if lv.name else ''} query {q!r}"
             if q not in self.queries:
@@ -353,10 +370,43 @@ class GLSModel:
             v = float(var)
             if not (np.isfinite(v) and v > 0):
                 raise PostprocessError(f"{where}: variance must be finite and > 0, got {var!r}")
-            b += y[:, query.cell_to_answer] / v  # Q^T y: each cell gets its answer's value
+            terms.append((y, q, v))
             for k, c in enumerate(self.components):
                 A[k] += self.block(q, c) / v
-        return A, self.to_components(b)
+
+        def qty(lo: int, hi: int) -> np.ndarray:
+            b = np.zeros((hi - lo,) + self.shape)
+            for y, q, v in terms:
+                # Q^T y: every cell gets its answer's value; a broadcast add (answers laid out
+                # on the kept axes, recodes expanded by their group map) instead of a gather
+                b += self._expand(q, y[lo:hi]) * (1.0 / v)
+            return b
+
+        return A, self._to_components(n, qty)
+
+    def _expand(self, q: str, y: np.ndarray) -> np.ndarray:
+        """``Q_qᵀ y`` for answers ``y`` (n, n_answers) as a broadcastable (n, *shape) view-ish
+        array: answers reshaped over the ``by`` factors, moved to attribute order, recoded axes
+        expanded by their group map; summed-out axes stay of size 1."""
+        spec = self.spec
+        by = spec.query(q).by
+        sizes, axes, maps = [], [], []
+        for f in by:
+            attr, m, labels = spec.factor_map(f)
+            sizes.append(len(labels))
+            axes.append(spec.axis(attr))
+            maps.append(None if f == attr else m)
+        t = y.reshape((y.shape[0],) + tuple(sizes))
+        order = np.argsort(axes)
+        t = t.transpose([0] + [1 + int(k) for k in order])
+        for j, k in enumerate(order):
+            mk = maps[int(k)]
+            if mk is not None:
+                t = np.take(t, mk, axis=1 + j)
+        full = [1] * len(self.shape)
+        for k in order:
+            full[axes[int(k)]] = self.shape[axes[int(k)]]
+        return t.reshape((y.shape[0],) + tuple(full))
 
     def _n_units(self, levels: Sequence[LevelMeasurements], i: int, n_below: int | None) -> int:
         lv = levels[i]
