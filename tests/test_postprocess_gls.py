@@ -275,6 +275,26 @@ def test_streaming_equals_whole_tree(tiny, spec_name):
         np.testing.assert_allclose(var, whole.levels[i].query_variance("total"), rtol=1e-12)
 
 
+def test_subtree_estimate_is_the_fit_of_the_subtree_alone(tiny):
+    """``Upward.subtree(i)``: a unit's estimate from its own subtree's measurements only — the
+    whole-tree GLS of that subtree with the unit as its root (estimate and covariance)."""
+    rng = np.random.default_rng(5)
+    ptrs = _ptrs([np.array([3]), np.array([2, 1, 3]), np.array([1, 2, 1, 1, 3, 2])])
+    qsets = [["total", "a"], ["bgrp", "a*c"], ["total"], ["detailed", "total"]]
+    levels = measure(tiny, ptrs, qsets, rng)
+    model = gls.GLSModel(tiny, {q for qs in qsets for q in qs})
+    up = model.upward(levels)
+    for i in range(1, 4):
+        sub = up.subtree(i)
+        for u in range(sub.n_units):
+            alone = gls.fit(tiny, _subtree(levels, i, u)).levels[0]
+            np.testing.assert_allclose(sub.estimate[u], alone.estimate[0], rtol=0, atol=1e-10)
+            np.testing.assert_allclose(sub.query_variance("total")[u], alone.query_variance("total")[0], rtol=1e-10)
+            np.testing.assert_allclose(sub.query_variance("a*c")[u], alone.query_variance("a*c")[0], rtol=1e-10)
+    with pytest.raises(PostprocessError):
+        up.subtree(0)
+
+
 # ------------------------------------------------------------------------------------------
 # errors
 

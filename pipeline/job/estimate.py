@@ -4,17 +4,28 @@ and per-line estimates with exact variances for the release.
 
 Order in the run (``pipeline.job.plan``): measure every shard of every level (every answer drawn:
 this estimator uses all levels at once, so nothing may be skipped on a parent's answer), then this
-stage once per run kind, then the same top-down solve as the ``topdown`` estimator, whose targets
-are now the BLUE of each unit's measured queries instead of that unit's raw measurements.
+stage once per run kind, then the same top-down solve as the ``topdown`` estimator.
+
+What the top-down engine is given. It solves each parent's children with the parent's published
+answer held fixed. Given its parent, a unit's best estimate uses its own measurements and those
+of its whole subtree — the data above it adds nothing once the parent is fixed — and the subtree
+estimates ``z_u`` of siblings are independent. So the engine's targets for a unit are ``z_u``
+(the GLS up pass's estimate from the unit's subtree: its own and every descendant's
+measurements) with the variances of ``z_u``; without the constraints the engine then returns
+exactly the GLS estimate conditioned on the published parent. At the bottom level a unit's
+subtree is itself, ``z_u`` is its own least-squares estimate, and the unit's raw measurements
+with their exact variances give the engine exactly the right objective — so the bottom level
+keeps them (as ``topdown`` does). The root's target is the full GLS estimate. TopDown differs
+only in leaving out the subtree: a county's target there is its own measurements alone.
 
 Files (run directory, confidential; each recorded with its checksum in ``state.json``):
 
-- ``estimates/<kind>/<level>/shard-<s>.parquet``: the engine's targets for the children of
-  shard ``s`` of ``level`` — ``unit, query, answer, value`` (BLUE, persons) and ``variance`` (its
-  exact variance, persons²); the file metadata ``dptab.variances`` holds the one variance per
-  query the engine weighs that query with (the mean over the level's units: the engine takes one
-  weight per query and level, and without the constraints it returns the BLUE whatever the
-  weights, because the targets are consistent).
+- ``estimates/<kind>/<level>/shard-<s>.parquet`` (every level but the bottom one): the engine's
+  targets for the children of shard ``s`` of ``level`` — ``unit, query, answer, value`` (the
+  subtree estimate of each measured query, persons) and ``variance`` (its exact variance,
+  persons²); the file metadata ``dptab.variances`` holds the one variance per query the engine
+  weighs that query with (the mean over the level's units: the engine takes one weight per query
+  and level).
 - ``estimates/<kind>/<level>/lines.parquet`` (every level but the bottom one): ``unit, table,
   line, estimate``: every published table line's BLUE (the release's unbiased tables; their
   standard errors, like the margins of error, follow from the design and the tree alone).
@@ -39,7 +50,7 @@ from pipeline.files import write_parquet_atomic
 from pipeline.job.context import RunContext
 from pipeline.job.plan import shard_bounds
 from pipeline.model.spec import HistogramSpec
-from pipeline.postprocess.gls import LevelMeasurements, fit
+from pipeline.postprocess.gls import GLSModel, LevelMeasurements
 from pipeline.privacy.measure import load_measurements
 from pipeline.release.tables import TableDef, load_tables
 
@@ -68,21 +79,25 @@ def estimate_kind(ctx: RunContext, kind: str) -> tuple[dict[str, Any], list[Any]
         data.append(LevelMeasurements(
             child_ptr=None if i == 0 else levels[i - 1].child_ptr,
             measured={q: (m.values, m.variance) for q, m in meas.items()}))
-    gls = fit(spec, data)
+    model = GLSModel(spec, [q for d in data for q in d.measured])
+    up = model.upward(data)
+    gls = model.downward(up)
     written = []
     tables = _tables(ctx, kind)
     for i, lv in enumerate(levels):
         est = gls.levels[i]
-        queries = strategy.queries(lv.name)
-        answers = {q: est.query(q) for q in queries}
-        variances = {q: est.query_variance(q) for q in queries}
-        weights = {q: float(np.mean(v)) for q, v in variances.items()}
-        bounds = shard_bounds(ctx, lv.name)
-        for s in range(len(bounds) - 1):
-            c0, c1 = _children(ctx, i, bounds, s)
-            path = ctx.rd.estimate_path(kind, lv.name, s)
-            _write_targets(path, c0, c1, answers, variances, weights)
-            written.append(path)
+        if i < len(levels) - 1:  # the bottom level's targets are its own measurements (see above)
+            sub = est if i == 0 else up.subtree(i)
+            queries = strategy.queries(lv.name)
+            answers = {q: sub.query(q) for q in queries}
+            variances = {q: sub.query_variance(q) for q in queries}
+            weights = {q: float(np.mean(v)) for q, v in variances.items()}
+            bounds = shard_bounds(ctx, lv.name)
+            for s in range(len(bounds) - 1):
+                c0, c1 = _children(ctx, i, bounds, s)
+                path = ctx.rd.estimate_path(kind, lv.name, s)
+                _write_targets(path, c0, c1, answers, variances, weights)
+                written.append(path)
         if i < len(levels) - 1 and tables:  # the unbiased tables: every level but the bottom one
             frames = []
             for t in tables:

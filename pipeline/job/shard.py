@@ -115,8 +115,9 @@ def measure_only(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.
 def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.ndarray,
                 executor: Executor) -> dict[str, Any]:
     """Measure (or reuse the measurements of) and post-process one shard; write its published
-    children. The targets are the shard's own measurements (``topdown``) or the full estimator's
-    BLUE of the same queries (``full``). Returns a manifest (counts, seconds, diagnostics) with no
+    children. The targets are the shard's own measurements (``topdown``, and the bottom level of
+    ``full``) or the full estimator's subtree estimates of the same queries (``full``; see
+    ``pipeline.job.estimate``). Returns a manifest (counts, seconds, diagnostics) with no
     data values."""
     out_path = ctx.rd.solved_shard_path(kind, level, shard)
     t0 = time.perf_counter()
@@ -127,7 +128,7 @@ def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.n
     a, b, c0, c1 = _shard_range(ctx, level, shard, bounds)
     m = _measure(ctx, kind, level, shard, bounds)
     crash_point("shard:measured")
-    if ctx.cfg.postprocess.estimator == "full":
+    if ctx.cfg.postprocess.estimator == "full" and i < len(ctx.level_names) - 1:
         from pipeline.job.estimate import read_targets
 
         targets, variances = read_targets(ctx.rd.verified(ctx.rd.estimate_path(kind, level, shard)), spec, c0, c1,

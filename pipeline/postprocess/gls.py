@@ -612,6 +612,21 @@ class Upward:
     sizes: tuple[int, ...]
     has_below: bool
 
+    def subtree(self, i: int) -> LevelFit:
+        """Level ``i``'s units (``i ≥ 1``) estimated from their own subtrees' measurements only:
+        ``z_u = J_u⁻¹ h_u`` with covariance ``J_u⁻¹`` (the up pass's message to the parent).
+
+        This is what a constrained top-down step should be given when it already holds the
+        parent's answer fixed: the data above a unit tells it nothing more once its parent is
+        known, and the subtree estimates of siblings are independent, so a per-child objective
+        with these targets is exact (up to how the engine represents ``J_u``)."""
+        if not 1 <= i <= len(self.bounds):
+            raise PostprocessError(f"GLS: subtree estimates exist for levels 1..{len(self.bounds)}, not {i}")
+        bd = self.bounds[i - 1]
+        n = bd.parent.size
+        cov = tuple(np.broadcast_to(c, (n,) + c.shape[1:]) for c in bd.cov)
+        return LevelFit(self.model, Posterior(self.model, bd.z, cov))
+
 
 # --------------------------------------------------------------------------------------------
 # results
