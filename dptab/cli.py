@@ -475,18 +475,24 @@ def eval_data_cmd(
 
 @_command("budget",
           'dptab budget census2020_pl94 --delta 1e-10',
-          'dptab budget uniform --no-pld      # without the PLD epsilon (faster)')
+          'dptab budget uniform --no-pld      # without the PLD epsilon (faster)',
+          'dptab budget census2020_pl94 --respend state:total --write my_strategy.yaml')
 def budget_cmd(
     strategy: str = typer.Argument(..., help="strategy YAML file or a name in schemas/strategies/"),
     delta: str = typer.Option("1e-10", "--delta", help="δ for the (ε, δ) figures"),
     pld: bool = typer.Option(True, "--pld/--no-pld", help="also compute the PLD ε (a few seconds)"),
+    respend: list[str] = typer.Option(None, "--respend", help="LEVEL:QUERY fixed exactly by an invariant (e.g. "
+                                      "state:total with state totals invariant): re-spend its ρ on every other "
+                                      "measurement, same total ρ (repeatable)"),
+    write: str = typer.Option(None, "--write", help="with --respend: write the derived strategy to this YAML file"),
 ) -> None:
     """Print the privacy budget of a strategy: level × query → ρ_q, σ, share; total ρ; ε (CKS and PLD)."""
     from fractions import Fraction
+    from pathlib import Path
 
     from rich.table import Table
 
-    from pipeline.model.strategy import StrategyError, budget_rows, load_strategy
+    from pipeline.model.strategy import StrategyError, budget_rows, load_strategy, respend_invariant_rho, strategy_yaml
     from pipeline.privacy.accounting import cks_epsilon, loose_epsilon
 
     console = _console()
@@ -495,7 +501,22 @@ def budget_cmd(
         d = Fraction(delta)
         if not 0 < d < 1:
             raise StrategyError(f"--delta must be in (0, 1), got {delta}")
-    except (StrategyError, ValueError, ZeroDivisionError) as exc:
+        if write and not respend:
+            raise StrategyError("--write needs --respend (the strategy file itself is the unchanged strategy)")
+        if respend:
+            exact: dict[str, tuple[str, ...]] = {}
+            for item in respend:
+                level, sep, query = item.partition(":")
+                if not sep or (level, query) not in s.rho_by_level_query():
+                    raise StrategyError(f"--respend {item!r}: not a LEVEL:QUERY measured by {s.name!r}")
+                exact[level] = exact.get(level, ()) + (query,)
+            name = Path(write).stem if write else None
+            s = respend_invariant_rho(s, exact, name=name)
+            if write:
+                Path(write).write_text(strategy_yaml(s, f"Derived with: dptab budget {strategy} "
+                                                        + " ".join(f"--respend {r}" for r in respend)))
+                s = load_strategy(write)  # what a run will read
+    except (StrategyError, ValueError, ZeroDivisionError, OSError) as exc:
         console.print(f"[red]invalid strategy or delta:[/red] {exc}")
         raise typer.Exit(2)
     table = Table(title=f"{s.name}  (spec {s.spec}, ρ = {s.rho})")

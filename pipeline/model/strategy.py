@@ -190,3 +190,52 @@ def load_strategy(path_or_name: str | Path) -> Strategy:
                     source=p, description=str(raw.get("description", "")), multipass_levels=multipass)
 
 
+
+
+def respend_invariant_rho(strategy: Strategy, exact: dict[str, tuple[str, ...]], name: str | None = None) -> Strategy:
+    """The same strategy with the ρ of every measurement that invariants determine exactly
+    re-spent on all its other measurements, in proportion to their ρ (the same total ρ, so the
+    same ε; every other query's σ² shrinks by the same factor ``1 − freed / ρ``).
+
+    ``exact[level]``: queries whose answers the declared invariants fix at ``level`` (e.g. the
+    persons ``total`` at state level when state totals are invariant: the 2020 strategy spends
+    3773/4097 of its state-level ρ — 32% of the persons ρ — on a count that is then published
+    exactly, so those draws inform nothing). A level left with no query is dropped. Exact
+    fractions throughout; raises :class:`StrategyError` if nothing would be left.
+    """
+    rho_q = {k: r for k, r in strategy.rho_by_level_query().items() if k[1] not in exact.get(k[0], ())}
+    freed = strategy.total_rho - sum(rho_q.values(), Fraction(0))
+    if not rho_q:
+        raise StrategyError(f"strategy {strategy.name!r}: every measurement is determined by invariants")
+    scale = strategy.total_rho / (strategy.total_rho - freed)
+    levels: dict[str, tuple[Fraction, dict[str, Fraction]]] = {}
+    for lv in strategy.levels:
+        qs = {q: r * scale for (lv2, q), r in rho_q.items() if lv2 == lv}
+        if not qs:
+            continue
+        level_rho = sum(qs.values(), Fraction(0))
+        levels[lv] = (level_rho / strategy.rho, {q: r / level_rho for q, r in qs.items()})
+    dropped = [f"{lv}:{q}" for lv, qs in exact.items() for q in qs if (lv, q) in strategy.rho_by_level_query()]
+    return Strategy(name=name or f"{strategy.name}_respent", spec=strategy.spec, rho=strategy.rho, levels=levels,
+                    source=None,
+                    description=(f"{strategy.name} with the rho of the measurements the invariants fix exactly "
+                                 f"({', '.join(dropped) or 'none'}: {freed} of {strategy.total_rho}) re-spent on every "
+                                 f"other measurement in proportion (x{scale})"),
+                    multipass_levels=tuple(lv for lv in strategy.multipass_levels if lv in levels))
+
+
+def strategy_yaml(strategy: Strategy, header: str = "") -> str:
+    """A strategy as the YAML text :func:`load_strategy` reads (exact fractions as text)."""
+    import yaml
+
+    def frac(x: Fraction) -> str:
+        return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+    body: dict[str, Any] = {"name": strategy.name, "description": strategy.description, "spec": strategy.spec,
+                            "rho": frac(strategy.rho)}
+    if strategy.multipass_levels:
+        body["multipass"] = list(strategy.multipass_levels)
+    body["levels"] = {lv: {"share": frac(s), "queries": {q: frac(x) for q, x in qs.items()}}
+                      for lv, (s, qs) in strategy.levels.items()}
+    text = yaml.safe_dump(body, sort_keys=False, allow_unicode=True, width=100)
+    return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text

@@ -248,9 +248,30 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
     info = {"dataset": cfg.dataset_id, "config": str(cfg.source_path), "trials per setting": trials,
             "settings": ", ".join(f"{s.name} (ρ={s.rho}, ε={s.epsilon:.3f})" for s in settings),
             "base seed": seed, "workers": workers, "wall seconds": round(time.perf_counter() - t0, 1)}
-    write_experiment_report(exp_dir / "report.html", summary, info, confidential=cfg.confidential)
-    from pipeline.review.markdown import experiment_markdown
+    from pipeline.review.markdown import MARGINS, experiment_markdown
+    from pipeline.review.paired import comparison_markdown, coverage_table, paired_differences
 
-    (exp_dir / "summary.md").write_text(experiment_markdown(summary))
+    md = experiment_markdown(summary)
+    levels = [lv for lv in ("nation", "state", "county", "tract", "block_group", "block")
+              if lv in set(summary["level"].to_list())]
+    paired = None
+    if len(settings) == 2:  # paired settings (same seeds): the trial-by-trial differences
+        a, b = settings[0].name, settings[1].name
+        paired = paired_differences(all_trials, a, b)
+        paired.write_parquet(exp_dir / "paired.parquet")
+        for metric in ("rmse", "mae"):
+            md += (f"\n\n**{metric.upper()} of the published counts, paired over {trials} trials**\n\n"
+                   + comparison_markdown(paired, a, b, levels, MARGINS, metric))
+    coverage = coverage_table(summary, levels)
+    if coverage.height:
+        coverage.write_parquet(exp_dir / "coverage.parquet")
+        md += ("\n\n**Coverage of the published count ± moe90 (all table lines pooled), mean ± sd over trials**\n\n"
+               "| setting | level | true size | coverage % | median moe90 | cells per trial |\n|---|---|---|---|---|---|\n"
+               + "\n".join(f"| {r['setting']} | {r['level']} | {r['size_bin']} | {100 * r['coverage']:.1f} ± "
+                           f"{100 * r['sd'] if r['sd'] == r['sd'] else float('nan'):.1f} | {r['median_moe90']:.2f} | "
+                           f"{r['cells']:.0f} |" for r in coverage.iter_rows(named=True)))
+    write_experiment_report(exp_dir / "report.html", summary, info, confidential=cfg.confidential,
+                            paired=paired, coverage=coverage)
+    (exp_dir / "summary.md").write_text(md)
     shutil.rmtree(RunDir(base_run).root / "measurements", ignore_errors=True)
     return exp_dir

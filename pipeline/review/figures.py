@@ -221,3 +221,46 @@ def _value(m: pl.DataFrame, level: str, metric: str, size_bin: str, estimator: s
     if statistic is not None:
         f = f.filter(pl.col("statistic") == statistic)
     return float(f["value"][0]) if f.height else float("nan")
+
+
+def paired_change(paired: pl.DataFrame, levels: list[str], margins: tuple[tuple[str, str], ...],
+                  a: str, b: str, metric: str = "rmse") -> str:
+    """Experiment, two paired settings: relative change of ``metric`` (``b`` vs ``a``, %) per
+    level, one group of bars per margin, with ± 2 SE of the paired difference as error bars."""
+    s = paired.filter((pl.col("metric") == metric) & (pl.col("size_bin") == ALL_BIN)
+                      & (pl.col("estimator") == "published"))
+    look = {(r["level"], r["statistic"]): r for r in s.iter_rows(named=True)}
+    fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
+    width = 0.8 / max(1, len(margins))
+    x = np.arange(len(levels))
+    for k, (stat, label) in enumerate(margins):
+        rows = [look.get((lv, stat)) for lv in levels]
+        val = [100.0 * r["diff"] / r["a"] if r and r["a"] else np.nan for r in rows]
+        err = [200.0 * r["se"] / r["a"] if r and r["a"] and r["se"] == r["se"] else 0.0 for r in rows]
+        ax.bar(x + (k - (len(margins) - 1) / 2) * width, val, width, yerr=err, capsize=2, label=label)
+    ax.axhline(0, color="black", lw=0.8)
+    _level_ticks(ax, x, levels)
+    ax.set_ylabel(f"{metric.upper()} change, % ({b} vs {a})")
+    ax.set_title(f"{b} vs {a}: change of {metric.upper()} per level (negative = better; bars ± 2 SE)")
+    ax.legend(fontsize=7, ncol=2)
+    return to_data_uri(fig)
+
+
+def coverage_by_bin(coverage: pl.DataFrame, levels: list[str]) -> str:
+    """Experiment: coverage of ``count ± moe90`` (pooled lines) per true-size bin, one line per
+    setting and level, with the 88–92% goal band."""
+    bins = [b[0] for b in SIZE_BINS]
+    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    ax.axhspan(88, 92, color="#2ca02c", alpha=0.15, label="goal 88–92%")
+    for (setting, lv), part in coverage.filter(pl.col("size_bin") != ALL_BIN).group_by(["setting", "level"],
+                                                                                       maintain_order=True):
+        if lv not in levels:
+            continue
+        look = {r["size_bin"]: r["coverage"] for r in part.iter_rows(named=True)}
+        ax.plot(range(len(bins)), [100 * look.get(b, np.nan) for b in bins], marker="o", label=f"{setting}: {lv}")
+    ax.set_xticks(range(len(bins)), bins)
+    ax.set_xlabel("true count of the line")
+    ax.set_ylabel("coverage of count ± moe90, %")
+    ax.set_title("Margin-of-error coverage by true size (all table lines pooled)")
+    ax.legend(fontsize=6, ncol=2)
+    return to_data_uri(fig)

@@ -151,7 +151,8 @@ def experiment_context(summary: pl.DataFrame) -> dict[str, Any]:
 
 def render(title: str, confidential: bool, **sections: Any) -> str:
     """The report page: ``sections`` are the contexts above (summary, target, figures, levels, experiment)."""
-    ctx = {"summary": None, "target": None, "figures": [], "levels": [], "experiment": None, **sections}
+    ctx = {"summary": None, "target": None, "figures": [], "levels": [], "experiment": None, "paired": None,
+           "coverage": None, **sections}
     return template_env().get_template("report.html.j2").render(title=title, confidential=confidential,
                                                                 css=Markup(CSS), **ctx)
 
@@ -182,8 +183,57 @@ def write_report(path: str | Path, data, experiment: pl.DataFrame | None = None)
         experiment=experiment_context(experiment) if experiment is not None and experiment.height else None))
 
 
+def paired_context(paired: pl.DataFrame, a: str, b: str, levels: list[str]) -> dict[str, Any]:
+    """Two paired settings side by side: per margin and level, RMSE, MAE and bias of each, the
+    paired RMSE difference ± 2 SE with its verdict, and the relative-change figure."""
+    from pipeline.review.markdown import MARGINS
+    from pipeline.review.paired import verdict
+
+    look = {(r["level"], r["statistic"], r["metric"]): r
+            for r in paired.filter((pl.col("size_bin") == ALL_BIN) & (pl.col("estimator") == "published"))
+            .iter_rows(named=True)}
+    rows = []
+    for stat, label in MARGINS:
+        for lv in levels:
+            r = look.get((lv, stat, "rmse"))
+            if r is None:
+                continue
+            mae, bias = look.get((lv, stat, "mae")), look.get((lv, stat, "bias"))
+            v = verdict(r)
+            rows.append([label, lv, _fmt(r["a"]), _fmt(r["b"]),
+                         _cell(f"{r['diff']:+.3g} ± {2 * r['se']:.2g}", "below" if v == "worse" else "", v),
+                         v, _fmt(mae["a"] if mae else None), _fmt(mae["b"] if mae else None),
+                         _fmt(bias["a"] if bias else None), _fmt(bias["b"] if bias else None)])
+    return {"title": f"{b} vs {a} (paired trials)",
+            "figure": {"uri": figures.paired_change(paired, levels, MARGINS, a, b),
+                       "caption": f"Change of RMSE, {b} vs {a}, per level and margin (± 2 SE of the paired difference)"},
+            "table": _table(["margin", "level", f"RMSE {a}", f"RMSE {b}", "difference ± 2 SE", f"{b} is",
+                             f"MAE {a}", f"MAE {b}", f"bias {a}", f"bias {b}"], rows)}
+
+
+def coverage_context(coverage: pl.DataFrame, levels: list[str]) -> dict[str, Any]:
+    """Coverage of the published count ± moe90 per setting, level and true-size bin."""
+    rows = [[r["setting"], r["level"], r["size_bin"],
+             _cell(f"{100 * r['coverage']:.1f}%", "" if 0.88 <= r["coverage"] <= 0.92 else "below",
+                   "goal 88–92%"), _fmt(r["median_moe90"]), _fmt(r["cells"])]
+            for r in coverage.iter_rows(named=True)]
+    return {"figure": {"uri": figures.coverage_by_bin(coverage, levels),
+                       "caption": "Coverage of count ± moe90 by true size (goal band 88–92%)"},
+            "table": _table(["setting", "level", "true size", "coverage", "median moe90", "cells per trial"], rows)}
+
+
 def write_experiment_report(path: str | Path, summary: pl.DataFrame, info: dict[str, Any],
-                            confidential: bool) -> None:
-    """Write the report of an experiment directory (``dptab experiment``) to ``path``."""
+                            confidential: bool, paired: pl.DataFrame | None = None,
+                            coverage: pl.DataFrame | None = None) -> None:
+    """Write the report of an experiment directory (``dptab experiment``) to ``path``; with two
+    paired settings also their side-by-side comparison, and the margins' coverage when known."""
+    levels = [lv for lv in ("nation", "state", "county", "tract", "block_group", "block")
+              if lv in set(summary["level"].to_list())]
+    settings = summary["setting"].unique(maintain_order=True).to_list()
+    extra: dict[str, Any] = {}
+    if paired is not None and paired.height and len(settings) == 2:
+        extra["paired"] = paired_context(paired, *[str(s) for s in settings], [lv for lv in levels if lv != "nation"])
+    if coverage is not None and coverage.height:
+        extra["coverage"] = coverage_context(coverage, levels)
     Path(path).write_text(render(f"dptab experiment — {info.get('dataset')}", confidential,
-                                 summary=summary_context(info), experiment=experiment_context(summary)))
+                                 summary=summary_context(info), experiment=experiment_context(summary), **extra))
