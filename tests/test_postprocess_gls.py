@@ -329,3 +329,35 @@ def test_bad_tree_is_refused():
     bad = gls.LevelMeasurements(np.array([0, 3]), levels[1].measured, name="block")
     with pytest.raises(PostprocessError, match="child_ptr"):
         gls.fit(UNITS, [levels[0], bad])
+
+
+def test_engine_weights_recover_raw_variances_and_fit_the_information():
+    """For a leaf's own measurements the fitted per-query weights are exactly 1/v_q; for an
+    internal unit's subtree estimate, the fitted sum is at least as close to J as 1/var(Q_q z)."""
+    rng = np.random.default_rng(2)
+    ptrs = _ptrs([np.array([2]), np.array([3, 2])])
+    qsets, var = strategy_levels(3)
+    levels = measure(PL94, ptrs, qsets, rng, var)
+    model = gls.GLSModel(PL94, {q for qs in qsets for q in qs})
+    up = model.upward(levels)
+    leaf = up.subtree(2)
+    w = leaf.engine_weights(qsets[2])
+    for q in qsets[2]:
+        assert w[q] * levels[2].measured[q][1] == pytest.approx(1.0, rel=1e-9)
+    mid = up.subtree(1)
+    fitted = mid.engine_weights(qsets[1])
+    naive = {q: 1.0 / float(np.mean(mid.query_variance(q))) for q in qsets[1]}
+
+    def misfit(weights):
+        err = 0.0
+        for c, P in zip(model.components, mid.posterior.cov):
+            if c.free.size == 0:
+                continue
+            J = np.linalg.inv(P).mean(axis=0)
+            Li = np.linalg.inv(np.linalg.cholesky(J))
+            H = sum(weights[q] * model.block(q, c) for q in weights)
+            err += c.r * np.sum((Li @ (H - J) @ Li.T) ** 2)
+        return err
+
+    assert misfit(fitted) <= misfit(naive) + 1e-12
+    assert all(v >= 0 for v in fitted.values())

@@ -24,8 +24,10 @@ Files (run directory, confidential; each recorded with its checksum in ``state.j
   targets for the children of shard ``s`` of ``level`` — ``unit, query, answer, value`` (the
   subtree estimate of each measured query, persons) and ``variance`` (its exact variance,
   persons²); the file metadata ``dptab.variances`` holds the one variance per query the engine
-  weighs that query with (the mean over the level's units: the engine takes one weight per query
-  and level).
+  weighs that query with: the engine's objective is ``Σ_q ||Q_q x − t_q||² / v_q`` per child, so
+  the ``1/v_q`` are fitted to make ``Σ_q Q_qᵀQ_q / v_q`` the closest such sum to the exact
+  information of the targets (``LevelFit.engine_weights``; for raw measurements it gives back
+  their own variances exactly).
 - ``estimates/<kind>/<level>/lines.parquet`` (every level but the bottom one): ``unit, table,
   line, estimate``: every published table line's BLUE (the release's unbiased tables; their
   standard errors, like the margins of error, follow from the design and the tree alone).
@@ -53,6 +55,9 @@ from pipeline.model.spec import HistogramSpec
 from pipeline.postprocess.gls import GLSModel, LevelMeasurements
 from pipeline.privacy.measure import load_measurements
 from pipeline.release.tables import TableDef, load_tables
+
+#: the variance standing for "no weight" (the engine needs a positive, finite variance per query)
+_NEGLIGIBLE = 1e30
 
 
 class EstimateError(DptabError, RuntimeError):
@@ -91,7 +96,9 @@ def estimate_kind(ctx: RunContext, kind: str) -> tuple[dict[str, Any], list[Any]
             queries = strategy.queries(lv.name)
             answers = {q: sub.query(q) for q in queries}
             variances = {q: sub.query_variance(q) for q in queries}
-            weights = {q: float(np.mean(v)) for q, v in variances.items()}
+            # the engine weighs query q by 1/weights[q]: the per-query weights closest to the
+            # exact information of the targets (a query the fit gives no weight: negligible)
+            weights = {q: 1.0 / w if w > 0 else _NEGLIGIBLE for q, w in sub.engine_weights(queries).items()}
             bounds = shard_bounds(ctx, lv.name)
             for s in range(len(bounds) - 1):
                 c0, c1 = _children(ctx, i, bounds, s)

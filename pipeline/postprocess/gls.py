@@ -687,6 +687,32 @@ class LevelFit:
             out += w * np.einsum("i,nij,j->n", u[c.free], P, v[c.free])
         return out
 
+    def engine_weights(self, queries: Sequence[str]) -> dict[str, float]:
+        """One weight per query (≥ 0, persons⁻²) for an engine whose objective per unit is
+        ``Σ_q w_q ||Q_q x − Q_q x̂||²``: the weights whose normal matrix ``Σ_q w_q Q_qᵀQ_q`` is
+        closest to the exact information ``J = cov⁻¹`` of these estimates (averaged over the
+        level's units), in the relative sense ``||J^-½ (Σ_q w_q Q_qᵀQ_q − J) J^-½||_F``
+        (non-negative least squares over the algebra's blocks, each counted with its
+        multiplicity). With the raw measurements of one level this recovers ``1/v_q`` exactly;
+        for GLS estimates, whose information is not a per-query sum, it is the best such sum.
+        """
+        from scipy.optimize import nnls
+
+        m = self.model
+        cols: list[list[np.ndarray]] = [[] for _ in queries]
+        target = []
+        for c, P in zip(m.components, self.posterior.cov):
+            if c.free.size == 0:
+                continue
+            Jbar = np.linalg.inv(P).mean(axis=0)
+            Li = np.linalg.inv(np.linalg.cholesky(_sym(Jbar)))
+            sw = np.sqrt(float(c.r))
+            target.append(sw * np.eye(c.free.size).ravel())
+            for k, q in enumerate(queries):
+                cols[k].append(sw * (Li @ m.block(q, c) @ Li.T).ravel())
+        w, _ = nnls(np.stack([np.concatenate(col) for col in cols], axis=1), np.concatenate(target))
+        return {q: float(x) for q, x in zip(queries, w)}
+
     def query_variance(self, q: str) -> np.ndarray:
         """``(n_units, n_answers)`` exact variance (persons²) of each answer of query ``q``."""
         m = self.model

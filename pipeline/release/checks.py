@@ -259,10 +259,11 @@ MEASUREMENT_COLUMNS = {"run": "String", "geolevel": "String", "geoid": "String",
                        "answer_label": "String", "value": "Int64", "variance": "Float64", "sigma2": "String"}
 
 
-def measurement_checks(df: "pl.DataFrame", rel: str, design: "Design", specs: Mapping[str, "HistogramSpec"],
-                       levels: Sequence[LevelTables], digits: Mapping[str, int],
+def measurement_checks(df: "pl.DataFrame | pl.LazyFrame", rel: str, design: "Design",
+                       specs: Mapping[str, "HistogramSpec"], levels: Sequence[LevelTables], digits: Mapping[str, int],
                        published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
-    """The published noisy measurements (``df``, read from ``rel``) against the design and geography.
+    """The published noisy measurements (``df``, read from ``rel``; a lazy scan keeps memory to
+    one (run, level, query) group's integer keys) against the design and geography.
 
     - the (run, geolevel, query) groups are exactly the design's measurements;
     - ``variance`` and ``sigma2`` equal the design's exact variance (float, bitwise) and σ² = 1/ρ
@@ -276,32 +277,33 @@ def measurement_checks(df: "pl.DataFrame", rel: str, design: "Design", specs: Ma
     ``published[kind][level]``: csr int64 ``(n_units, n_cells)`` published histogram (a kind
     absent from it gets only the full-or-subset test); ``levels`` top to bottom.
     """
+    import polars as pl
     import scipy.sparse as sp
 
     def fail(detail: str, level: str = "", table: str = "*") -> CheckFailure:
         return CheckFailure("measurements", table, None, level, "", detail=f"{rel}: {detail}")
 
-    schema = {c: str(t) for c, t in df.schema.items()}
+    lf = df.lazy()
+    schema = {c: str(t) for c, t in lf.collect_schema().items()}
     if schema != MEASUREMENT_COLUMNS:
         return [fail(f"columns {schema} differ from {MEASUREMENT_COLUMNS}")]
     want = {(m.kind, m.level, m.query): m for m in design.measurements}
-    parts = df.partition_by(["run", "geolevel", "query"], as_dict=True, maintain_order=True)
-    out = [fail(f"{k}/{lv}/{q} has {g.height} rows but is not measured by the strategy", str(lv))
-           for (k, lv, q), g in parts.items() if (k, lv, q) not in want]
-    for key in want:  # a measured query without rows: right only if every answer was skipped
-        if key not in parts:
-            parts[key] = df.clear()
+    sizes = {(r["run"], r["geolevel"], r["query"]): int(r["n"]) for r in
+             lf.group_by(["run", "geolevel", "query"], maintain_order=True).agg(pl.len().alias("n"))
+             .collect().iter_rows(named=True)}
+    out = [fail(f"{k}/{lv}/{q} has {n} rows but is not measured by the strategy", str(lv))
+           for (k, lv, q), n in sizes.items() if (k, lv, q) not in want]
     names = [lt.level for lt in levels]
     by_level = {lt.level: lt for lt in levels}
-    for key, g in parts.items():
-        if key not in want:
-            continue
+    for key in [k for k in sizes if k in want] + [k for k in want if k not in sizes]:
         kind, level, query = key
         what = f"{kind}/{level}/{query}"
         m = want[key]
-        n_var = int((g["variance"] != m.variance).sum())
+        g = lf.filter((pl.col("run") == kind) & (pl.col("geolevel") == level) & (pl.col("query") == query))
         s2 = f"{m.sigma2.numerator}/{m.sigma2.denominator}"
-        n_s2 = int((g["sigma2"] != s2).sum())
+        st = g.select((pl.col("variance") != m.variance).sum().alias("n_var"),
+                      (pl.col("sigma2") != s2).sum().alias("n_s2")).collect().row(0, named=True)
+        n_var, n_s2 = int(st["n_var"] or 0), int(st["n_s2"] or 0)
         if n_var or n_s2:
             out.append(fail(f"{what}: {n_var} row(s) with a variance other than the design's {m.variance!r} and "
                             f"{n_s2} with a sigma2 other than {s2}", level))
@@ -310,23 +312,27 @@ def measurement_checks(df: "pl.DataFrame", rel: str, design: "Design", specs: Ma
             continue
         lt = by_level[level]
         lg = np.asarray(lt.geoids).astype(str)
-        gg = g["geoid"].to_numpy().astype(str)
-        pos = np.clip(np.searchsorted(lg, gg), 0, max(len(lg) - 1, 0))
-        known = (lg[pos] == gg) if len(lg) else np.zeros(len(gg), bool)
         q = specs[kind].query(query)
-        ans = g["answer"].to_numpy().astype(np.int64)
-        in_range = (ans >= 0) & (ans < q.n_answers)
-        if not known.all() or not in_range.all():
-            bad = int(np.flatnonzero(~(known & in_range))[0])
-            out.append(fail(f"{what}: {int((~known).sum())} row(s) with a geoid that is not a published {level} "
-                            f"unit and {int((~in_range).sum())} with an answer outside 0..{q.n_answers - 1} "
-                            f"(first: geoid {gg[bad]!r}, answer {int(ans[bad])})", level))
+        units = pl.LazyFrame({"geoid": pl.Series(lg, dtype=pl.Utf8), "pos": np.arange(len(lg), dtype=np.int64)})
+        unknown = g.select("geoid").unique().join(units, on="geoid", how="anti").collect()["geoid"]
+        bad_ans = g.filter((pl.col("answer") < 0) | (pl.col("answer") >= q.n_answers)).select(
+            "geoid", "answer").collect()
+        if unknown.len() or bad_ans.height:
+            first = (unknown[0], "?") if unknown.len() else (bad_ans["geoid"][0], int(bad_ans["answer"][0]))
+            n_unknown = g.join(units, on="geoid", how="anti").select(pl.len()).collect().item() if unknown.len() else 0
+            out.append(fail(f"{what}: {n_unknown} row(s) with a geoid that is not a published {level} "
+                            f"unit and {bad_ans.height} with an answer outside 0..{q.n_answers - 1} "
+                            f"(first: geoid {first[0]!r}, answer {first[1]})", level))
             continue
-        labels = np.array(["; ".join(a) for a in q.answer_labels], dtype=object)[ans]
-        n_lab = int(np.sum(labels != g["answer_label"].to_numpy().astype(object)))
+        spec_labels = pl.LazyFrame({"answer": pl.Series(np.arange(q.n_answers), dtype=pl.Int32),
+                                    "want": ["; ".join(a) for a in q.answer_labels]})
+        n_lab = (g.join(spec_labels, on="answer").filter(pl.col("answer_label") != pl.col("want"))
+                 .select(pl.len()).collect().item())
         if n_lab:
             out.append(fail(f"{what}: {n_lab} row(s) whose answer_label is not the spec's label of the answer", level))
-        keys = np.sort(pos.astype(np.int64) * q.n_answers + ans)
+        # (unit, answer) as one integer key: pos * n_answers + answer (only integers leave polars)
+        keys = np.sort(g.join(units, on="geoid").select(
+            (pl.col("pos") * q.n_answers + pl.col("answer").cast(pl.Int64)).alias("key")).collect()["key"].to_numpy())
         if keys.size > 1 and np.any(keys[1:] == keys[:-1]):
             out.append(fail(f"{what}: a (geoid, answer) appears more than once", level))
             continue

@@ -656,7 +656,7 @@ def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableS
     runs = manifest["privacy"]["runs"]
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in runs.items()})
     published = _published_histograms(root, ts, lts, digits, list(runs))
-    return measurement_checks(pl.read_parquet(path), rel, design, ts.specs, lts, digits, published)
+    return measurement_checks(pl.scan_parquet(path), rel, design, ts.specs, lts, digits, published)
 
 
 def _published_histograms(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int],

@@ -146,6 +146,10 @@ class _TableWriter:
             self.writer.close()
 
 
+#: measurement rows labelled and written per slice (bounds the publishing memory)
+_MEASUREMENT_SLICE = 1 << 21
+
+
 def _write_measurements(root: Path, geography: "Geography", tables: TableSet,
                         files: Mapping[tuple[str, str], Sequence[Path]]) -> Path | None:
     """Consolidate the run's measurement files into one Parquet (adds run, geolevel, geoid, label)."""
@@ -167,23 +171,28 @@ def _write_measurements(root: Path, geography: "Geography", tables: TableSet,
                 unit = df["unit"].to_numpy()
                 if unit.size and (unit.min() < 0 or unit.max() >= len(geoids)):
                     raise ReleaseError(f"{p}: column unit out of range for level {level} ({len(geoids)} units)")
-                labels = np.empty(df.height, dtype=object)
-                for q in df["query"].unique().to_list():
-                    sel = (df["query"] == q).to_numpy()
-                    names = np.array(["; ".join(a) for a in spec.query(q).answer_labels], dtype=object)
-                    labels[sel] = names[df["answer"].to_numpy()[sel]]
-                frame = pl.DataFrame({
-                    "run": pl.repeat(kind, df.height, dtype=pl.Utf8, eager=True),
-                    "geolevel": pl.repeat(level, df.height, dtype=pl.Utf8, eager=True),
-                    "geoid": pl.Series(geoids[unit] if unit.size else np.array([], dtype=str), dtype=pl.Utf8),
-                    "query": df["query"].cast(pl.Utf8), "answer": df["answer"].cast(pl.Int32),
-                    "answer_label": pl.Series(labels, dtype=pl.Utf8),
-                    "value": df["value"].cast(pl.Int64), "variance": df["variance"].cast(pl.Float64),
-                    "sigma2": df["sigma2"].cast(pl.Utf8),
-                }).to_arrow()
-                if writer is None:
-                    writer = pq.ParquetWriter(out, frame.schema, compression="zstd")
-                writer.write_table(frame)
+                # answer labels by a join on a small (query, answer) table, in slices of rows: a
+                # block level with every answer drawn has tens of millions of rows, whose label
+                # strings must never exist all at once as Python objects
+                lookup = pl.DataFrame(
+                    [(q, a, "; ".join(lab)) for q in df["query"].cast(pl.Utf8).unique().to_list()
+                     for a, lab in enumerate(spec.query(q).answer_labels)],
+                    schema={"query": pl.Utf8, "answer": pl.Int32, "answer_label": pl.Utf8}, orient="row")
+                for lo in range(0, max(df.height, 1), _MEASUREMENT_SLICE):
+                    part = df.slice(lo, _MEASUREMENT_SLICE)
+                    u = unit[lo:lo + part.height]
+                    frame = (part.select(pl.col("query").cast(pl.Utf8), pl.col("answer").cast(pl.Int32),
+                                         pl.col("value").cast(pl.Int64), pl.col("variance").cast(pl.Float64),
+                                         pl.col("sigma2").cast(pl.Utf8))
+                             .join(lookup, on=["query", "answer"], how="left", maintain_order="left")
+                             .select(pl.repeat(kind, part.height, dtype=pl.Utf8).alias("run"),
+                                     pl.repeat(level, part.height, dtype=pl.Utf8).alias("geolevel"),
+                                     pl.Series("geoid", geoids[u] if u.size else np.array([], dtype=str), dtype=pl.Utf8),
+                                     "query", "answer", "answer_label", "value", "variance", "sigma2")
+                             .to_arrow())
+                    if writer is None:
+                        writer = pq.ParquetWriter(out, frame.schema, compression="zstd")
+                    writer.write_table(frame)
     finally:
         if writer is not None:
             writer.close()
