@@ -229,7 +229,6 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
     if isinstance(paths, (str, Path)):
         paths = [paths]
     known: dict[str, tuple[Fraction, float]] = {}
-    frames = []
     for p in paths:
         try:
             meta = pq.read_schema(p).metadata or {}
@@ -239,20 +238,20 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
                 known[q] = (Fraction(s2), float(var))
         except (KeyError, ValueError) as exc:
             raise MeasurementError(f"{p}: not a measurement file written by measure_shard ({exc!r})") from None
-        frames.append(read_measurement_rows(p, list(COLUMNS)))
-    df = pl.concat(frames).filter((pl.col("unit") >= start) & (pl.col("unit") < stop))
+        read_measurement_rows(p, ["unit"]).clear()  # the one reader's column check
+    # lazily, one query at a time: with every answer drawn a block level has tens of millions of rows
+    lf = pl.scan_parquet([str(p) for p in paths]).filter((pl.col("unit") >= start) & (pl.col("unit") < stop))
     wanted = list(queries) if queries is not None else list(known)
     missing = [q for q in wanted if q not in known]
     if missing:
         raise MeasurementError(f"no measurements of {missing} in {[str(p) for p in paths]}; "
                                f"they hold {list(known)}")
-    parts = {k[0]: v for k, v in df.partition_by("query", as_dict=True).items()} if df.height else {}
     out: dict[str, QueryMeasurements] = {}
     for qname in wanted:
         q = spec.query(qname)
         vals = np.full((stop - start, q.n_answers), np.nan)
-        part = parts.get(qname)
-        if part is not None:
+        part = lf.filter(pl.col("query") == qname).select("unit", "answer", "value").collect()
+        if part.height:
             u = part["unit"].to_numpy() - start
             a = part["answer"].to_numpy().astype(np.int64)
             if a.size and (a.min() < 0 or a.max() >= q.n_answers):

@@ -24,6 +24,7 @@ an observed 0: the parent's zero is exact there.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,25 +38,37 @@ from pipeline.privacy.measure import read_measurement_rows
 from pipeline.review.metrics import MetricsError, Statistics
 
 
-def load_measurements(run_dir: str | Path, kind: str, level: str) -> pl.DataFrame:
-    """Every measurement row of one (run kind, level): ``unit, query, answer, value, variance``.
-
-    Reads ``RUN_DIR/measurements/<kind>/<level>/*.parquet``; an empty frame if there are none.
-    """
+def load_measurements(run_dir: str | Path, kind: str, level: str) -> pl.LazyFrame:
+    """Every measurement row of one (run kind, level), as a lazy scan: ``unit, query, answer,
+    value, variance``. Reads ``RUN_DIR/measurements/<kind>/<level>/*.parquet`` (each file's
+    columns checked by the one measurement reader); empty if there are none. Lazy, because with
+    every answer drawn a block level holds tens of millions of rows: the comparators take one
+    query at a time."""
     files = RunDir(Path(run_dir)).measurement_files(kind, level)
     cols = ["unit", "query", "answer", "value", "variance"]
     if not files:
-        return pl.DataFrame(schema={"unit": pl.Int64, "query": pl.Utf8, "answer": pl.Int32,
+        return pl.LazyFrame(schema={"unit": pl.Int64, "query": pl.Utf8, "answer": pl.Int32,
                                     "value": pl.Int64, "variance": pl.Float64})
-    return pl.concat([read_measurement_rows(f, cols) for f in files], how="vertical_relaxed")
+    for f in files:
+        read_measurement_rows(f, ["unit"]).clear()  # the one reader's column check, on every file
+    return pl.scan_parquet(files).select(cols)
 
 
-def _per_query(meas: pl.DataFrame, spec: HistogramSpec, n_units: int
-               ) -> list[tuple[str, float, sp.csr_matrix, sp.csr_matrix]]:
-    """``(query, variance, Y, M)`` per measured query: ``Y`` float ``(n_units, n_answers)``
-    noisy answers (absent = 0), ``M`` the 0/1 query matrix ``(n_answers, n_cells)``."""
-    out = []
-    for (qname,), part in sorted(meas.group_by(["query"]), key=lambda kv: kv[0][0]):
+def has_rows(meas: pl.LazyFrame) -> bool:
+    """Whether a level's measurement scan has any row."""
+    return meas.select(pl.len()).collect().item() > 0
+
+
+def _queries(meas: pl.LazyFrame) -> list[str]:
+    return sorted(meas.select(pl.col("query").unique()).collect()["query"].to_list())
+
+
+def _per_query(meas: pl.LazyFrame, spec: HistogramSpec, n_units: int
+               ) -> Iterator[tuple[str, float, sp.csr_matrix, sp.csr_matrix]]:
+    """``(query, variance, Y, M)`` per measured query, one at a time: ``Y`` float ``(n_units,
+    n_answers)`` noisy answers (absent = 0), ``M`` the 0/1 query matrix ``(n_answers, n_cells)``."""
+    for qname in _queries(meas):
+        part = meas.filter(pl.col("query") == qname).collect()
         q = spec.query(str(qname))
         var = part["variance"].to_numpy().astype(np.float64)
         if var.size == 0:
@@ -69,16 +82,16 @@ def _per_query(meas: pl.DataFrame, spec: HistogramSpec, n_units: int
                                f"({n_units} units, {q.n_answers} answers)")
         y = sp.csr_matrix((part["value"].to_numpy().astype(np.float64), (unit, ans)),
                           shape=(n_units, q.n_answers))
-        out.append((str(qname), float(var[0]), y, q.matrix().tocsr()))
-    return out
+        yield str(qname), float(var[0]), y, q.matrix().tocsr()
 
 
-def noisy_clipped_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Statistics,
+def noisy_clipped_statistics(meas: pl.LazyFrame | pl.DataFrame, spec: HistogramSpec, stats: Statistics,
                              n_units: int) -> np.ndarray:
     """Statistic values from the raw noisy answers clipped at 0: float64 ``(n_units, n_stats)``.
 
     Statistics that no measured query represents are NaN (none, when ``detailed`` is measured).
     """
+    meas = meas.lazy()
     v = stats.vectors.tocsc()
     n_stats = v.shape[1]
     best_cost = np.full(n_stats, np.inf)
@@ -89,7 +102,7 @@ def noisy_clipped_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Sta
         full = (counts == size[:, None]) & (size[:, None] > 0)
         valid = np.all(full | (counts == 0), axis=0)
         # variance of the sum = var x answers actually measured (skipped answers are exact 0s)
-        ans = meas.filter(pl.col("query") == qname)["answer"].to_numpy()
+        ans = meas.filter(pl.col("query") == qname).select("answer").collect()["answer"].to_numpy()
         measured = np.bincount(ans, minlength=m.shape[0]) / max(n_units, 1)
         cost = (full * measured[:, None]).sum(axis=0) * var
         take = valid & (cost < best_cost)
@@ -103,12 +116,13 @@ def noisy_clipped_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Sta
     return out
 
 
-def noisy_clipped_detailed(meas: pl.DataFrame, spec: HistogramSpec, n_units: int) -> sp.csr_matrix | None:
+def noisy_clipped_detailed(meas: pl.LazyFrame | pl.DataFrame, spec: HistogramSpec, n_units: int) -> sp.csr_matrix | None:
     """The identity query's noisy answers (one per cell) clipped at 0, CSR ``(n_units, n_cells)``;
     None if not measured."""
+    meas = meas.lazy()
     if not spec.has_role("identity"):
         return None
-    d = meas.filter(pl.col("query") == spec.role("identity"))
+    d = meas.filter(pl.col("query") == spec.role("identity")).collect()
     if d.height == 0:
         return None
     vals = np.maximum(d["value"].to_numpy().astype(np.float64), 0.0)
@@ -140,14 +154,15 @@ def _solve_design(spec: HistogramSpec, stats: Statistics, design: tuple[tuple[st
     return np.linalg.pinv(h, hermitian=True) @ vd         # minimum-norm: some cells not identified
 
 
-def wls_statistics(meas: pl.DataFrame, spec: HistogramSpec, stats: Statistics, n_units: int) -> np.ndarray:
+def wls_statistics(meas: pl.LazyFrame | pl.DataFrame, spec: HistogramSpec, stats: Statistics, n_units: int) -> np.ndarray:
     """Statistic values of the unconstrained per-unit WLS estimate: float64 ``(n_units, n_stats)``."""
-    queries = _per_query(meas, spec, n_units)
+    meas = meas.lazy()
     n_stats = stats.vectors.shape[1]
-    if not queries:
+    design = meas.group_by("query").agg(pl.col("variance").first()).collect()
+    if not design.height:
         return np.full((n_units, n_stats), np.nan)
-    w = _wls_weights(spec, stats, tuple((name, var) for name, var, _, _ in queries))
+    w = _wls_weights(spec, stats, tuple(sorted((str(q), float(v)) for q, v in design.iter_rows())))
     out = np.zeros((n_units, n_stats))
-    for _, var, y, m in queries:
+    for _, var, y, m in _per_query(meas, spec, n_units):  # one query's answers at a time
         out += np.asarray(y @ (m @ w)) / var
     return out

@@ -24,7 +24,13 @@ import yaml
 from pipeline.errors import InputError, RefusedError
 from pipeline.job.rundir import RunDir
 from pipeline.model.spec import load_spec
-from pipeline.review.comparators import load_measurements, noisy_clipped_detailed, noisy_clipped_statistics, wls_statistics
+from pipeline.review.comparators import (
+    has_rows,
+    load_measurements,
+    noisy_clipped_detailed,
+    noisy_clipped_statistics,
+    wls_statistics,
+)
 from pipeline.review.metrics import (
     HEADLINE,
     METRICS_SCHEMA,
@@ -163,7 +169,8 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
         tv = stats.values(truth)
         estimates = {PUBLISHED: stats.values(pub)}
         meas = load_measurements(run_dir, "persons", level)
-        if meas.height:
+        measured = has_rows(meas)
+        if measured:
             estimates[NOISY] = noisy_clipped_statistics(meas, spec, stats, truth.n_units)
             estimates[WLS] = wls_statistics(meas, spec, stats, truth.n_units)
         if level in unbiased:
@@ -172,7 +179,7 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
         if level in margins:
             frames.append(coverage_rows(level, stats.names, tv, estimates[PUBLISHED], margins[level]))
         frames.append(sparsity_rows(level, PUBLISHED, sparsity(truth, pub, spec.structural_zero_mask)))
-        noisy_det = noisy_clipped_detailed(meas, spec, truth.n_units) if meas.height else None
+        noisy_det = noisy_clipped_detailed(meas, spec, truth.n_units) if measured else None
         if noisy_det is not None:
             frames.append(sparsity_rows(level, NOISY, sparsity(truth, noisy_det, spec.structural_zero_mask)))
         u = _units_metrics(run_dir, level)
