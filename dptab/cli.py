@@ -430,6 +430,8 @@ def experiment_cmd(
                                        help="persons and units independent (2020) vs joint.households, paired"),
     compare_estimators: bool = typer.Option(False, "--compare-estimators",
                                             help="postprocess.estimator topdown (2020) vs full, on the same noise draws"),
+    simulated_margins: int = typer.Option(None, "--simulated-margins", min=2,
+                                          help="score simulated margins of error with this many re-runs per trial"),
     workers: int = typer.Option(2, "--workers", min=1, help="parallel worker processes"),
     out: str = typer.Option(None, "--out", help="experiment directory (default runs/experiments/...)"),
     seed: int = typer.Option(20_200_401, "--seed", help="base seed (trial t uses seed + 1 + t)"),
@@ -441,7 +443,8 @@ def experiment_cmd(
     try:
         with StageProgress(console=_console(stderr=True)) as prog:
             exp = run_experiment(config, trials, rhos=rho or None, strategies=strategy or None, compare_joint=compare_joint,
-                                 compare_estimators=compare_estimators, workers=workers, out_dir=out, seed=seed, progress=prog.report)
+                                 compare_estimators=compare_estimators, margin_trials=simulated_margins,
+                                 workers=workers, out_dir=out, seed=seed, progress=prog.report)
     except Exception as exc:
         _fail(exc)
     typer.echo(f"experiment: {exp}")

@@ -76,6 +76,13 @@ def finish_level_task(run_dir: str, kind: str, level: str, action: str = "solve"
     return stages.stage_finish_level(run_dir, kind, level, action)
 
 
+@task(name="margins", retries=1, retry_delay_seconds=[10], **_TASK)
+def margins_task(run_dir: str) -> dict[str, Any]:
+    from pipeline.job.margins import stage_margins
+
+    return stage_margins(run_dir)
+
+
 @task(name="publish", retries=1, retry_delay_seconds=[10], **_TASK)
 def publish_task(run_dir: str) -> dict[str, Any]:
     return stages.stage_publish(run_dir)
@@ -104,6 +111,7 @@ def tabulate(config_path: str, resume_dir: str | None = None) -> dict[str, Any]:
         log.info("[%d/%d] %s: %s parents in %s shards, %.1f s", k, len(steps), stages.step_label(step),
                  summary.get("parents", "-"), len(step.shards), summary.get("seconds", 0.0))
     log.info("publishing the release")
+    margins_task(run_dir)  # simulated margins of error, if configured (else a no-op)
     published = publish_task(run_dir)
     create_markdown_artifact(key="privacy-accounting", markdown=published["privacy_markdown"],
                              description="Privacy-loss accounting of this release")

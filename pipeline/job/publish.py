@@ -93,9 +93,16 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
         from pipeline.job.estimate import read_line_estimates
 
         unbiased = {k: v for kind in kinds for k, v in read_line_estimates(ctx, kind).items()}
+    simulated = None
+    if ctx.cfg.output.margins == "simulated":
+        import polars as pl
+
+        simulated = (pl.read_parquet(ctx.rd.verified(ctx.rd.simulated_margins_path)),
+                     pl.read_parquet(ctx.rd.verified(ctx.rd.moving_cells_path)), ctx.cfg.output.margin_trials)
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
                          declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
-                         csv=ctx.cfg.output.csv, unbiased=unbiased, before_publish=before_publish)
+                         csv=ctx.cfg.output.csv, unbiased=unbiased, simulated=simulated,
+                         before_publish=before_publish)
     return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),
             "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
             "privacy_markdown": privacy_markdown(privacy)}

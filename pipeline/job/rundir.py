@@ -120,6 +120,16 @@ class RunDir:
         """The full estimator's per-line estimates and variances of one level (``pipeline.job.estimate``)."""
         return self.root / "estimates" / kind / level / "lines.parquet"
 
+    @property
+    def simulated_margins_path(self) -> Path:
+        """The simulated margins of error per (table, level, line, size bin) (``pipeline.job.margins``)."""
+        return self.root / "margins" / "simulated.parquet"
+
+    @property
+    def moving_cells_path(self) -> Path:
+        """The published cells some margin rerun changed (the others get a margin of 0)."""
+        return self.root / "margins" / "moving.parquet"
+
     def solved_shard_path(self, kind: str, level: str, shard: int) -> Path:
         return self.root / "solved" / kind / level / f"shard-{shard:05d}.parquet"
 

@@ -208,6 +208,10 @@ def stage_publish(run_dir: str | Path) -> dict[str, Any]:
     if st.get("ledger_failed"):
         raise LedgerError(f"run {ctx.rd.root} was marked failed in the ledger; its noise may never be published")
     check_rho(ctx)
+    if ctx.cfg.output.margins == "simulated":  # idempotent: done once, before anything is published
+        from pipeline.job.margins import stage_margins
+
+        stage_margins(run_dir)
     ledger = Ledger.open_existing(ctx.cfg.privacy.ledger, st.get("ledger_id"))  # type: ignore[arg-type]
     release_id = str(st["release_id"])
     status = ledger.status(ctx.cfg.dataset_id, release_id)
@@ -245,6 +249,10 @@ def run(config_path: str | Path | None = None, resume_dir: str | Path | None = N
         with StageProgress(enabled=progress) as prog:
             prog.step("validate + histograms", lambda: stage_inputs(run_dir))
             diagnostics = solve_levels(run_dir, prog.shards)
+            if RunContext.load(run_dir).cfg.output.margins == "simulated":
+                from pipeline.job.margins import stage_margins
+
+                prog.step("margins of error (simulated)", lambda: stage_margins(run_dir))
             published = dict(prog.step("publish", lambda: stage_publish(run_dir)))
     finally:
         close_executor()

@@ -88,6 +88,11 @@ class OutputConfig(BaseModel):
     releases_dir: Path = Path("releases")
     publish_measurements: bool = True
     csv: bool = Field(True, description="also write csv/<geolevel>/<table>.csv (large at block level)")
+    margins: Literal["design", "simulated"] = Field(
+        "design", description="moe90 from the noise design alone (one per line and level; per unit with the full "
+                              "estimator), or simulated: margin_trials re-runs of the post-processing on fresh noise "
+                              "around the published counts (approximate Monte Carlo; per cell; no budget)")
+    margin_trials: int = Field(10, ge=2, le=1000, description="re-runs of the post-processing for simulated margins")
 
 
 class PostprocessConfig(BaseModel):

@@ -38,7 +38,7 @@ the 2020 strategy instead of 1,953 × 1,953). Everything is per level, never per
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.linalg as la
@@ -293,4 +293,48 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
                         v = v - np.divide(c * c, var_t, out=np.zeros_like(v), where=var_t > 0)
                     cols.append(np.maximum(v, 0.0))
                 out[(t.name, level)] = np.stack(cols, axis=1) if cols else np.zeros((sizes[i], 0))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# simulated margins (``output.margins: simulated``; ``pipeline.job.margins``)
+
+#: size bins of a published count for the simulated margins: labels and lower edges
+SIZE_BIN_LABELS = ("0", "1-9", "10-49", "50-249", "250-999", ">=1000")
+_SIZE_EDGES = np.array([1, 10, 50, 250, 1000])
+
+
+def size_bin(counts: np.ndarray) -> np.ndarray:
+    """Index into :data:`SIZE_BIN_LABELS` of each count (int64, same shape)."""
+    return np.searchsorted(_SIZE_EDGES, np.asarray(counts), side="right").astype(np.int64)
+
+
+def simulated_moe90(lookup: Any, moving: Any, table: TableDef, level: str, counts: np.ndarray,
+                    units: np.ndarray | None = None) -> np.ndarray:
+    """Per-cell simulated margins of one table at one level: float ``(n_units, n_lines)``.
+
+    ``lookup``: rows (table, geolevel, line, size_bin, moe90); ``moving``: rows (table, geolevel,
+    unit, line) of the cells some rerun changed, or ``None`` (then every cell takes its group's
+    value: the upper bound ``dptab verify`` checks against); ``counts``: the published int
+    ``(n_units, n_lines)``; ``units``: their unit indices in the level (default ``0..n-1``).
+    A cell gets its (line, size bin of its count) group's value if it moved, else 0.
+    """
+    import polars as pl
+
+    n, n_lines = counts.shape
+    lk = lookup.filter((pl.col("table") == table.name) & (pl.col("geolevel") == level))
+    grid = np.zeros((n_lines, len(SIZE_BIN_LABELS)))
+    line_at = {int(x): i for i, x in enumerate(table.numbers)}
+    for r in lk.iter_rows(named=True):
+        grid[line_at[int(r["line"])], SIZE_BIN_LABELS.index(r["size_bin"])] = float(r["moe90"])
+    out = grid[np.arange(n_lines)[None, :], size_bin(counts)]
+    if moving is not None:
+        mv = moving.filter((pl.col("table") == table.name) & (pl.col("geolevel") == level))
+        mask = np.zeros((n, n_lines), bool)
+        idx = np.arange(n) if units is None else np.asarray(units)
+        pos = np.searchsorted(idx, mv["unit"].to_numpy())
+        ok = (pos < n) & (idx[np.minimum(pos, n - 1)] == mv["unit"].to_numpy())
+        lines = np.array([line_at[int(x)] for x in mv["line"].to_list()], dtype=np.int64)
+        mask[pos[ok], lines[ok]] = True
+        out = np.where(mask, out, 0.0)
     return out

@@ -345,6 +345,8 @@ def required_files(manifest: Mapping[str, Any], spec_files: Iterable[str] = ()) 
     bhu = manifest["invariants"]["block_housing_units"]
     if bhu is not None:
         need.add(bhu["file"])
+    if (manifest.get("uncertainty") or {}).get("file"):
+        need.add(manifest["uncertainty"]["file"])
     need |= {run["strategy_file"] for run in manifest["privacy"]["runs"].values()}
     return need
 
@@ -549,9 +551,12 @@ def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts
     import pyarrow.parquet as pq
 
     from pipeline.release.manifest import CHUNK_UNITS
+    from pipeline.release.uncertainty import simulated_moe90
 
     step = chunk_units or CHUNK_UNITS
     moe = _margins(manifest, ts, lts, digits)
+    sim_file = (manifest.get("uncertainty") or {}).get("file")
+    lookup = pl.read_parquet(root / sim_file) if sim_file and (root / sim_file).is_file() else None
     out: list[CheckFailure] = []
     against = "the rows regenerated from its counts and the design's margins of error"
     for t in manifest["tables"]:
@@ -581,9 +586,14 @@ def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts
             for s in range(0, max(len(lt.geoids), 1), step):
                 e = min(s + step, len(lt.geoids))
                 m = moe.get((name, lt.level))
+                if lookup is not None:  # simulated margins: each is its group's value, or 0 (never moved)
+                    m = simulated_moe90(lookup, None, table, lt.level, lt.counts[name][s:e])
                 want = long_frame(table, lt.level, lt.geoids[s:e], names[s:e], lt.counts[name][s:e],
-                                  m if m is None or m.ndim == 1 else m[s:e])
+                                  m if m is None or m.ndim == 1 or lookup is not None else m[s:e])
                 found = lazy.slice(offset, want.height).collect()
+                if lookup is not None and found.height == want.height and "moe90" in found.columns:
+                    want = want.with_columns(pl.when(found["moe90"] == 0).then(0.0).otherwise(pl.col("moe90"))
+                                             .alias("moe90"))
                 offset += want.height
                 if not bad_parquet:
                     diff = _frame_diff(want, found, rel, against, name, lt.level)

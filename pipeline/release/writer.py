@@ -93,7 +93,7 @@ from pipeline.release.tables import (
     tabulate_levels,
     unit_names,
 )
-from pipeline.release.uncertainty import Z90
+from pipeline.release.uncertainty import Z90, simulated_moe90
 
 
 def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, Any]:
@@ -203,6 +203,10 @@ def _write_measurements(root: Path, geography: "Geography", tables: TableSet,
 UNCERTAINTY_METHODS = {
     "topdown": "standard error of the weighted least-squares estimate from the level's own noisy measurements "
                "(data-independent); invariants and structural zeros as exact",
+    "simulated": "approximate Monte Carlo: the whole post-processing re-run on fresh noise around the published "
+                 "counts (released data only, no budget); moe90 is the 90th percentile of |re-run - published| over "
+                 "the re-runs and the areas of a level whose count of the line is in the same size bin "
+                 "(0, 1-9, 10-49, 50-249, 250-999, >=1000); 0 where every re-run reproduced the count",
     "full": "exact standard error, per area, of the hierarchical GLS (best linear unbiased) estimate from every "
             "level's noisy measurements (data-independent: design and geography only); structural zeros exact; "
             "an invariant total exact and the area's other lines conditioned on it",
@@ -215,6 +219,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                   measurement_files: Mapping[tuple[str, str], Sequence[Path]] | None = None,
                   tables: str | Path = "pl94", csv: bool = True,
                   unbiased: Mapping[tuple[str, str], np.ndarray] | None = None,
+                  simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None = None,
                   before_publish: Callable[[], None] | None = None) -> Path:
     """Write ``releases_dir/<meta.release_id>/`` atomically and return its path.
 
@@ -231,7 +236,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     Parquet files to publish; ``csv=False`` skips ``csv/`` (it is ~100x the size of the
     Parquet tables); ``unbiased[(table, level)]``: the full estimator's real-valued line
     estimates, float ``(n_units, n_lines)``, for every level but the bottom one (written to
-    ``tables/unbiased/`` with their standard errors). Raises :class:`ReleaseExistsError` if the id exists,
+    ``tables/unbiased/`` with their standard errors); ``simulated``: ``(lookup, moving cells,
+    trials)`` of ``pipeline.job.margins`` — the tables' ``moe90`` are then the simulated ones
+    and the lookup is published as ``margins/simulated.parquet``. Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
     from pipeline.release import html as _html
@@ -261,6 +268,10 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
                               invariants.block_housing_units is not None, meta.estimator,
                               [lv.child_ptr for lv in geography.levels[:-1]])
+        table_moe = moe
+        if simulated is not None:
+            table_moe = {(name, lt.level): simulated_moe90(simulated[0], simulated[1], ts.tables[name], lt.level, c)
+                         for lt in lts for name, c in lt.counts.items()}
 
         entries: list[dict[str, Any]] = []
         writers = {name: _TableWriter(tmp, name, csv) for name in ts.tables}
@@ -270,7 +281,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                 for name, counts in lt.counts.items():
                     for s in range(0, max(len(lt.geoids), 1), CHUNK_UNITS):
                         e = min(s + CHUNK_UNITS, len(lt.geoids))
-                        m = moe.get((name, lt.level))
+                        m = table_moe.get((name, lt.level))
                         writers[name].write(lt.level, long_frame(ts.tables[name], lt.level, lt.geoids[s:e], names[s:e],
                                                                  counts[s:e], m if m is None or m.ndim == 1 else m[s:e]))
         finally:
@@ -280,6 +291,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             if w.writer is not None:
                 entries.append(_file_entry(tmp, w.path))
                 entries += [_file_entry(tmp, p, rows) for p, rows in sorted(w.csv_rows.items())]
+        if simulated is not None:
+            spath = tmp / "margins" / "simulated.parquet"
+            spath.parent.mkdir()
+            simulated[0].write_parquet(spath, compression="zstd")
+            entries.append(_file_entry(tmp, spath))
         if unbiased:
             from pipeline.release.unbiased import write_unbiased
 
@@ -323,7 +339,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "table_definitions": defs.relative_to(tmp).as_posix(),
             "privacy": dict(privacy),
             "invariants": invariants.to_json(),
-            "uncertainty": {"z": Z90, "level": 0.9, "method": UNCERTAINTY_METHODS[meta.estimator]},
+            "uncertainty": ({"z": Z90, "level": 0.9, "method": UNCERTAINTY_METHODS[meta.estimator]} if simulated is None
+                            else {"z": Z90, "level": 0.9, "method": UNCERTAINTY_METHODS["simulated"],
+                                  "trials": int(simulated[2]), "file": "margins/simulated.parquet"}),
             "persons": int(micro.height),
             # what this release must hold beyond the tables, definitions, microdata, strategies and
             # index.html (dptab verify derives the complete file list from these settings)

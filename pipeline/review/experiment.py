@@ -122,7 +122,7 @@ def make_settings(base_strategy: str, delta: float, rhos: list[str] | None, stra
 
 
 def _trial_config(cfg_raw: dict[str, Any], exp_dir: Path, strategy: str, seed: int, release_id: str,
-                  joint: bool | None = None, estimator: str | None = None) -> Path:
+                  joint: bool | None = None, estimator: str | None = None, margin_trials: int | None = None) -> Path:
     """A run config for one trial (seeded, private ledger and folders): persons only, or with
     the config's units run and ``joint.households`` = ``joint`` when that is not None;
     ``estimator``: that estimator, with every answer measured (the same draws for both)."""
@@ -139,6 +139,8 @@ def _trial_config(cfg_raw: dict[str, Any], exp_dir: Path, strategy: str, seed: i
                         full_measurements=estimator is not None or bool((c.get("privacy") or {}).get("full_measurements")))
     c["output"] = dict(c.get("output") or {}, runs_dir=str(exp_dir / "runs"),
                        releases_dir=str(exp_dir / "never-published"))
+    if margin_trials:
+        c["output"].update(margins="simulated", margin_trials=margin_trials)
     c["execution"] = dict(c.get("execution") or {}, workers=1)
     p = exp_dir / "configs" / f"{release_id}.yaml"
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -177,6 +179,9 @@ def run_trial(run_dir: str, base_run: str, keep: bool = False) -> str:
     linked = _link_inputs(Path(base_run), run_dir)
     RunDir.open(run_dir).mark_done("inputs", RunDir.open(Path(base_run)).done_info("inputs") or {}, files=linked)
     solve_levels(run_dir)
+    from pipeline.job.margins import stage_margins
+
+    stage_margins(run_dir)  # simulated margins of error, when the trial's config asks for them
     metrics = compute_review(run_dir).metrics
     out = RunDir(Path(run_dir)).trials_path()
     out.parent.mkdir(exist_ok=True)
@@ -199,7 +204,8 @@ def summarise(trials: pl.DataFrame) -> pl.DataFrame:
 def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None = None,
                    strategies: list[str] | None = None, workers: int = 2, out_dir: str | Path | None = None,
                    seed: int = DEFAULT_SEED, progress: Callable[[str, int, int], None] | None = None,
-                   compare_joint: bool = False, compare_estimators: bool = False) -> Path:
+                   compare_joint: bool = False, compare_estimators: bool = False,
+                   margin_trials: int | None = None) -> Path:
     """Run every setting ``trials`` times; write trials/summary Parquet and the report; return EXP_DIR."""
     from pipeline.job import stages as runmod
     from pipeline.model.config import load_config
@@ -227,7 +233,7 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
             rid = f"s{si:02d}-t{t:03d}"
             # prepared here, one after another: the experiment ledger is written by this process only
             trial_cfg = _trial_config(cfg_raw, exp_dir, s.strategy, seed + 1 + t, rid, joint=s.joint,
-                                      estimator=s.estimator)
+                                      estimator=s.estimator, margin_trials=margin_trials)
             jobs.append((s, t, str(runmod.prepare(trial_cfg)), rid))
     frames = []
     # trials are independent: the run's one executor spreads them over its worker processes

@@ -228,6 +228,20 @@ def _published_margins(run_dir: Path, stats: Statistics) -> tuple[dict[str, np.n
     moe = release_margins(ts, design(ctx.strategies).variances(), levels, digits, ctx.cfg.invariants.state_totals,
                           ctx.cfg.invariants.block_housing_units, ctx.cfg.postprocess.estimator,
                           [lv.child_ptr for lv in geo.levels[:-1]])
+    simulated = None
+    if ctx.cfg.output.margins == "simulated" and ctx.rd.is_done("margins"):
+        from pipeline.model.histogram import SparseHistogram
+        from pipeline.release.tables import tabulate
+        from pipeline.release.uncertainty import simulated_moe90
+
+        lookup = pl.read_parquet(ctx.rd.verified(ctx.rd.simulated_margins_path))
+        moving = pl.read_parquet(ctx.rd.verified(ctx.rd.moving_cells_path))
+        simulated = {}
+        for lv in geo.levels:
+            hist = SparseHistogram.from_parquet(ctx.rd.verified(ctx.rd.solved_path("persons", lv.name)))
+            for t in ts.of_kind("persons"):
+                simulated[(t.name, lv.name)] = simulated_moe90(lookup, moving, t, lv.name, tabulate(hist, t))
+        moe = {**moe, **simulated}
     lines = _statistic_lines(stats)
     margins, unbiased = {}, {}
     line_est = {}

@@ -1,0 +1,81 @@
+"""Simulated margins of error (``output.margins: simulated``, the approximate Monte Carlo
+method): the post-processing re-run on fresh noise around the published counts; per-cell
+margins that are 0 where the invariants fix a count, published with their lookup table and
+checked by ``dptab verify``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from run_helpers import make_inputs, write_config
+
+from pipeline.job import stages
+from pipeline.job.context import RunContext
+from pipeline.release.uncertainty import SIZE_BIN_LABELS, size_bin
+from pipeline.release.verify import verify_release
+
+
+@pytest.fixture(scope="module")
+def simulated_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mc")
+    inputs = make_inputs(tmp, persons=3000, seed=8)
+    out = stages.run(write_config(tmp, inputs, release_id="mc-1", output={"margins": "simulated", "margin_trials": 3}),
+                     progress=False)
+    return tmp, out
+
+
+def test_release_carries_simulated_margins_and_verifies(simulated_run) -> None:
+    _, out = simulated_run
+    release = Path(out["release_path"])
+    m = json.loads((release / "manifest.json").read_text())
+    assert m["uncertainty"]["trials"] == 3 and m["uncertainty"]["file"] == "margins/simulated.parquet"
+    assert "Monte Carlo" in m["uncertainty"]["method"]
+    assert verify_release(release) == []
+    lookup = pl.read_parquet(release / "margins" / "simulated.parquet")
+    assert set(lookup["size_bin"].unique()) <= set(SIZE_BIN_LABELS)
+    assert (lookup["moe90"] >= 0).all() and (lookup["errors"] >= 3).all()
+
+
+def test_margins_are_per_cell_zero_where_fixed_and_follow_the_lookup(simulated_run) -> None:
+    _, out = simulated_run
+    release = Path(out["release_path"])
+    p1 = pl.read_parquet(release / "tables" / "P1.parquet")
+    assert (p1.filter(pl.col("geolevel").is_in(["nation", "state"]) & (pl.col("line") == 1))["moe90"] == 0).all()
+    h1 = pl.read_parquet(release / "tables" / "H1.parquet")
+    assert (h1.filter(pl.col("line") == 1)["moe90"] == 0).all()  # housing units: invariant everywhere
+    lookup = pl.read_parquet(release / "margins" / "simulated.parquet")
+    tract = p1.filter(pl.col("geolevel") == "tract")
+    look = {(r["line"], r["size_bin"]): r["moe90"] for r in lookup.filter(
+        (pl.col("table") == "P1") & (pl.col("geolevel") == "tract")).iter_rows(named=True)}
+    bins = size_bin(tract["count"].to_numpy())
+    for line, count_bin, moe in zip(tract["line"].to_list(), bins, tract["moe90"].to_list()):
+        assert moe == 0 or moe == look[(line, SIZE_BIN_LABELS[count_bin])]
+    assert tract["moe90"].n_unique() > 1
+
+
+def test_margin_reruns_leave_nothing_behind_and_resume_reuses(simulated_run) -> None:
+    _, out = simulated_run
+    ctx = RunContext.load(out["run_dir"])
+    assert ctx.rd.is_done("margins")
+    assert not any(p.name.startswith("trial-") for p in (ctx.rd.root / "margins").iterdir())
+    info = stages.stage_publish(out["run_dir"])  # already published: nothing is redone
+    assert info["release_path"] == out["release_path"]
+
+
+def test_tampered_margin_is_caught(simulated_run, tmp_path) -> None:
+    _, out = simulated_run
+    copy = tmp_path / "mc-1"
+    shutil.copytree(out["release_path"], copy)
+    path = copy / "tables" / "P2.parquet"
+    df = pl.read_parquet(path)
+    i = int(np.flatnonzero(df["moe90"].to_numpy() > 0)[0])
+    df = df.with_columns(pl.when(pl.int_range(pl.len()) == i).then(pl.col("moe90") + 1.0)
+                         .otherwise(pl.col("moe90")).alias("moe90"))
+    df.write_parquet(path)
+    problems = verify_release(copy)
+    assert any(p.check == "table_rows" and "moe90" in str(p) for p in problems), problems
