@@ -1,6 +1,10 @@
 """Whole-job benchmark: `dptab run` on N synthetic persons against the I/O floor.
 
     python benchmarks/pipeline.py --persons 1000000 [--repeats 3] [--workers 2]
+    python benchmarks/pipeline.py --persons 1000000 --repeats 2 --estimators topdown full
+
+With several ``--estimators`` each repeat runs every estimator in turn (alternating, so machine
+noise hits both alike) and the last JSON line also gives the wall-time ratio of each to the first.
 
 The floor is what any tabulation of the same file must do: read the persons Parquet, one
 group_by to block x cell counts, write the result (measured in the same process, same run).
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,8 +39,14 @@ def io_floor(persons: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def one_job(inputs: Path, work: Path, tag: str, workers: int) -> dict:
+_WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+         "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+         "sys.exit(r.returncode)")
+
+
+def one_job(inputs: Path, work: Path, tag: str, workers: int, estimator: str = "topdown") -> dict:
     cfg = {
+        "postprocess": {"estimator": estimator},
         "dataset_id": "bench", "confidential": False, "release_id": tag,
         "inputs": {"persons": str(inputs / "persons.parquet"), "units": str(inputs / "units.parquet")},
         "privacy": {"randomness": "keyed", "ledger": str(work / "ledger.sqlite"), "lifetime_rho": "100000"},
@@ -47,20 +56,25 @@ def one_job(inputs: Path, work: Path, tag: str, workers: int) -> dict:
     }
     path = work / f"{tag}.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "dptab.cli", "run", "--quiet", str(path)], cwd=ROOT,
-                         capture_output=True, text=True)
+    # a fresh wrapper per job reports the largest maximum RSS among the job and its workers
+    res = subprocess.run([sys.executable, "-c", _WRAP, sys.executable, "-m", "dptab.cli", "run", "--quiet", str(path)],
+                         cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise RuntimeError(res.stdout[-3000:] + res.stderr[-3000:])
-    peak_mb = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
+    peak_mb = int(res.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0]) / 1024
     state = json.loads((work / "runs" / tag / "state.json").read_text())
     stages: dict[str, float] = {"inputs": state["done"]["inputs"]["seconds"]}
     for name, info in state["done"].items():
         if name.startswith("level:"):
             _, kind, level = name.split(":")
             stages[f"{kind}:{level}"] = info["seconds"]
+        elif name.startswith("measure:"):  # the full estimator's measure-first steps, per kind
+            kind = name.split(":")[1]
+            stages[f"{kind}:measure"] = stages.get(f"{kind}:measure", 0.0) + info["seconds"]
+        elif name.startswith("estimate:"):
+            stages[f"{name.split(':')[1]}:gls"] = info["seconds"]
     stages["publish"] = state["done"]["publish"].get("seconds", float("nan"))
     return {"wall": wall, "peak_mb": peak_mb, "stages": stages}
 
@@ -71,28 +85,38 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--estimators", nargs="+", default=["topdown"], choices=["topdown", "full"])
     args = ap.parse_args()
     cache = ROOT / "bench-out" / f"synth-{args.persons}-{args.seed}"
     if not (cache / "units.parquet").exists():
         subprocess.run([sys.executable, "-m", "dptab.cli", "synth", "--persons", str(args.persons),
                         "--seed", str(args.seed), "--out", str(cache)], cwd=ROOT, check=True)
-    jobs, floors = [], []
+    jobs: dict[str, list[dict]] = {e: [] for e in args.estimators}
+    floors = []
     with tempfile.TemporaryDirectory(prefix="dptab-bench-") as tmp:
         work = Path(tmp)
         for r in range(args.repeats):
             floors.append(io_floor(cache / "persons.parquet", work / f"floor-{r}.parquet"))
-            jobs.append(one_job(cache, work, f"rep{r}", args.workers))
-            print(f"repeat {r}: job {jobs[-1]['wall']:.1f} s, floor {floors[-1]:.2f} s, "
-                  f"peak {jobs[-1]['peak_mb']:.0f} MB", flush=True)
+            for est in args.estimators:
+                jobs[est].append(one_job(cache, work, f"rep{r}-{est}", args.workers, est))
+                print(f"repeat {r} {est}: job {jobs[est][-1]['wall']:.1f} s, floor {floors[-1]:.2f} s, "
+                      f"peak {jobs[est][-1]['peak_mb']:.0f} MB", flush=True)
     med = statistics.median
-    stage_names = list(jobs[0]["stages"])
-    stage_med = {s: round(med([j["stages"][s] for j in jobs]), 2) for s in stage_names}
-    for s, v in stage_med.items():
-        print(f"  {s:<22} {v:8.2f} s")
+    results = {}
+    for est, runs in jobs.items():
+        stage_names = list(runs[0]["stages"])
+        stage_med = {s: round(med([j["stages"].get(s, float("nan")) for j in runs]), 2) for s in stage_names}
+        print(est)
+        for s, v in stage_med.items():
+            print(f"  {s:<22} {v:8.2f} s")
+        results[est] = {"wall_s": round(med([j["wall"] for j in runs]), 2),
+                        "ratio_vs_floor": round(med([j["wall"] / f for j, f in zip(runs, floors)]), 1),
+                        "peak_rss_mb": round(med([j["peak_mb"] for j in runs])), "stages_s": stage_med}
+    base = args.estimators[0]
     out = {"persons": args.persons, "repeats": args.repeats, "workers": args.workers,
-           "wall_s": round(med([j["wall"] for j in jobs]), 2), "io_floor_s": round(med(floors), 3),
-           "ratio_vs_floor": round(med([j["wall"] / f for j, f in zip(jobs, floors)]), 1),
-           "peak_rss_mb": round(med([j["peak_mb"] for j in jobs])), "stages_s": stage_med}
+           "io_floor_s": round(med(floors), 3), **results[base],
+           "estimators": {e: {**r, "wall_ratio_vs_" + base: round(r["wall_s"] / results[base]["wall_s"], 3)}
+                          for e, r in results.items()} if len(results) > 1 else None}
     print(json.dumps(out))
 
 
