@@ -162,3 +162,40 @@ def test_p95_and_max_by_bin_match_numpy():
                 assert p[label][j] == pytest.approx(np.percentile(a[m, j], 95)), (label, j)
             else:
                 assert math.isnan(p[label][j])
+
+
+def test_coverage_rows_count_intervals_that_hold_the_truth() -> None:
+    from pipeline.review.metrics import POOLED, coverage_rows
+
+    truth = np.array([[0.0, 10.0], [5.0, 300.0], [2.0, 40.0]])
+    published = np.array([[1.0, 12.0], [5.0, 290.0], [0.0, 40.0]])
+    moe = np.array([[1.0, 1.0], [0.0, 5.0], [1.0, np.nan]])  # NaN: no margin, left out
+    rows = coverage_rows("tract", ["a", "b"], truth, published, moe)
+    look = {(r["statistic"], r["metric"], r["size_bin"]): r["value"] for r in rows.iter_rows(named=True)}
+    assert look[("a", "moe90_coverage", "all")] == pytest.approx(2 / 3)   # |1-0|<=1, |5-5|<=0, |0-2|>1
+    assert look[("b", "moe90_coverage", "all")] == pytest.approx(0.0)     # 2 > 1, 10 > 5; the NaN is left out
+    assert look[(POOLED, "moe90_coverage", "all")] == pytest.approx(2 / 5)
+    assert look[(POOLED, "n", "all")] == 5
+    assert look[("b", "moe90_coverage", "250-999")] == 0.0 and look[("a", "moe90_coverage", "0")] == 1.0
+    assert look[("a", "moe90_median", "all")] == 1.0
+
+
+def test_paired_differences_and_verdicts() -> None:
+    import polars as pl
+
+    from pipeline.review.paired import paired_differences, verdict
+
+    rows = []
+    for t in range(5):
+        for setting, value in (("a", 10.0 + t), ("b", 8.0 + t + 0.01 * t)):
+            rows.append({"setting": setting, "trial": t, "level": "tract", "statistic": "total", "metric": "rmse",
+                         "size_bin": "all", "estimator": "published", "value": value})
+    d = paired_differences(pl.DataFrame(rows), "a", "b").row(0, named=True)
+    assert d["trials"] == 5 and d["diff"] == pytest.approx(-2.0 + 0.02)
+    assert d["significant"] and verdict(d) == "better"
+    same = pl.DataFrame([{**r, "value": r["value"] + (0.5 if r["trial"] % 2 else -0.5) * (r["setting"] == "b")}
+                         for r in rows if True]).with_columns(
+        pl.when(pl.col("setting") == "b").then(pl.col("value") + 2.0 - 0.01 * pl.col("trial")).otherwise(
+            pl.col("value")).alias("value"))
+    d2 = paired_differences(same, "a", "b").row(0, named=True)
+    assert verdict(d2) == "same"
