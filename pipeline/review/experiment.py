@@ -277,7 +277,8 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
                            f"{100 * r['sd'] if r['sd'] == r['sd'] else float('nan'):.1f} | {r['median_moe90']:.2f} | "
                            f"{r['cells']:.0f} |" for r in coverage.iter_rows(named=True)))
     write_experiment_report(exp_dir / "report.html", summary, info, confidential=cfg.confidential,
-                            paired=paired, coverage=coverage)
+                            paired=None if paired is None else (settings[0].name, settings[1].name, paired),
+                            coverage=coverage)
     (exp_dir / "summary.md").write_text(md)
     shutil.rmtree(RunDir(base_run).root / "measurements", ignore_errors=True)
     return exp_dir

@@ -25,7 +25,7 @@ import polars as pl
 from markupsafe import Markup
 
 from pipeline.review import figures
-from pipeline.review.metrics import ALL_BIN, HEADLINE
+from pipeline.review.metrics import ALL_BIN, HEADLINE, SIZE_BINS
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -204,7 +204,16 @@ def paired_context(paired: pl.DataFrame, a: str, b: str, levels: list[str]) -> d
                          _cell(f"{r['diff']:+.3g} ± {2 * r['se']:.2g}", "below" if v == "worse" else "", v),
                          v, _fmt(mae["a"] if mae else None), _fmt(mae["b"] if mae else None),
                          _fmt(bias["a"] if bias else None), _fmt(bias["b"] if bias else None)])
+    bias_rows = []
+    for lv in levels:
+        for size in [x[0] for x in SIZE_BINS]:
+            r = next((x for x in paired.filter((pl.col("level") == lv) & (pl.col("statistic") == "total")
+                                               & (pl.col("metric") == "bias") & (pl.col("size_bin") == size)
+                                               & (pl.col("estimator") == "published")).iter_rows(named=True)), None)
+            if r is not None:
+                bias_rows.append([lv, size, _fmt(r["a"]), _fmt(r["b"]), f"{r['diff']:+.3g} ± {2 * r['se']:.2g}"])
     return {"title": f"{b} vs {a} (paired trials)",
+            "bias": _table(["level", "true size", f"bias {a}", f"bias {b}", "difference ± 2 SE"], bias_rows),
             "figure": {"uri": figures.paired_change(paired, levels, MARGINS, a, b),
                        "caption": f"Change of RMSE, {b} vs {a}, per level and margin (± 2 SE of the paired difference)"},
             "table": _table(["margin", "level", f"RMSE {a}", f"RMSE {b}", "difference ± 2 SE", f"{b} is",
@@ -223,16 +232,16 @@ def coverage_context(coverage: pl.DataFrame, levels: list[str]) -> dict[str, Any
 
 
 def write_experiment_report(path: str | Path, summary: pl.DataFrame, info: dict[str, Any],
-                            confidential: bool, paired: pl.DataFrame | None = None,
+                            confidential: bool, paired: tuple[str, str, pl.DataFrame] | None = None,
                             coverage: pl.DataFrame | None = None) -> None:
     """Write the report of an experiment directory (``dptab experiment``) to ``path``; with two
-    paired settings also their side-by-side comparison, and the margins' coverage when known."""
+    paired settings (``(first, second, pipeline.review.paired.paired_differences frame)``) also
+    their side-by-side comparison, and the margins' coverage when known."""
     levels = [lv for lv in ("nation", "state", "county", "tract", "block_group", "block")
               if lv in set(summary["level"].to_list())]
-    settings = summary["setting"].unique(maintain_order=True).to_list()
     extra: dict[str, Any] = {}
-    if paired is not None and paired.height and len(settings) == 2:
-        extra["paired"] = paired_context(paired, *[str(s) for s in settings], [lv for lv in levels if lv != "nation"])
+    if paired is not None and paired[2].height:
+        extra["paired"] = paired_context(paired[2], paired[0], paired[1], [lv for lv in levels if lv != "nation"])
     if coverage is not None and coverage.height:
         extra["coverage"] = coverage_context(coverage, levels)
     Path(path).write_text(render(f"dptab experiment — {info.get('dataset')}", confidential,
