@@ -26,7 +26,8 @@ def two_runs(tmp_path_factory):
     full = stages.run(write_config(tmp, inputs, "full.yaml", release_id="full-1",
                                    postprocess={"estimator": "full"}), progress=False)
     top = stages.run(write_config(tmp, inputs, "top.yaml", release_id="top-1",
-                                  privacy={"full_measurements": True}), progress=False)
+                                  privacy={"full_measurements": True}, postprocess={"estimator": "topdown"}),
+                     progress=False)
     return tmp, inputs, full, top
 
 

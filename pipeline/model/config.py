@@ -100,7 +100,7 @@ class PostprocessConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     estimator: Literal["topdown", "full"] = Field(
-        "topdown", description="topdown: each level from its own measurements and its parent's answer (2020 "
+        "full", description="topdown: each level from its own measurements and its parent's answer (2020 "
                                "TopDown); full: the hierarchical least-squares (BLUE) estimate from every "
                                "level's measurements, then the same constrained top-down engine")
 
