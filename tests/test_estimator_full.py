@@ -109,3 +109,41 @@ def test_tampered_unbiased_estimate_is_caught(two_runs, tmp_path) -> None:
     problems = verify_release(copy)
     assert any(p.check == "unbiased" for p in problems)
     assert any(p.check == "checksum" or "sha256" in str(p) for p in problems)
+
+
+def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path) -> None:
+    """The estimate stage fits one state's subtree at a time; its targets and line estimates are
+    those of one fit over the whole tree (two states)."""
+    from test_dask_executor import _two_states
+
+    from pipeline.job.estimate import read_line_estimates, read_targets
+    from pipeline.postprocess.gls import GLSModel, LevelMeasurements
+    from pipeline.privacy.measure import load_measurements
+    from pipeline.release.tables import load_tables
+
+    inputs = _two_states(tmp_path)
+    out = stages.run(write_config(tmp_path, inputs, release_id="two", postprocess={"estimator": "full"},
+                                  execution={"workers": 1, "shard_target_cells": 20_000}), progress=False)
+    ctx = RunContext.load(out["run_dir"])
+    spec, strategy, levels = ctx.spec("persons"), ctx.strategies["persons"], ctx.geography.levels
+    assert levels[1].n_units == 2
+    data = []
+    for i, lv in enumerate(levels):
+        meas = load_measurements(ctx.rd.measurement_files("persons", lv.name), spec, 0, lv.n_units,
+                                 queries=list(strategy.queries(lv.name)))
+        data.append(LevelMeasurements(None if i == 0 else levels[i - 1].child_ptr,
+                                      {q: (m.values, m.variance) for q, m in meas.items()}))
+    model = GLSModel(spec, [q for d in data for q in d.measured])
+    up = model.upward(data)
+    whole = model.downward(up)
+    lines = read_line_estimates(ctx, "persons")
+    for i, lv in enumerate(levels[:-1]):
+        sub = whole.levels[0] if i == 0 else up.subtree(i)
+        got, _ = read_targets(ctx.rd.estimate_targets_path("persons", lv.name), spec, 0, lv.n_units,
+                              strategy.queries(lv.name))
+        for q in strategy.queries(lv.name):
+            np.testing.assert_allclose(got[q], sub.query(q), rtol=1e-9, atol=1e-8)
+        for t in load_tables("pl94").of_kind("persons"):
+            want = np.asarray((t.matrix.astype(np.float64) @ whole.levels[i].estimate.T).T)
+            np.testing.assert_allclose(lines[(t.name, lv.name)], want, rtol=1e-9, atol=1e-8)
+    assert verify_release(Path(out["release_path"])) == []

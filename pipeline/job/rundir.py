@@ -112,9 +112,9 @@ class RunDir:
         """Every measurement shard file of one (run kind, level), in shard order."""
         return sorted(self.measurement_dir(kind, level).glob("shard-*.parquet"))
 
-    def estimate_path(self, kind: str, level: str, shard: int) -> Path:
-        """The full estimator's targets for the children of one shard (``pipeline.job.estimate``)."""
-        return self.root / "estimates" / kind / level / f"shard-{shard:05d}.parquet"
+    def estimate_targets_path(self, kind: str, level: str) -> Path:
+        """The full estimator's targets for the units of one level (``pipeline.job.estimate``)."""
+        return self.root / "estimates" / kind / level / "targets.parquet"
 
     def estimate_lines_path(self, kind: str, level: str) -> Path:
         """The full estimator's per-line estimates and variances of one level (``pipeline.job.estimate``)."""

@@ -131,7 +131,7 @@ def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.n
     if ctx.cfg.postprocess.estimator == "full" and i < len(ctx.level_names) - 1:
         from pipeline.job.estimate import read_targets
 
-        targets, variances = read_targets(ctx.rd.verified(ctx.rd.estimate_path(kind, level, shard)), spec, c0, c1,
+        targets, variances = read_targets(ctx.rd.verified(ctx.rd.estimate_targets_path(kind, level)), spec, c0, c1,
                                           strategy.queries(level))
     else:
         meas = load_measurements(ctx.rd.measurement_path(kind, level, shard), spec, c0, c1)

@@ -532,6 +532,12 @@ class Message:
     def n_units(self) -> int:
         return int(self.info[0].shape[0]) if self.info else 0
 
+    def subtree_fit(self) -> LevelFit:
+        """The top units estimated from their own subtrees only: ``J⁻¹h`` with covariance ``J⁻¹``
+        (what :meth:`Upward.subtree` gives for the levels below the top)."""
+        cov = tuple(_sym(np.linalg.inv(j)) for j in self.info)
+        return LevelFit(self.model, Posterior(self.model, tuple(c @ h for c, h in zip(cov, self.h)), cov))
+
 
 def stack_messages(messages: Sequence[Message]) -> Message:
     """Concatenate the top units of several subtrees (in order) into one message."""
@@ -687,13 +693,20 @@ class LevelFit:
             out += w * np.einsum("i,nij,j->n", u[c.free], P, v[c.free])
         return out
 
-    def engine_weights(self, queries: Sequence[str]) -> dict[str, float]:
+    def information_sum(self) -> list[np.ndarray]:
+        """``Σ_u J_u`` over the level's units, per component (m', m'): with :meth:`engine_weights`
+        over several parts of a level (streaming), the weights of the whole level."""
+        return [np.linalg.inv(P).sum(axis=0) for P in self.posterior.cov]
+
+    def engine_weights(self, queries: Sequence[str], information: Sequence[np.ndarray] | None = None,
+                       units: int | None = None) -> dict[str, float]:
         """One weight per query (≥ 0, persons⁻²) for an engine whose objective per unit is
         ``Σ_q w_q ||Q_q x − Q_q x̂||²``: the weights whose normal matrix ``Σ_q w_q Q_qᵀQ_q`` is
         closest to the exact information ``J = cov⁻¹`` of these estimates (averaged over the
         level's units), in the relative sense ``||J^-½ (Σ_q w_q Q_qᵀQ_q − J) J^-½||_F``
         (non-negative least squares over the algebra's blocks, each counted with its
-        multiplicity). With the raw measurements of one level this recovers ``1/v_q`` exactly;
+        multiplicity); ``information``/``units``: the sum of ``J`` over a whole level and its unit
+        count, when this fit is only part of it. With the raw measurements of one level this recovers ``1/v_q`` exactly;
         for GLS estimates, whose information is not a per-query sum, it is the best such sum.
         """
         from scipy.optimize import nnls
@@ -701,10 +714,12 @@ class LevelFit:
         m = self.model
         cols: list[list[np.ndarray]] = [[] for _ in queries]
         target = []
-        for c, P in zip(m.components, self.posterior.cov):
+        total = self.information_sum() if information is None else list(information)
+        n = self.n_units if units is None else units
+        for c, Jsum in zip(m.components, total):
             if c.free.size == 0:
                 continue
-            Jbar = np.linalg.inv(P).mean(axis=0)
+            Jbar = Jsum / n
             Li = np.linalg.inv(np.linalg.cholesky(_sym(Jbar)))
             sw = np.sqrt(float(c.r))
             target.append(sw * np.eye(c.free.size).ravel())
