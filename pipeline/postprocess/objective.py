@@ -41,6 +41,15 @@ class L2Result:
     method: str
 
 
+def zero_splits(prob: ParentProblem, totals: np.ndarray | None) -> bool:
+    """Whether a parent's per-child zeros on the bound query go into the ``G X = W``
+    splitting: with held child totals (the x-step then sees them; otherwise only the z-step
+    does, and the held totals converge slowly)."""
+    return (totals is not None and prob.zero_answers is not None
+            and prob.allowed_mask is None and prob.zero_query == prob.bound_query
+            and bool(np.any(prob.zero_answers)))
+
+
 class Objective:
     """Objective data of one parent restricted to ``domain`` (sorted cell ids).
 
@@ -64,12 +73,7 @@ class Objective:
         self.domain = np.asarray(domain, dtype=np.int64)
         self.n = self.domain.size
         self.queries = tuple(queries)
-        # per-child zeros on the bound query also go into the G X = W splitting when child
-        # totals are held: the x-step then sees them (otherwise only the z-step does, and the
-        # held totals converge slowly)
-        zero_split = (totals is not None and prob.zero_answers is not None
-                      and prob.allowed_mask is None and prob.zero_query == prob.bound_query
-                      and bool(np.any(prob.zero_answers)))
+        zero_split = zero_splits(prob, totals)
         split = lower is not None or zero_split
         names = self.queries + ((prob.bound_query,) if split else ())
         self.sys = QuerySystem(prob.spec, self.domain, tuple(dict.fromkeys(names)))

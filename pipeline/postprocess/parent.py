@@ -20,7 +20,7 @@ import numpy as np
 from pipeline.postprocess.checks import verify_children
 from pipeline.postprocess.diagnostics import ParentStats
 from pipeline.postprocess.feasibility import is_feasible, relax_constraints
-from pipeline.postprocess.objective import L2Result, Objective
+from pipeline.postprocess.objective import L2Result, Objective, zero_splits
 from pipeline.postprocess.problem import ParentProblem, PostprocessError
 from pipeline.postprocess.projection import project_capped_simplex
 from pipeline.postprocess.rounding import controlled_round, largest_remainder
@@ -122,11 +122,10 @@ def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool
     def run(objs: list[Objective]) -> list[L2Result]:
         return solver.solve(objs, opts, batched) if objs else []
 
-    objs = [objective(p, opts, with_lower=False) for p in preps]
     # a parent whose objective splits anyway (held totals with forced-zero answers) gains
     # nothing from a trial without its bounds: solve it with them at once
-    objs = [objective(p, opts, with_lower=True) if p.lower is not None and o.lower is not None
-            else o for p, o in zip(preps, objs)]
+    objs = [objective(p, opts, with_lower=p.lower is not None and zero_splits(p.prob, p.totals))
+            for p in preps]
     X: list[np.ndarray | None] = [None] * len(preps)
     redo = []
     for i, (p, o, r) in enumerate(zip(preps, objs, run(objs))):
