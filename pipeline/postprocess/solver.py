@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.postprocess.admm import admm, admm_batch
 from pipeline.postprocess.objective import L2Result, Objective
+from pipeline.postprocess.objective import objectives as build_objectives
 
 if TYPE_CHECKING:
     from pipeline.model.spec import HistogramSpec
@@ -142,6 +143,28 @@ def objective(prep: Prepared, opts: SolveOptions, with_lower: bool) -> Objective
         if full.uniform_weights() is not None:
             return full
     return Objective(prob, prep.queries, free, prep.totals, lower)
+
+
+def objectives(preps: Sequence[Prepared], opts: SolveOptions,
+               with_lower: Sequence[bool]) -> list[Objective]:
+    """``[objective(p, opts, wl) ...]``, the parents on their free cells assembled together
+    (``objective.objectives``, per group of parents with the same queries; the same numbers)."""
+    out: list[Objective | None] = [None] * len(preps)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, prep in enumerate(preps):
+        free = prep.prob.free_cells()
+        if domain_for(free, prep.prob.spec, opts.paths) == "free":
+            groups.setdefault(prep.queries, []).append(i)
+        else:
+            out[i] = objective(prep, opts, with_lower[i])
+    for queries, idx in groups.items():
+        built = build_objectives(
+            [preps[i].prob for i in idx], queries, [preps[i].prob.free_cells() for i in idx],
+            [preps[i].totals for i in idx],
+            [preps[i].lower if with_lower[i] else None for i in idx])
+        for i, o in zip(idx, built):
+            out[i] = o
+    return out  # type: ignore[return-value]
 
 
 def xstep_for(obj: Objective, th: Thresholds) -> Literal["kron", "dense"]:
