@@ -667,6 +667,7 @@ class _Group:
         self.totals = self.t if self.has_t else None
         self.held = self.trows
         self.neg = np.where(self.allowed, 0.0, -np.inf)
+        self._flat: dict[str, np.ndarray] = {}
 
     def _normal(self, objs: list[Objective]) -> tuple[np.ndarray, np.ndarray]:
         """The padded normal matrices ``H (P, n, n)`` and ``B = I (+ G'G)``.
@@ -706,6 +707,7 @@ class _Group:
 
     def take(self, keep: np.ndarray) -> None:
         """Keep only parents ``keep`` (bool ``(P,)``) in every per-parent array."""
+        self._flat = {}  # flat answer indices: rebuilt for the new P
         for name, v in list(vars(self).items()):
             if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == keep.size:
                 setattr(self, name, v[keep])
@@ -713,17 +715,27 @@ class _Group:
                 setattr(self, name, {q: a[keep] for q, a in v.items()})
 
     # -- operators ---------------------------------------------------------------------------
+    def _flat_answers(self, q: str, P: int, K: int) -> np.ndarray:
+        """Flat index ``(p K + c) A_q + ans_q[p, j]`` of every entry (p, c, j), kept per query
+        until parents leave."""
+        idx = self._flat.get(q)
+        if idx is None or idx.size != P * K * self.n:
+            A = self.w[q].shape[1]
+            idx = (np.arange(P * K).reshape(P, K, 1) * A + self.ans[q][:, None, :]).ravel()
+            self._flat[q] = idx
+        return idx
+
     def answer(self, q: str, X: np.ndarray) -> np.ndarray:
         """``Q_q X`` per parent and child: ``(P, K, A_q)``."""
         P, K, _ = X.shape
         A = self.w[q].shape[1]
-        idx = (np.arange(P * K).reshape(P, K, 1) * A + self.ans[q][:, None, :]).ravel()
+        idx = self._flat_answers(q, P, K)
         return np.bincount(idx, weights=X.ravel(), minlength=P * K * A).reshape(P, K, A)
 
     def back(self, q: str, R: np.ndarray) -> np.ndarray:
-        """``Q_q' R`` for ``R (P, K, A_q)`` -> ``(P, K, n)``."""
+        """``Q_q' R`` for ``R (P, K, A_q)`` -> ``(P, K, n)`` (a gather)."""
         P, K, _ = R.shape
-        return np.take_along_axis(R, np.broadcast_to(self.ans[q][:, None, :], (P, K, self.n)), axis=2)
+        return R.reshape(-1)[self._flat_answers(q, P, K)].reshape(P, K, self.n)
 
     def minv(self, R: np.ndarray) -> np.ndarray:
         """``M_i^-1 r`` for every row r of parent i: ``R (P, m, n)`` (M symmetric)."""
