@@ -685,7 +685,8 @@ class _Group:
             for q in self.queries:
                 ans = self.ans[q]
                 wc = np.take_along_axis(self.w[q], ans, axis=1)
-                H += np.where(ans[:, :, None] == ans[:, None, :], wc[:, :, None], 0.0)
+                # H += where(same answer, w, 0) in one pass (adding 0.0 elsewhere is a no-op)
+                np.add(H, wc[:, :, None], out=H, where=ans[:, :, None] == ans[:, None, :])
         else:
             for i, o in enumerate(objs):
                 H[i, : o.n, : o.n] = dense_normal_matrix(o.sys, o.w)
