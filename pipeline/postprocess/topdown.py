@@ -105,14 +105,25 @@ def _named(batch: LevelBatch, idx: list[int], fn: Callable[..., Any], *args: Any
 class RangeJob:
     """One work item of :func:`solve_level`: some parents of the level as their own
     (rebased) :class:`LevelBatch`, with the level's options. ``groups``: the batches of the
-    batched ADMM as positions in ``batch`` (None: :func:`solver.plan` forms them from the
-    item's parents). Picklable."""
+    batched ADMM as positions in the item's parents (None: :func:`solver.plan` forms them).
+    ``parents``: the item's parents in ``batch`` (None: all of them); they are copied out
+    only when the item is pickled for a worker or solved, so the queued items of a level
+    hold no copies of its arrays. Picklable (as the item's parents alone)."""
 
     batch: LevelBatch
     options: SolveOptions
     level: str
     solver: Solver
     groups: tuple[tuple[int, ...], ...] | None = None
+    parents: tuple[int, ...] | None = None
+
+    def parents_batch(self) -> LevelBatch:
+        """The item's parents as their own batch."""
+        return self.batch if self.parents is None else self.batch.take(list(self.parents))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RangeJob, (self.parents_batch(), self.options, self.level, self.solver,
+                           self.groups, None))
 
 
 def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
@@ -122,7 +133,7 @@ def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
     paths :func:`solver.plan` gives them (the batches ``job.groups`` when given): shortcuts,
     then the single parents in order, then the batches.
     """
-    batch, options = job.batch, job.options
+    batch, options = job.parents_batch(), job.options
     diag = LevelDiagnostics(job.level)
     out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
 
@@ -259,7 +270,7 @@ def solve_level(
         for it in items:
             pos = {p: j for j, p in enumerate(it.parents)}
             groups = tuple(tuple(pos[p] for p in g) for g in it.groups)
-            jobs.append(RangeJob(batch.take(it.parents), options, level, solver, groups))
+            jobs.append(RangeJob(batch, options, level, solver, groups, tuple(it.parents)))
             rows.append(batch.child_rows(it.parents))
     results = (mapper or serial_map)(solve_range, jobs)
     # diagnostics merged in level order of the items' first parents (as the ranges were)
