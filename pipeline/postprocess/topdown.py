@@ -2,12 +2,14 @@
 
 ``solve_root`` solves the nation histogram; ``solve_level`` solves every parent of one level
 and returns the children's integer histograms with :class:`LevelDiagnostics`. The level is
-split into contiguous parent ranges (work items, :class:`RangeJob`) handed to an injected
-``mapper``; the caller chooses how they run (serially by default, or a process pool: the
-work items are picklable and :func:`solve_range` is a top-level function). Each work item pins
-BLAS to one thread. Within a range, :func:`solver.plan` decides every parent's path. Every
-parent is verified after its solve (``checks.verify_children``); a violation raises
-:class:`PostprocessError` naming it.
+cut into work items (:class:`RangeJob`), longest processing time first (:func:`work_items`:
+batches and single parents by estimated cost, the largest items first), handed to an
+injected ``mapper``; the caller chooses how they run (serially by default, or a process pool:
+the work items are picklable and :func:`solve_range` is a top-level function). Each work item
+pins BLAS to one thread. :func:`solver.plan` decides every parent's path; its batches are
+formed within contiguous parent ranges (:func:`ranges`), so they do not depend on how the
+items are packed. Every parent is verified after its solve (``checks.verify_children``); a
+violation raises :class:`PostprocessError` naming it.
 """
 
 from __future__ import annotations
