@@ -603,8 +603,6 @@ class _Group:
         self.has_t = any(o.totals is not None for o in objs)
         self.t = np.zeros((P, K))
         self.trows = np.zeros((P, K), dtype=bool)  # children whose total is held
-        H = np.zeros((P, n, n))
-        B = np.broadcast_to(np.eye(n), (P, n, n)).copy()
         for i, o in enumerate(objs):
             self.rows[i, : o.k] = True
             self.allowed[i, : o.k, : o.n] = o.allowed
@@ -614,15 +612,6 @@ class _Group:
             if o.totals is not None:
                 self.t[i, : o.k] = o.totals
                 self.trows[i, : o.k] = True
-            Hi = dense_normal_matrix(o.sys, o.w)
-            H[i, : o.n, : o.n] = Hi
-            # padded cells: decoupled, with a curvature no smaller than the real ones so the
-            # smallest eigenvalue (strong convexity) is a real cell's
-            pad = max(float(np.diag(Hi).max(initial=0.0)), 1.0)
-            H[i, np.arange(o.n, n), np.arange(o.n, n)] = pad
-            if self.split:
-                a = o.sys.terms[bq].ans
-                B[i, : o.n, : o.n] += a[:, None] == a[None, :]
         # per-query answers, padded: slot A-1 collects padded cells (weight 0, target 0)
         self.ans: dict[str, np.ndarray] = {}
         self.w: dict[str, np.ndarray] = {}
@@ -640,9 +629,10 @@ class _Group:
                     w[i, : t.n_local] = o.w[q]
                     y[i, : o.k, : t.n_local] = o.y[q]
             self.ans[q], self.w[q], self.y[q] = ans, w, y
+        self.bq = bq
+        H, B = self._normal(objs)
         self.lower: np.ndarray | None = None
         self.upper = np.zeros((P, K, 0))
-        self.bq = bq
         if self.split:
             A = self.w[bq].shape[1]
             self.lower = np.zeros((P, K, A))
@@ -677,6 +667,37 @@ class _Group:
         self.totals = self.t if self.has_t else None
         self.held = self.trows
         self.neg = np.where(self.allowed, 0.0, -np.inf)
+        self._flat: dict[str, np.ndarray] = {}
+
+    def _normal(self, objs: list[Objective]) -> tuple[np.ndarray, np.ndarray]:
+        """The padded normal matrices ``H (P, n, n)`` and ``B = I (+ G'G)``.
+
+        Real cells: ``operators.dense_normal_matrix`` of each parent (the same sums in the
+        same query order, so the same numbers). Padded cells: decoupled, with a curvature no
+        smaller than the real ones so the smallest eigenvalue (strong convexity) is a real
+        cell's. One pass per query over the whole batch when the parents share their queries
+        (padded cells carry weight 0 and an answer no real cell has: they add exact zeros)."""
+        P, n = self.dom.shape
+        real = self.dom > 0
+        H = np.zeros((P, n, n))
+        B = np.broadcast_to(np.eye(n), (P, n, n)).copy()
+        if all(tuple(o.w) == self.queries for o in objs):
+            for q in self.queries:
+                ans = self.ans[q]
+                wc = np.take_along_axis(self.w[q], ans, axis=1)
+                # H += where(same answer, w, 0) in one pass (adding 0.0 elsewhere is a no-op)
+                np.add(H, wc[:, :, None], out=H, where=ans[:, :, None] == ans[:, None, :])
+        else:
+            for i, o in enumerate(objs):
+                H[i, : o.n, : o.n] = dense_normal_matrix(o.sys, o.w)
+        diag = np.diagonal(H, axis1=1, axis2=2)
+        pad = np.maximum(np.where(real, diag, 0.0).max(axis=1, initial=0.0), 1.0)
+        pi, pj = np.nonzero(~real)
+        H[pi, pj, pj] = pad[pi]
+        if self.split:
+            a = self.ans[self.bq]
+            B += (a[:, :, None] == a[:, None, :]) & real[:, :, None] & real[:, None, :]
+        return H, B
 
     def refactor(self, rho: np.ndarray, which: np.ndarray) -> None:
         """``Minv = (H + rho B)^-1`` for parents ``which`` (bool (P,)): one batched inverse."""
@@ -687,6 +708,7 @@ class _Group:
 
     def take(self, keep: np.ndarray) -> None:
         """Keep only parents ``keep`` (bool ``(P,)``) in every per-parent array."""
+        self._flat = {}  # flat answer indices: rebuilt for the new P
         for name, v in list(vars(self).items()):
             if isinstance(v, np.ndarray) and v.ndim >= 1 and v.shape[0] == keep.size:
                 setattr(self, name, v[keep])
@@ -694,17 +716,27 @@ class _Group:
                 setattr(self, name, {q: a[keep] for q, a in v.items()})
 
     # -- operators ---------------------------------------------------------------------------
+    def _flat_answers(self, q: str, P: int, K: int) -> np.ndarray:
+        """Flat index ``(p K + c) A_q + ans_q[p, j]`` of every entry (p, c, j), kept per query
+        until parents leave."""
+        idx = self._flat.get(q)
+        if idx is None or idx.size != P * K * self.n:
+            A = self.w[q].shape[1]
+            idx = (np.arange(P * K).reshape(P, K, 1) * A + self.ans[q][:, None, :]).ravel()
+            self._flat[q] = idx
+        return idx
+
     def answer(self, q: str, X: np.ndarray) -> np.ndarray:
         """``Q_q X`` per parent and child: ``(P, K, A_q)``."""
         P, K, _ = X.shape
         A = self.w[q].shape[1]
-        idx = (np.arange(P * K).reshape(P, K, 1) * A + self.ans[q][:, None, :]).ravel()
+        idx = self._flat_answers(q, P, K)
         return np.bincount(idx, weights=X.ravel(), minlength=P * K * A).reshape(P, K, A)
 
     def back(self, q: str, R: np.ndarray) -> np.ndarray:
-        """``Q_q' R`` for ``R (P, K, A_q)`` -> ``(P, K, n)``."""
+        """``Q_q' R`` for ``R (P, K, A_q)`` -> ``(P, K, n)`` (a gather)."""
         P, K, _ = R.shape
-        return np.take_along_axis(R, np.broadcast_to(self.ans[q][:, None, :], (P, K, self.n)), axis=2)
+        return R.reshape(-1)[self._flat_answers(q, P, K)].reshape(P, K, self.n)
 
     def minv(self, R: np.ndarray) -> np.ndarray:
         """``M_i^-1 r`` for every row r of parent i: ``R (P, m, n)`` (M symmetric)."""

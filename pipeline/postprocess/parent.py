@@ -20,11 +20,11 @@ import numpy as np
 from pipeline.postprocess.checks import verify_children
 from pipeline.postprocess.diagnostics import ParentStats
 from pipeline.postprocess.feasibility import is_feasible, relax_constraints
-from pipeline.postprocess.objective import L2Result, Objective
+from pipeline.postprocess.objective import L2Result, Objective, zero_splits
 from pipeline.postprocess.problem import ParentProblem, PostprocessError
 from pipeline.postprocess.projection import project_capped_simplex
 from pipeline.postprocess.rounding import controlled_round, largest_remainder
-from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, objective
+from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, objective, objectives
 
 __all__ = ["Prepared", "SolveOptions", "finish_parent", "objective", "prepare_parent",
            "round_and_verify", "solve_least_squares", "solve_parent"]
@@ -122,11 +122,11 @@ def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool
     def run(objs: list[Objective]) -> list[L2Result]:
         return solver.solve(objs, opts, batched) if objs else []
 
-    objs = [objective(p, opts, with_lower=False) for p in preps]
     # a parent whose objective splits anyway (held totals with forced-zero answers) gains
     # nothing from a trial without its bounds: solve it with them at once
-    objs = [objective(p, opts, with_lower=True) if p.lower is not None and o.lower is not None
-            else o for p, o in zip(preps, objs)]
+    wl = [p.lower is not None and zero_splits(p.prob, p.totals) for p in preps]
+    objs = (objectives(preps, opts, wl) if batched
+            else [objective(p, opts, with_lower=w) for p, w in zip(preps, wl)])
     X: list[np.ndarray | None] = [None] * len(preps)
     redo = []
     for i, (p, o, r) in enumerate(zip(preps, objs, run(objs))):
@@ -139,7 +139,8 @@ def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool
                 continue
         _record(p.st, o, r)
         X[i] = Xi
-    objs = [objective(preps[i], opts, with_lower=True) for i in redo]
+    objs = (objectives([preps[i] for i in redo], opts, [True] * len(redo)) if batched
+            else [objective(preps[i], opts, with_lower=True) for i in redo])
     for i, o, r in zip(redo, objs, run(objs)):
         _record(preps[i].st, o, r)
         X[i] = _full(preps[i].prob, o, r.Z)

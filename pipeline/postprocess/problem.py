@@ -175,6 +175,34 @@ class LevelBatch:
             bound_query=self.bound_query, zero_query=self.zero_query,
         )
 
+    def child_rows(self, idx: list[int] | np.ndarray) -> np.ndarray:
+        """Row indices of the children of parents ``idx``, parent by parent."""
+        idx = np.asarray(idx, dtype=np.int64)
+        a, k = self.child_ptr[idx], np.diff(self.child_ptr)[idx]
+        # a_i, a_i + 1, ..., a_i + k_i - 1 for every parent i, in one pass
+        return np.repeat(a - np.cumsum(k) + k, k) + np.arange(int(k.sum()), dtype=np.int64)
+
+    def take(self, idx: list[int] | np.ndarray) -> LevelBatch:
+        """Parents ``idx`` (any order) as their own batch, e.g. to ship to a worker."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+            return self.slice(int(idx[0]), int(idx[0]) + idx.size)  # contiguous: views
+        rows = self.child_rows(idx)
+        k = np.diff(self.child_ptr)[idx]
+
+        def take_rows(x: np.ndarray | None) -> np.ndarray | None:
+            return None if x is None else np.asarray(x)[rows]
+
+        return LevelBatch(
+            spec=self.spec, parents=np.asarray(self.parents)[idx],
+            child_ptr=np.concatenate([[0], np.cumsum(k)]),
+            targets={q: np.asarray(y)[rows] for q, y in self.targets.items()},
+            variances=self.variances, totals=take_rows(self.totals), lower=take_rows(self.lower),
+            zero_answers=take_rows(self.zero_answers),
+            labels=None if self.labels is None else np.asarray(self.labels)[idx],
+            bound_query=self.bound_query, zero_query=self.zero_query,
+        )
+
     def problem(self, i: int) -> ParentProblem:
         """The :class:`ParentProblem` of parent ``i`` (views into the flat arrays)."""
         a, b = int(self.child_ptr[i]), int(self.child_ptr[i + 1])

@@ -39,6 +39,21 @@ def _clip_at(W: np.ndarray, tau: np.ndarray, allowed: np.ndarray | None) -> np.n
     return X
 
 
+def _cumsum_rows(U: np.ndarray, min_cols: int = 128) -> np.ndarray:
+    """``np.cumsum(U, axis=0)``, the same numbers (a running sum down each column): one
+    vectorised add per row when there are at least ``min_cols`` columns (numpy's cumsum down
+    the columns of a C-ordered array loops per column: 5-11x slower from (4, 3,264) to
+    (300, 2,016); below ~128 columns the per-row calls cost more)."""
+    if U.ndim != 2 or U.shape[1] < min_cols:
+        return np.cumsum(U, axis=0)
+    out = np.empty_like(U)
+    if U.shape[0]:
+        out[0] = U[0]
+    for i in range(1, U.shape[0]):
+        np.add(out[i - 1], U[i], out=out[i])
+    return out
+
+
 def project_columns_sort(
     V: np.ndarray, p: np.ndarray, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +68,8 @@ def project_columns_sort(
     k, n = V.shape
     W = _mask_out(V, p, allowed)
     U = -np.sort(-W, axis=0)
-    css = np.cumsum(U, axis=0) - p[None, :]
+    css = _cumsum_rows(U)
+    css -= p[None, :]
     cond = U - css / np.arange(1, k + 1, dtype=np.float64)[:, None] > 0
     cond[0] = True  # p_j == 0 (or all equal): keep at least one element in the support
     r = k - 1 - np.argmax(cond[::-1], axis=0)

@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.postprocess.admm import admm, admm_batch
 from pipeline.postprocess.objective import L2Result, Objective
+from pipeline.postprocess.objective import objectives as build_objectives
 
 if TYPE_CHECKING:
     from pipeline.model.spec import HistogramSpec
@@ -144,6 +145,28 @@ def objective(prep: Prepared, opts: SolveOptions, with_lower: bool) -> Objective
     return Objective(prob, prep.queries, free, prep.totals, lower)
 
 
+def objectives(preps: Sequence[Prepared], opts: SolveOptions,
+               with_lower: Sequence[bool]) -> list[Objective]:
+    """``[objective(p, opts, wl) ...]``, the parents on their free cells assembled together
+    (``objective.objectives``, per group of parents with the same queries; the same numbers)."""
+    out: list[Objective | None] = [None] * len(preps)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, prep in enumerate(preps):
+        free = prep.prob.free_cells()
+        if domain_for(free, prep.prob.spec, opts.paths) == "free":
+            groups.setdefault(prep.queries, []).append(i)
+        else:
+            out[i] = objective(prep, opts, with_lower[i])
+    for queries, idx in groups.items():
+        built = build_objectives(
+            [preps[i].prob for i in idx], queries, [preps[i].prob.free_cells() for i in idx],
+            [preps[i].totals for i in idx],
+            [preps[i].lower if with_lower[i] else None for i in idx])
+        for i, o in zip(idx, built):
+            out[i] = o
+    return out  # type: ignore[return-value]
+
+
 def xstep_for(obj: Objective, th: Thresholds) -> Literal["kron", "dense"]:
     """Kronecker x-step when the domain is the full grid with uniform weights and at least
     ``kron_min_cells`` cells, else the dense (eigendecomposition) x-step. The Kronecker
@@ -157,25 +180,33 @@ def xstep_for(obj: Objective, th: Thresholds) -> Literal["kron", "dense"]:
 def batchable(prep: Prepared, th: Thresholds) -> bool:
     """Whether the batched ADMM takes this parent: it needs a least-squares solve, has a
     parent and is small (``batch_max_cells`` free cells, ``batch_max_children`` children)."""
-    return (th.batched and prep.shortcut is None and prep.prob.has_parent
-            and prep.prob.k <= th.batch_max_children
-            and prep.prob.free_cells().size <= th.batch_max_cells)
+    return _batchable(prep.shortcut is None, prep.prob.has_parent, prep.prob.k,
+                      prep.prob.free_cells().size, th)
+
+
+def _batchable(solve: bool, has_parent: bool, k: int, n_free: int, th: Thresholds) -> bool:
+    return (th.batched and solve and has_parent and k <= th.batch_max_children
+            and n_free <= th.batch_max_cells)
 
 
 def _batches(preps: list[tuple[int, Prepared]], th: Thresholds) -> list[list[int]]:
     """Group batchable parents by free-set size (little padding) under the size caps."""
-    preps = sorted(preps, key=lambda ip: ip[1].prob.free_cells().size)
+    return _batches_by_size([(i, p.prob.k, int(p.prob.free_cells().size)) for i, p in preps], th)
+
+
+def _batches_by_size(sizes: list[tuple[int, int, int]], th: Thresholds) -> list[list[int]]:
+    """:func:`_batches` from ``(index, children, free cells)`` of each batchable parent."""
+    sizes = sorted(sizes, key=lambda ikn: ikn[2])
     out: list[list[int]] = []
     cur: list[int] = []
     k_max = 0
-    for i, prep in preps:
-        n = prep.prob.free_cells().size
-        k = max(k_max, prep.prob.k)
+    for i, k_i, n in sizes:
+        k = max(k_max, k_i)
         if cur and (len(cur) == th.batch_size
                     or (len(cur) + 1) * n * n * 8 > th.batch_max_bytes
                     or (len(cur) + 1) * k * n > th.batch_max_entries):
             out.append(cur)
-            cur, k = [], prep.prob.k
+            cur, k = [], k_i
         cur.append(i)
         k_max = k
     return out + ([cur] if cur else [])
@@ -196,18 +227,36 @@ class LevelPlan:
 
 def plan(preps: Sequence[Prepared], opts: SolveOptions) -> LevelPlan:
     """Decide each prepared parent's path (see the module docstring)."""
+    return plan_sizes([p.shortcut is not None for p in preps],
+                      [p.prob.has_parent for p in preps], [p.prob.k for p in preps],
+                      [int(p.prob.free_cells().size) for p in preps], opts)
+
+
+def plan_sizes(shortcut: Sequence[bool], has_parent: Sequence[bool], k: Sequence[int],
+               n_free: Sequence[int], opts: SolveOptions) -> LevelPlan:
+    """:func:`plan` from what it reads of each parent (whether it is a shortcut, has a
+    parent, its children and free cells), all known before a parent is prepared: the
+    preparation may relax a parent's constraints but never changes its free cells."""
     th = opts.paths
-    shortcut: list[int] = []
-    single: list[int] = []
-    small: list[tuple[int, Prepared]] = []
-    for i, prep in enumerate(preps):
-        if prep.shortcut is not None:
-            shortcut.append(i)
-        elif batchable(prep, th):
-            small.append((i, prep))
+    out = LevelPlan([], [], [])
+    small: list[tuple[int, int, int]] = []
+    for i, (sc, hp, ki, ni) in enumerate(zip(shortcut, has_parent, k, n_free)):
+        if sc:
+            out.shortcut.append(i)
+        elif _batchable(True, hp, ki, ni, th):
+            small.append((i, ki, ni))
         else:
-            single.append(i)
-    return LevelPlan(shortcut, single, _batches(small, th))
+            out.single.append(i)
+    out.batches = _batches_by_size(small, th)
+    return out
+
+
+def parent_cost(k: np.ndarray, n_free: np.ndarray, batched: np.ndarray) -> np.ndarray:
+    """A rough relative cost of each parent's solve for balancing work items: children x
+    free cells (the iterate size), x 4 on the one-parent path (larger parents take more
+    iterations per entry), plus a per-parent set-up term. Only the order matters."""
+    size = np.asarray(k, dtype=np.float64) * np.maximum(np.asarray(n_free), 1)
+    return np.where(batched, size, 4.0 * size) + 200.0
 
 
 @dataclasses.dataclass(frozen=True)

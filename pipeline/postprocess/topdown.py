@@ -2,12 +2,14 @@
 
 ``solve_root`` solves the nation histogram; ``solve_level`` solves every parent of one level
 and returns the children's integer histograms with :class:`LevelDiagnostics`. The level is
-split into contiguous parent ranges (work items, :class:`RangeJob`) handed to an injected
-``mapper``; the caller chooses how they run (serially by default, or a process pool: the
-work items are picklable and :func:`solve_range` is a top-level function). Each work item pins
-BLAS to one thread. Within a range, :func:`solver.plan` decides every parent's path. Every
-parent is verified after its solve (``checks.verify_children``); a violation raises
-:class:`PostprocessError` naming it.
+cut into work items (:class:`RangeJob`), longest processing time first (:func:`work_items`:
+batches and single parents by estimated cost, the largest items first), handed to an
+injected ``mapper``; the caller chooses how they run (serially by default, or a process pool:
+the work items are picklable and :func:`solve_range` is a top-level function). Each work item
+pins BLAS to one thread. :func:`solver.plan` decides every parent's path; its batches are
+formed within contiguous parent ranges (:func:`ranges`), so they do not depend on how the
+items are packed. Every parent is verified after its solve (``checks.verify_children``); a
+violation raises :class:`PostprocessError` naming it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from pipeline.postprocess.parent import (
     solve_least_squares,
 )
 from pipeline.postprocess.problem import LevelBatch, ParentProblem, PostprocessError
-from pipeline.postprocess.solver import AdmmSolver, SolveOptions, Solver, plan
+from pipeline.postprocess.solver import (
+    AdmmSolver,
+    SolveOptions,
+    Solver,
+    parent_cost,
+    plan,
+    plan_sizes,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -96,23 +105,37 @@ def _named(batch: LevelBatch, idx: list[int], fn: Callable[..., Any], *args: Any
 
 @dataclass(frozen=True)
 class RangeJob:
-    """One work item of :func:`solve_level`: a contiguous range of parents as their own
-    (rebased) :class:`LevelBatch`, with the level's options. Picklable."""
+    """One work item of :func:`solve_level`: some parents of the level as their own
+    (rebased) :class:`LevelBatch`, with the level's options. ``groups``: the batches of the
+    batched ADMM as positions in the item's parents (None: :func:`solver.plan` forms them).
+    ``parents``: the item's parents in ``batch`` (None: all of them); they are copied out
+    only when the item is pickled for a worker or solved, so the queued items of a level
+    hold no copies of its arrays. Picklable (as the item's parents alone)."""
 
     batch: LevelBatch
     options: SolveOptions
     level: str
     solver: Solver
+    groups: tuple[tuple[int, ...], ...] | None = None
+    parents: tuple[int, ...] | None = None
+
+    def parents_batch(self) -> LevelBatch:
+        """The item's parents as their own batch."""
+        return self.batch if self.parents is None else self.batch.take(list(self.parents))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RangeJob, (self.parents_batch(), self.options, self.level, self.solver,
+                           self.groups, None))
 
 
 def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
     """Every parent of ``job.batch``: children int64 ``(n_children, n_cells)`` and diagnostics.
 
     BLAS is pinned to one thread here (the work item may run in any process). Parents take the
-    paths :func:`solver.plan` gives them: shortcuts, then the single parents in order, then
-    the batches.
+    paths :func:`solver.plan` gives them (the batches ``job.groups`` when given): shortcuts,
+    then the single parents in order, then the batches.
     """
-    batch, options = job.batch, job.options
+    batch, options = job.parents_batch(), job.options
     diag = LevelDiagnostics(job.level)
     out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
 
@@ -127,6 +150,11 @@ def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
             for i in range(batch.n_parents)
         ]
         paths = plan(preps, options)
+        if job.groups is not None:
+            groups = [list(g) for g in job.groups]
+            if sorted(i for g in groups for i in g) != sorted(i for g in paths.batches for i in g):
+                raise PostprocessError(f"level {job.level}: work item's batches do not match its plan")
+            paths.batches = groups
         # diagnostics in parent order for shortcuts and single parents, as they are met
         batched = {i for g in paths.batches for i in g}
         for i, prep in enumerate(preps):
@@ -157,6 +185,61 @@ def ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in itertools.pairwise(bounds) if e > s]
 
 
+@dataclass
+class _Item:
+    """Parents of one work item (level indices, ascending), its batches, its estimated cost."""
+
+    parents: list[int]
+    groups: list[list[int]]
+    cost: float = 0.0
+
+
+def work_items(batch: LevelBatch, options: SolveOptions, n_items: int) -> list[_Item]:
+    """Cut a level's parents into at most ``n_items`` work items, longest processing time
+    first (:func:`solver.parent_cost` per parent).
+
+    The batches are those :func:`solver.plan` forms within each contiguous range of
+    :func:`ranges` (as when the ranges were the work items: a batch's members and padding
+    change its floating-point results in the last bits, so keeping the groups keeps every
+    published integer). The units (one per batch, per single parent, and the shortcuts of
+    a range together) are taken by decreasing cost, each into the item with the least work
+    so far, so a large parent is never queued behind small ones in the same item; items
+    come out by decreasing work (a pool starts the largest first)."""
+    k = np.diff(batch.child_ptr)
+    parents = np.asarray(batch.parents)
+    nonzero = parents != 0
+    n_free = (nonzero & ~batch.spec.structural_zero_mask[None, :]).sum(axis=1)
+    shortcut = (k <= 1) | ~nonzero.any(axis=1)
+    batchable = np.zeros(k.size, dtype=bool)
+    units: list[tuple[float, list[int], list[int] | None]] = []  # (cost, parents, batch)
+    plans = []
+    for s, e in ranges(batch.child_ptr, n_items):
+        p = plan_sizes(shortcut[s:e].tolist(), [True] * (e - s), k[s:e].tolist(),
+                       n_free[s:e].tolist(), options)
+        for g in p.batches:
+            batchable[[s + i for i in g]] = True
+        plans.append((s, p))
+    cost = parent_cost(k, n_free, batchable)
+    for s, p in plans:
+        for g in p.batches:
+            idx = [s + i for i in g]
+            units.append((float(cost[idx].sum()), sorted(idx), idx))
+        units.extend((float(cost[s + i]), [s + i], None) for i in p.single)
+        if p.shortcut:
+            units.append((1.0 * len(p.shortcut), [s + i for i in p.shortcut], None))
+    items = [_Item([], []) for _ in range(max(1, min(n_items, len(units))))]
+    for c, idx, grp in sorted(units, key=lambda u: -u[0]):  # stable: ties in level order
+        it = min(items, key=lambda x: x.cost)
+        it.cost += c
+        it.parents.extend(idx)
+        if grp is not None:
+            it.groups.append(grp)
+    items = [it for it in items if it.parents]
+    for it in items:
+        it.parents.sort()
+    return sorted(items, key=lambda x: -x.cost)
+
+
 def solve_level(
     batch: LevelBatch,
     options: SolveOptions | None = None,
@@ -167,25 +250,35 @@ def solve_level(
 ) -> tuple[np.ndarray, LevelDiagnostics]:
     """Solve all parents of one level: returns children int64 ``(n_children, n_cells)``.
 
-    The parents are cut into ``chunks`` contiguous ranges of about equal work; each range is
-    one :class:`RangeJob` and ``mapper(solve_range, jobs)`` must return their results in
-    order (default: serially here). A process-pool map gives identical results (every parent
-    is deterministic and independent of the ranges). ``solver``: default
+    The parents are cut into at most ``chunks`` work items, longest processing time first
+    (:func:`work_items`); each is one :class:`RangeJob` and ``mapper(solve_range, jobs)``
+    must return their results in order (default: serially here); the children come back in
+    the level's parent order. A process-pool map gives identical results (every parent is
+    deterministic and its batch depends only on ``chunks``). ``solver``: default
     :class:`solver.AdmmSolver` (must be picklable for a process pool).
     """
     t0 = time.perf_counter()
     options = options or SolveOptions()
     solver = solver or AdmmSolver()
     diag = LevelDiagnostics(level)
-    rs = ranges(batch.child_ptr, max(1, chunks))
-    # ship each work item only its parents' rows (one range: the batch itself, no copy)
-    jobs = [RangeJob(batch if (s, e) == (0, batch.n_parents) else batch.slice(s, e),
-                     options, level, solver) for s, e in rs]
-    results = (mapper or serial_map)(solve_range, jobs)
     out = np.zeros((batch.n_children, batch.spec.n_cells), dtype=np.int64)
-    for (s, _), (part, d) in zip(rs, results):
-        a = int(batch.child_ptr[s])
-        out[a:a + part.shape[0]] = part
+    if max(1, chunks) == 1 or batch.n_parents == 0:
+        # one item: the batch itself, no copy, batches formed by plan
+        jobs = [RangeJob(batch, options, level, solver)] if batch.n_parents else []
+        rows = [np.arange(batch.n_children)]
+    else:
+        items = work_items(batch, options, chunks)
+        jobs, rows = [], []
+        for it in items:
+            pos = {p: j for j, p in enumerate(it.parents)}
+            groups = tuple(tuple(pos[p] for p in g) for g in it.groups)
+            jobs.append(RangeJob(batch, options, level, solver, groups, tuple(it.parents)))
+            rows.append(batch.child_rows(it.parents))
+    results = (mapper or serial_map)(solve_range, jobs)
+    # diagnostics merged in level order of the items' first parents (as the ranges were)
+    for j in sorted(range(len(jobs)), key=lambda j: int(rows[j][0]) if rows[j].size else -1):
+        part, d = results[j]
+        out[rows[j]] = part
         diag.merge(d)
     diag.seconds = time.perf_counter() - t0
     return out, diag
