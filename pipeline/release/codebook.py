@@ -115,6 +115,22 @@ MOE_FULL = {
 }
 
 
+#: the integer counts' bias by true size, measured by simulation on synthetic data (never on a
+#: release's confidential input): `dptab experiment --compare-estimators` writes it (bias.yaml)
+BIAS_NOTES_FILE = Path(__file__).parent / "templates" / "bias_synthetic.yaml"
+
+
+def bias_notes(estimator: str) -> dict[str, Any] | None:
+    """The release notes' bias table for ``estimator`` (``topdown`` or ``full``), or None."""
+    if not BIAS_NOTES_FILE.is_file():
+        return None
+    raw = yaml.safe_load(BIAS_NOTES_FILE.read_text(encoding="utf-8"))
+    for setting in raw.get("settings", []):
+        if setting["setting"].split(" ")[0] == estimator:
+            return {"source": raw.get("source", ""), **setting}
+    return None
+
+
 @lru_cache(maxsize=1)
 def project_citation() -> dict[str, Any]:
     """The project's ``CITATION.cff`` as a mapping."""
@@ -310,6 +326,7 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
         "tables": tables,
         "files": files,
         "estimator": dict(m.get("estimator") or {"name": "topdown"}),
+        "bias_notes": bias_notes((m.get("estimator") or {}).get("name", "topdown")),
         "margins_of_error": {**(MOE_FULL if (m.get("estimator") or {}).get("name") == "full" else MOE),
                              "z": m["uncertainty"]["z"], "method": m["uncertainty"]["method"]},
         "privacy": {"definition": m["privacy"]["definition"], "neighbouring": m["privacy"]["neighbouring"],

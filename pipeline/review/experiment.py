@@ -268,6 +268,11 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
         for metric in ("rmse", "mae"):
             md += (f"\n\n**{metric.upper()} of the published counts, paired over {trials} trials**\n\n"
                    + comparison_markdown(paired, a, b, levels, MARGINS, metric))
+    from pipeline.review.paired import bias_notes
+
+    (exp_dir / "bias.yaml").write_text(yaml.safe_dump(
+        {"dataset": cfg.dataset_id, "settings": [bias_notes(summary, s.name, levels) for s in settings]},
+        sort_keys=False, allow_unicode=True))
     coverage = coverage_table(summary, levels)
     if coverage.height:
         coverage.write_parquet(exp_dir / "coverage.parquet")

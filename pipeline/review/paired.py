@@ -82,3 +82,26 @@ def coverage_table(summary: pl.DataFrame, levels: list[str]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"setting": pl.Utf8, "level": pl.Utf8, "size_bin": pl.Utf8,
                                       "coverage": pl.Float64, "sd": pl.Float64, "median_moe90": pl.Float64,
                                       "cells": pl.Float64}, orient="row")
+
+
+#: the statistics of the release notes' bias table (name in the metrics, label)
+BIAS_STATISTICS = (("total", "Total population"), ("P2_002", "Hispanic or Latino"), ("P2_005", "NH White alone"),
+                   ("P2_006", "NH Black alone"), ("P2_008", "NH Asian alone"), ("P2_011", "NH Two or more races"))
+
+
+def bias_notes(summary: pl.DataFrame, setting: str, levels: list[str]) -> dict:
+    """The integer tables' mean error (published − true) by true size, per level and statistic,
+    of one experiment setting: what a release's notes say about the bias of its counts. Values
+    are means over trials of the per-trial mean error of the level's units in the bin."""
+    from pipeline.review.metrics import SIZE_BINS
+
+    s = summary.filter((pl.col("setting") == setting) & (pl.col("metric") == "bias")
+                       & (pl.col("estimator") == "published"))
+    look = {(r["level"], r["statistic"], r["size_bin"]): r["mean"] for r in s.iter_rows(named=True)}
+    trials = int(summary.filter(pl.col("setting") == setting)["trials"].max() or 0)
+    bins = [b[0] for b in SIZE_BINS]
+    return {"setting": setting, "trials": trials, "size_bins": bins,
+            "rows": [{"level": lv, "statistic": label,
+                      "bias": [None if (lv, stat, b) not in look else round(float(look[(lv, stat, b)]), 2)
+                               for b in bins]}
+                     for lv in levels for stat, label in BIAS_STATISTICS]}
