@@ -9,6 +9,7 @@ which reuses the same parsed-column expressions, so checks and normalisation can
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from pipeline.inputs.parquet import ParquetSource, open_parquet
 from pipeline.inputs.problems import Problem
 from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.model.spec import HistogramSpec
 
 CONTRACT_PATH = SCHEMAS_DIR / "input_contract.yaml"
 
@@ -38,6 +40,45 @@ def load_contract(path: str | Path = CONTRACT_PATH) -> dict[str, Any]:
                 raise ValueError(f"{path}: {role} layout {name!r} GEOID components {layout['geoid']} have "
                                  f"widths {widths}, not adding up to geoid_width {contract['geoid_width']}")
     return contract
+
+
+def _fits_contract(contract: dict[str, Any], spec: HistogramSpec) -> bool:
+    """True when the contract's persons layouts normalise to exactly the spec's attributes (the
+    shipped contract and the pl94 spec); otherwise the persons layout is derived from the spec."""
+    names = {a.name for a in spec.attributes}
+    return all(set(layout["targets"]) == names for layout in contract["persons"]["layouts"].values())
+
+
+def contract_for(spec: HistogramSpec | None = None, lookup: bool = False) -> dict[str, Any]:
+    """The input contract of a run: the shipped contract when the spec is the one it was written
+    for (pl94) and the geography is digit prefixes; otherwise a copy where
+
+    - a spec with other attributes gets one persons layout, ``dptab``: a unit column ``geoid``
+      and one integer column per spec attribute, named like it, whose values are the
+      attribute's codes;
+    - with a lookup geography (``lookup``) the unit column of every layout is a ``code`` (any
+      non-empty text, checked against the lookup by the validation), and layouts that build
+      the GEOID from digit components (PPMF) are dropped.
+    """
+    base = load_contract()
+    fits = spec is None or _fits_contract(base, spec)
+    if fits and not lookup:
+        return base
+    c = copy.deepcopy(base)
+    if not fits:
+        assert spec is not None
+        cols: dict[str, Any] = {"geoid": dict(c["persons"]["layouts"]["dptab"]["columns"]["geoid"])}
+        for a in spec.attributes:
+            cols[a.name] = {"type": "integer", "codes": list(a.codes)}
+        c["persons"]["layouts"] = {"dptab": {"columns": cols, "geoid": ["geoid"],
+                                             "targets": {a.name: a.name for a in spec.attributes}, "tolerated": []}}
+    if lookup:
+        for role in ("persons", "units"):
+            layouts = {n: lay for n, lay in c[role]["layouts"].items() if len(lay["geoid"]) == 1}
+            for lay in layouts.values():
+                lay["columns"][lay["geoid"][0]] = {"type": "code"}
+            c[role]["layouts"] = layouts
+    return c
 
 
 def _category(dtype: pl.DataType) -> str:
@@ -59,6 +100,7 @@ _ACCEPTED = {
     "integer": {"integer", "string", "null"},
     "boolean": {"boolean", "integer", "null"},
     "id": {"string", "integer", "null"},
+    "code": {"string", "integer", "null"},
 }
 
 
@@ -86,7 +128,7 @@ class ColumnPlan:
             return c.str.to_integer(strict=False) if self.category == "string" else c
         if t == "boolean":
             return (c == 1) if self.category == "integer" else c
-        return c.cast(pl.String)  # id
+        return c.cast(pl.String)  # id, code
 
 
 @dataclass(frozen=True)
@@ -104,7 +146,8 @@ class PreparedTable:
         return str(self.source.path)
 
     def geoid_expr(self) -> pl.Expr:
-        """The 15-digit block GEOID (concatenated components in the PPMF layout)."""
+        """The bottom unit's code: the 15-digit block GEOID (concatenated components in the PPMF
+        layout), or a lookup geography's code."""
         parts = [self.columns[c].parsed() for c in self.layout_spec["geoid"]]
         return parts[0] if len(parts) == 1 else pl.concat_str(parts)
 
@@ -132,8 +175,9 @@ class PreparedTable:
         return self.source.scan().select([exprs[c] for c in order])
 
 
-def _resolve_layout(role: str, source: ParquetSource) -> tuple[str | None, list[Problem]]:
-    layouts = load_contract()[role]["layouts"]
+def _resolve_layout(role: str, source: ParquetSource,
+                    contract: dict[str, Any]) -> tuple[str | None, list[Problem]]:
+    layouts = contract[role]["layouts"]
     cols = set(source.schema)
     hits = {name: sorted(cols & set(spec["columns"])) for name, spec in layouts.items()}
     present = [n for n, h in hits.items() if h]
@@ -153,18 +197,21 @@ def _resolve_layout(role: str, source: ParquetSource) -> tuple[str | None, list[
                   for c in missing]
 
 
-def prepare_table(role: str, path: str | Path) -> tuple[PreparedTable | None, list[Problem]]:
+def prepare_table(role: str, path: str | Path,
+                  contract: dict[str, Any] | None = None) -> tuple[PreparedTable | None, list[Problem]]:
     """Open ``path`` as the ``role`` table ("persons" or "units") and plan its columns.
 
     Checks the file(s), the layout and each contract column's dtype; reads no rows.
+    ``contract``: the run's contract (:func:`contract_for`; default the shipped one).
     """
+    contract = contract if contract is not None else load_contract()
     source, problems = open_parquet(path)
     if source is None:
         return None, problems
-    layout, problems = _resolve_layout(role, source)
+    layout, problems = _resolve_layout(role, source, contract)
     if layout is None:
         return None, problems
-    spec = load_contract()[role]["layouts"][layout]
+    spec = contract[role]["layouts"][layout]
     plans: dict[str, ColumnPlan] = {}
     for name, cspec in spec["columns"].items():
         if name not in source.schema:
@@ -175,7 +222,7 @@ def prepare_table(role: str, path: str | Path) -> tuple[PreparedTable | None, li
         if cat not in _ACCEPTED[key]:
             want = {"digits": "a string of digits", "digits+int": "a string of digits or an integer",
                     "integer": "an integer (or integer text)", "boolean": "a boolean (or 0/1 integer)",
-                    "id": "a string or integer"}[key]
+                    "id": "a string or integer", "code": "a text code (or an integer)"}[key]
             if cspec["type"] == "digits" and cat == "integer":
                 want += " (a 15-digit GEOID as an integer loses its leading zeros)"
             problems.append(Problem(str(source.path), name, "wrong_type", source.n_rows,

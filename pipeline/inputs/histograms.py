@@ -47,7 +47,8 @@ def cell_expr(spec: HistogramSpec) -> pl.Expr:
 def _block_index(geoids: pl.Series, blocks: LevelIndex, what: str) -> np.ndarray:
     """int64 block index of each GEOID; HistogramError if malformed or not in the geography."""
     try:
-        return blocks.index_of_codes(geoid_codes(geoids, blocks.digits, what=f"{what} geoid values"))
+        return blocks.index_of_codes(blocks.codes_of(geoids) if blocks.is_lookup
+                                     else geoid_codes(geoids, blocks.digits, what=f"{what} geoid values"))
     except GeographyError as exc:
         raise HistogramError(f"{what}: {exc}") from exc
 
@@ -70,12 +71,13 @@ def build_block_histogram(persons: pl.LazyFrame | pl.DataFrame, geography: Geogr
                              f"spec, in blocks {bad['geoid'].head(5).to_list()}")
     blocks = geography.blocks
     try:
-        codes = geoid_codes(counts["geoid"], blocks.digits, what="persons geoid values")
+        codes = (blocks.codes_of(counts["geoid"]) if blocks.is_lookup
+                 else geoid_codes(counts["geoid"], blocks.digits, what="persons geoid values"))
     except GeographyError as exc:
         raise HistogramError(f"persons: {exc}") from exc
     cell = counts["cell"].to_numpy().astype(np.int64, copy=False)
     # sort by (GEOID, cell) first: block order is GEOID order, and sorted lookups are cache-friendly
-    if 10**blocks.digits * spec.n_cells < 2**62:
+    if (blocks.n_units if blocks.is_lookup else 10**blocks.digits) * spec.n_cells < 2**62:
         order = np.argsort(codes * spec.n_cells + cell)
     else:  # a combined int64 key could overflow for very large specs
         order = np.lexsort((cell, codes))

@@ -46,11 +46,15 @@ class LevelInvariants:
     facilities: np.ndarray | None = None
 
 
-def declared(level: str, persons: SparseHistogram, units: UnitCounts, inv: InvariantsConfig) -> LevelInvariants:
-    """The invariants ``inv`` declares public for one level, from its true histograms."""
+def declared(level: str, persons: SparseHistogram, units: UnitCounts, inv: InvariantsConfig,
+             total_level: bool | None = None) -> LevelInvariants:
+    """The invariants ``inv`` declares public for one level, from its true histograms.
+    ``total_level``: whether ``invariants.state_totals`` holds this level's persons totals
+    (default: the US levels :data:`TOTAL_LEVELS`; a lookup geography passes True for its top level)."""
+    totals = level in TOTAL_LEVELS if total_level is None else total_level
     return LevelInvariants(
         level,
-        persons=persons.totals() if inv.state_totals and level in TOTAL_LEVELS else None,
+        persons=persons.totals() if inv.state_totals and totals else None,
         housing_units=units.housing_units if inv.block_housing_units else None,
         facilities=units.facilities if inv.gq_facilities else None,
     )

@@ -8,6 +8,7 @@ return the normalised lazy frames of ``docs/contracts.md``; row values are check
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -15,30 +16,30 @@ from pipeline.inputs.contract import prepare_table
 from pipeline.inputs.problems import InputValidationError
 
 
-def _read(role: str, path: str | Path) -> pl.LazyFrame:
-    table, problems = prepare_table(role, path)
+def _read(role: str, path: str | Path, contract: dict[str, Any] | None) -> pl.LazyFrame:
+    table, problems = prepare_table(role, path, contract)
     if problems or table is None:
         raise InputValidationError(problems)
     return table.normalised()
 
 
-def read_persons(path: str | Path) -> pl.LazyFrame:
+def read_persons(path: str | Path, contract: dict[str, Any] | None = None) -> pl.LazyFrame:
     """Lazy normalised persons: ``geoid`` Utf8 (15 digits), ``hhgq``, ``voting_age``,
     ``hispanic``, ``cenrace`` Int32, from our layout or the PPMF layout.
 
     Checks files, layout and column types (raises :class:`InputValidationError`), not the
     row values: call :func:`validate_inputs` before trusting the values.
     """
-    return _read("persons", path)
+    return _read("persons", path, contract)
 
 
-def read_units(path: str | Path) -> pl.LazyFrame:
+def read_units(path: str | Path, contract: dict[str, Any] | None = None) -> pl.LazyFrame:
     """Lazy normalised units: ``unit_id`` Utf8, ``geoid`` Utf8 (15 digits), ``kind`` Int32
     (0 housing unit, 1–7 GQ type), ``occupied`` Boolean (null for GQ facilities).
 
     Checks files, layout and column types only, like :func:`read_persons`.
     """
-    return _read("units", path)
+    return _read("units", path, contract)
 
 
 

@@ -65,12 +65,19 @@ def _column_checks(plan: ColumnPlan, geoid_note: str) -> list[Check]:
                        c >= 10**w, show),
             ]
     elif t == "integer":
-        lo, hi = s["range"]
         if plan.category == "string":
             checks.append(Check(name, "non_integer", "text that is not a base-10 integer",
                                  c.is_not_null() & plan.parsed().is_null(), show))
-        checks.append(Check(name, "out_of_domain", f"outside {lo}..{hi}",
-                             ~plan.parsed().is_between(lo, hi), show))
+        if "codes" in s:
+            codes = [int(x) for x in s["codes"]]
+            checks.append(Check(name, "out_of_domain", f"not one of the codes {codes}",
+                                 ~plan.parsed().is_in(codes), show))
+        else:
+            lo, hi = s["range"]
+            checks.append(Check(name, "out_of_domain", f"outside {lo}..{hi}",
+                                 ~plan.parsed().is_between(lo, hi), show))
+    elif t == "code" and plan.category == "string":
+        checks.append(Check(name, "empty_code", "empty unit code", c.str.strip_chars() == "", show))
     elif t == "boolean" and plan.category == "integer":
         checks.append(Check(name, "out_of_domain", "integer flag other than 0/1", ~c.is_in([0, 1]), show))
     return checks

@@ -20,12 +20,25 @@ from typing import Callable
 
 import polars as pl
 
-from pipeline.inputs.contract import PreparedTable, load_contract, prepare_table
+from pipeline.inputs.contract import PreparedTable, contract_for, load_contract, prepare_table
+from pipeline.inputs.lookup import unknown_units
 from pipeline.inputs.problems import MAX_EXAMPLES, READ_ERRORS, InputValidationError, Problem, first_line
 from pipeline.inputs.row_checks import Check, row_checks, run_row_checks, valid_rows
 from pipeline.model.spec import HistogramSpec, SpecError, load_spec
 
 N_GQ = 7  # GQ types 1..7 (hhgq codes; unit kinds)
+
+
+def facility_attribute(spec: HistogramSpec) -> str | None:
+    """The persons attribute that says household (code 0) or group-quarters type (codes 1..7, the
+    unit kinds of the units file): the attribute of the spec's ``bound`` query (pl94: ``hhgq``),
+    or None for a spec that declares no such role (no facility checks or invariants apply)."""
+    if not spec.has_role("bound"):
+        return None
+    by = spec.query(spec.role("bound")).by
+    if len(by) != 1:
+        return None
+    return spec.factor_map(by[0])[0]
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,7 @@ class ValidatedInputs:
 
 
 def _block_tables(persons: PreparedTable, p_checks: list[Check],
-                  units: PreparedTable, u_checks: list[Check]) -> pl.LazyFrame:
+                  units: PreparedTable, u_checks: list[Check], gq: str | None) -> pl.LazyFrame:
     """Pass 2: per-block persons and units counts, full-joined on geoid.
 
     Rows whose GEOID is invalid cannot be placed and are left out. Counts use valid rows only;
@@ -83,10 +96,16 @@ def _block_tables(persons: PreparedTable, p_checks: list[Check],
 
     ok = pl.col("_ok")
     hhgq = pl.col("hhgq")
-    pb = (per_block(persons, p_checks, {"hhgq": persons.target_expr("hhgq")}).group_by("geoid")
-          .agg([pl.len().alias("p_rows"), (~ok).sum().alias("p_bad"), ok.sum().alias("persons"),
-                (ok & (hhgq == 0)).fill_null(False).sum().alias("hh")]
-               + [(ok & (hhgq == k)).fill_null(False).sum().alias(f"g{k}") for k in range(1, N_GQ + 1)]))
+    if gq is None:  # a spec without households and group quarters: everyone counts as in a household
+        pb = (per_block(persons, p_checks, {}).group_by("geoid")
+              .agg([pl.len().alias("p_rows"), (~ok).sum().alias("p_bad"), ok.sum().alias("persons"),
+                    ok.sum().alias("hh")]
+                   + [pl.lit(0, pl.UInt32).alias(f"g{k}") for k in range(1, N_GQ + 1)]))
+    else:
+        pb = (per_block(persons, p_checks, {"hhgq": persons.target_expr(gq)}).group_by("geoid")
+              .agg([pl.len().alias("p_rows"), (~ok).sum().alias("p_bad"), ok.sum().alias("persons"),
+                    (ok & (hhgq == 0)).fill_null(False).sum().alias("hh")]
+                   + [(ok & (hhgq == k)).fill_null(False).sum().alias(f"g{k}") for k in range(1, N_GQ + 1)]))
     kind, occ = pl.col("kind"), pl.col("occ")
     ub = (per_block(units, u_checks, {"kind": units.target_expr("kind"), "occ": units.target_expr("occupied")})
           .group_by("geoid")
@@ -123,14 +142,24 @@ def _offending_rows(rows: pl.LazyFrame, keys: pl.LazyFrame, row_filter: pl.Expr,
 
 
 def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: PreparedTable,
-                  u_checks: list[Check]) -> tuple[list[Problem], dict[str, int]]:
+                  u_checks: list[Check], gq: str | None = "hhgq",
+                  lookup: bool = False) -> tuple[list[Problem], dict[str, int]]:
     """Cross-file checks per block; returns problems and the summary counts.
 
     A problem names the table whose rows must change: person rows for constraints on persons,
     unit rows for facilities or occupied units in excess, with the first such rows and blocks.
+    ``gq``: the persons attribute of household / group-quarters type (None: a spec without
+    one, whose persons are not checked against housing units and facilities). ``lookup``: the
+    geography is a lookup file, not the blocks of the units file (persons need no unit there).
     """
-    enabled = load_contract().get("cross_checks", {})
-    j = _block_tables(persons, p_checks, units, u_checks)
+    enabled = dict(load_contract().get("cross_checks", {}))
+    if gq is None:
+        enabled.update({n: False for n in ("gq_without_facility", "household_without_housing_unit",
+                                           "household_without_occupied_unit", "facility_without_persons",
+                                           "occupied_exceeds_household")})
+    if lookup:
+        enabled["block_not_in_units"] = False
+    j = _block_tables(persons, p_checks, units, u_checks, gq)
     ks = range(1, N_GQ + 1)
     g = {k: pl.col(f"g{k}") for k in ks}
     f = {k: pl.col(f"f{k}") for k in ks}
@@ -145,7 +174,7 @@ def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: Prepared
     def blocks_of(cond: pl.Expr) -> pl.LazyFrame:
         return j.filter(cond).select("geoid")
 
-    gq_col = persons.layout_spec["targets"]["hhgq"]
+    gq_col = persons.layout_spec["targets"][gq] if gq is not None else ""
     hhgq, kind = pl.col("hhgq"), pl.col("kind")
     everyone = pl.lit(True)
     # name: (table, column, block condition, offending count per block, detail, block text,
@@ -199,8 +228,9 @@ def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: Prepared
                   .select(pl.format("{}: {}", pl.col("geoid"), show).str.strip_chars_end("; "))
                   .collect(engine="streaming").to_series())
         if table is persons:
-            rows = _row_frame(persons, p_checks, {"hhgq": persons.target_expr("hhgq")})
-            row_show = pl.format("block {} hhgq {}", pl.col("geoid"), hhgq)
+            rows = _row_frame(persons, p_checks, {"hhgq": persons.target_expr(gq)} if gq is not None else {})
+            row_show = (pl.format(f"block {{}} {gq} {{}}", pl.col("geoid"), hhgq) if gq is not None
+                        else pl.format("block {}", pl.col("geoid")))
         else:
             rows = _row_frame(units, u_checks, {"kind": units.target_expr("kind"),
                                                 "occ": units.target_expr("occupied"),
@@ -211,14 +241,19 @@ def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: Prepared
     return problems, {k: int(v) for k, v in res.items() if k not in specs}
 
 
-def _check_spec(spec: HistogramSpec) -> None:
+def _check_spec(spec: HistogramSpec, contract: dict | None = None) -> None:
     """The contract's normalised persons domains must be the spec's attribute codes."""
-    for lname, layout in load_contract()["persons"]["layouts"].items():
+    contract = contract if contract is not None else load_contract()
+    for lname, layout in contract["persons"]["layouts"].items():
         for target, col in layout["targets"].items():
             cspec = layout["columns"][col]
-            lo, hi = cspec["range"]
             recode = {int(k): int(v) for k, v in (cspec.get("recode") or {}).items()}
-            codes = tuple(sorted({recode.get(c, c) for c in range(lo, hi + 1)}))
+            if "codes" in cspec:
+                raw_codes = [int(c) for c in cspec["codes"]]
+            else:
+                lo, hi = cspec["range"]
+                raw_codes = list(range(lo, hi + 1))
+            codes = tuple(sorted({recode.get(c, c) for c in raw_codes}))
             if codes != tuple(sorted(spec.attribute(target).codes)):
                 raise SpecError(f"input contract layout {lname!r} column {col!r} gives codes {codes} for "
                                 f"{target!r}, but spec {spec.name!r} has {spec.attribute(target).codes}")
@@ -226,7 +261,8 @@ def _check_spec(spec: HistogramSpec) -> None:
 
 def validate_inputs(persons_path: str | Path, units_path: str | Path,
                     spec: HistogramSpec | None = None,
-                    on_step: Callable[[str], None] | None = None) -> ValidatedInputs:
+                    on_step: Callable[[str], None] | None = None,
+                    lookup: pl.DataFrame | None = None) -> ValidatedInputs:
     """Check both inputs completely; return their normalised lazy frames and a summary.
 
     ``spec`` (default ``load_spec("pl94")``) supplies the structural zeros and must agree with
@@ -235,14 +271,18 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
     Cross-file checks run on the rows that passed the row checks, whenever both files are
     readable; so one run reports row problems and block problems together. ``on_step`` is
     called with a short description before each pass over the data (for progress display).
+    ``lookup``: the checked geography lookup (:func:`pipeline.inputs.lookup.read_lookup`) of a
+    lookup-file geography; every unit code of both files must be one of its bottom units.
     """
     step = on_step or (lambda _: None)
     spec = spec if spec is not None else load_spec("pl94")
-    _check_spec(spec)
+    contract = contract_for(spec, lookup=lookup is not None)
+    _check_spec(spec, contract)
+    gq = facility_attribute(spec)
     problems: list[Problem] = []
     tables: dict[str, tuple[PreparedTable | None, list[Check]]] = {}
     for role, path in (("persons", persons_path), ("units", units_path)):
-        table, probs = prepare_table(role, path)
+        table, probs = prepare_table(role, path, contract)
         problems += probs
         checks: list[Check] = []
         if table is not None:
@@ -257,11 +297,20 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
                 row_problems = [Problem(table.label, "", "corrupt_parquet", 1,
                                         f"rows cannot be read: {first_line(exc)}")]
             problems += row_problems
+            geo_cols = table.layout_spec["geoid"]
+            if lookup is not None and all(c in table.columns for c in geo_cols):
+                try:
+                    problems += unknown_units(table.label, geo_cols[0],
+                                              table.source.scan().select(table.geoid_expr().alias("geoid")),
+                                              lookup, lookup.columns[-1])
+                except READ_ERRORS:
+                    pass  # reported by the row checks
             # every row passed: the cross-file pass need not re-evaluate the row checks
             checks = checks if any(p.column for p in row_problems) else []
         tables[role] = (table, checks)
     (pt, pc), (ut, uc) = tables["persons"], tables["units"]
-    needed_p = set(pt.layout_spec["geoid"]) | {pt.layout_spec["targets"]["hhgq"]} if pt else set()
+    needed_p = (set(pt.layout_spec["geoid"]) | ({pt.layout_spec["targets"][gq]} if gq is not None else set())
+                if pt else set())
     usable = (pt is not None and ut is not None and needed_p <= set(pt.columns)
               and {"geoid", "kind", "occupied"} <= set(ut.columns)
               and not any(p.kind == "corrupt_parquet" for p in problems))
@@ -269,7 +318,7 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
     if usable:
         step("persons x units: checking blocks")
         try:
-            cross, counts = _cross_checks(pt, pc, ut, uc)
+            cross, counts = _cross_checks(pt, pc, ut, uc, gq, lookup is not None)
             problems += cross
         except READ_ERRORS as exc:
             problems.append(Problem(f"{pt.label} + {ut.label}", "", "corrupt_parquet", 1,

@@ -13,7 +13,7 @@ from pipeline.files import sha256_file
 from pipeline.inputs.invariants import LevelInvariants, read_invariants
 from pipeline.job.rundir import RunDir, RunDirError
 from pipeline.model.config import RunConfig, load_config
-from pipeline.model.geography import Geography, load_geolevels
+from pipeline.model.geography import Geography
 from pipeline.model.schemas import schema_path
 from pipeline.model.spec import HistogramSpec, load_spec
 from pipeline.model.strategy import Strategy, load_strategy, strategy_path
@@ -77,8 +77,18 @@ class RunContext:
 
     @cached_property
     def geography(self) -> Geography:
+        levels = self.cfg.geography.geolevels()
+        if self.cfg.geography.lookup is not None:  # the checked lookup table the run copied
+            return Geography.from_lookup(pl.read_parquet(self.rd.verified(self.rd.geography_path)), levels)
         blocks = pl.read_parquet(self.rd.verified(self.rd.geography_path))["geoid"].to_numpy()
-        return Geography.from_block_geoids(blocks, load_geolevels(self.cfg.geography.levels))
+        return Geography.from_block_geoids(blocks, levels)
+
+    @cached_property
+    def contract(self) -> dict:
+        """The run's input contract (:func:`pipeline.inputs.contract.contract_for`)."""
+        from pipeline.inputs.contract import contract_for
+
+        return contract_for(self.persons_spec, lookup=self.cfg.geography.lookup is not None)
 
     @property
     def level_names(self) -> list[str]:
@@ -104,11 +114,15 @@ class RunContext:
 
 def definition_fingerprints(cfg: RunConfig) -> dict[str, str]:
     """``{what: sha256}`` of every definition file a run's spend and outputs depend on beyond
-    its config: the strategies, the specs and the geolevels it names."""
+    its config: the strategies, the specs and the geolevels (or geography lookup) it names."""
     files = {"persons strategy " + str(strategy_path(cfg.privacy.strategy)): strategy_path(cfg.privacy.strategy),
              "persons spec " + str(schema_path(cfg.spec)): schema_path(cfg.spec),
-             "units spec " + str(schema_path("units")): schema_path("units"),
-             "geolevels " + str(schema_path(cfg.geography.levels)): schema_path(cfg.geography.levels)}
+             "units spec " + str(schema_path("units")): schema_path("units")}
+    if cfg.geography.lookup is not None:
+        files["geography lookup " + str(cfg.geography.lookup)] = cfg.geography.lookup
+    else:
+        lv = str(cfg.geography.levels)
+        files["geolevels " + str(schema_path(lv))] = schema_path(lv)
     if cfg.privacy.units_strategy:
         u = strategy_path(cfg.privacy.units_strategy)
         files["units strategy " + str(u)] = u

@@ -23,12 +23,12 @@ import yaml
 from pipeline import __version__
 from pipeline.errors import RefusedError
 from pipeline.files import crash_point, private_files, write_text_atomic
+from pipeline.inputs.lookup import read_lookup
 from pipeline.inputs.readers import input_fingerprint, read_block_list
 from pipeline.inputs.validation import validate_inputs
 from pipeline.job.context import RunContext, configured_strategies, definition_fingerprints, total_rho
 from pipeline.job.rundir import RunDir, RunDirError, new_run_id
 from pipeline.model.config import ConfigError, RunConfig, load_config
-from pipeline.model.geography import load_geolevels
 from pipeline.model.spec import load_spec
 from pipeline.model.strategy import Strategy
 from pipeline.privacy import randomness
@@ -67,9 +67,12 @@ def prepare(config_path: str | Path | None, resume_dir: str | Path | None = None
     lifetime = Fraction(cfg.privacy.lifetime_rho)
     ledger = _ledger_for_new_run(cfg)
     ledger.check_budget(cfg.dataset_id, rho, lifetime)  # before any data is read
-    valid = validate_inputs(cfg.inputs.persons, cfg.inputs.units, load_spec(cfg.spec))
+    lookup = None
+    if cfg.geography.lookup is not None:
+        lookup = read_lookup(cfg.geography.lookup, [lv.name for lv in cfg.geography.geolevels()])
+    valid = validate_inputs(cfg.inputs.persons, cfg.inputs.units, load_spec(cfg.spec), lookup=lookup)
     if cfg.geography.blocks is not None:
-        read_block_list(cfg.geography.blocks, valid.units, load_geolevels(cfg.geography.levels)[-1].digits)
+        read_block_list(cfg.geography.blocks, valid.units, cfg.geography.geolevels()[-1].digits)
     fingerprint = {"persons": input_fingerprint(cfg.inputs.persons), "units": input_fingerprint(cfg.inputs.units)}
     stale = cfg.output.runs_dir / release_id
     if stale.is_dir() and not RunDir(stale).state_path.exists():
@@ -226,7 +229,7 @@ class RunExistsError(RefusedError):
 def _check_strategies_fit(cfg: RunConfig, strategies: dict[str, Strategy]) -> None:
     """Refuse (before any budget is reserved) strategies that do not fit the run: a persons
     strategy for another spec, or levels the run's geography does not have."""
-    levels = [lv.name for lv in load_geolevels(cfg.geography.levels)]
+    levels = [lv.name for lv in cfg.geography.geolevels()]
     for kind, s in strategies.items():
         want_spec = cfg.spec if kind == "persons" else "units"
         if load_spec(s.spec).name != load_spec(want_spec).name:
@@ -236,6 +239,25 @@ def _check_strategies_fit(cfg: RunConfig, strategies: dict[str, Strategy]) -> No
         if missing:
             raise ConfigError(f"{cfg.source_path}: the {kind} strategy {s.name!r} measures levels {missing} "
                               f"that the geography {cfg.geography.levels!r} does not have ({', '.join(levels)})")
+    _check_tables_fit(cfg)
+
+
+def _check_tables_fit(cfg: RunConfig) -> None:
+    """The table shells are for the run's spec, and a spec without a ``bound`` role (households and
+    group-quarters types) is not run with ``joint.households``."""
+    from pipeline.release.tables import TableError, load_tables
+
+    spec = load_spec(cfg.spec)
+    try:
+        ts = load_tables(cfg.tables)
+    except (TableError, OSError) as exc:
+        raise ConfigError(f"{cfg.source_path}: tables {cfg.tables!r}: {exc}") from None
+    if ts.specs["persons"].name != spec.name:
+        raise ConfigError(f"{cfg.source_path}: the tables {cfg.tables!r} are for spec {ts.specs['persons'].name!r}, "
+                          f"but the run's spec is {spec.name!r}")
+    if cfg.joint.households and not spec.has_role("bound"):
+        raise ConfigError(f"{cfg.source_path}: joint.households needs a spec with a bound role (the household / "
+                          f"group-quarters query); spec {spec.name!r} declares roles {spec.roles}")
 
 
 def _resolved_config_text(cfg: RunConfig, release_id: str) -> str:

@@ -36,10 +36,12 @@ def declared_invariants(ctx: RunContext) -> Invariants:
     geo = ctx.geography
     block = ctx.invariants(geo.blocks.name)
     state_totals = None
-    # a geography without a "state" level (another country's hierarchy) publishes no state totals
-    state = ctx.invariants("state") if "state" in ctx.level_names else None
+    # a lookup geography declares its top level's total; another digit-prefix hierarchy without a
+    # "state" level publishes no state totals
+    tl = geo.levels[0].name if geo.is_lookup else "state"
+    state = ctx.invariants(tl) if tl in ctx.level_names else None
     if state is not None and state.persons is not None:
-        state_totals = {str(g): int(t) for g, t in zip(geo.level("state").geoids, state.persons)}
+        state_totals = {str(g): int(t) for g, t in zip(geo.level(tl).geoids, state.persons)}
     hu = block.housing_units
     return Invariants(state_totals=state_totals, block_geoids=geo.blocks.geoids if hu is not None else None,
                       block_housing_units=hu)
@@ -102,7 +104,7 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
                          declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
                          csv=ctx.cfg.output.csv, unbiased=unbiased, simulated=simulated,
-                         before_publish=before_publish)
+                         before_publish=before_publish, tables=ctx.cfg.tables)
     return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),
             "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
             "privacy_markdown": privacy_markdown(privacy)}

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from pipeline.files import private_files, write_parquet_atomic
 from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
 from pipeline.inputs.invariants import declared, units_truth, write_invariants
+from pipeline.inputs.lookup import read_lookup
 from pipeline.inputs.problems import InputValidationError, Problem
 from pipeline.inputs.readers import input_fingerprint, read_block_list, read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
@@ -33,7 +34,7 @@ from pipeline.job.plan import plan, shard_bounds
 from pipeline.job.prepare import check_rho, prepare
 from pipeline.job.progress import StageProgress
 from pipeline.job.rundir import RunDir
-from pipeline.model.geography import Geography, load_geolevels
+from pipeline.model.geography import Geography
 from pipeline.privacy.ledger import Ledger, LedgerError
 
 # --------------------------------------------------------------------------------------
@@ -52,10 +53,12 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
     if (validated.get("persons") == input_fingerprint(cfg.inputs.persons)
             and validated.get("units") == input_fingerprint(cfg.inputs.units)):
         # the files prepare validated, unchanged: read them without checking every row again
-        persons, units = read_persons(cfg.inputs.persons), read_units(cfg.inputs.units)
+        persons, units = read_persons(cfg.inputs.persons, ctx.contract), read_units(cfg.inputs.units, ctx.contract)
     else:
         try:
-            inputs = validate_inputs(cfg.inputs.persons, cfg.inputs.units, ctx.persons_spec)
+            lookup = (read_lookup(cfg.geography.lookup, [lv.name for lv in cfg.geography.geolevels()])
+                      if cfg.geography.lookup is not None else None)
+            inputs = validate_inputs(cfg.inputs.persons, cfg.inputs.units, ctx.persons_spec, lookup=lookup)
         except InputValidationError as exc:
             # the files changed after the run validated them and reserved its budget
             raise InputValidationError(exc.problems + [Problem(
@@ -66,20 +69,26 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
     with private_files():
         # The geography comes from the units file (public: every block with a housing unit or
         # a facility); validation guarantees every person's block is in it.
-        levels = load_geolevels(cfg.geography.levels)
-        if cfg.geography.blocks is not None:  # a public list: every block, with units or not
-            blocks = read_block_list(cfg.geography.blocks, units, levels[-1].digits)
+        levels = cfg.geography.geolevels()
+        if cfg.geography.lookup is not None:  # a public lookup: every unit at every level, with records or not
+            table = read_lookup(cfg.geography.lookup, [lv.name for lv in levels])
+            write_parquet_atomic(table, ctx.rd.geography_path)
+            geo = Geography.from_lookup(table, levels)
         else:
-            blocks = units.select("geoid").unique().sort("geoid").collect()
-        write_parquet_atomic(blocks, ctx.rd.geography_path)
-        geo = Geography.from_block_geoids(blocks["geoid"].to_numpy(), levels)
+            if cfg.geography.blocks is not None:  # a public list: every block, with units or not
+                blocks = read_block_list(cfg.geography.blocks, units, levels[-1].digits)
+            else:
+                blocks = units.select("geoid").unique().sort("geoid").collect()
+            write_parquet_atomic(blocks, ctx.rd.geography_path)
+            geo = Geography.from_block_geoids(blocks["geoid"].to_numpy(), levels)
         person_hists = build_person_histograms(persons, geo, ctx.persons_spec)
         unit_counts = build_unit_counts(units, geo)
         written = [ctx.rd.geography_path]
         for lv in geo.levels:
             person_hists[lv.name].to_parquet(ctx.rd.truth_path("persons", lv.name))
             units_truth(unit_counts[lv.name]).to_parquet(ctx.rd.truth_path("units", lv.name))
-            write_invariants(declared(lv.name, person_hists[lv.name], unit_counts[lv.name], cfg.invariants),
+            top = (lv is geo.levels[0]) if geo.is_lookup else None  # a lookup's declared total: its top level
+            write_invariants(declared(lv.name, person_hists[lv.name], unit_counts[lv.name], cfg.invariants, top),
                              ctx.rd.invariants_path(lv.name), int(lv.n_units))
             written += [ctx.rd.truth_path("persons", lv.name), ctx.rd.truth_path("units", lv.name),
                         ctx.rd.invariants_path(lv.name)]

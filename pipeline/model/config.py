@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.errors import ConfigurationError
+from pipeline.model.geography import GeoLevel, load_geolevels, lookup_levels
 from pipeline.model.schemas import load_yaml
 
 
@@ -61,10 +62,38 @@ class PrivacyConfig(BaseModel):
 
 
 class GeographyConfig(BaseModel):
+    """The hierarchy: US digit prefixes (``levels``: a geolevels YAML) or, with ``lookup``, a
+    lookup file naming every bottom unit's code at each level (``levels``: the level names, top
+    to bottom, which are the file's columns)."""
+
     model_config = ConfigDict(extra="forbid")
-    levels: str = Field("geolevels", description="geolevels YAML: a name in schemas/ or a path (top to bottom)")
+    levels: str | list[str] = Field("geolevels", description="geolevels YAML: a name in schemas/ or a path (top to "
+                                                             "bottom); with lookup: the level names, top to bottom")
     blocks: Path | None = Field(None, description="public list of every block (Parquet or CSV, column geoid); "
                                                   "default: the blocks of the units file")
+    lookup: Path | None = Field(None, description="public lookup file (Parquet or CSV): one row per bottom unit, "
+                                                  "one text column per level naming its code there")
+
+    @model_validator(mode="after")
+    def _lookup_names_levels(self) -> "GeographyConfig":
+        if self.lookup is not None:
+            if not isinstance(self.levels, list):
+                raise ValueError("geography.lookup needs geography.levels: the list of level names, top to bottom "
+                                 "(the lookup file's columns)")
+            if self.blocks is not None:
+                raise ValueError("geography.blocks and geography.lookup exclude each other (the lookup lists every unit)")
+            if len(self.levels) < 2 or len(set(self.levels)) != len(self.levels):
+                raise ValueError(f"geography.levels must name at least two distinct levels, got {self.levels}")
+        elif isinstance(self.levels, list):
+            raise ValueError("geography.levels as a list of names needs geography.lookup (the file naming each "
+                             "unit's code at every level)")
+        return self
+
+    def geolevels(self) -> tuple[GeoLevel, ...]:
+        """The levels, top to bottom (GeographyError if a geolevels file is bad)."""
+        if isinstance(self.levels, list):
+            return lookup_levels(self.levels)
+        return load_geolevels(self.levels)
 
 
 class InvariantsConfig(BaseModel):
@@ -129,6 +158,8 @@ class RunConfig(BaseModel):
     title: str = "dptab release"
     confidential: bool = True
     spec: str = "pl94"
+    tables: str = Field("pl94", description="table shells: a name in schemas/tables/ or a YAML path; their "
+                                            "persons_spec must be the run's spec")
     inputs: InputsConfig
     geography: GeographyConfig = GeographyConfig()
     privacy: PrivacyConfig = PrivacyConfig()
@@ -151,7 +182,7 @@ class RunConfig(BaseModel):
         # housing units, a housing-only block without facilities); that is public only when both
         # the housing-unit and the facility invariants are declared
         inv = self.invariants
-        if self.geography.blocks is None and not (inv.block_housing_units and inv.gq_facilities):
+        if self.geography.blocks is None and self.geography.lookup is None and not (inv.block_housing_units and inv.gq_facilities):
             raise ValueError("unless invariants.block_housing_units and invariants.gq_facilities are both on, give "
                              "geography.blocks (a public list of every block): otherwise the release would show "
                              "which blocks have a housing unit or a facility")
@@ -207,5 +238,7 @@ def load_config(path: str | Path) -> RunConfig:
     cfg.output.releases_dir = _resolve(base, cfg.output.releases_dir)
     if cfg.geography.blocks is not None:
         cfg.geography.blocks = _resolve(base, cfg.geography.blocks)
+    if cfg.geography.lookup is not None:
+        cfg.geography.lookup = _resolve(base, cfg.geography.lookup)
     cfg.source_path = path.resolve()
     return cfg

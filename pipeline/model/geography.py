@@ -35,10 +35,25 @@ class GeographyError(InputError):
 
 @dataclass(frozen=True)
 class GeoLevel:
-    """A level definition: its ``name`` and the GEOID prefix length ``digits`` that identifies a unit."""
+    """A level definition: its ``name`` and the GEOID prefix length ``digits`` that identifies a
+    unit, or ``digits = LOOKUP`` (-1) for a level whose codes come from a lookup file."""
 
     name: str
     digits: int
+
+
+#: ``digits`` of a level whose units are named by a lookup file (any code strings), not by prefixes
+LOOKUP = -1
+
+
+def lookup_levels(names: Sequence[str]) -> tuple[GeoLevel, ...]:
+    """The levels of a lookup-file hierarchy, top to bottom (GeographyError on bad names)."""
+    levels = tuple(GeoLevel(str(n), LOOKUP) for n in names)
+    if len(levels) < 2:
+        raise GeographyError(f"a lookup geography needs at least two levels (top to bottom), got {list(names)}")
+    if len({lv.name for lv in levels}) != len(levels):
+        raise GeographyError(f"duplicate level names {list(names)}")
+    return levels
 
 
 def load_geolevels(path: str | Path = GEOLEVELS_PATH) -> tuple[GeoLevel, ...]:
@@ -55,6 +70,8 @@ def load_geolevels(path: str | Path = GEOLEVELS_PATH) -> tuple[GeoLevel, ...]:
 
 
 def _check_levels(levels: Sequence[GeoLevel], where: str) -> None:
+    if levels and all(lv.digits == LOOKUP for lv in levels):
+        return
     if not levels:
         raise GeographyError(f"{where}: no levels")
     digits = [lv.digits for lv in levels]
@@ -75,6 +92,9 @@ class LevelIndex:
     ``child_ptr``: int64 ``(n_units + 1,)`` CSR offsets: the children of unit ``i`` are units
     ``child_ptr[i]:child_ptr[i+1]`` of the level below (for the bottom level all children
     ranges are empty).
+    ``names``: for a lookup level (``digits == LOOKUP``), the unit codes as given in the lookup
+    file, numpy ``<U`` ``(n_units,)``, in unit order (sorted by parent, then code); ``codes`` is
+    then ``arange(n_units)``.
     """
 
     name: str
@@ -82,14 +102,28 @@ class LevelIndex:
     codes: np.ndarray
     parent: np.ndarray
     child_ptr: np.ndarray
+    names: np.ndarray | None = None
 
     @property
     def n_units(self) -> int:
         return int(self.codes.shape[0])
 
+    @property
+    def is_lookup(self) -> bool:
+        """True for a level whose codes come from a lookup file (any strings, not digit prefixes)."""
+        return self.names is not None
+
+    @cached_property
+    def _name_order(self) -> np.ndarray:
+        assert self.names is not None
+        return np.argsort(self.names, kind="stable")
+
     @cached_property
     def geoids(self) -> np.ndarray:
-        """Sorted unique GEOID prefixes, numpy ``<U{digits}`` ``(n_units,)`` (nation: ``[""]``)."""
+        """The unit codes, numpy ``<U`` ``(n_units,)``: sorted unique GEOID prefixes (nation:
+        ``[""]``), or a lookup level's codes in unit order."""
+        if self.names is not None:
+            return self.names
         if self.digits == 0:
             return np.full(self.n_units, "", dtype="<U1")
         # ASCII digits by integer arithmetic, viewed as fixed-width bytes: no Python objects
@@ -111,8 +145,23 @@ class LevelIndex:
 
     def index_of(self, geoids: Iterable[str] | np.ndarray | pl.Series) -> np.ndarray:
         """int64 unit index of each GEOID prefix (all must exist; otherwise GeographyError)."""
-        codes = geoid_codes(geoids, self.digits, what=f"{self.name} GEOIDs")
-        return self.index_of_codes(codes)
+        return self.index_of_codes(self.codes_of(geoids))
+
+    def codes_of(self, geoids: Iterable[str] | np.ndarray | pl.Series) -> np.ndarray:
+        """int64 ``codes`` of GEOID strings: the prefix read as an integer, or for a lookup level the
+        unit index (GeographyError naming examples if malformed or, for a lookup level, unknown)."""
+        if self.names is None:
+            return geoid_codes(geoids, self.digits, what=f"{self.name} GEOIDs")
+        g = np.asarray(geoids.to_numpy() if isinstance(geoids, pl.Series) else
+                       (geoids if isinstance(geoids, np.ndarray) else list(geoids))).astype(str)
+        srt = self.names[self._name_order]
+        pos = np.searchsorted(srt, g)
+        pos_c = np.minimum(pos, max(self.n_units - 1, 0))
+        bad = (pos >= self.n_units) | (srt[pos_c] != g) if self.n_units else np.ones(g.shape, bool)
+        if bad.any():
+            raise GeographyError(f"{int(bad.sum())} {self.name} code(s) not in the geography, e.g. "
+                                 f"{g[bad][:5].tolist()}")
+        return self._name_order[pos_c].astype(np.int64)
 
     def index_of_codes(self, codes: np.ndarray) -> np.ndarray:
         """int64 unit index of each integer GEOID prefix (all must exist; otherwise GeographyError)."""
@@ -121,10 +170,17 @@ class LevelIndex:
         pos_c = np.minimum(pos, max(self.n_units - 1, 0))
         bad = (pos >= self.n_units) | (self.codes[pos_c] != codes) if self.n_units else np.ones(codes.shape, bool)
         if bad.any():
-            examples = [format_geoid(int(c), self.digits) for c in codes[bad][:5]]
+            examples = [str(int(c)) if self.names is not None else format_geoid(int(c), self.digits)
+                        for c in codes[bad][:5]]
             raise GeographyError(
                 f"{int(bad.sum())} {self.name} GEOID(s) not in the geography, e.g. {examples}")
         return pos.astype(np.int64)
+
+    def parent_geoids(self, parent: "LevelIndex | None") -> np.ndarray:
+        """The code of each unit's parent ``(n_units,)`` (the top level: empty strings)."""
+        if parent is None:
+            return np.full(self.n_units, "", dtype="<U1")
+        return parent.geoids[self.parent]
 
     @property
     def nbytes(self) -> int:
@@ -226,6 +282,74 @@ class Geography:
         parents.insert(0, np.full(per_level[0].size, -1, dtype=np.int64))
         out = [LevelIndex(lv.name, lv.digits, per_level[k], parents[k], ptrs[k]) for k, lv in enumerate(levels)]
         return cls(out)
+
+    @classmethod
+    def from_lookup(cls, lookup: pl.DataFrame, levels: Sequence[GeoLevel]) -> "Geography":
+        """Build a lookup-file hierarchy: ``lookup`` has one Utf8 column per level (top to bottom),
+        one row per bottom unit, naming its ancestor at every level; it must nest (validated by
+        :func:`pipeline.inputs.lookup.read_lookup`; GeographyError if it does not).
+
+        Units of the top level are sorted by code; those of every lower level by (parent, code),
+        so a unit's children are contiguous, as the engine needs."""
+        names = [lv.name for lv in levels]
+        df = lookup.select([pl.col(n).cast(pl.Utf8) for n in names])
+        parent_pos: np.ndarray | None = None
+        per_level: list[tuple[np.ndarray, np.ndarray]] = []
+        prev_map: pl.DataFrame | None = None
+        for k, n in enumerate(names):
+            if k == 0:
+                units = df.select(pl.col(n).alias("code")).unique().sort("code")
+                units = units.with_columns(pl.lit(-1, pl.Int64).alias("parent"))
+            else:
+                pairs = df.select(pl.col(names[k - 1]).alias("p"), pl.col(n).alias("code")).unique()
+                if pairs.select(pl.col("code").n_unique()).item() != pairs.height:
+                    raise GeographyError(f"level {n}: a code is under two parents")
+                assert prev_map is not None
+                units = (pairs.join(prev_map, left_on="p", right_on="code", how="left")
+                         .select("code", pl.col("pos").alias("parent")).sort(["parent", "code"]))
+            if k == 0 and units.height != 1:
+                raise GeographyError(f"level {n}: the top level must have exactly one unit, "
+                                     f"found {units.height}: {units['code'].head(5).to_list()}")
+            codes = units["code"].to_numpy().astype(str)
+            parent_pos = units["parent"].to_numpy().astype(np.int64)
+            per_level.append((codes, parent_pos))
+            prev_map = units.select("code").with_row_index("pos").with_columns(pl.col("pos").cast(pl.Int64))
+        out = []
+        for k, lv in enumerate(levels):
+            codes, parent = per_level[k]
+            n = codes.size
+            if k + 1 < len(levels):
+                child_parent = per_level[k + 1][1]
+                ptr = np.searchsorted(child_parent, np.arange(n + 1)).astype(np.int64)
+            else:
+                ptr = np.zeros(n + 1, dtype=np.int64)
+            out.append(LevelIndex(lv.name, LOOKUP, np.arange(n, dtype=np.int64), parent, ptr, names=codes))
+        return cls(out)
+
+    @property
+    def is_lookup(self) -> bool:
+        """True when the units are named by a lookup file (any code strings), not digit prefixes."""
+        return self.levels[-1].is_lookup
+
+    def lookup_frame(self) -> pl.DataFrame:
+        """One row per bottom unit (in unit order) with its code at every level, columns named
+        by the levels: the lookup file this geography is built from (re-read by ``from_lookup``)."""
+        cols = {}
+        for lv in self.levels:
+            idx = self.ancestor_index(lv.name, np.arange(self.blocks.n_units))
+            cols[lv.name] = pl.Series(lv.name, lv.geoids[idx].astype(str), dtype=pl.Utf8)
+        return pl.DataFrame(cols)
+
+    def units_frame(self) -> pl.DataFrame:
+        """Every unit of every level, top to bottom in unit order: ``level``, ``geoid`` and the
+        ``parent`` code (empty at the top level) — what a release publishes as its geography."""
+        parts = []
+        for k, lv in enumerate(self.levels):
+            up = self.levels[k - 1] if k else None
+            parts.append(pl.DataFrame({"level": pl.Series([lv.name] * lv.n_units, dtype=pl.Utf8),
+                                       "geoid": pl.Series(lv.geoids.astype(str), dtype=pl.Utf8),
+                                       "parent": pl.Series(lv.parent_geoids(up).astype(str), dtype=pl.Utf8)}))
+        return pl.concat(parts)
 
     def level(self, name: str) -> LevelIndex:
         """The :class:`LevelIndex` named ``name`` (GeographyError if unknown)."""

@@ -38,10 +38,14 @@ def parse_fraction(value: Any, what: str) -> Fraction:
         raise StrategyError(f"{what}: not an exact fraction: {value!r} ({exc})") from None
 
 
-def _level_names() -> tuple[str, ...]:
+def _level_names(declared: object = None) -> tuple[str, ...]:
+    """The level names a strategy may measure: its own ``geolevels`` (a list of names, top to
+    bottom, for a lookup-file hierarchy, or a geolevels YAML name), default ``schemas/geolevels.yaml``."""
     from pipeline.model.geography import load_geolevels
 
-    return tuple(lv.name for lv in load_geolevels())
+    if isinstance(declared, list):
+        return tuple(str(n) for n in declared)
+    return tuple(lv.name for lv in load_geolevels(str(declared) if declared else "geolevels"))
 
 
 @dataclass(frozen=True)
@@ -145,7 +149,7 @@ def load_strategy(path_or_name: str | Path) -> Strategy:
         spec = load_spec(str(raw["spec"]))
     except (SpecError, OSError) as exc:
         raise StrategyError(f"{p}: cannot load spec {raw['spec']!r}: {exc}") from None
-    known_levels = _level_names()
+    known_levels = _level_names(raw.get("geolevels"))
     if not isinstance(raw["levels"], dict) or not raw["levels"]:
         raise StrategyError(f"{p}: levels must be a non-empty mapping of geolevel name -> share, queries")
     levels: dict[str, tuple[Fraction, dict[str, Fraction]]] = {}

@@ -21,6 +21,15 @@ class PostprocessError(DptabError, RuntimeError):
     """A post-processing problem is malformed or its result violates a constraint."""
 
 
+def bound_role(spec: HistogramSpec) -> str:
+    """The query that carries per-child lower bounds and forced zeros: the spec's ``bound`` role
+    (pl94: ``hhgq``); a spec without one gets its ``total`` query (no bounds then apply)."""
+    for role in ("bound", "total"):
+        if spec.has_role(role):
+            return spec.role(role)
+    return next(iter(spec.query_defs))
+
+
 @dataclass
 class ParentProblem:
     """One parent and its k children.
@@ -46,13 +55,15 @@ class ParentProblem:
     totals: np.ndarray | None = None
     lower: np.ndarray | None = None
     zero_answers: np.ndarray | None = None
-    bound_query: str = "hhgq"
-    zero_query: str = "hhgq"
+    bound_query: str = ""
+    zero_query: str = ""
     label: str = ""
     allowed_mask: np.ndarray | None = None
     k: int = field(init=False)
 
     def __post_init__(self) -> None:
+        self.bound_query = self.bound_query or bound_role(self.spec)
+        self.zero_query = self.zero_query or self.bound_query
         ks = {np.asarray(y).shape[0] for y in self.targets.values()}
         if self.totals is not None:
             ks.add(len(self.totals))
@@ -131,10 +142,12 @@ class LevelBatch:
     lower: np.ndarray | None = None
     zero_answers: np.ndarray | None = None
     labels: np.ndarray | None = None
-    bound_query: str = "hhgq"
-    zero_query: str = "hhgq"
+    bound_query: str = ""
+    zero_query: str = ""
 
     def __post_init__(self) -> None:
+        self.bound_query = self.bound_query or bound_role(self.spec)
+        self.zero_query = self.zero_query or self.bound_query
         if hasattr(self.parents, "dense"):  # a SparseHistogram (docs/contracts.md)
             sparse: Any = self.parents
             self.parents = sparse.dense(0, sparse.n_units)

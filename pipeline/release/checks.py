@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from pipeline.release.tables import LevelTables, TableSet
+from pipeline.release.tree import GeoTree
 
 if TYPE_CHECKING:
     import polars as pl
@@ -139,18 +140,33 @@ def _sum_ranges(values: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.n
     return cs[stop] - cs[start]
 
 
-def run_checks(tables: TableSet, levels: Sequence[LevelTables], digits: Mapping[str, int],
+def _children_by_tree(tree: GeoTree, parent: LevelTables, child: LevelTables
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`children_of` for a lookup geography: children sit after their parents in unit order."""
+    pos, found = tree.parent_positions(parent.level, parent.geoids, child.level, child.geoids)
+    orphan = np.nonzero(~found)[0]
+    pos = np.where(found, pos, -1)
+    n = len(parent.geoids)
+    start = np.searchsorted(pos, np.arange(n), side="left").astype(np.int64)
+    stop = np.searchsorted(pos, np.arange(n), side="right").astype(np.int64)
+    return start, stop, orphan
+
+
+def run_checks(tables: TableSet, levels: Sequence[LevelTables], digits: "Mapping[str, int] | GeoTree",
                invariants: Invariants | None = None, limit: int = MAX_PER_GROUP) -> list[CheckFailure]:
     """Every consistency check over ``levels`` (top to bottom); an empty list means all pass.
 
-    ``digits[level]`` is the GEOID prefix length of a level (``schemas/geolevels.yaml``).
+    ``digits[level]`` is the GEOID prefix length of a level (``schemas/geolevels.yaml``), or a
+    :class:`GeoTree` (a lookup geography's published parent codes).
     Tables missing from a level are skipped (e.g. H1 when no units were published).
     """
+    tree = GeoTree.of(digits, [lt.level for lt in levels])
     col = _Collector(limit)
     for lt in levels:
         g = np.asarray(lt.geoids).astype(str)
-        if g.size > 1 and not np.all(g[1:] > g[:-1]):
-            col.add("structure", "*", lt.level, g, np.array([0]), [None], None, None, "GEOIDs not sorted and unique")
+        if g.size > 1 and not tree.in_order(lt.level, g):
+            col.add("structure", "*", lt.level, g, np.array([0]), [None], None, None,
+                    "GEOIDs not unique and in the geography's order" if tree.is_lookup else "GEOIDs not sorted and unique")
         for name, counts in lt.counts.items():
             t = tables.tables[name]
             rows, cols = np.nonzero(counts < 0)
@@ -166,7 +182,10 @@ def run_checks(tables: TableSet, levels: Sequence[LevelTables], digits: Mapping[
                             f"line {k} = sum of lines {list(parts)}")
         _cross_checks(col, tables, lt, g)
     for parent, child in zip(levels[:-1], levels[1:]):
-        start, stop, orphan = children_of(parent.geoids, child.geoids, digits[parent.level])
+        if tree.is_lookup:
+            start, stop, orphan = _children_by_tree(tree, parent, child)
+        else:
+            start, stop, orphan = children_of(parent.geoids, child.geoids, tree.digits[parent.level])
         cg = np.asarray(child.geoids).astype(str)
         if orphan.size:
             col.add("hierarchy", "*", child.level, cg, orphan, [None] * orphan.size, None, None,
@@ -215,43 +234,57 @@ def _cross_checks(col: _Collector, tables: TableSet, lt: LevelTables, g: np.ndar
 
 
 def _invariant_checks(col: _Collector, tables: TableSet, levels: Sequence[LevelTables], inv: Invariants) -> None:
+    """The declared totals (``state_totals``: at the level named ``state``, or the top level of a
+    geography without one; the level above must add up to them) and the bottom level's housing
+    units, against the total lines of the persons and units tables (pl94: P1 line 1, H1 line 1)."""
     by_level = {lt.level: lt for lt in levels}
-    p1_total, h1_total = tables.tables["P1"].index(1), tables.tables["H1"].index(1)
-    if inv.state_totals is not None and "state" in by_level and "P1" in by_level["state"].counts:
-        lt = by_level["state"]
+    p_total, h_total = tables.total_line("persons"), tables.total_line("units")
+    tl = "state" if "state" in by_level else (levels[0].level if levels else "")
+    if inv.state_totals is not None and p_total is not None and tl in by_level and p_total[0] in by_level[tl].counts:
+        pt, pline = p_total
+        p1_total = tables.tables[pt].index(pline)
+        lt = by_level[tl]
         g = np.asarray(lt.geoids).astype(str)
-        got = lt.counts["P1"][:, p1_total]
+        got = lt.counts[pt][:, p1_total]
         want = np.array([int(inv.state_totals.get(x, -1)) for x in g], dtype=np.int64)
         missing = set(inv.state_totals) - set(g.tolist())
         for m in sorted(missing):
-            col.failures.append(CheckFailure("invariant", "P1", 1, "state", m, int(inv.state_totals[m]), None,
-                                             "declared state total has no published state"))
+            col.failures.append(CheckFailure("invariant", pt, pline, tl, m, int(inv.state_totals[m]), None,
+                                             f"declared {tl} total has no published {tl}"))
         bad = np.nonzero(want != got)[0]
         if bad.size:
-            col.add("invariant", "P1", "state", g, bad, [1] * bad.size, want[bad], got[bad], "state total population")
-        if "nation" in by_level and "P1" in by_level["nation"].counts:
-            nat = int(by_level["nation"].counts["P1"][0, p1_total])
+            col.add("invariant", pt, tl, g, bad, [pline] * bad.size, want[bad], got[bad], f"{tl} total population")
+        top = levels[0].level
+        if top != tl and pt in by_level[top].counts:
+            nat = int(by_level[top].counts[pt][0, p1_total])
             total = int(sum(int(v) for v in inv.state_totals.values()))
             if nat != total:
-                col.failures.append(CheckFailure("invariant", "P1", 1, "nation", "", total, nat,
-                                                 "nation total = sum of declared state totals"))
-    if inv.block_housing_units is not None and "block" in by_level and "H1" in by_level["block"].counts:
-        lt = by_level["block"]
+                col.failures.append(CheckFailure("invariant", pt, pline, top, "", total, nat,
+                                                 f"{top} total = sum of declared {tl} totals"))
+    bottom = levels[-1].level if levels else ""
+    if (inv.block_housing_units is not None and h_total is not None and bottom in by_level
+            and h_total[0] in by_level[bottom].counts):
+        ht, hline = h_total
+        lt = by_level[bottom]
         g = np.asarray(lt.geoids).astype(str)
         ig = np.asarray(inv.block_geoids).astype(str)
         iv = np.asarray(inv.block_housing_units, dtype=np.int64)
-        got = lt.counts["H1"][:, h1_total]
+        got = lt.counts[ht][:, tables.tables[ht].index(hline)]
+        order = np.argsort(ig, kind="stable")  # the invariant's units in any order (a lookup's unit order)
+        ig, iv = ig[order], iv[order]
         pos = np.clip(np.searchsorted(ig, g), 0, max(len(ig) - 1, 0))
         found = (ig[pos] == g) if len(ig) else np.zeros(len(g), bool)
         want = np.where(found, iv[pos] if len(ig) else 0, 0)  # a published block absent from the invariant has 0
         bad = np.nonzero(want != got)[0]
         if bad.size:
-            col.add("invariant", "H1", "block", g, bad, [1] * bad.size, want[bad], got[bad], "block housing units")
-        gpos = np.clip(np.searchsorted(g, ig), 0, max(len(g) - 1, 0))
-        absent = np.nonzero(((g[gpos] != ig) if len(g) else np.ones(len(ig), bool)) & (iv != 0))[0]
+            col.add("invariant", ht, bottom, g, bad, [hline] * bad.size, want[bad], got[bad],
+                    f"{bottom} housing units")
+        gs = np.sort(g)
+        gpos = np.clip(np.searchsorted(gs, ig), 0, max(len(gs) - 1, 0))
+        absent = np.nonzero(((gs[gpos] != ig) if len(gs) else np.ones(len(ig), bool)) & (iv != 0))[0]
         if absent.size:
-            col.add("invariant", "H1", "block", ig, absent, [1] * absent.size, iv[absent],
-                    np.zeros(absent.size, np.int64), "block with declared housing units is not published")
+            col.add("invariant", ht, bottom, ig, absent, [hline] * absent.size, iv[absent],
+                    np.zeros(absent.size, np.int64), f"{bottom} with declared housing units is not published")
 
 
 #: columns and types of a release's ``measurements/noisy_measurements.parquet``
@@ -260,7 +293,8 @@ MEASUREMENT_COLUMNS = {"run": "String", "geolevel": "String", "geoid": "String",
 
 
 def measurement_checks(df: "pl.DataFrame | pl.LazyFrame", rel: str, design: "Design",
-                       specs: Mapping[str, "HistogramSpec"], levels: Sequence[LevelTables], digits: Mapping[str, int],
+                       specs: Mapping[str, "HistogramSpec"], levels: Sequence[LevelTables],
+                       digits: "Mapping[str, int] | GeoTree",
                        published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
     """The published noisy measurements (``df``, read from ``rel``; a lazy scan keeps memory to
     one (run, level, query) group's integer keys) against the design and geography.
@@ -283,6 +317,7 @@ def measurement_checks(df: "pl.DataFrame | pl.LazyFrame", rel: str, design: "Des
     def fail(detail: str, level: str = "", table: str = "*") -> CheckFailure:
         return CheckFailure("measurements", table, None, level, "", detail=f"{rel}: {detail}")
 
+    tree = GeoTree.of(digits, [lt.level for lt in levels])
     lf = df.lazy()
     schema = {c: str(t) for c, t in lf.collect_schema().items()}
     if schema != MEASUREMENT_COLUMNS:
@@ -345,9 +380,8 @@ def measurement_checks(df: "pl.DataFrame | pl.LazyFrame", rel: str, design: "Des
                             level))
             continue
         parent = by_level[names[i - 1]]
-        d = digits[parent.level]
         pg = np.asarray(parent.geoids).astype(str)
-        ppos = np.searchsorted(pg, lg.astype(f"<U{d}") if d else np.full(len(lg), "", dtype="<U1"))
+        ppos, _ = tree.parent_positions(parent.level, pg, level, lg)
         a = sp.csr_matrix((np.ones(len(q.cell_to_answer), np.int64), (np.arange(len(q.cell_to_answer)),
                                                                        q.cell_to_answer)),
                           shape=(len(q.cell_to_answer), q.n_answers))

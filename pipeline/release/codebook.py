@@ -194,9 +194,17 @@ def _codes(attr: Any, offset: int = 0, width: int = 0) -> list[dict[str, Any]]:
 
 
 def microdata_columns(ts: TableSet, types: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The PPMF columns of ``microdata/persons.parquet`` with every code and its label (from the spec)."""
+    """The PPMF columns of ``microdata/persons.parquet`` with every code and its label (from the spec),
+    or the generic layout's: ``geoid``, ``EPNUM`` and one column per spec attribute."""
     spec = ts.specs["persons"]
     a = spec.attribute
+    if "TABBLKST" not in types:
+        generic: list[tuple[str, str, Any]] = [
+            ("geoid", "code of the bottom-level unit the person is counted in", None),
+            ("EPNUM", "person number, 1..N in file order (rows are sorted by unit)", None)]
+        generic += [(x.name, x.name.replace("_", " "), _codes(x)) for x in spec.attributes]
+        return [{"name": n, "type": types.get(n, ""), "unit": "code" if codes else COLUMN_UNITS.get(n, ""),
+                 "description": d, **({"codes": codes} if codes else {})} for n, d, codes in generic]
     cols = [
         ("TABBLKST", "state FIPS code, 2 digits", None),
         ("TABBLKCOU", "county FIPS code within the state, 3 digits", None),

@@ -224,7 +224,9 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
     """
     import hashlib
 
-    exact_totals = {"persons": [lv for lv in levels if state_totals and digits[lv] <= 2],
+    # the declared totals: nation and state (GEOIDs of at most 2 digits), or the top level of a
+    # lookup geography (digits -1), whose total is the one declared
+    exact_totals = {"persons": [lv for lv in levels if state_totals and (0 <= digits[lv] <= 2 or lv == levels[0])],
                     "units": list(levels) if block_housing_units else []}
     by_kind = {k: ts.of_kind(k) for k in ("persons", "units")}
     # one query order whatever order the variances come in (the run's strategy order, or the
@@ -264,6 +266,22 @@ def child_ptrs_from_geoids(geoids: Sequence[np.ndarray], digits: Sequence[int]) 
         if idx.size and (idx.max() >= parents.size or not np.array_equal(parents[idx], prefix)):
             raise ReleaseError(f"level {i + 1}: a unit has no parent among the level above's GEOIDs")
         out.append(np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=parents.size))]).astype(np.int64))
+    return out
+
+
+def child_ptrs_from_tree(tree: Any, geoids: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """:func:`child_ptrs_from_geoids` for a :class:`pipeline.release.tree.GeoTree` (a lookup
+    geography's published parent codes, or GEOID prefixes); ``geoids[i]``: level ``i``'s units in
+    published order."""
+    if not tree.is_lookup:
+        return child_ptrs_from_geoids(geoids, [tree.digits[lv] for lv in tree.levels[:len(geoids)]])
+    out = []
+    for i in range(len(geoids) - 1):
+        pos, found = tree.parent_positions(tree.levels[i], geoids[i], tree.levels[i + 1], geoids[i + 1])
+        if not found.all() or (pos.size > 1 and np.any(pos[1:] < pos[:-1])):
+            raise ReleaseError(f"level {i + 1}: a unit has no parent among the level above's units, or the units "
+                               "are not grouped by parent")
+        out.append(np.concatenate([[0], np.cumsum(np.bincount(pos, minlength=len(geoids[i])))]).astype(np.int64))
     return out
 
 

@@ -22,6 +22,11 @@ CENRACE        Utf8    "01".."63", Census race combination code
 Rows are sorted by geography (the 15-digit block GEOID) then EPNUM. The file is a pure
 function of the block histogram: the persons of a block are its cells, each repeated by its
 count (``np.repeat``), in cell order; nothing else about a person is published.
+
+The PPMF layout needs the PL94 attributes and 15-digit block GEOIDs (:func:`is_ppmf`). Any other
+spec or geography gets the generic layout: ``geoid`` (Utf8, the bottom unit's code), ``EPNUM``,
+then one Int64 column per spec attribute, named like it, holding its codes — rows in the
+geography's unit order, then EPNUM.
 """
 
 from __future__ import annotations
@@ -37,8 +42,66 @@ PPMF_COLUMNS = ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLKGRPCE", "TABBLK", 
                 "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE")
 
 
+#: the spec attributes the PPMF layout carries (GQTYPE_PL, VOTING_AGE, CENHISP, CENRACE)
+PPMF_ATTRIBUTES = ("hhgq", "voting_age", "hispanic", "cenrace")
+
+
 class MicrodataError(DptabError, ValueError):
     """The block histogram or the block GEOIDs do not fit the PPMF layout."""
+
+
+def is_ppmf(spec: HistogramSpec, lookup: bool = False) -> bool:
+    """Does a release of ``spec`` carry the Census PPMF layout (the PL94 attributes, US GEOIDs)?"""
+    return not lookup and tuple(a.name for a in spec.attributes) == PPMF_ATTRIBUTES
+
+
+def generic_microdata(unit_codes: np.ndarray, hist: HistogramLike | np.ndarray, spec: HistogramSpec) -> pl.DataFrame:
+    """One row per person in the generic layout (module doc): ``geoid``, ``EPNUM``, one column per
+    spec attribute; ``unit_codes``: the bottom units' codes in unit order ``(n_units,)``."""
+    n_units, n_cells, unit, cell, count = as_sparse_arrays(hist)
+    if n_units != len(unit_codes):
+        raise MicrodataError(f"histogram has {n_units} units but {len(unit_codes)} unit codes were given")
+    if n_cells != spec.n_cells:
+        raise MicrodataError(f"histogram has {n_cells} cells, spec {spec.name!r} has {spec.n_cells}")
+    if count.size and (count.min() < 0):
+        raise MicrodataError("a published histogram cannot have negative counts")
+    order = np.lexsort((cell, unit))
+    unit, cell, count = unit[order], cell[order], count[order]
+    codes = spec.cell_codes(cell)
+    rep = np.repeat(np.arange(unit.size), count)
+    cols: dict[str, pl.Series] = {
+        "geoid": pl.Series("geoid", np.asarray(unit_codes).astype(str)[unit[rep]] if rep.size else [], dtype=pl.Utf8),
+        "EPNUM": pl.Series("EPNUM", np.arange(1, rep.size + 1, dtype=np.int64)),
+    }
+    for a in spec.attributes:
+        cols[a.name] = pl.Series(a.name, codes[a.name][rep] if rep.size else [], dtype=pl.Int64)
+    return pl.DataFrame(cols)
+
+
+def generic_histogram(persons: pl.DataFrame, unit_codes: np.ndarray,
+                      spec: HistogramSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-tabulate generic-layout rows into ``(unit, cell, count)`` (``unit`` indexes ``unit_codes``)."""
+    g = np.asarray(unit_codes).astype(str)
+    keys = persons["geoid"].to_numpy().astype(str)
+    order = np.argsort(g, kind="stable")
+    srt = g[order]
+    pos = np.clip(np.searchsorted(srt, keys), 0, max(len(g) - 1, 0))
+    if len(keys) and (len(g) == 0 or np.any(srt[pos] != keys)):
+        bad = keys[(srt[pos] != keys) if len(g) else np.ones(len(keys), bool)][:3]
+        raise MicrodataError(f"microdata rows in units that are not published, e.g. {bad.tolist()}")
+    missing = [a.name for a in spec.attributes if a.name not in persons.columns]
+    if missing:
+        raise MicrodataError(f"microdata lacks the spec's attribute columns {missing}")
+    for a in spec.attributes:
+        bad_codes = ~np.isin(persons[a.name].to_numpy(), np.asarray(a.codes))
+        if bad_codes.any():
+            raise MicrodataError(f"microdata column {a.name}: codes outside the spec, e.g. "
+                                 f"{persons[a.name].to_numpy()[bad_codes][:3].tolist()}")
+    cells = spec.cell_index(**{a.name: persons[a.name].to_numpy() for a in spec.attributes})
+    unit = order[pos] if len(g) else pos
+    flat = unit.astype(np.int64) * spec.n_cells + cells
+    uniq, cnt = np.unique(flat, return_counts=True)
+    return uniq // spec.n_cells, uniq % spec.n_cells, cnt.astype(np.int64)
 
 
 def block_geography_frame(block_geoids: np.ndarray) -> pl.DataFrame:
@@ -54,13 +117,16 @@ def block_geography_frame(block_geoids: np.ndarray) -> pl.DataFrame:
 
 
 def microdata_from_blocks(block_geoids: np.ndarray, hist: HistogramLike | np.ndarray,
-                          spec: HistogramSpec) -> pl.DataFrame:
+                          spec: HistogramSpec, lookup: bool = False) -> pl.DataFrame:
     """Expand a block-level persons histogram into one PPMF row per person.
 
     ``block_geoids``: sorted 15-digit block GEOIDs ``(n_blocks,)``; ``hist``: the published
     integer block histogram of ``spec`` (a SparseHistogram or dense ``(n_blocks, n_cells)``).
-    Returns a DataFrame with :data:`PPMF_COLUMNS`, ``hist.count.sum()`` rows.
+    Returns a DataFrame with :data:`PPMF_COLUMNS`, ``hist.count.sum()`` rows. A spec without the
+    PL94 attributes gets the generic layout (:func:`generic_microdata`).
     """
+    if not is_ppmf(spec, lookup):
+        return generic_microdata(block_geoids, hist, spec)
     n_units, n_cells, unit, cell, count = as_sparse_arrays(hist)
     if n_units != len(block_geoids):
         raise MicrodataError(f"histogram has {n_units} blocks but {len(block_geoids)} block GEOIDs were given")
@@ -92,8 +158,11 @@ def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
     """Re-tabulate PPMF rows into a block histogram: ``(unit, cell, count)`` int64, sorted.
 
     ``unit`` indexes ``block_geoids`` (sorted); a row whose block is not listed raises
-    :class:`MicrodataError`. Used by ``dptab verify`` and the round-trip tests.
+    :class:`MicrodataError`. Used by ``dptab verify`` and the round-trip tests. Rows of the
+    generic layout (a ``geoid`` column) are re-tabulated by :func:`generic_histogram`.
     """
+    if "geoid" in persons.columns:
+        return generic_histogram(persons, block_geoids, spec)
     geoid = persons.select(pl.concat_str(["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"])).to_series()
     g = np.asarray(block_geoids).astype(str)
     keys = geoid.to_numpy().astype(str)

@@ -107,6 +107,16 @@ class TableSet:
         """The tables computed from the ``persons`` or the ``units`` histogram."""
         return [t for t in self.tables.values() if t.histogram == kind]
 
+    def total_line(self, kind: str) -> tuple[str, int] | None:
+        """``(table, line)`` of the first line of a ``kind`` table that counts every cell (the
+        total population, the total housing units: P1 line 1, H1 line 1), or None."""
+        for t in self.of_kind(kind):
+            dense = t.matrix.toarray()
+            for r, num in enumerate(t.numbers):
+                if dense.shape[1] and bool(np.all(dense[r] == 1)):
+                    return t.name, num
+        return None
+
 
 def _cell_mask(spec: HistogramSpec, where: Mapping[str, list], what: str) -> np.ndarray:
     """Boolean ``(n_cells,)`` mask of a ``where`` filter (attributes by code, recodes by label)."""
@@ -320,8 +330,14 @@ def _geo_id_expr(geoids: pl.Expr) -> pl.Expr:
     return pl.concat_str([sumlev, pl.lit("0000US"), geoids])
 
 
-def csv_frame(frame: pl.DataFrame) -> pl.DataFrame:
-    """Long rows (:data:`LONG_SCHEMA`) as written to the release CSVs (:data:`CSV_SCHEMA`)."""
+def csv_frame(frame: pl.DataFrame, lookup: bool = False) -> pl.DataFrame:
+    """Long rows (:data:`LONG_SCHEMA`) as written to the release CSVs (:data:`CSV_SCHEMA`).
+
+    ``lookup``: a lookup geography's codes are not Census GEOIDs; their GEO_ID is
+    ``<geolevel>:<code>`` (text to every reader, and the plain code is what follows the colon)."""
+    if lookup:
+        return frame.select(pl.concat_str([pl.col("geolevel"), pl.lit(":"), pl.col("geoid")]).alias("GEO_ID"),
+                            pl.exclude("geoid"))
     lengths = frame["geoid"].str.len_chars()
     if frame.height and lengths.min() == lengths.max():  # one level per write: one prefix for every row
         geo_id = pl.lit(f"{summary_level(int(lengths[0]))}0000US") + pl.col("geoid")

@@ -25,6 +25,7 @@ import polars as pl
 from pipeline.release.checks import CheckFailure
 from pipeline.release.manifest import ReleaseError
 from pipeline.release.tables import TableDef, TableSet, long_frame, unit_names
+from pipeline.release.tree import GeoTree
 from pipeline.release.uncertainty import Z90
 
 #: additivity tolerance of the real-valued estimates (persons): float sums over ~10^4 children
@@ -65,11 +66,12 @@ def write_unbiased(tmp: Path, ts: TableSet, lts: Sequence[Any], unbiased: Mappin
 
 
 def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: Sequence[Any],
-                    moe: Mapping[tuple[str, str], np.ndarray], digits: Mapping[str, int]) -> list[CheckFailure]:
+                    moe: Mapping[tuple[str, str], np.ndarray], digits: "Mapping[str, int] | GeoTree") -> list[CheckFailure]:
     """Each unbiased file against its regenerated rows and standard errors; its estimates add up
     to their parents and within each table shell (within :data:`TOLERANCE`)."""
     from pipeline.release.verify import _fail
 
+    tree = GeoTree.of(digits, [lt.level for lt in lts])
     out: list[CheckFailure] = []
     for t in manifest["tables"]:
         name = t["name"]
@@ -105,8 +107,7 @@ def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: 
         for upper, lower in zip(lts[:-2], lts[1:-1]):
             if upper.level not in by_level or lower.level not in by_level:
                 continue
-            prefix = np.array([str(g)[:digits[upper.level]] for g in lower.geoids])
-            idx = np.searchsorted(np.asarray(upper.geoids).astype(str), prefix)
+            idx, _ = tree.parent_positions(upper.level, upper.geoids, lower.level, lower.geoids)
             sums = np.zeros_like(by_level[upper.level])
             np.add.at(sums, idx, by_level[lower.level])
             gap = np.abs(sums - by_level[upper.level])

@@ -39,6 +39,7 @@ import polars as pl
 from pipeline.errors import DptabError, InputError
 from pipeline.model.geonames import unit_names
 from pipeline.release.checks import MAX_PER_GROUP, CheckFailure, Invariants, run_checks
+from pipeline.release.tree import GeoTree, read_tree
 from pipeline.release.microdata import MicrodataError, histogram_from_microdata
 from pipeline.release.tables import (
     CSV_SCHEMA,
@@ -116,8 +117,10 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]
     return out
 
 
-def read_release_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet) -> tuple[list[LevelTables], list[CheckFailure]]:
-    """Pivot ``tables/*.parquet`` back to per-level arrays; report rows that break the layout."""
+def read_release_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet,
+                        tree: GeoTree | None = None) -> tuple[list[LevelTables], list[CheckFailure]]:
+    """Pivot ``tables/*.parquet`` back to per-level arrays; report rows that break the layout.
+    Units are in GEOID order, or for a lookup geography (``tree``) in its published unit order."""
     levels = [g["name"] for g in manifest["geolevels"]]
     geoids: dict[str, np.ndarray] = {}
     counts: dict[str, dict[str, np.ndarray]] = {lv: {} for lv in levels}
@@ -132,7 +135,13 @@ def read_release_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet) -
             continue
         df = pl.read_parquet(path, columns=["geoid", "geolevel", "line", "label", "count"])
         for lv in levels:
-            sub = df.filter(pl.col("geolevel") == lv).sort(["geoid", "line"])
+            sub = df.filter(pl.col("geolevel") == lv)
+            if tree is not None and tree.is_lookup:
+                pos = tree.position(lv, sub["geoid"].to_numpy())
+                sub = sub.with_columns(pl.Series("_pos", np.where(pos < 0, np.iinfo(np.int64).max, pos)))
+                sub = sub.sort(["_pos", "geoid", "line"]).drop("_pos")
+            else:
+                sub = sub.sort(["geoid", "line"])
             if sub.height == 0:
                 problems.append(_fail("table_layout", f"{t.name} has no rows at level {lv}", t.name, lv))
                 continue
@@ -156,7 +165,7 @@ def read_release_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet) -
     return [LevelTables(lv, geoids[lv], counts[lv]) for lv in levels if lv in geoids], problems
 
 
-def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int],
+def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: "Mapping[str, int] | GeoTree",
                       manifest_persons: int) -> list[CheckFailure]:
     """Household population per level from the microdata; block tables re-tabulated from it."""
     path = root / "microdata" / "persons.parquet"
@@ -172,6 +181,7 @@ def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: 
         return [_fail("microdata", f"{persons.height} microdata rows, manifest says {manifest_persons} persons")]
     block = lts[-1]
     spec = ts.specs["persons"]
+    tree = GeoTree.of(digits, [lt.level for lt in lts])
     try:
         unit, cell, count = histogram_from_microdata(persons, block.geoids, spec)
     except (MicrodataError, ValueError) as exc:
@@ -194,10 +204,7 @@ def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: 
             continue
         per_block = tabulate_vector(x, c.vector)
         for lt in lts:
-            d = digits[lt.level]
-            pref = block.geoids.astype(f"<U{d}") if d else np.full(len(block.geoids), "", dtype="<U1")
-            pos = np.searchsorted(lt.geoids, pref)
-            ok = (pos < len(lt.geoids)) & (lt.geoids[np.minimum(pos, len(lt.geoids) - 1)] == pref)
+            pos, ok = tree.parent_positions(lt.level, lt.geoids, block.level, block.geoids)
             lt.check_lines[c.name] = np.bincount(pos[ok], weights=per_block[ok], minlength=len(lt.geoids)).astype(np.int64)
     return out
 
@@ -347,6 +354,8 @@ def required_files(manifest: Mapping[str, Any], spec_files: Iterable[str] = ()) 
         need.add(bhu["file"])
     if (manifest.get("uncertainty") or {}).get("file"):
         need.add(manifest["uncertainty"]["file"])
+    if manifest.get("geography"):
+        need.add(manifest["geography"]["file"])
     need |= {run["strategy_file"] for run in manifest["privacy"]["runs"].values()}
     return need
 
@@ -465,9 +474,20 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
         return [_fail("file_missing", f"table definitions {manifest['table_definitions']} not found in the release")]
     ts = _by_content(load_tables, defs.resolve())
     failures += _table_list_checks(ts, manifest)
-    digits = {g["name"]: int(g["digits"]) for g in manifest["geolevels"]}
-    lts, layout = read_release_tables(root, manifest, ts)
+    try:
+        digits = read_tree(root, manifest)
+    except (OSError, pl.exceptions.PolarsError, KeyError) as exc:
+        return failures + [_fail("geography", f"{(manifest.get('geography') or {}).get('file')}: cannot read the "
+                                              f"published geography ({exc})")]
+    failures += _geography_checks(digits, manifest)
+    lts, layout = read_release_tables(root, manifest, ts, digits)
     failures += layout
+    if digits.is_lookup:
+        for lt in lts:
+            assert digits.units is not None
+            if not np.array_equal(lt.geoids, digits.units[lt.level][0]):
+                failures.append(_fail("geography", f"the {lt.level} units of the tables differ from those of "
+                                                   f"{manifest['geography']['file']}", "*", lt.level))
     for lt in lts:
         want = next(g["units"] for g in manifest["geolevels"] if g["name"] == lt.level)
         if len(lt.geoids) != want:
@@ -498,18 +518,47 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
     return failures
 
 
+def _geography_checks(tree: GeoTree, manifest: Mapping[str, Any]) -> list[CheckFailure]:
+    """A lookup geography's published units: levels as the manifest's, unit counts as declared,
+    codes unique per level, every parent a unit of the level above, parents in unit order."""
+    if not tree.is_lookup:
+        return []
+    assert tree.units is not None
+    rel = manifest["geography"]["file"]
+    out = []
+    for k, g in enumerate(manifest["geolevels"]):
+        codes, parents = tree.units[g["name"]]
+        if len(codes) != g["units"]:
+            out.append(_fail("geography", f"{rel}: {len(codes)} {g['name']} units, manifest says {g['units']}",
+                             "*", g["name"]))
+        if len(set(codes.tolist())) != len(codes):
+            out.append(_fail("geography", f"{rel}: a {g['name']} code appears twice", "*", g["name"]))
+        if k == 0:
+            if np.any(parents != ""):
+                out.append(_fail("geography", f"{rel}: a top-level unit has a parent", "*", g["name"]))
+            continue
+        pos = tree.position(manifest["geolevels"][k - 1]["name"], parents)
+        if np.any(pos < 0):
+            out.append(_fail("geography", f"{rel}: {int((pos < 0).sum())} {g['name']} unit(s) whose parent is not a "
+                                          f"{manifest['geolevels'][k - 1]['name']} unit", "*", g["name"]))
+        elif pos.size > 1 and np.any(pos[1:] < pos[:-1]):
+            out.append(_fail("geography", f"{rel}: {g['name']} units are not grouped by parent in the order of "
+                                          f"the level above", "*", g["name"]))
+    return out
+
+
 def _margins(manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-             digits: Mapping[str, int]) -> dict[tuple[str, str], Any]:
+             digits: "Mapping[str, int] | GeoTree") -> dict[tuple[str, str], Any]:
     """The release's margins of error recomputed from its manifest (design, invariants, estimator)
     and, for the full estimator, the published geography's tree."""
-    from pipeline.release.manifest import child_ptrs_from_geoids, release_margins, variances_from_privacy
+    from pipeline.release.manifest import child_ptrs_from_tree, release_margins, variances_from_privacy
 
     inv = manifest["invariants"]
     levels = [g["name"] for g in manifest["geolevels"]]
     estimator = (manifest.get("estimator") or {}).get("name", "topdown")
-    tree = (child_ptrs_from_geoids([lt.geoids for lt in lts], [digits[lt.level] for lt in lts])
-            if estimator == "full" else None)
-    return release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, digits,
+    geo = GeoTree.of(digits, levels)
+    tree = child_ptrs_from_tree(geo, [lt.geoids for lt in lts]) if estimator == "full" else None
+    return release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, geo.digits,
                            inv["state_totals"] is not None, inv["block_housing_units"] is not None, estimator, tree)
 
 
@@ -554,6 +603,7 @@ def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts
     from pipeline.release.uncertainty import simulated_moe90
 
     step = chunk_units or CHUNK_UNITS
+    tree = GeoTree.of(digits, [lt.level for lt in lts])
     moe = _margins(manifest, ts, lts, digits)
     sim_file = (manifest.get("uncertainty") or {}).get("file")
     lookup = pl.read_parquet(root / sim_file) if sim_file and (root / sim_file).is_file() else None
@@ -600,7 +650,7 @@ def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts
                     out += diff
                     bad_parquet = bool(diff)
                 if csv is not None and not bad_csv:
-                    diff = _frame_diff(csv_frame(found), csv.send(found.height), crel, f"{rel} (its {lt.level} rows)",
+                    diff = _frame_diff(csv_frame(found, tree.is_lookup), csv.send(found.height), crel, f"{rel} (its {lt.level} rows)",
                                        name, lt.level)
                     out += diff
                     bad_csv = bool(diff)
@@ -689,7 +739,8 @@ def _published_histograms(root: Path, ts: TableSet, lts: list[LevelTables], digi
         unit, cell, count = histogram_from_microdata(pl.read_parquet(root / "microdata" / "persons.parquet"),
                                                      block.geoids, spec)
         x = sp.csr_matrix((count, (unit, cell)), shape=(len(block.geoids), spec.n_cells), dtype=np.int64)
-        out["persons"] = {lt.level: _aggregate(x, block.geoids, lt.geoids, digits[lt.level]) for lt in lts}
+        tree = GeoTree.of(digits, [lt.level for lt in lts])
+        out["persons"] = {lt.level: _aggregate(x, block, lt, tree) for lt in lts}
     for kind in kinds:
         if kind == "persons":
             continue
@@ -708,12 +759,11 @@ def _published_histograms(root: Path, ts: TableSet, lts: list[LevelTables], digi
     return out
 
 
-def _aggregate(x: Any, block_geoids: np.ndarray, geoids: np.ndarray, d: int) -> Any:
-    """Sum block rows of csr ``x`` into the units ``geoids`` (sorted) by GEOID prefix of length ``d``."""
+def _aggregate(x: Any, block: LevelTables, lt: LevelTables, tree: GeoTree) -> Any:
+    """Sum the bottom level's rows of csr ``x`` into the units of ``lt`` (their ancestors there)."""
     import scipy.sparse as sp
 
-    pref = block_geoids.astype(f"<U{d}") if d else np.full(len(block_geoids), "", dtype="<U1")
-    pos = np.searchsorted(geoids, pref)
-    ok = np.nonzero((pos < len(geoids)) & (geoids[np.minimum(pos, len(geoids) - 1)] == pref))[0]  # orphans: hierarchy
-    agg = sp.csr_matrix((np.ones(ok.size, np.int64), (pos[ok], ok)), shape=(len(geoids), len(pref)))
+    pos, found = tree.parent_positions(lt.level, lt.geoids, block.level, block.geoids)
+    ok = np.nonzero(found)[0]  # orphans: hierarchy
+    agg = sp.csr_matrix((np.ones(ok.size, np.int64), (pos[ok], ok)), shape=(len(lt.geoids), len(block.geoids)))
     return (agg @ x).tocsr()

@@ -84,6 +84,7 @@ from pipeline.release.manifest import (
     variances_from_privacy,
 )
 from pipeline.release.microdata import microdata_from_blocks
+from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
 from pipeline.release.tables import (
     CSV_SCHEMA,
     TableSet,
@@ -120,8 +121,8 @@ class _TableWriter:
     missing (``pipeline.release.tables.census_geo_id``). Everything else is as in the Parquet.
     """
 
-    def __init__(self, root: Path, name: str, csv: bool = True) -> None:
-        self.root, self.name, self.csv = root, name, csv
+    def __init__(self, root: Path, name: str, csv: bool = True, lookup: bool = False) -> None:
+        self.root, self.name, self.csv, self.lookup = root, name, csv, lookup
         self.path = root / "tables" / f"{name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.writer: pq.ParquetWriter | None = None
@@ -138,7 +139,7 @@ class _TableWriter:
         csv.parent.mkdir(parents=True, exist_ok=True)
         first = csv not in self.csv_rows
         with open(csv, "a" if not first else "w", newline="") as fh:
-            csv_frame(frame).write_csv(fh, include_header=first)
+            csv_frame(frame, self.lookup).write_csv(fh, include_header=first)
         self.csv_rows[csv] = self.csv_rows.get(csv, 0) + frame.height
 
     def close(self) -> None:
@@ -258,8 +259,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         ts = load_tables(tables)
         levels = [lv.name for lv in geography.levels]
         digits = {lv.name: lv.digits for lv in geography.levels}
+        tree = GeoTree.from_geography(geography)
         lts = tabulate_levels(ts, geography, persons, units)
-        failures = run_checks(ts, lts, digits, invariants)
+        failures = run_checks(ts, lts, tree, invariants)
         if failures:
             raise ReleaseCheckError(failures)
         randomness = meta.randomness_mode()
@@ -274,7 +276,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                          for lt in lts for name, c in lt.counts.items()}
 
         entries: list[dict[str, Any]] = []
-        writers = {name: _TableWriter(tmp, name, csv) for name in ts.tables}
+        if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
+            gpath = tmp / GEOGRAPHY_FILE
+            tree.frame().write_parquet(gpath)
+            entries.append(_file_entry(tmp, gpath))
+        writers = {name: _TableWriter(tmp, name, csv, tree.is_lookup) for name in ts.tables}
         try:
             for lt in lts:
                 names = unit_names(lt.level, lt.geoids)
@@ -306,7 +312,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         entries.append(_file_entry(tmp, defs))
         blocks = geography.levels[-1]
         crash_point("publish:tables-written")
-        micro = microdata_from_blocks(blocks.geoids, persons[blocks.name], ts.specs["persons"])
+        micro = microdata_from_blocks(blocks.geoids, persons[blocks.name], ts.specs["persons"], tree.is_lookup)
         mpath = tmp / "microdata" / "persons.parquet"
         mpath.parent.mkdir()
         micro.write_parquet(mpath, compression="zstd")
@@ -334,6 +340,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "citation": meta.citation or release_citation(meta.title, meta.release_id, meta.created, meta.dataset_id,
                                                           meta.software_version, meta.git_commit, privacy),
             "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
+            **({"geography": {"kind": "lookup", "file": GEOGRAPHY_FILE}} if tree.is_lookup else {}),
             "tables": [{"name": t.name, "title": t.title, "universe": t.universe, "histogram": t.histogram,
                         "lines": t.n_lines} for t in ts.tables.values() if writers[t.name].writer is not None],
             "table_definitions": defs.relative_to(tmp).as_posix(),

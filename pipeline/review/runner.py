@@ -89,7 +89,8 @@ def is_confidential(run_dir: str | Path) -> bool:
 def _levels(run_dir: Path) -> list[str]:
     from pipeline.model.geography import load_geolevels
 
-    names = [lv.name for lv in load_geolevels((_read_config(run_dir).get("geography") or {}).get("levels", "geolevels"))]
+    levels = (_read_config(run_dir).get("geography") or {}).get("levels", "geolevels")
+    names = list(levels) if isinstance(levels, list) else [lv.name for lv in load_geolevels(levels)]
     rd = RunDir(run_dir)
     return [n for n in names if rd.truth_path("persons", n).is_file()]
 
