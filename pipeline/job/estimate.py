@@ -66,7 +66,7 @@ class EstimateError(DptabError, RuntimeError):
 
 
 def _tables(ctx: RunContext, kind: str) -> list[TableDef]:
-    return load_tables("pl94").of_kind(kind)
+    return load_tables(ctx.cfg.tables).of_kind(kind)
 
 
 def _level_files(ctx: RunContext, kind: str, level: str) -> list[Any]:

@@ -119,6 +119,11 @@ class LevelIndex:
         return np.argsort(self.names, kind="stable")
 
     @cached_property
+    def _sorted_names(self) -> np.ndarray:
+        assert self.names is not None
+        return self.names[self._name_order]
+
+    @cached_property
     def geoids(self) -> np.ndarray:
         """The unit codes, numpy ``<U`` ``(n_units,)``: sorted unique GEOID prefixes (nation:
         ``[""]``), or a lookup level's codes in unit order."""
@@ -154,7 +159,7 @@ class LevelIndex:
             return geoid_codes(geoids, self.digits, what=f"{self.name} GEOIDs")
         g = np.asarray(geoids.to_numpy() if isinstance(geoids, pl.Series) else
                        (geoids if isinstance(geoids, np.ndarray) else list(geoids))).astype(str)
-        srt = self.names[self._name_order]
+        srt = self._sorted_names
         pos = np.searchsorted(srt, g)
         pos_c = np.minimum(pos, max(self.n_units - 1, 0))
         bad = (pos >= self.n_units) | (srt[pos_c] != g) if self.n_units else np.ones(g.shape, bool)
@@ -293,7 +298,6 @@ class Geography:
         so a unit's children are contiguous, as the engine needs."""
         names = [lv.name for lv in levels]
         df = lookup.select([pl.col(n).cast(pl.Utf8) for n in names])
-        parent_pos: np.ndarray | None = None
         per_level: list[tuple[np.ndarray, np.ndarray]] = []
         prev_map: pl.DataFrame | None = None
         for k, n in enumerate(names):
@@ -317,13 +321,13 @@ class Geography:
         out = []
         for k, lv in enumerate(levels):
             codes, parent = per_level[k]
-            n = codes.size
+            size = codes.size
             if k + 1 < len(levels):
                 child_parent = per_level[k + 1][1]
-                ptr = np.searchsorted(child_parent, np.arange(n + 1)).astype(np.int64)
+                ptr = np.searchsorted(child_parent, np.arange(size + 1)).astype(np.int64)
             else:
-                ptr = np.zeros(n + 1, dtype=np.int64)
-            out.append(LevelIndex(lv.name, LOOKUP, np.arange(n, dtype=np.int64), parent, ptr, names=codes))
+                ptr = np.zeros(size + 1, dtype=np.int64)
+            out.append(LevelIndex(lv.name, LOOKUP, np.arange(size, dtype=np.int64), parent, ptr, names=codes))
         return cls(out)
 
     @property

@@ -40,9 +40,12 @@ def joint_violations(tables: pl.DataFrame) -> pl.DataFrame:
                  (pl.col("household") < pl.col("occupied")).sum().alias(RULES[2])))
 
 
-def release_joint_violations(release: str | Path) -> pl.DataFrame:
-    """:func:`joint_violations` of a release folder (reads ``tables/P1``, ``P5``, ``H1``)."""
+def release_joint_violations(release: str | Path) -> pl.DataFrame | None:
+    """:func:`joint_violations` of a release folder (reads ``tables/P1``, ``P5``, ``H1``); None for
+    a release without those tables (another product's shells: the rules are the PL94 tables')."""
     root = Path(release) / "tables"
+    if not all((root / f"{t}.parquet").is_file() for t in ("P1", "P5", "H1")):
+        return None
     cols = ["geolevel", "geoid", "table", "line", "count"]
     return joint_violations(pl.concat([pl.read_parquet(root / f"{t}.parquet", columns=cols) for t in ("P1", "P5", "H1")],
                                       how="vertical_relaxed"))

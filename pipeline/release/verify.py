@@ -39,7 +39,6 @@ import polars as pl
 from pipeline.errors import DptabError, InputError
 from pipeline.model.geonames import unit_names
 from pipeline.release.checks import MAX_PER_GROUP, CheckFailure, Invariants, run_checks
-from pipeline.release.tree import GeoTree, read_tree
 from pipeline.release.microdata import MicrodataError, histogram_from_microdata
 from pipeline.release.tables import (
     CSV_SCHEMA,
@@ -51,6 +50,7 @@ from pipeline.release.tables import (
     tabulate,
     tabulate_vector,
 )
+from pipeline.release.tree import GeoTree, read_tree
 
 
 class ReleaseFormatError(InputError):
@@ -268,6 +268,8 @@ def _verify_joint(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]
     from pipeline.release.joint import RULES, release_joint_violations
 
     v = release_joint_violations(root)
+    if v is None:
+        return []  # not the PL94 tables (a missing table file is reported as such)
     return [_fail("joint", f"{int(row[rule])} unit(s) break the rule {rule} although the release holds persons "
                            "to its housing units (joint.households)", "P1", row["geolevel"])
             for row in v.iter_rows(named=True) for rule in RULES if row[rule]]

@@ -84,7 +84,6 @@ from pipeline.release.manifest import (
     variances_from_privacy,
 )
 from pipeline.release.microdata import microdata_from_blocks
-from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
 from pipeline.release.tables import (
     CSV_SCHEMA,
     TableSet,
@@ -94,6 +93,7 @@ from pipeline.release.tables import (
     tabulate_levels,
     unit_names,
 )
+from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
 from pipeline.release.uncertainty import Z90, simulated_moe90
 
 

@@ -39,6 +39,9 @@ def markdown_summary(metrics: pl.DataFrame, levels: list[str] | None = None) -> 
             ("level", "statistic", "metric", "size_bin", "estimator", "value")])}
     present = list(dict.fromkeys(metrics["level"].to_list()))
     levels = [lv for lv in (levels or present) if lv in present]
+    stats = list(dict.fromkeys(metrics["statistic"].to_list()))
+    margins = MARGINS if "P2_002" in stats else tuple(
+        (s, s) for s in stats if s not in ("detailed", "largest_group", "all_lines", "occupied_units", "vacant_units"))
 
     def g(lv, s, m, b=ALL_BIN, e="published"):
         return look.get((lv, s, m, b, e))
@@ -50,7 +53,7 @@ def markdown_summary(metrics: pl.DataFrame, levels: list[str] | None = None) -> 
                           ("p95_abs", "95th percentile of the absolute error (persons)"),
                           ("max_abs", "Maximum absolute error (persons)"),
                           ("mape_500", "Mean absolute percent error, units with ≥ 500 persons (%)")):
-        rows = [[label] + [_num(g(lv, s, metric)) for lv in levels] for s, label in MARGINS]
+        rows = [[label] + [_num(g(lv, s, metric)) for lv in levels] for s, label in margins]
         parts.append(f"**{title}**\n\n" + _md(["margin"] + levels, rows))
     rows = []
     for lv in levels:

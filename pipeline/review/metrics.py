@@ -83,9 +83,19 @@ class Statistics:
         return np.asarray((x.astype(np.float64) @ self.vectors).toarray(), dtype=np.float64)
 
 
+def is_pl94_tables(ts) -> bool:
+    """Do the table shells hold every table the PL94 headline statistics and target read?"""
+    return all(t in ts.tables for t in {h[1] for h in HEADLINE} | set(DETAIL_TABLES))
+
+
 def statistic_vectors(tables: str = "pl94", detail: bool = True) -> Statistics:
-    """The persons statistics: headline names, then ``P1_001`` … ``P4_073`` when ``detail``."""
+    """The persons statistics: headline names, then ``P1_001`` … ``P4_073`` when ``detail``.
+
+    Table shells other than PL94's give ``total`` (their persons total line) and every line of
+    every persons table, named ``<table>_<line:03d>``."""
     ts = load_tables(tables)
+    if not is_pl94_tables(ts):
+        return _generic_statistics(ts)
     names: list[str] = []
     cols: list[np.ndarray] = []
     for name, table, line in HEADLINE:
@@ -106,6 +116,23 @@ def statistic_vectors(tables: str = "pl94", detail: bool = True) -> Statistics:
             cols.append(p2.matrix[p2.index(line)].toarray().ravel())
     v = sp.csc_matrix(np.stack(cols, axis=1).astype(np.float64))
     return Statistics(tuple(names), v)
+
+
+def _generic_statistics(ts) -> Statistics:
+    names: list[str] = []
+    cols: list[np.ndarray] = []
+    total = ts.total_line("persons")
+    if total is None:
+        raise MetricsError(f"tables {ts.name!r}: no persons table has a line counting every cell (the total)")
+    t = ts.tables[total[0]]
+    names.append("total")
+    cols.append(t.matrix[t.index(total[1])].toarray().ravel())
+    for t in ts.of_kind("persons"):
+        dense = t.matrix.toarray()
+        for i, line in enumerate(t.numbers):
+            names.append(f"{t.name}_{line:03d}")
+            cols.append(dense[i])
+    return Statistics(tuple(names), sp.csc_matrix(np.stack(cols, axis=1).astype(np.float64)))
 
 
 def size_bin_index(true_values: np.ndarray) -> np.ndarray:
@@ -304,12 +331,15 @@ def level_metrics(level: str, stats: Statistics, truth_values: np.ndarray,
     ``all``). Columns :data:`METRICS_SCHEMA`.
     """
     true_pop = truth_values[:, stats.index("total")]
-    group_idx = [stats.index(f"P2_{ln:03d}") for ln in ETHNIC_GROUP_LINES]
-    tot_idx = stats.index("P2_001")
+    target = "P2_001" in stats.names  # the redistricting target reads the PL94 P2 lines
+    group_idx = [stats.index(f"P2_{ln:03d}") for ln in ETHNIC_GROUP_LINES] if target else []
+    tot_idx = stats.index("P2_001") if target else 0
     rows: list[tuple] = []
     for est_name, est in estimates.items():
         for (s, m, b), v in error_table(truth_values, est, true_pop, stats.names).items():
             rows.append((level, s, m, b, est_name, v))
+        if not target:
+            continue
         share, n = largest_group_within(truth_values[:, group_idx], est[:, group_idx],
                                         truth_values[:, tot_idx], est[:, tot_idx])
         rows.append((level, "largest_group", "within_5pp_share", ALL_BIN, est_name, share))

@@ -25,7 +25,7 @@ import polars as pl
 from markupsafe import Markup
 
 from pipeline.review import figures
-from pipeline.review.metrics import ALL_BIN, HEADLINE, SIZE_BINS
+from pipeline.review.metrics import ALL_BIN, HEADLINE, POOLED, SIZE_BINS
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222}
@@ -168,8 +168,11 @@ def write_report(path: str | Path, data, experiment: pl.DataFrame | None = None)
     if data.scatter:
         figs.append({"uri": figures.published_vs_true(data.scatter), "caption": "Published vs true total population"})
     figs.append({"uri": figures.error_by_level(m, levels), "caption": "MAE and RMSE of total population by geolevel"})
-    figs.append({"uri": figures.bias_by_bin(m, levels, ("hispanic", "white_alone", "black_alone", "asian_alone",
-                                                       "two_or_more")), "caption": "Bias by true-size bin"})
+    stats = list(dict.fromkeys(m["statistic"].to_list()))
+    pl94 = "white_alone" in stats
+    bias_stats = (("hispanic", "white_alone", "black_alone", "asian_alone", "two_or_more") if pl94
+                  else tuple(s for s in stats if s not in ("total", "detailed", "largest_group", POOLED))[:5])
+    figs.append({"uri": figures.bias_by_bin(m, levels, bias_stats), "caption": "Bias by true-size bin"})
     figs.append({"uri": figures.error_distribution({k: v for k, v in data.errors.items() if k != "nation"}),
                  "caption": "Distribution of published − true total population"})
     target = target_context(look, levels, estimators)
@@ -179,7 +182,8 @@ def write_report(path: str | Path, data, experiment: pl.DataFrame | None = None)
     Path(path).write_text(render(
         title, bool(data.summary.get("confidential", True)), summary=summary_context(data.summary),
         target=target, figures=figs,
-        levels=level_context(look, levels, estimators, list(HEADLINE_NAMES)),
+        levels=level_context(look, levels, estimators, list(HEADLINE_NAMES) if pl94 else
+                             [s for s in stats if s not in ("detailed", "largest_group", POOLED)]),
         experiment=experiment_context(experiment) if experiment is not None and experiment.height else None))
 
 

@@ -37,6 +37,7 @@ from pipeline.review.metrics import (
     Statistics,
     coverage_rows,
     error_table,
+    is_pl94_tables,
     level_metrics,
     sparsity,
     sparsity_rows,
@@ -155,7 +156,8 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
     """All metrics of a finished run (every level, estimator and statistic) plus plot arrays.
     ``progress(label, done, total)`` is called after each level."""
     run_dir = Path(run_dir)
-    stats = stats or statistic_vectors()
+    tables = str(_read_config(run_dir).get("tables", "pl94"))
+    stats = stats or statistic_vectors(tables)
     spec = load_spec(str(_read_config(run_dir).get("spec", "pl94")))
     levels = _levels(run_dir)
     if not levels:
@@ -163,7 +165,7 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
     frames: list[pl.DataFrame] = []
     data = ReviewData(pl.DataFrame(schema=METRICS_SCHEMA), run_summary(run_dir))
     ti = stats.index("total")
-    margins, unbiased = _published_margins(run_dir, stats)
+    margins, unbiased = _published_margins(run_dir, stats, tables)
     for level in levels:
         truth = _hist(RunDir(run_dir).truth_path("persons", level))
         pub = _hist(RunDir(run_dir).solved_path("persons", level))
@@ -195,9 +197,13 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
     return data
 
 
-def _statistic_lines(stats: Statistics) -> list[tuple[str, int]]:
-    """The (table, line) of every statistic: headline names, then ``P1_001``-style names."""
+def _statistic_lines(stats: Statistics, ts: Any = None) -> list[tuple[str, int]]:
+    """The (table, line) of every statistic: headline names, then ``P1_001``-style names
+    (``total`` of other table shells: their persons total line)."""
     head = {name: (table, line) for name, table, line in HEADLINE}
+    if ts is not None and not is_pl94_tables(ts):
+        total = ts.total_line("persons")
+        head = {"total": total} if total is not None else {}
     out = []
     for name in stats.names:
         if name in head:
@@ -208,7 +214,8 @@ def _statistic_lines(stats: Statistics) -> list[tuple[str, int]]:
     return out
 
 
-def _published_margins(run_dir: Path, stats: Statistics) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def _published_margins(run_dir: Path, stats: Statistics,
+                       tables: str = "pl94") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per level, the release's margins of error of every statistic (float ``(n_units, n_stats)``,
     as ``dptab run`` would publish them for this run's design, geography and estimator) and, with
     the full estimator, its unbiased estimates (levels above the bottom one). Empty when the run
@@ -223,7 +230,7 @@ def _published_margins(run_dir: Path, stats: Statistics) -> tuple[dict[str, np.n
         geo = ctx.geography
     except Exception:  # noqa: BLE001 - a review of an older or partial run still reports errors
         return {}, {}
-    ts = load_tables("pl94")
+    ts = load_tables(tables)
     levels = [lv.name for lv in geo.levels]
     digits = {lv.name: lv.digits for lv in geo.levels}
     moe = release_margins(ts, design(ctx.strategies).variances(), levels, digits, ctx.cfg.invariants.state_totals,
@@ -243,7 +250,7 @@ def _published_margins(run_dir: Path, stats: Statistics) -> tuple[dict[str, np.n
             for t in ts.of_kind("persons"):
                 simulated[(t.name, lv.name)] = simulated_moe90(lookup, moving, t, lv.name, tabulate(hist, t))
         moe = {**moe, **simulated}
-    lines = _statistic_lines(stats)
+    lines = _statistic_lines(stats, ts)
     margins, unbiased = {}, {}
     line_est = {}
     if ctx.cfg.postprocess.estimator == "full" and ctx.rd.is_done("estimate:persons"):
