@@ -273,7 +273,8 @@ def validate_cmd(
           'dptab synth --persons 100000 --seed 1 --out data/synth',
           'dptab synth --persons 1000000 --seed 2020 --state 44 --out data/ri',
           'dptab synth --spec dhc_p12 --persons 20000 --seed 1 --out data/p12',
-          'dptab synth --spec agesex --country data/ruritania/areas.csv --persons 6000 --seed 1 --out data/ruritania')
+          'dptab synth --spec agesex --country rur/areas.csv --persons 6000 --seed 1 \\',
+          '  --out rur   # a synthetic country (lookup file), persons by age band x sex')
 def synth_cmd(
     persons: int = typer.Option(..., "--persons", help="number of persons to generate"),
     seed: int = typer.Option(..., "--seed", help="random seed (the output is a function of persons, seed, states)"),

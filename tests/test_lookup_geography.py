@@ -243,3 +243,35 @@ def test_review_reports_the_specs_own_statistics(released) -> None:
     assert mae.filter(pl.col("level") == "country")["value"].item() == 0.0  # the declared total
     assert np.isfinite(mae["value"].to_numpy()).all()
     assert (run_dir / "review" / "report.html").is_file()
+
+
+@pytest.mark.browser
+def test_explorer_nests_lookup_areas_in_chromium(released, tmp_path: Path) -> None:
+    from test_release_explorer import Browser, need_chromium, shown, wait_area
+
+    _, release, _ = released
+    geo = pl.read_parquet(release / "geography.parquet")
+    area = geo.filter(pl.col("level") == "area").row(0, named=True)
+    district = area["parent"]
+    region = geo.filter((pl.col("level") == "district") & (pl.col("geoid") == district))["parent"].item()
+    a1 = pl.read_parquet(release / "tables" / "A1.parquet")
+    total = a1.filter((pl.col("geoid") == area["geoid"]) & (pl.col("line") == 1))["count"].item()
+    b = Browser(need_chromium(), tmp_path / "profile")
+    try:
+        b.open((release / "index.html").as_uri())
+        n = geo.height
+        assert f"{n} areas" in b.js("document.getElementById('explorer-status').textContent")
+        b.type("#explorer-q", area["geoid"])
+        b.wait("document.querySelectorAll('#explorer-results button').length > 0")
+        b.click("document.querySelector('#explorer-results button')")
+        s = wait_area(b, f"area:{area['geoid']}")
+        assert s["parents"] == ["country:RU", f"region:{region}", f"district:{district}"]
+        assert b.js("document.querySelector('details[data-table=A1] tr[data-line=\"1\"] td.count').textContent") \
+            == f"{total:,}"
+        # the district lists its areas, in the geography's order
+        b.js(f"location.hash = '#area=district:{district}'")
+        s = wait_area(b, f"district:{district}")
+        want = geo.filter((pl.col("level") == "area") & (pl.col("parent") == district))["geoid"].to_list()
+        assert s["children"] == [f"area:{g}" for g in want]
+    finally:
+        b.close()

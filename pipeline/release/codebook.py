@@ -27,6 +27,7 @@ from pipeline.release.tables import (
     CSV_SCHEMA,
     TableError,
     TableSet,
+    geo_id_prefix,
     summary_level,
 )
 
@@ -330,7 +331,7 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
                        "summary_level": summary_level(g["digits"]),
                        "summary_level_name": CENSUS_SUMMARY_LEVEL_NAMES.get(summary_level(g["digits"]),
                                                                             "not a Census summary level"),
-                       "GEO_ID_prefix": f"{summary_level(g['digits'])}0000US"} for g in m["geolevels"]],
+                       "GEO_ID_prefix": geo_id_prefix(g["name"], g["digits"])} for g in m["geolevels"]],
         "tables": tables,
         "files": files,
         "estimator": dict(m.get("estimator") or {"name": "topdown"}),

@@ -111,14 +111,14 @@ def default_citation(m: Mapping[str, Any]) -> str:
 
 def render_index(manifest: Mapping[str, Any]) -> str:
     """The full HTML text of ``index.html`` from a manifest (its ``files`` list as it stands)."""
-    from pipeline.release.tables import summary_level
+    from pipeline.release.tables import geo_id_prefix
 
     m = manifest
     paths = [f["path"] for f in m["files"]]
     spec_files = [q for q in paths if q.startswith("tables/") and q.endswith(".yaml") and q != m["table_definitions"]]
     files = [{"path": f["path"], "size": _size(f["bytes"]), "rows": "" if "rows" not in f else format(f["rows"], ","),
               "sha256": f["sha256"]} for f in m["files"]]
-    levels = [{**g, "prefix": f"{summary_level(g['digits'])}0000US"} for g in m["geolevels"]]
+    levels = [{**g, "prefix": geo_id_prefix(g["name"], g["digits"])} for g in m["geolevels"]]
     return template_env().get_template("index.html.j2").render(
         m=m, sw=m["software"], commit=m["software"].get("git_commit") or "unknown", css=Markup(_CSS),
         explorer=f"{EXPLORER}/areas.js" in paths,
@@ -179,7 +179,7 @@ def encode_counts(row: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def _level_rows(root: Path, tables: Sequence[Mapping[str, Any]], level: str
+def _level_rows(root: Path, tables: Sequence[Mapping[str, Any]], level: str, tree: Any = None
                 ) -> tuple[list[str], list[str], np.ndarray, list[list[float | None]] | None, list[dict[str, Any]]]:
     """One level read back from ``tables/*.parquet``: geoids, names, counts ``(n_units, all lines)``
     (the tables side by side), each table's margins of error and its line numbers and labels.
@@ -195,6 +195,9 @@ def _level_rows(root: Path, tables: Sequence[Mapping[str, Any]], level: str
         n_lines = int(t["lines"])
         df = (pl.scan_parquet(root / "tables" / f"{t['name']}.parquet").filter(pl.col("geolevel") == level)
               .select("geoid", "name", "line", "label", "count", "moe90").sort("geoid", "line").collect())
+        if tree is not None and tree.is_lookup:  # the geography's unit order
+            df = (df.with_columns(pl.Series("_pos", tree.position(level, df["geoid"].to_numpy())))
+                  .sort("_pos", "line", maintain_order=True).drop("_pos"))
         n = df.height // n_lines
         lines = df["line"].to_numpy()
         if df.height % n_lines or (n and not np.array_equal(lines, np.tile(lines[:n_lines], n))):
@@ -276,6 +279,11 @@ def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -
 
     tables = list(manifest["tables"])
     levels = list(manifest["geolevels"])
+    if manifest.get("geography"):
+        _write_lookup_areas(root, manifest, tables, levels, emit)
+        return written
+    tables = list(manifest["tables"])
+    levels = list(manifest["geolevels"])
     paths = {f["path"] for f in manifest["files"]}
     above = levels[:-1] if len(levels) > 1 else levels
     # counts are split by the county (or, in another geography, the third level from the top)
@@ -319,6 +327,60 @@ def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -
         emit(name, {"counts": rows})
     emit("areas", index)
     return written
+
+
+def _write_lookup_areas(root: Path, manifest: Mapping[str, Any], tables: list[Any], levels: list[Any],
+                        emit: Callable[[str, Any], None]) -> None:
+    """The explorer of a lookup geography (``geography.parquet``): every level's units are areas,
+    keyed ``<level>:<code>`` (their CSV ``GEO_ID``, unique across levels), each with its parent's
+    key; counts of the top two levels in ``areas.js``, the others in one file per unit of the
+    third level from the top (``area_chunk_of`` names each area's file)."""
+    from pipeline.release.tree import read_tree
+
+    tree = read_tree(root, manifest)
+    names = [g["name"] for g in levels]
+    chunk_level = names[min(2, len(names) - 1)]
+    total_of = next((i for i, t in enumerate(tables) if t["name"] == "P1"), 0)
+    index: dict[str, Any] = {
+        "format": 1, "lookup": True,
+        "levels": [{"name": g["name"], "digits": int(g["digits"]), "geo_id": "",
+                    "csv": [t["name"] for t in tables if f"csv/{g['name']}/{t['name']}.csv" in
+                            {f["path"] for f in manifest["files"]}]} for g in levels],
+        "tables": [], "total": {"table": tables[total_of]["name"] if tables else None,
+                                "universe": tables[total_of].get("universe") if tables else None},
+        "chunk_digits": 0, "moe": [], "areas": [], "counts": {}, "area_chunks": {}, "block_chunks": {},
+        "area_chunk_of": {},
+        "parquet": [f"tables/{t['name']}.parquet" for t in tables
+                    if f"tables/{t['name']}.parquet" in {f["path"] for f in manifest["files"]}],
+    }
+    offset = [0]
+    for t in tables:
+        offset.append(offset[-1] + int(t["lines"]))
+    taken: dict[str, str] = {}
+    by_chunk: dict[str, dict[str, str]] = {}
+    for li, g in enumerate(levels):
+        geoids, area_names, counts, moes, shells = _level_rows(root, tables, g["name"], tree)
+        index["moe"].append(moes)
+        if not index["tables"] and geoids:
+            index["tables"] = [{"name": t["name"], "title": t.get("title", ""), "universe": t.get("universe", ""), **s}
+                               for t, s in zip(tables, shells)]
+        totals = counts[:, offset[total_of]].tolist() if tables and len(geoids) else [0] * len(geoids)
+        parents = (tree.ancestors(np.asarray(geoids), g["name"], names[li - 1]).tolist() if li else [None] * len(geoids))
+        chunks = (tree.ancestors(np.asarray(geoids), g["name"], chunk_level).tolist()
+                  if li >= names.index(chunk_level) else [None] * len(geoids))
+        for geoid, name, total, row, parent, ck in zip(geoids, area_names, totals, counts.tolist(), parents, chunks):
+            key = f"{g['name']}:{geoid}"
+            index["areas"].append([li, key, name, total, None if parent is None else f"{names[li - 1]}:{parent}"])
+            if ck is None:
+                index["counts"][key] = encode_counts(row)
+            else:
+                by_chunk.setdefault(ck, {})[key] = encode_counts(row)
+                index["area_chunk_of"][key] = ck
+    for ck, rows in by_chunk.items():
+        name = "areas/" + _chunk_name(ck, taken)
+        index["area_chunks"][ck] = name
+        emit(name, {"counts": rows})
+    emit("areas", index)
 
 
 def _write_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken: dict[str, str],

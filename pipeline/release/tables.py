@@ -306,9 +306,18 @@ def summary_level(digits: int) -> str:
 
     The six Census levels get their Census codes (nation 010, state 040, county 050, tract 140,
     block group 150, block 100); any other prefix length gets ``L`` and its two-digit length
-    (e.g. ``L07``), which is not a Census code and cannot be mistaken for one.
+    (e.g. ``L07``), which is not a Census code and cannot be mistaken for one. A lookup level
+    (``digits`` -1) has none: ``""``.
     """
+    if int(digits) < 0:
+        return ""
     return CENSUS_SUMMARY_LEVELS.get(int(digits), f"L{int(digits):02d}")
+
+
+def geo_id_prefix(level: str, digits: int) -> str:
+    """What a level's CSV ``GEO_ID`` starts with: ``0500000US`` (Census), or ``<level>:`` for a
+    lookup level (see :func:`csv_frame`)."""
+    return f"{level}:" if int(digits) < 0 else f"{summary_level(digits)}0000US"
 
 
 def census_geo_id(geoids: pl.Expr | pl.Series) -> pl.Expr | pl.Series:

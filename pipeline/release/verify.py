@@ -387,6 +387,9 @@ def explorer_files(root: Path, manifest: Mapping[str, Any]) -> dict[str, str]:
     with tempfile.TemporaryDirectory(prefix="dptab-verify-") as tmp:
         scratch = Path(tmp)
         (scratch / "tables").symlink_to((root / "tables").resolve())
+        geo = (manifest.get("geography") or {}).get("file")
+        if geo and (root / geo).is_file():  # a lookup geography: the explorer nests areas by it
+            (scratch / geo).symlink_to((root / geo).resolve())
         return {p.relative_to(scratch).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                 for p in write_explorer(scratch, manifest)}
 

@@ -76,13 +76,14 @@
     X = {index: index, levels: index.levels, areas: [], byGeoid: {}, tables: index.tables, offsets: [0]};
     index.tables.forEach(function (t) { X.offsets.push(X.offsets[X.offsets.length - 1] + t.lines.length); });
     index.areas.forEach(function (r) {
-      var a = {level: r[0], geoid: r[1], name: r[2], total: r[3], parent: null, children: []};
+      var a = {level: r[0], geoid: r[1], name: r[2], total: r[3], parent: null, children: [], up: r[4]};
       X.areas.push(a);
       X.byGeoid[a.geoid] = a;
     });
     X.areas.forEach(function (a) {
       if (a.level > 0) {
-        var p = X.byGeoid[a.geoid.slice(0, X.levels[a.level - 1].digits)];
+        // a lookup geography names each area's parent; GEOIDs nest by prefix
+        var p = index.lookup ? X.byGeoid[a.up] : X.byGeoid[a.geoid.slice(0, X.levels[a.level - 1].digits)];
         if (p && p.level === a.level - 1) { a.parent = p; p.children.push(a); }
       }
     });
@@ -119,7 +120,7 @@
         if (first) { first.click(); }
       }
     });
-    $("explorer-status").textContent = fmt(X.areas.length) + " areas above block" +
+    $("explorer-status").textContent = fmt(X.areas.length) + (hasBlocks() ? " areas above block" : " areas") +
       (hasBlocks() ? "; a " + levelName(blockLevel()) + " is found by its " + X.levels[blockLevel()].digits +
         "-digit code or from the " + levelName(blockLevel() - 1) + " it is in." : ".");
     window.addEventListener("hashchange", fromHash);
@@ -210,6 +211,11 @@
   }
 
   function fromHash() {
+    if (X.index.lookup) {
+      var k = location.hash.indexOf("#area=") === 0 ? decodeURIComponent(location.hash.slice(6)) : "";
+      if (Object.prototype.hasOwnProperty.call(X.byGeoid, k)) { show(X.byGeoid[k].level, k); }
+      return;
+    }
     var m = /^#area=([0-9A-Za-z]{7}US)([0-9A-Za-z]*)$/.exec(location.hash);
     if (!m) { return; }
     for (var i = 0; i < X.levels.length; i++) {
@@ -217,7 +223,10 @@
     }
   }
 
-  function areaChunk(geoid) { return X.index.area_chunks[geoid.slice(0, X.index.chunk_digits)]; }
+  function areaChunk(geoid) {
+    if (X.index.lookup) { return X.index.area_chunks[X.index.area_chunk_of[geoid]]; }
+    return X.index.area_chunks[geoid.slice(0, X.index.chunk_digits)];
+  }
 
   /* The block file holding the blocks of the block group `parent` (a GEOID prefix). */
   function blockChunk(parentGeoid) {
@@ -280,6 +289,7 @@
   }
 
   function parentOf(level, geoid) {
+    if (X.index.lookup) { return X.byGeoid[geoid] ? X.byGeoid[geoid].parent : null; }
     return level > 0 ? X.byGeoid[geoid.slice(0, X.levels[level - 1].digits)] || null : null;
   }
 
