@@ -247,7 +247,7 @@ def test_review_reports_the_specs_own_statistics(released) -> None:
 
 @pytest.mark.browser
 def test_explorer_nests_lookup_areas_in_chromium(released, tmp_path: Path) -> None:
-    from test_release_explorer import Browser, need_chromium, shown, wait_area
+    from test_release_explorer import Browser, need_chromium, wait_area
 
     _, release, _ = released
     geo = pl.read_parquet(release / "geography.parquet")
