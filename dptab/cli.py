@@ -232,23 +232,31 @@ def validate_cmd(
 
     from pipeline.inputs.problems import InputValidationError
     from pipeline.inputs.validation import validate_inputs
-    from pipeline.model.config import ConfigError, load_config
+    from pipeline.model.config import ConfigError
     from pipeline.model.spec import SpecError, load_spec
 
     spec = None
+    lookup = None
     if config is not None:
+        from pipeline.errors import DptabError
+        from pipeline.inputs.lookup import lookup_problems
+        from pipeline.job.prepare import check_config
+
         try:
-            cfg = load_config(config)
-        except ConfigError as exc:
+            # everything about the config that can be checked without data: strategies for the
+            # spec and levels, table shells for the spec, budget, output folders
+            cfg = check_config(config)
+            spec = load_spec(cfg.spec)
+        except (ConfigError, SpecError, OSError, DptabError) as exc:
             typer.echo(f"invalid configuration: {exc}", err=True)
             raise typer.Exit(2)
         persons = persons or str(cfg.inputs.persons)
         units = units or str(cfg.inputs.units)
-        try:
-            spec = load_spec(cfg.spec)
-        except (SpecError, OSError) as exc:
-            typer.echo(f"invalid configuration: spec {cfg.spec!r}: {exc}", err=True)
-            raise typer.Exit(2)
+        if cfg.geography.lookup is not None:
+            lookup, lproblems = lookup_problems(cfg.geography.lookup, [lv.name for lv in cfg.geography.geolevels()])
+            if lproblems:
+                typer.echo(InputValidationError(lproblems).message(values=not hide_values), err=True)
+                raise typer.Exit(2)
     if persons is None or units is None:
         typer.echo("give --persons FILE and --units FILE, or --config FILE", err=True)
         raise typer.Exit(2)
@@ -257,7 +265,7 @@ def validate_cmd(
     # a spinner naming the current pass, on stderr and only on a terminal
     with _console(stderr=True).status("validating inputs") as status:
         try:
-            inputs = validate_inputs(persons, units, spec, on_step=lambda text: status.update(text))
+            inputs = validate_inputs(persons, units, spec, on_step=lambda text: status.update(text), lookup=lookup)
         except InputValidationError as exc:
             status.stop()
             typer.echo(exc.message(values=not hide_values), err=True)
@@ -340,6 +348,28 @@ def _synth_spec(spec: str | None, persons: int, seed: int, out: str, lookup: str
         raise typer.Exit(2)
     typer.echo(f"wrote {pp} ({persons:,} persons, spec {sp.name}: {', '.join(a.name for a in sp.attributes)})")
     typer.echo(f"wrote {up}")
+
+
+@_command("init",
+          'dptab init mydata --levels country,region,district,area',
+          'dptab init city --levels city,ward,block --name city2026')
+def init_cmd(
+    folder: str = typer.Argument(..., help="folder to write the starter files into (created; never overwritten)"),
+    levels: str = typer.Option("country,region,district,area", "--levels",
+                               help="your geography's level names, top to bottom, comma-separated"),
+    name: str = typer.Option("mydata", "--name", help="dataset id and the prefix of the spec and strategy names"),
+) -> None:
+    """Write a starter spec, tables, strategies, sample lookup and config for your own data."""
+    from pipeline.model.starter import StarterError, write_starter
+
+    try:
+        paths = write_starter(folder, [x.strip() for x in levels.split(",") if x.strip()], name)
+    except StarterError as exc:
+        typer.echo(f"init: {exc}", err=True)
+        raise typer.Exit(2)
+    for p in paths:
+        typer.echo(f"wrote {p}")
+    typer.echo(f"next: read {paths[-1]}")
 
 
 @_command("histograms",

@@ -28,6 +28,9 @@ def cluster(tmp_path_factory):
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ)
+    # the workers import the code under test (this checkout), whatever checkout the venv installed
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--dashboard-address", ":0"], stdout=open(logs / "scheduler.log", "w"),
                               stderr=subprocess.STDOUT, env=env, start_new_session=True)]

@@ -275,3 +275,60 @@ def test_explorer_nests_lookup_areas_in_chromium(released, tmp_path: Path) -> No
         assert s["children"] == [f"area:{g}" for g in want]
     finally:
         b.close()
+
+
+# --------------------------------------------------------------------------------------
+# dptab init: a starter folder that runs, and dptab validate telling what does not fit
+
+
+def test_init_writes_a_starter_that_validates_runs_and_verifies(tmp_path: Path, monkeypatch) -> None:
+    d = tmp_path / "mine"
+    code, out = _cli("init", str(d), "--levels", "nation,province,municipality", "--name", "myco")
+    assert code == 0, out
+    code, out = _cli("init", str(d))
+    assert code == 2 and "already exist" in out  # never overwritten
+    monkeypatch.chdir(tmp_path)  # paths in the starter are relative to its config, not the working folder
+    code, out = _cli("synth", "--spec", str(d / "spec.yaml"), "--lookup", str(d / "areas.csv"), "--persons", "2000",
+                     "--seed", "2", "--out", str(d / "data"))
+    assert code == 0, out
+    code, out = _cli("validate", "--config", str(d / "config.yaml"))
+    assert code == 0 and "valid inputs" in out, out
+    code, out = _cli("run", "--quiet", str(d / "config.yaml"))
+    assert code == 0, out
+    release = next((d / "releases").iterdir())
+    assert verify_release(release) == []
+    m = json.loads((release / "manifest.json").read_text())
+    assert [g["name"] for g in m["geolevels"]] == ["nation", "province", "municipality"]
+    assert m["privacy"]["runs"]["persons"]["spec"] == "spec.yaml"  # carried in privacy/, no local path
+    assert (release / "privacy" / "spec.yaml").read_text() == (d / "spec.yaml").read_text()
+
+
+def test_validate_tells_what_does_not_fit(tmp_path: Path) -> None:
+    d = tmp_path / "mine"
+    assert _cli("init", str(d))[0] == 0
+    assert _cli("synth", "--spec", str(d / "spec.yaml"), "--lookup", str(d / "areas.csv"), "--persons", "500",
+                "--seed", "1", "--out", str(d / "data"))[0] == 0
+    # a strategy measuring a level the geography does not have
+    strategy = d / "strategy.yaml"
+    good = strategy.read_text()
+    strategy.write_text(good.replace("geolevels: [country,", "geolevels: [nation,").replace("  country:", "  nation:"))
+    code, out = _cli("validate", "--config", str(d / "config.yaml"))
+    assert code == 2 and "measures levels ['nation']" in out, out
+    strategy.write_text(good)
+    # an attribute code outside the spec and a unit missing from the lookup: file, column, rows
+    persons = pl.read_parquet(d / "data" / "persons.parquet")
+    persons.with_columns(pl.when(pl.int_range(pl.len()) == 4).then(9).otherwise(pl.col("sex")).cast(pl.Int16)
+                         .alias("sex"),
+                         pl.when(pl.int_range(pl.len()) == 6).then(pl.lit("nowhere")).otherwise(pl.col("geoid"))
+                         .alias("geoid")).write_parquet(d / "data" / "persons.parquet")
+    code, out = _cli("validate", "--config", str(d / "config.yaml"))
+    assert code == 2, out
+    assert "column 'sex': out_of_domain" in out and "4: 9" in out
+    assert "column 'geoid': unknown_unit" in out and "6: nowhere" in out
+    # a lookup that does not nest
+    areas = d / "areas.csv"
+    text = areas.read_text()
+    assert "X,X1,X12,U0003" in text and "X,X2,X21,U0005" in text
+    areas.write_text(text.replace("X,X1,X12,U0003", "X,X2,X12,U0003").replace("X,X2,X21,U0005", "Y,X2,X21,U0005"))
+    code, out = _cli("validate", "--config", str(d / "config.yaml"))
+    assert code == 2 and "two_parents" in out and "several_roots" in out, out

@@ -232,7 +232,7 @@ def _check_strategies_fit(cfg: RunConfig, strategies: dict[str, Strategy]) -> No
     levels = [lv.name for lv in cfg.geography.geolevels()]
     for kind, s in strategies.items():
         want_spec = cfg.spec if kind == "persons" else "units"
-        if load_spec(s.spec).name != load_spec(want_spec).name:
+        if load_spec(s.spec_path or s.spec).name != load_spec(want_spec).name:
             raise ConfigError(f"{cfg.source_path}: the {kind} strategy {s.name!r} is for spec {s.spec!r}, "
                               f"but the run's {kind} spec is {want_spec!r}")
         missing = [lv for lv in s.level_names if lv not in levels]

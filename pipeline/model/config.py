@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from pipeline.errors import ConfigurationError
 from pipeline.model.geography import GeoLevel, load_geolevels, lookup_levels
-from pipeline.model.schemas import load_yaml
+from pipeline.model.schemas import load_yaml, relative_to
 
 
 class ConfigError(ConfigurationError):
@@ -240,5 +240,11 @@ def load_config(path: str | Path) -> RunConfig:
         cfg.geography.blocks = _resolve(base, cfg.geography.blocks)
     if cfg.geography.lookup is not None:
         cfg.geography.lookup = _resolve(base, cfg.geography.lookup)
+    # definition files named by a relative .yaml path sit beside the config (names: schemas/)
+    cfg.spec = relative_to(cfg.spec, base)
+    cfg.tables = relative_to(cfg.tables, base)
+    cfg.privacy.strategy = relative_to(cfg.privacy.strategy, base)
+    if cfg.privacy.units_strategy:
+        cfg.privacy.units_strategy = relative_to(cfg.privacy.units_strategy, base)
     cfg.source_path = path.resolve()
     return cfg

@@ -20,6 +20,15 @@ def schema_path(name_or_path: str | Path, folder: Path = SCHEMAS_DIR) -> Path:
     return p if p.suffix else folder / f"{name_or_path}.yaml"
 
 
+def relative_to(ref: str, base: Path) -> str:
+    """A reference inside a YAML file (a name, or a ``.yaml`` path): a relative path resolved
+    against ``base`` (the referring file's folder), anything else as given."""
+    p = Path(ref)
+    if p.suffix in (".yaml", ".yml") and not p.is_absolute():
+        return str((base / p).resolve())
+    return ref
+
+
 def load_yaml(path: Path, error: type[InputError], what: str) -> Any:
     """The YAML document at ``path``; ``error`` (naming the file and ``what`` it should be) if the
     file is missing or not valid YAML. The one reader of configs, specs, strategies, geolevels

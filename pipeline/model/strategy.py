@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigurationError
-from pipeline.model.schemas import SCHEMAS_DIR, load_yaml
+from pipeline.model.schemas import SCHEMAS_DIR, load_yaml, relative_to
 
 STRATEGIES_DIR = SCHEMAS_DIR / "strategies"
 
@@ -65,6 +65,8 @@ class Strategy:
     #: levels whose units are solved in two passes, the spec's ``total`` query alone first
     #: (the 2020 ordering for state, county, tract and block-group children)
     multipass_levels: tuple[str, ...] = ()
+    #: ``spec`` resolved: a shipped spec's name, or a spec file's path (relative to the strategy file)
+    spec_path: str = field(default="", compare=False)
 
     @property
     def total_rho(self) -> Fraction:
@@ -145,8 +147,9 @@ def load_strategy(path_or_name: str | Path) -> Strategy:
     rho = parse_fraction(raw["rho"], f"{p}: rho")
     if rho <= 0:
         raise StrategyError(f"{p}: rho must be > 0, got {rho}")
+    spec_path = relative_to(str(raw["spec"]), p.resolve().parent)  # a spec file named relative to the strategy
     try:
-        spec = load_spec(str(raw["spec"]))
+        spec = load_spec(spec_path)
     except (SpecError, OSError) as exc:
         raise StrategyError(f"{p}: cannot load spec {raw['spec']!r}: {exc}") from None
     known_levels = _level_names(raw.get("geolevels"))
@@ -191,7 +194,8 @@ def load_strategy(path_or_name: str | Path) -> Strategy:
     if multipass and not spec.has_role("total"):
         raise StrategyError(f"{p}: multipass needs a spec whose queries include a 'total' role")
     return Strategy(name=str(raw["name"]), spec=str(raw["spec"]), rho=rho, levels=levels,
-                    source=p, description=str(raw.get("description", "")), multipass_levels=multipass)
+                    source=p, description=str(raw.get("description", "")), multipass_levels=multipass,
+                    spec_path=spec_path)
 
 
 

@@ -6,6 +6,7 @@ metadata, the format constants and the release's errors."""
 from __future__ import annotations
 
 import datetime as _dt
+import re
 import shutil
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
+import yaml
 
 from pipeline.release.checks import CheckFailure
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
     pass
 from pipeline.errors import DptabError, RefusedError
 from pipeline.model.design import design_from_rho
-from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.model.schemas import SCHEMAS_DIR, relative_to
 from pipeline.release.tables import (
     TableSet,
 )
@@ -156,7 +158,9 @@ def _privacy_section(strategies: Mapping[str, Any], delta: float | str) -> dict[
         total += rho
         run_shifts = strategy_shifts(s)
         shifts.update(run_shifts)
-        runs[kind] = {"strategy": s.name, "strategy_file": strategy_file(kind), "spec": s.spec, "rho": _frac(rho),
+        # a spec file's name (the release carries it beside the strategy copy), or a shipped spec's name
+        spec_ref = Path(s.spec).name if Path(s.spec).suffix in (".yaml", ".yml") else s.spec
+        runs[kind] = {"strategy": s.name, "strategy_file": strategy_file(kind), "spec": spec_ref, "rho": _frac(rho),
                       "epsilon": {"cks2020": _frac(cks_epsilon(rho, delta)), "loose": _frac(loose_epsilon(rho, delta)),
                                   "pld": _frac(composed_dg_epsilon(run_shifts, delta))},
                       "rho_by_level_query": by}
@@ -177,6 +181,13 @@ def strategy_file(kind: str) -> str:
     return f"privacy/{kind}.yaml"
 
 
+def strategy_spec_files(privacy: Mapping[str, Any]) -> list[str]:
+    """The copies of users' spec files the strategies name (``privacy/<file name>``; shipped
+    specs, named without a suffix, are not copied)."""
+    return [f"privacy/{run['spec']}" for run in privacy["runs"].values()
+            if Path(str(run["spec"])).suffix in (".yaml", ".yml")]
+
+
 def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
     """Copy every run's strategy YAML to ``root/privacy/<kind>.yaml`` and recompute the privacy
     section from the copies; returns it. Raises :class:`ReleaseError` when the given ``privacy``
@@ -192,7 +203,18 @@ def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
                                "a release carries the strategies its privacy section is computed from")
         dst = root / strategy_file(kind)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        text = Path(src).read_text()
+        ref = str((yaml.safe_load(text) or {}).get("spec", ""))
+        if Path(ref).suffix in (".yaml", ".yml"):
+            # a spec file of the user's (not a shipped name): the release carries it beside the
+            # strategy copy (privacy/<file name>), which then names it by its file name
+            spec_copy = root / "privacy" / Path(ref).name
+            if spec_copy.exists() or spec_copy == dst:
+                raise ReleaseError(f"{src}: spec file {ref!r} would overwrite {spec_copy.relative_to(root)} in the release")
+            shutil.copyfile(relative_to(ref, Path(src).resolve().parent), spec_copy)
+            dst.write_text(re.sub(r"(?m)^spec:.*$", f"spec: {spec_copy.name}", text, count=1))
+        else:
+            shutil.copyfile(src, dst)
         try:
             loaded[kind] = load_strategy(dst)
         except StrategyError as exc:

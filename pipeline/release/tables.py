@@ -25,7 +25,7 @@ import scipy.sparse as sp
 
 from pipeline.errors import ConfigurationError
 from pipeline.model.geonames import unit_names
-from pipeline.model.schemas import SCHEMAS_DIR, load_yaml
+from pipeline.model.schemas import SCHEMAS_DIR, load_yaml, relative_to
 from pipeline.model.spec import HistogramSpec, load_spec
 
 if TYPE_CHECKING:
@@ -166,7 +166,9 @@ def load_tables(path: str | Path = "pl94") -> TableSet:
         p = TABLES_DIR / f"{path}.yaml"
     raw = load_yaml(p, TableError, "table definition")
     try:
-        specs = {"persons": load_spec(raw["persons_spec"]), "units": load_spec(raw["units_spec"])}
+        base = p.resolve().parent  # spec files named by a relative path sit beside the definitions
+        specs = {"persons": load_spec(relative_to(str(raw["persons_spec"]), base)),
+                 "units": load_spec(relative_to(str(raw["units_spec"]), base))}
         tables: dict[str, TableDef] = {}
         for name, t in raw["tables"].items():
             kind = t["histogram"]

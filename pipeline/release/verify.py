@@ -359,6 +359,9 @@ def required_files(manifest: Mapping[str, Any], spec_files: Iterable[str] = ()) 
     if manifest.get("geography"):
         need.add(manifest["geography"]["file"])
     need |= {run["strategy_file"] for run in manifest["privacy"]["runs"].values()}
+    from pipeline.release.manifest import strategy_spec_files
+
+    need |= set(strategy_spec_files(manifest["privacy"]))
     return need
 
 

@@ -81,6 +81,7 @@ from pipeline.release.manifest import (
     _copy_strategies,
     release_margins,
     strategy_file,
+    strategy_spec_files,
     variances_from_privacy,
 )
 from pipeline.release.microdata import microdata_from_blocks
@@ -329,6 +330,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             entries.append(_file_entry(tmp, mfile))
         for kind in privacy["runs"]:
             entries.append(_file_entry(tmp, tmp / strategy_file(kind)))
+        for rel in strategy_spec_files(privacy):  # a user's spec file a strategy names, copied beside it
+            entries.append(_file_entry(tmp, tmp / rel))
 
         manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT, "release_id": meta.release_id, "title": meta.title,
