@@ -38,6 +38,12 @@ def parse_fraction(value: Any, what: str) -> Fraction:
         raise StrategyError(f"{what}: not an exact fraction: {value!r} ({exc})") from None
 
 
+def _declared_levels(declared: object) -> tuple[str, ...] | str | None:
+    if isinstance(declared, list):
+        return tuple(str(n) for n in declared)
+    return str(declared) if declared else None
+
+
 def _level_names(declared: object = None) -> tuple[str, ...]:
     """The level names a strategy may measure: its own ``geolevels`` (a list of names, top to
     bottom, for a lookup-file hierarchy, or a geolevels YAML name), default ``schemas/geolevels.yaml``."""
@@ -67,6 +73,9 @@ class Strategy:
     multipass_levels: tuple[str, ...] = ()
     #: ``spec`` resolved: a shipped spec's name, or a spec file's path (relative to the strategy file)
     spec_path: str = field(default="", compare=False)
+    #: the ``geolevels`` the file declares (level names of a lookup geography, or a geolevels
+    #: YAML name); None: ``schemas/geolevels.yaml``
+    geolevels: tuple[str, ...] | str | None = field(default=None, compare=False)
 
     @property
     def total_rho(self) -> Fraction:
@@ -195,7 +204,7 @@ def load_strategy(path_or_name: str | Path) -> Strategy:
         raise StrategyError(f"{p}: multipass needs a spec whose queries include a 'total' role")
     return Strategy(name=str(raw["name"]), spec=str(raw["spec"]), rho=rho, levels=levels,
                     source=p, description=str(raw.get("description", "")), multipass_levels=multipass,
-                    spec_path=spec_path)
+                    spec_path=spec_path, geolevels=_declared_levels(raw.get("geolevels")))
 
 
 
@@ -229,7 +238,8 @@ def respend_invariant_rho(strategy: Strategy, exact: dict[str, tuple[str, ...]],
                     description=(f"{strategy.name} with the rho of the measurements the invariants fix exactly "
                                  f"({', '.join(dropped) or 'none'}: {freed} of {strategy.total_rho}) re-spent on every "
                                  f"other measurement in proportion (x{scale})"),
-                    multipass_levels=tuple(lv for lv in strategy.multipass_levels if lv in levels))
+                    multipass_levels=tuple(lv for lv in strategy.multipass_levels if lv in levels),
+                    spec_path=strategy.spec_path, geolevels=strategy.geolevels)
 
 
 def strategy_yaml(strategy: Strategy, header: str = "") -> str:
@@ -241,6 +251,8 @@ def strategy_yaml(strategy: Strategy, header: str = "") -> str:
 
     body: dict[str, Any] = {"name": strategy.name, "description": strategy.description, "spec": strategy.spec,
                             "rho": frac(strategy.rho)}
+    if strategy.geolevels is not None:
+        body["geolevels"] = list(strategy.geolevels) if isinstance(strategy.geolevels, tuple) else strategy.geolevels
     if strategy.multipass_levels:
         body["multipass"] = list(strategy.multipass_levels)
     body["levels"] = {lv: {"share": frac(s), "queries": {q: frac(x) for q, x in qs.items()}}
