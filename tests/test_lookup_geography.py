@@ -332,3 +332,17 @@ def test_validate_tells_what_does_not_fit(tmp_path: Path) -> None:
     areas.write_text(text.replace("X,X1,X12,U0003", "X,X2,X12,U0003").replace("X,X2,X21,U0005", "Y,X2,X21,U0005"))
     code, out = _cli("validate", "--config", str(d / "config.yaml"))
     assert code == 2 and "two_parents" in out and "several_roots" in out, out
+
+
+def test_full_estimator_on_a_lookup_geography(tmp_path: Path) -> None:
+    """The hierarchical GLS runs on the lookup's tree; verify recomputes its per-area margins and
+    checks the unbiased tables add up by the published parent codes."""
+    cfg = _config(tmp_path, postprocess={"estimator": "full"})
+    code, out = _cli("run", "--quiet", str(cfg))
+    assert code == 0, out
+    release = next((tmp_path / "releases").iterdir())
+    assert verify_release(release) == []
+    m = json.loads((release / "manifest.json").read_text())
+    assert m["estimator"]["name"] == "full" and m["contents"]["unbiased"]
+    u = pl.read_parquet(release / "tables" / "unbiased" / "A1.parquet")
+    assert set(u["geolevel"]) == {"country", "region", "district"}  # every level but the bottom one

@@ -95,17 +95,17 @@ def _block_tables(persons: PreparedTable, p_checks: list[Check],
                         *[e.alias(n) for n, e in values.items()]))
 
     ok = pl.col("_ok")
-    hhgq = pl.col("hhgq")
+    gqc = pl.col("_gq")
     if gq is None:  # a spec without households and group quarters: everyone counts as in a household
         pb = (per_block(persons, p_checks, {}).group_by("geoid")
               .agg([pl.len().alias("p_rows"), (~ok).sum().alias("p_bad"), ok.sum().alias("persons"),
                     ok.sum().alias("hh")]
                    + [pl.lit(0, pl.UInt32).alias(f"g{k}") for k in range(1, N_GQ + 1)]))
     else:
-        pb = (per_block(persons, p_checks, {"hhgq": persons.target_expr(gq)}).group_by("geoid")
+        pb = (per_block(persons, p_checks, {"_gq": persons.target_expr(gq)}).group_by("geoid")
               .agg([pl.len().alias("p_rows"), (~ok).sum().alias("p_bad"), ok.sum().alias("persons"),
-                    (ok & (hhgq == 0)).fill_null(False).sum().alias("hh")]
-                   + [(ok & (hhgq == k)).fill_null(False).sum().alias(f"g{k}") for k in range(1, N_GQ + 1)]))
+                    (ok & (gqc == 0)).fill_null(False).sum().alias("hh")]
+                   + [(ok & (gqc == k)).fill_null(False).sum().alias(f"g{k}") for k in range(1, N_GQ + 1)]))
     kind, occ = pl.col("kind"), pl.col("occ")
     ub = (per_block(units, u_checks, {"kind": units.target_expr("kind"), "occ": units.target_expr("occupied")})
           .group_by("geoid")
@@ -142,7 +142,7 @@ def _offending_rows(rows: pl.LazyFrame, keys: pl.LazyFrame, row_filter: pl.Expr,
 
 
 def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: PreparedTable,
-                  u_checks: list[Check], gq: str | None = "hhgq",
+                  u_checks: list[Check], gq: str | None = None,
                   lookup: bool = False) -> tuple[list[Problem], dict[str, int]]:
     """Cross-file checks per block; returns problems and the summary counts.
 
@@ -175,7 +175,7 @@ def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: Prepared
         return j.filter(cond).select("geoid")
 
     gq_col = persons.layout_spec["targets"][gq] if gq is not None else ""
-    hhgq, kind = pl.col("hhgq"), pl.col("kind")
+    gqc, kind = pl.col("_gq"), pl.col("kind")
     everyone = pl.lit(True)
     # name: (table, column, block condition, offending count per block, detail, block text,
     #        offending-row keys, row filter)
@@ -191,15 +191,15 @@ def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: Prepared
             "persons in group-quarters type k in a block with no facility of type k (2020 edit constraint)",
             pl.concat_str([pl.when(gq_bad[k]).then(pl.format(f"type {k}: {{}} persons, 0 facilities; ", g[k]))
                            .otherwise(pl.lit("")) for k in ks]),
-            lambda c: per_type(gq_bad, "hhgq"), everyone),
+            lambda c: per_type(gq_bad, "_gq"), everyone),
         "household_without_housing_unit": (
             persons, gq_col, (hh > 0) & (hu == 0) & inu, hh, "household persons in a block with no housing unit",
-            pl.format("{} household persons, 0 housing units", hh), lambda c: blocks_of(c), hhgq == 0),
+            pl.format("{} household persons, 0 housing units", hh), lambda c: blocks_of(c), gqc == 0),
         "household_without_occupied_unit": (
             persons, gq_col, (hh > 0) & (hu > 0) & (occ == 0) & inu, hh,
             "household persons in a block whose housing units are all vacant",
             pl.format("{} household persons, {} housing units, 0 occupied", hh, hu), lambda c: blocks_of(c),
-            hhgq == 0),
+            gqc == 0),
         "facility_without_persons": (
             units, "kind", pl.any_horizontal(list(fac_bad.values())),
             pl.sum_horizontal([pl.when(fac_bad[k]).then(f[k] - g[k]).otherwise(0) for k in ks]),
@@ -228,8 +228,8 @@ def _cross_checks(persons: PreparedTable, p_checks: list[Check], units: Prepared
                   .select(pl.format("{}: {}", pl.col("geoid"), show).str.strip_chars_end("; "))
                   .collect(engine="streaming").to_series())
         if table is persons:
-            rows = _row_frame(persons, p_checks, {"hhgq": persons.target_expr(gq)} if gq is not None else {})
-            row_show = (pl.format(f"block {{}} {gq} {{}}", pl.col("geoid"), hhgq) if gq is not None
+            rows = _row_frame(persons, p_checks, {"_gq": persons.target_expr(gq)} if gq is not None else {})
+            row_show = (pl.format(f"block {{}} {gq} {{}}", pl.col("geoid"), gqc) if gq is not None
                         else pl.format("block {}", pl.col("geoid")))
         else:
             rows = _row_frame(units, u_checks, {"kind": units.target_expr("kind"),

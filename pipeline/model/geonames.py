@@ -31,14 +31,17 @@ def _tract_name(code: str) -> str:
     return f"Census Tract {base}" if suffix == "00" else f"Census Tract {base}.{suffix}"
 
 
-def unit_names(level: str, geoids: np.ndarray) -> np.ndarray:
+def unit_names(level: str, geoids: np.ndarray, lookup: bool = False) -> np.ndarray:
     """Readable names of a level's units, ``(n_units,)`` object array.
 
     Nation "United States"; states and counties by FIPS ("Perry County, Alabama"; unknown codes
     "State 99", "County 999"); "Census Tract 6868" (or "6868.01"), "Block Group 1", "Block 1000".
+    Units of a lookup geography (``lookup``), and of any other level: "<level> <code>".
     """
-    states, counties = _name_maps()
     g = [str(x) for x in np.asarray(geoids).tolist()]
+    if lookup:
+        return np.array([f"{level} {x}" for x in g], dtype=object)
+    states, counties = _name_maps()
     if level == "nation":
         return np.array(["United States"] * len(g), dtype=object)
     if level == "state":

@@ -198,7 +198,7 @@ def run_checks(tables: TableSet, levels: Sequence[LevelTables], digits: "Mapping
             _line_failures(col, "hierarchy", name, parent.level, pg, tables.tables[name].numbers, sums, pc,
                            f"parent line vs sum over {child.level} children")
     if invariants is not None:
-        _invariant_checks(col, tables, levels, invariants)
+        _invariant_checks(col, tables, levels, invariants, tree.is_lookup)
     return col.failures
 
 
@@ -233,13 +233,15 @@ def _cross_checks(col: _Collector, tables: TableSet, lt: LevelTables, g: np.ndar
                     wc[rows, cols], pc[rows, cols], f"{part} must not exceed {whole} (value shown as expected: the bound)")
 
 
-def _invariant_checks(col: _Collector, tables: TableSet, levels: Sequence[LevelTables], inv: Invariants) -> None:
+def _invariant_checks(col: _Collector, tables: TableSet, levels: Sequence[LevelTables], inv: Invariants,
+                      lookup: bool = False) -> None:
     """The declared totals (``state_totals``: at the level named ``state``, or the top level of a
     geography without one; the level above must add up to them) and the bottom level's housing
     units, against the total lines of the persons and units tables (pl94: P1 line 1, H1 line 1)."""
     by_level = {lt.level: lt for lt in levels}
     p_total, h_total = tables.total_line("persons"), tables.total_line("units")
-    tl = "state" if "state" in by_level else (levels[0].level if levels else "")
+    # a lookup geography declares its top level's total, whatever its levels are called
+    tl = "state" if "state" in by_level and not lookup else (levels[0].level if levels else "")
     if inv.state_totals is not None and p_total is not None and tl in by_level and p_total[0] in by_level[tl].counts:
         pt, pline = p_total
         p1_total = tables.tables[pt].index(pline)

@@ -43,8 +43,9 @@ def unbiased_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.nd
 
 
 def write_unbiased(tmp: Path, ts: TableSet, lts: Sequence[Any], unbiased: Mapping[tuple[str, str], np.ndarray],
-                   moe: Mapping[tuple[str, str], np.ndarray]) -> list[Path]:
-    """Write ``tables/unbiased/<table>.parquet`` (every level but the bottom one) under ``tmp``."""
+                   moe: Mapping[tuple[str, str], np.ndarray], lookup: bool = False) -> list[Path]:
+    """Write ``tables/unbiased/<table>.parquet`` (every level but the bottom one) under ``tmp``
+    (``lookup``: a lookup geography's units, named ``<level> <code>``)."""
     out_dir = tmp / "tables" / "unbiased"
     out_dir.mkdir(parents=True)
     paths = []
@@ -57,7 +58,7 @@ def write_unbiased(tmp: Path, ts: TableSet, lts: Sequence[Any], unbiased: Mappin
             if est is None or m is None or m.ndim != 2:
                 raise ReleaseError(f"unbiased estimates of {name} at {lt.level} need the full estimator's "
                                    "estimates and per-unit margins of error")
-            frames.append(unbiased_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids), est, m))
+            frames.append(unbiased_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids, lookup), est, m))
         if frames:
             path = out_dir / f"{name}.parquet"
             pl.concat(frames).write_parquet(path, compression="zstd")
@@ -92,7 +93,7 @@ def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: 
                 out.append(_fail("unbiased", f"{rel}: {part.height} {lt.level} rows, expected {n}", name, lt.level))
                 continue
             est = part["estimate"].to_numpy().reshape(len(lt.geoids), table.n_lines)
-            want = unbiased_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids), est, m)
+            want = unbiased_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids, tree.is_lookup), est, m)
             if not part.equals(want):
                 out.append(_fail("unbiased", f"{rel}: {lt.level} rows differ from the rows regenerated from the "
                                              "estimates and the design's standard errors", name, lt.level))

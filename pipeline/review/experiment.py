@@ -259,7 +259,7 @@ def run_experiment(config_path: str | Path, trials: int, rhos: list[str] | None 
 
     md = experiment_markdown(summary)
     levels = [lv for lv in ("nation", "state", "county", "tract", "block_group", "block")
-              if lv in set(summary["level"].to_list())]
+              if lv in set(summary["level"].to_list())] or list(dict.fromkeys(summary["level"].to_list()))
     paired = None
     if len(settings) == 2:  # paired settings (same seeds): the trial-by-trial differences
         a, b = settings[0].name, settings[1].name

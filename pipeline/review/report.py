@@ -242,7 +242,7 @@ def write_experiment_report(path: str | Path, summary: pl.DataFrame, info: dict[
     paired settings (``(first, second, pipeline.review.paired.paired_differences frame)``) also
     their side-by-side comparison, and the margins' coverage when known."""
     levels = [lv for lv in ("nation", "state", "county", "tract", "block_group", "block")
-              if lv in set(summary["level"].to_list())]
+              if lv in set(summary["level"].to_list())] or list(dict.fromkeys(summary["level"].to_list()))
     extra: dict[str, Any] = {}
     if paired is not None and paired[2].height:
         extra["paired"] = paired_context(paired[2], paired[0], paired[1], [lv for lv in levels if lv != "nation"])

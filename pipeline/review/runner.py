@@ -189,7 +189,7 @@ def compute_review(run_dir: str | Path, stats: Statistics | None = None,
         if u is not None:
             frames.append(u)
         data.errors[level] = estimates[PUBLISHED][:, ti] - tv[:, ti]
-        if level in SCATTER_LEVELS:
+        if level in SCATTER_LEVELS or (not set(SCATTER_LEVELS) & set(levels) and level != levels[0]):
             data.scatter[level] = (tv[:, ti], estimates[PUBLISHED][:, ti])
         if progress is not None:
             progress("review: levels", levels.index(level) + 1, len(levels))
