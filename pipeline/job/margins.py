@@ -80,7 +80,7 @@ def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFr
     some rerun changed — every other cell gets 0 (``pipeline.release.uncertainty.simulated_moe90``)."""
     from pipeline.job.stages import solve_levels
 
-    ts = load_tables("pl94")
+    ts = load_tables(ctx.cfg.tables)
     plug = {kind: {lv: SparseHistogram.from_parquet(ctx.rd.verified(ctx.rd.solved_path(kind, lv)))
                    for lv in ctx.level_names} for kind in ctx.kinds}
     errors: dict[tuple[str, str], list[np.ndarray]] = {}
