@@ -475,8 +475,8 @@ def evil_release(tmp_path_factory):
     defs.write_text(yaml.safe_dump(raw, sort_keys=False))
     real = writer_mod.unit_names
 
-    def names(level, geoids):
-        out = real(level, geoids)
+    def names(level, geoids, lookup=False):
+        out = real(level, geoids, lookup)
         return np.array([EVIL_NAME] * len(out), dtype=object) if level == "county" else out
 
     c = make_case(3, n_blocks=30)
