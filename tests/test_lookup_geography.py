@@ -105,6 +105,13 @@ def test_bad_lookup_names_file_column_and_rows(tmp_path: Path, rows, column, kin
     assert hit[0].file == str(p) and hit[0].column == column and hit[0].first_rows == first_rows
 
 
+def test_a_code_with_two_names_is_refused(tmp_path: Path) -> None:
+    p = _lookup_file(tmp_path, [("K", "N", "a1", "North"), ("K", "N", "a2", "Nord")],
+                     header=("country", "region", "area", "region_name"))
+    _, problems = lookup_problems(p, ["country", "region", "area"])
+    assert [(q.column, q.kind, q.first_rows) for q in problems] == [("region_name", "two_names", (0, 1))]
+
+
 def test_lookup_without_a_level_column(tmp_path: Path) -> None:
     p = _lookup_file(tmp_path, [("K", "a1")], header=("country", "area"))
     _, problems = lookup_problems(p, ["country", "region", "area"])
@@ -174,6 +181,13 @@ def test_release_verifies_and_publishes_every_unit_of_the_lookup(released) -> No
     assert empty, "the example should have areas without records"
     a1 = pl.read_parquet(release / "tables" / "A1.parquet")
     assert set(a1.filter(pl.col("geolevel") == "area")["geoid"]) == set(lookup["area"])
+    # the lookup's names where it has them (region_name, ...), "<level> <code>" where not
+    names = dict(a1.filter(pl.col("line") == 1).select(pl.concat_str("geolevel", pl.lit(":"), "geoid"), "name").iter_rows())
+    assert names["country:RU"] == "Ruritania" and names["region:RU-A"] == "North"
+    assert names["district:RU0102"] == "North District 2"
+    area = lookup["area"][0]
+    assert names[f"area:{area}"] == f"area {area}"
+    assert geo.filter(pl.col("level") == "region")["name"].to_list() == ["North", "South", "East"]
 
 
 def test_tables_are_consistent_non_negative_integers(released) -> None:

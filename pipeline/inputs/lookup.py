@@ -9,6 +9,8 @@ The file (Parquet or CSV) has one text column per level (top to bottom, named as
 Codes are any non-empty strings. :func:`read_lookup` reports every problem at once, each naming
 the file, column and first rows (exit 2): a missing level column, an empty code (a broken chain),
 a bottom unit listed twice, a code under two parents, more than one unit at the top level.
+Optional columns ``<level>_name`` give readable names (published in the tables' ``name``
+column); a code with two different names is refused too.
 :func:`unknown_units` finds the rows of a persons or units file whose unit is not in the lookup.
 """
 
@@ -58,7 +60,9 @@ def lookup_problems(path: str | Path, names: Sequence[str]) -> tuple[pl.DataFram
                                     f"column has type {raw.schema[n]}, expected text codes"))
     if problems:
         return None, problems
-    df = raw.select([pl.col(n).cast(pl.Utf8).str.strip_chars() for n in names])
+    name_cols = [f"{n}_name" for n in names if f"{n}_name" in raw.columns]
+    df = raw.select([pl.col(n).cast(pl.Utf8).str.strip_chars() for n in names]
+                    + [pl.col(c).cast(pl.Utf8).str.strip_chars() for c in name_cols])
     for n in names:
         bad = pl.col(n).is_null() | (pl.col(n) == "")
         cnt = int(df.select(bad.sum()).item())
@@ -81,6 +85,15 @@ def lookup_problems(path: str | Path, names: Sequence[str]) -> tuple[pl.DataFram
             rows, shown = _rows(df, pl.col(n).is_in(bad_codes), pl.format(f"{n} {{}} in {up} {{}}", pl.col(n), pl.col(up)))
             problems.append(Problem(label, n, "two_parents", two.height,
                                     f"a {n} code under more than one {up} (the hierarchy must nest)", rows, shown))
+    for n in names:
+        if f"{n}_name" not in name_cols:
+            continue
+        two = (ok.group_by(n).agg(pl.col(f"{n}_name").n_unique().alias("k")).filter(pl.col("k") > 1))
+        if two.height:
+            rows, shown = _rows(df, pl.col(n).is_in(two[n].to_list()),
+                                pl.format(f"{n} {{}} named {{}}", pl.col(n), pl.col(f"{n}_name")))
+            problems.append(Problem(label, f"{n}_name", "two_names", two.height,
+                                    f"a {n} code with more than one name", rows, shown))
     tops = ok[names[0]].unique().sort()
     if tops.len() > 1:
         rows, shown = _rows(df, pl.col(names[0]) != tops[0], pl.col(names[0]))
@@ -90,6 +103,11 @@ def lookup_problems(path: str | Path, names: Sequence[str]) -> tuple[pl.DataFram
     if problems:
         return None, problems
     return df.sort(bottom), []
+
+
+def level_columns(columns: Sequence[str]) -> list[str]:
+    """The level columns of a lookup table, top to bottom (every column but the ``<level>_name`` ones)."""
+    return [c for c in columns if not (c.endswith("_name") and c[:-5] in columns)]
 
 
 def read_lookup(path: str | Path, names: Sequence[str]) -> pl.DataFrame:

@@ -13,7 +13,8 @@ are placed either
 
 :func:`synth_country` writes ``areas.csv``: a synthetic country, four levels
 (``country > region > district > area``) with string codes; area codes (``E00000001``, …) are
-numbered in a shuffled order, so they do not sort with their parents — as in real lookup files.
+numbered in a shuffled order, so they do not sort with their parents — as in real lookup files;
+the country, regions and districts have names (``<level>_name`` columns), the areas only codes.
 Every output is a function of its arguments and seed.
 """
 
@@ -35,19 +36,23 @@ def synth_country(out: str | Path, seed: int, regions: int = 3, districts: int =
     """Write ``out`` (CSV): one row per area with its country, region and district codes."""
     rng = np.random.default_rng([seed, 7])
     rows = []
+    region_names = ["North", "South", "East", "West", "Centre", "Coast", "Hills", "Lakes", "Plains"]
     n_areas = regions * districts * areas
     numbers = rng.permutation(n_areas) + 1
     k = 0
     for r in range(regions):
         reg = f"{code}-{chr(ord('A') + r)}"
+        reg_name = region_names[r] if r < len(region_names) else f"Region {r + 1}"
         for d in range(districts):
             dist = f"{code}{r + 1:02d}{d + 1:02d}"
             for _ in range(areas):
-                rows.append((code, reg, dist, f"E{int(numbers[k]):08d}"))
+                rows.append((code, reg, dist, f"E{int(numbers[k]):08d}", "Ruritania", reg_name,
+                             f"{reg_name} District {d + 1}"))
                 k += 1
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pl.DataFrame(rows, schema=list(LOOKUP_LEVELS), orient="row").write_csv(out)
+    schema = list(LOOKUP_LEVELS) + ["country_name", "region_name", "district_name"]
+    pl.DataFrame(rows, schema=schema, orient="row").write_csv(out)
     return out
 
 
@@ -119,11 +124,12 @@ def synthesize_spec(spec: HistogramSpec, n_persons: int, seed: int, out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng([seed, 3])
     if lookup is not None:
-        from pipeline.inputs.lookup import read_lookup
+        from pipeline.inputs.lookup import level_columns, read_lookup
 
         raw = pl.read_csv(lookup, infer_schema=False) if str(lookup).lower().endswith(".csv") else pl.read_parquet(lookup)
-        table = read_lookup(lookup, raw.columns)
-        sizes = _sizes(table[table.columns[-1]].to_list(), n_persons, rng, empty=0.1)
+        table = read_lookup(lookup, level_columns(raw.columns))
+        bottom = level_columns(raw.columns)[-1]
+        sizes = _sizes(table[bottom].to_list(), n_persons, rng, empty=0.1)
         units = synth_dwellings(sizes, seed)
     else:
         import tempfile

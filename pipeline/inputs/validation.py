@@ -21,7 +21,7 @@ from typing import Callable
 import polars as pl
 
 from pipeline.inputs.contract import PreparedTable, contract_for, load_contract, prepare_table
-from pipeline.inputs.lookup import unknown_units
+from pipeline.inputs.lookup import level_columns, unknown_units
 from pipeline.inputs.problems import MAX_EXAMPLES, READ_ERRORS, InputValidationError, Problem, first_line
 from pipeline.inputs.row_checks import Check, row_checks, run_row_checks, valid_rows
 from pipeline.model.spec import HistogramSpec, SpecError, load_spec
@@ -302,7 +302,7 @@ def validate_inputs(persons_path: str | Path, units_path: str | Path,
                 try:
                     problems += unknown_units(table.label, geo_cols[0],
                                               table.source.scan().select(table.geoid_expr().alias("geoid")),
-                                              lookup, lookup.columns[-1])
+                                              lookup, level_columns(lookup.columns)[-1])
                 except READ_ERRORS:
                     pass  # reported by the row checks
             # every row passed: the cross-file pass need not re-evaluate the row checks

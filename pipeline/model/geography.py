@@ -103,6 +103,8 @@ class LevelIndex:
     parent: np.ndarray
     child_ptr: np.ndarray
     names: np.ndarray | None = None
+    #: readable names of a lookup level's units (its ``<level>_name`` column), else None
+    display: np.ndarray | None = None
 
     @property
     def n_units(self) -> int:
@@ -298,6 +300,7 @@ class Geography:
         so a unit's children are contiguous, as the engine needs."""
         names = [lv.name for lv in levels]
         df = lookup.select([pl.col(n).cast(pl.Utf8) for n in names])
+        displays: list[np.ndarray | None] = []
         per_level: list[tuple[np.ndarray, np.ndarray]] = []
         prev_map: pl.DataFrame | None = None
         for k, n in enumerate(names):
@@ -317,6 +320,13 @@ class Geography:
             codes = units["code"].to_numpy().astype(str)
             parent_pos = units["parent"].to_numpy().astype(np.int64)
             per_level.append((codes, parent_pos))
+            if f"{n}_name" in lookup.columns:
+                named = lookup.select(pl.col(n).cast(pl.Utf8).alias("code"),
+                                      pl.col(f"{n}_name").cast(pl.Utf8).alias("nm")).unique("code")
+                displays.append(units.select("code").join(named, on="code", how="left")["nm"]
+                                .fill_null("").to_numpy().astype(str))
+            else:
+                displays.append(None)
             prev_map = units.select("code").with_row_index("pos").with_columns(pl.col("pos").cast(pl.Int64))
         out = []
         for k, lv in enumerate(levels):
@@ -327,7 +337,8 @@ class Geography:
                 ptr = np.searchsorted(child_parent, np.arange(size + 1)).astype(np.int64)
             else:
                 ptr = np.zeros(size + 1, dtype=np.int64)
-            out.append(LevelIndex(lv.name, LOOKUP, np.arange(size, dtype=np.int64), parent, ptr, names=codes))
+            out.append(LevelIndex(lv.name, LOOKUP, np.arange(size, dtype=np.int64), parent, ptr, names=codes,
+                                  display=displays[k]))
         return cls(out)
 
     @property
@@ -342,6 +353,10 @@ class Geography:
         for lv in self.levels:
             idx = self.ancestor_index(lv.name, np.arange(self.blocks.n_units))
             cols[lv.name] = pl.Series(lv.name, lv.geoids[idx].astype(str), dtype=pl.Utf8)
+        for lv in self.levels:
+            if lv.display is not None:
+                idx = self.ancestor_index(lv.name, np.arange(self.blocks.n_units))
+                cols[f"{lv.name}_name"] = pl.Series(f"{lv.name}_name", lv.display[idx].astype(str), dtype=pl.Utf8)
         return pl.DataFrame(cols)
 
     def units_frame(self) -> pl.DataFrame:

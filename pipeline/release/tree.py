@@ -5,7 +5,7 @@ level, ``schemas/geolevels.yaml``); every level's units sort by GEOID. A release
 lookup-file geography (any code strings) instead publishes ``geography.parquet``: every unit
 of every level with its ``level`` and its ``parent`` code, top to bottom, each level in the
 geography's unit order (by parent, then code) — which is also the order of the units in the
-tables. :class:`GeoTree` answers the questions the writer, ``dptab verify`` and the explorer
+tables — and its readable ``name`` (the lookup's ``<level>_name``, else ``<level> <code>``). :class:`GeoTree` answers the questions the writer, ``dptab verify`` and the explorer
 ask of either kind: the ancestor of a unit at a level above, where a code sits in a level, and
 the expected order of a level's units.
 """
@@ -33,10 +33,12 @@ class GeoTree:
     """
 
     def __init__(self, levels: Sequence[str], digits: Mapping[str, int],
-                 units: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+                 units: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                 names: Mapping[str, np.ndarray] | None = None) -> None:
         self.levels = list(levels)
         self.digits = dict(digits)
         self.units = dict(units) if units else None
+        self.names = dict(names) if names else {}
         self._parent_maps: dict[str, dict[str, str]] = {}
         self._order: dict[str, dict[str, int]] = {}
 
@@ -56,27 +58,50 @@ class GeoTree:
         digits = {lv.name: lv.digits for lv in geo.levels}
         if not geo.is_lookup:
             return cls([lv.name for lv in geo.levels], digits)
-        units = {}
+        units, names = {}, {}
         for k, lv in enumerate(geo.levels):
             units[lv.name] = (lv.geoids.astype(str), lv.parent_geoids(geo.levels[k - 1] if k else None).astype(str))
-        return cls([lv.name for lv in geo.levels], digits, units)
+            codes = lv.geoids.astype(str)
+            names[lv.name] = (np.where(lv.display != "", lv.display, np.char.add(f"{lv.name} ", codes))
+                              if lv.display is not None else np.char.add(f"{lv.name} ", codes)).astype(str)
+        return cls([lv.name for lv in geo.levels], digits, units, names)
 
     @classmethod
     def from_frame(cls, levels: Sequence[str], frame: pl.DataFrame) -> "GeoTree":
         """From a release's ``geography.parquet`` (columns ``level``, ``geoid``, ``parent``)."""
-        units = {}
+        units, names = {}, {}
         for lv in levels:
             sub = frame.filter(pl.col("level") == lv)
             units[lv] = (sub["geoid"].to_numpy().astype(str), sub["parent"].to_numpy().astype(str))
-        return cls(levels, {lv: -1 for lv in levels}, units)
+            if "name" in sub.columns:
+                names[lv] = sub["name"].to_numpy().astype(str)
+        return cls(levels, {lv: -1 for lv in levels}, units, names)
 
     def frame(self) -> pl.DataFrame:
         """The ``geography.parquet`` rows of a lookup geography (top to bottom, unit order)."""
         assert self.units is not None
         return pl.concat([pl.DataFrame({"level": pl.Series([lv] * len(self.units[lv][0]), dtype=pl.Utf8),
                                         "geoid": pl.Series(self.units[lv][0], dtype=pl.Utf8),
-                                        "parent": pl.Series(self.units[lv][1], dtype=pl.Utf8)})
+                                        "parent": pl.Series(self.units[lv][1], dtype=pl.Utf8),
+                                        "name": pl.Series(self.names[lv], dtype=pl.Utf8)})
                           for lv in self.levels])
+
+    def unit_names(self, level: str, geoids: np.ndarray) -> np.ndarray:
+        """Readable names of units ``geoids`` of ``level`` (object array): a lookup's published
+        names, else the US names of :func:`pipeline.model.geonames.unit_names`."""
+        from pipeline.model.geonames import unit_names
+
+        if not self.is_lookup:
+            return unit_names(level, geoids)
+        g = np.asarray(geoids).astype(str)
+        if level not in self.names:
+            return unit_names(level, g, True)
+        pos = self.position(level, g)
+        known = np.asarray(self.names[level], dtype=object)
+        out = np.array([f"{level} {x}" for x in g.tolist()], dtype=object)
+        ok = pos >= 0
+        out[ok] = known[pos[ok]]
+        return out
 
     def _parent_map(self, level: str) -> dict[str, str]:
         if level not in self._parent_maps:

@@ -43,9 +43,13 @@ def unbiased_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.nd
 
 
 def write_unbiased(tmp: Path, ts: TableSet, lts: Sequence[Any], unbiased: Mapping[tuple[str, str], np.ndarray],
-                   moe: Mapping[tuple[str, str], np.ndarray], lookup: bool = False) -> list[Path]:
+                   moe: Mapping[tuple[str, str], np.ndarray], tree: GeoTree | None = None) -> list[Path]:
     """Write ``tables/unbiased/<table>.parquet`` (every level but the bottom one) under ``tmp``
-    (``lookup``: a lookup geography's units, named ``<level> <code>``)."""
+    (``tree``: a lookup geography, whose units carry its names)."""
+    def names(lt: Any) -> np.ndarray:
+        return tree.unit_names(lt.level, lt.geoids) if tree is not None and tree.is_lookup else \
+            unit_names(lt.level, lt.geoids)
+
     out_dir = tmp / "tables" / "unbiased"
     out_dir.mkdir(parents=True)
     paths = []
@@ -58,7 +62,7 @@ def write_unbiased(tmp: Path, ts: TableSet, lts: Sequence[Any], unbiased: Mappin
             if est is None or m is None or m.ndim != 2:
                 raise ReleaseError(f"unbiased estimates of {name} at {lt.level} need the full estimator's "
                                    "estimates and per-unit margins of error")
-            frames.append(unbiased_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids, lookup), est, m))
+            frames.append(unbiased_frame(table, lt.level, lt.geoids, names(lt), est, m))
         if frames:
             path = out_dir / f"{name}.parquet"
             pl.concat(frames).write_parquet(path, compression="zstd")
@@ -93,7 +97,7 @@ def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: 
                 out.append(_fail("unbiased", f"{rel}: {part.height} {lt.level} rows, expected {n}", name, lt.level))
                 continue
             est = part["estimate"].to_numpy().reshape(len(lt.geoids), table.n_lines)
-            want = unbiased_frame(table, lt.level, lt.geoids, unit_names(lt.level, lt.geoids, tree.is_lookup), est, m)
+            want = unbiased_frame(table, lt.level, lt.geoids, tree.unit_names(lt.level, lt.geoids), est, m)
             if not part.equals(want):
                 out.append(_fail("unbiased", f"{rel}: {lt.level} rows differ from the rows regenerated from the "
                                              "estimates and the design's standard errors", name, lt.level))

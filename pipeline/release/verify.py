@@ -640,7 +640,7 @@ def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts
                     out.append(_fail("table_rows", f"{crel}: header {header!r}, expected {','.join(CSV_SCHEMA)!r}",
                                      name, lt.level))
                     csv = None
-            names = unit_names(lt.level, lt.geoids, tree.is_lookup)
+            names = tree.unit_names(lt.level, lt.geoids) if tree.is_lookup else unit_names(lt.level, lt.geoids)
             for s in range(0, max(len(lt.geoids), 1), step):
                 e = min(s + step, len(lt.geoids))
                 m = moe.get((name, lt.level))

@@ -284,7 +284,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         writers = {name: _TableWriter(tmp, name, csv, tree.is_lookup) for name in ts.tables}
         try:
             for lt in lts:
-                names = unit_names(lt.level, lt.geoids, tree.is_lookup)
+                names = tree.unit_names(lt.level, lt.geoids) if tree.is_lookup else unit_names(lt.level, lt.geoids)
                 for name, counts in lt.counts.items():
                     for s in range(0, max(len(lt.geoids), 1), CHUNK_UNITS):
                         e = min(s + CHUNK_UNITS, len(lt.geoids))
@@ -306,7 +306,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         if unbiased:
             from pipeline.release.unbiased import write_unbiased
 
-            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, lts, unbiased, moe, tree.is_lookup)]
+            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, lts, unbiased, moe, tree)]
         # the table definitions travel with the release: readers see exactly what each line sums
         defs = tmp / "tables" / "definitions.yaml"
         shutil.copyfile(ts.source, defs)
