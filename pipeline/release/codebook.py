@@ -335,7 +335,9 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
         "tables": tables,
         "files": files,
         "estimator": dict(m.get("estimator") or {"name": "topdown"}),
-        "bias_notes": bias_notes((m.get("estimator") or {}).get("name", "topdown")),
+        # measured for the PL94 product on US geography: other products and geographies get none
+        "bias_notes": (bias_notes((m.get("estimator") or {}).get("name", "topdown"))
+                       if ts.name == "pl94" and not m.get("geography") else None),
         "margins_of_error": {**(MOE_FULL if (m.get("estimator") or {}).get("name") == "full" else MOE),
                              "z": m["uncertainty"]["z"], "method": m["uncertainty"]["method"]},
         "privacy": {"definition": m["privacy"]["definition"], "neighbouring": m["privacy"]["neighbouring"],
