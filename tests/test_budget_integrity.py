@@ -224,7 +224,7 @@ def test_damaged_measurement_shard_stops_the_release(tmp_path: Path, inputs: Pat
 
 
 def test_damaged_solved_level_stops_the_next_level(tmp_path: Path, inputs: Path) -> None:
-    cfg = write_config(tmp_path, inputs, release_id="D2")
+    cfg = write_config(tmp_path, inputs, release_id="D2", postprocess={"estimator": "topdown"})  # stage by stage
     run_dir = stages.prepare(cfg)
     stages.stage_inputs(run_dir)
     ctx = RunContext.load(run_dir)
