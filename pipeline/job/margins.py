@@ -13,9 +13,10 @@ Monte Carlo method does, using released data only and spending no budget:
    scratch run directory;
 3. for every published table line, the errors ``rerun − plug-in`` of the ``K`` reruns, pooled
    over the units of a level whose plug-in count is in the same size bin (0, 1–9, 10–49, 50–249,
-   250–999, ≥ 1000): ``moe90`` is their 90th percentile of ``|error|`` (an integer). A cell whose
-   every rerun reproduced it exactly (fixed by the invariants, a structural zero, a parent of 0)
-   gets 0.
+   250–999, ≥ 1000): ``moe90`` is their 90th percentile of ``|error|`` (an integer); a group with
+   fewer than :data:`MIN_ERRORS` errors (few areas at the top levels) takes the quantile of all
+   lines of its table at that level and bin. A cell whose every rerun reproduced it exactly (fixed
+   by the invariants, a structural zero, a parent of 0) gets 0.
 
 The published ``margins/simulated.parquet`` holds the per (table, level, line, size bin) value;
 ``dptab verify`` checks every ``moe90`` is that value or 0. The plug-in uses no confidential
@@ -43,6 +44,9 @@ from pipeline.release.uncertainty import SIZE_BIN_LABELS, size_bin
 
 #: the quantile of |error| a 90% margin is
 QUANTILE = 0.9
+#: fewest errors a (line, size bin) group's quantile is taken from; smaller groups use the
+#: errors of every line of their table at that level and bin
+MIN_ERRORS = 50
 
 
 def _plugin_run(ctx: RunContext, k: int, seed: int) -> RunDir:
@@ -107,12 +111,20 @@ def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFr
                                            "unit": u.astype(np.int64),
                                            "line": np.asarray(t.numbers, np.int32)[ln]}))
                 bins = size_bin(counts)
-                for j, line in enumerate(t.numbers):
-                    for b in range(len(SIZE_BIN_LABELS)):
-                        sel = (bins[:, j] == b) & moving[:, j]
-                        if not sel.any():
+                for b in range(len(SIZE_BIN_LABELS)):
+                    # the (line, bin) groups of this level's table; a group with fewer than
+                    # MIN_ERRORS errors borrows the pooled errors of every line of the table in
+                    # the same bin (an empirical 90% quantile of a handful of values is biased low)
+                    sel = (bins == b) & moving                      # (n_units, n_lines)
+                    if not sel.any():
+                        continue
+                    pooled = np.sort(stack[:, sel].ravel())
+                    for j, line in enumerate(t.numbers):
+                        if not sel[:, j].any():
                             continue
-                        vals = np.sort(stack[:, sel, j].ravel())
+                        vals = np.sort(stack[:, sel[:, j], j].ravel())
+                        if vals.size < MIN_ERRORS:
+                            vals = pooled
                         q = vals[int(np.ceil(QUANTILE * vals.size)) - 1]  # inverted CDF: exact, integer
                         rows.append((t.name, lv, int(line), SIZE_BIN_LABELS[b], int(q), int(vals.size)))
     lookup = pl.DataFrame(rows, schema={"table": pl.Utf8, "geolevel": pl.Utf8, "line": pl.Int32,
