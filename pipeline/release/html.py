@@ -291,18 +291,8 @@ def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -
     chunk_digits = int(chunk["digits"])
     total_of = next((i for i, t in enumerate(tables) if t["name"] == "P1"), 0)
 
-    index: dict[str, Any] = {
-        "format": 1,
-        "levels": [{"name": g["name"], "digits": int(g["digits"]), "geo_id": f"{summary_level(int(g['digits']))}0000US",
-                    "csv": [t["name"] for t in tables if f"csv/{g['name']}/{t['name']}.csv" in paths]} for g in levels],
-        "tables": [], "total": {"table": tables[total_of]["name"] if tables else None,
-                                "universe": tables[total_of].get("universe") if tables else None},
-        "chunk_digits": chunk_digits, "moe": [], "areas": [], "counts": {}, "area_chunks": {}, "block_chunks": {},
-        "parquet": [f"tables/{t['name']}.parquet" for t in tables if f"tables/{t['name']}.parquet" in paths],
-    }
-    offset = [0]
-    for t in tables:
-        offset.append(offset[-1] + int(t["lines"]))
+    index, offset = _index_head(tables, levels, paths, total_of, chunk_digits,
+                                lambda g: f"{summary_level(int(g['digits']))}0000US")
     taken: dict[str, str] = {}
     by_chunk: dict[str, dict[str, str]] = {}
     for li, g in enumerate(levels):
@@ -329,6 +319,25 @@ def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -
     return written
 
 
+def _index_head(tables: list[Any], levels: list[Any], paths: set[str], total_of: int, chunk_digits: int,
+                geo_id: Callable[[Mapping[str, Any]], str], lookup: bool = False) -> tuple[dict[str, Any], list[int]]:
+    """The explorer index's fixed part (levels, total line, empty collections, Parquet files) and
+    each table's first column in a row of counts (``offset``, tables side by side)."""
+    index: dict[str, Any] = {
+        "format": 1, **({"lookup": True} if lookup else {}),
+        "levels": [{"name": g["name"], "digits": int(g["digits"]), "geo_id": geo_id(g),
+                    "csv": [t["name"] for t in tables if f"csv/{g['name']}/{t['name']}.csv" in paths]} for g in levels],
+        "tables": [], "total": {"table": tables[total_of]["name"] if tables else None,
+                                "universe": tables[total_of].get("universe") if tables else None},
+        "chunk_digits": chunk_digits, "moe": [], "areas": [], "counts": {}, "area_chunks": {}, "block_chunks": {},
+        "parquet": [f"tables/{t['name']}.parquet" for t in tables if f"tables/{t['name']}.parquet" in paths],
+    }
+    offset = [0]
+    for t in tables:
+        offset.append(offset[-1] + int(t["lines"]))
+    return index, offset
+
+
 def _write_lookup_areas(root: Path, manifest: Mapping[str, Any], tables: list[Any], levels: list[Any],
                         emit: Callable[[str, Any], None]) -> None:
     """The explorer of a lookup geography (``geography.parquet``): every level's units are areas,
@@ -341,21 +350,9 @@ def _write_lookup_areas(root: Path, manifest: Mapping[str, Any], tables: list[An
     names = [g["name"] for g in levels]
     chunk_level = names[min(2, len(names) - 1)]
     total_of = next((i for i, t in enumerate(tables) if t["name"] == "P1"), 0)
-    index: dict[str, Any] = {
-        "format": 1, "lookup": True,
-        "levels": [{"name": g["name"], "digits": int(g["digits"]), "geo_id": "",
-                    "csv": [t["name"] for t in tables if f"csv/{g['name']}/{t['name']}.csv" in
-                            {f["path"] for f in manifest["files"]}]} for g in levels],
-        "tables": [], "total": {"table": tables[total_of]["name"] if tables else None,
-                                "universe": tables[total_of].get("universe") if tables else None},
-        "chunk_digits": 0, "moe": [], "areas": [], "counts": {}, "area_chunks": {}, "block_chunks": {},
-        "area_chunk_of": {},
-        "parquet": [f"tables/{t['name']}.parquet" for t in tables
-                    if f"tables/{t['name']}.parquet" in {f["path"] for f in manifest["files"]}],
-    }
-    offset = [0]
-    for t in tables:
-        offset.append(offset[-1] + int(t["lines"]))
+    index, offset = _index_head(tables, levels, {f["path"] for f in manifest["files"]}, total_of, 0, lambda g: "",
+                                lookup=True)
+    index["area_chunk_of"] = {}
     taken: dict[str, str] = {}
     by_chunk: dict[str, dict[str, str]] = {}
     for li, g in enumerate(levels):

@@ -55,18 +55,25 @@ def is_ppmf(spec: HistogramSpec, lookup: bool = False) -> bool:
     return not lookup and tuple(a.name for a in spec.attributes) == PPMF_ATTRIBUTES
 
 
-def generic_microdata(unit_codes: np.ndarray, hist: HistogramLike | np.ndarray, spec: HistogramSpec) -> pl.DataFrame:
-    """One row per person in the generic layout (module doc): ``geoid``, ``EPNUM``, one column per
-    spec attribute; ``unit_codes``: the bottom units' codes in unit order ``(n_units,)``."""
+def _entries(hist: HistogramLike | np.ndarray, n_units_given: int, spec: HistogramSpec,
+             what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The published histogram's ``(unit, cell, count)`` entries, checked against the units given
+    and the spec, sorted by (unit, cell) so persons come out in geography order."""
     n_units, n_cells, unit, cell, count = as_sparse_arrays(hist)
-    if n_units != len(unit_codes):
-        raise MicrodataError(f"histogram has {n_units} units but {len(unit_codes)} unit codes were given")
+    if n_units != n_units_given:
+        raise MicrodataError(f"histogram has {n_units} {what} but {n_units_given} codes were given")
     if n_cells != spec.n_cells:
         raise MicrodataError(f"histogram has {n_cells} cells, spec {spec.name!r} has {spec.n_cells}")
     if count.size and (count.min() < 0):
         raise MicrodataError("a published histogram cannot have negative counts")
     order = np.lexsort((cell, unit))
-    unit, cell, count = unit[order], cell[order], count[order]
+    return unit[order], cell[order], count[order]
+
+
+def generic_microdata(unit_codes: np.ndarray, hist: HistogramLike | np.ndarray, spec: HistogramSpec) -> pl.DataFrame:
+    """One row per person in the generic layout (module doc): ``geoid``, ``EPNUM``, one column per
+    spec attribute; ``unit_codes``: the bottom units' codes in unit order ``(n_units,)``."""
+    unit, cell, count = _entries(hist, len(unit_codes), spec, "units")
     codes = spec.cell_codes(cell)
     rep = np.repeat(np.arange(unit.size), count)
     cols: dict[str, pl.Series] = {
@@ -127,16 +134,7 @@ def microdata_from_blocks(block_geoids: np.ndarray, hist: HistogramLike | np.nda
     """
     if not is_ppmf(spec, lookup):
         return generic_microdata(block_geoids, hist, spec)
-    n_units, n_cells, unit, cell, count = as_sparse_arrays(hist)
-    if n_units != len(block_geoids):
-        raise MicrodataError(f"histogram has {n_units} blocks but {len(block_geoids)} block GEOIDs were given")
-    if n_cells != spec.n_cells:
-        raise MicrodataError(f"histogram has {n_cells} cells, spec {spec.name!r} has {spec.n_cells}")
-    if count.size and (count.min() < 0):
-        raise MicrodataError("a published block histogram cannot have negative counts")
-    # sort by (unit, cell) so persons come out in geography order whatever the input order
-    order = np.lexsort((cell, unit))
-    unit, cell, count = unit[order], cell[order], count[order]
+    unit, cell, count = _entries(hist, len(block_geoids), spec, "blocks")
     # one row per non-zero histogram entry, then a single gather repeats each by its count
     codes = spec.cell_codes(cell)
     geo = block_geography_frame(block_geoids)
