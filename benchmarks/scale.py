@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py --persons 10000000 [--persons 30000000 ...] [--workers 2]
                                [--estimator topdown] [--interval 1.0]
+                               [--mode local|flow|dask|flow-dask ...] [--dask-workers 2]
 
 For each N (synthetic input cached in ``bench-out/synth-N-1``, made by ``dptab synth``): runs
 the whole job (keyed noise, the 2020 strategies, ``output.csv: false``) in a fresh subprocess
@@ -13,13 +14,26 @@ a read of the persons file + one group_by to block × cell counts + a write (sam
 
 Prints a line per sample batch and, last, one JSON object per N: wall, peak total RSS of the
 tree, per-stage wall and CPU %, the floor. Large N take minutes to hours: run in the background.
+
+``--mode`` (repeatable; each N runs once per mode, same seeded noise): ``local`` is ``dptab run``
+with its own worker pool; ``flow`` the Prefect flow (thread runner, ephemeral API); ``dask``
+``execution.executor: dask`` on a local ``distributed`` cluster of ``--dask-workers`` worker
+processes (one thread each, started here on 127.0.0.1 and stopped after the run); ``flow-dask``
+the Prefect flow with the Dask task runner on that cluster. The cluster's processes are counted in
+the tree's RSS and CPU. With several modes the JSON says whether every release is identical to the
+first mode's (all files but the manifest, README, codebook and HTML, which carry ids and dates).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import hashlib
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -47,10 +61,10 @@ def _tree(proc: psutil.Process) -> list[psutil.Process]:
         return []
 
 
-def _sample(proc: psutil.Process) -> tuple[float, float]:
-    """(total RSS in MB, total CPU seconds) of the process tree; vanished processes count 0."""
+def _sample(roots: list[psutil.Process]) -> tuple[float, float]:
+    """(total RSS in MB, total CPU seconds) of the process trees; vanished processes count 0."""
     rss = cpu = 0.0
-    for p in _tree(proc):
+    for p in (q for r in roots for q in _tree(r)):
         try:
             with p.oneshot():
                 rss += p.memory_info().rss
@@ -61,29 +75,111 @@ def _sample(proc: psutil.Process) -> tuple[float, float]:
     return rss / 2**20, cpu
 
 
-def run_one(persons: int, workers: int, estimator: str, interval: float, work: Path) -> dict:
+@contextlib.contextmanager
+def dask_cluster(n_workers: int, logs: Path):
+    """A ``distributed`` scheduler and ``n_workers`` one-thread workers on 127.0.0.1 (this
+    checkout on their path); yields ``(address, [processes])``, stops them by process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], stdout=open(logs / "scheduler.log", "w"),
+                              stderr=subprocess.STDOUT, env=env, start_new_session=True)]
+    time.sleep(2)
+    for i in range(n_workers):
+        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                       "--host", "127.0.0.1", "--dashboard-address", ":0", "--no-nanny"],
+                                      stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT,
+                                      env=env, start_new_session=True, cwd=ROOT))
+    try:
+        from distributed import Client
+
+        with Client(address, timeout="60s") as client:
+            client.wait_for_workers(n_workers, timeout=120)
+        yield address, procs
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def release_digests(release: Path) -> dict[str, str]:
+    """sha256 of every release file but those carrying the release id or dates."""
+    return {p.relative_to(release).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(release.rglob("*"))
+            if p.is_file() and p.name not in ("manifest.json", "README.md", "codebook.json") and p.suffix != ".html"}
+
+
+def synthetic_input(persons: int) -> Path:
     cache = ROOT / "bench-out" / f"synth-{persons}-1"
     if not (cache / "units.parquet").exists():
         subprocess.run([sys.executable, "-m", "dptab.cli", "synth", "--persons", str(persons), "--seed", "1",
                         "--out", str(cache), "--quiet"], cwd=ROOT, check=True)
-    tag = f"scale-{persons}"
-    cfg = {"dataset_id": "scale", "confidential": False, "release_id": tag,
+    return cache
+
+
+def run_one(persons: int, workers: int, estimator: str, interval: float, work: Path, mode: str = "local",
+            dask_workers: int = 2) -> dict:
+    cache = synthetic_input(persons)
+    tag = f"scale-{persons}-{mode}"
+    execution: dict = {"workers": workers}
+    # seeded noise: every mode draws the same measurements, so their releases can be compared
+    cfg = {"dataset_id": f"scale-{mode}", "confidential": False, "release_id": tag,
            "inputs": {"persons": str(cache / "persons.parquet"), "units": str(cache / "units.parquet")},
-           "privacy": {"randomness": "keyed", "ledger": str(work / "ledger.sqlite"), "lifetime_rho": "100000"},
+           "privacy": {"randomness": "seeded", "seed": 1, "ledger": str(work / "ledger.sqlite"),
+                       "lifetime_rho": "100000"},
            "postprocess": {"estimator": estimator},
            "output": {"runs_dir": str(work / "runs"), "releases_dir": str(work / "releases"), "csv": False},
-           "execution": {"workers": workers}}
-    path = work / f"{tag}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+           "execution": execution}
     floor = io_floor(cache / "persons.parquet", work / "floor.parquet")
+    with contextlib.ExitStack() as stack:
+        cluster: list[subprocess.Popen] = []
+        cmd = [sys.executable, "-m", "dptab.cli", "run", "--quiet"]
+        if mode in ("dask", "flow-dask"):
+            logs = work / f"dask-{mode}"
+            logs.mkdir()
+            address, cluster = stack.enter_context(dask_cluster(dask_workers, logs))
+            if mode == "dask":  # each cluster worker solves its shard in its own process
+                execution.update(executor="dask", dask_address=address, workers=1)
+            else:
+                cmd += ["--flow", "--task-runner", "dask", "--dask-address", address]
+        elif mode == "flow":
+            cmd += ["--flow"]
+        path = work / f"{tag}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        res = _watch(cmd + [str(path)], [psutil.Process(p.pid) for p in cluster], interval, persons)
+    wall, samples = res
+    state = json.loads((work / "runs" / tag / "state.json").read_text())
+    stages = _stages(state, wall[0], samples)
+    return {"persons": persons, "estimator": estimator, "mode": mode, "workers": workers,
+            **({"dask_workers": dask_workers} if "dask" in mode else {}),
+            "wall_s": round(wall[1], 1),
+            "peak_total_rss_mb": round(max((s[1] for s in samples), default=0.0)),
+            "cpu_percent_whole_job": round(100 * (samples[-1][2] / wall[1] if samples else 0.0)),
+            "io_floor_s": round(floor, 2), "stages": stages, "release": str(work / "releases" / tag)}
+
+
+def _watch(cmd: list[str], extra: list[psutil.Process], interval: float,
+           persons: int) -> tuple[tuple[float, float], list[tuple[float, float, float]]]:
+    """Run ``cmd`` and sample it (and the ``extra`` process trees) until it exits; returns
+    ((start unix time, wall s), [(unix time, total RSS MB, CPU s so far)])."""
     samples: list[tuple[float, float, float]] = []  # (unix time, rss MB, cpu s)
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "dptab.cli", "run", "--quiet", str(path)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = _sample(extra)[1]  # a cluster's start-up CPU is not the job's
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ps = psutil.Process(proc.pid)
     cpu_done = 0.0  # CPU of exited children is folded into their parent's children_* times
     while proc.poll() is None:
-        rss, cpu = _sample(ps)
+        rss, cpu = _sample([ps, *extra])
+        cpu -= base
         cpu_done = max(cpu_done, cpu)
         samples.append((time.time(), rss, cpu_done))
         if len(samples) % 60 == 0:
@@ -93,12 +189,7 @@ def run_one(persons: int, workers: int, estimator: str, interval: float, work: P
     wall = time.time() - t0
     if proc.returncode != 0:
         raise RuntimeError(out[-4000:])
-    state = json.loads((work / "runs" / tag / "state.json").read_text())
-    stages = _stages(state, t0, samples)
-    return {"persons": persons, "estimator": estimator, "workers": workers, "wall_s": round(wall, 1),
-            "peak_total_rss_mb": round(max((s[1] for s in samples), default=0.0)),
-            "cpu_percent_whole_job": round(100 * (samples[-1][2] / wall if samples else 0.0)),
-            "io_floor_s": round(floor, 2), "stages": stages}
+    return (t0, wall), samples
 
 
 def _stages(state: dict, t0: float, samples: list[tuple[float, float, float]]) -> dict[str, dict]:
@@ -132,11 +223,20 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--estimator", default="topdown", choices=["topdown", "full"])
     ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--mode", action="append", choices=["local", "flow", "dask", "flow-dask"])
+    ap.add_argument("--dask-workers", type=int, default=2)
     args = ap.parse_args()
     for n in args.persons:
         with tempfile.TemporaryDirectory(prefix="dptab-scale-") as tmp:
-            res = run_one(n, args.workers, args.estimator, args.interval, Path(tmp))
-        print(json.dumps(res), flush=True)
+            first: dict[str, str] | None = None
+            for mode in args.mode or ["local"]:
+                res = run_one(n, args.workers, args.estimator, args.interval, Path(tmp), mode, args.dask_workers)
+                digests = release_digests(Path(res.pop("release")))
+                if first is None:
+                    first = digests
+                else:
+                    res["release_identical_to_first_mode"] = digests == first
+                print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":
