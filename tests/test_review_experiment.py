@@ -96,7 +96,10 @@ def _tiny_inputs(tmp_path):
     cfg = tmp_path / "config.yaml"
     cfg.write_text("dataset_id: tiny\nconfidential: true\ninputs: {persons: persons.parquet, units: units.parquet}\n"
                    "privacy: {strategy: uniform, units_strategy: null, lifetime_rho: '5', ledger: runs/ledger.sqlite,"
-                   " randomness: seeded, seed: 3}\noutput: {runs_dir: runs, releases_dir: releases}\n")
+                   " randomness: seeded, seed: 3}\noutput: {runs_dir: runs, releases_dir: releases}\n"
+                   # the 2020 estimator: these tests are about the experiment, not the estimator
+                   # (the --compare-estimators test sets each setting's estimator itself)
+                   "postprocess: {estimator: topdown}\n")
     return cfg
 
 
@@ -181,3 +184,34 @@ def test_experiment_markdown_orders_settings_by_epsilon():
     assert header.index("ε 5.00") < header.index("ε 20.00")
     row = next(ln for ln in text.splitlines() if ln.startswith("| Total population | county |"))
     assert "5.00 ± 1.00" in row and "1.10 ± 0.17" in row
+
+
+def test_compare_estimators_pairs_the_same_noise_and_reports_both(tmp_path):
+    """`--compare-estimators`: topdown and full on the same seeds (both draw every answer, so the
+    very same measurements); paired.parquet holds trial-by-trial differences that match the
+    trials, and the report and summary carry the side-by-side and coverage sections."""
+    from pipeline.review.experiment import run_experiment
+
+    cfg = _tiny_inputs(tmp_path)
+    with pytest.raises(ExperimentError, match="no --rho"):
+        run_experiment(cfg, trials=1, rhos=["1"], out_dir=tmp_path / "exp0", compare_estimators=True)
+    exp = run_experiment(cfg, trials=2, workers=2, out_dir=tmp_path / "exp", compare_estimators=True)
+    trials = pl.read_parquet(exp / "trials.parquet")
+    a, b = "topdown (2020)", "full (GLS)"
+    assert set(trials["setting"]) == {a, b}
+    paired = pl.read_parquet(exp / "paired.parquet")
+    keys = {"level": "county", "statistic": "total", "metric": "rmse", "estimator": "published"}
+    row = paired.filter(*[pl.col(k) == v for k, v in keys.items()] + [pl.col("size_bin") == "all"])
+    assert row.height == 1 and row["trials"][0] == 2
+    t = trials.filter(*[pl.col(k) == v for k, v in keys.items()] + [pl.col("size_bin") == "all"])
+    per_trial = {s: t.filter(pl.col("setting") == s).sort("trial")["value"].to_numpy() for s in (a, b)}
+    assert row["diff"][0] == pytest.approx(float((per_trial[b] - per_trial[a]).mean()), rel=1e-12, abs=1e-12)
+    # the invariant state total is exact under both estimators
+    st = trials.filter((pl.col("level") == "state") & (pl.col("statistic") == "total") & (pl.col("metric") == "mae")
+                       & (pl.col("size_bin") == "all") & (pl.col("estimator") == "published"))
+    assert st.height == 4 and (st["value"] == 0).all()
+    html = (exp / "report.html").read_text()
+    assert f"{b} vs {a} (paired trials)" in html
+    md = (exp / "summary.md").read_text()
+    assert "paired over 2 trials" in md and "Coverage of the published count" in md
+    assert (exp / "coverage.parquet").is_file() and (exp / "bias.yaml").is_file()

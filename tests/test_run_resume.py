@@ -68,6 +68,8 @@ def reference(tmp_path_factory):
 
 CRASH_POINTS = [
     "before:inputs",                       # histograms written, not recorded
+    "before:measure:persons:block:00000",  # full estimator: block answers drawn, not recorded
+    "before:estimate:persons",             # full estimator: GLS targets written, not recorded
     "before:shard:persons:nation:00000",   # root measured and solved, not recorded
     "mid-write:state.json#4",              # a state update half-written
     "before:shard:persons:block:00000",    # block measurements drawn and solved, not recorded
@@ -93,9 +95,12 @@ def test_crash_points_resume_to_identical_release(reference) -> None:
 def test_random_kills_with_the_same_key_resume_to_identical_release(tmp_path) -> None:
     inputs = make_inputs(tmp_path, persons=2000, seed=8)
     keyed = {"randomness": "keyed", "seed": None}
-    ref = stages.run(write_config(tmp_path, inputs, name="a.yaml", release_id="keyed-a", privacy=keyed),
-                     progress=False)
-    run_b = stages.prepare(write_config(tmp_path, inputs, name="b.yaml", release_id="keyed-b", privacy=keyed))
+    # the 2020 estimator here (the crash points and the kill campaign run the default, full)
+    topdown = {"estimator": "topdown"}
+    ref = stages.run(write_config(tmp_path, inputs, name="a.yaml", release_id="keyed-a", privacy=keyed,
+                                  postprocess=topdown), progress=False)
+    run_b = stages.prepare(write_config(tmp_path, inputs, name="b.yaml", release_id="keyed-b", privacy=keyed,
+                                        postprocess=topdown))
     shutil.copyfile(Path(ref["run_dir"]) / "noise.key", run_b / "noise.key")  # same key, as on a retry
     rng = random.Random(20261123)
     # kill points drawn over the run's progress (number of recorded stages), plus a random
