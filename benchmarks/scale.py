@@ -101,14 +101,14 @@ def dask_cluster(n_workers: int, logs: Path):
             client.wait_for_workers(n_workers, timeout=120)
         yield address, procs
     finally:
-        for p in procs:
+        for p in reversed(procs):  # workers first: without a scheduler they linger reconnecting
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
 
 def release_digests(release: Path) -> dict[str, str]:
