@@ -102,6 +102,8 @@ def run_cmd(
     dask_address: str = typer.Option(None, "--dask-address",
                                      help="tcp://scheduler:8786 of an existing Dask cluster (default: execution.dask_address)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
+    plan_only: bool = typer.Option(False, "--plan", help="print the work list (levels, shards, answers drawn), the "
+                                   "budget check and a rough time and memory, then stop (nothing reserved or written)"),
 ) -> None:
     """Run (or resume) a release job: validate, histograms, noise, top-down, publish."""
     import time
@@ -112,6 +114,11 @@ def run_cmd(
 
     if config is None and resume is None:
         raise typer.BadParameter("give a CONFIG or --resume RUN_DIR")
+    if plan_only:
+        if config is None:
+            raise typer.BadParameter("--plan sizes a new run: give a CONFIG")
+        _print_plan(config)
+        return
     console = _console()
     t0 = time.perf_counter()
     try:
@@ -126,6 +133,35 @@ def run_cmd(
     for k, v in summary.items():
         table.add_row(k, str(v))
     console.print(table)
+
+
+def _print_plan(config: str) -> None:
+    """``dptab run CONFIG --plan``: the sizing of :mod:`pipeline.job.sizing`."""
+    from rich.table import Table
+
+    from pipeline.job.sizing import plan_run
+
+    try:
+        sizing = plan_run(config)
+    except Exception as exc:
+        _fail(exc)
+    console = _console()
+    table = Table(title=f"dptab run --plan {config}")
+    for col in ("kind", "level", "units", "parents", "shards", "largest shard (children x cells)", "answers drawn"):
+        table.add_column(col, justify="left" if col in ("kind", "level") else "right")
+    for s in sizing.steps:
+        table.add_row(s.kind, s.level, f"{s.units:,}", f"{s.parents:,}", f"{s.shards:,}",
+                      f"{s.largest_shard_cells:,}", f"{s.answers:,}" + ("" if sizing.estimator == "full" else " (at most)"))
+    console.print(table)
+    fits = sizing.rho <= sizing.budget_left
+    console.print(f"persons {sizing.persons:,}, blocks {sizing.blocks:,}, estimator {sizing.estimator}, "
+                  f"workers {sizing.workers}")
+    console.print(f"budget: this run spends rho ~ {float(sizing.rho):.4g}; the dataset has ~ "
+                  f"{float(sizing.budget_left):.4g} of its lifetime {float(sizing.lifetime_rho):.4g} left: "
+                  + ("fits" if fits else "[red]the run would be refused[/red]"))
+    wall = f"{sizing.seconds / 60:.0f} min" if sizing.seconds >= 120 else f"{sizing.seconds:.0f} s"
+    console.print(f"rough estimate on a 2-core machine: {wall} wall, {sizing.peak_gb:.1f} GB peak memory "
+                  "(model from BENCHMARKS.md, +-50%)")
 
 
 def _run_flow(config: str | None, resume: str | None, task_runner: str | None,

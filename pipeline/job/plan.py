@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.job.context import RunContext
+from pipeline.job.sizing import level_shard_bounds
 
 
 @dataclass(frozen=True)
@@ -31,22 +32,11 @@ class LevelStep:
 
 
 def shard_bounds(ctx: RunContext, level: str) -> np.ndarray:
-    """Parent-index boundaries of the shards of ``level``, int64 ``(n_shards + 1,)``.
-
-    A shard is a contiguous range of parents whose children x cells add up to about
-    ``execution.shard_target_cells`` (10–120 s of work); the top level is one shard. The
-    bounds depend only on the geography and the config, so a resumed run finds the same shards.
-    """
-    names = ctx.level_names
-    i = names.index(level)
-    if i == 0:
-        return np.array([0, 1], dtype=np.int64)
-    parent = ctx.geography.levels[i - 1]
-    n_children = np.diff(parent.child_ptr)
-    work = np.cumsum(n_children * ctx.persons_spec.n_cells)
-    target = ctx.cfg.execution.shard_target_cells
-    cuts = np.searchsorted(work, np.arange(target, work[-1], target), side="left") + 1
-    return np.unique(np.concatenate([[0], cuts, [parent.n_units]])).astype(np.int64)
+    """Parent-index boundaries of the shards of ``level``, int64 ``(n_shards + 1,)``: a shard is a
+    contiguous range of parents whose children x cells add up to about
+    ``execution.shard_target_cells`` (10–120 s of work); see
+    :func:`pipeline.job.sizing.level_shard_bounds`."""
+    return level_shard_bounds(ctx.geography, level, ctx.persons_spec.n_cells, ctx.cfg.execution.shard_target_cells)
 
 
 def plan(ctx: RunContext) -> list[LevelStep]:

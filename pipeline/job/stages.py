@@ -21,6 +21,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
+import polars as pl
+
 from pipeline.files import private_files, write_parquet_atomic
 from pipeline.inputs.histograms import build_person_histograms, build_unit_counts
 from pipeline.inputs.invariants import declared, units_truth, write_invariants
@@ -34,6 +36,7 @@ from pipeline.job.plan import plan, shard_bounds
 from pipeline.job.prepare import check_rho, prepare
 from pipeline.job.progress import StageProgress
 from pipeline.job.rundir import RunDir
+from pipeline.model.config import RunConfig
 from pipeline.model.geography import Geography
 from pipeline.privacy.ledger import Ledger, LedgerError
 
@@ -69,18 +72,8 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
     with private_files():
         # The geography comes from the units file (public: every block with a housing unit or
         # a facility); validation guarantees every person's block is in it.
-        levels = cfg.geography.geolevels()
-        if cfg.geography.lookup is not None:  # a public lookup: every unit at every level, with records or not
-            table = read_lookup(cfg.geography.lookup, [lv.name for lv in levels])
-            write_parquet_atomic(table, ctx.rd.geography_path)
-            geo = Geography.from_lookup(table, levels)
-        else:
-            if cfg.geography.blocks is not None:  # a public list: every block, with units or not
-                blocks = read_block_list(cfg.geography.blocks, units, levels[-1].digits)
-            else:
-                blocks = units.select("geoid").unique().sort("geoid").collect()
-            write_parquet_atomic(blocks, ctx.rd.geography_path)
-            geo = Geography.from_block_geoids(blocks["geoid"].to_numpy(), levels)
+        table, geo = input_geography(cfg, units)
+        write_parquet_atomic(table, ctx.rd.geography_path)
         person_hists = build_person_histograms(persons, geo, ctx.persons_spec)
         unit_counts = build_unit_counts(units, geo)
         written = [ctx.rd.geography_path]
@@ -96,6 +89,22 @@ def stage_inputs(run_dir: str | Path) -> dict[str, Any]:
             "seconds": round(time.perf_counter() - t0, 3)}
     ctx.rd.mark_done("inputs", info, files=written)
     return info
+
+
+def input_geography(cfg: RunConfig, units: pl.LazyFrame) -> tuple[pl.DataFrame, Geography]:
+    """The run's geography and the table it is stored as (``geography.parquet``): the public
+    lookup when the config names one (every unit at every level, with records or not), else the
+    public block list, else every block of the units file (public: every block with a housing
+    unit or a facility; validation guarantees every person's block is in it)."""
+    levels = cfg.geography.geolevels()
+    if cfg.geography.lookup is not None:
+        table = read_lookup(cfg.geography.lookup, [lv.name for lv in levels])
+        return table, Geography.from_lookup(table, levels)
+    if cfg.geography.blocks is not None:
+        blocks = read_block_list(cfg.geography.blocks, units, levels[-1].digits)
+    else:
+        blocks = units.select("geoid").unique().sort("geoid").collect()
+    return blocks, Geography.from_block_geoids(blocks["geoid"].to_numpy(), levels)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""`dptab run CONFIG --plan`: the work list a run will follow, sized before anything is reserved.
+
+The plan's shards are the run's shards (one implementation of the shard bounds), its answer
+counts are what the run draws (the full estimator draws every answer), and the budget line
+follows the ledger; nothing is written or reserved by planning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import polars as pl
+from run_helpers import make_inputs, write_config
+
+from pipeline.job import stages
+from pipeline.job.context import RunContext
+from pipeline.job.plan import plan
+from pipeline.job.sizing import plan_run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_plan_matches_the_run_it_sizes(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path, persons=4000, seed=3)  # 3 block groups, 69 blocks
+    # a small shard target: several shards per level below the state
+    cfg = write_config(tmp_path, inputs, release_id="sized", execution={"workers": 1, "shard_target_cells": 4_000})
+    before = plan_run(cfg)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "ledger.sqlite").exists()
+    assert before.budget_left == Fraction(100) and before.rho > 0 and before.persons == 4000
+    out = stages.run(cfg, progress=False)
+    ctx = RunContext.load(out["run_dir"])
+    shards = {(s.kind, s.level): len(s.shards) for s in plan(ctx) if s.action == "solve"}
+    assert {(s.kind, s.level): s.shards for s in before.steps} == shards
+    assert any(n > 1 for n in shards.values())
+    units = {lv.name: lv.n_units for lv in ctx.geography.levels}
+    assert {s.level: s.units for s in before.steps if s.kind == "persons"} == units
+    for s in before.steps:  # the full estimator draws every answer of every query
+        drawn = sum(pl.scan_parquet(ctx.rd.measurement_path(s.kind, s.level, k)).select(pl.len()).collect().item()
+                    for k in range(s.shards))
+        assert drawn == s.answers, (s.kind, s.level)
+    after = plan_run(cfg)
+    assert after.budget_left == Fraction(100) - before.rho
+
+
+def test_cli_plan_prints_and_reserves_nothing(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path, persons=800, seed=5)
+    cfg = write_config(tmp_path, inputs, release_id="never", privacy={"lifetime_rho": "1"})
+    res = subprocess.run([sys.executable, "-m", "dptab.cli", "run", str(cfg), "--plan"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "block_group" in res.stdout and "the run would be refused" in res.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "releases").exists()
+    assert not (tmp_path / "ledger.sqlite").exists()
+    assert json.dumps(plan_run(cfg).to_json())  # the sizing is JSON-able (logs, monitoring)
