@@ -55,3 +55,19 @@ def test_cli_plan_prints_and_reserves_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists() and not (tmp_path / "releases").exists()
     assert not (tmp_path / "ledger.sqlite").exists()
     assert json.dumps(plan_run(cfg).to_json())  # the sizing is JSON-able (logs, monitoring)
+
+
+def test_shard_areas_name_the_states_of_each_shard() -> None:
+    import numpy as np
+
+    from pipeline.job.plan import shard_areas
+    from pipeline.model.geography import Geography, load_geolevels
+
+    # two blocks in each of three block groups of state 10, one block group of state 44
+    blocks = ["100010001001001", "100010001001002", "100010001002001", "100010001002002",
+              "100030002001001", "100030002001002", "440010001001001", "440010001001002"]
+    geo = Geography.from_block_geoids(np.array(blocks), load_geolevels())
+    # block-group parents of the block level: 4; shards [0, 2) [2, 4)
+    assert shard_areas(geo, "block", np.array([0, 2, 4])) == ["10", "10-44"]
+    assert shard_areas(geo, "block", np.array([0, 1, 2, 3, 4])) == ["10", "10", "10", "44"]
+    assert shard_areas(geo, "state", np.array([0, 1])) == [""]

@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.job.context import RunContext
 from pipeline.job.sizing import level_shard_bounds
+from pipeline.model.geography import Geography
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,26 @@ def shard_bounds(ctx: RunContext, level: str) -> np.ndarray:
     ``execution.shard_target_cells`` (10–120 s of work); see
     :func:`pipeline.job.sizing.level_shard_bounds`."""
     return level_shard_bounds(ctx.geography, level, ctx.persons_spec.n_cells, ctx.cfg.execution.shard_target_cells)
+
+
+def shard_areas(geography: Geography, level: str, bounds: np.ndarray) -> list[str]:
+    """Where each shard of ``level`` (parent-index ``bounds``, :func:`shard_bounds`) lies, for
+    progress output: the codes of the second level's units (states, in the US) its parents
+    belong to, ``"06"`` or ``"06-08"``; empty for the two top levels (the whole area)."""
+    names = [lv.name for lv in geography.levels]
+    i = names.index(level)
+    if i < 2:
+        return [""] * (len(bounds) - 1)
+    levels = geography.levels
+    top = np.arange(levels[i - 1].n_units)
+    for k in range(i - 1, 1, -1):  # each parent's ancestor at the second level
+        top = levels[k].parent[top]
+    codes = levels[1].geoids
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        lo, hi = codes[top[a]], codes[top[b - 1]]
+        out.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    return out
 
 
 def plan(ctx: RunContext) -> list[LevelStep]:

@@ -45,21 +45,34 @@ class StageProgress:
             self.console.log(f"{name}: {time.perf_counter() - t0:.1f} s")
         return out
 
-    def shards(self, name: str, shards: Sequence[int], fn: Callable[[int], dict[str, Any]]) -> list[dict[str, Any]]:
-        """Run ``fn`` over shards with a bar counting parents (from each shard's ``parents``)."""
+    def shards(self, name: str, shards: Sequence[int], fn: Callable[[int], dict[str, Any]],
+               areas: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Run ``fn`` over shards with a bar counting parents (from each shard's ``parents``)
+        and naming where the current shard lies (``areas[shard]``: state codes). Off a terminal
+        (cron, logs), a line per shard at most every 10 s: shards done, area, parents/s, ETA."""
         infos: list[dict[str, Any]] = []
         task = None
+        live = self._progress is not None and self.console.is_terminal
         if self._progress is not None:
             task = self._progress.add_task(name, total=len(shards), rate="")
-        t0 = time.perf_counter()
+        t0 = last_log = time.perf_counter()
         parents = 0
-        for s in shards:
+        for k, s in enumerate(shards, start=1):
+            where = f" state {areas[s]}" if areas and s < len(areas) and areas[s] else ""
+            if task is not None and live:
+                self._progress.update(task, rate=f"{parents} parents{where}")
             info = fn(s)
             infos.append(info)
             parents += int(info.get("parents", 0))
+            now = time.perf_counter()
+            rate = parents / max(now - t0, 1e-9)
             if task is not None:
-                rate = parents / max(time.perf_counter() - t0, 1e-9)
-                self._progress.update(task, advance=1, rate=f"{parents} parents, {rate:,.0f}/s")
+                self._progress.update(task, advance=1, rate=f"{parents} parents, {rate:,.0f}/s{where}")
+            if self.enabled and not live and len(shards) > 1 and (now - last_log >= 10 or k == len(shards)):
+                eta = (now - t0) / k * (len(shards) - k)
+                self.console.log(f"{name}: shard {k}/{len(shards)}{where}, {parents:,} parents, {rate:,.0f}/s, "
+                                 f"ETA {eta:,.0f} s")
+                last_log = now
         return infos
 
     def report(self, label: str, done: int, total: int) -> None:

@@ -32,7 +32,7 @@ from pipeline.inputs.readers import input_fingerprint, read_block_list, read_per
 from pipeline.inputs.validation import validate_inputs
 from pipeline.job.context import RunContext
 from pipeline.job.executor import DaskExecutor, close_executor, executor_for
-from pipeline.job.plan import plan, shard_bounds
+from pipeline.job.plan import plan, shard_areas, shard_bounds
 from pipeline.job.prepare import check_rho, prepare
 from pipeline.job.progress import StageProgress
 from pipeline.job.rundir import RunDir
@@ -181,12 +181,13 @@ def step_label(step: Any) -> str:
 
 
 def solve_levels(run_dir: str | Path,
-                 each_level: Callable[[str, Any, Callable[[int], dict[str, Any]]], None] | None = None
+                 each_level: Callable[[str, Any, Callable[[int], dict[str, Any]], list[str]], None] | None = None
                  ) -> list[dict[str, Any]]:
     """Every step of :func:`plan`: its shards, then finish the step; returns the step
     summaries. Locally the shards run in this process (each spreading its parents over the
-    run's worker pool) and ``each_level(label, shards, run_shard)`` may drive them (progress
-    bars); with ``execution.executor: dask`` each shard is a task on the cluster."""
+    run's worker pool) and ``each_level(label, shards, run_shard, areas)`` may drive them
+    (progress bars; ``areas``: where each shard lies, :func:`shard_areas`); with
+    ``execution.executor: dask`` each shard is a task on the cluster."""
     ctx = RunContext.load(run_dir)
     dask = DaskExecutor(ctx.cfg.execution.dask_address) if ctx.cfg.execution.executor == "dask" else None
     summaries = []
@@ -201,7 +202,9 @@ def solve_levels(run_dir: str | Path,
                 for s in step.shards:
                     run_shard(s)
             else:
-                each_level(step_label(step), list(step.shards), run_shard)
+                each_level(step_label(step), list(step.shards), run_shard,
+                           shard_areas(ctx.geography, step.level, shard_bounds(ctx, step.level))
+                           if step.level in ctx.level_names else [""])
             summaries.append(stage_finish_level(run_dir, step.kind, step.level, step.action))
     finally:
         if dask is not None:
