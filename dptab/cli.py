@@ -188,9 +188,11 @@ def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
         resume = str(prepare(config))
     # the first start of an ephemeral API server on a busy 2-core machine can take > 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    from flows.tabulate import with_runner  # the CLI is a roof: it may start the flow
+    from flows.tabulate import api_for_workers, with_runner  # the CLI is a roof: it may start the flow
 
-    return with_runner(runner, dask_address or execution.dask_address)(config_path="", resume_dir=resume)
+    address = dask_address or execution.dask_address
+    with api_for_workers(runner, address):
+        return with_runner(runner, address)(config_path="", resume_dir=resume)
 
 
 ledger_app = typer.Typer(cls=_Group, no_args_is_help=True,

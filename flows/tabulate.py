@@ -10,7 +10,8 @@ write-once files — a retried shard re-reads its noise, it never draws it again
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -120,6 +121,52 @@ def tabulate(config_path: str, resume_dir: str | None = None) -> dict[str, Any]:
     create_link_artifact(key="release", link=published["release_uri"], link_text=published["release_id"])
     return {"run_dir": run_dir, "release": published["release_path"], "release_id": published["release_id"],
             "rho": published["rho"], "epsilon": published["epsilon"], "levels": diagnostics}
+
+
+@contextlib.contextmanager
+def api_for_workers(task_runner: str, dask_address: str | None) -> Iterator[str | None]:
+    """The Prefect API the flow's Dask workers report their task runs to.
+
+    Without ``PREFECT_API_URL`` a flow run starts an ephemeral API server in its own process
+    tree, and the settings that travel with each task to a Dask worker say "ephemeral" — so
+    every worker would start its own server on the shared ``~/.prefect`` database (a second
+    history, ~5-15 s per worker, and "database is locked" errors). Here the driver starts that
+    server itself and sets ``PREFECT_API_URL`` for the flow run, so the workers report to it.
+    It listens on 127.0.0.1: a cluster on other machines needs a Prefect server they can reach
+    (``prefect server start --host 0.0.0.0`` and ``PREFECT_API_URL``), and is refused without
+    one. Yields the URL used (None: the thread runner or a configured API, left alone)."""
+    from urllib.parse import urlparse
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if task_runner != "dask" or PREFECT_API_URL.value():
+        yield None
+        return
+    host = urlparse(dask_address).hostname if dask_address else "127.0.0.1"  # no address: a LocalCluster
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        from pipeline.model.config import ConfigError
+
+        raise ConfigError(f"the Dask cluster at {dask_address} cannot reach a Prefect API on this machine's "
+                          "loopback: start a Prefect server its workers can reach (prefect server start --host "
+                          "0.0.0.0) and set PREFECT_API_URL=http://<this-host>:4200/api")
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=180)
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            try:
+                yield server.api_url
+            finally:
+                # send what the log and event queues still hold while the server is up: after it
+                # stops they would retry against a closed port for a minute at process exit
+                from prefect.events.worker import EventsWorker
+                from prefect.logging.handlers import APILogWorker
+
+                for worker in (APILogWorker, EventsWorker):
+                    worker.drain_all(timeout=15)
+    finally:
+        server.stop()
 
 
 def with_runner(task_runner: str = "thread", dask_address: str | None = None):

@@ -47,7 +47,7 @@ def cluster(tmp_path_factory):
         while len(client.scheduler_info()["workers"]) < 2:
             assert time.time() < deadline, (logs / "worker0.log").read_text()[-2000:]
             time.sleep(0.5)
-    yield address
+    yield address, logs
     # workers before the scheduler: a worker whose scheduler is gone keeps trying to reconnect
     # before it exits (that made the teardown wait 2 x 20 s)
     for p in reversed(procs):
@@ -80,17 +80,27 @@ def _two_states(tmp: Path) -> Path:
     return out
 
 
-def test_dask_run_gives_the_local_release(cluster, tmp_path: Path) -> None:
-    inputs = _two_states(tmp_path)
-    seeded = {"randomness": "seeded", "seed": 7}
-    # a small shard target: every level below the states has several shards (cluster tasks)
-    execution = {"workers": 1, "shard_target_cells": 20_000}
-    (tmp_path / "l").mkdir()
+@pytest.fixture(scope="module")
+def local_release(tmp_path_factory):
+    """The two-state job run locally (the reference the cluster runs must reproduce)."""
+    tmp = tmp_path_factory.mktemp("local")
+    inputs = _two_states(tmp)
+    (tmp / "l").mkdir()
+    local = write_config(tmp / "l", inputs, release_id="L", privacy=SEEDED, execution=EXECUTION)
+    return inputs, Path(run(local, progress=False)["release_path"])
+
+
+SEEDED = {"randomness": "seeded", "seed": 7}
+# a small shard target: every level below the states has several shards (cluster tasks)
+EXECUTION = {"workers": 1, "shard_target_cells": 20_000}
+
+
+def test_dask_run_gives_the_local_release(cluster, local_release, tmp_path: Path) -> None:
+    address, _ = cluster
+    inputs, a = local_release
     (tmp_path / "d").mkdir()
-    local = write_config(tmp_path / "l", inputs, release_id="L", privacy=seeded, execution=execution)
-    dask = write_config(tmp_path / "d", inputs, release_id="D", privacy=seeded,
-                        execution={**execution, "executor": "dask", "dask_address": cluster})
-    a = Path(run(local, progress=False)["release_path"])
+    dask = write_config(tmp_path / "d", inputs, release_id="D", privacy=SEEDED,
+                        execution={**EXECUTION, "executor": "dask", "dask_address": address})
     b_out = run(dask, progress=False)
     b = Path(b_out["release_path"])
     solved = [k for k in b_out["levels"] if k.get("action", "solve") == "solve"]  # not measure/estimate steps
@@ -98,3 +108,46 @@ def test_dask_run_gives_the_local_release(cluster, tmp_path: Path) -> None:
     assert states[0]["units"] == 2
     assert sum(k["shards"] for k in solved) > len(solved), "no level ran as several cluster tasks"
     assert _digests(a) == _digests(b)
+
+
+def test_flow_on_the_cluster_gives_the_local_release(cluster, local_release, tmp_path: Path) -> None:
+    """`dptab run --flow --task-runner dask --dask-address`: the Prefect flow's shard tasks run on
+    the cluster and report to the one API server the driver started — no worker starts its own
+    (which would write a second history into ~/.prefect and lock its database)."""
+    address, logs = cluster
+    inputs, _ = local_release
+    # few, larger shards and the 2020 estimator: fewer flow tasks (each costs Prefect ~0.1 s)
+    fewer = {"execution": {"workers": 1, "shard_target_cells": 100_000}, "postprocess": {"estimator": "topdown"}}
+    (tmp_path / "l").mkdir()
+    a = Path(run(write_config(tmp_path / "l", inputs, release_id="L", privacy=SEEDED, **fewer),
+                 progress=False)["release_path"])
+    cfg = write_config(tmp_path, inputs, release_id="F", privacy=SEEDED, **fewer)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    # the flow tests' private home (tests/flows/conftest.py) when collected with them: its database
+    # is migrated already; alone, a fresh one (never the user's ~/.prefect)
+    env.setdefault("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    res = subprocess.run([sys.executable, "-m", "dptab.cli", "run", "--quiet", "--flow", "--task-runner", "dask",
+                          "--dask-address", address, str(cfg)], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _digests(a) == _digests(tmp_path / "releases" / "F")
+    worker_logs = "".join((logs / f"worker{i}.log").read_text() for i in range(2))
+    assert "Task run 'solve-persons-block" in worker_logs  # the shards ran on the workers
+    assert "temporary server" not in worker_logs and "database is locked" not in worker_logs
+    assert "Error logging to API" not in res.stdout + res.stderr
+
+
+def test_flow_refuses_a_remote_cluster_without_a_reachable_api(tmp_path: Path) -> None:
+    from pipeline.model.config import ConfigError
+
+    env_url = os.environ.pop("PREFECT_API_URL", None)
+    try:
+        from flows.tabulate import api_for_workers
+
+        with pytest.raises(ConfigError, match="PREFECT_API_URL"):
+            with api_for_workers("dask", "tcp://10.1.2.3:8786"):
+                pass
+    finally:
+        if env_url is not None:
+            os.environ["PREFECT_API_URL"] = env_url
