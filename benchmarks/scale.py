@@ -77,14 +77,16 @@ def _sample(roots: list[psutil.Process]) -> tuple[float, float]:
 
 @contextlib.contextmanager
 def dask_cluster(n_workers: int, logs: Path):
-    """A ``distributed`` scheduler and ``n_workers`` one-thread workers on 127.0.0.1 (this
-    checkout on their path); yields ``(address, [processes])``, stops them by process group."""
+    """A ``distributed`` scheduler and ``n_workers`` one-thread workers on 127.0.0.1, importing
+    this checkout (whatever checkout the venv installed); yields ``(address, [processes])`` and
+    stops them by process group, workers first (without a scheduler a worker lingers, trying to
+    reconnect). Also the loopback cluster of ``tests/test_dask_executor.py``."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     dask = str(Path(sys.executable).with_name("dask"))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--dashboard-address", ":0"], stdout=open(logs / "scheduler.log", "w"),
                               stderr=subprocess.STDOUT, env=env, start_new_session=True)]
@@ -98,10 +100,13 @@ def dask_cluster(n_workers: int, logs: Path):
         from distributed import Client
 
         with Client(address, timeout="60s") as client:
-            client.wait_for_workers(n_workers, timeout=120)
+            try:
+                client.wait_for_workers(n_workers, timeout=120)
+            except TimeoutError:
+                raise RuntimeError("Dask workers did not start:\n" + (logs / "worker0.log").read_text()[-2000:]) from None
         yield address, procs
     finally:
-        for p in reversed(procs):  # workers first: without a scheduler they linger reconnecting
+        for p in reversed(procs):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGTERM)
             try:

@@ -5,58 +5,36 @@ as cluster tasks, and a release identical to the local run's."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
 import pytest
-from run_helpers import free_port, write_config
+from run_helpers import write_config
 
 from pipeline.inputs.synth import synthesize
 from pipeline.job.stages import run
 
-DASK = Path(sys.executable).with_name("dask")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _scale_module():
+    """``benchmarks/scale.py`` (not a package): its ``dask_cluster`` is the one local cluster."""
+    spec = importlib.util.spec_from_file_location("dptab_benchmark_scale", ROOT / "benchmarks" / "scale.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("dask")
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    env = dict(os.environ)
-    # the workers import the code under test (this checkout), whatever checkout the venv installed
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    procs = [subprocess.Popen([str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0"], stdout=open(logs / "scheduler.log", "w"),
-                              stderr=subprocess.STDOUT, env=env, start_new_session=True)]
-    time.sleep(2)
-    for i in range(2):
-        procs.append(subprocess.Popen([str(DASK), "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                       "--host", "127.0.0.1", "--dashboard-address", ":0", "--no-nanny"],
-                                      stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True, cwd=Path(__file__).resolve().parent.parent))
-    from distributed import Client
-
-    deadline = time.time() + 120
-    with Client(address, timeout="60s") as client:
-        while len(client.scheduler_info()["workers"]) < 2:
-            assert time.time() < deadline, (logs / "worker0.log").read_text()[-2000:]
-            time.sleep(0.5)
-    yield address, logs
-    # workers before the scheduler: a worker whose scheduler is gone keeps trying to reconnect
-    # before it exits (that made the teardown wait 2 x 20 s)
-    for p in reversed(procs):
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+    with _scale_module().dask_cluster(2, logs) as (address, _):
+        yield address, logs
 
 
 def _digests(release: Path) -> dict[str, str]:
@@ -128,7 +106,7 @@ def test_flow_on_the_cluster_gives_the_local_release(cluster, local_release, tmp
     env.setdefault("PREFECT_HOME", str(tmp_path / "prefect-home"))
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     res = subprocess.run([sys.executable, "-m", "dptab.cli", "run", "--quiet", "--flow", "--task-runner", "dask",
-                          "--dask-address", address, str(cfg)], cwd=Path(__file__).resolve().parent.parent,
+                          "--dask-address", address, str(cfg)], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _digests(a) == _digests(tmp_path / "releases" / "F")
