@@ -23,17 +23,36 @@ import polars as pl
 GOLDEN = Path(__file__).parent / "golden" / "seeded_20k.json"
 
 
+def measurements_long(release: Path) -> pl.DataFrame:
+    """The release's noisy measurements joined with their lookups into the one long table the
+    golden digest was taken of (``run, geolevel, geoid, query, answer, answer_label, value,
+    variance, sigma2`` per drawn answer, in file order): the compact layout of
+    ``pipeline.release.measurements`` must carry exactly the same information."""
+    m = release / "measurements"
+    return (pl.read_parquet(m / "noisy_measurements.parquet")
+            .join(pl.read_parquet(m / "units.parquet"), on=["geolevel", "unit"], how="left", maintain_order="left")
+            .join(pl.read_parquet(m / "answers.parquet"), on=["run", "query", "answer"], how="left",
+                  maintain_order="left")
+            .join(pl.read_parquet(m / "queries.parquet").select("run", "geolevel", "query", "variance", "sigma2"),
+                  on=["run", "geolevel", "query"], how="left", maintain_order="left")
+            .select("run", "geolevel", "geoid", "query", "answer", "answer_label", "value", "variance", "sigma2"))
+
+
 def release_digest(release: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every data file of a release (not manifest, HTML or the
     codebook — README.md, codebook.json — which carry dates, versions and paths — nor the area
     explorer's ``explorer/``, the page's copy of the tables, which tests/test_release_explorer.py
-    compares with the tables)."""
+    compares with the tables). The measurement files count as one: their long view
+    (:func:`measurements_long`) under ``measurements/noisy_measurements.parquet``."""
     out = {}
     for p in sorted(release.rglob("*")):
+        rel = p.relative_to(release)
         if (not p.is_file() or p.name in ("manifest.json", "README.md", "codebook.json") or p.suffix == ".html"
-                or p.relative_to(release).parts[0] == "explorer"):
+                or rel.parts[0] == "explorer" or (rel.parts[0] == "measurements" and p.name != "noisy_measurements.parquet")):
             continue
-        if p.suffix == ".parquet":
+        if rel.as_posix() == "measurements/noisy_measurements.parquet":
+            data = measurements_long(release).write_csv().encode()
+        elif p.suffix == ".parquet":
             data = pl.read_parquet(p).write_csv().encode()
         else:
             data = p.read_bytes()

@@ -124,9 +124,17 @@ def test_layout_manifest_and_verify(built) -> None:
         pl.col("line").cast(pl.Int64)).hstack([csv["moe90"]]))
     assert np.allclose(csv["moe90"].to_numpy(), county["moe90"].to_numpy())
     meas = pl.read_parquet(path / "measurements/noisy_measurements.parquet")
-    assert meas.columns == ["run", "geolevel", "geoid", "query", "answer", "answer_label", "value", "variance", "sigma2"]
-    blocks = meas.filter((pl.col("geolevel") == "block") & (pl.col("query") == "total"))
+    assert meas.columns == ["run", "geolevel", "query", "unit", "answer", "value"]
+    units = pl.read_parquet(path / "measurements/units.parquet")
+    blocks = (meas.filter((pl.col("geolevel") == "block") & (pl.col("query") == "total"))
+              .join(units, on=["geolevel", "unit"], how="left", maintain_order="left"))
     assert blocks["geoid"].to_list() == c.geography.level("block").geoids.tolist()
+    queries = pl.read_parquet(path / "measurements/queries.parquet")
+    assert queries.columns == ["run", "geolevel", "query", "answers", "rows", "variance", "sigma2"]
+    assert queries["rows"].sum() == meas.height
+    labels = pl.read_parquet(path / "measurements/answers.parquet").filter(
+        (pl.col("run") == "persons") & (pl.col("query") == "total"))
+    assert labels["answer_label"].to_list() == ["Total"]
     assert verify_release(path) == []
 
 

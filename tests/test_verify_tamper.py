@@ -226,12 +226,15 @@ def t_table_count(r: Path) -> None:
 MEAS = "measurements/noisy_measurements.parquet"
 
 
+MEAS_Q = "measurements/queries.parquet"
+
+
 def t_measurement_variance(r: Path) -> None:
-    edit_parquet(r, MEAS, lambda df: set_at(df, first_row(df, geolevel="county", query="total"), "variance", 1.0))
+    edit_parquet(r, MEAS_Q, lambda df: set_at(df, first_row(df, geolevel="county", query="total"), "variance", 1.0))
 
 
 def t_measurement_sigma2(r: Path) -> None:
-    edit_parquet(r, MEAS, lambda df: df.with_columns(
+    edit_parquet(r, MEAS_Q, lambda df: df.with_columns(
         pl.when(pl.col("geolevel") == "tract").then(pl.lit("1/1")).otherwise(pl.col("sigma2")).alias("sigma2")))
 
 
@@ -239,8 +242,23 @@ def t_measurement_query_removed(r: Path) -> None:
     edit_parquet(r, MEAS, lambda df: df.filter(~((pl.col("geolevel") == "state") & (pl.col("query") == "hhgq"))))
 
 
+def t_measurement_query_removed_with_count(r: Path) -> None:
+    """The rows of a query removed and its row count in queries.parquet set to 0 to match."""
+    t_measurement_query_removed(r)
+    edit_parquet(r, MEAS_Q, lambda df: set_at(df, first_row(df, run="persons", geolevel="state", query="hhgq"),
+                                             "rows", 0))
+
+
 def t_measurement_row_removed(r: Path) -> None:
     edit_parquet(r, MEAS, lambda df: df.filter(pl.int_range(pl.len()) != first_row(df, geolevel="block", query="detailed")))
+
+
+def t_measurement_rows_swapped(r: Path) -> None:
+    """Two values of one block's detailed query exchanged by swapping their rows (same counts)."""
+    def f(df):
+        i = first_row(df, geolevel="block", query="detailed")
+        return swap_rows(df, i, i + 1)
+    edit_parquet(r, MEAS, f)
 
 
 def t_measurement_extra_query(r: Path) -> None:
@@ -252,13 +270,23 @@ def t_measurement_extra_query(r: Path) -> None:
     edit_parquet(r, MEAS, f)
 
 
-def t_measurement_geoid(r: Path) -> None:
-    edit_parquet(r, MEAS, lambda df: set_at(df, first_row(df, geolevel="block"), "geoid", "999999999999999"))
+def t_measurement_extra_column(r: Path) -> None:
+    """A column beyond the published measurement contract (e.g. a true answer)."""
+    edit_parquet(r, MEAS, lambda df: df.with_columns(pl.col("value").alias("true_value")))
+
+
+def t_measurement_unit(r: Path) -> None:
+    edit_parquet(r, MEAS, lambda df: set_at(df, first_row(df, geolevel="block"), "unit", 999999))
+
+
+def t_measurement_unit_geoid(r: Path) -> None:
+    edit_parquet(r, "measurements/units.parquet",
+                 lambda df: set_at(df, first_row(df, geolevel="block"), "geoid", "999999999999999"))
 
 
 def t_measurement_label(r: Path) -> None:
-    edit_parquet(r, MEAS, lambda df: set_at(df, first_row(df, geolevel="nation", query="cenrace"), "answer_label",
-                                           "Martian alone"))
+    edit_parquet(r, "measurements/answers.parquet",
+                 lambda df: set_at(df, first_row(df, run="persons", query="cenrace"), "answer_label", "Martian alone"))
 
 
 def t_measurement_value_no_rehash(r: Path) -> None:
@@ -428,13 +456,17 @@ CASES: list[tuple[Callable[[Path], None], tuple[str, ...], str]] = [
     (t_moe, ("table_rows",), "tables/P1.parquet: column moe90"),
     (t_moe_nulled, ("table_rows",), "tables/H1.parquet: column moe90"),
     (t_table_count, ("hierarchy", "additivity"), "P5"),
-    (t_measurement_variance, ("measurements",), "persons/county/total"),
-    (t_measurement_sigma2, ("measurements",), "sigma2"),
+    (t_measurement_variance, ("measurements",), "queries.parquet: column variance"),
+    (t_measurement_sigma2, ("measurements",), "queries.parquet: column sigma2"),
     (t_measurement_query_removed, ("measurements",), "persons/state/hhgq"),
+    (t_measurement_query_removed_with_count, ("measurements",), "persons/state/hhgq"),
     (t_measurement_row_removed, ("measurements",), "persons/block/detailed"),
+    (t_measurement_rows_swapped, ("measurements",), "persons/block/detailed: (unit, answer) not strictly increasing"),
     (t_measurement_extra_query, ("measurements",), "units/county/occupancy_copy"),
-    (t_measurement_geoid, ("measurements",), "999999999999999"),
-    (t_measurement_label, ("measurements",), "answer_label"),
+    (t_measurement_extra_column, ("measurements",), "true_value"),
+    (t_measurement_unit, ("measurements",), "unit outside"),
+    (t_measurement_unit_geoid, ("measurements",), "units.parquet: column geoid"),
+    (t_measurement_label, ("measurements",), "answers.parquet: column answer_label"),
     (t_measurement_value_no_rehash, ("checksum",), MEAS),
     (t_deleted_csv_with_entry, ("file_missing",), "csv/block/P1.csv"),
     (t_deleted_measurements_with_entry, ("file_missing",), MEAS),
@@ -515,40 +547,42 @@ def test_rows_are_compared_chunk_by_chunk(release: Path, tmp_path: Path, monkeyp
                for f in fails), fails
 
 
-def _tiny_measurements(answer_rows: list[tuple[str, str, str, int]]) -> pl.DataFrame:
-    """A release measurement frame for the persons ``total`` query (sigma2 = 1, ρ = 1)."""
+def _tiny_run_file(path: Path, units: list[int]) -> Path:
+    """A run measurement file (docs/contracts.md) of the persons ``total`` query (σ² = 1) for ``units``."""
     from pipeline.model.design import discrete_gaussian_variance
 
-    var = discrete_gaussian_variance(1)
-    return pl.DataFrame(
-        [(run, lv, g, "total", a, "Total", 3, var, "1/1") for run, lv, g, a in answer_rows],
-        schema={"run": pl.Utf8, "geolevel": pl.Utf8, "geoid": pl.Utf8, "query": pl.Utf8, "answer": pl.Int32,
-                "answer_label": pl.Utf8, "value": pl.Int64, "variance": pl.Float64, "sigma2": pl.Utf8}, orient="row")
+    pl.DataFrame({"unit": pl.Series(units, dtype=pl.Int64), "query": ["total"] * len(units),
+                  "answer": pl.Series([0] * len(units), dtype=pl.Int32), "value": pl.Series([3] * len(units), dtype=pl.Int64),
+                  "variance": [discrete_gaussian_variance(1)] * len(units), "sigma2": ["1/1"] * len(units)}
+                 ).write_parquet(path)
+    return path
 
 
-@pytest.mark.parametrize("nation_persons, state_rows, ok", [
+@pytest.mark.parametrize("nation_persons, state_units, ok", [
     (0, [], True),                                     # empty parent: every child answer skipped, no rows is right
     (5, [], False),                                    # a positive parent: the children's answers must be there
-    (5, [("01", 0), ("02", 0)], True),
-    (0, [("01", 0), ("02", 0)], True),                 # a full measurement file draws them anyway
-    (5, [("01", 0)], False),                           # one child's answer missing
+    (5, [0, 1], True),
+    (0, [0, 1], True),                                 # a full measurement file draws them anyway
+    (5, [0], False),                                   # one child's answer missing
 ])
-def test_measurement_rows_follow_the_published_parent(nation_persons, state_rows, ok) -> None:
+def test_measurement_rows_follow_the_published_parent(tmp_path: Path, nation_persons, state_units, ok) -> None:
     """Which answers a run draws: all at the top; below, those whose parent answer is positive."""
     import numpy as np
     import scipy.sparse as sp
 
     from pipeline.model.design import design_from_rho
     from pipeline.model.spec import load_spec
-    from pipeline.release.checks import measurement_checks
+    from pipeline.release.measurements import measurement_checks, write_measurements
     from pipeline.release.tables import LevelTables
 
     spec = load_spec("pl94")
     design = design_from_rho({"persons": {"nation": {"total": "1"}, "state": {"total": "1"}}})  # sigma2 = 1
     levels = [LevelTables("nation", np.array([""]), {}), LevelTables("state", np.array(["01", "02"]), {})]
     nation = sp.csr_matrix(np.eye(1, spec.n_cells, 0, dtype=np.int64) * nation_persons)
-    df = _tiny_measurements([("persons", "nation", "", 0)] + [("persons", "state", g, a) for g, a in state_rows])
-    fails = measurement_checks(df, "m.parquet", design, {"persons": spec}, levels, {"nation": 0, "state": 2},
+    files = {("persons", "nation"): [_tiny_run_file(tmp_path / "n.parquet", [0])],
+             ("persons", "state"): [_tiny_run_file(tmp_path / "s.parquet", state_units)]}
+    write_measurements(tmp_path, ["nation", "state"], [lt.geoids for lt in levels], design, {"persons": spec}, files)
+    fails = measurement_checks(tmp_path, design, {"persons": spec}, levels, {"nation": 0, "state": 2},
                                {"persons": {"nation": nation}})
     assert (fails == []) == ok, fails
     if not ok:

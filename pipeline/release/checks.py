@@ -8,7 +8,8 @@ The checks (ARCHITECTURE §8; declarations in ``schemas/tables/pl94.yaml``):
   population; …) and a table of a sub-population never exceeds its whole (P3 ≤ P1 line by line);
 - ``invariant``: state totals and block housing-unit counts equal the declared invariants;
 - ``non_negative``: no count is negative;
-- ``measurements``: the published noisy measurements match the design (:func:`measurement_checks`).
+- ``measurements``: the published noisy measurements match the design
+  (:func:`pipeline.release.measurements.measurement_checks`).
 
 They work on :class:`LevelTables` (per level: sorted GEOIDs and one int64 ``(n_units, n_lines)``
 array per table), which both the release writer (from histograms) and the verifier (from the
@@ -19,19 +20,12 @@ failure names the check, table, line, level and GEOID.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from pipeline.release.tables import LevelTables, TableSet
 from pipeline.release.tree import GeoTree
-
-if TYPE_CHECKING:
-    import polars as pl
-    import scipy.sparse as sp
-
-    from pipeline.model.design import Design
-    from pipeline.model.spec import HistogramSpec
 
 #: failures reported individually per (check, table, level); the rest are counted in one summary
 MAX_PER_GROUP = 20
@@ -287,119 +281,3 @@ def _invariant_checks(col: _Collector, tables: TableSet, levels: Sequence[LevelT
         if absent.size:
             col.add("invariant", ht, bottom, ig, absent, [hline] * absent.size, iv[absent],
                     np.zeros(absent.size, np.int64), f"{bottom} with declared housing units is not published")
-
-
-#: columns and types of a release's ``measurements/noisy_measurements.parquet``
-MEASUREMENT_COLUMNS = {"run": "String", "geolevel": "String", "geoid": "String", "query": "String", "answer": "Int32",
-                       "answer_label": "String", "value": "Int64", "variance": "Float64", "sigma2": "String"}
-
-
-def measurement_checks(df: "pl.DataFrame | pl.LazyFrame", rel: str, design: "Design",
-                       specs: Mapping[str, "HistogramSpec"], levels: Sequence[LevelTables],
-                       digits: "Mapping[str, int] | GeoTree",
-                       published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
-    """The published noisy measurements (``df``, read from ``rel``; a lazy scan keeps memory to
-    one (run, level, query) group's integer keys) against the design and geography.
-
-    - the (run, geolevel, query) groups are exactly the design's measurements;
-    - ``variance`` and ``sigma2`` equal the design's exact variance (float, bitwise) and σ² = 1/ρ
-      (fraction text ``p/q``);
-    - every ``geoid`` is a published unit of its level, every ``answer`` an answer of the query
-      with its spec label, no (unit, answer) twice;
-    - the (unit, answer) pairs of a (run, level, query) are every answer of every unit (a full
-      measurement file) or exactly those whose answer in the published parent histogram is
-      positive (answers forced to zero are never drawn: ``pipeline.privacy.measure``).
-
-    ``published[kind][level]``: csr int64 ``(n_units, n_cells)`` published histogram (a kind
-    absent from it gets only the full-or-subset test); ``levels`` top to bottom.
-    """
-    import polars as pl
-    import scipy.sparse as sp
-
-    def fail(detail: str, level: str = "", table: str = "*") -> CheckFailure:
-        return CheckFailure("measurements", table, None, level, "", detail=f"{rel}: {detail}")
-
-    tree = GeoTree.of(digits, [lt.level for lt in levels])
-    lf = df.lazy()
-    schema = {c: str(t) for c, t in lf.collect_schema().items()}
-    if schema != MEASUREMENT_COLUMNS:
-        return [fail(f"columns {schema} differ from {MEASUREMENT_COLUMNS}")]
-    want = {(m.kind, m.level, m.query): m for m in design.measurements}
-    sizes = {(r["run"], r["geolevel"], r["query"]): int(r["n"]) for r in
-             lf.group_by(["run", "geolevel", "query"], maintain_order=True).agg(pl.len().alias("n"))
-             .collect().iter_rows(named=True)}
-    out = [fail(f"{k}/{lv}/{q} has {n} rows but is not measured by the strategy", str(lv))
-           for (k, lv, q), n in sizes.items() if (k, lv, q) not in want]
-    names = [lt.level for lt in levels]
-    by_level = {lt.level: lt for lt in levels}
-    for key in [k for k in sizes if k in want] + [k for k in want if k not in sizes]:
-        kind, level, query = key
-        what = f"{kind}/{level}/{query}"
-        m = want[key]
-        g = lf.filter((pl.col("run") == kind) & (pl.col("geolevel") == level) & (pl.col("query") == query))
-        s2 = f"{m.sigma2.numerator}/{m.sigma2.denominator}"
-        st = g.select((pl.col("variance") != m.variance).sum().alias("n_var"),
-                      (pl.col("sigma2") != s2).sum().alias("n_s2")).collect().row(0, named=True)
-        n_var, n_s2 = int(st["n_var"] or 0), int(st["n_s2"] or 0)
-        if n_var or n_s2:
-            out.append(fail(f"{what}: {n_var} row(s) with a variance other than the design's {m.variance!r} and "
-                            f"{n_s2} with a sigma2 other than {s2}", level))
-        if level not in by_level:
-            out.append(fail(f"{what}: level {level} is not a published geolevel", level))
-            continue
-        lt = by_level[level]
-        lg = np.asarray(lt.geoids).astype(str)
-        q = specs[kind].query(query)
-        units = pl.LazyFrame({"geoid": pl.Series(lg, dtype=pl.Utf8), "pos": np.arange(len(lg), dtype=np.int64)})
-        unknown = g.select("geoid").unique().join(units, on="geoid", how="anti").collect()["geoid"]
-        bad_ans = g.filter((pl.col("answer") < 0) | (pl.col("answer") >= q.n_answers)).select(
-            "geoid", "answer").collect()
-        if unknown.len() or bad_ans.height:
-            first = (unknown[0], "?") if unknown.len() else (bad_ans["geoid"][0], int(bad_ans["answer"][0]))
-            n_unknown = g.join(units, on="geoid", how="anti").select(pl.len()).collect().item() if unknown.len() else 0
-            out.append(fail(f"{what}: {n_unknown} row(s) with a geoid that is not a published {level} "
-                            f"unit and {bad_ans.height} with an answer outside 0..{q.n_answers - 1} "
-                            f"(first: geoid {first[0]!r}, answer {first[1]})", level))
-            continue
-        spec_labels = pl.LazyFrame({"answer": pl.Series(np.arange(q.n_answers), dtype=pl.Int32),
-                                    "want": ["; ".join(a) for a in q.answer_labels]})
-        n_lab = (g.join(spec_labels, on="answer").filter(pl.col("answer_label") != pl.col("want"))
-                 .select(pl.len()).collect().item())
-        if n_lab:
-            out.append(fail(f"{what}: {n_lab} row(s) whose answer_label is not the spec's label of the answer", level))
-        # (unit, answer) as one integer key: pos * n_answers + answer (only integers leave polars)
-        keys = np.sort(g.join(units, on="geoid").select(
-            (pl.col("pos") * q.n_answers + pl.col("answer").cast(pl.Int64)).alias("key")).collect()["key"].to_numpy())
-        if keys.size > 1 and np.any(keys[1:] == keys[:-1]):
-            out.append(fail(f"{what}: a (geoid, answer) appears more than once", level))
-            continue
-        full = len(lg) * q.n_answers
-        i = names.index(level)
-        if keys.size == full or (i > 0 and kind not in published):
-            continue  # every answer drawn (or the parent histogram is not in the release)
-        if i == 0:
-            out.append(fail(f"{what}: {keys.size} rows; the top level draws every answer of every unit ({full})",
-                            level))
-            continue
-        parent = by_level[names[i - 1]]
-        pg = np.asarray(parent.geoids).astype(str)
-        ppos, _ = tree.parent_positions(parent.level, pg, level, lg)
-        a = sp.csr_matrix((np.ones(len(q.cell_to_answer), np.int64), (np.arange(len(q.cell_to_answer)),
-                                                                       q.cell_to_answer)),
-                          shape=(len(q.cell_to_answer), q.n_answers))
-        positive = (published[kind][parent.level] @ a).tocsr() > 0
-        rows, cols = positive[np.minimum(ppos, len(pg) - 1)].nonzero()
-        expect = np.sort(rows.astype(np.int64) * q.n_answers + cols)
-        if not np.array_equal(keys, expect):
-            if keys.size == 0:
-                out.append(fail(f"{what} is measured by the strategy but has no rows; the published {parent.level} "
-                                f"answers require {expect.size}", level))
-                continue
-            missing = np.setdiff1d(expect, keys)
-            extra = np.setdiff1d(keys, expect)
-            ex = missing[0] if missing.size else extra[0]
-            out.append(fail(f"{what}: {keys.size} rows, but the published {parent.level} answers require {expect.size} "
-                            f"(each answer whose parent answer is positive) or {full} (every answer): "
-                            f"{missing.size} missing, {extra.size} unexpected (first: geoid {lg[ex // q.n_answers]!r}, "
-                            f"answer {int(ex % q.n_answers)})", level))
-    return out

@@ -59,13 +59,29 @@ LONG_COLUMNS = {
 MEASUREMENT_COLUMNS = {
     "run": "persons or units: which histogram the measurement is of",
     "geolevel": "geographic level of the area",
-    "geoid": "GEOID of the area (text, as in tables/)",
     "query": "the query measured (a marginal of the histogram spec; see the spec's queries)",
-    "answer": "index of the answer within the query (0-based, in the order of answer_label)",
-    "answer_label": "the answer's categories, \"; \"-separated across the query's attributes",
+    "unit": "the area: its 0-based position in its level's published order; measurements/units.parquet "
+            "gives its GEOID (join on geolevel, unit)",
+    "answer": "index of the answer within the query (0-based); measurements/answers.parquet gives its label "
+              "(join on run, query, answer)",
     "value": "the noisy answer: true answer + discrete Gaussian noise (an integer, may be negative)",
-    "variance": "exact variance of the noise, in squared counts",
+    "answers": "number of answers of the query (every unit has answers 0..answers-1)",
+    "rows": "rows of this run, level and query in noisy_measurements.parquet: units x answers when every "
+            "answer was drawn, fewer when answers whose published parent answer is 0 were skipped",
+    "variance": "exact variance of the noise of every answer of this query at this level, in squared counts",
     "sigma2": "σ² of the discrete Gaussian as an exact fraction (1/ρ of the query)",
+    "answer_label": "the answer's categories, \"; \"-separated across the query's attributes",
+    "geoid": "GEOID of the area (text, as in tables/)",
+}
+#: what each file of ``measurements/`` holds (pipeline.release.measurements)
+MEASUREMENT_FILES = {
+    "measurements/noisy_measurements.parquet":
+        "every noisy measurement that was drawn, one row per answer; the noise variance per query is in "
+        "measurements/queries.parquet, answer labels in measurements/answers.parquet, GEOIDs in "
+        "measurements/units.parquet",
+    "measurements/queries.parquet": "every measured run, level and query with its exact noise variance and σ²",
+    "measurements/answers.parquet": "the label of every answer of every measured query",
+    "measurements/units.parquet": "the GEOID of every unit number used in measurements/noisy_measurements.parquet",
 }
 UNBIASED_COLUMNS = {
     "geoid": LONG_COLUMNS["geoid"],
@@ -285,11 +301,9 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
     if inv:
         files.append({"path": inv, "format": "Apache Parquet", "description": "the declared block housing-unit invariant",
                       "columns": _columns(INVARIANT_COLUMNS, schema_of[inv])})
-    meas = first("measurements/")
-    if meas:
-        files.append({"path": meas, "format": "Apache Parquet",
-                      "description": "every noisy measurement that was drawn, with its exact noise variance",
-                      "columns": _columns(MEASUREMENT_COLUMNS, schema_of[meas])})
+    files += [{"path": rel, "format": "Apache Parquet", "description": what,
+               "columns": _columns(MEASUREMENT_COLUMNS, schema_of[rel])}
+              for rel, what in MEASUREMENT_FILES.items() if rel in schema_of]
     files += [
         {"path": m["table_definitions"], "format": "YAML",
          "description": "how every table line is defined (a filter over the histogram's attributes) and which lines add up"},

@@ -17,9 +17,9 @@ Nothing in the manifest is taken on trust that can be recomputed from the releas
 - every table's rows are regenerated from its counts with the writer's own code (names,
   labels, and ``moe90`` from the measurement design: bitwise equal), and every CSV is compared
   with its Parquet table;
-- the noisy measurements are checked against the design (variance, σ², which level × query)
-  and the published geography (units, answers, which answers a run draws:
-  :func:`pipeline.release.checks.measurement_checks`).
+- the noisy measurements are checked against the design (variance, σ², which level × query,
+  answer labels) and the published geography (units, answers, which answers a run draws:
+  :func:`pipeline.release.measurements.measurement_checks`), vectorised over rows.
 
 What the release cannot show: a noisy measurement's *value* edited together with its checksum
 (nothing public determines it), or a consistent rewrite of every file and the manifest. The
@@ -348,7 +348,9 @@ def required_files(manifest: Mapping[str, Any], spec_files: Iterable[str] = ()) 
         if manifest["contents"]["csv"]:
             need |= {f"csv/{g['name']}/{t['name']}.csv" for g in manifest["geolevels"]}
     if manifest["contents"]["measurements"]:
-        need.add("measurements/noisy_measurements.parquet")
+        from pipeline.release.measurements import FILES
+
+        need |= set(FILES)
     if manifest["contents"].get("unbiased"):
         need |= {f"tables/unbiased/{t['name']}.parquet" for t in manifest["tables"]}
     bhu = manifest["invariants"]["block_housing_units"]
@@ -714,17 +716,16 @@ def _frame_diff(want: pl.DataFrame, found: pl.DataFrame, rel: str, against: str,
 def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
                              digits: Mapping[str, int]) -> list[CheckFailure]:
     """The published noisy measurements against the design and the published geography."""
-    rel = "measurements/noisy_measurements.parquet"
-    path = root / rel
-    if not manifest["contents"]["measurements"] or not path.is_file():
-        return []
+    from pipeline.release.measurements import FILES, measurement_checks
+
+    if not manifest["contents"]["measurements"] or not all((root / rel).is_file() for rel in FILES):
+        return []  # a missing file is reported as such (required_files)
     from pipeline.model.design import design_from_rho
-    from pipeline.release.checks import measurement_checks
 
     runs = manifest["privacy"]["runs"]
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in runs.items()})
     published = _published_histograms(root, ts, lts, digits, list(runs))
-    return measurement_checks(pl.scan_parquet(path), rel, design, ts.specs, lts, digits, published)
+    return measurement_checks(root, design, ts.specs, lts, digits, published)
 
 
 def _published_histograms(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int],

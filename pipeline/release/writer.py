@@ -15,7 +15,9 @@
     csv/<geolevel>/<table>.csv           the same rows, one file per level and table, GEOID as GEO_ID
     microdata/persons.parquet            protected microdata, PPMF layout (pipeline.microdata)
     invariants/block_housing_units.parquet  the declared block housing-unit invariant
-    measurements/noisy_measurements.parquet optional: every drawn noisy answer with its variance
+    measurements/noisy_measurements.parquet optional: every drawn noisy answer (numeric rows), with
+    measurements/{queries,answers,units}.parquet  its lookups: variance and σ² per query, answer
+                                         labels, unit GEOIDs (pipeline.release.measurements)
     privacy/<kind>.yaml                  the strategy of each run (persons, units), byte copies:
                                          ``dptab verify`` recomputes the privacy section from them
 
@@ -69,7 +71,6 @@ from pipeline.release.checks import Invariants, run_checks
 
 if TYPE_CHECKING:
     from pipeline.model.geography import Geography
-from pipeline.privacy.measure import MeasurementError, read_measurement_rows
 from pipeline.release.manifest import (
     CHUNK_UNITS,
     ESTIMATORS,
@@ -148,57 +149,19 @@ class _TableWriter:
             self.writer.close()
 
 
-#: measurement rows labelled and written per slice (bounds the publishing memory)
-_MEASUREMENT_SLICE = 1 << 21
+def _write_measurements(root: Path, geography: "Geography", tables: TableSet, privacy: Mapping[str, Any],
+                        files: Mapping[tuple[str, str], Sequence[Path]]) -> list[Path]:
+    """Publish the run's measurement files into ``measurements/`` (``pipeline.release.measurements``):
+    units numbered in the geography's order, σ² and variances from the release's own privacy section."""
+    from pipeline.model.design import design_from_rho
+    from pipeline.release.measurements import MeasurementPublishError, write_measurements
 
-
-def _write_measurements(root: Path, geography: "Geography", tables: TableSet,
-                        files: Mapping[tuple[str, str], Sequence[Path]]) -> Path | None:
-    """Consolidate the run's measurement files into one Parquet (adds run, geolevel, geoid, label)."""
-    if not files:
-        return None
-    out = root / "measurements" / "noisy_measurements.parquet"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    writer = None
+    design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in privacy["runs"].items()})
     try:
-        order = {lv.name: i for i, lv in enumerate(geography.levels)}  # top-down, as the run drew them
-        for (kind, level), paths in sorted(files.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
-            spec = tables.specs[kind]
-            geoids = np.asarray(geography.level(level).geoids).astype(str)
-            for p in paths:
-                try:
-                    df = read_measurement_rows(p)
-                except MeasurementError as exc:
-                    raise ReleaseError(f"{exc}; refusing to publish it") from None
-                unit = df["unit"].to_numpy()
-                if unit.size and (unit.min() < 0 or unit.max() >= len(geoids)):
-                    raise ReleaseError(f"{p}: column unit out of range for level {level} ({len(geoids)} units)")
-                # answer labels by a join on a small (query, answer) table, in slices of rows: a
-                # block level with every answer drawn has tens of millions of rows, whose label
-                # strings must never exist all at once as Python objects
-                lookup = pl.DataFrame(
-                    [(q, a, "; ".join(lab)) for q in df["query"].cast(pl.Utf8).unique().to_list()
-                     for a, lab in enumerate(spec.query(q).answer_labels)],
-                    schema={"query": pl.Utf8, "answer": pl.Int32, "answer_label": pl.Utf8}, orient="row")
-                for lo in range(0, max(df.height, 1), _MEASUREMENT_SLICE):
-                    part = df.slice(lo, _MEASUREMENT_SLICE)
-                    u = unit[lo:lo + part.height]
-                    frame = (part.select(pl.col("query").cast(pl.Utf8), pl.col("answer").cast(pl.Int32),
-                                         pl.col("value").cast(pl.Int64), pl.col("variance").cast(pl.Float64),
-                                         pl.col("sigma2").cast(pl.Utf8))
-                             .join(lookup, on=["query", "answer"], how="left", maintain_order="left")
-                             .select(pl.repeat(kind, part.height, dtype=pl.Utf8).alias("run"),
-                                     pl.repeat(level, part.height, dtype=pl.Utf8).alias("geolevel"),
-                                     pl.Series("geoid", geoids[u] if u.size else np.array([], dtype=str), dtype=pl.Utf8),
-                                     "query", "answer", "answer_label", "value", "variance", "sigma2")
-                             .to_arrow())
-                    if writer is None:
-                        writer = pq.ParquetWriter(out, frame.schema, compression="zstd")
-                    writer.write_table(frame)
-    finally:
-        if writer is not None:
-            writer.close()
-    return out if writer is not None else None
+        return write_measurements(root, [lv.name for lv in geography.levels], [lv.geoids for lv in geography.levels],
+                                  design, tables.specs, files)
+    except MeasurementPublishError as exc:
+        raise ReleaseError(str(exc)) from None
 
 
 #: the manifest's ``uncertainty.method`` per estimator
@@ -325,9 +288,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                           "housing_units": pl.Series(np.asarray(invariants.block_housing_units), dtype=pl.Int64)}
                          ).write_parquet(ipath)
             entries.append(_file_entry(tmp, ipath))
-        mfile = _write_measurements(tmp, geography, ts, measurement_files or {})
-        if mfile is not None:
-            entries.append(_file_entry(tmp, mfile))
+        mfiles = _write_measurements(tmp, geography, ts, privacy, measurement_files or {})
+        entries += [_file_entry(tmp, p) for p in mfiles]
         for kind in privacy["runs"]:
             entries.append(_file_entry(tmp, tmp / strategy_file(kind)))
         for rel in strategy_spec_files(privacy):  # a user's spec file a strategy names, copied beside it
@@ -355,7 +317,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "persons": int(micro.height),
             # what this release must hold beyond the tables, definitions, microdata, strategies and
             # index.html (dptab verify derives the complete file list from these settings)
-            "contents": {"csv": bool(csv), "measurements": mfile is not None, "unbiased": bool(unbiased)},
+            "contents": {"csv": bool(csv), "measurements": bool(mfiles), "unbiased": bool(unbiased)},
             "files": entries,
         }
         # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed
