@@ -74,6 +74,9 @@ UNITS_SCHEMA = pa.schema([("geolevel", pa.string()), ("unit", pa.int32()), ("geo
 SCHEMAS = {ROWS_FILE: ROWS_SCHEMA, QUERIES_FILE: QUERIES_SCHEMA, ANSWERS_FILE: ANSWERS_SCHEMA,
            UNITS_FILE: UNITS_SCHEMA}
 _DICT_COLUMNS = ["run", "geolevel", "query"]
+#: runs of rows of one (run, level, query) above which the verifier sorts the rows by group first
+#: (as written there is one run per shard and query)
+_MAX_RUNS = 100_000
 
 
 class MeasurementPublishError(ValueError):
@@ -290,24 +293,27 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
     t = pq.read_table(root / ROWS_FILE, read_dictionary=_DICT_COLUMNS)
     code = np.empty(t.num_rows, np.int32)
     pos = 0
-    cols = [t.column(c).chunks for c in _DICT_COLUMNS]
-    for run_c, lv_c, q_c in zip(*cols):
+    for run_c, lv_c, q_c in zip(*(t.column(c).chunks for c in _DICT_COLUMNS)):
         n = len(run_c)
-        ri, li, qi = (_chunk_codes(c) for c in (run_c, lv_c, q_c))
         rd, ld, qd = (c.dictionary.to_pylist() for c in (run_c, lv_c, q_c))
-        # a chunk has few distinct (run, level, query): map each through a tiny table
-        key = (ri.astype(np.int64) * len(ld) + li) * len(qd) + qi
-        uniq, inv = np.unique(key, return_inverse=True)
-        lut = np.empty(uniq.size, np.int32)
-        for j, k in enumerate(uniq.tolist()):
+        # a chunk (a row group as written) is of one run and level and has few queries: each row
+        # goes through a tiny table over the product of the three dictionaries (no string per row)
+        qi = q_c.indices.to_numpy(zero_copy_only=False)
+        if len(rd) == len(ld) == 1:
+            key = qi
+        else:
+            key = (_chunk_codes(run_c) * len(ld) + _chunk_codes(lv_c)) * len(qd) + qi
+        present = np.flatnonzero(np.bincount(key, minlength=len(rd) * len(ld) * len(qd))).tolist()
+        lut = np.zeros(len(rd) * len(ld) * len(qd), np.int32)
+        for k in present:
             g = (rd[k // (len(ld) * len(qd))], ld[(k // len(qd)) % len(ld)], qd[k % len(qd)])
             if g not in gidx:
                 out.append(fail(f"{ROWS_FILE}: {'/'.join(map(str, g))} has rows but is not measured by the "
                                 f"strategy", str(g[1])))
                 gidx[g] = len(groups)
                 groups.append(g)
-            lut[j] = gidx[g]
-        code[pos:pos + n] = lut[inv]
+            lut[k] = gidx[g]
+        code[pos:pos + n] = lut[key]
         pos += n
     unit = t.column("unit").to_numpy()
     answer = t.column("answer").to_numpy()
@@ -316,16 +322,28 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
     for g, i in gidx.items():
         if g in rows and rows[g] != counts[i]:
             out.append(fail(f"{QUERIES_FILE}: {'/'.join(g)} says {rows[g]} rows, {ROWS_FILE} has {counts[i]}", g[1]))
-    order = np.argsort(code, kind="stable")  # rows of each group together, in file order
-    bounds = np.concatenate([[0], np.cumsum(counts)])
+    # The rows come in runs of one group each (as written: one per shard and query); each group's
+    # rows in file order are its runs in file order, so every check works on contiguous slices
+    # with no per-row gather. A file in many tiny runs (not as written) is first sorted by group
+    # (stable: file order kept within a group; 16-bit codes sort by radix, in linear time).
+    change = np.flatnonzero(code[1:] != code[:-1]) + 1
+    if change.size > _MAX_RUNS:
+        order = np.argsort(code.astype(np.int16) if len(groups) < 2**15 else code, kind="stable")
+        code, unit, answer = code[order], unit[order], answer[order]
+        del order
+        change = np.flatnonzero(code[1:] != code[:-1]) + 1
+    starts = np.concatenate([[0], change]).astype(np.int64)
+    ends = np.concatenate([change, [code.size]]).astype(np.int64)
+    runs: dict[int, list[tuple[int, int]]] = {}
+    for s0, e0 in zip(starts.tolist(), ends.tolist()):
+        if e0 > s0:
+            runs.setdefault(int(code[s0]), []).append((s0, e0))
     tree = GeoTree.of(digits, names)
     measured = {(m.kind, m.level, m.query) for m in design.measurements}
-    for (kind, level, query), i in gidx.items():
-        if (kind, level, query) not in measured:
-            continue  # reported above
-        idx = order[bounds[i]:bounds[i + 1]]
-        out += _group_checks(fail, kind, level, query, unit[idx], answer[idx], specs, names, by_level, tree,
-                             published)
+    for g, i in gidx.items():
+        if g in measured:  # the others are reported above
+            out += _group_checks(fail, *g, [(unit[a:b], answer[a:b]) for a, b in runs.get(i, [])], specs, names,
+                                 by_level, tree, published)
     return out
 
 
@@ -339,11 +357,12 @@ def _chunk_codes(chunk: pa.Array) -> np.ndarray:
     return chunk.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _group_checks(fail: Any, kind: str, level: str, query: str, unit: np.ndarray, answer: np.ndarray,
+def _group_checks(fail: Any, kind: str, level: str, query: str, parts: Sequence[tuple[np.ndarray, np.ndarray]],
                   specs: Mapping[str, "HistogramSpec"], names: Sequence[str], by_level: Mapping[str, "LevelTables"],
                   tree: GeoTree, published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
-    """One (run, level, query)'s rows (``unit``, ``answer`` in file order) against its level's
-    units, its query's answers and the answers the run must have drawn."""
+    """One (run, level, query)'s rows — ``parts``: its runs of rows in file order, each
+    ``(unit, answer)`` int32 arrays — against its level's units, its query's answers and the
+    answers the run must have drawn."""
     import scipy.sparse as sp
 
     what = f"{kind}/{level}/{query}"
@@ -351,20 +370,30 @@ def _group_checks(fail: Any, kind: str, level: str, query: str, unit: np.ndarray
         return [fail(f"{what}: level {level} is not a published geolevel", level)]
     n_units = len(by_level[level].geoids)
     q = specs[kind].query(query)
-    bad_u = int(np.count_nonzero((unit < 0) | (unit >= n_units)))
-    bad_a = int(np.count_nonzero((answer < 0) | (answer >= q.n_answers)))
-    if bad_u or bad_a:
-        return [fail(f"{what}: {bad_u} row(s) with a unit outside 0..{n_units - 1} and {bad_a} with an answer "
-                     f"outside 0..{q.n_answers - 1}", level)]
-    keys = unit.astype(np.int64) * q.n_answers + answer
-    if keys.size > 1 and np.any(keys[1:] <= keys[:-1]):
-        first = int(np.flatnonzero(keys[1:] <= keys[:-1])[0]) + 1
-        return [fail(f"{what}: (unit, answer) not strictly increasing at its row {first} (a pair twice, or rows "
-                     f"out of draw order): unit {int(unit[first])}, answer {int(answer[first])}", level)]
+    bad = sum(int(np.count_nonzero((u < 0) | (u >= n_units) | (a < 0) | (a >= q.n_answers))) for u, a in parts)
+    if bad:
+        return [fail(f"{what}: {bad} row(s) with a unit outside 0..{n_units - 1} or an answer outside "
+                     f"0..{q.n_answers - 1}", level)]
     full = n_units * q.n_answers
     i = list(names).index(level)
-    if keys.size == full or (i > 0 and kind not in published):
+    rows = sum(u.size for u, _ in parts)
+    # the keys are kept only when they must be compared with the parent's positive answers
+    keep = not (rows == full or (i > 0 and kind not in published))
+    pieces, last, seen = [], -1, 0
+    for u, a in parts:  # the key unit * answers + answer strictly increases over the group's rows
+        k = u.astype(np.int64)
+        k *= q.n_answers
+        k += a
+        if k[0] <= last or (k.size > 1 and bool(np.any(k[1:] <= k[:-1]))):
+            r = 0 if k[0] <= last else int(np.flatnonzero(k[1:] <= k[:-1])[0]) + 1
+            return [fail(f"{what}: (unit, answer) not strictly increasing at its row {seen + r} (a pair twice, or "
+                         f"rows out of draw order): unit {int(u[r])}, answer {int(a[r])}", level)]
+        last, seen = int(k[-1]), seen + k.size
+        if keep:
+            pieces.append(k)
+    if not keep:
         return []  # every answer drawn (or the parent histogram is not in the release)
+    keys = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     if i == 0:
         return [fail(f"{what}: {keys.size} rows; the top level draws every answer of every unit ({full})", level)]
     parent = by_level[names[i - 1]]
