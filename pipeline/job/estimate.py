@@ -114,14 +114,20 @@ def estimate_kind(ctx: RunContext, kind: str) -> tuple[dict[str, Any], list[Any]
     inner = range(1, len(levels) - 1)  # levels with targets below the root: every level but the bottom
     info_sum: dict[int, list[np.ndarray]] = {}
     messages = []
+    # With one subtree (a one-state release) pass (3) would redo exactly pass (1)'s reading and up
+    # pass: that subtree is kept instead (no more memory than pass (3) holds anyway). With several,
+    # keeping them all would hold the whole country; they are recomputed.
+    held: tuple[list[LevelMeasurements], list[tuple[int, int]], Any] | None = None
     for s in range(n_top):  # (1)
-        sub, _ = _subtree(ctx, kind, s)
+        sub, ranges = _subtree(ctx, kind, s)
         up = model.upward(sub)
         messages.append(up.message)
         for i in inner:
             part = up.message.subtree_fit() if i == 1 else up.subtree(i - 1)
             add = part.information_sum()
             info_sum[i] = add if i not in info_sum else [a + b for a, b in zip(info_sum[i], add)]
+        if n_top == 1:
+            held = (sub, ranges, up)
         del up, sub
     top = model.upward([root], below=stack_messages(messages), below_child_ptr=levels[0].child_ptr)  # (2)
     top_fit = model.downward(top)
@@ -138,8 +144,12 @@ def estimate_kind(ctx: RunContext, kind: str) -> tuple[dict[str, Any], list[Any]
         targets[0].add(_target_rows(root_fit, strategy.queries(levels[0].name), 0))
         lines[0].add(_line_rows(root_fit, tables, 0))
         for s in range(n_top):  # (3)
-            sub, ranges = _subtree(ctx, kind, s)
-            up = model.upward(sub)
+            if held is not None:
+                sub, ranges, up = held
+                held = None
+            else:
+                sub, ranges = _subtree(ctx, kind, s)
+                up = model.upward(sub)
             fit = model.downward(up, top_fit.below.select(s, s + 1))
             for i in inner:
                 part = up.message.subtree_fit() if i == 1 else up.subtree(i - 1)
