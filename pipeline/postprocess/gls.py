@@ -382,6 +382,10 @@ class GLSModel:
                 b += self._expand(q, y[lo:hi]) * (1.0 / v)
             return b
 
+        if not any(np.any(y) for y, _, _ in terms):
+            # Qᵀ0 = 0: the margins of error fit the design alone on zero data (the covariances
+            # never depend on the data), so the change of basis of the data is skipped
+            return A, [np.zeros((n, c.free.size, c.r)) for c in self.components]
         return A, self._to_components(n, qty)
 
     def _expand(self, q: str, y: np.ndarray) -> np.ndarray:
