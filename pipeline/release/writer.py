@@ -59,6 +59,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
@@ -149,17 +150,17 @@ class _TableWriter:
             self.writer.close()
 
 
-def _write_measurements(root: Path, geography: "Geography", tables: TableSet, privacy: Mapping[str, Any],
-                        files: Mapping[tuple[str, str], Sequence[Path]]) -> list[Path]:
+def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], tables: TableSet,
+                        privacy: Mapping[str, Any], files: Mapping[tuple[str, str], Sequence[Path]]) -> list[Path]:
     """Publish the run's measurement files into ``measurements/`` (``pipeline.release.measurements``):
-    units numbered in the geography's order, σ² and variances from the release's own privacy section."""
+    units numbered in the geography's order (``geoids[i]``: level ``i``'s), σ² and variances from
+    the release's own privacy section."""
     from pipeline.model.design import design_from_rho
     from pipeline.release.measurements import MeasurementPublishError, write_measurements
 
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in privacy["runs"].items()})
     try:
-        return write_measurements(root, [lv.name for lv in geography.levels], [lv.geoids for lv in geography.levels],
-                                  design, tables.specs, files)
+        return write_measurements(root, levels, geoids, design, tables.specs, files)
     except MeasurementPublishError as exc:
         raise ReleaseError(str(exc)) from None
 
@@ -219,9 +220,19 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     tmp = releases_dir / f".{meta.release_id}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir(mode=0o700)  # nobody else can read a release before the ledger counts it
     os.chmod(tmp, 0o700)
+    pending: Future[list[Path]] | None = None
     try:
         ts = load_tables(tables)
         levels = [lv.name for lv in geography.levels]
+        if measurement_files:
+            # The measurement file (tens of millions of rows with every answer drawn) is written
+            # alongside the tables: Arrow reads, encodes and compresses it without holding the GIL,
+            # and nothing else reads it before the manifest is built (joined there). Its bytes do
+            # not depend on the timing.
+            geoids = [lv.geoids for lv in geography.levels]  # materialised here, not in two threads
+            pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-measurements")
+            pending = pool.submit(_write_measurements, tmp, levels, geoids, ts, privacy, measurement_files)
+            pool.shutdown(wait=False)  # the thread ends with its one task
         digits = {lv.name: lv.digits for lv in geography.levels}
         tree = GeoTree.from_geography(geography)
         lts = tabulate_levels(ts, geography, persons, units)
@@ -288,7 +299,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                           "housing_units": pl.Series(np.asarray(invariants.block_housing_units), dtype=pl.Int64)}
                          ).write_parquet(ipath)
             entries.append(_file_entry(tmp, ipath))
-        mfiles = _write_measurements(tmp, geography, ts, privacy, measurement_files or {})
+        mfiles = pending.result() if pending is not None else []
+        pending = None
         entries += [_file_entry(tmp, p) for p in mfiles]
         for kind in privacy["runs"]:
             entries.append(_file_entry(tmp, tmp / strategy_file(kind)))
@@ -344,6 +356,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         os.chmod(tmp, 0o755)  # public from here on: the ledger has counted it
         os.rename(tmp, target)
     except BaseException:
+        if pending is not None:  # never delete the folder under a writer still in it
+            wait([pending])
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
