@@ -210,6 +210,19 @@ def test_measurement_file_with_extra_columns_is_refused(tmp_path) -> None:
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_measurement_file_with_another_sigma2_is_refused(tmp_path) -> None:
+    """The rows published are the ones the manifest's design describes: a run file drawn with
+    another σ² than the release's privacy section stops the release."""
+    c = make_case(1)
+    good = measurement_file(tmp_path, c.geography.level("block").n_units)
+    other = tmp_path / "other.parquet"
+    pl.read_parquet(good).with_columns(pl.lit("1/1").alias("sigma2")).write_parquet(other)
+    with pytest.raises(ReleaseError, match="sigma2 1/1"):
+        write_release(tmp_path / "out", meta("rel-s"), c.geography, c.persons, c.units, c.invariants, PRIVACY,
+                      measurement_files={("persons", "block"): [other]})
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_verify_detects_a_modified_file(built, tmp_path) -> None:
     path = copy_of(built, tmp_path)
     p = path / "csv" / "block" / "P1.csv"
