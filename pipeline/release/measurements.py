@@ -74,9 +74,6 @@ UNITS_SCHEMA = pa.schema([("geolevel", pa.string()), ("unit", pa.int32()), ("geo
 SCHEMAS = {ROWS_FILE: ROWS_SCHEMA, QUERIES_FILE: QUERIES_SCHEMA, ANSWERS_FILE: ANSWERS_SCHEMA,
            UNITS_FILE: UNITS_SCHEMA}
 _DICT_COLUMNS = ["run", "geolevel", "query"]
-#: runs of rows of one (run, level, query) above which the verifier sorts the rows by group first
-#: (as written there is one run per shard and query)
-_MAX_RUNS = 100_000
 
 
 class MeasurementPublishError(ValueError):
@@ -289,62 +286,107 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
                             f"the published geography)"))
     groups = [(m.kind, m.level, m.query) for m in _groups(design, specs, names)]
     gidx = {g: i for i, g in enumerate(groups)}
-    # the rows: one integer group code per row from the dictionary-encoded text columns
-    t = pq.read_table(root / ROWS_FILE, read_dictionary=_DICT_COLUMNS)
-    code = np.empty(t.num_rows, np.int32)
-    pos = 0
-    for run_c, lv_c, q_c in zip(*(t.column(c).chunks for c in _DICT_COLUMNS)):
-        n = len(run_c)
-        rd, ld, qd = (c.dictionary.to_pylist() for c in (run_c, lv_c, q_c))
-        # a chunk (a row group as written) is of one run and level and has few queries: each row
-        # goes through a tiny table over the product of the three dictionaries (no string per row)
-        qi = q_c.indices.to_numpy(zero_copy_only=False)
-        if len(rd) == len(ld) == 1:
-            key = qi
-        else:
-            key = (_chunk_codes(run_c) * len(ld) + _chunk_codes(lv_c)) * len(qd) + qi
-        present = np.flatnonzero(np.bincount(key, minlength=len(rd) * len(ld) * len(qd))).tolist()
-        lut = np.zeros(len(rd) * len(ld) * len(qd), np.int32)
-        for k in present:
-            g = (rd[k // (len(ld) * len(qd))], ld[(k // len(qd)) % len(ld)], qd[k % len(qd)])
-            if g not in gidx:
-                out.append(fail(f"{ROWS_FILE}: {'/'.join(map(str, g))} has rows but is not measured by the "
-                                f"strategy", str(g[1])))
-                gidx[g] = len(groups)
-                groups.append(g)
-            lut[k] = gidx[g]
-        code[pos:pos + n] = lut[key]
-        pos += n
-    unit = t.column("unit").to_numpy()
-    answer = t.column("answer").to_numpy()
-    del t
-    counts = np.bincount(code, minlength=len(groups))
+    scans: dict[int, _GroupScan] = {}
+    for i, (kind, level, query) in enumerate(groups):
+        if level in by_level:
+            n_units, n_answers = len(by_level[level].geoids), specs[kind].query(query).n_answers
+            # keys are kept only where they will be compared with the parent's positive answers
+            # (queries.parquet says fewer rows than every answer: checked against the rows below)
+            keep = rows.get((kind, level, query), 0) != n_units * n_answers and not (
+                names.index(level) > 0 and kind not in published)
+            scans[i] = _GroupScan(n_units, n_answers, keep)
+    # The rows, one row group at a time (memory: one row group's integer columns): a group code
+    # per row from the dictionary-encoded text, then the runs of equal code (as written, one per
+    # shard and query and row group) go to their group's scan as contiguous slices, in file order.
+    pf = pq.ParquetFile(root / ROWS_FILE, read_dictionary=_DICT_COLUMNS)
+    counts = np.zeros(len(groups), np.int64)
+    for rg in range(pf.num_row_groups):
+        t = pf.read_row_group(rg, columns=[*_DICT_COLUMNS, "unit", "answer"])
+        code = np.concatenate([_group_codes(rc, lc, qc, gidx, groups, out, fail)
+                               for rc, lc, qc in zip(*(t.column(c).chunks for c in _DICT_COLUMNS))] or
+                              [np.zeros(0, np.int32)])
+        unit, answer = t.column("unit").to_numpy(), t.column("answer").to_numpy()
+        del t
+        counts = np.pad(counts, (0, len(groups) - len(counts)))  # groups not measured may have joined
+        counts += np.bincount(code, minlength=len(groups))
+        change = np.flatnonzero(code[1:] != code[:-1]) + 1
+        if change.size > _MAX_RUNS:  # not as written: sorted by group first (stable: file order kept)
+            order = np.argsort(code, kind="stable")
+            code, unit, answer = code[order], unit[order], answer[order]
+            change = np.flatnonzero(code[1:] != code[:-1]) + 1
+        for s0, e0 in zip([0, *change.tolist()], [*change.tolist(), code.size]):
+            scan = scans.get(int(code[s0])) if e0 > s0 else None
+            if scan is not None:
+                scan.add(unit[s0:e0], answer[s0:e0])
     for g, i in gidx.items():
         if g in rows and rows[g] != counts[i]:
             out.append(fail(f"{QUERIES_FILE}: {'/'.join(g)} says {rows[g]} rows, {ROWS_FILE} has {counts[i]}", g[1]))
-    # The rows come in runs of one group each (as written: one per shard and query); each group's
-    # rows in file order are its runs in file order, so every check works on contiguous slices
-    # with no per-row gather. A file in many tiny runs (not as written) is first sorted by group
-    # (stable: file order kept within a group; 16-bit codes sort by radix, in linear time).
-    change = np.flatnonzero(code[1:] != code[:-1]) + 1
-    if change.size > _MAX_RUNS:
-        order = np.argsort(code.astype(np.int16) if len(groups) < 2**15 else code, kind="stable")
-        code, unit, answer = code[order], unit[order], answer[order]
-        del order
-        change = np.flatnonzero(code[1:] != code[:-1]) + 1
-    starts = np.concatenate([[0], change]).astype(np.int64)
-    ends = np.concatenate([change, [code.size]]).astype(np.int64)
-    runs: dict[int, list[tuple[int, int]]] = {}
-    for s0, e0 in zip(starts.tolist(), ends.tolist()):
-        if e0 > s0:
-            runs.setdefault(int(code[s0]), []).append((s0, e0))
     tree = GeoTree.of(digits, names)
     measured = {(m.kind, m.level, m.query) for m in design.measurements}
     for g, i in gidx.items():
         if g in measured:  # the others are reported above
-            out += _group_checks(fail, *g, [(unit[a:b], answer[a:b]) for a, b in runs.get(i, [])], specs, names,
-                                 by_level, tree, published)
+            out += _group_checks(fail, *g, scans.get(i), rows.get(g), specs, names, by_level, tree, published)
     return out
+
+
+#: runs of equal (run, level, query) in one row group above which the verifier sorts it by group
+#: first (as written there are a handful)
+_MAX_RUNS = 1_000
+
+
+def _group_codes(run_c: pa.DictionaryArray, lv_c: pa.DictionaryArray, q_c: pa.DictionaryArray,
+                 gidx: dict[tuple[str, str, str], int], groups: list[tuple[str, str, str]], out: list[CheckFailure],
+                 fail: Any) -> np.ndarray:
+    """int32 group index (into ``groups``) of each row of one chunk of the three text columns.
+    A chunk (a row group as written) is of one run and level and a few queries: each row goes
+    through a tiny table over the product of the three dictionaries (no string per row). A
+    group the design does not measure is reported (once), appended to ``groups`` and indexed."""
+    rd, ld, qd = (c.dictionary.to_pylist() for c in (run_c, lv_c, q_c))
+    qi = q_c.indices.to_numpy(zero_copy_only=False)
+    if len(rd) == len(ld) == 1:
+        key = qi
+    else:
+        key = (_chunk_codes(run_c) * len(ld) + _chunk_codes(lv_c)) * len(qd) + qi
+    present = np.flatnonzero(np.bincount(key, minlength=len(rd) * len(ld) * len(qd))).tolist()
+    lut = np.zeros(max(len(rd) * len(ld) * len(qd), 1), np.int32)
+    for k in present:
+        g = (rd[k // (len(ld) * len(qd))], ld[(k // len(qd)) % len(ld)], qd[k % len(qd)])
+        if g not in gidx:
+            out.append(fail(f"{ROWS_FILE}: {'/'.join(map(str, g))} has rows but is not measured by the strategy",
+                            str(g[1])))
+            gidx[g] = len(groups)
+            groups.append(g)
+        lut[k] = gidx[g]
+    return lut[key]
+
+
+class _GroupScan:
+    """The rows of one (run, level, query), seen slice by slice in file order: how many are out
+    of range, whether the key ``unit * answers + answer`` strictly increases (first break), and
+    the keys themselves when ``keep``."""
+
+    def __init__(self, n_units: int, n_answers: int, keep: bool) -> None:
+        self.n_units, self.n_answers, self.keep = n_units, n_answers, keep
+        self.rows = self.bad = 0
+        self.last = -1
+        self.broken: tuple[int, int, int] | None = None  # (row within the group, unit, answer)
+        self.pieces: list[np.ndarray] = []
+
+    def add(self, unit: np.ndarray, answer: np.ndarray) -> None:
+        """One contiguous slice of the group's rows (int32 ``unit``, ``answer``, same length)."""
+        bad = int(np.count_nonzero((unit < 0) | (unit >= self.n_units) | (answer < 0) | (answer >= self.n_answers)))
+        self.bad += bad
+        if not bad and self.broken is None:
+            k = unit.astype(np.int64)
+            k *= self.n_answers
+            k += answer
+            if k[0] <= self.last or (k.size > 1 and bool(np.any(k[1:] <= k[:-1]))):
+                r = 0 if k[0] <= self.last else int(np.flatnonzero(k[1:] <= k[:-1])[0]) + 1
+                self.broken = (self.rows + r, int(unit[r]), int(answer[r]))
+            self.last = int(k[-1])
+            if self.keep:
+                self.pieces.append(k)
+        self.rows += unit.size
 
 
 def _type_name(t: pa.DataType) -> str:
@@ -357,43 +399,33 @@ def _chunk_codes(chunk: pa.Array) -> np.ndarray:
     return chunk.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _group_checks(fail: Any, kind: str, level: str, query: str, parts: Sequence[tuple[np.ndarray, np.ndarray]],
+def _group_checks(fail: Any, kind: str, level: str, query: str, scan: "_GroupScan | None", claimed: int | None,
                   specs: Mapping[str, "HistogramSpec"], names: Sequence[str], by_level: Mapping[str, "LevelTables"],
                   tree: GeoTree, published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
-    """One (run, level, query)'s rows — ``parts``: its runs of rows in file order, each
-    ``(unit, answer)`` int32 arrays — against its level's units, its query's answers and the
-    answers the run must have drawn."""
+    """One (run, level, query)'s rows (``scan``; ``claimed``: its row count in queries.parquet)
+    against its level's units, its query's answers and the answers the run must have drawn."""
     import scipy.sparse as sp
 
     what = f"{kind}/{level}/{query}"
-    if level not in by_level:
+    if level not in by_level or scan is None:
         return [fail(f"{what}: level {level} is not a published geolevel", level)]
     n_units = len(by_level[level].geoids)
     q = specs[kind].query(query)
-    bad = sum(int(np.count_nonzero((u < 0) | (u >= n_units) | (a < 0) | (a >= q.n_answers))) for u, a in parts)
-    if bad:
-        return [fail(f"{what}: {bad} row(s) with a unit outside 0..{n_units - 1} or an answer outside "
+    if scan.bad:
+        return [fail(f"{what}: {scan.bad} row(s) with a unit outside 0..{n_units - 1} or an answer outside "
                      f"0..{q.n_answers - 1}", level)]
+    if scan.broken is not None:
+        r, u, a = scan.broken
+        return [fail(f"{what}: (unit, answer) not strictly increasing at its row {r} (a pair twice, or rows out "
+                     f"of draw order): unit {u}, answer {a}", level)]
     full = n_units * q.n_answers
     i = list(names).index(level)
-    rows = sum(u.size for u, _ in parts)
-    # the keys are kept only when they must be compared with the parent's positive answers
-    keep = not (rows == full or (i > 0 and kind not in published))
-    pieces, last, seen = [], -1, 0
-    for u, a in parts:  # the key unit * answers + answer strictly increases over the group's rows
-        k = u.astype(np.int64)
-        k *= q.n_answers
-        k += a
-        if k[0] <= last or (k.size > 1 and bool(np.any(k[1:] <= k[:-1]))):
-            r = 0 if k[0] <= last else int(np.flatnonzero(k[1:] <= k[:-1])[0]) + 1
-            return [fail(f"{what}: (unit, answer) not strictly increasing at its row {seen + r} (a pair twice, or "
-                         f"rows out of draw order): unit {int(u[r])}, answer {int(a[r])}", level)]
-        last, seen = int(k[-1]), seen + k.size
-        if keep:
-            pieces.append(k)
-    if not keep:
+    if scan.rows == full or (i > 0 and kind not in published):
         return []  # every answer drawn (or the parent histogram is not in the release)
-    keys = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    if not scan.keep:
+        return [fail(f"{what}: {scan.rows} rows, but queries.parquet says {claimed}, every answer of every unit "
+                     f"({full})", level)]
+    keys = np.concatenate(scan.pieces) if scan.pieces else np.zeros(0, np.int64)
     if i == 0:
         return [fail(f"{what}: {keys.size} rows; the top level draws every answer of every unit ({full})", level)]
     parent = by_level[names[i - 1]]
