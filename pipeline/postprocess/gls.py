@@ -689,7 +689,9 @@ class LevelFit:
             w = 1.0
             for a, ((ind_l, perp_l), (ind_r, perp_r)) in enumerate(zip(*sides)):
                 if c.in_ind[a]:
-                    u, v = np.kron(u, ind_l), np.kron(v, ind_r)
+                    # kron of vectors as an outer product: the same products, without
+                    # np.kron's per-call overhead (called per line, component and axis)
+                    u, v = np.multiply.outer(u, ind_l).ravel(), np.multiply.outer(v, ind_r).ravel()
                 else:
                     w *= float(perp_l @ perp_r)  # the block acts as a scalar on perp
             if w == 0.0:
