@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from pipeline.release.tables import LevelTables, TableSet
 from pipeline.release.tree import GeoTree
@@ -80,23 +81,37 @@ class Invariants:
 
 
 class _Collector:
+    """Failures grouped by (check, table, level, detail): the first ``limit`` of a group are
+    recorded individually, the rest counted in one summary per group (:meth:`result`), whether a
+    level arrives whole or in chunks of units."""
+
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.failures: list[CheckFailure] = []
+        self.extra: dict[tuple[str, str, str, str], int] = {}
+        self.seen: dict[tuple[str, str, str, str], int] = {}
 
     def add(self, check: str, table: str, level: str, geoids: np.ndarray, bad_rows: np.ndarray,
             lines: Sequence[int | None], expected: np.ndarray | None, found: np.ndarray | None,
             detail: str = "") -> None:
         """Record failures at ``bad_rows`` (indices into ``geoids``) with per-row line numbers."""
-        n = len(bad_rows)
-        for k in range(min(n, self.limit)):
+        key = (check, table, level, detail)
+        n, done = len(bad_rows), self.seen.get(key, 0)
+        take = max(0, min(n, self.limit - done))
+        for k in range(take):
             r = int(bad_rows[k])
             self.failures.append(CheckFailure(
                 check, table, None if lines[k] is None else int(lines[k]), level, str(geoids[r]),
                 None if expected is None else int(expected[k]), None if found is None else int(found[k]), detail))
-        if n > self.limit:
-            self.failures.append(CheckFailure(check, table, None, level, "", detail=f"{n - self.limit} more failures"
-                                              + (f"; {detail}" if detail else "")))
+        self.seen[key] = done + n
+        if n > take:
+            self.extra[key] = self.extra.get(key, 0) + n - take
+
+    def result(self) -> list[CheckFailure]:
+        """Every recorded failure, then one summary per group with more than ``limit``."""
+        return self.failures + [CheckFailure(check, table, None, level, "", detail=f"{n} more failures"
+                                             + (f"; {detail}" if detail else ""))
+                                for (check, table, level, detail), n in self.extra.items()]
 
 
 def _line_failures(col: _Collector, check: str, table: str, level: str, geoids: np.ndarray,
@@ -108,59 +123,77 @@ def _line_failures(col: _Collector, check: str, table: str, level: str, geoids: 
         col.add(check, table, level, geoids, rows, list(nums), expected[rows, cols], found[rows, cols], detail)
 
 
-def children_of(parent_geoids: np.ndarray, child_geoids: np.ndarray,
-                parent_digits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For sorted GEOIDs: ``(start, stop)`` child ranges of each parent, and orphan child rows.
-
-    Children sort by their GEOID prefix, so each parent's children are contiguous.
-    """
-    child = np.asarray(child_geoids).astype(str)
-    # casting to a shorter fixed-width string type truncates: the GEOID prefix, vectorised
-    prefix = child.astype(f"<U{parent_digits}") if parent_digits > 0 else np.full(child.shape, "", dtype="<U1")
+def _parent_positions(tree: GeoTree, parent_level: str, parent_geoids: np.ndarray, child_level: str,
+                      child_geoids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(pos, found)``: each child's parent among ``parent_geoids`` (sorted GEOIDs, or a lookup
+    level's published order), int64 ``(n_children,)`` and bool ``(n_children,)``."""
+    if tree.is_lookup:
+        return tree.parent_positions(parent_level, parent_geoids, child_level, child_geoids)
     parents = np.asarray(parent_geoids).astype(str)
-    if prefix.size == 0:
-        return np.zeros(len(parents), np.int64), np.zeros(len(parents), np.int64), np.zeros(0, np.int64)
-    start = np.searchsorted(prefix, parents, side="left")
-    stop = np.searchsorted(prefix, parents, side="right")
-    pos = np.clip(np.searchsorted(parents, prefix), 0, max(len(parents) - 1, 0))
-    orphan = np.nonzero(parents[pos] != prefix)[0] if len(parents) else np.arange(len(prefix))
-    return start.astype(np.int64), stop.astype(np.int64), orphan
+    child = np.asarray(child_geoids).astype(str)
+    d = tree.digits[parent_level]
+    # casting to a shorter fixed-width string type truncates: the GEOID prefix, vectorised
+    prefix = child.astype(f"<U{d}") if d > 0 else np.full(child.shape, "", dtype="<U1")
+    if not len(parents):
+        return np.zeros(len(child), np.int64), np.zeros(len(child), bool)
+    pos = np.clip(np.searchsorted(parents, prefix), 0, len(parents) - 1).astype(np.int64)
+    return pos, parents[pos] == prefix
 
 
-def _sum_ranges(values: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
-    """Sums of ``values[start[i]:stop[i]]`` along axis 0 (empty range → 0), via a cumulative sum."""
-    cs = np.zeros((values.shape[0] + 1,) + values.shape[1:], dtype=np.int64)
-    np.cumsum(values, axis=0, out=cs[1:])
-    return cs[stop] - cs[start]
+class ReleaseChecks:
+    """Every consistency check, fed level by level (top to bottom) in chunks of units, so a
+    release is checked holding one chunk of a level plus the level above's counts.
 
-
-def _children_by_tree(tree: GeoTree, parent: LevelTables, child: LevelTables
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`children_of` for a lookup geography: children sit after their parents in unit order."""
-    pos, found = tree.parent_positions(parent.level, parent.geoids, child.level, child.geoids)
-    orphan = np.nonzero(~found)[0]
-    pos = np.where(found, pos, -1)
-    n = len(parent.geoids)
-    start = np.searchsorted(pos, np.arange(n), side="left").astype(np.int64)
-    stop = np.searchsorted(pos, np.arange(n), side="right").astype(np.int64)
-    return start, stop, orphan
-
-
-def run_checks(tables: TableSet, levels: Sequence[LevelTables], digits: "Mapping[str, int] | GeoTree",
-               invariants: Invariants | None = None, limit: int = MAX_PER_GROUP) -> list[CheckFailure]:
-    """Every consistency check over ``levels`` (top to bottom); an empty list means all pass.
-
-    ``digits[level]`` is the GEOID prefix length of a level (``schemas/geolevels.yaml``), or a
-    :class:`GeoTree` (a lookup geography's published parent codes).
-    Tables missing from a level are skipped (e.g. H1 when no units were published).
+    ``begin_level(level, keep)``, then ``add(chunk)`` for consecutive chunks of the level's
+    units in order (a :class:`LevelTables` whose arrays hold the chunk's rows), then
+    ``end_level()``; :meth:`failures` at the end. The hierarchy check keeps the parent level's
+    counts, int64 ``(n_parent_units, n_lines)`` per table, and the children's sums per parent of
+    the same shape (the children stream past); the rest is checked chunk by chunk.
     """
-    tree = GeoTree.of(digits, [lt.level for lt in levels])
-    col = _Collector(limit)
-    for lt in levels:
+
+    def __init__(self, tables: TableSet, tree: GeoTree, invariants: Invariants | None = None,
+                 limit: int = MAX_PER_GROUP) -> None:
+        self.ts, self.tree, self.inv = tables, tree, invariants
+        self.col = _Collector(limit)
+        self.levels: list[str] = []
+        self.parent: LevelTables | None = None      # the level above, whole
+        self.current: LevelTables | None = None     # this level, gathered only while it may be a parent
+        self.sums: dict[str, np.ndarray] = {}      # this level's counts summed per parent unit
+        self.last: str | None = None                # the last GEOID of the previous chunk (order check)
+        self.p_total, self.h_total = tables.total_line("persons"), tables.total_line("units")
+        self.state_seen: set[str] = set()
+        self.state_checked = self.h_checked = False  # was the invariant's level (with its table) seen
+        if invariants is not None and invariants.block_housing_units is not None:
+            ig = np.asarray(invariants.block_geoids).astype(str)
+            order = np.argsort(ig, kind="stable")  # the invariant's units in any order (a lookup's unit order)
+            self.inv_geoids = ig[order]
+            self.inv_hu = np.asarray(invariants.block_housing_units, dtype=np.int64)[order]
+            self.inv_seen = np.zeros(len(ig), bool)
+
+    def _state_level(self) -> str:
+        # a lookup geography declares its top level's total, whatever its levels are called
+        names = self.tree.levels
+        return "state" if "state" in names and not self.tree.is_lookup else (names[0] if names else "")
+
+    def begin_level(self, level: str, keep: bool) -> None:
+        """Start ``level``; ``keep``: gather its counts whole (another level follows below it)."""
+        self.levels.append(level)
+        self.last = None
+        self.sums = {}
+        self.current = LevelTables(level, np.zeros(0, dtype=str), {}) if keep else None
+        self._chunks: list[LevelTables] = []
+
+    def add(self, lt: LevelTables) -> None:
+        """Check one chunk of the current level's units (the next ones in unit order)."""
+        col, tables = self.col, self.ts
         g = np.asarray(lt.geoids).astype(str)
-        if g.size > 1 and not tree.in_order(lt.level, g):
-            col.add("structure", "*", lt.level, g, np.array([0]), [None], None, None,
-                    "GEOIDs not unique and in the geography's order" if tree.is_lookup else "GEOIDs not sorted and unique")
+        head = g if self.last is None else np.concatenate([np.array([self.last]), g])
+        if head.size > 1 and not self.tree.in_order(lt.level, head):
+            col.add("structure", "*", lt.level, head, np.array([0]), [None], None, None,
+                    "GEOIDs not unique and in the geography's order" if self.tree.is_lookup
+                    else "GEOIDs not sorted and unique")
+        if g.size:
+            self.last = str(g[-1])
         for name, counts in lt.counts.items():
             t = tables.tables[name]
             rows, cols = np.nonzero(counts < 0)
@@ -175,25 +208,130 @@ def run_checks(tables: TableSet, levels: Sequence[LevelTables], digits: "Mapping
                     col.add("additivity", name, lt.level, g, bad, [k] * bad.size, want[bad], got[bad],
                             f"line {k} = sum of lines {list(parts)}")
         _cross_checks(col, tables, lt, g)
-    for parent, child in zip(levels[:-1], levels[1:]):
-        if tree.is_lookup:
-            start, stop, orphan = _children_by_tree(tree, parent, child)
-        else:
-            start, stop, orphan = children_of(parent.geoids, child.geoids, tree.digits[parent.level])
-        cg = np.asarray(child.geoids).astype(str)
+        self._hierarchy_chunk(lt, g)
+        self._invariant_chunk(lt, g)
+        if self.current is not None:
+            self._chunks.append(lt)
+
+    def _hierarchy_chunk(self, lt: LevelTables, g: np.ndarray) -> None:
+        """Add the chunk's counts to their parents' sums; report units without a parent."""
+        parent = self.parent
+        if parent is None:
+            return
+        pos, found = _parent_positions(self.tree, parent.level, parent.geoids, lt.level, g)
+        orphan = np.nonzero(~found)[0]
         if orphan.size:
-            col.add("hierarchy", "*", child.level, cg, orphan, [None] * orphan.size, None, None,
-                    f"unit has no parent in level {parent.level}")
-        pg = np.asarray(parent.geoids).astype(str)
+            self.col.add("hierarchy", "*", lt.level, g, orphan, [None] * orphan.size, None, None,
+                         f"unit has no parent in level {parent.level}")
+        ok = np.nonzero(found)[0]
+        uniq, inv = np.unique(pos[ok], return_inverse=True)
+        # (parents of the chunk x children of the chunk) 0/1 matrix: the chunk's sums per parent
+        agg = sp.csr_matrix((np.ones(ok.size, np.int64), (inv.reshape(-1), ok)), shape=(len(uniq), len(g)))
         for name, pc in parent.counts.items():
-            if name not in child.counts:
+            if name not in lt.counts:
                 continue
-            sums = _sum_ranges(child.counts[name], start, stop)
-            _line_failures(col, "hierarchy", name, parent.level, pg, tables.tables[name].numbers, sums, pc,
-                           f"parent line vs sum over {child.level} children")
-    if invariants is not None:
-        _invariant_checks(col, tables, levels, invariants, tree.is_lookup)
-    return col.failures
+            acc = self.sums.setdefault(name, np.zeros_like(pc))
+            acc[uniq] += np.asarray(agg @ lt.counts[name], dtype=np.int64)
+
+    def end_level(self) -> None:
+        """Finish the current level: compare the level above with its children's sums."""
+        level = self.levels[-1]
+        parent = self.parent
+        if parent is not None:
+            pg = np.asarray(parent.geoids).astype(str)
+            for name, pc in parent.counts.items():
+                if name in self.sums:
+                    _line_failures(self.col, "hierarchy", name, parent.level, pg, self.ts.tables[name].numbers,
+                                   self.sums[name], pc, f"parent line vs sum over {level} children")
+        if self.inv is not None and self.inv.state_totals is not None and self.state_checked and level == self._state_level():
+            pt = self.p_total
+            assert pt is not None
+            for m in sorted(set(self.inv.state_totals) - self.state_seen):
+                self.col.failures.append(CheckFailure("invariant", pt[0], pt[1], level, m, int(self.inv.state_totals[m]),
+                                                      None, f"declared {level} total has no published {level}"))
+        chunks, self._chunks = self._chunks, []
+        if self.current is not None:
+            names = {n for c in chunks for n in c.counts}
+            self.parent = LevelTables(level, np.concatenate([np.asarray(c.geoids).astype(str) for c in chunks])
+                                      if chunks else np.zeros(0, dtype=str),
+                                      {n: np.concatenate([c.counts[n] for c in chunks if n in c.counts])
+                                       for n in names})
+        else:
+            self.parent = None
+        self.sums = {}
+
+    def _invariant_chunk(self, lt: LevelTables, g: np.ndarray) -> None:
+        """The declared totals (``state_totals``: at the level named ``state``, or the top level
+        of a geography without one; the level above must add up to them) and the bottom level's
+        housing units, against the total lines of the persons and units tables (pl94: P1 line 1,
+        H1 line 1)."""
+        inv, col, tables = self.inv, self.col, self.ts
+        if inv is None:
+            return
+        tl = self._state_level()
+        if inv.state_totals is not None and self.p_total is not None and self.p_total[0] in lt.counts:
+            pt, pline = self.p_total
+            p1_total = tables.tables[pt].index(pline)
+            if lt.level == tl:
+                got = lt.counts[pt][:, p1_total]
+                want = np.array([int(inv.state_totals.get(x, -1)) for x in g], dtype=np.int64)
+                self.state_seen |= set(g.tolist())
+                self.state_checked = True
+                bad = np.nonzero(want != got)[0]
+                if bad.size:
+                    col.add("invariant", pt, tl, g, bad, [pline] * bad.size, want[bad], got[bad], f"{tl} total population")
+            elif len(self.levels) == 1 and tl in self.tree.levels and g.size:  # the top level, above the states
+                nat = int(lt.counts[pt][0, p1_total])
+                total = int(sum(int(v) for v in inv.state_totals.values()))
+                if nat != total:
+                    col.failures.append(CheckFailure("invariant", pt, pline, lt.level, "", total, nat,
+                                                     f"{lt.level} total = sum of declared {tl} totals"))
+        bottom = self.tree.levels[-1] if self.tree.levels else ""
+        if (inv.block_housing_units is not None and self.h_total is not None and lt.level == bottom
+                and self.h_total[0] in lt.counts):
+            ht, hline = self.h_total
+            ig, iv = self.inv_geoids, self.inv_hu
+            got = lt.counts[ht][:, tables.tables[ht].index(hline)]
+            pos = np.clip(np.searchsorted(ig, g), 0, max(len(ig) - 1, 0))
+            found = (ig[pos] == g) if len(ig) else np.zeros(len(g), bool)
+            self.inv_seen[pos[found]] = True
+            want = np.where(found, iv[pos] if len(ig) else 0, 0)  # a published block absent from the invariant has 0
+            bad = np.nonzero(want != got)[0]
+            if bad.size:
+                col.add("invariant", ht, bottom, g, bad, [hline] * bad.size, want[bad], got[bad],
+                        f"{bottom} housing units")
+            self.h_checked = True
+
+    def failures(self) -> list[CheckFailure]:
+        """Every failure found (empty: all checks pass); call once, after the last level."""
+        inv = self.inv
+        if inv is not None and inv.block_housing_units is not None and self.h_checked:
+            assert self.h_total is not None
+            ht, hline = self.h_total
+            bottom = self.tree.levels[-1]
+            absent = np.nonzero(~self.inv_seen & (self.inv_hu != 0))[0]
+            if absent.size:
+                self.col.add("invariant", ht, bottom, self.inv_geoids, absent, [hline] * absent.size,
+                             self.inv_hu[absent], np.zeros(absent.size, np.int64),
+                             f"{bottom} with declared housing units is not published")
+        return self.col.result()
+
+
+def run_checks(tables: TableSet, levels: Sequence[LevelTables], digits: "Mapping[str, int] | GeoTree",
+               invariants: Invariants | None = None, limit: int = MAX_PER_GROUP) -> list[CheckFailure]:
+    """Every consistency check over whole ``levels`` (top to bottom); an empty list means all pass.
+
+    ``digits[level]`` is the GEOID prefix length of a level (``schemas/geolevels.yaml``), or a
+    :class:`GeoTree` (a lookup geography's published parent codes).
+    Tables missing from a level are skipped (e.g. H1 when no units were published). Each level is
+    one chunk of :class:`ReleaseChecks`, which the writer and verifier feed chunk by chunk.
+    """
+    checks = ReleaseChecks(tables, GeoTree.of(digits, [lt.level for lt in levels]), invariants, limit)
+    for i, lt in enumerate(levels):
+        checks.begin_level(lt.level, keep=i + 1 < len(levels))
+        checks.add(lt)
+        checks.end_level()
+    return checks.failures()
 
 
 def _operand(tables: TableSet, lt: LevelTables, ref: tuple[str, int | None]) -> np.ndarray | None:
@@ -225,59 +363,3 @@ def _cross_checks(col: _Collector, tables: TableSet, lt: LevelTables, g: np.ndar
         if rows.size:
             col.add("cross_table", part, lt.level, g, rows, list(np.asarray(tables.tables[part].numbers)[cols]),
                     wc[rows, cols], pc[rows, cols], f"{part} must not exceed {whole} (value shown as expected: the bound)")
-
-
-def _invariant_checks(col: _Collector, tables: TableSet, levels: Sequence[LevelTables], inv: Invariants,
-                      lookup: bool = False) -> None:
-    """The declared totals (``state_totals``: at the level named ``state``, or the top level of a
-    geography without one; the level above must add up to them) and the bottom level's housing
-    units, against the total lines of the persons and units tables (pl94: P1 line 1, H1 line 1)."""
-    by_level = {lt.level: lt for lt in levels}
-    p_total, h_total = tables.total_line("persons"), tables.total_line("units")
-    # a lookup geography declares its top level's total, whatever its levels are called
-    tl = "state" if "state" in by_level and not lookup else (levels[0].level if levels else "")
-    if inv.state_totals is not None and p_total is not None and tl in by_level and p_total[0] in by_level[tl].counts:
-        pt, pline = p_total
-        p1_total = tables.tables[pt].index(pline)
-        lt = by_level[tl]
-        g = np.asarray(lt.geoids).astype(str)
-        got = lt.counts[pt][:, p1_total]
-        want = np.array([int(inv.state_totals.get(x, -1)) for x in g], dtype=np.int64)
-        missing = set(inv.state_totals) - set(g.tolist())
-        for m in sorted(missing):
-            col.failures.append(CheckFailure("invariant", pt, pline, tl, m, int(inv.state_totals[m]), None,
-                                             f"declared {tl} total has no published {tl}"))
-        bad = np.nonzero(want != got)[0]
-        if bad.size:
-            col.add("invariant", pt, tl, g, bad, [pline] * bad.size, want[bad], got[bad], f"{tl} total population")
-        top = levels[0].level
-        if top != tl and pt in by_level[top].counts:
-            nat = int(by_level[top].counts[pt][0, p1_total])
-            total = int(sum(int(v) for v in inv.state_totals.values()))
-            if nat != total:
-                col.failures.append(CheckFailure("invariant", pt, pline, top, "", total, nat,
-                                                 f"{top} total = sum of declared {tl} totals"))
-    bottom = levels[-1].level if levels else ""
-    if (inv.block_housing_units is not None and h_total is not None and bottom in by_level
-            and h_total[0] in by_level[bottom].counts):
-        ht, hline = h_total
-        lt = by_level[bottom]
-        g = np.asarray(lt.geoids).astype(str)
-        ig = np.asarray(inv.block_geoids).astype(str)
-        iv = np.asarray(inv.block_housing_units, dtype=np.int64)
-        got = lt.counts[ht][:, tables.tables[ht].index(hline)]
-        order = np.argsort(ig, kind="stable")  # the invariant's units in any order (a lookup's unit order)
-        ig, iv = ig[order], iv[order]
-        pos = np.clip(np.searchsorted(ig, g), 0, max(len(ig) - 1, 0))
-        found = (ig[pos] == g) if len(ig) else np.zeros(len(g), bool)
-        want = np.where(found, iv[pos] if len(ig) else 0, 0)  # a published block absent from the invariant has 0
-        bad = np.nonzero(want != got)[0]
-        if bad.size:
-            col.add("invariant", ht, bottom, g, bad, [hline] * bad.size, want[bad], got[bad],
-                    f"{bottom} housing units")
-        gs = np.sort(g)
-        gpos = np.clip(np.searchsorted(gs, ig), 0, max(len(gs) - 1, 0))
-        absent = np.nonzero(((gs[gpos] != ig) if len(gs) else np.ones(len(ig), bool)) & (iv != 0))[0]
-        if absent.size:
-            col.add("invariant", ht, bottom, ig, absent, [hline] * absent.size, iv[absent],
-                    np.zeros(absent.size, np.int64), f"{bottom} with declared housing units is not published")

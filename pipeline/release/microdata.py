@@ -31,12 +31,17 @@ geography's unit order, then EPNUM.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import polars as pl
 
 from pipeline.errors import DptabError
 from pipeline.model.spec import HistogramSpec
 from pipeline.release.tables import HistogramLike, as_sparse_arrays
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 PPMF_COLUMNS = ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLKGRPCE", "TABBLK", "EPNUM", "RTYPE",
                 "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE")
@@ -55,7 +60,7 @@ def is_ppmf(spec: HistogramSpec, lookup: bool = False) -> bool:
     return not lookup and tuple(a.name for a in spec.attributes) == PPMF_ATTRIBUTES
 
 
-def _entries(hist: HistogramLike | np.ndarray, n_units_given: int, spec: HistogramSpec,
+def _entries(hist: "HistogramLike | np.ndarray | sp.csr_matrix", n_units_given: int, spec: HistogramSpec,
              what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The published histogram's ``(unit, cell, count)`` entries, checked against the units given
     and the spec, sorted by (unit, cell) so persons come out in geography order."""
@@ -70,15 +75,17 @@ def _entries(hist: HistogramLike | np.ndarray, n_units_given: int, spec: Histogr
     return unit[order], cell[order], count[order]
 
 
-def generic_microdata(unit_codes: np.ndarray, hist: HistogramLike | np.ndarray, spec: HistogramSpec) -> pl.DataFrame:
-    """One row per person in the generic layout (module doc): ``geoid``, ``EPNUM``, one column per
-    spec attribute; ``unit_codes``: the bottom units' codes in unit order ``(n_units,)``."""
+def generic_microdata(unit_codes: np.ndarray, hist: "HistogramLike | np.ndarray | sp.csr_matrix", spec: HistogramSpec,
+                      first_epnum: int = 1) -> pl.DataFrame:
+    """One row per person in the generic layout (module doc): ``geoid``, ``EPNUM`` (from
+    ``first_epnum``), one column per spec attribute; ``unit_codes``: the bottom units' codes in
+    unit order ``(n_units,)``."""
     unit, cell, count = _entries(hist, len(unit_codes), spec, "units")
     codes = spec.cell_codes(cell)
     rep = np.repeat(np.arange(unit.size), count)
     cols: dict[str, pl.Series] = {
         "geoid": pl.Series("geoid", np.asarray(unit_codes).astype(str)[unit[rep]] if rep.size else [], dtype=pl.Utf8),
-        "EPNUM": pl.Series("EPNUM", np.arange(1, rep.size + 1, dtype=np.int64)),
+        "EPNUM": pl.Series("EPNUM", np.arange(first_epnum, first_epnum + rep.size, dtype=np.int64)),
     }
     for a in spec.attributes:
         cols[a.name] = pl.Series(a.name, codes[a.name][rep] if rep.size else [], dtype=pl.Int64)
@@ -123,17 +130,18 @@ def block_geography_frame(block_geoids: np.ndarray) -> pl.DataFrame:
     })
 
 
-def microdata_from_blocks(block_geoids: np.ndarray, hist: HistogramLike | np.ndarray,
-                          spec: HistogramSpec, lookup: bool = False) -> pl.DataFrame:
+def microdata_from_blocks(block_geoids: np.ndarray, hist: "HistogramLike | np.ndarray | sp.csr_matrix",
+                          spec: HistogramSpec, lookup: bool = False, first_epnum: int = 1) -> pl.DataFrame:
     """Expand a block-level persons histogram into one PPMF row per person.
 
     ``block_geoids``: sorted 15-digit block GEOIDs ``(n_blocks,)``; ``hist``: the published
-    integer block histogram of ``spec`` (a SparseHistogram or dense ``(n_blocks, n_cells)``).
-    Returns a DataFrame with :data:`PPMF_COLUMNS`, ``hist.count.sum()`` rows. A spec without the
-    PL94 attributes gets the generic layout (:func:`generic_microdata`).
+    integer block histogram of ``spec`` (a SparseHistogram, dense ``(n_blocks, n_cells)`` or csr).
+    Returns a DataFrame with :data:`PPMF_COLUMNS`, ``hist.count.sum()`` rows, EPNUM counting from
+    ``first_epnum`` (a chunk of the blocks continues the numbering of the chunks before it). A
+    spec without the PL94 attributes gets the generic layout (:func:`generic_microdata`).
     """
     if not is_ppmf(spec, lookup):
-        return generic_microdata(block_geoids, hist, spec)
+        return generic_microdata(block_geoids, hist, spec, first_epnum)
     unit, cell, count = _entries(hist, len(block_geoids), spec, "blocks")
     # one row per non-zero histogram entry, then a single gather repeats each by its count
     codes = spec.cell_codes(cell)
@@ -148,7 +156,8 @@ def microdata_from_blocks(block_geoids: np.ndarray, hist: HistogramLike | np.nda
     )
     n = int(count.sum())
     persons = entries[pl.Series(np.repeat(np.arange(unit.size, dtype=np.uint32), count))]
-    return persons.with_columns(pl.Series("EPNUM", np.arange(1, n + 1, dtype=np.int64))).select(PPMF_COLUMNS)
+    return persons.with_columns(pl.Series("EPNUM", np.arange(first_epnum, first_epnum + n, dtype=np.int64))
+                                ).select(PPMF_COLUMNS)
 
 
 def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,

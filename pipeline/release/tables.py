@@ -247,8 +247,24 @@ class LevelTables:
     check_lines: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def as_sparse_arrays(hist: HistogramLike | np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
-    """``(n_units, n_cells, unit, cell, count)`` of a SparseHistogram or a dense ``(n_units, n_cells)`` array."""
+class RowSource(Protocol):
+    """A published histogram read a range of units at a time (e.g. from its Parquet file), so a
+    level is never in memory whole: ``rows(start, stop)`` is csr int64 ``(stop - start, n_cells)``."""
+
+    n_units: int
+    n_cells: int
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix: ...
+
+
+def as_sparse_arrays(hist: HistogramLike | np.ndarray | sp.csr_matrix
+                     ) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+    """``(n_units, n_cells, unit, cell, count)`` of a SparseHistogram, a dense ``(n_units, n_cells)``
+    array or a csr matrix of that shape."""
+    if sp.issparse(hist):
+        coo = sp.coo_matrix(hist)
+        return (int(coo.shape[0]), int(coo.shape[1]), coo.row.astype(np.int64), coo.col.astype(np.int64),
+                coo.data.astype(np.int64))
     if isinstance(hist, np.ndarray):
         if hist.ndim != 2:
             raise TableError(f"a dense histogram must be 2-D (n_units, n_cells), got shape {hist.shape}")
@@ -262,6 +278,28 @@ def histogram_matrix(hist: HistogramLike | np.ndarray) -> sp.csr_matrix:
     """The histogram as a CSR int64 matrix ``(n_units, n_cells)``."""
     n_units, n_cells, unit, cell, count = as_sparse_arrays(hist)
     return sp.csr_matrix((count, (unit, cell)), shape=(n_units, n_cells), dtype=np.int64)
+
+
+def histogram_shape(hist: HistogramLike | RowSource | np.ndarray) -> tuple[int, int]:
+    """``(n_units, n_cells)`` of a histogram in any of its forms."""
+    if isinstance(hist, np.ndarray):
+        return int(hist.shape[0]), int(hist.shape[1]) if hist.ndim == 2 else 0
+    return int(hist.n_units), int(hist.n_cells)
+
+
+def histogram_rows(hist: HistogramLike | RowSource | np.ndarray, start: int, stop: int) -> sp.csr_matrix:
+    """Units ``start:stop`` of a histogram as csr int64 ``(stop - start, n_cells)``: read from a
+    :class:`RowSource`, sliced from a dense array, or cut from a SparseHistogram's entries (sorted
+    by unit) by binary search — never a copy of the whole level."""
+    if hasattr(hist, "rows"):
+        return hist.rows(start, stop)
+    if isinstance(hist, np.ndarray):
+        return histogram_matrix(hist[start:stop])
+    unit = np.asarray(hist.unit)
+    lo, hi = np.searchsorted(unit, [start, stop], side="left")
+    return sp.csr_matrix((np.asarray(hist.count[lo:hi], np.int64),
+                          (unit[lo:hi].astype(np.int64) - start, np.asarray(hist.cell[lo:hi], np.int64))),
+                         shape=(stop - start, int(hist.n_cells)), dtype=np.int64)
 
 
 def tabulate(hist: HistogramLike | np.ndarray | sp.csr_matrix, table: TableDef) -> np.ndarray:
@@ -400,34 +438,41 @@ def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
     })
 
 
+def tabulate_units(tables: TableSet, level: str, geoids: np.ndarray, persons: sp.csr_matrix | None,
+                   units: sp.csr_matrix | None = None) -> LevelTables:
+    """Every table of some units of a level (a whole level or a chunk of its units).
+
+    ``geoids``: the units' GEOIDs ``(n,)``; ``persons``/``units``: their published histograms as
+    csr int64 ``(n, n_cells)`` (``None``: that kind is not published, its tables are left out).
+    """
+    counts: dict[str, np.ndarray] = {}
+    checks: dict[str, np.ndarray] = {}
+    for kind, x in (("persons", persons), ("units", units)):
+        if x is None:
+            continue
+        if x.shape[0] != len(geoids):
+            raise TableError(f"{kind} histogram of level {level} has {x.shape[0]} units, geography has {len(geoids)}")
+        for t in tables.of_kind(kind):
+            counts[t.name] = tabulate(x, t)
+        for c in tables.check_lines.values():
+            if c.histogram == kind:
+                checks[c.name] = tabulate_vector(x, c.vector)
+    return LevelTables(level, geoids, counts, checks)
+
+
 def tabulate_levels(tables: TableSet, geography: "Geography", persons: Mapping[str, HistogramLike],
                     units: Mapping[str, HistogramLike | np.ndarray] | None = None) -> list[LevelTables]:
-    """Every table at every level of ``geography`` (top to bottom) from published histograms.
+    """Every table at every level of ``geography`` (top to bottom) from whole published histograms
+    (in-memory use: tests, benchmarks; releases tabulate chunk by chunk with :func:`tabulate_units`).
 
     ``persons[level]`` is the level's persons histogram (2,016 cells), ``units[level]`` its
     housing-unit histogram (2 cells: vacant, occupied) as a SparseHistogram or a dense
-    ``(n_units, 2)`` array. Levels missing from ``units`` get no H1. Returns a list of
-    :class:`LevelTables` in ``geography.levels`` order.
+    ``(n_units, 2)`` array. Levels missing from ``units`` get no H1.
     """
-    out = []
-    for lv in geography.levels:
-        name = lv.name
-        geoids = np.asarray(geography.level(name).geoids)
-        counts: dict[str, np.ndarray] = {}
-        checks: dict[str, np.ndarray] = {}
-        for kind, source in (("persons", persons), ("units", units or {})):
-            if name not in source:
-                continue
-            x = histogram_matrix(source[name])
-            if x.shape[0] != len(geoids):
-                raise TableError(f"{kind} histogram of level {name} has {x.shape[0]} units, geography has {len(geoids)}")
-            for t in tables.of_kind(kind):
-                counts[t.name] = tabulate(x, t)
-            for c in tables.check_lines.values():
-                if c.histogram == kind:
-                    checks[c.name] = tabulate_vector(x, c.vector)
-        out.append(LevelTables(name, geoids, counts, checks))
-    return out
+    return [tabulate_units(tables, lv.name, np.asarray(lv.geoids),
+                           histogram_matrix(persons[lv.name]) if lv.name in persons else None,
+                           histogram_matrix(units[lv.name]) if units and lv.name in units else None)
+            for lv in geography.levels]
 
 
 def long_tables(tables: TableSet, levels: list[LevelTables],

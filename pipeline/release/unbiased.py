@@ -42,27 +42,28 @@ def unbiased_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.nd
         pl.Series("se", (np.asarray(moe90, np.float64) / Z90).reshape(-1)))
 
 
-def write_unbiased(tmp: Path, ts: TableSet, lts: Sequence[Any], unbiased: Mapping[tuple[str, str], np.ndarray],
-                   moe: Mapping[tuple[str, str], np.ndarray], tree: GeoTree | None = None) -> list[Path]:
-    """Write ``tables/unbiased/<table>.parquet`` (every level but the bottom one) under ``tmp``
-    (``tree``: a lookup geography, whose units carry its names)."""
-    def names(lt: Any) -> np.ndarray:
-        return tree.unit_names(lt.level, lt.geoids) if tree is not None and tree.is_lookup else \
-            unit_names(lt.level, lt.geoids)
+def write_unbiased(tmp: Path, ts: TableSet, levels: Sequence[tuple[str, np.ndarray, Sequence[str]]],
+                   unbiased: Mapping[tuple[str, str], np.ndarray], moe: Mapping[tuple[str, str], np.ndarray],
+                   tree: GeoTree | None = None) -> list[Path]:
+    """Write ``tables/unbiased/<table>.parquet`` under ``tmp``. ``levels``: ``(level, geoids
+    (n_units,), tables published there)`` of every level but the bottom one; ``tree``: a lookup
+    geography, whose units carry its names."""
+    def names(level: str, geoids: np.ndarray) -> np.ndarray:
+        return tree.unit_names(level, geoids) if tree is not None and tree.is_lookup else unit_names(level, geoids)
 
     out_dir = tmp / "tables" / "unbiased"
     out_dir.mkdir(parents=True)
     paths = []
     for name, table in ts.tables.items():
         frames = []
-        for lt in lts[:-1]:
-            if name not in lt.counts:
+        for level, geoids, published in levels:
+            if name not in published:
                 continue
-            est, m = unbiased.get((name, lt.level)), moe.get((name, lt.level))
+            est, m = unbiased.get((name, level)), moe.get((name, level))
             if est is None or m is None or m.ndim != 2:
-                raise ReleaseError(f"unbiased estimates of {name} at {lt.level} need the full estimator's "
+                raise ReleaseError(f"unbiased estimates of {name} at {level} need the full estimator's "
                                    "estimates and per-unit margins of error")
-            frames.append(unbiased_frame(table, lt.level, lt.geoids, names(lt), est, m))
+            frames.append(unbiased_frame(table, level, geoids, names(level, geoids), est, m))
         if frames:
             path = out_dir / f"{name}.parquet"
             pl.concat(frames).write_parquet(path, compression="zstd")

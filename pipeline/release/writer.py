@@ -65,10 +65,11 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.files import crash_point, sha256_file
-from pipeline.release.checks import Invariants, run_checks
+from pipeline.release.checks import Invariants, ReleaseChecks
 
 if TYPE_CHECKING:
     from pipeline.model.geography import Geography
@@ -89,11 +90,14 @@ from pipeline.release.manifest import (
 from pipeline.release.microdata import microdata_from_blocks
 from pipeline.release.tables import (
     CSV_SCHEMA,
+    TableError,
     TableSet,
     csv_frame,
+    histogram_rows,
+    histogram_shape,
     load_tables,
     long_frame,
-    tabulate_levels,
+    tabulate_units,
     unit_names,
 )
 from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
@@ -115,8 +119,64 @@ def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, An
     return entry
 
 
+#: rows per Parquet row group of the table files and the microdata (pyarrow's default maximum,
+#: which the table files have always had within a chunk of :data:`CHUNK_UNITS` units)
+ROW_GROUP_ROWS = 1 << 20
+
+#: units tabulated, checked and turned into rows at a time: publishing holds one such chunk of a
+#: level (plus one row group being filled). The files do not depend on it — row groups are cut
+#: by :data:`CHUNK_UNITS` and :data:`ROW_GROUP_ROWS` alone — so it only trades memory for calls.
+STREAM_UNITS = 10_000
+
+
+class _RowGroups:
+    """A ``pq.ParquetWriter`` fed frames of any size that writes row groups of exactly
+    :data:`ROW_GROUP_ROWS` rows, also cut wherever :meth:`cut` is called: the file's bytes depend
+    only on its rows and the cuts, never on how the rows were chunked on their way in (each row
+    group is written from one contiguous table, so pages and dictionaries come out the same)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+        self.parts: list[pa.Table] = []
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        """Queue ``table``'s rows; write every full row group."""
+        self.parts.append(table)
+        self.rows += table.num_rows
+        while self.rows >= ROW_GROUP_ROWS:
+            self._flush(ROW_GROUP_ROWS)
+
+    def cut(self) -> None:
+        """End the current row group here (if it has rows)."""
+        if self.rows:
+            self._flush(self.rows)
+
+    def _flush(self, n: int) -> None:
+        buf = pa.concat_tables(self.parts) if len(self.parts) > 1 else self.parts[0]
+        head, rest = buf.slice(0, n), buf.slice(n)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, head.schema, compression="zstd")
+        self.writer.write_table(head.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+        self.parts = [rest.combine_chunks()] if rest.num_rows else []
+        self.rows = rest.num_rows
+
+    def close(self) -> None:
+        """Write what is queued and close the file (a file of no rows still gets its schema)."""
+        self.cut()
+        if self.writer is None and self.parts:
+            self.writer = pq.ParquetWriter(self.path, self.parts[0].schema, compression="zstd")
+            self.writer.write_table(self.parts[0])
+        if self.writer is not None:
+            self.writer.close()
+
+
 class _TableWriter:
     """Streams one table's long rows into its Parquet file and per-level CSV files.
+
+    Row groups as the release format has them: one per chunk of :data:`CHUNK_UNITS` units of a
+    level, split at :data:`ROW_GROUP_ROWS` rows (:meth:`cut` ends a chunk).
 
     The CSVs carry the GEOID as a Census-style ``GEO_ID`` (``0500000US01105``; nation
     ``0100000US``) instead of the bare code: a column of digits loses its leading zeros in
@@ -128,14 +188,14 @@ class _TableWriter:
         self.root, self.name, self.csv, self.lookup = root, name, csv, lookup
         self.path = root / "tables" / f"{name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer: pq.ParquetWriter | None = None
+        self.groups = _RowGroups(self.path)
+        self.written = False
         self.csv_rows: dict[Path, int] = {}
 
     def write(self, level: str, frame: pl.DataFrame) -> None:
-        table = frame.to_arrow()
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
-        self.writer.write_table(table)
+        """Append the long rows ``frame`` (:data:`LONG_SCHEMA`) of units of ``level``."""
+        self.groups.add(frame.to_arrow())
+        self.written = True
         if not self.csv:
             return
         csv = self.root / "csv" / level / f"{self.name}.csv"
@@ -145,9 +205,25 @@ class _TableWriter:
             csv_frame(frame, self.lookup).write_csv(fh, include_header=first)
         self.csv_rows[csv] = self.csv_rows.get(csv, 0) + frame.height
 
+    def cut(self) -> None:
+        """End a chunk of :data:`CHUNK_UNITS` units (or a level): its row group ends here."""
+        self.groups.cut()
+
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.groups.close()
+
+
+def _chunks(n: int) -> list[tuple[int, int, bool]]:
+    """``(start, stop, ends_chunk)`` ranges of at most :data:`STREAM_UNITS` units covering ``n``
+    units (one empty range when ``n`` is 0), ``ends_chunk`` where a chunk of :data:`CHUNK_UNITS`
+    units (a row group boundary of the table files) or the level ends."""
+    out = []
+    for c in range(0, max(n, 1), CHUNK_UNITS):
+        ce = min(c + CHUNK_UNITS, n)
+        for s in range(c, max(ce, c + 1), STREAM_UNITS):
+            e = min(s + STREAM_UNITS, ce)
+            out.append((s, e, e == ce))
+    return out
 
 
 def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], tables: TableSet,
@@ -163,6 +239,70 @@ def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.n
         return write_measurements(root, levels, geoids, design, tables.specs, files)
     except MeasurementPublishError as exc:
         raise ReleaseError(str(exc)) from None
+
+
+def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: "Geography", tree: GeoTree,
+                  persons: Mapping[str, Any], units: Mapping[str, Any] | None, invariants: Invariants,
+                  moe: Mapping[tuple[str, str], np.ndarray],
+                  simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None) -> list[tuple[str, np.ndarray, list[str]]]:
+    """Tabulate, check and write every level's tables, top to bottom, :data:`STREAM_UNITS` units
+    at a time; returns ``(level, geoids, tables written)`` per level. Raises
+    :class:`ReleaseCheckError` when a consistency check fails (after every level is seen).
+
+    Memory: one chunk's tables, int64 ``(STREAM_UNITS, n_lines)`` per table, and their long
+    rows; the level above's counts for the hierarchy check (:class:`ReleaseChecks`). The
+    histograms are read a chunk of units at a time (:func:`histogram_rows`)."""
+    checks = ReleaseChecks(ts, tree, invariants)
+    out = []
+    for i, lv in enumerate(geography.levels):
+        geoids = np.asarray(lv.geoids)
+        sources = {"persons": persons.get(lv.name), "units": (units or {}).get(lv.name)}
+        for kind, src in sources.items():
+            if src is not None and histogram_shape(src)[0] != len(geoids):
+                raise TableError(f"{kind} histogram of level {lv.name} has {histogram_shape(src)[0]} units, "
+                                 f"geography has {len(geoids)}")
+        # the simulated margins' moving cells of this level, per table (filtered once, not per chunk)
+        moving = ({t: simulated[1].filter((pl.col("table") == t) & (pl.col("geolevel") == lv.name))
+                   for t in ts.tables} if simulated is not None else {})
+        checks.begin_level(lv.name, keep=i + 1 < len(geography.levels))
+        names_written: list[str] = []
+        for s, e, ends_chunk in _chunks(len(geoids)):
+            lt = tabulate_units(ts, lv.name, geoids[s:e],
+                                *(None if src is None else histogram_rows(src, s, e) for src in sources.values()))
+            checks.add(lt)
+            names = tree.unit_names(lv.name, lt.geoids) if tree.is_lookup else unit_names(lv.name, lt.geoids)
+            for name, counts in lt.counts.items():
+                if simulated is not None:
+                    m = simulated_moe90(simulated[0], moving[name], ts.tables[name], lv.name, counts,
+                                        np.arange(s, e))
+                else:
+                    m = moe.get((name, lv.name))
+                    m = m if m is None or m.ndim == 1 else m[s:e]
+                writers[name].write(lv.name, long_frame(ts.tables[name], lv.name, lt.geoids, names, counts, m))
+                if ends_chunk:
+                    writers[name].cut()
+            names_written = list(lt.counts)
+        checks.end_level()
+        out.append((lv.name, geoids, names_written))
+    failures = checks.failures()
+    if failures:
+        raise ReleaseCheckError(failures)
+    return out
+
+
+def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any, lookup: bool) -> int:
+    """Write ``microdata/persons.parquet`` from the published block histogram, :data:`STREAM_UNITS`
+    blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons); returns the persons written."""
+    groups = _RowGroups(path)
+    n = 0
+    try:
+        for s, e, _ in _chunks(len(block_geoids)):
+            frame = microdata_from_blocks(block_geoids[s:e], histogram_rows(hist, s, e), spec, lookup, n + 1)
+            n += frame.height
+            groups.add(frame.to_arrow())
+    finally:
+        groups.close()
+    return n
 
 
 #: the manifest's ``uncertainty.method`` per estimator
@@ -235,20 +375,12 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             pool.shutdown(wait=False)  # the thread ends with its one task
         digits = {lv.name: lv.digits for lv in geography.levels}
         tree = GeoTree.from_geography(geography)
-        lts = tabulate_levels(ts, geography, persons, units)
-        failures = run_checks(ts, lts, tree, invariants)
-        if failures:
-            raise ReleaseCheckError(failures)
         randomness = meta.randomness_mode()
         privacy = _copy_strategies(tmp, privacy)
         variances = variances if variances is not None else variances_from_privacy(privacy)
         moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
                               invariants.block_housing_units is not None, meta.estimator,
                               [lv.child_ptr for lv in geography.levels[:-1]])
-        table_moe = moe
-        if simulated is not None:
-            table_moe = {(name, lt.level): simulated_moe90(simulated[0], simulated[1], ts.tables[name], lt.level, c)
-                         for lt in lts for name, c in lt.counts.items()}
 
         entries: list[dict[str, Any]] = []
         if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
@@ -257,19 +389,12 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             entries.append(_file_entry(tmp, gpath))
         writers = {name: _TableWriter(tmp, name, csv, tree.is_lookup) for name in ts.tables}
         try:
-            for lt in lts:
-                names = tree.unit_names(lt.level, lt.geoids) if tree.is_lookup else unit_names(lt.level, lt.geoids)
-                for name, counts in lt.counts.items():
-                    for s in range(0, max(len(lt.geoids), 1), CHUNK_UNITS):
-                        e = min(s + CHUNK_UNITS, len(lt.geoids))
-                        m = table_moe.get((name, lt.level))
-                        writers[name].write(lt.level, long_frame(ts.tables[name], lt.level, lt.geoids[s:e], names[s:e],
-                                                                 counts[s:e], m if m is None or m.ndim == 1 else m[s:e]))
+            published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
         finally:
             for w in writers.values():
                 w.close()
         for w in writers.values():
-            if w.writer is not None:
+            if w.written:
                 entries.append(_file_entry(tmp, w.path))
                 entries += [_file_entry(tmp, p, rows) for p, rows in sorted(w.csv_rows.items())]
         if simulated is not None:
@@ -280,17 +405,17 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         if unbiased:
             from pipeline.release.unbiased import write_unbiased
 
-            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, lts, unbiased, moe, tree)]
+            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, published[:-1], unbiased, moe, tree)]
         # the table definitions travel with the release: readers see exactly what each line sums
         defs = tmp / "tables" / "definitions.yaml"
         shutil.copyfile(ts.source, defs)
         entries.append(_file_entry(tmp, defs))
         blocks = geography.levels[-1]
         crash_point("publish:tables-written")
-        micro = microdata_from_blocks(blocks.geoids, persons[blocks.name], ts.specs["persons"], tree.is_lookup)
         mpath = tmp / "microdata" / "persons.parquet"
         mpath.parent.mkdir()
-        micro.write_parquet(mpath, compression="zstd")
+        n_persons = _write_microdata(mpath, np.asarray(blocks.geoids), persons[blocks.name], ts.specs["persons"],
+                                     tree.is_lookup)
         entries.append(_file_entry(tmp, mpath))
         if invariants.block_housing_units is not None:
             ipath = tmp / "invariants" / "block_housing_units.parquet"
@@ -316,17 +441,17 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "estimator": {"name": meta.estimator, "description": ESTIMATORS[meta.estimator]},
             "citation": meta.citation or release_citation(meta.title, meta.release_id, meta.created, meta.dataset_id,
                                                           meta.software_version, meta.git_commit, privacy),
-            "geolevels": [{"name": lt.level, "digits": digits[lt.level], "units": int(len(lt.geoids))} for lt in lts],
+            "geolevels": [{"name": lv, "digits": digits[lv], "units": int(len(g))} for lv, g, _ in published],
             **({"geography": {"kind": "lookup", "file": GEOGRAPHY_FILE}} if tree.is_lookup else {}),
             "tables": [{"name": t.name, "title": t.title, "universe": t.universe, "histogram": t.histogram,
-                        "lines": t.n_lines} for t in ts.tables.values() if writers[t.name].writer is not None],
+                        "lines": t.n_lines} for t in ts.tables.values() if writers[t.name].written],
             "table_definitions": defs.relative_to(tmp).as_posix(),
             "privacy": dict(privacy),
             "invariants": invariants.to_json(),
             "uncertainty": ({"z": Z90, "level": 0.9, "method": UNCERTAINTY_METHODS[meta.estimator]} if simulated is None
                             else {"z": Z90, "level": 0.9, "method": UNCERTAINTY_METHODS["simulated"],
                                   "trials": int(simulated[2]), "file": "margins/simulated.parquet"}),
-            "persons": int(micro.height),
+            "persons": n_persons,
             # what this release must hold beyond the tables, definitions, microdata, strategies and
             # index.html (dptab verify derives the complete file list from these settings)
             "contents": {"csv": bool(csv), "measurements": bool(mfiles), "unbiased": bool(unbiased)},
