@@ -17,8 +17,8 @@ import numpy as np
 
 from pipeline.job.context import RunContext
 from pipeline.job.plan import plan
-from pipeline.model.histogram import SparseHistogram
 from pipeline.model.design import design
+from pipeline.model.histogram import SparseHistogram
 from pipeline.release.checks import Invariants
 
 

@@ -251,7 +251,8 @@ class ReleaseChecks:
                                                       None, f"declared {level} total has no published {level}"))
         chunks, self._chunks = self._chunks, []
         if self.current is not None:
-            names = {n for c in chunks for n in c.counts}
+            # a table missing from a chunk (its rows did not fit the layout) is no parent
+            names = set.intersection(*(set(c.counts) for c in chunks)) if chunks else set()
             self.parent = LevelTables(level, np.concatenate([np.asarray(c.geoids).astype(str) for c in chunks])
                                       if chunks else np.zeros(0, dtype=str),
                                       {n: np.concatenate([c.counts[n] for c in chunks if n in c.counts])

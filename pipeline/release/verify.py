@@ -38,7 +38,7 @@ import polars as pl
 
 from pipeline.errors import DptabError, InputError
 from pipeline.model.geonames import unit_names
-from pipeline.release.checks import MAX_PER_GROUP, CheckFailure, Invariants, run_checks
+from pipeline.release.checks import MAX_PER_GROUP, CheckFailure, Invariants
 from pipeline.release.microdata import MicrodataError, histogram_from_microdata
 from pipeline.release.tables import (
     CSV_SCHEMA,
@@ -117,96 +117,112 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]
     return out
 
 
-def read_release_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet,
-                        tree: GeoTree | None = None) -> tuple[list[LevelTables], list[CheckFailure]]:
-    """Pivot ``tables/*.parquet`` back to per-level arrays; report rows that break the layout.
-    Units are in GEOID order, or for a lookup geography (``tree``) in its published unit order."""
-    levels = [g["name"] for g in manifest["geolevels"]]
-    geoids: dict[str, np.ndarray] = {}
-    counts: dict[str, dict[str, np.ndarray]] = {lv: {} for lv in levels}
-    problems: list[CheckFailure] = []
-    published = {t["name"] for t in manifest["tables"]}
-    for t in ts.tables.values():
-        path = root / "tables" / f"{t.name}.parquet"
-        if t.name not in published:
-            continue
-        if not path.is_file():
-            problems.append(_fail("file_missing", f"tables/{t.name}.parquet (listed in the manifest's tables)", t.name))
-            continue
-        df = pl.read_parquet(path, columns=["geoid", "geolevel", "line", "label", "count"])
-        for lv in levels:
-            sub = df.filter(pl.col("geolevel") == lv)
-            if tree is not None and tree.is_lookup:
-                pos = tree.position(lv, sub["geoid"].to_numpy())
-                sub = sub.with_columns(pl.Series("_pos", np.where(pos < 0, np.iinfo(np.int64).max, pos)))
-                sub = sub.sort(["_pos", "geoid", "line"]).drop("_pos")
+class _RowStream:
+    """The rows of one Parquet file in file order, ``n`` at a time (read by record batches, so
+    the file is never in memory whole)."""
+
+    def __init__(self, path: Path, columns: Sequence[str] | None = None, batch_rows: int = 1 << 16) -> None:
+        import pyarrow.parquet as pq
+
+        self.batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
+        self.buf: list[pl.DataFrame] = []
+        self.rows = 0
+
+    def take(self, n: int) -> pl.DataFrame:
+        """The next ``n`` rows (fewer at the end of the file)."""
+        while self.rows < n:
+            batch = next(self.batches, None)
+            if batch is None:
+                break
+            df = pl.from_arrow(batch)
+            assert isinstance(df, pl.DataFrame)
+            self.buf.append(df)
+            self.rows += df.height
+        if not self.buf:
+            return pl.DataFrame()
+        whole = pl.concat(self.buf, rechunk=False) if len(self.buf) > 1 else self.buf[0]
+        out, rest = whole.slice(0, n), whole.slice(n)
+        self.buf, self.rows = ([rest] if rest.height else []), rest.height
+        return out
+
+
+def _level_runs(path: Path) -> list[tuple[str, int]]:
+    """``(geolevel, rows)`` of each run of equal ``geolevel`` values of a table file, in file
+    order (one run per level when the file is laid out as written), from that column alone."""
+    import pyarrow.parquet as pq
+
+    runs: list[tuple[str, int]] = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=["geolevel"]):
+        rle = pl.Series(batch.column(0)).rle().struct.unnest()
+        for n, lv in zip(rle["len"].to_list(), rle["value"].to_list()):
+            if runs and runs[-1][0] == lv:
+                runs[-1] = (lv, runs[-1][1] + int(n))
             else:
-                sub = sub.sort(["geoid", "line"])
-            if sub.height == 0:
-                problems.append(_fail("table_layout", f"{t.name} has no rows at level {lv}", t.name, lv))
-                continue
-            n = sub.height // t.n_lines
-            lines = sub["line"].to_numpy()
-            label_of = dict(zip(t.numbers, t.labels))
-            wrong_label = sub.select(
-                (pl.col("label") != pl.col("line").replace_strict(label_of, default=None, return_dtype=pl.Utf8))
-                .fill_null(True).any()).item()
-            if (sub.height % t.n_lines or not np.array_equal(lines, np.tile(np.asarray(t.numbers), n))
-                    or wrong_label):
-                problems.append(_fail("table_layout", f"{t.name} at {lv}: rows are not every unit x lines "
-                                      f"{t.numbers[0]}..{t.numbers[-1]} with the shell's labels", t.name, lv))
-                continue
-            g = sub["geoid"].gather_every(t.n_lines).to_numpy().astype(str)
-            if lv in geoids and not np.array_equal(geoids[lv], g):
-                problems.append(_fail("table_layout", f"{t.name} at {lv}: units differ from the other tables", t.name, lv))
-                continue
-            geoids[lv] = g
-            counts[lv][t.name] = sub["count"].to_numpy().reshape(n, t.n_lines).astype(np.int64)
-    return [LevelTables(lv, geoids[lv], counts[lv]) for lv in levels if lv in geoids], problems
+                runs.append((str(lv), int(n)))
+    return runs
 
 
-def _microdata_checks(root: Path, ts: TableSet, lts: list[LevelTables], digits: "Mapping[str, int] | GeoTree",
-                      manifest_persons: int) -> list[CheckFailure]:
-    """Household population per level from the microdata; block tables re-tabulated from it."""
-    path = root / "microdata" / "persons.parquet"
-    if not path.is_file():
-        return [_fail("file_missing", "microdata/persons.parquet (every release carries its microdata)")]
-    if not lts:
-        return []
-    try:
-        persons = pl.read_parquet(path)
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        return [_fail("unreadable", f"microdata/persons.parquet: {exc}")]
-    if persons.height != manifest_persons:
-        return [_fail("microdata", f"{persons.height} microdata rows, manifest says {manifest_persons} persons")]
-    block = lts[-1]
-    spec = ts.specs["persons"]
-    tree = GeoTree.of(digits, [lt.level for lt in lts])
-    try:
-        unit, cell, count = histogram_from_microdata(persons, block.geoids, spec)
-    except (MicrodataError, ValueError) as exc:
-        return [_fail("microdata", str(exc))]
+def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> dict[str, np.ndarray]:
+    """The GEOID of the first row of every unit (every ``n_lines``-th row of each level's run),
+    per level: the units a table publishes, in file order, read a batch of rows at a time."""
+    import pyarrow.parquet as pq
+
+    parts: dict[str, list[np.ndarray]] = {lv: [] for lv, _ in runs}
+    bounds = np.cumsum([0] + [n for _, n in runs])
+    offset = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=["geoid"]):
+        g = pl.Series(batch.column(0))
+        for k, (lv, _) in enumerate(runs):
+            lo, hi = max(bounds[k], offset), min(bounds[k + 1], offset + len(g))
+            if lo >= hi:
+                continue
+            first = lo + (-(lo - bounds[k])) % n_lines  # the next row that starts a unit
+            if first < hi:
+                parts[lv].append(g.slice(first - offset, hi - first).gather_every(n_lines).to_numpy().astype(str))
+        offset += len(g)
+    return {lv: np.concatenate(p) if p else np.zeros(0, dtype=str) for lv, p in parts.items()}
+
+
+def _microdata_histogram(root: Path, ts: TableSet, block: LevelTables,
+                         manifest_persons: int) -> tuple[Any, list[CheckFailure]]:
+    """The block histogram the microdata re-tabulate to, csr int64 ``(n_blocks, n_cells)``, read
+    a row group of persons at a time; ``None`` and the failures when the file is missing,
+    unreadable, of another size than the manifest says, or holds persons of unpublished blocks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    x = sp.csr_matrix((count, (unit, cell)), shape=(len(block.geoids), spec.n_cells), dtype=np.int64)
-    out: list[CheckFailure] = []
-    for t in ts.of_kind("persons"):
-        if t.name in block.counts:
-            got = tabulate(x, t)
-            rows, cols = np.nonzero(got != block.counts[t.name])
-            for r, c in list(zip(rows, cols))[:20]:
-                out.append(CheckFailure("microdata", t.name, int(t.numbers[c]), block.level, str(block.geoids[r]),
-                                        int(got[r, c]), int(block.counts[t.name][r, c]),
-                                        "microdata re-tabulated (expected) vs published block table (found)"))
-    # check lines (e.g. household population) at every level, by GEOID prefix of the blocks
-    for c in ts.check_lines.values():
-        if c.histogram != "persons":
-            continue
-        per_block = tabulate_vector(x, c.vector)
-        for lt in lts:
-            pos, ok = tree.parent_positions(lt.level, lt.geoids, block.level, block.geoids)
-            lt.check_lines[c.name] = np.bincount(pos[ok], weights=per_block[ok], minlength=len(lt.geoids)).astype(np.int64)
-    return out
+    path = root / "microdata" / "persons.parquet"
+    if not path.is_file():
+        return None, [_fail("file_missing", "microdata/persons.parquet (every release carries its microdata)")]
+    spec = ts.specs["persons"]
+    g = np.asarray(block.geoids).astype(str)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    try:
+        f = pq.ParquetFile(path)
+        if f.metadata.num_rows != manifest_persons:
+            return None, [_fail("microdata", f"{f.metadata.num_rows} microdata rows, manifest says "
+                                             f"{manifest_persons} persons")]
+        for batch in f.iter_batches(batch_size=1 << 20):
+            persons = pl.from_arrow(batch)
+            assert isinstance(persons, pl.DataFrame)
+            lo, hi = 0, len(g)
+            if "geoid" not in persons.columns and persons.height:
+                # PPMF rows sort by block: look their blocks up among the published blocks between
+                # the batch's first and last GEOID only (never a copy of every block per batch)
+                keys = persons.select(pl.concat_str(["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"])
+                                      .alias("k")).select(pl.col("k").min().alias("a"), pl.col("k").max().alias("b"))
+                lo = int(np.searchsorted(g, str(keys["a"][0]), side="left"))
+                hi = int(np.searchsorted(g, str(keys["b"][0]), side="right"))
+            unit, cell, count = histogram_from_microdata(persons, g[lo:hi], spec)
+            parts.append((unit + lo, cell, count))
+    except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as exc:
+        return None, [_fail("unreadable", f"microdata/persons.parquet: {exc}")]
+    except (MicrodataError, ValueError) as exc:
+        return None, [_fail("microdata", str(exc))]
+    cat = [np.concatenate([q[i] for q in parts]) if parts else np.zeros(0, np.int64) for i in range(3)]
+    # a block split between two batches appears twice: the csr constructor adds its entries up
+    return sp.csr_matrix((cat[2], (cat[0], cat[1])), shape=(len(g), spec.n_cells), dtype=np.int64), []
 
 
 def verify_release(path: str | Path, *, release_id: str | None = None, regenerate: bool = True) -> list[CheckFailure]:
@@ -490,19 +506,41 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
         return failures + [_fail("geography", f"{(manifest.get('geography') or {}).get('file')}: cannot read the "
                                               f"published geography ({exc})")]
     failures += _geography_checks(digits, manifest)
-    lts, layout = read_release_tables(root, manifest, ts, digits)
-    failures += layout
+    tables = [t for t in ts.tables.values() if t.name in {m["name"] for m in manifest["tables"]}]
+    levels = [g["name"] for g in manifest["geolevels"]]
+    runs: dict[str, dict[str, int]] = {}
+    for t in tables:
+        path = root / "tables" / f"{t.name}.parquet"
+        if not path.is_file():
+            failures.append(_fail("file_missing", f"tables/{t.name}.parquet (listed in the manifest's tables)", t.name))
+            continue
+        r = _level_runs(path)
+        order = [lv for lv, _ in r]
+        if order != [lv for lv in levels if lv in order] or len(set(order)) != len(order):
+            failures.append(_fail("table_layout", f"{t.name}: rows are not grouped by level in the manifest's level "
+                                                  f"order ({order[:8]})", t.name))
+            continue
+        for lv in levels:
+            if lv not in order:
+                failures.append(_fail("table_layout", f"{t.name} has no rows at level {lv}", t.name, lv))
+        runs[t.name] = dict(r)
+    if not runs:
+        return failures
+    ref = next(t for t in tables if t.name in runs)  # the units of every level, as this table has them
+    geoids = _first_geoids(root / "tables" / f"{ref.name}.parquet", list(runs[ref.name].items()), ref.n_lines)
+    geo = [LevelTables(lv, geoids[lv], {}) for lv in levels if lv in geoids]  # the units, no counts
     if digits.is_lookup:
-        for lt in lts:
+        for lt in geo:
             assert digits.units is not None
             if not np.array_equal(lt.geoids, digits.units[lt.level][0]):
                 failures.append(_fail("geography", f"the {lt.level} units of the tables differ from those of "
                                                    f"{manifest['geography']['file']}", "*", lt.level))
-    for lt in lts:
+    for lt in geo:
         want = next(g["units"] for g in manifest["geolevels"] if g["name"] == lt.level)
         if len(lt.geoids) != want:
             failures.append(_fail("table_layout", f"{len(lt.geoids)} units published, manifest says {want}", "*", lt.level))
-    failures += _guard("microdata", _microdata_checks, root, ts, lts, digits, int(manifest["persons"]))
+    x_block, micro = _microdata_histogram(root, ts, geo[-1], int(manifest["persons"])) if geo else (None, [])
+    failures += micro
     inv = manifest["invariants"]
     block_geoids = block_hu = None
     if inv["block_housing_units"] is not None:
@@ -517,15 +555,156 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
                                                    f"{decl['total']} units", "H1"))
         else:
             failures.append(_fail("file_missing", f"{decl['file']} (declared invariant) is missing"))
-    invariants = Invariants(inv["state_totals"], block_geoids, block_hu)
-    failures += run_checks(ts, lts, digits, invariants)
-    if len(lts) == len(manifest["geolevels"]):
-        if regenerate:
-            failures += _guard("table_rows", _table_row_checks, root, manifest, ts, lts, digits)
-        failures += _guard("measurements", _measurement_file_checks, root, manifest, ts, lts, digits)
+    whole = len(geo) == len(manifest["geolevels"])
+    failures += _guard("tables", _stream_tables, root, manifest, ts,
+                       [t for t in tables if t.name in runs], runs, geo, digits, x_block,
+                       Invariants(inv["state_totals"], block_geoids, block_hu), regenerate and whole)
+    if whole:
+        failures += _guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, x_block)
         if manifest["contents"].get("unbiased"):
-            failures += _guard("unbiased", _unbiased_checks, root, manifest, ts, lts, digits)
+            failures += _guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits)
     return failures
+
+
+def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables: Sequence[Any],
+                   runs: Mapping[str, Mapping[str, int]], geo: Sequence[LevelTables], tree: GeoTree,
+                   x_block: Any, invariants: Invariants, regenerate: bool) -> list[CheckFailure]:
+    """One pass over every table file, level by level and :data:`pipeline.release.writer.STREAM_UNITS`
+    units at a time: the layout of the rows (level, lines, labels, the same units in every table),
+    the consistency checks and invariants (:class:`ReleaseChecks`), the block tables against the
+    microdata (``x_block``: csr ``(n_blocks, n_cells)``), and with ``regenerate`` every row
+    regenerated from its counts and the design's margins of error, and every CSV row against its
+    Parquet row. Memory: one chunk of every table plus the level above's counts. The counts of
+    the tables of histograms other than persons are left in ``geo`` (``counts``)."""
+    from pipeline.release.checks import ReleaseChecks
+    from pipeline.release.uncertainty import simulated_moe90
+    from pipeline.release.writer import STREAM_UNITS
+
+    out: list[CheckFailure] = []
+    checks = ReleaseChecks(ts, tree, invariants)
+    streams = {t.name: _RowStream(root / "tables" / f"{t.name}.parquet") for t in tables}
+    block = geo[-1].level if geo else ""
+    # household population and the other check lines, per unit of every level, from the microdata
+    check_lines: dict[str, dict[str, np.ndarray]] = {lt.level: {} for lt in geo}
+    if x_block is not None:
+        for c in ts.check_lines.values():
+            if c.histogram != "persons":
+                continue
+            per_block = tabulate_vector(x_block, c.vector)
+            for lt in geo:
+                pos, ok = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
+                check_lines[lt.level][c.name] = np.bincount(pos[ok], weights=per_block[ok],
+                                                            minlength=len(lt.geoids)).astype(np.int64)
+    moe = _margins(manifest, ts, list(geo), tree) if regenerate else {}
+    sim_file = (manifest.get("uncertainty") or {}).get("file")
+    lookup = pl.read_parquet(root / sim_file) if regenerate and sim_file and (root / sim_file).is_file() else None
+    against = "the rows regenerated from its counts and the design's margins of error"
+    bad_rows: set[str] = set()   # files (Parquet or CSV) that already reported their first difference
+    broken: set[str] = set()     # tables whose layout failed somewhere: no rows regenerated for them
+    micro_reported: dict[str, int] = {}
+    for i, lt in enumerate(geo):
+        level, n = lt.level, len(lt.geoids)
+        checks.begin_level(level, keep=i + 1 < len(geo))
+        csvs: dict[str, Any] = {}
+        for t in tables:
+            crel = f"csv/{level}/{t.name}.csv"
+            if regenerate and manifest["contents"]["csv"] and (root / crel).is_file():
+                csv = _csv_chunks(root / crel)
+                header = next(csv)
+                if header != ",".join(CSV_SCHEMA):
+                    out.append(_fail("table_rows", f"{crel}: header {header!r}, expected {','.join(CSV_SCHEMA)!r}",
+                                     t.name, level))
+                else:
+                    csvs[t.name] = csv
+        skip: set[str] = set()  # tables whose rows at this level do not fit the layout
+        # the other histograms' tables (units: H1, 3 lines) are kept whole: the measurement checks
+        # solve every level's units histogram from them
+        kept: dict[str, list[np.ndarray]] = {}
+        names = tree.unit_names(level, lt.geoids) if tree.is_lookup else unit_names(level, lt.geoids)
+        for s in range(0, max(n, 1), STREAM_UNITS):
+            e = min(s + STREAM_UNITS, n)
+            g = lt.geoids[s:e]
+            chunk = LevelTables(level, g, {}, {k: v[s:e] for k, v in check_lines[level].items()})
+            found_rows: dict[str, pl.DataFrame] = {}
+            for t in tables:
+                rows = runs[t.name].get(level)
+                if rows is None or t.name in skip:
+                    continue
+                sub = streams[t.name].take(min((e - s) * t.n_lines, rows - s * t.n_lines) if rows >= s * t.n_lines
+                                           else 0)
+                label_of = dict(zip(t.numbers, t.labels))
+                ok = (rows == n * t.n_lines and sub.height == (e - s) * t.n_lines
+                      and bool((sub["geolevel"] == level).all())
+                      and np.array_equal(sub["line"].to_numpy(), np.tile(np.asarray(t.numbers), e - s))
+                      and not sub.select((pl.col("label") != pl.col("line").replace_strict(
+                          label_of, default=None, return_dtype=pl.Utf8)).fill_null(True).any()).item())
+                if not ok:
+                    out.append(_fail("table_layout", f"{t.name} at {level}: rows are not every unit x lines "
+                                     f"{t.numbers[0]}..{t.numbers[-1]} with the shell's labels", t.name, level))
+                elif not regenerate and not np.array_equal(sub["geoid"].gather_every(t.n_lines).to_numpy().astype(str), g):
+                    # (regenerating, the rows made from the counts and the units show where)
+                    out.append(_fail("table_layout", f"{t.name} at {level}: units differ from the other tables",
+                                     t.name, level))
+                    ok = False
+                if not ok:
+                    skip.add(t.name)
+                    broken.add(t.name)
+                    streams[t.name].take(max(rows - e * t.n_lines, 0))  # past the rest of the level
+                    continue
+                chunk.counts[t.name] = sub["count"].to_numpy().reshape(e - s, t.n_lines).astype(np.int64)
+                found_rows[t.name] = sub
+                if t.histogram != "persons":
+                    kept.setdefault(t.name, []).append(chunk.counts[t.name])
+            checks.add(chunk)
+            if level == block and x_block is not None:
+                xs = x_block[s:e]
+                for t in ts.of_kind("persons"):
+                    if t.name not in chunk.counts or micro_reported.get(t.name, 0) >= 20:
+                        continue
+                    got = tabulate(xs, t)
+                    rr, cc = np.nonzero(got != chunk.counts[t.name])
+                    for r, c in list(zip(rr, cc))[:20 - micro_reported.get(t.name, 0)]:
+                        out.append(CheckFailure("microdata", t.name, int(t.numbers[c]), level, str(g[r]),
+                                                int(got[r, c]), int(chunk.counts[t.name][r, c]),
+                                                "microdata re-tabulated (expected) vs published block table (found)"))
+                        micro_reported[t.name] = micro_reported.get(t.name, 0) + 1
+            if not regenerate:
+                continue
+            for t in tables:
+                if t.name in broken or t.name not in found_rows:
+                    continue
+                rel, crel, found = f"tables/{t.name}.parquet", f"csv/{level}/{t.name}.csv", found_rows[t.name]
+                m = moe.get((t.name, level))
+                if lookup is not None:  # simulated margins: each is its group's value, or 0 (never moved)
+                    m = simulated_moe90(lookup, None, t, level, chunk.counts[t.name])
+                want = long_frame(t, level, g, names[s:e], chunk.counts[t.name],
+                                  m if m is None or m.ndim == 1 or lookup is not None else m[s:e])
+                if lookup is not None and "moe90" in found.columns:
+                    want = want.with_columns(pl.when(found["moe90"] == 0).then(0.0).otherwise(pl.col("moe90"))
+                                             .alias("moe90"))
+                if rel not in bad_rows:
+                    diff = _frame_diff(want, found, rel, against, t.name, level)
+                    out += diff
+                    if diff:
+                        bad_rows.add(rel)
+                if t.name in csvs and crel not in bad_rows:
+                    diff = _frame_diff(csv_frame(found, tree.is_lookup), csvs[t.name].send(found.height), crel,
+                                       f"{rel} (its {level} rows)", t.name, level)
+                    out += diff
+                    if diff:
+                        bad_rows.add(crel)
+        checks.end_level()
+        lt.counts.update({name: np.concatenate(parts) for name, parts in kept.items() if name not in skip})
+        for t in tables:
+            crel = f"csv/{level}/{t.name}.csv"
+            if t.name in csvs and crel not in bad_rows and t.name not in broken:
+                rest = csvs[t.name].send(-1)
+                if rest.height:
+                    out.append(_fail("table_rows", f"{crel}: {rest.height} row(s) beyond the {level} rows of "
+                                                   f"tables/{t.name}.parquet", t.name, level))
+            if t.name in csvs:
+                csvs[t.name].close()
+    return checks.failures() + out
 
 
 def _geography_checks(tree: GeoTree, manifest: Mapping[str, Any]) -> list[CheckFailure]:
@@ -599,79 +778,6 @@ def _table_list_checks(ts: TableSet, manifest: Mapping[str, Any]) -> list[CheckF
     return out
 
 
-def _table_row_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-                      digits: Mapping[str, int], chunk_units: int | None = None) -> list[CheckFailure]:
-    """Regenerate every table's rows from its counts (names, labels, moe90 from the design) and
-    compare each Parquet file, then each CSV file, row by row.
-
-    Streams ``chunk_units`` units at a time (default the writer's chunk), so memory stays that of
-    one chunk of rows at block level; each file reports its first differing chunk.
-    """
-    import pyarrow.parquet as pq
-
-    from pipeline.release.manifest import CHUNK_UNITS
-    from pipeline.release.uncertainty import simulated_moe90
-
-    step = chunk_units or CHUNK_UNITS
-    tree = GeoTree.of(digits, [lt.level for lt in lts])
-    moe = _margins(manifest, ts, lts, digits)
-    sim_file = (manifest.get("uncertainty") or {}).get("file")
-    lookup = pl.read_parquet(root / sim_file) if sim_file and (root / sim_file).is_file() else None
-    out: list[CheckFailure] = []
-    against = "the rows regenerated from its counts and the design's margins of error"
-    for t in manifest["tables"]:
-        name = t["name"]
-        table = ts.tables[name]
-        if any(name not in lt.counts for lt in lts):
-            continue  # a level missing from the table: already a table_layout failure
-        rel = f"tables/{name}.parquet"
-        rows = pq.ParquetFile(root / rel).metadata.num_rows
-        want_rows = sum(len(lt.geoids) for lt in lts) * table.n_lines
-        if rows != want_rows:
-            out.append(_fail("table_rows", f"{rel}: {rows} rows, {against} are {want_rows}", name))
-            continue
-        lazy = pl.scan_parquet(root / rel)
-        offset, bad_parquet = 0, False
-        for lt in lts:
-            crel = f"csv/{lt.level}/{name}.csv"
-            csv = _csv_chunks(root / crel) if manifest["contents"]["csv"] and (root / crel).is_file() else None
-            bad_csv = False
-            if csv is not None:
-                header = next(csv)
-                if header != ",".join(CSV_SCHEMA):
-                    out.append(_fail("table_rows", f"{crel}: header {header!r}, expected {','.join(CSV_SCHEMA)!r}",
-                                     name, lt.level))
-                    csv = None
-            names = tree.unit_names(lt.level, lt.geoids) if tree.is_lookup else unit_names(lt.level, lt.geoids)
-            for s in range(0, max(len(lt.geoids), 1), step):
-                e = min(s + step, len(lt.geoids))
-                m = moe.get((name, lt.level))
-                if lookup is not None:  # simulated margins: each is its group's value, or 0 (never moved)
-                    m = simulated_moe90(lookup, None, table, lt.level, lt.counts[name][s:e])
-                want = long_frame(table, lt.level, lt.geoids[s:e], names[s:e], lt.counts[name][s:e],
-                                  m if m is None or m.ndim == 1 or lookup is not None else m[s:e])
-                found = lazy.slice(offset, want.height).collect()
-                if lookup is not None and found.height == want.height and "moe90" in found.columns:
-                    want = want.with_columns(pl.when(found["moe90"] == 0).then(0.0).otherwise(pl.col("moe90"))
-                                             .alias("moe90"))
-                offset += want.height
-                if not bad_parquet:
-                    diff = _frame_diff(want, found, rel, against, name, lt.level)
-                    out += diff
-                    bad_parquet = bool(diff)
-                if csv is not None and not bad_csv:
-                    diff = _frame_diff(csv_frame(found, tree.is_lookup), csv.send(found.height), crel, f"{rel} (its {lt.level} rows)",
-                                       name, lt.level)
-                    out += diff
-                    bad_csv = bool(diff)
-            if csv is not None and not bad_csv:
-                rest = csv.send(-1)
-                if rest.height:
-                    out.append(_fail("table_rows", f"{crel}: {rest.height} row(s) beyond the {lt.level} rows of "
-                                                   f"{rel}", name, lt.level))
-    return out
-
-
 def _csv_chunks(path: Path) -> Generator[Any, int, None]:
     """A generator that first yields the header line of a release CSV, then, sent a row count
     ``n``, the next ``n`` rows (``-1``: every remaining row) typed as :data:`CSV_SCHEMA`. Rows
@@ -714,7 +820,7 @@ def _frame_diff(want: pl.DataFrame, found: pl.DataFrame, rel: str, against: str,
 
 
 def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-                             digits: Mapping[str, int]) -> list[CheckFailure]:
+                             digits: Mapping[str, int], x_block: Any) -> list[CheckFailure]:
     """The published noisy measurements against the design and the published geography."""
     from pipeline.release.measurements import FILES, measurement_checks
 
@@ -724,38 +830,33 @@ def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableS
 
     runs = manifest["privacy"]["runs"]
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in runs.items()})
-    published = _published_histograms(root, ts, lts, digits, list(runs))
+    published = _published_histograms(root, ts, lts, digits, list(runs), x_block)
     return measurement_checks(root, design, ts.specs, lts, digits, published)
 
 
 def _published_histograms(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int],
-                          kinds: Sequence[str]) -> dict[str, dict[str, Any]]:
+                          kinds: Sequence[str], x_block: Any) -> dict[str, dict[str, Any]]:
     """``{kind: {level: csr (n_units, n_cells) int64}}``: the published histograms of every level.
 
-    Persons: the microdata tabulated per block and summed up by GEOID prefix (the tables are
-    consistent, so this is every level's published histogram). Units: solved from the tables of
+    Persons: the microdata tabulated per block (``x_block``, csr ``(n_blocks, n_cells)``; ``None``
+    when the microdata are unreadable) and summed up by GEOID prefix (the tables are consistent,
+    so this is every level's published histogram). Units: solved from the tables of
     the units histogram when their lines determine every cell (H1: occupied, vacant); a kind
     whose histogram the release does not determine is left out.
     """
     import scipy.sparse as sp
 
-    from pipeline.release.microdata import histogram_from_microdata
-
     out: dict[str, dict[str, Any]] = {}
     block = lts[-1]
-    if "persons" in kinds:
-        spec = ts.specs["persons"]
-        unit, cell, count = histogram_from_microdata(pl.read_parquet(root / "microdata" / "persons.parquet"),
-                                                     block.geoids, spec)
-        x = sp.csr_matrix((count, (unit, cell)), shape=(len(block.geoids), spec.n_cells), dtype=np.int64)
+    if "persons" in kinds and x_block is not None:
         tree = GeoTree.of(digits, [lt.level for lt in lts])
-        out["persons"] = {lt.level: _aggregate(x, block, lt, tree) for lt in lts}
+        out["persons"] = {lt.level: _aggregate(x_block, block, lt, tree) for lt in lts}
     for kind in kinds:
         if kind == "persons":
             continue
         spec, tabs = ts.specs[kind], ts.of_kind(kind)
-        if not tabs:
-            continue
+        if not tabs or any(t.name not in lt.counts for lt in lts for t in tabs):
+            continue  # no tables, or one whose layout failed (reported)
         m = sp.vstack([t.matrix for t in tabs]).toarray().astype(np.float64)  # (lines, cells)
         if np.linalg.matrix_rank(m) < spec.n_cells:
             continue

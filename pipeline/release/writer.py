@@ -133,10 +133,13 @@ class _RowGroups:
     """A ``pq.ParquetWriter`` fed frames of any size that writes row groups of exactly
     :data:`ROW_GROUP_ROWS` rows, also cut wherever :meth:`cut` is called: the file's bytes depend
     only on its rows and the cuts, never on how the rows were chunked on their way in (each row
-    group is written from one contiguous table, so pages and dictionaries come out the same)."""
+    group is written from one contiguous table, so pages and dictionaries come out the same).
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    ``text_dictionaries``: dictionary-encode only the text columns, zstd level 3 (the
+    microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults."""
+
+    def __init__(self, path: Path, text_dictionaries: bool = False) -> None:
+        self.path, self.text_dictionaries = path, text_dictionaries
         self.writer: pq.ParquetWriter | None = None
         self.parts: list[pa.Table] = []
         self.rows = 0
@@ -157,16 +160,22 @@ class _RowGroups:
         buf = pa.concat_tables(self.parts) if len(self.parts) > 1 else self.parts[0]
         head, rest = buf.slice(0, n), buf.slice(n)
         if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, head.schema, compression="zstd")
+            self.writer = self._open(head.schema)
         self.writer.write_table(head.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
         self.parts = [rest.combine_chunks()] if rest.num_rows else []
         self.rows = rest.num_rows
+
+    def _open(self, schema: pa.Schema) -> pq.ParquetWriter:
+        if not self.text_dictionaries:  # pyarrow's defaults: the table files' format
+            return pq.ParquetWriter(self.path, schema, compression="zstd")
+        text = [f.name for f in schema if pa.types.is_large_string(f.type) or pa.types.is_string(f.type)]
+        return pq.ParquetWriter(self.path, schema, compression="zstd", compression_level=3, use_dictionary=text)
 
     def close(self) -> None:
         """Write what is queued and close the file (a file of no rows still gets its schema)."""
         self.cut()
         if self.writer is None and self.parts:
-            self.writer = pq.ParquetWriter(self.path, self.parts[0].schema, compression="zstd")
+            self.writer = self._open(self.parts[0].schema)
             self.writer.write_table(self.parts[0])
         if self.writer is not None:
             self.writer.close()
@@ -292,8 +301,11 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
 
 def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any, lookup: bool) -> int:
     """Write ``microdata/persons.parquet`` from the published block histogram, :data:`STREAM_UNITS`
-    blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons); returns the persons written."""
-    groups = _RowGroups(path)
+    blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons); returns the persons written.
+
+    Dictionaries only for the text columns (few distinct codes; EPNUM is unique) and zstd level 3:
+    smaller than the file polars wrote when the microdata were one frame."""
+    groups = _RowGroups(path, text_dictionaries=True)
     n = 0
     try:
         for s, e, _ in _chunks(len(block_geoids)):
