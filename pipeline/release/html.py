@@ -19,7 +19,7 @@ import re
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 import jinja2
@@ -179,49 +179,95 @@ def encode_counts(row: Sequence[int]) -> str:
     return ",".join(out)
 
 
-def _level_rows(root: Path, tables: Sequence[Mapping[str, Any]], level: str, tree: Any = None
-                ) -> tuple[list[str], list[str], np.ndarray, list[list[float | None]] | None, list[dict[str, Any]]]:
-    """One level read back from ``tables/*.parquet``: geoids, names, counts ``(n_units, all lines)``
-    (the tables side by side), each table's margins of error and its line numbers and labels.
-    Where margins differ between areas (the full estimator), the margins are ``None`` and each
-    row of counts is followed by the area's margins in hundredths (``-1``: none)."""
-    import polars as pl
+#: areas read back from the tables at a time (the explorer never holds a whole level's rows)
+READ_UNITS = 10_000
 
-    geoids: list[str] | None = None
-    names: list[str] = []
-    blocks, moes, shells, moe_rows = [], [], [], []
-    per_area = False
+
+class _LevelRows:
+    """One level read back from ``tables/*.parquet`` (rows in the order written), a chunk of
+    areas at a time: :meth:`chunks` yields geoids, names and counts ``(n_areas, all lines)`` (the
+    tables side by side). ``moes``: each table's margins of error and ``shells`` its line numbers
+    and labels. Where margins differ between areas (the full estimator; ``moes`` is then
+    ``None``), each row of counts is followed by the area's margins in hundredths (``-1``: none).
+    ``runs[table]``: ``(first row, rows)`` of the level in the table's file."""
+
+    def __init__(self, root: Path, tables: Sequence[Mapping[str, Any]], level: str,
+                 runs: Mapping[str, tuple[int, int]]) -> None:
+        from pipeline.release.tables import RowStream
+
+        self.root, self.tables, self.level, self.runs = root, tables, level, runs
+        self.n = 0
+        self.shells: list[dict[str, Any]] = []
+        moes: list[list[float | None]] = []
+        per_area = False
+        for k, t in enumerate(tables):
+            n_lines = int(t["lines"])
+            start, rows = runs.get(t["name"], (0, 0))
+            if rows % n_lines or (k and rows // n_lines != self.n):
+                raise ExplorerError(f"tables/{t['name']}.parquet at {level}: rows are not every area x {n_lines} lines")
+            self.n = rows // n_lines
+            path = root / "tables" / f"{t['name']}.parquet"
+            head = RowStream(path, ["line", "label", "moe90"], start).take(min(n_lines, rows))
+            self.shells.append({"lines": head["line"].to_list() if rows else [],
+                                "labels": head["label"].to_list() if rows else []})
+            first = head["moe90"].to_numpy().astype(np.float64) if rows else np.full(n_lines, np.nan)
+            moes.append([None if np.isnan(v) else float(v) for v in first])
+            # the full estimator's margins differ between areas: then they travel with each area's counts
+            stream = RowStream(path, ["moe90"], start)
+            for s in range(0, self.n, READ_UNITS):
+                m = stream.take((min(s + READ_UNITS, self.n) - s) * n_lines)["moe90"].to_numpy().astype(np.float64)
+                if not np.array_equal(m.reshape(-1, n_lines), np.broadcast_to(first, (m.size // n_lines, n_lines)),
+                                      equal_nan=True):
+                    per_area = True
+                    break
+        self.per_area = per_area
+        self.moes = None if per_area else moes
+
+    def chunks(self) -> Iterator[tuple[list[str], list[str], np.ndarray]]:
+        """``(geoids, names, counts)`` of consecutive chunks of :data:`READ_UNITS` areas."""
+        from pipeline.release.tables import RowStream
+
+        streams = [RowStream(self.root / "tables" / f"{t['name']}.parquet", ["geoid", "name", "line", "count", "moe90"],
+                             self.runs.get(t["name"], (0, 0))[0]) for t in self.tables]
+        for s in range(0, self.n, READ_UNITS):
+            k = min(s + READ_UNITS, self.n) - s
+            geoids: list[str] | None = None
+            names: list[str] = []
+            blocks, moe_rows = [], []
+            for t, stream, shell in zip(self.tables, streams, self.shells):
+                n_lines = int(t["lines"])
+                df = stream.take(k * n_lines)
+                if df.height != k * n_lines or not np.array_equal(df["line"].to_numpy(), np.tile(shell["lines"], k)):
+                    raise ExplorerError(f"tables/{t['name']}.parquet at {self.level}: rows are not every area x "
+                                        f"{n_lines} lines")
+                g = df["geoid"].gather_every(n_lines).to_list()
+                if geoids is None:
+                    geoids, names = g, df["name"].gather_every(n_lines).to_list()
+                elif g != geoids:
+                    raise ExplorerError(f"tables/{t['name']}.parquet at {self.level}: areas differ from the other tables")
+                blocks.append(df["count"].to_numpy().reshape(k, n_lines))
+                moe_rows.append(df["moe90"].to_numpy().astype(np.float64).reshape(k, n_lines))
+            counts = np.concatenate(blocks, axis=1) if blocks else np.zeros((k, 0), dtype=np.int64)
+            if self.per_area:
+                # each area's row: every count, then every margin in hundredths (-1: none), same line order
+                hundredths = np.rint(np.concatenate(moe_rows, axis=1) * 100)
+                counts = np.concatenate([counts, np.where(np.isnan(hundredths), -1, hundredths).astype(np.int64)], axis=1)
+            yield geoids or [], names, counts
+
+
+def _table_runs(root: Path, tables: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, tuple[int, int]]]:
+    """``{level: {table: (first row, rows)}}``: where each level's rows are in each table file."""
+    from pipeline.release.tables import level_runs
+
+    out: dict[str, dict[str, tuple[int, int]]] = {}
     for t in tables:
-        n_lines = int(t["lines"])
-        df = (pl.scan_parquet(root / "tables" / f"{t['name']}.parquet").filter(pl.col("geolevel") == level)
-              .select("geoid", "name", "line", "label", "count", "moe90").sort("geoid", "line").collect())
-        if tree is not None and tree.is_lookup:  # the geography's unit order
-            df = (df.with_columns(pl.Series("_pos", tree.position(level, df["geoid"].to_numpy())))
-                  .sort("_pos", "line", maintain_order=True).drop("_pos"))
-        n = df.height // n_lines
-        lines = df["line"].to_numpy()
-        if df.height % n_lines or (n and not np.array_equal(lines, np.tile(lines[:n_lines], n))):
-            raise ExplorerError(f"tables/{t['name']}.parquet at {level}: rows are not every area x {n_lines} lines")
-        g = df["geoid"].gather_every(n_lines).to_list()
-        if geoids is None:
-            geoids, names = g, df["name"].gather_every(n_lines).to_list()
-        elif g != geoids:
-            raise ExplorerError(f"tables/{t['name']}.parquet at {level}: areas differ from the other tables")
-        blocks.append(df["count"].to_numpy().reshape(n, n_lines))
-        moe = df["moe90"].to_numpy().reshape(n, n_lines) if n else np.full((0, n_lines), np.nan)
-        # the full estimator's margins differ between areas: then they travel with each area's counts
-        per_area |= bool(n and not np.array_equal(moe, np.broadcast_to(moe[0], moe.shape), equal_nan=True))
-        moe_rows.append(moe)
-        moes.append([None if n == 0 or np.isnan(v) else float(v) for v in (moe[0] if n else np.full(n_lines, np.nan))])
-        head = df.head(n_lines)
-        shells.append({"lines": head["line"].to_list(), "labels": head["label"].to_list()})
-    counts = np.concatenate(blocks, axis=1) if blocks else np.zeros((0, 0), dtype=np.int64)
-    if per_area:
-        # each area's row: every count, then every margin in hundredths (-1: none), same line order
-        hundredths = np.rint(np.concatenate(moe_rows, axis=1) * 100)
-        counts = np.concatenate([counts, np.where(np.isnan(hundredths), -1, hundredths).astype(np.int64)], axis=1)
-        return geoids or [], names, counts, None, shells
-    return geoids or [], names, counts, moes, shells
+        offset = 0
+        for level, rows in level_runs(root / "tables" / f"{t['name']}.parquet"):
+            if t["name"] in out.setdefault(level, {}):
+                raise ExplorerError(f"tables/{t['name']}.parquet: the rows of level {level} are not together")
+            out[level][t["name"]] = (offset, rows)
+            offset += rows
+    return out
 
 
 def _chunk_name(key: str, taken: dict[str, str]) -> str:
@@ -295,28 +341,55 @@ def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -
                                 lambda g: f"{summary_level(int(g['digits']))}0000US")
     taken: dict[str, str] = {}
     by_chunk: dict[str, dict[str, str]] = {}
+    runs = _table_runs(root, tables)
     for li, g in enumerate(levels):
-        geoids, area_names, counts, moes, shells = _level_rows(root, tables, g["name"])
-        index["moe"].append(moes)
-        if not index["tables"] and geoids:
+        rows = _LevelRows(root, tables, g["name"], runs.get(g["name"], {}))
+        index["moe"].append(rows.moes)
+        if not index["tables"] and rows.n:
             index["tables"] = [{"name": t["name"], "title": t.get("title", ""), "universe": t.get("universe", ""), **s}
-                               for t, s in zip(tables, shells)]
-        totals = counts[:, offset[total_of]].tolist() if tables and len(geoids) else [0] * len(geoids)
+                               for t, s in zip(tables, rows.shells)]
         if g is levels[-1] and len(levels) > 1:
-            _write_blocks(emit, index, taken, levels, chunk_digits, geoids, area_names, counts, chunk_units)
+            _write_level_blocks(emit, index, taken, levels, chunk_digits, rows, chunk_units)
             continue
-        for geoid, name, total, row in zip(geoids, area_names, totals, counts.tolist()):
-            index["areas"].append([li, geoid, name, total])
-            if int(g["digits"]) < chunk_digits:
-                index["counts"][geoid] = encode_counts(row)
-            else:
-                by_chunk.setdefault(geoid[:chunk_digits], {})[geoid] = encode_counts(row)
-    for key, rows in by_chunk.items():
+        for geoids, area_names, counts in rows.chunks():
+            totals = counts[:, offset[total_of]].tolist() if tables and len(geoids) else [0] * len(geoids)
+            for geoid, name, total, row in zip(geoids, area_names, totals, counts.tolist()):
+                index["areas"].append([li, geoid, name, total])
+                if int(g["digits"]) < chunk_digits:
+                    index["counts"][geoid] = encode_counts(row)
+                else:
+                    by_chunk.setdefault(geoid[:chunk_digits], {})[geoid] = encode_counts(row)
+    for key, texts in by_chunk.items():
         name = "areas/" + _chunk_name(key, taken)
         index["area_chunks"][key] = name
-        emit(name, {"counts": rows})
+        emit(name, {"counts": texts})
     emit("areas", index)
     return written
+
+
+def _write_level_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken: dict[str, str],
+                        levels: Sequence[Mapping[str, Any]], chunk_digits: int, rows: "_LevelRows",
+                        chunk_units: int) -> None:
+    """:func:`_write_blocks` over the bottom level read a chunk at a time, each time for the
+    whole counties read so far (a county's blocks are contiguous; the last, maybe partial,
+    county waits for the next chunk)."""
+    geoids: list[str] = []
+    names: list[str] = []
+    parts: list[np.ndarray] = []
+    for g, n, c in rows.chunks():
+        geoids += g
+        names += n
+        parts.append(c)
+        last = geoids[-1][:chunk_digits]
+        cut = len(geoids)
+        while cut > 0 and geoids[cut - 1][:chunk_digits] == last:
+            cut -= 1
+        if cut:
+            counts = np.concatenate(parts)
+            _write_blocks(emit, index, taken, levels, chunk_digits, geoids[:cut], names[:cut], counts[:cut], chunk_units)
+            geoids, names, parts = geoids[cut:], names[cut:], [counts[cut:]]
+    if geoids:
+        _write_blocks(emit, index, taken, levels, chunk_digits, geoids, names, np.concatenate(parts), chunk_units)
 
 
 def _index_head(tables: list[Any], levels: list[Any], paths: set[str], total_of: int, chunk_digits: int,
@@ -355,12 +428,19 @@ def _write_lookup_areas(root: Path, manifest: Mapping[str, Any], tables: list[An
     index["area_chunk_of"] = {}
     taken: dict[str, str] = {}
     by_chunk: dict[str, dict[str, str]] = {}
+    runs = _table_runs(root, tables)
     for li, g in enumerate(levels):
-        geoids, area_names, counts, moes, shells = _level_rows(root, tables, g["name"], tree)
-        index["moe"].append(moes)
-        if not index["tables"] and geoids:
+        rows = _LevelRows(root, tables, g["name"], runs.get(g["name"], {}))
+        index["moe"].append(rows.moes)
+        if not index["tables"] and rows.n:
             index["tables"] = [{"name": t["name"], "title": t.get("title", ""), "universe": t.get("universe", ""), **s}
-                               for t, s in zip(tables, shells)]
+                               for t, s in zip(tables, rows.shells)]
+        # a lookup geography (a user's list of areas) keeps its levels whole: every area is in the index
+        read = list(rows.chunks())
+        geoids = [x for c in read for x in c[0]]
+        area_names = [x for c in read for x in c[1]]
+        counts = (np.concatenate([c[2] for c in read]) if read
+                  else np.zeros((0, sum(int(t["lines"]) for t in tables)), dtype=np.int64))
         totals = counts[:, offset[total_of]].tolist() if tables and len(geoids) else [0] * len(geoids)
         parents = (tree.ancestors(np.asarray(geoids), g["name"], names[li - 1]).tolist() if li else [None] * len(geoids))
         chunks = (tree.ancestors(np.asarray(geoids), g["name"], chunk_level).tolist()

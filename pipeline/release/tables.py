@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Protocol
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
 import numpy as np
 import polars as pl
@@ -436,6 +436,61 @@ def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
         "count": pl.Series(counts.reshape(-1), dtype=pl.Int64),
         "moe90": moe_col,
     })
+
+
+class RowStream:
+    """The rows of one Parquet file in file order from row ``start``, ``n`` at a time (read by
+    record batches from the row group holding ``start`` on, so the file is never in memory whole)."""
+
+    def __init__(self, path: Path, columns: Sequence[str] | None = None, start: int = 0,
+                 batch_rows: int = 1 << 16) -> None:
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(path)
+        md = f.metadata
+        rg = first = 0
+        while rg < md.num_row_groups and first + md.row_group(rg).num_rows <= start:
+            first += md.row_group(rg).num_rows
+            rg += 1
+        self.batches = f.iter_batches(batch_size=batch_rows, columns=columns,
+                                      row_groups=list(range(rg, md.num_row_groups)))
+        self.buf: list[pl.DataFrame] = []
+        self.rows = 0
+        if start > first:
+            self.take(start - first)
+
+    def take(self, n: int) -> pl.DataFrame:
+        """The next ``n`` rows (fewer at the end of the file)."""
+        while self.rows < n:
+            batch = next(self.batches, None)
+            if batch is None:
+                break
+            df = pl.from_arrow(batch)
+            assert isinstance(df, pl.DataFrame)
+            self.buf.append(df)
+            self.rows += df.height
+        if not self.buf:
+            return pl.DataFrame()
+        whole = pl.concat(self.buf, rechunk=False) if len(self.buf) > 1 else self.buf[0]
+        out, rest = whole.slice(0, n), whole.slice(n)
+        self.buf, self.rows = ([rest] if rest.height else []), rest.height
+        return out
+
+
+def level_runs(path: Path) -> list[tuple[str, int]]:
+    """``(geolevel, rows)`` of each run of equal ``geolevel`` values of a table file, in file
+    order (one run per level when the file is laid out as written), from that column alone."""
+    import pyarrow.parquet as pq
+
+    runs: list[tuple[str, int]] = []
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=["geolevel"]):
+        rle = pl.Series(batch.column(0)).rle().struct.unnest()
+        for n, lv in zip(rle["len"].to_list(), rle["value"].to_list()):
+            if runs and runs[-1][0] == lv:
+                runs[-1] = (lv, runs[-1][1] + int(n))
+            else:
+                runs.append((str(lv), int(n)))
+    return runs
 
 
 def tabulate_units(tables: TableSet, level: str, geoids: np.ndarray, persons: sp.csr_matrix | None,

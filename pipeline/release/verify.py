@@ -43,8 +43,10 @@ from pipeline.release.microdata import MicrodataError, histogram_from_microdata
 from pipeline.release.tables import (
     CSV_SCHEMA,
     LevelTables,
+    RowStream,
     TableSet,
     csv_frame,
+    level_runs,
     load_tables,
     long_frame,
     tabulate,
@@ -115,51 +117,6 @@ def _verify_files(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]
         if p.is_file() and rel != "manifest.json" and rel not in listed:
             out.append(_fail("file_unlisted", f"{rel} is in the release but not in the manifest"))
     return out
-
-
-class _RowStream:
-    """The rows of one Parquet file in file order, ``n`` at a time (read by record batches, so
-    the file is never in memory whole)."""
-
-    def __init__(self, path: Path, columns: Sequence[str] | None = None, batch_rows: int = 1 << 16) -> None:
-        import pyarrow.parquet as pq
-
-        self.batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
-        self.buf: list[pl.DataFrame] = []
-        self.rows = 0
-
-    def take(self, n: int) -> pl.DataFrame:
-        """The next ``n`` rows (fewer at the end of the file)."""
-        while self.rows < n:
-            batch = next(self.batches, None)
-            if batch is None:
-                break
-            df = pl.from_arrow(batch)
-            assert isinstance(df, pl.DataFrame)
-            self.buf.append(df)
-            self.rows += df.height
-        if not self.buf:
-            return pl.DataFrame()
-        whole = pl.concat(self.buf, rechunk=False) if len(self.buf) > 1 else self.buf[0]
-        out, rest = whole.slice(0, n), whole.slice(n)
-        self.buf, self.rows = ([rest] if rest.height else []), rest.height
-        return out
-
-
-def _level_runs(path: Path) -> list[tuple[str, int]]:
-    """``(geolevel, rows)`` of each run of equal ``geolevel`` values of a table file, in file
-    order (one run per level when the file is laid out as written), from that column alone."""
-    import pyarrow.parquet as pq
-
-    runs: list[tuple[str, int]] = []
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=["geolevel"]):
-        rle = pl.Series(batch.column(0)).rle().struct.unnest()
-        for n, lv in zip(rle["len"].to_list(), rle["value"].to_list()):
-            if runs and runs[-1][0] == lv:
-                runs[-1] = (lv, runs[-1][1] + int(n))
-            else:
-                runs.append((str(lv), int(n)))
-    return runs
 
 
 def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> dict[str, np.ndarray]:
@@ -514,7 +471,7 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
         if not path.is_file():
             failures.append(_fail("file_missing", f"tables/{t.name}.parquet (listed in the manifest's tables)", t.name))
             continue
-        r = _level_runs(path)
+        r = level_runs(path)
         order = [lv for lv, _ in r]
         if order != [lv for lv in levels if lv in order] or len(set(order)) != len(order):
             failures.append(_fail("table_layout", f"{t.name}: rows are not grouped by level in the manifest's level "
@@ -582,7 +539,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
 
     out: list[CheckFailure] = []
     checks = ReleaseChecks(ts, tree, invariants)
-    streams = {t.name: _RowStream(root / "tables" / f"{t.name}.parquet") for t in tables}
+    streams = {t.name: RowStream(root / "tables" / f"{t.name}.parquet") for t in tables}
     block = geo[-1].level if geo else ""
     # household population and the other check lines, per unit of every level, from the microdata
     check_lines: dict[str, dict[str, np.ndarray]] = {lt.level: {} for lt in geo}
