@@ -453,10 +453,10 @@ def _write_lookup_areas(root: Path, manifest: Mapping[str, Any], tables: list[An
             else:
                 by_chunk.setdefault(ck, {})[key] = encode_counts(row)
                 index["area_chunk_of"][key] = ck
-    for ck, rows in by_chunk.items():
+    for ck, texts in by_chunk.items():
         name = "areas/" + _chunk_name(ck, taken)
         index["area_chunks"][ck] = name
-        emit(name, {"counts": rows})
+        emit(name, {"counts": texts})
     emit("areas", index)
 
 

@@ -549,8 +549,8 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                 continue
             per_block = tabulate_vector(x_block, c.vector)
             for lt in geo:
-                pos, ok = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
-                check_lines[lt.level][c.name] = np.bincount(pos[ok], weights=per_block[ok],
+                pos, inside = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
+                check_lines[lt.level][c.name] = np.bincount(pos[inside], weights=per_block[inside],
                                                             minlength=len(lt.geoids)).astype(np.int64)
     moe = _margins(manifest, ts, list(geo), tree) if regenerate else {}
     sim_file = (manifest.get("uncertainty") or {}).get("file")
@@ -620,9 +620,9 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                         continue
                     got = tabulate(xs, t)
                     rr, cc = np.nonzero(got != chunk.counts[t.name])
-                    for r, c in list(zip(rr, cc))[:20 - micro_reported.get(t.name, 0)]:
-                        out.append(CheckFailure("microdata", t.name, int(t.numbers[c]), level, str(g[r]),
-                                                int(got[r, c]), int(chunk.counts[t.name][r, c]),
+                    for r, col in list(zip(rr, cc))[:20 - micro_reported.get(t.name, 0)]:
+                        out.append(CheckFailure("microdata", t.name, int(t.numbers[col]), level, str(g[r]),
+                                                int(got[r, col]), int(chunk.counts[t.name][r, col]),
                                                 "microdata re-tabulated (expected) vs published block table (found)"))
                         micro_reported[t.name] = micro_reported.get(t.name, 0) + 1
             if not regenerate:

@@ -281,12 +281,13 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
             checks.add(lt)
             names = tree.unit_names(lv.name, lt.geoids) if tree.is_lookup else unit_names(lv.name, lt.geoids)
             for name, counts in lt.counts.items():
+                m: np.ndarray | None
                 if simulated is not None:
                     m = simulated_moe90(simulated[0], moving[name], ts.tables[name], lv.name, counts,
                                         np.arange(s, e))
                 else:
-                    m = moe.get((name, lv.name))
-                    m = m if m is None or m.ndim == 1 else m[s:e]
+                    whole = moe.get((name, lv.name))  # (n_lines,), or per unit (n_units, n_lines)
+                    m = whole if whole is None or whole.ndim == 1 else whole[s:e]
                 writers[name].write(lv.name, long_frame(ts.tables[name], lv.name, lt.geoids, names, counts, m))
                 if ends_chunk:
                     writers[name].cut()
