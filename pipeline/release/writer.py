@@ -26,6 +26,14 @@ runs every consistency check (``pipeline.checks``) and the verifier over the wri
 and only then renames the directory into place: a failure leaves no partial release, and an
 existing release id is never overwritten (:class:`ReleaseExistsError`).
 
+Memory is bounded by a chunk of units, not by the country: each level is tabulated, checked
+and written :data:`STREAM_UNITS` units at a time from histograms read a chunk at a time
+(``pipeline.release.tables.histogram_rows``), the hierarchy check keeps only the level above's
+counts (:class:`pipeline.release.checks.ReleaseChecks`), the microdata are expanded a chunk of
+blocks at a time, and the verifier and the explorer read the files back by record batches. The
+bytes do not depend on the chunk: table row groups are cut per :data:`CHUNK_UNITS` units of a
+level and every :data:`ROW_GROUP_ROWS` rows, microdata row groups every ROW_GROUP_ROWS persons.
+
 What may go into a release: only *published* data — the post-processed integer histograms, the
 declared invariants, the noisy measurements and the privacy parameters. The writer takes no
 confidential histogram and no truth-based metric (those live in the run directory's
