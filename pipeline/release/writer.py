@@ -98,6 +98,7 @@ from pipeline.release.manifest import (
 from pipeline.release.microdata import microdata_from_blocks
 from pipeline.release.tables import (
     CSV_SCHEMA,
+    TableDef,
     TableError,
     TableSet,
     csv_frame,
@@ -193,7 +194,10 @@ class _TableWriter:
     """Streams one table's long rows into its Parquet file and per-level CSV files.
 
     Row groups as the release format has them: one per chunk of :data:`CHUNK_UNITS` units of a
-    level, split at :data:`ROW_GROUP_ROWS` rows (:meth:`cut` ends a chunk).
+    level, split at :data:`ROW_GROUP_ROWS` rows (:meth:`cut` ends a chunk). The units given are
+    kept as counts (small) and turned into long rows (text: ~10x larger) only when they complete
+    a row group, so each table holds less than one unit's rows between calls — not a partial row
+    group of up to 1 Mi rows per table.
 
     The CSVs carry the GEOID as a Census-style ``GEO_ID`` (``0500000US01105``; nation
     ``0100000US``) instead of the bare code: a column of digits loses its leading zeros in
@@ -201,20 +205,46 @@ class _TableWriter:
     missing (``pipeline.release.tables.census_geo_id``). Everything else is as in the Parquet.
     """
 
-    def __init__(self, root: Path, name: str, csv: bool = True, lookup: bool = False) -> None:
-        self.root, self.name, self.csv, self.lookup = root, name, csv, lookup
-        self.path = root / "tables" / f"{name}.parquet"
+    def __init__(self, root: Path, table: TableDef, csv: bool = True, lookup: bool = False) -> None:
+        self.root, self.table, self.name, self.csv, self.lookup = root, table, table.name, csv, lookup
+        self.path = root / "tables" / f"{table.name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.groups = _RowGroups(self.path)
         self.written = False
         self.csv_rows: dict[Path, int] = {}
+        #: units given but not yet made into rows: (level, geoids, names, counts, moe90)
+        self.pending: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self.pending_units = 0
 
-    def write(self, level: str, frame: pl.DataFrame) -> None:
-        """Append the long rows ``frame`` (:data:`LONG_SCHEMA`) of units of ``level``."""
-        self.groups.add(frame.to_arrow())
+    def write(self, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
+              moe90: np.ndarray | None) -> None:
+        """Append units of ``level``: GEOIDs and names ``(n,)``, counts int64 ``(n, n_lines)``,
+        moe90 float ``(n_lines,)`` or ``(n, n_lines)`` or None (as :func:`long_frame` takes them)."""
+        self.pending.append((level, geoids, names, counts, moe90))
+        self.pending_units += len(geoids)
         self.written = True
-        if not self.csv:
-            return
+        n_lines = self.table.n_lines
+        while self.groups.rows + self.pending_units * n_lines >= ROW_GROUP_ROWS:
+            need = ROW_GROUP_ROWS - self.groups.rows
+            self._make(-(-need // n_lines))  # the units that complete the row group
+
+    def _make(self, units: int) -> None:
+        """Turn the first ``units`` pending units into rows (Parquet row groups, CSV lines)."""
+        while units > 0 or (self.pending and not len(self.pending[0][1])):
+            level, g, nm, c, m = self.pending[0]
+            k = min(units, len(g))
+            if k < len(g):
+                self.pending[0] = (level, g[k:], nm[k:], c[k:], m if m is None or m.ndim == 1 else m[k:])
+            else:
+                self.pending.pop(0)
+            units -= k
+            self.pending_units -= k
+            frame = long_frame(self.table, level, g[:k], nm[:k], c[:k], m if m is None or m.ndim == 1 else m[:k])
+            self.groups.add(frame.to_arrow())
+            if self.csv:
+                self._csv(level, frame)
+
+    def _csv(self, level: str, frame: pl.DataFrame) -> None:
         csv = self.root / "csv" / level / f"{self.name}.csv"
         csv.parent.mkdir(parents=True, exist_ok=True)
         first = csv not in self.csv_rows
@@ -224,9 +254,11 @@ class _TableWriter:
 
     def cut(self) -> None:
         """End a chunk of :data:`CHUNK_UNITS` units (or a level): its row group ends here."""
+        self._make(self.pending_units)
         self.groups.cut()
 
     def close(self) -> None:
+        self._make(self.pending_units)
         self.groups.close()
 
 
@@ -296,7 +328,7 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
                 else:
                     whole = moe.get((name, lv.name))  # (n_lines,), or per unit (n_units, n_lines)
                     m = whole if whole is None or whole.ndim == 1 else whole[s:e]
-                writers[name].write(lv.name, long_frame(ts.tables[name], lv.name, lt.geoids, names, counts, m))
+                writers[name].write(lv.name, lt.geoids, names, counts, m)
                 if ends_chunk:
                     writers[name].cut()
             names_written = list(lt.counts)
@@ -408,7 +440,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             gpath = tmp / GEOGRAPHY_FILE
             tree.frame().write_parquet(gpath)
             entries.append(_file_entry(tmp, gpath))
-        writers = {name: _TableWriter(tmp, name, csv, tree.is_lookup) for name in ts.tables}
+        writers = {name: _TableWriter(tmp, t, csv, tree.is_lookup) for name, t in ts.tables.items()}
         try:
             published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
         finally:
