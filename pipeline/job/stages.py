@@ -274,6 +274,8 @@ def run(config_path: str | Path | None = None, resume_dir: str | Path | None = N
                 from pipeline.job.margins import stage_margins
 
                 prog.step("margins of error (simulated)", lambda: stage_margins(run_dir))
+            # publishing runs in this process: the worker pool's memory goes back before it
+            close_executor()
             published = dict(prog.step("publish", lambda: stage_publish(run_dir)))
     finally:
         close_executor()
