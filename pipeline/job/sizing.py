@@ -29,11 +29,14 @@ from pipeline.model.config import RunConfig
 from pipeline.model.geography import Geography
 
 #: The sizing model: whole-job seconds per million persons (2 workers) and peak total RSS in GB
-#: per million blocks plus a base, per estimator; from the ``benchmarks/scale.py`` runs recorded
-#: in BENCHMARKS.md ("National scale"). ``workers`` other than 2 scale the post-processing part.
+#: as a base plus GB per million blocks, per estimator. ``topdown``: fitted to the
+#: ``benchmarks/scale.py`` runs in BENCHMARKS.md ("National scale", session 5): 10 M persons
+#: (234,921 blocks) 254 s and 1.66 GB, 100 M (2.33 M blocks) 2,370 s and 5.42 GB. ``full``: the
+#: 1 M-person ratio to ``topdown`` (1.8-2.3x the wall, +0.9 GB; BENCHMARKS.md, "Full-information
+#: estimator"); not measured at national scale. ``workers`` other than 2 scale the time.
 REFERENCE: dict[str, dict[str, float]] = {
-    "topdown": {"seconds_per_million_persons": 20.5, "gb_base": 1.0, "gb_per_million_blocks": 22.0},
-    "full": {"seconds_per_million_persons": 80.0, "gb_base": 1.2, "gb_per_million_blocks": 58.0},
+    "topdown": {"seconds_per_million_persons": 24.0, "gb_base": 1.24, "gb_per_million_blocks": 1.79},
+    "full": {"seconds_per_million_persons": 48.0, "gb_base": 2.1, "gb_per_million_blocks": 1.79},
 }
 
 
