@@ -1,5 +1,5 @@
-"""Work items of a level: longest processing time first, the batches of the contiguous ranges,
-children back in parent order."""
+"""Work items of a level: longest processing time first, the level's own batches (the same for
+any number of items), children back in parent order and identical to one item's."""
 
 import numpy as np
 from postprocess_cases import PL94, random_parent
@@ -7,7 +7,7 @@ from postprocess_cases import PL94, random_parent
 from pipeline.postprocess import LevelBatch, SolveOptions, solve_level
 from pipeline.postprocess.problem import LevelBatch as _LB
 from pipeline.postprocess.solver import Thresholds
-from pipeline.postprocess.topdown import ranges, work_items
+from pipeline.postprocess.topdown import work_items
 
 
 def _level(probs) -> LevelBatch:
@@ -41,12 +41,13 @@ def test_items_cover_every_parent_once_largest_first():
     costs = [it.cost for it in items]
     assert costs == sorted(costs, reverse=True)
     assert 5 in items[0].parents  # the large parent (not batchable) leads the first item
-    # every batch lies in one contiguous range of ranges() (the pre-LPT work items)
-    bounds = ranges(batch.child_ptr, 4)
+    # the batches are the level's, whatever the number of items (they decide the floats)
+    one = {tuple(g) for it in work_items(batch, opts, 1) for g in it.groups}
+    for n in (2, 4, 7):
+        assert {tuple(g) for it in work_items(batch, opts, n) for g in it.groups} == one
     for it in items:
         for g in it.groups:
             assert set(g) <= set(it.parents)
-            assert any(all(s <= i < e for i in g) for s, e in bounds)
 
 
 def test_children_come_back_in_parent_order_and_match_serial():
@@ -59,6 +60,8 @@ def test_children_come_back_in_parent_order_and_match_serial():
     rev, _ = solve_level(batch, opts, chunks=4,
                          mapper=lambda f, xs: [f(x) for x in xs[::-1]][::-1])
     np.testing.assert_array_equal(lpt, rev)
+    # one item or four: the same published integers (a release must not depend on the workers)
+    np.testing.assert_array_equal(lpt, serial)
     for i, p in enumerate(probs):
         a, b = int(batch.child_ptr[i]), int(batch.child_ptr[i + 1])
         np.testing.assert_array_equal(lpt[a:b].sum(axis=0), p.parent)

@@ -173,18 +173,6 @@ def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
     return out, diag
 
 
-def ranges(child_ptr: np.ndarray, n_chunks: int) -> list[tuple[int, int]]:
-    """Split parents into at most ``n_chunks`` contiguous ranges of roughly equal work
-    (children, at least 1 per parent)."""
-    n = child_ptr.size - 1
-    if n == 0:
-        return []
-    work = np.cumsum(np.maximum(np.diff(child_ptr), 1))
-    cuts = np.searchsorted(work, np.linspace(0, work[-1], n_chunks + 1)[1:-1], side="right")
-    bounds = np.unique(np.concatenate([[0], cuts, [n]]))
-    return [(int(s), int(e)) for s, e in itertools.pairwise(bounds) if e > s]
-
-
 @dataclass
 class _Item:
     """Parents of one work item (level indices, ascending), its batches, its estimated cost."""
@@ -198,11 +186,12 @@ def work_items(batch: LevelBatch, options: SolveOptions, n_items: int) -> list[_
     """Cut a level's parents into at most ``n_items`` work items, longest processing time
     first (:func:`solver.parent_cost` per parent).
 
-    The batches are those :func:`solver.plan` forms within each contiguous range of
-    :func:`ranges` (as when the ranges were the work items: a batch's members and padding
-    change its floating-point results in the last bits, so keeping the groups keeps every
-    published integer). The units (one per batch, per single parent, and the shortcuts of
-    a range together) are taken by decreasing cost, each into the item with the least work
+    The batches are those :func:`solver.plan` forms over the whole level, whatever
+    ``n_items`` is: a batch's members and padding change its floating-point results in the
+    last bits, and so, now and then, a published integer — batches formed per work item made
+    a release depend on the number of workers (measured at 10 M persons: 1 and 2 workers
+    published different counts). The units (one per batch, per single parent, and the
+    shortcuts together) are taken by decreasing cost, each into the item with the least work
     so far, so a large parent is never queued behind small ones in the same item; items
     come out by decreasing work (a pool starts the largest first)."""
     k = np.diff(batch.child_ptr)
@@ -212,21 +201,17 @@ def work_items(batch: LevelBatch, options: SolveOptions, n_items: int) -> list[_
     shortcut = (k <= 1) | ~nonzero.any(axis=1)
     batchable = np.zeros(k.size, dtype=bool)
     units: list[tuple[float, list[int], list[int] | None]] = []  # (cost, parents, batch)
-    plans = []
-    for s, e in ranges(batch.child_ptr, n_items):
-        p = plan_sizes(shortcut[s:e].tolist(), [True] * (e - s), k[s:e].tolist(),
-                       n_free[s:e].tolist(), options)
-        for g in p.batches:
-            batchable[[s + i for i in g]] = True
-        plans.append((s, p))
+    # the batches of the whole level, as one work item forms them (never per item)
+    p = plan_sizes(shortcut.tolist(), [True] * k.size, k.tolist(), n_free.tolist(), options)
+    for g in p.batches:
+        batchable[list(g)] = True
     cost = parent_cost(k, n_free, batchable)
-    for s, p in plans:
-        for g in p.batches:
-            idx = [s + i for i in g]
-            units.append((float(cost[idx].sum()), sorted(idx), idx))
-        units.extend((float(cost[s + i]), [s + i], None) for i in p.single)
-        if p.shortcut:
-            units.append((1.0 * len(p.shortcut), [s + i for i in p.shortcut], None))
+    for g in p.batches:
+        idx = list(g)
+        units.append((float(cost[idx].sum()), sorted(idx), idx))
+    units.extend((float(cost[i]), [i], None) for i in p.single)
+    if p.shortcut:
+        units.append((1.0 * len(p.shortcut), list(p.shortcut), None))
     items = [_Item([], []) for _ in range(max(1, min(n_items, len(units))))]
     for c, idx, grp in sorted(units, key=lambda u: -u[0]):  # stable: ties in level order
         it = min(items, key=lambda x: x.cost)
@@ -253,8 +238,8 @@ def solve_level(
     The parents are cut into at most ``chunks`` work items, longest processing time first
     (:func:`work_items`); each is one :class:`RangeJob` and ``mapper(solve_range, jobs)``
     must return their results in order (default: serially here); the children come back in
-    the level's parent order. A process-pool map gives identical results (every parent is
-    deterministic and its batch depends only on ``chunks``). ``solver``: default
+    the level's parent order. A process-pool map and any ``chunks`` give identical results (every parent is
+    deterministic and its batch does not depend on ``chunks``). ``solver``: default
     :class:`solver.AdmmSolver` (must be picklable for a process pool).
     """
     t0 = time.perf_counter()
