@@ -19,10 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.model.config import RunConfig
@@ -73,13 +71,6 @@ class RunSizing:
     budget_left: Fraction
     seconds: float
     peak_gb: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {"estimator": self.estimator, "workers": self.workers, "persons": self.persons,
-                "blocks": self.blocks, "rho": str(self.rho), "lifetime_rho": str(self.lifetime_rho),
-                "budget_left": str(self.budget_left), "fits_budget": self.rho <= self.budget_left,
-                "estimated_seconds": round(self.seconds), "estimated_peak_gb": round(self.peak_gb, 1),
-                "steps": [s.__dict__ for s in self.steps]}
 
 
 def level_shard_bounds(geography: Geography, level: str, n_cells: int, target_cells: int) -> np.ndarray:
@@ -146,11 +137,6 @@ def _spent(cfg: RunConfig) -> Fraction:
     if not cfg.privacy.ledger.exists():
         return Fraction(0)
     return Ledger(cfg.privacy.ledger).spent(cfg.dataset_id)
-
-
-def plan_table(sizing: RunSizing) -> pl.DataFrame:
-    """The steps as a table (for the CLI and logs)."""
-    return pl.DataFrame([s.__dict__ for s in sizing.steps])
 
 
 def plan_run(config_path: str | Path) -> RunSizing:

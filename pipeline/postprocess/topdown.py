@@ -14,7 +14,6 @@ violation raises :class:`PostprocessError` naming it.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
