@@ -183,6 +183,18 @@ def encode_counts(row: Sequence[int]) -> str:
 READ_UNITS = 10_000
 
 
+def _open_level(root: Path, tables: list[dict[str, Any]], runs: dict[str, Any], level: str,
+                index: dict[str, Any]) -> "_LevelRows":
+    """A level's rows read back from ``tables/``; records its margins in ``index["moe"]`` and,
+    from the first level with rows, the table shells in ``index["tables"]``."""
+    rows = _LevelRows(root, tables, level, runs.get(level, {}))
+    index["moe"].append(rows.moes)
+    if not index["tables"] and rows.n:
+        index["tables"] = [{"name": t["name"], "title": t.get("title", ""), "universe": t.get("universe", ""), **s}
+                           for t, s in zip(tables, rows.shells)]
+    return rows
+
+
 class _LevelRows:
     """One level read back from ``tables/*.parquet`` (rows in the order written), a chunk of
     areas at a time: :meth:`chunks` yields geoids, names and counts ``(n_areas, all lines)`` (the
@@ -343,11 +355,7 @@ def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -
     by_chunk: dict[str, dict[str, str]] = {}
     runs = _table_runs(root, tables)
     for li, g in enumerate(levels):
-        rows = _LevelRows(root, tables, g["name"], runs.get(g["name"], {}))
-        index["moe"].append(rows.moes)
-        if not index["tables"] and rows.n:
-            index["tables"] = [{"name": t["name"], "title": t.get("title", ""), "universe": t.get("universe", ""), **s}
-                               for t, s in zip(tables, rows.shells)]
+        rows = _open_level(root, tables, runs, g["name"], index)
         if g is levels[-1] and len(levels) > 1:
             _write_level_blocks(emit, index, taken, levels, chunk_digits, rows, chunk_units)
             continue
@@ -430,11 +438,7 @@ def _write_lookup_areas(root: Path, manifest: Mapping[str, Any], tables: list[An
     by_chunk: dict[str, dict[str, str]] = {}
     runs = _table_runs(root, tables)
     for li, g in enumerate(levels):
-        rows = _LevelRows(root, tables, g["name"], runs.get(g["name"], {}))
-        index["moe"].append(rows.moes)
-        if not index["tables"] and rows.n:
-            index["tables"] = [{"name": t["name"], "title": t.get("title", ""), "universe": t.get("universe", ""), **s}
-                               for t, s in zip(tables, rows.shells)]
+        rows = _open_level(root, tables, runs, g["name"], index)
         # a lookup geography (a user's list of areas) keeps its levels whole: every area is in the index
         read = list(rows.chunks())
         geoids = [x for c in read for x in c[0]]
