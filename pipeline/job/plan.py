@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.job.context import RunContext
-from pipeline.job.sizing import level_shard_bounds
 from pipeline.model.geography import Geography
 
 
@@ -32,11 +31,25 @@ class LevelStep:
     action: str = "solve"
 
 
+def level_shard_bounds(geography: Geography, level: str, n_cells: int, target_cells: int) -> np.ndarray:
+    """Parent-index boundaries of the shards of ``level``, int64 ``(n_shards + 1,)``: contiguous
+    ranges of parents whose children x ``n_cells`` add up to about ``target_cells``; the top
+    level is one shard. Depends only on the geography and the config (a resume finds the same)."""
+    names = [lv.name for lv in geography.levels]
+    i = names.index(level)
+    if i == 0:
+        return np.array([0, 1], dtype=np.int64)
+    parent = geography.levels[i - 1]
+    work = np.cumsum(np.diff(parent.child_ptr) * n_cells)
+    cuts = np.searchsorted(work, np.arange(target_cells, work[-1], target_cells), side="left") + 1
+    return np.unique(np.concatenate([[0], cuts, [parent.n_units]])).astype(np.int64)
+
+
 def shard_bounds(ctx: RunContext, level: str) -> np.ndarray:
     """Parent-index boundaries of the shards of ``level``, int64 ``(n_shards + 1,)``: a shard is a
     contiguous range of parents whose children x cells add up to about
     ``execution.shard_target_cells`` (10–120 s of work); see
-    :func:`pipeline.job.sizing.level_shard_bounds`."""
+    :func:`level_shard_bounds`."""
     return level_shard_bounds(ctx.geography, level, ctx.persons_spec.n_cells, ctx.cfg.execution.shard_target_cells)
 
 

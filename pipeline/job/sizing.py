@@ -73,23 +73,10 @@ class RunSizing:
     peak_gb: float
 
 
-def level_shard_bounds(geography: Geography, level: str, n_cells: int, target_cells: int) -> np.ndarray:
-    """Parent-index boundaries of the shards of ``level``, int64 ``(n_shards + 1,)``: contiguous
-    ranges of parents whose children x ``n_cells`` add up to about ``target_cells``; the top
-    level is one shard. Depends only on the geography and the config (a resume finds the same)."""
-    names = [lv.name for lv in geography.levels]
-    i = names.index(level)
-    if i == 0:
-        return np.array([0, 1], dtype=np.int64)
-    parent = geography.levels[i - 1]
-    work = np.cumsum(np.diff(parent.child_ptr) * n_cells)
-    cuts = np.searchsorted(work, np.arange(target_cells, work[-1], target_cells), side="left") + 1
-    return np.unique(np.concatenate([[0], cuts, [parent.n_units]])).astype(np.int64)
-
-
 def size_run(cfg: RunConfig, geography: Geography) -> RunSizing:
     """The plan of a run of ``cfg`` on ``geography`` (see the module doc)."""
     from pipeline.job.context import configured_strategies, total_rho
+    from pipeline.job.plan import level_shard_bounds
     from pipeline.model.spec import load_spec
 
     strategies = configured_strategies(cfg)
