@@ -25,6 +25,7 @@ from pathlib import Path
 
 import polars as pl
 import yaml
+from timing import run_stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,9 +65,9 @@ def one_job(inputs: Path, work: Path, tag: str, workers: int, estimator: str = "
     if res.returncode != 0:
         raise RuntimeError(res.stdout[-3000:] + res.stderr[-3000:])
     peak_mb = int(res.stderr.rsplit("MAXRSS_KB ", 1)[1].split()[0]) / 1024
-    state = json.loads((work / "runs" / tag / "state.json").read_text())
-    stages: dict[str, float] = {"inputs": state["done"]["inputs"]["seconds"]}
-    for name, info in state["done"].items():
+    done = run_stages(work / "runs" / tag)
+    stages: dict[str, float] = {"inputs": done["inputs"]["seconds"]}
+    for name, info in done.items():
         if name.startswith("level:"):
             _, kind, level = name.split(":")
             stages[f"{kind}:{level}"] = info["seconds"]
@@ -75,7 +76,7 @@ def one_job(inputs: Path, work: Path, tag: str, workers: int, estimator: str = "
             stages[f"{kind}:measure"] = stages.get(f"{kind}:measure", 0.0) + info["seconds"]
         elif name.startswith("estimate:"):
             stages[f"{name.split(':')[1]}:gls"] = info["seconds"]
-    stages["publish"] = state["done"]["publish"].get("seconds", float("nan"))
+    stages["publish"] = done["publish"].get("seconds", float("nan"))
     return {"wall": wall, "peak_mb": peak_mb, "stages": stages}
 
 

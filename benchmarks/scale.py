@@ -162,8 +162,9 @@ def run_one(persons: int, workers: int, estimator: str, interval: float, work: P
         path.write_text(yaml.safe_dump(cfg))
         res = _watch(cmd + [str(path)], [psutil.Process(p.pid) for p in cluster], interval, persons)
     wall, samples = res
-    state = json.loads((work / "runs" / tag / "state.json").read_text())
-    stages = _stages(state, wall[0], samples)
+    from timing import run_stages  # a sibling script (tests load this file by path, for dask_cluster only)
+
+    stages = _stages(run_stages(work / "runs" / tag), wall[0], samples)
     return {"persons": persons, "estimator": estimator, "mode": mode, "workers": workers,
             **({"dask_workers": dask_workers} if "dask" in mode else {}),
             "wall_s": round(wall[1], 1),
@@ -197,11 +198,12 @@ def _watch(cmd: list[str], extra: list[psutil.Process], interval: float,
     return (t0, wall), samples
 
 
-def _stages(state: dict, t0: float, samples: list[tuple[float, float, float]]) -> dict[str, dict]:
+def _stages(done: dict, t0: float, samples: list[tuple[float, float, float]]) -> dict[str, dict]:
     """Per stage group (inputs, each kind × level, margins, publish): wall, CPU % and peak RSS
-    between the previous group's completion and its own (completion times from state.json)."""
+    between the previous group's completion and its own (completion times: ``done``, the run's
+    stage records)."""
     ends: dict[str, float] = {}
-    for name, info in state["done"].items():
+    for name, info in done.items():
         at = dt.datetime.strptime(info["at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
         parts = name.split(":")
         group = "inputs" if name == "inputs" else (

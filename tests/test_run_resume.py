@@ -24,6 +24,7 @@ import pytest
 from run_helpers import make_inputs, write_config
 
 from pipeline.job import stages
+from pipeline.job.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,7 +40,7 @@ def _dptab(args: list[str], crash_at: str | None = None) -> subprocess.Completed
 
 def _done_count(run_dir: Path) -> int:
     try:
-        return len(json.loads((run_dir / "state.json").read_text())["done"])
+        return len(RunDir(run_dir).state()["done"])
     except (OSError, ValueError):
         return 0
 
@@ -72,6 +73,7 @@ CRASH_POINTS = [
     "before:estimate:persons",             # full estimator: GLS targets written, not recorded
     "before:shard:persons:nation:00000",   # root measured and solved, not recorded
     "mid-write:state.json#4",              # a state update half-written
+    "mid-write:shards.jsonl#2",            # a shard record cut short (the next append removes it)
     "before:shard:persons:block:00000",    # block measurements drawn and solved, not recorded
     "before:level:units:block",            # last level merged, not recorded
     "before:publish",                      # release renamed into place, not recorded
@@ -105,7 +107,7 @@ def test_random_kills_with_the_same_key_resume_to_identical_release(tmp_path) ->
     rng = random.Random(20261123)
     # kill points drawn over the run's progress (number of recorded stages), plus a random
     # delay of up to 0.3 s so the kill usually lands in the middle of the next stage
-    n_stages = len(json.loads((Path(ref["run_dir"]) / "state.json").read_text())["done"])
+    n_stages = len(RunDir(Path(ref["run_dir"])).state()["done"])
     targets = sorted(rng.sample(range(1, n_stages - 1), 4))
     kills = 0
     for target in targets:
@@ -125,7 +127,7 @@ def test_random_kills_with_the_same_key_resume_to_identical_release(tmp_path) ->
 
 
 #: kill points that still lie ahead while levels remain, and once only publishing remains
-SOLVE_POINTS = ["shard:measured", "shard:solved", "mid-write:state.json"]
+SOLVE_POINTS = ["shard:measured", "shard:solved", "mid-write:state.json", "mid-write:shards.jsonl"]
 PUBLISH_POINTS = ["publish:tables-written", "publish:before-rename"]
 
 

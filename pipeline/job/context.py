@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cached_property
 from pathlib import Path
+from typing import Any, TypeVar
 
 import polars as pl
 
@@ -18,6 +21,29 @@ from pipeline.model.schemas import schema_path
 from pipeline.model.spec import HistogramSpec, load_spec
 from pipeline.model.strategy import Strategy, load_strategy, strategy_path
 from pipeline.privacy import randomness
+
+T = TypeVar("T")
+
+
+#: objects built from a run's verified files, kept per process: (what, sha256 of the file) ->
+#: object, least recently used last. Every shard rebuilds its RunContext from the run directory;
+#: without this each shard re-read the whole geography and a level's invariants (work that grows
+#: with the country, paid per shard: quadratic over a national run). Keyed by content, so a
+#: changed file is never served from here; bounded, so a process running many runs stays small.
+_BUILT: OrderedDict[tuple[str, str], Any] = OrderedDict()
+_BUILT_MAX = 16
+
+
+def _built(what: str, sha256: str, build: Callable[[], T]) -> T:
+    key = (what, sha256)
+    if key in _BUILT:
+        _BUILT.move_to_end(key)
+        return _BUILT[key]  # type: ignore[no-any-return]
+    obj = build()
+    _BUILT[key] = obj
+    while len(_BUILT) > _BUILT_MAX:
+        _BUILT.popitem(last=False)
+    return obj
 
 
 @dataclass
@@ -78,10 +104,15 @@ class RunContext:
     @cached_property
     def geography(self) -> Geography:
         levels = self.cfg.geography.geolevels()
-        if self.cfg.geography.lookup is not None:  # the checked lookup table the run copied
-            return Geography.from_lookup(pl.read_parquet(self.rd.verified(self.rd.geography_path)), levels)
-        blocks = pl.read_parquet(self.rd.verified(self.rd.geography_path))["geoid"].to_numpy()
-        return Geography.from_block_geoids(blocks, levels)
+        path = self.rd.geography_path
+        sha = self.rd.verified_sha256(path)
+
+        def build() -> Geography:
+            if self.cfg.geography.lookup is not None:  # the checked lookup table the run copied
+                return Geography.from_lookup(pl.read_parquet(path), levels)
+            return Geography.from_block_geoids(pl.read_parquet(path)["geoid"].to_numpy(), levels)
+
+        return _built(f"geography {levels!r} lookup={self.cfg.geography.lookup is not None}", sha, build)
 
     @cached_property
     def contract(self) -> dict:
@@ -98,7 +129,9 @@ class RunContext:
         """The declared public invariants of one level (``invariants/<level>.parquet``)."""
         cache = self.__dict__.setdefault("_invariants", {})
         if level not in cache:
-            cache[level] = read_invariants(level, self.rd.verified(self.rd.invariants_path(level)))
+            path = self.rd.invariants_path(level)
+            cache[level] = _built(f"invariants {level}", self.rd.verified_sha256(path),
+                                  lambda: read_invariants(level, path))
         return cache[level]
 
     def source(self, kind: str, level: str, shard: int) -> randomness.RandomSource:
