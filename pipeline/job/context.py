@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,15 +35,20 @@ _BUILT: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _BUILT_MAX = 16
 
 
+_BUILT_LOCK = threading.Lock()  # stages run on threads too (Prefect's thread runner, measure-ahead)
+
+
 def _built(what: str, sha256: str, build: Callable[[], T]) -> T:
     key = (what, sha256)
-    if key in _BUILT:
-        _BUILT.move_to_end(key)
-        return _BUILT[key]  # type: ignore[no-any-return]
-    obj = build()
-    _BUILT[key] = obj
-    while len(_BUILT) > _BUILT_MAX:
-        _BUILT.popitem(last=False)
+    with _BUILT_LOCK:
+        if key in _BUILT:
+            _BUILT.move_to_end(key)
+            return _BUILT[key]  # type: ignore[no-any-return]
+    obj = build()  # outside the lock: two threads may both build it once; either copy serves
+    with _BUILT_LOCK:
+        _BUILT[key] = obj
+        while len(_BUILT) > _BUILT_MAX:
+            _BUILT.popitem(last=False)
     return obj
 
 

@@ -42,6 +42,7 @@ import fcntl
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -86,6 +87,9 @@ class _Journal:
 
 #: per run directory (resolved): this process's view of ``shards.jsonl``
 _JOURNALS: dict[str, _Journal] = {}
+#: guards the two caches here: stages run on threads too (the Prefect thread runner, the
+#: measure-ahead thread), and a journal view read by two threads at once would skip lines
+_CACHE_LOCK = threading.RLock()
 #: per run directory (resolved): ((inode, size, mtime_ns, ctime_ns) of ``state.json``, its parsed content)
 _STATES: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
 
@@ -219,6 +223,10 @@ class RunDir:
     def _state_file(self) -> dict[str, Any]:
         """``state.json`` parsed, re-read only when the file changed (every update replaces it,
         so a new inode, size or time says so). Shared between calls: never modify it."""
+        with _CACHE_LOCK:
+            return self._state_file_locked()
+
+    def _state_file_locked(self) -> dict[str, Any]:
         st = os.stat(self.state_path)
         stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         cached = _STATES.get(self._key())
@@ -231,6 +239,10 @@ class RunDir:
     def _journal(self) -> _Journal:
         """This process's view of ``shards.jsonl``, brought up to date by reading only the
         complete lines appended since the last call."""
+        with _CACHE_LOCK:
+            return self._journal_locked()
+
+    def _journal_locked(self) -> _Journal:
         key = self._key()
         j = _JOURNALS.get(key)
         try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import resource
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
@@ -180,6 +181,17 @@ def step_label(step: Any) -> str:
     return f"{step.kind} {step.level}" + ("" if step.action == "solve" else f" ({step.action})")
 
 
+def _measure_ahead(run_dir: str | Path, kind: str, level: str, shard: int) -> None:
+    """Draw one shard's measurements (write-once, unrecorded: its solve reuses and records the
+    file) unless the shard is already done."""
+    from pipeline.job.shard import measure_only
+
+    ctx = RunContext.load(run_dir)
+    if not ctx.rd.is_done(_shard_stage(kind, level, shard)):
+        with private_files():
+            measure_only(ctx, kind, level, shard, shard_bounds(ctx, level))
+
+
 def solve_levels(run_dir: str | Path,
                  each_level: Callable[[str, Any, Callable[[int], dict[str, Any]], list[str]], None] | None = None
                  ) -> list[dict[str, Any]]:
@@ -187,13 +199,28 @@ def solve_levels(run_dir: str | Path,
     summaries. Locally the shards run in this process (each spreading its parents over the
     run's worker pool) and ``each_level(label, shards, run_shard, areas)`` may drive them
     (progress bars; ``areas``: where each shard lies, :func:`shard_areas`); with
-    ``execution.executor: dask`` each shard is a task on the cluster."""
+    ``execution.executor: dask`` each shard is a task on the cluster.
+
+    Locally, while a shard is solved (by the pool), a thread of this process draws the next
+    shard's measurements: drawing is serial work of this process, and without the overlap the
+    pool waited for it at every shard (~28% of the block levels' shard time at 10 M persons).
+    Same sources, same files: the noise does not depend on when it is drawn. Not on Dask: the
+    next shard may run on another worker (with secure randomness, two draws of one shard differ)."""
     ctx = RunContext.load(run_dir)
     dask = DaskExecutor(ctx.cfg.execution.dask_address) if ctx.cfg.execution.executor == "dask" else None
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="dptab-measure-ahead") if dask is None else None
+    pending: dict[tuple[str, str, int], Future[None]] = {}
     summaries = []
     try:
         for step in plan(ctx):
-            def run_shard(s: int, k: str = step.kind, lv: str = step.level, a: str = step.action) -> dict[str, Any]:
+            def run_shard(s: int, k: str = step.kind, lv: str = step.level, a: str = step.action,
+                          n: int = len(step.shards)) -> dict[str, Any]:
+                if ahead is not None and a == "solve":
+                    mine = pending.pop((k, lv, s), None)
+                    if mine is not None:
+                        mine.result()  # its measurements are on disk (or its error is raised here)
+                    if s + 1 < n:
+                        pending[(k, lv, s + 1)] = ahead.submit(_measure_ahead, run_dir, k, lv, s + 1)
                 return stage_shard(run_dir, k, lv, s, a)
             if dask is not None:
                 dask.map(_stage_shard_item, [(str(run_dir), step.kind, step.level, s, step.action)
@@ -209,6 +236,8 @@ def solve_levels(run_dir: str | Path,
     finally:
         if dask is not None:
             dask.close()
+        if ahead is not None:  # a failed shard: let a draw in flight finish its file, then stop
+            ahead.shutdown(wait=True, cancel_futures=True)
     return summaries
 
 
