@@ -67,6 +67,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -138,6 +139,40 @@ ROW_GROUP_ROWS = 1 << 20
 STREAM_UNITS = 10_000
 
 
+def _write_group(writer: pq.ParquetWriter, table: pa.Table) -> None:
+    """Write ``table`` as one row group (it has at most :data:`ROW_GROUP_ROWS` rows)."""
+    writer.write_table(table.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+
+
+class _WriteQueue:
+    """One thread that encodes, compresses and writes the release's Parquet row groups (Arrow
+    does that without the GIL) while the caller makes the next rows: publishing otherwise ran on
+    one core. Writes run in the order submitted, so each file's bytes are unchanged. At most
+    ``limit`` row groups wait (each up to :data:`ROW_GROUP_ROWS` rows: the memory this costs);
+    a failed write raises in the caller at its next submit, when its file closes, or in :meth:`close`."""
+
+    def __init__(self, limit: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-parquet")
+        self.queued: deque[Future[None]] = deque()
+        self.limit = limit
+
+    def submit(self, writer: pq.ParquetWriter, table: pa.Table) -> Future[None]:
+        while self.queued and (self.queued[0].done() or len(self.queued) >= self.limit):
+            self.queued.popleft().result()
+        fut = self.pool.submit(_write_group, writer, table)
+        self.queued.append(fut)
+        return fut
+
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the writes and stop the thread; with ``cancel`` (the release failed) drop
+        the waiting ones and raise nothing, else raise a write's error."""
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        queued, self.queued = self.queued, deque()
+        if not cancel:
+            for fut in queued:
+                fut.result()
+
+
 class _RowGroups:
     """A ``pq.ParquetWriter`` fed frames of any size that writes row groups of exactly
     :data:`ROW_GROUP_ROWS` rows, also cut wherever :meth:`cut` is called: the file's bytes depend
@@ -145,13 +180,17 @@ class _RowGroups:
     group is written from one contiguous table, so pages and dictionaries come out the same).
 
     ``text_dictionaries``: dictionary-encode only the text columns, zstd level 3 (the
-    microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults."""
+    microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults.
 
-    def __init__(self, path: Path, text_dictionaries: bool = False) -> None:
-        self.path, self.text_dictionaries = path, text_dictionaries
+    ``io``: the release's :class:`_WriteQueue` (row groups written on its thread), or None
+    (written here)."""
+
+    def __init__(self, path: Path, text_dictionaries: bool = False, io: _WriteQueue | None = None) -> None:
+        self.path, self.text_dictionaries, self.io = path, text_dictionaries, io
         self.writer: pq.ParquetWriter | None = None
         self.parts: list[pa.Table] = []
         self.rows = 0
+        self.writes: list[Future[None]] = []
 
     def add(self, table: pa.Table) -> None:
         """Queue ``table``'s rows; write every full row group."""
@@ -170,7 +209,11 @@ class _RowGroups:
         head, rest = buf.slice(0, n), buf.slice(n)
         if self.writer is None:
             self.writer = self._open(head.schema)
-        self.writer.write_table(head.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+        if self.io is None:
+            _write_group(self.writer, head)
+        else:
+            self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
+            self.writes.append(self.io.submit(self.writer, head))
         self.parts = [rest.combine_chunks()] if rest.num_rows else []
         self.rows = rest.num_rows
 
@@ -182,7 +225,12 @@ class _RowGroups:
 
     def close(self) -> None:
         """Write what is queued and close the file (a file of no rows still gets its schema)."""
-        self.cut()
+        try:
+            self.cut()
+        finally:
+            for w in self.writes:  # every queued row group is written (or its error raised) first
+                w.result()
+            self.writes = []
         if self.writer is None and self.parts:
             self.writer = self._open(self.parts[0].schema)
             self.writer.write_table(self.parts[0])
@@ -205,11 +253,12 @@ class _TableWriter:
     missing (``pipeline.release.tables.census_geo_id``). Everything else is as in the Parquet.
     """
 
-    def __init__(self, root: Path, table: TableDef, csv: bool = True, lookup: bool = False) -> None:
+    def __init__(self, root: Path, table: TableDef, csv: bool = True, lookup: bool = False,
+                 io: _WriteQueue | None = None) -> None:
         self.root, self.table, self.name, self.csv, self.lookup = root, table, table.name, csv, lookup
         self.path = root / "tables" / f"{table.name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.groups = _RowGroups(self.path)
+        self.groups = _RowGroups(self.path, io=io)
         self.written = False
         self.csv_rows: dict[Path, int] = {}
         #: units given but not yet made into rows: (level, geoids, names, counts, moe90)
@@ -340,13 +389,14 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
     return out
 
 
-def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any, lookup: bool) -> int:
+def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any, lookup: bool,
+                     io: _WriteQueue | None = None) -> int:
     """Write ``microdata/persons.parquet`` from the published block histogram, :data:`STREAM_UNITS`
     blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons); returns the persons written.
 
     Dictionaries only for the text columns (few distinct codes; EPNUM is unique) and zstd level 3:
     smaller than the file polars wrote when the microdata were one frame."""
-    groups = _RowGroups(path, text_dictionaries=True)
+    groups = _RowGroups(path, text_dictionaries=True, io=io)
     n = 0
     try:
         for s, e, _ in _chunks(len(block_geoids)):
@@ -414,6 +464,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     tmp.mkdir(mode=0o700)  # nobody else can read a release before the ledger counts it
     os.chmod(tmp, 0o700)
     pending: Future[list[Path]] | None = None
+    # the Parquet row groups of tables and microdata are encoded and written on a thread of
+    # their own while the next rows are made (see _WriteQueue)
+    io = _WriteQueue()
     try:
         ts = load_tables(tables)
         levels = [lv.name for lv in geography.levels]
@@ -440,7 +493,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             gpath = tmp / GEOGRAPHY_FILE
             tree.frame().write_parquet(gpath)
             entries.append(_file_entry(tmp, gpath))
-        writers = {name: _TableWriter(tmp, t, csv, tree.is_lookup) for name, t in ts.tables.items()}
+        writers = {name: _TableWriter(tmp, t, csv, tree.is_lookup, io) for name, t in ts.tables.items()}
         try:
             published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
         finally:
@@ -468,7 +521,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         mpath = tmp / "microdata" / "persons.parquet"
         mpath.parent.mkdir()
         n_persons = _write_microdata(mpath, np.asarray(blocks.geoids), persons[blocks.name], ts.specs["persons"],
-                                     tree.is_lookup)
+                                     tree.is_lookup, io)
         entries.append(_file_entry(tmp, mpath))
         if invariants.block_housing_units is not None:
             ipath = tmp / "invariants" / "block_housing_units.parquet"
@@ -536,6 +589,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     except BaseException:
         if pending is not None:  # never delete the folder under a writer still in it
             wait([pending])
+        io.close(cancel=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        io.close()
     return target
