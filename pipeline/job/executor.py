@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import TypeVar
@@ -41,6 +42,7 @@ class Executor:
     def __init__(self, workers: int = 1) -> None:
         self.workers = max(1, int(workers))
         self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()  # shards on several threads share the pool: start it once
 
     @property
     def parallel(self) -> bool:
@@ -73,6 +75,10 @@ class Executor:
         return [f.result() for f in futures]
 
     def _get_pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            return self._start_pool()
+
+    def _start_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["pipeline.postprocess.topdown"])
@@ -99,13 +105,18 @@ class Executor:
 _current: Executor | None = None
 
 
+_CURRENT_LOCK = threading.Lock()
+
+
 def executor_for(workers: int) -> Executor:
-    """This process's executor for ``workers`` (kept across shards and levels of a run)."""
+    """This process's executor for ``workers`` (kept across shards and levels of a run; shards
+    running on threads get the same one)."""
     global _current
-    if _current is None or _current.workers != max(1, int(workers)):
-        close_executor()
-        _current = Executor(workers)
-    return _current
+    with _CURRENT_LOCK:
+        if _current is None or _current.workers != max(1, int(workers)):
+            close_executor()
+            _current = Executor(workers)
+        return _current
 
 
 def close_executor() -> None:

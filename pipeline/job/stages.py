@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import resource
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import polars as pl
 
@@ -181,63 +181,67 @@ def step_label(step: Any) -> str:
     return f"{step.kind} {step.level}" + ("" if step.action == "solve" else f" ({step.action})")
 
 
-def _measure_ahead(run_dir: str | Path, kind: str, level: str, shard: int) -> None:
-    """Draw one shard's measurements (write-once, unrecorded: its solve reuses and records the
-    file) unless the shard is already done."""
-    from pipeline.job.shard import measure_only
+class _ShardWindow:
+    """The shards of one step run on threads of this process, up to ``size`` at a time, started
+    in shard order; :meth:`result` returns shard ``s``'s summary (asked for in shard order).
 
-    ctx = RunContext.load(run_dir)
-    if not ctx.rd.is_done(_shard_stage(kind, level, shard)):
-        with private_files():
-            measure_only(ctx, kind, level, shard, shard_bounds(ctx, level))
+    Why: a shard hands its parents to the worker pool and waits for all of them, so with one
+    shard at a time a worker idles whenever the shard's last parent is large — a national tract
+    level has counties of ~2,500 tracts, each one problem solved on one core for minutes, and
+    every shard also drew its measurements while the pool waited. With the next shards already
+    started, their draws and parents keep the workers busy meanwhile. Each shard is independent
+    (its own noise source and files) and deterministic, so the order they finish in changes
+    nothing; memory grows by the ``size`` shards in flight (each ~``shard_target_cells``)."""
+
+    def __init__(self, shards: Sequence[int], run_shard: Callable[[int], dict[str, Any]], size: int) -> None:
+        self.pool = ThreadPoolExecutor(max(1, size), thread_name_prefix="dptab-shard")
+        # all submitted now; the executor starts them in this order as threads free up
+        self.futures = {s: self.pool.submit(run_shard, s) for s in shards}
+
+    def result(self, s: int) -> dict[str, Any]:
+        return self.futures.pop(s).result()
+
+    def close(self) -> None:
+        """Wait for the shards running (their files stay whole) and drop the others."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def solve_levels(run_dir: str | Path,
                  each_level: Callable[[str, Any, Callable[[int], dict[str, Any]], list[str]], None] | None = None
                  ) -> list[dict[str, Any]]:
     """Every step of :func:`plan`: its shards, then finish the step; returns the step
-    summaries. Locally the shards run in this process (each spreading its parents over the
-    run's worker pool) and ``each_level(label, shards, run_shard, areas)`` may drive them
-    (progress bars; ``areas``: where each shard lies, :func:`shard_areas`); with
-    ``execution.executor: dask`` each shard is a task on the cluster.
-
-    Locally, while a shard is solved (by the pool), a thread of this process draws the next
-    shard's measurements: drawing is serial work of this process, and without the overlap the
-    pool waited for it at every shard (~28% of the block levels' shard time at 10 M persons).
-    Same sources, same files: the noise does not depend on when it is drawn. Not on Dask: the
-    next shard may run on another worker (with secure randomness, two draws of one shard differ)."""
+    summaries. Locally the shards run in this process, ``workers + 1`` at a time (each spreading
+    its parents over the run's worker pool; :class:`_ShardWindow`), and
+    ``each_level(label, shards, shard_result, areas)`` may follow them in shard order (progress
+    bars; ``areas``: where each shard lies, :func:`shard_areas`); with ``execution.executor:
+    dask`` each shard is a task on the cluster."""
     ctx = RunContext.load(run_dir)
     dask = DaskExecutor(ctx.cfg.execution.dask_address) if ctx.cfg.execution.executor == "dask" else None
-    ahead = ThreadPoolExecutor(1, thread_name_prefix="dptab-measure-ahead") if dask is None else None
-    pending: dict[tuple[str, str, int], Future[None]] = {}
+    in_flight = ctx.cfg.execution.workers + 1
     summaries = []
     try:
         for step in plan(ctx):
-            def run_shard(s: int, k: str = step.kind, lv: str = step.level, a: str = step.action,
-                          n: int = len(step.shards)) -> dict[str, Any]:
-                if ahead is not None and a == "solve":
-                    mine = pending.pop((k, lv, s), None)
-                    if mine is not None:
-                        mine.result()  # its measurements are on disk (or its error is raised here)
-                    if s + 1 < n:
-                        pending[(k, lv, s + 1)] = ahead.submit(_measure_ahead, run_dir, k, lv, s + 1)
+            def run_shard(s: int, k: str = step.kind, lv: str = step.level, a: str = step.action) -> dict[str, Any]:
                 return stage_shard(run_dir, k, lv, s, a)
             if dask is not None:
                 dask.map(_stage_shard_item, [(str(run_dir), step.kind, step.level, s, step.action)
                                              for s in step.shards])
-            elif each_level is None:
-                for s in step.shards:
-                    run_shard(s)
             else:
-                each_level(step_label(step), list(step.shards), run_shard,
-                           shard_areas(ctx.geography, step.level, shard_bounds(ctx, step.level))
-                           if step.level in ctx.level_names else [""])
+                window = _ShardWindow(step.shards, run_shard, in_flight if len(step.shards) > 1 else 1)
+                try:
+                    if each_level is None:
+                        for s in step.shards:
+                            window.result(s)
+                    else:
+                        each_level(step_label(step), list(step.shards), window.result,
+                                   shard_areas(ctx.geography, step.level, shard_bounds(ctx, step.level))
+                                   if step.level in ctx.level_names else [""])
+                finally:
+                    window.close()
             summaries.append(stage_finish_level(run_dir, step.kind, step.level, step.action))
     finally:
         if dask is not None:
             dask.close()
-        if ahead is not None:  # a failed shard: let a draw in flight finish its file, then stop
-            ahead.shutdown(wait=True, cancel_futures=True)
     return summaries
 
 
