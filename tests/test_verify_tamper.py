@@ -601,3 +601,35 @@ def test_measurement_rows_sorted_by_group_first(release: Path, tmp_path: Path, m
     t_measurement_rows_swapped(copy)
     fails = verify_release(copy)
     assert any(f.check == "measurements" and "not strictly increasing" in f.detail for f in fails), fails
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_measurement_keys_compared_slice_by_slice_as_a_whole(seed: int) -> None:
+    """The verifier compares a group's keys with the required ones slice by slice as they stream
+    by (never holding the group): the counts of missing and unexpected keys and the first of
+    them are those of comparing the whole sets, however the rows are cut into slices."""
+    import numpy as np
+
+    from pipeline.release.measurements import _GroupScan
+
+    rng = np.random.default_rng(seed)
+    n_units, n_answers = int(rng.integers(1, 60)), int(rng.integers(1, 5))
+    required = np.flatnonzero(rng.random(n_units * n_answers) < 0.5)
+    drawn = np.flatnonzero(rng.random(n_units * n_answers) < 0.5) if seed % 3 == 0 else required.copy()
+    if seed % 3 == 1 and drawn.size:  # one key dropped, one added
+        drawn = np.union1d(np.delete(drawn, rng.integers(drawn.size)), [int(rng.integers(n_units * n_answers))])
+
+    def keys(u0: int, u1: int) -> np.ndarray:
+        return required[(required >= u0 * n_answers) & (required < u1 * n_answers)]
+
+    scan = _GroupScan(n_units, n_answers, keys)
+    cuts = np.sort(rng.integers(0, drawn.size + 1, int(rng.integers(0, 6))))
+    for piece in np.split(drawn, cuts):
+        if piece.size:
+            scan.add((piece // n_answers).astype(np.int32), (piece % n_answers).astype(np.int32))
+    scan.finish(chunk_units=7)
+    missing, extra = np.setdiff1d(required, drawn), np.setdiff1d(drawn, required)
+    assert (scan.expected, scan.missing, scan.extra) == (required.size, missing.size, extra.size)
+    first = min(missing[:1].tolist() + extra[:1].tolist(), default=None)
+    assert scan.first_diff == first
+    assert scan.rows == drawn.size and scan.broken is None

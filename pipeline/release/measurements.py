@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -250,8 +250,8 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
       forced to zero are never drawn: ``pipeline.privacy.measure``).
 
     ``published[kind][level]``: csr int64 ``(n_units, n_cells)`` published histogram (a kind
-    absent from it gets only the full-or-subset test); ``levels`` top to bottom. Memory: the
-    rows file's integer columns (about 14 bytes a row).
+    absent from it gets only the full-or-subset test); ``levels`` top to bottom. Memory: one row
+    group's integer columns and the required keys of its units (the rows are never all held).
     """
     def fail(detail: str, level: str = "") -> CheckFailure:
         return CheckFailure("measurements", "*", None, level, "", detail=detail)
@@ -286,15 +286,18 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
                             f"the published geography)"))
     groups = [(m.kind, m.level, m.query) for m in _groups(design, specs, names)]
     gidx = {g: i for i, g in enumerate(groups)}
+    tree = GeoTree.of(digits, names)
+    expected = _Expected(specs, names, by_level, tree, published)
     scans: dict[int, _GroupScan] = {}
     for i, (kind, level, query) in enumerate(groups):
         if level in by_level:
             n_units, n_answers = len(by_level[level].geoids), specs[kind].query(query).n_answers
-            # keys are kept only where they will be compared with the parent's positive answers
-            # (queries.parquet says fewer rows than every answer: checked against the rows below)
-            keep = rows.get((kind, level, query), 0) != n_units * n_answers and not (
-                names.index(level) > 0 and kind not in published)
-            scans[i] = _GroupScan(n_units, n_answers, keep)
+            # the keys are compared, as they stream by, with the answers the published parent
+            # requires, where queries.parquet says fewer rows than every answer (a level below the
+            # top whose parent histogram is in the release; the top level must draw every answer)
+            subset = (rows.get((kind, level, query), 0) != n_units * n_answers and names.index(level) > 0
+                      and kind in published)
+            scans[i] = _GroupScan(n_units, n_answers, expected.keys_of(kind, level, query) if subset else None)
     # The rows, one row group at a time (memory: one row group's integer columns): a group code
     # per row from the dictionary-encoded text, then the runs of equal code (as written, one per
     # shard and query and row group) go to their group's scan as contiguous slices, in file order.
@@ -321,11 +324,10 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
     for g, i in gidx.items():
         if g in rows and rows[g] != counts[i]:
             out.append(fail(f"{QUERIES_FILE}: {'/'.join(g)} says {rows[g]} rows, {ROWS_FILE} has {counts[i]}", g[1]))
-    tree = GeoTree.of(digits, names)
     measured = {(m.kind, m.level, m.query) for m in design.measurements}
     for g, i in gidx.items():
         if g in measured:  # the others are reported above
-            out += _group_checks(fail, *g, scans.get(i), rows.get(g), specs, names, by_level, tree, published)
+            out += _group_checks(fail, *g, scans.get(i), rows.get(g), specs, names, by_level, published)
     return out
 
 
@@ -360,17 +362,67 @@ def _group_codes(run_c: pa.DictionaryArray, lv_c: pa.DictionaryArray, q_c: pa.Di
     return lut[key]
 
 
+class _Expected:
+    """The keys ``unit * answers + answer`` a (run, level, query) must have drawn when answers
+    under a published zero are skipped: those whose answer in the published parent histogram is
+    positive, for a range of the level's units at a time (sorted int64). Built per group on
+    first use: the parent's positive answers (sparse) and each unit's parent position."""
+
+    def __init__(self, specs: Mapping[str, "HistogramSpec"], names: Sequence[str],
+                 by_level: Mapping[str, "LevelTables"], tree: GeoTree,
+                 published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> None:
+        self.specs, self.names, self.by_level, self.tree, self.published = specs, names, by_level, tree, published
+        self._ppos: dict[str, np.ndarray] = {}
+
+    def _parent_positions(self, level: str) -> np.ndarray:
+        if level not in self._ppos:
+            parent = self.by_level[self.names[self.names.index(level) - 1]]
+            pg = np.asarray(parent.geoids).astype(str)
+            ppos, _ = self.tree.parent_positions(parent.level, pg, level,
+                                                 np.asarray(self.by_level[level].geoids).astype(str))
+            self._ppos[level] = np.minimum(ppos, len(pg) - 1)
+        return self._ppos[level]
+
+    def keys_of(self, kind: str, level: str, query: str) -> Callable[[int, int], np.ndarray]:
+        """``keys(u0, u1)``: the required keys of units ``u0:u1``."""
+        import scipy.sparse as sp
+
+        state: dict[str, Any] = {}
+
+        def keys(u0: int, u1: int) -> np.ndarray:
+            if not state:
+                q = self.specs[kind].query(query)
+                a = sp.csr_matrix((np.ones(len(q.cell_to_answer), np.int64),
+                                   (np.arange(len(q.cell_to_answer)), q.cell_to_answer)),
+                                  shape=(len(q.cell_to_answer), q.n_answers))
+                parent = self.names[self.names.index(level) - 1]
+                state.update(positive=(self.published[kind][parent] @ a).tocsr() > 0, n=q.n_answers,
+                             ppos=self._parent_positions(level))
+            r, c = state["positive"][state["ppos"][u0:u1]].nonzero()
+            return np.sort((r.astype(np.int64) + u0) * state["n"] + c)
+
+        return keys
+
+
 class _GroupScan:
     """The rows of one (run, level, query), seen slice by slice in file order: how many are out
-    of range, whether the key ``unit * answers + answer`` strictly increases (first break), and
-    the keys themselves when ``keep``."""
+    of range, whether the key ``unit * answers + answer`` strictly increases (first break), and,
+    with ``required`` (:meth:`_Expected.keys_of`), how the keys differ from the required ones —
+    compared slice by slice as the keys come (both sorted), so memory is one slice, not the
+    group's rows (a national file has about a billion)."""
 
-    def __init__(self, n_units: int, n_answers: int, keep: bool) -> None:
-        self.n_units, self.n_answers, self.keep = n_units, n_answers, keep
+    def __init__(self, n_units: int, n_answers: int,
+                 required: Callable[[int, int], np.ndarray] | None) -> None:
+        self.n_units, self.n_answers, self.required = n_units, n_answers, required
         self.rows = self.bad = 0
         self.last = -1
         self.broken: tuple[int, int, int] | None = None  # (row within the group, unit, answer)
-        self.pieces: list[np.ndarray] = []
+        self.expected = self.missing = self.extra = 0
+        self.first_diff: int | None = None  # the smallest key missing or unexpected
+
+    @property
+    def keep(self) -> bool:
+        return self.required is not None
 
     def add(self, unit: np.ndarray, answer: np.ndarray) -> None:
         """One contiguous slice of the group's rows (int32 ``unit``, ``answer``, same length)."""
@@ -383,10 +435,37 @@ class _GroupScan:
             if k[0] <= self.last or (k.size > 1 and bool(np.any(k[1:] <= k[:-1]))):
                 r = 0 if k[0] <= self.last else int(np.flatnonzero(k[1:] <= k[:-1])[0]) + 1
                 self.broken = (self.rows + r, int(unit[r]), int(answer[r]))
+            else:
+                self._compare(self.last, int(k[-1]), k)
             self.last = int(k[-1])
-            if self.keep:
-                self.pieces.append(k)
         self.rows += unit.size
+
+    def _compare(self, after: int, upto: int, k: np.ndarray) -> None:
+        """The required keys in ``(after, upto]`` against ``k`` (this slice's keys, all in that range)."""
+        if self.required is None:
+            return
+        want = self.required((after + 1) // self.n_answers, upto // self.n_answers + 1)
+        want = want[(want > after) & (want <= upto)]
+        self.expected += want.size
+        if want.size == k.size and np.array_equal(want, k):
+            return
+        missing, extra = np.setdiff1d(want, k, assume_unique=True), np.setdiff1d(k, want, assume_unique=True)
+        self.missing += missing.size
+        self.extra += extra.size
+        if self.first_diff is None:
+            self.first_diff = int(min(missing[:1].tolist() + extra[:1].tolist()))
+
+    def finish(self, chunk_units: int = 100_000) -> None:
+        """The required keys after the last row (units a chunk at a time): all missing."""
+        if self.required is None or self.bad or self.broken is not None:
+            return
+        for u0 in range((self.last + 1) // self.n_answers, self.n_units, chunk_units):
+            want = self.required(u0, min(u0 + chunk_units, self.n_units))
+            want = want[want > self.last]
+            self.expected += want.size
+            self.missing += want.size
+            if want.size and self.first_diff is None:
+                self.first_diff = int(want[0])
 
 
 def _type_name(t: pa.DataType) -> str:
@@ -401,11 +480,9 @@ def _chunk_codes(chunk: pa.Array) -> np.ndarray:
 
 def _group_checks(fail: Any, kind: str, level: str, query: str, scan: "_GroupScan | None", claimed: int | None,
                   specs: Mapping[str, "HistogramSpec"], names: Sequence[str], by_level: Mapping[str, "LevelTables"],
-                  tree: GeoTree, published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
+                  published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
     """One (run, level, query)'s rows (``scan``; ``claimed``: its row count in queries.parquet)
     against its level's units, its query's answers and the answers the run must have drawn."""
-    import scipy.sparse as sp
-
     what = f"{kind}/{level}/{query}"
     if level not in by_level or scan is None:
         return [fail(f"{what}: level {level} is not a published geolevel", level)]
@@ -422,31 +499,22 @@ def _group_checks(fail: Any, kind: str, level: str, query: str, scan: "_GroupSca
     i = list(names).index(level)
     if scan.rows == full or (i > 0 and kind not in published):
         return []  # every answer drawn (or the parent histogram is not in the release)
+    if i == 0:
+        return [fail(f"{what}: {scan.rows} rows; the top level draws every answer of every unit ({full})", level)]
     if not scan.keep:
         return [fail(f"{what}: {scan.rows} rows, but queries.parquet says {claimed}, every answer of every unit "
                      f"({full})", level)]
-    keys = np.concatenate(scan.pieces) if scan.pieces else np.zeros(0, np.int64)
-    if i == 0:
-        return [fail(f"{what}: {keys.size} rows; the top level draws every answer of every unit ({full})", level)]
-    parent = by_level[names[i - 1]]
-    pg = np.asarray(parent.geoids).astype(str)
-    ppos, _ = tree.parent_positions(parent.level, pg, level, np.asarray(by_level[level].geoids).astype(str))
-    a = sp.csr_matrix((np.ones(len(q.cell_to_answer), np.int64), (np.arange(len(q.cell_to_answer)),
-                                                                   q.cell_to_answer)),
-                      shape=(len(q.cell_to_answer), q.n_answers))
-    positive = (published[kind][parent.level] @ a).tocsr() > 0
-    r, c = positive[np.minimum(ppos, len(pg) - 1)].nonzero()
-    expect = np.sort(r.astype(np.int64) * q.n_answers + c)
-    if np.array_equal(keys, expect):
+    scan.finish()
+    if scan.first_diff is None:
         return []
-    if keys.size == 0:
-        return [fail(f"{what} is measured by the strategy but has no rows; the published {parent.level} answers "
-                     f"require {expect.size}", level)]
-    missing, extra = np.setdiff1d(expect, keys), np.setdiff1d(keys, expect)
-    ex = int(missing[0] if missing.size else extra[0])
-    return [fail(f"{what}: {keys.size} rows, but the published {parent.level} answers require {expect.size} (each "
-                 f"answer whose parent answer is positive) or {full} (every answer): {missing.size} missing, "
-                 f"{extra.size} unexpected (first: unit {ex // q.n_answers}, answer {ex % q.n_answers})", level)]
+    parent = names[i - 1]
+    if scan.rows == 0:
+        return [fail(f"{what} is measured by the strategy but has no rows; the published {parent} answers "
+                     f"require {scan.expected}", level)]
+    ex = scan.first_diff
+    return [fail(f"{what}: {scan.rows} rows, but the published {parent} answers require {scan.expected} (each "
+                 f"answer whose parent answer is positive) or {full} (every answer): {scan.missing} missing, "
+                 f"{scan.extra} unexpected (first: unit {ex // q.n_answers}, answer {ex % q.n_answers})", level)]
 
 
 def _first_diff(want: pl.DataFrame, found: pl.DataFrame) -> str:
