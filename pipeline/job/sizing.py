@@ -28,13 +28,16 @@ from pipeline.model.geography import Geography
 
 #: The sizing model: whole-job seconds per million persons (2 workers) and peak total RSS in GB
 #: as a base plus GB per million blocks, per estimator. ``topdown``: fitted to the
-#: ``benchmarks/scale.py`` runs in BENCHMARKS.md ("National scale", session 5): 10 M persons
-#: (234,921 blocks) 254 s and 1.66 GB, 100 M (2.33 M blocks) 2,370 s and 5.42 GB. ``full``: the
-#: 1 M-person ratio to ``topdown`` (1.8-2.3x the wall, +0.9 GB; BENCHMARKS.md, "Full-information
-#: estimator"); not measured at national scale. ``workers`` other than 2 scale the time.
+#: ``benchmarks/scale.py`` runs in BENCHMARKS.md (session 6, after the shard window and the
+#: streaming measurement check): 10 M persons (234,921 blocks) 124 s and 2.27 GB, 30 M 337 s and
+#: 2.37 GB, 100 M (2.33 M blocks) 1,257 s and 3.38 GB; the 331 M run (5.63 M blocks) took 3,564 s
+#: with post-processing peaking at 6.31 GB (its 16.07 GB publish peak was the measurement check
+#: since made streaming), which sets the slope. ``full``: the 1 M-person ratio to ``topdown``
+#: (1.8-2.3x the wall, +0.9 GB; BENCHMARKS.md, "Full-information estimator"); not measured at
+#: national scale. ``workers`` other than 2 scale the time.
 REFERENCE: dict[str, dict[str, float]] = {
-    "topdown": {"seconds_per_million_persons": 24.0, "gb_base": 1.24, "gb_per_million_blocks": 1.79},
-    "full": {"seconds_per_million_persons": 48.0, "gb_base": 2.1, "gb_per_million_blocks": 1.79},
+    "topdown": {"seconds_per_million_persons": 11.5, "gb_base": 2.0, "gb_per_million_blocks": 0.75},
+    "full": {"seconds_per_million_persons": 23.0, "gb_base": 2.9, "gb_per_million_blocks": 0.75},
 }
 
 
