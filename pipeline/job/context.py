@@ -33,9 +33,7 @@ T = TypeVar("T")
 #: changed file is never served from here; bounded, so a process running many runs stays small.
 _BUILT: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _BUILT_MAX = 16
-
-
-_BUILT_LOCK = threading.Lock()  # stages run on threads too (Prefect's thread runner, measure-ahead)
+_BUILT_LOCK = threading.Lock()  # stages run on threads too (Prefect's thread runner, the shard window)
 
 
 def _built(what: str, sha256: str, build: Callable[[], T]) -> T:

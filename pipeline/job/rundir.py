@@ -88,7 +88,7 @@ class _Journal:
 #: per run directory (resolved): this process's view of ``shards.jsonl``
 _JOURNALS: dict[str, _Journal] = {}
 #: guards the two caches here: stages run on threads too (the Prefect thread runner, the
-#: measure-ahead thread), and a journal view read by two threads at once would skip lines
+#: shard window), and a journal view read by two threads at once would skip lines
 _CACHE_LOCK = threading.RLock()
 #: per run directory (resolved): ((inode, size, mtime_ns, ctime_ns) of ``state.json``, its parsed content)
 _STATES: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}

@@ -210,14 +210,16 @@ def solve_levels(run_dir: str | Path,
                  each_level: Callable[[str, Any, Callable[[int], dict[str, Any]], list[str]], None] | None = None
                  ) -> list[dict[str, Any]]:
     """Every step of :func:`plan`: its shards, then finish the step; returns the step
-    summaries. Locally the shards run in this process, ``workers + 1`` at a time (each spreading
-    its parents over the run's worker pool; :class:`_ShardWindow`), and
+    summaries. Locally the shards run in this process, ``workers + 1`` at a time with a worker
+    pool (each spreading its parents over it; :class:`_ShardWindow`), and
     ``each_level(label, shards, shard_result, areas)`` may follow them in shard order (progress
     bars; ``areas``: where each shard lies, :func:`shard_areas`); with ``execution.executor:
     dask`` each shard is a task on the cluster."""
     ctx = RunContext.load(run_dir)
     dask = DaskExecutor(ctx.cfg.execution.dask_address) if ctx.cfg.execution.executor == "dask" else None
-    in_flight = ctx.cfg.execution.workers + 1
+    # with a worker pool, one shard more than workers; without one (workers: 1) shards would only
+    # take turns on this process's one core, each holding its data: one at a time
+    in_flight = ctx.cfg.execution.workers + 1 if executor_for(ctx.cfg.execution.workers).parallel else 1
     summaries = []
     try:
         for step in plan(ctx):
