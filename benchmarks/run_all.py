@@ -21,6 +21,7 @@ SCRIPTS = [
     ("postprocess", ["postprocess.py", "--quick"]),
     ("release", ["release.py", "--quick"]),
     ("review", ["review.py", "--quick"]),
+    ("bookkeeping", ["bookkeeping.py", "--shards", "2000", "--repeats", "3"]),
     ("pipeline", ["pipeline.py", "--persons", "1000000", "--repeats", "3"]),
 ]
 
