@@ -103,9 +103,7 @@ class Executor:
 
 
 _current: Executor | None = None
-
-
-_CURRENT_LOCK = threading.Lock()
+_CURRENT_LOCK = threading.Lock()  # shards on threads ask for it at once
 
 
 def executor_for(workers: int) -> Executor:

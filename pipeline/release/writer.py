@@ -182,10 +182,9 @@ class _RowGroups:
     ``text_dictionaries``: dictionary-encode only the text columns, zstd level 3 (the
     microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults.
 
-    ``io``: the release's :class:`_WriteQueue` (row groups written on its thread), or None
-    (written here)."""
+    ``io``: the release's :class:`_WriteQueue` (row groups are written on its thread)."""
 
-    def __init__(self, path: Path, text_dictionaries: bool = False, io: _WriteQueue | None = None) -> None:
+    def __init__(self, path: Path, io: _WriteQueue, text_dictionaries: bool = False) -> None:
         self.path, self.text_dictionaries, self.io = path, text_dictionaries, io
         self.writer: pq.ParquetWriter | None = None
         self.parts: list[pa.Table] = []
@@ -209,11 +208,8 @@ class _RowGroups:
         head, rest = buf.slice(0, n), buf.slice(n)
         if self.writer is None:
             self.writer = self._open(head.schema)
-        if self.io is None:
-            _write_group(self.writer, head)
-        else:
-            self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
-            self.writes.append(self.io.submit(self.writer, head))
+        self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
+        self.writes.append(self.io.submit(self.writer, head))
         self.parts = [rest.combine_chunks()] if rest.num_rows else []
         self.rows = rest.num_rows
 
@@ -253,12 +249,11 @@ class _TableWriter:
     missing (``pipeline.release.tables.census_geo_id``). Everything else is as in the Parquet.
     """
 
-    def __init__(self, root: Path, table: TableDef, csv: bool = True, lookup: bool = False,
-                 io: _WriteQueue | None = None) -> None:
+    def __init__(self, root: Path, table: TableDef, io: _WriteQueue, csv: bool = True, lookup: bool = False) -> None:
         self.root, self.table, self.name, self.csv, self.lookup = root, table, table.name, csv, lookup
         self.path = root / "tables" / f"{table.name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.groups = _RowGroups(self.path, io=io)
+        self.groups = _RowGroups(self.path, io)
         self.written = False
         self.csv_rows: dict[Path, int] = {}
         #: units given but not yet made into rows: (level, geoids, names, counts, moe90)
@@ -390,13 +385,13 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
 
 
 def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any, lookup: bool,
-                     io: _WriteQueue | None = None) -> int:
+                     io: _WriteQueue) -> int:
     """Write ``microdata/persons.parquet`` from the published block histogram, :data:`STREAM_UNITS`
     blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons); returns the persons written.
 
     Dictionaries only for the text columns (few distinct codes; EPNUM is unique) and zstd level 3:
     smaller than the file polars wrote when the microdata were one frame."""
-    groups = _RowGroups(path, text_dictionaries=True, io=io)
+    groups = _RowGroups(path, io, text_dictionaries=True)
     n = 0
     try:
         for s, e, _ in _chunks(len(block_geoids)):
@@ -493,7 +488,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             gpath = tmp / GEOGRAPHY_FILE
             tree.frame().write_parquet(gpath)
             entries.append(_file_entry(tmp, gpath))
-        writers = {name: _TableWriter(tmp, t, csv, tree.is_lookup, io) for name, t in ts.tables.items()}
+        writers = {name: _TableWriter(tmp, t, io, csv, tree.is_lookup) for name, t in ts.tables.items()}
         try:
             published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
         finally:
