@@ -76,3 +76,73 @@ def test_chunk_size_changes_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert p1.num_row_groups > 7 and max(p1.row_group(i).num_rows for i in range(p1.num_row_groups)) <= 100
     assert verify_release(path) == []
     assert seen["checks"] == 3
+
+
+def _write_with(tmp: Path, case, workers: int, persons=None) -> Path:
+    meta = ReleaseMetadata("S1", "synthetic-test", "0.1.0", "ab" * 32, git_commit="0123abc", seed=7,
+                           created="2026-01-01T00:00:00+00:00")
+    return write_release(tmp / "releases", meta, case.geography, persons or case.persons, case.units, case.invariants,
+                         PRIVACY, workers=workers)
+
+
+def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``workers > 1`` a large release writes its microdata and checks its data files in
+    processes of their own: the folder is byte for byte the one written in one process, and it
+    verifies."""
+    case = make_case(1, n_blocks=30)
+    one = _digests(_write_with(tmp_path / "one", case, workers=1))
+    started: list[tuple[str, bool]] = []
+    init = writer_mod._Background.__init__
+
+    def spy(self, what, fn, args, background):
+        init(self, what, fn, args, background)
+        started.append((what, self._proc is not None))
+
+    monkeypatch.setattr(writer_mod._Background, "__init__", spy)
+    monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
+    path = _write_with(tmp_path / "two", case, workers=2)
+    assert started == [("microdata", True), ("release check", True)]
+    assert _digests(path) == one
+    assert verify_release(path) == []
+    # below the threshold (or with one worker) nothing starts a process
+    started.clear()
+    monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 31)
+    _write_with(tmp_path / "three", case, workers=2)
+    assert started == [("microdata", False), ("release check", False)]
+
+
+class _FailsInChild:
+    """A block histogram that cannot be read in a publishing child process (raises, or the process
+    dies as if killed): the parent, which reads it fine, must still refuse the release."""
+
+    def __init__(self, inner, exit_code: int | None) -> None:
+        from pipeline.release.tables import histogram_shape
+
+        self.inner, self.exit_code = inner, exit_code
+        self.n_units, self.n_cells = histogram_shape(inner)
+
+    def rows(self, start: int, stop: int):
+        import multiprocessing
+        import os
+
+        from pipeline.release.tables import histogram_rows
+
+        if multiprocessing.current_process().name == "dptab-microdata":
+            if self.exit_code is not None:
+                os._exit(self.exit_code)
+            raise ValueError("disk on fire")
+        return histogram_rows(self.inner, start, stop)
+
+
+@pytest.mark.parametrize("exit_code, message", [(None, "microdata process failed: ValueError: disk on fire"),
+                                                (3, "microdata process ended without a result \\(exit code 3\\)")])
+def test_a_failed_child_leaves_no_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exit_code, message) -> None:
+    from pipeline.release.manifest import ReleaseError
+
+    case = make_case(1, n_blocks=30)
+    block = case.geography.levels[-1].name
+    persons = {**case.persons, block: _FailsInChild(case.persons[block], exit_code)}
+    monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
+    with pytest.raises(ReleaseError, match=message):
+        _write_with(tmp_path, case, workers=2, persons=persons)
+    assert list((tmp_path / "releases").iterdir()) == []  # no release, no partial folder

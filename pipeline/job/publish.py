@@ -127,7 +127,7 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
                          declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
                          csv=ctx.cfg.output.csv, unbiased=unbiased, simulated=simulated,
-                         before_publish=before_publish, tables=ctx.cfg.tables)
+                         before_publish=before_publish, tables=ctx.cfg.tables, workers=ctx.cfg.execution.workers)
     return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),
             "rho": privacy["rho"], "epsilon": privacy["epsilon"]["cks2020"],
             "privacy_markdown": privacy_markdown(privacy)}

@@ -248,8 +248,10 @@ class _LevelRows:
         """``(geoids, names, counts)`` of consecutive chunks of :data:`READ_UNITS` areas."""
         from pipeline.release.tables import RowStream
 
-        streams = [RowStream(self.root / "tables" / f"{t['name']}.parquet", ["geoid", "name", "line", "count", "moe90"],
-                             self.runs.get(t["name"], (0, 0))[0]) for t in self.tables]
+        # the names from the first table; margins only where they differ between areas
+        streams = [RowStream(self.root / "tables" / f"{t['name']}.parquet",
+                             ["geoid", "line", "count"] + (["name"] if k == 0 else []) + (["moe90"] if self.per_area else []),
+                             self.runs.get(t["name"], (0, 0))[0]) for k, t in enumerate(self.tables)]
         for s in range(0, self.n, READ_UNITS):
             k = min(s + READ_UNITS, self.n) - s
             geoids: list[str] | None = None
@@ -267,7 +269,8 @@ class _LevelRows:
                 elif g != geoids:
                     raise ExplorerError(f"tables/{t['name']}.parquet at {self.level}: areas differ from the other tables")
                 blocks.append(df["count"].to_numpy().reshape(k, n_lines))
-                moe_rows.append(df["moe90"].to_numpy().astype(np.float64).reshape(k, n_lines))
+                if self.per_area:
+                    moe_rows.append(df["moe90"].to_numpy().astype(np.float64).reshape(k, n_lines))
             counts = np.concatenate(blocks, axis=1) if blocks else np.zeros((k, 0), dtype=np.int64)
             if self.per_area:
                 # each area's row: every count, then every margin in hundredths (-1: none), same line order

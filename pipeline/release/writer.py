@@ -64,6 +64,7 @@ cannot, since it sees only the geography it is given.
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import shutil
@@ -384,23 +385,102 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
     return out
 
 
-def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any, lookup: bool,
-                     io: _WriteQueue) -> int:
+def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any, lookup: bool) -> int:
     """Write ``microdata/persons.parquet`` from the published block histogram, :data:`STREAM_UNITS`
-    blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons); returns the persons written.
+    blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons, encoded on a thread of their
+    own); returns the persons written.
 
     Dictionaries only for the text columns (few distinct codes; EPNUM is unique) and zstd level 3:
     smaller than the file polars wrote when the microdata were one frame."""
+    io = _WriteQueue()
     groups = _RowGroups(path, io, text_dictionaries=True)
     n = 0
     try:
-        for s, e, _ in _chunks(len(block_geoids)):
-            frame = microdata_from_blocks(block_geoids[s:e], histogram_rows(hist, s, e), spec, lookup, n + 1)
-            n += frame.height
-            groups.add(frame.to_arrow())
+        try:
+            for s, e, _ in _chunks(len(block_geoids)):
+                frame = microdata_from_blocks(block_geoids[s:e], histogram_rows(hist, s, e), spec, lookup, n + 1)
+                n += frame.height
+                groups.add(frame.to_arrow())
+        finally:
+            groups.close()
     finally:
-        groups.close()
+        io.close()
     return n
+
+
+#: releases of at least this many blocks write their microdata and check their data files in
+#: processes of their own (when the job has ``workers > 1``); below it starting a process costs
+#: more than the overlap saves
+BACKGROUND_MIN_BLOCKS = 20_000
+
+
+def _in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Child process of :class:`_Background`: send ``("ok", fn(*args))`` or ``("error", text)``."""
+    import traceback
+
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException as exc:  # the parent raises it; nothing may pass unreported
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+class _Background:
+    """``fn(*args)`` (a module-level function, picklable arguments and result) for the release
+    being written: with ``background``, in a child process started now (from the fork server, not
+    a fork of this threaded process) while this one goes on; otherwise here, when
+    :meth:`result` is first asked for. Same result either way; a failure in the child is raised
+    here as :class:`ReleaseError`."""
+
+    def __init__(self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], background: bool) -> None:
+        import multiprocessing
+
+        self.what, self.fn, self.args = what, fn, args
+        self._proc: Any = None
+        if background:
+            ctx = multiprocessing.get_context("forkserver")
+            self._conn, child = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=_in_child, args=(child, fn, args), name=f"dptab-{what}", daemon=True)
+            self._proc.start()
+            child.close()
+
+    def result(self) -> Any:
+        if self._proc is None:
+            return self.fn(*self.args)
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            self._proc.join()
+            raise ReleaseError(f"the {self.what} process ended without a result (exit code "
+                               f"{self._proc.exitcode})") from None
+        finally:
+            self._conn.close()
+        self._proc.join()
+        self._proc = None
+        if status != "ok":
+            raise ReleaseError(f"the {self.what} process failed: {value}")
+        return value
+
+    def cancel(self) -> None:
+        """Stop a child still running (the folder is about to be removed)."""
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join()
+            self._conn.close()
+            self._proc = None
+
+
+def _check_contents(root: Path, manifest: Mapping[str, Any]) -> list[Any]:
+    from pipeline.release.verify import verify_contents
+
+    return verify_contents(root, manifest, regenerate=False)
+
+
+def _described(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`pipeline.release.verify.verify_contents` reads of a manifest: all but the file
+    list and the explorer settings (added after the data files are checked)."""
+    return {k: v for k, v in manifest.items() if k not in ("files", "explorer")}
 
 
 #: the manifest's ``uncertainty.method`` per estimator
@@ -424,7 +504,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                   tables: str | Path = "pl94", csv: bool = True,
                   unbiased: Mapping[tuple[str, str], np.ndarray] | None = None,
                   simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None = None,
-                  before_publish: Callable[[], None] | None = None) -> Path:
+                  before_publish: Callable[[], None] | None = None, workers: int = 1) -> Path:
     """Write ``releases_dir/<meta.release_id>/`` atomically and return its path.
 
     ``before_publish`` is called once the folder is complete and verified, right before it is
@@ -442,7 +522,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     estimates, float ``(n_units, n_lines)``, for every level but the bottom one (written to
     ``tables/unbiased/`` with their standard errors); ``simulated``: ``(lookup, moving cells,
     trials)`` of ``pipeline.job.margins`` — the tables' ``moe90`` are then the simulated ones
-    and the lookup is published as ``margins/simulated.parquet``. Raises :class:`ReleaseExistsError` if the id exists,
+    and the lookup is published as ``margins/simulated.parquet``; ``workers > 1`` (the job's
+    cores): a release of at least :data:`BACKGROUND_MIN_BLOCKS` blocks writes its microdata
+    while the tables are written, and checks its data files (the verifier's
+    :func:`pipeline.release.verify.verify_contents`) while the explorer is written, each in a
+    process of its own (:class:`_Background`): the same bytes and checks as in one process. Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
     from pipeline.release import html as _html
@@ -459,6 +543,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     tmp.mkdir(mode=0o700)  # nobody else can read a release before the ledger counts it
     os.chmod(tmp, 0o700)
     pending: Future[list[Path]] | None = None
+    children: list[_Background] = []
     # the Parquet row groups of tables and microdata are encoded and written on a thread of
     # their own while the next rows are made (see _WriteQueue)
     io = _WriteQueue()
@@ -483,6 +568,16 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                               invariants.block_housing_units is not None, meta.estimator,
                               [lv.child_ptr for lv in geography.levels[:-1]])
 
+        import multiprocessing
+
+        blocks = geography.levels[-1]
+        background = (workers > 1 and len(blocks.geoids) >= BACKGROUND_MIN_BLOCKS
+                      and not multiprocessing.current_process().daemon)
+        mpath = tmp / "microdata" / "persons.parquet"
+        mpath.parent.mkdir()
+        microdata = _Background("microdata", _write_microdata, (mpath, np.asarray(blocks.geoids), persons[blocks.name],
+                                                                ts.specs["persons"], tree.is_lookup), background)
+        children.append(microdata)
         entries: list[dict[str, Any]] = []
         if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
             gpath = tmp / GEOGRAPHY_FILE
@@ -511,12 +606,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         defs = tmp / "tables" / "definitions.yaml"
         shutil.copyfile(ts.source, defs)
         entries.append(_file_entry(tmp, defs))
-        blocks = geography.levels[-1]
         crash_point("publish:tables-written")
-        mpath = tmp / "microdata" / "persons.parquet"
-        mpath.parent.mkdir()
-        n_persons = _write_microdata(mpath, np.asarray(blocks.geoids), persons[blocks.name], ts.specs["persons"],
-                                     tree.is_lookup, io)
+        n_persons = int(microdata.result())
         entries.append(_file_entry(tmp, mpath))
         if invariants.block_housing_units is not None:
             ipath = tmp / "invariants" / "block_housing_units.parquet"
@@ -558,6 +649,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "contents": {"csv": bool(csv), "measurements": bool(mfiles), "unbiased": bool(unbiased)},
             "files": entries,
         }
+        # every data file is written and described: check them (tables, microdata, measurements)
+        # while the codebook and the explorer are written
+        described = copy.deepcopy(_described(manifest))
+        check = _Background("release check", _check_contents, (tmp, described), background)
+        children.append(check)
         # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed
         manifest["files"] += [_file_entry(tmp, p) for p in write_codebook(tmp, manifest, ts)]
         # the area explorer's data (read back from tables/), listed and checksummed like every file
@@ -571,7 +667,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
 
         write_json_atomic(tmp / "manifest.json", manifest)
         os.chmod(tmp / "manifest.json", 0o644)
-        problems = verify_release(tmp, release_id=meta.release_id, regenerate=False)  # `dptab verify` does all
+        # `dptab verify` does all, and regenerates the rows and the explorer
+        problems = verify_release(tmp, release_id=meta.release_id, regenerate=False, contents=False)
+        if _described(manifest) != described:  # what was checked must be what the manifest says
+            raise ReleaseError("the manifest changed after its data files were checked")
+        problems += check.result()
         if problems:
             raise ReleaseCheckError(problems)
         if target.exists():  # a concurrent writer won the race
@@ -584,6 +684,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     except BaseException:
         if pending is not None:  # never delete the folder under a writer still in it
             wait([pending])
+        for child in children:
+            child.cancel()
         io.close(cancel=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
