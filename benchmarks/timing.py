@@ -31,3 +31,57 @@ def run_stages(run_dir: Path) -> dict[str, dict]:
             rec = json.loads(line)
             done[rec["stage"]] = rec["info"]
     return done
+
+
+class TreeCPU:
+    """CPU seconds of this process and every descendant (worker pools, a fork server's children)
+    while the ``with`` block runs, sampled every ``interval`` seconds on a thread: a process's
+    last sample counts (it may end between samples), and processes that other processes reap
+    are counted in their parent's ``children_*`` times. ``cpu``: seconds, ``wall``: seconds,
+    ``utilisation``: cpu / wall (1.0 = one core busy)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.cpu, self.wall = interval, 0.0, 0.0
+        self._seen: dict[tuple[int, float], float] = {}
+
+    def _poll(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        try:
+            procs = [me] + me.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for p in procs:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    self._seen[(p.pid, p.create_time())] = t.user + t.system + t.children_user + t.children_system
+            except psutil.NoSuchProcess:
+                continue
+
+    def __enter__(self) -> "TreeCPU":
+        import threading
+
+        self._poll()
+        self._start = dict(self._seen)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._poll()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        self.wall = time.perf_counter() - self._t0
+        self.cpu = sum(v - self._start.get(k, 0.0) for k, v in self._seen.items())
+
+    @property
+    def utilisation(self) -> float:
+        return self.cpu / self.wall if self.wall else 0.0

@@ -79,3 +79,63 @@ def test_tampered_margin_is_caught(simulated_run, tmp_path) -> None:
     df.write_parquet(path)
     problems = verify_release(copy)
     assert any(p.check == "table_rows" and "moe90" in str(p) for p in problems), problems
+
+
+def test_line_margins_give_published_zeros_the_counts_a_zero_hides() -> None:
+    """Per (line, size bin): |rerun - plug-in| quantiles, except published zeros, whose margin is
+    the 90th percentile of the plug-in counts some rerun published as 0 — given to every zero
+    the invariants do not force, moved by a rerun or not."""
+    from pipeline.job.margins import line_margins
+
+    counts = np.array([[0], [0], [5], [20], [0]])
+    reruns = np.array([[[0], [0], [0], [18], [0]],       # rerun 1 hides unit 2's 5
+                       [[0], [1], [4], [22], [0]]])
+    forced = np.array([[True], [False], [False], [False], [False]])  # unit 0: the invariants say 0
+    groups, moving = line_margins(counts, reruns, lambda: forced)
+    assert moving[:, 0].tolist() == [False, True, True, True, True]  # unit 4 never moved: still has a margin
+    # (line, bin, moe90, values): zeros get 5 (the one hidden count), 1-9 the 90% of |0-5|, |4-5|, 10-49 of 2, 2
+    assert groups == [(0, 0, 5, 1), (0, 1, 5, 2), (0, 2, 2, 2)]
+
+
+def test_line_margins_without_hidden_counts_keep_the_rerun_rule() -> None:
+    from pipeline.job.margins import line_margins
+
+    counts = np.array([[0, 3], [0, 7]])
+    reruns = np.array([[[0, 2], [2, 7]], [[0, 4], [0, 9]]])
+
+    def never() -> np.ndarray:
+        raise AssertionError("forced zeros are only needed when a rerun hid a count")
+
+    groups, moving = line_margins(counts, reruns, never)
+    assert moving.tolist() == [[False, True], [True, True]]
+    assert groups == [(0, 0, 2, 2), (1, 1, 2, 4)]  # zeros: |2-0|, |0-0| of the unit that moved
+
+
+def test_forced_zero_lines_follow_the_invariants(simulated_run) -> None:
+    """Lines the invariants force to 0 are 0 in every published table (the engine obeys the same
+    constraints); at block level some are forced (no facility of a type, no housing unit) and
+    others not; every such cell has margin 0, and the other published zeros carry their group's."""
+    from pipeline.job.margins import forced_zero_lines
+    from pipeline.model.histogram import SparseHistogram
+    from pipeline.release.tables import load_tables, tabulate
+
+    _, out = simulated_run
+    ctx = RunContext.load(out["run_dir"])
+    ts = load_tables(ctx.cfg.tables)
+    release = Path(out["release_path"])
+    some_forced = some_free = 0
+    for t in ts.of_kind("persons"):
+        for lv in ctx.level_names:
+            counts = tabulate(SparseHistogram.from_parquet(ctx.rd.solved_path("persons", lv)), t)
+            forced = forced_zero_lines(ctx, "persons", lv, t)
+            assert forced.shape == counts.shape and (counts[forced] == 0).all()
+            if lv == "block":
+                some_forced += int(forced.any(axis=0).sum())
+                some_free += int((~forced & (counts == 0)).sum())
+                moe = (pl.read_parquet(release / "tables" / f"{t.name}.parquet")
+                       .filter(pl.col("geolevel") == "block")["moe90"].to_numpy().reshape(counts.shape))
+                assert (moe[forced] == 0).all()
+    assert some_forced > 0 and some_free > 0
+    lookup = pl.read_parquet(release / "margins" / "simulated.parquet")
+    zeros = lookup.filter((pl.col("geolevel") == "block") & (pl.col("size_bin") == "0"))
+    assert zeros.height > 0 and (zeros["moe90"] > 0).any()

@@ -16,7 +16,16 @@ Monte Carlo method does, using released data only and spending no budget:
    250–999, ≥ 1000): ``moe90`` is their 90th percentile of ``|error|`` (an integer); a group with
    fewer than :data:`MIN_ERRORS` errors (few areas at the top levels) takes the quantile of all
    lines of its table at that level and bin. A cell whose every rerun reproduced it exactly (fixed
-   by the invariants, a structural zero, a parent of 0) gets 0.
+   by the invariants, a structural zero, a parent of 0) gets 0;
+4. except a published **zero**: what matters for it is how large a true count the
+   post-processing turns into 0. Its margin is the 90th percentile, over the reruns and the units
+   of the level, of the plug-in count of the line wherever a rerun published 0 although the
+   plug-in was positive (the counts a zero hides; per line, pooled over the table's lines below
+   :data:`MIN_ERRORS` values), and every published zero gets it — rerun-moved or not — unless the
+   structural zeros or the declared invariants force that line of that unit to 0
+   (:func:`forced_zero_lines`), which gets 0. Where no rerun hid a positive count, step 3's value.
+   So a true count of 1–9 published as 0 is inside its interval as often as the simulation says
+   such counts are hidden no deeper than the margin; a zero the invariants force keeps 0.
 
 The published ``margins/simulated.parquet`` holds the per (table, level, line, size bin) value;
 ``dptab verify`` checks every ``moe90`` is that value or 0. The plug-in uses no confidential
@@ -29,7 +38,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -87,7 +96,7 @@ def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFr
     ts = load_tables(ctx.cfg.tables)
     plug = {kind: {lv: SparseHistogram.from_parquet(ctx.rd.verified(ctx.rd.solved_path(kind, lv)))
                    for lv in ctx.level_names} for kind in ctx.kinds}
-    errors: dict[tuple[str, str], list[np.ndarray]] = {}
+    reruns: dict[tuple[str, str], list[np.ndarray]] = {}
     for k in range(trials):
         rd = _plugin_run(ctx, k, seed)
         solve_levels(rd.root)
@@ -95,41 +104,90 @@ def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFr
             for lv in ctx.level_names:
                 rerun = SparseHistogram.from_parquet(rd.verified(rd.solved_path(kind, lv)))
                 for t in ts.of_kind(kind):
-                    e = tabulate(rerun, t) - tabulate(plug[kind][lv], t)
-                    errors.setdefault((t.name, lv), []).append(np.abs(e).astype(np.int64))
+                    reruns.setdefault((t.name, lv), []).append(tabulate(rerun, t))
         shutil.rmtree(rd.root)
     rows, moved = [], []
     for kind in ctx.kinds:
         for t in ts.of_kind(kind):
             for lv in ctx.level_names:
                 counts = tabulate(plug[kind][lv], t)
-                stack = np.stack(errors[(t.name, lv)])             # (K, n_units, n_lines)
-                moving = stack.max(axis=0) > 0                     # cells some rerun changed
+                groups, moving = line_margins(counts, np.stack(reruns.pop((t.name, lv))),
+                                              lambda: forced_zero_lines(ctx, kind, lv, t))
                 u, ln = np.nonzero(moving)
                 moved.append(pl.DataFrame({"table": pl.repeat(t.name, u.size, dtype=pl.Utf8, eager=True),
                                            "geolevel": pl.repeat(lv, u.size, dtype=pl.Utf8, eager=True),
                                            "unit": u.astype(np.int64),
                                            "line": np.asarray(t.numbers, np.int32)[ln]}))
-                bins = size_bin(counts)
-                for b in range(len(SIZE_BIN_LABELS)):
-                    # the (line, bin) groups of this level's table; a group with fewer than
-                    # MIN_ERRORS errors borrows the pooled errors of every line of the table in
-                    # the same bin (an empirical 90% quantile of a handful of values is biased low)
-                    sel = (bins == b) & moving                      # (n_units, n_lines)
-                    if not sel.any():
-                        continue
-                    pooled = np.sort(stack[:, sel].ravel())
-                    for j, line in enumerate(t.numbers):
-                        if not sel[:, j].any():
-                            continue
-                        vals = np.sort(stack[:, sel[:, j], j].ravel())
-                        if vals.size < MIN_ERRORS:
-                            vals = pooled
-                        q = vals[int(np.ceil(QUANTILE * vals.size)) - 1]  # inverted CDF: exact, integer
-                        rows.append((t.name, lv, int(line), SIZE_BIN_LABELS[b], int(q), int(vals.size)))
+                rows += [(t.name, lv, int(t.numbers[j]), SIZE_BIN_LABELS[b], q, n) for j, b, q, n in groups]
     lookup = pl.DataFrame(rows, schema={"table": pl.Utf8, "geolevel": pl.Utf8, "line": pl.Int32,
                                         "size_bin": pl.Utf8, "moe90": pl.Int64, "errors": pl.Int64}, orient="row")
     return lookup, pl.concat(moved)
+
+
+def line_margins(counts: np.ndarray, reruns: np.ndarray, forced: Callable[[], np.ndarray]
+                 ) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
+    """The simulated margins of one table at one level (steps 3–4 of the module doc).
+
+    ``counts``: the plug-in (published) counts, int ``(n_units, n_lines)``; ``reruns``: the
+    counts each rerun published, int ``(K, n_units, n_lines)``; ``forced()``: bool ``(n_units,
+    n_lines)``, the lines the invariants force to 0 (called only when some rerun hid a positive
+    count). Returns ``[(line index, size bin index, moe90, values it is the quantile of)]`` per
+    (line, bin) group with a cell that has a margin, and that mask, bool ``(n_units, n_lines)``.
+    """
+    errors = np.abs(reruns - counts[None])                         # |rerun - plug-in|
+    hidden = (reruns == 0) & (counts > 0)[None]                    # plug-in counts a rerun published as 0
+    moving = errors.max(axis=0) > 0                                # cells some rerun changed
+    if hidden.any():  # every published zero the invariants allow to be positive
+        moving |= (counts == 0) & ~forced()
+    bins = size_bin(counts)
+    plugin = np.broadcast_to(counts, errors.shape)
+    out = []
+    for b in range(len(SIZE_BIN_LABELS)):
+        # the (line, bin) groups; a group with fewer than MIN_ERRORS values borrows the pooled
+        # values of every line in the same bin (an empirical 90% quantile of a handful of values
+        # is biased low)
+        sel = (bins == b) & moving
+        if not sel.any():
+            continue
+        if b == 0 and hidden.any():  # published zeros: the counts a zero hides
+            pooled = np.sort(plugin[hidden])
+            per_line = [np.sort(plugin[:, :, j][hidden[:, :, j]]) for j in range(counts.shape[1])]
+        else:
+            pooled = np.sort(errors[:, sel].ravel())
+            per_line = [np.sort(errors[:, sel[:, j], j].ravel()) for j in range(counts.shape[1])]
+        for j in range(counts.shape[1]):
+            if sel[:, j].any():
+                vals = per_line[j] if per_line[j].size >= MIN_ERRORS else pooled
+                q = vals[int(np.ceil(QUANTILE * vals.size)) - 1]  # inverted CDF: exact, integer
+                out.append((j, b, int(q), int(vals.size)))
+    return out, moving
+
+
+def forced_zero_lines(ctx: RunContext, kind: str, level: str, table: Any) -> np.ndarray:
+    """Which lines of ``table`` the spec and the declared invariants force to 0 in each unit of
+    ``level``: bool ``(n_units, n_lines)``. A line is forced where every cell it sums is a
+    structural zero, where the unit's exact total (an invariant) is 0, or where every cell it sums
+    has a group-quarters/household answer the invariants rule out in that unit (no facility of the
+    type, no housing unit; ``pipeline.job.shard`` gives the engine the same constraints)."""
+    from pipeline.job.shard import _child_constraints
+
+    spec = ctx.spec(kind)
+    n_units = int(ctx.geography.level(level).n_units)
+    live = ~spec.structural_zero_mask
+    cells_of = [np.intersect1d(table.matrix[j].indices, np.flatnonzero(live)) for j in range(table.n_lines)]
+    forced = np.zeros((n_units, table.n_lines), bool)
+    forced[:, [j for j, c in enumerate(cells_of) if c.size == 0]] = True
+    cons = _child_constraints(ctx, kind, level, 0, n_units)
+    if cons["totals"] is not None:
+        forced |= (np.asarray(cons["totals"]) == 0)[:, None]
+    zero = cons["zero_answers"]
+    if zero is not None:
+        bound = spec.query(spec.role("bound")).matrix().tocsc()
+        answer_of_cell = np.asarray(bound.argmax(axis=0)).ravel()  # each cell is in one answer
+        for j, c in enumerate(cells_of):
+            if c.size:
+                forced[:, j] |= np.asarray(zero)[:, np.unique(answer_of_cell[c])].all(axis=1)
+    return forced
 
 
 def stage_margins(run_dir: str | Path) -> dict[str, Any]:
