@@ -490,7 +490,7 @@ def evil_release(tmp_path_factory):
     from test_release import PRIVACY, meta
     from test_tables_cases import make_case
 
-    import pipeline.release.verify as verify_mod
+    import pipeline.release.verify_data as verify_mod
     import pipeline.release.writer as writer_mod
     from pipeline.model.schemas import SCHEMAS_DIR
 

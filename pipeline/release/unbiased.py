@@ -75,7 +75,7 @@ def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: 
                     moe: Mapping[tuple[str, str], np.ndarray], digits: "Mapping[str, int] | GeoTree") -> list[CheckFailure]:
     """Each unbiased file against its regenerated rows and standard errors; its estimates add up
     to their parents and within each table shell (within :data:`TOLERANCE`)."""
-    from pipeline.release.verify import _fail
+    from pipeline.release.verify_data import fail
 
     tree = GeoTree.of(digits, [lt.level for lt in lts])
     out: list[CheckFailure] = []
@@ -95,21 +95,21 @@ def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: 
             part = found.slice(offset, n)
             offset += n
             if m is None or part.height != n:
-                out.append(_fail("unbiased", f"{rel}: {part.height} {lt.level} rows, expected {n}", name, lt.level))
+                out.append(fail("unbiased", f"{rel}: {part.height} {lt.level} rows, expected {n}", name, lt.level))
                 continue
             est = part["estimate"].to_numpy().reshape(len(lt.geoids), table.n_lines)
             want = unbiased_frame(table, lt.level, lt.geoids, tree.unit_names(lt.level, lt.geoids), est, m)
             if not part.equals(want):
-                out.append(_fail("unbiased", f"{rel}: {lt.level} rows differ from the rows regenerated from the "
+                out.append(fail("unbiased", f"{rel}: {lt.level} rows differ from the rows regenerated from the "
                                              "estimates and the design's standard errors", name, lt.level))
             by_level[lt.level] = est
             for k, parts in table.sums.items():
                 gap = np.abs(est[:, table.index(k)] - est[:, [table.index(j) for j in parts]].sum(axis=1))
                 if gap.size and gap.max() > TOLERANCE * max(1.0, float(np.abs(est).max())):
-                    out.append(_fail("unbiased", f"{rel}: line {k} is not the sum of lines {list(parts)} "
+                    out.append(fail("unbiased", f"{rel}: line {k} is not the sum of lines {list(parts)} "
                                                  f"(off by {gap.max():.3g})", name, lt.level))
         if offset != found.height:
-            out.append(_fail("unbiased", f"{rel}: {found.height - offset} row(s) beyond the published levels", name))
+            out.append(fail("unbiased", f"{rel}: {found.height - offset} row(s) beyond the published levels", name))
         for upper, lower in zip(lts[:-2], lts[1:-1]):
             if upper.level not in by_level or lower.level not in by_level:
                 continue
@@ -118,6 +118,6 @@ def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: 
             np.add.at(sums, idx, by_level[lower.level])
             gap = np.abs(sums - by_level[upper.level])
             if gap.size and gap.max() > TOLERANCE * max(1.0, float(np.abs(sums).max())):
-                out.append(_fail("unbiased", f"{rel}: the {lower.level} estimates do not add up to the {upper.level} "
+                out.append(fail("unbiased", f"{rel}: the {lower.level} estimates do not add up to the {upper.level} "
                                              f"estimates (off by {gap.max():.3g})", name, lower.level))
     return out

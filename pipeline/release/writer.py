@@ -472,13 +472,13 @@ class _Background:
 
 
 def _check_contents(root: Path, manifest: Mapping[str, Any]) -> list[Any]:
-    from pipeline.release.verify import verify_contents
+    from pipeline.release.verify_data import verify_contents
 
     return verify_contents(root, manifest, regenerate=False)
 
 
 def _described(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """What :func:`pipeline.release.verify.verify_contents` reads of a manifest: all but the file
+    """What :func:`pipeline.release.verify_data.verify_contents` reads of a manifest: all but the file
     list and the explorer settings (added after the data files are checked)."""
     return {k: v for k, v in manifest.items() if k not in ("files", "explorer")}
 
@@ -527,7 +527,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     and the lookup is published as ``margins/simulated.parquet``; ``workers > 1`` (the job's
     cores): a release of at least :data:`BACKGROUND_MIN_BLOCKS` blocks writes its microdata
     while the tables are written, and checks its data files (the verifier's
-    :func:`pipeline.release.verify.verify_contents`) while the explorer is written, each in a
+    :func:`pipeline.release.verify_data.verify_contents`) while the explorer is written, each in a
     process of its own (:class:`_Background`): the same bytes and checks as in one process. Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
