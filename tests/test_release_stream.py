@@ -12,6 +12,7 @@ from test_release import PRIVACY
 from test_tables_cases import make_case
 
 import pipeline.release.html as html_mod
+import pipeline.release.streams as streams_mod
 import pipeline.release.tables as tables_mod
 import pipeline.release.writer as writer_mod
 from pipeline.release.manifest import ReleaseMetadata
@@ -37,7 +38,8 @@ def test_chunk_size_changes_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     units at a time, and the verifier checks at most 3 at a time and finds the release clean."""
     case = make_case(1, n_blocks=30)
     monkeypatch.setattr(writer_mod, "CHUNK_UNITS", 7)
-    monkeypatch.setattr(writer_mod, "ROW_GROUP_ROWS", 100)
+    monkeypatch.setattr(streams_mod, "ROW_GROUP_ROWS", 100)  # where row groups are cut ...
+    monkeypatch.setattr(writer_mod, "ROW_GROUP_ROWS", 100)   # ... and where the table writer plans them
     big = _digests(_write(tmp_path / "big", case))
 
     seen: dict[str, int] = {"tabulate": 0, "microdata": 0, "checks": 0, "take": 0}
@@ -92,13 +94,13 @@ def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch
     case = make_case(1, n_blocks=30)
     one = _digests(_write_with(tmp_path / "one", case, workers=1))
     started: list[tuple[str, bool]] = []
-    init = writer_mod._Background.__init__
+    init = streams_mod.Background.__init__
 
     def spy(self, what, fn, args, background):
         init(self, what, fn, args, background)
         started.append((what, self._proc is not None))
 
-    monkeypatch.setattr(writer_mod._Background, "__init__", spy)
+    monkeypatch.setattr(streams_mod.Background, "__init__", spy)
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
     path = _write_with(tmp_path / "two", case, workers=2)
     assert started == [("microdata", True), ("release check", True)]

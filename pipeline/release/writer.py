@@ -68,14 +68,12 @@ import copy
 import os
 import secrets
 import shutil
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.files import crash_point, sha256_file
@@ -98,6 +96,7 @@ from pipeline.release.manifest import (
     variances_from_privacy,
 )
 from pipeline.release.microdata import microdata_from_blocks
+from pipeline.release.streams import ROW_GROUP_ROWS, Background, RowGroups, WriteQueue
 from pipeline.release.tables import (
     CSV_SCHEMA,
     TableDef,
@@ -130,109 +129,10 @@ def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, An
     return entry
 
 
-#: rows per Parquet row group of the table files and the microdata (pyarrow's default maximum,
-#: which the table files have always had within a chunk of :data:`CHUNK_UNITS` units)
-ROW_GROUP_ROWS = 1 << 20
-
 #: units tabulated, checked and turned into rows at a time: publishing holds one such chunk of a
 #: level (plus one row group being filled). The files do not depend on it — row groups are cut
 #: by :data:`CHUNK_UNITS` and :data:`ROW_GROUP_ROWS` alone — so it only trades memory for calls.
 STREAM_UNITS = 10_000
-
-
-def _write_group(writer: pq.ParquetWriter, table: pa.Table) -> None:
-    """Write ``table`` as one row group (it has at most :data:`ROW_GROUP_ROWS` rows)."""
-    writer.write_table(table.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
-
-
-class _WriteQueue:
-    """One thread that encodes, compresses and writes the release's Parquet row groups (Arrow
-    does that without the GIL) while the caller makes the next rows: publishing otherwise ran on
-    one core. Writes run in the order submitted, so each file's bytes are unchanged. At most
-    ``limit`` row groups wait (each up to :data:`ROW_GROUP_ROWS` rows: the memory this costs);
-    a failed write raises in the caller at its next submit, when its file closes, or in :meth:`close`."""
-
-    def __init__(self, limit: int = 2) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-parquet")
-        self.queued: deque[Future[None]] = deque()
-        self.limit = limit
-
-    def submit(self, writer: pq.ParquetWriter, table: pa.Table) -> Future[None]:
-        while self.queued and (self.queued[0].done() or len(self.queued) >= self.limit):
-            self.queued.popleft().result()
-        fut = self.pool.submit(_write_group, writer, table)
-        self.queued.append(fut)
-        return fut
-
-    def close(self, cancel: bool = False) -> None:
-        """Wait for the writes and stop the thread; with ``cancel`` (the release failed) drop
-        the waiting ones and raise nothing, else raise a write's error."""
-        self.pool.shutdown(wait=True, cancel_futures=cancel)
-        queued, self.queued = self.queued, deque()
-        if not cancel:
-            for fut in queued:
-                fut.result()
-
-
-class _RowGroups:
-    """A ``pq.ParquetWriter`` fed frames of any size that writes row groups of exactly
-    :data:`ROW_GROUP_ROWS` rows, also cut wherever :meth:`cut` is called: the file's bytes depend
-    only on its rows and the cuts, never on how the rows were chunked on their way in (each row
-    group is written from one contiguous table, so pages and dictionaries come out the same).
-
-    ``text_dictionaries``: dictionary-encode only the text columns, zstd level 3 (the
-    microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults.
-
-    ``io``: the release's :class:`_WriteQueue` (row groups are written on its thread)."""
-
-    def __init__(self, path: Path, io: _WriteQueue, text_dictionaries: bool = False) -> None:
-        self.path, self.text_dictionaries, self.io = path, text_dictionaries, io
-        self.writer: pq.ParquetWriter | None = None
-        self.parts: list[pa.Table] = []
-        self.rows = 0
-        self.writes: list[Future[None]] = []
-
-    def add(self, table: pa.Table) -> None:
-        """Queue ``table``'s rows; write every full row group."""
-        self.parts.append(table)
-        self.rows += table.num_rows
-        while self.rows >= ROW_GROUP_ROWS:
-            self._flush(ROW_GROUP_ROWS)
-
-    def cut(self) -> None:
-        """End the current row group here (if it has rows)."""
-        if self.rows:
-            self._flush(self.rows)
-
-    def _flush(self, n: int) -> None:
-        buf = pa.concat_tables(self.parts) if len(self.parts) > 1 else self.parts[0]
-        head, rest = buf.slice(0, n), buf.slice(n)
-        if self.writer is None:
-            self.writer = self._open(head.schema)
-        self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
-        self.writes.append(self.io.submit(self.writer, head))
-        self.parts = [rest.combine_chunks()] if rest.num_rows else []
-        self.rows = rest.num_rows
-
-    def _open(self, schema: pa.Schema) -> pq.ParquetWriter:
-        if not self.text_dictionaries:  # pyarrow's defaults: the table files' format
-            return pq.ParquetWriter(self.path, schema, compression="zstd")
-        text = [f.name for f in schema if pa.types.is_large_string(f.type) or pa.types.is_string(f.type)]
-        return pq.ParquetWriter(self.path, schema, compression="zstd", compression_level=3, use_dictionary=text)
-
-    def close(self) -> None:
-        """Write what is queued and close the file (a file of no rows still gets its schema)."""
-        try:
-            self.cut()
-        finally:
-            for w in self.writes:  # every queued row group is written (or its error raised) first
-                w.result()
-            self.writes = []
-        if self.writer is None and self.parts:
-            self.writer = self._open(self.parts[0].schema)
-            self.writer.write_table(self.parts[0])
-        if self.writer is not None:
-            self.writer.close()
 
 
 class _TableWriter:
@@ -250,11 +150,11 @@ class _TableWriter:
     missing (``pipeline.release.tables.census_geo_id``). Everything else is as in the Parquet.
     """
 
-    def __init__(self, root: Path, table: TableDef, io: _WriteQueue, csv: bool = True, lookup: bool = False) -> None:
+    def __init__(self, root: Path, table: TableDef, io: WriteQueue, csv: bool = True, lookup: bool = False) -> None:
         self.root, self.table, self.name, self.csv, self.lookup = root, table, table.name, csv, lookup
         self.path = root / "tables" / f"{table.name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.groups = _RowGroups(self.path, io)
+        self.groups = RowGroups(self.path, io)
         self.written = False
         self.csv_rows: dict[Path, int] = {}
         #: units given but not yet made into rows: (level, geoids, names, counts, moe90)
@@ -392,8 +292,8 @@ def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any,
 
     Dictionaries only for the text columns (few distinct codes; EPNUM is unique) and zstd level 3:
     smaller than the file polars wrote when the microdata were one frame."""
-    io = _WriteQueue()
-    groups = _RowGroups(path, io, text_dictionaries=True)
+    io = WriteQueue()
+    groups = RowGroups(path, io, text_dictionaries=True)
     n = 0
     try:
         try:
@@ -412,63 +312,6 @@ def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any,
 #: processes of their own (when the job has ``workers > 1``); below it starting a process costs
 #: more than the overlap saves
 BACKGROUND_MIN_BLOCKS = 20_000
-
-
-def _in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    """Child process of :class:`_Background`: send ``("ok", fn(*args))`` or ``("error", text)``."""
-    import traceback
-
-    try:
-        conn.send(("ok", fn(*args)))
-    except BaseException as exc:  # the parent raises it; nothing may pass unreported
-        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
-    finally:
-        conn.close()
-
-
-class _Background:
-    """``fn(*args)`` (a module-level function, picklable arguments and result) for the release
-    being written: with ``background``, in a child process started now (from the fork server, not
-    a fork of this threaded process) while this one goes on; otherwise here, when
-    :meth:`result` is first asked for. Same result either way; a failure in the child is raised
-    here as :class:`ReleaseError`."""
-
-    def __init__(self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], background: bool) -> None:
-        import multiprocessing
-
-        self.what, self.fn, self.args = what, fn, args
-        self._proc: Any = None
-        if background:
-            ctx = multiprocessing.get_context("forkserver")
-            self._conn, child = ctx.Pipe(duplex=False)
-            self._proc = ctx.Process(target=_in_child, args=(child, fn, args), name=f"dptab-{what}", daemon=True)
-            self._proc.start()
-            child.close()
-
-    def result(self) -> Any:
-        if self._proc is None:
-            return self.fn(*self.args)
-        try:
-            status, value = self._conn.recv()
-        except EOFError:
-            self._proc.join()
-            raise ReleaseError(f"the {self.what} process ended without a result (exit code "
-                               f"{self._proc.exitcode})") from None
-        finally:
-            self._conn.close()
-        self._proc.join()
-        self._proc = None
-        if status != "ok":
-            raise ReleaseError(f"the {self.what} process failed: {value}")
-        return value
-
-    def cancel(self) -> None:
-        """Stop a child still running (the folder is about to be removed)."""
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.join()
-            self._conn.close()
-            self._proc = None
 
 
 def _check_contents(root: Path, manifest: Mapping[str, Any]) -> list[Any]:
@@ -528,7 +371,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     cores): a release of at least :data:`BACKGROUND_MIN_BLOCKS` blocks writes its microdata
     while the tables are written, and checks its data files (the verifier's
     :func:`pipeline.release.verify_data.verify_contents`) while the explorer is written, each in a
-    process of its own (:class:`_Background`): the same bytes and checks as in one process. Raises :class:`ReleaseExistsError` if the id exists,
+    process of its own (:class:`Background`): the same bytes and checks as in one process. Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
     from pipeline.release import html as _html
@@ -545,10 +388,10 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     tmp.mkdir(mode=0o700)  # nobody else can read a release before the ledger counts it
     os.chmod(tmp, 0o700)
     pending: Future[list[Path]] | None = None
-    children: list[_Background] = []
+    children: list[Background] = []
     # the Parquet row groups of tables and microdata are encoded and written on a thread of
-    # their own while the next rows are made (see _WriteQueue)
-    io = _WriteQueue()
+    # their own while the next rows are made (see WriteQueue)
+    io = WriteQueue()
     try:
         ts = load_tables(tables)
         levels = [lv.name for lv in geography.levels]
@@ -577,7 +420,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                       and not multiprocessing.current_process().daemon)
         mpath = tmp / "microdata" / "persons.parquet"
         mpath.parent.mkdir()
-        microdata = _Background("microdata", _write_microdata, (mpath, np.asarray(blocks.geoids), persons[blocks.name],
+        microdata = Background("microdata", _write_microdata, (mpath, np.asarray(blocks.geoids), persons[blocks.name],
                                                                 ts.specs["persons"], tree.is_lookup), background)
         children.append(microdata)
         entries: list[dict[str, Any]] = []
@@ -654,7 +497,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         # every data file is written and described: check them (tables, microdata, measurements)
         # while the codebook and the explorer are written
         described = copy.deepcopy(_described(manifest))
-        check = _Background("release check", _check_contents, (tmp, described), background)
+        check = Background("release check", _check_contents, (tmp, described), background)
         children.append(check)
         # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed
         manifest["files"] += [_file_entry(tmp, p) for p in write_codebook(tmp, manifest, ts)]

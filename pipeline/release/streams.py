@@ -1,0 +1,174 @@
+"""How the release writer gets its bytes to disk while it goes on making the next ones: Parquet
+row groups encoded and written on a thread of their own (:class:`WriteQueue`, :class:`RowGroups`),
+and pieces of the release made in a child process (:class:`Background`). Nothing here decides
+what a file holds: the bytes are those the same rows written synchronously give.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.release.manifest import ReleaseError
+
+#: rows per Parquet row group of the table files and the microdata (pyarrow's default maximum,
+#: which the table files have always had within a chunk of :data:`CHUNK_UNITS` units)
+ROW_GROUP_ROWS = 1 << 20
+
+def _write_group(writer: pq.ParquetWriter, table: pa.Table) -> None:
+    """Write ``table`` as one row group (it has at most :data:`ROW_GROUP_ROWS` rows)."""
+    writer.write_table(table.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
+
+
+class WriteQueue:
+    """One thread that encodes, compresses and writes the release's Parquet row groups (Arrow
+    does that without the GIL) while the caller makes the next rows: publishing otherwise ran on
+    one core. Writes run in the order submitted, so each file's bytes are unchanged. At most
+    ``limit`` row groups wait (each up to :data:`ROW_GROUP_ROWS` rows: the memory this costs);
+    a failed write raises in the caller at its next submit, when its file closes, or in :meth:`close`."""
+
+    def __init__(self, limit: int = 2) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-parquet")
+        self.queued: deque[Future[None]] = deque()
+        self.limit = limit
+
+    def submit(self, writer: pq.ParquetWriter, table: pa.Table) -> Future[None]:
+        while self.queued and (self.queued[0].done() or len(self.queued) >= self.limit):
+            self.queued.popleft().result()
+        fut = self.pool.submit(_write_group, writer, table)
+        self.queued.append(fut)
+        return fut
+
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the writes and stop the thread; with ``cancel`` (the release failed) drop
+        the waiting ones and raise nothing, else raise a write's error."""
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+        queued, self.queued = self.queued, deque()
+        if not cancel:
+            for fut in queued:
+                fut.result()
+
+
+class RowGroups:
+    """A ``pq.ParquetWriter`` fed frames of any size that writes row groups of exactly
+    :data:`ROW_GROUP_ROWS` rows, also cut wherever :meth:`cut` is called: the file's bytes depend
+    only on its rows and the cuts, never on how the rows were chunked on their way in (each row
+    group is written from one contiguous table, so pages and dictionaries come out the same).
+
+    ``text_dictionaries``: dictionary-encode only the text columns, zstd level 3 (the
+    microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults.
+
+    ``io``: the release's :class:`WriteQueue` (row groups are written on its thread)."""
+
+    def __init__(self, path: Path, io: WriteQueue, text_dictionaries: bool = False) -> None:
+        self.path, self.text_dictionaries, self.io = path, text_dictionaries, io
+        self.writer: pq.ParquetWriter | None = None
+        self.parts: list[pa.Table] = []
+        self.rows = 0
+        self.writes: list[Future[None]] = []
+
+    def add(self, table: pa.Table) -> None:
+        """Queue ``table``'s rows; write every full row group."""
+        self.parts.append(table)
+        self.rows += table.num_rows
+        while self.rows >= ROW_GROUP_ROWS:
+            self._flush(ROW_GROUP_ROWS)
+
+    def cut(self) -> None:
+        """End the current row group here (if it has rows)."""
+        if self.rows:
+            self._flush(self.rows)
+
+    def _flush(self, n: int) -> None:
+        buf = pa.concat_tables(self.parts) if len(self.parts) > 1 else self.parts[0]
+        head, rest = buf.slice(0, n), buf.slice(n)
+        if self.writer is None:
+            self.writer = self._open(head.schema)
+        self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
+        self.writes.append(self.io.submit(self.writer, head))
+        self.parts = [rest.combine_chunks()] if rest.num_rows else []
+        self.rows = rest.num_rows
+
+    def _open(self, schema: pa.Schema) -> pq.ParquetWriter:
+        if not self.text_dictionaries:  # pyarrow's defaults: the table files' format
+            return pq.ParquetWriter(self.path, schema, compression="zstd")
+        text = [f.name for f in schema if pa.types.is_large_string(f.type) or pa.types.is_string(f.type)]
+        return pq.ParquetWriter(self.path, schema, compression="zstd", compression_level=3, use_dictionary=text)
+
+    def close(self) -> None:
+        """Write what is queued and close the file (a file of no rows still gets its schema)."""
+        try:
+            self.cut()
+        finally:
+            for w in self.writes:  # every queued row group is written (or its error raised) first
+                w.result()
+            self.writes = []
+        if self.writer is None and self.parts:
+            self.writer = self._open(self.parts[0].schema)
+            self.writer.write_table(self.parts[0])
+        if self.writer is not None:
+            self.writer.close()
+
+
+def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Child process of :class:`Background`: send ``("ok", fn(*args))`` or ``("error", text)``."""
+    import traceback
+
+    try:
+        conn.send(("ok", fn(*args)))
+    except BaseException as exc:  # the parent raises it; nothing may pass unreported
+        conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+class Background:
+    """``fn(*args)`` (a module-level function, picklable arguments and result) for the release
+    being written: with ``background``, in a child process started now (from the fork server, not
+    a fork of this threaded process) while this one goes on; otherwise here, when
+    :meth:`result` is first asked for. Same result either way; a failure in the child is raised
+    here as :class:`ReleaseError`."""
+
+    def __init__(self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], background: bool) -> None:
+        import multiprocessing
+
+        self.what, self.fn, self.args = what, fn, args
+        self._proc: Any = None
+        if background:
+            ctx = multiprocessing.get_context("forkserver")
+            self._conn, child = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=in_child, args=(child, fn, args), name=f"dptab-{what}", daemon=True)
+            self._proc.start()
+            child.close()
+
+    def result(self) -> Any:
+        if self._proc is None:
+            return self.fn(*self.args)
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            self._proc.join()
+            raise ReleaseError(f"the {self.what} process ended without a result (exit code "
+                               f"{self._proc.exitcode})") from None
+        finally:
+            self._conn.close()
+        self._proc.join()
+        self._proc = None
+        if status != "ok":
+            raise ReleaseError(f"the {self.what} process failed: {value}")
+        return value
+
+    def cancel(self) -> None:
+        """Stop a child still running (the folder is about to be removed)."""
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join()
+            self._conn.close()
+            self._proc = None
+
+
