@@ -11,10 +11,10 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import polars as pl
 import pyarrow as pa
@@ -156,3 +156,44 @@ def private_files() -> Iterator[None]:
             _private_depth -= 1
             if _private_depth == 0:
                 os.umask(_saved_umask)
+
+
+#: the reader threads of :func:`read_ahead` (started on first use; a forked child starts its own)
+_READER: Any = None
+
+
+def _forget_reader() -> None:
+    global _READER
+    _READER = None  # a forked child has none of the parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_reader)
+
+_END = object()
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _next_of(items: Iterator[Any], convert: Callable[[Any], Any] | None) -> Any:
+    item = next(items, _END)
+    return item if item is _END or convert is None else convert(item)
+
+
+def read_ahead(items: Iterator[T], convert: Callable[[T], R] | None = None) -> Iterator[R]:
+    """``convert(item)`` for each of ``items`` (or the items themselves), in order, the next one
+    fetched (and converted) on a reader thread while the caller works on this one: for reading a
+    large file by row groups or record batches, whose decoding (Arrow, polars) runs without the
+    GIL. One item ahead per iterator; ``items`` is only ever advanced by one call at a time. An
+    iterator abandoned part-way leaves at most one read finishing on the thread."""
+    global _READER
+    if _READER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _READER = ThreadPoolExecutor(2, thread_name_prefix="dptab-read")
+    ahead = _READER.submit(_next_of, items, convert)
+    while True:
+        item = ahead.result()
+        if item is _END:
+            return
+        ahead = _READER.submit(_next_of, items, convert)
+        yield item

@@ -36,6 +36,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.files import read_ahead
 from pipeline.privacy.measure import MeasurementError, read_measurement_table
 from pipeline.release.checks import CheckFailure
 from pipeline.release.tree import GeoTree
@@ -303,8 +304,9 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
     # shard and query and row group) go to their group's scan as contiguous slices, in file order.
     pf = pq.ParquetFile(root / ROWS_FILE, read_dictionary=_DICT_COLUMNS)
     counts = np.zeros(len(groups), np.int64)
-    for rg in range(pf.num_row_groups):
-        t = pf.read_row_group(rg, columns=[*_DICT_COLUMNS, "unit", "answer"])
+    # (the next row group is read on a reader thread while this one is checked)
+    for t in read_ahead(pf.read_row_group(rg, columns=[*_DICT_COLUMNS, "unit", "answer"])
+                        for rg in range(pf.num_row_groups)):
         code = np.concatenate([_group_codes(rc, lc, qc, gidx, groups, out, fail)
                                for rc, lc, qc in zip(*(t.column(c).chunks for c in _DICT_COLUMNS))] or
                               [np.zeros(0, np.int32)])

@@ -17,13 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
 from pipeline.errors import ConfigurationError
+from pipeline.files import read_ahead
 from pipeline.model.geonames import unit_names
 from pipeline.model.schemas import SCHEMAS_DIR, load_yaml, relative_to
 from pipeline.model.spec import HistogramSpec, load_spec
@@ -438,9 +439,24 @@ def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
     })
 
 
+def _to_frame(batch: Any) -> pl.DataFrame:
+    df = pl.from_arrow(batch)
+    assert isinstance(df, pl.DataFrame)
+    return df
+
+
+def frames_ahead(batches: Iterator[Any]) -> Iterator[pl.DataFrame]:
+    """The record batches of ``batches`` (a ``pyarrow`` batch iterator) as polars frames, the next
+    one read and converted on a reader thread while the caller works on this one
+    (:func:`pipeline.files.read_ahead`: Parquet decoding and the conversion run without the GIL,
+    so a reader of a large file — the verifier, the explorer — keeps a second core busy)."""
+    return read_ahead(batches, _to_frame)
+
+
 class RowStream:
     """The rows of one Parquet file in file order from row ``start``, ``n`` at a time (read by
-    record batches from the row group holding ``start`` on, so the file is never in memory whole)."""
+    record batches from the row group holding ``start`` on, so the file is never in memory whole;
+    the next batch is read ahead on a reader thread, :func:`frames_ahead`)."""
 
     def __init__(self, path: Path, columns: Sequence[str] | None = None, start: int = 0,
                  batch_rows: int = 1 << 16) -> None:
@@ -452,8 +468,8 @@ class RowStream:
         while rg < md.num_row_groups and first + md.row_group(rg).num_rows <= start:
             first += md.row_group(rg).num_rows
             rg += 1
-        self.batches = f.iter_batches(batch_size=batch_rows, columns=columns,
-                                      row_groups=list(range(rg, md.num_row_groups)))
+        self.batches = frames_ahead(f.iter_batches(batch_size=batch_rows, columns=columns,
+                                                   row_groups=list(range(rg, md.num_row_groups))))
         self.buf: list[pl.DataFrame] = []
         self.rows = 0
         if start > first:
@@ -462,11 +478,9 @@ class RowStream:
     def take(self, n: int) -> pl.DataFrame:
         """The next ``n`` rows (fewer at the end of the file)."""
         while self.rows < n:
-            batch = next(self.batches, None)
-            if batch is None:
+            df = next(self.batches, None)
+            if df is None:
                 break
-            df = pl.from_arrow(batch)
-            assert isinstance(df, pl.DataFrame)
             self.buf.append(df)
             self.rows += df.height
         if not self.buf:

@@ -33,6 +33,7 @@ from pipeline.release.tables import (
     RowStream,
     TableSet,
     csv_frame,
+    frames_ahead,
     level_runs,
     load_tables,
     long_frame,
@@ -91,9 +92,7 @@ def _microdata_histogram(root: Path, ts: TableSet, block: LevelTables,
         names = f.schema_arrow.names
         wanted = (["geoid", *(a.name for a in spec.attributes)] if "geoid" in names else
                   ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK", "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
-        for batch in f.iter_batches(batch_size=1 << 20, columns=[c for c in wanted if c in names]):
-            persons = pl.from_arrow(batch)
-            assert isinstance(persons, pl.DataFrame)
+        for persons in frames_ahead(f.iter_batches(batch_size=1 << 20, columns=[c for c in wanted if c in names])):
             lo, hi = 0, len(g)
             if "geoid" not in persons.columns and persons.height:
                 # PPMF rows sort by block: look their blocks up among the published blocks between
