@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--persons", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="200k persons, 3 repeats")
+    ap.add_argument("--no-csv", action="store_true", help="write_release without csv/ (as the national runs)")
     a = ap.parse_args()
     persons = 200_000 if a.quick else a.persons
     geo, hists, units, inv = synthetic(persons)
@@ -119,7 +120,7 @@ def main() -> int:
         def release(workers: int) -> Path:
             k[0] += 1
             return write_release(work / "releases", ReleaseMetadata(f"bench-{k[0]}", "bench", "0.1.0", "0" * 64),
-                                 geo, hists, units, inv, privacy, workers=workers)
+                                 geo, hists, units, inv, privacy, workers=workers, csv=not a.no_csv)
 
         # one process (workers=1) against the release's second process (workers=2: microdata and
         # the data-file check beside the tables and the explorer), alternated so both see the
@@ -142,7 +143,7 @@ def main() -> int:
         res["release_bytes"] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    res.update(persons=persons, blocks=geo.blocks.n_units, table_rows=rows,
+    res.update(persons=persons, blocks=geo.blocks.n_units, table_rows=rows, csv=not a.no_csv,
                ratio_release_vs_floor=res["write_release_s"] / res["io_floor_s"],
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     for key, v in res.items():

@@ -35,9 +35,10 @@ def run_stages(run_dir: Path) -> dict[str, dict]:
 
 class TreeCPU:
     """CPU seconds of this process and every descendant (worker pools, a fork server's children)
-    while the ``with`` block runs, sampled every ``interval`` seconds on a thread: a process's
-    last sample counts (it may end between samples), and processes that other processes reap
-    are counted in their parent's ``children_*`` times. ``cpu``: seconds, ``wall``: seconds,
+    while the ``with`` block runs, sampled every ``interval`` seconds on a thread: each process's
+    last sample counts (what it used between its last sample and its end, and a process shorter
+    than ``interval``, are missed; a reaped child's time is not taken again from its parent's
+    ``children_*``, which would count it twice). ``cpu``: seconds, ``wall``: seconds,
     ``utilisation``: cpu / wall (1.0 = one core busy)."""
 
     def __init__(self, interval: float = 0.05) -> None:
@@ -56,7 +57,7 @@ class TreeCPU:
             try:
                 with p.oneshot():
                     t = p.cpu_times()
-                    self._seen[(p.pid, p.create_time())] = t.user + t.system + t.children_user + t.children_system
+                    self._seen[(p.pid, p.create_time())] = t.user + t.system
             except psutil.NoSuchProcess:
                 continue
 
