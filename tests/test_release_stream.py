@@ -148,3 +148,32 @@ def test_a_failed_child_leaves_no_release(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(ReleaseError, match=message):
         _write_with(tmp_path, case, workers=2, persons=persons)
     assert list((tmp_path / "releases").iterdir()) == []  # no release, no partial folder
+
+
+def test_files_a_child_writes_get_the_writers_permissions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's worker pool (and so the fork server the release's child processes come from) is
+    started while the run's private files are written (umask 077); the microdata a publishing
+    child writes must still get the release's permissions, like every other file."""
+    from pipeline.files import private_files
+    from pipeline.job import executor as executor_mod
+
+    case = make_case(1, n_blocks=30)
+    monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
+    with private_files():  # as a job's shards start the pool: the fork server inherits umask 077
+        executor_mod.executor_for(2).map(abs, [1, 2])
+    try:
+        path = _write_with(tmp_path, case, workers=2)
+    finally:
+        executor_mod.close_executor()
+    modes = {p.relative_to(path).as_posix(): p.stat().st_mode & 0o777 for p in path.rglob("*") if p.is_file()}
+    expected = 0o666 & ~_umask()
+    assert modes["microdata/persons.parquet"] == expected, modes
+    assert set(modes.values()) == {expected}
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m

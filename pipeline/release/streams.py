@@ -6,6 +6,7 @@ what a file holds: the bytes are those the same rows written synchronously give.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -115,11 +116,16 @@ class RowGroups:
             self.writer.close()
 
 
-def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    """Child process of :class:`Background`: send ``("ok", fn(*args))`` or ``("error", text)``."""
+def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], umask: int) -> None:
+    """Child process of :class:`Background`: send ``("ok", fn(*args))`` or ``("error", text)``.
+    ``umask``: the parent's — the fork server may have been started with another (a job starts
+    its worker pool while writing its private run files), and the release's files must get the
+    permissions the writer's own get."""
+    import os
     import traceback
 
     try:
+        os.umask(umask)
         conn.send(("ok", fn(*args)))
     except BaseException as exc:  # the parent raises it; nothing may pass unreported
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
@@ -142,7 +148,9 @@ class Background:
         if background:
             ctx = multiprocessing.get_context("forkserver")
             self._conn, child = ctx.Pipe(duplex=False)
-            self._proc = ctx.Process(target=in_child, args=(child, fn, args), name=f"dptab-{what}", daemon=True)
+            umask = os.umask(0o077)
+            os.umask(umask)
+            self._proc = ctx.Process(target=in_child, args=(child, fn, args, umask), name=f"dptab-{what}", daemon=True)
             self._proc.start()
             child.close()
 
