@@ -65,6 +65,7 @@ cannot, since it sees only the geography it is given.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -77,7 +78,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.files import crash_point, sha256_file
-from pipeline.release.checks import Invariants, ReleaseChecks
+from pipeline.release.checks import CheckFailure, Invariants, ReleaseChecks
 
 if TYPE_CHECKING:
     from pipeline.model.geography import Geography
@@ -314,7 +315,7 @@ def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any,
 BACKGROUND_MIN_BLOCKS = 20_000
 
 
-def _check_contents(root: Path, manifest: Mapping[str, Any]) -> list[Any]:
+def _check_contents(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
     from pipeline.release.verify_data import verify_contents
 
     return verify_contents(root, manifest, regenerate=False)
@@ -412,8 +413,6 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
                               invariants.block_housing_units is not None, meta.estimator,
                               [lv.child_ptr for lv in geography.levels[:-1]])
-
-        import multiprocessing
 
         blocks = geography.levels[-1]
         background = (workers > 1 and len(blocks.geoids) >= BACKGROUND_MIN_BLOCKS
