@@ -633,3 +633,35 @@ def test_measurement_keys_compared_slice_by_slice_as_a_whole(seed: int) -> None:
     first = min(missing[:1].tolist() + extra[:1].tolist(), default=None)
     assert scan.first_diff == first
     assert scan.rows == drawn.size and scan.broken is None
+
+
+def _unit_row(df: pl.DataFrame, level: str, back: int) -> int:
+    """The first row of the ``back``-th last unit of ``level`` in a table file."""
+    rows = df.with_row_index("i").filter(pl.col("geolevel") == level)
+    n_lines = rows["line"].n_unique()
+    return int(rows["i"][rows.height - back * n_lines])
+
+
+LAYOUT_CASES = [
+    ("label", lambda df: set_at(df, _unit_row(df, "block", 2) + 1, "label", "Martian alone")),
+    ("geoid", lambda df: set_at(df, _unit_row(df, "block", 3), "geoid", str(df["geoid"][_unit_row(df, "block", 4)]))),
+    ("line", lambda df: set_at(df, _unit_row(df, "tract", 1) + 1, "line", -1)),
+]
+
+
+@pytest.mark.parametrize("column, tamper", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
+@pytest.mark.parametrize("regenerate", [False, True])
+def test_layout_tampering_is_found_by_the_data_check(release: Path, tmp_path: Path, column, tamper,
+                                                     regenerate: bool) -> None:
+    """The data-file check alone (the writer's self-check reads labels and GEOIDs as categories,
+    ``regenerate=False``; ``dptab verify`` regenerates every row) finds a wrong label, a unit's
+    GEOID or a line number deep in a table."""
+    from pipeline.release.verify_data import verify_contents
+
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert verify_contents(copy, manifest, regenerate=regenerate) == []
+    edit_parquet(copy, "tables/P3.parquet", tamper)
+    fails = verify_contents(copy, manifest, regenerate=regenerate)
+    assert any(f.table == "P3" and f.check in ("table_layout", "table_rows") for f in fails), fails

@@ -251,7 +251,7 @@ class _LevelRows:
         # the names from the first table; margins only where they differ between areas
         streams = [RowStream(self.root / "tables" / f"{t['name']}.parquet",
                              ["geoid", "line", "count"] + (["name"] if k == 0 else []) + (["moe90"] if self.per_area else []),
-                             self.runs.get(t["name"], (0, 0))[0]) for k, t in enumerate(self.tables)]
+                             self.runs.get(t["name"], (0, 0))[0], categorical=True) for k, t in enumerate(self.tables)]
         for s in range(0, self.n, READ_UNITS):
             k = min(s + READ_UNITS, self.n) - s
             geoids: list[str] | None = None

@@ -456,13 +456,23 @@ def frames_ahead(batches: Iterator[Any]) -> Iterator[pl.DataFrame]:
 class RowStream:
     """The rows of one Parquet file in file order from row ``start``, ``n`` at a time (read by
     record batches from the row group holding ``start`` on, so the file is never in memory whole;
-    the next batch is read ahead on a reader thread, :func:`frames_ahead`)."""
+    the next batch is read ahead on a reader thread, :func:`frames_ahead`).
+
+    With ``categorical`` the string columns come as polars ``Categorical`` (read from the file's
+    dictionary pages without building a string per row: ~3x faster for a reader that compares
+    them or uses one row in ``n_lines``, the check and the explorer; cast to ``Utf8`` where a
+    string is needed)."""
 
     def __init__(self, path: Path, columns: Sequence[str] | None = None, start: int = 0,
-                 batch_rows: int = 1 << 16) -> None:
+                 batch_rows: int = 1 << 16, categorical: bool = False) -> None:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         f = pq.ParquetFile(path)
+        if categorical:
+            strings = [fl.name for fl in f.schema_arrow if (pa.types.is_string(fl.type) or pa.types.is_large_string(fl.type))
+                       and (columns is None or fl.name in columns)]
+            f = pq.ParquetFile(path, read_dictionary=strings)
         md = f.metadata
         rg = first = 0
         while rg < md.num_row_groups and first + md.row_group(rg).num_rows <= start:

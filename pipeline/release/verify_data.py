@@ -55,16 +55,18 @@ def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> 
     parts: dict[str, list[np.ndarray]] = {lv: [] for lv, _ in runs}
     bounds = np.cumsum([0] + [n for _, n in runs])
     offset = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 20, columns=["geoid"]):
-        g = pl.Series(batch.column(0))
+    # read as dictionary indices: only one row in n_lines becomes a string
+    for batch in pq.ParquetFile(path, read_dictionary=["geoid"]).iter_batches(batch_size=1 << 20, columns=["geoid"]):
+        col = batch.column(0)
         for k, (lv, _) in enumerate(runs):
-            lo, hi = max(bounds[k], offset), min(bounds[k + 1], offset + len(g))
+            lo, hi = max(bounds[k], offset), min(bounds[k + 1], offset + len(col))
             if lo >= hi:
                 continue
             first = lo + (-(lo - bounds[k])) % n_lines  # the next row that starts a unit
             if first < hi:
-                parts[lv].append(g.slice(first - offset, hi - first).gather_every(n_lines).to_numpy().astype(str))
-        offset += len(g)
+                taken = col.take(np.arange(first - offset, hi - offset, n_lines))
+                parts[lv].append(pl.Series(taken).cast(pl.Utf8).to_numpy().astype(str))
+        offset += len(col)
     return {lv: np.concatenate(p) if p else np.zeros(0, dtype=str) for lv, p in parts.items()}
 
 
@@ -243,7 +245,9 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
     # without regenerating the rows, only the columns the layout and the checks read (the names,
     # the table column and moe90 are most of the decoding)
     columns = None if regenerate else ["geoid", "geolevel", "line", "label", "count"]
-    streams = {t.name: RowStream(root / "tables" / f"{t.name}.parquet", columns) for t in tables}
+    # (and those strings as categories: the layout compares them, the check reads one GEOID a unit)
+    streams = {t.name: RowStream(root / "tables" / f"{t.name}.parquet", columns, categorical=not regenerate)
+               for t in tables}
     block = geo[-1].level if geo else ""
     # household population and the other check lines, per unit of every level, from the microdata
     check_lines: dict[str, dict[str, np.ndarray]] = {lt.level: {} for lt in geo}
@@ -293,16 +297,15 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                     continue
                 sub = streams[t.name].take(min((e - s) * t.n_lines, rows - s * t.n_lines) if rows >= s * t.n_lines
                                            else 0)
-                label_of = dict(zip(t.numbers, t.labels))
                 ok = (rows == n * t.n_lines and sub.height == (e - s) * t.n_lines
                       and bool((sub["geolevel"] == level).all())
                       and np.array_equal(sub["line"].to_numpy(), np.tile(np.asarray(t.numbers), e - s))
-                      and not sub.select((pl.col("label") != pl.col("line").replace_strict(
-                          label_of, default=None, return_dtype=pl.Utf8)).fill_null(True).any()).item())
+                      and _labelled(sub, t))
                 if not ok:
                     out.append(fail("table_layout", f"{t.name} at {level}: rows are not every unit x lines "
                                      f"{t.numbers[0]}..{t.numbers[-1]} with the shell's labels", t.name, level))
-                elif not regenerate and not np.array_equal(sub["geoid"].gather_every(t.n_lines).to_numpy().astype(str), g):
+                elif not regenerate and not np.array_equal(
+                        sub["geoid"].gather_every(t.n_lines).cast(pl.Utf8).to_numpy().astype(str), g):
                     # (regenerating, the rows made from the counts and the units show where)
                     out.append(fail("table_layout", f"{t.name} at {level}: units differ from the other tables",
                                      t.name, level))
@@ -366,6 +369,17 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
             if t.name in csvs:
                 csvs[t.name].close()
     return checks.failures() + out
+
+
+def _labelled(rows: pl.DataFrame, t: Any) -> bool:
+    """Whether the ``label`` of ``rows`` (a whole number of units, lines in the shell's order) is
+    the shell's label of each line. A categorical column is compared by category codes (the
+    shell's labels cast to the column's own categories), never as a string per row."""
+    col, units = rows["label"], rows.height // t.n_lines
+    if col.dtype == pl.Categorical:
+        want = pl.Series(list(t.labels)).cast(col.dtype).to_physical().to_numpy()
+        return bool(col.null_count() == 0 and np.array_equal(col.to_physical().to_numpy(), np.tile(want, units)))
+    return bool(np.array_equal(col.to_numpy(), np.tile(np.asarray(t.labels, dtype=object), units)))
 
 
 def _geography_checks(tree: GeoTree, manifest: Mapping[str, Any]) -> list[CheckFailure]:
