@@ -253,7 +253,7 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
                 known[q] = (Fraction(s2), float(var))
         except (KeyError, ValueError) as exc:
             raise MeasurementError(f"{p}: not a measurement file written by measure_shard ({exc!r})") from None
-        read_measurement_rows(p, ["unit"]).clear()  # the one reader's column check
+        _check_columns(p)  # the one reader's column check (exactly the measurement columns)
     # lazily, one query at a time: with every answer drawn a block level has tens of millions of rows
     lf = pl.scan_parquet([str(p) for p in paths]).filter((pl.col("unit") >= start) & (pl.col("unit") < stop))
     wanted = list(queries) if queries is not None else list(known)
