@@ -111,10 +111,25 @@ def test_tampered_unbiased_estimate_is_caught(two_runs, tmp_path) -> None:
     assert any(p.check == "checksum" or "sha256" in str(p) for p in problems)
 
 
+def test_split_parts_by_hand() -> None:
+    """Root -> 2 states -> 5 counties (3 + 2) -> 10 blocks (4, 1, 1, 2, 2)."""
+    from pipeline.job.estimate import split_parts
+
+    ptrs = [np.array([0, 2]), np.array([0, 3, 5]), np.array([0, 4, 5, 6, 8, 10]), None]
+    units = [1, 2, 5, 10]
+    # two parts: the states (6 and 4 blocks)
+    assert split_parts(ptrs, units, 2) == (1, [(0, 1), (1, 2)])
+    # four: the counties, grouped up to 10 // 4 = 2 blocks (the first county, 4 blocks, alone)
+    assert split_parts(ptrs, units, 4) == (2, [(0, 1), (1, 3), (3, 4), (4, 5)])
+    # more parts than any level above the bottom has units: the blocks, one a part
+    assert split_parts(ptrs, units, 20) == (3, [(b, b + 1) for b in range(10)])
+
+
 def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path) -> None:
-    """The estimate stage fits one state's subtree at a time; its targets and line estimates are
-    those of one fit over the whole tree (two states)."""
-    from test_dask_executor import _two_states
+    """The estimate stage fits the tree in parts below a split level, in a pool of workers; its
+    targets and line estimates are those of one fit over the whole tree (two states), bitwise the
+    same with one worker or two, and so is the release."""
+    from test_dask_executor import _digests, _two_states
 
     from pipeline.job.estimate import read_line_estimates, read_targets
     from pipeline.postprocess.gls import GLSModel, LevelMeasurements
@@ -147,3 +162,14 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path) -> None:
             want = np.asarray((t.matrix.astype(np.float64) @ whole.levels[i].estimate.T).T)
             np.testing.assert_allclose(lines[(t.name, lv.name)], want, rtol=1e-9, atol=1e-8)
     assert verify_release(Path(out["release_path"])) == []
+    (tmp_path / "w2").mkdir()
+    two = stages.run(write_config(tmp_path / "w2", inputs, release_id="two", postprocess={"estimator": "full"},
+                                  execution={"workers": 2, "shard_target_cells": 20_000}), progress=False)
+    ctx2 = RunContext.load(two["run_dir"])
+    for lv in levels[:-1]:
+        for path in (ctx.rd.estimate_targets_path, ctx.rd.estimate_lines_path):
+            a = pl.read_parquet(path("persons", lv.name))
+            b = pl.read_parquet(getattr(ctx2.rd, path.__name__)("persons", lv.name))
+            assert a.equals(b), (path.__name__, lv.name)
+    assert not ctx2.rd.estimate_parts_dir("persons").exists()
+    assert _digests(Path(out["release_path"])) == _digests(Path(two["release_path"]))

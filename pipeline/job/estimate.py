@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,10 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DptabError
 from pipeline.job.context import RunContext
+from pipeline.job.executor import Executor
 from pipeline.job.plan import shard_bounds
 from pipeline.model.spec import HistogramSpec
-from pipeline.postprocess.gls import GLSModel, LevelMeasurements, stack_messages
+from pipeline.postprocess.gls import GLSModel, LevelMeasurements, Message, Posterior, Upward, _Boundary, stack_messages
 from pipeline.privacy.measure import load_measurements
 from pipeline.release.tables import TableDef, load_tables
 
@@ -73,13 +75,49 @@ def _level_files(ctx: RunContext, kind: str, level: str) -> list[Any]:
     return [ctx.rd.verified(ctx.rd.measurement_path(kind, level, s)) for s in range(len(shard_bounds(ctx, level)) - 1)]
 
 
-def _subtree(ctx: RunContext, kind: str, top: int) -> tuple[list[LevelMeasurements], list[tuple[int, int]]]:
-    """The measurements of unit ``top`` of level 1 and everything below it (levels 1..L-1, child
-    pointers rebased) and the unit range ``(lo, hi)`` of the subtree at each of those levels."""
+#: the up and down passes below the split level run on about this many parts (work items of
+#: the run's worker pool). A fixed number, not the worker count: every executor cuts the same
+#: parts and sums them in the same order, so the estimates are bitwise the same on any of them
+ESTIMATE_PARTS = 16
+
+
+def split_parts(child_ptrs: list[np.ndarray | None], n_units: list[int], parts: int = ESTIMATE_PARTS
+                ) -> tuple[int, list[tuple[int, int]]]:
+    """Where the estimate stage cuts the tree: the split level ``k`` (the shallowest level below
+    the root with at least ``parts`` units; the bottom level if none has) and the unit ranges
+    ``(lo, hi)`` of level ``k`` that make the parts, in order. Consecutive units are grouped until
+    a part holds ``1/parts`` of the bottom units (a unit larger than that is a part alone, so a
+    part never holds more than one large unit: a state at the national scale).
+
+    ``child_ptrs[i]``: int64 ``(n_units[i] + 1,)`` children of each unit of level ``i`` at level
+    ``i + 1`` (``None`` at the bottom); ``n_units``: units per level, root first."""
+    L = len(n_units)
+    k = next((i for i in range(1, L) if n_units[i] >= parts), L - 1)
+    below = np.arange(n_units[k] + 1, dtype=np.int64)  # level-k unit boundaries in bottom units
+    for i in range(k, L - 1):
+        ptr = child_ptrs[i]
+        assert ptr is not None
+        below = np.asarray(ptr, np.int64)[below]
+    size = np.diff(below)
+    goal = max(1, int(below[-1]) // parts)
+    ranges, lo, held = [], 0, 0
+    for u in range(n_units[k]):
+        held += int(size[u])
+        if held >= goal or u + 1 == n_units[k]:
+            ranges.append((lo, u + 1))
+            lo, held = u + 1, 0
+    return k, ranges
+
+
+def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int
+             ) -> tuple[list[LevelMeasurements], list[tuple[int, int]]]:
+    """The measurements of units ``lo:hi`` of level ``k`` and everything below them (levels
+    ``k..L-1``, child pointers rebased) and the unit range ``(lo, hi)`` of the part at each of
+    those levels."""
     spec, strategy, levels = ctx.spec(kind), ctx.strategies[kind], ctx.geography.levels
     out, ranges = [], []
-    lo, hi, ptr = top, top + 1, None
-    for i in range(1, len(levels)):
+    ptr = None
+    for i in range(k, len(levels)):
         lv = levels[i]
         meas = load_measurements(_level_files(ctx, kind, lv.name), spec, lo, hi, queries=list(strategy.queries(lv.name)))
         out.append(LevelMeasurements(ptr, {q: (m.values, m.variance) for q, m in meas.items()}, lv.name))
@@ -91,47 +129,123 @@ def _subtree(ctx: RunContext, kind: str, top: int) -> tuple[list[LevelMeasuremen
     return out, ranges
 
 
-def estimate_kind(ctx: RunContext, kind: str) -> tuple[dict[str, Any], list[Any]]:
-    """Fit the GLS over every level of ``kind``, streaming by subtree of the level below the root
-    (a state), and write the estimate files; returns the stage manifest (no data values) and the
-    files written.
+#: (kind, queries, spec name) -> GLSModel, per process (a worker fits many parts of one run)
+_MODELS: dict[tuple[str, tuple[str, ...], str], GLSModel] = {}
 
-    Three passes keep one state's subtree in memory at a time: (1) per state, the up pass — its
-    message to the root, and the sums of the information matrices the engine weights are fitted
-    to; (2) the root: its own measurements with every state's message, and the posterior of each
-    state; (3) per state again, the up pass (recomputed rather than held) and the down pass from
-    its posterior, appending its units' targets and line estimates to each level's files in unit
-    order."""
+
+def _model(ctx: RunContext, kind: str) -> GLSModel:
+    queries = tuple(q for lv in ctx.geography.levels for q in ctx.strategies[kind].queries(lv.name))
+    key = (kind, queries, ctx.spec(kind).name)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = GLSModel(ctx.spec(kind), list(queries))
+    return _MODELS[key]
+
+
+def _inner(ctx: RunContext) -> range:
+    """Levels with targets below the root: every level but the bottom."""
+    return range(1, len(ctx.geography.levels) - 1)
+
+
+def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[int, list[np.ndarray]]]:
+    """Pass (1) for one part (a work item): ``(run_dir, kind, k, lo, hi, part)`` -> the part's
+    message to the level above (``info``, ``h`` arrays per component, units ``lo:hi`` of level
+    ``k``) and the sums of the information matrices of its units at each level with targets. What
+    pass (3) needs of the up pass — every boundary but the one into the bottom level, whose change
+    of basis is most of the work and which no target or line needs — is saved to the part's file."""
+    run_dir, kind, k, lo, hi, part = item
+    ctx = RunContext.load(run_dir)
+    sub, _ = _subtree(ctx, kind, k, lo, hi)
+    up = _model(ctx, kind).upward(sub)
+    info = {i: (up.message.subtree_fit() if i == k else up.subtree(i - k)).information_sum()
+            for i in _inner(ctx) if i >= k}
+    if up.bounds:
+        arrays = {f"{b}.parent": bd.parent for b, bd in enumerate(up.bounds[:-1])}
+        for b, bd in enumerate(up.bounds[:-1]):
+            for name in ("cov", "z", "Cinv", "s"):
+                arrays.update({f"{b}.{name}.{j}": a for j, a in enumerate(getattr(bd, name))})
+        arrays.update({f"info.{j}": a for j, a in enumerate(up.message.info)})
+        arrays.update({f"h.{j}": a for j, a in enumerate(up.message.h)})
+        path = ctx.rd.estimate_parts_dir(kind) / f"up-{part:05d}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, sizes=np.asarray(up.sizes[:-1], np.int64), **arrays)
+    return up.message.info, up.message.h, info
+
+
+def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int, tuple[Path, Path]]:
+    """Pass (3) for one part: ``(run_dir, kind, k, lo, hi, part, mean, cov)`` with the posterior
+    of its top units from the fit above -> its rows of every level's targets and line estimates,
+    written to part files (``{level index: (targets part, lines part)}``; the stage appends them
+    in order). The up pass is pass (1)'s, read back without its bottom boundary."""
+    run_dir, kind, k, lo, hi, part, mean, cov = item
+    ctx = RunContext.load(run_dir)
+    model = _model(ctx, kind)
+    levels, queries = ctx.geography.levels, ctx.strategies[kind].queries
+    mine = [i for i in _inner(ctx) if i >= k]
+    if not mine:
+        return {}
+    parts = ctx.rd.estimate_parts_dir(kind)
+    with np.load(parts / f"up-{part:05d}.npz") as z:
+        sizes = tuple(int(x) for x in z["sizes"])
+        n_comp = len(model.components)
+        bounds = tuple(_Boundary(z[f"{b}.parent"], *(tuple(z[f"{b}.{name}.{j}"] for j in range(n_comp))
+                                                      for name in ("cov", "z", "Cinv", "s")))
+                       for b in range(len(sizes) - 1))
+        message = Message(model, tuple(z[f"info.{j}"] for j in range(n_comp)), tuple(z[f"h.{j}"] for j in range(n_comp)))
+    up = Upward(model, message, bounds, sizes, False)
+    fit = model.downward(up, Posterior(model, tuple(mean), tuple(cov)))
+    tables = _tables(ctx, kind)
+    out = {}
+    first = lo
+    for i in mine:
+        if i > k:
+            first = int(levels[i - 1].child_ptr[first])
+        fit_i = up.message.subtree_fit() if i == k else up.subtree(i - k)
+        paths = (parts / f"targets-{i}-{part:05d}.parquet", parts / f"lines-{i}-{part:05d}.parquet")
+        pq.write_table(_target_rows(fit_i, queries(levels[i].name), first), paths[0], compression="zstd")
+        pq.write_table(_line_rows(fit.levels[i - k], tables, first), paths[1], compression="zstd")
+        out[i] = paths
+    return out
+
+
+def estimate_kind(ctx: RunContext, kind: str, executor: Executor | None = None) -> tuple[dict[str, Any], list[Any]]:
+    """Fit the GLS over every level of ``kind`` and write the estimate files; returns the stage
+    manifest (no data values) and the files written.
+
+    The tree is cut at a split level ``k`` into parts (:func:`split_parts`: subtrees of
+    consecutive level-``k`` units), each a work item of ``executor`` (the run's worker pool;
+    one part's subtree in a worker's memory at a time): (1) per part, the up pass — its message
+    to the level above, and the sums of the information matrices the engine weights are fitted
+    to; (2) here, levels ``0..k-1``: their own measurements with every part's message, the down
+    pass over them and the posterior of each level-``k`` unit; (3) per part again, the down pass
+    from its posterior (over pass (1)'s saved up pass), writing its units' targets and line
+    estimates to part files, which are appended to each level's files in unit order."""
     t0 = time.perf_counter()
-    spec, strategy, levels = ctx.spec(kind), ctx.strategies[kind], ctx.geography.levels
+    strategy, levels = ctx.strategies[kind], ctx.geography.levels
     if len(levels) < 2:
         raise EstimateError("the full estimator needs a hierarchy of at least two levels")
-    n_top = int(levels[1].n_units)
-    root_meas = load_measurements(_level_files(ctx, kind, levels[0].name), spec, 0, 1,
-                                  queries=list(strategy.queries(levels[0].name)))
-    root = LevelMeasurements(None, {q: (m.values, m.variance) for q, m in root_meas.items()}, levels[0].name)
-    model = GLSModel(spec, [q for lv in levels for q in strategy.queries(lv.name)])
-    inner = range(1, len(levels) - 1)  # levels with targets below the root: every level but the bottom
+    run = executor or Executor(1)
+    k, ranges = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
+                            [int(lv.n_units) for lv in levels])
+    for lv in levels:  # checked once here, not by every part in every worker
+        _level_files(ctx, kind, lv.name)
+    model = _model(ctx, kind)
+    inner = _inner(ctx)
+    run_dir = str(ctx.rd.root)
+    shutil.rmtree(ctx.rd.estimate_parts_dir(kind), ignore_errors=True)  # an attempt killed part-way
+    ups = run.map(_part_up, [(run_dir, kind, k, lo, hi, p) for p, (lo, hi) in enumerate(ranges)])  # (1)
     info_sum: dict[int, list[np.ndarray]] = {}
-    messages = []
-    # With one subtree (a one-state release) pass (3) would redo exactly pass (1)'s reading and up
-    # pass: that subtree is kept instead (no more memory than pass (3) holds anyway). With several,
-    # keeping them all would hold the whole country; they are recomputed.
-    held: tuple[list[LevelMeasurements], list[tuple[int, int]], Any] | None = None
-    for s in range(n_top):  # (1)
-        sub, ranges = _subtree(ctx, kind, s)
-        up = model.upward(sub)
-        messages.append(up.message)
-        for i in inner:
-            part = up.message.subtree_fit() if i == 1 else up.subtree(i - 1)
-            add = part.information_sum()
+    for _, _, info in ups:
+        for i, add in info.items():
             info_sum[i] = add if i not in info_sum else [a + b for a, b in zip(info_sum[i], add)]
-        if n_top == 1:
-            held = (sub, ranges, up)
-        del up, sub
-    top = model.upward([root], below=stack_messages(messages), below_child_ptr=levels[0].child_ptr)  # (2)
-    top_fit = model.downward(top)
+    below = stack_messages([Message(model, info, h) for info, h, _ in ups])
+    del ups
+    upper = model.upward(_levels_above(ctx, kind, k), below=below, below_child_ptr=levels[k - 1].child_ptr)  # (2)
+    top_fit = model.downward(upper)
     assert top_fit.below is not None
+    for i in inner:
+        if i < k:
+            info_sum[i] = upper.subtree(i).information_sum()
     weights = {i: _weights(strategy.queries(levels[i].name), top_fit.levels[0], info_sum[i], int(levels[i].n_units))
                for i in inner}
     weights[0] = _weights(strategy.queries(levels[0].name), top_fit.levels[0], None, 1)
@@ -140,27 +254,36 @@ def estimate_kind(ctx: RunContext, kind: str) -> tuple[dict[str, Any], list[Any]
                for i in [0, *inner]}
     lines = {i: _Appender(ctx.rd.estimate_lines_path(kind, levels[i].name)) for i in [0, *inner]}
     try:
-        root_fit = top_fit.levels[0]
-        targets[0].add(_target_rows(root_fit, strategy.queries(levels[0].name), 0))
-        lines[0].add(_line_rows(root_fit, tables, 0))
-        for s in range(n_top):  # (3)
-            if held is not None:
-                sub, ranges, up = held
-                held = None
-            else:
-                sub, ranges = _subtree(ctx, kind, s)
-                up = model.upward(sub)
-            fit = model.downward(up, top_fit.below.select(s, s + 1))
-            for i in inner:
-                part = up.message.subtree_fit() if i == 1 else up.subtree(i - 1)
-                lo = ranges[i - 1][0]
-                targets[i].add(_target_rows(part, strategy.queries(levels[i].name), lo))
-                lines[i].add(_line_rows(fit.levels[i - 1], tables, lo))
-            del up, fit, sub
+        targets[0].add(_target_rows(top_fit.levels[0], strategy.queries(levels[0].name), 0))
+        lines[0].add(_line_rows(top_fit.levels[0], tables, 0))
+        for i in inner:
+            if i < k:
+                targets[i].add(_target_rows(upper.subtree(i), strategy.queries(levels[i].name), 0))
+                lines[i].add(_line_rows(top_fit.levels[i], tables, 0))
+        post = top_fit.below
+        parts = run.map(_part_down, [(run_dir, kind, k, lo, hi, p, post.select(lo, hi).mean, post.select(lo, hi).cov)
+                                     for p, (lo, hi) in enumerate(ranges)])  # (3)
+        for written in parts:
+            for i, (tpath, lpath) in sorted(written.items()):
+                targets[i].add(pq.read_table(tpath))
+                lines[i].add(pq.read_table(lpath))
     finally:
-        written = [a.close() for a in [*targets.values(), *lines.values()]]
-    return {"kind": kind, "levels": len(levels), "subtrees": n_top,
-            "seconds": round(time.perf_counter() - t0, 3)}, written
+        files = [a.close() for a in [*targets.values(), *lines.values()]]
+        shutil.rmtree(ctx.rd.estimate_parts_dir(kind), ignore_errors=True)
+    return {"kind": kind, "levels": len(levels), "split_level": levels[k].name, "parts": len(ranges),
+            "seconds": round(time.perf_counter() - t0, 3)}, files
+
+
+def _levels_above(ctx: RunContext, kind: str, k: int) -> list[LevelMeasurements]:
+    """The measurements of every unit of levels ``0..k-1`` (the tree above the split level)."""
+    spec, strategy, levels = ctx.spec(kind), ctx.strategies[kind], ctx.geography.levels
+    out = []
+    for i in range(k):
+        meas = load_measurements(_level_files(ctx, kind, levels[i].name), spec, 0, int(levels[i].n_units),
+                                 queries=list(strategy.queries(levels[i].name)))
+        out.append(LevelMeasurements(None if i == 0 else levels[i - 1].child_ptr,
+                                     {q: (m.values, m.variance) for q, m in meas.items()}, levels[i].name))
+    return out
 
 
 def _weights(queries: tuple[str, ...], fit: Any, information: list[np.ndarray] | None, units: int) -> dict[str, float]:

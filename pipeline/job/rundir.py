@@ -149,6 +149,11 @@ class RunDir:
         """The full estimator's targets for the units of one level (``pipeline.job.estimate``)."""
         return self.root / "estimates" / kind / level / "targets.parquet"
 
+    def estimate_parts_dir(self, kind: str) -> Path:
+        """Scratch of the estimate stage of one kind: each part's up pass and rows, removed when the
+        stage's files are written (``pipeline.job.estimate``)."""
+        return self.root / "estimates" / kind / "parts"
+
     def estimate_lines_path(self, kind: str, level: str) -> Path:
         """The full estimator's per-line estimates and variances of one level (``pipeline.job.estimate``)."""
         return self.root / "estimates" / kind / level / "lines.parquet"
