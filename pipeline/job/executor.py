@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -73,6 +73,17 @@ class Executor:
         for k, _ in enumerate(as_completed(futures), start=1):
             on_done(k, total)
         return [f.result() for f in futures]
+
+    def submit(self, fn: Callable[[T], R], item: T) -> "Future[R]":
+        """``fn(item)`` as a future: in the worker pool when parallel, else run here at once."""
+        if self.parallel:
+            return self._get_pool().submit(fn, item)
+        done: Future[R] = Future()
+        try:
+            done.set_result(fn(item))
+        except BaseException as exc:  # raised by the future's result(), as from a worker
+            done.set_exception(exc)
+        return done
 
     def _get_pool(self) -> ProcessPoolExecutor:
         with self._lock:

@@ -131,7 +131,7 @@ def stage_shard(run_dir: str | Path, kind: str, level: str, shard: int, action: 
         if action == "estimate":
             from pipeline.job.estimate import estimate_kind
 
-            info, files = estimate_kind(ctx, kind)
+            info, files = estimate_kind(ctx, kind, executor_for(ctx.cfg.execution.workers))
         elif action == "measure":
             info = measure_only(ctx, kind, level, shard, shard_bounds(ctx, level))
             files = [ctx.rd.measurement_path(kind, level, shard)]
@@ -206,6 +206,29 @@ class _ShardWindow:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class _PooledShards:
+    """The shards of a ``measure`` step (the full estimator's draws: no solve, so nothing to
+    spread over the pool from a thread) as work items of the run's worker pool, one process per
+    shard at a time; same interface as :class:`_ShardWindow`. A shard's noise is keyed by (run
+    kind, level, shard) and its stage is recorded under the run directory's lock, so where it runs
+    changes nothing (as on a Dask cluster)."""
+
+    def __init__(self, executor: Any, run_dir: str | Path, step: Any) -> None:
+        self.futures = {s: executor.submit(_stage_shard_item, (str(run_dir), step.kind, step.level, s, step.action))
+                        for s in step.shards}
+
+    def result(self, s: int) -> dict[str, Any]:
+        return self.futures.pop(s).result()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """Drop the shards not started; those running finish (their files stay whole)."""
+        for f in self.futures.values():
+            f.cancel()
+        for f in self.futures.values():
+            if not f.cancelled():
+                f.exception()  # waits; a failure was already raised by result() if it mattered
+
+
 def solve_levels(run_dir: str | Path,
                  each_level: Callable[[str, Any, Callable[[int], dict[str, Any]], list[str]], None] | None = None
                  ) -> list[dict[str, Any]]:
@@ -219,7 +242,8 @@ def solve_levels(run_dir: str | Path,
     dask = DaskExecutor(ctx.cfg.execution.dask_address) if ctx.cfg.execution.executor == "dask" else None
     # with a worker pool, one shard more than workers; without one (workers: 1) shards would only
     # take turns on this process's one core, each holding its data: one at a time
-    in_flight = ctx.cfg.execution.workers + 1 if executor_for(ctx.cfg.execution.workers).parallel else 1
+    pool = executor_for(ctx.cfg.execution.workers)
+    in_flight = ctx.cfg.execution.workers + 1 if pool.parallel else 1
     summaries = []
     try:
         for step in plan(ctx):
@@ -229,7 +253,9 @@ def solve_levels(run_dir: str | Path,
                 dask.map(_stage_shard_item, [(str(run_dir), step.kind, step.level, s, step.action)
                                              for s in step.shards])
             else:
-                window = _ShardWindow(step.shards, run_shard, in_flight if len(step.shards) > 1 else 1)
+                window: _ShardWindow | _PooledShards = (
+                    _PooledShards(pool, run_dir, step) if step.action == "measure" and pool.parallel
+                    else _ShardWindow(step.shards, run_shard, in_flight if len(step.shards) > 1 else 1))
                 try:
                     if each_level is None:
                         for s in step.shards:
