@@ -51,6 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DptabError
+from pipeline.files import private_files
 from pipeline.job.context import RunContext
 from pipeline.job.executor import Executor
 from pipeline.job.plan import shard_bounds
@@ -167,8 +168,9 @@ def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[
         arrays.update({f"info.{j}": a for j, a in enumerate(up.message.info)})
         arrays.update({f"h.{j}": a for j, a in enumerate(up.message.h)})
         path = ctx.rd.estimate_parts_dir(kind) / f"up-{part:05d}.npz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, sizes=np.asarray(up.sizes[:-1], np.int64), **arrays)
+        with private_files():  # confidential, like every run file (a worker's umask is its own)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, sizes=np.asarray(up.sizes[:-1], np.int64), **arrays)
     return up.message.info, up.message.h, info
 
 
@@ -202,8 +204,9 @@ def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int,
             first = int(levels[i - 1].child_ptr[first])
         fit_i = up.message.subtree_fit() if i == k else up.subtree(i - k)
         paths = (parts / f"targets-{i}-{part:05d}.parquet", parts / f"lines-{i}-{part:05d}.parquet")
-        pq.write_table(_target_rows(fit_i, queries(levels[i].name), first), paths[0], compression="zstd")
-        pq.write_table(_line_rows(fit.levels[i - k], tables, first), paths[1], compression="zstd")
+        with private_files():
+            pq.write_table(_target_rows(fit_i, queries(levels[i].name), first), paths[0], compression="zstd")
+            pq.write_table(_line_rows(fit.levels[i - k], tables, first), paths[1], compression="zstd")
         out[i] = paths
     return out
 
