@@ -185,9 +185,12 @@ def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
     """
     if "geoid" in persons.columns:
         return generic_histogram(persons, block_geoids, spec)
-    rows = _counted(persons, pl.concat_str(["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"]),
-                    ["GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
-    g = np.asarray(block_geoids).astype(str)
+    # counted by the geography columns themselves (strings or categories), the block key built
+    # once per group, not once per person
+    geo = ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"]
+    rows = persons.group_by([*geo, "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"], maintain_order=True).agg(
+        pl.len().alias("_n")).with_columns(pl.concat_str([pl.col(c).cast(pl.Utf8) for c in geo]).alias("_key"))
+    g = np.asarray(block_geoids).astype(str, copy=False)  # (a sorted str array is not copied per batch)
     keys = rows["_key"].to_numpy().astype(str)
     unit = np.searchsorted(g, keys)
     unit_c = np.clip(unit, 0, max(len(g) - 1, 0))
@@ -196,6 +199,6 @@ def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
         raise MicrodataError(f"microdata rows in blocks that are not published, e.g. {bad.tolist()}")
     cells = spec.cell_index(
         hhgq=rows["GQTYPE_PL"].to_numpy(), voting_age=rows["VOTING_AGE"].to_numpy() - 1,
-        hispanic=rows["CENHISP"].to_numpy() - 1, cenrace=rows["CENRACE"].cast(pl.Int64).to_numpy(),
+        hispanic=rows["CENHISP"].to_numpy() - 1, cenrace=rows["CENRACE"].cast(pl.Utf8).cast(pl.Int64).to_numpy(),
     )
     return _tabulated(unit_c, cells, rows["_n"].to_numpy(), spec.n_cells)

@@ -94,17 +94,11 @@ def _microdata_histogram(root: Path, ts: TableSet, block: LevelTables,
         names = f.schema_arrow.names
         wanted = (["geoid", *(a.name for a in spec.attributes)] if "geoid" in names else
                   ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK", "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
+        # the PPMF geography columns as categories: a few distinct values per batch, decoded once
+        geo = [c for c in ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK") if c in names]
+        f = pq.ParquetFile(path, read_dictionary=geo)
         for persons in frames_ahead(f.iter_batches(batch_size=1 << 20, columns=[c for c in wanted if c in names])):
-            lo, hi = 0, len(g)
-            if "geoid" not in persons.columns and persons.height:
-                # PPMF rows sort by block: look their blocks up among the published blocks between
-                # the batch's first and last GEOID only (never a copy of every block per batch)
-                keys = persons.select(pl.concat_str(["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"])
-                                      .alias("k")).select(pl.col("k").min().alias("a"), pl.col("k").max().alias("b"))
-                lo = int(np.searchsorted(g, str(keys["a"][0]), side="left"))
-                hi = int(np.searchsorted(g, str(keys["b"][0]), side="right"))
-            unit, cell, count = histogram_from_microdata(persons, g[lo:hi], spec)
-            parts.append((unit + lo, cell, count))
+            parts.append(histogram_from_microdata(persons, g, spec))
     except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as exc:
         return None, [fail("unreadable", f"microdata/persons.parquet: {exc}")]
     except (MicrodataError, ValueError) as exc:
