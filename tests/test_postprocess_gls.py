@@ -193,6 +193,46 @@ def test_tiny_spec_matches_dense_gls(tiny, seed):
         np.testing.assert_allclose(v, vref, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("spec_name", ["tiny", "pl94"])
+def test_covariances_without_means_are_bitwise_those_with_means(tiny, spec_name):
+    """A pass without means (the margins of error's) gives bitwise the covariances of a full
+    pass on the same design, at every level and through a split (stacked messages); it carries
+    no estimates."""
+    spec = tiny if spec_name == "tiny" else PL94
+    rng = np.random.default_rng(11)
+    ptrs = random_tree(rng, 4, max_children=4)
+    if spec_name == "tiny":
+        qsets = [["total", "a"], ["bgrp", "a*c"], ["agrp*bgrp"], ["detailed", "b*c"]]
+        variances = None
+    else:
+        qsets, variances = strategy_levels(4)
+    levels = measure(spec, ptrs, qsets, rng, variances)
+    with_means = gls.fit(spec, levels)
+    without = gls.fit(spec, levels, means=False)
+    for a, b in zip(with_means.levels, without.levels):
+        assert b.posterior.mean is None and b.n_units == a.n_units
+        for ca, cb in zip(a.posterior.cov, b.posterior.cov):
+            assert np.array_equal(ca, cb)
+    with pytest.raises(PostprocessError, match="covariances only"):
+        without.levels[-1].estimate
+    # split below the root: the stacked messages carry no h, the covariances are the same
+    model = gls.GLSModel(spec, [q for lv in levels for q in lv.measured])
+    ups = [model.upward(_subtree(levels, 1, u), means=False) for u in range(int(ptrs[1][-1]))]
+    top = model.upward(levels[:1], below=gls.stack_messages([u.message for u in ups]),
+                       below_child_ptr=ptrs[1], means=False)
+    assert top.message.h is None
+    below = model.downward(top).below
+    assert below is not None
+    for u, up in enumerate(ups):
+        fit_u = model.downward(up, below.select(u, u + 1))
+        lo, hi = u, u + 1
+        for i, lf in enumerate(fit_u.levels):
+            if i:
+                lo, hi = int(ptrs[i + 1][lo]), int(ptrs[i + 1][hi])
+            for ca, cb in zip(with_means.levels[i + 1].posterior.cov, lf.posterior.cov):
+                np.testing.assert_allclose(cb, ca[lo:hi], rtol=1e-10, atol=1e-12)
+
+
 def test_tiny_algebra_blocks(tiny):
     """The recode and the zeros split the axes as documented: `a` by agrp ({0,1},{2}); `b` by
     bgrp and the zero sets (0, 1 and 3 singletons, so 2 too); `c` by z2; kept axes add nothing."""

@@ -348,9 +348,10 @@ class GLSModel:
 
     # -- the passes -----------------------------------------------------------------------
 
-    def _level_terms(self, lv: LevelMeasurements, i: int, n: int
+    def _level_terms(self, lv: LevelMeasurements, i: int, n: int, means: bool = True
                      ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """(A per component (m', m'), b per component (n, m', r) or None if nothing measured)."""
+        """(A per component (m', m'), b per component (n, m', r) or None if nothing measured or
+        not ``means``)."""
         A = [np.zeros((c.free.size, c.free.size)) for c in self.components]
         if not lv.measured:
             return A, None
@@ -382,6 +383,8 @@ class GLSModel:
                 b += self._expand(q, y[lo:hi]) * (1.0 / v)
             return b
 
+        if not means:
+            return A, None
         if not any(np.any(y) for y, _, _ in terms):
             # Qᵀ0 = 0: the margins of error fit the design alone on zero data (the covariances
             # never depend on the data), so the change of basis of the data is skipped
@@ -438,11 +441,15 @@ class GLSModel:
         return ptr
 
     def upward(self, levels: Sequence[LevelMeasurements], below: Message | None = None,
-               below_child_ptr: np.ndarray | None = None) -> Upward:
+               below_child_ptr: np.ndarray | None = None, means: bool = True) -> Upward:
         """Up pass over ``levels`` (top first). ``levels[k+1].child_ptr`` places level ``k+1``
         under level ``k``; ``levels[0].child_ptr`` is ignored. With ``below`` (stacked
         messages of subtrees, placed under ``levels[-1]`` by ``below_child_ptr``) the bottom of
-        ``levels`` is an internal level; otherwise it is the leaf level and must identify x."""
+        ``levels`` is an internal level; otherwise it is the leaf level and must identify x.
+
+        Without ``means`` only the covariances are carried (no ``h``, no estimates): what the
+        margins of error need, as the covariances never depend on the data; the covariances
+        are bitwise those of a pass with means."""
         if not levels:
             raise PostprocessError("GLS: no levels")
         if (below is None) != (below_child_ptr is None):
@@ -455,17 +462,18 @@ class GLSModel:
                                int(np.asarray(below_child_ptr).size - 1)) for i in range(L)]
         bounds: list[_Boundary] = []
         J: list[np.ndarray] = []
-        h: list[np.ndarray] = []
+        h: list[np.ndarray] | None = [] if means else None
         if below is not None:
-            J, h = list(below.info), list(below.h)
+            J = list(below.info)
+            h = list(below.h) if below.h is not None and means else None
         for i in range(L - 1, -1, -1):
             lv, n = levels[i], sizes[i]
             where = f"level {i}{f' ({lv.name})' if lv.name else ''}"
-            A, b = self._level_terms(lv, i, n)
+            A, b = self._level_terms(lv, i, n, means and h is not None)
             if i == L - 1 and below is None:
                 self._check_identified(A, where)
                 J = [a[None] for a in A]  # shared by every leaf
-                h = b if b is not None else []
+                h = (b if b is not None else []) if means else None
                 continue
             n_child = n_below if i == L - 1 else sizes[i + 1]
             assert n_child is not None
@@ -474,12 +482,12 @@ class GLSModel:
             bd = _Boundary.make(ptr, J, h, n_child)
             bounds.append(bd)
             J = [a[None] + ci for a, ci in zip(A, bd.Cinv)]
-            h = [ci @ s for ci, s in zip(bd.Cinv, bd.s)]
-            if b is not None:
+            h = None if bd.s is None else [ci @ s for ci, s in zip(bd.Cinv, bd.s)]
+            if b is not None and h is not None:
                 h = [hk + bk for hk, bk in zip(h, b)]
         bounds.reverse()
         top = Message(self, tuple(np.broadcast_to(j, (sizes[0],) + j.shape[1:]).copy()
-                                  for j in J), tuple(h))
+                                  for j in J), None if h is None else tuple(h))
         return Upward(self, top, tuple(bounds), tuple(sizes), below is not None)
 
     def _check_identified(self, A: Sequence[np.ndarray], where: str) -> None:
@@ -498,8 +506,8 @@ class GLSModel:
             raise PostprocessError("GLS: the up pass was run by another GLSModel")
         if top is None:
             P = [_sym(np.linalg.inv(j)) for j in up.message.info]
-            mean = [p @ hh for p, hh in zip(P, up.message.h)]
-            post = Posterior(self, tuple(mean), tuple(P))
+            h = up.message.h
+            post = Posterior(self, None if h is None else tuple(p @ hh for p, hh in zip(P, h)), tuple(P))
         else:
             if top.model is not self or top.n_units != up.sizes[0]:
                 raise PostprocessError(f"GLS: top posterior has {top.n_units} units from model "
@@ -526,11 +534,12 @@ def _sym(M: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Message:
     """What a subtree tells the level above, per top unit and component: the information
-    matrix ``info[k]`` (n, m', m') (1/persons²) and vector ``h[k]`` (n, m', r) (1/persons)."""
+    matrix ``info[k]`` (n, m', m') (1/persons²) and vector ``h[k]`` (n, m', r) (1/persons;
+    ``None`` from an up pass without means)."""
 
     model: GLSModel = field(repr=False)
     info: tuple[np.ndarray, ...]
-    h: tuple[np.ndarray, ...]
+    h: tuple[np.ndarray, ...] | None
 
     @property
     def n_units(self) -> int:
@@ -540,7 +549,8 @@ class Message:
         """The top units estimated from their own subtrees only: ``J⁻¹h`` with covariance ``J⁻¹``
         (what :meth:`Upward.subtree` gives for the levels below the top)."""
         cov = tuple(_sym(np.linalg.inv(j)) for j in self.info)
-        return LevelFit(self.model, Posterior(self.model, tuple(c @ h for c, h in zip(cov, self.h)), cov))
+        mean = None if self.h is None else tuple(c @ h for c, h in zip(cov, self.h))
+        return LevelFit(self.model, Posterior(self.model, mean, cov))
 
 
 def stack_messages(messages: Sequence[Message]) -> Message:
@@ -551,26 +561,29 @@ def stack_messages(messages: Sequence[Message]) -> Message:
     if any(m.model is not model for m in messages):
         raise PostprocessError("GLS: messages from different GLSModels")
     k = len(model.components)
+    hs = [m.h for m in messages]
     return Message(model, tuple(np.concatenate([m.info[j] for m in messages]) for j in range(k)),
-                   tuple(np.concatenate([m.h[j] for m in messages]) for j in range(k)))
+                   None if any(h is None for h in hs) else
+                   tuple(np.concatenate([h[j] for h in hs if h is not None]) for j in range(k)))
 
 
 @dataclass(frozen=True)
 class Posterior:
     """Per unit and component: ``mean[k]`` (n, m', r) in persons and covariance ``cov[k]``
-    (n, m', m') in persons² (the covariance is ``cov[k] ⊗ I_r`` on the component)."""
+    (n, m', m') in persons² (the covariance is ``cov[k] ⊗ I_r`` on the component); ``mean`` is
+    ``None`` from a pass without means."""
 
     model: GLSModel = field(repr=False)
-    mean: tuple[np.ndarray, ...]
+    mean: tuple[np.ndarray, ...] | None
     cov: tuple[np.ndarray, ...]
 
     @property
     def n_units(self) -> int:
-        return int(self.mean[0].shape[0]) if self.mean else 0
+        return int(self.cov[0].shape[0]) if self.cov else 0
 
     def select(self, start: int, stop: int) -> Posterior:
         """Units ``start:stop`` (e.g. one state's, to start its subtree's down pass)."""
-        return Posterior(self.model, tuple(m[start:stop] for m in self.mean),
+        return Posterior(self.model, None if self.mean is None else tuple(m[start:stop] for m in self.mean),
                          tuple(c[start:stop] for c in self.cov))
 
 
@@ -580,36 +593,40 @@ class _Boundary:
 
     parent: np.ndarray  # int64 (n_child,) parent index of each child
     cov: tuple[np.ndarray, ...]  # children's subtree covariance J_c^-1, (n_c or 1, m', m')
-    z: tuple[np.ndarray, ...]  # children's subtree estimates (n_c, m', r)
+    z: tuple[np.ndarray, ...] | None  # children's subtree estimates (n_c, m', r); None without means
     Cinv: tuple[np.ndarray, ...]  # (Σ_c cov_c)^-1 per parent (n_v, m', m')
-    s: tuple[np.ndarray, ...]  # Σ_c z_c per parent (n_v, m', r)
+    s: tuple[np.ndarray, ...] | None  # Σ_c z_c per parent (n_v, m', r); None without means
 
     @staticmethod
-    def make(ptr: np.ndarray, J: Sequence[np.ndarray], h: Sequence[np.ndarray],
+    def make(ptr: np.ndarray, J: Sequence[np.ndarray], h: Sequence[np.ndarray] | None,
              n_child: int) -> _Boundary:
         starts = ptr[:-1]
         parent = np.repeat(np.arange(starts.size), np.diff(ptr))
         cov, z, Cinv, s = [], [], [], []
-        for j, hh in zip(J, h):
+        for k, j in enumerate(J):
             cv = _sym(np.linalg.inv(j))
-            zc = cv @ hh
             full = np.broadcast_to(cv, (n_child,) + cv.shape[1:])
             C = np.add.reduceat(full, starts, axis=0)
             cov.append(cv)
-            z.append(zc)
             Cinv.append(_sym(np.linalg.inv(C)))
-            s.append(np.add.reduceat(zc, starts, axis=0))
-        return _Boundary(parent, tuple(cov), tuple(z), tuple(Cinv), tuple(s))
+            if h is not None:
+                zc = cv @ h[k]
+                z.append(zc)
+                s.append(np.add.reduceat(zc, starts, axis=0))
+        return _Boundary(parent, tuple(cov), None if h is None else tuple(z), tuple(Cinv),
+                         None if h is None else tuple(s))
 
     def down(self, model: GLSModel, post: Posterior) -> Posterior:
+        means = self.z is not None and self.s is not None and post.mean is not None
         mean, cov = [], []
-        for cv, zc, ci, s, mv, Pv in zip(self.cov, self.z, self.Cinv, self.s, post.mean,
-                                          post.cov):
+        for k, (cv, ci, Pv) in enumerate(zip(self.cov, self.Cinv, post.cov)):
             K = cv @ ci[self.parent]  # (n_c, m', m')
-            mean.append(zc + K @ (mv - s)[self.parent])
+            if means:
+                assert self.z is not None and self.s is not None and post.mean is not None
+                mean.append(self.z[k] + K @ (post.mean[k] - self.s[k])[self.parent])
             KT = np.swapaxes(K, -1, -2)
             cov.append(_sym(cv - K @ cv + K @ Pv[self.parent] @ KT))
-        return Posterior(model, tuple(mean), tuple(cov))
+        return Posterior(model, tuple(mean) if means else None, tuple(cov))
 
 
 @dataclass(frozen=True)
@@ -656,6 +673,8 @@ class LevelFit:
     @cached_property
     def estimate(self) -> np.ndarray:
         """float64 ``(n_units, d)``: BLUE of every cell (persons), consistent, zeros exactly 0."""
+        if self.posterior.mean is None:
+            raise PostprocessError("GLS: this fit carried covariances only (an up pass without means)")
         return self.model.from_components(self.posterior.mean)
 
     def query(self, q: str) -> np.ndarray:
@@ -791,7 +810,8 @@ class GLSFit:
     below: Posterior | None = None
 
 
-def fit(spec: HistogramSpec, levels: Sequence[LevelMeasurements]) -> GLSFit:
-    """The exact hierarchical GLS of a whole tree (``levels[0]``: the root level)."""
+def fit(spec: HistogramSpec, levels: Sequence[LevelMeasurements], means: bool = True) -> GLSFit:
+    """The exact hierarchical GLS of a whole tree (``levels[0]``: the root level); without
+    ``means``, its covariances only (:meth:`GLSModel.upward`)."""
     model = GLSModel(spec, (q for lv in levels for q in lv.measured))
-    return model.downward(model.upward(levels))
+    return model.downward(model.upward(levels, means=means))

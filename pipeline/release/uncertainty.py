@@ -276,7 +276,7 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
             measured={q: (np.zeros((sizes[i], spec.query(q).n_answers)), float(v))
                       for q, v in variances[kind].get(level, {}).items()})
             for i, level in enumerate(levels)]
-        g = fit(spec, data)
+        g = fit(spec, data, means=False)  # the covariances alone: the data never enter them
         ones = [np.ones(n, np.float64) for n in spec.shape]
         for i, level in enumerate(levels):
             est = g.levels[i]
