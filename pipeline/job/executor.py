@@ -75,15 +75,8 @@ class Executor:
         return [f.result() for f in futures]
 
     def submit(self, fn: Callable[[T], R], item: T) -> "Future[R]":
-        """``fn(item)`` as a future: in the worker pool when parallel, else run here at once."""
-        if self.parallel:
-            return self._get_pool().submit(fn, item)
-        done: Future[R] = Future()
-        try:
-            done.set_result(fn(item))
-        except BaseException as exc:  # raised by the future's result(), as from a worker
-            done.set_exception(exc)
-        return done
+        """``fn(item)`` in the worker pool, as a future (callers check :attr:`parallel` first)."""
+        return self._get_pool().submit(fn, item)
 
     def _get_pool(self) -> ProcessPoolExecutor:
         with self._lock:
