@@ -233,6 +233,27 @@ def test_covariances_without_means_are_bitwise_those_with_means(tiny, spec_name)
                 np.testing.assert_allclose(cb, ca[lo:hi], rtol=1e-10, atol=1e-12)
 
 
+def test_up_pass_above_the_bottom_round_trips_through_arrays(tiny):
+    """An up pass kept without its bottom boundary and restored from its arrays (the estimate
+    stage's scratch file) gives bitwise the down pass of every level above the bottom."""
+    rng = np.random.default_rng(5)
+    ptrs = random_tree(rng, 4, max_children=4)
+    levels = measure(tiny, ptrs, [["total", "a"], ["bgrp"], ["a*c"], ["detailed"]], rng)
+    model = gls.GLSModel(tiny, [q for lv in levels for q in lv.measured])
+    up = model.upward(levels)
+    whole = model.downward(up)
+    kept = gls.Upward.from_arrays(model, up.above_bottom().to_arrays())
+    part = model.downward(kept)
+    assert len(part.levels) == len(whole.levels) - 1
+    for a, b in zip(whole.levels, part.levels):
+        for x, y in zip(a.posterior.mean + a.posterior.cov, b.posterior.mean + b.posterior.cov):
+            assert np.array_equal(x, y)
+    for i in range(1, 3):
+        assert np.array_equal(up.subtree(i).estimate, kept.subtree(i).estimate)
+    with pytest.raises(PostprocessError, match="above_bottom"):
+        kept.above_bottom().above_bottom().above_bottom()
+
+
 def test_tiny_algebra_blocks(tiny):
     """The recode and the zeros split the axes as documented: `a` by agrp ({0,1},{2}); `b` by
     bgrp and the zero sets (0, 1 and 3 singletons, so 2 too); `c` by z2; kept axes add nothing."""

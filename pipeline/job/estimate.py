@@ -56,7 +56,7 @@ from pipeline.job.context import RunContext
 from pipeline.job.executor import Executor
 from pipeline.job.plan import shard_bounds
 from pipeline.model.spec import HistogramSpec
-from pipeline.postprocess.gls import GLSModel, LevelMeasurements, Message, Posterior, Upward, _Boundary, stack_messages
+from pipeline.postprocess.gls import GLSModel, LevelMeasurements, Message, Posterior, Upward, stack_messages
 from pipeline.privacy.measure import load_measurements
 from pipeline.release.tables import TableDef, load_tables
 
@@ -161,16 +161,10 @@ def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[
     info = {i: (up.message.subtree_fit() if i == k else up.subtree(i - k)).information_sum()
             for i in _inner(ctx) if i >= k}
     if up.bounds:
-        arrays = {f"{b}.parent": bd.parent for b, bd in enumerate(up.bounds[:-1])}
-        for b, bd in enumerate(up.bounds[:-1]):
-            for name in ("cov", "z", "Cinv", "s"):
-                arrays.update({f"{b}.{name}.{j}": a for j, a in enumerate(getattr(bd, name))})
-        arrays.update({f"info.{j}": a for j, a in enumerate(up.message.info)})
-        arrays.update({f"h.{j}": a for j, a in enumerate(up.message.h)})
         path = ctx.rd.estimate_parts_dir(kind) / f"up-{part:05d}.npz"
         with private_files():  # confidential, like every run file (a worker's umask is its own)
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, sizes=np.asarray(up.sizes[:-1], np.int64), **arrays)
+            np.savez(path, **up.above_bottom().to_arrays())
     return up.message.info, up.message.h, info
 
 
@@ -188,13 +182,7 @@ def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int,
         return {}
     parts = ctx.rd.estimate_parts_dir(kind)
     with np.load(parts / f"up-{part:05d}.npz") as z:
-        sizes = tuple(int(x) for x in z["sizes"])
-        n_comp = len(model.components)
-        bounds = tuple(_Boundary(z[f"{b}.parent"], *(tuple(z[f"{b}.{name}.{j}"] for j in range(n_comp))
-                                                      for name in ("cov", "z", "Cinv", "s")))
-                       for b in range(len(sizes) - 1))
-        message = Message(model, tuple(z[f"info.{j}"] for j in range(n_comp)), tuple(z[f"h.{j}"] for j in range(n_comp)))
-    up = Upward(model, message, bounds, sizes, False)
+        up = Upward.from_arrays(model, z)
     fit = model.downward(up, Posterior(model, tuple(mean), tuple(cov)))
     tables = _tables(ctx, kind)
     out = {}

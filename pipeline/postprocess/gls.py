@@ -639,6 +639,48 @@ class Upward:
     sizes: tuple[int, ...]
     has_below: bool
 
+    def above_bottom(self) -> Upward:
+        """This leaf up pass without its boundary into the bottom level: :meth:`subtree` and
+        :meth:`GLSModel.downward` as before for every level above the bottom, and no bottom
+        posterior (the bottom's boundary holds a ``(units, m', r)`` array per component: the
+        largest part of a pass to keep)."""
+        if self.has_below or not self.bounds:
+            raise PostprocessError("GLS: above_bottom needs a leaf up pass of at least two levels")
+        return Upward(self.model, self.message, self.bounds[:-1], self.sizes[:-1], False)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Every array of this up pass by name (e.g. for ``np.savez``; :meth:`from_arrays`)."""
+        out = {"sizes": np.asarray(self.sizes, np.int64), "has_below": np.asarray(self.has_below)}
+        for j, a in enumerate(self.message.info):
+            out[f"info.{j}"] = a
+        for j, a in enumerate(self.message.h or ()):
+            out[f"h.{j}"] = a
+        for b, bd in enumerate(self.bounds):
+            out[f"{b}.parent"] = bd.parent
+            for name in ("cov", "z", "Cinv", "s"):
+                for j, a in enumerate(getattr(bd, name) or ()):
+                    out[f"{b}.{name}.{j}"] = a
+        return out
+
+    @staticmethod
+    def from_arrays(model: GLSModel, arrays: Mapping[str, np.ndarray]) -> Upward:
+        """The up pass :meth:`to_arrays` gave, for ``model`` (the one that ran it, or its equal)."""
+        k = len(model.components)
+
+        def group(prefix: str) -> tuple[np.ndarray, ...] | None:
+            return tuple(arrays[f"{prefix}.{j}"] for j in range(k)) if f"{prefix}.0" in arrays else None
+
+        sizes = tuple(int(x) for x in arrays["sizes"])
+        has_below = bool(arrays["has_below"])
+        bounds = []
+        for b in range(len(sizes) - (0 if has_below else 1)):
+            cov, Cinv = group(f"{b}.cov"), group(f"{b}.Cinv")
+            assert cov is not None and Cinv is not None
+            bounds.append(_Boundary(arrays[f"{b}.parent"], cov, group(f"{b}.z"), Cinv, group(f"{b}.s")))
+        info = group("info")
+        assert info is not None
+        return Upward(model, Message(model, info, group("h")), tuple(bounds), sizes, has_below)
+
     def subtree(self, i: int) -> LevelFit:
         """Level ``i``'s units (``i ≥ 1``) estimated from their own subtrees' measurements only:
         ``z_u = J_u⁻¹ h_u`` with covariance ``J_u⁻¹`` (the up pass's message to the parent).
