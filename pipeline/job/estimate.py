@@ -31,6 +31,9 @@ Files (run directory, confidential; each recorded with its checksum in ``state.j
 - ``estimates/<kind>/<level>/lines.parquet`` (every level but the bottom one): ``unit, table,
   line, estimate``: every published table line's BLUE (the release's unbiased tables; their
   standard errors, like the margins of error, follow from the design and the tree alone).
+- ``estimates/<kind>/parts/`` (scratch, only while the stage runs): each part's up pass above
+  its bottom level (``up-<part>.npz``, :meth:`Upward.to_arrays`) and its rows of the two files
+  above, appended in order and removed.
 
 Nothing here is released as is: the release derives its unbiased tables and margins of error
 from these files (noisy measurements post-processed, rule 3), never from the truth.
