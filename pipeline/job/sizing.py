@@ -31,14 +31,15 @@ from pipeline.model.geography import Geography
 #: ``benchmarks/scale.py`` runs in BENCHMARKS.md (session 6, after the shard window and the
 #: streaming measurement check): 10 M persons (234,921 blocks) 124 s and 2.27 GB, 30 M 337 s and
 #: 2.37 GB, 100 M (2.33 M blocks) 1,257 s and 3.38 GB; the 331 M run (5.63 M blocks) took 3,564 s
-#: (session 7: 3,652 s, with other work on the machine) and peaked at 8.08 GB in publishing
-#: (session 7: the data-file check in a child process beside the writer), which sets the slope —
-#: 100 M is then overestimated (4.5 GB), the safe side for sizing a machine. ``full``: the 1 M-person ratio to ``topdown``
+#: (session 7: 3,652 s, with other work on the machine; session 8: 3,495 s) and peaked at 8.08 GB
+#: in session 7 and 8.91 GB in session 8, in publishing (the writer beside its microdata and
+#: data-file-check children), which sets the slope — 100 M is then overestimated (4.9 GB), the
+#: safe side for sizing a machine. ``full``: the 1 M-person ratio to ``topdown``
 #: (1.8-2.3x the wall, +0.9 GB; BENCHMARKS.md, "Full-information estimator"); not measured at
 #: national scale. ``workers`` other than 2 scale the time.
 REFERENCE: dict[str, dict[str, float]] = {
-    "topdown": {"seconds_per_million_persons": 11.5, "gb_base": 2.0, "gb_per_million_blocks": 1.08},
-    "full": {"seconds_per_million_persons": 23.0, "gb_base": 2.9, "gb_per_million_blocks": 1.08},
+    "topdown": {"seconds_per_million_persons": 11.5, "gb_base": 2.0, "gb_per_million_blocks": 1.23},
+    "full": {"seconds_per_million_persons": 23.0, "gb_base": 2.9, "gb_per_million_blocks": 1.23},
 }
 
 
