@@ -92,11 +92,13 @@ def generic_microdata(unit_codes: np.ndarray, hist: "HistogramLike | np.ndarray 
     return pl.DataFrame(cols)
 
 
-def _counted(persons: pl.DataFrame, key: pl.Expr, attributes: list[str]) -> pl.DataFrame:
-    """The rows counted by (unit key, attribute codes): columns ``_key``, the attributes and
-    ``_n``, in order of first appearance. A block's persons share a few cells, so what is left
-    for the per-row work below (string lookups, cell indices) is ~10x smaller than the persons."""
-    return persons.group_by([key.alias("_key"), *attributes], maintain_order=True).agg(pl.len().alias("_n"))
+def _counted(persons: pl.DataFrame, keys: list[str], attributes: list[str]) -> pl.DataFrame:
+    """The rows counted by (unit key columns, attribute codes): the attributes, ``_n`` and
+    ``_key`` (the key columns, strings or categories, concatenated as text), in order of first
+    appearance. A block's persons share a few cells, so what is left for the per-row work below
+    (the key strings, lookups, cell indices) is ~10x smaller than the persons."""
+    return persons.group_by([*keys, *attributes], maintain_order=True).agg(pl.len().alias("_n")).with_columns(
+        pl.concat_str([pl.col(c).cast(pl.Utf8) for c in keys]).alias("_key"))
 
 
 def _tabulated(unit: np.ndarray, cells: np.ndarray, n: np.ndarray, n_cells: int
@@ -114,7 +116,7 @@ def generic_histogram(persons: pl.DataFrame, unit_codes: np.ndarray,
     missing = [a.name for a in spec.attributes if a.name not in persons.columns]
     if missing:
         raise MicrodataError(f"microdata lacks the spec's attribute columns {missing}")
-    rows = _counted(persons, pl.col("geoid"), [a.name for a in spec.attributes])
+    rows = _counted(persons, ["geoid"], [a.name for a in spec.attributes])
     g = np.asarray(unit_codes).astype(str)
     keys = rows["_key"].to_numpy().astype(str)
     order = np.argsort(g, kind="stable")
@@ -185,11 +187,9 @@ def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
     """
     if "geoid" in persons.columns:
         return generic_histogram(persons, block_geoids, spec)
-    # counted by the geography columns themselves (strings or categories), the block key built
-    # once per group, not once per person
-    geo = ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"]
-    rows = persons.group_by([*geo, "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"], maintain_order=True).agg(
-        pl.len().alias("_n")).with_columns(pl.concat_str([pl.col(c).cast(pl.Utf8) for c in geo]).alias("_key"))
+    # counted by the geography columns themselves: the block key is built once per group
+    rows = _counted(persons, ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"],
+                    ["GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
     g = np.asarray(block_geoids).astype(str, copy=False)  # (a sorted str array is not copied per batch)
     keys = rows["_key"].to_numpy().astype(str)
     unit = np.searchsorted(g, keys)
