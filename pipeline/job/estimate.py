@@ -113,15 +113,15 @@ def split_parts(child_ptrs: list[np.ndarray | None], n_units: list[int], parts: 
     return k, ranges
 
 
-def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int
+def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | None = None
              ) -> tuple[list[LevelMeasurements], list[tuple[int, int]]]:
-    """The measurements of units ``lo:hi`` of level ``k`` and everything below them (levels
-    ``k..L-1``, child pointers rebased) and the unit range ``(lo, hi)`` of the part at each of
-    those levels."""
+    """The measurements of units ``lo:hi`` of level ``k`` and everything below them down to
+    level ``stop - 1`` (default: the bottom; levels ``k..stop-1``, child pointers rebased) and
+    the unit range ``(lo, hi)`` of the part at each of those levels."""
     spec, strategy, levels = ctx.spec(kind), ctx.strategies[kind], ctx.geography.levels
     out, ranges = [], []
     ptr = None
-    for i in range(k, len(levels)):
+    for i in range(k, len(levels) if stop is None else stop):
         lv = levels[i]
         meas = load_measurements(_level_files(ctx, kind, lv.name), spec, lo, hi, queries=list(strategy.queries(lv.name)))
         out.append(LevelMeasurements(ptr, {q: (m.values, m.variance) for q, m in meas.items()}, lv.name))
@@ -202,7 +202,7 @@ def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int,
     return out
 
 
-def estimate_kind(ctx: RunContext, kind: str, executor: Executor | None = None) -> tuple[dict[str, Any], list[Any]]:
+def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[str, Any], list[Any]]:
     """Fit the GLS over every level of ``kind`` and write the estimate files; returns the stage
     manifest (no data values) and the files written.
 
@@ -218,7 +218,6 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor | None = None) 
     strategy, levels = ctx.strategies[kind], ctx.geography.levels
     if len(levels) < 2:
         raise EstimateError("the full estimator needs a hierarchy of at least two levels")
-    run = executor or Executor(1)
     k, ranges = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
                             [int(lv.n_units) for lv in levels])
     for lv in levels:  # checked once here, not by every part in every worker
@@ -227,14 +226,15 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor | None = None) 
     inner = _inner(ctx)
     run_dir = str(ctx.rd.root)
     shutil.rmtree(ctx.rd.estimate_parts_dir(kind), ignore_errors=True)  # an attempt killed part-way
-    ups = run.map(_part_up, [(run_dir, kind, k, lo, hi, p) for p, (lo, hi) in enumerate(ranges)])  # (1)
+    ups = executor.map(_part_up, [(run_dir, kind, k, lo, hi, p) for p, (lo, hi) in enumerate(ranges)])  # (1)
     info_sum: dict[int, list[np.ndarray]] = {}
     for _, _, info in ups:
         for i, add in info.items():
             info_sum[i] = add if i not in info_sum else [a + b for a, b in zip(info_sum[i], add)]
     below = stack_messages([Message(model, info, h) for info, h, _ in ups])
     del ups
-    upper = model.upward(_levels_above(ctx, kind, k), below=below, below_child_ptr=levels[k - 1].child_ptr)  # (2)
+    above, _ = _subtree(ctx, kind, 0, 0, 1, stop=k)  # the whole tree above the split level
+    upper = model.upward(above, below=below, below_child_ptr=levels[k - 1].child_ptr)  # (2)
     top_fit = model.downward(upper)
     assert top_fit.below is not None
     for i in inner:
@@ -255,7 +255,7 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor | None = None) 
                 targets[i].add(_target_rows(upper.subtree(i), strategy.queries(levels[i].name), 0))
                 lines[i].add(_line_rows(top_fit.levels[i], tables, 0))
         post = top_fit.below
-        parts = run.map(_part_down, [(run_dir, kind, k, lo, hi, p, post.select(lo, hi).mean, post.select(lo, hi).cov)
+        parts = executor.map(_part_down, [(run_dir, kind, k, lo, hi, p, post.select(lo, hi).mean, post.select(lo, hi).cov)
                                      for p, (lo, hi) in enumerate(ranges)])  # (3)
         for written in parts:
             for i, (tpath, lpath) in sorted(written.items()):
@@ -266,18 +266,6 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor | None = None) 
         shutil.rmtree(ctx.rd.estimate_parts_dir(kind), ignore_errors=True)
     return {"kind": kind, "levels": len(levels), "split_level": levels[k].name, "parts": len(ranges),
             "seconds": round(time.perf_counter() - t0, 3)}, files
-
-
-def _levels_above(ctx: RunContext, kind: str, k: int) -> list[LevelMeasurements]:
-    """The measurements of every unit of levels ``0..k-1`` (the tree above the split level)."""
-    spec, strategy, levels = ctx.spec(kind), ctx.strategies[kind], ctx.geography.levels
-    out = []
-    for i in range(k):
-        meas = load_measurements(_level_files(ctx, kind, levels[i].name), spec, 0, int(levels[i].n_units),
-                                 queries=list(strategy.queries(levels[i].name)))
-        out.append(LevelMeasurements(None if i == 0 else levels[i - 1].child_ptr,
-                                     {q: (m.values, m.variance) for q, m in meas.items()}, levels[i].name))
-    return out
 
 
 def _weights(queries: tuple[str, ...], fit: Any, information: list[np.ndarray] | None, units: int) -> dict[str, float]:
