@@ -24,7 +24,7 @@ test: setup lint
 lint: setup
 	$(BIN)/ruff check pipeline dptab flows tests benchmarks data
 	$(BIN)/lint-imports
-	$(BIN)/mypy pipeline/model pipeline/privacy pipeline/postprocess pipeline/errors.py pipeline/files.py
+	$(BIN)/mypy pipeline/model pipeline/privacy pipeline/postprocess pipeline/errors.py pipeline/files.py pipeline/runtime.py
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

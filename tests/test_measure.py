@@ -146,3 +146,45 @@ def test_units_measurements(tmp_path: Path):
     m = load_measurements(res.path, spec, 0, 3)
     assert list(m) == ["detailed"] and m["detailed"].values.shape == (3, 2)
     assert m["detailed"].sigma2 == 1 / (strat.rho * Fraction(1456, 4100))
+
+
+def test_loader_does_not_depend_on_the_file_layout(tmp_path: Path):
+    # the loader reads only row groups whose unit statistics overlap the range and takes a
+    # group's query from its statistics; the same rows written shuffled, with every query mixed
+    # in small row groups and split over two files, must load to the same matrices for any range
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    h = SparseHistogram.from_dense("block", _blocks(40, seed=7))
+    paths = [measure_shard(tmp_path / f"m{s}.parquet", h, SPEC, STRATEGY, "block", lo, hi, seeded_source(3, s),
+                           full=True).path for s, (lo, hi) in enumerate([(0, 25), (25, 40)])]
+    parent = SparseHistogram.from_dense("block_group", h.dense(0, 40).reshape(4, 10, -1).sum(axis=1))
+    skipped = measure_shard(tmp_path / "skip.parquet", h, SPEC, STRATEGY, "block", 0, 40, seeded_source(4),
+                            parent=parent, parent_of=np.repeat(np.arange(4), 10)).path
+    assert 0 < pq.read_metadata(skipped).num_rows < sum(pq.read_metadata(p).num_rows for p in paths)
+    for originals in ([*paths], [skipped]):
+        mixed = []
+        for k, p in enumerate(originals):
+            t = pq.read_table(p)
+            order = np.random.default_rng(k).permutation(t.num_rows)
+            out = tmp_path / f"mixed-{p.stem}.parquet"
+            pq.write_table(t.take(pa.array(order)).replace_schema_metadata(pq.read_schema(p).metadata), out,
+                           row_group_size=997)
+            mixed.append(out)
+        rows = pl.concat([pl.read_parquet(p) for p in originals])
+        for lo, hi in [(0, 40), (3, 29), (24, 26), (25, 26), (39, 40), (10, 10)]:
+            a = load_measurements(originals, SPEC, lo, hi)
+            b = load_measurements(mixed, SPEC, lo, hi)
+            assert list(a) == list(b) == list(STRATEGY.queries("block"))
+            for q in a:
+                want = np.full((hi - lo, SPEC.query(q).n_answers), np.nan)  # built here, independently
+                mine = rows.filter((pl.col("query") == q) & (pl.col("unit") >= lo) & (pl.col("unit") < hi))
+                want[mine["unit"].to_numpy() - lo, mine["answer"].to_numpy()] = mine["value"].to_numpy()
+                assert np.array_equal(a[q].values, want, equal_nan=True), (q, lo, hi)
+                assert np.array_equal(b[q].values, want, equal_nan=True), (q, lo, hi)
+        if originals == paths:  # every answer present: no NaN, and equal to the whole-range load
+            whole = load_measurements(paths, SPEC, 0, 40)
+            part = load_measurements(paths, SPEC, 3, 29)
+            for q in whole:
+                assert not np.isnan(whole[q].values).any()
+                assert np.array_equal(whole[q].values[3:29], part[q].values)

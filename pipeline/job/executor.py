@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import TypeVar
 
+from pipeline.runtime import allocator_defaults
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -86,8 +88,9 @@ class Executor:
         if self._pool is None:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["pipeline.postprocess.topdown"])
-            old = {k: os.environ.get(k) for k in _WORKER_ENV}
-            os.environ.update(_WORKER_ENV)  # inherited by the fork server and its workers
+            env = {**{k: v for k, v in allocator_defaults().items() if k not in os.environ}, **_WORKER_ENV}
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)  # inherited by the fork server and its workers
             try:
                 self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
                 # start the fork server and workers now, while the environment is pinned

@@ -254,24 +254,77 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
         except (KeyError, ValueError) as exc:
             raise MeasurementError(f"{p}: not a measurement file written by measure_shard ({exc!r})") from None
         _check_columns(p)  # the one reader's column check (exactly the measurement columns)
-    # lazily, one query at a time: with every answer drawn a block level has tens of millions of rows
-    lf = pl.scan_parquet([str(p) for p in paths]).filter((pl.col("unit") >= start) & (pl.col("unit") < stop))
     wanted = list(queries) if queries is not None else list(known)
     missing = [q for q in wanted if q not in known]
     if missing:
         raise MeasurementError(f"no measurements of {missing} in {[str(p) for p in paths]}; "
                                f"they hold {list(known)}")
+    rows = _query_rows(paths, start, stop, wanted)
+    n = stop - start
     out: dict[str, QueryMeasurements] = {}
     for qname in wanted:
-        q = spec.query(qname)
-        vals = np.full((stop - start, q.n_answers), np.nan)
-        part = lf.filter(pl.col("query") == qname).select("unit", "answer", "value").collect()
-        if part.height:
-            u = part["unit"].to_numpy() - start
-            a = part["answer"].to_numpy().astype(np.int64)
-            if a.size and (a.min() < 0 or a.max() >= q.n_answers):
-                raise MeasurementError(f"query {qname!r}: answer index out of range 0..{q.n_answers - 1} in {paths}")
-            vals[u, a] = part["value"].to_numpy().astype(np.float64)
+        na = spec.query(qname).n_answers
+        parts = rows.pop(qname)
+        u, a, v = (np.concatenate([x[j] for x in parts]) if parts else np.empty(0, np.int64) for j in range(3))
+        if a.size and (a.min() < 0 or a.max() >= na):
+            raise MeasurementError(f"query {qname!r}: answer index out of range 0..{na - 1} in {paths}")
+        flat = (u - start) * na + a
+        if flat.size == n * na and (flat.size == 0 or (flat[0] == 0 and bool(np.all(flat[1:] > flat[:-1])))):
+            # every answer, in draw order (units, then answers): the values are the matrix
+            vals = v.astype(np.float64).reshape(n, na)
+        else:  # answers skipped on a zero parent answer (NaN), or rows in another order
+            vals = np.full((n, na), np.nan)
+            vals.reshape(-1)[flat] = v
         s2, var = known[qname]
         out[qname] = QueryMeasurements(vals, var, s2)
+    return out
+
+
+def _query_rows(paths: list[str | Path], start: int, stop: int, wanted: list[str]
+                ) -> dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Per wanted query, the ``(unit, answer, value)`` arrays of its rows with units in
+    ``start:stop``, in file and row order. Only the row groups whose ``unit`` statistics overlap
+    the range are read; :func:`measure_shard` writes one query per row group, so the ``query``
+    statistics (min = max) name a group's query without reading the column; a group holding
+    several queries (a file from elsewhere) is split by its dictionary codes."""
+    index = {q: i for i, q in enumerate(wanted)}
+    out: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {q: [] for q in wanted}
+    for p in paths:
+        pf = pq.ParquetFile(p, read_dictionary=["query"])
+        md = pf.metadata
+        col = {md.schema.column(j).name: j for j in range(md.num_columns)}
+        groups: list[int] = []
+        labels: list[str | None] = []
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            us, qs = rg.column(col["unit"]).statistics, rg.column(col["query"]).statistics
+            if us is not None and us.has_min_max and (us.max < start or us.min >= stop):
+                continue
+            label = qs.min if qs is not None and qs.has_min_max and qs.min == qs.max else None
+            if label is not None and label not in index:
+                continue
+            groups.append(g)
+            labels.append(label)
+        if not groups:
+            continue
+        mixed = any(label is None for label in labels)
+        columns = ["unit", "answer", "value"] + (["query"] if mixed else [])
+        for g, label in zip(groups, labels):
+            t = pf.read_row_group(g, columns=columns)
+            unit = t.column("unit").to_numpy()
+            answer = t.column("answer").to_numpy()
+            value = t.column("value").to_numpy()
+            keep = (unit >= start) & (unit < stop)
+            if label is not None:
+                if not keep.all():
+                    unit, answer, value = unit[keep], answer[keep], value[keep]
+                out[label].append((unit, answer, value))
+                continue
+            code = np.concatenate([np.array([index.get(s, -1) for s in c.dictionary.to_pylist()] or [-1],
+                                            dtype=np.int64)[c.indices.to_numpy(zero_copy_only=False)]
+                                   for c in t.column("query").chunks] or [np.empty(0, np.int64)])
+            for qname, i in index.items():
+                sel = keep & (code == i)
+                if sel.any():
+                    out[qname].append((unit[sel], answer[sel], value[sel]))
     return out

@@ -1,0 +1,42 @@
+"""How dptab's processes get their memory: two library defaults changed for every process.
+
+A run allocates and frees many large temporary arrays (a block level's measurements are tens of
+millions of rows, read again by each estimate part; histograms, tables and checks the same) in
+several short-lived processes. What each first touch of fresh memory costs then matters, and two
+library defaults make it slow and erratic on a common Linux set-up (transparent huge pages in
+``madvise`` mode, a virtual machine). Measured on the 2-core / 24 GB reference VM (BENCHMARKS.md,
+"Memory from the operating system"):
+
+- numpy advises huge pages for every array of ≥ 4 MB (``NUMPY_MADVISE_HUGEPAGE``, read once at
+  import). Touching 1 GB of fresh arrays took 0.1 s with huge pages at best, but 2–10 s in a
+  fresh process, against a steady 0.4 s with ordinary pages.
+- pyarrow's default pool (mimalloc) returned memory to the system so eagerly that reading a block
+  level's measurement rows spent 4.3 s in ``read_row_group`` against 0.8–1.0 s with jemalloc or
+  the system allocator (``ARROW_DEFAULT_MEMORY_POOL``, read when the first pool is made).
+
+Both are environment variables read at import or first use, so the roofs (the ``dptab`` command,
+the Prefect flows) call :func:`apply_allocator_defaults` before anything imports numpy or
+pyarrow, and the worker pool passes them to its processes; an operator's own setting of either
+variable always wins. Results do not depend on them (only where memory comes from).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def allocator_defaults() -> dict[str, str]:
+    """The environment dptab gives its processes unless the operator set the variable."""
+    env = {"NUMPY_MADVISE_HUGEPAGE": "0"}
+    if sys.platform == "linux" and platform.machine() in ("x86_64", "aarch64"):
+        env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"  # in pyarrow's Linux wheels; not on every platform
+    return env
+
+
+def apply_allocator_defaults() -> None:
+    """Set :func:`allocator_defaults` in ``os.environ`` where unset. Call before numpy and
+    pyarrow are imported (both read their variable once); child processes inherit it."""
+    for key, value in allocator_defaults().items():
+        os.environ.setdefault(key, value)

@@ -1,0 +1,60 @@
+"""The allocator defaults (``pipeline.runtime``) reach every process of a run, and an operator's
+own setting wins."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from pipeline.job.executor import Executor
+from pipeline.runtime import allocator_defaults
+
+_KEYS = ("NUMPY_MADVISE_HUGEPAGE", "ARROW_DEFAULT_MEMORY_POOL")
+_PROBE = ("import json, os, dptab, numpy, pyarrow; "
+          "print(json.dumps({'env': {k: os.environ.get(k) for k in %r}, "
+          "'pool': pyarrow.default_memory_pool().backend_name}))" % (_KEYS,))
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _KEYS}
+    env.update(extra)
+    return env
+
+
+def _probe(env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_the_command_sets_the_defaults_before_numpy_and_pyarrow_load() -> None:
+    got = _probe(_clean_env())
+    want = allocator_defaults()
+    assert got["env"]["NUMPY_MADVISE_HUGEPAGE"] == "0"
+    assert got["env"]["ARROW_DEFAULT_MEMORY_POOL"] == want.get("ARROW_DEFAULT_MEMORY_POOL")
+    if "ARROW_DEFAULT_MEMORY_POOL" in want:
+        assert got["pool"] == want["ARROW_DEFAULT_MEMORY_POOL"]  # the pool really is the one asked for
+
+
+def test_an_operators_setting_wins() -> None:
+    got = _probe(_clean_env(NUMPY_MADVISE_HUGEPAGE="1", ARROW_DEFAULT_MEMORY_POOL="system"))
+    assert got["env"] == {"NUMPY_MADVISE_HUGEPAGE": "1", "ARROW_DEFAULT_MEMORY_POOL": "system"}
+    assert got["pool"] == "system"
+
+
+def _worker_env(_: int) -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in _KEYS}
+
+
+def test_pool_workers_get_the_defaults_even_when_the_caller_did_not_set_them(monkeypatch) -> None:
+    for k in _KEYS:
+        monkeypatch.delenv(k, raising=False)
+    ex = Executor(2)
+    try:
+        seen = ex.map(_worker_env, [0, 1])
+    finally:
+        ex.close()
+    want = {k: allocator_defaults().get(k) for k in _KEYS}
+    assert seen == [want, want]
+    assert all(k not in os.environ for k in _KEYS)  # the caller's own environment is restored
