@@ -207,18 +207,22 @@ class _ShardWindow:
 
 
 class _PooledShards:
-    """The shards of a ``measure`` step (the full estimator's draws: no solve, so nothing to
-    spread over the pool from a thread) as work items of the run's worker pool, one process per
-    shard at a time; same interface as :class:`_ShardWindow`. A shard's noise is keyed by (run
-    kind, level, shard) and its stage is recorded under the run directory's lock, so where it runs
-    changes nothing (as on a Dask cluster)."""
+    """The shards of every ``measure`` step of one run kind (the full estimator's draws: no
+    solve, so nothing to spread over the pool from a thread) as work items of the run's worker
+    pool, all submitted when the first of those steps starts, the bottom level's first (the
+    largest shards first, so the small ones fill the end). The levels' draws are independent of
+    each other, so no level waits for the one above to finish. A shard's noise is keyed by (run
+    kind, level, shard) and its stage is recorded under the run directory's lock, so where and
+    when it runs changes nothing (as on a Dask cluster)."""
 
-    def __init__(self, executor: Any, run_dir: str | Path, step: Any) -> None:
-        self.futures = {s: executor.submit(_stage_shard_item, (str(run_dir), step.kind, step.level, s, step.action))
-                        for s in step.shards}
+    def __init__(self, executor: Any, run_dir: str | Path, steps: Sequence[Any]) -> None:
+        self.kind = steps[0].kind
+        self.futures = {(st.level, s): executor.submit(_stage_shard_item, (str(run_dir), st.kind, st.level, s, st.action))
+                        for st in reversed(steps) for s in st.shards}
 
-    def result(self, s: int) -> dict[str, Any]:
-        return self.futures.pop(s).result()  # type: ignore[no-any-return]
+    def window(self, level: str) -> "_PooledLevel":
+        """The shards of one level, with :class:`_ShardWindow`'s interface."""
+        return _PooledLevel(self, level)
 
     def close(self) -> None:
         """Drop the shards not started; those running finish (their files stay whole)."""
@@ -227,6 +231,21 @@ class _PooledShards:
         for f in self.futures.values():
             if not f.cancelled():
                 f.exception()  # waits; a failure was already raised by result() if it mattered
+        self.futures.clear()
+
+
+class _PooledLevel:
+    def __init__(self, pooled: _PooledShards, level: str) -> None:
+        self.pooled, self.level = pooled, level
+
+    def result(self, s: int) -> dict[str, Any]:
+        return self.pooled.futures.pop((self.level, s)).result()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """After every shard of the level was taken, nothing; otherwise (a shard failed or the
+        run was interrupted) drop every shard of the kind not yet started."""
+        if any(level == self.level for level, _ in self.pooled.futures):
+            self.pooled.close()
 
 
 def solve_levels(run_dir: str | Path,
@@ -245,17 +264,24 @@ def solve_levels(run_dir: str | Path,
     pool = executor_for(ctx.cfg.execution.workers)
     in_flight = ctx.cfg.execution.workers + 1 if pool.parallel else 1
     summaries = []
+    steps = plan(ctx)
+    pooled: _PooledShards | None = None
     try:
-        for step in plan(ctx):
+        for step in steps:
             def run_shard(s: int, k: str = step.kind, lv: str = step.level, a: str = step.action) -> dict[str, Any]:
                 return stage_shard(run_dir, k, lv, s, a)
             if dask is not None:
                 dask.map(_stage_shard_item, [(str(run_dir), step.kind, step.level, s, step.action)
                                              for s in step.shards])
             else:
-                window: _ShardWindow | _PooledShards = (
-                    _PooledShards(pool, run_dir, step) if step.action == "measure" and pool.parallel
-                    else _ShardWindow(step.shards, run_shard, in_flight if len(step.shards) > 1 else 1))
+                window: _ShardWindow | _PooledLevel
+                if step.action == "measure" and pool.parallel:
+                    if pooled is None or pooled.kind != step.kind:
+                        pooled = _PooledShards(pool, run_dir, [st for st in steps
+                                                               if st.kind == step.kind and st.action == "measure"])
+                    window = pooled.window(step.level)
+                else:
+                    window = _ShardWindow(step.shards, run_shard, in_flight if len(step.shards) > 1 else 1)
                 try:
                     if each_level is None:
                         for s in step.shards:
@@ -268,6 +294,8 @@ def solve_levels(run_dir: str | Path,
                     window.close()
             summaries.append(stage_finish_level(run_dir, step.kind, step.level, step.action))
     finally:
+        if pooled is not None:
+            pooled.close()
         if dask is not None:
             dask.close()
     return summaries
