@@ -123,6 +123,15 @@ def test_split_parts_by_hand() -> None:
     assert split_parts(ptrs, units, 4) == (2, [(0, 1), (1, 3), (3, 4), (4, 5)])
     # more parts than any level above the bottom has units: the blocks, one a part
     assert split_parts(ptrs, units, 20) == (3, [(b, b + 1) for b in range(10)])
+    # one county of 7 of 11 blocks (more than twice a quarter): not the counties but the blocks,
+    # grouped two by two (11 // 4)
+    big = [np.array([0, 2]), np.array([0, 3, 5]), np.array([0, 7, 8, 9, 10, 11]), None]
+    assert split_parts(big, [1, 2, 5, 11], 4) == (3, [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 11)])
+    # with two parts a state of 9 blocks is within twice the share (2 * 5): the states
+    assert split_parts(big, [1, 2, 5, 11], 2) == (1, [(0, 1), (1, 2)])
+    # and a county within twice the share is kept: 3 parts of 11 (goal 3, a county of 6 <= 6)
+    even = [np.array([0, 2]), np.array([0, 3, 5]), np.array([0, 6, 7, 8, 9, 11]), None]
+    assert split_parts(even, [1, 2, 5, 11], 3) == (2, [(0, 1), (1, 4), (4, 5)])
 
 
 def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path) -> None:

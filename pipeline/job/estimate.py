@@ -87,23 +87,28 @@ ESTIMATE_PARTS = 16
 
 def split_parts(child_ptrs: list[np.ndarray | None], n_units: list[int], parts: int = ESTIMATE_PARTS
                 ) -> tuple[int, list[tuple[int, int]]]:
-    """Where the estimate stage cuts the tree: the split level ``k`` (the shallowest level below
-    the root with at least ``parts`` units; the bottom level if none has) and the unit ranges
-    ``(lo, hi)`` of level ``k`` that make the parts, in order. Consecutive units are grouped until
-    a part holds ``1/parts`` of the bottom units (a unit larger than that is a part alone, so a
-    part never holds more than one large unit: a state at the national scale).
+    """Where the estimate stage cuts the tree: the split level ``k`` and the unit ranges
+    ``(lo, hi)`` of level ``k`` that make the parts, in order.
+
+    ``k`` is the shallowest level below the root with at least ``parts`` units none of which
+    holds more than twice a part's share (``1/parts``) of the bottom units — so that one large
+    county (a city of most of a state's blocks) cannot be one part doing most of the work while
+    the other workers idle; the bottom level if no level qualifies. Consecutive units are grouped
+    until a part holds ``1/parts`` of the bottom units.
 
     ``child_ptrs[i]``: int64 ``(n_units[i] + 1,)`` children of each unit of level ``i`` at level
     ``i + 1`` (``None`` at the bottom); ``n_units``: units per level, root first."""
     L = len(n_units)
-    k = next((i for i in range(1, L) if n_units[i] >= parts), L - 1)
-    below = np.arange(n_units[k] + 1, dtype=np.int64)  # level-k unit boundaries in bottom units
-    for i in range(k, L - 1):
+    # bottom-unit boundaries of every level's units, from the bottom up
+    below: list[np.ndarray] = [np.arange(n_units[L - 1] + 1, dtype=np.int64)]
+    for i in range(L - 2, -1, -1):
         ptr = child_ptrs[i]
         assert ptr is not None
-        below = np.asarray(ptr, np.int64)[below]
-    size = np.diff(below)
-    goal = max(1, int(below[-1]) // parts)
+        below.insert(0, below[0][np.asarray(ptr, np.int64)])
+    goal = max(1, int(n_units[L - 1]) // parts)
+    k = next((i for i in range(1, L)
+              if n_units[i] >= parts and int(np.diff(below[i]).max()) <= 2 * goal), L - 1)
+    size = np.diff(below[k])
     ranges, lo, held = [], 0, 0
     for u in range(n_units[k]):
         held += int(size[u])
@@ -132,6 +137,8 @@ def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | N
             lo, hi = int(full[lo]), int(full[hi])
     return out, ranges
 
+
+_SCRATCH: dict[str, Any] = {"compression": "none", "use_dictionary": False}
 
 #: (kind, queries, spec name) -> GLSModel, per process (a worker fits many parts of one run)
 _MODELS: dict[tuple[str, tuple[str, ...], str], GLSModel] = {}
@@ -195,9 +202,9 @@ def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int,
             first = int(levels[i - 1].child_ptr[first])
         fit_i = up.message.subtree_fit() if i == k else up.subtree(i - k)
         paths = (parts / f"targets-{i}-{part:05d}.parquet", parts / f"lines-{i}-{part:05d}.parquet")
-        with private_files():
-            pq.write_table(_target_rows(fit_i, queries(levels[i].name), first), paths[0], compression="zstd")
-            pq.write_table(_line_rows(fit.levels[i - k], tables, first), paths[1], compression="zstd")
+        with private_files():  # scratch, read back once by the stage: not worth encoding
+            pq.write_table(_target_rows(fit_i, queries(levels[i].name), first), paths[0], **_SCRATCH)
+            pq.write_table(_line_rows(fit.levels[i - k], tables, first), paths[1], **_SCRATCH)
         out[i] = paths
     return out
 

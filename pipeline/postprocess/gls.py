@@ -190,6 +190,7 @@ class GLSModel:
         self.axes: tuple[_Axis, ...] = tuple(self._axis(a) for a in range(na))
         self._check_algebra()
         self.components: tuple[_Component, ...] = self._components()
+        self._block_cache: dict[tuple[str, tuple[bool, ...]], np.ndarray] = {}
 
     # -- construction -------------------------------------------------------------------
 
@@ -285,7 +286,16 @@ class GLSModel:
                                       for a, ax in enumerate(self.axes))
 
     def block(self, q: str, c: _Component) -> np.ndarray:
-        """``Q_qᵀQ_q`` on component ``c``, free coordinates: (m', m')."""
+        """``Q_qᵀQ_q`` on component ``c``, free coordinates: (m', m') (read-only: made once per
+        model, as every level of every part asks again)."""
+        key = (q, c.in_ind)
+        if key not in self._block_cache:
+            out = self._block(q, c)
+            out.flags.writeable = False
+            self._block_cache[key] = out
+        return self._block_cache[key]
+
+    def _block(self, q: str, c: _Component) -> np.ndarray:
         M = np.ones((1, 1))
         scalar = 1.0
         for a, (ind, s) in enumerate(self._gen[q]):

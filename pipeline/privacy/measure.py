@@ -51,6 +51,9 @@ _WRITE_SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.dictionary(pa.int3
                            ("sigma2", pa.dictionary(pa.int32(), pa.string()))])
 #: answers per noise batch (bounds memory: ~40 bytes per answer)
 BATCH_ANSWERS = 1 << 22
+#: rows per Parquet row group of a measurement file: the loader reads only the row groups of the
+#: units it asks for (``_query_rows``), so a group spans ~130 blocks of the detailed query, not ~500
+ROW_GROUP_ROWS = 1 << 18
 
 
 class MeasurementError(DptabError, ValueError):
@@ -176,7 +179,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                         "value": true.reshape(-1)[flat] + noise,
                         "variance": np.full(n, var),
                         "sigma2": _const_text(s2_text, n),
-                    }, schema=_WRITE_SCHEMA))
+                    }, schema=_WRITE_SCHEMA), row_group_size=ROW_GROUP_ROWS)
                     rows += n
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
