@@ -136,10 +136,12 @@ class DenseGLS:
         return out
 
     def variances(self, i, Lrows):
+        return self.covariances(i, Lrows, Lrows)
+
+    def covariances(self, i, Lrows, Rrows):
         out = []
         for u in range(self.M[i].shape[0]):
-            R = self._R(i, u, Lrows)
-            out.append(np.einsum("ij,ij->i", R @ self.cov, R))
+            out.append(np.einsum("ij,ij->i", self._R(i, u, Lrows) @ self.cov, self._R(i, u, Rrows)))
         return np.array(out)
 
 
@@ -191,6 +193,19 @@ def test_tiny_spec_matches_dense_gls(tiny, seed):
         v = lf.variance_of(factors)
         vref = ref.variances(i, lvec.reshape(1, -1))[:, 0]
         np.testing.assert_allclose(v, vref, rtol=1e-9, atol=1e-12)
+    # covariances_of: several pairs of different Kronecker vectors at once (the margins' batch),
+    # one pair a 0/1 line against the all-ones total
+    def kron(fs):
+        return (fs[0][:, None, None] * fs[1][None, :, None] * fs[2][None, None, :]).reshape(-1)
+    lefts = [[rng.normal(size=n) for n in tiny.shape] for _ in range(3)]
+    rights = [[rng.normal(size=n) for n in tiny.shape] for _ in range(3)]
+    lefts.append([(rng.random(n) < 0.5).astype(float) for n in tiny.shape])
+    rights.append([np.ones(n) for n in tiny.shape])
+    for i, lf in enumerate(res.levels):
+        c = lf.covariances_of(lefts, rights)
+        cref = ref.covariances(i, np.stack([kron(f) for f in lefts]), np.stack([kron(f) for f in rights]))
+        assert c.shape == (lf.n_units, len(lefts))
+        np.testing.assert_allclose(c, cref, rtol=1e-9, atol=1e-12 * max(1.0, float(np.abs(cref).max())))
 
 
 @pytest.mark.parametrize("spec_name", ["tiny", "pl94"])

@@ -356,6 +356,50 @@ class GLSModel:
         out[:, self.spec.structural_zero_mask] = 0.0  # already 0 up to exact arithmetic
         return out
 
+    def pair_products(self, lefts: Sequence[Sequence[np.ndarray]], rights: Sequence[Sequence[np.ndarray]]
+                      ) -> list[np.ndarray | None]:
+        """The ``k`` pairs of Kronecker vectors ``l_j = ⊗_a lefts[j][a]``, ``r_j = ⊗_a rights[j][a]``
+        (``[a]``: float ``(n_a,)``, attributes in spec order) in the components' coordinates, per
+        component the ``(m'·m', k)`` matrix of ``w · u vᵀ`` on the free coordinates (``u, v``:
+        the ``ind`` parts, ``w`` the product of the ``perp`` parts' inner products: the block is
+        a scalar there), or ``None`` where every pair is 0. ``covᵀ`` of a unit's component block
+        against it gives ``cov(l_jᵀx, r_jᵀx)`` (:meth:`LevelFit.covariances`)."""
+        if len(lefts) != len(rights):
+            raise PostprocessError(f"covariances_of: {len(lefts)} left and {len(rights)} right vectors")
+        k = len(lefts)
+        sides = []
+        for name, vectors in (("left", lefts), ("right", rights)):
+            per_pair = []
+            for factors in vectors:
+                if len(factors) != len(self.axes):
+                    raise PostprocessError(f"covariance_of: {name} needs {len(self.axes)} factors, got {len(factors)}")
+                g = []
+                for a, (f, ax) in enumerate(zip(factors, self.axes)):
+                    f = np.asarray(f, dtype=np.float64)
+                    if f.shape != (ax.n,):
+                        raise PostprocessError(f"covariance_of: {name} factor {a} shape {f.shape} != {(ax.n,)}")
+                    t = ax.U.T @ f
+                    g.append((t[:ax.p], t[ax.p:]))
+                per_pair.append(g)
+            sides.append(per_pair)
+        out: list[np.ndarray | None] = []
+        for c in self.components:
+            mf = c.free.size
+            outer = np.zeros((k, mf, mf))
+            for j, (left, right) in enumerate(zip(*sides)):
+                u, v = np.ones(1), np.ones(1)
+                w = 1.0
+                for a, ((ind_l, perp_l), (ind_r, perp_r)) in enumerate(zip(left, right)):
+                    if c.in_ind[a]:
+                        # kron of vectors as an outer product (np.kron's per-call overhead avoided)
+                        u, v = np.multiply.outer(u, ind_l).ravel(), np.multiply.outer(v, ind_r).ravel()
+                    else:
+                        w *= float(perp_l @ perp_r)
+                if w != 0.0:
+                    outer[j] = w * np.multiply.outer(u[c.free], v[c.free])
+            out.append(outer.reshape(k, mf * mf).T.copy() if np.any(outer) else None)
+        return out
+
     # -- the passes -----------------------------------------------------------------------
 
     def _level_terms(self, lv: LevelMeasurements, i: int, n: int, means: bool = True
@@ -736,38 +780,28 @@ class LevelFit:
     def variance_of(self, factors: Sequence[np.ndarray]) -> np.ndarray:
         """``(n_units,)`` exact variance (persons²) of ``lᵀx`` with ``l = ⊗_a factors[a]``
         (``factors[a]``: float ``(n_a,)``, attributes in spec order; e.g. a table line)."""
-        return self.covariance_of(factors, factors)
+        return self.covariances_of([factors], [factors])[:, 0]
 
     def covariance_of(self, left: Sequence[np.ndarray], right: Sequence[np.ndarray]) -> np.ndarray:
         """``(n_units,)`` exact covariance (persons²) of ``lᵀx`` and ``rᵀx`` for two Kronecker
         products ``l = ⊗_a left[a]``, ``r = ⊗_a right[a]`` (e.g. a line and the unit's total)."""
-        m = self.model
-        sides = []
-        for name, factors in (("left", left), ("right", right)):
-            if len(factors) != len(m.axes):
-                raise PostprocessError(f"covariance_of: {name} needs {len(m.axes)} factors, got {len(factors)}")
-            g = []
-            for a, (f, ax) in enumerate(zip(factors, m.axes)):
-                f = np.asarray(f, dtype=np.float64)
-                if f.shape != (ax.n,):
-                    raise PostprocessError(f"covariance_of: {name} factor {a} shape {f.shape} != {(ax.n,)}")
-                t = ax.U.T @ f
-                g.append((t[:ax.p], t[ax.p:]))
-            sides.append(g)
-        out = np.zeros(self.n_units)
-        for c, P in zip(m.components, self.posterior.cov):
-            u, v = np.ones(1), np.ones(1)
-            w = 1.0
-            for a, ((ind_l, perp_l), (ind_r, perp_r)) in enumerate(zip(*sides)):
-                if c.in_ind[a]:
-                    # kron of vectors as an outer product: the same products, without
-                    # np.kron's per-call overhead (called per line, component and axis)
-                    u, v = np.multiply.outer(u, ind_l).ravel(), np.multiply.outer(v, ind_r).ravel()
-                else:
-                    w *= float(perp_l @ perp_r)  # the block acts as a scalar on perp
-            if w == 0.0:
-                continue
-            out += w * np.einsum("i,nij,j->n", u[c.free], P, v[c.free])
+        return self.covariances_of([left], [right])[:, 0]
+
+    def covariances_of(self, lefts: Sequence[Sequence[np.ndarray]], rights: Sequence[Sequence[np.ndarray]]
+                       ) -> np.ndarray:
+        """``(n_units, k)``: column ``j`` is :meth:`covariance_of` ``(lefts[j], rights[j])``, for
+        ``k`` pairs at once (every line of a table); see :meth:`GLSModel.pair_products`."""
+        return self.covariances(self.model.pair_products(lefts, rights))
+
+    def covariances(self, products: Sequence[np.ndarray | None]) -> np.ndarray:
+        """``(n_units, k)`` covariances of ``k`` pairs given as :meth:`GLSModel.pair_products`
+        (made once for every level of a fit): per component one matrix product of the units'
+        covariance blocks ``(n_units, m'·m')`` with the pairs' ``(m'·m', k)``."""
+        k = next((p.shape[1] for p in products if p is not None), 0)
+        out = np.zeros((self.n_units, k))
+        for c, P, prod in zip(self.model.components, self.posterior.cov, products):
+            if prod is not None:
+                out += np.asarray(P).reshape(self.n_units, c.free.size ** 2) @ prod
         return out
 
     def information_sum(self) -> list[np.ndarray]:

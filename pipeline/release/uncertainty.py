@@ -278,21 +278,24 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
             for i, level in enumerate(levels)]
         g = fit(spec, data, means=False)  # the covariances alone: the data never enter them
         ones = [np.ones(n, np.float64) for n in spec.shape]
+        model = g.levels[0].model
+        total = model.pair_products([ones], [ones])
+        lines = {t.name: [line_factors(spec, row) for row in t.matrix.toarray() > 0] for t in tabs}
+        # every line's pair products once for all levels (they depend on the model alone)
+        own = {name: model.pair_products(ls, ls) for name, ls in lines.items() if ls}
+        with_total = {name: model.pair_products(ls, [ones] * len(ls)) for name, ls in lines.items() if ls}
         for i, level in enumerate(levels):
             est = g.levels[i]
-            exact = level in exact_totals.get(kind, ())
-            var_t = est.variance_of(ones) if exact else None
+            var_t = est.covariances(total) if level in exact_totals.get(kind, ()) else None
             for t in tabs:
-                dense = t.matrix.toarray() > 0
-                cols = []
-                for j in range(t.n_lines):
-                    f = line_factors(spec, dense[j])
-                    v = est.variance_of(f)
-                    if var_t is not None:
-                        c = est.covariance_of(f, ones)
-                        v = v - np.divide(c * c, var_t, out=np.zeros_like(v), where=var_t > 0)
-                    cols.append(np.maximum(v, 0.0))
-                out[(t.name, level)] = np.stack(cols, axis=1) if cols else np.zeros((sizes[i], 0))
+                if t.name not in own:
+                    out[(t.name, level)] = np.zeros((sizes[i], 0))
+                    continue
+                v = est.covariances(own[t.name])  # (n_units, n_lines)
+                if var_t is not None:
+                    c = est.covariances(with_total[t.name])
+                    v = v - np.divide(c * c, var_t, out=np.zeros_like(v), where=var_t > 0)
+                out[(t.name, level)] = np.maximum(v, 0.0)
     return out
 
 
