@@ -265,7 +265,7 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
     if missing:
         raise MeasurementError(f"no measurements of {missing} in {[str(p) for p in paths]}; "
                                f"they hold {list(known)}")
-    rows = _query_rows(paths, start, stop, wanted)
+    rows = _query_rows(paths, start, stop, wanted, set(known))
     n = stop - start
     out: dict[str, QueryMeasurements] = {}
     for qname in wanted:
@@ -286,13 +286,14 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
     return out
 
 
-def _query_rows(paths: list[str | Path], start: int, stop: int, wanted: list[str]
+def _query_rows(paths: list[str | Path], start: int, stop: int, wanted: list[str], known: set[str]
                 ) -> dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Per wanted query, the ``(unit, answer, value)`` arrays of its rows with units in
     ``start:stop``, in file and row order. Only the row groups whose ``unit`` statistics overlap
     the range are read; :func:`measure_shard` writes one query per row group, so the ``query``
-    statistics (min = max) name a group's query without reading the column; a group holding
-    several queries (a file from elsewhere) is split by its dictionary codes."""
+    statistics (min = max, one of the files' ``known`` queries) name a group's query without
+    reading the column; any other group (several queries, or statistics that are not exactly a
+    known name) is split by its dictionary codes, so no row is skipped on a statistic alone."""
     index = {q: i for i, q in enumerate(wanted)}
     out: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {q: [] for q in wanted}
     for p in paths:
@@ -307,8 +308,10 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, wanted: list[str
             if us is not None and us.has_min_max and (us.max < start or us.min >= stop):
                 continue
             label = qs.min if qs is not None and qs.has_min_max and qs.min == qs.max else None
-            if label is not None and label not in index:
-                continue
+            if not (isinstance(label, str) and label in known):
+                label = None  # read the group's query column
+            elif label not in index:
+                continue  # a whole row group of a query not asked for
             groups.append(g)
             labels.append(label)
         if not groups:
