@@ -201,6 +201,9 @@ def test_tiny_spec_matches_dense_gls(tiny, seed):
     rights = [[rng.normal(size=n) for n in tiny.shape] for _ in range(3)]
     lefts.append([(rng.random(n) < 0.5).astype(float) for n in tiny.shape])
     rights.append([np.ones(n) for n in tiny.shape])
+    for i, lf in enumerate(res.levels):  # a pair that is 0 everywhere: a column of zeros
+        zero = lf.covariances_of([[np.zeros(n) for n in tiny.shape]], [[np.ones(n) for n in tiny.shape]])
+        assert zero.shape == (lf.n_units, 1) and not zero.any()
     for i, lf in enumerate(res.levels):
         c = lf.covariances_of(lefts, rights)
         cref = ref.covariances(i, np.stack([kron(f) for f in lefts]), np.stack([kron(f) for f in rights]))

@@ -357,12 +357,12 @@ class GLSModel:
         return out
 
     def pair_products(self, lefts: Sequence[Sequence[np.ndarray]], rights: Sequence[Sequence[np.ndarray]]
-                      ) -> list[np.ndarray | None]:
+                      ) -> list[np.ndarray]:
         """The ``k`` pairs of Kronecker vectors ``l_j = ⊗_a lefts[j][a]``, ``r_j = ⊗_a rights[j][a]``
         (``[a]``: float ``(n_a,)``, attributes in spec order) in the components' coordinates, per
         component the ``(m'·m', k)`` matrix of ``w · u vᵀ`` on the free coordinates (``u, v``:
         the ``ind`` parts, ``w`` the product of the ``perp`` parts' inner products: the block is
-        a scalar there), or ``None`` where every pair is 0. ``covᵀ`` of a unit's component block
+        a scalar there). ``covᵀ`` of a unit's component block
         against it gives ``cov(l_jᵀx, r_jᵀx)`` (:meth:`LevelFit.covariances`)."""
         if len(lefts) != len(rights):
             raise PostprocessError(f"covariances_of: {len(lefts)} left and {len(rights)} right vectors")
@@ -382,7 +382,7 @@ class GLSModel:
                     g.append((t[:ax.p], t[ax.p:]))
                 per_pair.append(g)
             sides.append(per_pair)
-        out: list[np.ndarray | None] = []
+        out: list[np.ndarray] = []
         for c in self.components:
             mf = c.free.size
             outer = np.zeros((k, mf, mf))
@@ -397,7 +397,7 @@ class GLSModel:
                         w *= float(perp_l @ perp_r)
                 if w != 0.0:
                     outer[j] = w * np.multiply.outer(u[c.free], v[c.free])
-            out.append(outer.reshape(k, mf * mf).T.copy() if np.any(outer) else None)
+            out.append(outer.reshape(k, mf * mf).T.copy())
         return out
 
     # -- the passes -----------------------------------------------------------------------
@@ -793,14 +793,14 @@ class LevelFit:
         ``k`` pairs at once (every line of a table); see :meth:`GLSModel.pair_products`."""
         return self.covariances(self.model.pair_products(lefts, rights))
 
-    def covariances(self, products: Sequence[np.ndarray | None]) -> np.ndarray:
+    def covariances(self, products: Sequence[np.ndarray]) -> np.ndarray:
         """``(n_units, k)`` covariances of ``k`` pairs given as :meth:`GLSModel.pair_products`
         (made once for every level of a fit): per component one matrix product of the units'
         covariance blocks ``(n_units, m'·m')`` with the pairs' ``(m'·m', k)``."""
-        k = next((p.shape[1] for p in products if p is not None), 0)
+        k = products[0].shape[1] if len(products) else 0
         out = np.zeros((self.n_units, k))
         for c, P, prod in zip(self.model.components, self.posterior.cov, products):
-            if prod is not None:
+            if prod.any():  # a component every pair is 0 on adds nothing
                 out += np.asarray(P).reshape(self.n_units, c.free.size ** 2) @ prod
         return out
 
