@@ -186,11 +186,11 @@ def test_tiny_spec_matches_dense_gls(tiny, seed):
     qsets.append(["detailed"] + list(rng.choice(upper, size=2, replace=False)))
     levels = measure(tiny, ptrs, qsets, rng)
     res, ref = _check_against_dense(tiny, levels, allq)
-    # variance_of: a random Kronecker-product combination, at every level
+    # the variance of a random Kronecker-product combination, at every level
     factors = [rng.normal(size=n) for n in tiny.shape]
     lvec = factors[0][:, None, None] * factors[1][None, :, None] * factors[2][None, None, :]
     for i, lf in enumerate(res.levels):
-        v = lf.variance_of(factors)
+        v = lf.covariances_of([factors], [factors])[:, 0]
         vref = ref.variances(i, lvec.reshape(1, -1))[:, 0]
         np.testing.assert_allclose(v, vref, rtol=1e-9, atol=1e-12)
     # covariances_of: several pairs of different Kronecker vectors at once (the margins' batch),
@@ -301,7 +301,7 @@ def test_pl94_strategy_matches_dense_gls():
     factors = [np.r_[0.0, np.ones(7)], np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.ones(63)]
     lvec = np.einsum("a,b,c,d->abcd", *factors).reshape(1, -1)
     for i, lf in enumerate(res.levels):
-        np.testing.assert_allclose(lf.variance_of(factors), ref.variances(i, lvec)[:, 0],
+        np.testing.assert_allclose(lf.covariances_of([factors], [factors])[:, 0], ref.variances(i, lvec)[:, 0],
                                    rtol=1e-9)
     # `detailed` variances at the leaves (all 2016 answers, zeros have variance 0)
     vd = res.levels[-1].query_variance("detailed")

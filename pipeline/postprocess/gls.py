@@ -365,19 +365,19 @@ class GLSModel:
         a scalar there). ``covᵀ`` of a unit's component block
         against it gives ``cov(l_jᵀx, r_jᵀx)`` (:meth:`LevelFit.covariances`)."""
         if len(lefts) != len(rights):
-            raise PostprocessError(f"covariances_of: {len(lefts)} left and {len(rights)} right vectors")
+            raise PostprocessError(f"pair_products: {len(lefts)} left and {len(rights)} right vectors")
         k = len(lefts)
         sides = []
         for name, vectors in (("left", lefts), ("right", rights)):
             per_pair = []
             for factors in vectors:
                 if len(factors) != len(self.axes):
-                    raise PostprocessError(f"covariance_of: {name} needs {len(self.axes)} factors, got {len(factors)}")
+                    raise PostprocessError(f"pair_products: {name} needs {len(self.axes)} factors, got {len(factors)}")
                 g = []
                 for a, (f, ax) in enumerate(zip(factors, self.axes)):
                     f = np.asarray(f, dtype=np.float64)
                     if f.shape != (ax.n,):
-                        raise PostprocessError(f"covariance_of: {name} factor {a} shape {f.shape} != {(ax.n,)}")
+                        raise PostprocessError(f"pair_products: {name} factor {a} shape {f.shape} != {(ax.n,)}")
                     t = ax.U.T @ f
                     g.append((t[:ax.p], t[ax.p:]))
                 per_pair.append(g)
@@ -777,20 +777,12 @@ class LevelFit:
         """``(n_units, n_answers)`` estimates of query ``q``'s answers (persons)."""
         return self.model.spec.query(q).answer(self.estimate)
 
-    def variance_of(self, factors: Sequence[np.ndarray]) -> np.ndarray:
-        """``(n_units,)`` exact variance (persons²) of ``lᵀx`` with ``l = ⊗_a factors[a]``
-        (``factors[a]``: float ``(n_a,)``, attributes in spec order; e.g. a table line)."""
-        return self.covariances_of([factors], [factors])[:, 0]
-
-    def covariance_of(self, left: Sequence[np.ndarray], right: Sequence[np.ndarray]) -> np.ndarray:
-        """``(n_units,)`` exact covariance (persons²) of ``lᵀx`` and ``rᵀx`` for two Kronecker
-        products ``l = ⊗_a left[a]``, ``r = ⊗_a right[a]`` (e.g. a line and the unit's total)."""
-        return self.covariances_of([left], [right])[:, 0]
-
     def covariances_of(self, lefts: Sequence[Sequence[np.ndarray]], rights: Sequence[Sequence[np.ndarray]]
                        ) -> np.ndarray:
-        """``(n_units, k)``: column ``j`` is :meth:`covariance_of` ``(lefts[j], rights[j])``, for
-        ``k`` pairs at once (every line of a table); see :meth:`GLSModel.pair_products`."""
+        """``(n_units, k)`` exact covariances (persons²) of ``l_jᵀx`` and ``r_jᵀx`` for ``k`` pairs
+        of Kronecker products ``l_j = ⊗_a lefts[j][a]``, ``r_j = ⊗_a rights[j][a]`` (``[a]``: float
+        ``(n_a,)``, attributes in spec order; e.g. every line of a table against itself, or
+        against the unit's total); see :meth:`GLSModel.pair_products`."""
         return self.covariances(self.model.pair_products(lefts, rights))
 
     def covariances(self, products: Sequence[np.ndarray]) -> np.ndarray:
