@@ -10,9 +10,10 @@ library defaults make it slow and erratic on a common Linux set-up (transparent 
 - numpy advises huge pages for every array of ≥ 4 MB (``NUMPY_MADVISE_HUGEPAGE``, read once at
   import). Touching 1 GB of fresh arrays took 0.1 s with huge pages at best, but 2–10 s in a
   fresh process, against a steady 0.4 s with ordinary pages.
-- pyarrow's default pool (mimalloc) returned memory to the system so eagerly that reading a block
-  level's measurement rows spent 4.3 s in ``read_row_group`` against 0.8–1.0 s with jemalloc or
-  the system allocator (``ARROW_DEFAULT_MEMORY_POOL``, read when the first pool is made).
+- with pyarrow's default pool (mimalloc), reading a 1 M-person block level's measurement rows
+  spent 4.3 s in ``read_row_group`` against 0.8–1.0 s with jemalloc or the system allocator
+  (``ARROW_DEFAULT_MEMORY_POOL``, read when the first pool is made; why mimalloc is slower here
+  was not investigated).
 
 Both are environment variables read at import or first use, so the roofs (the ``dptab`` command,
 the Prefect flows) call :func:`apply_allocator_defaults` before anything imports numpy or
