@@ -38,7 +38,21 @@ def test_release_carries_simulated_margins_and_verifies(simulated_run) -> None:
     assert verify_release(release) == []
     lookup = pl.read_parquet(release / "margins" / "simulated.parquet")
     assert set(lookup["size_bin"].unique()) <= set(SIZE_BIN_LABELS)
-    assert (lookup["moe90"] >= 0).all() and (lookup["errors"] >= 3).all()
+    assert (lookup["moe90"] >= 0).all()
+    # a (line, bin) group holds every rerun's error of each of its cells (>= 3 for 3 reruns),
+    # except the zero bin's where a rerun hid a count: the hidden counts, possibly only one
+    zeros = lookup["size_bin"] == SIZE_BIN_LABELS[0]
+    assert (lookup.filter(~zeros)["errors"] >= 3).all() and (lookup.filter(zeros)["errors"] >= 1).all()
+
+
+def test_a_seeded_run_derives_its_margin_seed() -> None:
+    """A seeded run's reruns are seeded from the run's seed (its release is reproducible); an
+    unseeded run draws a fresh 62-bit seed."""
+    from pipeline.job.margins import margins_seed
+
+    assert margins_seed(5) == margins_seed(5) != margins_seed(6)
+    assert 0 <= margins_seed(5) < 2**62
+    assert margins_seed(None) != margins_seed(None)  # 2^-62 false-failure rate
 
 
 def test_margins_are_per_cell_zero_where_fixed_and_follow_the_lookup(simulated_run) -> None:

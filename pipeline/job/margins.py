@@ -34,6 +34,7 @@ data — only the published counts and the declared (public) invariants — so i
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import shutil
 import time
@@ -190,6 +191,18 @@ def forced_zero_lines(ctx: RunContext, kind: str, level: str, table: Any) -> np.
     return forced
 
 
+def margins_seed(run_seed: int | None) -> int:
+    """The seed of the reruns' noise (62 bits): derived from the run's seed when the run is
+    seeded (a seeded test or experiment then reproduces its release exactly), else drawn from
+    the operating system's secure source. Either way it is recorded in the run state and the
+    manifest; the reruns' noise is post-processing of the published counts, so this seed does
+    not bear on privacy."""
+    if run_seed is None:
+        return secrets.randbits(62)
+    digest = hashlib.sha256(f"dptab-margins:{int(run_seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
+
+
 def stage_margins(run_dir: str | Path) -> dict[str, Any]:
     """Simulate the margins of error after every level is solved (``output.margins: simulated``);
     writes ``margins/simulated.parquet`` (the per-group values) and ``margins/moving.parquet``
@@ -201,7 +214,7 @@ def stage_margins(run_dir: str | Path) -> dict[str, Any]:
         return ctx.rd.done_info("margins") or {}
     seed = ctx.state.get("margins_seed")
     if seed is None:
-        seed = secrets.randbits(62)
+        seed = margins_seed(ctx.cfg.privacy.seed if ctx.cfg.privacy.randomness == "seeded" else None)
         ctx.rd.update(margins_seed=seed)
     t0 = time.perf_counter()
     with private_files():
