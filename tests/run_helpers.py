@@ -51,3 +51,53 @@ def needs_tool(path: str | None, what: str, install: str) -> pytest.MarkDecorato
     (``CI=true``), where ``.ci/run`` installs it, so a missing program fails the test loudly."""
     in_ci = os.environ.get("CI", "").lower() == "true"
     return pytest.mark.skipif(path is None and not in_ci, reason=f"{what} not installed ({install})")
+
+
+def measurement_parts(release: Path) -> list[Path]:
+    """A release's noisy measurement parts in draw order: runs by name, levels top down (the
+    order of ``measurements/units.parquet``), shards ascending."""
+    import polars as pl
+
+    levels = pl.read_parquet(release / "measurements" / "units.parquet")["geolevel"].unique(maintain_order=True)
+    order = {lv: i for i, lv in enumerate(levels.to_list())}
+    parts = (release / "measurements" / "noisy").glob("run=*/geolevel=*/*.parquet")
+    return sorted(parts, key=lambda p: (p.parent.parent.name, order.get(p.parent.name.split("=", 1)[1], 99), p.name))
+
+
+def read_noisy(release: Path):
+    """Every noisy measurement row of a release in draw order, with its part's run and level as
+    columns: ``run, geolevel, query, unit, answer, value, variance, sigma2, part`` (``part``: the
+    release path of the row's file)."""
+    import polars as pl
+
+    frames = [pl.read_parquet(p).with_columns(
+        pl.lit(p.parent.parent.name.split("=", 1)[1]).alias("run"), pl.lit(p.parent.name.split("=", 1)[1]).alias("geolevel"),
+        pl.lit(p.relative_to(release).as_posix()).alias("part")) for p in measurement_parts(release)]
+    cols = ["run", "geolevel", "query", "unit", "answer", "value", "variance", "sigma2", "part"]
+    return pl.concat(frames).select(cols) if frames else pl.DataFrame(schema={c: pl.Utf8 for c in cols})
+
+
+def write_run_measurements(path: Path, rows, level: str, units: tuple[int, int],
+                           queries: list[tuple[str, str, float]], full: bool = True) -> Path:
+    """A run measurement file as ``pipeline.privacy.measure`` writes it (docs/contracts.md):
+    ``rows`` (a polars frame of ``unit, query, answer, value, variance, sigma2``) with the file's
+    metadata — its level, unit range ``units``, and ``queries`` as ``(query, σ² text, variance)``."""
+    import json
+
+    from pipeline.privacy.measure import SCHEMA
+
+    meta = {"dptab.level": level, "dptab.units": f"{units[0]}:{units[1]}", "dptab.full": str(bool(full)),
+            "dptab.strategy": "test", "dptab.queries": json.dumps([list(q) for q in queries])}
+    table = rows.select(SCHEMA.names).to_arrow().cast(SCHEMA)
+    write_parquet_with_metadata(path, table, {k.encode(): v.encode() for k, v in meta.items()})
+    return path
+
+
+def write_parquet_with_metadata(path: Path, table, meta) -> None:
+    """``table`` (Arrow) to ``path`` with exactly the key-value metadata ``meta`` (bytes to
+    bytes) and no stored Arrow schema, as the run's measurement files are written."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetWriter(path, table.schema, store_schema=False) as writer:
+        writer.add_key_value_metadata(meta or {})
+        writer.write_table(table)

@@ -26,10 +26,12 @@ GOLDEN = Path(__file__).parent / "golden" / "seeded_20k.json"
 def measurements_long(release: Path) -> pl.DataFrame:
     """The release's noisy measurements joined with their lookups into the one long table the
     golden digest was taken of (``run, geolevel, geoid, query, answer, answer_label, value,
-    variance, sigma2`` per drawn answer, in file order): the compact layout of
+    variance, sigma2`` per drawn answer, in draw order): the layout of
     ``pipeline.release.measurements`` must carry exactly the same information."""
+    from run_helpers import read_noisy
+
     m = release / "measurements"
-    return (pl.read_parquet(m / "noisy_measurements.parquet")
+    return (read_noisy(release).drop("variance", "sigma2", "part")
             .join(pl.read_parquet(m / "units.parquet"), on=["geolevel", "unit"], how="left", maintain_order="left")
             .join(pl.read_parquet(m / "answers.parquet"), on=["run", "query", "answer"], how="left",
                   maintain_order="left")
@@ -43,20 +45,22 @@ def release_digest(release: Path) -> dict[str, str]:
     codebook — README.md, codebook.json — which carry dates, versions and paths — nor the area
     explorer's ``explorer/``, the page's copy of the tables, which tests/test_release_explorer.py
     compares with the tables). The measurement files count as one: their long view
-    (:func:`measurements_long`) under ``measurements/noisy_measurements.parquet``."""
+    (:func:`measurements_long`) under ``measurements/noisy_measurements.parquet``, the name of
+    the one file they were when the digests were taken (now a partitioned dataset, same rows)."""
     out = {}
     for p in sorted(release.rglob("*")):
         rel = p.relative_to(release)
         if (not p.is_file() or p.name in ("manifest.json", "README.md", "codebook.json") or p.suffix == ".html"
-                or rel.parts[0] == "explorer" or (rel.parts[0] == "measurements" and p.name != "noisy_measurements.parquet")):
+                or rel.parts[0] == "explorer" or rel.parts[0] == "measurements"):
             continue
-        if rel.as_posix() == "measurements/noisy_measurements.parquet":
-            data = measurements_long(release).write_csv().encode()
-        elif p.suffix == ".parquet":
+        if p.suffix == ".parquet":
             data = pl.read_parquet(p).write_csv().encode()
         else:
             data = p.read_bytes()
         out[p.relative_to(release).as_posix()] = hashlib.sha256(data).hexdigest()
+    if (release / "measurements").is_dir():
+        data = measurements_long(release).write_csv().encode()
+        out["measurements/noisy_measurements.parquet"] = hashlib.sha256(data).hexdigest()
     return out
 
 

@@ -35,24 +35,34 @@ def meta(rid: str = "rel-1") -> ReleaseMetadata:
     return ReleaseMetadata(rid, "synthetic-test", "0.1.0", "ab" * 32, git_commit="0123abc", seed=7, title="test release")
 
 
-def measurement_file(tmp: Path, n_units: int, extra: bool = False) -> Path:
-    """A measurement file of the contract (docs/contracts.md) for the block level."""
+def measurement_file(tmp: Path, n_units: int, extra: bool = False, sigma2: str = "4097/5", name: str = "m") -> Path:
+    """A run measurement file of the contract (docs/contracts.md, with its metadata) for the
+    block level: ``extra`` adds a column beyond the contract, ``sigma2`` is the rows' σ² text."""
+    import json
+
+    from run_helpers import write_parquet_with_metadata
+
     rng = np.random.default_rng(0)
     df = pl.DataFrame({
         "unit": np.arange(n_units, dtype=np.int64), "query": ["total"] * n_units,
         "answer": np.zeros(n_units, dtype=np.int32), "value": rng.integers(-3, 20, n_units),
-        "variance": np.full(n_units, 819.4), "sigma2": ["4097/5"] * n_units,
+        "variance": np.full(n_units, 819.4), "sigma2": [sigma2] * n_units,
     })
     if extra:
         df = df.with_columns(pl.lit(1).alias("true_value"))
-    p = tmp / ("bad.parquet" if extra else "m.parquet")
-    df.write_parquet(p)
+    p = tmp / name / "shard-00000.parquet"
+    p.parent.mkdir()
+    meta = {b"dptab.level": b"block", b"dptab.units": f"0:{n_units}".encode(), b"dptab.full": b"True",
+            b"dptab.strategy": b"test", b"dptab.queries": json.dumps([["total", sigma2, 819.4]]).encode()}
+    write_parquet_with_metadata(p, df.to_arrow(), meta)
     return p
 
 
 def full_measurement_files(tmp: Path, geography, privacy) -> dict:
     """A complete measurement file per (kind, level) of the design: every answer of every unit
     (as ``privacy.full_measurements`` draws them), with the design's variance and sigma2."""
+    from run_helpers import write_run_measurements
+
     from pipeline.model.design import design_from_rho
     from pipeline.model.spec import load_spec
 
@@ -63,16 +73,19 @@ def full_measurement_files(tmp: Path, geography, privacy) -> dict:
         spec = load_spec(run["spec"])
         for lv in run["rho_by_level_query"]:
             n = geography.level(lv).n_units
-            frames = []
+            frames, queries = [], []
             for m in (m for m in d.measurements if m.kind == kind and m.level == lv):
                 q = m.query
                 na = spec.query(q).n_answers
+                s2 = f"{m.sigma2.numerator}/{m.sigma2.denominator}"
                 frames.append(pl.DataFrame({
                     "unit": np.repeat(np.arange(n, dtype=np.int64), na), "query": [q] * (n * na),
                     "answer": np.tile(np.arange(na, dtype=np.int32), n), "value": rng.integers(-3, 20, n * na),
-                    "variance": np.full(n * na, m.variance), "sigma2": [f"{m.sigma2.numerator}/{m.sigma2.denominator}"] * (n * na)}))
-            path = tmp / f"m_{kind}_{lv}.parquet"
-            pl.concat(frames).write_parquet(path)
+                    "variance": np.full(n * na, m.variance), "sigma2": [s2] * (n * na)}))
+                queries.append((q, s2, m.variance))
+            path = tmp / f"m_{kind}_{lv}" / "shard-00000.parquet"
+            path.parent.mkdir()
+            write_run_measurements(path, pl.concat(frames), lv, (0, n), queries)
             out[(kind, lv)] = [path]
     return out
 
@@ -98,7 +111,7 @@ def test_layout_manifest_and_verify(built) -> None:
     c, path = built
     for rel in ["manifest.json", "index.html", "tables/P1.parquet", "tables/H1.parquet", "csv/block/P2.csv",
                 "csv/nation/P5.csv", "microdata/persons.parquet", "invariants/block_housing_units.parquet",
-                "measurements/noisy_measurements.parquet"]:
+                "measurements/noisy/run=persons/geolevel=block/shard-00000.parquet"]:
         assert (path / rel).is_file(), rel
     assert not list(path.parent.glob(".*tmp*"))  # the temporary directory was renamed away
     m = json.loads((path / "manifest.json").read_text())
@@ -123,8 +136,8 @@ def test_layout_manifest_and_verify(built) -> None:
     assert csv.drop("GEO_ID").equals(county.drop("geoid", "moe90").with_columns(
         pl.col("line").cast(pl.Int64)).hstack([csv["moe90"]]))
     assert np.allclose(csv["moe90"].to_numpy(), county["moe90"].to_numpy())
-    meas = pl.read_parquet(path / "measurements/noisy_measurements.parquet")
-    assert meas.columns == ["run", "geolevel", "query", "unit", "answer", "value"]
+    meas = pl.read_parquet(path / "measurements/noisy/", hive_partitioning=True)  # as a reader sees it
+    assert meas.columns == ["unit", "query", "answer", "value", "variance", "sigma2", "run", "geolevel"]
     units = pl.read_parquet(path / "measurements/units.parquet")
     blocks = (meas.filter((pl.col("geolevel") == "block") & (pl.col("query") == "total"))
               .join(units, on=["geolevel", "unit"], how="left", maintain_order="left"))
@@ -203,7 +216,7 @@ def test_inconsistent_histograms_are_not_published(tmp_path) -> None:
 
 def test_measurement_file_with_extra_columns_is_refused(tmp_path) -> None:
     c = make_case(1)
-    bad = measurement_file(tmp_path, c.geography.level("block").n_units, extra=True)
+    bad = measurement_file(tmp_path, c.geography.level("block").n_units, extra=True, name="bad")
     with pytest.raises(ReleaseError, match="exactly the columns"):
         write_release(tmp_path / "out", meta("rel-m"), c.geography, c.persons, c.units, c.invariants, PRIVACY,
                       measurement_files={("persons", "block"): [bad]})
@@ -214,9 +227,7 @@ def test_measurement_file_with_another_sigma2_is_refused(tmp_path) -> None:
     """The rows published are the ones the manifest's design describes: a run file drawn with
     another σ² than the release's privacy section stops the release."""
     c = make_case(1)
-    good = measurement_file(tmp_path, c.geography.level("block").n_units)
-    other = tmp_path / "other.parquet"
-    pl.read_parquet(good).with_columns(pl.lit("1/1").alias("sigma2")).write_parquet(other)
+    other = measurement_file(tmp_path, c.geography.level("block").n_units, sigma2="1/1")
     with pytest.raises(ReleaseError, match="sigma2 1/1"):
         write_release(tmp_path / "out", meta("rel-s"), c.geography, c.persons, c.units, c.invariants, PRIVACY,
                       measurement_files={("persons", "block"): [other]})
@@ -322,7 +333,7 @@ def test_privacy_section_must_follow_from_the_strategy_files(tmp_path) -> None:
 def test_release_carries_its_strategies_and_settings(built) -> None:
     path = built[1]
     m = json.loads((path / "manifest.json").read_text())
-    assert m["format"] == "dptab-release/2" and m["randomness"] == "seeded" and m["seed"] == 7
+    assert m["format"] == "dptab-release/3" and m["randomness"] == "seeded" and m["seed"] == 7
     assert m["contents"] == {"csv": True, "measurements": True, "unbiased": False}
     assert m["estimator"]["name"] == "topdown"
     for kind, name in (("persons", "census2020_pl94"), ("units", "census2020_units")):

@@ -223,7 +223,28 @@ def t_table_count(r: Path) -> None:
     edit_parquet(r, "tables/P5.parquet", lambda df: set_at(df, first_row(df, geolevel="tract", line=8), "count", 99))
 
 
-MEAS = "measurements/noisy_measurements.parquet"
+MEAS = "measurements/noisy/run=persons/geolevel=nation/shard-00000.parquet"  # the first part
+
+
+def edit_measurements(root: Path, fn: Callable[[pl.DataFrame], pl.DataFrame], *, hashed: bool = True) -> None:
+    """Edit the noisy measurement rows as one frame (``run_helpers.read_noisy``: with the
+    ``run``, ``geolevel`` and ``part`` of each row); every row goes back to its ``part``, which
+    keeps its key-value metadata (a part no row names is left with none)."""
+    import pyarrow.parquet as pq
+    from run_helpers import read_noisy, write_parquet_with_metadata
+
+    before = read_noisy(root)
+    after = fn(before)
+    rels = before["part"].unique(maintain_order=True).to_list()
+    for rel in rels:
+        path = root / rel
+        meta = pq.read_metadata(path).metadata
+        names = pq.read_schema(path).names  # the part's own column order, then any added column
+        rows = after.filter(pl.col("part") == rel).drop("run", "geolevel", "part")
+        rows = rows.select(names + [c for c in rows.columns if c not in names])
+        write_parquet_with_metadata(path, rows.to_arrow(), meta)
+    if hashed:
+        rehash(root, *rels)
 
 
 MEAS_Q = "measurements/queries.parquet"
@@ -239,7 +260,7 @@ def t_measurement_sigma2(r: Path) -> None:
 
 
 def t_measurement_query_removed(r: Path) -> None:
-    edit_parquet(r, MEAS, lambda df: df.filter(~((pl.col("geolevel") == "state") & (pl.col("query") == "hhgq"))))
+    edit_measurements(r, lambda df: df.filter(~((pl.col("geolevel") == "state") & (pl.col("query") == "hhgq"))))
 
 
 def t_measurement_query_removed_with_count(r: Path) -> None:
@@ -250,7 +271,7 @@ def t_measurement_query_removed_with_count(r: Path) -> None:
 
 
 def t_measurement_row_removed(r: Path) -> None:
-    edit_parquet(r, MEAS, lambda df: df.filter(pl.int_range(pl.len()) != first_row(df, geolevel="block", query="detailed")))
+    edit_measurements(r, lambda df: df.filter(pl.int_range(pl.len()) != first_row(df, geolevel="block", query="detailed")))
 
 
 def t_measurement_rows_swapped(r: Path) -> None:
@@ -258,7 +279,7 @@ def t_measurement_rows_swapped(r: Path) -> None:
     def f(df):
         i = first_row(df, geolevel="block", query="detailed")
         return swap_rows(df, i, i + 1)
-    edit_parquet(r, MEAS, f)
+    edit_measurements(r, f)
 
 
 def t_measurement_extra_query(r: Path) -> None:
@@ -267,16 +288,16 @@ def t_measurement_extra_query(r: Path) -> None:
         extra = df.filter((pl.col("run") == "units") & (pl.col("geolevel") == "county")).with_columns(
             pl.lit("occupancy_copy").alias("query"))
         return pl.concat([df, extra])
-    edit_parquet(r, MEAS, f)
+    edit_measurements(r, f)
 
 
 def t_measurement_extra_column(r: Path) -> None:
     """A column beyond the published measurement contract (e.g. a true answer)."""
-    edit_parquet(r, MEAS, lambda df: df.with_columns(pl.col("value").alias("true_value")))
+    edit_measurements(r, lambda df: df.with_columns(pl.col("value").alias("true_value")))
 
 
 def t_measurement_unit(r: Path) -> None:
-    edit_parquet(r, MEAS, lambda df: set_at(df, first_row(df, geolevel="block"), "unit", 999999))
+    edit_measurements(r, lambda df: set_at(df, first_row(df, geolevel="block"), "unit", 999999))
 
 
 def t_measurement_unit_geoid(r: Path) -> None:
@@ -290,7 +311,7 @@ def t_measurement_label(r: Path) -> None:
 
 
 def t_measurement_value_no_rehash(r: Path) -> None:
-    edit_parquet(r, MEAS, lambda df: set_at(df, 0, "value", int(df["value"][0]) + 7), hashed=False)
+    edit_measurements(r, lambda df: set_at(df, 0, "value", int(df["value"][0]) + 7), hashed=False)
 
 
 def t_deleted_csv_with_entry(r: Path) -> None:
@@ -298,7 +319,36 @@ def t_deleted_csv_with_entry(r: Path) -> None:
 
 
 def t_deleted_measurements_with_entry(r: Path) -> None:
-    drop(r, MEAS)
+    drop(r, MEAS_Q)
+
+
+def t_deleted_measurement_part_with_entry(r: Path) -> None:
+    """A whole part gone with its manifest entry: the rows of queries.parquet say what is missing."""
+    drop(r, "measurements/noisy/run=persons/geolevel=county/shard-00000.parquet")
+
+
+def t_measurement_part_moved(r: Path) -> None:
+    """A part filed under another level (its rows and metadata say county, its path tract)."""
+    src = "measurements/noisy/run=units/geolevel=county/shard-00000.parquet"
+    dst = "measurements/noisy/run=units/geolevel=tract/shard-00099.parquet"
+    (r / dst).parent.mkdir(parents=True, exist_ok=True)
+    (r / src).rename(r / dst)
+    edit_manifest(r, lambda m: [f.update(path=dst) for f in m["files"] if f["path"] == src])
+
+
+def t_measurement_part_metadata(r: Path) -> None:
+    """A part whose metadata carries something beyond what was measured."""
+    import pyarrow.parquet as pq
+    from run_helpers import write_parquet_with_metadata
+
+    meta = pq.read_metadata(r / MEAS).metadata
+    write_parquet_with_metadata(r / MEAS, pq.read_table(r / MEAS), {**meta, b"secret": b"42"})
+    rehash(r, MEAS)
+
+
+def t_measurement_row_variance(r: Path) -> None:
+    """One row's variance changed in a part (queries.parquet untouched)."""
+    edit_measurements(r, lambda df: set_at(df, first_row(df, geolevel="tract", query="total"), "variance", 1.0))
 
 
 def t_deleted_invariants_with_entry(r: Path) -> None:
@@ -469,7 +519,11 @@ CASES: list[tuple[Callable[[Path], None], tuple[str, ...], str]] = [
     (t_measurement_label, ("measurements",), "answers.parquet: column answer_label"),
     (t_measurement_value_no_rehash, ("checksum",), MEAS),
     (t_deleted_csv_with_entry, ("file_missing",), "csv/block/P1.csv"),
-    (t_deleted_measurements_with_entry, ("file_missing",), MEAS),
+    (t_deleted_measurements_with_entry, ("file_missing",), MEAS_Q),
+    (t_deleted_measurement_part_with_entry, ("measurements",), "persons/county/total says"),
+    (t_measurement_part_moved, ("measurements",), "geolevel=tract/shard-00099.parquet: level 'county'"),
+    (t_measurement_part_metadata, ("measurements",), "secret"),
+    (t_measurement_row_variance, ("measurements",), "persons/tract/total: rows whose variance"),
     (t_deleted_invariants_with_entry, ("file_missing",), "invariants/block_housing_units.parquet"),
     (t_deleted_index_with_entry, ("file_missing",), "index.html"),
     (t_deleted_microdata_with_entry, ("file_missing",), "microdata/persons.parquet"),
@@ -547,15 +601,19 @@ def test_rows_are_compared_chunk_by_chunk(release: Path, tmp_path: Path, monkeyp
                for f in fails), fails
 
 
-def _tiny_run_file(path: Path, units: list[int]) -> Path:
+def _tiny_run_file(path: Path, level: str, n_units: int, units: list[int]) -> Path:
     """A run measurement file (docs/contracts.md) of the persons ``total`` query (σ² = 1) for ``units``."""
+    from run_helpers import write_run_measurements
+
     from pipeline.model.design import discrete_gaussian_variance
 
-    pl.DataFrame({"unit": pl.Series(units, dtype=pl.Int64), "query": ["total"] * len(units),
-                  "answer": pl.Series([0] * len(units), dtype=pl.Int32), "value": pl.Series([3] * len(units), dtype=pl.Int64),
-                  "variance": [discrete_gaussian_variance(1)] * len(units), "sigma2": ["1/1"] * len(units)}
-                 ).write_parquet(path)
-    return path
+    var = discrete_gaussian_variance(1)
+    rows = pl.DataFrame({"unit": pl.Series(units, dtype=pl.Int64), "query": ["total"] * len(units),
+                         "answer": pl.Series([0] * len(units), dtype=pl.Int32),
+                         "value": pl.Series([3] * len(units), dtype=pl.Int64),
+                         "variance": pl.Series([var] * len(units), dtype=pl.Float64),
+                         "sigma2": pl.Series(["1/1"] * len(units), dtype=pl.Utf8)})
+    return write_run_measurements(path, rows, level, (0, n_units), [("total", "1/1", var)])
 
 
 @pytest.mark.parametrize("nation_persons, state_units, ok", [
@@ -579,8 +637,10 @@ def test_measurement_rows_follow_the_published_parent(tmp_path: Path, nation_per
     design = design_from_rho({"persons": {"nation": {"total": "1"}, "state": {"total": "1"}}})  # sigma2 = 1
     levels = [LevelTables("nation", np.array([""]), {}), LevelTables("state", np.array(["01", "02"]), {})]
     nation = sp.csr_matrix(np.eye(1, spec.n_cells, 0, dtype=np.int64) * nation_persons)
-    files = {("persons", "nation"): [_tiny_run_file(tmp_path / "n.parquet", [0])],
-             ("persons", "state"): [_tiny_run_file(tmp_path / "s.parquet", state_units)]}
+    (tmp_path / "n").mkdir()
+    (tmp_path / "s").mkdir()
+    files = {("persons", "nation"): [_tiny_run_file(tmp_path / "n" / "shard-00000.parquet", "nation", 1, [0])],
+             ("persons", "state"): [_tiny_run_file(tmp_path / "s" / "shard-00000.parquet", "state", 2, state_units)]}
     write_measurements(tmp_path, ["nation", "state"], [lt.geoids for lt in levels], design, {"persons": spec}, files)
     fails = measurement_checks(tmp_path, design, {"persons": spec}, levels, {"nation": 0, "state": 2},
                                {"persons": {"nation": nation}})

@@ -66,22 +66,29 @@ MEASUREMENT_COLUMNS = {
               "(join on run, query, answer)",
     "value": "the noisy answer: true answer + discrete Gaussian noise (an integer, may be negative)",
     "answers": "number of answers of the query (every unit has answers 0..answers-1)",
-    "rows": "rows of this run, level and query in noisy_measurements.parquet: units x answers when every "
+    "rows": "rows of this run, level and query in measurements/noisy/: units x answers when every "
             "answer was drawn, fewer when answers whose published parent answer is 0 were skipped",
     "variance": "exact variance of the noise of every answer of this query at this level, in squared counts",
     "sigma2": "σ² of the discrete Gaussian as an exact fraction (1/ρ of the query)",
     "answer_label": "the answer's categories, \"; \"-separated across the query's attributes",
     "geoid": "GEOID of the area (text, as in tables/)",
 }
-#: what each file of ``measurements/`` holds (pipeline.release.measurements)
+#: what each file of ``measurements/`` holds (pipeline.release.measurements), by the path shown
+#: and the prefix of the release paths it describes
 MEASUREMENT_FILES = {
-    "measurements/noisy_measurements.parquet":
-        "every noisy measurement that was drawn, one row per answer; the noise variance per query is in "
-        "measurements/queries.parquet, answer labels in measurements/answers.parquet, GEOIDs in "
-        "measurements/units.parquet",
-    "measurements/queries.parquet": "every measured run, level and query with its exact noise variance and σ²",
-    "measurements/answers.parquet": "the label of every answer of every measured query",
-    "measurements/units.parquet": "the GEOID of every unit number used in measurements/noisy_measurements.parquet",
+    "measurements/noisy/run=<run>/geolevel=<geolevel>/shard-<n>.parquet": (
+        "measurements/noisy/",
+        "every noisy measurement that was drawn, one row per answer, as a partitioned dataset: the run "
+        "(persons or units) and the geographic level are the directory names, so a dataset reader (e.g. "
+        "polars scan_parquet with hive_partitioning) adds them as columns run and geolevel; one file per "
+        "shard of the run's units, in unit order. Answer labels are in measurements/answers.parquet, GEOIDs "
+        "in measurements/units.parquet"),
+    "measurements/queries.parquet": (
+        "measurements/queries.parquet", "every measured run, level and query with its exact noise variance and σ²"),
+    "measurements/answers.parquet": (
+        "measurements/answers.parquet", "the label of every answer of every measured query"),
+    "measurements/units.parquet": (
+        "measurements/units.parquet", "the GEOID of every unit number used in measurements/noisy/"),
 }
 UNBIASED_COLUMNS = {
     "geoid": LONG_COLUMNS["geoid"],
@@ -301,9 +308,11 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
     if inv:
         files.append({"path": inv, "format": "Apache Parquet", "description": "the declared block housing-unit invariant",
                       "columns": _columns(INVARIANT_COLUMNS, schema_of[inv])})
-    files += [{"path": rel, "format": "Apache Parquet", "description": what,
-               "columns": _columns(MEASUREMENT_COLUMNS, schema_of[rel])}
-              for rel, what in MEASUREMENT_FILES.items() if rel in schema_of]
+    for shown, (prefix, what) in MEASUREMENT_FILES.items():
+        rel = first(prefix)
+        if rel:
+            files.append({"path": shown, "format": "Apache Parquet", "description": what,
+                          "columns": _columns(MEASUREMENT_COLUMNS, schema_of[rel])})
     files += [
         {"path": m["table_definitions"], "format": "YAML",
          "description": "how every table line is defined (a filter over the histogram's attributes) and which lines add up"},

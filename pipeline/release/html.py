@@ -78,8 +78,9 @@ def template_env() -> jinja2.Environment:
 
 
 def link(path: str, text: str | None = None) -> Markup:
-    """``<a href="path"><code>text</code></a>`` for a file inside the release (relative link, escaped)."""
-    return Markup('<a href="{}"><code>{}</code></a>').format(quote(path), path if text is None else text)
+    """``<a href="path"><code>text</code></a>`` for a file inside the release (relative link, escaped;
+    ``=`` is a legal path character and stays, as in the measurement parts' ``run=persons/``)."""
+    return Markup('<a href="{}"><code>{}</code></a>').format(quote(path, safe="/="), path if text is None else text)
 
 
 def _privacy_context(p: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from pipeline.release.tables import (
 from pipeline.release.uncertainty import Z90, gls_line_variances, release_moe90
 
 MANIFEST_SCHEMA = SCHEMAS_DIR / "manifest.schema.json"
-MANIFEST_FORMAT = "dptab-release/2"
+MANIFEST_FORMAT = "dptab-release/3"
 #: ``randomness`` values of a manifest (``unseeded``: not seeded, mode not recorded by the caller)
 RANDOMNESS_MODES = ("secure", "keyed", "seeded", "unseeded")
 #: rows of the long tables written per chunk (bounds memory at block level)

@@ -1,32 +1,44 @@
 """The published noisy measurements, ``measurements/`` of a release: writer and verifier.
 
-Four files, the big one numeric and the text in three small lookups (a full measurement file
-holds every answer of every unit — 2,016 per block for the detailed query — so text per row
-made it the slowest part of publishing and verifying a release; ``BENCHMARKS.md``)::
+A partitioned dataset of the run's own measurement files and three small text lookups::
 
-    measurements/noisy_measurements.parquet   run, geolevel, query (dictionary-encoded text),
-                                              unit, answer, value: one row per drawn answer
-    measurements/queries.parquet              run, geolevel, query, answers, rows, variance,
-                                              sigma2: one row per measured (run, level, query)
-    measurements/answers.parquet              run, query, answer, answer_label
-    measurements/units.parquet                geolevel, unit, geoid: the published units
+    measurements/noisy/run=<run>/geolevel=<level>/shard-NNNNN.parquet
+                                  the run's measurement shard files, byte for byte: unit, query,
+                                  answer, value, variance, sigma2 (the measurement contract,
+                                  ``docs/contracts.md``), one row per drawn answer; the run and
+                                  level are the (hive-style) directory names
+    measurements/queries.parquet  run, geolevel, query, answers, rows, variance, sigma2: one row
+                                  per measured (run, level, query)
+    measurements/answers.parquet  run, query, answer, answer_label
+    measurements/units.parquet    geolevel, unit, geoid: the published units
+
+Publishing copies the files the measure steps wrote (already Parquet, dictionary-encoded text,
+statistics on ``unit`` and ``query``) instead of re-encoding tens of millions of rows into one
+file: that re-encoding was most of what the full estimator's release cost beyond TopDown's
+(``BENCHMARKS.md``), and a national file would be one unsplittable object. ``pl.scan_parquet(
+"measurements/noisy/**/*.parquet", hive_partitioning=True)`` or any Arrow dataset reader sees
+one table with ``run`` and ``geolevel`` columns.
 
 ``unit`` is the area's position in its level's published order (``units.parquet``; the order
-of ``tables/``), ``answer`` the answer's index within the query (``answers.parquet``). The
-noise variance and σ² are constant per (run, level, query) and live in ``queries.parquet``.
+of ``tables/``), ``answer`` the answer's index within the query (``answers.parquet``). Every
+row carries its query's exact noise variance and σ², which ``queries.parquet`` also lists.
 
-Row order is the draw order (``pipeline.privacy.measure``): runs by name, levels top down, the
-run's shards in unit order, then within a shard query by query, units and answers ascending —
-so within one (run, level, query) the key ``unit * answers + answer`` strictly increases, which
-the verifier checks in one vectorised pass (no duplicate, no reordering).
+Row order is the draw order (``pipeline.privacy.measure``): within a part, query by query,
+units and answers ascending; a level's parts (shards) in unit order — so within one (run,
+level, query), reading the parts in shard order, the key ``unit * answers + answer`` strictly
+increases, which the verifier checks in one vectorised pass (no duplicate, no reordering).
 
-What may be published: only the measurement contract's columns; every run measurement file is
-read through :func:`pipeline.privacy.measure.read_measurement_table`, which refuses a file with
-any other column (e.g. a true answer), and only ``unit, query, answer, value`` are copied.
+What may be published: only the measurement contract's columns and key-value metadata. Every
+run file is checked through :func:`pipeline.privacy.measure.read_measurement_table`, which
+refuses a file with any other column (e.g. a true answer), before it is copied; the verifier
+checks each part's columns, metadata, σ² and variance row by row.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -37,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.files import read_ahead
+from pipeline.privacy.measure import SCHEMA as PART_SCHEMA
 from pipeline.privacy.measure import MeasurementError, read_measurement_table
 from pipeline.release.checks import CheckFailure
 from pipeline.release.tree import GeoTree
@@ -49,32 +62,37 @@ if TYPE_CHECKING:
     from pipeline.release.tables import LevelTables
 
 DIR = "measurements"
-ROWS_FILE = f"{DIR}/noisy_measurements.parquet"
+#: the partitioned dataset of noisy measurement rows
+NOISY_DIR = f"{DIR}/noisy"
 QUERIES_FILE = f"{DIR}/queries.parquet"
 ANSWERS_FILE = f"{DIR}/answers.parquet"
 UNITS_FILE = f"{DIR}/units.parquet"
-#: every file of a release's measurements (``dptab verify`` requires them all with ``contents.measurements``)
-FILES = (ROWS_FILE, QUERIES_FILE, ANSWERS_FILE, UNITS_FILE)
+#: the fixed files of a release's measurements (``dptab verify`` requires them all with
+#: ``contents.measurements``; the parts under :data:`NOISY_DIR` are whatever the run's shards were)
+FILES = (QUERIES_FILE, ANSWERS_FILE, UNITS_FILE)
+_PART = re.compile(r"^measurements/noisy/run=([A-Za-z0-9_]+)/geolevel=([A-Za-z0-9_]+)/shard-(\d{5,})\.parquet$")
+#: the key-value metadata a part may carry (``pipeline.privacy.measure``: what was measured)
+PART_METADATA = frozenset({"dptab.level", "dptab.units", "dptab.full", "dptab.strategy", "dptab.queries"})
 
-ROWS_SCHEMA = pa.schema([("run", pa.string()), ("geolevel", pa.string()), ("query", pa.string()),
-                         ("unit", pa.int32()), ("answer", pa.int32()), ("value", pa.int64())])
-# What is written: the text columns as dictionary arrays (each a few distinct values, stored as
-# Parquet dictionary pages and run-length indices; no string per row to build or hash). With
-# store_schema=False the file declares plain UTF8 columns: every reader sees text (polars would
-# otherwise read them as Categorical, which does not join with text), read back as ROWS_SCHEMA.
-_TEXT = pa.dictionary(pa.int32(), pa.string())
-_WRITE_SCHEMA = pa.schema([("run", _TEXT), ("geolevel", _TEXT), ("query", _TEXT), ("unit", pa.int32()),
-                           ("answer", pa.int32()), ("value", pa.int64())])
 QUERIES_SCHEMA = pa.schema([("run", pa.string()), ("geolevel", pa.string()), ("query", pa.string()),
                             ("answers", pa.int32()), ("rows", pa.int64()), ("variance", pa.float64()),
                             ("sigma2", pa.string())])
 ANSWERS_SCHEMA = pa.schema([("run", pa.string()), ("query", pa.string()), ("answer", pa.int32()),
                             ("answer_label", pa.string())])
-UNITS_SCHEMA = pa.schema([("geolevel", pa.string()), ("unit", pa.int32()), ("geoid", pa.string())])
-#: each file's columns and Arrow types as read back
-SCHEMAS = {ROWS_FILE: ROWS_SCHEMA, QUERIES_FILE: QUERIES_SCHEMA, ANSWERS_FILE: ANSWERS_SCHEMA,
-           UNITS_FILE: UNITS_SCHEMA}
-_DICT_COLUMNS = ["run", "geolevel", "query"]
+# unit int64 as in the parts, so the two join without a cast
+UNITS_SCHEMA = pa.schema([("geolevel", pa.string()), ("unit", pa.int64()), ("geoid", pa.string())])
+#: each fixed file's columns and Arrow types as read back
+SCHEMAS = {QUERIES_FILE: QUERIES_SCHEMA, ANSWERS_FILE: ANSWERS_SCHEMA, UNITS_FILE: UNITS_SCHEMA}
+
+
+def part_path(kind: str, level: str, shard_file: str) -> str:
+    """The release path of one run measurement shard file (``shard-NNNNN.parquet``)."""
+    return f"{NOISY_DIR}/run={kind}/geolevel={level}/{shard_file}"
+
+
+def is_part(rel: str) -> bool:
+    """Whether a release path is a noisy measurement part."""
+    return _PART.match(rel) is not None
 
 
 class MeasurementPublishError(ValueError):
@@ -136,69 +154,59 @@ def units_frame(levels: Sequence[str], geoids: Sequence[np.ndarray]) -> pa.Table
     units in published order (``geoids[i]``: level ``i``'s GEOIDs, ``(n_units,)``)."""
     n = [len(g) for g in geoids]
     return pa.table({"geolevel": pa.array(np.repeat(np.asarray(levels, dtype=object), n), pa.string()),
-                     "unit": pa.array(np.concatenate([np.arange(k, dtype=np.int32) for k in n]) if n else [],
-                                      pa.int32()),
+                     "unit": pa.array(np.concatenate([np.arange(k, dtype=np.int64) for k in n]) if n else [],
+                                      pa.int64()),
                      "geoid": pa.array(np.concatenate([np.asarray(g).astype(str) for g in geoids]) if n else [],
                                        pa.string())}, schema=UNITS_SCHEMA)
-
-
-def _const(text: str, n: int) -> pa.DictionaryArray:
-    """``text`` repeated ``n`` times as a dictionary array (no per-row string)."""
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text], pa.string()))
 
 
 def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], design: "Design",
                        specs: Mapping[str, "HistogramSpec"],
                        files: Mapping[tuple[str, str], Sequence[Path]]) -> list[Path]:
     """Publish the run's measurement files ``files[(kind, level)]`` (shards in unit order) into
-    ``root/measurements/`` and return the four files written (none if ``files`` is empty).
+    ``root/measurements/`` and return the files written (none if ``files`` is empty): each shard
+    file copied byte for byte to :func:`part_path`, then the three lookups.
 
     ``levels`` top down with ``geoids[i]`` the published GEOIDs of level ``i`` (units in
-    published order); ``design``: the release's privacy design — every file's σ² must be the
-    design's (the measurements are the ones the manifest describes). Memory: one shard file's
-    numeric columns at a time. Raises :class:`MeasurementPublishError`.
+    published order); ``design``: the release's privacy design — every row's σ² must be the
+    design's (the measurements are the ones the manifest describes). Each file is checked to
+    hold exactly the measurement columns, to be of its level, and to have only the design's
+    queries with their σ² (reading its two dictionary-encoded text columns); units, answers,
+    keys and variances are the verifier's (:func:`measurement_checks`, which the release writer
+    runs before anything is published). Memory: one shard file's text codes at a time. Raises
+    :class:`MeasurementPublishError`.
     """
     if not files:
         return []
-    out = root / ROWS_FILE
-    out.parent.mkdir(parents=True, exist_ok=True)
     order = {lv: i for i, lv in enumerate(levels)}
-    n_units = {lv: len(g) for lv, g in zip(levels, geoids)}
     want = {(m.kind, m.level, m.query): m for m in design.measurements}
     rows: dict[tuple[str, str, str], int] = {}
-    # row-group statistics of the key columns only (a reader filtering one run, level, query or
-    # unit range skips the other row groups); those of answer and value cost a third of the
-    # encoding time and select nothing useful
-    with pq.ParquetWriter(out, _WRITE_SCHEMA, compression="zstd", store_schema=False,
-                          write_statistics=["run", "geolevel", "query", "unit"]) as writer:
-        for (kind, level), paths in sorted(files.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
-            if level not in n_units:
-                raise MeasurementPublishError(f"measurements of {kind}/{level}: not a level of the geography")
-            queries = [q for (k, lv, q) in want if k == kind and lv == level]
-            qidx = {q: i for i, q in enumerate(queries)}
-            qdict = pa.array(queries, pa.string())
-            counts = np.zeros(len(queries), np.int64)
-            for p in paths:
-                try:
-                    t = read_measurement_table(p, ["unit", "query", "answer", "value", "sigma2"])
-                except MeasurementError as exc:
-                    raise MeasurementPublishError(f"{exc}; refusing to publish it") from None
-                unit = t.column("unit").to_numpy()
-                if unit.size and (unit.min() < 0 or unit.max() >= n_units[level]):
-                    raise MeasurementPublishError(f"{p}: column unit out of range for level {level} "
-                                                  f"({n_units[level]} units)")
-                # the text columns stay dictionary-encoded as stored: no per-row string is built
-                codes = _codes(t.column("query"), t.column("sigma2"), kind, level, want, qidx, p)
-                counts += np.bincount(codes, minlength=len(queries))
-                n = t.num_rows
-                writer.write_table(pa.table({
-                    "run": _const(kind, n), "geolevel": _const(level, n),
-                    "query": pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), qdict),
-                    "unit": pa.array(unit.astype(np.int32)),
-                    "answer": t.column("answer").combine_chunks().cast(pa.int32()),
-                    "value": t.column("value").combine_chunks().cast(pa.int64())}, schema=_WRITE_SCHEMA))
-            rows.update({(kind, level, q): int(c) for q, c in zip(queries, counts)})
-    paths_out = [out]
+    paths_out: list[Path] = []
+    for (kind, level), paths in sorted(files.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
+        if level not in order:
+            raise MeasurementPublishError(f"measurements of {kind}/{level}: not a level of the geography")
+        queries = [q for (k, lv, q) in want if k == kind and lv == level]
+        qidx = {q: i for i, q in enumerate(queries)}
+        counts = np.zeros(len(queries), np.int64)
+        for p in paths:
+            p = Path(p)
+            rel = part_path(kind, level, p.name)
+            if not is_part(rel):
+                raise MeasurementPublishError(f"{p}: a measurement shard file is named shard-NNNNN.parquet")
+            try:
+                t = read_measurement_table(p, ["query", "sigma2"])
+            except MeasurementError as exc:
+                raise MeasurementPublishError(f"{exc}; refusing to publish it") from None
+            have = (pq.read_metadata(p).metadata or {}).get(b"dptab.level", b"").decode()
+            if have != level:
+                raise MeasurementPublishError(f"{p}: a measurement file of level {have!r}, published as {level}")
+            codes = _codes(t.column("query"), t.column("sigma2"), kind, level, want, qidx, p)
+            counts += np.bincount(codes, minlength=len(queries))
+            out = root / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, out)
+            paths_out.append(out)
+        rows.update({(kind, level, q): int(c) for q, c in zip(queries, counts)})
     for rel, table in ((QUERIES_FILE, queries_frame(design, specs, levels, rows)),
                        (ANSWERS_FILE, answers_frame(design, specs)),
                        (UNITS_FILE, units_frame(levels, geoids))):
@@ -242,17 +250,21 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
                        published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:
     """The published noisy measurements in ``root/measurements/`` against the design and geography.
 
-    - every file has exactly its columns and types (no other column can slip in);
+    - every file has exactly its columns and types (no other column can slip in), every part
+      is named ``noisy/run=<run>/geolevel=<published level>/shard-NNNNN.parquet`` and carries only
+      the measurement metadata, of its own level, listing the design's queries there with their
+      σ² and variance;
     - ``queries.parquet`` is exactly the design's (run, level, query) list with each answer
-      count, exact variance (float, bitwise) and σ² = 1/ρ, and its ``rows`` are the rows file's;
+      count, exact variance (float, bitwise) and σ² = 1/ρ, and its ``rows`` are the parts';
     - ``answers.parquet`` is every answer of every measured query with the spec's label, and
       ``units.parquet`` every published unit of every level in published order;
-    - in ``noisy_measurements.parquet`` every (run, geolevel, query) is measured by the design,
-      every ``unit`` a unit of its level and every ``answer`` an answer of its query; within a
-      (run, level, query) the key ``unit * answers + answer`` strictly increases (no pair twice,
-      rows in draw order); and the pairs are every answer of every unit (a full measurement file)
-      or exactly those whose answer in the published parent histogram is positive (answers
-      forced to zero are never drawn: ``pipeline.privacy.measure``).
+    - in the parts every (run, geolevel, query) is measured by the design with its σ² and
+      variance on every row, every ``unit`` is a unit of its level within the part's declared
+      unit range and every ``answer`` an answer of its query; within a (run, level, query), parts
+      in shard order, the key ``unit * answers + answer`` strictly increases (no pair twice, rows
+      in draw order); and the pairs are every answer of every unit (a full measurement) or
+      exactly those whose answer in the published parent histogram is positive (answers forced
+      to zero are never drawn: ``pipeline.privacy.measure``).
 
     ``published[kind][level]``: csr int64 ``(n_units, n_cells)`` published histogram (a kind
     absent from it gets only the full-or-subset test); ``levels`` top to bottom. Memory: one row
@@ -267,14 +279,12 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
         if not path.is_file():
             out.append(fail(f"{rel} is missing"))
             continue
-        got = pq.read_schema(path)
-        have = {f.name: _type_name(f.type) for f in got}
-        need = {f.name: _type_name(f.type) for f in schema}
-        if have != need or got.names != schema.names:
-            out.append(fail(f"{rel}: columns {have} differ from {need}"))
+        if not _same_columns(pq.read_schema(path), schema):
+            out.append(fail(f"{rel}: columns {_columns_of(pq.read_schema(path))} differ from {_columns_of(schema)}"))
+    names = [lt.level for lt in levels]
+    parts = _parts(root, names, design, out, fail)
     if out:
         return out
-    names = [lt.level for lt in levels]
     by_level = {lt.level: lt for lt in levels}
     # the small lookups: each exactly as the design, the specs and the geography make it
     found_q = pl.from_arrow(pq.read_table(root / QUERIES_FILE))
@@ -289,7 +299,8 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
         if not found.equals(want_f):
             out.append(fail(f"{rel}: {_first_diff(want_f, found)} (expected from the design, the specs and "
                             f"the published geography)"))
-    groups = [(m.kind, m.level, m.query) for m in _groups(design, specs, names)]
+    ms = _groups(design, specs, names)
+    groups = [(m.kind, m.level, m.query) for m in ms]
     gidx = {g: i for i, g in enumerate(groups)}
     tree = GeoTree.of(digits, names)
     expected = _Expected(specs, names, by_level, tree, published)
@@ -303,33 +314,48 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
             subset = (rows.get((kind, level, query), 0) != n_units * n_answers and names.index(level) > 0
                       and kind in published)
             scans[i] = _GroupScan(n_units, n_answers, expected.keys_of(kind, level, query) if subset else None)
-    # The rows, one row group at a time (memory: one row group's integer columns): a group code
-    # per row from the dictionary-encoded text, then the runs of equal code (as written, one per
-    # shard and query and row group) go to their group's scan as contiguous slices, in file order.
-    pf = pq.ParquetFile(root / ROWS_FILE, read_dictionary=_DICT_COLUMNS)
     counts = np.zeros(len(groups), np.int64)
-    # (the next row group is read on a reader thread while this one is checked)
-    for t in read_ahead(pf.read_row_group(rg, columns=[*_DICT_COLUMNS, "unit", "answer"])
-                        for rg in range(pf.num_row_groups)):
-        code = np.concatenate([_group_codes(rc, lc, qc, gidx, groups, out, fail)
-                               for rc, lc, qc in zip(*(t.column(c).chunks for c in _DICT_COLUMNS))] or
-                              [np.zeros(0, np.int32)])
-        unit, answer = t.column("unit").to_numpy(), t.column("answer").to_numpy()
-        del t
-        counts = np.pad(counts, (0, len(groups) - len(counts)))  # groups not measured may have joined
-        counts += np.bincount(code, minlength=len(groups))
-        change = np.flatnonzero(code[1:] != code[:-1]) + 1
-        if change.size > _MAX_RUNS:  # not as written: sorted by group first (stable: file order kept)
-            order = np.argsort(code, kind="stable")
-            code, unit, answer = code[order], unit[order], answer[order]
+    # per group: the design's variance (bitwise) and σ² text every row must carry
+    variance = [m.variance for m in ms]
+    sigma2 = [_frac(m.sigma2) for m in ms]
+    misstated: set[int] = set()
+    for kind, level, rel, (u0, u1) in parts:
+        pf = pq.ParquetFile(root / rel, read_dictionary=["query", "sigma2"])
+        outside = 0
+        # The rows, one row group at a time (memory: one row group's integer columns; the next is
+        # read on a reader thread while this one is checked): a group code per row from the
+        # dictionary-encoded query, then the runs of equal code (as written, one per row group)
+        # go to their group's scan as contiguous slices, in file order.
+        for t in read_ahead(pf.read_row_group(rg, columns=["query", "sigma2", "variance", "unit", "answer"])
+                            for rg in range(pf.num_row_groups)):
+            code = np.concatenate([_query_codes(kind, level, qc, gidx, groups, rel, out, fail)
+                                   for qc in t.column("query").chunks] or [np.zeros(0, np.int32)])
+            variance += [float("nan")] * (len(groups) - len(variance))  # groups not measured may have joined
+            sigma2 += [""] * (len(groups) - len(sigma2))
+            misstated |= _misstated(code, t.column("sigma2"), t.column("variance"), sigma2, variance)
+            unit, answer = t.column("unit").to_numpy(), t.column("answer").to_numpy()
+            del t
+            outside += int(np.count_nonzero((unit < u0) | (unit >= u1)))
+            counts = np.pad(counts, (0, len(groups) - len(counts)))
+            counts += np.bincount(code, minlength=len(groups))
             change = np.flatnonzero(code[1:] != code[:-1]) + 1
-        for s0, e0 in zip([0, *change.tolist()], [*change.tolist(), code.size]):
-            scan = scans.get(int(code[s0])) if e0 > s0 else None
-            if scan is not None:
-                scan.add(unit[s0:e0], answer[s0:e0])
+            if change.size > _MAX_RUNS:  # not as written: sorted by group first (stable: file order kept)
+                order = np.argsort(code, kind="stable")
+                code, unit, answer = code[order], unit[order], answer[order]
+                change = np.flatnonzero(code[1:] != code[:-1]) + 1
+            for s0, e0 in zip([0, *change.tolist()], [*change.tolist(), code.size]):
+                scan = scans.get(int(code[s0])) if e0 > s0 else None
+                if scan is not None:
+                    scan.add(unit[s0:e0], answer[s0:e0])
+        if outside:
+            out.append(fail(f"{rel}: {outside} row(s) with a unit outside the part's units {u0}:{u1}", level))
+    for i in sorted(misstated):
+        if i < len(ms):
+            out.append(fail(f"{'/'.join(groups[i])}: rows whose variance or sigma2 is not the design's "
+                            f"({variance[i]!r}, {sigma2[i]})", groups[i][1]))
     for g, i in gidx.items():
         if g in rows and rows[g] != counts[i]:
-            out.append(fail(f"{QUERIES_FILE}: {'/'.join(g)} says {rows[g]} rows, {ROWS_FILE} has {counts[i]}", g[1]))
+            out.append(fail(f"{QUERIES_FILE}: {'/'.join(g)} says {rows[g]} rows, the parts have {counts[i]}", g[1]))
     measured = {(m.kind, m.level, m.query) for m in design.measurements}
     for g, i in gidx.items():
         if g in measured:  # the others are reported above
@@ -338,34 +364,99 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
 
 
 #: runs of equal (run, level, query) in one row group above which the verifier sorts it by group
-#: first (as written there are a handful)
+#: first (as written there is one)
 _MAX_RUNS = 1_000
 
 
-def _group_codes(run_c: pa.DictionaryArray, lv_c: pa.DictionaryArray, q_c: pa.DictionaryArray,
-                 gidx: dict[tuple[str, str, str], int], groups: list[tuple[str, str, str]], out: list[CheckFailure],
-                 fail: Any) -> np.ndarray:
-    """int32 group index (into ``groups``) of each row of one chunk of the three text columns.
-    A chunk (a row group as written) is of one run and level and a few queries: each row goes
-    through a tiny table over the product of the three dictionaries (no string per row). A
-    group the design does not measure is reported (once), appended to ``groups`` and indexed."""
-    rd, ld, qd = (c.dictionary.to_pylist() for c in (run_c, lv_c, q_c))
+def _columns_of(schema: pa.Schema) -> dict[str, str]:
+    return {f.name: _type_name(f.type) for f in schema}
+
+
+def _same_columns(got: pa.Schema, want: pa.Schema) -> bool:
+    return _columns_of(got) == _columns_of(want) and got.names == want.names
+
+
+def _parts(root: Path, names: Sequence[str], design: "Design", out: list[CheckFailure], fail: Any
+           ) -> list[tuple[str, str, str, tuple[int, int]]]:
+    """The parts under ``measurements/noisy/`` as ``(run, level, release path, (first unit, end
+    unit))`` in reading order (runs by name, levels top down, shards ascending), after checking
+    each one's name, columns and key-value metadata (failures appended to ``out``)."""
+    found = []
+    base = root / NOISY_DIR
+    for p in sorted(base.rglob("*")) if base.is_dir() else []:
+        if not p.is_file():
+            continue
+        rel = p.relative_to(root).as_posix()
+        m = _PART.match(rel)
+        if m is None or m.group(2) not in names:
+            out.append(fail(f"{rel}: not a part of the noisy measurements (noisy/run=<run>/geolevel=<published "
+                            f"level>/shard-NNNNN.parquet)"))
+            continue
+        kind, level = m.group(1), m.group(2)
+        got = pq.read_schema(p)
+        if not _same_columns(got, PART_SCHEMA):
+            out.append(fail(f"{rel}: columns {_columns_of(got)} differ from {_columns_of(PART_SCHEMA)}", level))
+            continue
+        meta = {k.decode(errors="replace"): v.decode(errors="replace")
+                for k, v in (pq.read_metadata(p).metadata or {}).items()}
+        extra = sorted(set(meta) - PART_METADATA)
+        want = {m.query: m for m in design.measurements if m.kind == kind and m.level == level}
+        try:
+            listed = {q: (s2, var) for q, s2, var in json.loads(meta["dptab.queries"])}
+            u0, u1 = (int(x) for x in meta["dptab.units"].split(":"))
+            why = (f"metadata {extra} beyond the measurement metadata" if extra else
+                   f"level {meta['dptab.level']!r} in its metadata" if meta["dptab.level"] != level else
+                   f"queries {sorted(listed)} in its metadata, the design measures {sorted(want)}"
+                   if set(listed) != set(want) else
+                   next((f"metadata σ² / variance of {q} {listed[q]} differ from the design's" for q, mq in want.items()
+                         if listed[q] != (_frac(mq.sigma2), mq.variance)), None))
+        except (KeyError, ValueError, TypeError) as exc:
+            why = f"unreadable measurement metadata ({type(exc).__name__}: {exc})"
+            u0 = u1 = 0
+        if why is not None:
+            out.append(fail(f"{rel}: {why}", level))
+            continue
+        found.append(((kind, names.index(level), int(m.group(3))), (kind, level, rel, (u0, u1))))
+    return [item for _, item in sorted(found)]
+
+
+def _query_codes(kind: str, level: str, q_c: pa.DictionaryArray, gidx: dict[tuple[str, str, str], int],
+                 groups: list[tuple[str, str, str]], rel: str, out: list[CheckFailure], fail: Any) -> np.ndarray:
+    """int32 group index (into ``groups``) of each row of one chunk of a part's query column,
+    through a tiny table over its dictionary (no string per row). A group the design does not
+    measure is reported (once), appended to ``groups`` and indexed."""
+    qd = q_c.dictionary.to_pylist()
+    lut = np.zeros(max(len(qd), 1), np.int32)
     qi = q_c.indices.to_numpy(zero_copy_only=False)
-    if len(rd) == len(ld) == 1:
-        key = qi
-    else:
-        key = (_chunk_codes(run_c) * len(ld) + _chunk_codes(lv_c)) * len(qd) + qi
-    present = np.flatnonzero(np.bincount(key, minlength=len(rd) * len(ld) * len(qd))).tolist()
-    lut = np.zeros(max(len(rd) * len(ld) * len(qd), 1), np.int32)
-    for k in present:
-        g = (rd[k // (len(ld) * len(qd))], ld[(k // len(qd)) % len(ld)], qd[k % len(qd)])
+    for k in np.flatnonzero(np.bincount(qi, minlength=len(qd))).tolist():
+        g = (kind, level, qd[k])
         if g not in gidx:
-            out.append(fail(f"{ROWS_FILE}: {'/'.join(map(str, g))} has rows but is not measured by the strategy",
-                            str(g[1])))
+            out.append(fail(f"{rel}: {'/'.join(map(str, g))} has rows but is not measured by the strategy", level))
             gidx[g] = len(groups)
             groups.append(g)
         lut[k] = gidx[g]
-    return lut[key]
+    return lut[qi]
+
+
+def _misstated(code: np.ndarray, sigma2: pa.ChunkedArray, variance: pa.ChunkedArray, want_s2: Sequence[str],
+               want_var: Sequence[float]) -> set[int]:
+    """The groups (codes) with a row whose σ² text or variance (bitwise) is not the design's
+    (``want_s2[code]``, ``want_var[code]``). σ² through each chunk's dictionary: one comparison
+    per (group, σ² text) pair present, none per row."""
+    bad_rows = variance.to_numpy() != np.asarray(want_var, np.float64)[code]
+    out = set(np.unique(code[bad_rows]).tolist())
+    at = 0
+    for c in sigma2.chunks:
+        c = c if isinstance(c, pa.DictionaryArray) else c.dictionary_encode()
+        sd = c.dictionary.to_pylist()
+        part = code[at:at + len(c)]
+        at += len(c)
+        key = part.astype(np.int64) * max(len(sd), 1) + c.indices.to_numpy(zero_copy_only=False)
+        for k in np.flatnonzero(np.bincount(key)).tolist():
+            g, j = divmod(k, max(len(sd), 1))
+            if sd[j] != want_s2[g]:
+                out.add(g)
+    return out
 
 
 class _Expected:
@@ -478,10 +569,6 @@ def _type_name(t: pa.DataType) -> str:
     """An Arrow type's name, any text encoding as ``string`` (Arrow writers differ in which of
     string, large_string and string_view they declare; the values are the same)."""
     return "string" if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t) else str(t)
-
-
-def _chunk_codes(chunk: pa.Array) -> np.ndarray:
-    return chunk.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def _group_checks(fail: Any, kind: str, level: str, query: str, scan: "_GroupScan | None", claimed: int | None,

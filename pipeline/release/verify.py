@@ -209,8 +209,9 @@ def required_files(manifest: Mapping[str, Any], spec_files: Iterable[str] = ()) 
     Every published table as Parquet (and per geolevel as CSV when ``contents.csv``), the table
     definitions and the specs they name (``spec_files``), the codebook (``README.md``,
     ``codebook.json``), the microdata, each run's strategy copy, the block housing-unit file when
-    that invariant is declared, the noisy measurements when ``contents.measurements``, and
-    index.html.
+    that invariant is declared, the noisy measurements' lookups when ``contents.measurements``
+    (their parts, one per run shard, are listed by the manifest and checked by their contents),
+    and index.html.
     """
     need = {"index.html", manifest["table_definitions"], "microdata/persons.parquet", "README.md", "codebook.json",
             *spec_files}
@@ -293,6 +294,10 @@ def _verify_required_files(manifest: Mapping[str, Any], root: Path, regenerate: 
     why = f"csv {s['csv']}, measurements {s['measurements']}, tables {[t['name'] for t in manifest['tables']]}"
     out = [fail("file_missing", f"{p} is required by the manifest's settings ({why}) but not listed in its files")
            for p in sorted(need - listed)]
+    if s["measurements"]:  # the noisy measurement parts: as many as the run had shards
+        from pipeline.release.measurements import is_part
+
+        need |= {p for p in listed if is_part(p)}
     out += [fail("file_unexpected", f"{p} is listed in the manifest but is not part of a release with these "
                                      f"settings ({why})") for p in sorted(listed - need)]
     seen: set[str] = set()

@@ -15,8 +15,9 @@
     csv/<geolevel>/<table>.csv           the same rows, one file per level and table, GEOID as GEO_ID
     microdata/persons.parquet            protected microdata, PPMF layout (pipeline.microdata)
     invariants/block_housing_units.parquet  the declared block housing-unit invariant
-    measurements/noisy_measurements.parquet optional: every drawn noisy answer (numeric rows), with
-    measurements/{queries,answers,units}.parquet  its lookups: variance and σ² per query, answer
+    measurements/noisy/run=<run>/geolevel=<level>/shard-NNNNN.parquet  optional: every drawn noisy
+                                         answer, the run's measurement files copied, with
+    measurements/{queries,answers,units}.parquet  their lookups: variance and σ² per query, answer
                                          labels, unit GEOIDs (pipeline.release.measurements)
     privacy/<kind>.yaml                  the strategy of each run (persons, units), byte copies:
                                          ``dptab verify`` recomputes the privacy section from them
@@ -397,10 +398,10 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         ts = load_tables(tables)
         levels = [lv.name for lv in geography.levels]
         if measurement_files:
-            # The measurement file (tens of millions of rows with every answer drawn) is written
-            # alongside the tables: Arrow reads, encodes and compresses it without holding the GIL,
-            # and nothing else reads it before the manifest is built (joined there). Its bytes do
-            # not depend on the timing.
+            # The measurement files (tens of millions of rows with every answer drawn) are checked
+            # and copied alongside the tables: Arrow reads their text codes and the copies run
+            # without holding the GIL, and nothing else reads them before the manifest is built
+            # (joined there). Their bytes do not depend on the timing.
             geoids = [lv.geoids for lv in geography.levels]  # materialised here, not in two threads
             pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-measurements")
             pending = pool.submit(_write_measurements, tmp, levels, geoids, ts, privacy, measurement_files)
