@@ -89,46 +89,65 @@ def _write_with(tmp: Path, case, workers: int, persons=None) -> Path:
 
 def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With ``workers > 1`` a large release writes its microdata and checks its data files in
-    processes of their own: the folder is byte for byte the one written in one process, and it
-    verifies."""
+    processes of their own, a smaller one on threads: either folder is byte for byte the one
+    written in one process, and it verifies."""
     case = make_case(1, n_blocks=30)
     one = _digests(_write_with(tmp_path / "one", case, workers=1))
-    started: list[tuple[str, bool]] = []
+    started: list[tuple[str, str]] = []
     init = streams_mod.Background.__init__
 
-    def spy(self, what, fn, args, background):
-        init(self, what, fn, args, background)
-        started.append((what, self._proc is not None))
+    def spy(self, what, fn, args, mode):
+        init(self, what, fn, args, mode)
+        started.append((what, mode))
 
     monkeypatch.setattr(streams_mod.Background, "__init__", spy)
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
     path = _write_with(tmp_path / "two", case, workers=2)
-    assert started == [("microdata", True), ("release check", True)]
+    assert started == [("microdata", "process"), ("release check", "process")]
     assert _digests(path) == one
     assert verify_release(path) == []
-    # below the threshold (or with one worker) nothing starts a process
+    # below the threshold no process is started: threads of the writer's process
     started.clear()
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 31)
-    _write_with(tmp_path / "three", case, workers=2)
-    assert started == [("microdata", False), ("release check", False)]
+    path = _write_with(tmp_path / "three", case, workers=2)
+    assert started == [("microdata", "thread"), ("release check", "thread")]
+    assert _digests(path) == one
+    # with one worker, in sequence
+    started.clear()
+    _write_with(tmp_path / "four", case, workers=1)
+    assert started == [("microdata", "inline"), ("release check", "inline")]
+
+
+def test_a_failure_on_a_publishing_thread_leaves_no_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The microdata written on a thread fails: the writer raises that error and removes its
+    folder (after the thread has ended)."""
+    case = make_case(1, n_blocks=30)
+    block = case.geography.levels[-1].name
+    persons = {**case.persons, block: _FailsInChild(case.persons[block], None, thread=True)}
+    with pytest.raises(ValueError, match="disk on fire"):
+        _write_with(tmp_path, case, workers=2, persons=persons)
+    assert list((tmp_path / "releases").iterdir()) == []
 
 
 class _FailsInChild:
     """A block histogram that cannot be read in a publishing child process (raises, or the process
     dies as if killed): the parent, which reads it fine, must still refuse the release."""
 
-    def __init__(self, inner, exit_code: int | None) -> None:
+    def __init__(self, inner, exit_code: int | None, thread: bool = False) -> None:
         from pipeline.release.tables import histogram_shape
 
-        self.inner, self.exit_code = inner, exit_code
+        self.inner, self.exit_code, self.thread = inner, exit_code, thread
         self.n_units, self.n_cells = histogram_shape(inner)
 
     def rows(self, start: int, stop: int):
         import multiprocessing
         import os
+        import threading
 
         from pipeline.release.tables import histogram_rows
 
+        if self.thread and threading.current_thread().name == "dptab-microdata":
+            raise ValueError("disk on fire")
         if multiprocessing.current_process().name == "dptab-microdata":
             if self.exit_code is not None:
                 os._exit(self.exit_code)

@@ -7,6 +7,7 @@ what a file holds: the bytes are those the same rows written synchronously give.
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -135,17 +136,25 @@ def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], umask: in
 
 class Background:
     """``fn(*args)`` (a module-level function, picklable arguments and result) for the release
-    being written: with ``background``, in a child process started now (from the fork server, not
-    a fork of this threaded process) while this one goes on; otherwise here, when
-    :meth:`result` is first asked for. Same result either way; a failure in the child is raised
-    here as :class:`ReleaseError`."""
+    being written, started now and collected by :meth:`result`. ``mode``: ``"process"`` — in a
+    child process (from the fork server, not a fork of this threaded process) while this one
+    goes on, a failure there raised here as :class:`ReleaseError`; ``"thread"`` — on a thread
+    of this process (no process to start and no data to reload, for releases too small to repay
+    that; the work is Arrow, polars and hashing, which release the GIL); ``"inline"`` — here,
+    when :meth:`result` is first asked for. Same result in every mode."""
 
-    def __init__(self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], background: bool) -> None:
+    MODES = ("process", "thread", "inline")
+
+    def __init__(self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], mode: str) -> None:
         import multiprocessing
 
-        self.what, self.fn, self.args = what, fn, args
+        if mode not in self.MODES:
+            raise ValueError(f"Background mode {mode!r}: one of {self.MODES}")
+        self.what, self.fn, self.args, self.mode = what, fn, args, mode
         self._proc: Any = None
-        if background:
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[bool, Any] | None = None
+        if mode == "process":
             ctx = multiprocessing.get_context("forkserver")
             self._conn, child = ctx.Pipe(duplex=False)
             umask = os.umask(0o077)
@@ -153,8 +162,25 @@ class Background:
             self._proc = ctx.Process(target=in_child, args=(child, fn, args, umask), name=f"dptab-{what}", daemon=True)
             self._proc.start()
             child.close()
+        elif mode == "thread":
+            self._thread = threading.Thread(target=self._run, name=f"dptab-{what}", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._outcome = (True, self.fn(*self.args))
+        except BaseException as exc:  # re-raised by result() in the caller's thread
+            self._outcome = (False, exc)
 
     def result(self) -> Any:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            assert self._outcome is not None
+            ok, value = self._outcome
+            if not ok:
+                raise value
+            return value
         if self._proc is None:
             return self.fn(*self.args)
         try:
@@ -172,7 +198,11 @@ class Background:
         return value
 
     def cancel(self) -> None:
-        """Stop a child still running (the folder is about to be removed)."""
+        """Stop a child still running, or wait for a thread (which cannot be stopped): the
+        folder is about to be removed, never under a writer still in it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
         if self._proc is not None:
             self._proc.terminate()
             self._proc.join()

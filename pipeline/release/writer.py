@@ -312,7 +312,7 @@ def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any,
 
 #: releases of at least this many blocks write their microdata and check their data files in
 #: processes of their own (when the job has ``workers > 1``); below it starting a process costs
-#: more than the overlap saves
+#: more than it saves over a thread of the writer's process
 BACKGROUND_MIN_BLOCKS = 20_000
 
 
@@ -416,8 +416,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                               [lv.child_ptr for lv in geography.levels[:-1]])
 
         blocks = geography.levels[-1]
-        background = (workers > 1 and len(blocks.geoids) >= BACKGROUND_MIN_BLOCKS
-                      and not multiprocessing.current_process().daemon)
+        # with a second core: large releases in processes of their own, smaller ones (and a
+        # daemon process, which may not start children) on threads; with one core, in sequence
+        background = ("inline" if workers <= 1 else
+                      "process" if (len(blocks.geoids) >= BACKGROUND_MIN_BLOCKS
+                                    and not multiprocessing.current_process().daemon) else "thread")
         mpath = tmp / "microdata" / "persons.parquet"
         mpath.parent.mkdir()
         microdata = Background("microdata", _write_microdata, (mpath, np.asarray(blocks.geoids), persons[blocks.name],
