@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import yaml
 
 from pipeline.inputs.parquet import ParquetSource, open_parquet
 from pipeline.inputs.problems import Problem
-from pipeline.model.schemas import SCHEMAS_DIR
+from pipeline.model.schemas import SCHEMAS_DIR, parse_yaml
 from pipeline.model.spec import HistogramSpec
 
 CONTRACT_PATH = SCHEMAS_DIR / "input_contract.yaml"
@@ -32,7 +31,7 @@ def load_contract(path: str | Path = CONTRACT_PATH) -> dict[str, Any]:
 
     Raises ``ValueError`` if a layout's GEOID components do not add up to ``geoid_width``.
     """
-    contract = yaml.safe_load(Path(path).read_text())
+    contract = parse_yaml(Path(path).read_text())
     for role in ("persons", "units"):
         for name, layout in contract[role]["layouts"].items():
             widths = [layout["columns"][c]["width"] for c in layout["geoid"]]

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jinja2
-import yaml
 
+from pipeline.model.schemas import parse_yaml
 from pipeline.release.tables import (
     CENSUS_SUMMARY_LEVEL_NAMES,
     CSV_SCHEMA,
@@ -148,7 +148,7 @@ def bias_notes(estimator: str) -> dict[str, Any] | None:
     """The release notes' bias table for ``estimator`` (``topdown`` or ``full``), or None."""
     if not BIAS_NOTES_FILE.is_file():
         return None
-    raw = yaml.safe_load(BIAS_NOTES_FILE.read_text(encoding="utf-8"))
+    raw = parse_yaml(BIAS_NOTES_FILE.read_text(encoding="utf-8"))
     for setting in raw.get("settings", []):
         if setting["setting"].split(" ")[0] == estimator:
             return {"source": raw.get("source", ""), **setting}
@@ -158,7 +158,7 @@ def bias_notes(estimator: str) -> dict[str, Any] | None:
 @lru_cache(maxsize=1)
 def project_citation() -> dict[str, Any]:
     """The project's ``CITATION.cff`` as a mapping."""
-    return yaml.safe_load(CITATION_FILE.read_text(encoding="utf-8"))
+    return parse_yaml(CITATION_FILE.read_text(encoding="utf-8"))
 
 
 def software_citation(version: str) -> str:
@@ -194,7 +194,7 @@ def copy_specs(root: Path, ts: TableSet) -> list[Path]:
     ``persons_spec: pl94`` then resolves to ``tables/pl94.yaml`` (a name is a file of that name
     in the same folder). Returns the written paths.
     """
-    raw = yaml.safe_load(_path(ts.source).read_text())
+    raw = parse_yaml(_path(ts.source).read_text())
     out = []
     for kind in ("persons", "units"):
         ref = str(raw[f"{kind}_spec"])
@@ -208,7 +208,7 @@ def copy_specs(root: Path, ts: TableSet) -> list[Path]:
 
 def _descriptions(spec: Any) -> dict[str, str]:
     """``{attribute: description}`` from a spec's YAML (descriptions are documentation only)."""
-    raw = yaml.safe_load(_path(spec.source).read_text())
+    raw = parse_yaml(_path(spec.source).read_text())
     return {a["name"]: str(a.get("description") or "") for a in raw.get("attributes") or ()}
 
 
@@ -279,7 +279,7 @@ def build_codebook(manifest: Mapping[str, Any], ts: TableSet, spec_files: Mappin
     def first(prefix: str) -> str | None:
         return next((p for p in paths if p.startswith(prefix)), None)
 
-    raw = yaml.safe_load(_path(ts.source).read_text())
+    raw = parse_yaml(_path(ts.source).read_text())
     files: list[dict[str, Any]] = []
     t = next((p for p in paths if p.startswith("tables/") and p.endswith(".parquet")), None)
     if t:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-import yaml
 
 from pipeline.release.checks import CheckFailure
 
@@ -22,7 +21,7 @@ if TYPE_CHECKING:
     pass
 from pipeline.errors import DptabError, RefusedError
 from pipeline.model.design import design_from_rho
-from pipeline.model.schemas import SCHEMAS_DIR, relative_to
+from pipeline.model.schemas import SCHEMAS_DIR, parse_yaml, relative_to
 from pipeline.release.tables import (
     TableSet,
 )
@@ -204,7 +203,7 @@ def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
         dst = root / strategy_file(kind)
         dst.parent.mkdir(parents=True, exist_ok=True)
         text = Path(src).read_text()
-        ref = str((yaml.safe_load(text) or {}).get("spec", ""))
+        ref = str((parse_yaml(text) or {}).get("spec", ""))
         if Path(ref).suffix in (".yaml", ".yml"):
             # a spec file of the user's (not a shipped name): the release carries it beside the
             # strategy copy (privacy/<file name>), which then names it by its file name

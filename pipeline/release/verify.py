@@ -242,10 +242,10 @@ def required_files(manifest: Mapping[str, Any], spec_files: Iterable[str] = ()) 
 def _spec_copies(root: Path, manifest: Mapping[str, Any]) -> list[str]:
     """The spec copies the release's table definitions name (``persons_spec``, ``units_spec``),
     as release paths beside the definitions."""
-    import yaml
+    from pipeline.model.schemas import parse_yaml
 
     defs = Path(manifest["table_definitions"])
-    raw = yaml.safe_load((root / defs).read_text())
+    raw = parse_yaml((root / defs).read_text())
     out = []
     for kind in ("persons", "units"):
         ref = str(raw[f"{kind}_spec"])

@@ -36,6 +36,7 @@ from pipeline.errors import InputError
 from pipeline.job.executor import Executor
 from pipeline.job.rundir import RunDir
 from pipeline.job.stages import solve_levels
+from pipeline.model.schemas import parse_yaml
 
 EXPERIMENT_LIFETIME_RHO = "1000000"  # the experiment's own ledger: never the dataset's
 DEFAULT_SEED = 20_200_401
@@ -64,7 +65,7 @@ def _scaled_strategy(base: str, rho: Fraction, out_dir: Path) -> Path:
     """Write a copy of strategy ``base`` whose global ρ is ``rho`` (shares unchanged)."""
     from pipeline.model.strategy import strategy_path
 
-    raw = yaml.safe_load(strategy_path(base).read_text())
+    raw = parse_yaml(strategy_path(base).read_text())
     raw["rho"] = f"{rho.numerator}/{rho.denominator}" if rho.denominator != 1 else str(rho.numerator)
     raw["name"] = f"{raw.get('name', 'strategy')}_rho_{float(rho):g}"
     raw["description"] = f"{raw.get('description', '')} (rescaled to rho = {rho} for an experiment)"

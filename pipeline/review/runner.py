@@ -19,10 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 import polars as pl
-import yaml
 
 from pipeline.errors import InputError, RefusedError
 from pipeline.job.rundir import RunDir
+from pipeline.model.schemas import parse_yaml
 from pipeline.model.spec import load_spec
 from pipeline.review.comparators import (
     has_rows,
@@ -79,7 +79,7 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
     p = RunDir(run_dir).config_path
     if not p.is_file():
         raise ReviewError(f"{run_dir}: no config.yaml (not a dptab run directory)")
-    return yaml.safe_load(p.read_text()) or {}
+    return parse_yaml(p.read_text()) or {}
 
 
 def is_confidential(run_dir: str | Path) -> bool:
