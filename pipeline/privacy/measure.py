@@ -210,9 +210,10 @@ def _reuse(path: Path, meta: dict[bytes, bytes]) -> MeasureResult:
     return MeasureResult(path, md.num_rows, False, 0)
 
 
-def _check_columns(path: str | Path) -> None:
+def check_measurement_columns(path: str | Path) -> None:
     """Raise :class:`MeasurementError` unless ``path`` is a Parquet file with exactly the
-    measurement columns (so no other column, e.g. a true answer, can be read past this)."""
+    measurement columns (so no other column, e.g. a true answer, can be read or published past
+    this)."""
     try:
         names = pq.read_schema(path).names
     except (OSError, pa.ArrowException) as exc:
@@ -223,20 +224,12 @@ def _check_columns(path: str | Path) -> None:
 
 def read_measurement_rows(path: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
     """The rows of one measurement file (``unit, query, answer, value, variance, sigma2``; see
-    ``docs/contracts.md``), or only ``columns``. With :func:`read_measurement_table` the one
-    reader of the raw file: the engine, the release and the review all come through here.
+    ``docs/contracts.md``), or only ``columns``. The reader of the raw rows for the review;
+    the engine reads through :func:`load_measurements`, the release copies the files after
+    :func:`check_measurement_columns`.
     Raises :class:`MeasurementError` if the file does not have exactly the measurement columns."""
-    _check_columns(path)
+    check_measurement_columns(path)
     return pl.read_parquet(path, columns=columns)
-
-
-def read_measurement_table(path: str | Path, columns: list[str]) -> pa.Table:
-    """``columns`` of one measurement file as Arrow, the text columns (``query``, ``sigma2``)
-    dictionary-encoded as stored: a block level with every answer drawn has tens of millions of
-    rows, whose query names the release writer maps to codes without building a string per row.
-    Same column check as :func:`read_measurement_rows`."""
-    _check_columns(path)
-    return pq.read_table(path, columns=columns, read_dictionary=[c for c in ("query", "sigma2") if c in columns])
 
 
 def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec, start: int, stop: int,
@@ -259,7 +252,7 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
                 known[q] = (Fraction(s2), float(var))
         except (KeyError, ValueError) as exc:
             raise MeasurementError(f"{p}: not a measurement file written by measure_shard ({exc!r})") from None
-        _check_columns(p)  # the one reader's column check (exactly the measurement columns)
+        check_measurement_columns(p)  # the one reader's column check (exactly the measurement columns)
     wanted = list(queries) if queries is not None else list(known)
     missing = [q for q in wanted if q not in known]
     if missing:

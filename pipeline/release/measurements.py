@@ -29,8 +29,9 @@ level, query), reading the parts in shard order, the key ``unit * answers + answ
 increases, which the verifier checks in one vectorised pass (no duplicate, no reordering).
 
 What may be published: only the measurement contract's columns and key-value metadata. Every
-run file is checked through :func:`pipeline.privacy.measure.read_measurement_table`, which
-refuses a file with any other column (e.g. a true answer), before it is copied; the verifier
+run file is checked by :func:`pipeline.privacy.measure.check_measurement_columns`, which
+refuses a file with any other column (e.g. a true answer), and its metadata (level, queries,
+σ²) before it is copied; the verifier
 checks each part's columns, metadata, σ² and variance row by row.
 """
 
@@ -50,7 +51,7 @@ import pyarrow.parquet as pq
 
 from pipeline.files import read_ahead
 from pipeline.privacy.measure import SCHEMA as PART_SCHEMA
-from pipeline.privacy.measure import MeasurementError, read_measurement_table
+from pipeline.privacy.measure import MeasurementError, check_measurement_columns
 from pipeline.release.checks import CheckFailure
 from pipeline.release.tree import GeoTree
 
@@ -194,14 +195,10 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
             if not is_part(rel):
                 raise MeasurementPublishError(f"{p}: a measurement shard file is named shard-NNNNN.parquet")
             try:
-                t = read_measurement_table(p, ["query", "sigma2"])
+                check_measurement_columns(p)
             except MeasurementError as exc:
                 raise MeasurementPublishError(f"{exc}; refusing to publish it") from None
-            have = (pq.read_metadata(p).metadata or {}).get(b"dptab.level", b"").decode()
-            if have != level:
-                raise MeasurementPublishError(f"{p}: a measurement file of level {have!r}, published as {level}")
-            codes = _codes(t.column("query"), t.column("sigma2"), kind, level, want, qidx, p)
-            counts += np.bincount(codes, minlength=len(queries))
+            counts += _query_counts(p, kind, level, want, qidx)
             out = root / rel
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(p, out)
@@ -213,6 +210,47 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
         pq.write_table(table, root / rel, compression="zstd")
         paths_out.append(root / rel)
     return paths_out
+
+
+def _query_counts(path: Path, kind: str, level: str, want: Mapping[tuple[str, str, str], "Measurement"],
+                  qidx: Mapping[str, int]) -> np.ndarray:
+    """Rows per query (int64, indexed by ``qidx``) of one run measurement file of ``kind`` at
+    ``level``, after checking its metadata: of this level, every query measured there by the
+    design with the design's σ². A row group's query comes from its statistics where they name
+    one of the level's queries (``measure_shard`` writes one query per row group: no row is
+    read), else from its dictionary-encoded query and σ² columns (checked against the design).
+    The verifier, run before anything is published, checks every row's query, σ² and variance
+    and that these counts are the parts' (so statistics that lied would stop the release)."""
+    pf = pq.ParquetFile(path, read_dictionary=["query", "sigma2"])
+    md = pf.metadata
+    meta = md.metadata or {}
+    have = meta.get(b"dptab.level", b"").decode()
+    if have != level:
+        raise MeasurementPublishError(f"{path}: a measurement file of level {have!r}, published as {level}")
+    try:
+        listed = json.loads(meta[b"dptab.queries"])
+    except (KeyError, ValueError) as exc:
+        raise MeasurementPublishError(f"{path}: no readable dptab.queries metadata ({exc!r})") from None
+    for q, s2, _ in listed:
+        m = want.get((kind, level, q))
+        if m is None or q not in qidx:
+            raise MeasurementPublishError(f"{path}: query {q!r} is not measured at {level} by the strategy")
+        if Fraction(s2) != m.sigma2:
+            raise MeasurementPublishError(f"{path}: query {q!r} drawn with sigma2 {s2}, the release's design says "
+                                          f"{_frac(m.sigma2)}; refusing to publish it")
+    col = {md.schema.column(j).name: j for j in range(md.num_columns)}
+    counts = np.zeros(len(qidx), np.int64)
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        st = rg.column(col["query"]).statistics
+        label = st.min if st is not None and st.has_min_max and st.min == st.max else None
+        if isinstance(label, str) and label in qidx:
+            counts[qidx[label]] += rg.num_rows
+            continue
+        t = pf.read_row_group(g, columns=["query", "sigma2"])
+        counts += np.bincount(_codes(t.column("query"), t.column("sigma2"), kind, level, want, qidx, path),
+                              minlength=len(qidx))
+    return counts
 
 
 def _codes(query: pa.ChunkedArray, sigma2: pa.ChunkedArray, kind: str, level: str,
