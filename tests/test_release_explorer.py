@@ -129,6 +129,25 @@ def test_counts_encoding_round_trips() -> None:
         assert [decode(t) for t in got] == m.tolist()
 
 
+def test_distinct_rows_in_order_of_first_appearance() -> None:
+    """Per-area margins are listed once per block file: the distinct rows in order of first
+    appearance and each row's index, also when two different rows share the 64-bit hash (the
+    exact fallback)."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        m = rng.integers(-1, 4, (int(rng.integers(0, 40)), int(rng.integers(1, 6))))
+        distinct, which = html_mod.distinct_rows(m)
+        seen: dict = {}
+        for r in map(tuple, m.tolist()):
+            seen.setdefault(r, len(seen))
+        assert list(map(tuple, distinct.tolist())) == list(seen) and which.tolist() == [seen[r] for r in map(tuple, m.tolist())]
+    w = html_mod._row_hash_weights(3).astype(object)
+    a, b = [int(w[1]), 0, 7], [0, int(w[0]), 7]  # a·w = b·w (mod 2^64): one hash, two rows
+    m = np.array([a, b, a, [1, 2, 3]], dtype=np.int64)
+    distinct, which = html_mod.distinct_rows(m)
+    assert distinct.tolist() == [a, b, [1, 2, 3]] and which.tolist() == [0, 1, 0, 2]
+
+
 def test_explorer_files_are_listed_checksummed_and_hold_the_tables(release: Path, tables: pl.DataFrame) -> None:
     m = json.loads((release / "manifest.json").read_text())
     listed = {f["path"] for f in m["files"]}
@@ -149,9 +168,15 @@ def test_explorer_files_are_listed_checksummed_and_hold_the_tables(release: Path
             assert k == key and all(b[0].startswith(county) for b in data["blocks"])
             assert data["blocks"][0][0].startswith(first)
             assert len(data["blocks"]) <= 30 or len({b[0][:12] for b in data["blocks"]}) == 1
-            for g, _name, counts in data["blocks"]:
-                assert g not in blocks
-                blocks[g] = decode(counts)
+            for b in data["blocks"]:
+                assert b[0] not in blocks
+                # per-area margins (full estimator): the index of the block's row among the file's
+                # distinct margin rows, which follow its counts when read
+                assert (len(b) == 4) == (index["moe"][-1] is None) == ("moes" in data)
+                blocks[b[0]] = decode(b[2]) + (decode(data["moes"][b[3]]) if len(b) == 4 else [])
+            if "moes" in data:  # each distinct, and each used
+                assert len({tuple(decode(t)) for t in data["moes"]}) == len(data["moes"])
+                assert {b[3] for b in data["blocks"]} == set(range(len(data["moes"])))
     assert len(index["block_chunks"]["02016"]) > 1  # split: more blocks than the (patched) limit
     bgs_per_file = [{b[0][:12] for b in load_js(release / "explorer" / f"{key}.js")[1]["blocks"]}
                     for parts in index["block_chunks"].values() for _, key in parts]
@@ -171,11 +196,14 @@ def test_explorer_files_are_listed_checksummed_and_hold_the_tables(release: Path
             got = got[:len(want_row)]
         assert got == want_row and total == want_row[0]
     want = tables.filter(pl.col("geolevel") == "block").sort("geoid", "table", "line")
-    for g in (geoids_at(tables, "block")[0], geoids_at(tables, "block")[-1]):
+    for g in geoids_at(tables, "block"):
         rows = want.filter(pl.col("geoid") == g)
         for i, t in enumerate(TABLES):
             got = blocks[g][offsets[i]:offsets[i + 1]]
             assert got == rows.filter(pl.col("table") == t).sort("line")["count"].to_list()
+        if index["moe"][-1] is None:
+            moe = [m for t in TABLES for m in rows.filter(pl.col("table") == t).sort("line")["moe90"].to_list()]
+            assert blocks[g][offsets[-1]:] == [-1 if m is None else round(m * 100) for m in moe]
 
 
 # ----------------------------------------------------------------------------------------------

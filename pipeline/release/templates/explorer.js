@@ -251,7 +251,8 @@
       return need(key).then(function (d) {
         var b = blocksOf(d)[geoid];
         if (!b) { throw new Error("No block with the code " + geoid + " in this release."); }
-        return decodeCounts(b[2]);
+        /* per-area margins (full estimator): the file lists its distinct margin rows once */
+        return b.length > 3 ? decodeCounts(b[2]).concat(decodeCounts(d.moes[b[3]])) : decodeCounts(b[2]);
       });
     }
     if (Object.prototype.hasOwnProperty.call(X.index.counts, geoid)) { return Promise.resolve(decodeCounts(X.index.counts[geoid])); }
