@@ -725,3 +725,30 @@ def test_layout_tampering_is_found_by_the_data_check(release: Path, tmp_path: Pa
     edit_parquet(copy, "tables/P3.parquet", tamper)
     fails = verify_contents(copy, manifest, regenerate=regenerate)
     assert any(f.table == "P3" and f.check in ("table_layout", "table_rows") for f in fails), fails
+
+
+def test_content_checks_split_in_two_are_the_whole(release: Path, tmp_path: Path) -> None:
+    """The release writer runs the measurement checks beside the other content checks: the two
+    halves report exactly the failures of the whole, on a clean release and on one tampered in
+    a table, a measurement part and the microdata."""
+    from pipeline.release.verify_data import verify_contents
+
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    m = manifest(copy)
+
+    def halves() -> tuple[list, list]:
+        whole = verify_contents(copy, m, regenerate=False)
+        split = verify_contents(copy, m, regenerate=False, part="data") + \
+            verify_contents(copy, m, regenerate=False, part="measurements")
+        return sorted(map(repr, whole)), sorted(map(repr, split))
+
+    assert halves() == ([], [])
+    t_table_count(copy)
+    t_measurement_rows_swapped(copy)
+    t_microdata_value(copy)
+    whole, split = halves()
+    assert whole == split
+    assert {"measurements", "microdata"} <= {f.split("check='")[1].split("'")[0] for f in whole}, whole
+    with pytest.raises(ValueError, match="part"):
+        verify_contents(copy, m, part="tables")

@@ -108,15 +108,27 @@ def _microdata_histogram(root: Path, ts: TableSet, block: LevelTables,
     return sp.csr_matrix((cat[2], (cat[0], cat[1])), shape=(len(g), spec.n_cells), dtype=np.int64), []
 
 
-def verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool = True) -> list[CheckFailure]:
+#: the parts :func:`verify_contents` can be split into (each reads what it needs itself)
+CONTENT_PARTS = ("all", "data", "measurements")
+
+
+def verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool = True,
+                    part: str = "all") -> list[CheckFailure]:
     """The checks of :func:`verify_release` that read the data files of the release folder
     ``root`` (the tables against their layout, the hierarchy and the invariants; the microdata
     against the block tables; the noisy measurements and unbiased estimates against the design
     and the geography), with ``manifest`` as parsed (a schema-valid manifest dict). Reads only
     the manifest's ``table_definitions``, ``tables``, ``geolevels``, ``geography``,
     ``persons``, ``invariants``, ``contents``, ``privacy``, ``estimator`` and ``uncertainty``:
-    not the file list, the codebook or the explorer, so it can run before those are written."""
-    return guard("unreadable", _verify_contents, root, manifest, regenerate)
+    not the file list, the codebook or the explorer, so it can run before those are written.
+
+    ``part``: ``"all"``; or the two halves the release writer runs side by side — ``"data"``
+    (everything but the noisy measurement files) and ``"measurements"`` (only their checks;
+    what both read first, e.g. the microdata, is reported by ``"data"``): together exactly the
+    failures of ``"all"``."""
+    if part not in CONTENT_PARTS:
+        raise ValueError(f"verify_contents part {part!r}: one of {CONTENT_PARTS}")
+    return guard("unreadable", _verify_contents, root, manifest, regenerate, part)
 
 
 #: (loader, sha256 of the file) -> what it loaded: a verifier process (the writer's self-check,
@@ -147,7 +159,11 @@ def guard(check: str, fn: Callable[..., list[CheckFailure]], *args: Any) -> list
         return [fail(check, f"{fn.__name__.lstrip('_')} stopped: {type(exc).__name__}: {exc}")]
 
 
-def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool = True) -> list[CheckFailure]:
+def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool = True,
+                     part: str = "all") -> list[CheckFailure]:
+    if part == "measurements":  # the other half reports what both read first
+        return [f for f in _verify_contents(root, manifest, regenerate, "measurements-only")
+                if f.check == "measurements"]
     failures: list[CheckFailure] = []
     defs = root / manifest["table_definitions"]
     if root.resolve() not in defs.resolve().parents or not defs.is_file():
@@ -210,13 +226,15 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
         else:
             failures.append(fail("file_missing", f"{decl['file']} (declared invariant) is missing"))
     whole = len(geo) == len(manifest["geolevels"])
-    failures += guard("tables", _stream_tables, root, manifest, ts,
-                       [t for t in tables if t.name in runs], runs, geo, digits, x_block,
-                       Invariants(inv["state_totals"], block_geoids, block_hu), regenerate and whole)
-    if whole:
+    data, meas = part in ("all", "data"), part in ("all", "measurements-only")
+    if data:
+        failures += guard("tables", _stream_tables, root, manifest, ts,
+                           [t for t in tables if t.name in runs], runs, geo, digits, x_block,
+                           Invariants(inv["state_totals"], block_geoids, block_hu), regenerate and whole)
+    if whole and meas:
         failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, x_block)
-        if manifest["contents"].get("unbiased"):
-            failures += guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits)
+    if whole and data and manifest["contents"].get("unbiased"):
+        failures += guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits)
     return failures
 
 
