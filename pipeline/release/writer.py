@@ -408,13 +408,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             pool.shutdown(wait=False)  # the thread ends with its one task
         digits = {lv.name: lv.digits for lv in geography.levels}
         tree = GeoTree.from_geography(geography)
-        randomness = meta.randomness_mode()
-        privacy = _copy_strategies(tmp, privacy)
-        variances = variances if variances is not None else variances_from_privacy(privacy)
-        moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
-                              invariants.block_housing_units is not None, meta.estimator,
-                              [lv.child_ptr for lv in geography.levels[:-1]])
-
+        # the microdata need only the block histogram: started first, beside everything below
         blocks = geography.levels[-1]
         # with a second core: large releases in processes of their own, smaller ones (and a
         # daemon process, which may not start children) on threads; with one core, in sequence
@@ -426,6 +420,13 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         microdata = Background("microdata", _write_microdata, (mpath, np.asarray(blocks.geoids), persons[blocks.name],
                                                                 ts.specs["persons"], tree.is_lookup), background)
         children.append(microdata)
+        randomness = meta.randomness_mode()
+        privacy = _copy_strategies(tmp, privacy)
+        variances = variances if variances is not None else variances_from_privacy(privacy)
+        moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
+                              invariants.block_housing_units is not None, meta.estimator,
+                              [lv.child_ptr for lv in geography.levels[:-1]])
+
         entries: list[dict[str, Any]] = []
         if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
             gpath = tmp / GEOGRAPHY_FILE
