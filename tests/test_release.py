@@ -52,8 +52,14 @@ def measurement_file(tmp: Path, n_units: int, extra: bool = False, sigma2: str =
         df = df.with_columns(pl.lit(1).alias("true_value"))
     p = tmp / name / "shard-00000.parquet"
     p.parent.mkdir()
+    from pipeline.model.design import design_from_rho
+
+    # the metadata lists every query of the block level with the design's σ², but "total" with ``sigma2``
+    d = design_from_rho({k: r["rho_by_level_query"] for k, r in PRIVACY["runs"].items()})
+    queries = [[m.query, sigma2 if m.query == "total" else f"{m.sigma2.numerator}/{m.sigma2.denominator}",
+                m.variance] for m in d.measurements if m.kind == "persons" and m.level == "block"]
     meta = {b"dptab.level": b"block", b"dptab.units": f"0:{n_units}".encode(), b"dptab.full": b"True",
-            b"dptab.strategy": b"test", b"dptab.queries": json.dumps([["total", sigma2, 819.4]]).encode()}
+            b"dptab.strategy": b"test", b"dptab.queries": json.dumps(queries).encode()}
     write_parquet_with_metadata(p, df.to_arrow(), meta)
     return p
 

@@ -521,7 +521,7 @@ CASES: list[tuple[Callable[[Path], None], tuple[str, ...], str]] = [
     (t_deleted_csv_with_entry, ("file_missing",), "csv/block/P1.csv"),
     (t_deleted_measurements_with_entry, ("file_missing",), MEAS_Q),
     (t_deleted_measurement_part_with_entry, ("measurements",), "persons/county/total says"),
-    (t_measurement_part_moved, ("measurements",), "geolevel=tract/shard-00099.parquet: level 'county'"),
+    (t_measurement_part_moved, ("measurements",), "geolevel=tract/shard-00099.parquet: a measurement file of level 'county'"),
     (t_measurement_part_metadata, ("measurements",), "secret"),
     (t_measurement_row_variance, ("measurements",), "persons/tract/total: rows whose variance"),
     (t_deleted_invariants_with_entry, ("file_missing",), "invariants/block_housing_units.parquet"),

@@ -171,11 +171,11 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
     ``levels`` top down with ``geoids[i]`` the published GEOIDs of level ``i`` (units in
     published order); ``design``: the release's privacy design — every row's σ² must be the
     design's (the measurements are the ones the manifest describes). Each file is checked to
-    hold exactly the measurement columns, to be of its level, and to have only the design's
-    queries with their σ² (reading its two dictionary-encoded text columns); units, answers,
-    keys and variances are the verifier's (:func:`measurement_checks`, which the release writer
-    runs before anything is published). Memory: one shard file's text codes at a time. Raises
-    :class:`MeasurementPublishError`.
+    hold exactly the measurement columns and metadata of its level with the design's queries, σ²
+    and variances (:func:`part_metadata_problem`); its rows per query come from its row-group
+    statistics (:func:`_query_counts`). Every row's query, σ², variance, unit and answer is the
+    verifier's (:func:`measurement_checks`, which the release writer runs before anything is
+    published). Raises :class:`MeasurementPublishError`.
     """
     if not files:
         return []
@@ -212,6 +212,33 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
     return paths_out
 
 
+def part_metadata_problem(raw: Mapping[bytes, bytes] | None, level: str, want: Mapping[str, "Measurement"]
+                          ) -> tuple[str | None, tuple[int, int]]:
+    """What is wrong with a measurement file's key-value metadata (``None`` if nothing), and the
+    unit range it declares: only the measurement keys (:data:`PART_METADATA`), of ``level``, and
+    exactly the design's queries there (``want``: query -> Measurement), each with the design's
+    σ² and variance. The writer refuses such a file; the verifier reports such a part."""
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (raw or {}).items()}
+    try:
+        listed = {q: (s2, var) for q, s2, var in json.loads(meta["dptab.queries"])}
+        u0, u1 = (int(x) for x in meta["dptab.units"].split(":"))
+        have = meta["dptab.level"]
+    except (KeyError, ValueError, TypeError) as exc:
+        return f"unreadable measurement metadata ({type(exc).__name__}: {exc})", (0, 0)
+    extra = sorted(set(meta) - PART_METADATA)
+    if extra:
+        return f"metadata {extra} beyond the measurement metadata", (u0, u1)
+    if have != level:
+        return f"a measurement file of level {have!r}, published as {level}", (u0, u1)
+    if set(listed) != set(want):
+        return f"queries {sorted(listed)} in its metadata, the design measures {sorted(want)} at {level}", (u0, u1)
+    for q, m in want.items():
+        if listed[q] != (_frac(m.sigma2), m.variance):
+            return (f"query {q!r} drawn with sigma2 {listed[q][0]} (variance {listed[q][1]}), the release's design "
+                    f"says {_frac(m.sigma2)} ({m.variance})"), (u0, u1)
+    return None, (u0, u1)
+
+
 def _query_counts(path: Path, kind: str, level: str, want: Mapping[tuple[str, str, str], "Measurement"],
                   qidx: Mapping[str, int]) -> np.ndarray:
     """Rows per query (int64, indexed by ``qidx``) of one run measurement file of ``kind`` at
@@ -223,21 +250,9 @@ def _query_counts(path: Path, kind: str, level: str, want: Mapping[tuple[str, st
     and that these counts are the parts' (so statistics that lied would stop the release)."""
     pf = pq.ParquetFile(path, read_dictionary=["query", "sigma2"])
     md = pf.metadata
-    meta = md.metadata or {}
-    have = meta.get(b"dptab.level", b"").decode()
-    if have != level:
-        raise MeasurementPublishError(f"{path}: a measurement file of level {have!r}, published as {level}")
-    try:
-        listed = json.loads(meta[b"dptab.queries"])
-    except (KeyError, ValueError) as exc:
-        raise MeasurementPublishError(f"{path}: no readable dptab.queries metadata ({exc!r})") from None
-    for q, s2, _ in listed:
-        m = want.get((kind, level, q))
-        if m is None or q not in qidx:
-            raise MeasurementPublishError(f"{path}: query {q!r} is not measured at {level} by the strategy")
-        if Fraction(s2) != m.sigma2:
-            raise MeasurementPublishError(f"{path}: query {q!r} drawn with sigma2 {s2}, the release's design says "
-                                          f"{_frac(m.sigma2)}; refusing to publish it")
+    why, _ = part_metadata_problem(md.metadata, level, {q: want[(kind, level, q)] for q in qidx})
+    if why is not None:
+        raise MeasurementPublishError(f"{path}: {why}; refusing to publish it")
     col = {md.schema.column(j).name: j for j in range(md.num_columns)}
     counts = np.zeros(len(qidx), np.int64)
     for g in range(md.num_row_groups):
@@ -435,22 +450,8 @@ def _parts(root: Path, names: Sequence[str], design: "Design", out: list[CheckFa
         if not _same_columns(got, PART_SCHEMA):
             out.append(fail(f"{rel}: columns {_columns_of(got)} differ from {_columns_of(PART_SCHEMA)}", level))
             continue
-        meta = {k.decode(errors="replace"): v.decode(errors="replace")
-                for k, v in (pq.read_metadata(p).metadata or {}).items()}
-        extra = sorted(set(meta) - PART_METADATA)
         want = {m.query: m for m in design.measurements if m.kind == kind and m.level == level}
-        try:
-            listed = {q: (s2, var) for q, s2, var in json.loads(meta["dptab.queries"])}
-            u0, u1 = (int(x) for x in meta["dptab.units"].split(":"))
-            why = (f"metadata {extra} beyond the measurement metadata" if extra else
-                   f"level {meta['dptab.level']!r} in its metadata" if meta["dptab.level"] != level else
-                   f"queries {sorted(listed)} in its metadata, the design measures {sorted(want)}"
-                   if set(listed) != set(want) else
-                   next((f"metadata σ² / variance of {q} {listed[q]} differ from the design's" for q, mq in want.items()
-                         if listed[q] != (_frac(mq.sigma2), mq.variance)), None))
-        except (KeyError, ValueError, TypeError) as exc:
-            why = f"unreadable measurement metadata ({type(exc).__name__}: {exc})"
-            u0 = u1 = 0
+        why, (u0, u1) = part_metadata_problem(pq.read_metadata(p).metadata, level, want)
         if why is not None:
             out.append(fail(f"{rel}: {why}", level))
             continue
