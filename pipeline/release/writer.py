@@ -370,10 +370,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     ``tables/unbiased/`` with their standard errors); ``simulated``: ``(lookup, moving cells,
     trials)`` of ``pipeline.job.margins`` — the tables' ``moe90`` are then the simulated ones
     and the lookup is published as ``margins/simulated.parquet``; ``workers > 1`` (the job's
-    cores): a release of at least :data:`BACKGROUND_MIN_BLOCKS` blocks writes its microdata
-    while the tables are written, and checks its data files (the verifier's
-    :func:`pipeline.release.verify_data.verify_contents`) while the explorer is written, each in a
-    process of its own (:class:`Background`): the same bytes and checks as in one process. Raises :class:`ReleaseExistsError` if the id exists,
+    cores): the release writes its microdata while the tables are written, and checks its data
+    files (the verifier's :func:`pipeline.release.verify_data.verify_contents`, the noisy
+    measurements' half beside the rest) while the explorer is written, each in a process of its
+    own from :data:`BACKGROUND_MIN_BLOCKS` blocks, on a thread below (:class:`Background`): the
+    same bytes and checks as in one process. Raises :class:`ReleaseExistsError` if the id exists,
     :class:`ReleaseCheckError` if any consistency check fails (nothing is published then).
     """
     from pipeline.release import html as _html
