@@ -332,8 +332,9 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
         if not path.is_file():
             out.append(fail(f"{rel} is missing"))
             continue
-        if not _same_columns(pq.read_schema(path), schema):
-            out.append(fail(f"{rel}: columns {_columns_of(pq.read_schema(path))} differ from {_columns_of(schema)}"))
+        got = pq.read_schema(path)
+        if not _same_columns(got, schema):
+            out.append(fail(f"{rel}: columns {_columns_of(got)} differ from {_columns_of(schema)}"))
     names = [lt.level for lt in levels]
     parts = _parts(root, names, design, out, fail)
     if out:
