@@ -194,8 +194,8 @@ def forced_zero_lines(ctx: RunContext, kind: str, level: str, table: Any) -> np.
 def margins_seed(run_seed: int | None) -> int:
     """The seed of the reruns' noise (62 bits): derived from the run's seed when the run is
     seeded (a seeded test or experiment then reproduces its release exactly), else drawn from
-    the operating system's secure source. Either way it is recorded in the run state and the
-    manifest; the reruns' noise is post-processing of the published counts, so this seed does
+    the operating system's secure source. Either way it is recorded in the run state (and the
+    ``margins`` stage's record); the reruns' noise is post-processing of the published counts, so this seed does
     not bear on privacy."""
     if run_seed is None:
         return secrets.randbits(62)

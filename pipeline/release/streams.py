@@ -150,7 +150,7 @@ class Background:
 
         if mode not in self.MODES:
             raise ValueError(f"Background mode {mode!r}: one of {self.MODES}")
-        self.what, self.fn, self.args, self.mode = what, fn, args, mode
+        self.what, self.fn, self.args = what, fn, args
         self._proc: Any = None
         self._thread: threading.Thread | None = None
         self._outcome: tuple[bool, Any] | None = None
