@@ -274,6 +274,16 @@ def t_measurement_row_removed(r: Path) -> None:
     edit_measurements(r, lambda df: df.filter(pl.int_range(pl.len()) != first_row(df, geolevel="block", query="detailed")))
 
 
+def t_measurement_units_row_removed(r: Path) -> None:
+    """One drawn answer of the units run's block level left out and its row count lowered to
+    match, as if it had been skipped under a published zero: its parent's units histogram
+    (solved from the H1 tables) says it must be there."""
+    edit_measurements(r, lambda df: df.filter(pl.int_range(pl.len()) != first_row(df, run="units", geolevel="block")))
+    edit_parquet(r, MEAS_Q, lambda df: set_at(df, first_row(df, run="units", geolevel="block"), "rows",
+                                             int(df.filter((pl.col("run") == "units") & (pl.col("geolevel") == "block"))
+                                                 ["rows"][0]) - 1))
+
+
 def t_measurement_rows_swapped(r: Path) -> None:
     """Two values of one block's detailed query exchanged by swapping their rows (same counts)."""
     def f(df):
@@ -744,6 +754,10 @@ def test_content_checks_split_in_two_are_the_whole(release: Path, tmp_path: Path
         return sorted(map(repr, whole)), sorted(map(repr, split))
 
     assert halves() == ([], [])
+    t_measurement_units_row_removed(copy)
+    whole, split = halves()
+    assert whole == split
+    assert any("units/block" in f and "missing" in f for f in whole), whole
     t_table_count(copy)
     t_measurement_rows_swapped(copy)
     t_microdata_value(copy)

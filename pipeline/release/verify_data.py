@@ -70,42 +70,89 @@ def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> 
     return {lv: np.concatenate(p) if p else np.zeros(0, dtype=str) for lv, p in parts.items()}
 
 
-def _microdata_histogram(root: Path, ts: TableSet, block: LevelTables,
-                         manifest_persons: int) -> tuple[Any, list[CheckFailure]]:
-    """The block histogram the microdata re-tabulate to, csr int64 ``(n_blocks, n_cells)``, read
-    a row group of persons at a time; ``None`` and the failures when the file is missing,
-    unreadable, of another size than the manifest says, or holds persons of unpublished blocks."""
+def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree: GeoTree, manifest_persons: int,
+                      blocks: bool, parents: bool) -> tuple[Any, dict[str, Any], list[CheckFailure]]:
+    """What the checks need of ``microdata/persons.parquet``, re-tabulated in one pass a row group
+    of persons at a time (``geo``: the published units of every level, the blocks last):
+
+    - with ``blocks``, the block histogram, csr ``(n_blocks, n_cells)``: int32 counts and indices
+      (int64 counts if one exceeds int32), gathered per row group in those types — the block
+      level is the one country-sized object of the check (8 bytes a non-zero: ~0.4 GB for the US);
+    - with ``parents``, the support of the published histogram of every level above the blocks,
+      ``support[level]``: csr int8 ``(n_units, n_cells)``, 1 exactly where the level's histogram
+      (the microdata summed up the hierarchy; counts are positive) is positive — summed into the
+      blocks' parents row group by row group, so the block histogram is never held for it.
+
+    Returns ``(x_block or None, support, failures)``; ``(None, {}, failures)`` when the file is
+    missing, unreadable, of another size than the manifest says, or holds persons of unpublished
+    blocks."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import scipy.sparse as sp
 
     path = root / "microdata" / "persons.parquet"
     if not path.is_file():
-        return None, [fail("file_missing", "microdata/persons.parquet (every release carries its microdata)")]
-    spec = ts.specs["persons"]
+        return None, {}, [fail("file_missing", "microdata/persons.parquet (every release carries its microdata)")]
+    spec, block = ts.specs["persons"], geo[-1]
+    n_blocks, n_cells = len(block.geoids), spec.n_cells
     g = np.asarray(block.geoids).astype(str)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    # (unit, cell, count) per row group, in the types the csr keeps; a block split between two row
+    # groups appears twice (the csr constructor adds its entries up)
+    units: list[np.ndarray] = []
+    cells: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    # the blocks' parents: position of each block's parent, and per row group the distinct
+    # (parent, cell) keys it touches (the support; a count is never 0)
+    up = geo[-2] if parents and len(geo) > 1 else None
+    if up is not None:
+        ppos, found = tree.parent_positions(up.level, up.geoids, block.level, block.geoids)
+        ppos = np.where(found, ppos, -1)  # orphans (reported by the hierarchy checks) count nowhere
+    keys: list[np.ndarray] = []
     try:
         f = pq.ParquetFile(path)
         if f.metadata.num_rows != manifest_persons:
-            return None, [fail("microdata", f"{f.metadata.num_rows} microdata rows, manifest says "
-                                             f"{manifest_persons} persons")]
+            return None, {}, [fail("microdata", f"{f.metadata.num_rows} microdata rows, manifest says "
+                                                f"{manifest_persons} persons")]
         # only the columns the re-tabulation reads (EPNUM, RTYPE and TABBLKGRPCE are most of the decoding)
         names = f.schema_arrow.names
         wanted = (["geoid", *(a.name for a in spec.attributes)] if "geoid" in names else
                   ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK", "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
         # the PPMF geography columns as categories: a few distinct values per batch, decoded once
-        geo = [c for c in ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK") if c in names]
-        f = pq.ParquetFile(path, read_dictionary=geo)
+        cats = [c for c in ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK") if c in names]
+        f = pq.ParquetFile(path, read_dictionary=cats)
         for persons in frames_ahead(f.iter_batches(batch_size=1 << 20, columns=[c for c in wanted if c in names])):
-            parts.append(histogram_from_microdata(persons, g, spec))
+            unit, cell, count = histogram_from_microdata(persons, g, spec)
+            if blocks:
+                units.append(unit.astype(np.int32))
+                cells.append(cell.astype(np.int32))
+                counts.append(count)
+            if up is not None:
+                p = ppos[unit]
+                keys.append(np.unique(p[p >= 0] * n_cells + cell[p >= 0]))
     except (OSError, pl.exceptions.PolarsError, pa.ArrowException) as exc:
-        return None, [fail("unreadable", f"microdata/persons.parquet: {exc}")]
+        return None, {}, [fail("unreadable", f"microdata/persons.parquet: {exc}")]
     except (MicrodataError, ValueError) as exc:
-        return None, [fail("microdata", str(exc))]
-    cat = [np.concatenate([q[i] for q in parts]) if parts else np.zeros(0, np.int64) for i in range(3)]
-    # a block split between two batches appears twice: the csr constructor adds its entries up
-    return sp.csr_matrix((cat[2], (cat[0], cat[1])), shape=(len(g), spec.n_cells), dtype=np.int64), []
+        return None, {}, [fail("microdata", str(exc))]
+    x_block = None
+    if blocks:
+        cnt = np.concatenate(counts) if counts else np.zeros(0, np.int64)
+        small = cnt.size == 0 or int(cnt.max()) <= np.iinfo(np.int32).max
+        del counts  # (the int64 counts of every row group, freed before the csr is built)
+        cnt = cnt.astype(np.int32 if small else np.int64)
+        x_block = sp.csr_matrix((cnt, (np.concatenate(units) if units else np.zeros(0, np.int32),
+                                       np.concatenate(cells) if cells else np.zeros(0, np.int32))),
+                                shape=(n_blocks, n_cells), dtype=cnt.dtype)
+    support: dict[str, Any] = {}
+    if up is not None:
+        k = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+        below = sp.csr_matrix((np.ones(k.size, np.int8), (k // n_cells, k % n_cells)), shape=(len(up.geoids), n_cells))
+        support[up.level] = below
+        for i in range(len(geo) - 3, -1, -1):  # up the levels: a parent's cell is positive where a child's is
+            below = _aggregate(below, geo[i + 1], geo[i], tree)
+            below.data[:] = 1
+            below = below.astype(np.int8)
+            support[geo[i].level] = below
+    return x_block, support, []
 
 
 #: the parts :func:`verify_contents` can be split into (each reads what it needs itself)
@@ -208,7 +255,13 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
         want = next(g["units"] for g in manifest["geolevels"] if g["name"] == lt.level)
         if len(lt.geoids) != want:
             failures.append(fail("table_layout", f"{len(lt.geoids)} units published, manifest says {want}", "*", lt.level))
-    x_block, micro = _microdata_histogram(root, ts, geo[-1], int(manifest["persons"])) if geo else (None, [])
+    whole = len(geo) == len(manifest["geolevels"])
+    data, meas = part in ("all", "data"), part in ("all", "measurements")
+    # the data half compares the block tables with the microdata; the measurement half needs only
+    # which cells of the levels above are positive (both from one pass over the microdata)
+    x_block, support, micro = (_microdata_counts(root, ts, geo, digits, int(manifest["persons"]), data,
+                                                 meas and whole and bool(manifest["contents"]["measurements"]))
+                               if geo else (None, {}, []))
     failures += micro
     inv = manifest["invariants"]
     block_geoids = block_hu = None
@@ -224,14 +277,12 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
                                                    f"{decl['total']} units", "H1"))
         else:
             failures.append(fail("file_missing", f"{decl['file']} (declared invariant) is missing"))
-    whole = len(geo) == len(manifest["geolevels"])
-    data, meas = part in ("all", "data"), part in ("all", "measurements")
     if data:
         failures += guard("tables", _stream_tables, root, manifest, ts,
                            [t for t in tables if t.name in runs], runs, geo, digits, x_block,
                            Invariants(inv["state_totals"], block_geoids, block_hu), regenerate and whole)
     if whole and meas:
-        failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, x_block)
+        failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, support)
     if whole and data and manifest["contents"].get("unbiased"):
         failures += guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits)
     return failures
@@ -245,8 +296,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
     the consistency checks and invariants (:class:`ReleaseChecks`), the block tables against the
     microdata (``x_block``: csr ``(n_blocks, n_cells)``), and with ``regenerate`` every row
     regenerated from its counts and the design's margins of error, and every CSV row against its
-    Parquet row. Memory: one chunk of every table plus the level above's counts. The counts of
-    the tables of histograms other than persons are left in ``geo`` (``counts``)."""
+    Parquet row. Memory: one chunk of every table plus the level above's counts."""
     from pipeline.release.checks import ReleaseChecks
     from pipeline.release.uncertainty import simulated_moe90
     from pipeline.release.writer import STREAM_UNITS
@@ -293,10 +343,6 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                 else:
                     csvs[t.name] = csv
         skip: set[str] = set()  # tables whose rows at this level do not fit the layout
-        # the other histograms' tables (units: H1, 3 lines) are kept whole: the measurement checks
-        # solve every level's units histogram from them
-        kept: dict[str, list[np.ndarray]] = {}
-        names = tree.unit_names(level, lt.geoids) if tree.is_lookup else unit_names(level, lt.geoids)
         for s in range(0, max(n, 1), STREAM_UNITS):
             e = min(s + STREAM_UNITS, n)
             g = lt.geoids[s:e]
@@ -328,8 +374,6 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                     continue
                 chunk.counts[t.name] = sub["count"].to_numpy().reshape(e - s, t.n_lines).astype(np.int64)
                 found_rows[t.name] = sub
-                if t.histogram != "persons":
-                    kept.setdefault(t.name, []).append(chunk.counts[t.name])
             checks.add(chunk)
             if level == block and x_block is not None:
                 xs = x_block[s:e]
@@ -345,6 +389,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                         micro_reported[t.name] = micro_reported.get(t.name, 0) + 1
             if not regenerate:
                 continue
+            names = tree.unit_names(level, g) if tree.is_lookup else unit_names(level, g)
             for t in tables:
                 if t.name in broken or t.name not in found_rows:
                     continue
@@ -352,7 +397,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                 m = moe.get((t.name, level))
                 if lookup is not None:  # simulated margins: each is its group's value, or 0 (never moved)
                     m = simulated_moe90(lookup, None, t, level, chunk.counts[t.name])
-                want = long_frame(t, level, g, names[s:e], chunk.counts[t.name],
+                want = long_frame(t, level, g, names, chunk.counts[t.name],
                                   m if m is None or m.ndim == 1 or lookup is not None else m[s:e])
                 if lookup is not None and "moe90" in found.columns:
                     want = want.with_columns(pl.when(found["moe90"] == 0).then(0.0).otherwise(pl.col("moe90"))
@@ -369,7 +414,6 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                     if diff:
                         bad_rows.add(crel)
         checks.end_level()
-        lt.counts.update({name: np.concatenate(parts) for name, parts in kept.items() if name not in skip})
         for t in tables:
             crel = f"csv/{level}/{t.name}.csv"
             if t.name in csvs and crel not in bad_rows and t.name not in broken:
@@ -506,8 +550,9 @@ def _frame_diff(want: pl.DataFrame, found: pl.DataFrame, rel: str, against: str,
 
 
 def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-                             digits: Mapping[str, int], x_block: Any) -> list[CheckFailure]:
-    """The published noisy measurements against the design and the published geography."""
+                             digits: Mapping[str, int], support: Mapping[str, Any]) -> list[CheckFailure]:
+    """The published noisy measurements against the design and the published geography
+    (``support``: the persons levels above the blocks, :func:`_microdata_counts`)."""
     from pipeline.release.measurements import FILES, measurement_checks
 
     if not manifest["contents"]["measurements"] or not all((root / rel).is_file() for rel in FILES):
@@ -516,47 +561,66 @@ def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableS
 
     runs = manifest["privacy"]["runs"]
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in runs.items()})
-    published = _published_histograms(root, ts, lts, digits, list(runs), x_block)
+    published = _published_supports(root, ts, lts, list(runs), support)
     return measurement_checks(root, design, ts.specs, lts, digits, published)
 
 
-def _published_histograms(root: Path, ts: TableSet, lts: list[LevelTables], digits: Mapping[str, int],
-                          kinds: Sequence[str], x_block: Any) -> dict[str, dict[str, Any]]:
-    """``{kind: {level: csr (n_units, n_cells) int64}}``: the published histograms of every level.
+def _published_supports(root: Path, ts: TableSet, lts: list[LevelTables], kinds: Sequence[str],
+                        persons: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{kind: {level: csr (n_units, n_cells)}}``, non-negative, positive exactly where the
+    published histogram of the level is (what the measurement checks read of it), for every
+    level but the bottom one.
 
-    Persons: the microdata tabulated per block (``x_block``, csr ``(n_blocks, n_cells)``; ``None``
-    when the microdata are unreadable) and summed up by GEOID prefix (the tables are consistent,
-    so this is every level's published histogram). Units: solved from the tables of
-    the units histogram when their lines determine every cell (H1: occupied, vacant); a kind
-    whose histogram the release does not determine is left out.
+    Persons: ``persons`` (the microdata's supports, :func:`_microdata_counts`; empty when the
+    microdata are unreadable: then left out). Units: the histogram solved from the tables of the
+    units histogram (read from ``tables/``) when their lines determine every cell (H1: occupied,
+    vacant); a kind whose histogram the release does not determine, or one of whose tables does
+    not have the layout (reported by the table checks), is left out.
     """
     import scipy.sparse as sp
 
     out: dict[str, dict[str, Any]] = {}
-    block = lts[-1]
-    if "persons" in kinds and x_block is not None:
-        tree = GeoTree.of(digits, [lt.level for lt in lts])
-        out["persons"] = {lt.level: _aggregate(x_block, block, lt, tree) for lt in lts}
+    if "persons" in kinds and persons:
+        out["persons"] = dict(persons)
+    upper = lts[:-1]
     for kind in kinds:
         if kind == "persons":
             continue
         spec, tabs = ts.specs[kind], ts.of_kind(kind)
-        if not tabs or any(t.name not in lt.counts for lt in lts for t in tabs):
-            continue  # no tables, or one whose layout failed (reported)
-        m = sp.vstack([t.matrix for t in tabs]).toarray().astype(np.float64)  # (lines, cells)
-        if np.linalg.matrix_rank(m) < spec.n_cells:
+        m = sp.vstack([t.matrix for t in tabs]).toarray().astype(np.float64) if tabs else None  # (lines, cells)
+        if m is None or np.linalg.matrix_rank(m) < spec.n_cells:
+            continue
+        counts = [_upper_counts(root, t, upper) for t in tabs]
+        if any(c is None for c in counts):
             continue
         pinv = np.linalg.pinv(m)                                             # (cells, lines)
         hist = {}
-        for lt in lts:
-            c = np.hstack([lt.counts[t.name] for t in tabs]).astype(np.float64)  # (units, lines)
+        for i, lt in enumerate(upper):
+            c = np.hstack([tc[i] for tc in counts if tc is not None]).astype(np.float64)  # (units, lines)
             hist[lt.level] = sp.csr_matrix(np.rint(c @ pinv.T).astype(np.int64))
         out[kind] = hist
     return out
 
 
+def _upper_counts(root: Path, t: Any, upper: Sequence[LevelTables]) -> list[np.ndarray] | None:
+    """The counts of table ``t`` at the levels ``upper`` (the first levels of the file, in its
+    order), int64 ``(n_units, n_lines)`` each; ``None`` when its rows there are not every unit x
+    the shell's lines (the table checks report how)."""
+    stream = RowStream(root / "tables" / f"{t.name}.parquet", ["geolevel", "line", "count"], categorical=True)
+    out = []
+    for lt in upper:
+        n = len(lt.geoids)
+        rows = stream.take(n * t.n_lines)
+        if (rows.height != n * t.n_lines or not bool((rows["geolevel"].cast(pl.Utf8) == lt.level).all())
+                or not np.array_equal(rows["line"].to_numpy(), np.tile(np.asarray(t.numbers), n))):
+            return None
+        out.append(rows["count"].to_numpy().reshape(n, t.n_lines).astype(np.int64))
+    return out
+
+
 def _aggregate(x: Any, block: LevelTables, lt: LevelTables, tree: GeoTree) -> Any:
-    """Sum the bottom level's rows of csr ``x`` into the units of ``lt`` (their ancestors there)."""
+    """Sum the rows of csr ``x`` (the units of ``block``) into the units of ``lt``, a level above
+    (their ancestors there)."""
     import scipy.sparse as sp
 
     pos, found = tree.parent_positions(lt.level, lt.geoids, block.level, block.geoids)
