@@ -30,6 +30,8 @@ from pipeline.model.schemas import SCHEMAS_DIR, load_yaml, relative_to
 from pipeline.model.spec import HistogramSpec, load_spec
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from pipeline.model.geography import Geography
 
 TABLES_DIR = SCHEMAS_DIR / "tables"
@@ -396,47 +398,62 @@ def csv_frame(frame: pl.DataFrame, lookup: bool = False) -> pl.DataFrame:
     return frame.select(geo_id.alias("GEO_ID"), pl.exclude("geoid"))
 
 
-def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
-               moe90: np.ndarray | None = None) -> pl.DataFrame:
-    """One row per (unit, line), sorted by geoid then line, columns :data:`LONG_SCHEMA`.
+def long_table(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
+               moe90: np.ndarray | None = None) -> pa.Table:
+    """One row per (unit, line), sorted by geoid then line, as an Arrow table of
+    :data:`LONG_SCHEMA` (strings ``large_string``, what the release's table files hold).
 
     ``counts`` is int64 ``(n_units, n_lines)``; ``moe90`` is float ``(n_lines,)`` (the same for
     every unit of a level: the ``topdown`` margins) or ``(n_units, n_lines)`` (per unit: the
     ``full`` estimator's), rounded to 2 decimals, NaN → null where a line has no margin of
     error; ``None`` gives an all-null column.
+
+    The text columns are gathered by Arrow from the per-unit and per-line values (``take``, which
+    runs without the GIL): the rows are ~10x the units, and building their strings in Python or
+    converting them from another frame was most of a release writer's time.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     n_units, n_lines = counts.shape
     if n_lines != table.n_lines or len(geoids) != n_units or len(names) != n_units:
         raise TableError(f"{table.name}/{level}: counts {counts.shape} do not fit {len(geoids)} units x "
                          f"{table.n_lines} lines")
     n = n_units * n_lines
     if moe90 is None:
-        moe_col = pl.Series("moe90", [None] * n, dtype=pl.Float64)
+        moe_col = pa.nulls(n, pa.float64())
     else:
         # two decimals: the margin itself is an approximation; more digits only bloat the CSV
         m = np.round(np.asarray(moe90, dtype=np.float64), 2)
         moe = m.reshape(-1) if m.ndim == 2 else np.tile(m, n_units)
         if moe.size != n:
             raise TableError(f"{table.name}/{level}: moe90 of shape {m.shape} does not fit {n_units} x {n_lines}")
-        moe_col = pl.Series("moe90", moe, dtype=pl.Float64, nan_to_null=True)
-    # gathers from the small per-unit and per-line frames are much cheaper than building
-    # n strings from numpy arrays
-    unit_idx = pl.Series(np.repeat(np.arange(n_units, dtype=np.uint32), n_lines))
-    line_idx = pl.Series(np.tile(np.arange(n_lines, dtype=np.uint32), n_units))
-    units = pl.DataFrame({"geoid": pl.Series(np.asarray(geoids).astype(str), dtype=pl.Utf8),
-                          "name": pl.Series(np.asarray(names, dtype=object), dtype=pl.Utf8)})
-    lines = pl.DataFrame({"line": pl.Series(table.numbers, dtype=pl.Int32), "label": pl.Series(table.labels, dtype=pl.Utf8)})
-    u, ln = units[unit_idx], lines[line_idx]
-    return pl.DataFrame({
-        "geoid": u["geoid"],
-        "geolevel": pl.repeat(level, n, dtype=pl.Utf8, eager=True),
-        "name": u["name"],
-        "table": pl.repeat(table.name, n, dtype=pl.Utf8, eager=True),
-        "line": ln["line"],
-        "label": ln["label"],
-        "count": pl.Series(counts.reshape(-1), dtype=pl.Int64),
+        moe_col = pa.array(moe, pa.float64(), from_pandas=True)  # NaN -> null
+    unit_idx = pa.array(np.repeat(np.arange(n_units, dtype=np.int32), n_lines))
+    line_idx = pa.array(np.tile(np.arange(n_lines, dtype=np.int32), n_units))
+    text = pa.large_string()
+
+    def same(value: str) -> pa.Array:  # one value in every row
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], text)).cast(text)
+
+    return pa.table({
+        "geoid": pc.take(pa.array(np.asarray(geoids).astype(str), text), unit_idx),
+        "geolevel": same(level),
+        "name": pc.take(pa.array(np.asarray(names, dtype=object), text), unit_idx),
+        "table": same(table.name),
+        "line": pc.take(pa.array(np.asarray(table.numbers, np.int32), pa.int32()), line_idx),
+        "label": pc.take(pa.array(list(table.labels), text), line_idx),
+        "count": pa.array(np.ascontiguousarray(counts, dtype=np.int64).reshape(-1), pa.int64()),
         "moe90": moe_col,
     })
+
+
+def long_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
+               moe90: np.ndarray | None = None) -> pl.DataFrame:
+    """:func:`long_table` as a polars frame (columns :data:`LONG_SCHEMA`)."""
+    df = pl.from_arrow(long_table(table, level, geoids, names, counts, moe90))
+    assert isinstance(df, pl.DataFrame)
+    return df
 
 
 def _to_frame(batch: Any) -> pl.DataFrame:

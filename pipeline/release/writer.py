@@ -108,7 +108,7 @@ from pipeline.release.tables import (
     histogram_rows,
     histogram_shape,
     load_tables,
-    long_frame,
+    long_table,
     tabulate_units,
     unit_names,
 )
@@ -166,7 +166,7 @@ class _TableWriter:
     def write(self, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
               moe90: np.ndarray | None) -> None:
         """Append units of ``level``: GEOIDs and names ``(n,)``, counts int64 ``(n, n_lines)``,
-        moe90 float ``(n_lines,)`` or ``(n, n_lines)`` or None (as :func:`long_frame` takes them)."""
+        moe90 float ``(n_lines,)`` or ``(n, n_lines)`` or None (as :func:`long_table` takes them)."""
         self.pending.append((level, geoids, names, counts, moe90))
         self.pending_units += len(geoids)
         self.written = True
@@ -186,9 +186,11 @@ class _TableWriter:
                 self.pending.pop(0)
             units -= k
             self.pending_units -= k
-            frame = long_frame(self.table, level, g[:k], nm[:k], c[:k], m if m is None or m.ndim == 1 else m[:k])
-            self.groups.add(frame.to_arrow())
+            rows = long_table(self.table, level, g[:k], nm[:k], c[:k], m if m is None or m.ndim == 1 else m[:k])
+            self.groups.add(rows)
             if self.csv:
+                frame = pl.from_arrow(rows)
+                assert isinstance(frame, pl.DataFrame)
                 self._csv(level, frame)
 
     def _csv(self, level: str, frame: pl.DataFrame) -> None:
