@@ -182,3 +182,60 @@ def test_long_geoids_use_the_overflow_safe_sort():
     hists = build_person_histograms(_frame(rows), geo, SPEC)
     for lv in geo.levels:
         np.testing.assert_array_equal(hists[lv.name].dense(), _naive(rows, geo, lv.name))
+
+
+def _random_histogram(rng: np.random.Generator, n_units: int, n_cells: int) -> SparseHistogram:
+    dense = rng.integers(0, 3, (n_units, n_cells)) * (rng.random((n_units, n_cells)) < 0.3)
+    unit, cell = np.nonzero(dense)
+    return SparseHistogram("block", n_units, n_cells, unit, cell, dense[unit, cell])
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), batch=st.integers(1, 40), steps=st.lists(st.integers(0, 9), min_size=1))
+def test_histogram_rows_read_in_order_or_not_are_the_file(tmp_path_factory, seed: int, batch: int,
+                                                          steps: list[int]) -> None:
+    """HistogramRows gives every range of units exactly the file's entries: ranges in increasing
+    order (read on from the last, across record batch boundaries), any other range (read by
+    itself), and in a pickled copy (which starts afresh)."""
+    import pickle
+
+    from pipeline.model.histogram import HistogramRows
+
+    rng = np.random.default_rng(seed)
+    h = _random_histogram(rng, 37, 5)
+    path = tmp_path_factory.mktemp("rows") / "h.parquet"
+    h.to_parquet(path)
+    dense = np.zeros((h.n_units, h.n_cells), np.int64)
+    dense[h.unit, h.cell] = h.count
+    rows = HistogramRows(path)
+    rows.BATCH = batch
+    assert (rows.n_units, rows.n_cells) == (37, 5)
+    start = 0
+    for k in steps + [h.n_units]:  # increasing ranges (some empty), then a jump back and on again
+        stop = min(start + k, h.n_units)
+        assert np.array_equal(rows.rows(start, stop).toarray(), dense[start:stop])
+        start = stop
+    assert np.array_equal(rows.rows(3, 11).toarray(), dense[3:11])    # back: read by itself
+    assert np.array_equal(rows.rows(11, 30).toarray(), dense[11:30])  # and on from there
+    copy = pickle.loads(pickle.dumps(rows))
+    assert np.array_equal(copy.rows(0, 37).toarray(), dense)
+
+
+def test_histogram_rows_refuse_a_file_out_of_order(tmp_path) -> None:
+    """Entries out of (unit, cell) order across record batches are an error, not missed rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.model.histogram import HistogramRows
+
+    meta = {b"dptab.level": b"block", b"dptab.n_units": b"10", b"dptab.n_cells": b"2"}
+    table = pa.table({"unit": np.array([0, 5, 6, 2, 3], np.int64), "cell": np.zeros(5, np.int64),
+                      "count": np.ones(5, np.int64)}).replace_schema_metadata(meta)
+    pq.write_table(table, tmp_path / "h.parquet")
+    rows = HistogramRows(tmp_path / "h.parquet")
+    rows.BATCH = 3
+    with pytest.raises(HistogramError, match="not sorted"):
+        rows.rows(0, 10)
+    with pytest.raises(HistogramError, match="metadata"):
+        pq.write_table(table.replace_schema_metadata({}), tmp_path / "bare.parquet")
+        HistogramRows(tmp_path / "bare.parquet")

@@ -13,12 +13,10 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from pipeline.job.context import RunContext
 from pipeline.job.plan import plan
 from pipeline.model.design import design
-from pipeline.model.histogram import SparseHistogram
+from pipeline.model.histogram import HistogramRows
 from pipeline.release.checks import Invariants
 
 
@@ -65,26 +63,6 @@ def privacy_markdown(privacy: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-class SolvedRows:
-    """A level's published histogram (``solved/``) read a range of units at a time
-    (``pipeline.release.tables.RowSource``): publishing never holds a whole level's histogram."""
-
-    def __init__(self, ctx: RunContext, kind: str, level: str) -> None:
-        import pyarrow.parquet as pq
-
-        self.path = ctx.rd.verified(ctx.rd.solved_path(kind, level))
-        meta = pq.ParquetFile(self.path).schema_arrow.metadata or {}
-        self.n_units = int(meta[b"dptab.n_units"])
-        self.n_cells = int(meta[b"dptab.n_cells"])
-
-    def rows(self, start: int, stop: int) -> Any:
-        """Units ``start:stop`` as csr int64 ``(stop - start, n_cells)``."""
-        import scipy.sparse as sp
-
-        h = SparseHistogram.from_parquet(self.path, (start, stop))
-        return sp.csr_matrix((h.count, (h.unit - start, h.cell)), shape=(stop - start, self.n_cells), dtype=np.int64)
-
-
 def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
     """Write the release folder for a run whose levels are all finished; returns a manifest.
     ``before_publish`` runs right before the finished folder is renamed into place."""
@@ -94,8 +72,9 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
     state = ctx.state
     kinds = [k for k in ("persons", "units") if k in ctx.strategies]
     # each level's histogram is read a chunk of units at a time while the release is written
-    persons = {lv: SolvedRows(ctx, "persons", lv) for lv in ctx.level_names}
-    units = ({lv: SolvedRows(ctx, "units", lv) for lv in ctx.level_names} if "units" in kinds else None)
+    persons = {lv: HistogramRows(ctx.rd.verified(ctx.rd.solved_path("persons", lv))) for lv in ctx.level_names}
+    units = ({lv: HistogramRows(ctx.rd.verified(ctx.rd.solved_path("units", lv))) for lv in ctx.level_names}
+             if "units" in kinds else None)
     privacy = privacy_parameters({k: ctx.strategies[k] for k in kinds}, ctx.cfg.privacy.delta)
     variances = design({k: ctx.strategies[k] for k in kinds}).variances()
     meas = None

@@ -10,12 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 
 class HistogramError(InputError):
@@ -163,3 +167,83 @@ class SparseHistogram:
             raise HistogramError(f"{path}: {exc}") from exc
 
 
+class HistogramRows:
+    """A histogram file (:meth:`SparseHistogram.to_parquet`) read a range of units at a time
+    (``pipeline.release.tables.RowSource``): publishing reads each level's published histogram
+    this way, so it never holds a whole level.
+
+    Ranges asked for in increasing order (how the release writer and the microdata go through a
+    level) are read on from where the last one stopped, a record batch at a time, so each entry
+    of the file is decoded once; any other range is read by itself (the row groups holding it).
+    The reading state is not pickled: a copy in another process starts afresh."""
+
+    #: entries per record batch of the sequential read
+    BATCH = 1 << 17
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            meta = pq.ParquetFile(self.path).schema_arrow.metadata or {}
+        except (OSError, pa.ArrowException) as exc:
+            raise HistogramError(f"{path}: not a readable Parquet histogram ({exc})") from exc
+        try:
+            self.n_units = int(meta[b"dptab.n_units"])
+            self.n_cells = int(meta[b"dptab.n_cells"])
+        except (KeyError, ValueError) as exc:
+            raise HistogramError(f"{path}: missing histogram metadata ({exc})") from exc
+        self._reset()
+
+    def _reset(self) -> None:
+        self._batches: Any = None                  # the file's record batches, from the start
+        self._buf: list[np.ndarray] = []           # (unit, cell, count) read but not yet returned
+        self._next = 0                             # units below this have been returned
+        self._last = (-1, -1)                      # (unit, cell) of the last entry read
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "n_units": self.n_units, "n_cells": self.n_cells}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Units ``start:stop`` as csr int64 ``(stop - start, n_cells)``."""
+        import scipy.sparse as sp
+
+        if start < self._next:  # not the next range: read it by itself, and start afresh
+            self._reset()
+            h = SparseHistogram.from_parquet(self.path, (start, stop))
+            unit, cell, count = h.unit, h.cell, h.count
+        else:
+            unit, cell, count = self._take(start, stop)
+            self._next = stop
+        return sp.csr_matrix((count, (unit - start, cell)), shape=(stop - start, self.n_cells), dtype=np.int64)
+
+    def _take(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The entries of units ``start:stop`` from the sequential read (entries sorted by unit,
+        as the histogram files are written; checked batch by batch)."""
+        if self._batches is None:
+            self._batches = pq.ParquetFile(self.path).iter_batches(self.BATCH, columns=["unit", "cell", "count"])
+            self._buf = [np.zeros(0, np.int64)] * 3
+        # read on until an entry at or past `stop` (or the end of the file) is in the buffer
+        while not (self._buf[0].size and self._buf[0][-1] >= stop):
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            # the checks of SparseHistogram (ranges, positive counts, sorted by (unit, cell)) per
+            # batch, and the order across batches
+            try:
+                h = SparseHistogram("", self.n_units, self.n_cells, *(batch.column(k).to_numpy() for k in range(3)))
+            except HistogramError as exc:
+                raise HistogramError(f"{self.path}: {exc}") from None
+            if not h.unit.size:
+                continue
+            if (int(h.unit[0]), int(h.cell[0])) <= self._last:
+                raise HistogramError(f"{self.path}: entries not sorted by (unit, cell) without repeats")
+            self._last = (int(h.unit[-1]), int(h.cell[-1]))
+            self._buf = [np.concatenate([b, c]) for b, c in zip(self._buf, (h.unit, h.cell, h.count))]
+        unit = self._buf[0]
+        lo, hi = np.searchsorted(unit, [start, stop], side="left")
+        out = unit[lo:hi], self._buf[1][lo:hi], self._buf[2][lo:hi]
+        self._buf = [b[hi:] for b in self._buf]
+        return out
