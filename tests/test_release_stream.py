@@ -129,6 +129,57 @@ def test_a_failure_on_a_publishing_thread_leaves_no_release(tmp_path: Path, monk
     assert list((tmp_path / "releases").iterdir()) == []
 
 
+def test_a_failure_on_a_table_lane_leaves_no_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making one table's rows fails on its writing lane (another thread): the writer raises that
+    error and removes its folder."""
+    case = make_case(1, n_blocks=30)
+    real = writer_mod.long_table
+
+    def flaky(table, level, *args):
+        if table.name == "P3" and level == case.geography.levels[-1].name:
+            raise ValueError("lane on fire")
+        return real(table, level, *args)
+
+    monkeypatch.setattr(writer_mod, "long_table", flaky)
+    with pytest.raises(ValueError, match="lane on fire"):
+        _write_with(tmp_path, case, workers=2)
+    assert list((tmp_path / "releases").iterdir()) == []
+
+
+def test_write_queue_keeps_each_keys_order_and_reports_a_failure() -> None:
+    """Work of one key runs in the order submitted whatever the lanes' timing; keys share the
+    lanes; a failed task raises at the next submit (or wait), and closing stops every lane."""
+    import random
+    import time
+
+    q = streams_mod.WriteQueue(limit=3, lanes=2)
+    seen: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    rng = random.Random(7)
+
+    def work(key: str, i: int, pause: float) -> None:
+        time.sleep(pause)
+        seen[key].append(i)
+
+    keys = {k: object() for k in seen}
+    for i in range(30):
+        for k in seen:
+            q.submit(keys[k], work, k, i, rng.random() / 500)
+    q.wait()
+    assert seen == {k: list(range(30)) for k in seen}
+    assert len(set(q.lane.values())) == 2
+
+    def boom() -> None:
+        raise OSError("disk full")
+
+    q.submit(keys["a"], boom)
+    with pytest.raises(OSError, match="disk full"):
+        for _ in range(10):
+            q.submit(keys["a"], time.sleep, 0.01)
+        q.wait()
+    q.close(cancel=True)
+    assert all(p._shutdown for p in q.pools)
+
+
 class _FailsInChild:
     """A block histogram that cannot be read in a publishing child process (raises, or the process
     dies as if killed): the parent, which reads it fine, must still refuse the release."""

@@ -28,32 +28,48 @@ def _write_group(writer: pq.ParquetWriter, table: pa.Table) -> None:
 
 
 class WriteQueue:
-    """One thread that encodes, compresses and writes the release's Parquet row groups (Arrow
-    does that without the GIL) while the caller makes the next rows: publishing otherwise ran on
-    one core. Writes run in the order submitted, so each file's bytes are unchanged. At most
-    ``limit`` row groups wait (each up to :data:`ROW_GROUP_ROWS` rows: the memory this costs);
-    a failed write raises in the caller at its next submit, when its file closes, or in :meth:`close`."""
+    """Threads ("lanes") that run the release's file writing (Parquet encoding and compression,
+    which Arrow does without the GIL, and with the table files the making of their rows) while
+    the caller goes on: publishing otherwise ran on one core.
 
-    def __init__(self, limit: int = 2) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-parquet")
-        self.queued: deque[Future[None]] = deque()
+    Work is submitted with a key, the file it writes: a key always runs on the same lane (keys
+    are spread over the lanes in the order they first come), so each file's work runs in the order
+    submitted and its bytes do not depend on the timing. At most ``limit`` tasks wait per lane
+    (what they hold is the memory this costs); a failed task raises in the caller at its next
+    submit, in :meth:`wait` or in :meth:`close`."""
+
+    def __init__(self, limit: int = 2, lanes: int = 1) -> None:
+        self.pools = [ThreadPoolExecutor(1, thread_name_prefix="dptab-write") for _ in range(max(lanes, 1))]
+        self.queued: list[deque[Future[Any]]] = [deque() for _ in self.pools]
+        self.lane: dict[int, int] = {}  # id(key) -> lane
         self.limit = limit
 
-    def submit(self, writer: pq.ParquetWriter, table: pa.Table) -> Future[None]:
-        while self.queued and (self.queued[0].done() or len(self.queued) >= self.limit):
-            self.queued.popleft().result()
-        fut = self.pool.submit(_write_group, writer, table)
-        self.queued.append(fut)
+    def submit(self, key: object, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """Run ``fn(*args)`` on ``key``'s lane, after the work submitted before it with that key."""
+        k = self.lane.setdefault(id(key), len(self.lane) % len(self.pools))
+        queued = self.queued[k]
+        while queued and (queued[0].done() or len(queued) >= self.limit):
+            queued.popleft().result()
+        fut = self.pools[k].submit(fn, *args)
+        queued.append(fut)
         return fut
 
+    def wait(self) -> None:
+        """Wait for everything submitted so far (raising the first failure)."""
+        for queued in self.queued:
+            while queued:
+                queued.popleft().result()
+
     def close(self, cancel: bool = False) -> None:
-        """Wait for the writes and stop the thread; with ``cancel`` (the release failed) drop
-        the waiting ones and raise nothing, else raise a write's error."""
-        self.pool.shutdown(wait=True, cancel_futures=cancel)
-        queued, self.queued = self.queued, deque()
+        """Wait for the work and stop the threads; with ``cancel`` (the release failed) drop
+        the waiting tasks and raise nothing, else raise a task's error."""
+        for pool in self.pools:
+            pool.shutdown(wait=True, cancel_futures=cancel)
+        queued, self.queued = self.queued, [deque() for _ in self.pools]
         if not cancel:
-            for fut in queued:
-                fut.result()
+            for q in queued:
+                for fut in q:
+                    fut.result()
 
 
 class RowGroups:
@@ -65,9 +81,11 @@ class RowGroups:
     ``text_dictionaries``: dictionary-encode only the text columns, zstd level 3 (the
     microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults.
 
-    ``io``: the release's :class:`WriteQueue` (row groups are written on its thread)."""
+    ``io``: a :class:`WriteQueue` to write the row groups on (the microdata: on a thread while
+    the next persons are made); ``None``: written by the caller (a table file, whose writer runs
+    on a lane of its own)."""
 
-    def __init__(self, path: Path, io: WriteQueue, text_dictionaries: bool = False) -> None:
+    def __init__(self, path: Path, io: WriteQueue | None = None, text_dictionaries: bool = False) -> None:
         self.path, self.text_dictionaries, self.io = path, text_dictionaries, io
         self.writer: pq.ParquetWriter | None = None
         self.parts: list[pa.Table] = []
@@ -91,8 +109,11 @@ class RowGroups:
         head, rest = buf.slice(0, n), buf.slice(n)
         if self.writer is None:
             self.writer = self._open(head.schema)
-        self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
-        self.writes.append(self.io.submit(self.writer, head))
+        if self.io is None:
+            _write_group(self.writer, head)
+        else:
+            self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
+            self.writes.append(self.io.submit(self.writer, _write_group, self.writer, head))
         self.parts = [rest.combine_chunks()] if rest.num_rows else []
         self.rows = rest.num_rows
 

@@ -150,13 +150,20 @@ class _TableWriter:
     ``0100000US``) instead of the bare code: a column of digits loses its leading zeros in
     pandas, polars, R and Excel with default settings, and the nation's empty GEOID reads as
     missing (``pipeline.release.tables.census_geo_id``). Everything else is as in the Parquet.
+
+    Threads: :meth:`write`, :meth:`cut` and :meth:`close` hand the work to the writer's lane of
+    ``lanes`` (:class:`WriteQueue`), where the rows are made, encoded and written in the order
+    given (the caller makes the next units' counts meanwhile; the arrays given must not change
+    afterwards). What it wrote (``csv_rows``, the file) is complete once ``lanes`` is waited for.
     """
 
-    def __init__(self, root: Path, table: TableDef, io: WriteQueue, csv: bool = True, lookup: bool = False) -> None:
+    def __init__(self, root: Path, table: TableDef, lanes: WriteQueue, csv: bool = True,
+                 lookup: bool = False) -> None:
         self.root, self.table, self.name, self.csv, self.lookup = root, table, table.name, csv, lookup
         self.path = root / "tables" / f"{table.name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.groups = RowGroups(self.path, io)
+        self.lanes = lanes
+        self.groups = RowGroups(self.path)  # written on this writer's lane
         self.written = False
         self.csv_rows: dict[Path, int] = {}
         #: units given but not yet made into rows: (level, geoids, names, counts, moe90)
@@ -167,9 +174,20 @@ class _TableWriter:
               moe90: np.ndarray | None) -> None:
         """Append units of ``level``: GEOIDs and names ``(n,)``, counts int64 ``(n, n_lines)``,
         moe90 float ``(n_lines,)`` or ``(n, n_lines)`` or None (as :func:`long_table` takes them)."""
+        self.written = True
+        self.lanes.submit(self, self._write, level, geoids, names, counts, moe90)
+
+    def cut(self) -> None:
+        """End a chunk of :data:`CHUNK_UNITS` units (or a level): its row group ends here."""
+        self.lanes.submit(self, self._cut)
+
+    def close(self) -> None:
+        self.lanes.submit(self, self._close)
+
+    def _write(self, level: str, geoids: np.ndarray, names: np.ndarray, counts: np.ndarray,
+               moe90: np.ndarray | None) -> None:
         self.pending.append((level, geoids, names, counts, moe90))
         self.pending_units += len(geoids)
-        self.written = True
         n_lines = self.table.n_lines
         while self.groups.rows + self.pending_units * n_lines >= ROW_GROUP_ROWS:
             need = ROW_GROUP_ROWS - self.groups.rows
@@ -201,12 +219,11 @@ class _TableWriter:
             csv_frame(frame, self.lookup).write_csv(fh, include_header=first)
         self.csv_rows[csv] = self.csv_rows.get(csv, 0) + frame.height
 
-    def cut(self) -> None:
-        """End a chunk of :data:`CHUNK_UNITS` units (or a level): its row group ends here."""
+    def _cut(self) -> None:
         self._make(self.pending_units)
         self.groups.cut()
 
-    def close(self) -> None:
+    def _close(self) -> None:
         self._make(self.pending_units)
         self.groups.close()
 
@@ -394,9 +411,10 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     os.chmod(tmp, 0o700)
     pending: Future[list[Path]] | None = None
     children: list[Background] = []
-    # the Parquet row groups of tables and microdata are encoded and written on a thread of
-    # their own while the next rows are made (see WriteQueue)
-    io = WriteQueue()
+    # the table files' rows are made, encoded and written on lanes of their own (a file always
+    # on the same lane) while the next units are tabulated and checked here (see WriteQueue);
+    # up to 8 chunks of units wait per lane
+    lanes = WriteQueue(limit=8, lanes=max(workers, 1))
     try:
         ts = load_tables(tables)
         levels = [lv.name for lv in geography.levels]
@@ -435,12 +453,13 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             gpath = tmp / GEOGRAPHY_FILE
             tree.frame().write_parquet(gpath)
             entries.append(_file_entry(tmp, gpath))
-        writers = {name: _TableWriter(tmp, t, io, csv, tree.is_lookup) for name, t in ts.tables.items()}
+        writers = {name: _TableWriter(tmp, t, lanes, csv, tree.is_lookup) for name, t in ts.tables.items()}
         try:
             published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
         finally:
             for w in writers.values():
                 w.close()
+        lanes.wait()
         for w in writers.values():
             if w.written:
                 entries.append(_file_entry(tmp, w.path))
@@ -545,9 +564,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             wait([pending])
         for child in children:
             child.cancel()
-        io.close(cancel=True)
+        lanes.close(cancel=True)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        io.close()
+        lanes.close()
     return target
