@@ -180,3 +180,36 @@ def test_long_tables_cover_every_level() -> None:
     assert {k: v.height for k, v in frames.items()} == {k: t.n_lines * n_units for k, t in TS.tables.items()}
     p1 = frames["P1"].filter((pl.col("geolevel") == "nation") & (pl.col("line") == 1))
     assert p1["count"].to_list() == [int(c.block_dense.sum())]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), sizes=st.lists(st.integers(1, 9), min_size=1, max_size=6))
+def test_checks_fed_in_chunks_find_what_whole_levels_find(seed: int, sizes: list[int]) -> None:
+    """The hierarchy comparison runs as the children stream past (a parent is compared once a
+    chunk starts after it): any chunking of the levels finds exactly the failures of whole
+    levels, here with counts moved at random units and lines of every level (parents whose
+    children disagree, in the first, middle and last units)."""
+    from pipeline.release.checks import ReleaseChecks
+    from pipeline.release.tables import LevelTables
+    from pipeline.release.tree import GeoTree
+
+    c = make_case(3)
+    lts = tabulate_levels(TS, c.geography, c.persons, c.units)
+    rng = np.random.default_rng(seed)
+    for lt in lts:
+        for name in rng.choice(sorted(lt.counts), 2, replace=False):
+            for unit in {0, len(lt.geoids) - 1, int(rng.integers(len(lt.geoids)))}:
+                lt.counts[name][unit, int(rng.integers(lt.counts[name].shape[1]))] += int(rng.integers(1, 4))
+    whole = run_checks(TS, lts, digits(c.geography), c.invariants, limit=10_000)
+    assert any(f.check == "hierarchy" for f in whole)
+    checks = ReleaseChecks(TS, GeoTree.of(digits(c.geography), [lt.level for lt in lts]), c.invariants, 10_000)
+    for i, lt in enumerate(lts):
+        checks.begin_level(lt.level, keep=i + 1 < len(lts))
+        s, k = 0, 0
+        while s < len(lt.geoids):
+            e = min(s + sizes[k % len(sizes)], len(lt.geoids))
+            checks.add(LevelTables(lt.level, lt.geoids[s:e], {n: v[s:e] for n, v in lt.counts.items()},
+                                   {n: v[s:e] for n, v in lt.check_lines.items()}))
+            s, k = e, k + 1
+        checks.end_level()
+    assert sorted(map(repr, checks.failures())) == sorted(map(repr, whole))

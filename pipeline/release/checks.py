@@ -147,8 +147,11 @@ class ReleaseChecks:
     ``begin_level(level, keep)``, then ``add(chunk)`` for consecutive chunks of the level's
     units in order (a :class:`LevelTables` whose arrays hold the chunk's rows), then
     ``end_level()``; :meth:`failures` at the end. The hierarchy check keeps the parent level's
-    counts, int64 ``(n_parent_units, n_lines)`` per table, and the children's sums per parent of
-    the same shape (the children stream past); the rest is checked chunk by chunk.
+    counts, int64 ``(n_parent_units, n_lines)`` per table, and the children's sums of the parents
+    they may still add to: children come grouped by parent in the parents' order, so a parent
+    before the first parent of a chunk has all its children and is compared then (a child out
+    of that order fails the ``structure`` check and its parent the comparison). The rest is
+    checked chunk by chunk.
     """
 
     def __init__(self, tables: TableSet, tree: GeoTree, invariants: Invariants | None = None,
@@ -158,7 +161,9 @@ class ReleaseChecks:
         self.levels: list[str] = []
         self.parent: LevelTables | None = None      # the level above, whole
         self.current: LevelTables | None = None     # this level, gathered only while it may be a parent
-        self.sums: dict[str, np.ndarray] = {}      # this level's counts summed per parent unit
+        self.sums: dict[str, np.ndarray] = {}      # children's counts summed per parent of the window
+        self.window = 0                             # parents before this one are compared
+        self.child_tables: set[str] = set()         # the parent's tables this level has
         self.last: str | None = None                # the last GEOID of the previous chunk (order check)
         self.p_total, self.h_total = tables.total_line("persons"), tables.total_line("units")
         self.state_seen: set[str] = set()
@@ -179,7 +184,7 @@ class ReleaseChecks:
         """Start ``level``; ``keep``: gather its counts whole (another level follows below it)."""
         self.levels.append(level)
         self.last = None
-        self.sums = {}
+        self.sums, self.window, self.child_tables = {}, 0, set()
         self.current = LevelTables(level, np.zeros(0, dtype=str), {}) if keep else None
         self._chunks: list[LevelTables] = []
 
@@ -210,8 +215,8 @@ class ReleaseChecks:
         _cross_checks(col, tables, lt, g)
         self._hierarchy_chunk(lt, g)
         self._invariant_chunk(lt, g)
-        if self.current is not None:
-            self._chunks.append(lt)
+        if self.current is not None:  # (its own dict: end_level frees each table's chunks as it joins them)
+            self._chunks.append(LevelTables(lt.level, lt.geoids, dict(lt.counts)))
 
     def _hierarchy_chunk(self, lt: LevelTables, g: np.ndarray) -> None:
         """Add the chunk's counts to their parents' sums; report units without a parent."""
@@ -223,26 +228,52 @@ class ReleaseChecks:
         if orphan.size:
             self.col.add("hierarchy", "*", lt.level, g, orphan, [None] * orphan.size, None, None,
                          f"unit has no parent in level {parent.level}")
+        self.child_tables |= set(lt.counts) & set(parent.counts)
         ok = np.nonzero(found)[0]
+        if not ok.size:
+            return
+        # the parents before this chunk's first one have all their children: compare them
+        self._compare_parents(min(int(pos[ok].min()), len(parent.geoids)), lt.level)
         uniq, inv = np.unique(pos[ok], return_inverse=True)
         # (parents of the chunk x children of the chunk) 0/1 matrix: the chunk's sums per parent
         agg = sp.csr_matrix((np.ones(ok.size, np.int64), (inv.reshape(-1), ok)), shape=(len(uniq), len(g)))
+        # (a child of a parent already compared — out of order — adds to the window's first parent
+        # instead; the structure check reports the order and the comparison that parent)
+        at = np.maximum(uniq, self.window) - self.window
         for name, pc in parent.counts.items():
             if name not in lt.counts:
                 continue
-            acc = self.sums.setdefault(name, np.zeros_like(pc))
-            acc[uniq] += np.asarray(agg @ lt.counts[name], dtype=np.int64)
+            acc = self.sums.get(name)
+            if acc is None or len(acc) <= int(at[-1]):  # the window grows to the chunk's last parent
+                grown = np.zeros((int(at[-1]) + 1, pc.shape[1]), np.int64)
+                if acc is not None:
+                    grown[:len(acc)] = acc
+                acc = self.sums[name] = grown
+            np.add.at(acc, at, np.asarray(agg @ lt.counts[name], dtype=np.int64))
+
+    def _compare_parents(self, upto: int, level: str) -> None:
+        """Compare the parents ``window:upto`` with their children's sums and move the window on."""
+        parent = self.parent
+        if parent is None or upto <= self.window:
+            return
+        lo, k = self.window, upto - self.window
+        pg = np.asarray(parent.geoids[lo:upto]).astype(str)
+        for name, pc in parent.counts.items():
+            acc = self.sums.get(name)
+            got = np.zeros((k, pc.shape[1]), np.int64)
+            if acc is not None:
+                got[:min(k, len(acc))] = acc[:k]
+                self.sums[name] = acc[k:]
+            if name in self.child_tables:
+                _line_failures(self.col, "hierarchy", name, parent.level, pg, self.ts.tables[name].numbers,
+                               got, pc[lo:upto], f"parent line vs sum over {level} children")
+        self.window = upto
 
     def end_level(self) -> None:
         """Finish the current level: compare the level above with its children's sums."""
         level = self.levels[-1]
-        parent = self.parent
-        if parent is not None:
-            pg = np.asarray(parent.geoids).astype(str)
-            for name, pc in parent.counts.items():
-                if name in self.sums:
-                    _line_failures(self.col, "hierarchy", name, parent.level, pg, self.ts.tables[name].numbers,
-                                   self.sums[name], pc, f"parent line vs sum over {level} children")
+        if self.parent is not None:  # the parents after the last child's (and any without children)
+            self._compare_parents(len(self.parent.geoids), level)
         if self.inv is not None and self.inv.state_totals is not None and self.state_checked and level == self._state_level():
             pt = self.p_total
             assert pt is not None
@@ -253,13 +284,14 @@ class ReleaseChecks:
         if self.current is not None:
             # a table missing from a chunk (its rows did not fit the layout) is no parent
             names = set.intersection(*(set(c.counts) for c in chunks)) if chunks else set()
+            counts = {}
+            for n in sorted(names):  # one table at a time, its chunks freed as it is joined
+                counts[n] = np.concatenate([c.counts.pop(n) for c in chunks])
             self.parent = LevelTables(level, np.concatenate([np.asarray(c.geoids).astype(str) for c in chunks])
-                                      if chunks else np.zeros(0, dtype=str),
-                                      {n: np.concatenate([c.counts[n] for c in chunks if n in c.counts])
-                                       for n in names})
+                                      if chunks else np.zeros(0, dtype=str), counts)
         else:
             self.parent = None
-        self.sums = {}
+        self.sums, self.window, self.child_tables = {}, 0, set()
 
     def _invariant_chunk(self, lt: LevelTables, g: np.ndarray) -> None:
         """The declared totals (``state_totals``: at the level named ``state``, or the top level
