@@ -169,10 +169,14 @@ class ReleaseChecks:
         self.state_seen: set[str] = set()
         self.state_checked = self.h_checked = False  # was the invariant's level (with its table) seen
         if invariants is not None and invariants.block_housing_units is not None:
-            ig = np.asarray(invariants.block_geoids).astype(str)
-            order = np.argsort(ig, kind="stable")  # the invariant's units in any order (a lookup's unit order)
-            self.inv_geoids = ig[order]
-            self.inv_hu = np.asarray(invariants.block_housing_units, dtype=np.int64)[order]
+            ig = np.asarray(invariants.block_geoids).astype(str, copy=False)
+            hu = np.asarray(invariants.block_housing_units, dtype=np.int64)
+            if ig.size > 1 and not bool(np.all(ig[1:] > ig[:-1])):
+                # the invariant's units in any order (a lookup's unit order); sorted ones (the US
+                # blocks: a national array of GEOIDs) are searched as they are, not copied
+                order = np.argsort(ig, kind="stable")
+                ig, hu = ig[order], hu[order]
+            self.inv_geoids, self.inv_hu = ig, hu
             self.inv_seen = np.zeros(len(ig), bool)
 
     def _state_level(self) -> str:
