@@ -129,8 +129,8 @@ def _parent_positions(tree: GeoTree, parent_level: str, parent_geoids: np.ndarra
     level's published order), int64 ``(n_children,)`` and bool ``(n_children,)``."""
     if tree.is_lookup:
         return tree.parent_positions(parent_level, parent_geoids, child_level, child_geoids)
-    parents = np.asarray(parent_geoids).astype(str)
-    child = np.asarray(child_geoids).astype(str)
+    parents = np.asarray(parent_geoids).astype(str, copy=False)
+    child = np.asarray(child_geoids).astype(str, copy=False)
     d = tree.digits[parent_level]
     # casting to a shorter fixed-width string type truncates: the GEOID prefix, vectorised
     prefix = child.astype(f"<U{d}") if d > 0 else np.full(child.shape, "", dtype="<U1")
@@ -195,7 +195,7 @@ class ReleaseChecks:
     def add(self, lt: LevelTables) -> None:
         """Check one chunk of the current level's units (the next ones in unit order)."""
         col, tables = self.col, self.ts
-        g = np.asarray(lt.geoids).astype(str)
+        g = np.asarray(lt.geoids).astype(str, copy=False)
         head = g if self.last is None else np.concatenate([np.array([self.last]), g])
         if head.size > 1 and not self.tree.in_order(lt.level, head):
             col.add("structure", "*", lt.level, head, np.array([0]), [None], None, None,
@@ -261,7 +261,7 @@ class ReleaseChecks:
         if parent is None or upto <= self.window:
             return
         lo, k = self.window, upto - self.window
-        pg = np.asarray(parent.geoids[lo:upto]).astype(str)
+        pg = np.asarray(parent.geoids[lo:upto]).astype(str, copy=False)
         for name, pc in parent.counts.items():
             acc = self.sums.get(name)
             got = np.zeros((k, pc.shape[1]), np.int64)
@@ -291,7 +291,7 @@ class ReleaseChecks:
             counts = {}
             for n in sorted(names):  # one table at a time, its chunks freed as it is joined
                 counts[n] = np.concatenate([c.counts.pop(n) for c in chunks])
-            self.parent = LevelTables(level, np.concatenate([np.asarray(c.geoids).astype(str) for c in chunks])
+            self.parent = LevelTables(level, np.concatenate([np.asarray(c.geoids).astype(str, copy=False) for c in chunks])
                                       if chunks else np.zeros(0, dtype=str), counts)
         else:
             self.parent = None

@@ -157,7 +157,7 @@ def units_frame(levels: Sequence[str], geoids: Sequence[np.ndarray]) -> pa.Table
     return pa.table({"geolevel": pa.array(np.repeat(np.asarray(levels, dtype=object), n), pa.string()),
                      "unit": pa.array(np.concatenate([np.arange(k, dtype=np.int64) for k in n]) if n else [],
                                       pa.int64()),
-                     "geoid": pa.array(np.concatenate([np.asarray(g).astype(str) for g in geoids]) if n else [],
+                     "geoid": pa.array(np.concatenate([np.asarray(g).astype(str, copy=False) for g in geoids]) if n else [],
                                        pa.string())}, schema=UNITS_SCHEMA)
 
 
@@ -514,9 +514,9 @@ class _Expected:
     def _parent_positions(self, level: str) -> np.ndarray:
         if level not in self._ppos:
             parent = self.by_level[self.names[self.names.index(level) - 1]]
-            pg = np.asarray(parent.geoids).astype(str)
+            pg = np.asarray(parent.geoids).astype(str, copy=False)
             ppos, _ = self.tree.parent_positions(parent.level, pg, level,
-                                                 np.asarray(self.by_level[level].geoids).astype(str))
+                                                 np.asarray(self.by_level[level].geoids).astype(str, copy=False))
             self._ppos[level] = np.minimum(ppos, len(pg) - 1)
         return self._ppos[level]
 

@@ -84,7 +84,7 @@ def generic_microdata(unit_codes: np.ndarray, hist: "HistogramLike | np.ndarray 
     codes = spec.cell_codes(cell)
     rep = np.repeat(np.arange(unit.size), count)
     cols: dict[str, pl.Series] = {
-        "geoid": pl.Series("geoid", np.asarray(unit_codes).astype(str)[unit[rep]] if rep.size else [], dtype=pl.Utf8),
+        "geoid": pl.Series("geoid", np.asarray(unit_codes).astype(str, copy=False)[unit[rep]] if rep.size else [], dtype=pl.Utf8),
         "EPNUM": pl.Series("EPNUM", np.arange(first_epnum, first_epnum + rep.size, dtype=np.int64)),
     }
     for a in spec.attributes:
@@ -117,7 +117,7 @@ def generic_histogram(persons: pl.DataFrame, unit_codes: np.ndarray,
     if missing:
         raise MicrodataError(f"microdata lacks the spec's attribute columns {missing}")
     rows = _counted(persons, ["geoid"], [a.name for a in spec.attributes])
-    g = np.asarray(unit_codes).astype(str)
+    g = np.asarray(unit_codes).astype(str, copy=False)
     keys = rows["_key"].to_numpy().astype(str)
     order = np.argsort(g, kind="stable")
     srt = g[order]
@@ -137,7 +137,7 @@ def generic_histogram(persons: pl.DataFrame, unit_codes: np.ndarray,
 
 def block_geography_frame(block_geoids: np.ndarray) -> pl.DataFrame:
     """The five PPMF geography columns of each block GEOID (15 digits), ``(n_blocks,)`` rows."""
-    g = pl.Series("geoid", np.asarray(block_geoids).astype(str), dtype=pl.Utf8)
+    g = pl.Series("geoid", np.asarray(block_geoids).astype(str, copy=False), dtype=pl.Utf8)
     bad = g.str.len_chars() != 15
     if bad.any():
         raise MicrodataError(f"block GEOIDs must have 15 digits; e.g. {g.filter(bad).head(3).to_list()}")

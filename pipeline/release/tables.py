@@ -437,7 +437,7 @@ def long_table(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
         return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], text)).cast(text)
 
     return pa.table({
-        "geoid": pc.take(pa.array(np.asarray(geoids).astype(str), text), unit_idx),
+        "geoid": pc.take(pa.array(np.asarray(geoids).astype(str, copy=False), text), unit_idx),
         "geolevel": same(level),
         "name": pc.take(pa.array(np.asarray(names, dtype=object), text), unit_idx),
         "table": same(table.name),

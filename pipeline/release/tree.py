@@ -93,7 +93,7 @@ class GeoTree:
 
         if not self.is_lookup:
             return unit_names(level, geoids)
-        g = np.asarray(geoids).astype(str)
+        g = np.asarray(geoids).astype(str, copy=False)
         if level not in self.names:
             return unit_names(level, g, True)
         pos = self.position(level, g)
@@ -113,7 +113,7 @@ class GeoTree:
     def ancestors(self, geoids: np.ndarray, level: str, up: str) -> np.ndarray:
         """The code at level ``up`` (above ``level``, or ``level`` itself) of each unit ``geoids``
         of ``level``; ``""`` where a lookup unit has no known parent."""
-        g = np.asarray(geoids).astype(str)
+        g = np.asarray(geoids).astype(str, copy=False)
         if not self.is_lookup:
             d = self.digits[up]
             return g.astype(f"<U{d}") if d > 0 else np.full(g.shape, "", dtype="<U1")
@@ -127,7 +127,7 @@ class GeoTree:
     def position(self, level: str, geoids: np.ndarray) -> np.ndarray:
         """int64 position of each code in ``level``'s published unit order (-1 if unknown); for a
         prefix level the order is the sorted order of ``geoids`` themselves."""
-        g = np.asarray(geoids).astype(str)
+        g = np.asarray(geoids).astype(str, copy=False)
         if not self.is_lookup:
             return np.argsort(np.argsort(g, kind="stable"), kind="stable").astype(np.int64)
         if level not in self._order:
@@ -138,7 +138,7 @@ class GeoTree:
 
     def in_order(self, level: str, geoids: np.ndarray) -> bool:
         """Are ``geoids`` unique and in the level's published order (sorted, for prefix levels)?"""
-        g = np.asarray(geoids).astype(str)
+        g = np.asarray(geoids).astype(str, copy=False)
         if g.size <= 1:
             return True
         if not self.is_lookup:
@@ -149,8 +149,8 @@ class GeoTree:
     def locate(self, level: str, codes: np.ndarray, geoids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(pos, found)``: where each of ``codes`` sits among the units ``geoids`` of ``level``
         (in published order; sorted for prefix levels), and whether it is there at all."""
-        g = np.asarray(geoids).astype(str)
-        c = np.asarray(codes).astype(str)
+        g = np.asarray(geoids).astype(str, copy=False)
+        c = np.asarray(codes).astype(str, copy=False)
         if len(g) == 0:
             return np.zeros(c.shape, np.int64), np.zeros(c.shape, bool)
         if self.is_lookup:

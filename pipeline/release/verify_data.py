@@ -95,7 +95,7 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
         return None, {}, [fail("file_missing", "microdata/persons.parquet (every release carries its microdata)")]
     spec, block = ts.specs["persons"], geo[-1]
     n_blocks, n_cells = len(block.geoids), spec.n_cells
-    g = np.asarray(block.geoids).astype(str)
+    g = np.asarray(block.geoids).astype(str, copy=False)
     # (unit, cell, count) per row group, in the types the csr keeps; a block split between two row
     # groups appears twice (the csr constructor adds its entries up)
     units: list[np.ndarray] = []
