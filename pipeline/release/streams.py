@@ -1,7 +1,8 @@
-"""How the release writer gets its bytes to disk while it goes on making the next ones: Parquet
-row groups encoded and written on a thread of their own (:class:`WriteQueue`, :class:`RowGroups`),
-and pieces of the release made in a child process (:class:`Background`). Nothing here decides
-what a file holds: the bytes are those the same rows written synchronously give.
+"""How the release writer gets its bytes to disk while it goes on making the next ones: file
+writing on threads of its own, each file on one lane in order (:class:`WriteQueue`; Parquet row
+groups of exactly so many rows, :class:`RowGroups`), and pieces of the release made in a child
+process (:class:`Background`). Nothing here decides what a file holds: the bytes are those the
+same rows written synchronously give.
 """
 
 from __future__ import annotations

@@ -388,8 +388,10 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     estimates, float ``(n_units, n_lines)``, for every level but the bottom one (written to
     ``tables/unbiased/`` with their standard errors); ``simulated``: ``(lookup, moving cells,
     trials)`` of ``pipeline.job.margins`` — the tables' ``moe90`` are then the simulated ones
-    and the lookup is published as ``margins/simulated.parquet``; ``workers > 1`` (the job's
-    cores): the release writes its microdata while the tables are written, and checks its data
+    and the lookup is published as ``margins/simulated.parquet``; ``workers``: the table files are
+    made and written on that many threads (lanes, :class:`WriteQueue`) while this one tabulates
+    and checks the next units; with ``workers > 1`` (the job's cores) the release also writes
+    its microdata while the tables are written, and checks its data
     files (the verifier's :func:`pipeline.release.verify_data.verify_contents`, the noisy
     measurements' half beside the rest) while the explorer is written, each in a process of its
     own from :data:`BACKGROUND_MIN_BLOCKS` blocks, on a thread below (:class:`Background`): the
