@@ -319,8 +319,10 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
       exactly those whose answer in the published parent histogram is positive (answers forced
       to zero are never drawn: ``pipeline.privacy.measure``).
 
-    ``published[kind][level]``: csr int64 ``(n_units, n_cells)`` published histogram (a kind
-    absent from it gets only the full-or-subset test); ``levels`` top to bottom. Memory: one row
+    ``published[kind][level]``: csr ``(n_units, n_cells)``, the published histogram of every
+    level above the bottom one, or any matrix positive exactly where it is (only which answers
+    are positive is read; a kind absent from it gets only the full-or-subset test); ``levels``
+    top to bottom. Memory: one row
     group's integer columns and the required keys of its units (the rows are never all held).
     """
     def fail(detail: str, level: str = "") -> CheckFailure:

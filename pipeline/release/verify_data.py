@@ -567,9 +567,8 @@ def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableS
 
 def _published_supports(root: Path, ts: TableSet, lts: list[LevelTables], kinds: Sequence[str],
                         persons: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{kind: {level: csr (n_units, n_cells)}}``, non-negative, positive exactly where the
-    published histogram of the level is (what the measurement checks read of it), for every
-    level but the bottom one.
+    """``{kind: {level: csr (n_units, n_cells)}}`` for every level but the bottom one, positive
+    exactly where the level's published histogram is (what the measurement checks read of it).
 
     Persons: ``persons`` (the microdata's supports, :func:`_microdata_counts`; empty when the
     microdata are unreadable: then left out). Units: the histogram solved from the tables of the
