@@ -193,3 +193,36 @@ def test_loader_does_not_depend_on_the_file_layout(tmp_path: Path):
             for q in whole:
                 assert not np.isnan(whole[q].values).any()
                 assert np.array_equal(whole[q].values[3:29], part[q].values)
+
+
+def test_loader_fills_in_place_until_the_draw_order_breaks(tmp_path: Path):
+    # a complete file in draw order is copied into place row group by row group; rows missing or
+    # repeated after some complete row groups (the order breaks mid-range) must still load to
+    # exactly the matrix built from the rows, with NaN where no row is and the last row winning
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    h = SparseHistogram.from_dense("block", _blocks(30, seed=11))
+    full = measure_shard(tmp_path / "m.parquet", h, SPEC, STRATEGY, "block", 0, 30, seeded_source(5), full=True).path
+    t = pq.read_table(full).replace_schema_metadata(pq.read_schema(full).metadata)
+    rng = np.random.default_rng(0)
+    for case in range(6):
+        keep = np.ones(t.num_rows, bool)
+        cut = int(rng.integers(t.num_rows // 3, t.num_rows))  # rows before the cut stay complete
+        keep[cut:] = rng.random(t.num_rows - cut) > 0.05
+        order = np.flatnonzero(keep)
+        if case % 2:  # a row repeated with another value after its first copy
+            extra = t.take(pa.array([order[-1]])).set_column(3, "value", pa.array([10**6], pa.int64()))
+            rows = pa.concat_tables([t.take(pa.array(order)), extra])
+        else:
+            rows = t.take(pa.array(order))
+        out = tmp_path / f"holed-{case}.parquet"
+        pq.write_table(rows, out, row_group_size=int(rng.integers(500, 5000)))
+        df = pl.from_arrow(rows)
+        for lo, hi in [(0, 30), (7, 23)]:
+            got = load_measurements(out, SPEC, lo, hi)
+            for q, m in got.items():
+                want = np.full((hi - lo, SPEC.query(q).n_answers), np.nan)
+                mine = df.filter((pl.col("query") == q) & (pl.col("unit") >= lo) & (pl.col("unit") < hi))
+                want[mine["unit"].to_numpy() - lo, mine["answer"].to_numpy()] = mine["value"].to_numpy()
+                assert np.array_equal(m.values, want, equal_nan=True), (case, q, lo, hi)

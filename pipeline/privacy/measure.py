@@ -49,6 +49,8 @@ SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.string()), ("answer", pa.
 _WRITE_SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.dictionary(pa.int32(), pa.string())),
                            ("answer", pa.int32()), ("value", pa.int64()), ("variance", pa.float64()),
                            ("sigma2", pa.dictionary(pa.int32(), pa.string()))])
+#: the non-dictionary columns' encodings (encodings every Parquet reader knows)
+_ENCODING = {"unit": "PLAIN", "answer": "DELTA_BINARY_PACKED", "variance": "PLAIN"}
 #: answers per noise batch (bounds memory: ~40 bytes per answer)
 BATCH_ANSWERS = 1 << 22
 #: rows per Parquet row group of a measurement file: the loader reads only the row groups of the
@@ -150,9 +152,13 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
     rows = skipped = 0
     try:
         # statistics only where the loader uses them (unit range, query of a row group): those
-        # of the other columns were a third of the encoding time
+        # of the other columns were a third of the encoding time. Dictionaries only where they
+        # pay: the two constant texts and the noisy values (a few thousand distinct); the sorted
+        # units, the repeating answer index and the constant variance compress as well without
+        # (zstd), and hashing them was a quarter of the encoding time
         with pq.ParquetWriter(tmp, _WRITE_SCHEMA, compression="zstd", store_schema=False,
-                              write_statistics=["unit", "query"]) as writer:
+                              write_statistics=["unit", "query"], use_dictionary=["query", "sigma2", "value"],
+                              column_encoding=_ENCODING) as writer:
             writer.add_key_value_metadata(meta)
             for qname in strategy.queries(level):
                 q = spec.query(qname)
@@ -171,15 +177,19 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                         pans = _answers(r, c, k, 0, pu.size, q.cell_to_answer, q.n_answers)
                         flat = np.flatnonzero(pans[inv] > 0)
                         skipped += true.size - flat.size
-                    else:
-                        flat = np.arange(true.size)
-                    noise = discrete_gaussian(s2, flat.size, src)
-                    n = flat.size
+                        unit, answer, value = c0 + flat // q.n_answers, (flat % q.n_answers).astype(np.int32), \
+                            true.reshape(-1)[flat]
+                    else:  # every answer, units then answers (the same rows, without an index)
+                        unit = np.repeat(np.arange(c0, c1, dtype=np.int64), q.n_answers)
+                        answer = np.tile(np.arange(q.n_answers, dtype=np.int32), c1 - c0)
+                        value = true.reshape(-1)
+                    n = value.size
+                    noise = discrete_gaussian(s2, n, src)
                     writer.write_table(pa.table({
-                        "unit": c0 + flat // q.n_answers,
+                        "unit": unit,
                         "query": _const_text(qname, n),
-                        "answer": (flat % q.n_answers).astype(np.int32),
-                        "value": true.reshape(-1)[flat] + noise,
+                        "answer": answer,
+                        "value": value + noise,
                         "variance": np.full(n, var),
                         "sigma2": _const_text(s2_text, n),
                     }, schema=_WRITE_SCHEMA), row_group_size=ROW_GROUP_ROWS)
@@ -258,37 +268,62 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
     if missing:
         raise MeasurementError(f"no measurements of {missing} in {[str(p) for p in paths]}; "
                                f"they hold {list(known)}")
-    rows = _query_rows(paths, start, stop, wanted, set(known))
     n = stop - start
-    out: dict[str, QueryMeasurements] = {}
-    for qname in wanted:
-        na = spec.query(qname).n_answers
-        parts = rows.pop(qname)
-        u, a, v = (np.concatenate([x[j] for x in parts]) if parts else np.empty(0, np.int64) for j in range(3))
-        if a.size and (a.min() < 0 or a.max() >= na):
-            raise MeasurementError(f"query {qname!r}: answer index out of range 0..{na - 1} in {paths}")
-        flat = (u - start) * na + a
-        if flat.size == n * na and (flat.size == 0 or (flat[0] == 0 and bool(np.all(flat[1:] > flat[:-1])))):
-            # every answer, in draw order (units, then answers): the values are the matrix
-            vals = v.astype(np.float64).reshape(n, na)
-        else:  # answers skipped on a zero parent answer (NaN), or rows in another order
-            vals = np.full((n, na), np.nan)
-            vals.reshape(-1)[flat] = v
-        s2, var = known[qname]
-        out[qname] = QueryMeasurements(vals, var, s2)
-    return out
+    fills = {q: _Fill(n, spec.query(q).n_answers, start, q, paths) for q in wanted}
+    _query_rows(paths, start, stop, fills, set(known))
+    return {q: QueryMeasurements(f.result(), known[q][1], known[q][0]) for q, f in fills.items()}
 
 
-def _query_rows(paths: list[str | Path], start: int, stop: int, wanted: list[str], known: set[str]
-                ) -> dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Per wanted query, the ``(unit, answer, value)`` arrays of its rows with units in
-    ``start:stop``, in file and row order. Only the row groups whose ``unit`` statistics overlap
-    the range are read; :func:`measure_shard` writes one query per row group, so the ``query``
-    statistics (min = max, one of the files' ``known`` queries) name a group's query without
+class _Fill:
+    """One query's dense ``(n, n_answers)`` float64 matrix, filled batch by batch from its rows.
+
+    A complete file in draw order (what :func:`measure_shard` writes when no answer is skipped)
+    arrives as consecutive runs of the flat index ``(unit - start) · n_answers + answer`` from
+    0 on: those are copied into place and nothing is NaN-filled. At the first batch that does
+    not continue that run (answers skipped, rows in another order) the rest of the matrix is
+    set to NaN and this and every later batch is scattered (a repeated answer: the last row
+    wins). Filling batch by batch keeps one row group in memory, not the whole range's rows."""
+
+    def __init__(self, n: int, n_answers: int, start: int, name: str, paths: list[str | Path]) -> None:
+        self.values = np.empty((n, n_answers))
+        self.flat = self.values.reshape(-1)
+        self.n_answers, self.start, self.name, self.paths = n_answers, start, name, paths
+        self.pos = 0  # answers filled in draw order so far (while ``ordered``)
+        self.ordered = True
+
+    def add(self, unit: np.ndarray, answer: np.ndarray, value: np.ndarray) -> None:
+        """Rows of units in ``start:start + n`` (int64 unit, int32 answer, int64 value)."""
+        k = answer.size
+        if k == 0:
+            return
+        if int(answer.min()) < 0 or int(answer.max()) >= self.n_answers:
+            raise MeasurementError(f"query {self.name!r}: answer index out of range 0..{self.n_answers - 1} "
+                                   f"in {[str(p) for p in self.paths]}")
+        idx = (unit - self.start) * self.n_answers + answer
+        if self.ordered and int(idx[0]) == self.pos and int(idx[-1]) == self.pos + k - 1 \
+                and (k == 1 or bool(np.all(idx[1:] > idx[:-1]))):  # increasing from pos to pos+k-1: a run
+            self.flat[self.pos:self.pos + k] = value
+            self.pos += k
+            return
+        if self.ordered:
+            self.flat[self.pos:] = np.nan
+            self.ordered = False
+        self.flat[idx] = value
+
+    def result(self) -> np.ndarray:
+        if self.ordered:
+            self.flat[self.pos:] = np.nan  # answers never measured (skipped, or no file row)
+        return self.values
+
+
+def _query_rows(paths: list[str | Path], start: int, stop: int, fills: dict[str, _Fill], known: set[str]) -> None:
+    """Give every wanted query's ``_Fill`` (``fills``) the ``(unit, answer, value)`` rows with
+    units in ``start:stop``, row group by row group, in file and row order. Only the row groups
+    whose ``unit`` statistics overlap the range are read; :func:`measure_shard` writes one query
+    per row group, so the ``query`` statistics (min = max, one of the files' ``known`` queries) name a group's query without
     reading the column; any other group (several queries, or statistics that are not exactly a
     known name) is split by its dictionary codes, so no row is skipped on a statistic alone."""
-    index = {q: i for i, q in enumerate(wanted)}
-    out: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {q: [] for q in wanted}
+    index = {q: i for i, q in enumerate(fills)}
     for p in paths:
         pf = pq.ParquetFile(p, read_dictionary=["query"])
         md = pf.metadata
@@ -320,7 +355,7 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, wanted: list[str
             if label is not None:
                 if not keep.all():
                     unit, answer, value = unit[keep], answer[keep], value[keep]
-                out[label].append((unit, answer, value))
+                fills[label].add(unit, answer, value)
                 continue
             code = np.concatenate([np.array([index.get(s, -1) for s in c.dictionary.to_pylist()] or [-1],
                                             dtype=np.int64)[c.indices.to_numpy(zero_copy_only=False)]
@@ -328,5 +363,4 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, wanted: list[str
             for qname, i in index.items():
                 sel = keep & (code == i)
                 if sel.any():
-                    out[qname].append((unit[sel], answer[sel], value[sel]))
-    return out
+                    fills[qname].add(unit[sel], answer[sel], value[sel])
