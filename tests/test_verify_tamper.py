@@ -226,12 +226,26 @@ def t_table_count(r: Path) -> None:
 MEAS = "measurements/noisy/run=persons/geolevel=nation/shard-00000.parquet"  # the first part
 
 
-def edit_measurements(root: Path, fn: Callable[[pl.DataFrame], pl.DataFrame], *, hashed: bool = True) -> None:
+def edit_measurements(root: Path, fn: Callable[[pl.DataFrame], pl.DataFrame], *, hashed: bool = True,
+                      as_written: bool = False) -> None:
     """Edit the noisy measurement rows as one frame (``run_helpers.read_noisy``: with the
     ``run``, ``geolevel`` and ``part`` of each row); every row goes back to its ``part``, which
-    keeps its key-value metadata (a part no row names is left with none)."""
+    keeps its key-value metadata (a part no row names is left with none). ``as_written``: each
+    run of one query in its own row group with dictionary-encoded texts, as the measure step
+    writes them (the verifier checks such row groups whole); otherwise all rows in one."""
     import pyarrow.parquet as pq
     from run_helpers import read_noisy, write_parquet_with_metadata
+
+    if as_written:
+        from pipeline.privacy.measure import _WRITE_SCHEMA
+
+        def write_parquet_with_metadata(path, table, meta):  # noqa: F811 - the as-written layout
+            rows = pl.from_arrow(table)
+            runs = rows.with_columns(run=pl.col("query").rle_id())
+            with pq.ParquetWriter(path, _WRITE_SCHEMA, store_schema=False) as writer:
+                writer.add_key_value_metadata(meta or {})
+                for part in runs.partition_by("run", maintain_order=True):
+                    writer.write_table(part.drop("run").to_arrow().cast(_WRITE_SCHEMA))
 
     before = read_noisy(root)
     after = fn(before)
@@ -354,6 +368,34 @@ def t_measurement_part_metadata(r: Path) -> None:
     meta = pq.read_metadata(r / MEAS).metadata
     write_parquet_with_metadata(r / MEAS, pq.read_table(r / MEAS), {**meta, b"secret": b"42"})
     rehash(r, MEAS)
+
+
+def t_measurement_block_row_variance(r: Path) -> None:
+    """One block row's variance changed, the part as written (a row group per query)."""
+    edit_measurements(r, lambda df: set_at(df, first_row(df, geolevel="block", query="detailed"), "variance", 1.0),
+                      as_written=True)
+
+
+def t_measurement_block_row_sigma2(r: Path) -> None:
+    """One block row's σ² text changed, the part as written: its row group has two texts."""
+    edit_measurements(r, lambda df: set_at(df, first_row(df, geolevel="block", query="detailed"), "sigma2", "1/1"),
+                      as_written=True)
+
+
+def t_measurement_block_group_sigma2(r: Path) -> None:
+    """Every σ² text of one block query changed, the part as written (one text per row group)."""
+    edit_measurements(r, lambda df: df.with_columns(
+        pl.when((pl.col("geolevel") == "block") & (pl.col("query") == "total")).then(pl.lit("1/1"))
+        .otherwise(pl.col("sigma2")).alias("sigma2")), as_written=True)
+
+
+def t_measurement_block_unit_as_written(r: Path) -> None:
+    edit_measurements(r, lambda df: set_at(df, first_row(df, geolevel="block"), "unit", 999999), as_written=True)
+
+
+def t_measurement_block_row_removed_as_written(r: Path) -> None:
+    edit_measurements(r, lambda df: df.filter(pl.int_range(pl.len()) != first_row(df, geolevel="block", query="detailed")),
+                      as_written=True)
 
 
 def t_measurement_row_variance(r: Path) -> None:
@@ -534,6 +576,11 @@ CASES: list[tuple[Callable[[Path], None], tuple[str, ...], str]] = [
     (t_measurement_part_moved, ("measurements",), "geolevel=tract/shard-00099.parquet: a measurement file of level 'county'"),
     (t_measurement_part_metadata, ("measurements",), "secret"),
     (t_measurement_row_variance, ("measurements",), "persons/tract/total: rows whose variance"),
+    (t_measurement_block_row_variance, ("measurements",), "persons/block/detailed: rows whose variance"),
+    (t_measurement_block_row_sigma2, ("measurements",), "persons/block/detailed: rows whose variance"),
+    (t_measurement_block_group_sigma2, ("measurements",), "persons/block/total: rows whose variance"),
+    (t_measurement_block_unit_as_written, ("measurements",), "unit outside"),
+    (t_measurement_block_row_removed_as_written, ("measurements",), "persons/block/detailed"),
     (t_deleted_invariants_with_entry, ("file_missing",), "invariants/block_housing_units.parquet"),
     (t_deleted_index_with_entry, ("file_missing",), "index.html"),
     (t_deleted_microdata_with_entry, ("file_missing",), "microdata/persons.parquet"),

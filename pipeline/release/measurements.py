@@ -379,19 +379,31 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
         pf = pq.ParquetFile(root / rel, read_dictionary=["query", "sigma2"])
         outside = 0
         # The rows, one row group at a time (memory: one row group's integer columns; the next is
-        # read on a reader thread while this one is checked): a group code per row from the
-        # dictionary-encoded query, then the runs of equal code (as written, one per row group)
-        # go to their group's scan as contiguous slices, in file order.
+        # read on a reader thread while this one is checked). A row group as written (one query,
+        # one σ² text) goes to its group's scan whole; any other gets a group code per row from
+        # the dictionary-encoded query, and the runs of equal code go to their group's scan as
+        # contiguous slices, in file order.
         for t in read_ahead(pf.read_row_group(rg, columns=["query", "sigma2", "variance", "unit", "answer"])
                             for rg in range(pf.num_row_groups)):
+            unit, answer = t.column("unit").to_numpy(), t.column("answer").to_numpy()
+            if unit.size and (int(unit.min()) < u0 or int(unit.max()) >= u1):
+                outside += int(np.count_nonzero((unit < u0) | (unit >= u1)))
+            one = _one_group(kind, level, t, gidx)
+            if one is not None:  # as written: one query, one σ² text in the row group
+                g, s2_text = one
+                if s2_text != sigma2[g] or bool(np.any(t.column("variance").to_numpy() != variance[g])):
+                    misstated.add(g)
+                counts[g] += unit.size
+                scan = scans.get(g)
+                if scan is not None and unit.size:
+                    scan.add(unit, answer)
+                continue
             code = np.concatenate([_query_codes(kind, level, qc, gidx, groups, rel, out, fail)
                                    for qc in t.column("query").chunks] or [np.zeros(0, np.int32)])
             variance += [float("nan")] * (len(groups) - len(variance))  # groups not measured may have joined
             sigma2 += [""] * (len(groups) - len(sigma2))
             misstated |= _misstated(code, t.column("sigma2"), t.column("variance"), sigma2, variance)
-            unit, answer = t.column("unit").to_numpy(), t.column("answer").to_numpy()
             del t
-            outside += int(np.count_nonzero((unit < u0) | (unit >= u1)))
             counts = np.pad(counts, (0, len(groups) - len(counts)))
             counts += np.bincount(code, minlength=len(groups))
             change = np.flatnonzero(code[1:] != code[:-1]) + 1
@@ -460,6 +472,30 @@ def _parts(root: Path, names: Sequence[str], design: "Design", out: list[CheckFa
             continue
         found.append(((kind, names.index(level), int(m.group(3))), (kind, level, rel, (u0, u1))))
     return [item for _, item in sorted(found)]
+
+
+def _one_group(kind: str, level: str, t: pa.Table, gidx: Mapping[tuple[str, str, str], int]
+               ) -> tuple[int, str] | None:
+    """``(group index, σ² text)`` when every row of the row group ``t`` is of one measured
+    (run, level, query) with one σ² text — as :func:`pipeline.privacy.measure.measure_shard`
+    writes a row group: each text column's every chunk a one-entry dictionary, no null, every
+    index 0 (read from the dictionaries, with no value per row to look up). ``None`` otherwise:
+    the row group is then checked row by row (codes through :func:`_query_codes`)."""
+    texts = []
+    for name in ("query", "sigma2"):
+        seen = set()
+        for c in t.column(name).chunks:
+            if not isinstance(c, pa.DictionaryArray) or len(c.dictionary) != 1 or c.null_count:
+                return None
+            idx = c.indices.to_numpy(zero_copy_only=False)
+            if idx.size and (int(idx.min()) != 0 or int(idx.max()) != 0):
+                return None
+            seen.add(c.dictionary[0].as_py())
+        if len(seen) != 1:
+            return None
+        texts.append(seen.pop())
+    g = gidx.get((kind, level, texts[0]))
+    return None if g is None else (g, texts[1])
 
 
 def _query_codes(kind: str, level: str, q_c: pa.DictionaryArray, gidx: dict[tuple[str, str, str], int],
@@ -565,7 +601,10 @@ class _GroupScan:
 
     def add(self, unit: np.ndarray, answer: np.ndarray) -> None:
         """One contiguous slice of the group's rows (int32 ``unit``, ``answer``, same length)."""
-        bad = int(np.count_nonzero((unit < 0) | (unit >= self.n_units) | (answer < 0) | (answer >= self.n_answers)))
+        bad = 0
+        if unit.size and (int(unit.min()) < 0 or int(unit.max()) >= self.n_units or int(answer.min()) < 0
+                          or int(answer.max()) >= self.n_answers):  # four reductions, no mask, when all is well
+            bad = int(np.count_nonzero((unit < 0) | (unit >= self.n_units) | (answer < 0) | (answer >= self.n_answers)))
         self.bad += bad
         if not bad and self.broken is None:
             k = unit.astype(np.int64)
