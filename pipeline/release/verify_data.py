@@ -284,7 +284,7 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
     if whole and meas:
         failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, support)
     if whole and data and manifest["contents"].get("unbiased"):
-        failures += guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits)
+        failures += guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits, regenerate)
     return failures
 
 
@@ -482,10 +482,13 @@ def _margins(manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
 
 
 def _unbiased_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-                     digits: Mapping[str, int]) -> list[CheckFailure]:
+                     digits: Mapping[str, int], regenerate: bool) -> list[CheckFailure]:
+    """The unbiased tables; their rows regenerated (which needs the design's standard errors,
+    recomputed) only with ``regenerate``, as the count tables' rows."""
     from pipeline.release.unbiased import verify_unbiased
 
-    return verify_unbiased(root, manifest, ts, lts, _margins(manifest, ts, lts, digits), digits)
+    return verify_unbiased(root, manifest, ts, lts, _margins(manifest, ts, lts, digits) if regenerate else None,
+                           digits)
 
 
 def _table_list_checks(ts: TableSet, manifest: Mapping[str, Any]) -> list[CheckFailure]:
