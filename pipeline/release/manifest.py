@@ -245,8 +245,9 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
     every level when block housing units are. The writer and ``dptab verify`` both call this,
     so a verified margin is bitwise the one the writer computed. Results are memoised on every
     input (a digest of the tables' line matrices and the specs' queries, the variances, levels,
-    flags and tree): the same inputs give the same floats, and the writer's own verification then
-    costs no second computation.
+    flags and tree): the same inputs give the same floats, and a second caller in the process
+    costs no second computation. The arrays are the memoised ones, read-only (not copied: a
+    block level's per-unit margins are hundreds of MB).
     """
     import hashlib
 
@@ -274,10 +275,15 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
             if child_ptrs is None:
                 raise ReleaseError("margins of error of the full estimator need the geography's tree")
             var = gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals)
-            _MARGINS_CACHE[key] = {k: Z90 * np.sqrt(v) for k, v in var.items()}
+            for v in var.values():  # in place: a block level's margins are hundreds of MB
+                np.sqrt(v, out=v)
+                v *= Z90
+            _MARGINS_CACHE[key] = var
         else:
             _MARGINS_CACHE[key] = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
-    return {k: v.copy() for k, v in _MARGINS_CACHE[key].items()}
+        for v in _MARGINS_CACHE[key].values():
+            v.flags.writeable = False  # shared by every caller: nobody may change a cached margin
+    return dict(_MARGINS_CACHE[key])
 
 
 def child_ptrs_from_geoids(geoids: Sequence[np.ndarray], digits: Sequence[int]) -> list[np.ndarray]:
