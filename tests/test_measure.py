@@ -213,7 +213,7 @@ def test_loader_fills_in_place_until_the_draw_order_breaks(tmp_path: Path):
         order = np.flatnonzero(keep)
         if case % 2:  # a row repeated with another value after its first copy
             extra = t.take(pa.array([order[-1]])).set_column(3, "value", pa.array([10**6], pa.int64()))
-            rows = pa.concat_tables([t.take(pa.array(order)), extra])
+            rows = pa.concat_tables([t.take(pa.array(order)), extra.cast(t.schema)])
         else:
             rows = t.take(pa.array(order))
         out = tmp_path / f"holed-{case}.parquet"
