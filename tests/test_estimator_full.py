@@ -182,3 +182,42 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path) -> None:
             assert a.equals(b), (path.__name__, lv.name)
     assert not ctx2.rd.estimate_parts_dir("persons").exists()
     assert _digests(Path(out["release_path"])) == _digests(Path(two["release_path"]))
+
+
+def test_margins_on_a_thread_are_the_margins_level_by_level(two_runs) -> None:
+    # the writer's margins come from a thread, level by level; the same floats as all at once,
+    # and a lookup needs only its own level (a level whose margins fail later is still served)
+    import threading
+
+    import pipeline.release.manifest as manifest_mod
+    from pipeline.model.design import design
+    from pipeline.release.tables import load_tables
+
+    _, _, full, _ = two_runs
+    ctx = RunContext.load(full["run_dir"])
+    ts = load_tables(ctx.cfg.tables)
+    levels = [lv.name for lv in ctx.geography.levels]
+    args = (ts, design(ctx.strategies).variances(), levels, {lv.name: lv.digits for lv in ctx.geography.levels},
+            True, True, "full", [lv.child_ptr for lv in ctx.geography.levels[:-1]])
+    manifest_mod._MARGINS_CACHE.clear()
+    whole = manifest_mod.release_margins(*args)
+    manifest_mod._MARGINS_CACHE.clear()
+    lazy = manifest_mod.release_margins(*args, background=True)
+    assert isinstance(lazy, manifest_mod.MarginsOnThread)
+    assert set(lazy) == set(whole)
+    for k, v in whole.items():
+        assert np.array_equal(lazy[k], v) and not lazy[k].flags.writeable
+    assert lazy.get(("no such table", levels[0])) is None
+
+    gate = threading.Event()
+
+    def items():
+        yield ("P1", "nation"), np.zeros(1)
+        gate.wait(10)
+        raise ValueError("boom")
+
+    m = manifest_mod.MarginsOnThread(items(), lambda done: None)
+    assert m[("P1", "nation")].shape == (1,)  # served before the failure
+    gate.set()
+    with pytest.raises(manifest_mod.ReleaseError, match="boom"):
+        m.get(("P1", "block"))
