@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -233,8 +233,8 @@ def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
 
 def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[str, float]]], levels: Sequence[str],
                     digits: Mapping[str, int], state_totals: bool, block_housing_units: bool,
-                    estimator: str = "topdown", child_ptrs: Sequence[np.ndarray] | None = None,
-                    background: bool = False) -> Mapping[tuple[str, str], np.ndarray]:
+                    estimator: str = "topdown", child_ptrs: Sequence[np.ndarray] | None = None
+                    ) -> dict[tuple[str, str], np.ndarray]:
     """The published ``moe90`` of every (table, level) (before rounding): ``topdown``: float
     ``(n_lines,)``, the same for every unit of the level (the level's own measurements);
     ``full``: float ``(n_units, n_lines)``, per unit from the full estimator's exact GLS
@@ -248,10 +248,6 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
     flags and tree): the same inputs give the same floats, and a second caller in the process
     costs no second computation. The arrays are the memoised ones, read-only (not copied: a
     block level's per-unit margins are hundreds of MB).
-
-    ``background``: the full estimator's margins are made on a thread, level by level from the
-    top (:class:`MarginsOnThread`), and a lookup waits only for its own level — the writer
-    tabulates the upper levels meanwhile instead of waiting for the block level's margins.
     """
     import hashlib
 
@@ -272,91 +268,22 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
                         for q, v in qs.items())),
            tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]), estimator,
            tree.hexdigest() if estimator == "full" else "")
-    if key in _MARGINS_CACHE:
-        return dict(_MARGINS_CACHE[key])
-
-    def remember(done: dict[tuple[str, str], np.ndarray]) -> None:
+    if key not in _MARGINS_CACHE:
         if len(_MARGINS_CACHE) > 16:
             _MARGINS_CACHE.clear()
-        _MARGINS_CACHE[key] = done
-
-    if estimator != "full":
-        out = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
-        for v in out.values():
-            v.flags.writeable = False  # shared by every caller: nobody may change a memoised margin
-        remember(out)
-        return dict(out)
-    if child_ptrs is None:
-        raise ReleaseError("margins of error of the full estimator need the geography's tree")
-    items = _moe90_of(gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals))
-    if background:
-        return MarginsOnThread(items, remember)
-    out = dict(items)
-    remember(out)
-    return dict(out)
-
-
-def _moe90_of(variances: Iterator[tuple[tuple[str, str], np.ndarray]]
-              ) -> Iterator[tuple[tuple[str, str], np.ndarray]]:
-    """``Z90 · √variance`` of each item, in place (a block level's are hundreds of MB), read-only."""
-    for k, v in variances:
-        np.sqrt(v, out=v)
-        v *= Z90
-        v.flags.writeable = False
-        yield k, v
-
-
-class MarginsOnThread(Mapping[tuple[str, str], np.ndarray]):
-    """A mapping filled on a thread of its own from ``items`` in the order they come; a lookup
-    waits until its key has come (or every item has: then a missing key is missing), and an
-    error on the thread is raised at the lookup that waited for it. ``done`` gets the whole
-    dict once every item has come."""
-
-    def __init__(self, items: Iterator[tuple[tuple[str, str], np.ndarray]],
-                 done: Callable[[dict[tuple[str, str], np.ndarray]], None]) -> None:
-        import threading
-
-        self._got: dict[tuple[str, str], np.ndarray] = {}
-        self._finished = False
-        self._error: BaseException | None = None
-        self._cv = threading.Condition()
-        threading.Thread(target=self._fill, args=(items, done), name="dptab-margins", daemon=True).start()
-
-    def _fill(self, items: Iterator[tuple[tuple[str, str], np.ndarray]],
-              done: Callable[[dict[tuple[str, str], np.ndarray]], None]) -> None:
-        try:
-            for k, v in items:
-                with self._cv:
-                    self._got[k] = v
-                    self._cv.notify_all()
-        except BaseException as exc:  # handed to the reader: a thread's error is otherwise lost
-            with self._cv:
-                self._error = exc
-        with self._cv:
-            self._finished = True
-            self._cv.notify_all()
-        if self._error is None:
-            done(dict(self._got))
-
-    def _wait(self, key: tuple[str, str] | None) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: self._finished or (key is not None and key in self._got))
-            if key is not None and key in self._got:
-                return
-        if self._error is not None:
-            raise ReleaseError(f"margins of error: {self._error!r}") from self._error
-
-    def __getitem__(self, key: tuple[str, str]) -> np.ndarray:
-        self._wait(key)
-        return self._got[key]
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        self._wait(None)
-        return iter(dict(self._got))
-
-    def __len__(self) -> int:
-        self._wait(None)
-        return len(self._got)
+        if estimator == "full":
+            if child_ptrs is None:
+                raise ReleaseError("margins of error of the full estimator need the geography's tree")
+            var = gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals)
+            for v in var.values():  # in place: a block level's margins are hundreds of MB
+                np.sqrt(v, out=v)
+                v *= Z90
+            _MARGINS_CACHE[key] = var
+        else:
+            _MARGINS_CACHE[key] = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
+        for v in _MARGINS_CACHE[key].values():
+            v.flags.writeable = False  # shared by every caller: nobody may change a cached margin
+    return dict(_MARGINS_CACHE[key])
 
 
 def child_ptrs_from_geoids(geoids: Sequence[np.ndarray], digits: Sequence[int]) -> list[np.ndarray]:

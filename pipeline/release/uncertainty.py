@@ -38,7 +38,7 @@ the 2020 strategy instead of 1,953 × 1,953). Everything is per level, never per
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import scipy.linalg as la
@@ -246,10 +246,9 @@ def line_factors(spec: HistogramSpec, mask: np.ndarray) -> list[np.ndarray]:
 def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: Mapping[str, HistogramSpec],
                        variances: Mapping[str, Mapping[str, Mapping[str, float]]], child_ptrs: Sequence[np.ndarray],
                        levels: Sequence[str], exact_totals: Mapping[str, Sequence[str]]
-                       ) -> Iterator[tuple[tuple[str, str], np.ndarray]]:
-    """Exact variances (counts²) of the full estimator's line estimates, per unit: pairs
-    ``((table, level), float (n_units, n_lines))``, level by level from the top (every kind's
-    tables of a level before the next level), so a caller can use a level's as soon as it comes.
+                       ) -> dict[tuple[str, str], np.ndarray]:
+    """Exact variances (counts²) of the full estimator's line estimates, per unit:
+    ``{(table, level): float (n_units, n_lines)}``.
 
     ``child_ptrs[i]``: CSR int64 ``(n_i + 1,)`` of level ``i + 1``'s units under level ``i``
     (the geography's ``child_ptr``); ``variances`` and ``exact_totals`` as in
@@ -266,12 +265,12 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
     """
     from pipeline.postprocess.gls import LevelMeasurements, fit
 
-    sizes = [1] + [int(p[-1]) for p in child_ptrs]
-    fits = []  # per kind: (tables, fit, the unit total's pair products, each table's own and with the total)
+    out: dict[tuple[str, str], np.ndarray] = {}
     for kind, tabs in tables_by_kind.items():
         if not tabs or kind not in variances:
             continue
         spec = specs[kind]
+        sizes = [1] + [int(p[-1]) for p in child_ptrs]
         data = [LevelMeasurements(
             child_ptr=None if i == 0 else np.asarray(child_ptrs[i - 1]),
             measured={q: (np.zeros((sizes[i], spec.query(q).n_answers)), float(v))
@@ -280,24 +279,24 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
         g = fit(spec, data, means=False)  # the covariances alone: the data never enter them
         ones = [np.ones(n, np.float64) for n in spec.shape]
         model = g.levels[0].model
+        total = model.pair_products([ones], [ones])
         lines = {t.name: [line_factors(spec, row) for row in t.matrix.toarray() > 0] for t in tabs}
         # every line's pair products once for all levels (they depend on the model alone)
         own = {name: model.pair_products(ls, ls) for name, ls in lines.items() if ls}
         with_total = {name: model.pair_products(ls, [ones] * len(ls)) for name, ls in lines.items() if ls}
-        fits.append((kind, tabs, g, model.pair_products([ones], [ones]), own, with_total))
-    for i, level in enumerate(levels):
-        for kind, tabs, g, total, own, with_total in fits:
+        for i, level in enumerate(levels):
             est = g.levels[i]
             var_t = est.covariances(total) if level in exact_totals.get(kind, ()) else None
             for t in tabs:
                 if t.name not in own:
-                    yield (t.name, level), np.zeros((sizes[i], 0))
+                    out[(t.name, level)] = np.zeros((sizes[i], 0))
                     continue
                 v = est.covariances(own[t.name])  # (n_units, n_lines)
                 if var_t is not None:
                     c = est.covariances(with_total[t.name])
                     v = v - np.divide(c * c, var_t, out=np.zeros_like(v), where=var_t > 0)
-                yield (t.name, level), np.maximum(v, 0.0)
+                out[(t.name, level)] = np.maximum(v, 0.0)
+    return out
 
 
 # --------------------------------------------------------------------------------------

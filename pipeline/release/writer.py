@@ -448,7 +448,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         variances = variances if variances is not None else variances_from_privacy(privacy)
         moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
                               invariants.block_housing_units is not None, meta.estimator,
-                              [lv.child_ptr for lv in geography.levels[:-1]], background=True)
+                              [lv.child_ptr for lv in geography.levels[:-1]])
 
         entries: list[dict[str, Any]] = []
         if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
