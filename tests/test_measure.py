@@ -226,3 +226,21 @@ def test_loader_fills_in_place_until_the_draw_order_breaks(tmp_path: Path):
                 mine = df.filter((pl.col("query") == q) & (pl.col("unit") >= lo) & (pl.col("unit") < hi))
                 want[mine["unit"].to_numpy() - lo, mine["answer"].to_numpy()] = mine["value"].to_numpy()
                 assert np.array_equal(m.values, want, equal_nan=True), (case, q, lo, hi)
+
+
+def test_true_answers_of_every_query_are_the_sums_of_their_cells():
+    # the detailed query's answers are put in place (each cell its own answer), the others summed:
+    # both must equal the dense tabulation x @ Q for any rows of a histogram
+    from pipeline.privacy.measure import _answers
+
+    for seed in range(5):
+        x = _blocks(37, seed=seed)
+        h = SparseHistogram.from_dense("block", x)
+        for qname in STRATEGY.queries("block"):
+            q = SPEC.query(qname)
+            for lo, hi in [(0, 37), (5, 30), (36, 37)]:
+                a, b = np.searchsorted(h.unit, [lo, hi])
+                got = _answers(h.unit[a:b], h.cell[a:b], h.count[a:b], lo, hi - lo, q.cell_to_answer, q.n_answers)
+                want = np.zeros((hi - lo, q.n_answers), np.int64)
+                np.add.at(want.T, q.cell_to_answer, x[lo:hi].T)
+                assert got.dtype == np.int64 and np.array_equal(got, want), (qname, lo, hi)

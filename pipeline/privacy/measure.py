@@ -86,10 +86,24 @@ class QueryMeasurements:
 
 def _answers(unit: np.ndarray, cell: np.ndarray, count: np.ndarray, row0: int, n_rows: int,
              cell_to_answer: np.ndarray, n_answers: int) -> np.ndarray:
-    """int64 ``(n_rows, n_answers)`` query answers from sparse entries of rows ``row0:row0+n_rows``."""
+    """int64 ``(n_rows, n_answers)`` query answers from sparse entries of rows ``row0:row0+n_rows``
+    (entries of a :class:`SparseHistogram`: each (unit, cell) at most once)."""
     idx = (unit - row0) * n_answers + cell_to_answer[cell]
+    if n_answers == cell_to_answer.size and _injective(cell_to_answer):
+        # every cell its own answer (the detailed query): each index at most once, so the answers
+        # are the counts put in place — no float sums over a mostly zero matrix
+        flat = np.zeros(n_rows * n_answers, np.int64)
+        flat[idx] = count
+        return flat.reshape(n_rows, n_answers)
     out = np.bincount(idx, weights=count, minlength=n_rows * n_answers)
     return np.rint(out).astype(np.int64).reshape(n_rows, n_answers)  # counts < 2^53: exact
+
+
+def _injective(cell_to_answer: np.ndarray) -> bool:
+    """Whether no two cells share an answer."""
+    seen = np.zeros(cell_to_answer.size, bool)
+    seen[cell_to_answer] = True
+    return bool(seen.all())
 
 
 def _entries(hist: SparseHistogram, ptr: np.ndarray, units: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -174,6 +188,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                 s2 = strategy.sigma2(level, qname)
                 var, s2_text = discrete_gaussian_variance(s2), _frac_text(s2)
                 chunk = max(1, BATCH_ANSWERS // q.n_answers)
+                variance = np.full(min(chunk, stop - start) * q.n_answers, var)  # every batch's column, sliced
                 for c0 in range(start, stop, chunk):
                     c1 = min(stop, c0 + chunk)
                     lo, hi = np.searchsorted(hist.unit, [c0, c1], side="left")
@@ -199,7 +214,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                         "query": _const_text(qname, n),
                         "answer": answer,
                         "value": value + noise,
-                        "variance": np.full(n, var),
+                        "variance": variance[:n],
                         "sigma2": _const_text(s2_text, n),
                     }, schema=_WRITE_SCHEMA), row_group_size=ROW_GROUP_ROWS)
                     rows += n
