@@ -600,7 +600,7 @@ class _GroupScan:
         return self.required is not None
 
     def add(self, unit: np.ndarray, answer: np.ndarray) -> None:
-        """One contiguous slice of the group's rows (int32 ``unit``, ``answer``, same length)."""
+        """One contiguous slice of the group's rows (integer ``unit``, ``answer``, same length)."""
         bad = 0
         if unit.size and (int(unit.min()) < 0 or int(unit.max()) >= self.n_units or int(answer.min()) < 0
                           or int(answer.max()) >= self.n_answers):  # four reductions, no mask, when all is well
