@@ -134,13 +134,17 @@ def test_split_parts_by_hand() -> None:
     assert split_parts(even, [1, 2, 5, 11], 3) == (2, [(0, 1), (1, 4), (4, 5)])
 
 
-def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path) -> None:
+def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The estimate stage fits the tree in parts below a split level, in a pool of workers; its
     targets and line estimates are those of one fit over the whole tree (two states), bitwise the
-    same with one worker or two, and so is the release."""
+    same with one worker or two, and so is the release. Two parts instead of sixteen, so that
+    this small tree is cut at its states and every part's up pass spans five levels."""
+    from pipeline.job import estimate
+
+    monkeypatch.setattr(estimate, "ESTIMATE_PARTS", 2)
     from test_dask_executor import _digests, _two_states
 
-    from pipeline.job.estimate import read_line_estimates, read_targets
+    from pipeline.job.estimate import read_line_estimates, read_targets, split_parts
     from pipeline.postprocess.gls import GLSModel, LevelMeasurements
     from pipeline.privacy.measure import load_measurements
     from pipeline.release.tables import load_tables
@@ -151,6 +155,9 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path) -> None:
     ctx = RunContext.load(out["run_dir"])
     spec, strategy, levels = ctx.spec("persons"), ctx.strategies["persons"], ctx.geography.levels
     assert levels[1].n_units == 2
+    k, _ = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
+                       [int(lv.n_units) for lv in levels], 2)
+    assert 0 < k < len(levels) - 2  # every part holds levels with targets above its leaves
     data = []
     for i, lv in enumerate(levels):
         meas = load_measurements(ctx.rd.measurement_files("persons", lv.name), spec, 0, lv.n_units,

@@ -272,6 +272,38 @@ def test_up_pass_above_the_bottom_round_trips_through_arrays(tiny):
         kept.above_bottom().above_bottom().above_bottom()
 
 
+@pytest.mark.parametrize("spec_name", ["tiny", "pl94"])
+def test_up_pass_without_leaf_means_gives_the_same_fit_above_the_leaves(tiny, spec_name):
+    """Without the leaves' own estimates (the estimate stage's up pass: its parents' sums are
+    made from summed leaf measurements) every level above the leaves gets bitwise the
+    estimates, subtree estimates and covariances of a pass with them, which match the dense
+    GLS; the leaves get covariances and no mean."""
+    spec = tiny if spec_name == "tiny" else PL94
+    rng = np.random.default_rng(23)
+    ptrs = random_tree(rng, 4, max_children=4)
+    if spec_name == "tiny":
+        qsets = [["total", "a"], ["bgrp", "a*c"], ["agrp*bgrp"], ["detailed", "b*c"]]
+        variances = None
+    else:
+        qsets, variances = strategy_levels(4)
+    levels = measure(spec, ptrs, qsets, rng, variances)
+    model = gls.GLSModel(spec, [q for lv in levels for q in lv.measured])
+    up, lean = model.upward(levels), model.upward(levels, leaf_means=False)
+    whole, part = model.downward(up), model.downward(lean)
+    for a, b in zip(whole.levels[:-1], part.levels[:-1]):
+        for x, y in zip(a.posterior.mean + a.posterior.cov, b.posterior.mean + b.posterior.cov):
+            assert np.array_equal(x, y)
+    for i in range(1, 3):
+        assert np.array_equal(up.subtree(i).estimate, lean.subtree(i).estimate)
+    assert part.levels[-1].posterior.mean is None
+    for x, y in zip(whole.levels[-1].posterior.cov, part.levels[-1].posterior.cov):
+        assert np.array_equal(x, y)
+    ref = DenseGLS(spec, levels)
+    for i in range(len(levels) - 1):
+        want = ref.estimate(i)
+        assert np.abs(part.levels[i].estimate - want).max() <= 1e-9 * max(1.0, float(np.abs(want).max()))
+
+
 def test_tiny_algebra_blocks(tiny):
     """The recode and the zeros split the axes as documented: `a` by agrp ({0,1},{2}); `b` by
     bgrp and the zero sets (0, 1 and 3 singletons, so 2 too); `c` by z2; kept axes add nothing."""

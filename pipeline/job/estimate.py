@@ -167,7 +167,7 @@ def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[
     run_dir, kind, k, lo, hi, part = item
     ctx = RunContext.load(run_dir)
     sub, _ = _subtree(ctx, kind, k, lo, hi)
-    up = _model(ctx, kind).upward(sub)
+    up = _model(ctx, kind).upward(sub, leaf_means=False)  # no target or line needs the bottom's own
     info = {i: (up.message.subtree_fit() if i == k else up.subtree(i - k)).information_sum()
             for i in _inner(ctx) if i >= k}
     if up.bounds:
@@ -226,7 +226,7 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
     if len(levels) < 2:
         raise EstimateError("the full estimator needs a hierarchy of at least two levels")
     k, ranges = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
-                            [int(lv.n_units) for lv in levels])
+                            [int(lv.n_units) for lv in levels], ESTIMATE_PARTS)
     for lv in levels:  # checked once here, not by every part in every worker
         _level_files(ctx, kind, lv.name)
     model = _model(ctx, kind)
@@ -289,7 +289,7 @@ def _target_rows(fit: Any, queries: tuple[str, ...], first_unit: int) -> pa.Tabl
         n, na = a.shape
         parts.append(pa.table({
             "unit": np.repeat(np.arange(first_unit, first_unit + n, dtype=np.int64), na),
-            "query": pa.array(np.full(n * na, q, dtype=object), pa.string()),
+            "query": pa.repeat(pa.scalar(q, pa.string()), n * na),
             "answer": np.tile(np.arange(na, dtype=np.int32), n),
             "value": a.reshape(-1), "variance": v.reshape(-1)}))
     return pa.concat_tables(parts)

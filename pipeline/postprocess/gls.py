@@ -78,6 +78,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
+import scipy.sparse as sp
 
 from pipeline.model.spec import HistogramSpec
 from pipeline.postprocess.problem import PostprocessError
@@ -402,10 +403,12 @@ class GLSModel:
 
     # -- the passes -----------------------------------------------------------------------
 
-    def _level_terms(self, lv: LevelMeasurements, i: int, n: int, means: bool = True
-                     ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    def _level_terms(self, lv: LevelMeasurements, i: int, n: int, means: bool = True,
+                     sum_by: np.ndarray | None = None) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """(A per component (m', m'), b per component (n, m', r) or None if nothing measured or
-        not ``means``)."""
+        not ``means``). ``sum_by``: int64 ``(g,)`` start of each group of consecutive units;
+        then b is per group, ``(g, m', r)``, the sum of its units' b (the measurements are summed
+        before the change of basis, which is linear: g rows to transform instead of n)."""
         A = [np.zeros((c.free.size, c.free.size)) for c in self.components]
         if not lv.measured:
             return A, None
@@ -425,7 +428,7 @@ class GLSModel:
             v = float(var)
             if not (np.isfinite(v) and v > 0):
                 raise PostprocessError(f"{where}: variance must be finite and > 0, got {var!r}")
-            terms.append((y, q, v))
+            terms.append((y if sum_by is None else _group_sums(y, sum_by), q, v))
             for k, c in enumerate(self.components):
                 A[k] += self.block(q, c) / v
 
@@ -439,6 +442,8 @@ class GLSModel:
 
         if not means:
             return A, None
+        if sum_by is not None:
+            n = int(sum_by.size)
         if not any(np.any(y) for y, _, _ in terms):
             # Qᵀ0 = 0: the margins of error fit the design alone on zero data (the covariances
             # never depend on the data), so the change of basis of the data is skipped
@@ -495,7 +500,8 @@ class GLSModel:
         return ptr
 
     def upward(self, levels: Sequence[LevelMeasurements], below: Message | None = None,
-               below_child_ptr: np.ndarray | None = None, means: bool = True) -> Upward:
+               below_child_ptr: np.ndarray | None = None, means: bool = True,
+               leaf_means: bool = True) -> Upward:
         """Up pass over ``levels`` (top first). ``levels[k+1].child_ptr`` places level ``k+1``
         under level ``k``; ``levels[0].child_ptr`` is ignored. With ``below`` (stacked
         messages of subtrees, placed under ``levels[-1]`` by ``below_child_ptr``) the bottom of
@@ -503,7 +509,13 @@ class GLSModel:
 
         Without ``means`` only the covariances are carried (no ``h``, no estimates): what the
         margins of error need, as the covariances never depend on the data; the covariances
-        are bitwise those of a pass with means."""
+        are bitwise those of a pass with means.
+
+        Without ``leaf_means`` the leaf level's own estimates are not carried (its units get
+        no posterior mean; every level above gets exactly the same estimates as with them):
+        the leaves share one covariance ``J_L⁻¹``, so what their parents need, ``s_v = Σ_c z_c =
+        J_L⁻¹ Σ_c h_c``, is made from each parent's *summed* leaf measurements, and the
+        change of basis of every leaf's measurements — the bulk of a pass — is skipped."""
         if not levels:
             raise PostprocessError("GLS: no levels")
         if (below is None) != (below_child_ptr is None):
@@ -520,20 +532,27 @@ class GLSModel:
         if below is not None:
             J = list(below.info)
             h = list(below.h) if below.h is not None and means else None
+        carry = h is not None  # means carried (not without means, nor above a means-less message)
         for i in range(L - 1, -1, -1):
             lv, n = levels[i], sizes[i]
             where = f"level {i}{f' ({lv.name})' if lv.name else ''}"
-            A, b = self._level_terms(lv, i, n, means and h is not None)
-            if i == L - 1 and below is None:
+            leaf = i == L - 1 and below is None
+            # a leaf level with a parent level in this call gets its b per parent below
+            per_leaf = carry and (not leaf or leaf_means or L == 1)
+            A, b = self._level_terms(lv, i, n, per_leaf)
+            if leaf:
                 self._check_identified(A, where)
                 J = [a[None] for a in A]  # shared by every leaf
-                h = (b if b is not None else []) if means else None
+                h = (b if b is not None else []) if per_leaf else None
                 continue
             n_child = n_below if i == L - 1 else sizes[i + 1]
             assert n_child is not None
             ptr = self._parents(below_child_ptr if i == L - 1 else levels[i + 1].child_ptr,
                                 n, n_child, f"{where} -> children")
-            bd = _Boundary.make(ptr, J, h, n_child)
+            h_sum = None
+            if carry and i == L - 2 and below is None:
+                _, h_sum = self._level_terms(levels[L - 1], L - 1, n_child, True, sum_by=ptr[:-1])
+            bd = _Boundary.make(ptr, J, h, n_child, h_sum)
             bounds.append(bd)
             J = [a[None] + ci for a, ci in zip(A, bd.Cinv)]
             h = None if bd.s is None else [ci @ s for ci, s in zip(bd.Cinv, bd.s)]
@@ -575,6 +594,14 @@ class GLSModel:
         if up.has_below:
             below = fits.pop().posterior
         return GLSFit(tuple(fits), below)
+
+
+def _group_sums(y: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums of the consecutive row groups of ``y`` (n, k) starting at ``starts`` (g,) -> (g, k).
+    A sparse 0/1 product: ~10x faster than ``np.add.reduceat`` along axis 0 on wide rows."""
+    n = y.shape[0]
+    S = sp.csr_matrix((np.ones(n), np.arange(n), np.append(starts, n)), shape=(starts.size, n))
+    return np.asarray(S @ y)
 
 
 def _sym(M: np.ndarray) -> np.ndarray:
@@ -653,7 +680,9 @@ class _Boundary:
 
     @staticmethod
     def make(ptr: np.ndarray, J: Sequence[np.ndarray], h: Sequence[np.ndarray] | None,
-             n_child: int) -> _Boundary:
+             n_child: int, h_sum: Sequence[np.ndarray] | None = None) -> _Boundary:
+        """``h_sum``: the children's ``h`` summed per parent, when the children share one ``J``
+        (the leaves): then ``s = J⁻¹ h_sum`` and ``z`` only if ``h`` is given too."""
         starts = ptr[:-1]
         parent = np.repeat(np.arange(starts.size), np.diff(ptr))
         cov, z, Cinv, s = [], [], [], []
@@ -664,11 +693,13 @@ class _Boundary:
             cov.append(cv)
             Cinv.append(_sym(np.linalg.inv(C)))
             if h is not None:
-                zc = cv @ h[k]
-                z.append(zc)
-                s.append(np.add.reduceat(zc, starts, axis=0))
+                z.append(cv @ h[k])
+            if h_sum is not None:
+                s.append(cv @ h_sum[k])
+            elif h is not None:
+                s.append(np.add.reduceat(z[k], starts, axis=0))
         return _Boundary(parent, tuple(cov), None if h is None else tuple(z), tuple(Cinv),
-                         None if h is None else tuple(s))
+                         None if h is None and h_sum is None else tuple(s))
 
     def down(self, model: GLSModel, post: Posterior) -> Posterior:
         means = self.z is not None and self.s is not None and post.mean is not None
