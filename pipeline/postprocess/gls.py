@@ -421,7 +421,7 @@ class GLSModel:
             y = np.asarray(vals, dtype=np.float64)
             if y.shape != (n, query.n_answers):
                 raise PostprocessError(f"{where}: values shape {y.shape} != {(n, query.n_answers)}")
-            if not np.all(np.isfinite(y)):
+            if means and not np.all(np.isfinite(y)):  # values unused without means (the margins' zeros)
                 raise PostprocessError(
                     f"{where}: {int((~np.isfinite(y)).sum())} unmeasured (NaN/inf) answers; the "
                     "full estimator needs every answer measured")
@@ -705,6 +705,16 @@ class _Boundary:
         means = self.z is not None and self.s is not None and post.mean is not None
         mean, cov = [], []
         for k, (cv, ci, Pv) in enumerate(zip(self.cov, self.Cinv, post.cov)):
+            if cv.shape[0] == 1:
+                # children sharing one subtree covariance (the leaves): every child of a parent
+                # gets the same gain and posterior covariance, so both are made once per parent
+                # (the same products, so bitwise what each child would get) and gathered
+                K = cv @ ci  # (n_v, m', m')
+                if means:
+                    assert self.z is not None and self.s is not None and post.mean is not None
+                    mean.append(self.z[k] + (K @ (post.mean[k] - self.s[k]))[self.parent])
+                cov.append(_sym(cv - K @ cv + K @ Pv @ np.swapaxes(K, -1, -2))[self.parent])
+                continue
             K = cv @ ci[self.parent]  # (n_c, m', m')
             if means:
                 assert self.z is not None and self.s is not None and post.mean is not None

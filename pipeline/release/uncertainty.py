@@ -273,7 +273,7 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
         sizes = [1] + [int(p[-1]) for p in child_ptrs]
         data = [LevelMeasurements(
             child_ptr=None if i == 0 else np.asarray(child_ptrs[i - 1]),
-            measured={q: (np.zeros((sizes[i], spec.query(q).n_answers)), float(v))
+            measured={q: (np.broadcast_to(0.0, (sizes[i], spec.query(q).n_answers)), float(v))
                       for q, v in variances[kind].get(level, {}).items()})
             for i, level in enumerate(levels)]
         g = fit(spec, data, means=False)  # the covariances alone: the data never enter them
