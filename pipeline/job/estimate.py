@@ -262,9 +262,9 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
                 targets[i].add(_target_rows(upper.subtree(i), strategy.queries(levels[i].name), 0))
                 lines[i].add(_line_rows(top_fit.levels[i], tables, 0))
         post = top_fit.below
-        parts = executor.map(_part_down, [(run_dir, kind, k, lo, hi, p, post.select(lo, hi).mean, post.select(lo, hi).cov)
-                                     for p, (lo, hi) in enumerate(ranges)])  # (3)
-        for written in parts:
+        # (3), each part's rows appended while the pool computes the parts after it
+        for written in executor.imap(_part_down, [(run_dir, kind, k, lo, hi, p, post.select(lo, hi).mean,
+                                                   post.select(lo, hi).cov) for p, (lo, hi) in enumerate(ranges)]):
             for i, (tpath, lpath) in sorted(written.items()):
                 targets[i].add(pq.read_table(tpath))
                 lines[i].add(pq.read_table(lpath))
@@ -322,7 +322,9 @@ class _Appender:
     def add(self, table: pa.Table) -> None:
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata(self.meta), compression="zstd")
+            # dictionaries only on the text columns: the float estimates are all distinct
+            self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata(self.meta), compression="zstd",
+                                           use_dictionary=["query", "table"])
         self.writer.write_table(table.replace_schema_metadata(self.meta))
 
     def close(self) -> Path:

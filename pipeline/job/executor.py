@@ -23,7 +23,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from typing import TypeVar
 
@@ -70,11 +70,18 @@ class Executor:
                     on_done(len(out), total)
             return out
         if on_done is None:
-            return list(self._get_pool().map(fn, items))
+            return list(self.imap(fn, items))
         futures = [self._get_pool().submit(fn, x) for x in items]
         for k, _ in enumerate(as_completed(futures), start=1):
             on_done(k, total)
         return [f.result() for f in futures]
+
+    def imap(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[R]:
+        """``fn(x)`` for each item, yielded in order as soon as it (and every item before it) is
+        done, so the caller works on the first results while the pool computes the rest."""
+        if not self.parallel or len(items) < 2:
+            return (fn(x) for x in items)
+        return self._get_pool().map(fn, items)
 
     def submit(self, fn: Callable[[T], R], item: T) -> "Future[R]":
         """``fn(item)`` in the worker pool, as a future (callers check :attr:`parallel` first)."""
