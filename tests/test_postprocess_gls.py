@@ -304,6 +304,30 @@ def test_up_pass_without_leaf_means_gives_the_same_fit_above_the_leaves(tiny, sp
         assert np.abs(part.levels[i].estimate - want).max() <= 1e-9 * max(1.0, float(np.abs(want).max()))
 
 
+def test_leaves_share_their_parents_covariances(tiny):
+    """The leaves' posterior covariances are stored once per parent as well (``shared``): they
+    are exactly the per-leaf ones, and covariances of lines made from them equal those made
+    from every leaf's own (and the dense GLS's)."""
+    rng = np.random.default_rng(31)
+    ptrs = random_tree(rng, 3, max_children=4)
+    levels = measure(tiny, ptrs, [["total", "a"], ["bgrp", "a*c"], ["detailed"]], rng)
+    leaf = gls.fit(tiny, levels).levels[-1]
+    assert leaf.posterior.shared is not None
+    rows, covs = leaf.posterior.shared
+    assert covs[0].shape[0] == ptrs[2].size - 1 and rows.shape == (leaf.n_units,)
+    for full, distinct in zip(leaf.posterior.cov, covs):
+        assert np.array_equal(full, distinct[rows])
+    plain = gls.LevelFit(leaf.model, gls.Posterior(leaf.model, leaf.posterior.mean, leaf.posterior.cov))
+    ones = [np.ones(n) for n in tiny.shape]
+    lines = [[np.array([1.0, 0, 0]), np.ones(4), np.ones(2)], [np.ones(3), np.array([0, 0, 1.0, 1]), np.array([1.0, 0])]]
+    got = leaf.covariances_of(lines, [ones, ones])
+    np.testing.assert_allclose(got, plain.covariances_of(lines, [ones, ones]), rtol=1e-13, atol=1e-13)
+    ref = DenseGLS(tiny, levels)
+    L = np.stack([np.kron(np.kron(f[0], f[1]), f[2]) for f in lines])
+    R = np.ones((2, tiny.n_cells))
+    np.testing.assert_allclose(got, ref.covariances(2, L, R), rtol=1e-9, atol=1e-9)
+
+
 def test_tiny_algebra_blocks(tiny):
     """The recode and the zeros split the axes as documented: `a` by agrp ({0,1},{2}); `b` by
     bgrp and the zero sets (0, 1 and 3 singletons, so 2 too); `c` by z2; kept axes add nothing."""

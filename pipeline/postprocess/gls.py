@@ -652,11 +652,14 @@ def stack_messages(messages: Sequence[Message]) -> Message:
 class Posterior:
     """Per unit and component: ``mean[k]`` (n, m', r) in persons and covariance ``cov[k]``
     (n, m', m') in persons² (the covariance is ``cov[k] ⊗ I_r`` on the component); ``mean`` is
-    ``None`` from a pass without means."""
+    ``None`` from a pass without means. ``shared``, when units share covariances (the leaves of
+    one parent): ``(rows, covs)`` with ``cov[k] == covs[k][rows]`` exactly, so that products
+    with the covariances are made once per distinct one (:meth:`LevelFit.covariances`)."""
 
     model: GLSModel = field(repr=False)
     mean: tuple[np.ndarray, ...] | None
     cov: tuple[np.ndarray, ...]
+    shared: tuple[np.ndarray, tuple[np.ndarray, ...]] | None = field(default=None, repr=False)
 
     @property
     def n_units(self) -> int:
@@ -665,7 +668,8 @@ class Posterior:
     def select(self, start: int, stop: int) -> Posterior:
         """Units ``start:stop`` (e.g. one state's, to start its subtree's down pass)."""
         return Posterior(self.model, None if self.mean is None else tuple(m[start:stop] for m in self.mean),
-                         tuple(c[start:stop] for c in self.cov))
+                         tuple(c[start:stop] for c in self.cov),
+                         None if self.shared is None else (self.shared[0][start:stop], self.shared[1]))
 
 
 @dataclass(frozen=True)
@@ -703,7 +707,7 @@ class _Boundary:
 
     def down(self, model: GLSModel, post: Posterior) -> Posterior:
         means = self.z is not None and self.s is not None and post.mean is not None
-        mean, cov = [], []
+        mean, cov, distinct = [], [], []
         for k, (cv, ci, Pv) in enumerate(zip(self.cov, self.Cinv, post.cov)):
             if cv.shape[0] == 1:
                 # children sharing one subtree covariance (the leaves): every child of a parent
@@ -713,7 +717,8 @@ class _Boundary:
                 if means:
                     assert self.z is not None and self.s is not None and post.mean is not None
                     mean.append(self.z[k] + (K @ (post.mean[k] - self.s[k]))[self.parent])
-                cov.append(_sym(cv - K @ cv + K @ Pv @ np.swapaxes(K, -1, -2))[self.parent])
+                distinct.append(_sym(cv - K @ cv + K @ Pv @ np.swapaxes(K, -1, -2)))
+                cov.append(distinct[-1][self.parent])
                 continue
             K = cv @ ci[self.parent]  # (n_c, m', m')
             if means:
@@ -721,7 +726,8 @@ class _Boundary:
                 mean.append(self.z[k] + K @ (post.mean[k] - self.s[k])[self.parent])
             KT = np.swapaxes(K, -1, -2)
             cov.append(_sym(cv - K @ cv + K @ Pv[self.parent] @ KT))
-        return Posterior(model, tuple(mean) if means else None, tuple(cov))
+        shared = (self.parent, tuple(distinct)) if len(distinct) == len(cov) and cov else None
+        return Posterior(model, tuple(mean) if means else None, tuple(cov), shared)
 
 
 @dataclass(frozen=True)
@@ -831,11 +837,14 @@ class LevelFit:
         (made once for every level of a fit): per component one matrix product of the units'
         covariance blocks ``(n_units, m'·m')`` with the pairs' ``(m'·m', k)``."""
         k = products[0].shape[1] if len(products) else 0
-        out = np.zeros((self.n_units, k))
-        for c, P, prod in zip(self.model.components, self.posterior.cov, products):
+        shared = self.posterior.shared
+        covs = self.posterior.cov if shared is None else shared[1]
+        n = int(covs[0].shape[0]) if covs else self.n_units
+        out = np.zeros((n, k))
+        for c, P, prod in zip(self.model.components, covs, products):
             if prod.any():  # a component every pair is 0 on adds nothing
-                out += np.asarray(P).reshape(self.n_units, c.free.size ** 2) @ prod
-        return out
+                out += np.asarray(P).reshape(n, c.free.size ** 2) @ prod
+        return out if shared is None else out[shared[0]]
 
     def information_sum(self) -> list[np.ndarray]:
         """``Σ_u J_u`` over the level's units, per component (m', m'): with :meth:`engine_weights`
