@@ -285,7 +285,12 @@ class _LevelRows:
             k = min(s + READ_UNITS, self.n) - s
             geoids: list[str] | None = None
             names: list[str] = []
-            blocks, moe_rows = [], []
+            # each area's row: every count, then (per-area margins) every margin in hundredths
+            # (-1: none), same line order; filled table by table in place
+            width = sum(int(t["lines"]) for t in self.tables)
+            counts = np.empty((k, 2 * width if self.per_area else width), dtype=np.int64)
+            moe = np.empty((k, width)) if self.per_area else None
+            off = 0
             for t, stream, shell in zip(self.tables, streams, self.shells):
                 n_lines = int(t["lines"])
                 df = stream.take(k * n_lines)
@@ -297,14 +302,15 @@ class _LevelRows:
                     geoids, names = g, df["name"].gather_every(n_lines).to_list()
                 elif g != geoids:
                     raise ExplorerError(f"tables/{t['name']}.parquet at {self.level}: areas differ from the other tables")
-                blocks.append(df["count"].to_numpy().reshape(k, n_lines))
-                if self.per_area:
-                    moe_rows.append(df["moe90"].to_numpy().astype(np.float64).reshape(k, n_lines))
-            counts = np.concatenate(blocks, axis=1) if blocks else np.zeros((k, 0), dtype=np.int64)
-            if self.per_area:
-                # each area's row: every count, then every margin in hundredths (-1: none), same line order
-                hundredths = np.rint(np.concatenate(moe_rows, axis=1) * 100)
-                counts = np.concatenate([counts, np.where(np.isnan(hundredths), -1, hundredths).astype(np.int64)], axis=1)
+                counts[:, off:off + n_lines] = df["count"].to_numpy().reshape(k, n_lines)
+                if moe is not None:
+                    moe[:, off:off + n_lines] = df["moe90"].to_numpy().reshape(k, n_lines)  # as float64
+                off += n_lines
+            if moe is not None:
+                moe *= 100
+                np.rint(moe, out=moe)
+                moe[np.isnan(moe)] = -1
+                np.copyto(counts[:, width:], moe, casting="unsafe")  # whole numbers by now
             yield geoids or [], names, counts
 
 
