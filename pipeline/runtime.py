@@ -41,3 +41,23 @@ def apply_allocator_defaults() -> None:
     pyarrow are imported (both read their variable once); child processes inherit it."""
     for key, value in allocator_defaults().items():
         os.environ.setdefault(key, value)
+
+
+def return_free_memory() -> None:
+    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``; a no-op
+    elsewhere). The run's orchestrating process draws several shards at once on threads, each
+    thread in its own malloc arena; what those shards freed stays mapped in the arenas, so
+    without this the process carried the levels' high-water mark into publishing, where it is
+    also the release writer."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)

@@ -40,6 +40,7 @@ from pipeline.job.rundir import RunDir
 from pipeline.model.config import RunConfig
 from pipeline.model.geography import Geography
 from pipeline.privacy.ledger import Ledger, LedgerError
+from pipeline.runtime import return_free_memory
 
 # --------------------------------------------------------------------------------------
 # inputs -> histograms and invariants
@@ -293,6 +294,7 @@ def solve_levels(run_dir: str | Path,
                 finally:
                     window.close()
             summaries.append(stage_finish_level(run_dir, step.kind, step.level, step.action))
+            return_free_memory()  # the step's shards are gone; their freed pages go back
     finally:
         if pooled is not None:
             pooled.close()

@@ -114,6 +114,7 @@ from pipeline.release.tables import (
 )
 from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
 from pipeline.release.uncertainty import Z90, simulated_moe90
+from pipeline.runtime import return_free_memory
 
 
 def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, Any]:
@@ -525,6 +526,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         # every data file is written and described: check them (tables, microdata, measurements)
         # while the codebook and the explorer are written
         described = copy.deepcopy(_described(manifest))
+        return_free_memory()  # what the table lanes (threads, each its own malloc arena) freed
         # with a second core and noisy measurements (tens of millions of rows with the full
         # estimator), their checks run beside the others instead of after them
         split = bool(mfiles) and background != "inline"
