@@ -211,20 +211,26 @@ def test_tiny_spec_matches_dense_gls(tiny, seed):
         np.testing.assert_allclose(c, cref, rtol=1e-9, atol=1e-12 * max(1.0, float(np.abs(cref).max())))
 
 
-@pytest.mark.parametrize("spec_name", ["tiny", "pl94"])
-def test_covariances_without_means_are_bitwise_those_with_means(tiny, spec_name):
-    """A pass without means (the margins of error's) gives bitwise the covariances of a full
-    pass on the same design, at every level and through a split (stacked messages); it carries
-    no estimates."""
+def _four_level_tree(tiny, spec_name, seed):
+    """(spec, child pointers, measured levels) of a random 4-level tree: the tiny spec with mixed
+    query sets, or PL94 with the 2020 strategy's queries and variances."""
     spec = tiny if spec_name == "tiny" else PL94
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(seed)
     ptrs = random_tree(rng, 4, max_children=4)
     if spec_name == "tiny":
         qsets = [["total", "a"], ["bgrp", "a*c"], ["agrp*bgrp"], ["detailed", "b*c"]]
         variances = None
     else:
         qsets, variances = strategy_levels(4)
-    levels = measure(spec, ptrs, qsets, rng, variances)
+    return spec, ptrs, measure(spec, ptrs, qsets, rng, variances)
+
+
+@pytest.mark.parametrize("spec_name", ["tiny", "pl94"])
+def test_covariances_without_means_are_bitwise_those_with_means(tiny, spec_name):
+    """A pass without means (the margins of error's) gives bitwise the covariances of a full
+    pass on the same design, at every level and through a split (stacked messages); it carries
+    no estimates."""
+    spec, ptrs, levels = _four_level_tree(tiny, spec_name, 11)
     with_means = gls.fit(spec, levels)
     without = gls.fit(spec, levels, means=False)
     for a, b in zip(with_means.levels, without.levels):
@@ -278,15 +284,7 @@ def test_up_pass_without_leaf_means_gives_the_same_fit_above_the_leaves(tiny, sp
     made from summed leaf measurements) every level above the leaves gets bitwise the
     estimates, subtree estimates and covariances of a pass with them, which match the dense
     GLS; the leaves get covariances and no mean."""
-    spec = tiny if spec_name == "tiny" else PL94
-    rng = np.random.default_rng(23)
-    ptrs = random_tree(rng, 4, max_children=4)
-    if spec_name == "tiny":
-        qsets = [["total", "a"], ["bgrp", "a*c"], ["agrp*bgrp"], ["detailed", "b*c"]]
-        variances = None
-    else:
-        qsets, variances = strategy_levels(4)
-    levels = measure(spec, ptrs, qsets, rng, variances)
+    spec, ptrs, levels = _four_level_tree(tiny, spec_name, 23)
     model = gls.GLSModel(spec, [q for lv in levels for q in lv.measured])
     up, lean = model.upward(levels), model.upward(levels, leaf_means=False)
     whole, part = model.downward(up), model.downward(lean)
