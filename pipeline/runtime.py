@@ -23,9 +23,11 @@ variable always wins. Results do not depend on them (only where memory comes fro
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
+from typing import Any
 
 
 def allocator_defaults() -> dict[str, str]:
@@ -49,15 +51,22 @@ def return_free_memory() -> None:
     thread in its own malloc arena; what those shards freed stays mapped in the arenas, so
     without this the process carried the levels' high-water mark into publishing, where it is
     also the release writer."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` may run ``ldconfig``), or None."""
     if sys.platform != "linux":
-        return
+        return None
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return
+        return None
     trim.argtypes = [ctypes.c_size_t]
-    trim(0)
+    return trim

@@ -58,3 +58,37 @@ def test_pool_workers_get_the_defaults_even_when_the_caller_did_not_set_them(mon
     want = {k: allocator_defaults().get(k) for k in _KEYS}
     assert seen == [want, want]
     assert all(k not in os.environ for k in _KEYS)  # the caller's own environment is restored
+
+
+def test_free_heap_pages_go_back_to_the_system_on_glibc() -> None:
+    """``return_free_memory`` finds glibc's ``malloc_trim`` on a glibc Linux and gives back
+    what a thread freed in its malloc arena but the arena kept (every tenth block still held,
+    so its heap cannot shrink from the top: ~390 MB resident before, ~55 MB after when measured);
+    elsewhere it is a no-op."""
+    import platform
+    import threading
+
+    import psutil
+
+    from pipeline.runtime import _malloc_trim, return_free_memory
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        assert sys.platform == "linux" or _malloc_trim() is None
+        return
+    assert _malloc_trim() is not None
+    me = psutil.Process()
+
+    held: list[bytearray] = []
+
+    def churn() -> None:  # 400 MB of 100 kB blocks (malloc, not mmap) in this thread's arena
+        keep = [bytearray(100_000) for _ in range(4000)]
+        held.extend(keep[::10])
+        keep.clear()
+
+    t = threading.Thread(target=churn)
+    t.start()
+    t.join()
+    before = me.memory_info().rss
+    return_free_memory()
+    assert me.memory_info().rss < before - 200 * 2**20
+    assert len(held) == 400
