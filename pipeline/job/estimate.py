@@ -161,9 +161,11 @@ def _inner(ctx: RunContext) -> range:
 def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[int, list[np.ndarray]]]:
     """Pass (1) for one part (a work item): ``(run_dir, kind, k, lo, hi, part)`` -> the part's
     message to the level above (``info``, ``h`` arrays per component, units ``lo:hi`` of level
-    ``k``) and the sums of the information matrices of its units at each level with targets. What
-    pass (3) needs of the up pass — every boundary but the one into the bottom level, whose change
-    of basis is most of the work and which no target or line needs — is saved to the part's file."""
+    ``k``) and the sums of the information matrices of its units at each level with targets. The
+    bottom level's own estimates are not made (no target or line needs them: its parents get
+    their children's sums from summed measurements, :meth:`GLSModel.upward`'s ``leaf_means``);
+    what pass (3) needs of the up pass — every boundary but the one into the bottom level — is
+    saved to the part's file."""
     run_dir, kind, k, lo, hi, part = item
     ctx = RunContext.load(run_dir)
     sub, _ = _subtree(ctx, kind, k, lo, hi)

@@ -743,8 +743,8 @@ class Upward:
     def above_bottom(self) -> Upward:
         """This leaf up pass without its boundary into the bottom level: :meth:`subtree` and
         :meth:`GLSModel.downward` as before for every level above the bottom, and no bottom
-        posterior (the bottom's boundary holds a ``(units, m', r)`` array per component: the
-        largest part of a pass to keep)."""
+        posterior (the bottom's boundary holds the bottom units' subtree covariances and, with
+        leaf means, a ``(units, m', r)`` array per component: the largest part of a pass to keep)."""
         if self.has_below or not self.bounds:
             raise PostprocessError("GLS: above_bottom needs a leaf up pass of at least two levels")
         return Upward(self.model, self.message, self.bounds[:-1], self.sizes[:-1], False)
