@@ -264,9 +264,10 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
                 targets[i].add(_target_rows(upper.subtree(i), strategy.queries(levels[i].name), 0))
                 lines[i].add(_line_rows(top_fit.levels[i], tables, 0))
         post = top_fit.below
+        tops = [post.select(lo, hi) for lo, hi in ranges]  # each part's top units' posterior
         # (3), each part's rows appended while the pool computes the parts after it
-        for written in executor.imap(_part_down, [(run_dir, kind, k, lo, hi, p, post.select(lo, hi).mean,
-                                                   post.select(lo, hi).cov) for p, (lo, hi) in enumerate(ranges)]):
+        for written in executor.imap(_part_down, [(run_dir, kind, k, lo, hi, p, top.mean, top.cov)
+                                                  for p, ((lo, hi), top) in enumerate(zip(ranges, tops))]):
             for i, (tpath, lpath) in sorted(written.items()):
                 targets[i].add(pq.read_table(tpath))
                 lines[i].add(pq.read_table(lpath))
