@@ -239,3 +239,38 @@ def test_histogram_rows_refuse_a_file_out_of_order(tmp_path) -> None:
     with pytest.raises(HistogramError, match="metadata"):
         pq.write_table(table.replace_schema_metadata({}), tmp_path / "bare.parquet")
         HistogramRows(tmp_path / "bare.parquet")
+
+
+_ODD_GEOID = st.sampled_from(["+10010001001000", "01001000100100", "0100100010010000", "01001000100100x",
+                              "010010001001009", "44003000200120 "])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_block, min_size=1, max_size=8, unique=True), st.data())
+def test_keyed_and_string_block_passes_agree(blocks, data):
+    """The integer-keyed group_by gives the string pass's arrays, and on a record it cannot place
+    (malformed GEOID, unknown block, code outside the spec) the string pass's error."""
+    import pipeline.inputs.histograms as H
+
+    geo = Geography.from_block_geoids(blocks)
+    persons = data.draw(st.lists(st.tuples(st.one_of(st.sampled_from(blocks), _ODD_GEOID), st.integers(-1, 8),
+                                           st.integers(0, 2), st.integers(0, 1), st.integers(0, 64)), max_size=40))
+    frame = _frame(persons).lazy()
+
+    def run(keyed: bool):
+        try:
+            if keyed:
+                h = H.build_block_histogram(frame, geo, SPEC)
+            else:
+                orig = H._keyed_block_histogram
+                H._keyed_block_histogram = lambda *a: None
+                try:
+                    h = H.build_block_histogram(frame, geo, SPEC)
+                finally:
+                    H._keyed_block_histogram = orig
+            return ("ok", h.unit.tolist(), h.cell.tolist(), h.count.tolist(), h.unit.dtype, h.cell.dtype)
+        except HistogramError as exc:
+            return ("error", str(exc))
+
+    assert run(True) == run(False)
+    assert H._keyed_block_histogram(frame, geo.blocks, SPEC) is None or run(True)[0] == "ok"

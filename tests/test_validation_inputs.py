@@ -524,3 +524,20 @@ def test_message_without_values_hides_microdata(tmp_path: Path) -> None:
     full, safe = info.value.message(), info.value.message(values=False)
     assert B3 in full and B3 not in safe
     assert "gq_without_facility" in safe and "column 'hhgq'" in safe and "first rows (0-based): 12" in safe
+
+
+@pytest.mark.parametrize("dup", [False, True])
+def test_distinct_ids_counted_in_hash_range_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dup: bool) -> None:
+    """Beyond IDS_PER_PASS ids the duplicate check counts distinct ids one hash range at a time
+    (bounded memory): the same verdict as one pass, with or without a duplicate."""
+    from pipeline.inputs import row_checks
+
+    units = _set(units_df(), 4, unit_id="u2") if dup else units_df()
+    p, u = _paths(tmp_path, None, units)
+    monkeypatch.setattr(row_checks, "IDS_PER_PASS", 2)  # 9 units: 5 passes
+    if not dup:
+        assert validate_inputs(p, u).summary.units_rows == 9
+        return
+    with pytest.raises(InputValidationError) as info:
+        validate_inputs(p, u)
+    _assert_problems(info.value, _resolve([("units", "unit_id", "duplicate_id")], p, u))

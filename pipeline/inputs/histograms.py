@@ -53,6 +53,38 @@ def _block_index(geoids: pl.Series, blocks: LevelIndex, what: str) -> np.ndarray
         raise HistogramError(f"{what}: {exc}") from exc
 
 
+def _keyed_block_histogram(lf: pl.LazyFrame, blocks: LevelIndex, spec: HistogramSpec) -> SparseHistogram | None:
+    """The block histogram from one ``group_by`` on a single integer key, ``code * n_cells +
+    cell`` (a digit-GEOID geography whose codes times cells fit in int64), or None when that
+    cannot be used or some record has no valid key (the caller's string pass then reports it).
+
+    Why: polars' group_by on (GEOID string, cell) holds each group's string, and its peak grew
+    ~190 bytes per block x cell entry (7.2 GB for the 331 M-person US); on one integer key it
+    is ~2.5x smaller and faster. Sorted by the key, the entries are in (block code, cell) order,
+    which is (unit, cell) order: the same arrays as the string pass."""
+    d = blocks.digits
+    if blocks.is_lookup or d <= 0 or 10**d * spec.n_cells >= 2**63:
+        return None
+    g = pl.col("geoid")
+    code = g.cast(pl.UInt64, strict=False)
+    # the exact GEOID check of geoid_codes: d bytes, an unsigned integer parse, no leading '+'
+    ok = code.is_not_null() & (g.str.len_bytes() == d) & ~g.str.starts_with("+")
+    key = pl.when(ok).then(code.cast(pl.Int64) * spec.n_cells + cell_expr(spec).cast(pl.Int64)).otherwise(None)
+    counts = (lf.select(key.alias("key")).group_by("key").agg(pl.len().alias("count"))
+              .sort("key").collect(engine="streaming"))
+    if counts["key"].null_count():
+        return None
+    k = counts["key"].to_numpy().astype(np.int64, copy=False)
+    codes = k // spec.n_cells
+    try:
+        unit = blocks.index_of_codes(codes)
+    except GeographyError as exc:
+        raise HistogramError(f"persons: {exc}") from exc
+    cell = k - codes * spec.n_cells
+    count = counts["count"].to_numpy().astype(np.int64, copy=False)
+    return SparseHistogram._trusted(blocks.name, blocks.n_units, spec.n_cells, unit, cell, count)
+
+
 def build_block_histogram(persons: pl.LazyFrame | pl.DataFrame, geography: Geography,
                           spec: HistogramSpec) -> SparseHistogram:
     """The bottom-level histogram: one polars ``group_by(geoid, cell)`` over the microdata.
@@ -61,6 +93,11 @@ def build_block_histogram(persons: pl.LazyFrame | pl.DataFrame, geography: Geogr
     codes). Raises HistogramError if a code is out of domain or a block is not in ``geography``.
     """
     lf = persons.lazy()
+    keyed = _keyed_block_histogram(lf, geography.blocks, spec)
+    if keyed is not None:
+        return keyed
+    # a lookup geography, a spec too large for one integer key, or a record the keyed pass
+    # could not place: the same histogram (or the error naming what is wrong) by GEOID strings
     counts = (lf.select(pl.col("geoid"), cell_expr(spec))
               .group_by("geoid", "cell").agg(pl.len().alias("count"))
               .collect(engine="streaming"))

@@ -133,17 +133,31 @@ def _first_rows(table: PreparedTable, cond: pl.Expr, show: pl.Expr) -> tuple[tup
     return rows, tuple(shown)
 
 
+#: unit ids whose distinct count one pass holds at most (:func:`run_row_checks`; ~0.7 GB)
+IDS_PER_PASS = 1 << 24
+
+
 def run_row_checks(table: PreparedTable, checks: list[Check], dup_col: str | None) -> list[Problem]:
     """Pass 1: count offenders of every check in one streaming select; one Problem per failing
     check with its first rows. ``dup_col`` (unit ids) is also checked for duplicates."""
     lf = table.source.scan()
     aggs = [c.cond.fill_null(False).sum().alias(f"c{i}") for i, c in enumerate(checks)]
+    # the distinct count holds a hash set of every id (~40 bytes an id): beyond IDS_PER_PASS
+    # rows it is counted in passes of its own, each over the ids of one range of hash values
+    # (disjoint, so the counts add up to the one-pass count) — a scan of the id column each
+    parts = -(-table.source.n_rows // IDS_PER_PASS) if dup_col is not None else 0
     if dup_col is not None:
         ids = table.columns[dup_col].parsed().drop_nulls()
-        aggs += [ids.count().alias("ids"), ids.hash(seed=0).n_unique().alias("distinct")]
+        aggs.append(ids.count().alias("ids"))
+        if parts <= 1:
+            aggs.append(ids.hash(seed=0).n_unique().alias("distinct"))
     if not aggs:
         return []
     res = lf.select(aggs).collect(engine="streaming").row(0, named=True)
+    if parts > 1:
+        h = ids.hash(seed=0)
+        res["distinct"] = sum(int(lf.select(h.filter(h % parts == i).n_unique()).collect(engine="streaming").item())
+                              for i in range(parts))
     problems = []
     for i, c in enumerate(checks):
         n = int(res[f"c{i}"])

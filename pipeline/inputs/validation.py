@@ -2,8 +2,9 @@
 
 :func:`validate_inputs` finds *every* problem and raises them together, or returns the
 normalised lazy frames with a small summary. All checks are vectorised polars expressions
-run with the streaming engine, so memory grows with the number of blocks and (for the
-duplicate-id check, ~26 bytes per unit id) units, not with the number of persons:
+run with the streaming engine, so memory grows with the number of blocks, not with the number
+of persons or units (the duplicate-id check counts distinct ids in passes of at most
+``row_checks.IDS_PER_PASS`` ids, one range of hash values each):
 
 - pass 1 per file: one ``select`` of per-check offending-row counts (plus row counts and the
   hash-distinct count of unit ids) — :mod:`pipeline.row_checks`;
