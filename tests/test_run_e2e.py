@@ -96,3 +96,40 @@ def test_perry_county_ppmf_end_to_end(tmp_path) -> None:
     p1 = pl.read_parquet(release / "tables" / "P1.parquet")
     county = p1.filter((pl.col("geolevel") == "county") & (pl.col("line") == 1))
     assert county["count"].to_list() == [10588]  # the state total invariant (one county)
+
+
+def test_levels_merge_a_shard_at_a_time_and_each_shard_is_checked(tmp_path, monkeypatch) -> None:
+    """``merge_level`` appends the shards one by one: the level's file is byte for byte the
+    whole merged histogram's, and a shard whose children no longer add up to their parents, or
+    that holds another shard's units, stops the run."""
+    from pipeline.job.plan import shard_bounds
+    from pipeline.job.shard import ConsistencyError, merge_level
+
+    inputs = make_inputs(tmp_path, persons=10_000, seed=3)  # 7 block groups, 192 blocks
+    # ~30 blocks a shard: a shard per block group or two at the block level
+    cfg = write_config(tmp_path, inputs, execution={"workers": 1, "shard_target_cells": 60_000})
+    out = stages.run(cfg, progress=False)
+    ctx = RunContext.load(Path(out["run_dir"]))
+    kind, level = "persons", "block"
+    n = len(shard_bounds(ctx, level)) - 1
+    assert n >= 3
+    shards = [SparseHistogram.from_parquet(ctx.rd.solved_shard_path(kind, level, s)) for s in range(n)]
+    whole = SparseHistogram(level, shards[0].n_units, shards[0].n_cells, *(np.concatenate([getattr(h, a) for h in shards])
+                                                                          for a in ("unit", "cell", "count")))
+    whole.to_parquet(tmp_path / "whole.parquet")
+    assert ctx.rd.solved_path(kind, level).read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+
+    # tampered shard files (the run directory's checksums bypassed, to reach the merge's own checks)
+    monkeypatch.setattr(type(ctx.rd), "verified", lambda self, p: Path(p))
+    first = SparseHistogram.from_parquet(ctx.rd.solved_shard_path(kind, level, 1))
+    moved = first.count.copy()
+    moved[0] += 1  # one more person in a block: its block group's sum no longer matches
+    SparseHistogram(level, first.n_units, first.n_cells, first.unit, first.cell, moved).to_parquet(
+        ctx.rd.solved_shard_path(kind, level, 1))
+    with pytest.raises(ConsistencyError, match="do not add up"):
+        merge_level(ctx, kind, level, [{}] * n)
+    # shard 1's entries also written as shard 2's: units outside shard 2's parents' children
+    first.to_parquet(ctx.rd.solved_shard_path(kind, level, 1))
+    first.to_parquet(ctx.rd.solved_shard_path(kind, level, 2))
+    with pytest.raises(ConsistencyError, match="outside its parents"):
+        merge_level(ctx, kind, level, [{}] * n)

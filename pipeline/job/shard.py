@@ -168,21 +168,41 @@ def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.n
 
 def merge_level(ctx: RunContext, kind: str, level: str, infos: list[dict[str, Any]]) -> dict[str, Any]:
     """Concatenate a level's shard outputs (``infos``: their checkpoint manifests, in shard
-    order) and check them against the parent level; writes ``solved/<kind>_<level>.parquet``."""
+    order) and check them against the parent level; writes ``solved/<kind>_<level>.parquet``.
+
+    A shard at a time: shard ``s`` holds exactly the children of parents ``bounds[s]:bounds[s+1]``
+    (:func:`pipeline.job.plan.shard_bounds`), so each is checked against those parents' entries
+    alone and appended to the level's file — memory is a shard's, not the level's (the US block
+    level holds ~40 M entries). The file is the one the whole merged histogram would give."""
+    from pipeline.job.plan import shard_bounds
+    from pipeline.model.histogram import HistogramRows, HistogramWriter
+
     parts = [ctx.rd.solved_shard_path(kind, level, s) for s in range(len(infos))]
     out_path = ctx.rd.solved_path(kind, level)
     spec = ctx.spec(kind)
     lv = ctx.geography.level(level)
-    hs = [SparseHistogram.from_parquet(ctx.rd.verified(p)) for p in parts]
-    merged = SparseHistogram(level, lv.n_units, spec.n_cells,
-                             np.concatenate([h.unit for h in hs]), np.concatenate([h.cell for h in hs]),
-                             np.concatenate([h.count for h in hs]))
     i = ctx.level_names.index(level)
-    if i > 0:
-        parent = published_histogram(ctx, kind, ctx.level_names[i - 1])
-        if not _sums_match(lv.parent[merged.unit], merged.cell, merged.count, parent):
-            raise ConsistencyError(f"{kind} {level}: children do not add up to the published {parent.level}")
-    merged.to_parquet(out_path)
+    bounds = shard_bounds(ctx, level)
+    if len(bounds) - 1 != len(parts):
+        raise ConsistencyError(f"{kind} {level}: {len(parts)} shard outputs, the plan has {len(bounds) - 1} shards")
+    # the parent level read on a shard's parents at a time (in order: each entry decoded once)
+    parents = HistogramRows(ctx.rd.verified(ctx.rd.solved_path(kind, ctx.level_names[i - 1]))) if i > 0 else None
+    with HistogramWriter(out_path, level, lv.n_units, spec.n_cells) as out:
+        for s, p in enumerate(parts):
+            h = SparseHistogram.from_parquet(ctx.rd.verified(p))
+            if (h.level, h.n_units, h.n_cells) != (level, lv.n_units, spec.n_cells):
+                raise ConsistencyError(f"{kind} {level}: shard {s} holds a {h.level} histogram of "
+                                       f"{h.n_units} x {h.n_cells}")
+            if parents is not None:
+                up = ctx.geography.levels[i - 1]
+                p0, p1 = int(bounds[s]), int(bounds[s + 1])
+                c0, c1 = int(up.child_ptr[p0]), int(up.child_ptr[p1])
+                if h.nnz and (h.unit[0] < c0 or h.unit[-1] >= c1):
+                    raise ConsistencyError(f"{kind} {level}: shard {s} holds units outside its parents' children")
+                parent = parents.entries(p0, p1)
+                if not _sums_match(lv.parent[h.unit], h.cell, h.count, parent):
+                    raise ConsistencyError(f"{kind} {level}: children do not add up to the published {parent.level}")
+            out.add(h)
     diag = [i_.get("diagnostics", {}) for i_ in infos]
     return {"kind": kind, "level": level, "shards": len(parts), "parents": sum(i_.get("parents", 0) for i_ in infos),
             "units": lv.n_units,

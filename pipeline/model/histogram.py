@@ -26,6 +26,9 @@ class HistogramError(InputError):
     """Input to a histogram build is inconsistent (codes out of domain, unknown blocks, bad file)."""
 
 
+#: entries per row group of a histogram file: a shard's unit range reads only the groups it needs
+ROW_GROUP_ENTRIES = 1 << 20
+
 
 @dataclass(frozen=True, eq=False)
 class SparseHistogram:
@@ -124,21 +127,8 @@ class SparseHistogram:
     def to_parquet(self, path: str | Path) -> None:
         """Write atomically (temp file + rename): columns unit, cell, count (int64); the level,
         n_units and n_cells go into the Parquet key-value metadata."""
-        path = Path(path)
-        table = pa.table({"unit": self.unit, "cell": self.cell, "count": self.count})
-        meta = {b"dptab.level": self.level.encode(), b"dptab.n_units": str(self.n_units).encode(),
-                b"dptab.n_cells": str(self.n_cells).encode()}
-        table = table.replace_schema_metadata(meta)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            # row groups of 1 Mi entries: a shard's unit range reads only the groups it needs
-            pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with HistogramWriter(path, self.level, self.n_units, self.n_cells) as w:
+            w.add(self)
 
     @classmethod
     def from_parquet(cls, path: str | Path, units: tuple[int, int] | None = None) -> "SparseHistogram":
@@ -167,6 +157,70 @@ class SparseHistogram:
             raise HistogramError(f"{path}: {exc}") from exc
 
 
+class HistogramWriter:
+    """:meth:`SparseHistogram.to_parquet` fed in pieces: a level's histogram written a shard at a
+    time (``pipeline.job.shard.merge_level``) never held whole. Pieces must come in (unit, cell)
+    order, each a valid histogram of the level (HistogramError otherwise). The bytes are those
+    of ``to_parquet`` on the whole: row groups of exactly :data:`ROW_GROUP_ENTRIES` entries,
+    each written from one contiguous table. Atomic: a temp file, fsynced and renamed on a clean
+    exit of the ``with`` block, removed on an error."""
+
+    def __init__(self, path: str | Path, level: str, n_units: int, n_cells: int) -> None:
+        self.path = Path(path)
+        self.level, self.n_units, self.n_cells = level, int(n_units), int(n_cells)
+        self.schema = pa.schema([("unit", pa.int64()), ("cell", pa.int64()), ("count", pa.int64())],
+                                metadata={b"dptab.level": level.encode(), b"dptab.n_units": str(self.n_units).encode(),
+                                          b"dptab.n_cells": str(self.n_cells).encode()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        self.parts: list[pa.Table] = []
+        self.rows = 0
+        self.last = (-1, -1)  # (unit, cell) of the last entry added
+
+    def add(self, h: SparseHistogram) -> None:
+        """Append ``h``'s entries (all after those added before)."""
+        if (h.level, h.n_units, h.n_cells) != (self.level, self.n_units, self.n_cells):
+            raise HistogramError(f"{self.path}: a piece of {h.level} ({h.n_units} x {h.n_cells}) written into "
+                                 f"{self.level} ({self.n_units} x {self.n_cells})")
+        if not h.nnz:
+            return
+        if (int(h.unit[0]), int(h.cell[0])) <= self.last:
+            raise HistogramError(f"{self.path}: pieces not in (unit, cell) order")
+        self.last = (int(h.unit[-1]), int(h.cell[-1]))
+        self.parts.append(pa.table([pa.array(h.unit, pa.int64()), pa.array(h.cell, pa.int64()),
+                                    pa.array(h.count, pa.int64())], schema=self.schema))
+        self.rows += h.nnz
+        while self.rows >= ROW_GROUP_ENTRIES:
+            self._flush(ROW_GROUP_ENTRIES)
+
+    def _flush(self, n: int) -> None:
+        buf = pa.concat_tables(self.parts) if len(self.parts) > 1 else self.parts[0]
+        self.writer.write_table(buf.slice(0, n).combine_chunks(), row_group_size=ROW_GROUP_ENTRIES)
+        rest = buf.slice(n)
+        self.parts = [rest.combine_chunks()] if rest.num_rows else []
+        self.rows = rest.num_rows
+
+    def __enter__(self) -> "HistogramWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if exc_type is None:
+                if self.rows:
+                    self._flush(self.rows)
+                elif self.last == (-1, -1):
+                    # no entries at all: one empty row group, as write_table gives an empty table
+                    self.writer.write_table(self.schema.empty_table())
+            self.writer.close()
+            if exc_type is None:
+                with open(self.tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(self.tmp, self.path)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
 class HistogramRows:
     """A histogram file (:meth:`SparseHistogram.to_parquet`) read a range of units at a time
     (``pipeline.release.tables.RowSource``): publishing reads each level's published histogram
@@ -187,6 +241,7 @@ class HistogramRows:
         except (OSError, pa.ArrowException) as exc:
             raise HistogramError(f"{path}: not a readable Parquet histogram ({exc})") from exc
         try:
+            self.level = meta[b"dptab.level"].decode()
             self.n_units = int(meta[b"dptab.n_units"])
             self.n_cells = int(meta[b"dptab.n_cells"])
         except (KeyError, ValueError) as exc:
@@ -200,7 +255,7 @@ class HistogramRows:
         self._last = (-1, -1)                      # (unit, cell) of the last entry read
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "n_units": self.n_units, "n_cells": self.n_cells}
+        return {"path": self.path, "level": self.level, "n_units": self.n_units, "n_cells": self.n_cells}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -210,14 +265,18 @@ class HistogramRows:
         """Units ``start:stop`` as csr int64 ``(stop - start, n_cells)``."""
         import scipy.sparse as sp
 
+        h = self.entries(start, stop)
+        return sp.csr_matrix((h.count, (h.unit - start, h.cell)), shape=(stop - start, self.n_cells), dtype=np.int64)
+
+    def entries(self, start: int, stop: int) -> SparseHistogram:
+        """The entries of units ``start:stop`` as a histogram of the file's level (unit indices
+        global, as :meth:`SparseHistogram.from_parquet` with ``units``)."""
         if start < self._next:  # not the next range: read it by itself, and start afresh
             self._reset()
-            h = SparseHistogram.from_parquet(self.path, (start, stop))
-            unit, cell, count = h.unit, h.cell, h.count
-        else:
-            unit, cell, count = self._take(start, stop)
-            self._next = stop
-        return sp.csr_matrix((count, (unit - start, cell)), shape=(stop - start, self.n_cells), dtype=np.int64)
+            return SparseHistogram.from_parquet(self.path, (start, stop))
+        unit, cell, count = self._take(start, stop)
+        self._next = stop
+        return SparseHistogram._trusted(self.level, self.n_units, self.n_cells, unit, cell, count)
 
     def _take(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The entries of units ``start:stop`` from the sequential read (entries sorted by unit,
