@@ -813,3 +813,44 @@ def test_content_checks_split_in_two_are_the_whole(release: Path, tmp_path: Path
     assert {"measurements", "microdata"} <= {f.split("check='")[1].split("'")[0] for f in whole}, whole
     with pytest.raises(ValueError, match="part"):
         verify_contents(copy, m, part="tables")
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_block_counts_by_row_group_equal_the_whole_matrix(ordered: bool) -> None:
+    """The data check's block counts, kept per row group: any range of blocks and any 0/1 cell
+    vector's per-block sums equal those of the whole csr (a block, even one cell of it, split
+    between row groups is added up), for row groups in block order (the writer's) or shuffled."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from pipeline.release.verify_data import BlockCounts
+
+    rng = np.random.default_rng(7)
+    n_blocks, n_cells = 60, 9
+    dense = rng.integers(1, 4, (n_blocks, n_cells)) * (rng.random((n_blocks, n_cells)) < 0.4)
+    dense[:, 0] += 2  # every block has persons; cell 0 holds at least 2
+    unit, cell = np.nonzero(dense)
+    count = dense[unit, cell].copy()
+    cuts = np.sort(rng.choice(np.arange(1, unit.size), 7, replace=False))
+    groups = [[unit[a:b], cell[a:b], count[a:b]] for a, b in zip([0, *cuts], [*cuts, unit.size])]
+    # one cell split between two row groups: 1 person of the first group's last entry moved to
+    # the start of the next (both stay sorted by (unit, cell))
+    g, h = groups[2], groups[3]
+    g[2] = g[2].copy()
+    g[2][-1] -= 1
+    if g[2][-1] == 0:
+        g[2][-1] += 1
+        dense[g[0][-1], g[1][-1]] += 1
+    groups[3] = [np.r_[g[0][-1], h[0]], np.r_[g[1][-1], h[1]], np.r_[1, h[2]]]
+    if not ordered:
+        groups = [groups[k] for k in rng.permutation(len(groups))]
+    bc = BlockCounts(n_blocks, n_cells)
+    for u, c, n in groups:
+        bc.add(u, c, n)
+    assert bc.ordered == ordered
+    whole = sp.csr_matrix(dense)
+    for s0, e0 in [(0, n_blocks), (0, 1), (5, 17), (17, 18), (30, 60), (59, 60), (20, 20)]:
+        got = bc.rows(s0, e0)
+        assert got.shape == (e0 - s0, n_cells) and (got != whole[s0:e0]).nnz == 0
+    v = (rng.random(n_cells) < 0.5).astype(np.int64)
+    np.testing.assert_array_equal(bc.per_block(v), whole @ v)

@@ -38,7 +38,6 @@ from pipeline.release.tables import (
     load_tables,
     long_frame,
     tabulate,
-    tabulate_vector,
 )
 from pipeline.release.tree import GeoTree, read_tree
 
@@ -70,20 +69,81 @@ def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> 
     return {lv: np.concatenate(p) if p else np.zeros(0, dtype=str) for lv, p in parts.items()}
 
 
+class BlockCounts:
+    """The microdata re-tabulated per block, held as each row group's ``(unit, cell, count)``
+    entries (int32 where they fit; the file's order) instead of one country-sized matrix: the
+    checks read it a range of blocks at a time (:meth:`rows`) and as per-block sums of a 0/1
+    cell vector (:meth:`per_block`).
+
+    Why: building the whole ``(n_blocks, n_cells)`` csr (row groups' arrays concatenated, then
+    the constructor's own copies) took the data check to ~3.4 GB at 331 M persons. Microdata
+    written by the release writer come in block order, so a range of blocks is in a few
+    consecutive row groups; a file in any other order is still checked, from the whole matrix
+    built once on first use."""
+
+    def __init__(self, n_blocks: int, n_cells: int) -> None:
+        self.n_blocks, self.n_cells = n_blocks, n_cells
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.first: list[int] = []  # each part's smallest and largest unit
+        self.last: list[int] = []
+        self.ordered = True  # every part's units at or after the previous part's
+        self._whole: Any = None
+
+    def add(self, unit: np.ndarray, cell: np.ndarray, count: np.ndarray) -> None:
+        """One row group's entries, sorted by unit (a block may continue in the next row group)."""
+        if not unit.size:
+            return
+        lo, hi = int(unit[0]), int(unit[-1])
+        if self.last and lo < self.last[-1]:
+            self.ordered = False
+        small = int(count.max()) <= np.iinfo(np.int32).max
+        self.parts.append((unit.astype(np.int32), cell.astype(np.int32), count.astype(np.int32 if small else np.int64)))
+        self.first.append(lo)
+        self.last.append(hi)
+
+    def _entries(self, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
+        return tuple(np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, np.int32) for k in range(3))
+
+    def rows(self, start: int, stop: int) -> Any:
+        """Blocks ``start:stop``: csr ``(stop - start, n_cells)`` (a block split between row
+        groups: its entries added up)."""
+        import scipy.sparse as sp
+
+        if not self.ordered:
+            if self._whole is None:
+                unit, cell, count = self._entries(self.parts)
+                self._whole = sp.csr_matrix((count, (unit, cell)), shape=(self.n_blocks, self.n_cells))
+            return self._whole[start:stop]
+        # the parts whose unit range meets [start, stop): consecutive, found by bisection
+        a = int(np.searchsorted(np.asarray(self.last), start, side="left"))
+        b = int(np.searchsorted(np.asarray(self.first), stop, side="left"))
+        unit, cell, count = self._entries(self.parts[a:max(a, b)])
+        keep = (unit >= start) & (unit < stop)
+        return sp.csr_matrix((count[keep], (unit[keep] - start, cell[keep])), shape=(stop - start, self.n_cells))
+
+    def per_block(self, vector: np.ndarray) -> np.ndarray:
+        """int64 ``(n_blocks,)``: each block's count of the cells where ``vector`` (0/1
+        ``(n_cells,)``) is 1."""
+        v = np.asarray(vector, dtype=np.int64)
+        out = np.zeros(self.n_blocks, np.int64)
+        for unit, cell, count in self.parts:
+            out += np.bincount(unit, weights=count * v[cell], minlength=self.n_blocks).astype(np.int64)
+        return out
+
+
 def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree: GeoTree, manifest_persons: int,
                       blocks: bool, parents: bool) -> tuple[Any, dict[str, Any], list[CheckFailure]]:
     """What the checks need of ``microdata/persons.parquet``, re-tabulated in one pass a row group
     of persons at a time (``geo``: the published units of every level, the blocks last):
 
-    - with ``blocks``, the block histogram, csr ``(n_blocks, n_cells)``: int32 counts and indices
-      (int64 counts if one exceeds int32), gathered per row group in those types — the block
-      level is the one country-sized object of the check (8 bytes a non-zero: ~0.4 GB for the US);
+    - with ``blocks``, the block histogram as :class:`BlockCounts` (each row group's entries,
+      int32 — 12 bytes an entry: ~0.5 GB for the US, the one country-sized object of the check);
     - with ``parents``, the support of the published histogram of every level above the blocks,
       ``support[level]``: csr int8 ``(n_units, n_cells)``, 1 exactly where the level's histogram
       (the microdata summed up the hierarchy; counts are positive) is positive — summed into the
       blocks' parents row group by row group, so the block histogram is never held for it.
 
-    Returns ``(x_block or None, support, failures)``; ``(None, {}, failures)`` when the file is
+    Returns ``(block counts or None, support, failures)``; ``(None, {}, failures)`` when the file is
     missing, unreadable, of another size than the manifest says, or holds persons of unpublished
     blocks."""
     import pyarrow as pa
@@ -96,11 +156,7 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
     spec, block = ts.specs["persons"], geo[-1]
     n_blocks, n_cells = len(block.geoids), spec.n_cells
     g = np.asarray(block.geoids).astype(str, copy=False)
-    # (unit, cell, count) per row group, in the types the csr keeps; a block split between two row
-    # groups appears twice (the csr constructor adds its entries up)
-    units: list[np.ndarray] = []
-    cells: list[np.ndarray] = []
-    counts: list[np.ndarray] = []
+    x_block = BlockCounts(n_blocks, n_cells) if blocks else None
     # the blocks' parents: position of each block's parent, and per row group the distinct
     # (parent, cell) keys it touches (the support; a count is never 0)
     up = geo[-2] if parents and len(geo) > 1 else None
@@ -120,12 +176,10 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
         # the PPMF geography columns as categories: a few distinct values per batch, decoded once
         cats = [c for c in ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK") if c in names]
         f = pq.ParquetFile(path, read_dictionary=cats)
-        for persons in frames_ahead(f.iter_batches(batch_size=1 << 20, columns=[c for c in wanted if c in names])):
+        for persons in frames_ahead(f.iter_batches(batch_size=1 << 18, columns=[c for c in wanted if c in names])):
             unit, cell, count = histogram_from_microdata(persons, g, spec)
-            if blocks:
-                units.append(unit.astype(np.int32))
-                cells.append(cell.astype(np.int32))
-                counts.append(count)
+            if x_block is not None:
+                x_block.add(unit, cell, count)
             if up is not None:
                 p = ppos[unit]
                 keys.append(np.unique(p[p >= 0] * n_cells + cell[p >= 0]))
@@ -133,15 +187,6 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
         return None, {}, [fail("unreadable", f"microdata/persons.parquet: {exc}")]
     except (MicrodataError, ValueError) as exc:
         return None, {}, [fail("microdata", str(exc))]
-    x_block = None
-    if blocks:
-        cnt = np.concatenate(counts) if counts else np.zeros(0, np.int64)
-        small = cnt.size == 0 or int(cnt.max()) <= np.iinfo(np.int32).max
-        del counts  # (the int64 counts of every row group, freed before the csr is built)
-        cnt = cnt.astype(np.int32 if small else np.int64)
-        x_block = sp.csr_matrix((cnt, (np.concatenate(units) if units else np.zeros(0, np.int32),
-                                       np.concatenate(cells) if cells else np.zeros(0, np.int32))),
-                                shape=(n_blocks, n_cells), dtype=cnt.dtype)
     support: dict[str, Any] = {}
     if up is not None:
         k = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
@@ -294,7 +339,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
     """One pass over every table file, level by level and :data:`pipeline.release.writer.STREAM_UNITS`
     units at a time: the layout of the rows (level, lines, labels, the same units in every table),
     the consistency checks and invariants (:class:`ReleaseChecks`), the block tables against the
-    microdata (``x_block``: csr ``(n_blocks, n_cells)``), and with ``regenerate`` every row
+    microdata (``x_block``: :class:`BlockCounts`), and with ``regenerate`` every row
     regenerated from its counts and the design's margins of error, and every CSV row against its
     Parquet row. Memory: one chunk of every table plus the level above's counts."""
     from pipeline.release.checks import ReleaseChecks
@@ -316,7 +361,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
         for c in ts.check_lines.values():
             if c.histogram != "persons":
                 continue
-            per_block = tabulate_vector(x_block, c.vector)
+            per_block = x_block.per_block(c.vector)
             for lt in geo:
                 pos, inside = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
                 check_lines[lt.level][c.name] = np.bincount(pos[inside], weights=per_block[inside],
@@ -376,7 +421,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
                 found_rows[t.name] = sub
             checks.add(chunk)
             if level == block and x_block is not None:
-                xs = x_block[s:e]
+                xs = x_block.rows(s, e)
                 for t in ts.of_kind("persons"):
                     if t.name not in chunk.counts or micro_reported.get(t.name, 0) >= 20:
                         continue
