@@ -213,3 +213,15 @@ def test_checks_fed_in_chunks_find_what_whole_levels_find(seed: int, sizes: list
             s, k = e, k + 1
         checks.end_level()
     assert sorted(map(repr, checks.failures())) == sorted(map(repr, whole))
+
+
+def test_kept_parent_counts_are_narrowed_without_changing_a_value() -> None:
+    """The hierarchy check keeps a parent level in the narrowest integer type holding it: every
+    value survives, at the int16 / int32 edges and beyond them."""
+    from pipeline.release.checks import _narrow
+
+    for values, dtype in (([0, 32767], np.int16), ([-32768, 5], np.int16), ([0, 32768], np.int32),
+                          ([-(2**31), 2**31 - 1], np.int32), ([0, 2**31], np.int64), ([], np.int64)):
+        a = np.array(values, dtype=np.int64).reshape(-1, 1)
+        got = _narrow(a)
+        assert got.dtype == dtype and np.array_equal(got.astype(np.int64), a)
