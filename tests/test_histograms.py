@@ -305,3 +305,29 @@ def test_histogram_writer_pieces_give_the_whole_files_bytes(tmp_path, monkeypatc
             w.add(h)
             w.add(h)
     assert not list(tmp_path.glob("*bad.parquet*"))
+
+
+def test_invariants_read_whole_or_housing_units_only(tmp_path) -> None:
+    """A level's invariants file read back whole, or only its housing units (what a release
+    publishes of the blocks), with or without that column declared."""
+    from pipeline.inputs.invariants import LevelInvariants, read_invariants, write_invariants
+
+    hu = np.array([3, 0, 7])
+    fac = np.arange(21).reshape(3, 7)
+    for declared in (LevelInvariants("block", persons=None, housing_units=hu, facilities=fac),
+                     LevelInvariants("block", persons=None, housing_units=None, facilities=fac),
+                     LevelInvariants("block", persons=None, housing_units=None, facilities=None)):
+        path = tmp_path / "block.parquet"
+        write_invariants(declared, path, 3)
+        whole = read_invariants("block", path)
+        assert (whole.housing_units is None) == (declared.housing_units is None)
+        assert (whole.facilities is None) == (declared.facilities is None)
+        if declared.facilities is not None:
+            np.testing.assert_array_equal(whole.facilities, fac)
+        only = read_invariants("block", path, housing_units_only=True)
+        assert only.facilities is None and only.persons is None
+        if declared.housing_units is None:
+            assert only.housing_units is None
+        else:
+            np.testing.assert_array_equal(only.housing_units, hu)
+            np.testing.assert_array_equal(whole.housing_units, hu)

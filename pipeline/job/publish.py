@@ -33,8 +33,13 @@ def git_commit() -> str | None:
 def declared_invariants(ctx: RunContext) -> Invariants:
     """The public invariants the release states and checks: state totals and block housing
     units, as declared (read from ``invariants/``, never from a confidential file)."""
+    from pipeline.inputs.invariants import read_invariants
+
     geo = ctx.geography
-    block = ctx.invariants(geo.blocks.name)
+    # the blocks' housing units alone, read here rather than through the run context's cache,
+    # which would keep the whole block level's invariants while the release is written
+    block = read_invariants(geo.blocks.name, ctx.rd.verified(ctx.rd.invariants_path(geo.blocks.name)),
+                            housing_units_only=True)
     state_totals = None
     # a lookup geography declares its top level's total; another digit-prefix hierarchy without a
     # "state" level publishes no state totals
