@@ -121,6 +121,86 @@ def write_parquet_atomic(data: pl.DataFrame | pa.Table, path: str | Path, *,
     return path
 
 
+#: rows per Parquet row group of the files written through :class:`RowGroups` (the table files,
+#: the microdata, the merged histograms): pyarrow's default maximum
+ROW_GROUP_ROWS = 1 << 20
+
+
+class RowGroups:
+    """A ``pq.ParquetWriter`` fed tables of any size that writes row groups of exactly
+    ``group_rows`` rows (:data:`ROW_GROUP_ROWS` by default), also cut wherever :meth:`cut` is
+    called: the file's bytes depend only on its rows and the cuts, never on how the rows were
+    chunked on their way in (each row group is written from one contiguous table, so pages and
+    dictionaries come out the same as ``pq.write_table`` of the whole gives).
+
+    ``schema``: the file's schema if known up front (then a file given no rows gets one empty row
+    group of it, as ``pq.write_table`` of an empty table gives); else the first table's.
+    ``text_dictionaries``: dictionary-encode only the text columns, zstd level 3 (the
+    microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults
+    with zstd. ``io``: an object with ``submit(key, fn, *args) -> Future`` (the release's
+    ``WriteQueue``) to write the row groups on, e.g. on a thread while the caller makes the next
+    rows; ``None``: written in the caller."""
+
+    def __init__(self, path: str | Path, io: Any = None, text_dictionaries: bool = False,
+                 schema: pa.Schema | None = None, group_rows: int | None = None) -> None:
+        self.path, self.text_dictionaries, self.io, self.schema = Path(path), text_dictionaries, io, schema
+        self.group_rows = int(group_rows or ROW_GROUP_ROWS)
+        self.writer: pq.ParquetWriter | None = None
+        self.parts: list[pa.Table] = []
+        self.rows = 0
+        self.writes: list[Any] = []  # futures of the row groups queued on ``io``
+
+    def add(self, table: pa.Table) -> None:
+        """Queue ``table``'s rows; write every full row group."""
+        self.parts.append(table)
+        self.rows += table.num_rows
+        while self.rows >= self.group_rows:
+            self._flush(self.group_rows)
+
+    def cut(self) -> None:
+        """End the current row group here (if it has rows)."""
+        if self.rows:
+            self._flush(self.rows)
+
+    def _flush(self, n: int) -> None:
+        buf = pa.concat_tables(self.parts) if len(self.parts) > 1 else self.parts[0]
+        head, rest = buf.slice(0, n), buf.slice(n)
+        if self.writer is None:
+            self.writer = self._open(head.schema)
+        if self.io is None:
+            self._write_group(self.writer, head)
+        else:
+            self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
+            self.writes.append(self.io.submit(self.writer, self._write_group, self.writer, head))
+        self.parts = [rest.combine_chunks()] if rest.num_rows else []
+        self.rows = rest.num_rows
+
+    def _write_group(self, writer: pq.ParquetWriter, table: pa.Table) -> None:
+        writer.write_table(table.combine_chunks(), row_group_size=self.group_rows)
+
+    def _open(self, schema: pa.Schema) -> pq.ParquetWriter:
+        if not self.text_dictionaries:  # pyarrow's defaults: the table files' format
+            return pq.ParquetWriter(self.path, schema, compression="zstd")
+        text = [f.name for f in schema if pa.types.is_large_string(f.type) or pa.types.is_string(f.type)]
+        return pq.ParquetWriter(self.path, schema, compression="zstd", compression_level=3, use_dictionary=text)
+
+    def close(self) -> None:
+        """Write what is queued and close the file (a file of no rows still gets its schema:
+        ``schema``'s, else that of the empty tables given; no file if neither is known)."""
+        try:
+            self.cut()
+        finally:
+            for w in self.writes:  # every queued row group is written (or its error raised) first
+                w.result()
+            self.writes = []
+        if self.writer is None and (self.parts or self.schema is not None):
+            empty = self.parts[0] if self.parts else pa.Schema.empty_table(self.schema)
+            self.writer = self._open(empty.schema)
+            self.writer.write_table(empty)
+        if self.writer is not None:
+            self.writer.close()
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file's bytes, read in ``chunk_bytes`` chunks (bounded memory)."""
     h = hashlib.sha256()

@@ -11,6 +11,7 @@ import pytest
 from test_release import PRIVACY
 from test_tables_cases import make_case
 
+import pipeline.files as files_mod
 import pipeline.release.html as html_mod
 import pipeline.release.streams as streams_mod
 import pipeline.release.tables as tables_mod
@@ -38,7 +39,7 @@ def test_chunk_size_changes_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     units at a time, and the verifier checks at most 3 at a time and finds the release clean."""
     case = make_case(1, n_blocks=30)
     monkeypatch.setattr(writer_mod, "CHUNK_UNITS", 7)
-    monkeypatch.setattr(streams_mod, "ROW_GROUP_ROWS", 100)  # where row groups are cut ...
+    monkeypatch.setattr(files_mod, "ROW_GROUP_ROWS", 100)     # where row groups are cut ...
     monkeypatch.setattr(writer_mod, "ROW_GROUP_ROWS", 100)   # ... and where the table writer plans them
     big = _digests(_write(tmp_path / "big", case))
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.files import ROW_GROUP_ROWS, RowGroups
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -27,7 +28,7 @@ class HistogramError(InputError):
 
 
 #: entries per row group of a histogram file: a shard's unit range reads only the groups it needs
-ROW_GROUP_ENTRIES = 1 << 20
+ROW_GROUP_ENTRIES = ROW_GROUP_ROWS
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,9 +174,7 @@ class HistogramWriter:
                                           b"dptab.n_cells": str(self.n_cells).encode()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
-        self.parts: list[pa.Table] = []
-        self.rows = 0
+        self.groups = RowGroups(self.tmp, schema=self.schema, group_rows=ROW_GROUP_ENTRIES)
         self.last = (-1, -1)  # (unit, cell) of the last entry added
 
     def add(self, h: SparseHistogram) -> None:
@@ -188,18 +187,8 @@ class HistogramWriter:
         if (int(h.unit[0]), int(h.cell[0])) <= self.last:
             raise HistogramError(f"{self.path}: pieces not in (unit, cell) order")
         self.last = (int(h.unit[-1]), int(h.cell[-1]))
-        self.parts.append(pa.table([pa.array(h.unit, pa.int64()), pa.array(h.cell, pa.int64()),
-                                    pa.array(h.count, pa.int64())], schema=self.schema))
-        self.rows += h.nnz
-        while self.rows >= ROW_GROUP_ENTRIES:
-            self._flush(ROW_GROUP_ENTRIES)
-
-    def _flush(self, n: int) -> None:
-        buf = pa.concat_tables(self.parts) if len(self.parts) > 1 else self.parts[0]
-        self.writer.write_table(buf.slice(0, n).combine_chunks(), row_group_size=ROW_GROUP_ENTRIES)
-        rest = buf.slice(n)
-        self.parts = [rest.combine_chunks()] if rest.num_rows else []
-        self.rows = rest.num_rows
+        self.groups.add(pa.table([pa.array(h.unit, pa.int64()), pa.array(h.cell, pa.int64()),
+                                  pa.array(h.count, pa.int64())], schema=self.schema))
 
     def __enter__(self) -> "HistogramWriter":
         return self
@@ -207,16 +196,12 @@ class HistogramWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             if exc_type is None:
-                if self.rows:
-                    self._flush(self.rows)
-                elif self.last == (-1, -1):
-                    # no entries at all: one empty row group, as write_table gives an empty table
-                    self.writer.write_table(self.schema.empty_table())
-            self.writer.close()
-            if exc_type is None:
+                self.groups.close()  # no entries at all: one empty row group, as write_table gives
                 with open(self.tmp, "rb") as fh:
                     os.fsync(fh.fileno())
                 os.replace(self.tmp, self.path)
+            elif self.groups.writer is not None:
+                self.groups.writer.close()
         finally:
             self.tmp.unlink(missing_ok=True)
 

@@ -1,6 +1,6 @@
 """How the release writer gets its bytes to disk while it goes on making the next ones: file
 writing on threads of its own, each file on one lane in order (:class:`WriteQueue`; Parquet row
-groups of exactly so many rows, :class:`RowGroups`), and pieces of the release made in a child
+groups of exactly so many rows: :class:`pipeline.files.RowGroups`), and pieces of the release made in a child
 process (:class:`Background`). Nothing here decides what a file holds: the bytes are those the
 same rows written synchronously give.
 """
@@ -11,21 +11,9 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from pipeline.release.manifest import ReleaseError
-
-#: rows per Parquet row group of the table files and the microdata (pyarrow's default maximum,
-#: which the table files have always had within a chunk of :data:`CHUNK_UNITS` units)
-ROW_GROUP_ROWS = 1 << 20
-
-def _write_group(writer: pq.ParquetWriter, table: pa.Table) -> None:
-    """Write ``table`` as one row group (it has at most :data:`ROW_GROUP_ROWS` rows)."""
-    writer.write_table(table.combine_chunks(), row_group_size=ROW_GROUP_ROWS)
 
 
 class WriteQueue:
@@ -71,72 +59,6 @@ class WriteQueue:
             for q in queued:
                 for fut in q:
                     fut.result()
-
-
-class RowGroups:
-    """A ``pq.ParquetWriter`` fed frames of any size that writes row groups of exactly
-    :data:`ROW_GROUP_ROWS` rows, also cut wherever :meth:`cut` is called: the file's bytes depend
-    only on its rows and the cuts, never on how the rows were chunked on their way in (each row
-    group is written from one contiguous table, so pages and dictionaries come out the same).
-
-    ``text_dictionaries``: dictionary-encode only the text columns, zstd level 3 (the
-    microdata: few distinct codes per text column, a unique EPNUM); else pyarrow's defaults.
-
-    ``io``: a :class:`WriteQueue` to write the row groups on (the microdata: on a thread while
-    the next persons are made); ``None``: written by the caller (a table file, whose writer runs
-    on a lane of its own)."""
-
-    def __init__(self, path: Path, io: WriteQueue | None = None, text_dictionaries: bool = False) -> None:
-        self.path, self.text_dictionaries, self.io = path, text_dictionaries, io
-        self.writer: pq.ParquetWriter | None = None
-        self.parts: list[pa.Table] = []
-        self.rows = 0
-        self.writes: list[Future[None]] = []
-
-    def add(self, table: pa.Table) -> None:
-        """Queue ``table``'s rows; write every full row group."""
-        self.parts.append(table)
-        self.rows += table.num_rows
-        while self.rows >= ROW_GROUP_ROWS:
-            self._flush(ROW_GROUP_ROWS)
-
-    def cut(self) -> None:
-        """End the current row group here (if it has rows)."""
-        if self.rows:
-            self._flush(self.rows)
-
-    def _flush(self, n: int) -> None:
-        buf = pa.concat_tables(self.parts) if len(self.parts) > 1 else self.parts[0]
-        head, rest = buf.slice(0, n), buf.slice(n)
-        if self.writer is None:
-            self.writer = self._open(head.schema)
-        if self.io is None:
-            _write_group(self.writer, head)
-        else:
-            self.writes = [w for w in self.writes if not w.done()]  # (a failed one raised in submit)
-            self.writes.append(self.io.submit(self.writer, _write_group, self.writer, head))
-        self.parts = [rest.combine_chunks()] if rest.num_rows else []
-        self.rows = rest.num_rows
-
-    def _open(self, schema: pa.Schema) -> pq.ParquetWriter:
-        if not self.text_dictionaries:  # pyarrow's defaults: the table files' format
-            return pq.ParquetWriter(self.path, schema, compression="zstd")
-        text = [f.name for f in schema if pa.types.is_large_string(f.type) or pa.types.is_string(f.type)]
-        return pq.ParquetWriter(self.path, schema, compression="zstd", compression_level=3, use_dictionary=text)
-
-    def close(self) -> None:
-        """Write what is queued and close the file (a file of no rows still gets its schema)."""
-        try:
-            self.cut()
-        finally:
-            for w in self.writes:  # every queued row group is written (or its error raised) first
-                w.result()
-            self.writes = []
-        if self.writer is None and self.parts:
-            self.writer = self._open(self.parts[0].schema)
-            self.writer.write_table(self.parts[0])
-        if self.writer is not None:
-            self.writer.close()
 
 
 def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], umask: int) -> None:

@@ -78,7 +78,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.files import crash_point, sha256_file
+from pipeline.files import ROW_GROUP_ROWS, RowGroups, crash_point, sha256_file
 from pipeline.release.checks import CheckFailure, Invariants, ReleaseChecks
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ from pipeline.release.manifest import (
     variances_from_privacy,
 )
 from pipeline.release.microdata import microdata_from_blocks
-from pipeline.release.streams import ROW_GROUP_ROWS, Background, RowGroups, WriteQueue
+from pipeline.release.streams import Background, WriteQueue
 from pipeline.release.tables import (
     CSV_SCHEMA,
     TableDef,
