@@ -374,11 +374,11 @@ def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -
     (out_dir / "areas").mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
-    def emit(key: str, payload: Any) -> None:
+    def emit(key: str, payload: Any, into: list[Path] | None = None) -> None:
         path = out_dir / f"{key}.js"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(_js_call(key, payload), encoding="ascii")
-        written.append(path)
+        (written if into is None else into).append(path)
 
     script = out_dir / "explorer.js"
     shutil.copyfile(Path(__file__).parent / TEMPLATES / "explorer.js", script)
@@ -401,27 +401,75 @@ def _write_explorer(root: Path, manifest: Mapping[str, Any], chunk_units: int) -
     index, offset = _index_head(tables, levels, paths, total_of, chunk_digits,
                                 lambda g: f"{summary_level(int(g['digits']))}0000US")
     taken: dict[str, str] = {}
-    by_chunk: dict[str, dict[str, str]] = {}
     runs = _table_runs(root, tables)
+    # The levels from the chunk level down to the one above the blocks (county, tract, block
+    # group) go to one file per county: they are read side by side and a county's file written
+    # as soon as its areas of every level are read (a level's rows are in GEOID order, so a
+    # county's areas come in the same order in each), never holding the nation's texts. The
+    # index still lists every area above block, level by level.
+    deep = [(li, g) for li, g in enumerate(levels) if (g is not levels[-1] or len(levels) == 1)
+            and int(g["digits"]) >= chunk_digits]
+    areas: dict[int, list[list[Any]]] = {li: [] for li, _ in deep}
+    area_files: list[Path] = []  # listed after the block files, where they have always been
+
+    def emit_area(key: str, payload: Any) -> None:
+        emit(key, payload, area_files)
+
+    streams: list[Iterator[tuple[str, str, int, str]]] = []
     for li, g in enumerate(levels):
         rows = _open_level(root, tables, runs, g["name"], index)
         if g is levels[-1] and len(levels) > 1:
+            if deep:
+                _write_area_chunks(emit_area, index, taken, chunk_digits, streams, list(areas), list(areas.values()))
             _write_level_blocks(emit, index, taken, levels, chunk_digits, rows, chunk_units)
+            continue
+        if li in areas:
+            streams.append(_areas_of(rows, offset[total_of] if tables else None))
             continue
         for geoids, area_names, counts in rows.chunks():
             totals = counts[:, offset[total_of]].tolist() if tables and len(geoids) else [0] * len(geoids)
             for geoid, name, total, text in zip(geoids, area_names, totals, encode_counts(counts)):
                 index["areas"].append([li, geoid, name, total])
-                if int(g["digits"]) < chunk_digits:
-                    index["counts"][geoid] = text
-                else:
-                    by_chunk.setdefault(geoid[:chunk_digits], {})[geoid] = text
-    for key, texts in by_chunk.items():
+                index["counts"][geoid] = text
+    if deep and len(levels) == 1:
+        _write_area_chunks(emit_area, index, taken, chunk_digits, streams, list(areas), list(areas.values()))
+    for li, _ in deep:
+        index["areas"] += areas.pop(li)
+    written += area_files
+    emit("areas", index)
+    return written
+
+
+def _areas_of(rows: "_LevelRows", total_col: int | None) -> Iterator[tuple[str, str, int, str]]:
+    """``(geoid, name, total, counts text)`` of each area of a level, in order, read a chunk at a time."""
+    for geoids, area_names, counts in rows.chunks():
+        totals = counts[:, total_col].tolist() if total_col is not None and len(geoids) else [0] * len(geoids)
+        yield from zip(geoids, area_names, totals, encode_counts(counts))
+
+
+def _write_area_chunks(emit: Callable[[str, Any], None], index: dict[str, Any], taken: dict[str, str],
+                       chunk_digits: int, streams: Sequence[Iterator[tuple[str, str, int, str]]],
+                       level_of: Sequence[int], areas: Sequence[list[list[Any]]]) -> None:
+    """``areas/<county>.js`` for every county from the levels' area streams (the county level
+    and those below it above the blocks, each in GEOID order; ``level_of[k]``: stream ``k``'s
+    level index), a county at a time: its areas of each level in turn. Each area's index entry
+    ``[level, geoid, name, total]`` goes to its stream's list in ``areas``."""
+    heads: list[tuple[str, str, int, str] | None] = [next(it, None) for it in streams]
+    while True:
+        keys = [h[0][:chunk_digits] for h in heads if h is not None]
+        if not keys:
+            return
+        key = min(keys)
+        texts: dict[str, str] = {}
+        for k, it in enumerate(streams):
+            while (h := heads[k]) is not None and h[0][:chunk_digits] == key:
+                geoid, name, total, text = h
+                areas[k].append([level_of[k], geoid, name, total])
+                texts[geoid] = text
+                heads[k] = next(it, None)
         name = "areas/" + _chunk_name(key, taken)
         index["area_chunks"][key] = name
         emit(name, {"counts": texts})
-    emit("areas", index)
-    return written
 
 
 def _write_level_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken: dict[str, str],
