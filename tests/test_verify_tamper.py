@@ -816,10 +816,12 @@ def test_content_checks_split_in_two_are_the_whole(release: Path, tmp_path: Path
 
 
 @pytest.mark.parametrize("ordered", [True, False])
-def test_block_counts_by_row_group_equal_the_whole_matrix(ordered: bool) -> None:
-    """The data check's block counts, kept per row group: any range of blocks and any 0/1 cell
-    vector's per-block sums equal those of the whole csr (a block, even one cell of it, split
-    between row groups is added up), for row groups in block order (the writer's) or shuffled."""
+def test_block_counts_read_again_equal_the_whole_matrix(ordered: bool) -> None:
+    """The data check's block counts, read again batch by batch: any range of blocks and each
+    check line's per-block sums (made in the first pass) equal those of the whole csr (a block,
+    even one cell of it, split between batches is added up), for batches in block order (the
+    writer's) or shuffled. In block order, increasing ranges take one more pass, holding no
+    batch behind the range; a range before the last starts a new pass."""
     import numpy as np
     import scipy.sparse as sp
 
@@ -844,13 +846,28 @@ def test_block_counts_by_row_group_equal_the_whole_matrix(ordered: bool) -> None
     groups[3] = [np.r_[g[0][-1], h[0]], np.r_[g[1][-1], h[1]], np.r_[1, h[2]]]
     if not ordered:
         groups = [groups[k] for k in rng.permutation(len(groups))]
-    bc = BlockCounts(n_blocks, n_cells)
+    v = (rng.random(n_cells) < 0.5).astype(np.int64)
+    passes = []
+
+    def entries():
+        passes.append(1)
+        return iter([(u.copy(), c.copy(), n.copy()) for u, c, n in groups])
+
+    bc = BlockCounts(n_blocks, n_cells, entries, {"v": v, "all": np.ones(n_cells, np.int64)})
     for u, c, n in groups:
         bc.add(u, c, n)
-    assert bc.ordered == ordered
+    assert bc.ordered == ordered and not passes
     whole = sp.csr_matrix(dense)
-    for s0, e0 in [(0, n_blocks), (0, 1), (5, 17), (17, 18), (30, 60), (59, 60), (20, 20)]:
+    np.testing.assert_array_equal(bc.lines["v"], whole @ v)
+    np.testing.assert_array_equal(bc.lines["all"], dense.sum(axis=1))
+    increasing = [(0, 1), (1, 5), (5, 17), (17, 18), (20, 20), (20, 30), (30, 59), (59, 60)]
+    for s0, e0 in increasing:
         got = bc.rows(s0, e0)
         assert got.shape == (e0 - s0, n_cells) and (got != whole[s0:e0]).nnz == 0
-    v = (rng.random(n_cells) < 0.5).astype(np.int64)
-    np.testing.assert_array_equal(bc.per_block(v), whole @ v)
+        if ordered:  # nothing kept below the range's end
+            assert all(int(b[0].min()) >= e0 for b in bc._buf)
+    assert len(passes) == 1
+    for s0, e0 in [(0, n_blocks), (10, 12)]:  # back to the start: read again
+        got = bc.rows(s0, e0)
+        assert got.shape == (e0 - s0, n_cells) and (got != whole[s0:e0]).nnz == 0
+    assert len(passes) == (3 if ordered else 1)

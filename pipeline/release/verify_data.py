@@ -18,7 +18,7 @@ file's bytes).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Generator, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -70,78 +70,105 @@ def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> 
 
 
 class BlockCounts:
-    """The microdata re-tabulated per block, held as each row group's ``(unit, cell, count)``
-    entries (int32 where they fit; the file's order) instead of one country-sized matrix: the
-    checks read it a range of blocks at a time (:meth:`rows`) and as per-block sums of a 0/1
-    cell vector (:meth:`per_block`).
+    """The microdata re-tabulated per block, for the checks: each persons check line's per-block
+    sums (:attr:`lines`, made in the one pass over the file), and the block histogram a range of
+    blocks at a time (:meth:`rows`), read again from the file as the block tables are checked.
 
-    Why: building the whole ``(n_blocks, n_cells)`` csr (row groups' arrays concatenated, then
-    the constructor's own copies) took the data check to ~3.4 GB at 331 M persons. Microdata
-    written by the release writer come in block order, so a range of blocks is in a few
-    consecutive row groups; a file in any other order is still checked, from the whole matrix
-    built once on first use."""
+    Why read twice: holding the block histogram between the two (12 bytes an entry even as
+    int32, ~0.55 GB at 100 M persons, ~1.8 GB for the US) was the data check's one country-sized
+    object. Microdata written by the release writer are in block order, so the ranges asked for
+    in increasing order come from one more sequential pass holding about one batch of persons;
+    a file in any other order is still checked, from the whole matrix built on first use.
 
-    def __init__(self, n_blocks: int, n_cells: int) -> None:
-        self.n_blocks, self.n_cells = n_blocks, n_cells
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self.first: list[int] = []  # each part's smallest and largest unit
-        self.last: list[int] = []
-        self.ordered = True  # every part's units at or after the previous part's
+    ``entries()``: a fresh pass over the file, ``(unit, cell, count)`` per batch of persons, each
+    sorted by (unit, cell) (:func:`pipeline.release.microdata.histogram_from_microdata`);
+    ``vectors``: each check line's 0/1 cell vector ``(n_cells,)``."""
+
+    def __init__(self, n_blocks: int, n_cells: int,
+                 entries: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+                 vectors: Mapping[str, np.ndarray]) -> None:
+        self.n_blocks, self.n_cells, self.entries = n_blocks, n_cells, entries
+        self.vectors = {name: np.asarray(v, dtype=np.int64) for name, v in vectors.items()}
+        #: int64 ``(n_blocks,)`` per check line: each block's count of the line's cells
+        self.lines = {name: np.zeros(n_blocks, np.int64) for name in self.vectors}
+        self.ordered = True  # every batch's units at or after the previous batch's
+        self._last = -1
         self._whole: Any = None
+        self._pass: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._upto = 0  # the blocks below this have been handed out by the current pass
 
     def add(self, unit: np.ndarray, cell: np.ndarray, count: np.ndarray) -> None:
-        """One row group's entries, sorted by unit (a block may continue in the next row group)."""
+        """One batch's entries of the first pass (sorted by unit; a block may continue in the next)."""
         if not unit.size:
             return
         lo, hi = int(unit[0]), int(unit[-1])
-        if self.last and lo < self.last[-1]:
+        if lo < self._last:
             self.ordered = False
-        small = int(count.max()) <= np.iinfo(np.int32).max
-        self.parts.append((unit.astype(np.int32), cell.astype(np.int32), count.astype(np.int32 if small else np.int64)))
-        self.first.append(lo)
-        self.last.append(hi)
-
-    def _entries(self, parts: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[np.ndarray, ...]:
-        return tuple(np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, np.int32) for k in range(3))
+        self._last = max(self._last, hi)
+        for name, v in self.vectors.items():  # summed over the batch's own block range only
+            w = count * v[cell]
+            self.lines[name][lo:hi + 1] += np.bincount(unit - lo, weights=w, minlength=hi - lo + 1).astype(np.int64)
 
     def rows(self, start: int, stop: int) -> Any:
-        """Blocks ``start:stop``: csr ``(stop - start, n_cells)`` (a block split between row
-        groups: its entries added up)."""
+        """Blocks ``start:stop``: csr ``(stop - start, n_cells)`` (a block split between batches:
+        its entries added up). Ranges asked for in increasing order are read on from the last."""
         import scipy.sparse as sp
 
         if not self.ordered:
             if self._whole is None:
-                unit, cell, count = self._entries(self.parts)
+                parts = list(self.entries())
+                unit, cell, count = (np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, np.int64)
+                                     for k in range(3))
                 self._whole = sp.csr_matrix((count, (unit, cell)), shape=(self.n_blocks, self.n_cells))
             return self._whole[start:stop]
-        # the parts whose unit range meets [start, stop): consecutive, found by bisection
-        a = int(np.searchsorted(np.asarray(self.last), start, side="left"))
-        b = int(np.searchsorted(np.asarray(self.first), stop, side="left"))
-        unit, cell, count = self._entries(self.parts[a:max(a, b)])
+        if self._pass is None or start < self._upto:  # (a range before the last one: read again)
+            self._pass, self._buf = self.entries(), []
+        self._upto = stop
+        # read until a batch ends at or after ``stop``: the batches after it hold no block below it
+        while self._pass is not None and not (self._buf and int(self._buf[-1][0][-1]) >= stop):
+            batch = next(self._pass, None)
+            if batch is None:
+                self._pass = None
+            elif batch[0].size:
+                self._buf.append(batch)
+        unit, cell, count = (np.concatenate([b[k] for b in self._buf]) if self._buf else np.zeros(0, np.int64)
+                             for k in range(3))
         keep = (unit >= start) & (unit < stop)
+        later = unit >= stop
+        self._buf = [(unit[later], cell[later], count[later])] if later.any() else []
         return sp.csr_matrix((count[keep], (unit[keep] - start, cell[keep])), shape=(stop - start, self.n_cells))
 
-    def per_block(self, vector: np.ndarray) -> np.ndarray:
-        """int64 ``(n_blocks,)``: each block's count of the cells where ``vector`` (0/1
-        ``(n_cells,)``) is 1."""
-        v = np.asarray(vector, dtype=np.int64)
-        out = np.zeros(self.n_blocks, np.int64)
-        for unit, cell, count in self.parts:
-            out += np.bincount(unit, weights=count * v[cell], minlength=self.n_blocks).astype(np.int64)
-        return out
+
+def _microdata_entries(path: Path, spec: Any, block_geoids: np.ndarray
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(unit, cell, count)`` of ``microdata/persons.parquet`` a batch of 256 Ki persons at a
+    time, in file order (:func:`pipeline.release.microdata.histogram_from_microdata`)."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    # only the columns the re-tabulation reads (EPNUM, RTYPE and TABBLKGRPCE are most of the decoding)
+    names = f.schema_arrow.names
+    wanted = (["geoid", *(a.name for a in spec.attributes)] if "geoid" in names else
+              ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK", "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
+    # the PPMF geography columns as categories: a few distinct values per batch, decoded once
+    cats = [c for c in ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK") if c in names]
+    f = pq.ParquetFile(path, read_dictionary=cats)
+    for persons in frames_ahead(f.iter_batches(batch_size=1 << 18, columns=[c for c in wanted if c in names])):
+        yield histogram_from_microdata(persons, block_geoids, spec)
 
 
 def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree: GeoTree, manifest_persons: int,
                       blocks: bool, parents: bool) -> tuple[Any, dict[str, Any], list[CheckFailure]]:
-    """What the checks need of ``microdata/persons.parquet``, re-tabulated in one pass a row group
+    """What the checks need of ``microdata/persons.parquet``, re-tabulated in one pass a batch
     of persons at a time (``geo``: the published units of every level, the blocks last):
 
-    - with ``blocks``, the block histogram as :class:`BlockCounts` (each row group's entries,
-      int32 — 12 bytes an entry: ~0.5 GB for the US, the one country-sized object of the check);
+    - with ``blocks``, :class:`BlockCounts`: the persons check lines per block, and the block
+      histogram read again a range of blocks at a time when the block tables are checked;
     - with ``parents``, the support of the published histogram of every level above the blocks,
       ``support[level]``: csr int8 ``(n_units, n_cells)``, 1 exactly where the level's histogram
       (the microdata summed up the hierarchy; counts are positive) is positive — summed into the
-      blocks' parents row group by row group, so the block histogram is never held for it.
+      blocks' parents batch by batch, so the block histogram is never held for it.
 
     Returns ``(block counts or None, support, failures)``; ``(None, {}, failures)`` when the file is
     missing, unreadable, of another size than the manifest says, or holds persons of unpublished
@@ -156,8 +183,10 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
     spec, block = ts.specs["persons"], geo[-1]
     n_blocks, n_cells = len(block.geoids), spec.n_cells
     g = np.asarray(block.geoids).astype(str, copy=False)
-    x_block = BlockCounts(n_blocks, n_cells) if blocks else None
-    # the blocks' parents: position of each block's parent, and per row group the distinct
+    x_block = (BlockCounts(n_blocks, n_cells, lambda: _microdata_entries(path, spec, g),
+                           {c.name: c.vector for c in ts.check_lines.values() if c.histogram == "persons"})
+               if blocks else None)
+    # the blocks' parents: position of each block's parent, and per batch the distinct
     # (parent, cell) keys it touches (the support; a count is never 0)
     up = geo[-2] if parents and len(geo) > 1 else None
     if up is not None:
@@ -165,19 +194,10 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
         ppos = np.where(found, ppos, -1)  # orphans (reported by the hierarchy checks) count nowhere
     keys: list[np.ndarray] = []
     try:
-        f = pq.ParquetFile(path)
-        if f.metadata.num_rows != manifest_persons:
-            return None, {}, [fail("microdata", f"{f.metadata.num_rows} microdata rows, manifest says "
-                                                f"{manifest_persons} persons")]
-        # only the columns the re-tabulation reads (EPNUM, RTYPE and TABBLKGRPCE are most of the decoding)
-        names = f.schema_arrow.names
-        wanted = (["geoid", *(a.name for a in spec.attributes)] if "geoid" in names else
-                  ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK", "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
-        # the PPMF geography columns as categories: a few distinct values per batch, decoded once
-        cats = [c for c in ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK") if c in names]
-        f = pq.ParquetFile(path, read_dictionary=cats)
-        for persons in frames_ahead(f.iter_batches(batch_size=1 << 18, columns=[c for c in wanted if c in names])):
-            unit, cell, count = histogram_from_microdata(persons, g, spec)
+        n_rows = pq.ParquetFile(path).metadata.num_rows
+        if n_rows != manifest_persons:
+            return None, {}, [fail("microdata", f"{n_rows} microdata rows, manifest says {manifest_persons} persons")]
+        for unit, cell, count in _microdata_entries(path, spec, g):
             if x_block is not None:
                 x_block.add(unit, cell, count)
             if up is not None:
@@ -361,7 +381,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
         for c in ts.check_lines.values():
             if c.histogram != "persons":
                 continue
-            per_block = x_block.per_block(c.vector)
+            per_block = x_block.lines[c.name]
             for lt in geo:
                 pos, inside = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
                 check_lines[lt.level][c.name] = np.bincount(pos[inside], weights=per_block[inside],
