@@ -71,73 +71,82 @@ def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> 
 
 class BlockCounts:
     """The microdata re-tabulated per block, for the checks: each persons check line's per-block
-    sums (:attr:`lines`, made in the one pass over the file), and the block histogram a range of
-    blocks at a time (:meth:`rows`), read again from the file as the block tables are checked.
+    sums (:attr:`lines`) and the block histogram a range of blocks at a time (:meth:`rows`).
 
-    Why read twice: holding the block histogram between the two (12 bytes an entry even as
-    int32, ~0.55 GB at 100 M persons, ~1.8 GB for the US) was the data check's one country-sized
-    object. Microdata written by the release writer are in block order, so the ranges asked for
-    in increasing order come from one more sequential pass holding about one batch of persons;
-    a file in any other order is still checked, from the whole matrix built on first use.
+    The histogram's entries go, batch by batch as the one pass over the file makes them, to an
+    anonymous scratch file (``(unit, cell, count)`` int32 triples; unlinked at once, gone when
+    :meth:`close` or the process ends; never in the release folder), and a range of blocks is
+    read back from it. Why: holding them (12 bytes an entry, ~0.55 GB at 100 M persons, ~1.8 GB
+    for the US) was the data check's one country-sized object, and reading the microdata again
+    would cost the re-tabulation twice. Microdata written by the release writer are in block
+    order, so a range is in a few consecutive batches; a file in any other order is still
+    checked, from the whole matrix built on first use.
 
-    ``entries()``: a fresh pass over the file, ``(unit, cell, count)`` per batch of persons, each
-    sorted by (unit, cell) (:func:`pipeline.release.microdata.histogram_from_microdata`);
     ``vectors``: each check line's 0/1 cell vector ``(n_cells,)``."""
 
-    def __init__(self, n_blocks: int, n_cells: int,
-                 entries: Callable[[], Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]],
-                 vectors: Mapping[str, np.ndarray]) -> None:
-        self.n_blocks, self.n_cells, self.entries = n_blocks, n_cells, entries
+    ENTRY = np.dtype([("unit", "<i4"), ("cell", "<i4"), ("count", "<i4")])
+
+    def __init__(self, n_blocks: int, n_cells: int, vectors: Mapping[str, np.ndarray]) -> None:
+        import tempfile
+
+        self.n_blocks, self.n_cells = n_blocks, n_cells
         self.vectors = {name: np.asarray(v, dtype=np.int64) for name, v in vectors.items()}
         #: int64 ``(n_blocks,)`` per check line: each block's count of the line's cells
         self.lines = {name: np.zeros(n_blocks, np.int64) for name in self.vectors}
+        self.file = tempfile.TemporaryFile(prefix="dptab-block-counts-")
+        self.first: list[int] = []  # each batch's smallest and largest unit
+        self.last: list[int] = []
+        self.offset: list[int] = [0]  # entries before each batch
         self.ordered = True  # every batch's units at or after the previous batch's
-        self._last = -1
         self._whole: Any = None
-        self._pass: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-        self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        self._upto = 0  # the blocks below this have been handed out by the current pass
 
     def add(self, unit: np.ndarray, cell: np.ndarray, count: np.ndarray) -> None:
-        """One batch's entries of the first pass (sorted by unit; a block may continue in the next)."""
+        """One batch's entries, sorted by unit (a block may continue in the next batch)."""
         if not unit.size:
             return
+        if int(count.max()) > np.iinfo(np.int32).max:  # (a block of 2^31 persons of one cell)
+            raise MicrodataError("a block cell of more than 2^31 persons in the microdata")
         lo, hi = int(unit[0]), int(unit[-1])
-        if lo < self._last:
+        if self.last and lo < self.last[-1]:
             self.ordered = False
-        self._last = max(self._last, hi)
         for name, v in self.vectors.items():  # summed over the batch's own block range only
             w = count * v[cell]
             self.lines[name][lo:hi + 1] += np.bincount(unit - lo, weights=w, minlength=hi - lo + 1).astype(np.int64)
+        rec = np.empty(unit.size, self.ENTRY)
+        rec["unit"], rec["cell"], rec["count"] = unit, cell, count
+        rec.tofile(self.file)
+        self.first.append(lo)
+        self.last.append(hi)
+        self.offset.append(self.offset[-1] + unit.size)
+
+    def _read(self, a: int, b: int) -> np.ndarray:
+        """The entries of batches ``a:b`` (consecutive in the scratch file)."""
+        n = self.offset[b] - self.offset[a] if b > a else 0
+        if not n:
+            return np.zeros(0, self.ENTRY)
+        self.file.seek(self.offset[a] * self.ENTRY.itemsize)
+        return np.fromfile(self.file, self.ENTRY, n)
 
     def rows(self, start: int, stop: int) -> Any:
-        """Blocks ``start:stop``: csr ``(stop - start, n_cells)`` (a block split between batches:
-        its entries added up). Ranges asked for in increasing order are read on from the last."""
+        """Blocks ``start:stop``: csr ``(stop - start, n_cells)`` (a block split between
+        batches: its entries added up)."""
         import scipy.sparse as sp
 
         if not self.ordered:
             if self._whole is None:
-                parts = list(self.entries())
-                unit, cell, count = (np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, np.int64)
-                                     for k in range(3))
-                self._whole = sp.csr_matrix((count, (unit, cell)), shape=(self.n_blocks, self.n_cells))
+                e = self._read(0, len(self.first))
+                self._whole = sp.csr_matrix((e["count"], (e["unit"], e["cell"])), shape=(self.n_blocks, self.n_cells))
             return self._whole[start:stop]
-        if self._pass is None or start < self._upto:  # (a range before the last one: read again)
-            self._pass, self._buf = self.entries(), []
-        self._upto = stop
-        # read until a batch ends at or after ``stop``: the batches after it hold no block below it
-        while self._pass is not None and not (self._buf and int(self._buf[-1][0][-1]) >= stop):
-            batch = next(self._pass, None)
-            if batch is None:
-                self._pass = None
-            elif batch[0].size:
-                self._buf.append(batch)
-        unit, cell, count = (np.concatenate([b[k] for b in self._buf]) if self._buf else np.zeros(0, np.int64)
-                             for k in range(3))
-        keep = (unit >= start) & (unit < stop)
-        later = unit >= stop
-        self._buf = [(unit[later], cell[later], count[later])] if later.any() else []
-        return sp.csr_matrix((count[keep], (unit[keep] - start, cell[keep])), shape=(stop - start, self.n_cells))
+        # the batches whose unit range meets [start, stop): consecutive, found by bisection
+        a = int(np.searchsorted(np.asarray(self.last), start, side="left"))
+        b = int(np.searchsorted(np.asarray(self.first), stop, side="left"))
+        e = self._read(a, max(a, b))
+        keep = (e["unit"] >= start) & (e["unit"] < stop)
+        e = e[keep]
+        return sp.csr_matrix((e["count"], (e["unit"] - start, e["cell"])), shape=(stop - start, self.n_cells))
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _microdata_entries(path: Path, spec: Any, block_geoids: np.ndarray
@@ -164,7 +173,7 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
     of persons at a time (``geo``: the published units of every level, the blocks last):
 
     - with ``blocks``, :class:`BlockCounts`: the persons check lines per block, and the block
-      histogram read again a range of blocks at a time when the block tables are checked;
+      histogram (in a scratch file) a range of blocks at a time;
     - with ``parents``, the support of the published histogram of every level above the blocks,
       ``support[level]``: csr int8 ``(n_units, n_cells)``, 1 exactly where the level's histogram
       (the microdata summed up the hierarchy; counts are positive) is positive — summed into the
@@ -183,8 +192,8 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
     spec, block = ts.specs["persons"], geo[-1]
     n_blocks, n_cells = len(block.geoids), spec.n_cells
     g = np.asarray(block.geoids).astype(str, copy=False)
-    x_block = (BlockCounts(n_blocks, n_cells, lambda: _microdata_entries(path, spec, g),
-                           {c.name: c.vector for c in ts.check_lines.values() if c.histogram == "persons"})
+    x_block = (BlockCounts(n_blocks, n_cells, {c.name: c.vector for c in ts.check_lines.values()
+                                               if c.histogram == "persons"})
                if blocks else None)
     # the blocks' parents: position of each block's parent, and per batch the distinct
     # (parent, cell) keys it touches (the support; a count is never 0)
@@ -346,6 +355,8 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
         failures += guard("tables", _stream_tables, root, manifest, ts,
                            [t for t in tables if t.name in runs], runs, geo, digits, x_block,
                            Invariants(inv["state_totals"], block_geoids, block_hu), regenerate and whole)
+    if x_block is not None:
+        x_block.close()  # its scratch file
     if whole and meas:
         failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, support)
     if whole and data and manifest["contents"].get("unbiased"):
