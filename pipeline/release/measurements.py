@@ -540,8 +540,10 @@ def _misstated(code: np.ndarray, sigma2: pa.ChunkedArray, variance: pa.ChunkedAr
 class _Expected:
     """The keys ``unit * answers + answer`` a (run, level, query) must have drawn when answers
     under a published zero are skipped: those whose answer in the published parent histogram is
-    positive, for a range of the level's units at a time (sorted int64). Built per group on
-    first use: the parent's positive answers (sparse) and each unit's parent position."""
+    positive, for a range of the level's units at a time (sorted int64), made from the parents'
+    rows of that range alone (their histogram rows times the query's cell-to-answer matrix) — so
+    no parent level's answers are held per query (all of them at once took the check to ~2.2 GB
+    for the US). Per level, each unit's parent position is kept (int64, one per unit)."""
 
     def __init__(self, specs: Mapping[str, "HistogramSpec"], names: Sequence[str],
                  by_level: Mapping[str, "LevelTables"], tree: GeoTree,
@@ -570,10 +572,14 @@ class _Expected:
                 a = sp.csr_matrix((np.ones(len(q.cell_to_answer), np.int64),
                                    (np.arange(len(q.cell_to_answer)), q.cell_to_answer)),
                                   shape=(len(q.cell_to_answer), q.n_answers))
-                parent = self.names[self.names.index(level) - 1]
-                state.update(positive=(self.published[kind][parent] @ a).tocsr() > 0, n=q.n_answers,
-                             ppos=self._parent_positions(level))
-            r, c = state["positive"][state["ppos"][u0:u1]].nonzero()
+                state.update(a=a, n=q.n_answers, ppos=self._parent_positions(level),
+                             parent=self.published[kind][self.names[self.names.index(level) - 1]])
+            pp = state["ppos"][u0:u1]
+            if not pp.size:
+                return np.zeros(0, np.int64)
+            p0, p1 = int(pp.min()), int(pp.max()) + 1  # the parents of the range (consecutive: units in order)
+            positive = (state["parent"][p0:p1] @ state["a"]).tocsr() > 0
+            r, c = positive[pp - p0].nonzero()
             return np.sort((r.astype(np.int64) + u0) * state["n"] + c)
 
         return keys
