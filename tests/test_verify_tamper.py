@@ -865,3 +865,40 @@ def test_block_counts_from_the_scratch_file_equal_the_whole_matrix(ordered: bool
         assert read == [unit.size + 1]
     bc.close()
     assert bc.file.closed
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_required_keys_per_range_equal_those_of_the_whole_parent_level(seed: int) -> None:
+    """The answers a level must have drawn, made per range of units from its parents' rows
+    alone, are those of the whole parent level's positive answers (the query's cell-to-answer
+    sums) for any range of units, including ranges cutting a parent's children."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    from pipeline.model.spec import load_spec
+    from pipeline.release.measurements import _Expected
+    from pipeline.release.tables import LevelTables
+    from pipeline.release.tree import GeoTree
+
+    rng = np.random.default_rng(seed)
+    spec = load_spec("pl94")
+    n_cells = spec.n_cells
+    counties = np.array([f"{c:05d}" for c in np.sort(rng.choice(99999, 5, replace=False))])
+    tracts = np.array(sorted(c + f"{t:06d}" for c in counties for t in rng.choice(999999, int(rng.integers(1, 5)),
+                                                                                 replace=False)))
+    dense = (rng.random((counties.size, n_cells)) < 0.05) * rng.integers(1, 9, (counties.size, n_cells))
+    parent = sp.csr_matrix(dense.astype(np.int8))
+    by_level = {"county": LevelTables("county", counties, {}), "tract": LevelTables("tract", tracts, {})}
+    exp = _Expected({"persons": spec}, ["county", "tract"], by_level, GeoTree.of({"county": 5, "tract": 11}),
+                    {"persons": {"county": parent}})
+    for query in list(spec.query_defs)[:4]:
+        q = spec.query(query)
+        a = np.zeros((n_cells, q.n_answers), np.int64)
+        a[np.arange(n_cells), q.cell_to_answer] = 1
+        positive = (dense @ a) > 0  # (counties, answers), the whole parent level
+        ppos = np.searchsorted(counties, np.array([t[:5] for t in tracts]))
+        want_all = np.flatnonzero(positive[ppos].reshape(-1))
+        keys = exp.keys_of("persons", "tract", query)
+        for u0, u1 in [(0, tracts.size), (0, 1), (1, 3), (2, tracts.size), (tracts.size, tracts.size)]:
+            want = want_all[(want_all >= u0 * q.n_answers) & (want_all < u1 * q.n_answers)]
+            np.testing.assert_array_equal(keys(u0, u1), want)
