@@ -99,3 +99,20 @@ def test_geoid_parse_rejects_signs_spaces_and_non_ascii(bad):
     with pytest.raises(GeographyError, match="1 block GEOIDs are not 15-digit"):
         geoid_codes(pl.Series([BLOCKS[0], bad], dtype=pl.Utf8), 15, what="block GEOIDs")
     assert geoid_codes(pl.Series(BLOCKS), 15).tolist() == [int(b) for b in BLOCKS]
+
+
+def test_geoids_of_a_range_without_the_strings_cached():
+    """A range of a level's GEOIDs made from its codes equals the cached strings' range (every
+    level, nation included), and a copy sent to a child process carries no strings."""
+    import pickle
+
+    from pipeline.release.writer import _without_strings
+
+    geo = Geography.from_block_geoids(BLOCKS)
+    for lv in geo.levels:
+        bare = _without_strings(lv)
+        for s, e in [(0, lv.n_units), (1, 3), (lv.n_units, lv.n_units)]:
+            got = bare.geoids_of(s, e)
+            assert got.tolist() == lv.geoids[s:e].tolist() and got.dtype == lv.geoids.dtype
+        assert "geoids" not in bare.__dict__
+        assert "geoids" not in pickle.loads(pickle.dumps(bare)).__dict__

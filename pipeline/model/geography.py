@@ -131,16 +131,14 @@ class LevelIndex:
         ``[""]``), or a lookup level's codes in unit order."""
         if self.names is not None:
             return self.names
-        if self.digits == 0:
-            return np.full(self.n_units, "", dtype="<U1")
-        # ASCII digits by integer arithmetic, viewed as fixed-width bytes: no Python objects
-        ascii_digits = np.empty((self.n_units, self.digits), dtype=np.uint8)
-        rest = self.codes.copy()
-        for j in range(self.digits - 1, -1, -1):
-            ascii_digits[:, j] = rest % 10
-            rest //= 10
-        ascii_digits += ord("0")
-        return ascii_digits.view(f"S{self.digits}").reshape(-1).astype(f"<U{self.digits}")
+        return format_geoids(self.codes, self.digits)
+
+    def geoids_of(self, start: int, stop: int) -> np.ndarray:
+        """``geoids[start:stop]``, made from the codes if the level's ``geoids`` were never asked
+        for (a process that needs a range at a time then holds 8 bytes a unit, not ~60)."""
+        if self.names is not None or "geoids" in self.__dict__:
+            return self.geoids[start:stop]
+        return format_geoids(self.codes[start:stop], self.digits)
 
     def n_children(self) -> np.ndarray:
         """int64 ``(n_units,)``: number of children of each unit in the level below."""
@@ -193,6 +191,21 @@ class LevelIndex:
     def nbytes(self) -> int:
         """Bytes held by the integer arrays (excluding the lazily built ``geoids`` strings)."""
         return int(self.codes.nbytes + self.parent.nbytes + self.child_ptr.nbytes)
+
+
+def format_geoids(codes: np.ndarray, digits: int) -> np.ndarray:
+    """numpy ``<U{digits}`` ``(n,)``: integer GEOID prefixes as zero-padded strings (``digits`` 0:
+    empty strings), by integer arithmetic on ASCII digits, with no Python objects."""
+    codes = np.asarray(codes, dtype=np.int64)
+    if digits == 0:
+        return np.full(codes.size, "", dtype="<U1")
+    ascii_digits = np.empty((codes.size, digits), dtype=np.uint8)
+    rest = codes.copy()
+    for j in range(digits - 1, -1, -1):
+        ascii_digits[:, j] = rest % 10
+        rest //= 10
+    ascii_digits += ord("0")
+    return ascii_digits.view(f"S{digits}").reshape(-1).astype(f"<U{digits}")
 
 
 def format_geoid(code: int, digits: int) -> str:

@@ -82,7 +82,7 @@ from pipeline.files import ROW_GROUP_ROWS, RowGroups, crash_point, sha256_file
 from pipeline.release.checks import CheckFailure, Invariants, ReleaseChecks
 
 if TYPE_CHECKING:
-    from pipeline.model.geography import Geography
+    from pipeline.model.geography import Geography, LevelIndex
 from pipeline.release.manifest import (
     CHUNK_UNITS,
     ESTIMATORS,
@@ -307,10 +307,11 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
     return out
 
 
-def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any, lookup: bool) -> int:
+def _write_microdata(path: Path, blocks: "LevelIndex", hist: Any, spec: Any, lookup: bool) -> int:
     """Write ``microdata/persons.parquet`` from the published block histogram, :data:`STREAM_UNITS`
     blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons, encoded on a thread of their
-    own); returns the persons written.
+    own); returns the persons written. ``blocks``: the block level (in a process of its own it
+    arrives without its GEOID strings, and each chunk's are made from the codes).
 
     Dictionaries only for the text columns (few distinct codes; EPNUM is unique) and zstd level 3:
     smaller than the file polars wrote when the microdata were one frame."""
@@ -319,8 +320,8 @@ def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any,
     n = 0
     try:
         try:
-            for s, e, _ in _chunks(len(block_geoids)):
-                frame = microdata_from_blocks(block_geoids[s:e], histogram_rows(hist, s, e), spec, lookup, n + 1)
+            for s, e, _ in _chunks(blocks.n_units):
+                frame = microdata_from_blocks(blocks.geoids_of(s, e), histogram_rows(hist, s, e), spec, lookup, n + 1)
                 n += frame.height
                 groups.add(frame.to_arrow())
         finally:
@@ -334,6 +335,13 @@ def _write_microdata(path: Path, block_geoids: np.ndarray, hist: Any, spec: Any,
 #: processes of their own (when the job has ``workers > 1``); below it starting a process costs
 #: more than it saves over a thread of the writer's process
 BACKGROUND_MIN_BLOCKS = 20_000
+
+
+def _without_strings(level: "LevelIndex") -> "LevelIndex":
+    """``level`` without its cached GEOID strings (what a child process is sent: 8 bytes a unit)."""
+    import dataclasses
+
+    return dataclasses.replace(level)
 
 
 def _check_contents(root: Path, manifest: Mapping[str, Any], part: str = "all") -> list[CheckFailure]:
@@ -441,7 +449,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                                     and not multiprocessing.current_process().daemon) else "thread")
         mpath = tmp / "microdata" / "persons.parquet"
         mpath.parent.mkdir()
-        microdata = Background("microdata", _write_microdata, (mpath, np.asarray(blocks.geoids), persons[blocks.name],
+        microdata = Background("microdata", _write_microdata, (mpath, _without_strings(blocks), persons[blocks.name],
                                                                 ts.specs["persons"], tree.is_lookup), background)
         children.append(microdata)
         randomness = meta.randomness_mode()
