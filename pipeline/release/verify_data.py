@@ -388,15 +388,13 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
     block = geo[-1].level if geo else ""
     # household population and the other check lines, per unit of every level, from the microdata
     check_lines: dict[str, dict[str, np.ndarray]] = {lt.level: {} for lt in geo}
-    if x_block is not None:
-        for c in ts.check_lines.values():
-            if c.histogram != "persons":
-                continue
-            per_block = x_block.lines[c.name]
-            for lt in geo:
-                pos, inside = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
-                check_lines[lt.level][c.name] = np.bincount(pos[inside], weights=per_block[inside],
-                                                            minlength=len(lt.geoids)).astype(np.int64)
+    if x_block is not None and x_block.lines:
+        for lt in geo:  # (each block's unit in the level found once for every line)
+            pos, inside = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
+            pos = pos[inside]
+            for name, per_block in x_block.lines.items():
+                check_lines[lt.level][name] = np.bincount(pos, weights=per_block[inside],
+                                                          minlength=len(lt.geoids)).astype(np.int64)
     moe = _margins(manifest, ts, list(geo), tree) if regenerate else {}
     sim_file = (manifest.get("uncertainty") or {}).get("file")
     lookup = pl.read_parquet(root / sim_file) if regenerate and sim_file and (root / sim_file).is_file() else None
