@@ -902,3 +902,33 @@ def test_required_keys_per_range_equal_those_of_the_whole_parent_level(seed: int
         for u0, u1 in [(0, tracts.size), (0, 1), (1, 3), (2, tracts.size), (tracts.size, tracts.size)]:
             want = want_all[(want_all >= u0 * q.n_answers) & (want_all < u1 * q.n_answers)]
             np.testing.assert_array_equal(keys(u0, u1), want)
+
+
+def test_units_lookup_written_and_checked_a_row_group_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``measurements/units.parquet`` written a row group at a time has the bytes of
+    ``pq.write_table`` on the whole table (row groups of 4 rows here, cut inside levels), and
+    the check compares it a row group at a time, naming the file's own row of a difference."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import pipeline.files as files_mod
+    import pipeline.release.measurements as mm
+
+    monkeypatch.setattr(mm, "ROW_GROUP_ROWS", 4)
+    monkeypatch.setattr(files_mod, "ROW_GROUP_ROWS", 4)
+    levels = ["nation", "state", "county"]
+    geoids = [np.array([""]), np.array(["01", "02", "05"]), np.array(["01001", "01003", "02001", "05001", "05007"])]
+    whole = mm.units_rows(levels, geoids, 0, 9)
+    assert whole.num_rows == 9 and whole.column("unit").to_pylist() == [0, 0, 1, 2, 0, 1, 2, 3, 4]
+    pq.write_table(whole, tmp_path / "whole.parquet", compression="zstd", row_group_size=4)
+    mm._write_units(tmp_path / "units.parquet", levels, geoids)
+    assert (tmp_path / "units.parquet").read_bytes() == (tmp_path / "whole.parquet").read_bytes()
+    assert mm._units_problem(tmp_path / "units.parquet", levels, geoids) is None
+    bad = [g.copy() for g in geoids]
+    bad[2][3] = "05003"  # the file's row 7, in its second row group
+    problem = mm._units_problem(tmp_path / "units.parquet", levels, bad)
+    assert problem is not None and "first at row 7" in problem and "05001" in problem
+    assert "9 rows, expected 8" in mm._units_problem(tmp_path / "units.parquet", levels, [g[:-1] if k == 2 else g
+                                                                                          for k, g in enumerate(geoids)])
+    mm._write_units(tmp_path / "empty.parquet", [], [])
+    assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0

@@ -49,7 +49,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.files import read_ahead
+from pipeline.files import ROW_GROUP_ROWS, RowGroups, read_ahead
 from pipeline.privacy.measure import SCHEMA as PART_SCHEMA
 from pipeline.privacy.measure import MeasurementError, check_measurement_columns
 from pipeline.release.checks import CheckFailure
@@ -150,15 +150,52 @@ def answers_frame(design: "Design", specs: Mapping[str, "HistogramSpec"]) -> pa.
                     schema=ANSWERS_SCHEMA)
 
 
-def units_frame(levels: Sequence[str], geoids: Sequence[np.ndarray]) -> pa.Table:
-    """``units.parquet``: ``geolevel, unit, geoid`` of every published unit, levels top down,
-    units in published order (``geoids[i]``: level ``i``'s GEOIDs, ``(n_units,)``)."""
-    n = [len(g) for g in geoids]
-    return pa.table({"geolevel": pa.array(np.repeat(np.asarray(levels, dtype=object), n), pa.string()),
-                     "unit": pa.array(np.concatenate([np.arange(k, dtype=np.int64) for k in n]) if n else [],
-                                      pa.int64()),
-                     "geoid": pa.array(np.concatenate([np.asarray(g).astype(str, copy=False) for g in geoids]) if n else [],
-                                       pa.string())}, schema=UNITS_SCHEMA)
+def units_rows(levels: Sequence[str], geoids: Sequence[np.ndarray], start: int, stop: int) -> pa.Table:
+    """Rows ``start:stop`` of ``units.parquet``: ``geolevel, unit, geoid`` of every published
+    unit, levels top down, units in published order (``geoids[i]``: level ``i``'s GEOIDs,
+    ``(n_units,)``). Made a range at a time, so that neither the writer nor the verifier holds
+    the nation's units as one table (~250 MB at 100 M persons)."""
+    bounds = np.cumsum([0] + [len(g) for g in geoids])
+    parts = []
+    for k, level in enumerate(levels):
+        lo, hi = max(start, int(bounds[k])), min(stop, int(bounds[k + 1]))
+        if lo >= hi:
+            continue
+        a, b = lo - int(bounds[k]), hi - int(bounds[k])
+        parts.append(pa.table({"geolevel": pa.repeat(pa.scalar(level, pa.string()), b - a),
+                               "unit": pa.array(np.arange(a, b, dtype=np.int64), pa.int64()),
+                               "geoid": pa.array(np.asarray(geoids[k][a:b]).astype(str, copy=False), pa.string())},
+                              schema=UNITS_SCHEMA))
+    return pa.concat_tables(parts) if parts else UNITS_SCHEMA.empty_table()
+
+
+def _write_units(path: Path, levels: Sequence[str], geoids: Sequence[np.ndarray]) -> None:
+    """``units.parquet`` (:func:`units_rows`), a row group at a time: the bytes ``pq.write_table``
+    of the whole table gives."""
+    total = sum(len(g) for g in geoids)
+    groups = RowGroups(path, schema=UNITS_SCHEMA)
+    for s in range(0, total, ROW_GROUP_ROWS):
+        groups.add(units_rows(levels, geoids, s, min(s + ROW_GROUP_ROWS, total)))
+    groups.close()
+
+
+def _units_problem(path: Path, levels: Sequence[str], geoids: Sequence[np.ndarray]) -> str | None:
+    """How ``units.parquet`` differs from :func:`units_rows` (``None``: it does not), compared a
+    row group at a time."""
+    pf = pq.ParquetFile(path)
+    total = sum(len(g) for g in geoids)
+    if pf.metadata.num_rows != total:
+        return f"{pf.metadata.num_rows} rows, expected {total}"
+    at = 0
+    for i in range(pf.num_row_groups):
+        found = pl.from_arrow(pf.read_row_group(i))
+        assert isinstance(found, pl.DataFrame)
+        want = pl.from_arrow(units_rows(levels, geoids, at, at + found.height))
+        assert isinstance(want, pl.DataFrame)
+        if not found.equals(want):
+            return _first_diff(want, found, at)
+        at += found.height
+    return None
 
 
 def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], design: "Design",
@@ -205,10 +242,11 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
             paths_out.append(out)
         rows.update({(kind, level, q): int(c) for q, c in zip(queries, counts)})
     for rel, table in ((QUERIES_FILE, queries_frame(design, specs, levels, rows)),
-                       (ANSWERS_FILE, answers_frame(design, specs)),
-                       (UNITS_FILE, units_frame(levels, geoids))):
+                       (ANSWERS_FILE, answers_frame(design, specs))):
         pq.write_table(table, root / rel, compression="zstd")
         paths_out.append(root / rel)
+    _write_units(root / UNITS_FILE, levels, geoids)
+    paths_out.append(root / UNITS_FILE)
     return paths_out
 
 
@@ -346,15 +384,17 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
     found_q = pl.from_arrow(pq.read_table(root / QUERIES_FILE))
     assert isinstance(found_q, pl.DataFrame)
     rows = {(r["run"], r["geolevel"], r["query"]): r["rows"] for r in found_q.iter_rows(named=True)}
+    expected_from = "(expected from the design, the specs and the published geography)"
     for rel, want_t in ((QUERIES_FILE, queries_frame(design, specs, names, rows)),
-                        (ANSWERS_FILE, answers_frame(design, specs)),
-                        (UNITS_FILE, units_frame(names, [lt.geoids for lt in levels]))):
+                        (ANSWERS_FILE, answers_frame(design, specs))):
         want_f = pl.from_arrow(want_t)
         found = found_q if rel == QUERIES_FILE else pl.from_arrow(pq.read_table(root / rel))
         assert isinstance(want_f, pl.DataFrame) and isinstance(found, pl.DataFrame)
         if not found.equals(want_f):
-            out.append(fail(f"{rel}: {_first_diff(want_f, found)} (expected from the design, the specs and "
-                            f"the published geography)"))
+            out.append(fail(f"{rel}: {_first_diff(want_f, found)} {expected_from}"))
+    units_problem = _units_problem(root / UNITS_FILE, names, [lt.geoids for lt in levels])
+    if units_problem is not None:
+        out.append(fail(f"{UNITS_FILE}: {units_problem} {expected_from}"))
     ms = _groups(design, specs, names)
     groups = [(m.kind, m.level, m.query) for m in ms]
     gidx = {g: i for i, g in enumerate(groups)}
@@ -697,14 +737,16 @@ def _group_checks(fail: Any, kind: str, level: str, query: str, scan: "_GroupSca
                  f"{scan.extra} unexpected (first: unit {ex // q.n_answers}, answer {ex % q.n_answers})", level)]
 
 
-def _first_diff(want: pl.DataFrame, found: pl.DataFrame) -> str:
-    """Where two frames of the same schema first differ, readably."""
+def _first_diff(want: pl.DataFrame, found: pl.DataFrame, offset: int = 0) -> str:
+    """Where two frames of the same schema first differ, readably (rows numbered from ``offset``:
+    the frames are that part of a file)."""
     if found.height != want.height:
         return f"{found.height} rows, expected {want.height}"
     for c in want.columns:
         bad = np.flatnonzero(~(want[c] == found[c]).fill_null(False).to_numpy())
         if bad.size:
             r = int(bad[0])
-            return f"column {c} differs in {bad.size} row(s); first at row {r}: found {found[c][r]!r}, " \
+            return f"column {c} differs in {bad.size} row(s){' from row ' + str(offset) if offset else ''}; " \
+                   f"first at row {offset + r}: found {found[c][r]!r}, " \
                    f"expected {want[c][r]!r} ({dict(zip(want.columns, want.row(r)))})"
     return "rows differ"
