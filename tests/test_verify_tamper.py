@@ -927,7 +927,7 @@ def test_units_lookup_written_and_checked_a_row_group_at_a_time(tmp_path: Path, 
     bad = [g.copy() for g in geoids]
     bad[2][3] = "05003"  # the file's row 7, in its second row group
     problem = mm._units_problem(tmp_path / "units.parquet", levels, bad)
-    assert problem is not None and "first at row 7" in problem and "05001" in problem
+    assert problem is not None and "of rows 4..7; first at row 7" in problem and "05001" in problem
     assert "9 rows, expected 8" in mm._units_problem(tmp_path / "units.parquet", levels, [g[:-1] if k == 2 else g
                                                                                           for k, g in enumerate(geoids)])
     mm._write_units(tmp_path / "empty.parquet", [], [])

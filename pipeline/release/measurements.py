@@ -737,16 +737,17 @@ def _group_checks(fail: Any, kind: str, level: str, query: str, scan: "_GroupSca
                  f"{scan.extra} unexpected (first: unit {ex // q.n_answers}, answer {ex % q.n_answers})", level)]
 
 
-def _first_diff(want: pl.DataFrame, found: pl.DataFrame, offset: int = 0) -> str:
-    """Where two frames of the same schema first differ, readably (rows numbered from ``offset``:
-    the frames are that part of a file)."""
+def _first_diff(want: pl.DataFrame, found: pl.DataFrame, offset: int | None = None) -> str:
+    """Where two frames of the same schema first differ, readably; with ``offset`` the frames
+    are the file's rows from ``offset`` on (one row group), and rows are numbered in the file."""
     if found.height != want.height:
         return f"{found.height} rows, expected {want.height}"
+    at = offset or 0
     for c in want.columns:
         bad = np.flatnonzero(~(want[c] == found[c]).fill_null(False).to_numpy())
         if bad.size:
             r = int(bad[0])
-            return f"column {c} differs in {bad.size} row(s){' from row ' + str(offset) if offset else ''}; " \
-                   f"first at row {offset + r}: found {found[c][r]!r}, " \
+            where = "" if offset is None else f" of rows {at}..{at + want.height - 1}"
+            return f"column {c} differs in {bad.size} row(s){where}; first at row {at + r}: found {found[c][r]!r}, " \
                    f"expected {want[c][r]!r} ({dict(zip(want.columns, want.row(r)))})"
     return "rows differ"
