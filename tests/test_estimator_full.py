@@ -189,3 +189,53 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
             assert a.equals(b), (path.__name__, lv.name)
     assert not ctx2.rd.estimate_parts_dir("persons").exists()
     assert _digests(Path(out["release_path"])) == _digests(Path(two["release_path"]))
+
+
+@pytest.mark.parametrize("parts", [2, 1_000_000])
+def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: int) -> None:
+    """With simulated margins the estimate stage also writes the bottom level's line estimates
+    (the margins measure the published counts' bias against them): those of one fit over the
+    whole tree, whether the parts are cut above the bottom (2 parts: at the states) or are
+    bottom units themselves (more parts than blocks); the other levels' files are unchanged."""
+    from pipeline.job import estimate
+
+    monkeypatch.setattr(estimate, "ESTIMATE_PARTS", parts)
+    from test_dask_executor import _two_states
+
+    from pipeline.job.estimate import read_line_estimates, split_parts
+    from pipeline.postprocess.gls import GLSModel, LevelMeasurements
+    from pipeline.privacy.measure import load_measurements
+    from pipeline.release.tables import load_tables
+
+    inputs = _two_states(tmp_path)
+    cfg = dict(release_id="two", postprocess={"estimator": "full"}, execution={"workers": 1, "shard_target_cells": 20_000})
+    out = stages.run(write_config(tmp_path, inputs, output={"margins": "simulated", "margin_trials": 2}, **cfg),
+                     progress=False)
+    ctx = RunContext.load(out["run_dir"])
+    spec, strategy, levels = ctx.spec("persons"), ctx.strategies["persons"], ctx.geography.levels
+    k, _ = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
+                       [int(lv.n_units) for lv in levels], parts)
+    assert (k == len(levels) - 1) == (parts > levels[-1].n_units)
+    data = []
+    for i, lv in enumerate(levels):
+        meas = load_measurements(ctx.rd.measurement_files("persons", lv.name), spec, 0, lv.n_units,
+                                 queries=list(strategy.queries(lv.name)))
+        data.append(LevelMeasurements(None if i == 0 else levels[i - 1].child_ptr,
+                                      {q: (m.values, m.variance) for q, m in meas.items()}))
+    model = GLSModel(spec, [q for d in data for q in d.measured])
+    whole = model.downward(model.upward(data))
+    lines = read_line_estimates(ctx, "persons", bottom=True)
+    for i, lv in enumerate(levels):
+        for t in load_tables("pl94").of_kind("persons"):
+            want = np.asarray((t.matrix.astype(np.float64) @ whole.levels[i].estimate.T).T)
+            np.testing.assert_allclose(lines[(t.name, lv.name)], want, rtol=1e-9, atol=1e-8)
+    assert verify_release(Path(out["release_path"])) == []
+    if parts == 2:  # the levels above the bottom: the same files as a run with design margins
+        (tmp_path / "d").mkdir()
+        design = RunContext.load(stages.run(write_config(tmp_path / "d", inputs, **cfg), progress=False)["run_dir"])
+        assert not design.rd.estimate_lines_path("persons", levels[-1].name).exists()
+        for lv in levels[:-1]:
+            for path in (ctx.rd.estimate_targets_path, ctx.rd.estimate_lines_path):
+                a = pl.read_parquet(path("persons", lv.name))
+                assert a.equals(pl.read_parquet(getattr(design.rd, path.__name__)("persons", lv.name))), lv.name

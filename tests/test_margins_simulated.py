@@ -108,7 +108,8 @@ def test_line_margins_give_published_zeros_the_counts_a_zero_hides() -> None:
     groups, moving = line_margins(counts, reruns, lambda: forced)
     assert moving[:, 0].tolist() == [False, True, True, True, True]  # unit 4 never moved: still has a margin
     # (line, bin, moe90, values): zeros get 5 (the one hidden count), 1-9 the 90% of |0-5|, |4-5|, 10-49 of 2, 2
-    assert groups == [(0, 0, 5, 1), (0, 1, 5, 2), (0, 2, 2, 2)]
+    assert [g[:4] for g in groups] == [(0, 0, 5, 1), (0, 1, 5, 2), (0, 2, 2, 2)]
+    assert all(np.isnan(g[4]) for g in groups)  # no GLS estimates given: no bias shift
 
 
 def test_line_margins_without_hidden_counts_keep_the_rerun_rule() -> None:
@@ -122,7 +123,7 @@ def test_line_margins_without_hidden_counts_keep_the_rerun_rule() -> None:
 
     groups, moving = line_margins(counts, reruns, never)
     assert moving.tolist() == [[False, True], [True, True]]
-    assert groups == [(0, 0, 2, 2), (1, 1, 2, 4)]  # zeros: |2-0|, |0-0| of the unit that moved
+    assert [g[:4] for g in groups] == [(0, 0, 2, 2), (1, 1, 2, 4)]  # zeros: |2-0|, |0-0| of the unit that moved
 
 
 def test_forced_zero_lines_follow_the_invariants(simulated_run) -> None:
@@ -153,3 +154,34 @@ def test_forced_zero_lines_follow_the_invariants(simulated_run) -> None:
     lookup = pl.read_parquet(release / "margins" / "simulated.parquet")
     zeros = lookup.filter((pl.col("geolevel") == "block") & (pl.col("size_bin") == "0"))
     assert zeros.height > 0 and (zeros["moe90"] > 0).any()
+
+
+def test_line_margins_shift_the_errors_to_the_bias_measured_against_the_gls() -> None:
+    """With the unbiased (GLS) estimates, a non-zero group's rerun errors are moved so that their
+    mean is the group's bias: mean(published - GLS) plus the GLS noise the size bin selects
+    (mean(rerun GLS - plug-in) over the reruns' counts in the bin); a line with fewer than
+    MIN_BIAS_CELLS cells takes the bias of every line in its bin; zeros keep their rule."""
+    from pipeline.job.margins import MIN_BIAS_CELLS, line_margins
+
+    n = MIN_BIAS_CELLS
+    counts = np.zeros((n, 3), np.int64)
+    counts[:, 0] = 300                                   # line 0: n cells of 250-999
+    counts[:10, 1] = 400                                 # line 1: 10 cells of 250-999, the rest 0
+    reruns = np.stack([counts + 1, counts - 1])          # rerun errors +-1: mean 0
+    reruns[:, 10:, 1] = 0
+    reruns[0, :, 2] = 1                                  # line 2: published 0, a rerun makes 1
+    blue = counts + np.array([10.0, 40.0, 0.0])          # published - GLS: -10 on line 0, -40 on line 1
+    rerun_blue = reruns + np.array([3.0, 3.0, 0.0])      # the bin's GLS noise: rerun GLS - plug-in = +3 +- 1
+    rerun_blue -= (reruns - counts[None])
+    groups, _ = line_margins(counts, reruns, lambda: np.zeros(counts.shape, bool), blue, rerun_blue)
+    got = {(j, b): (q, bias) for j, b, q, _, bias in groups}
+    # line 0: bias -10 + 3 = -7; errors +-1 moved by -7: |-6|, |-8| -> 8
+    assert got[(0, 4)] == (8, -7.0)
+    # line 1 (10 cells): the bin's pooled bias, (n * -10 + 10 * -40) / (n + 10) + 3
+    pooled = (n * -10 + 10 * -40) / (n + 10) + 3
+    q, bias = got[(1, 4)]
+    assert bias == pytest.approx(pooled) and q == round(-pooled) + 1
+    q0, bias0 = got[(2, 0)]
+    assert q0 == 1 and np.isnan(bias0)                   # zeros: their own rule, no shift
+    plain, _ = line_margins(counts, reruns, lambda: np.zeros(counts.shape, bool))
+    assert {(j, b): q for j, b, q, _, _ in plain}[(0, 4)] == 1

@@ -28,9 +28,11 @@ Files (run directory, confidential; each recorded with its checksum in ``state.j
   the ``1/v_q`` are fitted to make ``Σ_q Q_qᵀQ_q / v_q`` the closest such sum to the exact
   information of the targets (``LevelFit.engine_weights``; for raw measurements it gives back
   their own variances exactly).
-- ``estimates/<kind>/<level>/lines.parquet`` (every level but the bottom one): ``unit, table,
-  line, estimate``: every published table line's BLUE (the release's unbiased tables; their
-  standard errors, like the margins of error, follow from the design and the tree alone).
+- ``estimates/<kind>/<level>/lines.parquet`` (every level but the bottom one; the bottom one
+  too when the run simulates its margins of error, ``output.margins: simulated``): ``unit,
+  table, line, estimate``: every published table line's BLUE (the release's unbiased tables;
+  their standard errors, like the margins of error, follow from the design and the tree alone;
+  the simulated margins measure the published counts' bias against them, ``pipeline.job.margins``).
 - ``estimates/<kind>/parts/`` (scratch, only while the stage runs): each part's up pass above
   its bottom level (``up-<part>.npz``, :meth:`Upward.to_arrays`) and its rows of the two files
   above, appended in order and removed.
@@ -59,7 +61,7 @@ from pipeline.job.context import RunContext
 from pipeline.job.executor import Executor
 from pipeline.job.plan import shard_bounds
 from pipeline.model.spec import HistogramSpec
-from pipeline.postprocess.gls import GLSModel, LevelMeasurements, Message, Posterior, Upward, stack_messages
+from pipeline.postprocess.gls import GLSModel, LevelFit, LevelMeasurements, Message, Posterior, Upward, stack_messages
 from pipeline.privacy.measure import load_measurements
 from pipeline.release.tables import TableDef, load_tables
 
@@ -158,6 +160,13 @@ def _inner(ctx: RunContext) -> range:
     return range(1, len(ctx.geography.levels) - 1)
 
 
+def _bottom_lines(ctx: RunContext) -> bool:
+    """Whether the bottom level's line estimates are made too: only the simulated margins of
+    error need them (the bias of the published counts, ``pipeline.job.margins``); they cost the
+    leaves' change of basis, which the up pass otherwise skips."""
+    return ctx.cfg.output.margins == "simulated"
+
+
 def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[int, list[np.ndarray]]]:
     """Pass (1) for one part (a work item): ``(run_dir, kind, k, lo, hi, part)`` -> the part's
     message to the level above (``info``, ``h`` arrays per component, units ``lo:hi`` of level
@@ -172,7 +181,7 @@ def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[
     up = _model(ctx, kind).upward(sub, leaf_means=False)  # no target or line needs the bottom's own
     info = {i: (up.message.subtree_fit() if i == k else up.subtree(i - k)).information_sum()
             for i in _inner(ctx) if i >= k}
-    if up.bounds:
+    if up.bounds and not _bottom_lines(ctx):  # else pass (3) runs the part's up pass again
         path = ctx.rd.estimate_parts_dir(kind) / f"up-{part:05d}.npz"
         with private_files():  # confidential, like every run file (a worker's umask is its own)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,34 +189,52 @@ def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[
     return up.message.info, up.message.h, info
 
 
-def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int, tuple[Path, Path]]:
+def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int, tuple[Path | None, Path]]:
     """Pass (3) for one part: ``(run_dir, kind, k, lo, hi, part, mean, cov)`` with the posterior
     of its top units from the fit above -> its rows of every level's targets and line estimates,
-    written to part files (``{level index: (targets part, lines part)}``; the stage appends them
-    in order). The up pass is pass (1)'s, read back without its bottom boundary."""
+    written to part files (``{level index: (targets part or None, lines part)}``; the stage
+    appends them in order). The up pass is pass (1)'s, read back without its bottom boundary —
+    or, when the bottom level's lines are made (:func:`_bottom_lines`), run again here with the
+    leaves' means (cheaper than saving the leaves' arrays in pass (1) and reading them back)."""
     run_dir, kind, k, lo, hi, part, mean, cov = item
     ctx = RunContext.load(run_dir)
     model = _model(ctx, kind)
     levels, queries = ctx.geography.levels, ctx.strategies[kind].queries
+    bottom = len(levels) - 1
     mine = [i for i in _inner(ctx) if i >= k]
-    if not mine:
+    lined = mine + ([bottom] if _bottom_lines(ctx) else [])
+    if not lined:
         return {}
     parts = ctx.rd.estimate_parts_dir(kind)
-    with np.load(parts / f"up-{part:05d}.npz") as z:
-        up = Upward.from_arrays(model, z)
-    fit = model.downward(up, Posterior(model, tuple(mean), tuple(cov)))
+    top = Posterior(model, tuple(mean), tuple(cov))
+    if k == bottom:  # the parts are bottom units: their posterior is the fit above's
+        fits = [LevelFit(model, top)]
+        up = None
+    elif bottom in lined:
+        sub, _ = _subtree(ctx, kind, k, lo, hi)
+        up = model.upward(sub)
+        fits = list(model.downward(up, top).levels)
+    else:
+        with np.load(parts / f"up-{part:05d}.npz") as z:
+            up = Upward.from_arrays(model, z)
+        fits = list(model.downward(up, top).levels)
     tables = _tables(ctx, kind)
-    out = {}
+    out: dict[int, tuple[Path | None, Path]] = {}
     first = lo
-    for i in mine:
+    for i in range(k, bottom + 1):
         if i > k:
             first = int(levels[i - 1].child_ptr[first])
-        fit_i = up.message.subtree_fit() if i == k else up.subtree(i - k)
+        if i not in lined:
+            continue
         paths = (parts / f"targets-{i}-{part:05d}.parquet", parts / f"lines-{i}-{part:05d}.parquet")
         with private_files():  # scratch, read back once by the stage: not worth encoding
-            pq.write_table(_target_rows(fit_i, queries(levels[i].name), first), paths[0], **_SCRATCH)
-            pq.write_table(_line_rows(fit.levels[i - k], tables, first), paths[1], **_SCRATCH)
-        out[i] = paths
+            parts.mkdir(parents=True, exist_ok=True)  # (pass (1) made it only if it saved an up pass)
+            if i in mine:
+                assert up is not None
+                fit_i = up.message.subtree_fit() if i == k else up.subtree(i - k)
+                pq.write_table(_target_rows(fit_i, queries(levels[i].name), first), paths[0], **_SCRATCH)
+            pq.write_table(_line_rows(fits[i - k], tables, first), paths[1], **_SCRATCH)
+        out[i] = (paths[0] if i in mine else None, paths[1])
     return out
 
 
@@ -255,7 +282,8 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
     tables = _tables(ctx, kind)
     targets = {i: _Appender(ctx.rd.estimate_targets_path(kind, levels[i].name), {"dptab.variances": weights[i]})
                for i in [0, *inner]}
-    lines = {i: _Appender(ctx.rd.estimate_lines_path(kind, levels[i].name)) for i in [0, *inner]}
+    lined = [0, *inner] + ([len(levels) - 1] if _bottom_lines(ctx) else [])
+    lines = {i: _Appender(ctx.rd.estimate_lines_path(kind, levels[i].name)) for i in lined}
     try:
         targets[0].add(_target_rows(top_fit.levels[0], strategy.queries(levels[0].name), 0))
         lines[0].add(_line_rows(top_fit.levels[0], tables, 0))
@@ -269,7 +297,8 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
         for written in executor.imap(_part_down, [(run_dir, kind, k, lo, hi, p, top.mean, top.cov)
                                                   for p, ((lo, hi), top) in enumerate(zip(ranges, tops))]):
             for i, (tpath, lpath) in sorted(written.items()):
-                targets[i].add(pq.read_table(tpath))
+                if tpath is not None:
+                    targets[i].add(pq.read_table(tpath))
                 lines[i].add(pq.read_table(lpath))
     finally:
         files = [a.close() for a in [*targets.values(), *lines.values()]]
@@ -338,12 +367,13 @@ class _Appender:
         return self.path
 
 
-def read_line_estimates(ctx: RunContext, kind: str) -> dict[tuple[str, str], np.ndarray]:
+def read_line_estimates(ctx: RunContext, kind: str, bottom: bool = False) -> dict[tuple[str, str], np.ndarray]:
     """The full estimator's line estimates of ``kind``: ``{(table, level): float (n_units, n_lines)}``
-    for every level but the bottom one (the release's unbiased tables)."""
+    for every level but the bottom one (the release's unbiased tables); with ``bottom``, the
+    bottom level's too (written only for simulated margins, :func:`_bottom_lines`)."""
     out = {}
     levels = ctx.geography.levels
-    for lv in levels[:-1]:
+    for lv in levels if bottom else levels[:-1]:
         df = pl.read_parquet(ctx.rd.verified(ctx.rd.estimate_lines_path(kind, lv.name)))
         for t in _tables(ctx, kind):
             part = df.filter(pl.col("table") == t.name)

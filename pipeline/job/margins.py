@@ -17,6 +17,20 @@ Monte Carlo method does, using released data only and spending no budget:
    fewer than :data:`MIN_ERRORS` errors (few areas at the top levels) takes the quantile of all
    lines of its table at that level and bin. A cell whose every rerun reproduced it exactly (fixed
    by the invariants, a structural zero, a parent of 0) gets 0;
+
+   with the full estimator, a non-zero group's errors are first moved by its **bias shift**: the
+   plug-in is the published histogram, which is denser across areas and sparser inside large ones
+   than the truth (the post-processing spreads counts into empty cells and hides small ones), so
+   the reruns reproduce only part of the published counts' bias — about half of the large blocks'
+   (ACCURACY.md). The bias itself is measured against the unbiased GLS estimate ``g`` of the same
+   lines (``pipeline.job.estimate``, made for the bottom level too when margins are simulated):
+   over a group's cells, ``mean(published − g)`` estimates ``E[published − truth]`` up to the
+   GLS noise of the cells the size bin selects, ``E[g − truth | bin]``, which the reruns measure
+   as ``mean(g* − plug-in)`` over the cells each rerun published in the bin (``g*``: the rerun's
+   own GLS estimate). The group's errors are shifted by the whole persons nearest to that bias
+   minus their own mean (a shift under half a person moves nothing), from a group of at least
+   :data:`MIN_BIAS_CELLS` cells (else the table's cells at that level and bin). The ``topdown``
+   estimator has no GLS estimate: no shift;
 4. except a published **zero**: what matters for it is how large a true count the
    post-processing turns into 0. Its margin is the 90th percentile, over the reruns and the units
    of the level, of the plug-in count of the line wherever a rerun published 0 although the
@@ -57,6 +71,10 @@ QUANTILE = 0.9
 #: fewest errors a (line, size bin) group's quantile is taken from; smaller groups use the
 #: errors of every line of their table at that level and bin
 MIN_ERRORS = 50
+#: fewest cells a (line, size bin) group's bias is estimated from (its standard error is then at
+#: most a tenth of one cell's GLS standard error); smaller groups use their table's at that level
+#: and bin
+MIN_BIAS_CELLS = 100
 
 
 def _plugin_run(ctx: RunContext, k: int, seed: int) -> RunDir:
@@ -89,18 +107,30 @@ def _plugin_run(ctx: RunContext, k: int, seed: int) -> RunDir:
 
 def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The simulated margins: ``(lookup, moving)``. ``lookup``: one row per (table, geolevel,
-    line, size bin) with ``moe90`` (int64, persons or housing units) and ``errors`` (how many
-    rerun errors it is the quantile of); ``moving``: the cells (table, geolevel, unit, line) that
-    some rerun changed — every other cell gets 0 (``pipeline.release.uncertainty.simulated_moe90``)."""
+    line, size bin) with ``moe90`` (int64, persons or housing units), ``errors`` (how many
+    rerun errors it is the quantile of) and ``bias`` (float64, the group's estimated mean error
+    of the published counts its errors were shifted to; NaN without one); ``moving``: the cells
+    (table, geolevel, unit, line) that some rerun changed — every other cell gets 0
+    (``pipeline.release.uncertainty.simulated_moe90``)."""
+    from pipeline.job.estimate import read_line_estimates
     from pipeline.job.stages import solve_levels
 
     ts = load_tables(ctx.cfg.tables)
     plug = {kind: {lv: SparseHistogram.from_parquet(ctx.rd.verified(ctx.rd.solved_path(kind, lv)))
                    for lv in ctx.level_names} for kind in ctx.kinds}
+    # the unbiased estimates the bias is measured against (the full estimator's, every level)
+    gls = ctx.cfg.postprocess.estimator == "full"
+    blue = {k: v for kind in ctx.kinds for k, v in read_line_estimates(ctx, kind, bottom=True).items()} if gls else {}
     reruns: dict[tuple[str, str], list[np.ndarray]] = {}
+    rerun_blue: dict[tuple[str, str], list[np.ndarray]] = {}
     for k in range(trials):
         rd = _plugin_run(ctx, k, seed)
         solve_levels(rd.root)
+        if gls:
+            rctx = RunContext.load(rd.root)
+            for kind in ctx.kinds:
+                for key, g in read_line_estimates(rctx, kind, bottom=True).items():
+                    rerun_blue.setdefault(key, []).append(g)
         for kind in ctx.kinds:
             for lv in ctx.level_names:
                 rerun = SparseHistogram.from_parquet(rd.verified(rd.solved_path(kind, lv)))
@@ -112,36 +142,46 @@ def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFr
         for t in ts.of_kind(kind):
             for lv in ctx.level_names:
                 counts = tabulate(plug[kind][lv], t)
-                groups, moving = line_margins(counts, np.stack(reruns.pop((t.name, lv))),
-                                              lambda: forced_zero_lines(ctx, kind, lv, t))
+                key = (t.name, lv)
+                groups, moving = line_margins(counts, np.stack(reruns.pop(key)),
+                                              lambda: forced_zero_lines(ctx, kind, lv, t),
+                                              blue.get(key), np.stack(rerun_blue.pop(key)) if gls else None)
                 u, ln = np.nonzero(moving)
                 moved.append(pl.DataFrame({"table": pl.repeat(t.name, u.size, dtype=pl.Utf8, eager=True),
                                            "geolevel": pl.repeat(lv, u.size, dtype=pl.Utf8, eager=True),
                                            "unit": u.astype(np.int64),
                                            "line": np.asarray(t.numbers, np.int32)[ln]}))
-                rows += [(t.name, lv, int(t.numbers[j]), SIZE_BIN_LABELS[b], q, n) for j, b, q, n in groups]
+                rows += [(t.name, lv, int(t.numbers[j]), SIZE_BIN_LABELS[b], q, n, bias) for j, b, q, n, bias in groups]
     lookup = pl.DataFrame(rows, schema={"table": pl.Utf8, "geolevel": pl.Utf8, "line": pl.Int32,
-                                        "size_bin": pl.Utf8, "moe90": pl.Int64, "errors": pl.Int64}, orient="row")
+                                        "size_bin": pl.Utf8, "moe90": pl.Int64, "errors": pl.Int64,
+                                        "bias": pl.Float64}, orient="row")
     return lookup, pl.concat(moved)
 
 
-def line_margins(counts: np.ndarray, reruns: np.ndarray, forced: Callable[[], np.ndarray]
-                 ) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
+def line_margins(counts: np.ndarray, reruns: np.ndarray, forced: Callable[[], np.ndarray],
+                 blue: np.ndarray | None = None, rerun_blue: np.ndarray | None = None
+                 ) -> tuple[list[tuple[int, int, int, int, float]], np.ndarray]:
     """The simulated margins of one table at one level (steps 3–4 of the module doc).
 
     ``counts``: the plug-in (published) counts, int ``(n_units, n_lines)``; ``reruns``: the
     counts each rerun published, int ``(K, n_units, n_lines)``; ``forced()``: bool ``(n_units,
     n_lines)``, the lines the invariants force to 0 (called only when some rerun hid a positive
-    count). Returns ``[(line index, size bin index, moe90, values it is the quantile of)]`` per
-    (line, bin) group with a cell that has a margin, and that mask, bool ``(n_units, n_lines)``.
+    count); ``blue``, ``rerun_blue``: the unbiased (GLS) estimates of the lines from the run's
+    measurements, float ``(n_units, n_lines)``, and from each rerun's, ``(K, n_units,
+    n_lines)`` — given, the non-zero groups' errors are moved by their bias shift. Returns
+    ``[(line index, size bin index, moe90, values it is the quantile of, bias)]`` per (line,
+    bin) group with a cell that has a margin (``bias``: the estimated mean error of the group's
+    published counts, persons; NaN where not estimated) and that mask, bool ``(n_units, n_lines)``.
     """
-    errors = np.abs(reruns - counts[None])                         # |rerun - plug-in|
+    signed = reruns - counts[None]                                 # rerun - plug-in
+    errors = np.abs(signed)
     hidden = (reruns == 0) & (counts > 0)[None]                    # plug-in counts a rerun published as 0
     moving = errors.max(axis=0) > 0                                # cells some rerun changed
     if hidden.any():  # every published zero the invariants allow to be positive
         moving |= (counts == 0) & ~forced()
     bins = size_bin(counts)
     plugin = np.broadcast_to(counts, errors.shape)
+    rerun_bins = size_bin(reruns) if blue is not None else None
     out = []
     for b in range(len(SIZE_BIN_LABELS)):
         # the (line, bin) groups; a group with fewer than MIN_ERRORS values borrows the pooled
@@ -150,18 +190,59 @@ def line_margins(counts: np.ndarray, reruns: np.ndarray, forced: Callable[[], np
         sel = (bins == b) & moving
         if not sel.any():
             continue
-        if b == 0 and hidden.any():  # published zeros: the counts a zero hides
+        zeros = b == 0 and hidden.any()
+        if zeros:  # published zeros: the counts a zero hides
             pooled = np.sort(plugin[hidden])
             per_line = [np.sort(plugin[:, :, j][hidden[:, :, j]]) for j in range(counts.shape[1])]
-        else:
-            pooled = np.sort(errors[:, sel].ravel())
-            per_line = [np.sort(errors[:, sel[:, j], j].ravel()) for j in range(counts.shape[1])]
+        shift = None
+        if b > 0 and blue is not None:
+            assert rerun_blue is not None and rerun_bins is not None
+            shift = _BiasShift(counts, blue, rerun_blue, (rerun_bins == b) & moving[None], sel)
         for j in range(counts.shape[1]):
-            if sel[:, j].any():
+            if not sel[:, j].any():
+                continue
+            if zeros:
                 vals = per_line[j] if per_line[j].size >= MIN_ERRORS else pooled
-                q = vals[int(np.ceil(QUANTILE * vals.size)) - 1]  # inverted CDF: exact, integer
-                out.append((j, b, int(q), int(vals.size)))
+                bias = float("nan")
+            else:
+                own = sel[:, j].sum() * reruns.shape[0] >= MIN_ERRORS
+                group = signed[:, sel[:, j], j] if own else signed[:, sel]
+                bias = float("nan") if shift is None else shift.bias(j)
+                # the errors moved by the whole persons nearest to (bias - their own mean)
+                move = 0 if shift is None else int(np.rint(bias - group.mean()))
+                vals = np.sort(np.abs(group.ravel() + move))
+            q = vals[int(np.ceil(QUANTILE * vals.size)) - 1]  # inverted CDF: exact, integer
+            out.append((j, b, int(q), int(vals.size), bias))
     return out, moving
+
+
+class _BiasShift:
+    """The bias estimate of one size bin's groups (module doc, step 3): per line from its own
+    cells when it has :data:`MIN_BIAS_CELLS` of them, else from the cells of every line in the bin.
+
+    ``counts``, ``blue``: ``(n_units, n_lines)``; ``rerun_blue``: ``(K, n_units, n_lines)``;
+    ``in_bin``: bool ``(K, n_units, n_lines)``, the rerun counts in this bin (of cells with a
+    margin); ``sel``: bool ``(n_units, n_lines)``, the bin's published cells with a margin."""
+
+    def __init__(self, counts: np.ndarray, blue: np.ndarray, rerun_blue: np.ndarray, in_bin: np.ndarray,
+                 sel: np.ndarray) -> None:
+        self.sel = sel
+        self.gap = counts - blue                                   # published - GLS, per cell
+        self.noise = rerun_blue - counts[None]                     # a rerun's GLS - its truth (the plug-in)
+        self.rerun_sel = in_bin
+        self.pooled = self._bias(self.gap[sel], self.noise[self.rerun_sel])
+
+    @staticmethod
+    def _bias(gap: np.ndarray, noise: np.ndarray) -> float:
+        # E[published - truth | bin] = E[published - g | bin] + E[g - truth | bin]; the second
+        # term (the GLS noise the bin selects) from the reruns, whose truth is known
+        return float(gap.mean() + (noise.mean() if noise.size else 0.0))
+
+    def bias(self, j: int) -> float:
+        cells = self.sel[:, j]
+        if cells.sum() < MIN_BIAS_CELLS:
+            return self.pooled
+        return self._bias(self.gap[cells, j], self.noise[:, :, j][self.rerun_sel[:, :, j]])
 
 
 def forced_zero_lines(ctx: RunContext, kind: str, level: str, table: Any) -> np.ndarray:
