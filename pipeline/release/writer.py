@@ -363,7 +363,9 @@ UNCERTAINTY_METHODS = {
     "simulated": "approximate Monte Carlo: the whole post-processing re-run on fresh noise around the published "
                  "counts (released data only, no budget); moe90 is the 90th percentile of |re-run - published| over "
                  "the re-runs and the areas of a level whose count of the line is in the same size bin "
-                 "(0, 1-9, 10-49, 50-249, 250-999, >=1000); 0 where every re-run reproduced the count; a published "
+                 "(0, 1-9, 10-49, 50-249, 250-999, >=1000), with the full estimator after moving the re-run errors "
+                 "of a non-zero bin to the bias measured against the unbiased GLS estimate (margins/simulated.parquet, "
+                 "column bias); 0 where every re-run reproduced the count; a published "
                  "0 gets the 90th percentile of the positive counts a re-run published as 0 (what a zero hides), "
                  "or 0 where the structural zeros or the declared invariants force the count to 0",
     "full": "exact standard error, per area, of the hierarchical GLS (best linear unbiased) estimate from every "
