@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -134,6 +135,23 @@ def test_split_parts_by_hand() -> None:
     assert split_parts(even, [1, 2, 5, 11], 3) == (2, [(0, 1), (1, 4), (4, 5)])
 
 
+def _whole_tree_fit(ctx: RunContext) -> tuple[Any, Any]:
+    """One GLS fit over the whole tree of a run's persons measurements: ``(up pass, fit)``."""
+    from pipeline.postprocess.gls import GLSModel, LevelMeasurements
+    from pipeline.privacy.measure import load_measurements
+
+    spec, strategy, levels = ctx.spec("persons"), ctx.strategies["persons"], ctx.geography.levels
+    data = []
+    for i, lv in enumerate(levels):
+        meas = load_measurements(ctx.rd.measurement_files("persons", lv.name), spec, 0, lv.n_units,
+                                 queries=list(strategy.queries(lv.name)))
+        data.append(LevelMeasurements(None if i == 0 else levels[i - 1].child_ptr,
+                                      {q: (m.values, m.variance) for q, m in meas.items()}))
+    model = GLSModel(spec, [q for d in data for q in d.measured])
+    up = model.upward(data)
+    return up, model.downward(up)
+
+
 def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The estimate stage fits the tree in parts below a split level, in a pool of workers; its
     targets and line estimates are those of one fit over the whole tree (two states), bitwise the
@@ -145,8 +163,6 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
     from test_dask_executor import _digests, _two_states
 
     from pipeline.job.estimate import read_line_estimates, read_targets, split_parts
-    from pipeline.postprocess.gls import GLSModel, LevelMeasurements
-    from pipeline.privacy.measure import load_measurements
     from pipeline.release.tables import load_tables
 
     inputs = _two_states(tmp_path)
@@ -158,15 +174,7 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
     k, _ = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
                        [int(lv.n_units) for lv in levels], 2)
     assert 0 < k < len(levels) - 2  # every part holds levels with targets above its leaves
-    data = []
-    for i, lv in enumerate(levels):
-        meas = load_measurements(ctx.rd.measurement_files("persons", lv.name), spec, 0, lv.n_units,
-                                 queries=list(strategy.queries(lv.name)))
-        data.append(LevelMeasurements(None if i == 0 else levels[i - 1].child_ptr,
-                                      {q: (m.values, m.variance) for q, m in meas.items()}))
-    model = GLSModel(spec, [q for d in data for q in d.measured])
-    up = model.upward(data)
-    whole = model.downward(up)
+    up, whole = _whole_tree_fit(ctx)
     lines = read_line_estimates(ctx, "persons")
     for i, lv in enumerate(levels[:-1]):
         sub = whole.levels[0] if i == 0 else up.subtree(i)
@@ -204,8 +212,6 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
     from test_dask_executor import _two_states
 
     from pipeline.job.estimate import read_line_estimates, split_parts
-    from pipeline.postprocess.gls import GLSModel, LevelMeasurements
-    from pipeline.privacy.measure import load_measurements
     from pipeline.release.tables import load_tables
 
     inputs = _two_states(tmp_path)
@@ -213,18 +219,11 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
     out = stages.run(write_config(tmp_path, inputs, output={"margins": "simulated", "margin_trials": 2}, **cfg),
                      progress=False)
     ctx = RunContext.load(out["run_dir"])
-    spec, strategy, levels = ctx.spec("persons"), ctx.strategies["persons"], ctx.geography.levels
+    levels = ctx.geography.levels
     k, _ = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
                        [int(lv.n_units) for lv in levels], parts)
     assert (k == len(levels) - 1) == (parts > levels[-1].n_units)
-    data = []
-    for i, lv in enumerate(levels):
-        meas = load_measurements(ctx.rd.measurement_files("persons", lv.name), spec, 0, lv.n_units,
-                                 queries=list(strategy.queries(lv.name)))
-        data.append(LevelMeasurements(None if i == 0 else levels[i - 1].child_ptr,
-                                      {q: (m.values, m.variance) for q, m in meas.items()}))
-    model = GLSModel(spec, [q for d in data for q in d.measured])
-    whole = model.downward(model.upward(data))
+    _, whole = _whole_tree_fit(ctx)
     lines = read_line_estimates(ctx, "persons", bottom=True)
     for i, lv in enumerate(levels):
         for t in load_tables("pl94").of_kind("persons"):

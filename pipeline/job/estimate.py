@@ -195,7 +195,7 @@ def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int,
     written to part files (``{level index: (targets part or None, lines part)}``; the stage
     appends them in order). The up pass is pass (1)'s, read back without its bottom boundary —
     or, when the bottom level's lines are made (:func:`_bottom_lines`), run again here with the
-    leaves' means (cheaper than saving the leaves' arrays in pass (1) and reading them back)."""
+    leaves' means, so that no pass writes the leaves' arrays (the largest part of a pass) to disk."""
     run_dir, kind, k, lo, hi, part, mean, cov = item
     ctx = RunContext.load(run_dir)
     model = _model(ctx, kind)
