@@ -181,7 +181,11 @@ def line_margins(counts: np.ndarray, reruns: np.ndarray, forced: Callable[[], np
         moving |= (counts == 0) & ~forced()
     bins = size_bin(counts)
     plugin = np.broadcast_to(counts, errors.shape)
-    rerun_bins = size_bin(reruns) if blue is not None else None
+    if blue is not None:  # the bias terms of every cell (module doc, step 3)
+        assert rerun_blue is not None
+        gap = counts - blue                                        # published - GLS
+        noise = rerun_blue - counts[None]                          # a rerun's GLS - its truth (the plug-in)
+        rerun_bins = size_bin(reruns)
     out = []
     for b in range(len(SIZE_BIN_LABELS)):
         # the (line, bin) groups; a group with fewer than MIN_ERRORS values borrows the pooled
@@ -196,8 +200,7 @@ def line_margins(counts: np.ndarray, reruns: np.ndarray, forced: Callable[[], np
             per_line = [np.sort(plugin[:, :, j][hidden[:, :, j]]) for j in range(counts.shape[1])]
         shift = None
         if b > 0 and blue is not None:
-            assert rerun_blue is not None and rerun_bins is not None
-            shift = _BiasShift(counts, blue, rerun_blue, (rerun_bins == b) & moving[None], sel)
+            shift = _BiasShift(gap, noise, (rerun_bins == b) & moving[None], sel)
         for j in range(counts.shape[1]):
             if not sel[:, j].any():
                 continue
@@ -220,17 +223,14 @@ class _BiasShift:
     """The bias estimate of one size bin's groups (module doc, step 3): per line from its own
     cells when it has :data:`MIN_BIAS_CELLS` of them, else from the cells of every line in the bin.
 
-    ``counts``, ``blue``: ``(n_units, n_lines)``; ``rerun_blue``: ``(K, n_units, n_lines)``;
-    ``in_bin``: bool ``(K, n_units, n_lines)``, the rerun counts in this bin (of cells with a
-    margin); ``sel``: bool ``(n_units, n_lines)``, the bin's published cells with a margin."""
+    ``gap``: float ``(n_units, n_lines)``, published − GLS estimate; ``noise``: float ``(K,
+    n_units, n_lines)``, each rerun's GLS estimate − the plug-in; ``in_bin``: bool ``(K, n_units,
+    n_lines)``, the rerun counts in this bin (of cells with a margin); ``sel``: bool ``(n_units,
+    n_lines)``, the bin's published cells with a margin."""
 
-    def __init__(self, counts: np.ndarray, blue: np.ndarray, rerun_blue: np.ndarray, in_bin: np.ndarray,
-                 sel: np.ndarray) -> None:
-        self.sel = sel
-        self.gap = counts - blue                                   # published - GLS, per cell
-        self.noise = rerun_blue - counts[None]                     # a rerun's GLS - its truth (the plug-in)
-        self.rerun_sel = in_bin
-        self.pooled = self._bias(self.gap[sel], self.noise[self.rerun_sel])
+    def __init__(self, gap: np.ndarray, noise: np.ndarray, in_bin: np.ndarray, sel: np.ndarray) -> None:
+        self.gap, self.noise, self.rerun_sel, self.sel = gap, noise, in_bin, sel
+        self.pooled = self._bias(gap[sel], noise[in_bin])
 
     @staticmethod
     def _bias(gap: np.ndarray, noise: np.ndarray) -> float:
