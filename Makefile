@@ -17,8 +17,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m flows.demo
 
+# one pytest worker per core, a test file per worker at a time (module fixtures are shared)
+PYTEST_WORKERS ?= auto
+
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 # the layer contract, types of the core wings, and lint (part of `make test`)
 lint: setup
@@ -27,7 +30,7 @@ lint: setup
 	$(BIN)/mypy pipeline/model pipeline/privacy pipeline/postprocess pipeline/errors.py pipeline/files.py pipeline/runtime.py
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: setup
 	$(BIN)/python -m pip install -q -e '.[bench]'
