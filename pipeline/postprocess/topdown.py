@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from pipeline.model.spec import HistogramSpec
 from pipeline.postprocess.diagnostics import LevelDiagnostics, ParentStats
@@ -43,6 +43,18 @@ from pipeline.postprocess.solver import (
 T = TypeVar("T")
 R = TypeVar("R")
 Mapper = Callable[[Callable[[T], R], Sequence[T]], list[R]]
+
+_BLAS: ThreadpoolController | None = None
+
+
+def _one_blas_thread() -> Any:
+    """``threadpool_limits(1, "blas")`` as a context manager, from a controller made once per
+    process: making one scans every library the process has loaded, ~1% of a block-level work
+    item's time when made per item (profile of a 30 M run)."""
+    global _BLAS
+    if _BLAS is None:
+        _BLAS = ThreadpoolController()
+    return _BLAS.limit(limits=1, user_api="blas")
 
 
 def serial_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
@@ -74,7 +86,7 @@ def solve_root(
         lower=lower, zero_answers=zero_answers, label=label,
     )
     options = options or SolveOptions()
-    with threadpool_limits(1, "blas"):
+    with _one_blas_thread():
         prep = prepare_parent(prob, options)
         paths = plan([prep], options)  # the root is never batched (no parent): single
         if paths.shortcut:
@@ -127,8 +139,12 @@ class RangeJob:
                            self.groups, None))
 
 
-def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
-    """Every parent of ``job.batch``: children int64 ``(n_children, n_cells)`` and diagnostics.
+def solve_range(job: RangeJob) -> tuple[np.ndarray, np.ndarray, LevelDiagnostics]:
+    """Every parent of ``job.batch``: the nonzero entries of the children's int64
+    ``(n_children, n_cells)`` histograms as ascending flat indices (int64) and their counts
+    (int64), and diagnostics. Sparse because the result goes back through a pipe when the item
+    ran in a worker process, and the dense histograms of blocks are ~99.7% zeros (16 KB a
+    block of the 2020 persons histogram, against ~0.1 KB of entries).
 
     BLAS is pinned to one thread here (the work item may run in any process). Parents take the
     paths :func:`solver.plan` gives them (the batches ``job.groups`` when given): shortcuts,
@@ -143,7 +159,7 @@ def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
         out[c0:c0 + N.shape[0]] = N
         diag.add(st, N.shape[0])
 
-    with threadpool_limits(1, "blas"):
+    with _one_blas_thread():
         preps: list[Prepared] = [
             _named(batch, [i], prepare_parent, batch.problem(i), options)
             for i in range(batch.n_parents)
@@ -169,7 +185,8 @@ def solve_range(job: RangeJob) -> tuple[np.ndarray, LevelDiagnostics]:
                         True, job.solver)
             for i, X in zip(group, Xs):
                 put(i, _named(batch, [i], finish_parent, preps[i], X, options), preps[i].st)
-    return out, diag
+    flat = np.flatnonzero(out)
+    return flat, out.ravel()[flat], diag
 
 
 @dataclass
@@ -228,7 +245,7 @@ def solve_level(
     batch: LevelBatch,
     options: SolveOptions | None = None,
     level: str = "",
-    mapper: Mapper[RangeJob, tuple[np.ndarray, LevelDiagnostics]] | None = None,
+    mapper: Mapper[RangeJob, tuple[np.ndarray, np.ndarray, LevelDiagnostics]] | None = None,
     chunks: int = 1,
     solver: Solver | None = None,
 ) -> tuple[np.ndarray, LevelDiagnostics]:
@@ -261,8 +278,9 @@ def solve_level(
     results = (mapper or serial_map)(solve_range, jobs)
     # diagnostics merged in level order of the items' first parents (as the ranges were)
     for j in sorted(range(len(jobs)), key=lambda j: int(rows[j][0]) if rows[j].size else -1):
-        part, d = results[j]
-        out[rows[j]] = part
+        flat, values, d = results[j]
+        r, c = np.divmod(flat, batch.spec.n_cells)
+        out[rows[j][r], c] = values
         diag.merge(d)
     diag.seconds = time.perf_counter() - t0
     return out, diag
