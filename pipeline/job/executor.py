@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -137,6 +138,52 @@ def close_executor() -> None:
     if _current is not None:
         _current.close()
         _current = None
+
+
+class ClusterTasks:
+    """From inside a shard's task on a Dask cluster: the shard's work items as tasks on the same
+    cluster, so a level with fewer shards than the cluster has threads (the county and tract
+    levels of a few states: one shard a state) still uses every worker. A shard task runs in a
+    daemonic worker process and cannot start a pool; without this its parents were solved on
+    its one thread while the other workers idled (10 M persons, 2 workers: county and tract
+    levels at 104-106% CPU). The task secedes from its worker's thread pool while it waits, so
+    that worker takes items too. Results are the same as locally: the engine forms its batches
+    over the whole level, whatever the number of work items."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = max(1, int(threads))
+
+    @property
+    def parallel(self) -> bool:
+        return True
+
+    @property
+    def chunks(self) -> int:
+        return self.threads * CHUNKS_PER_WORKER
+
+    def map(self, fn: Callable[[T], R], items: Sequence[T],
+            on_done: Callable[[int, int], None] | None = None) -> list[R]:
+        from distributed import worker_client
+
+        with worker_client() as client:
+            futures = client.map(fn, list(items), pure=False)
+            out = list(client.gather(futures))
+        if on_done is not None:
+            on_done(len(out), len(out))
+        return out
+
+
+def cluster_threads() -> int:
+    """Threads of the Dask cluster when this code runs in one of its tasks, else 0 (never
+    imports ``distributed``: a process that has not is not a Dask worker)."""
+    mod = sys.modules.get("distributed")
+    if mod is None:
+        return 0
+    try:
+        mod.get_worker()
+    except ValueError:
+        return 0
+    return int(sum(mod.get_client().nthreads().values()))
 
 
 class DaskExecutor:

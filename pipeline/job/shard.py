@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.errors import DptabError
 from pipeline.files import crash_point
 from pipeline.job.context import RunContext
-from pipeline.job.executor import Executor
+from pipeline.job.executor import ClusterTasks, Executor
 from pipeline.model.histogram import SparseHistogram
 from pipeline.postprocess.parent import SolveOptions
 from pipeline.postprocess.problem import LevelBatch
@@ -119,7 +119,7 @@ def measure_only(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.
 
 
 def solve_shard(ctx: RunContext, kind: str, level: str, shard: int, bounds: np.ndarray,
-                executor: Executor) -> dict[str, Any]:
+                executor: Executor | ClusterTasks) -> dict[str, Any]:
     """Measure (or reuse the measurements of) and post-process one shard; write its published
     children. The targets are the shard's own measurements (``topdown``, and the bottom level of
     ``full``) or the full estimator's subtree estimates of the same queries (``full``; see

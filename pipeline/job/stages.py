@@ -32,7 +32,7 @@ from pipeline.inputs.problems import InputValidationError, Problem
 from pipeline.inputs.readers import input_fingerprint, read_block_list, read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
 from pipeline.job.context import RunContext
-from pipeline.job.executor import DaskExecutor, close_executor, executor_for
+from pipeline.job.executor import ClusterTasks, DaskExecutor, close_executor, cluster_threads, executor_for
 from pipeline.job.plan import plan, shard_areas, shard_bounds
 from pipeline.job.prepare import check_rho, prepare
 from pipeline.job.progress import StageProgress
@@ -137,8 +137,12 @@ def stage_shard(run_dir: str | Path, kind: str, level: str, shard: int, action: 
             info = measure_only(ctx, kind, level, shard, shard_bounds(ctx, level))
             files = [ctx.rd.measurement_path(kind, level, shard)]
         elif action == "solve":
-            info = solve_shard(ctx, kind, level, shard, shard_bounds(ctx, level),
-                               executor_for(ctx.cfg.execution.workers))
+            bounds = shard_bounds(ctx, level)
+            threads = cluster_threads()
+            # on a cluster, a level of fewer shards than threads spreads each shard's parents over it
+            executor = (ClusterTasks(threads) if len(bounds) - 1 < threads
+                        else executor_for(ctx.cfg.execution.workers))
+            info = solve_shard(ctx, kind, level, shard, bounds, executor)
             files = [ctx.rd.measurement_path(kind, level, shard), ctx.rd.solved_shard_path(kind, level, shard)]
         else:
             raise ValueError(f"unknown step action {action!r}")
