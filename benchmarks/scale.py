@@ -152,8 +152,8 @@ def run_one(persons: int, workers: int, estimator: str, interval: float, work: P
             logs = work / f"dask-{mode}"
             logs.mkdir()
             address, cluster = stack.enter_context(dask_cluster(dask_workers, logs))
-            if mode == "dask":  # each cluster worker solves its shard in its own process
-                execution.update(executor="dask", dask_address=address, workers=1)
+            if mode == "dask":  # shards are cluster tasks; ``workers``: the driver's own cores (publishing)
+                execution.update(executor="dask", dask_address=address)
             else:
                 cmd += ["--flow", "--task-runner", "dask", "--dask-address", address]
         elif mode == "flow":
