@@ -9,7 +9,8 @@ independent work items.
 On a Dask cluster (``execution.executor: dask``, ``execution.dask_address``): the shards of a
 level are the work items, one Dask task each (:class:`DaskExecutor`); every task reads and
 writes its own shard files in the run directory (which the workers must see at the same
-path) and solves its parents in its worker process. Results are the same as a local run: noise
+path) and solves its parents in its worker process — or, when the level has fewer shards than
+the cluster has threads, as tasks of their own on the cluster (:class:`ClusterTasks`). Results are the same as a local run: noise
 is keyed by (run kind, level, shard) and every parent's solve is deterministic.
 
 Workers come from a fork server, not a fork of this process: this process may run threads (a
@@ -154,23 +155,16 @@ class ClusterTasks:
         self.threads = max(1, int(threads))
 
     @property
-    def parallel(self) -> bool:
-        return True
-
-    @property
     def chunks(self) -> int:
+        """How many work items to cut a level's parents into (as :attr:`Executor.chunks`)."""
         return self.threads * CHUNKS_PER_WORKER
 
-    def map(self, fn: Callable[[T], R], items: Sequence[T],
-            on_done: Callable[[int, int], None] | None = None) -> list[R]:
+    def map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``[fn(x) for x in items]`` as tasks on the cluster, in order."""
         from distributed import worker_client
 
         with worker_client() as client:
-            futures = client.map(fn, list(items), pure=False)
-            out = list(client.gather(futures))
-        if on_done is not None:
-            on_done(len(out), len(out))
-        return out
+            return list(client.gather(client.map(fn, list(items), pure=False)))
 
 
 def cluster_threads() -> int:
