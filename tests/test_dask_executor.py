@@ -88,6 +88,30 @@ def test_dask_run_gives_the_local_release(cluster, local_release, tmp_path: Path
     assert _digests(a) == _digests(b)
 
 
+def test_single_shard_levels_spread_their_parents_over_the_cluster(cluster, local_release,
+                                                                   tmp_path: Path) -> None:
+    """One shard a level (a large shard target) on a two-worker cluster: each shard task sends its
+    work items to the cluster as tasks of their own (``ClusterTasks``), and the release is still
+    the local run's with the same shards."""
+    from distributed import Client
+
+    address, _ = cluster
+    inputs, _ = local_release
+    one = {"workers": 1, "shard_target_cells": 50_000_000}
+    (tmp_path / "l").mkdir()
+    a = Path(run(write_config(tmp_path / "l", inputs, release_id="L1", privacy=SEEDED, execution=one),
+                 progress=False)["release_path"])
+    (tmp_path / "d").mkdir()
+    out = run(write_config(tmp_path / "d", inputs, release_id="D1", privacy=SEEDED,
+                           execution={**one, "executor": "dask", "dask_address": address}), progress=False)
+    solved = [k for k in out["levels"] if k.get("action", "solve") == "solve"]
+    assert all(k["shards"] == 1 for k in solved)
+    with Client(address, set_as_default=False) as client:
+        prefixes = client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+    assert "solve_range" in prefixes, "no work item ran as a cluster task of its own"
+    assert _digests(a) == _digests(Path(out["release_path"]))
+
+
 def test_flow_on_the_cluster_gives_the_local_release(cluster, local_release, tmp_path: Path) -> None:
     """`dptab run --flow --task-runner dask --dask-address`: the Prefect flow's shard tasks run on
     the cluster and report to the one API server the driver started — no worker starts its own
