@@ -1,4 +1,4 @@
-"""Prefect flow ``tabulate``: one flow run per release, levels in order, ``.map`` over shards.
+"""Prefect flow ``tabulate``: one flow run per release, levels in order, ``.map`` over runs of shards.
 
 Every task wraps a stage of :mod:`pipeline.job.stages`, in the order of
 :func:`pipeline.job.plan.plan`, and passes only paths and small manifests
@@ -67,9 +67,45 @@ def _is_invalid_input(state) -> bool:
     return False
 
 
-@task(name="shard", task_run_name="{action}-{kind}-{level}-{shard}", retries=2, retry_delay_seconds=[5, 30], **_TASK)
-def shard_task(run_dir: str, kind: str, level: str, shard: int, action: str = "solve") -> dict[str, Any]:
-    return stages.stage_shard(run_dir, kind, level, shard, action)
+@task(name="shards", task_run_name="{action}-{kind}-{level}-{part}", retries=2, retry_delay_seconds=[5, 30],
+      **_TASK)
+def shards_task(run_dir: str, kind: str, level: str, shards: list[int], action: str = "solve",
+                part: str = "") -> list[dict[str, Any]]:
+    """Some shards of one level, one after the other (``part``: which, for the task's name). A
+    retry re-enters every one: those already done return their recorded summary."""
+    return [stages.stage_shard(run_dir, kind, level, s, action) for s in shards]
+
+
+#: shard tasks per thread of a Dask cluster in one level: a few, so that a thread that finishes
+#: early takes another, but not one per shard (see :func:`shard_parts`)
+TASKS_PER_DASK_THREAD = 2
+
+
+def shard_parts(shards: tuple[int, ...], lanes: int) -> list[list[int]]:
+    """A level's shards cut into at most ``lanes`` runs of consecutive shards, as even as the
+    count allows (shards have about the same cells: ``execution.shard_target_cells``).
+
+    Why not one task per shard: a Prefect task run costs ~0.1 s of a Dask worker and ~3 ms of
+    the API server (research notes, "Measured overhead"), while a block-level shard of 5 M cells
+    takes ~0.5 s and a units shard ~0.05 s. At 10 M persons, 70 shards a block level made the
+    flow's block levels 8-11 s slower than plain Dask's (BENCHMARKS.md)."""
+    n = max(1, min(len(shards), lanes))
+    cuts = [round(k * len(shards) / n) for k in range(n + 1)]
+    return [list(shards[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _lanes(run_dir: str) -> int:
+    """How many shard tasks of a level to make: on a Dask cluster, :data:`TASKS_PER_DASK_THREAD`
+    per thread of its workers; on the thread runner, as many as a run without Prefect keeps in
+    flight (``execution.workers + 1`` with a worker pool, each spreading its parents over it;
+    else 1), so the shards' data in memory stay bounded as there."""
+    from prefect.context import get_run_context
+
+    client = getattr(get_run_context().task_runner, "client", None)  # DaskTaskRunner's
+    if client is not None:
+        return TASKS_PER_DASK_THREAD * max(1, sum(client.nthreads().values()))
+    workers = RunContext.load(run_dir).cfg.execution.workers
+    return workers + 1 if workers > 1 else 1
 
 
 @task(name="finish-level", task_run_name="finish-{action}-{kind}-{level}", **_TASK)
@@ -102,9 +138,12 @@ def tabulate(config_path: str, resume_dir: str | None = None) -> dict[str, Any]:
     histograms_task(run_dir)
     diagnostics: list[dict[str, Any]] = []
     steps = plan(RunContext.load(run_dir))
+    lanes = _lanes(run_dir)
     for k, step in enumerate(steps, start=1):
-        futures = shard_task.map(unmapped(run_dir), unmapped(step.kind), unmapped(step.level), list(step.shards),
-                                 unmapped(step.action))
+        parts = shard_parts(step.shards, lanes)
+        names = [str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts]
+        futures = shards_task.map(unmapped(run_dir), unmapped(step.kind), unmapped(step.level), parts,
+                                  unmapped(step.action), names)
         futures.wait()
         futures.result()  # raise the first shard failure, if any
         summary = finish_level_task(run_dir, step.kind, step.level, step.action)

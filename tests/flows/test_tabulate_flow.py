@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from run_helpers import make_inputs, write_config
 
 
@@ -62,3 +64,20 @@ def test_task_runner_is_selectable_without_editing_code(prefect_harness) -> None
     dask_flow = with_runner("dask", "tcp://127.0.0.1:8786")
     assert isinstance(dask_flow.task_runner, prefect_dask.DaskTaskRunner)
     assert dask_flow.task_runner.address == "tcp://127.0.0.1:8786"
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), first=st.integers(0, 5), lanes=st.integers(1, 40))
+def test_shard_parts_cover_every_shard_once_in_order_and_evenly(n: int, first: int, lanes: int) -> None:
+    """A level's shards go to at most ``lanes`` tasks, each a non-empty run of consecutive shards,
+    together every shard once and in order, sizes differing by at most one."""
+    from flows.tabulate import shard_parts
+
+    shards = tuple(range(first, first + n))
+    parts = shard_parts(shards, lanes)
+    assert [s for p in parts for s in p] == list(shards)
+    assert len(parts) == min(n, lanes)
+    assert all(parts)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert all(b - a == 1 for p in parts for a, b in zip(p, p[1:]))
