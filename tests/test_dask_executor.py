@@ -74,12 +74,26 @@ EXECUTION = {"workers": 1, "shard_target_cells": 20_000}
 
 
 def test_dask_run_gives_the_local_release(cluster, local_release, tmp_path: Path) -> None:
+    """Shards as cluster tasks, ``workers: 2`` for the driver's own cores: the local release, and
+    no shard task started a process pool on its worker (the cluster's threads are the run's
+    cores; the loopback workers have no nanny, so they could)."""
+    from distributed import Client
+
     address, _ = cluster
     inputs, a = local_release
     (tmp_path / "d").mkdir()
     dask = write_config(tmp_path / "d", inputs, release_id="D", privacy=SEEDED,
-                        execution={**EXECUTION, "executor": "dask", "dask_address": address})
+                        execution={**EXECUTION, "workers": 2, "executor": "dask", "dask_address": address})
     b_out = run(dask, progress=False)
+
+    def pool_started() -> bool:  # on each worker (nested: sent by value)
+        import sys
+
+        executor = sys.modules.get("pipeline.job.executor")
+        return executor is not None and executor._current is not None and executor._current._pool is not None
+
+    with Client(address, set_as_default=False) as client:
+        assert not any(client.run(pool_started).values()), "a shard task started a process pool on a worker"
     b = Path(b_out["release_path"])
     solved = [k for k in b_out["levels"] if k.get("action", "solve") == "solve"]  # not measure/estimate steps
     states = [k for k in solved if k["level"] == "state"]

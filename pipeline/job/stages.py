@@ -32,7 +32,7 @@ from pipeline.inputs.problems import InputValidationError, Problem
 from pipeline.inputs.readers import input_fingerprint, read_block_list, read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
 from pipeline.job.context import RunContext
-from pipeline.job.executor import ClusterTasks, DaskExecutor, close_executor, cluster_threads, executor_for
+from pipeline.job.executor import ClusterTasks, DaskExecutor, Executor, close_executor, cluster_threads, executor_for
 from pipeline.job.plan import plan, shard_areas, shard_bounds
 from pipeline.job.prepare import check_rho, prepare
 from pipeline.job.progress import StageProgress
@@ -139,9 +139,17 @@ def stage_shard(run_dir: str | Path, kind: str, level: str, shard: int, action: 
         elif action == "solve":
             bounds = shard_bounds(ctx, level)
             threads = cluster_threads()
-            # on a cluster, a level of fewer shards than threads spreads each shard's parents over it
-            executor = (ClusterTasks(threads) if len(bounds) - 1 < threads
-                        else executor_for(ctx.cfg.execution.workers))
+            executor: ClusterTasks | Executor
+            if not threads:
+                executor = executor_for(ctx.cfg.execution.workers)
+            elif len(bounds) - 1 < threads:  # a level of fewer shards than threads: spread its parents
+                executor = ClusterTasks(threads)
+            else:
+                # the cluster's threads are the run's cores and the other shards keep them busy; a
+                # pool here (a worker without a nanny is not daemonic) put 2 x workers solver
+                # processes on each worker's core (10 M persons: block level 37 s against 32 s
+                # locally, 4.7 GB peak against 2.6)
+                executor = executor_for(1)
             info = solve_shard(ctx, kind, level, shard, bounds, executor)
             files = [ctx.rd.measurement_path(kind, level, shard), ctx.rd.solved_shard_path(kind, level, shard)]
         else:
