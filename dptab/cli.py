@@ -180,18 +180,19 @@ def _run_flow(config: str | None, resume: str | None, task_runner: str | None,
     runner = task_runner or execution.task_runner
     if runner not in ("thread", "dask"):
         raise ConfigError(f"--task-runner must be 'thread' or 'dask', not {runner!r}")
-    if resume is None:
-        # config, budget and input checks run here, before Prefect starts: bad input ends with
-        # the same message and exit status as without --flow, and never reaches Prefect's logs
-        from pipeline.job.prepare import prepare
-
-        resume = str(prepare(config))
     # the first start of an ephemeral API server on a busy 2-core machine can take > 20 s
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.tabulate import api_for_workers, with_runner  # the CLI is a roof: it may start the flow
 
     address = dask_address or execution.dask_address
-    with api_for_workers(runner, address):
+    with api_for_workers(runner, address) as api_ready:  # a Dask run's API server starts meanwhile
+        if resume is None:
+            # config, budget and input checks run here, before Prefect starts: bad input ends with
+            # the same message and exit status as without --flow, and never reaches Prefect's logs
+            from pipeline.job.prepare import prepare
+
+            resume = str(prepare(config))
+        api_ready()
         return with_runner(runner, address)(config_path="", resume_dir=resume)
 
 
