@@ -9,6 +9,7 @@ used the same noise key (rule: measurements are drawn once and reused on resume)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -181,3 +182,38 @@ def test_kill_campaign_resumes_to_identical_release(tmp_path) -> None:
 def test_long_kill_campaign_resumes_to_identical_release(tmp_path) -> None:
     inputs = make_inputs(tmp_path, persons=3000, seed=10)
     _kill_campaign(tmp_path, inputs, n_kills=24, seed=2026)
+
+
+def test_a_killed_run_leaves_no_worker_processes(tmp_path) -> None:
+    """Killed (``kill -9``) after its worker pool has solved levels, the run leaves no process
+    behind: the pool's workers, the fork server and the resource tracker all end within seconds
+    (they used to stay, idle and holding their memory, until the machine restarted)."""
+    import psutil
+
+    # enough persons that levels are cut into work items for the pool (2,000 were solved in place)
+    inputs = make_inputs(tmp_path, persons=20_000, seed=12)
+    cfg = write_config(tmp_path, inputs, release_id="killed", postprocess={"estimator": "topdown"},
+                       execution={"workers": 2, "shard_target_cells": 20_000})
+    env = {**os.environ, "DPTAB_CRASH_AT": "before:level:units:block"}
+    proc = subprocess.Popen([sys.executable, "-m", "dptab.cli", "run", "--quiet", str(cfg)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+
+    def left() -> list[psutil.Process]:  # the killed run's session: every process it started
+        out = []
+        for p in psutil.process_iter():
+            try:
+                if os.getsid(p.pid) == proc.pid:
+                    out.append(p)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                pass
+        return out
+
+    deadline = time.monotonic() + 15
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stayed = left()
+    for p in stayed:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not stayed, [" ".join(p.cmdline())[:100] for p in stayed]
