@@ -86,7 +86,17 @@ def dask_cluster(n_workers: int, logs: Path):
         port = s.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     dask = str(Path(sys.executable).with_name("dask"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # the environment README asks of Dask workers (dptab's own processes set it themselves; a
+    # worker imports numpy before any dptab code runs, too late for the defaults). By path: in
+    # this directory ``pipeline`` is the sibling benchmark script
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dptab_runtime", ROOT / "pipeline" / "runtime.py")
+    assert spec is not None and spec.loader is not None
+    runtime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runtime)
+    env = {**runtime.allocator_defaults(), **os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--dashboard-address", ":0"], stdout=open(logs / "scheduler.log", "w"),
                               stderr=subprocess.STDOUT, env=env, start_new_session=True)]
