@@ -145,10 +145,10 @@ def stage_shard(run_dir: str | Path, kind: str, level: str, shard: int, action: 
             elif len(bounds) - 1 < threads:  # a level of fewer shards than threads: spread its parents
                 executor = ClusterTasks(threads)
             else:
-                # the cluster's threads are the run's cores and the other shards keep them busy; a
-                # pool here (a worker without a nanny is not daemonic) put 2 x workers solver
-                # processes on each worker's core (10 M persons: block level 37 s against 32 s
-                # locally, 4.7 GB peak against 2.6)
+                # the cluster's threads are the run's cores and the other shards keep them busy. A
+                # pool here (a worker without a nanny is not daemonic) gave each of 2 one-thread
+                # workers `workers` solver processes of its own: four solvers on two cores (10 M
+                # persons: block level 37 s against 32 s locally, 4.7 GB peak against 2.6)
                 executor = executor_for(1)
             info = solve_shard(ctx, kind, level, shard, bounds, executor)
             files = [ctx.rd.measurement_path(kind, level, shard), ctx.rd.solved_shard_path(kind, level, shard)]
