@@ -77,9 +77,17 @@ def _is_invalid_input(state) -> bool:
       **_TASK)
 def shards_task(run_dir: str, kind: str, level: str, shards: list[int], action: str = "solve",
                 part: str = "") -> list[dict[str, Any]]:
-    """Some shards of one level, one after the other (``part``: which, for the task's name). A
-    retry re-enters every one: those already done return their recorded summary."""
-    return [stages.stage_shard(run_dir, kind, level, s, action) for s in shards]
+    """Some shards of one level, one after the other (``part``: which, for the task's name), each
+    logged as it finishes (a task holds many shards: the log is where an operator follows
+    them). A retry re-enters every one: those already done return their recorded summary."""
+    log = get_run_logger()
+    out = []
+    for s in shards:
+        info = stages.stage_shard(run_dir, kind, level, s, action)
+        out.append(info)
+        log.info("%s %s %s shard %d: %s parents, %.1f s", action, kind, level, s, info.get("parents", "-"),
+                 info.get("seconds", 0.0))
+    return out
 
 
 #: shard tasks per thread of a Dask cluster in one level: a few, so that a thread that finishes

@@ -15,6 +15,11 @@ from run_helpers import make_inputs, write_config
 def flow_result(prefect_harness, tmp_path_factory):
     from flows.tabulate import tabulate
 
+    import logging
+
+    # the run loggers at INFO (conftest quiets Prefect to WARNING): their records go to the API
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(logging.INFO)
     tmp = tmp_path_factory.mktemp("flow")
     inputs = make_inputs(tmp, persons=2000, seed=21)
     cfg = write_config(tmp, inputs, release_id="flow-rel")
@@ -81,3 +86,33 @@ def test_shard_parts_cover_every_shard_once_in_order_and_evenly(n: int, first: i
     sizes = [len(p) for p in parts]
     assert max(sizes) - min(sizes) <= 1
     assert all(b - a == 1 for p in parts for a, b in zip(p, p[1:]))
+
+
+def test_flow_logs_every_shard_of_every_level(flow_result) -> None:
+    """A task holds several shards (``shard_parts``): each shard still has its own log line, the
+    operator's view of a level's progress."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    _, state = flow_result
+    APILogWorker.drain_all(timeout=30)
+
+    async def read() -> list[str]:
+        out: list[str] = []
+        async with get_client() as client:
+            while True:  # the API gives at most 200 a request
+                page = await client.read_logs(log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])), limit=200,
+                    offset=len(out))
+                out += [log.message for log in page]
+                if len(page) < 200:
+                    return out
+
+    messages = anyio.run(read)
+    for step in state.result()["levels"]:
+        if step.get("action", "solve") != "solve":
+            continue
+        lines = [m for m in messages if m.startswith(f"solve {step['kind']} {step['level']} shard ")]
+        assert len(lines) == step["shards"], (step, lines)
