@@ -13,9 +13,9 @@ from run_helpers import make_inputs, write_config
 
 @pytest.fixture(scope="module")
 def flow_result(prefect_harness, tmp_path_factory):
-    from flows.tabulate import tabulate
-
     import logging
+
+    from flows.tabulate import tabulate
 
     # the run loggers at INFO (conftest quiets Prefect to WARNING): their records go to the API
     for name in ("prefect.flow_runs", "prefect.task_runs"):
