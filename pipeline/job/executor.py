@@ -9,9 +9,10 @@ independent work items.
 On a Dask cluster (``execution.executor: dask``, ``execution.dask_address``): the shards of a
 level are the work items, one Dask task each (:class:`DaskExecutor`); every task reads and
 writes its own shard files in the run directory (which the workers must see at the same
-path) and solves its parents in its worker process — or, when the level has fewer shards than
-the cluster has threads, as tasks of their own on the cluster (:class:`ClusterTasks`). Results are the same as a local run: noise
-is keyed by (run kind, level, shard) and every parent's solve is deterministic.
+path) and solves its parents on its task's thread (never a pool: the cluster's threads are the
+run's cores) — or, when the level has fewer shards than the cluster has threads, as tasks of
+their own on the cluster (:class:`ClusterTasks`). Results are the same as a local run: noise is
+keyed by (run kind, level, shard) and every parent's solve is deterministic.
 
 Workers come from a fork server, not a fork of this process: this process may run threads (a
 Prefect task runner, its API client, a logging handler), and forking a threaded process can
@@ -175,12 +176,12 @@ def close_executor() -> None:
 class ClusterTasks:
     """From inside a shard's task on a Dask cluster: the shard's work items as tasks on the same
     cluster, so a level with fewer shards than the cluster has threads (the county and tract
-    levels of a few states: one shard a state) still uses every worker. A shard task runs in a
-    daemonic worker process and cannot start a pool; without this its parents were solved on
-    its one thread while the other workers idled (10 M persons, 2 workers: county and tract
-    levels at 104-106% CPU). The task secedes from its worker's thread pool while it waits, so
-    that worker takes items too. Results are the same as locally: the engine forms its batches
-    over the whole level, whatever the number of work items."""
+    levels of a few states: one shard a state) still uses every worker. A shard task solves on
+    its one thread (no pool on a worker: see ``stages.stage_shard``); without this the other
+    workers idled meanwhile (10 M persons, 2 workers: county and tract levels at 104-106% CPU).
+    The task secedes from its worker's thread pool while it waits, so that worker takes items
+    too. Results are the same as locally: the engine forms its batches over the whole level,
+    whatever the number of work items."""
 
     def __init__(self, threads: int) -> None:
         self.threads = max(1, int(threads))
