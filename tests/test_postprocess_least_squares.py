@@ -145,10 +145,13 @@ def test_held_totals_are_certified_on_the_repaired_point(monkeypatch):
     # the certificate is a true bound: f* <= f(Z) <= f* + gap (Clarabel reference)
     _, fref = reference_qp(obj)
     assert fref - 1e-7 * fref <= res.f <= fref + res.gap + 1e-7 * fref
-    # without the repair the same solve needs far more iterations
+    # without the repair the plain ADMM needs far more iterations (with the Anderson
+    # acceleration the row sums converge faster too, and the repair saves less: 70 -> 60)
+    plain = run_admm(obj, kron_min_cells=100, tol=1e-6, feas_tol=1e-3, anderson=0)
+    assert plain.certified and res.iterations <= plain.iterations
     monkeypatch.setattr(ls, "_repair", lambda *a, **kw: None)
-    slow = run_admm(obj, kron_min_cells=100, tol=1e-6, feas_tol=1e-3)
-    assert slow.certified and 2 * res.iterations <= slow.iterations
+    slow = run_admm(obj, kron_min_cells=100, tol=1e-6, feas_tol=1e-3, anderson=0)
+    assert slow.certified and 2 * plain.iterations <= slow.iterations
 
 
 def test_inplace_projection_and_bound_operators_match_the_plain_ones():

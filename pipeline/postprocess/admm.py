@@ -78,6 +78,81 @@ def _stop(f: np.ndarray | float, gap: np.ndarray | float, infeas: np.ndarray | f
     return (np.asarray(gap) <= tol * np.maximum(f, 1e-300)) & (np.asarray(infeas) <= feas_tol)
 
 
+# -- Anderson acceleration ----------------------------------------------------------------------
+class Anderson:
+    """Type-II Anderson acceleration (Walker & Ni 2011), restarted when it fails to help
+    (the safeguard of Zhang, O'Donoghue & Boyd 2020, simplified), of one parent's ADMM seen
+    as a fixed-point map on its Douglas-Rachford variable ``s``.
+
+    An iteration maps ``s = Z + U`` (with the bound split, also ``W + U2``) to the point
+    ``F(s) = X + U`` it projects (``W``: clips), and ``Z = P(s)``, ``U = s - Z`` follow from
+    it; the plain ADMM is ``s <- F(s)``. Given the last ``m`` differences of ``F`` and of the
+    residual ``g = F(s) - s``, the accelerated point is ``F(s) - dF gamma`` with ``gamma``
+    the least-squares fit of ``g`` by ``dG`` (an ``m x m`` Gram system). It replaces
+    ``F(s)`` *before* the projection, so every ``Z`` is still an exact projection (C1-feasible)
+    and the certificate and stopping rule are the ADMM's: acceleration changes where the
+    iterates go, never what a certified result means. When a step fails to reduce ``|g|``
+    the history is dropped (the next step is plain).
+
+    The ADMM here converges linearly, slowly on large parents (the relative gap falls ~10x
+    per 100 iterations on a 300-child tract parent), which is where extrapolating from a few
+    secants pays: 840 -> ~300 iterations there, 340 -> ~90 on a 30-child one (BENCHMARKS.md,
+    session 19). Vectors are flat ``(size,)``; the history is ``2 m`` of them.
+    """
+
+    def __init__(self, size: int, memory: int, reg: float = 1e-10):
+        self.m = memory
+        self.reg = reg
+        self.dF = np.empty((memory, size))  # differences of consecutive F outputs
+        self.dG = np.empty((memory, size))  # differences of consecutive residuals
+        self.gram = np.empty((memory, memory))
+        self.rhs = np.zeros(memory)  # dG' g of the last step
+        self.F_prev = np.empty(size)
+        self.g = np.empty(size)
+        self.g_prev = np.empty(size)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the history (after a change of the map, e.g. of rho)."""
+        self.count = 0  # differences held (slots 0..count-1)
+        self.head = 0  # slot the next difference goes to
+        self.have_prev = False
+        self.gg_prev = np.inf
+
+    def step(self, F: np.ndarray, s: np.ndarray) -> None:
+        """Replace ``F = F(s)`` (flat, in place) by the accelerated point."""
+        g = self.g
+        np.subtract(F, s, out=g)
+        gg = float(np.dot(g, g))
+        if self.count and gg > self.gg_prev:
+            self.count, self.head = 0, 0  # the last extrapolation did not help: restart
+        if self.have_prev:
+            j = self.head
+            np.subtract(F, self.F_prev, out=self.dF[j])
+            np.subtract(g, self.g_prev, out=self.dG[j])
+            self.head = (j + 1) % self.m
+            self.count = min(self.count + 1, self.m)
+            row = self.dG[: self.count] @ self.dG[j]
+            self.gram[j, : self.count] = row
+            self.gram[: self.count, j] = row
+            # dG' g from last step's dG' g_prev, as g = g_prev + dG_j (one pass, not m)
+            self.rhs[: self.count] += row
+            self.rhs[j] = float(np.dot(self.dG[j], g))
+        np.copyto(self.F_prev, F)
+        self.g, self.g_prev = self.g_prev, g
+        self.gg_prev, self.have_prev = gg, True
+        c = self.count
+        if not c:
+            return
+        G = self.gram[:c, :c] + (self.reg * float(np.trace(self.gram[:c, :c])) + 1e-300) * np.eye(c)
+        try:
+            gamma = np.linalg.solve(G, self.rhs[:c])
+        except np.linalg.LinAlgError:
+            self.count, self.head = 0, 0
+            return
+        F -= gamma @ self.dF[:c]
+
+
 # -- one parent ---------------------------------------------------------------------------------
 class XInverse(Protocol):
     """``(H + rho B)^-1`` of the one-parent x-step, ``B = I (+ G'G)``."""
@@ -383,8 +458,10 @@ class _One:
     faults on every iteration), the dense or Kronecker x-step, warm-started projections, the
     held-totals repair (:func:`_repair`)."""
 
-    def __init__(self, obj: Objective, xstep: Literal["kron", "dense"], flags: KernelFlags):
+    def __init__(self, obj: Objective, xstep: Literal["kron", "dense"], flags: KernelFlags,
+                 anderson: int = 0):
         self.obj = obj
+        self.anderson = anderson
         self.inv, self.method = make_inverse(obj, xstep)
         self.ws = Workspace(obj, flags)
         self.ws.mu = self.inv.mu
@@ -423,8 +500,27 @@ class _One:
         self.R = np.empty_like(self.Z)
         self.T = np.empty_like(self.Z)
         self.Zold = np.empty_like(self.Z)
+        self.aa: Anderson | None = None
+        if self.anderson:
+            # flat Douglas-Rachford variables s = Z + U [, W + U2] and F(s), one buffer each
+            kn = self.Z.size
+            size = kn + (self.W.size if self.low is not None else 0)
+            self.aa = Anderson(size, self.anderson)
+            self._s, self._F = np.empty(size), np.empty(size)
+            self._kn = kn
+            self._fill_s()
+
+    def _fill_s(self) -> None:
+        """``s = Z + U [, W + U2]``, the point the current iterates are the projection of."""
+        kn = self._kn
+        np.add(self.Z, self.U, out=self._s[:kn].reshape(self.Z.shape))
+        if self.low is not None:
+            np.add(self.W, self.U2, out=self._s[kn:].reshape(self.W.shape))
 
     def iterate(self, relax: float) -> None:
+        if self.aa is not None:
+            self._iterate_accelerated(relax)
+            return
         obj, ws, rho, low = self.obj, self.ws, self.rho, self.low
         R, T, U, W, U2 = self.R, self.T, self.U, self.W, self.U2
         np.subtract(self.Z, U, out=R)  # R = b + rho (Z - U) [+ rho G'(W - U2)]
@@ -449,6 +545,43 @@ class _One:
                 W = np.minimum(W, obj.upper)
             U2 += GXh - W
             self.W = W
+        self.X = X
+
+    def _iterate_accelerated(self, relax: float) -> None:
+        """The iteration of :meth:`iterate` written on ``s`` (:class:`Anderson`): the same
+        x-step and relaxation give ``F(s)``, which is extrapolated, then projected."""
+        obj, ws, rho, low, aa = self.obj, self.ws, self.rho, self.low, self.aa
+        assert aa is not None
+        R, T, U, W, U2 = self.R, self.T, self.U, self.W, self.U2
+        kn, shape = self._kn, self.Z.shape
+        np.subtract(self.Z, U, out=R)  # R = b + rho (Z - U) [+ rho G'(W - U2)]
+        R *= rho
+        R += obj.b
+        if low is not None:
+            ws.bound_back_add(R, rho * (W - U2))
+        X, self.alpha = _xstep(ws, self.inv, R, self.u, self.s, out=self.X)
+        F = self._F
+        F1 = F[:kn].reshape(shape)
+        if low is not None:
+            np.add(relax * ws.bound_answer(X) + (1.0 - relax) * W, U2,
+                   out=F[kn:].reshape(W.shape))
+        X *= relax  # X <- relaxed Xh = relax X + (1 - relax) Z
+        np.multiply(self.Z, 1.0 - relax, out=T)
+        X += T
+        np.add(X, U, out=F1)
+        aa.step(F, self._s)
+        self._s, self._F = F, self._s  # s <- the accelerated point
+        np.copyto(T, F1)
+        self.Z, self.Zold = self.Zold, self.Z
+        self.Z, self.tau = ws.project_inplace(T, self.Z, self.tau)
+        np.subtract(F1, self.Z, out=U)
+        if low is not None:
+            F2 = F[kn:].reshape(W.shape)
+            W = np.maximum(F2, low)
+            if obj.upper is not None:
+                W = np.minimum(W, obj.upper)
+            self.W = W
+            self.U2 = F2 - W
         self.X = X
 
     def _nu(self) -> np.ndarray | None:
@@ -511,6 +644,9 @@ class _One:
                 self.U2 /= f
             self.inv.set_rho(self.rho)
             self._ones_solve()
+            if self.aa is not None:  # a new map: its history no longer applies
+                self.aa.reset()
+                self._fill_s()
 
 
 def admm(
@@ -523,6 +659,7 @@ def admm(
     relax: float = 1.6,
     check_every: int = 10,
     balance: float = 10.0,
+    anderson: int = 8,
 ) -> L2Result:
     """Solve one parent's least squares by ADMM; stop when ``gap <= tol * f`` and
     ``infeas <= feas_tol``. If ``max_iter`` is hit the result has ``certified=False``.
@@ -530,11 +667,12 @@ def admm(
     ``xstep`` / ``flags``: the x-step inverse and large-array kernels (``solver.xstep_for``,
     ``solver.kernel_flags``). ``balance``: rho is doubled / halved when the primal and dual
     residuals differ by more than this factor (checked every ``check_every`` iterations).
+    ``anderson``: history length of the :class:`Anderson` acceleration (0: plain ADMM).
     With held child totals the row sums of the C1 iterate converge slowly while the iterate
     is already near-optimal, so at a check that is optimal but not yet feasible enough, the
     iterate is moved onto the totals (:func:`_repair`) and certified there instead.
     """
-    lay = _One(obj, xstep, flags)
+    lay = _One(obj, xstep, flags, anderson)
     _run(lay, tol, feas_tol, max_iter, relax, check_every, balance)
     assert lay.result is not None
     return lay.result
