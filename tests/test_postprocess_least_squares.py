@@ -188,3 +188,54 @@ def test_fast_full_grid_value_grad_matches_the_per_query_sums():
     f2, g2 = obj.value_grad(Z)  # the objective itself: residual form
     assert abs(f1 - f2) <= 1e-12 * f2
     np.testing.assert_allclose(g1, g2, atol=1e-10)
+
+
+def test_anderson_solves_a_linear_fixed_point_in_few_steps():
+    # on an affine map F(s) = A s + b, type-II Anderson with a history at least the dimension
+    # is GMRES in disguise: exact after at most n + 1 steps, where the plain iteration
+    # (contraction 0.995) needs ~5,000 for the same accuracy
+    from pipeline.postprocess.admm import Anderson
+
+    rng = np.random.default_rng(3)
+    n = 6
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    A = Q @ np.diag(np.linspace(0.5, 0.995, n)) @ Q.T
+    b = rng.normal(size=n)
+    fixed = np.linalg.solve(np.eye(n) - A, b)
+    aa, s = Anderson(n, 8), np.zeros(n)
+    for _ in range(n + 3):
+        F = A @ s + b
+        aa.step(F, s)
+        s = F
+    assert np.abs(s - fixed).max() <= 1e-8 * np.abs(fixed).max()
+    plain = np.zeros(n)
+    for _ in range(n + 3):
+        plain = A @ plain + b
+    assert np.abs(plain - fixed).max() > 0.1 * np.abs(fixed).max()
+
+
+def test_anderson_acceleration_cuts_iterations_to_the_same_optimum():
+    # a tract-shaped parent at the 2020 tract variances (dense x-step): the accelerated ADMM
+    # certifies the same optimum (both within their gaps of the reference QP) in far fewer
+    # iterations; every returned point is C1-feasible whatever the extrapolation did
+    from fractions import Fraction
+    from pathlib import Path
+
+    import yaml
+
+    raw = yaml.safe_load((Path(__file__).parents[1] / "schemas/strategies/census2020_pl94.yaml")
+                         .read_text())
+    L = raw["levels"]["tract"]
+    v = {q: float(1 / (2 * Fraction(raw["rho"]) * Fraction(L["share"]) * Fraction(s)))
+         for q, s in L["queries"].items()}
+    prob, _ = random_parent(k=30, pop=4000, seed=100, alpha=0.3, variances=v, gq=True)
+    obj = _obj(prob, lower=prob.lower_bounds())
+    plain = run_admm(obj, "dense", tol=1e-9, anderson=0)
+    fast = run_admm(obj, "dense", tol=1e-9)
+    assert plain.certified and fast.certified and fast.method == "admm-eig"
+    assert 2 * fast.iterations <= plain.iterations  # 80 against 170 here
+    _, fref = reference_qp(obj)
+    for r in (plain, fast):
+        assert fref - 1e-7 * fref <= r.f <= fref + r.gap + 1e-7 * fref
+        assert (r.Z >= 0).all()
+        np.testing.assert_allclose(r.Z.sum(axis=0), obj.p, atol=1e-9)

@@ -94,10 +94,12 @@ class Anderson:
     iterates go, never what a certified result means. When a step fails to reduce ``|g|``
     the history is dropped (the next step is plain).
 
-    The ADMM here converges linearly, slowly on large parents (the relative gap falls ~10x
-    per 100 iterations on a 300-child tract parent), which is where extrapolating from a few
-    secants pays: 840 -> ~300 iterations there, 340 -> ~90 on a 30-child one (BENCHMARKS.md,
-    session 19). Vectors are flat ``(size,)``; the history is ``2 m`` of them.
+    The ADMM here converges linearly and slowly (hundreds of iterations on tract- and
+    county-shaped parents), which is where extrapolating from a few secants pays: with the
+    dense x-step 340 -> 90 iterations on a 30-child synthetic tract parent, 470 -> 110 on a
+    100-child one, 1,020 -> 430 on a real 227-child one (BENCHMARKS.md, session 19). Only the
+    dense x-step uses it (:class:`_One`). Vectors are flat ``(size,)``; the history is ``2 m``
+    of them.
     """
 
     def __init__(self, size: int, memory: int, reg: float = 1e-10):
@@ -461,8 +463,12 @@ class _One:
     def __init__(self, obj: Objective, xstep: Literal["kron", "dense"], flags: KernelFlags,
                  anderson: int = 0):
         self.obj = obj
-        self.anderson = anderson
         self.inv, self.method = make_inverse(obj, xstep)
+        # the acceleration costs ~10 passes over the iterate per iteration: small beside the
+        # dense x-step's matmul (2-4x fewer iterations, a net 2-3x), but ~60 % on top of a
+        # Kronecker iteration, where on real state parents (held totals, bound split) it
+        # did not cut the iterations (2,620 -> 3,420 on one; BENCHMARKS.md, session 19)
+        self.anderson = anderson if self.method == "admm-eig" else 0
         self.ws = Workspace(obj, flags)
         self.ws.mu = self.inv.mu
         self.low = obj.lower  # not None exactly when the bound query is split (G X = W)

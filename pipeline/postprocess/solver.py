@@ -79,8 +79,8 @@ class SolveOptions:
     county, tract, block-group children); ``chain``: rounder chain (default
     ``spec.rounder_chain``); ``paths``: the path thresholds (:class:`Thresholds`);
     ``anderson``: history length of the one-parent ADMM's Anderson acceleration
-    (``admm.Anderson``; 0 = plain ADMM). 8: on tract-shaped parents 2-4x fewer iterations with
-    the dense x-step, ~2.5x with the Kronecker one (5: ~2.2x, 12-16: no better).
+    (``admm.Anderson``, dense x-step only; 0 = plain ADMM). 8: on tract-shaped parents 2-4x
+    fewer iterations (5: a little less; 12-16: no better).
     """
 
     tol: float = 1e-9
