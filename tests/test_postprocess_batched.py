@@ -146,9 +146,14 @@ def test_level_batched_equals_unbatched_and_passes_checks():
     off, _ = run_levels(PL94, levels, SolveOptions(tol=1e-10, paths=Thresholds(batched=False)))
     assert any(d.methods.get("admm-batch") for d in d_on)
     for name in on:
-        # rounding of equal real solutions: identical, up to ties broken at ~1e-9 differences
+        # rounding of equal real solutions: identical up to near-ties. Both are certified to a
+        # relative gap of 1e-10, which allows real solutions ~1e-3 apart along flat directions;
+        # the accelerated paths (Anderson from the start alone, after 10 iterations in a batch)
+        # end at different such points, so a near-tie may round differently: a child moves at
+        # most two persons
         diff = np.abs(on[name] - off[name]).sum(axis=1)
-        assert (diff <= 2).all(), name
+        assert (diff <= 4).all(), name
+        assert diff.sum() <= 2 * diff.size, name
     for name, nxt in zip(list(on)[:-1], list(on)[1:]):
         lev = next(lv for lv in levels if lv.name == nxt)
         assert (np.add.reduceat(on[nxt], lev.child_ptr[:-1], axis=0) == on[name]).all()

@@ -202,9 +202,9 @@ def test_anderson_solves_a_linear_fixed_point_in_few_steps():
     A = Q @ np.diag(np.linspace(0.5, 0.995, n)) @ Q.T
     b = rng.normal(size=n)
     fixed = np.linalg.solve(np.eye(n) - A, b)
-    aa, s = Anderson(n, 8), np.zeros(n)
+    aa, s = Anderson(1, n, 8), np.zeros((1, n))
     for _ in range(n + 3):
-        F = A @ s + b
+        F = s @ A.T + b
         aa.step(F, s)
         s = F
     assert np.abs(s - fixed).max() <= 1e-8 * np.abs(fixed).max()

@@ -53,6 +53,10 @@ if TYPE_CHECKING:  # solver imports this module
 # of the target (the estimate is pessimistic: on 300-3,000-child parents the repaired gap was
 # 2-4x below it, and waiting for estimate <= target cost 20-50 % more iterations)
 _REPAIR_GATE = 3.0
+# a batch starts its Anderson acceleration after this many iterations: most small parents are
+# certified at the first check (block-shaped batches: median 10 iterations), and accelerating
+# them from the start cost 15 % more time per parent instead of saving any
+_AA_BATCH_START = 10
 
 
 # -- rules shared by both layouts -------------------------------------------------------------
@@ -81,78 +85,94 @@ def _stop(f: np.ndarray | float, gap: np.ndarray | float, infeas: np.ndarray | f
 # -- Anderson acceleration ----------------------------------------------------------------------
 class Anderson:
     """Type-II Anderson acceleration (Walker & Ni 2011), restarted when it fails to help
-    (the safeguard of Zhang, O'Donoghue & Boyd 2020, simplified), of one parent's ADMM seen
-    as a fixed-point map on its Douglas-Rachford variable ``s``.
+    (the safeguard of Zhang, O'Donoghue & Boyd 2020, simplified), of the ADMM seen as a
+    fixed-point map on its Douglas-Rachford variable ``s``, for P parents at once.
 
     An iteration maps ``s = Z + U`` (with the bound split, also ``W + U2``) to the point
     ``F(s) = X + U`` it projects (``W``: clips), and ``Z = P(s)``, ``U = s - Z`` follow from
-    it; the plain ADMM is ``s <- F(s)``. Given the last ``m`` differences of ``F`` and of the
-    residual ``g = F(s) - s``, the accelerated point is ``F(s) - dF gamma`` with ``gamma``
-    the least-squares fit of ``g`` by ``dG`` (an ``m x m`` Gram system). It replaces
+    it; the plain ADMM is ``s <- F(s)``. Given a parent's last ``m`` differences of ``F`` and
+    of the residual ``g = F(s) - s``, its accelerated point is ``F(s) - dF gamma`` with
+    ``gamma`` the least-squares fit of ``g`` by ``dG`` (an ``m x m`` Gram system). It replaces
     ``F(s)`` *before* the projection, so every ``Z`` is still an exact projection (C1-feasible)
     and the certificate and stopping rule are the ADMM's: acceleration changes where the
-    iterates go, never what a certified result means. When a step fails to reduce ``|g|``
-    the history is dropped (the next step is plain).
+    iterates go, never what a certified result means. A parent whose step did not reduce
+    ``|g|`` drops its history (its next step is plain); so does one whose map changed
+    (:meth:`forget`, after a change of its rho).
 
     The ADMM here converges linearly and slowly (hundreds of iterations on tract- and
     county-shaped parents), which is where extrapolating from a few secants pays: with the
     dense x-step 340 -> 90 iterations on a 30-child synthetic tract parent, 470 -> 110 on a
-    100-child one, 1,020 -> 430 on a real 227-child one (BENCHMARKS.md, session 19). Only the
-    dense x-step uses it (:class:`_One`). Vectors are flat ``(size,)``; the history is ``2 m``
-    of them.
+    100-child one, 1,020 -> 430 on a real 227-child one, 190 -> 70 on a batched 30-child one
+    (BENCHMARKS.md, session 19). Used by the dense one-parent x-step (:class:`_One`) and the
+    batches (:class:`_Batch`). Vectors are ``(P, size)``; the history is ``2 m`` of them.
     """
 
-    def __init__(self, size: int, memory: int, reg: float = 1e-10):
+    def __init__(self, P: int, size: int, memory: int, reg: float = 1e-10):
         self.m = memory
         self.reg = reg
-        self.dF = np.empty((memory, size))  # differences of consecutive F outputs
-        self.dG = np.empty((memory, size))  # differences of consecutive residuals
-        self.gram = np.empty((memory, memory))
-        self.rhs = np.zeros(memory)  # dG' g of the last step
-        self.F_prev = np.empty(size)
-        self.g = np.empty(size)
-        self.g_prev = np.empty(size)
-        self.reset()
+        self.dF = np.empty((P, memory, size))  # differences of consecutive F outputs
+        self.dG = np.empty((P, memory, size))  # differences of consecutive residuals
+        self.gram = np.zeros((P, memory, memory))
+        self.rhs = np.zeros((P, memory))  # dG' g of the last step
+        self.valid = np.zeros((P, memory), dtype=bool)  # which slots hold a parent's secants
+        self.F_prev = np.empty((P, size))
+        self.g = np.empty((P, size))
+        self.g_prev = np.empty((P, size))
+        self.prev_ok = np.zeros(P, dtype=bool)  # F_prev / g_prev are of the current map
+        self.gg_prev = np.full(P, np.inf)
+        self.count = 0  # slots in use (0..count-1), the same for every parent
+        self.head = 0  # slot the next differences go to
 
-    def reset(self) -> None:
-        """Forget the history (after a change of the map, e.g. of rho)."""
-        self.count = 0  # differences held (slots 0..count-1)
-        self.head = 0  # slot the next difference goes to
-        self.have_prev = False
-        self.gg_prev = np.inf
+    def forget(self, which: np.ndarray) -> None:
+        """Drop the history of parents ``which`` (bool ``(P,)``): their map changed."""
+        self.valid[which] = False
+        self.prev_ok[which] = False
+        self.gg_prev[which] = np.inf
+
+    def take(self, keep: np.ndarray) -> None:
+        """Keep only parents ``keep`` (bool ``(P,)``)."""
+        for name in ("dF", "dG", "gram", "rhs", "valid", "F_prev", "g", "g_prev", "prev_ok",
+                     "gg_prev"):
+            setattr(self, name, getattr(self, name)[keep])
 
     def step(self, F: np.ndarray, s: np.ndarray) -> None:
-        """Replace ``F = F(s)`` (flat, in place) by the accelerated point."""
+        """Replace ``F = F(s)`` (``(P, size)``, in place) by the accelerated points."""
         g = self.g
         np.subtract(F, s, out=g)
-        gg = float(np.dot(g, g))
-        if self.count and gg > self.gg_prev:
-            self.count, self.head = 0, 0  # the last extrapolation did not help: restart
-        if self.have_prev:
+        gg = np.einsum("pn,pn->p", g, g)
+        self.valid[gg > self.gg_prev] = False  # the last extrapolation did not help: restart
+        if self.prev_ok.any():
             j = self.head
-            np.subtract(F, self.F_prev, out=self.dF[j])
-            np.subtract(g, self.g_prev, out=self.dG[j])
+            np.subtract(F, self.F_prev, out=self.dF[:, j])
+            np.subtract(g, self.g_prev, out=self.dG[:, j])
             self.head = (j + 1) % self.m
-            self.count = min(self.count + 1, self.m)
-            row = self.dG[: self.count] @ self.dG[j]
-            self.gram[j, : self.count] = row
-            self.gram[: self.count, j] = row
+            self.count = c = min(self.count + 1, self.m)
+            self.valid[:, j] = self.prev_ok
+            row = (self.dG[:, :c] @ self.dG[:, j, :, None])[:, :, 0]
+            self.gram[:, j, :c] = row
+            self.gram[:, :c, j] = row
             # dG' g from last step's dG' g_prev, as g = g_prev + dG_j (one pass, not m)
-            self.rhs[: self.count] += row
-            self.rhs[j] = float(np.dot(self.dG[j], g))
+            self.rhs[:, :c] += row
+            self.rhs[:, j] = np.einsum("pn,pn->p", self.dG[:, j], g)
         np.copyto(self.F_prev, F)
         self.g, self.g_prev = self.g_prev, g
-        self.gg_prev, self.have_prev = gg, True
+        self.gg_prev = gg
+        self.prev_ok[:] = True
         c = self.count
-        if not c:
+        v = self.valid[:, :c]
+        if not v.any():
             return
-        G = self.gram[:c, :c] + (self.reg * float(np.trace(self.gram[:c, :c])) + 1e-300) * np.eye(c)
+        # a parent's unused slots get an identity row and a zero right side: gamma 0 there
+        G = self.gram[:, :c, :c] * (v[:, :, None] & v[:, None, :])
+        tr = np.einsum("pii->p", G)
+        eye = np.eye(c)
+        G += eye * (self.reg * tr + 1e-300)[:, None, None] + eye * (~v)[:, :, None]
         try:
-            gamma = np.linalg.solve(G, self.rhs[:c])
+            gamma = np.linalg.solve(G, (self.rhs[:, :c] * v)[:, :, None])
         except np.linalg.LinAlgError:
-            self.count, self.head = 0, 0
+            self.valid[:] = False
             return
-        F -= gamma @ self.dF[:c]
+        F -= (gamma.transpose(0, 2, 1) @ self.dF[:, :c])[:, 0]
 
 
 # -- one parent ---------------------------------------------------------------------------------
@@ -511,17 +531,17 @@ class _One:
             # flat Douglas-Rachford variables s = Z + U [, W + U2] and F(s), one buffer each
             kn = self.Z.size
             size = kn + (self.W.size if self.low is not None else 0)
-            self.aa = Anderson(size, self.anderson)
-            self._s, self._F = np.empty(size), np.empty(size)
+            self.aa = Anderson(1, size, self.anderson)
+            self._s, self._F = np.empty((1, size)), np.empty((1, size))
             self._kn = kn
             self._fill_s()
 
     def _fill_s(self) -> None:
         """``s = Z + U [, W + U2]``, the point the current iterates are the projection of."""
-        kn = self._kn
-        np.add(self.Z, self.U, out=self._s[:kn].reshape(self.Z.shape))
+        kn, s = self._kn, self._s[0]
+        np.add(self.Z, self.U, out=s[:kn].reshape(self.Z.shape))
         if self.low is not None:
-            np.add(self.W, self.U2, out=self._s[kn:].reshape(self.W.shape))
+            np.add(self.W, self.U2, out=s[kn:].reshape(self.W.shape))
 
     def iterate(self, relax: float) -> None:
         if self.aa is not None:
@@ -567,10 +587,10 @@ class _One:
             ws.bound_back_add(R, rho * (W - U2))
         X, self.alpha = _xstep(ws, self.inv, R, self.u, self.s, out=self.X)
         F = self._F
-        F1 = F[:kn].reshape(shape)
+        F1 = F[0, :kn].reshape(shape)
         if low is not None:
             np.add(relax * ws.bound_answer(X) + (1.0 - relax) * W, U2,
-                   out=F[kn:].reshape(W.shape))
+                   out=F[0, kn:].reshape(W.shape))
         X *= relax  # X <- relaxed Xh = relax X + (1 - relax) Z
         np.multiply(self.Z, 1.0 - relax, out=T)
         X += T
@@ -582,7 +602,7 @@ class _One:
         self.Z, self.tau = ws.project_inplace(T, self.Z, self.tau)
         np.subtract(F1, self.Z, out=U)
         if low is not None:
-            F2 = F[kn:].reshape(W.shape)
+            F2 = F[0, kn:].reshape(W.shape)
             W = np.maximum(F2, low)
             if obj.upper is not None:
                 W = np.minimum(W, obj.upper)
@@ -651,7 +671,7 @@ class _One:
             self.inv.set_rho(self.rho)
             self._ones_solve()
             if self.aa is not None:  # a new map: its history no longer applies
-                self.aa.reset()
+                self.aa.forget(np.ones(1, dtype=bool))
                 self._fill_s()
 
 
@@ -928,17 +948,21 @@ class _Batch:
     """P small parents padded into one :class:`_Group`: whole-batch numpy passes, each
     parent's ``M_i`` inverted explicitly (one batched ``inv`` per change of its ``rho_i``),
     fresh (small) arrays per step, no repair (measured slower here, see BENCHMARKS.md).
-    Certified parents leave the batch (:meth:`drop`), so the arrays shrink."""
+    Certified parents leave the batch (:meth:`drop`), so the arrays shrink. The parents
+    still open after ``_AA_BATCH_START`` iterations are accelerated (:class:`Anderson`, a
+    history each)."""
 
     method = "admm-batch"
 
-    def __init__(self, objs: list[Objective]):
+    def __init__(self, objs: list[Objective], anderson: int = 0):
         self.objs = objs
         self.G = _Group(objs)
         P = len(objs)
         self.idx = np.arange(P)  # original position of each parent still in the batch
         self.out: list[L2Result | None] = [None] * P
         self.rho = np.ones(P)
+        self.anderson = anderson
+        self.aa: Anderson | None = None
 
     def curvature(self) -> tuple[np.ndarray, np.ndarray]:
         # of f (bounds) or, with the splitting, of the pencil (H, B), as for one parent
@@ -974,6 +998,15 @@ class _Batch:
             self.W = np.minimum(np.maximum(G.answer(G.bq, self.Z), cast(np.ndarray, G.lower)),
                                 G.upper)
             self.U2 = np.zeros_like(self.W)
+        self.iters = 0
+
+    def _dr_point(self) -> np.ndarray:
+        """``s = Z + U [, W + U2]`` per parent, flat ``(P, size)`` (:class:`Anderson`)."""
+        P = self.Z.shape[0]
+        s = (self.Z + self.U).reshape(P, -1)
+        if self.G.split:
+            s = np.concatenate([s, (self.W + self.U2).reshape(P, -1)], axis=1)
+        return s
 
     def iterate(self, relax: float) -> None:
         G = self.G
@@ -984,13 +1017,35 @@ class _Batch:
         X, self.alpha = self._xstep(R)
         Xh = relax * X + (1.0 - relax) * self.Z
         self.Zold = self.Z
-        self.Z = G.project(Xh + self.U)
-        self.U += Xh - self.Z
         if G.split:
             GXh = relax * G.answer(G.bq, X) + (1.0 - relax) * self.W
-            self.W = np.minimum(np.maximum(GXh + self.U2, cast(np.ndarray, G.lower)), G.upper)
-            self.U2 += GXh - self.W
         self.X = X
+        self.iters += 1
+        if self.aa is None and self.anderson and self.iters > _AA_BATCH_START:
+            self.sv = self._dr_point()
+            self.aa = Anderson(self.sv.shape[0], self.sv.shape[1], self.anderson)
+        if self.aa is None:
+            self.Z = G.project(Xh + self.U)
+            self.U += Xh - self.Z
+            if G.split:
+                self.W = np.minimum(np.maximum(GXh + self.U2, cast(np.ndarray, G.lower)),
+                                    G.upper)
+                self.U2 += GXh - self.W
+            return
+        # accelerated: F(s) = (Xh + U [, GXh + U2]) extrapolated, then projected
+        P, kn = Xh.shape[0], Xh[0].size
+        F = (Xh + self.U).reshape(P, -1)
+        if G.split:
+            F = np.concatenate([F, (GXh + self.U2).reshape(P, -1)], axis=1)
+        self.aa.step(F, self.sv)
+        self.sv = F
+        T = F[:, :kn].reshape(Xh.shape)
+        self.Z = G.project(T)
+        self.U = T - self.Z
+        if G.split:
+            T2 = F[:, kn:].reshape(self.U2.shape)
+            self.W = np.minimum(np.maximum(T2, cast(np.ndarray, G.lower)), G.upper)
+            self.U2 = T2 - self.W
 
     def check(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         G = self.G
@@ -1029,6 +1084,9 @@ class _Batch:
         self.s = self.u.sum(axis=1)
         if self.G.split:
             self.W, self.U2 = self.W[keep], self.U2[keep]
+        if self.aa is not None:
+            self.aa.take(keep)
+            self.sv = self.sv[keep]
 
     def rescale(self, fac: np.ndarray) -> None:
         changed = fac != 1.0
@@ -1038,6 +1096,9 @@ class _Batch:
             if self.G.split:
                 self.U2 /= fac[:, None, None]
             self._factors(changed)
+            if self.aa is not None:  # their maps changed: their histories no longer apply
+                self.aa.forget(changed)
+                self.sv = self._dr_point()
 
 
 def admm_batch(
@@ -1048,12 +1109,14 @@ def admm_batch(
     relax: float = 1.6,
     check_every: int = 10,
     balance: float = 10.0,
+    anderson: int = 8,
 ) -> list[L2Result]:
     """Solve every parent's least squares (``objs``, each with a parent) by batched ADMM.
 
     Same model, stopping rule, certificate and rho rules as :func:`admm` (``gap <= tol * f``
     and ``infeas <= feas_tol`` persons), one :class:`L2Result` per objective in input order
     (``Z`` on that objective's domain; ``certified=False`` if ``max_iter`` was hit).
+    ``anderson``: history length of the acceleration (0: plain ADMM).
     """
     if any(not o.consistency for o in objs):
         raise ValueError("admm_batch needs parents (per-cell consistency); solve the root alone")
@@ -1061,7 +1124,7 @@ def admm_batch(
     for split in (False, True):
         pos = [i for i, o in enumerate(objs) if (o.lower is not None) == split]
         if pos:
-            lay = _Batch([objs[i] for i in pos])
+            lay = _Batch([objs[i] for i in pos], anderson)
             _run(lay, tol, feas_tol, max_iter, relax, check_every, balance)
             for i, r in zip(pos, lay.out):
                 out[i] = r

@@ -78,9 +78,9 @@ class SolveOptions:
     reported uncertified; ``multipass``: solve ``total`` alone first (2020 ordering for state,
     county, tract, block-group children); ``chain``: rounder chain (default
     ``spec.rounder_chain``); ``paths``: the path thresholds (:class:`Thresholds`);
-    ``anderson``: history length of the one-parent ADMM's Anderson acceleration
-    (``admm.Anderson``, dense x-step only; 0 = plain ADMM). 8: on tract-shaped parents 2-4x
-    fewer iterations (5: a little less; 12-16: no better).
+    ``anderson``: history length of the ADMM's Anderson acceleration (``admm.Anderson``:
+    batches and the dense one-parent x-step; 0 = plain ADMM). 8: on tract-shaped parents
+    2-4x fewer iterations (5: a little less; 12-16: no better).
     """
 
     tol: float = 1e-9
@@ -272,7 +272,7 @@ class AdmmSolver:
               batched: bool) -> list[L2Result]:
         if batched:
             return admm_batch(list(objs), tol=opts.tol, feas_tol=opts.feas_tol,
-                              max_iter=opts.max_iter)
+                              max_iter=opts.max_iter, anderson=opts.anderson)
         th = opts.paths
         return [admm(o, xstep_for(o, th), kernel_flags(o, th), tol=opts.tol,
                      feas_tol=opts.feas_tol, max_iter=opts.max_iter, anderson=opts.anderson)
