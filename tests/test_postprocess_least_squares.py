@@ -239,3 +239,31 @@ def test_anderson_acceleration_cuts_iterations_to_the_same_optimum():
         assert fref - 1e-7 * fref <= r.f <= fref + r.gap + 1e-7 * fref
         assert (r.Z >= 0).all()
         np.testing.assert_allclose(r.Z.sum(axis=0), obj.p, atol=1e-9)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_parent_the_acceleration_leaves_off_its_constraints_is_solved_plainly(
+        monkeypatch, batched):
+    # the acceleration has no convergence proof: if it ends uncertified and off the held
+    # totals, the solver repeats that parent with the plain ADMM and says so in the method
+    import pipeline.postprocess.admm as ls
+    from pipeline.postprocess.solver import AdmmSolver, SolveOptions
+
+    prob, truth = random_parent(k=6, pop=300, seed=7, alpha=0.3, gq=True)
+    obj = _obj(prob, truth.sum(axis=1).astype(float), prob.lower_bounds())
+    step = ls.Anderson.step
+
+    def sabotage(self, F, s):  # every extrapolated point pushed 50 persons off
+        step(self, F, s)
+        F += 50.0
+
+    monkeypatch.setattr(ls.Anderson, "step", sabotage)
+    monkeypatch.setattr(ls, "_AA_BATCH_START", 0)
+    opts = SolveOptions(tol=1e-9, feas_tol=1e-3, max_iter=400)
+    raw = AdmmSolver._solve([obj], opts, batched, 8)[0]
+    assert not raw.certified and raw.infeas > 1e-3
+    res = AdmmSolver().solve([obj], opts, batched)[0]
+    assert res.certified and res.method.endswith("-plain")
+    assert res.infeas <= 1e-3 and res.gap <= 1e-9 * res.f
+    _, fref = reference_qp(obj)
+    assert fref - 1e-7 * fref <= res.f <= fref + res.gap + 1e-7 * fref

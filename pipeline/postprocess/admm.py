@@ -24,7 +24,10 @@ layouts, which do the arithmetic of each step:
   each parent keeps its own ``rho`` and leaves the batch when certified (the arrays shrink).
 
 Both use the one certificate of ``certificate.py`` and the column projection of
-``projection.py``.
+``projection.py``, and both extrapolate their iterates by :class:`Anderson` acceleration
+(the dense x-step and batches; not the Kronecker one, where it did not pay): every point the
+loop certifies is still an exact projection, so acceleration changes the path, never what a
+certified result means.
 """
 
 from __future__ import annotations
@@ -140,14 +143,17 @@ class Anderson:
         g = self.g
         np.subtract(F, s, out=g)
         gg = np.einsum("pn,pn->p", g, g)
-        self.valid[gg > self.gg_prev] = False  # the last extrapolation did not help: restart
+        # the last extrapolation did not reduce the residual (or went non-finite): drop the
+        # history, and this step is plain
+        bad = ~(gg <= self.gg_prev)
+        self.valid[bad] = False
         if self.prev_ok.any():
             j = self.head
             np.subtract(F, self.F_prev, out=self.dF[:, j])
             np.subtract(g, self.g_prev, out=self.dG[:, j])
             self.head = (j + 1) % self.m
             self.count = c = min(self.count + 1, self.m)
-            self.valid[:, j] = self.prev_ok
+            self.valid[:, j] = self.prev_ok & ~bad
             row = (self.dG[:, :c] @ self.dG[:, j, :, None])[:, :, 0]
             self.gram[:, j, :c] = row
             self.gram[:, :c, j] = row
@@ -156,7 +162,7 @@ class Anderson:
             self.rhs[:, j] = np.einsum("pn,pn->p", self.dG[:, j], g)
         np.copyto(self.F_prev, F)
         self.g, self.g_prev = self.g_prev, g
-        self.gg_prev = gg
+        self.gg_prev = np.where(np.isfinite(gg), gg, np.inf)
         self.prev_ok[:] = True
         c = self.count
         v = self.valid[:, :c]
@@ -172,6 +178,10 @@ class Anderson:
         except np.linalg.LinAlgError:
             self.valid[:] = False
             return
+        ok = np.isfinite(gamma).all(axis=(1, 2))
+        if not ok.all():  # a degenerate fit: those parents restart, their step is plain
+            self.valid[~ok] = False
+            gamma[~ok] = 0.0
         F -= (gamma.transpose(0, 2, 1) @ self.dF[:, :c])[:, 0]
 
 

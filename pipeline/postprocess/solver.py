@@ -270,10 +270,27 @@ class AdmmSolver:
 
     def solve(self, objs: Sequence[Objective], opts: SolveOptions,
               batched: bool) -> list[L2Result]:
+        res = self._solve(objs, opts, batched, opts.anderson)
+        if opts.anderson:
+            # the acceleration has no convergence proof of its own: a parent it left
+            # uncertified and off its totals / bounds (or non-finite) is solved again by the
+            # plain ADMM (which has one), from the start. (Feasible but uncertified is the
+            # certificate's rounding floor, the same either way: not repeated.)
+            again = [i for i, r in enumerate(res) if not r.certified
+                     and not (r.infeas <= opts.feas_tol and np.isfinite(r.gap))]
+            if again:
+                redo = self._solve([objs[i] for i in again], opts, batched, 0)
+                for i, r in zip(again, redo):
+                    res[i] = dataclasses.replace(r, method=r.method + "-plain")
+        return res
+
+    @staticmethod
+    def _solve(objs: Sequence[Objective], opts: SolveOptions, batched: bool,
+               anderson: int) -> list[L2Result]:
         if batched:
             return admm_batch(list(objs), tol=opts.tol, feas_tol=opts.feas_tol,
-                              max_iter=opts.max_iter, anderson=opts.anderson)
+                              max_iter=opts.max_iter, anderson=anderson)
         th = opts.paths
         return [admm(o, xstep_for(o, th), kernel_flags(o, th), tol=opts.tol,
-                     feas_tol=opts.feas_tol, max_iter=opts.max_iter, anderson=opts.anderson)
+                     feas_tol=opts.feas_tol, max_iter=opts.max_iter, anderson=anderson)
                 for o in objs]
