@@ -267,3 +267,27 @@ def test_a_parent_the_acceleration_leaves_off_its_constraints_is_solved_plainly(
     assert res.infeas <= 1e-3 and res.gap <= 1e-9 * res.f
     _, fref = reference_qp(obj)
     assert fref - 1e-7 * fref <= res.f <= fref + res.gap + 1e-7 * fref
+
+
+def test_a_batch_stops_accelerating_parents_it_does_not_help(monkeypatch):
+    # parents still open after _AA_BATCH_STOP iterations go on plainly from where they stand
+    # and are certified in the same run (no second solve)
+    import pipeline.postprocess.admm as ls
+    from pipeline.postprocess.solver import AdmmSolver, SolveOptions
+
+    prob, truth = random_parent(k=6, pop=300, seed=7, alpha=0.3, gq=True)
+    obj = _obj(prob, truth.sum(axis=1).astype(float), prob.lower_bounds())
+    step = ls.Anderson.step
+
+    def sabotage(self, F, s):
+        step(self, F, s)
+        F += 50.0
+
+    monkeypatch.setattr(ls.Anderson, "step", sabotage)
+    monkeypatch.setattr(ls, "_AA_BATCH_START", 0)
+    monkeypatch.setattr(ls, "_AA_BATCH_STOP", 200)
+    res = AdmmSolver().solve([obj], SolveOptions(tol=1e-9, feas_tol=1e-3, max_iter=2000),
+                             True)[0]
+    assert res.certified and res.method == "admm-batch" and res.iterations > 200
+    _, fref = reference_qp(obj)
+    assert fref - 1e-7 * fref <= res.f <= fref + res.gap + 1e-7 * fref

@@ -60,6 +60,11 @@ _REPAIR_GATE = 3.0
 # certified at the first check (block-shaped batches: median 10 iterations), and accelerating
 # them from the start cost 15 % more time per parent instead of saving any
 _AA_BATCH_START = 10
+# ... and stops it after this many: the parents still open then are the few it does not help
+# (in the first US-shaped run with it, 51 of 70,486 block-group-level parents ran to max_iter
+# accelerated, off their held totals, and were solved again; plain from where they stand they
+# converge, as the plain ADMM does from any point)
+_AA_BATCH_STOP = 500
 
 
 # -- rules shared by both layouts -------------------------------------------------------------
@@ -98,9 +103,10 @@ class Anderson:
     ``gamma`` the least-squares fit of ``g`` by ``dG`` (an ``m x m`` Gram system). It replaces
     ``F(s)`` *before* the projection, so every ``Z`` is still an exact projection (C1-feasible)
     and the certificate and stopping rule are the ADMM's: acceleration changes where the
-    iterates go, never what a certified result means. A parent whose step did not reduce
-    ``|g|`` drops its history (its next step is plain); so does one whose map changed
-    (:meth:`forget`, after a change of its rho).
+    iterates go, never what a certified result means. A parent whose last extrapolation did
+    not reduce ``|g|`` drops its history and takes a plain step; so does one whose map changed
+    (:meth:`forget`, after a change of its rho). The acceleration has no convergence proof of
+    its own: ``solver.AdmmSolver`` repeats a parent it left uncertified with the plain ADMM.
 
     The ADMM here converges linearly and slowly (hundreds of iterations on tract- and
     county-shaped parents), which is where extrapolating from a few secants pays: with the
@@ -960,7 +966,7 @@ class _Batch:
     fresh (small) arrays per step, no repair (measured slower here, see BENCHMARKS.md).
     Certified parents leave the batch (:meth:`drop`), so the arrays shrink. The parents
     still open after ``_AA_BATCH_START`` iterations are accelerated (:class:`Anderson`, a
-    history each)."""
+    history each) until ``_AA_BATCH_STOP``."""
 
     method = "admm-batch"
 
@@ -1031,6 +1037,8 @@ class _Batch:
             GXh = relax * G.answer(G.bq, X) + (1.0 - relax) * self.W
         self.X = X
         self.iters += 1
+        if self.aa is not None and self.iters > _AA_BATCH_STOP:
+            self.aa, self.anderson = None, 0  # Z, U are consistent: the plain loop goes on
         if self.aa is None and self.anderson and self.iters > _AA_BATCH_START:
             self.sv = self._dr_point()
             self.aa = Anderson(self.sv.shape[0], self.sv.shape[1], self.anderson)
