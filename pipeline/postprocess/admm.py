@@ -559,18 +559,24 @@ class _One:
         if self.low is not None:
             np.add(self.W, self.U2, out=s[kn:].reshape(self.W.shape))
 
+    def _x(self) -> np.ndarray:
+        """The exact x-step from the current iterates (into ``self.X``; sets ``alpha``)."""
+        obj, ws, rho, R = self.obj, self.ws, self.rho, self.R
+        np.subtract(self.Z, self.U, out=R)  # R = b + rho (Z - U) [+ rho G'(W - U2)]
+        R *= rho
+        R += obj.b
+        if self.low is not None:
+            ws.bound_back_add(R, rho * (self.W - self.U2))
+        X, self.alpha = _xstep(ws, self.inv, R, self.u, self.s, out=self.X)
+        return X
+
     def iterate(self, relax: float) -> None:
         if self.aa is not None:
             self._iterate_accelerated(relax)
             return
-        obj, ws, rho, low = self.obj, self.ws, self.rho, self.low
-        R, T, U, W, U2 = self.R, self.T, self.U, self.W, self.U2
-        np.subtract(self.Z, U, out=R)  # R = b + rho (Z - U) [+ rho G'(W - U2)]
-        R *= rho
-        R += obj.b
-        if low is not None:
-            ws.bound_back_add(R, rho * (W - U2))
-        X, self.alpha = _xstep(ws, self.inv, R, self.u, self.s, out=self.X)
+        obj, ws, low = self.obj, self.ws, self.low
+        T, U, W, U2 = self.T, self.U, self.W, self.U2
+        X = self._x()
         if low is not None:
             GXh = relax * ws.bound_answer(X) + (1.0 - relax) * W
         X *= relax  # X <- relaxed Xh = relax X + (1 - relax) Z
@@ -592,16 +598,11 @@ class _One:
     def _iterate_accelerated(self, relax: float) -> None:
         """The iteration of :meth:`iterate` written on ``s`` (:class:`Anderson`): the same
         x-step and relaxation give ``F(s)``, which is extrapolated, then projected."""
-        obj, ws, rho, low, aa = self.obj, self.ws, self.rho, self.low, self.aa
+        obj, ws, low, aa = self.obj, self.ws, self.low, self.aa
         assert aa is not None
-        R, T, U, W, U2 = self.R, self.T, self.U, self.W, self.U2
+        T, U, W, U2 = self.T, self.U, self.W, self.U2
         kn, shape = self._kn, self.Z.shape
-        np.subtract(self.Z, U, out=R)  # R = b + rho (Z - U) [+ rho G'(W - U2)]
-        R *= rho
-        R += obj.b
-        if low is not None:
-            ws.bound_back_add(R, rho * (W - U2))
-        X, self.alpha = _xstep(ws, self.inv, R, self.u, self.s, out=self.X)
+        X = self._x()
         F = self._F
         F1 = F[0, :kn].reshape(shape)
         if low is not None:
