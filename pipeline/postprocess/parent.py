@@ -101,6 +101,21 @@ def _record(st: ParentStats, obj: Objective, res: L2Result) -> None:
         st.uncertified += 1
 
 
+def _meets_lower(prob: ParentProblem, obj: Objective, Z: np.ndarray, lower: np.ndarray,
+                 tol: float) -> bool:
+    """Whether ``Z`` (k, n on ``obj``'s domain) meets the lower bounds ``lower`` (k, answers
+    of the bound query) within ``tol``: ``G X`` on the answers the domain reaches (the same
+    sums as on the full grid: the cells off the domain add exact zeros), 0 elsewhere."""
+    t = obj.sys.terms.get(prob.bound_query)
+    if t is None:  # the query is not among the objective's: answer it on the full grid
+        G = prob.spec.query(prob.bound_query).answer(_full(prob, obj, Z))
+        return bool((G >= lower - tol).all())
+    reached = np.zeros(lower.shape[1], dtype=bool)
+    reached[t.answers] = True
+    return bool((obj.sys.answer(prob.bound_query, Z) >= lower[:, t.answers] - tol).all()
+                and (lower[:, ~reached] <= tol).all())
+
+
 def _full(prob: ParentProblem, obj: Objective, Z: np.ndarray) -> np.ndarray:
     X = np.zeros((prob.k, prob.spec.n_cells))
     X[:, obj.domain] = Z
@@ -132,8 +147,7 @@ def solve_least_squares(preps: list[Prepared], opts: SolveOptions, batched: bool
     for i, (p, o, r) in enumerate(zip(preps, objs, run(objs))):
         Xi = _full(p.prob, o, r.Z)
         if p.lower is not None and o.lower is None:
-            G = p.prob.spec.query(p.prob.bound_query).answer(Xi)
-            if not (r.certified and (G >= p.lower - opts.feas_tol).all()):
+            if not (r.certified and _meets_lower(p.prob, o, r.Z, p.lower, opts.feas_tol)):
                 p.st.iterations += r.iterations  # the trial's work, then solve with bounds
                 redo.append(i)
                 continue

@@ -140,20 +140,28 @@ def controlled_round(
     installed, else LP); both return an optimal vertex. Raises PostprocessError when
     the LP is infeasible or returns a non-integral point.
     """
-    X = np.where(allowed, np.maximum(np.asarray(X, dtype=np.float64), 0.0), 0.0)
-    k, n = X.shape
+    Xf = np.asarray(X, dtype=np.float64)
+    k, n = Xf.shape
     maps = _chain_levels(spec, chain, totals is not None)
+    sizes = [int(m.max()) + 1 for m in maps]  # answers per level (node keys: child * size + answer)
     if lower is not None and bound_query not in chain:
         raise PostprocessError(f"lower bounds on {bound_query!r} need it in the rounder chain")
+    if parent is not None:
+        # nodes come only from cells with a parent count (live leaves) or real mass (values):
+        # work on those columns, usually a few percent of the grid; the keys, nodes and flow
+        # are the same as on the full grid
+        cols = np.flatnonzero((np.asarray(parent) > 0) | (Xf > 0).any(axis=0))
+        Xf, allowed = Xf[:, cols], allowed[:, cols]
+        maps = [m[cols] for m in maps]
+    X = np.where(allowed, np.maximum(Xf, 0.0), 0.0)
     live = allowed & (X > SNAP) if not widen else allowed.copy()
     if parent is not None:
-        live &= (np.asarray(parent) > 0)[None, :]
+        live &= (np.asarray(parent)[cols] > 0)[None, :]
     lc, lj = np.nonzero(live)
     nodes_of_leaf = []
     node_off = [0]
     level_keys = []
-    for m in maps:
-        na = int(m.max()) + 1
+    for m, na in zip(maps, sizes):
         keys, inv = np.unique(lc * na + m[lj], return_inverse=True)
         nodes_of_leaf.append(node_off[-1] + inv.ravel())
         level_keys.append((keys, na))
