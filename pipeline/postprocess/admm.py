@@ -769,9 +769,10 @@ def spd_inverse(M: np.ndarray) -> np.ndarray:
         if info == 0:
             c, info = potri(c, lower=1, overwrite_c=1)
         out[i] = c if info == 0 else np.linalg.inv(M[i])
-    # potri fills the lower triangle only: mirror it (both halves of the fallbacks agree)
-    low = np.tril(out)
-    return low + np.swapaxes(np.tril(out, -1), 1, 2)
+    # potri fills the lower triangle only: mirror it (one gather-scatter of the halves)
+    iu, ju = np.triu_indices(n, 1)
+    out[:, iu, ju] = out[:, ju, iu]
+    return out
 
 
 def _inverse_sqrt_grouped(B: np.ndarray) -> np.ndarray:
