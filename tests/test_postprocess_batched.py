@@ -187,3 +187,95 @@ def test_parents_with_many_children_are_solved_alone():
     assert not batchable(prepare_parent(many, opts), opts.paths)
     assert batchable(prepare_parent(many, opts), Thresholds(batch_max_children=70))
     assert not batchable(prepare_parent(small, opts), Thresholds(batched=False))
+
+
+# -- the batch's arrays and kernels ----------------------------------------------------------
+def _group(objs):
+    from pipeline.postprocess.admm import _Group
+
+    return _Group(objs)
+
+
+def test_batch_normal_matrices_are_each_parents_dense_one_bit_for_bit():
+    """The code-and-table assembly of H adds the same weights in the same query order as
+    ``dense_normal_matrix``; with a query whose weights differ between answers (a partly
+    measured answer: weight 0) that query takes the masked add, and the sums still agree."""
+    from pipeline.postprocess.operators import dense_normal_matrix
+
+    objs = _mixed_objectives()
+    G = _group(objs)
+    for i, o in enumerate(objs):
+        assert np.array_equal(G.H[i, : o.n, : o.n], dense_normal_matrix(o.sys, o.w))
+    # one child loses its cenrace answers: those answers are dropped (weight 0)
+    prob, _ = random_parent(k=4, pop=60, seed=3)
+    prob.targets["cenrace"][1, :12] = np.nan
+    o = _obj(prob)
+    assert o.dropped > 0 and len(set(o.w["cenrace"].tolist())) > 1
+    objs2 = [o] + [_obj(random_parent(k=4, pop=60, seed=4 + s)[0]) for s in range(2)]
+    G2 = _group(objs2)
+    for i, ob in enumerate(objs2):
+        np.testing.assert_allclose(G2.H[i, : ob.n, : ob.n], dense_normal_matrix(ob.sys, ob.w),
+                                   rtol=1e-15, atol=0)
+
+
+def test_batch_value_and_gradient_equal_the_objectives():
+    objs = _mixed_objectives()
+    G = _group(objs)
+    rng = np.random.default_rng(5)
+    X = np.zeros((len(objs), G.K, G.n))
+    for i, o in enumerate(objs):
+        X[i, : o.k, : o.n] = rng.gamma(1.0, 3.0, (o.k, o.n)) * o.allowed
+    f, g = G.value_grad(X)
+    for i, o in enumerate(objs):
+        fo, go = o.value_grad(X[i, : o.k, : o.n])
+        assert abs(f[i] - fo) <= 1e-12 * fo
+        np.testing.assert_allclose(g[i, : o.k, : o.n], go, rtol=0, atol=1e-9 * np.abs(go).max())
+        assert not g[i, o.k:].any() and not g[i, :, o.n:].any()  # padding stays inert
+
+
+def test_batch_projection_warm_starts_and_stays_exact_after_parents_leave():
+    from pipeline.postprocess.projection import project_columns_sort
+
+    objs = _mixed_objectives()
+    G = _group(objs)
+    rng = np.random.default_rng(6)
+    V = rng.normal(0.0, 4.0, (len(objs), G.K, G.n))
+    keep_all = np.ones(len(objs), dtype=bool)
+    for step in range(4):
+        if step == 2:  # two parents leave the batch: the kept thresholds follow
+            keep = keep_all.copy()
+            keep[[1, 4]] = False
+            G.take(keep)
+            V = V[keep]
+            objs = [o for o, k in zip(objs, keep) if k]
+        V = V + rng.normal(0.0, 0.3 if step else 4.0, V.shape)
+        Z = G.project(V)
+        assert G._tau is not None and G._tau.shape == (len(objs), G.n)
+        for i, o in enumerate(objs):
+            ref, _ = project_columns_sort(V[i, : o.k, : o.n], o.p, o.allowed)
+            np.testing.assert_allclose(Z[i, : o.k, : o.n], ref, rtol=0, atol=1e-10)
+            assert not Z[i, o.k:].any() and not Z[i, :, o.n:].any()
+
+
+def test_spd_inverse_by_cholesky_and_its_fallback():
+    from pipeline.postprocess.admm import spd_inverse
+
+    rng = np.random.default_rng(7)
+    A = rng.normal(size=(5, 30, 30))
+    M = A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(30)
+    M[3] = np.diag(np.r_[-1.0, np.ones(29)])  # symmetric, not positive definite: LU fallback
+    inv = spd_inverse(M)
+    np.testing.assert_allclose(inv @ M, np.broadcast_to(np.eye(30), M.shape), atol=1e-8)
+    assert np.array_equal(inv, np.swapaxes(inv, 1, 2))
+
+
+def test_inverse_square_root_of_a_grouping_pencil():
+    from pipeline.postprocess.admm import _inverse_sqrt_grouped
+
+    rng = np.random.default_rng(8)
+    a = rng.integers(0, 4, (3, 12))
+    real = rng.random((3, 12)) < 0.75  # padded cells belong to no group
+    B = np.eye(12) + ((a[:, :, None] == a[:, None, :]) & real[:, :, None] & real[:, None, :])
+    S = _inverse_sqrt_grouped(B)
+    np.testing.assert_allclose(S @ B @ S, np.broadcast_to(np.eye(12), B.shape), atol=1e-14)
+    assert np.array_equal(S, np.swapaxes(S, 1, 2))

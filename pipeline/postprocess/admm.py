@@ -992,9 +992,9 @@ class _Group:
         on these shapes, and as exact. The thresholds are ``(P, n)`` per-parent arrays, so
         :meth:`take` keeps them aligned with the parents still in the batch."""
         P, K, n = V.shape
-        W = np.empty((K, P, n))
-        np.add(V.transpose(1, 0, 2), self.neg.transpose(1, 0, 2), out=W)  # -inf off allowed
-        W = W.reshape(K, P * n)
+        W3 = np.empty((K, P, n))
+        np.add(V.transpose(1, 0, 2), self.neg.transpose(1, 0, 2), out=W3)  # -inf off allowed
+        W = W3.reshape(K, P * n)
         tau = getattr(self, "_" + slot, None)
         if tau is None:
             X, t = project_columns_sort(W, self.p.ravel(), self.allowed_cols())

@@ -150,13 +150,13 @@ def controlled_round(
         # nodes come only from cells with a parent count (live leaves) or real mass (values):
         # work on those columns, usually a few percent of the grid; the keys, nodes and flow
         # are the same as on the full grid
-        cols = np.flatnonzero((np.asarray(parent) > 0) | (Xf > 0).any(axis=0))
-        Xf, allowed = Xf[:, cols], allowed[:, cols]
-        maps = [m[cols] for m in maps]
+        on = np.flatnonzero((np.asarray(parent) > 0) | (Xf > 0).any(axis=0))
+        Xf, allowed = Xf[:, on], allowed[:, on]
+        maps = [m[on] for m in maps]
     X = np.where(allowed, np.maximum(Xf, 0.0), 0.0)
     live = allowed & (X > SNAP) if not widen else allowed.copy()
     if parent is not None:
-        live &= (np.asarray(parent)[cols] > 0)[None, :]
+        live &= (np.asarray(parent)[on] > 0)[None, :]
     lc, lj = np.nonzero(live)
     nodes_of_leaf = []
     node_off = [0]
