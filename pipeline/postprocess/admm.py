@@ -20,7 +20,8 @@ layouts, which do the arithmetic of each step:
   full grid, warm-started projections; with held child totals a check may certify the
   iterate moved onto the totals (:func:`_repair`).
 - :class:`_Batch` (:func:`admm_batch`): P small parents padded into ``(P, K, n)`` arrays;
-  each parent's ``M_i`` is inverted explicitly (one batched ``inv`` per change of ``rho_i``),
+  each parent's ``M_i`` is inverted explicitly (by Cholesky, :func:`spd_inverse`, once per
+  change of ``rho_i``), projections are warm-started from the last thresholds,
   each parent keeps its own ``rho`` and leaves the batch when certified (the arrays shrink).
 
 Both use the one certificate of ``certificate.py`` and the column projection of
@@ -1041,7 +1042,7 @@ class _Group:
 
 class _Batch:
     """P small parents padded into one :class:`_Group`: whole-batch numpy passes, each
-    parent's ``M_i`` inverted explicitly (one batched ``inv`` per change of its ``rho_i``),
+    parent's ``M_i`` inverted explicitly (:func:`spd_inverse`, once per change of its ``rho_i``),
     fresh (small) arrays per step, no repair (measured slower here, see BENCHMARKS.md).
     Certified parents leave the batch (:meth:`drop`), so the arrays shrink. The parents
     still open after ``_AA_BATCH_START`` iterations are accelerated (:class:`Anderson`, a

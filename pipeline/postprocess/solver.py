@@ -48,9 +48,10 @@ class Thresholds:
     with the Kronecker x-step (when its weights are uniform).
     ``inplace_min_entries``: k * n from which the x-step's consistency / row-total correction
     is one in-place rank-2 dgemm (below, two broadcast adds are fewer numpy calls).
-    ``warm_projection_min_entries``: k * n from which the z-step projection is warm-started
-    Newton (its ~15 numpy calls per step cost more than one sort on small parents) and
-    ``G' A`` is added run-wise in place.
+    ``warm_projection_min_entries``: k * n from which the one-parent z-step projection is
+    warm-started Newton (its ~15 numpy calls per step cost more than one sort on small
+    parents; a batch always warm-starts, its one call covers every parent) and ``G' A`` is
+    added run-wise in place.
     ``fast_hess_min_entries``: k * n from which ``value_grad`` uses the Kronecker ``H`` on
     the full grid (one structured pass instead of a segment sum per query).
     """
