@@ -261,7 +261,7 @@ def test_spd_inverse_by_cholesky_and_its_fallback():
     from pipeline.postprocess.admm import spd_inverse
 
     rng = np.random.default_rng(7)
-    A = rng.normal(size=(5, 30, 30))
+    A = rng.normal(size=(5, 30, 30))  # n >= 16: the Cholesky path
     M = A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(30)
     M[3] = np.diag(np.r_[-1.0, np.ones(29)])  # symmetric, not positive definite: LU fallback
     inv = spd_inverse(M)

@@ -282,3 +282,35 @@ def test_a_batch_stops_accelerating_parents_it_does_not_help(monkeypatch):
     assert res.certified and res.method == "admm-batch" and res.iterations > 200
     _, fref = reference_qp(obj)
     assert fref - 1e-7 * fref <= res.f <= fref + res.gap + 1e-7 * fref
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_parent_the_acceleration_blows_up_is_stopped_early_and_solved_plainly(
+        monkeypatch, batched):
+    # extrapolated points that run away (each one 3x the last) make the infeasibility grow
+    # far past its first check's: the run stops that parent at once instead of spending
+    # max_iter iterations on it, and the solver's plain re-solve certifies it
+    import pipeline.postprocess.admm as ls
+    from pipeline.postprocess.solver import AdmmSolver, SolveOptions
+
+    prob, truth = random_parent(k=6, pop=300, seed=7, alpha=0.3, gq=True)
+    obj = _obj(prob, truth.sum(axis=1).astype(float), prob.lower_bounds())
+    step = ls.Anderson.step
+    calls = []
+
+    def runaway(self, F, s):
+        step(self, F, s)
+        calls.append(1)
+        if len(calls) > 12:
+            F *= 3.0
+
+    monkeypatch.setattr(ls.Anderson, "step", runaway)
+    monkeypatch.setattr(ls, "_AA_BATCH_START", 0)
+    opts = SolveOptions(tol=1e-9, feas_tol=1e-3, max_iter=3000)
+    raw = AdmmSolver._solve([obj], opts, batched, 8)[0]
+    assert not raw.certified and raw.iterations <= 50  # stopped at a check, not at max_iter
+    assert not raw.infeas <= 100.0
+    res = AdmmSolver().solve([obj], opts, batched)[0]
+    assert res.certified and res.method.endswith("-plain")
+    _, fref = reference_qp(obj)
+    assert fref - 1e-7 * fref <= res.f <= fref + res.gap + 1e-7 * fref

@@ -67,6 +67,11 @@ _AA_BATCH_START = 10
 # of 234,286 units block-level ones ran to max_iter accelerated, off their held totals, and were
 # solved again; plain from where they stand they converge, as the plain ADMM does from any point)
 _AA_BATCH_STOP = 500
+# an accelerated parent whose infeasibility (persons) exceeds this multiple of its first
+# check's (floored at 1) is stopped as diverged and solved again plainly (:func:`_run`). Seen
+# on a real block-group batch of the 10 M job: 12 persons at the first check, 1,940 twenty
+# iterations later, then rho doubling to 1e16 and 5,000 iterations uncertified
+_DIVERGED = 100.0
 
 
 # -- rules shared by both layouts -------------------------------------------------------------
@@ -466,6 +471,9 @@ class _Layout(Protocol):
     def rescale(self, fac: np.ndarray) -> None:
         """``rho *= fac`` per parent: scaled duals and the x-step factorisation follow."""
 
+    def accelerated(self) -> np.ndarray:
+        """Per parent (bool ``(P,)``): whether its iterates are Anderson-extrapolated."""
+
 
 def _run(lay: _Layout, tol: float, feas_tol: float, max_iter: int, relax: float,
          check_every: int, balance: float) -> None:
@@ -474,14 +482,22 @@ def _run(lay: _Layout, tol: float, feas_tol: float, max_iter: int, relax: float,
     parents leaving the run, residual balancing. Results go to the layout."""
     lay.set_rho(initial_rho(*lay.curvature()))
     lay.start()
+    first: np.ndarray | None = None  # infeasibility at the first check, per parent in the run
     for it in range(1, max_iter + 1):
         lay.iterate(relax)
         if it % check_every and it != max_iter:
             continue
         f, lb, gap, spread, infeas = lay.check()
+        if first is None:
+            first = np.maximum(np.where(np.isfinite(infeas), infeas, 0.0), 1.0)
         ok = _stop(f, gap, infeas, tol, feas_tol)
         repaired = lay.repair(~ok, f, lb, infeas, tol, feas_tol, it)
-        done = ok | repaired | (it == max_iter)
+        # an accelerated parent whose infeasibility grew _DIVERGED-fold since the first check
+        # (or went non-finite) has left the plain ADMM's path for good in practice (rho then
+        # climbs without bound); it stops here, uncertified and off its constraints, and
+        # ``solver.AdmmSolver`` solves it again by the plain ADMM from the start
+        diverged = lay.accelerated() & ~ok & ~repaired & ~(infeas <= _DIVERGED * first)
+        done = ok | repaired | diverged | (it == max_iter)
         lay.emit(done & ~repaired, ok, f, gap, spread, infeas, it)
         if done.all():
             return
@@ -490,6 +506,7 @@ def _run(lay: _Layout, tol: float, feas_tol: float, max_iter: int, relax: float,
         if done.any():
             lay.drop(~done)
             fac = fac[~done]
+            first = first[~done]
         lay.rescale(fac)
 
 
@@ -693,6 +710,9 @@ class _One:
                 self.aa.forget(np.ones(1, dtype=bool))
                 self._fill_s()
 
+    def accelerated(self) -> np.ndarray:
+        return np.array([self.aa is not None])
+
 
 def admm(
     obj: Objective,
@@ -763,6 +783,8 @@ def spd_inverse(M: np.ndarray) -> np.ndarray:
     batched LU ``np.linalg.inv`` at n = 50-130 (BENCHMARKS.md, session 20). A matrix that is
     not numerically positive definite falls back to ``np.linalg.inv``."""
     P, n, _ = M.shape
+    if n < 16:  # tiny matrices: one batched call beats a Python loop of LAPACK calls
+        return np.linalg.inv(M)
     out = np.empty_like(M)
     potrf, potri = scipy.linalg.lapack.dpotrf, scipy.linalg.lapack.dpotri
     for i in range(P):
@@ -1197,6 +1219,9 @@ class _Batch:
             if self.aa is not None:  # their maps changed: their histories no longer apply
                 self.aa.forget(changed)
                 self.sv = self._dr_point()
+
+    def accelerated(self) -> np.ndarray:
+        return np.full(self.idx.size, self.aa is not None)
 
 
 def admm_batch(
