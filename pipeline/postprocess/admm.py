@@ -780,8 +780,9 @@ def _repair(ws: Workspace, Z: np.ndarray, lb: float, alpha: np.ndarray, nu: np.n
 def spd_inverse(M: np.ndarray) -> np.ndarray:
     """Inverses of symmetric positive definite matrices ``M (P, n, n)``, by Cholesky
     (LAPACK ``potrf`` / ``potri``, one call each per matrix): about half the time of the
-    batched LU ``np.linalg.inv`` at n = 50-130 (BENCHMARKS.md, session 20). A matrix that is
-    not numerically positive definite falls back to ``np.linalg.inv``."""
+    batched LU ``np.linalg.inv`` at n = 50-130; below n = 16 the Python loop costs more than
+    it saves, so those take the batched LU (BENCHMARKS.md, session 20). A matrix that is not
+    numerically positive definite falls back to ``np.linalg.inv``."""
     P, n, _ = M.shape
     if n < 16:  # tiny matrices: one batched call beats a Python loop of LAPACK calls
         return np.linalg.inv(M)
