@@ -232,6 +232,12 @@ def test_anderson_acceleration_cuts_iterations_to_the_same_optimum():
         np.testing.assert_allclose(r.Z.sum(axis=0), obj.p, atol=1e-9)
 
 
+def _gq_parent_with_held_totals():
+    """A 6-child parent with group quarters, its exact child totals held and the GQ bounds."""
+    prob, truth = random_parent(k=6, pop=300, seed=7, alpha=0.3, gq=True)
+    return _obj(prob, truth.sum(axis=1).astype(float), prob.lower_bounds())
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_a_parent_the_acceleration_leaves_off_its_constraints_is_solved_plainly(
         monkeypatch, batched):
@@ -240,8 +246,7 @@ def test_a_parent_the_acceleration_leaves_off_its_constraints_is_solved_plainly(
     import pipeline.postprocess.admm as ls
     from pipeline.postprocess.solver import AdmmSolver, SolveOptions
 
-    prob, truth = random_parent(k=6, pop=300, seed=7, alpha=0.3, gq=True)
-    obj = _obj(prob, truth.sum(axis=1).astype(float), prob.lower_bounds())
+    obj = _gq_parent_with_held_totals()
     step = ls.Anderson.step
 
     def sabotage(self, F, s):  # every extrapolated point pushed 50 persons off
@@ -266,8 +271,7 @@ def test_a_batch_stops_accelerating_parents_it_does_not_help(monkeypatch):
     import pipeline.postprocess.admm as ls
     from pipeline.postprocess.solver import AdmmSolver, SolveOptions
 
-    prob, truth = random_parent(k=6, pop=300, seed=7, alpha=0.3, gq=True)
-    obj = _obj(prob, truth.sum(axis=1).astype(float), prob.lower_bounds())
+    obj = _gq_parent_with_held_totals()
     step = ls.Anderson.step
 
     def sabotage(self, F, s):
@@ -293,8 +297,7 @@ def test_a_parent_the_acceleration_blows_up_is_stopped_early_and_solved_plainly(
     import pipeline.postprocess.admm as ls
     from pipeline.postprocess.solver import AdmmSolver, SolveOptions
 
-    prob, truth = random_parent(k=6, pop=300, seed=7, alpha=0.3, gq=True)
-    obj = _obj(prob, truth.sum(axis=1).astype(float), prob.lower_bounds())
+    obj = _gq_parent_with_held_totals()
     step = ls.Anderson.step
     calls = []
 
