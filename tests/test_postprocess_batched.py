@@ -5,7 +5,7 @@ import pytest
 from postprocess_cases import PL94, hierarchy, infeasibility, random_parent, reference_qp, run_admm, run_levels
 
 from pipeline.postprocess import LevelBatch
-from pipeline.postprocess.admm import admm_batch
+from pipeline.postprocess.admm import _Group, _inverse_sqrt_grouped, admm_batch, spd_inverse
 from pipeline.postprocess.objective import Objective
 from pipeline.postprocess.parent import prepare_parent, solve_least_squares, solve_parent
 from pipeline.postprocess.solver import SolveOptions, Thresholds, _batches, batchable, plan
@@ -190,12 +190,6 @@ def test_parents_with_many_children_are_solved_alone():
 
 
 # -- the batch's arrays and kernels ----------------------------------------------------------
-def _group(objs):
-    from pipeline.postprocess.admm import _Group
-
-    return _Group(objs)
-
-
 def test_batch_normal_matrices_are_each_parents_dense_one_bit_for_bit():
     """The code-and-table assembly of H adds the same weights in the same query order as
     ``dense_normal_matrix``; with a query whose weights differ between answers (a partly
@@ -203,7 +197,7 @@ def test_batch_normal_matrices_are_each_parents_dense_one_bit_for_bit():
     from pipeline.postprocess.operators import dense_normal_matrix
 
     objs = _mixed_objectives()
-    G = _group(objs)
+    G = _Group(objs)
     for i, o in enumerate(objs):
         assert np.array_equal(G.H[i, : o.n, : o.n], dense_normal_matrix(o.sys, o.w))
     # one child loses its cenrace answers: those answers are dropped (weight 0)
@@ -212,7 +206,7 @@ def test_batch_normal_matrices_are_each_parents_dense_one_bit_for_bit():
     o = _obj(prob)
     assert o.dropped > 0 and len(set(o.w["cenrace"].tolist())) > 1
     objs2 = [o] + [_obj(random_parent(k=4, pop=60, seed=4 + s)[0]) for s in range(2)]
-    G2 = _group(objs2)
+    G2 = _Group(objs2)
     for i, ob in enumerate(objs2):
         np.testing.assert_allclose(G2.H[i, : ob.n, : ob.n], dense_normal_matrix(ob.sys, ob.w),
                                    rtol=1e-15, atol=0)
@@ -220,7 +214,7 @@ def test_batch_normal_matrices_are_each_parents_dense_one_bit_for_bit():
 
 def test_batch_value_and_gradient_equal_the_objectives():
     objs = _mixed_objectives()
-    G = _group(objs)
+    G = _Group(objs)
     rng = np.random.default_rng(5)
     X = np.zeros((len(objs), G.K, G.n))
     for i, o in enumerate(objs):
@@ -237,7 +231,7 @@ def test_batch_projection_warm_starts_and_stays_exact_after_parents_leave():
     from pipeline.postprocess.projection import project_columns_sort
 
     objs = _mixed_objectives()
-    G = _group(objs)
+    G = _Group(objs)
     rng = np.random.default_rng(6)
     V = rng.normal(0.0, 4.0, (len(objs), G.K, G.n))
     keep_all = np.ones(len(objs), dtype=bool)
@@ -258,8 +252,6 @@ def test_batch_projection_warm_starts_and_stays_exact_after_parents_leave():
 
 
 def test_spd_inverse_by_cholesky_and_its_fallback():
-    from pipeline.postprocess.admm import spd_inverse
-
     rng = np.random.default_rng(7)
     A = rng.normal(size=(5, 30, 30))  # n >= 16: the Cholesky path
     M = A @ np.swapaxes(A, 1, 2) + 0.1 * np.eye(30)
@@ -270,8 +262,6 @@ def test_spd_inverse_by_cholesky_and_its_fallback():
 
 
 def test_inverse_square_root_of_a_grouping_pencil():
-    from pipeline.postprocess.admm import _inverse_sqrt_grouped
-
     rng = np.random.default_rng(8)
     a = rng.integers(0, 4, (3, 12))
     real = rng.random((3, 12)) < 0.75  # padded cells belong to no group
