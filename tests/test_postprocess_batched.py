@@ -244,7 +244,7 @@ def test_batch_projection_warm_starts_and_stays_exact_after_parents_leave():
             objs = [o for o, k in zip(objs, keep) if k]
         V = V + rng.normal(0.0, 0.3 if step else 4.0, V.shape)
         Z = G.project(V)
-        assert G._tau is not None and G._tau.shape == (len(objs), G.n)
+        assert G.taus["iterate"].shape == (len(objs), G.n)
         for i, o in enumerate(objs):
             ref, _ = project_columns_sort(V[i, : o.k, : o.n], o.p, o.allowed)
             np.testing.assert_allclose(Z[i, : o.k, : o.n], ref, rtol=0, atol=1e-10)

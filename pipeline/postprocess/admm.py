@@ -911,9 +911,9 @@ class _Group:
         self.held = self.trows
         self.neg = np.where(self.allowed, 0.0, -np.inf)
         self._flat: dict[str, np.ndarray] = {}
-        # last thresholds of :meth:`project` (warm starts), per slot
-        self._tau: np.ndarray | None = None
-        self._cert_tau: np.ndarray | None = None
+        # last thresholds (P, n) of :meth:`project` per slot, for warm starts (:meth:`take`
+        # keeps them aligned: it filters every dict of per-parent arrays)
+        self.taus: dict[str, np.ndarray] = {}
 
     def _normal(self, objs: list[Objective]) -> tuple[np.ndarray, np.ndarray]:
         """The padded normal matrices ``H (P, n, n)`` and ``B = I (+ G'G)``.
@@ -1007,7 +1007,7 @@ class _Group:
         """``M_i^-1 r`` for every row r of parent i: ``R (P, m, n)`` (M symmetric)."""
         return R @ self.Minv
 
-    def project(self, V: np.ndarray, slot: str = "tau") -> np.ndarray:
+    def project(self, V: np.ndarray, slot: str = "iterate") -> np.ndarray:
         """C1 projection of every parent's ``(K, n)`` block, as one column projection.
 
         The first call sorts; later ones start Michelot's Newton iteration from the
@@ -1019,12 +1019,12 @@ class _Group:
         W3 = np.empty((K, P, n))
         np.add(V.transpose(1, 0, 2), self.neg.transpose(1, 0, 2), out=W3)  # -inf off allowed
         W = W3.reshape(K, P * n)
-        tau = getattr(self, "_" + slot, None)
+        tau = self.taus.get(slot)
         if tau is None:
             X, t = project_columns_sort(W, self.p.ravel(), self.allowed_cols())
         else:
             X, t = project_columns_warm(W, self.p.ravel(), tau.ravel())
-        setattr(self, "_" + slot, t.reshape(P, n))
+        self.taus[slot] = t.reshape(P, n)
         return X.reshape(K, P, n).transpose(1, 0, 2)
 
     def allowed_cols(self) -> np.ndarray:
@@ -1054,7 +1054,7 @@ class _Group:
         return R
 
     def project_cert(self, V: np.ndarray, out: np.ndarray) -> np.ndarray:
-        return self.project(V, "cert_tau")
+        return self.project(V, "certificate")
 
     def scratch(self, i: int, like: np.ndarray) -> np.ndarray:
         return np.empty_like(like)  # small arrays: nothing to gain from keeping them
