@@ -20,8 +20,12 @@ with its own worker pool; ``flow`` the Prefect flow (thread runner, ephemeral AP
 ``execution.executor: dask`` on a local ``distributed`` cluster of ``--dask-workers`` worker
 processes (one thread each, started here on 127.0.0.1 and stopped after the run); ``flow-dask``
 the Prefect flow with the Dask task runner on that cluster. The cluster's processes are counted in
-the tree's RSS and CPU. With several modes the JSON says whether every release is identical to the
-first mode's (all files but the manifest, README, codebook and HTML, which carry ids and dates).
+the tree's RSS and CPU. ``--prefect-server``: the flow modes report to one standing Prefect
+server started here for the whole benchmark (as a deployment's, and as any cluster beyond this
+machine needs) instead of the temporary server each ``--flow`` run starts otherwise; the
+server's CPU and memory during a flow run count as the run's. With several modes the JSON says
+whether every release is identical to the first mode's (all files but the manifest, README,
+codebook and HTML, which carry ids and dates).
 """
 
 from __future__ import annotations
@@ -126,6 +130,43 @@ def dask_cluster(n_workers: int, logs: Path):
                 p.wait()
 
 
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    """A standing Prefect API server on 127.0.0.1, as a deployment runs one (``prefect server
+    start``, its own ``PREFECT_HOME`` here, analytics off); yields ``(api_url, process)``. A flow
+    run with ``PREFECT_API_URL`` pointing at it starts no temporary server of its own — what every
+    cluster of more than one machine needs (``flows.tabulate.api_for_workers``)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--no-ui", "--analytics-off"], env=env,
+                            stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("Prefect server did not start:\n" + (home / "server.log").read_text()[-2000:])
+            time.sleep(0.2)
+        yield url, proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def release_digests(release: Path) -> dict[str, str]:
     """sha256 of every release file but those carrying the release id or dates."""
     return {p.relative_to(release).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -142,7 +183,7 @@ def synthetic_input(persons: int) -> Path:
 
 
 def run_one(persons: int, workers: int, estimator: str, interval: float, work: Path, mode: str = "local",
-            dask_workers: int = 2) -> dict:
+            dask_workers: int = 2, server: psutil.Process | None = None) -> dict:
     cache = synthetic_input(persons)
     tag = f"scale-{persons}-{mode}"
     execution: dict = {"workers": workers}
@@ -170,13 +211,15 @@ def run_one(persons: int, workers: int, estimator: str, interval: float, work: P
             cmd += ["--flow"]
         path = work / f"{tag}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        res = _watch(cmd + [str(path)], [psutil.Process(p.pid) for p in cluster], interval, persons)
+        extra = [psutil.Process(p.pid) for p in cluster] + ([server] if server is not None and "flow" in mode else [])
+        res = _watch(cmd + [str(path)], extra, interval, persons)
     wall, samples = res
     from timing import run_stages  # a sibling script (tests load this file by path, for dask_cluster only)
 
     stages = _stages(run_stages(work / "runs" / tag), wall[0], samples)
     return {"persons": persons, "estimator": estimator, "mode": mode, "workers": workers,
             **({"dask_workers": dask_workers} if "dask" in mode else {}),
+            **({"prefect_server": "standing"} if server is not None and "flow" in mode else {}),
             "wall_s": round(wall[1], 1),
             "peak_total_rss_mb": round(max((s[1] for s in samples), default=0.0)),
             "cpu_percent_whole_job": round(100 * (samples[-1][2] / wall[1] if samples else 0.0)),
@@ -242,18 +285,32 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--mode", action="append", choices=["local", "flow", "dask", "flow-dask"])
     ap.add_argument("--dask-workers", type=int, default=2)
+    ap.add_argument("--prefect-server", action="store_true",
+                    help="flow modes report to a standing Prefect server started here (as a deployment's), "
+                         "not to a temporary one each run starts; its CPU and memory count in the flow modes'")
     args = ap.parse_args()
-    for n in args.persons:
-        with tempfile.TemporaryDirectory(prefix="dptab-scale-") as tmp:
-            first: dict[str, str] | None = None
-            for mode in args.mode or ["local"]:
-                res = run_one(n, args.workers, args.estimator, args.interval, Path(tmp), mode, args.dask_workers)
-                digests = release_digests(Path(res.pop("release")))
-                if first is None:
-                    first = digests
-                else:
-                    res["release_identical_to_first_mode"] = digests == first
-                print(json.dumps(res), flush=True)
+    with contextlib.ExitStack() as stack:
+        server = None
+        if args.prefect_server:
+            home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dptab-prefect-")))
+            url, proc = stack.enter_context(prefect_server(home))
+            os.environ.update(PREFECT_API_URL=url, PREFECT_HOME=str(home))  # the CLI's and the workers'
+            server = psutil.Process(proc.pid)
+        for n in args.persons:
+            _run_modes(n, args, server)
+
+
+def _run_modes(n: int, args: argparse.Namespace, server: psutil.Process | None) -> None:
+    with tempfile.TemporaryDirectory(prefix="dptab-scale-") as tmp:
+        first: dict[str, str] | None = None
+        for mode in args.mode or ["local"]:
+            res = run_one(n, args.workers, args.estimator, args.interval, Path(tmp), mode, args.dask_workers, server)
+            digests = release_digests(Path(res.pop("release")))
+            if first is None:
+                first = digests
+            else:
+                res["release_identical_to_first_mode"] = digests == first
+            print(json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":
