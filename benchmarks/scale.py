@@ -121,50 +121,54 @@ def dask_cluster(n_workers: int, logs: Path):
         yield address, procs
     finally:
         for p in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            stop_group(p)
+
+
+def stop_group(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started: its
+    process group gets SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path):
+def prefect_server(home: Path, env: dict[str, str] | None = None):
     """A standing Prefect API server on 127.0.0.1, as a deployment runs one (``prefect server
-    start``, its own ``PREFECT_HOME`` here, analytics off); yields ``(api_url, process)``. A flow
-    run with ``PREFECT_API_URL`` pointing at it starts no temporary server of its own — what every
-    cluster of more than one machine needs (``flows.tabulate.api_for_workers``)."""
+    start``, no UI, analytics off, ``PREFECT_HOME=home``; ``env``: its environment, default this
+    process's); yields ``(api_url, process)``, stopped by process group at the end. A flow run
+    with ``PREFECT_API_URL`` pointing at it starts no temporary server of its own — what every
+    cluster of more than one machine needs (``flows.tabulate.api_for_workers``). Also the server
+    of ``tests/flows/test_deployment.py``."""
     import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-ui", "--analytics-off"], env=env,
-                            stdout=open(home / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**(os.environ if env is None else env), "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "server", "start", "--host",
+                                 "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + 180
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health").status_code == 200:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("Prefect server did not start:\n" + (home / "server.log").read_text()[-2000:])
+                raise RuntimeError("Prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
             time.sleep(0.2)
         yield url, proc
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, timeout=30)
 
 
 def release_digests(release: Path) -> dict[str, str]:

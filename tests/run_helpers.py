@@ -39,6 +39,19 @@ def write_config(tmp: Path, input_dir: Path, name: str = "config.yaml", **overri
     return path
 
 
+def scale_module():
+    """``benchmarks/scale.py`` (a script, not a package): its ``dask_cluster`` and
+    ``prefect_server`` are the one local cluster and the one standing Prefect server."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("dptab_benchmark_scale", root / "benchmarks" / "scale.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for test servers: Prefect, Dask)."""
     with socket.socket() as sock:

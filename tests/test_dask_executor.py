@@ -5,7 +5,6 @@ as cluster tasks, and a release identical to the local run's."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from run_helpers import write_config
+from run_helpers import scale_module, write_config
 
 from pipeline.inputs.synth import synthesize
 from pipeline.job.stages import run
@@ -21,19 +20,10 @@ from pipeline.job.stages import run
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _scale_module():
-    """``benchmarks/scale.py`` (not a package): its ``dask_cluster`` is the one local cluster."""
-    spec = importlib.util.spec_from_file_location("dptab_benchmark_scale", ROOT / "benchmarks" / "scale.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("dask")
-    with _scale_module().dask_cluster(2, logs) as (address, _):
+    with scale_module().dask_cluster(2, logs) as (address, _):
         yield address, logs
 
 
