@@ -218,7 +218,7 @@ def run_one(persons: int, workers: int, estimator: str, interval: float, work: P
         extra = [psutil.Process(p.pid) for p in cluster] + ([server] if server is not None and "flow" in mode else [])
         res = _watch(cmd + [str(path)], extra, interval, persons)
     wall, samples = res
-    from timing import run_stages  # a sibling script (tests load this file by path, for dask_cluster only)
+    from timing import run_stages  # a sibling script (tests load this file by path, for its cluster and server)
 
     stages = _stages(run_stages(work / "runs" / tag), wall[0], samples)
     return {"persons": persons, "estimator": estimator, "mode": mode, "workers": workers,

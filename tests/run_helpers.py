@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -50,13 +49,6 @@ def scale_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for test servers: Prefect, Dask)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def needs_tool(path: str | None, what: str, install: str) -> pytest.MarkDecorator:

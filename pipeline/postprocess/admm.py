@@ -532,11 +532,13 @@ class _One:
         self.rho = 1.0
         # Residual balancing on scale-relative residuals (OSQP's rule: the primal residual over
         # the size of the iterates, the dual one over the size of the dual and the linear term)
-        # for the Kronecker path's parents with held totals — the state parents of the county
-        # level and the largest counties at the tract level, where a national run waits. On
-        # the 10 M job's three real state parents it halves the iterations (2,410 / 1,690 /
-        # 2,620 -> 1,210 / 1,010 / 1,040; BENCHMARKS.md, session 21). Kept to them: on the
-        # batched small parents it moved nothing measurable and changed rounded counts.
+        # for the Kronecker path's parents with held totals: the state parents of the county
+        # level (and the nation, parent of the states, whose totals are invariant). On the 10 M
+        # job's three real state parents it halves the iterations (2,410 / 1,690 / 2,620 ->
+        # 1,210 / 1,010 / 1,040; the US-shaped run's county level 185 -> 134 s; BENCHMARKS.md,
+        # session 21). Kept to them: on the batched small parents it moved nothing measurable
+        # and changed rounded counts, and on the dense-tract shape without totals relative
+        # residuals took 80 -> 340 iterations (session 20).
         self.scaled = self.method == "admm-kron" and obj.totals is not None
 
     def curvature(self) -> tuple[float, float]:
