@@ -26,7 +26,6 @@ def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_LOGGING_LEVEL": "WARNING"}
-    env.pop("PREFECT_API_URL", None)
     with scale_module().prefect_server(home, env) as (api, _):
         yield {**env, "PREFECT_API_URL": api}
 
