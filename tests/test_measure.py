@@ -228,6 +228,54 @@ def test_loader_fills_in_place_until_the_draw_order_breaks(tmp_path: Path):
                 assert np.array_equal(m.values, want, equal_nan=True), (case, q, lo, hi)
 
 
+def test_complete_queries_are_read_from_their_values_alone(tmp_path: Path, monkeypatch):
+    # measure_shard records its layout (rows per query, row-group sizes); a query holding every
+    # answer of the file's units is then read from its value column alone, row r being unit
+    # u0 + r // n_answers, answer r % n_answers. Small row groups and noise batches so that a
+    # query spans several of each; the result must equal the matrix built from the rows, for
+    # ranges inside, across and outside the files, and no row group may be read row by row
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.privacy import measure
+
+    monkeypatch.setattr(measure, "ROW_GROUP_ROWS", 1000)
+    monkeypatch.setattr(measure, "BATCH_ANSWERS", 5000)
+    h = SparseHistogram.from_dense("block", _blocks(40, seed=13))
+    paths = [measure_shard(tmp_path / f"m{s}.parquet", h, SPEC, STRATEGY, "block", lo, hi, seeded_source(8, s),
+                           full=True).path for s, (lo, hi) in enumerate([(0, 17), (17, 40)])]
+    parent = SparseHistogram.from_dense("block_group", h.dense(0, 40).reshape(4, 10, -1).sum(axis=1))
+    skipped = measure_shard(tmp_path / "skip.parquet", h, SPEC, STRATEGY, "block", 0, 40, seeded_source(9),
+                            parent=parent, parent_of=np.repeat(np.arange(4), 10)).path
+    for p in [*paths, skipped]:
+        md = pq.read_metadata(p)
+        layout = json.loads(md.metadata[measure.LAYOUT_KEY])
+        assert layout["row_groups"] == [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+        assert [q for q, _ in layout["queries"]] == list(STRATEGY.queries("block"))
+        assert sum(r for _, r in layout["queries"]) == md.num_rows
+        assert md.num_row_groups > len(layout["queries"])  # queries span several groups
+    row_by_row: list[str] = []
+    read_group = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group",
+                        lambda self, g, columns=None, **kw: (row_by_row.append(str(columns)),
+                                                             read_group(self, g, columns=columns, **kw))[1])
+    for files in (paths, [skipped]):
+        rows = pl.concat([pl.read_parquet(p) for p in files])
+        for lo, hi in [(0, 40), (3, 29), (16, 18), (17, 40), (39, 40), (10, 10)]:
+            row_by_row.clear()
+            got = load_measurements(files, SPEC, lo, hi)
+            for q, m in got.items():
+                want = np.full((hi - lo, SPEC.query(q).n_answers), np.nan)
+                mine = rows.filter((pl.col("query") == q) & (pl.col("unit") >= lo) & (pl.col("unit") < hi))
+                want[mine["unit"].to_numpy() - lo, mine["answer"].to_numpy()] = mine["value"].to_numpy()
+                assert np.array_equal(m.values, want, equal_nan=True), (q, lo, hi)
+            if files is paths:
+                assert row_by_row == []  # every query complete: values only
+            elif hi > lo:  # the skipped detailed answers are read row by row
+                assert row_by_row
+
+
 def test_true_answers_of_every_query_are_the_sums_of_their_cells():
     # the detailed query's answers are put in place (each cell its own answer), the others summed:
     # both must equal the dense tabulation x @ Q for any rows of a histogram

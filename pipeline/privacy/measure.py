@@ -55,6 +55,11 @@ _WRITE_SCHEMA = pa.schema([pa.field(name, typ, nullable=False) for name, typ in 
 _ENCODING = {"unit": "PLAIN", "answer": "DELTA_BINARY_PACKED", "variance": "PLAIN"}
 #: answers per noise batch (bounds memory: ~40 bytes per answer)
 BATCH_ANSWERS = 1 << 22
+#: file metadata key of a measurement file's layout, written by :func:`measure_shard`: JSON
+#: ``{"queries": [[query, rows], ...] (in file order), "row_groups": [rows, ...]}``. With it the
+#: loader names each row group's query without statistics, and reads only the ``value`` column of
+#: a query that holds every answer of the file's units (``_complete_runs``)
+LAYOUT_KEY = b"dptab.layout"
 #: rows per Parquet row group of a measurement file: the loader reads only the row groups of the
 #: units it asks for (``_query_rows``), so a group spans ~130 blocks of the detailed query, not ~500
 ROW_GROUP_ROWS = 1 << 18
@@ -173,6 +178,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     rows = skipped = 0
+    layout: dict[str, list] = {"queries": [], "row_groups": []}
     try:
         # statistics only where the loader uses them (unit range, query of a row group): those
         # of the other columns were a third of the encoding time. Dictionaries only where they
@@ -218,6 +224,11 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                         "sigma2": _const_text(s2_text, n),
                     }, schema=_WRITE_SCHEMA), row_group_size=ROW_GROUP_ROWS)
                     rows += n
+                    # how write_table cuts a table into row groups (none spans two calls)
+                    whole, rest = divmod(n, ROW_GROUP_ROWS)
+                    layout["row_groups"] += [ROW_GROUP_ROWS] * whole + ([rest] if rest else [])
+                layout["queries"].append([qname, rows - sum(r for _, r in layout["queries"])])
+            writer.add_key_value_metadata({LAYOUT_KEY: json.dumps(layout, separators=(",", ":")).encode()})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         try:
@@ -334,6 +345,21 @@ class _Fill:
             self.ordered = False
         self.flat[idx] = value
 
+    def put(self, offset: int, values: np.ndarray) -> None:
+        """A run of answers in draw order at flat index ``offset`` (``(unit - start) · n_answers +
+        answer`` of its first row), as :meth:`add` would place them from their rows."""
+        k = values.size
+        if k == 0:
+            return
+        if self.ordered and offset == self.pos:
+            self.flat[offset:offset + k] = values
+            self.pos += k
+            return
+        if self.ordered:
+            self.flat[self.pos:] = np.nan
+            self.ordered = False
+        self.flat[offset:offset + k] = values
+
     def result(self) -> np.ndarray:
         if self.ordered:
             self.flat[self.pos:] = np.nan  # answers never measured (skipped, or no file row)
@@ -352,6 +378,8 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, fills: dict[str,
         pf = pq.ParquetFile(p, read_dictionary=["query"])
         md = pf.metadata
         col = {md.schema.column(j).name: j for j in range(md.num_columns)}
+        named = _layout_labels(md, known)
+        done = _complete_runs(pf, named, start, stop, fills, col["unit"]) if named is not None else set()
         groups: list[int] = []
         labels: list[str | None] = []
         for g in range(md.num_row_groups):
@@ -359,11 +387,14 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, fills: dict[str,
             us, qs = rg.column(col["unit"]).statistics, rg.column(col["query"]).statistics
             if us is not None and us.has_min_max and (us.max < start or us.min >= stop):
                 continue
-            label = qs.min if qs is not None and qs.has_min_max and qs.min == qs.max else None
-            if not (isinstance(label, str) and label in known):
-                label = None  # read the group's query column
-            elif label not in index:
-                continue  # a whole row group of a query not asked for
+            if named is not None:
+                label = named[g][0]
+            else:
+                label = qs.min if qs is not None and qs.has_min_max and qs.min == qs.max else None
+                if not (isinstance(label, str) and label in known):
+                    label = None  # read the group's query column
+            if label is not None and (label not in index or label in done):
+                continue  # a whole row group of a query not asked for, or already read
             groups.append(g)
             labels.append(label)
         if not groups:
@@ -388,3 +419,77 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, fills: dict[str,
                 sel = keep & (code == i)
                 if sel.any():
                     fills[qname].add(unit[sel], answer[sel], value[sel])
+
+
+def _layout_labels(md: pq.FileMetaData, known: set[str]) -> list[tuple[str, int]] | None:
+    """Per row group, its query and the row of that query's first row in the file (file order),
+    from the file's :data:`LAYOUT_KEY`; ``None`` unless the file's row groups are exactly the
+    recorded ones and every recorded query is one of ``known`` (a file rewritten with other row
+    groups, or written before the layout was recorded, is read by its statistics instead)."""
+    raw = (md.metadata or {}).get(LAYOUT_KEY)
+    if raw is None:
+        return None
+    try:
+        layout = json.loads(raw)
+        queries = [(str(q), int(r)) for q, r in layout["queries"]]
+        sizes = [int(r) for r in layout["row_groups"]]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if sizes != [md.row_group(g).num_rows for g in range(md.num_row_groups)] \
+            or sum(r for _, r in queries) != md.num_rows or any(q not in known for q, _ in queries):
+        return None
+    out: list[tuple[str, int]] = []
+    qi, q_first, row = 0, 0, 0  # the current query, the file row of its first row, this group's
+    for n in sizes:
+        while qi < len(queries) and row >= q_first + queries[qi][1]:
+            q_first += queries[qi][1]
+            qi += 1
+        if qi == len(queries) or row + n > q_first + queries[qi][1]:
+            return None  # a group across two queries: not how measure_shard writes
+        out.append((queries[qi][0], row - q_first))
+        row += n
+    return out
+
+
+def _complete_runs(pf: pq.ParquetFile, named: list[tuple[str, int]], start: int, stop: int,
+                   fills: dict[str, _Fill], unit_col: int) -> set[str]:
+    """Fill the wanted queries that hold every answer of the file's units from their ``value``
+    column alone; returns the queries so read. Such a query's rows are in draw order (units,
+    then answers: :func:`measure_shard`), so row ``r`` of it is unit ``u0 + r // n_answers``,
+    answer ``r % n_answers`` — the ``unit`` and ``answer`` columns, which cost four times the
+    values to decode and check, say nothing more. Every group read must carry the ``unit``
+    statistics of its rows, else the query is left to the row-by-row reader."""
+    md = pf.metadata
+    try:
+        u0, u1 = (int(x) for x in (md.metadata or {})[b"dptab.units"].split(b":"))
+    except (KeyError, ValueError):
+        return set()
+    rows: dict[str, int] = {}
+    for q, _ in named:
+        rows[q] = rows.get(q, 0)
+    for g, (q, _) in enumerate(named):
+        rows[q] += md.row_group(g).num_rows
+    lo, hi = max(start, u0), min(stop, u1)
+    done: set[str] = set()
+    for q, f in fills.items():
+        na = f.n_answers
+        if q not in rows or rows[q] != (u1 - u0) * na or rows[q] == 0:
+            continue
+        a, b = (lo - u0) * na, (hi - u0) * na  # the query's rows wanted (empty if no overlap)
+        picks = [(g, first) for g, (name, first) in enumerate(named)
+                 if name == q and first < b and first + md.row_group(g).num_rows > a]
+        ok = True
+        for g, first in picks:
+            st = md.row_group(g).column(unit_col).statistics
+            last = first + md.row_group(g).num_rows - 1
+            if st is None or not st.has_min_max or (st.min, st.max) != (u0 + first // na, u0 + last // na):
+                ok = False
+                break
+        if not ok:
+            continue
+        if picks:
+            values = pf.read_row_groups([g for g, _ in picks], columns=["value"]).column("value").to_numpy()
+            first = picks[0][1]
+            f.put((lo - start) * na, values[a - first:b - first])
+        done.add(q)
+    return done

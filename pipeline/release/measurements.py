@@ -73,7 +73,8 @@ UNITS_FILE = f"{DIR}/units.parquet"
 FILES = (QUERIES_FILE, ANSWERS_FILE, UNITS_FILE)
 _PART = re.compile(r"^measurements/noisy/run=([A-Za-z0-9_]+)/geolevel=([A-Za-z0-9_]+)/shard-(\d{5,})\.parquet$")
 #: the key-value metadata a part may carry (``pipeline.privacy.measure``: what was measured)
-PART_METADATA = frozenset({"dptab.level", "dptab.units", "dptab.full", "dptab.strategy", "dptab.queries"})
+PART_METADATA = frozenset({"dptab.level", "dptab.units", "dptab.full", "dptab.strategy", "dptab.queries",
+                           "dptab.layout"})
 
 QUERIES_SCHEMA = pa.schema([("run", pa.string()), ("geolevel", pa.string()), ("query", pa.string()),
                             ("answers", pa.int32()), ("rows", pa.int64()), ("variance", pa.float64()),
