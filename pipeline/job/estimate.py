@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from pipeline.errors import DptabError
@@ -140,7 +141,14 @@ def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | N
     return out, ranges
 
 
-_SCRATCH: dict[str, Any] = {"compression": "none", "use_dictionary": False}
+def _write_scratch(table: pa.Table, path: Path) -> None:
+    """A part's rows for the stage to append: Arrow IPC, uncompressed (read back once, in the
+    same run; a fifth of the cost of writing and reading them as Parquet)."""
+    feather.write_feather(table, path, compression="uncompressed")
+
+
+def _read_scratch(path: Path) -> pa.Table:
+    return feather.read_table(path, memory_map=False)
 
 #: (kind, queries, spec name) -> GLSModel, per process (a worker fits many parts of one run)
 _MODELS: dict[tuple[str, tuple[str, ...], str], GLSModel] = {}
@@ -226,14 +234,14 @@ def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int,
             first = int(levels[i - 1].child_ptr[first])
         if i not in lined:
             continue
-        paths = (parts / f"targets-{i}-{part:05d}.parquet", parts / f"lines-{i}-{part:05d}.parquet")
-        with private_files():  # scratch, read back once by the stage: not worth encoding
+        paths = (parts / f"targets-{i}-{part:05d}.arrow", parts / f"lines-{i}-{part:05d}.arrow")
+        with private_files():  # confidential scratch, like every run file
             parts.mkdir(parents=True, exist_ok=True)  # (pass (1) made it only if it saved an up pass)
             if i in mine:
                 assert up is not None
                 fit_i = up.message.subtree_fit() if i == k else up.subtree(i - k)
-                pq.write_table(_target_rows(fit_i, queries(levels[i].name), first), paths[0], **_SCRATCH)
-            pq.write_table(_line_rows(fits[i - k], tables, first), paths[1], **_SCRATCH)
+                _write_scratch(_target_rows(fit_i, queries(levels[i].name), first), paths[0])
+            _write_scratch(_line_rows(fits[i - k], tables, first), paths[1])
         out[i] = (paths[0] if i in mine else None, paths[1])
     return out
 
@@ -298,8 +306,8 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
                                                   for p, ((lo, hi), top) in enumerate(zip(ranges, tops))]):
             for i, (tpath, lpath) in sorted(written.items()):
                 if tpath is not None:
-                    targets[i].add(pq.read_table(tpath))
-                lines[i].add(pq.read_table(lpath))
+                    targets[i].add(_read_scratch(tpath))
+                lines[i].add(_read_scratch(lpath))
     finally:
         files = [a.close() for a in [*targets.values(), *lines.values()]]
         shutil.rmtree(ctx.rd.estimate_parts_dir(kind), ignore_errors=True)
@@ -313,6 +321,11 @@ def _weights(queries: tuple[str, ...], fit: Any, information: list[np.ndarray] |
     return {q: 1.0 / x if x > 0 else _NEGLIGIBLE for q, x in w.items()}
 
 
+def _const_text(text: str, n: int) -> pa.DictionaryArray:
+    """A text column repeating ``text`` ``n`` times, dictionary-encoded (no per-row strings)."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text]))
+
+
 def _target_rows(fit: Any, queries: tuple[str, ...], first_unit: int) -> pa.Table:
     """``unit, query, answer, value, variance`` of every measured query of the fit's units."""
     parts = []
@@ -321,24 +334,24 @@ def _target_rows(fit: Any, queries: tuple[str, ...], first_unit: int) -> pa.Tabl
         n, na = a.shape
         parts.append(pa.table({
             "unit": np.repeat(np.arange(first_unit, first_unit + n, dtype=np.int64), na),
-            "query": pa.repeat(pa.scalar(q, pa.string()), n * na),
+            "query": _const_text(q, n * na),
             "answer": np.tile(np.arange(na, dtype=np.int32), n),
             "value": a.reshape(-1), "variance": v.reshape(-1)}))
-    return pa.concat_tables(parts)
+    return pa.concat_tables(parts).unify_dictionaries()
 
 
 def _line_rows(fit: Any, tables: list[TableDef], first_unit: int) -> pa.Table:
     """``unit, table, line, estimate`` of every table line of the fit's units (the BLUE)."""
-    frames = []
+    parts = []
     for t in tables:
         values = np.asarray((t.matrix.astype(np.float64) @ fit.estimate.T).T)  # (n_units, n_lines)
         n = values.shape[0]
-        frames.append(pl.DataFrame({
+        parts.append(pa.table({
             "unit": np.repeat(np.arange(first_unit, first_unit + n, dtype=np.int64), t.n_lines),
-            "table": pl.repeat(t.name, n * t.n_lines, dtype=pl.Utf8, eager=True),
+            "table": _const_text(t.name, n * t.n_lines),
             "line": np.tile(np.asarray(t.numbers, np.int32), n),
             "estimate": values.reshape(-1)}))
-    return pl.concat(frames).to_arrow()
+    return pa.concat_tables(parts).unify_dictionaries()
 
 
 class _Appender:
@@ -354,10 +367,17 @@ class _Appender:
     def add(self, table: pa.Table) -> None:
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # dictionaries only on the text columns: the float estimates are all distinct
-            self.writer = pq.ParquetWriter(self.tmp, table.schema.with_metadata(self.meta), compression="zstd",
-                                           use_dictionary=["query", "table"])
-        self.writer.write_table(table.replace_schema_metadata(self.meta))
+            # dictionaries on the text columns (one value a query or table), delta-coded integer
+            # columns; the float estimates are all distinct, so zstd would only cost time on them.
+            # Without the Arrow schema the text columns read back as plain strings
+            fields = [(f.name, f.type) for f in table.schema]
+            self.writer = pq.ParquetWriter(
+                self.tmp, table.schema, store_schema=False,
+                use_dictionary=[n for n, t in fields if pa.types.is_dictionary(t)],
+                compression={n: "none" if pa.types.is_floating(t) else "zstd" for n, t in fields},
+                column_encoding={n: "DELTA_BINARY_PACKED" for n, t in fields if pa.types.is_integer(t)})
+            self.writer.add_key_value_metadata(self.meta)
+        self.writer.write_table(table.replace_schema_metadata(None))
 
     def close(self) -> Path:
         if self.writer is not None:
