@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -199,6 +200,24 @@ class RowGroups:
             self.writer.write_table(empty)
         if self.writer is not None:
             self.writer.close()
+
+
+#: dictionary indices of :func:`repeated_text` columns, sliced (made once per process, grown to
+#: the largest request up to ``_ZEROS_KEPT`` entries; larger requests get their own)
+_ZEROS = np.zeros(0, np.int32)
+_ZEROS_KEPT = 1 << 22
+
+
+def repeated_text(text: str, n: int, value_type: pa.DataType | None = None) -> pa.DictionaryArray:
+    """A text column of ``n`` rows all equal to ``text``, dictionary-encoded: one dictionary
+    entry and zero indices, so no per-row string is built (a Parquet writer encodes it as one
+    run). ``value_type``: the dictionary's string type (default ``pa.string()``)."""
+    global _ZEROS
+    if n > _ZEROS.size:
+        if n > _ZEROS_KEPT:
+            return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text], value_type))
+        _ZEROS = np.zeros(_ZEROS_KEPT, np.int32)
+    return pa.DictionaryArray.from_arrays(pa.array(_ZEROS[:n]), pa.array([text], value_type))
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

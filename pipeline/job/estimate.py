@@ -57,7 +57,7 @@ import pyarrow.feather as feather
 import pyarrow.parquet as pq
 
 from pipeline.errors import DptabError
-from pipeline.files import private_files
+from pipeline.files import private_files, repeated_text
 from pipeline.job.context import RunContext
 from pipeline.job.executor import Executor
 from pipeline.job.plan import shard_bounds
@@ -321,11 +321,6 @@ def _weights(queries: tuple[str, ...], fit: Any, information: list[np.ndarray] |
     return {q: 1.0 / x if x > 0 else _NEGLIGIBLE for q, x in w.items()}
 
 
-def _const_text(text: str, n: int) -> pa.DictionaryArray:
-    """A text column repeating ``text`` ``n`` times, dictionary-encoded (no per-row strings)."""
-    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text]))
-
-
 def _target_rows(fit: Any, queries: tuple[str, ...], first_unit: int) -> pa.Table:
     """``unit, query, answer, value, variance`` of every measured query of the fit's units."""
     parts = []
@@ -334,7 +329,7 @@ def _target_rows(fit: Any, queries: tuple[str, ...], first_unit: int) -> pa.Tabl
         n, na = a.shape
         parts.append(pa.table({
             "unit": np.repeat(np.arange(first_unit, first_unit + n, dtype=np.int64), na),
-            "query": _const_text(q, n * na),
+            "query": repeated_text(q, n * na),
             "answer": np.tile(np.arange(na, dtype=np.int32), n),
             "value": a.reshape(-1), "variance": v.reshape(-1)}))
     return pa.concat_tables(parts).unify_dictionaries()
@@ -348,7 +343,7 @@ def _line_rows(fit: Any, tables: list[TableDef], first_unit: int) -> pa.Table:
         n = values.shape[0]
         parts.append(pa.table({
             "unit": np.repeat(np.arange(first_unit, first_unit + n, dtype=np.int64), t.n_lines),
-            "table": _const_text(t.name, n * t.n_lines),
+            "table": repeated_text(t.name, n * t.n_lines),
             "line": np.tile(np.asarray(t.numbers, np.int32), n),
             "estimate": values.reshape(-1)}))
     return pa.concat_tables(parts).unify_dictionaries()

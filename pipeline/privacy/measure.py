@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import DptabError
+from pipeline.files import repeated_text
 from pipeline.model.design import discrete_gaussian_variance
 from pipeline.model.histogram import SparseHistogram
 from pipeline.model.spec import HistogramSpec
@@ -121,18 +122,6 @@ def _entries(hist: SparseHistogram, ptr: np.ndarray, units: np.ndarray) -> tuple
     return rows, hist.cell[offs], hist.count[offs]
 
 
-#: dictionary indices of a constant column, sliced (one batch's worth, made once per process)
-_ZEROS = np.zeros(0, np.int32)
-
-
-def _const_text(text: str, n: int) -> pa.Array:
-    """A dictionary-encoded text column repeating ``text`` ``n`` times."""
-    global _ZEROS
-    if _ZEROS.size < n:
-        _ZEROS = np.zeros(max(n, BATCH_ANSWERS), np.int32)
-    return pa.DictionaryArray.from_arrays(pa.array(_ZEROS[:n]), pa.array([text]))
-
-
 def _file_meta(level: str, start: int, stop: int, full: bool, strategy: Strategy) -> dict[bytes, bytes]:
     """Parquet key-value metadata: what was measured, and every query's σ² and variance (so a
     query whose answers were all skipped is still known to the loader)."""
@@ -217,11 +206,11 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                     noise = discrete_gaussian(s2, n, src)
                     writer.write_table(pa.table({
                         "unit": unit,
-                        "query": _const_text(qname, n),
+                        "query": repeated_text(qname, n),
                         "answer": answer,
                         "value": value + noise,
                         "variance": variance[:n],
-                        "sigma2": _const_text(s2_text, n),
+                        "sigma2": repeated_text(s2_text, n),
                     }, schema=_WRITE_SCHEMA), row_group_size=ROW_GROUP_ROWS)
                     rows += n
                     # how write_table cuts a table into row groups (none spans two calls)
@@ -387,6 +376,7 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, fills: dict[str,
             us, qs = rg.column(col["unit"]).statistics, rg.column(col["query"]).statistics
             if us is not None and us.has_min_max and (us.max < start or us.min >= stop):
                 continue
+            label: str | None
             if named is not None:
                 label = named[g][0]
             else:
@@ -464,11 +454,9 @@ def _complete_runs(pf: pq.ParquetFile, named: list[tuple[str, int]], start: int,
         u0, u1 = (int(x) for x in (md.metadata or {})[b"dptab.units"].split(b":"))
     except (KeyError, ValueError):
         return set()
-    rows: dict[str, int] = {}
-    for q, _ in named:
-        rows[q] = rows.get(q, 0)
+    rows: dict[str, int] = {}  # per query, its rows in the file
     for g, (q, _) in enumerate(named):
-        rows[q] += md.row_group(g).num_rows
+        rows[q] = rows.get(q, 0) + md.row_group(g).num_rows
     lo, hi = max(start, u0), min(stop, u1)
     done: set[str] = set()
     for q, f in fills.items():

@@ -24,7 +24,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from pipeline.errors import ConfigurationError
-from pipeline.files import read_ahead
+from pipeline.files import read_ahead, repeated_text
 from pipeline.model.geonames import unit_names
 from pipeline.model.schemas import SCHEMAS_DIR, load_yaml, relative_to
 from pipeline.model.spec import HistogramSpec, load_spec
@@ -434,7 +434,7 @@ def long_table(table: TableDef, level: str, geoids: np.ndarray, names: np.ndarra
     text = pa.large_string()
 
     def same(value: str) -> pa.Array:  # one value in every row
-        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], text)).cast(text)
+        return repeated_text(value, n, text).cast(text)
 
     return pa.table({
         "geoid": pc.take(pa.array(np.asarray(geoids).astype(str, copy=False), text), unit_idx),
