@@ -463,7 +463,10 @@ def _complete_runs(pf: pq.ParquetFile, named: list[tuple[str, int]], start: int,
         na = f.n_answers
         if q not in rows or rows[q] != (u1 - u0) * na or rows[q] == 0:
             continue
-        a, b = (lo - u0) * na, (hi - u0) * na  # the query's rows wanted (empty if no overlap)
+        if lo >= hi:  # none of the file's units asked for
+            done.add(q)
+            continue
+        a, b = (lo - u0) * na, (hi - u0) * na  # the query's rows wanted
         picks = [(g, first) for g, (name, first) in enumerate(named)
                  if name == q and first < b and first + md.row_group(g).num_rows > a]
         ok = True
@@ -475,9 +478,8 @@ def _complete_runs(pf: pq.ParquetFile, named: list[tuple[str, int]], start: int,
                 break
         if not ok:
             continue
-        if picks:
-            values = pf.read_row_groups([g for g, _ in picks], columns=["value"]).column("value").to_numpy()
-            first = picks[0][1]
-            f.put((lo - start) * na, values[a - first:b - first])
+        values = pf.read_row_groups([g for g, _ in picks], columns=["value"]).column("value").to_numpy()
+        first = picks[0][1]  # the groups picked are consecutive and hold rows a..b-1
+        f.put((lo - start) * na, values[a - first:b - first])
         done.add(q)
     return done
