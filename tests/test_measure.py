@@ -28,6 +28,28 @@ def _blocks(n_units: int = 120, seed: int = 0) -> np.ndarray:
     return x
 
 
+def _files(tmp_path: Path, seed: int, split: int, keys: tuple[int, int]) -> tuple[list[Path], Path]:
+    """Measurements of 40 blocks: two complete files (units 0:split, split:40) and one file of
+    all 40 with the answers skipped whose parent (4 block groups of 10) answer is zero."""
+    h = SparseHistogram.from_dense("block", _blocks(40, seed=seed))
+    paths = [measure_shard(tmp_path / f"m{s}.parquet", h, SPEC, STRATEGY, "block", lo, hi,
+                           seeded_source(keys[0], s), full=True).path
+             for s, (lo, hi) in enumerate([(0, split), (split, 40)])]
+    parent = SparseHistogram.from_dense("block_group", h.dense(0, 40).reshape(4, 10, -1).sum(axis=1))
+    skipped = measure_shard(tmp_path / "skip.parquet", h, SPEC, STRATEGY, "block", 0, 40, seeded_source(keys[1]),
+                            parent=parent, parent_of=np.repeat(np.arange(4), 10)).path
+    return paths, skipped
+
+
+def _from_rows(rows: pl.DataFrame, q: str, lo: int, hi: int) -> np.ndarray:
+    """The matrix of query ``q`` for units ``lo:hi`` built from measurement rows (NaN where none;
+    a repeated answer: the last row)."""
+    want = np.full((hi - lo, SPEC.query(q).n_answers), np.nan)
+    mine = rows.filter((pl.col("query") == q) & (pl.col("unit") >= lo) & (pl.col("unit") < hi))
+    want[mine["unit"].to_numpy() - lo, mine["answer"].to_numpy()] = mine["value"].to_numpy()
+    return want
+
+
 def test_full_measurement_contract_and_noise_scale(tmp_path: Path):
     x = _blocks()
     h = SparseHistogram.from_dense("block", x)
@@ -155,12 +177,7 @@ def test_loader_does_not_depend_on_the_file_layout(tmp_path: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    h = SparseHistogram.from_dense("block", _blocks(40, seed=7))
-    paths = [measure_shard(tmp_path / f"m{s}.parquet", h, SPEC, STRATEGY, "block", lo, hi, seeded_source(3, s),
-                           full=True).path for s, (lo, hi) in enumerate([(0, 25), (25, 40)])]
-    parent = SparseHistogram.from_dense("block_group", h.dense(0, 40).reshape(4, 10, -1).sum(axis=1))
-    skipped = measure_shard(tmp_path / "skip.parquet", h, SPEC, STRATEGY, "block", 0, 40, seeded_source(4),
-                            parent=parent, parent_of=np.repeat(np.arange(4), 10)).path
+    paths, skipped = _files(tmp_path, seed=7, split=25, keys=(3, 4))
     assert 0 < pq.read_metadata(skipped).num_rows < sum(pq.read_metadata(p).num_rows for p in paths)
     for originals in ([*paths], [skipped]):
         mixed, bare = [], []
@@ -181,9 +198,7 @@ def test_loader_does_not_depend_on_the_file_layout(tmp_path: Path):
             c = load_measurements(bare, SPEC, lo, hi)
             assert list(a) == list(b) == list(c) == list(STRATEGY.queries("block"))
             for q in a:
-                want = np.full((hi - lo, SPEC.query(q).n_answers), np.nan)  # built here, independently
-                mine = rows.filter((pl.col("query") == q) & (pl.col("unit") >= lo) & (pl.col("unit") < hi))
-                want[mine["unit"].to_numpy() - lo, mine["answer"].to_numpy()] = mine["value"].to_numpy()
+                want = _from_rows(rows, q, lo, hi)  # built here, independently
                 assert np.array_equal(a[q].values, want, equal_nan=True), (q, lo, hi)
                 assert np.array_equal(b[q].values, want, equal_nan=True), (q, lo, hi)
                 assert np.array_equal(c[q].values, want, equal_nan=True), (q, lo, hi)
@@ -222,10 +237,7 @@ def test_loader_fills_in_place_until_the_draw_order_breaks(tmp_path: Path):
         for lo, hi in [(0, 30), (7, 23)]:
             got = load_measurements(out, SPEC, lo, hi)
             for q, m in got.items():
-                want = np.full((hi - lo, SPEC.query(q).n_answers), np.nan)
-                mine = df.filter((pl.col("query") == q) & (pl.col("unit") >= lo) & (pl.col("unit") < hi))
-                want[mine["unit"].to_numpy() - lo, mine["answer"].to_numpy()] = mine["value"].to_numpy()
-                assert np.array_equal(m.values, want, equal_nan=True), (case, q, lo, hi)
+                assert np.array_equal(m.values, _from_rows(df, q, lo, hi), equal_nan=True), (case, q, lo, hi)
 
 
 def test_complete_queries_are_read_from_their_values_alone(tmp_path: Path, monkeypatch):
@@ -242,12 +254,7 @@ def test_complete_queries_are_read_from_their_values_alone(tmp_path: Path, monke
 
     monkeypatch.setattr(measure, "ROW_GROUP_ROWS", 1000)
     monkeypatch.setattr(measure, "BATCH_ANSWERS", 5000)
-    h = SparseHistogram.from_dense("block", _blocks(40, seed=13))
-    paths = [measure_shard(tmp_path / f"m{s}.parquet", h, SPEC, STRATEGY, "block", lo, hi, seeded_source(8, s),
-                           full=True).path for s, (lo, hi) in enumerate([(0, 17), (17, 40)])]
-    parent = SparseHistogram.from_dense("block_group", h.dense(0, 40).reshape(4, 10, -1).sum(axis=1))
-    skipped = measure_shard(tmp_path / "skip.parquet", h, SPEC, STRATEGY, "block", 0, 40, seeded_source(9),
-                            parent=parent, parent_of=np.repeat(np.arange(4), 10)).path
+    paths, skipped = _files(tmp_path, seed=13, split=17, keys=(8, 9))
     for p in [*paths, skipped]:
         md = pq.read_metadata(p)
         layout = json.loads(md.metadata[measure.LAYOUT_KEY])
@@ -266,10 +273,7 @@ def test_complete_queries_are_read_from_their_values_alone(tmp_path: Path, monke
             row_by_row.clear()
             got = load_measurements(files, SPEC, lo, hi)
             for q, m in got.items():
-                want = np.full((hi - lo, SPEC.query(q).n_answers), np.nan)
-                mine = rows.filter((pl.col("query") == q) & (pl.col("unit") >= lo) & (pl.col("unit") < hi))
-                want[mine["unit"].to_numpy() - lo, mine["answer"].to_numpy()] = mine["value"].to_numpy()
-                assert np.array_equal(m.values, want, equal_nan=True), (q, lo, hi)
+                assert np.array_equal(m.values, _from_rows(rows, q, lo, hi), equal_nan=True), (q, lo, hi)
             if files is paths:
                 assert row_by_row == []  # every query complete: values only
             elif hi > lo:  # the skipped detailed answers are read row by row
