@@ -179,6 +179,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                               column_encoding=_ENCODING) as writer:
             writer.add_key_value_metadata(meta)
             for qname in strategy.queries(level):
+                q_rows0 = rows
                 q = spec.query(qname)
                 s2 = strategy.sigma2(level, qname)
                 var, s2_text = discrete_gaussian_variance(s2), _frac_text(s2)
@@ -216,7 +217,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                     # how write_table cuts a table into row groups (none spans two calls)
                     whole, rest = divmod(n, ROW_GROUP_ROWS)
                     layout["row_groups"] += [ROW_GROUP_ROWS] * whole + ([rest] if rest else [])
-                layout["queries"].append([qname, rows - sum(r for _, r in layout["queries"])])
+                layout["queries"].append([qname, rows - q_rows0])
             writer.add_key_value_metadata({LAYOUT_KEY: json.dumps(layout, separators=(",", ":")).encode()})
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -326,12 +327,9 @@ class _Fill:
         idx = (unit - self.start) * self.n_answers + answer
         if self.ordered and int(idx[0]) == self.pos and int(idx[-1]) == self.pos + k - 1 \
                 and (k == 1 or bool(np.all(idx[1:] > idx[:-1]))):  # increasing from pos to pos+k-1: a run
-            self.flat[self.pos:self.pos + k] = value
-            self.pos += k
+            self.put(self.pos, value)
             return
-        if self.ordered:
-            self.flat[self.pos:] = np.nan
-            self.ordered = False
+        self._unorder()
         self.flat[idx] = value
 
     def put(self, offset: int, values: np.ndarray) -> None:
@@ -341,13 +339,16 @@ class _Fill:
         if k == 0:
             return
         if self.ordered and offset == self.pos:
-            self.flat[offset:offset + k] = values
             self.pos += k
-            return
+        else:
+            self._unorder()
+        self.flat[offset:offset + k] = values
+
+    def _unorder(self) -> None:
+        """The draw order broke: NaN wherever nothing was placed yet, and scatter from now on."""
         if self.ordered:
             self.flat[self.pos:] = np.nan
             self.ordered = False
-        self.flat[offset:offset + k] = values
 
     def result(self) -> np.ndarray:
         if self.ordered:
