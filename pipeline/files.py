@@ -202,22 +202,26 @@ class RowGroups:
             self.writer.close()
 
 
-#: dictionary indices of :func:`repeated_text` columns, sliced (made once per process, grown to
-#: the largest request up to ``_ZEROS_KEPT`` entries; larger requests get their own)
-_ZEROS = np.zeros(0, np.int32)
+#: dictionary indices of :func:`repeated_text` columns per index type, sliced (made once per
+#: process, grown to the largest request up to ``_ZEROS_KEPT`` entries; larger requests get their own)
+_ZEROS: dict[str, np.ndarray] = {}
 _ZEROS_KEPT = 1 << 22
 
 
-def repeated_text(text: str, n: int, value_type: pa.DataType | None = None) -> pa.DictionaryArray:
+def repeated_text(text: str, n: int, value_type: pa.DataType | None = None,
+                  index_type: type[np.signedinteger] = np.int32) -> pa.DictionaryArray:
     """A text column of ``n`` rows all equal to ``text``, dictionary-encoded: one dictionary
     entry and zero indices, so no per-row string is built (a Parquet writer encodes it as one
-    run). ``value_type``: the dictionary's string type (default ``pa.string()``)."""
-    global _ZEROS
-    if n > _ZEROS.size:
+    run). ``value_type``: the dictionary's string type (default ``pa.string()``);
+    ``index_type``: the indices' numpy type (int8 is the cheapest to write, where no Arrow
+    schema is stored with the file to record it)."""
+    key = np.dtype(index_type).name
+    zeros = _ZEROS.get(key, np.zeros(0, index_type))
+    if n > zeros.size:
         if n > _ZEROS_KEPT:
-            return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([text], value_type))
-        _ZEROS = np.zeros(_ZEROS_KEPT, np.int32)
-    return pa.DictionaryArray.from_arrays(pa.array(_ZEROS[:n]), pa.array([text], value_type))
+            return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, index_type)), pa.array([text], value_type))
+        zeros = _ZEROS[key] = np.zeros(_ZEROS_KEPT, index_type)
+    return pa.DictionaryArray.from_arrays(pa.array(zeros[:n]), pa.array([text], value_type))
 
 
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:

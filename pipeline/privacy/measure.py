@@ -45,15 +45,20 @@ from pipeline.privacy.samplers import discrete_gaussian
 COLUMNS = ("unit", "query", "answer", "value", "variance", "sigma2")
 SCHEMA = pa.schema([("unit", pa.int64()), ("query", pa.string()), ("answer", pa.int32()),
                     ("value", pa.int64()), ("variance", pa.float64()), ("sigma2", pa.string())])
-# What is written: the two constant text columns as dictionary arrays (no per-row strings to
-# build or hash); with store_schema=False the file holds plain UTF8 columns, read back as SCHEMA.
-# Every column is required (no value is ever null): no definition levels to compute and write,
-# a fifth of the encoding time.
+# What is written: the two constant text columns as dictionary arrays with int8 indices (no
+# per-row strings to build or hash, and the narrowest indices to scan); with store_schema=False
+# the file holds plain UTF8 columns, read back as SCHEMA. Every column is required (no value is
+# ever null): no definition levels to compute and write, a fifth of the encoding time.
 _WRITE_SCHEMA = pa.schema([pa.field(name, typ, nullable=False) for name, typ in (
-    ("unit", pa.int64()), ("query", pa.dictionary(pa.int32(), pa.string())), ("answer", pa.int32()),
-    ("value", pa.int64()), ("variance", pa.float64()), ("sigma2", pa.dictionary(pa.int32(), pa.string())))])
+    ("unit", pa.int64()), ("query", pa.dictionary(pa.int8(), pa.string())), ("answer", pa.int32()),
+    ("value", pa.int64()), ("variance", pa.float64()), ("sigma2", pa.dictionary(pa.int8(), pa.string())))])
 #: the non-dictionary columns' encodings (encodings every Parquet reader knows)
 _ENCODING = {"unit": "PLAIN", "answer": "DELTA_BINARY_PACKED", "variance": "PLAIN"}
+#: per column: zstd where it pays (the plain units and variances, the answers' deltas); the
+#: values' bit-packed dictionary indices are noise zstd cannot shrink (measured: 219 → 231 kB a
+#: row group without it) and the two texts are one run each — compressing them only costs time
+_COMPRESSION = {"unit": "zstd", "query": "none", "answer": "zstd", "value": "none", "variance": "zstd",
+                "sigma2": "none"}
 #: answers per noise batch (bounds memory: ~40 bytes per answer)
 BATCH_ANSWERS = 1 << 22
 #: file metadata key of a measurement file's layout, written by :func:`measure_shard`: JSON
@@ -169,13 +174,14 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
     rows = skipped = 0
     layout: dict[str, list] = {"queries": [], "row_groups": []}
     try:
-        # statistics only where the loader uses them (unit range, query of a row group): those
-        # of the other columns were a third of the encoding time. Dictionaries only where they
-        # pay: the two constant texts and the noisy values (a few thousand distinct); the sorted
-        # units, the repeating answer index and the constant variance compress as well without
-        # (zstd), and hashing them was a quarter of the encoding time
-        with pq.ParquetWriter(tmp, _WRITE_SCHEMA, compression="zstd", store_schema=False,
-                              write_statistics=["unit", "query"], use_dictionary=["query", "sigma2", "value"],
+        # statistics only where the loader uses them (the unit range of a row group; its query
+        # is named by the layout written below): those of the other columns were a third of the
+        # encoding time, the query's alone an eighth. Dictionaries only where they pay: the two
+        # constant texts and the noisy values (a few thousand distinct); the sorted units, the
+        # repeating answer index and the constant variance compress as well without (zstd), and
+        # hashing them was a quarter of the encoding time
+        with pq.ParquetWriter(tmp, _WRITE_SCHEMA, compression=_COMPRESSION, store_schema=False,
+                              write_statistics=["unit"], use_dictionary=["query", "sigma2", "value"],
                               column_encoding=_ENCODING) as writer:
             writer.add_key_value_metadata(meta)
             for qname in strategy.queries(level):
@@ -184,7 +190,11 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                 s2 = strategy.sigma2(level, qname)
                 var, s2_text = discrete_gaussian_variance(s2), _frac_text(s2)
                 chunk = max(1, BATCH_ANSWERS // q.n_answers)
-                variance = np.full(min(chunk, stop - start) * q.n_answers, var)  # every batch's column, sliced
+                width = min(chunk, stop - start)
+                variance = np.full(width * q.n_answers, var)  # every batch's column, sliced
+                if not skip:  # every batch's rows: units (from 0, shifted by the batch's first) and answers
+                    units0 = np.repeat(np.arange(width, dtype=np.int64), q.n_answers)
+                    answers = np.tile(np.arange(q.n_answers, dtype=np.int32), width)
                 for c0 in range(start, stop, chunk):
                     c1 = min(stop, c0 + chunk)
                     lo, hi = np.searchsorted(hist.unit, [c0, c1], side="left")
@@ -200,18 +210,17 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                         unit, answer, value = c0 + flat // q.n_answers, (flat % q.n_answers).astype(np.int32), \
                             true.reshape(-1)[flat]
                     else:  # every answer, units then answers (the same rows, without an index)
-                        unit = np.repeat(np.arange(c0, c1, dtype=np.int64), q.n_answers)
-                        answer = np.tile(np.arange(q.n_answers, dtype=np.int32), c1 - c0)
                         value = true.reshape(-1)
+                        unit, answer = units0[:value.size] + c0, answers[:value.size]
                     n = value.size
-                    noise = discrete_gaussian(s2, n, src)
+                    value += discrete_gaussian(s2, n, src)  # value is this batch's own array
                     writer.write_table(pa.table({
                         "unit": unit,
-                        "query": repeated_text(qname, n),
+                        "query": repeated_text(qname, n, index_type=np.int8),
                         "answer": answer,
-                        "value": value + noise,
+                        "value": value,
                         "variance": variance[:n],
-                        "sigma2": repeated_text(s2_text, n),
+                        "sigma2": repeated_text(s2_text, n, index_type=np.int8),
                     }, schema=_WRITE_SCHEMA), row_group_size=ROW_GROUP_ROWS)
                     rows += n
                     # how write_table cuts a table into row groups (none spans two calls)
@@ -368,7 +377,7 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, fills: dict[str,
         pf = pq.ParquetFile(p, read_dictionary=["query"])
         md = pf.metadata
         col = {md.schema.column(j).name: j for j in range(md.num_columns)}
-        named = _layout_labels(md, known)
+        named = layout_labels(md, known)
         done = _complete_runs(pf, named, start, stop, fills, col["unit"]) if named is not None else set()
         groups: list[int] = []
         labels: list[str | None] = []
@@ -412,7 +421,7 @@ def _query_rows(paths: list[str | Path], start: int, stop: int, fills: dict[str,
                     fills[qname].add(unit[sel], answer[sel], value[sel])
 
 
-def _layout_labels(md: pq.FileMetaData, known: set[str]) -> list[tuple[str, int]] | None:
+def layout_labels(md: pq.FileMetaData, known: set[str]) -> list[tuple[str, int]] | None:
     """Per row group, its query and the row of that query's first row in the file (file order),
     from the file's :data:`LAYOUT_KEY`; ``None`` unless the file's row groups are exactly the
     recorded ones and every recorded query is one of ``known`` (a file rewritten with other row

@@ -13,7 +13,7 @@ A partitioned dataset of the run's own measurement files and three small text lo
     measurements/units.parquet    geolevel, unit, geoid: the published units
 
 Publishing copies the files the measure steps wrote (already Parquet, dictionary-encoded text,
-statistics on ``unit`` and ``query``) instead of re-encoding tens of millions of rows into one
+statistics on ``unit``, the layout of their row groups) instead of re-encoding tens of millions of rows into one
 file: that re-encoding was most of what the full estimator's release cost beyond TopDown's
 (``BENCHMARKS.md``), and a national file would be one unsplittable object. ``pl.scan_parquet(
 "measurements/noisy/**/*.parquet", hive_partitioning=True)`` or any Arrow dataset reader sees
@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 
 from pipeline.files import ROW_GROUP_ROWS, RowGroups, read_ahead
 from pipeline.privacy.measure import SCHEMA as PART_SCHEMA
-from pipeline.privacy.measure import MeasurementError, check_measurement_columns
+from pipeline.privacy.measure import MeasurementError, check_measurement_columns, layout_labels
 from pipeline.release.checks import CheckFailure
 from pipeline.release.tree import GeoTree
 
@@ -210,8 +210,8 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
     published order); ``design``: the release's privacy design — every row's σ² must be the
     design's (the measurements are the ones the manifest describes). Each file is checked to
     hold exactly the measurement columns and metadata of its level with the design's queries, σ²
-    and variances (:func:`part_metadata_problem`); its rows per query come from its row-group
-    statistics (:func:`_query_counts`). Every row's query, σ², variance, unit and answer is the
+    and variances (:func:`part_metadata_problem`); its rows per query come from its recorded
+    layout (:func:`_query_counts`). Every row's query, σ², variance, unit and answer is the
     verifier's (:func:`measurement_checks`, which the release writer runs before anything is
     published). Raises :class:`MeasurementPublishError`.
     """
@@ -282,11 +282,13 @@ def _query_counts(path: Path, kind: str, level: str, want: Mapping[tuple[str, st
                   qidx: Mapping[str, int]) -> np.ndarray:
     """Rows per query (int64, indexed by ``qidx``) of one run measurement file of ``kind`` at
     ``level``, after checking its metadata: of this level, every query measured there by the
-    design with the design's σ². A row group's query comes from its statistics where they name
-    one of the level's queries (``measure_shard`` writes one query per row group: no row is
-    read), else from its dictionary-encoded query and σ² columns (checked against the design).
-    The verifier, run before anything is published, checks every row's query, σ² and variance
-    and that these counts are the parts' (so statistics that lied would stop the release)."""
+    design with the design's σ². A row group's query comes from the file's recorded layout
+    (:func:`~pipeline.privacy.measure.layout_labels`: ``measure_shard`` writes one query per row
+    group and records which; no row is read), else from its statistics where they name one of
+    the level's queries, else from its dictionary-encoded query and σ² columns (checked against
+    the design). The verifier, run before anything is published, checks every row's query, σ²
+    and variance and that these counts are the parts' (so a layout or statistics that lied
+    would stop the release)."""
     pf = pq.ParquetFile(path, read_dictionary=["query", "sigma2"])
     md = pf.metadata
     why, _ = part_metadata_problem(md.metadata, level, {q: want[(kind, level, q)] for q in qidx})
@@ -294,6 +296,11 @@ def _query_counts(path: Path, kind: str, level: str, want: Mapping[tuple[str, st
         raise MeasurementPublishError(f"{path}: {why}; refusing to publish it")
     col = {md.schema.column(j).name: j for j in range(md.num_columns)}
     counts = np.zeros(len(qidx), np.int64)
+    named = layout_labels(md, set(qidx))
+    if named is not None:
+        for g, (q, _) in enumerate(named):
+            counts[qidx[q]] += md.row_group(g).num_rows
+        return counts
     for g in range(md.num_row_groups):
         rg = md.row_group(g)
         st = rg.column(col["query"]).statistics
