@@ -22,9 +22,10 @@ Files (run directory, confidential; each recorded with its checksum in ``state.j
 
 - ``estimates/<kind>/<level>/targets.parquet`` (every level but the bottom one): the engine's
   targets for the units of ``level`` — ``unit, query, answer, value`` (the
-  subtree estimate of each measured query, persons) and ``variance`` (its exact variance,
-  persons²); the file metadata ``dptab.variances`` holds the one variance per query the engine
-  weighs that query with: the engine's objective is ``Σ_q ||Q_q x − t_q||² / v_q`` per child, so
+  subtree estimate of each measured query, persons); the file metadata ``dptab.variances``
+  holds the one variance per query the engine weighs that query with (the targets' own exact
+  variances differ by unit and answer; the engine takes one per query, and nothing else reads
+  them, so they are not written): the engine's objective is ``Σ_q ||Q_q x − t_q||² / v_q`` per child, so
   the ``1/v_q`` are fitted to make ``Σ_q Q_qᵀQ_q / v_q`` the closest such sum to the exact
   information of the targets (``LevelFit.engine_weights``; for raw measurements it gives back
   their own variances exactly).
@@ -78,8 +79,16 @@ def _tables(ctx: RunContext, kind: str) -> list[TableDef]:
     return load_tables(ctx.cfg.tables).of_kind(kind)
 
 
-def _level_files(ctx: RunContext, kind: str, level: str) -> list[Any]:
-    return [ctx.rd.verified(ctx.rd.measurement_path(kind, level, s)) for s in range(len(shard_bounds(ctx, level)) - 1)]
+def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int] | None = None) -> list[Any]:
+    """The level's measurement files in shard order, each checked against its recorded sha256;
+    with ``units`` ``(lo, hi)`` only the shards holding some of those units (a part's worker
+    hashes and opens the files of its own subtree, not the whole level's)."""
+    bounds = shard_bounds(ctx, level)
+    i = ctx.level_names.index(level)
+    first = ctx.geography.levels[i - 1].child_ptr[bounds] if i > 0 else np.array([0, 1])  # each shard's first unit
+    shards = range(len(bounds) - 1) if units is None else \
+        [s for s in range(len(bounds) - 1) if first[s] < units[1] and first[s + 1] > units[0]]
+    return [ctx.rd.verified(ctx.rd.measurement_path(kind, level, s)) for s in shards]
 
 
 #: the up and down passes below the split level run on about this many parts (work items of
@@ -131,7 +140,8 @@ def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | N
     ptr = None
     for i in range(k, len(levels) if stop is None else stop):
         lv = levels[i]
-        meas = load_measurements(_level_files(ctx, kind, lv.name), spec, lo, hi, queries=list(strategy.queries(lv.name)))
+        meas = load_measurements(_level_files(ctx, kind, lv.name, (lo, hi)), spec, lo, hi,
+                                 queries=list(strategy.queries(lv.name)))
         out.append(LevelMeasurements(ptr, {q: (m.values, m.variance) for q, m in meas.items()}, lv.name))
         ranges.append((lo, hi))
         if i + 1 < len(levels):
@@ -322,16 +332,16 @@ def _weights(queries: tuple[str, ...], fit: Any, information: list[np.ndarray] |
 
 
 def _target_rows(fit: Any, queries: tuple[str, ...], first_unit: int) -> pa.Table:
-    """``unit, query, answer, value, variance`` of every measured query of the fit's units."""
+    """``unit, query, answer, value`` of every measured query of the fit's units."""
     parts = []
     for q in queries:
-        a, v = fit.query(q), fit.query_variance(q)
+        a = fit.query(q)
         n, na = a.shape
         parts.append(pa.table({
             "unit": np.repeat(np.arange(first_unit, first_unit + n, dtype=np.int64), na),
             "query": repeated_text(q, n * na),
             "answer": np.tile(np.arange(na, dtype=np.int32), n),
-            "value": a.reshape(-1), "variance": v.reshape(-1)}))
+            "value": a.reshape(-1)}))
     return pa.concat_tables(parts).unify_dictionaries()
 
 

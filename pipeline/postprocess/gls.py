@@ -881,53 +881,6 @@ class LevelFit:
         w, _ = nnls(np.stack([np.concatenate(col) for col in cols], axis=1), np.concatenate(target))
         return {q: float(x) for q, x in zip(queries, w)}
 
-    def query_variance(self, q: str) -> np.ndarray:
-        """``(n_units, n_answers)`` exact variance (persons²) of each answer of query ``q``."""
-        m = self.model
-        query = m.spec.query(q)
-        # per axis: the answer rows on that axis (group indicators; one all-ones row if summed)
-        rows: list[np.ndarray] = []
-        axis_of_by = []
-        for a, attr in enumerate(m.spec.attributes):
-            G = np.ones((1, m.shape[a]))
-            for f in query.by:
-                name, fm, labels = m.spec.factor_map(f)
-                if name == attr.name:
-                    G = (np.arange(len(labels))[:, None] == fm[None, :]).astype(np.float64)
-            rows.append(G)
-        for f in query.by:
-            axis_of_by.append(m.spec.axis(m.spec.factor_map(f)[0]))
-        per_axis = []
-        for G, ax in zip(rows, m.axes):
-            T = G @ ax.U
-            ind = T[:, :ax.p]
-            pn2 = np.einsum("gi,gi->g", T[:, ax.p:], T[:, ax.p:])
-            # many answers share their ind part (e.g. every race code has ind 1/sqrt(63))
-            uniq, first, inv = np.unique(ind, axis=0, return_index=True, return_inverse=True)
-            per_axis.append((ind[first], inv.reshape(-1), pn2))
-        gsizes = tuple(G.shape[0] for G in rows)
-        grids = np.indices(gsizes).reshape(len(gsizes), -1)  # answer multi-index, attr order
-        out = np.zeros((self.n_units, grids.shape[1]))
-        for c, P in zip(m.components, self.posterior.cov):
-            L = np.ones((1, 1))
-            w = np.ones(grids.shape[1])
-            idx = np.zeros(grids.shape[1], dtype=np.int64)
-            for a, (uind, inv, pn2) in enumerate(per_axis):
-                if c.in_ind[a]:
-                    L = np.einsum("ui,vj->uvij", L, uind).reshape(L.shape[0] * uind.shape[0], -1)
-                    idx = idx * uind.shape[0] + inv[grids[a]]
-                else:
-                    w = w * pn2[grids[a]]
-            if not np.any(w):
-                continue
-            L = L[:, c.free]
-            V = np.einsum("gi,nij,gj->ng", L, P, L, optimize=True)  # (n, unique rows)
-            out += V[:, idx] * w[None, :]
-        # answers are row-major over the `by` factors in `by` order
-        order = axis_of_by + [a for a in range(len(gsizes)) if a not in axis_of_by]
-        by_order = out.reshape((self.n_units,) + gsizes).transpose([0] + [1 + a for a in order])
-        return np.ascontiguousarray(by_order.reshape(self.n_units, query.n_answers))
-
 
 @dataclass(frozen=True)
 class GLSFit:
