@@ -172,6 +172,17 @@ def test_guide_lookup_equals_plain_search():
         assert np.array_equal(ts.magnitudes(u, seeded_source(9)), np.searchsorted(ts.table, u, side="left"))
 
 
+def test_each_draw_is_its_word_inverted_with_its_low_bit_as_sign():
+    # the draw of word w is ±(first k with T_k >= w >> 1), negative when w's lowest bit is set:
+    # what keyed releases reproduce from their key, whatever shortcut sample() takes
+    for s2 in (Fraction(1), Fraction(144), Fraction(7, 3)):
+        ts = table_sampler("gaussian", s2)
+        w = seeded_source(10, str(s2)).uint64(300_000)
+        m = np.searchsorted(ts.table, w >> np.uint64(1), side="left").astype(np.int64)
+        want = np.where((w & np.uint64(1)) == 1, -m, m)
+        assert np.array_equal(ts.sample(w.size, seeded_source(10, str(s2))), want)
+
+
 def test_cdf_bounds_bracket_the_truth():
     for fam, par in (("gaussian", Fraction(10)), ("laplace", Fraction(5, 2))):
         b = CdfBounds(fam, par, 100)

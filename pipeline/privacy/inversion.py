@@ -216,6 +216,10 @@ class TableSampler:
         guide = np.searchsorted(table, starts, side="left").astype(np.int64)
         flag = (guide[1:] != guide[:-1]) | (guide[:-1] >= table.size)  # beyond a truncated table
         self._code = 2 * guide[:-1] + flag
+        # the same per bucket, split for :meth:`sample`: the magnitude the lookup decides, and
+        # whether the bucket needs the search (a one-byte gather instead of int64 shifts and masks)
+        self._mag = guide[:-1].copy()
+        self._ambig = flag.copy()
         self._complete = bool(table.size) and int(table[-1]) == (1 << bits) - 1
         self._bounds: dict[int, CdfBounds] = {}
         self._lock = threading.Lock()  # the lazily extended bounds are shared between threads
@@ -271,9 +275,14 @@ class TableSampler:
         """``size`` exact draws as int64 from one 64-bit word each: the top b bits are U, the
         lowest bit the sign (b ≤ 63, so the two never overlap)."""
         w = source.uint64(size)
-        code = self._code[(w >> np.uint64(64 - self._g)).view(np.int64)]
-        m = self._finish(code, None, source, w)
-        neg = (w & np.uint64(1)).view(np.int64)
+        top = w >> np.uint64(64 - self._g)
+        bucket = top.view(np.int64)
+        m = self._mag.take(bucket)
+        amb = np.flatnonzero(self._ambig.take(bucket))
+        if amb.size:  # the few ambiguous buckets, searched (and rare draws resolved) in index order
+            m[amb] = self._finish(self._code[bucket[amb]], None, source, w[amb])
+        neg = bucket                       # the buckets' array again, now for the signs
+        np.bitwise_and(w, np.uint64(1), out=top)
         np.negative(neg, out=neg)          # 0 or -1 (all ones)
         m ^= neg                           # m or ~m
         m -= neg                           # m or ~m + 1 = -m

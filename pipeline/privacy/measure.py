@@ -190,11 +190,7 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                 s2 = strategy.sigma2(level, qname)
                 var, s2_text = discrete_gaussian_variance(s2), _frac_text(s2)
                 chunk = max(1, BATCH_ANSWERS // q.n_answers)
-                width = min(chunk, stop - start)
-                variance = np.full(width * q.n_answers, var)  # every batch's column, sliced
-                if not skip:  # every batch's rows: units (from 0, shifted by the batch's first) and answers
-                    units0 = np.repeat(np.arange(width, dtype=np.int64), q.n_answers)
-                    answers = np.tile(np.arange(q.n_answers, dtype=np.int32), width)
+                variance = np.full(min(chunk, stop - start) * q.n_answers, var)  # every batch's column, sliced
                 for c0 in range(start, stop, chunk):
                     c1 = min(stop, c0 + chunk)
                     lo, hi = np.searchsorted(hist.unit, [c0, c1], side="left")
@@ -210,8 +206,9 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
                         unit, answer, value = c0 + flat // q.n_answers, (flat % q.n_answers).astype(np.int32), \
                             true.reshape(-1)[flat]
                     else:  # every answer, units then answers (the same rows, without an index)
+                        unit = np.repeat(np.arange(c0, c1, dtype=np.int64), q.n_answers)
+                        answer = np.tile(np.arange(q.n_answers, dtype=np.int32), c1 - c0)
                         value = true.reshape(-1)
-                        unit, answer = units0[:value.size] + c0, answers[:value.size]
                     n = value.size
                     value += discrete_gaussian(s2, n, src)  # value is this batch's own array
                     writer.write_table(pa.table({
