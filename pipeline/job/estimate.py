@@ -274,7 +274,9 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
         raise EstimateError("the full estimator needs a hierarchy of at least two levels")
     k, ranges = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
                             [int(lv.n_units) for lv in levels], ESTIMATE_PARTS)
-    for lv in levels:  # checked once here, not by every part in every worker
+    # every file checked here before any part starts (and known checked to this process, which
+    # publishes them later); a part's worker checks again only the files its subtree reads
+    for lv in levels:
         _level_files(ctx, kind, lv.name)
     model = _model(ctx, kind)
     inner = _inner(ctx)
