@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 import threading
 from fractions import Fraction
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -209,17 +209,15 @@ class TableSampler:
         self.n_entries = len(table)
         # Guide table over the top g bits of U: bucket i holds U in [i, i+1)·2^(b-g). The first
         # k with T_k ≥ U lies in [G[i], G[i+1]]; when G[i] == G[i+1] no boundary (and no tie)
-        # falls in the bucket and k = G[i] is decided by the lookup alone. code = 2·G[i] + flag.
+        # falls in the bucket and k = G[i] is decided by the lookup alone (``_mag``); the other
+        # buckets (``_ambig``: one byte each, cheaper to gather than a flag packed into an int64)
+        # are searched exactly.
         g = min(GUIDE_BITS, bits)
         self._g = g
         starts = np.arange((1 << g) + 1, dtype=np.uint64) << np.uint64(bits - g)
         guide = np.searchsorted(table, starts, side="left").astype(np.int64)
-        flag = (guide[1:] != guide[:-1]) | (guide[:-1] >= table.size)  # beyond a truncated table
-        self._code = 2 * guide[:-1] + flag
-        # the same per bucket, split for :meth:`sample`: the magnitude the lookup decides, and
-        # whether the bucket needs the search (a one-byte gather instead of int64 shifts and masks)
-        self._mag = guide[:-1].copy()
-        self._ambig = flag.copy()
+        self._mag = guide[:-1]
+        self._ambig = (guide[1:] != guide[:-1]) | (guide[:-1] >= table.size)  # or beyond a truncated table
         self._complete = bool(table.size) and int(table[-1]) == (1 << bits) - 1
         self._bounds: dict[int, CdfBounds] = {}
         self._lock = threading.Lock()  # the lazily extended bounds are shared between threads
@@ -244,20 +242,17 @@ class TableSampler:
 
     def magnitudes(self, u: np.ndarray, source: RandomSource) -> np.ndarray:
         """Magnitudes for uniform b-bit integers ``u`` (uint64 < 2^b), int64 of the same shape."""
-        code = self._code[(u >> np.uint64(self.bits - self._g)).view(np.int64)]
-        return self._finish(code, u, source)
+        return self._lookup((u >> np.uint64(self.bits - self._g)).view(np.int64), lambda i: u[i], source)
 
-    def _finish(self, code: np.ndarray, u: np.ndarray | None, source: RandomSource,
-                w: np.ndarray | None = None) -> np.ndarray:
-        """Magnitudes from guide codes; the few ambiguous buckets are searched exactly."""
-        k = code >> 1
-        amb = np.flatnonzero(code & 1)
+    def _lookup(self, bucket: np.ndarray, u_at: Callable[[np.ndarray], np.ndarray],
+                source: RandomSource) -> np.ndarray:
+        """Magnitudes (int64, the shape of ``bucket``) of b-bit integers U in guide buckets
+        ``bucket`` (int64): the bucket's own where it decides, else an exact search of the table
+        for ``u_at(positions)``, the U of those positions (rare draws resolved in position order)."""
+        m = self._mag.take(bucket)
+        amb = np.flatnonzero(self._ambig.take(bucket))
         if amb.size:
-            if u is not None:
-                ua = u[amb]
-            else:
-                assert w is not None  # callers pass the raw words when they pass no u
-                ua = w[amb] >> np.uint64(64 - self.bits)
+            ua = u_at(amb)
             ka = np.searchsorted(self.table, ua, side="left")
             rare = np.flatnonzero(ka >= self.n_entries) if not self._complete else np.empty(0, np.int64)
             inside = ka < self.n_entries
@@ -268,8 +263,8 @@ class TableSampler:
                 with self._lock:
                     for i in rare.tolist():
                         ka[i] = self._resolve(int(ua[i]), int(ka[i]), source)
-            k[amb] = ka
-        return k
+            m[amb] = ka
+        return m
 
     def sample(self, size: int, source: RandomSource) -> np.ndarray:
         """``size`` exact draws as int64 from one 64-bit word each: the top b bits are U, the
@@ -277,10 +272,7 @@ class TableSampler:
         w = source.uint64(size)
         top = w >> np.uint64(64 - self._g)
         bucket = top.view(np.int64)
-        m = self._mag.take(bucket)
-        amb = np.flatnonzero(self._ambig.take(bucket))
-        if amb.size:  # the few ambiguous buckets, searched (and rare draws resolved) in index order
-            m[amb] = self._finish(self._code[bucket[amb]], None, source, w[amb])
+        m = self._lookup(bucket, lambda i: w[i] >> np.uint64(64 - self.bits), source)
         neg = bucket                       # the buckets' array again, now for the signs
         np.bitwise_and(w, np.uint64(1), out=top)
         np.negative(neg, out=neg)          # 0 or -1 (all ones)
