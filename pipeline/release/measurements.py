@@ -344,6 +344,34 @@ def _codes(query: pa.ChunkedArray, sigma2: pa.ChunkedArray, kind: str, level: st
 # --- verification -------------------------------------------------------------------------
 
 
+def subset_runs(root: Path, specs: Mapping[str, "HistogramSpec"], levels: Sequence["LevelTables"]) -> set[str]:
+    """The runs of ``root/measurements/queries.parquet`` with a (level, query) below the top
+    level measured on fewer rows than every answer of every unit (topdown skips the answers a
+    published parent makes zero): only those need the published parent supports that
+    :func:`measurement_checks` compares such rows with (reading them costs a pass over the
+    microdata). A row naming an unknown run or query counts as such a run, so nothing the checks
+    would compare is skipped; an unreadable file gives every run (the checks report it)."""
+    names = [lt.level for lt in levels]
+    units = {lt.level: len(lt.geoids) for lt in levels}
+    try:
+        found = pq.read_table(root / QUERIES_FILE, columns=["run", "geolevel", "query", "rows"]).to_pylist()
+    except (OSError, pa.ArrowException, KeyError):
+        return set(specs)
+    out = set()
+    for r in found:
+        run, level, query, rows = r["run"], r["geolevel"], r["query"], r["rows"]
+        if level not in units or names.index(level) == 0:
+            continue
+        try:
+            full = units[level] * specs[run].query(query).n_answers
+        except (KeyError, ValueError):
+            out.add(str(run))
+            continue
+        if rows != full:
+            out.add(str(run))
+    return out
+
+
 def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "HistogramSpec"],
                        levels: Sequence["LevelTables"], digits: "Mapping[str, int] | GeoTree",
                        published: Mapping[str, Mapping[str, "sp.csr_matrix"]]) -> list[CheckFailure]:

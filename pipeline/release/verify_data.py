@@ -331,11 +331,17 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
             failures.append(fail("table_layout", f"{len(lt.geoids)} units published, manifest says {want}", "*", lt.level))
     whole = len(geo) == len(manifest["geolevels"])
     data, meas = part in ("all", "data"), part in ("all", "measurements")
+    meas = meas and whole and bool(manifest["contents"]["measurements"])
+    # the runs measured on a subset of the answers below the top (topdown), whose rows are
+    # compared with the published parents' supports; a full measurement needs none
+    if meas:
+        from pipeline.release.measurements import subset_runs
+    subset = subset_runs(root, ts.specs, geo) if meas else set()
     # the data half compares the block tables with the microdata; the measurement half needs only
     # which cells of the levels above are positive (both from one pass over the microdata)
     x_block, support, micro = (_microdata_counts(root, ts, geo, digits, int(manifest["persons"]), data,
-                                                 meas and whole and bool(manifest["contents"]["measurements"]))
-                               if geo else (None, {}, []))
+                                                 "persons" in subset)
+                               if geo and (data or "persons" in subset) else (None, {}, []))
     failures += micro
     inv = manifest["invariants"]
     block_geoids = block_hu = None
@@ -357,8 +363,8 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
                            Invariants(inv["state_totals"], block_geoids, block_hu), regenerate and whole)
     if x_block is not None:
         x_block.close()  # its scratch file
-    if whole and meas:
-        failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, support)
+    if meas:
+        failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, support, subset)
     if whole and data and manifest["contents"].get("unbiased"):
         failures += guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits, regenerate)
     return failures
@@ -627,9 +633,12 @@ def _frame_diff(want: pl.DataFrame, found: pl.DataFrame, rel: str, against: str,
 
 
 def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-                             digits: Mapping[str, int], support: Mapping[str, Any]) -> list[CheckFailure]:
+                             digits: Mapping[str, int], support: Mapping[str, Any], subset: set[str]
+                             ) -> list[CheckFailure]:
     """The published noisy measurements against the design and the published geography
-    (``support``: the persons levels above the blocks, :func:`_microdata_counts`)."""
+    (``support``: the persons levels above the blocks, :func:`_microdata_counts`; ``subset``:
+    the runs measured on a subset of the answers, :func:`subset_runs`, the only ones whose
+    published supports are made)."""
     from pipeline.release.measurements import FILES, measurement_checks
 
     if not manifest["contents"]["measurements"] or not all((root / rel).is_file() for rel in FILES):
@@ -638,7 +647,7 @@ def _measurement_file_checks(root: Path, manifest: Mapping[str, Any], ts: TableS
 
     runs = manifest["privacy"]["runs"]
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in runs.items()})
-    published = _published_supports(root, ts, lts, list(runs), support)
+    published = _published_supports(root, ts, lts, [k for k in runs if k in subset], support)
     return measurement_checks(root, design, ts.specs, lts, digits, published)
 
 
