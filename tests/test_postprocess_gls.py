@@ -333,6 +333,10 @@ def test_leaves_share_their_parents_covariances(tiny):
     lines = [[np.array([1.0, 0, 0]), np.ones(4), np.ones(2)], [np.ones(3), np.array([0, 0, 1.0, 1]), np.array([1.0, 0])]]
     got = leaf.covariances_of(lines, [ones, ones])
     np.testing.assert_allclose(got, plain.covariances_of(lines, [ones, ones]), rtol=1e-13, atol=1e-13)
+    # made once per parent: one row per parent, the leaves' rows gathered from them
+    values, at = leaf.distinct_covariances(leaf.model.pair_products(lines, [ones, ones]))
+    assert at is rows and values.shape == (ptrs[2].size - 1, 2) and np.array_equal(values[at], got)
+    assert plain.distinct_covariances(plain.model.pair_products(lines, [ones, ones]))[1] is None
     ref = DenseGLS(tiny, levels)
     L = np.stack([np.kron(np.kron(f[0], f[1]), f[2]) for f in lines])
     R = np.ones((2, tiny.n_cells))

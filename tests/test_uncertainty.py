@@ -99,3 +99,17 @@ def test_margin_covers_the_real_discrete_gaussian_estimator() -> None:
     assert abs(v - float(s2)) / float(s2) > 0.1  # the exact variance really differs here
     # two-sided 90% interval: coverage of the integer-valued estimator is at least 90%
     assert np.mean(np.abs(est - true_occ) <= moe[1]) >= 0.9
+
+
+def test_repeated_rows_index_like_the_array_they_stand_for() -> None:
+    """The bottom level's margins held per parent index, slice and convert exactly as the
+    ``(n_units, k)`` array ``values[rows]`` would."""
+    from pipeline.release.uncertainty import RepeatedRows
+
+    values = np.arange(12, dtype=np.float64).reshape(4, 3)
+    rows = np.array([0, 0, 1, 3, 3, 3, 2])
+    m, whole = RepeatedRows(values, rows), values[rows]
+    assert m.shape == whole.shape and m.ndim == 2
+    for key in (slice(2, 6), slice(None), 4, (slice(1, 5), 2), (slice(None), 0), (np.array([6, 0]), slice(0, 2))):
+        assert np.array_equal(m[key], whole[key])
+    assert np.array_equal(np.asarray(m), whole)

@@ -836,6 +836,15 @@ class LevelFit:
         """``(n_units, k)`` covariances of ``k`` pairs given as :meth:`GLSModel.pair_products`
         (made once for every level of a fit): per component one matrix product of the units'
         covariance blocks ``(n_units, m'·m')`` with the pairs' ``(m'·m', k)``."""
+        out, rows = self.distinct_covariances(products)
+        return out if rows is None else out[rows]
+
+    def distinct_covariances(self, products: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`covariances` as ``(values, rows)``: ``values[rows]`` is the ``(n_units, k)``
+        result, made once per distinct covariance (the leaves of one parent share theirs:
+        :attr:`Posterior.shared`); ``rows`` is int ``(n_units,)``, or ``None`` when every unit has
+        its own row (``values`` is then the result). A caller that reads the rows a range of
+        units at a time need not make the whole array (a block level's is hundreds of MB)."""
         k = products[0].shape[1] if len(products) else 0
         shared = self.posterior.shared
         covs = self.posterior.cov if shared is None else shared[1]
@@ -844,7 +853,7 @@ class LevelFit:
         for c, P, prod in zip(self.model.components, covs, products):
             if prod.any():  # a component every pair is 0 on adds nothing
                 out += np.asarray(P).reshape(n, c.free.size ** 2) @ prod
-        return out if shared is None else out[shared[0]]
+        return out, None if shared is None else shared[0]
 
     def information_sum(self) -> list[np.ndarray]:
         """``Σ_u J_u`` over the level's units, per component (m', m'): with :meth:`engine_weights`

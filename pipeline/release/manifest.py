@@ -25,7 +25,7 @@ from pipeline.model.schemas import SCHEMAS_DIR, parse_yaml, relative_to
 from pipeline.release.tables import (
     TableSet,
 )
-from pipeline.release.uncertainty import Z90, gls_line_variances, release_moe90
+from pipeline.release.uncertainty import Z90, RepeatedRows, gls_line_variances, release_moe90
 
 MANIFEST_SCHEMA = SCHEMAS_DIR / "manifest.schema.json"
 MANIFEST_FORMAT = "dptab-release/3"
@@ -234,11 +234,13 @@ def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
 def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[str, float]]], levels: Sequence[str],
                     digits: Mapping[str, int], state_totals: bool, block_housing_units: bool,
                     estimator: str = "topdown", child_ptrs: Sequence[np.ndarray] | None = None
-                    ) -> dict[tuple[str, str], np.ndarray]:
+                    ) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
     """The published ``moe90`` of every (table, level) (before rounding): ``topdown``: float
     ``(n_lines,)``, the same for every unit of the level (the level's own measurements);
     ``full``: float ``(n_units, n_lines)``, per unit from the full estimator's exact GLS
-    variances (``child_ptrs``: the geography's CSR child pointers, level by level).
+    variances (``child_ptrs``: the geography's CSR child pointers, level by level); the bottom
+    level's, the same for the units of one parent, as :class:`RepeatedRows` (``m[s:e]`` makes
+    units ``s:e``'s).
 
     ``variances[kind][level][query]``: exact noise variances (counts²); the persons total is
     exact at levels of at most 2 GEOID digits when state totals are declared, the units total at
@@ -246,8 +248,7 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
     so a verified margin is bitwise the one the writer computed. Results are memoised on every
     input (a digest of the tables' line matrices and the specs' queries, the variances, levels,
     flags and tree): the same inputs give the same floats, and a second caller in the process
-    costs no second computation. The arrays are the memoised ones, read-only (not copied: a
-    block level's per-unit margins are hundreds of MB).
+    costs no second computation. The arrays are the memoised ones, read-only (not copied).
     """
     import hashlib
 
@@ -275,14 +276,17 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
             if child_ptrs is None:
                 raise ReleaseError("margins of error of the full estimator need the geography's tree")
             var = gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals)
-            for v in var.values():  # in place: a block level's margins are hundreds of MB
-                np.sqrt(v, out=v)
-                v *= Z90
+            for v in var.values():  # in place (a block level's are per parent: RepeatedRows)
+                a = v.values if isinstance(v, RepeatedRows) else v
+                np.sqrt(a, out=a)
+                a *= Z90
             _MARGINS_CACHE[key] = var
         else:
             _MARGINS_CACHE[key] = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
         for v in _MARGINS_CACHE[key].values():
-            v.flags.writeable = False  # shared by every caller: nobody may change a cached margin
+            # shared by every caller: nobody may change a cached margin
+            for a in ((v.values, v.rows) if isinstance(v, RepeatedRows) else (v,)):
+                a.flags.writeable = False
     return dict(_MARGINS_CACHE[key])
 
 
@@ -317,7 +321,7 @@ def child_ptrs_from_tree(tree: Any, geoids: Sequence[np.ndarray]) -> list[np.nda
     return out
 
 
-_MARGINS_CACHE: dict[tuple, dict[tuple[str, str], np.ndarray]] = {}
+_MARGINS_CACHE: dict[tuple, dict[tuple[str, str], np.ndarray | RepeatedRows]] = {}
 
 
 def _spec_order(spec: Any) -> Callable[[str], tuple[int, str]]:

@@ -26,7 +26,7 @@ from pipeline.release.checks import CheckFailure
 from pipeline.release.manifest import ReleaseError
 from pipeline.release.tables import TableDef, TableSet, long_frame, unit_names
 from pipeline.release.tree import GeoTree
-from pipeline.release.uncertainty import Z90
+from pipeline.release.uncertainty import Z90, RepeatedRows
 
 #: additivity tolerance of the real-valued estimates (persons): float sums over ~10^4 children
 TOLERANCE = 1e-6
@@ -43,7 +43,7 @@ def unbiased_frame(table: TableDef, level: str, geoids: np.ndarray, names: np.nd
 
 
 def write_unbiased(tmp: Path, ts: TableSet, levels: Sequence[tuple[str, np.ndarray, Sequence[str]]],
-                   unbiased: Mapping[tuple[str, str], np.ndarray], moe: Mapping[tuple[str, str], np.ndarray],
+                   unbiased: Mapping[tuple[str, str], np.ndarray], moe: Mapping[tuple[str, str], np.ndarray | RepeatedRows],
                    tree: GeoTree | None = None) -> list[Path]:
     """Write ``tables/unbiased/<table>.parquet`` under ``tmp``. ``levels``: ``(level, geoids
     (n_units,), tables published there)`` of every level but the bottom one; ``tree``: a lookup
@@ -72,7 +72,7 @@ def write_unbiased(tmp: Path, ts: TableSet, levels: Sequence[tuple[str, np.ndarr
 
 
 def verify_unbiased(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: Sequence[Any],
-                    moe: Mapping[tuple[str, str], np.ndarray] | None, digits: "Mapping[str, int] | GeoTree"
+                    moe: Mapping[tuple[str, str], np.ndarray | RepeatedRows] | None, digits: "Mapping[str, int] | GeoTree"
                     ) -> list[CheckFailure]:
     """Each unbiased file's rows per level; its estimates add up to their parents and within each
     table shell (within :data:`TOLERANCE`); and with ``moe`` (the design's standard errors per

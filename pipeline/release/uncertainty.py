@@ -57,6 +57,32 @@ class UncertaintyError(DptabError, ValueError):
     """A variance is missing, non-positive or refers to an unknown query."""
 
 
+class RepeatedRows:
+    """A float ``(n_units, k)`` array held as its distinct rows and each unit's row among them:
+    ``values[rows]``. The full estimator's margins of the bottom level are per parent (the
+    leaves of one parent share their covariance), so the block level's — hundreds of MB, made
+    and written fresh on every release — are kept as the parents' and made a range of units at
+    a time by whoever reads them (``m[s:e]``, ``m[:, j]``: any numpy index, rows first)."""
+
+    ndim = 2
+
+    def __init__(self, values: np.ndarray, rows: np.ndarray) -> None:
+        self.values, self.rows = values, rows
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.rows.shape[0]), int(self.values.shape[1])
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        return self.values[(slice(None), *rest)][self.rows[first]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.values[self.rows]
+        return out if dtype is None else out.astype(dtype)
+
+
+
 def _atoms(spec: HistogramSpec, queries: Sequence[str], keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Group the kept cells into atoms: cells that no measured query tells apart.
 
@@ -246,9 +272,10 @@ def line_factors(spec: HistogramSpec, mask: np.ndarray) -> list[np.ndarray]:
 def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: Mapping[str, HistogramSpec],
                        variances: Mapping[str, Mapping[str, Mapping[str, float]]], child_ptrs: Sequence[np.ndarray],
                        levels: Sequence[str], exact_totals: Mapping[str, Sequence[str]]
-                       ) -> dict[tuple[str, str], np.ndarray]:
+                       ) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
     """Exact variances (counts²) of the full estimator's line estimates, per unit:
-    ``{(table, level): float (n_units, n_lines)}``.
+    ``{(table, level): float (n_units, n_lines)}`` (:class:`RepeatedRows` where units share them:
+    the bottom level's, per parent).
 
     ``child_ptrs[i]``: CSR int64 ``(n_i + 1,)`` of level ``i + 1``'s units under level ``i``
     (the geography's ``child_ptr``); ``variances`` and ``exact_totals`` as in
@@ -265,7 +292,7 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
     """
     from pipeline.postprocess.gls import LevelMeasurements, fit
 
-    out: dict[tuple[str, str], np.ndarray] = {}
+    out: dict[tuple[str, str], np.ndarray | RepeatedRows] = {}
     for kind, tabs in tables_by_kind.items():
         if not tabs or kind not in variances:
             continue
@@ -286,16 +313,18 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
         with_total = {name: model.pair_products(ls, [ones] * len(ls)) for name, ls in lines.items() if ls}
         for i, level in enumerate(levels):
             est = g.levels[i]
-            var_t = est.covariances(total) if level in exact_totals.get(kind, ()) else None
+            # per distinct covariance (``rows``: the units' rows, the same for every product)
+            var_t = est.distinct_covariances(total)[0] if level in exact_totals.get(kind, ()) else None
             for t in tabs:
                 if t.name not in own:
                     out[(t.name, level)] = np.zeros((sizes[i], 0))
                     continue
-                v = est.covariances(own[t.name])  # (n_units, n_lines)
+                v, rows = est.distinct_covariances(own[t.name])  # (n_distinct, n_lines)
                 if var_t is not None:
-                    c = est.covariances(with_total[t.name])
+                    c = est.distinct_covariances(with_total[t.name])[0]
                     v = v - np.divide(c * c, var_t, out=np.zeros_like(v), where=var_t > 0)
-                out[(t.name, level)] = np.maximum(v, 0.0)
+                v = np.maximum(v, 0.0)
+                out[(t.name, level)] = v if rows is None else RepeatedRows(v, rows)
     return out
 
 

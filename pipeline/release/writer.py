@@ -113,7 +113,7 @@ from pipeline.release.tables import (
     unit_names,
 )
 from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
-from pipeline.release.uncertainty import Z90, simulated_moe90
+from pipeline.release.uncertainty import Z90, RepeatedRows, simulated_moe90
 from pipeline.runtime import return_free_memory
 
 
@@ -259,7 +259,7 @@ def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.n
 
 def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: "Geography", tree: GeoTree,
                   persons: Mapping[str, Any], units: Mapping[str, Any] | None, invariants: Invariants,
-                  moe: Mapping[tuple[str, str], np.ndarray],
+                  moe: Mapping[tuple[str, str], np.ndarray | RepeatedRows],
                   simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None) -> list[tuple[str, np.ndarray, list[str]]]:
     """Tabulate, check and write every level's tables, top to bottom, :data:`STREAM_UNITS` units
     at a time; returns ``(level, geoids, tables written)`` per level. Raises
@@ -293,7 +293,7 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
                     m = simulated_moe90(simulated[0], moving[name], ts.tables[name], lv.name, counts,
                                         np.arange(s, e))
                 else:
-                    whole = moe.get((name, lv.name))  # (n_lines,), or per unit (n_units, n_lines)
+                    whole = moe.get((name, lv.name))  # (n_lines,), or per unit (n_units, n_lines) / RepeatedRows
                     m = whole if whole is None or whole.ndim == 1 else whole[s:e]
                 writers[name].write(lv.name, lt.geoids, names, counts, m)
                 if ends_chunk:
