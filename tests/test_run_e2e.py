@@ -133,3 +133,26 @@ def test_levels_merge_a_shard_at_a_time_and_each_shard_is_checked(tmp_path, monk
     first.to_parquet(ctx.rd.solved_shard_path(kind, level, 2))
     with pytest.raises(ConsistencyError, match="outside its parents"):
         merge_level(ctx, kind, level, [{}] * n)
+
+
+def test_an_edited_measurement_shard_stops_the_release(tmp_path) -> None:
+    """Publishing copies exactly the measurement files the measure stage recorded: a shard file
+    changed afterwards (here one noisy value) stops the release before anything is public, and
+    leaves no partial folder."""
+    from pipeline.job.publish import publish_release
+    from pipeline.job.rundir import RunDirIntegrityError
+
+    inputs = make_inputs(tmp_path, persons=2000, seed=5)
+    out = stages.run(write_config(tmp_path, inputs, release_id="rel-m"), progress=False)
+    ctx = RunContext.load(Path(out["run_dir"]))
+    release = Path(out["release_path"])
+    shard = ctx.rd.measurement_path("persons", "county", 0)
+    rows = pl.read_parquet(shard)
+    rows.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(pl.col("value") + 1).otherwise(pl.col("value"))
+                      .alias("value")).write_parquet(shard)
+    import shutil
+
+    shutil.rmtree(release)
+    with pytest.raises(RunDirIntegrityError, match="changed since its stage finished"):
+        publish_release(ctx)
+    assert not release.exists() and list(release.parent.iterdir()) == []

@@ -243,16 +243,21 @@ def _chunks(n: int) -> list[tuple[int, int, bool]]:
 
 
 def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], tables: TableSet,
-                        privacy: Mapping[str, Any], files: Mapping[tuple[str, str], Sequence[Path]]) -> list[Path]:
+                        privacy: Mapping[str, Any], files: Mapping[tuple[str, str], Sequence[Path]],
+                        check_file: Callable[[Path], Path] | None) -> list[dict[str, Any]]:
     """Publish the run's measurement files into ``measurements/`` (``pipeline.release.measurements``):
     units numbered in the geography's order (``geoids[i]``: level ``i``'s), σ² and variances from
-    the release's own privacy section."""
+    the release's own privacy section; each file first goes through ``check_file`` (the job's:
+    it is the file its stage recorded). Returns the manifest entries of the files written (their
+    sha256 made here, off the thread that writes the tables)."""
     from pipeline.model.design import design_from_rho
     from pipeline.release.measurements import MeasurementPublishError, write_measurements
 
+    if check_file is not None:
+        files = {key: [check_file(Path(p)) for p in paths] for key, paths in files.items()}
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in privacy["runs"].items()})
     try:
-        return write_measurements(root, levels, geoids, design, tables.specs, files)
+        return [_file_entry(root, p) for p in write_measurements(root, levels, geoids, design, tables.specs, files)]
     except MeasurementPublishError as exc:
         raise ReleaseError(str(exc)) from None
 
@@ -378,6 +383,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                   units: Mapping[str, Any] | None, invariants: Invariants, privacy: Mapping[str, Any], *,
                   variances: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
                   measurement_files: Mapping[tuple[str, str], Sequence[Path]] | None = None,
+                  check_measurement_file: Callable[[Path], Path] | None = None,
                   tables: str | Path = "pl94", csv: bool = True,
                   unbiased: Mapping[tuple[str, str], np.ndarray] | None = None,
                   simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None = None,
@@ -394,7 +400,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     ``invariants``: the declared public invariants; ``privacy``: :func:`privacy_parameters`;
     ``variances[kind][level][query]``: exact noise variances for margins of error (default:
     :func:`variances_from_privacy`); ``measurement_files[(kind, level)]``: the run's measurement
-    Parquet files to publish; ``csv=False`` skips ``csv/`` (it is ~100x the size of the
+    Parquet files to publish, each first passed to ``check_measurement_file`` if given (which
+    raises if it is not the file to publish; on the thread that copies them); ``csv=False`` skips ``csv/`` (it is ~100x the size of the
     Parquet tables); ``unbiased[(table, level)]``: the full estimator's real-valued line
     estimates, float ``(n_units, n_lines)``, for every level but the bottom one (written to
     ``tables/unbiased/`` with their standard errors); ``simulated``: ``(lookup, moving cells,
@@ -422,7 +429,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     tmp = releases_dir / f".{meta.release_id}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir(mode=0o700)  # nobody else can read a release before the ledger counts it
     os.chmod(tmp, 0o700)
-    pending: Future[list[Path]] | None = None
+    pending: Future[list[dict[str, Any]]] | None = None
     children: list[Background] = []
     # the table files' rows are made, encoded and written on lanes of their own (a file always
     # on the same lane) while the next units are tabulated and checked here (see WriteQueue);
@@ -438,7 +445,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             # (joined there). Their bytes do not depend on the timing.
             geoids = [lv.geoids for lv in geography.levels]  # materialised here, not in two threads
             pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-measurements")
-            pending = pool.submit(_write_measurements, tmp, levels, geoids, ts, privacy, measurement_files)
+            pending = pool.submit(_write_measurements, tmp, levels, geoids, ts, privacy, measurement_files,
+                                  check_measurement_file)
             pool.shutdown(wait=False)  # the thread ends with its one task
         digits = {lv.name: lv.digits for lv in geography.levels}
         tree = GeoTree.from_geography(geography)
@@ -502,7 +510,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             entries.append(_file_entry(tmp, ipath))
         mfiles = pending.result() if pending is not None else []
         pending = None
-        entries += [_file_entry(tmp, p) for p in mfiles]
+        entries += mfiles
         for kind in privacy["runs"]:
             entries.append(_file_entry(tmp, tmp / strategy_file(kind)))
         for rel in strategy_spec_files(privacy):  # a user's spec file a strategy names, copied beside it
