@@ -280,6 +280,41 @@ def test_complete_queries_are_read_from_their_values_alone(tmp_path: Path, monke
                 assert row_by_row
 
 
+def test_summed_loads_are_the_sums_of_the_units_matrices(tmp_path: Path, monkeypatch):
+    # ``sum_by``: each group's (consecutive units) answers summed as the rows stream by, the
+    # runs split inside units (small row groups and noise batches), read from the values alone
+    # or row by row (a copy without statistics): exactly the sums of the units' matrix rows,
+    # empty groups 0; a file with answers skipped cannot be summed (the full estimator's leaves)
+    import pyarrow.parquet as pq
+
+    from pipeline.privacy import measure
+
+    monkeypatch.setattr(measure, "ROW_GROUP_ROWS", 1000)
+    monkeypatch.setattr(measure, "BATCH_ANSWERS", 5000)
+    paths, skipped = _files(tmp_path, seed=17, split=17, keys=(1, 2))
+    bare = []
+    for p in paths:
+        out = tmp_path / f"bare-{p.stem}.parquet"
+        pq.write_table(pq.read_table(p).replace_schema_metadata(pq.read_schema(p).metadata), out,
+                       row_group_size=777, write_statistics=False)
+        bare.append(out)
+    rng = np.random.default_rng(3)
+    for lo, hi in [(0, 40), (3, 29), (17, 40), (16, 18)]:
+        n = hi - lo
+        dense = load_measurements(paths, SPEC, lo, hi)
+        for starts in ([0], [0, 1, 1, min(5, n)], [0, *sorted(rng.integers(0, n, 4).tolist())]):
+            ends = [*starts[1:], n]
+            for files in (paths, bare):
+                got = load_measurements(files, SPEC, lo, hi, sum_by=np.array(starts))
+                for q, m in got.items():
+                    want = np.stack([dense[q].values[a:b].sum(axis=0) for a, b in zip(starts, ends)])
+                    assert np.array_equal(m.values, want), (q, lo, hi, starts)
+    with pytest.raises(MeasurementError, match="not measured|draw order"):
+        load_measurements([skipped], SPEC, 0, 40, sum_by=np.array([0, 10, 20, 30]))
+    with pytest.raises(MeasurementError, match="sum_by"):
+        load_measurements(paths, SPEC, 0, 40, sum_by=np.array([0, 30, 20]))
+
+
 def test_true_answers_of_every_query_are_the_sums_of_their_cells():
     # the detailed query's answers are put in place (each cell its own answer), the others summed:
     # both must equal the dense tabulation x @ Q for any rows of a histogram

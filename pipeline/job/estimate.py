@@ -130,19 +130,22 @@ def split_parts(child_ptrs: list[np.ndarray | None], n_units: list[int], parts: 
     return k, ranges
 
 
-def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | None = None
-             ) -> tuple[list[LevelMeasurements], list[tuple[int, int]]]:
+def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | None = None,
+             summed_leaves: bool = False) -> tuple[list[LevelMeasurements], list[tuple[int, int]]]:
     """The measurements of units ``lo:hi`` of level ``k`` and everything below them down to
     level ``stop - 1`` (default: the bottom; levels ``k..stop-1``, child pointers rebased) and
-    the unit range ``(lo, hi)`` of the part at each of those levels."""
+    the unit range ``(lo, hi)`` of the part at each of those levels. ``summed_leaves``: the
+    bottom level's (below ``k``) summed per parent as they are read (``LevelMeasurements.summed``:
+    for an up pass without leaf means; the leaves' matrix, the largest of a part, is never made)."""
     spec, strategy, levels = ctx.spec(kind), ctx.strategies[kind], ctx.geography.levels
     out, ranges = [], []
     ptr = None
     for i in range(k, len(levels) if stop is None else stop):
         lv = levels[i]
+        summed = summed_leaves and ptr is not None and i == len(levels) - 1
         meas = load_measurements(_level_files(ctx, kind, lv.name, (lo, hi)), spec, lo, hi,
-                                 queries=list(strategy.queries(lv.name)))
-        out.append(LevelMeasurements(ptr, {q: (m.values, m.variance) for q, m in meas.items()}, lv.name))
+                                 queries=list(strategy.queries(lv.name)), sum_by=ptr[:-1] if summed else None)
+        out.append(LevelMeasurements(ptr, {q: (m.values, m.variance) for q, m in meas.items()}, lv.name, summed))
         ranges.append((lo, hi))
         if i + 1 < len(levels):
             full = lv.child_ptr
@@ -195,7 +198,7 @@ def _part_up(item: tuple[str, str, int, int, int, int]) -> tuple[Any, Any, dict[
     saved to the part's file."""
     run_dir, kind, k, lo, hi, part = item
     ctx = RunContext.load(run_dir)
-    sub, _ = _subtree(ctx, kind, k, lo, hi)
+    sub, _ = _subtree(ctx, kind, k, lo, hi, summed_leaves=True)
     up = _model(ctx, kind).upward(sub, leaf_means=False)  # no target or line needs the bottom's own
     info = {i: (up.message.subtree_fit() if i == k else up.subtree(i - k)).information_sum()
             for i in _inner(ctx) if i >= k}

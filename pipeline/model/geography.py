@@ -240,6 +240,17 @@ def geoid_codes(geoids: Iterable[str] | np.ndarray | pl.Series, digits: int, wha
     return codes.cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
 
 
+def sum_children(y: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums of the consecutive row groups of ``y`` ``(n, k)`` starting at ``starts`` ``(g,)``
+    (e.g. each parent's children, ``child_ptr[:-1]``) -> ``(g, k)``, rows added in order. A
+    sparse 0/1 product: ~10x faster than ``np.add.reduceat`` along axis 0 on wide rows."""
+    import scipy.sparse as sp
+
+    n = y.shape[0]
+    S = sp.csr_matrix((np.ones(n), np.arange(n), np.append(starts, n)), shape=(starts.size, n))
+    return np.asarray(S @ y)
+
+
 def _run_starts(x: np.ndarray) -> np.ndarray:
     """bool ``(n,)``: True where a sorted array starts a new run of equal values."""
     keep = np.empty(x.size, dtype=bool)

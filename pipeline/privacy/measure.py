@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import DptabError
 from pipeline.files import repeated_text
 from pipeline.model.design import discrete_gaussian_variance
+from pipeline.model.geography import sum_children
 from pipeline.model.histogram import SparseHistogram
 from pipeline.model.spec import HistogramSpec
 from pipeline.model.strategy import Strategy
@@ -274,12 +275,19 @@ def read_measurement_rows(path: str | Path, columns: list[str] | None = None) ->
 
 
 def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec, start: int, stop: int,
-                      queries: list[str] | tuple[str, ...] | None = None) -> dict[str, QueryMeasurements]:
+                      queries: list[str] | tuple[str, ...] | None = None,
+                      sum_by: np.ndarray | None = None) -> dict[str, QueryMeasurements]:
     """Per query, the dense float matrix ``(stop - start, n_answers)`` of units ``start:stop``
     (row ``i`` = unit ``start + i``; NaN where not measured) with its variance and σ².
 
     Every query the files were made for is returned (all NaN if every answer was skipped);
     ``queries`` restricts and orders the result and must be a subset of them.
+
+    ``sum_by``: int64 ``(g,)``, the first unit (from ``start``, ascending, ``sum_by[0] == 0``) of
+    each of ``g`` groups of consecutive units (e.g. each parent's children): the values are then
+    the groups' sums, ``(g, n_answers)``, summed as the rows stream by (the units' matrix is never
+    made). Every answer of every unit must be measured, in draw order (a full measurement, as
+    :func:`measure_shard` writes it); else :class:`MeasurementError`.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -300,7 +308,9 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
         raise MeasurementError(f"no measurements of {missing} in {[str(p) for p in paths]}; "
                                f"they hold {list(known)}")
     n = stop - start
-    fills = {q: _Fill(n, spec.query(q).n_answers, start, q, paths) for q in wanted}
+    fills: dict[str, _Fill] = {q: (_Fill(n, spec.query(q).n_answers, start, q, paths) if sum_by is None
+                                   else _SumFill(n, spec.query(q).n_answers, start, q, paths, sum_by))
+                               for q in wanted}
     _query_rows(paths, start, stop, fills, set(known))
     return {q: QueryMeasurements(f.result(), known[q][1], known[q][0]) for q, f in fills.items()}
 
@@ -360,6 +370,59 @@ class _Fill:
         if self.ordered:
             self.flat[self.pos:] = np.nan  # answers never measured (skipped, or no file row)
         return self.values
+
+
+class _SumFill(_Fill):
+    """:class:`_Fill` for ``load_measurements(..., sum_by=...)``: the groups' sums ``(g,
+    n_answers)``, added run by run as the answers come in draw order (a run may start or end
+    inside a unit: those partial rows are added where they fall). The values are integers, so
+    the sums are exact whatever the order of the additions (below 2**53)."""
+
+    def __init__(self, n: int, n_answers: int, start: int, name: str, paths: list[str | Path],
+                 sum_by: np.ndarray) -> None:
+        starts = np.asarray(sum_by, dtype=np.int64)
+        if starts.ndim != 1 or (starts.size and (starts[0] != 0 or np.any(np.diff(starts) < 0) or starts[-1] > n)) \
+                or (n and not starts.size):
+            raise MeasurementError(f"sum_by must start at 0 and ascend within the {n} units read")
+        self.sums = np.zeros((starts.size, n_answers))
+        self.starts = starts
+        self.group = np.repeat(np.arange(starts.size), np.diff(np.append(starts, n)))  # unit -> its group
+        self.n, self.n_answers, self.start, self.name, self.paths = n, n_answers, start, name, paths
+        self.pos = 0
+        self.ordered = True
+
+    def put(self, offset: int, values: np.ndarray) -> None:
+        k, na = values.size, self.n_answers
+        if k == 0:
+            return
+        if offset != self.pos:
+            self._unorder()
+        u, a = divmod(offset, na)
+        i = 0
+        if a:  # the rest of a unit begun in the last run
+            i = min(na - a, k)
+            self.sums[self.group[u], a:a + i] += values[:i]
+            u += 1
+        m = (k - i) // na
+        if m:  # whole units: summed by group (consecutive, each once)
+            g = self.group[u:u + m]
+            first = np.concatenate([[0], np.flatnonzero(np.diff(g)) + 1])
+            self.sums[g[first]] += sum_children(values[i:i + m * na].reshape(m, na), first)
+            i += m * na
+            u += m
+        if i < k:  # the start of a unit the next run ends
+            self.sums[self.group[u], :k - i] += values[i:]
+        self.pos += k
+
+    def _unorder(self) -> None:
+        raise MeasurementError(f"query {self.name!r}: rows not every answer in draw order in "
+                               f"{[str(p) for p in self.paths]}; summed measurements need a full measurement")
+
+    def result(self) -> np.ndarray:
+        if self.pos != self.n * self.n_answers:
+            raise MeasurementError(f"query {self.name!r}: {self.n * self.n_answers - self.pos} answer(s) of units "
+                                   f"{self.start}:{self.start + self.n} not measured in {[str(p) for p in self.paths]}")
+        return self.sums
 
 
 def _query_rows(paths: list[str | Path], start: int, stop: int, fills: dict[str, _Fill], known: set[str]) -> None:
