@@ -159,15 +159,18 @@ def test_held_totals_are_certified_on_the_repaired_point(monkeypatch):
 
 
 def test_held_totals_on_the_kronecker_path_balance_relative_residuals():
-    # Residual balancing on scale-relative residuals for this shape (``admm._One.scaled``):
-    # certified at the production tolerance in 180 iterations, where balancing the absolute
-    # residuals took 350 (seeds 1-4: 200 / 180 / 210 / 190 against 240 / 350 / 290 / 290)
+    # Residual balancing on scale-relative residuals for this shape (``admm._One.scaled``),
+    # from a tenth of the curvature's rho: certified at the production tolerance in 120
+    # iterations (seeds 1-4: 100 / 120 / 100 / 100), where the curvature's rho took 180 (200 /
+    # 180 / 210 / 190) and balancing the absolute residuals 350 (240 / 350 / 290 / 290)
     obj = _held_totals_full_grid(seed=2)
     res = run_admm(obj, kron_min_cells=100, tol=1e-9, feas_tol=1e-3)
     assert res.method == "admm-kron" and res.certified and res.gap <= 1e-9 * res.f
-    assert res.iterations <= 250
+    assert res.iterations <= 150
     _, fref = reference_qp(obj)
-    assert fref - 1e-7 * fref <= res.f <= fref + res.gap + 1e-7 * fref
+    # the held totals are met within feas_tol (here 4.7e-4 persons), so f may lie below the
+    # exactly feasible optimum by the totals' multipliers times that: 1.6e-7 f here
+    assert fref - 1e-6 * fref <= res.f <= fref + res.gap + 1e-7 * fref
 
 
 def test_inplace_projection_and_bound_operators_match_the_plain_ones():

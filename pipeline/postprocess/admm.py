@@ -75,6 +75,11 @@ _DIVERGED = 100.0
 
 
 # -- rules shared by both layouts -------------------------------------------------------------
+#: the initial rho of a parent on the scale-relative residual path (:class:`_One`), as a
+#: fraction of :func:`initial_rho`
+_SCALED_RHO0 = 0.1
+
+
 def initial_rho(lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
     """Initial penalty from the curvature range ``[lo, hi]`` of the x-step: the geometric
     mean (``lo`` floored at ``1e-12 hi``), 1 when f is flat. Float or per-parent ``(P,)``."""
@@ -545,7 +550,12 @@ class _One:
         return self.inv.eig_range()
 
     def set_rho(self, rho: np.ndarray) -> None:
-        self.rho = float(rho)
+        # on the scale-relative path, a tenth of the curvature's geometric mean: rho then
+        # only rises where the relative residuals ask for it, which the curvature's scale
+        # overshoots on every real parent measured (the 10 M job's nation and four state
+        # parents, both estimators: 260 -> 150-160 and 1,040-3,610 -> 550-1,440 iterations;
+        # BENCHMARKS.md, session 24)
+        self.rho = float(rho) * (_SCALED_RHO0 if self.scaled else 1.0)
         self.inv.set_rho(self.rho)
 
     def _ones_solve(self) -> None:
