@@ -112,6 +112,30 @@ def test_tampered_unbiased_estimate_is_caught(two_runs, tmp_path) -> None:
     assert any(p.check == "checksum" or "sha256" in str(p) for p in problems)
 
 
+def test_a_part_reads_no_measurement_file_changed_since_it_was_drawn(two_runs, tmp_path) -> None:
+    """Each part of the estimate stage checks the measurement files of its subtree against the
+    run's record before reading them: one noisy value changed stops the part."""
+    import shutil
+
+    from pipeline.job import estimate
+    from pipeline.job.rundir import RunDirIntegrityError
+
+    _, _, full, _ = two_runs
+    run = tmp_path / "run"
+    shutil.copytree(full["run_dir"], run)
+    ctx = RunContext.load(run)
+    levels = ctx.geography.levels
+    k, ranges = estimate.split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
+                                     [int(lv.n_units) for lv in levels], 2)
+    lo, hi = ranges[0]
+    assert estimate._part_up((str(run), "persons", k, lo, hi, 0))  # as drawn: read
+    shard = sorted(ctx.rd.measurement_dir("persons", levels[-1].name).glob("shard-*.parquet"))[0]
+    rows = pl.read_parquet(shard)
+    rows.with_columns(pl.col("value") + (pl.int_range(pl.len()) == 0).cast(pl.Int64)).write_parquet(shard)
+    with pytest.raises(RunDirIntegrityError, match="changed since its stage finished"):
+        estimate._part_up((str(run), "persons", k, lo, hi, 0))
+
+
 def test_split_parts_by_hand() -> None:
     """Root -> 2 states -> 5 counties (3 + 2) -> 10 blocks (4, 1, 1, 2, 2)."""
     from pipeline.job.estimate import split_parts

@@ -79,15 +79,14 @@ def _tables(ctx: RunContext, kind: str) -> list[TableDef]:
     return load_tables(ctx.cfg.tables).of_kind(kind)
 
 
-def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int] | None = None) -> list[Any]:
-    """The level's measurement files in shard order, each checked against its recorded sha256;
-    with ``units`` ``(lo, hi)`` only the shards holding some of those units (a part's worker
-    hashes and opens the files of its own subtree, not the whole level's)."""
+def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int]) -> list[Any]:
+    """The level's measurement files holding some of units ``units`` ``(lo, hi)``, in shard
+    order, each checked against its recorded sha256 (a part's worker hashes and opens the files
+    of its own subtree, not the whole level's)."""
     bounds = shard_bounds(ctx, level)
     i = ctx.level_names.index(level)
     first = ctx.geography.levels[i - 1].child_ptr[bounds] if i > 0 else np.array([0, 1])  # each shard's first unit
-    shards = range(len(bounds) - 1) if units is None else \
-        [s for s in range(len(bounds) - 1) if first[s] < units[1] and first[s + 1] > units[0]]
+    shards = [s for s in range(len(bounds) - 1) if first[s] < units[1] and first[s + 1] > units[0]]
     return [ctx.rd.verified(ctx.rd.measurement_path(kind, level, s)) for s in shards]
 
 
@@ -277,10 +276,8 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
         raise EstimateError("the full estimator needs a hierarchy of at least two levels")
     k, ranges = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
                             [int(lv.n_units) for lv in levels], ESTIMATE_PARTS)
-    # every file checked here before any part starts (and known checked to this process, which
-    # publishes them later); a part's worker checks again only the files its subtree reads
-    for lv in levels:
-        _level_files(ctx, kind, lv.name)
+    # a part's worker checks the files its subtree reads against their recorded sha256 before
+    # it reads them (publishing checks every file again as it copies it): none is read unchecked
     model = _model(ctx, kind)
     inner = _inner(ctx)
     run_dir = str(ctx.rd.root)
