@@ -104,7 +104,7 @@ class LevelMeasurements:
     per answer in persons²). Every answer must be measured (no NaN).
     ``summed``: the values are instead each parent's units' values summed, ``(n_above,
     n_answers)`` (``child_ptr`` then sizes the level): all that an up pass without leaf means
-    reads of the leaf level (:meth:`GLSModel.upward`), a twentieth of the leaves' values to read.
+    reads of the leaf level (:meth:`GLSModel.upward`), one row per parent instead of per leaf.
     """
 
     child_ptr: np.ndarray | None

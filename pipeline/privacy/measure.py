@@ -385,7 +385,6 @@ class _SumFill(_Fill):
                 or (n and not starts.size):
             raise MeasurementError(f"sum_by must start at 0 and ascend within the {n} units read")
         self.sums = np.zeros((starts.size, n_answers))
-        self.starts = starts
         self.group = np.repeat(np.arange(starts.size), np.diff(np.append(starts, n)))  # unit -> its group
         self.n, self.n_answers, self.start, self.name, self.paths = n, n_answers, start, name, paths
         self.pos = 0

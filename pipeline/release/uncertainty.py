@@ -82,7 +82,6 @@ class RepeatedRows:
         return out if dtype is None else out.astype(dtype)
 
 
-
 def _atoms(spec: HistogramSpec, queries: Sequence[str], keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Group the kept cells into atoms: cells that no measured query tells apart.
 

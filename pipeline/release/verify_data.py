@@ -334,9 +334,11 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
     meas = meas and whole and bool(manifest["contents"]["measurements"])
     # the runs measured on a subset of the answers below the top (topdown), whose rows are
     # compared with the published parents' supports; a full measurement needs none
+    subset: set[str] = set()
     if meas:
         from pipeline.release.measurements import subset_runs
-    subset = subset_runs(root, ts.specs, geo) if meas else set()
+
+        subset = subset_runs(root, ts.specs, geo)
     # the data half compares the block tables with the microdata; the measurement half needs only
     # which cells of the levels above are positive (both from one pass over the microdata)
     x_block, support, micro = (_microdata_counts(root, ts, geo, digits, int(manifest["persons"]), data,
