@@ -462,7 +462,8 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
         for t in read_ahead(pf.read_row_group(rg, columns=["query", "sigma2", "variance", "unit", "answer"])
                             for rg in range(pf.num_row_groups)):
             unit, answer = t.column("unit").to_numpy(), t.column("answer").to_numpy()
-            if unit.size and (int(unit.min()) < u0 or int(unit.max()) >= u1):
+            span = (int(unit.min()), int(unit.max())) if unit.size else None
+            if span is not None and (span[0] < u0 or span[1] >= u1):
                 outside += int(np.count_nonzero((unit < u0) | (unit >= u1)))
             one = _one_group(kind, level, t, gidx)
             if one is not None:  # as written: one query, one σ² text in the row group
@@ -472,7 +473,7 @@ def measurement_checks(root: Path, design: "Design", specs: Mapping[str, "Histog
                 counts[g] += unit.size
                 scan = scans.get(g)
                 if scan is not None and unit.size:
-                    scan.add(unit, answer)
+                    scan.add(unit, answer, span)
                 continue
             code = np.concatenate([_query_codes(kind, level, qc, gidx, groups, rel, out, fail)
                                    for qc in t.column("query").chunks] or [np.zeros(0, np.int32)])
@@ -564,7 +565,7 @@ def _one_group(kind: str, level: str, t: pa.Table, gidx: Mapping[tuple[str, str,
             if not isinstance(c, pa.DictionaryArray) or len(c.dictionary) != 1 or c.null_count:
                 return None
             idx = c.indices.to_numpy(zero_copy_only=False)
-            if idx.size and (int(idx.min()) != 0 or int(idx.max()) != 0):
+            if idx.size and bool(idx.any()):  # an index other than 0 (one pass, not min and max)
                 return None
             seen.add(c.dictionary[0].as_py())
         if len(seen) != 1:
@@ -681,16 +682,18 @@ class _GroupScan:
     def keep(self) -> bool:
         return self.required is not None
 
-    def add(self, unit: np.ndarray, answer: np.ndarray) -> None:
-        """One contiguous slice of the group's rows (integer ``unit``, ``answer``, same length)."""
+    def add(self, unit: np.ndarray, answer: np.ndarray, span: tuple[int, int] | None = None) -> None:
+        """One contiguous slice of the group's rows (integer ``unit``, ``answer``, same length);
+        ``span``: ``(unit.min(), unit.max())`` when the caller has them."""
         bad = 0
-        if unit.size and (int(unit.min()) < 0 or int(unit.max()) >= self.n_units or int(answer.min()) < 0
-                          or int(answer.max()) >= self.n_answers):  # four reductions, no mask, when all is well
+        if unit.size and span is None:
+            span = int(unit.min()), int(unit.max())
+        if unit.size and (span[0] < 0 or span[1] >= self.n_units or int(answer.min()) < 0
+                          or int(answer.max()) >= self.n_answers):  # reductions, no mask, when all is well
             bad = int(np.count_nonzero((unit < 0) | (unit >= self.n_units) | (answer < 0) | (answer >= self.n_answers)))
         self.bad += bad
         if not bad and self.broken is None:
-            k = unit.astype(np.int64)
-            k *= self.n_answers
+            k = np.multiply(unit, self.n_answers, dtype=np.int64)  # one pass: the product is the copy
             k += answer
             if k[0] <= self.last or (k.size > 1 and bool(np.any(k[1:] <= k[:-1]))):
                 r = 0 if k[0] <= self.last else int(np.flatnonzero(k[1:] <= k[:-1])[0]) + 1
