@@ -401,13 +401,15 @@ def read_line_estimates(ctx: RunContext, kind: str, bottom: bool = False) -> dic
     out = {}
     levels = ctx.geography.levels
     for lv in levels if bottom else levels[:-1]:
-        df = pl.read_parquet(ctx.rd.verified(ctx.rd.estimate_lines_path(kind, lv.name)))
+        # a table's estimates at a time, only that column (a national block-group level's file
+        # is ~70 M rows: read whole, a few GB of frame beside the arrays kept)
+        scan = pl.scan_parquet(ctx.rd.verified(ctx.rd.estimate_lines_path(kind, lv.name)))
         for t in _tables(ctx, kind):
-            part = df.filter(pl.col("table") == t.name)
-            if part.height != lv.n_units * t.n_lines:
-                raise EstimateError(f"{kind} {lv.name}: {part.height} line estimates of {t.name}, expected "
+            est = scan.filter(pl.col("table") == t.name).select("estimate").collect()["estimate"]
+            if est.len() != lv.n_units * t.n_lines:
+                raise EstimateError(f"{kind} {lv.name}: {est.len()} line estimates of {t.name}, expected "
                                     f"{lv.n_units * t.n_lines}")
-            out[(t.name, lv.name)] = part["estimate"].to_numpy().reshape(lv.n_units, t.n_lines)
+            out[(t.name, lv.name)] = est.to_numpy().reshape(lv.n_units, t.n_lines)
     return out
 
 
