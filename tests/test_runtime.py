@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from pipeline.job.executor import Executor
-from pipeline.runtime import allocator_defaults
+from pipeline.runtime import allocator_defaults, worker_allocator_defaults
 
 _KEYS = ("NUMPY_MADVISE_HUGEPAGE", "ARROW_DEFAULT_MEMORY_POOL")
 _PROBE = ("import json, os, dptab, numpy, pyarrow; "
@@ -43,21 +43,66 @@ def test_an_operators_setting_wins() -> None:
     assert got["pool"] == "system"
 
 
+_WORKER_KEYS = (*_KEYS, "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+
+
 def _worker_env(_: int) -> dict[str, str | None]:
-    return {k: os.environ.get(k) for k in _KEYS}
+    return {k: os.environ.get(k) for k in _WORKER_KEYS}
 
 
 def test_pool_workers_get_the_defaults_even_when_the_caller_did_not_set_them(monkeypatch) -> None:
-    for k in _KEYS:
+    for k in _WORKER_KEYS:
         monkeypatch.delenv(k, raising=False)
     ex = Executor(2)
     try:
         seen = ex.map(_worker_env, [0, 1])
     finally:
         ex.close()
-    want = {k: allocator_defaults().get(k) for k in _KEYS}
+    want = {k: worker_allocator_defaults().get(k) for k in _WORKER_KEYS}
     assert seen == [want, want]
-    assert all(k not in os.environ for k in _KEYS)  # the caller's own environment is restored
+    assert all(k not in os.environ for k in _WORKER_KEYS)  # the caller's own environment is restored
+
+
+def _rss_after_freeing(_: int) -> tuple[int, float]:
+    """(pid, resident MB) of a worker right after it made and freed ~400 MB of arrays."""
+    import time
+
+    import numpy as np
+    import psutil
+
+    a = np.ones(50_000_000)  # 400 MB: from the heap in a worker (no mmap), kept when freed
+    del a
+    time.sleep(0.5)  # both workers take one
+    return os.getpid(), psutil.Process().memory_info().rss / 2**20
+
+
+def _rss(_: int) -> tuple[int, float]:
+    import time
+
+    import psutil
+
+    time.sleep(0.3)
+    return os.getpid(), psutil.Process().memory_info().rss / 2**20
+
+
+def test_a_worker_keeps_freed_memory_during_a_task_and_returns_it_after() -> None:
+    """With glibc, a worker's large arrays come from its heap and what it frees stays there while
+    the task runs (reused by the task's next arrays without the kernel's page faults), and goes
+    back to the system when the task ends."""
+    import platform
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_MAX_" in os.environ:
+        return
+    ex = Executor(2)
+    try:
+        during = dict(ex.map(_rss_after_freeing, [0, 1]))
+        after = dict(ex.map(_rss, [0, 1]))
+    finally:
+        ex.close()
+    assert all(mb > 350 for mb in during.values()), during  # kept while the task ran
+    both = set(during) & set(after)
+    assert both, (during, after)
+    assert all(after[pid] < during[pid] - 300 for pid in both), (during, after)  # returned after it
 
 
 def test_free_heap_pages_go_back_to_the_system_on_glibc() -> None:

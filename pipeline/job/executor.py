@@ -22,6 +22,7 @@ to one thread, so two workers use two cores.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sys
@@ -31,7 +32,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing.connection import Connection
 from typing import TypeVar
 
-from pipeline.runtime import allocator_defaults
+from pipeline.runtime import return_free_memory, worker_allocator_defaults
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -76,7 +77,7 @@ class Executor:
             return out
         if on_done is None:
             return list(self.imap(fn, items))
-        futures = [self._get_pool().submit(fn, x) for x in items]
+        futures = [self._get_pool().submit(_then_free, fn, x) for x in items]
         for k, _ in enumerate(as_completed(futures), start=1):
             on_done(k, total)
         return [f.result() for f in futures]
@@ -86,11 +87,11 @@ class Executor:
         done, so the caller works on the first results while the pool computes the rest."""
         if not self.parallel or len(items) < 2:
             return (fn(x) for x in items)
-        return self._get_pool().map(fn, items)
+        return self._get_pool().map(functools.partial(_then_free, fn), items)
 
     def submit(self, fn: Callable[[T], R], item: T) -> "Future[R]":
         """``fn(item)`` in the worker pool, as a future (callers check :attr:`parallel` first)."""
-        return self._get_pool().submit(fn, item)
+        return self._get_pool().submit(_then_free, fn, item)
 
     def _get_pool(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -100,7 +101,7 @@ class Executor:
         if self._pool is None:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["pipeline.postprocess.topdown"])
-            env = {**{k: v for k, v in allocator_defaults().items() if k not in os.environ}, **_WORKER_ENV}
+            env = {**{k: v for k, v in worker_allocator_defaults().items() if k not in os.environ}, **_WORKER_ENV}
             old = {k: os.environ.get(k) for k in env}
             os.environ.update(env)  # inherited by the fork server and its workers
             # each worker holds the reading end of a pipe whose one writing end stays here: it
@@ -128,6 +129,15 @@ class Executor:
             for end in self._alive:
                 end.close()
             self._alive = None
+
+
+def _then_free(fn: Callable[[T], R], item: T) -> R:
+    """``fn(item)`` in a worker, then its freed memory back to the system: the workers keep
+    freed memory while a task runs (``runtime.worker_allocator_defaults``), not between tasks."""
+    try:
+        return fn(item)
+    finally:
+        return_free_memory()
 
 
 def _exit_with_driver(alive: Connection) -> None:
