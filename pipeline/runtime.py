@@ -38,20 +38,25 @@ def allocator_defaults() -> dict[str, str]:
     return env
 
 
+#: freed heap memory a pool worker may keep for its next task (:func:`worker_allocator_defaults`)
+WORKER_KEEP_FREE_BYTES = 512 << 20
+
+
 def worker_allocator_defaults() -> dict[str, str]:
     """:func:`allocator_defaults` plus, with glibc, large arrays from the heap: the environment of
-    the run's worker processes, which return what they freed after each task
-    (:func:`return_free_memory`).
+    the run's pool workers, which after each task give back what they freed beyond
+    :data:`WORKER_KEEP_FREE_BYTES` (``return_free_memory(keep=...)``).
 
     glibc gives every allocation above its mmap threshold (at most 32 MB) fresh pages from the
     operating system and returns them when freed, so a worker that makes a shard's arrays again
     and again pays the first touch of every page each time: measured on a 10 M-person block
     shard's noisy measurements (8 shards in one process), 1.15 s of kernel time against 0.20 s
     with ``MALLOC_MMAP_MAX_=0`` (no mmap: large arrays come from the heap and are reused) and a
-    trim threshold that keeps freed memory until the task ends; the full estimator's measure +
-    GLS stage at 10 M took 16 s instead of 21-24 s. Only the workers: their memory goes back
-    after every task, so what a task freed is not held through the next levels or publishing
-    (the driver and the release writer keep glibc's defaults)."""
+    trim threshold that keeps freed memory — and 1.2 s again when everything freed is given
+    back after each shard (the reuse is from one shard to the next). So a worker keeps up to
+    :data:`WORKER_KEEP_FREE_BYTES` of freed heap between tasks (a shard's arrays; more, e.g.
+    after a large estimate part, goes back), and the driver and the release writer keep
+    glibc's defaults."""
     env = allocator_defaults()
     if _malloc_trim() is not None:  # glibc
         env.update({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)})
@@ -65,15 +70,44 @@ def apply_allocator_defaults() -> None:
         os.environ.setdefault(key, value)
 
 
-def return_free_memory() -> None:
+def return_free_memory(keep: int = 0) -> None:
     """Give the C heap's free pages back to the operating system (glibc ``malloc_trim``; a no-op
-    elsewhere). The run's orchestrating process draws several shards at once on threads, each
-    thread in its own malloc arena; what those shards freed stays mapped in the arenas, so
-    without this the process carried the levels' high-water mark into publishing, where it is
-    also the release writer."""
+    elsewhere); with ``keep`` (bytes), only when more than that is free (glibc's ``mallinfo2``;
+    without it, always). The run's orchestrating process draws several shards at once on
+    threads, each thread in its own malloc arena; what those shards freed stays mapped in the
+    arenas, so without this the process carried the levels' high-water mark into publishing,
+    where it is also the release writer."""
     trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    if trim is None:
+        return
+    if keep:
+        info = _mallinfo2()
+        if info is not None and info().fordblks <= keep:
+            return
+    trim(0)
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2`` (2.33 and later; its ``fordblks``: free bytes in every arena's
+    heap), or None."""
+    if _malloc_trim() is None:
+        return None
+    import ctypes
+    import ctypes.util
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost")]
+
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = MallInfo2
+    fn.argtypes = []
+    return fn
 
 
 @functools.cache

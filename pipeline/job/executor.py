@@ -32,7 +32,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing.connection import Connection
 from typing import TypeVar
 
-from pipeline.runtime import return_free_memory, worker_allocator_defaults
+from pipeline.runtime import WORKER_KEEP_FREE_BYTES, return_free_memory, worker_allocator_defaults
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -132,12 +132,12 @@ class Executor:
 
 
 def _then_free(fn: Callable[[T], R], item: T) -> R:
-    """``fn(item)`` in a worker, then its freed memory back to the system: the workers keep
-    freed memory while a task runs (``runtime.worker_allocator_defaults``), not between tasks."""
+    """``fn(item)`` in a worker, then its freed memory back to the system if it is more than
+    the next task is likely to reuse (``runtime.worker_allocator_defaults``)."""
     try:
         return fn(item)
     finally:
-        return_free_memory()
+        return_free_memory(keep=WORKER_KEEP_FREE_BYTES)
 
 
 def _exit_with_driver(alive: Connection) -> None:
