@@ -88,39 +88,43 @@ def return_free_memory(keep: int = 0) -> None:
 
 
 @functools.cache
-def _mallinfo2() -> Any:
-    """glibc's ``mallinfo2`` (2.33 and later; its ``fordblks``: free bytes in every arena's
-    heap), or None."""
-    if _malloc_trim() is None:
-        return None
-    import ctypes
-    import ctypes.util
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [(name, ctypes.c_size_t) for name in (
-            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-            "keepcost")]
-
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = MallInfo2
-    fn.argtypes = []
-    return fn
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, looked up once (``find_library`` may run ``ldconfig``), or None."""
+def _glibc() -> Any:
+    """The C library if it is glibc (has ``malloc_trim``), looked up once (``find_library`` may
+    run ``ldconfig``), or None."""
     if sys.platform != "linux":
         return None
     import ctypes
     import ctypes.util
 
     try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    return trim
+    return libc
+
+
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None."""
+    libc = _glibc()
+    return None if libc is None else libc.malloc_trim
+
+
+@functools.cache
+def _mallinfo2() -> Any:
+    """glibc's ``mallinfo2`` (2.33 and later; its ``fordblks``: free bytes in every arena's
+    heap), or None."""
+    libc = _glibc()
+    fn = None if libc is None else getattr(libc, "mallinfo2", None)
+    if fn is None:
+        return None
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+            "keepcost")]
+
+    fn.restype = MallInfo2
+    fn.argtypes = []
+    return fn
