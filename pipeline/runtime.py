@@ -38,29 +38,32 @@ def allocator_defaults() -> dict[str, str]:
     return env
 
 
-#: freed heap memory a pool worker may keep for its next task (:func:`worker_allocator_defaults`)
+#: freed heap memory a pool worker may keep for its next task (:func:`use_heap_for_large_arrays`)
 WORKER_KEEP_FREE_BYTES = 512 << 20
 
 
-def worker_allocator_defaults() -> dict[str, str]:
-    """:func:`allocator_defaults` plus, with glibc, large arrays from the heap: the environment of
-    the run's pool workers, which after each task give back what they freed beyond
-    :data:`WORKER_KEEP_FREE_BYTES` (``return_free_memory(keep=...)``).
+def use_heap_for_large_arrays() -> None:
+    """In a pool worker (its initializer): large arrays from glibc's heap, kept when freed; the
+    worker gives back what it freed beyond :data:`WORKER_KEEP_FREE_BYTES` after each task
+    (``return_free_memory(keep=...)``). ``mallopt`` at start-up rather than ``MALLOC_*``
+    variables, which reach a worker only if the fork server was started with them (another
+    component may have started it first). An operator's ``MALLOC_MMAP_MAX_`` or
+    ``MALLOC_TRIM_THRESHOLD_`` wins; a no-op without glibc.
 
     glibc gives every allocation above its mmap threshold (at most 32 MB) fresh pages from the
     operating system and returns them when freed, so a worker that makes a shard's arrays again
     and again pays the first touch of every page each time: measured on a 10 M-person block
     shard's noisy measurements (8 shards in one process), 1.15 s of kernel time against 0.20 s
-    with ``MALLOC_MMAP_MAX_=0`` (no mmap: large arrays come from the heap and are reused) and a
-    trim threshold that keeps freed memory — and 1.2 s again when everything freed is given
-    back after each shard (the reuse is from one shard to the next). So a worker keeps up to
-    :data:`WORKER_KEEP_FREE_BYTES` of freed heap between tasks (a shard's arrays; more, e.g.
-    after a large estimate part, goes back), and the driver and the release writer keep
-    glibc's defaults."""
-    env = allocator_defaults()
-    if _malloc_trim() is not None:  # glibc
-        env.update({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)})
-    return env
+    with no mmap and a trim threshold that keeps freed memory — and 1.2 s again when everything
+    freed is given back after each shard (the reuse is from one shard to the next). The driver
+    and the release writer keep glibc's defaults."""
+    libc = _glibc()
+    if libc is None:
+        return
+    if "MALLOC_MMAP_MAX_" not in os.environ:
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD (an int): we trim above the allowance
 
 
 def apply_allocator_defaults() -> None:

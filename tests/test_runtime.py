@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from pipeline.job.executor import Executor
-from pipeline.runtime import allocator_defaults, worker_allocator_defaults
+from pipeline.runtime import allocator_defaults
 
 _KEYS = ("NUMPY_MADVISE_HUGEPAGE", "ARROW_DEFAULT_MEMORY_POOL")
 _PROBE = ("import json, os, dptab, numpy, pyarrow; "
@@ -43,24 +43,21 @@ def test_an_operators_setting_wins() -> None:
     assert got["pool"] == "system"
 
 
-_WORKER_KEYS = (*_KEYS, "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
-
-
 def _worker_env(_: int) -> dict[str, str | None]:
-    return {k: os.environ.get(k) for k in _WORKER_KEYS}
+    return {k: os.environ.get(k) for k in _KEYS}
 
 
 def test_pool_workers_get_the_defaults_even_when_the_caller_did_not_set_them(monkeypatch) -> None:
-    for k in _WORKER_KEYS:
+    for k in _KEYS:
         monkeypatch.delenv(k, raising=False)
     ex = Executor(2)
     try:
         seen = ex.map(_worker_env, [0, 1])
     finally:
         ex.close()
-    want = {k: worker_allocator_defaults().get(k) for k in _WORKER_KEYS}
+    want = {k: allocator_defaults().get(k) for k in _KEYS}
     assert seen == [want, want]
-    assert all(k not in os.environ for k in _WORKER_KEYS)  # the caller's own environment is restored
+    assert all(k not in os.environ for k in _KEYS)  # the caller's own environment is restored
 
 
 def _rss_after_freeing(mb: int) -> tuple[int, float]:

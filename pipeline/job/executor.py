@@ -32,7 +32,7 @@ from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from multiprocessing.connection import Connection
 from typing import TypeVar
 
-from pipeline.runtime import WORKER_KEEP_FREE_BYTES, return_free_memory, worker_allocator_defaults
+from pipeline.runtime import WORKER_KEEP_FREE_BYTES, allocator_defaults, return_free_memory, use_heap_for_large_arrays
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -101,7 +101,7 @@ class Executor:
         if self._pool is None:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["pipeline.postprocess.topdown"])
-            env = {**{k: v for k, v in worker_allocator_defaults().items() if k not in os.environ}, **_WORKER_ENV}
+            env = {**{k: v for k, v in allocator_defaults().items() if k not in os.environ}, **_WORKER_ENV}
             old = {k: os.environ.get(k) for k in env}
             os.environ.update(env)  # inherited by the fork server and its workers
             # each worker holds the reading end of a pipe whose one writing end stays here: it
@@ -133,7 +133,7 @@ class Executor:
 
 def _then_free(fn: Callable[[T], R], item: T) -> R:
     """``fn(item)`` in a worker, then its freed memory back to the system if it is more than
-    the next task is likely to reuse (``runtime.worker_allocator_defaults``)."""
+    the next task is likely to reuse (``runtime.use_heap_for_large_arrays``)."""
     try:
         return fn(item)
     finally:
@@ -158,6 +158,7 @@ def _exit_with_driver(alive: Connection) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="dptab-driver-watch", daemon=True).start()
+    use_heap_for_large_arrays()  # the worker's large arrays from its heap (see there)
 
 
 _current: Executor | None = None
