@@ -25,7 +25,8 @@ server started here for the whole benchmark (as a deployment's, and as any clust
 machine needs) instead of the temporary server each ``--flow`` run starts otherwise; the
 server's CPU and memory during a flow run count as the run's. With several modes the JSON says
 whether every release is identical to the first mode's (all files but the manifest, README,
-codebook and HTML, which carry ids and dates).
+codebook and HTML, which carry ids and dates); ``release_sha256`` digests those files, to compare
+the releases of runs from different commits.
 """
 
 from __future__ import annotations
@@ -310,6 +311,8 @@ def _run_modes(n: int, args: argparse.Namespace, server: psutil.Process | None) 
         for mode in args.mode or ["local"]:
             res = run_one(n, args.workers, args.estimator, args.interval, Path(tmp), mode, args.dask_workers, server)
             digests = release_digests(Path(res.pop("release")))
+            # one digest of the release's files: runs of other commits compare by it
+            res["release_sha256"] = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
             if first is None:
                 first = digests
             else:

@@ -119,14 +119,15 @@ def test_a_part_reads_no_measurement_file_changed_since_it_was_drawn(two_runs, t
 
     from pipeline.job import estimate
     from pipeline.job.rundir import RunDirIntegrityError
+    from pipeline.postprocess.gls import split_parts
 
     _, _, full, _ = two_runs
     run = tmp_path / "run"
     shutil.copytree(full["run_dir"], run)
     ctx = RunContext.load(run)
     levels = ctx.geography.levels
-    k, ranges = estimate.split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
-                                     [int(lv.n_units) for lv in levels], 2)
+    k, ranges = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
+                            [int(lv.n_units) for lv in levels], 2)
     lo, hi = ranges[0]
     assert estimate._part_up((str(run), "persons", k, lo, hi, 0))  # as drawn: read
     shard = sorted(ctx.rd.measurement_dir("persons", levels[-1].name).glob("shard-*.parquet"))[0]
@@ -138,7 +139,7 @@ def test_a_part_reads_no_measurement_file_changed_since_it_was_drawn(two_runs, t
 
 def test_split_parts_by_hand() -> None:
     """Root -> 2 states -> 5 counties (3 + 2) -> 10 blocks (4, 1, 1, 2, 2)."""
-    from pipeline.job.estimate import split_parts
+    from pipeline.postprocess.gls import split_parts
 
     ptrs = [np.array([0, 2]), np.array([0, 3, 5]), np.array([0, 4, 5, 6, 8, 10]), None]
     units = [1, 2, 5, 10]
@@ -152,6 +153,8 @@ def test_split_parts_by_hand() -> None:
     # grouped two by two (11 // 4)
     big = [np.array([0, 2]), np.array([0, 3, 5]), np.array([0, 7, 8, 9, 10, 11]), None]
     assert split_parts(big, [1, 2, 5, 11], 4) == (3, [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 11)])
+    # ... or, no deeper than the counties, the counties grouped up to 2 blocks (the margins' cut)
+    assert split_parts(big, [1, 2, 5, 11], 4, deepest=2) == (2, [(0, 1), (1, 3), (3, 5)])
     # with two parts a state of 9 blocks is within twice the share (2 * 5): the states
     assert split_parts(big, [1, 2, 5, 11], 2) == (1, [(0, 1), (1, 2)])
     # and a county within twice the share is kept: 3 parts of 11 (goal 3, a county of 6 <= 6)
@@ -186,7 +189,8 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
     monkeypatch.setattr(estimate, "ESTIMATE_PARTS", 2)
     from test_dask_executor import _digests, _two_states
 
-    from pipeline.job.estimate import read_line_estimates, read_targets, split_parts
+    from pipeline.job.estimate import read_line_estimates, read_targets
+    from pipeline.postprocess.gls import split_parts
     from pipeline.release.tables import load_tables
 
     inputs = _two_states(tmp_path)
@@ -235,8 +239,9 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
     monkeypatch.setattr(estimate, "ESTIMATE_PARTS", 2)
     from test_dask_executor import _two_states
 
-    from pipeline.job.estimate import read_line_estimates, split_parts
+    from pipeline.job.estimate import read_line_estimates
     from pipeline.job.executor import Executor
+    from pipeline.postprocess.gls import split_parts
     from pipeline.release.tables import load_tables
 
     inputs = _two_states(tmp_path)

@@ -113,3 +113,59 @@ def test_repeated_rows_index_like_the_array_they_stand_for() -> None:
     for key in (slice(2, 6), slice(None), 4, (slice(1, 5), 2), (slice(None), 0), (np.array([6, 0]), slice(0, 2))):
         assert np.array_equal(m[key], whole[key])
     assert np.array_equal(np.asarray(m), whole)
+
+
+def test_full_estimator_margins_fitted_in_parts_are_those_of_the_whole_tree() -> None:
+    """The full estimator's line variances, fitted a part of the tree at a time, against the whole
+    tree's GLS fitted at once (``gls.fit``), with the unit's invariant total conditioned on at
+    nation and state: nation -> 3 states -> counties -> tracts -> blocks, uneven. Equal to
+    rounding (BLAS orders a matrix product's sums by how many rows it is given: a part's units
+    are not bitwise the whole level's), and bitwise the same on every call with the same parts."""
+    from pipeline.postprocess import gls
+    from pipeline.release.uncertainty import RepeatedRows, gls_line_variances
+
+    rng = np.random.default_rng(7)
+    levels = ["nation", "state", "county", "tract", "block"]
+    n, ptrs = 1, []
+    for fanout in (3, 3, 3, 4):
+        c = rng.integers(1, fanout + 1, size=n)
+        c[0] = fanout  # siblings at every level
+        ptrs.append(np.concatenate([[0], np.cumsum(c)]).astype(np.int64))
+        n = int(c.sum())
+    var = {"nation": {"total": 1.0, "votingage*hispanic*cenrace": 8.0, "detailed": 40.0},
+           "state": {"total": 2.0, "hhgq": 9.0, "detailed": 30.0},
+           "county": {"votingage*hispanic*cenrace": 6.0, "detailed": 25.0},
+           "tract": {"detailed": 20.0},
+           "block": {"total": 5.0, "detailed": 12.0}}
+    tabs = TS.of_kind("persons")[:3]
+    exact = {"persons": ["nation", "state"]}
+    sizes = [1] + [int(p[-1]) for p in ptrs]
+    # the reference: one fit of the whole tree, each line's variance conditioned on the total
+    whole = gls.fit(SPEC, [gls.LevelMeasurements(None if i == 0 else ptrs[i - 1],
+                                                 {q: (np.zeros((sizes[i], SPEC.query(q).n_answers)), v)
+                                                  for q, v in var[lv].items()})
+                           for i, lv in enumerate(levels)], means=False)
+    ones = [np.ones(m) for m in SPEC.shape]
+    for parts_of in (10**9, 7, 2):  # one part; a few; about a part per two blocks
+        got = gls_line_variances({"persons": tabs}, {"persons": SPEC}, {"persons": var}, ptrs, levels, exact,
+                                 part_units=parts_of)
+        assert isinstance(got[(tabs[0].name, "block")], RepeatedRows)
+        for i, lv in enumerate(levels):
+            fit = whole.levels[i]
+            t_var = fit.covariances_of([ones], [ones])
+            for t in tabs:
+                ls = [uncertainty_line_factors(row) for row in t.matrix.toarray() > 0]
+                want = fit.covariances_of(ls, ls)
+                if lv in exact["persons"]:
+                    c = fit.covariances_of(ls, [ones] * len(ls))
+                    want = want - np.divide(c * c, t_var, out=np.zeros_like(want), where=t_var > 0)
+                assert np.allclose(np.asarray(got[(t.name, lv)]), np.maximum(want, 0.0), rtol=1e-12, atol=0), \
+                    (parts_of, t.name, lv)
+        again = gls_line_variances({"persons": tabs}, {"persons": SPEC}, {"persons": var}, ptrs, levels, exact,
+                                   part_units=parts_of)
+        assert all(np.array_equal(np.asarray(again[key]), np.asarray(got[key])) for key in got)
+
+
+def uncertainty_line_factors(mask: np.ndarray) -> list[np.ndarray]:
+    from pipeline.release.uncertainty import line_factors
+    return line_factors(SPEC, mask)

@@ -63,7 +63,16 @@ from pipeline.job.context import RunContext
 from pipeline.job.executor import Executor
 from pipeline.job.plan import shard_bounds
 from pipeline.model.spec import HistogramSpec
-from pipeline.postprocess.gls import GLSModel, LevelFit, LevelMeasurements, Message, Posterior, Upward, stack_messages
+from pipeline.postprocess.gls import (
+    GLSModel,
+    LevelFit,
+    LevelMeasurements,
+    Message,
+    Posterior,
+    Upward,
+    split_parts,
+    stack_messages,
+)
 from pipeline.privacy.measure import load_measurements
 from pipeline.release.tables import TableDef, load_tables
 
@@ -94,39 +103,6 @@ def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int])
 #: the run's worker pool). A fixed number, not the worker count: every executor cuts the same
 #: parts and sums them in the same order, so the estimates are bitwise the same on any of them
 ESTIMATE_PARTS = 16
-
-
-def split_parts(child_ptrs: list[np.ndarray | None], n_units: list[int], parts: int = ESTIMATE_PARTS
-                ) -> tuple[int, list[tuple[int, int]]]:
-    """Where the estimate stage cuts the tree: the split level ``k`` and the unit ranges
-    ``(lo, hi)`` of level ``k`` that make the parts, in order.
-
-    ``k`` is the shallowest level below the root with at least ``parts`` units none of which
-    holds more than twice a part's share (``1/parts``) of the bottom units — so that one large
-    county (a city of most of a state's blocks) cannot be one part doing most of the work while
-    the other workers idle; the bottom level if no level qualifies. Consecutive units are grouped
-    until a part holds ``1/parts`` of the bottom units.
-
-    ``child_ptrs[i]``: int64 ``(n_units[i] + 1,)`` children of each unit of level ``i`` at level
-    ``i + 1`` (``None`` at the bottom); ``n_units``: units per level, root first."""
-    L = len(n_units)
-    # bottom-unit boundaries of every level's units, from the bottom up
-    below: list[np.ndarray] = [np.arange(n_units[L - 1] + 1, dtype=np.int64)]
-    for i in range(L - 2, -1, -1):
-        ptr = child_ptrs[i]
-        assert ptr is not None
-        below.insert(0, below[0][np.asarray(ptr, np.int64)])
-    goal = max(1, int(n_units[L - 1]) // parts)
-    k = next((i for i in range(1, L)
-              if n_units[i] >= parts and int(np.diff(below[i]).max()) <= 2 * goal), L - 1)
-    size = np.diff(below[k])
-    ranges, lo, held = [], 0, 0
-    for u in range(n_units[k]):
-        held += int(size[u])
-        if held >= goal or u + 1 == n_units[k]:
-            ranges.append((lo, u + 1))
-            lo, held = u + 1, 0
-    return k, ranges
 
 
 def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | None = None,

@@ -911,3 +911,42 @@ def fit(spec: HistogramSpec, levels: Sequence[LevelMeasurements], means: bool = 
     ``means``, its covariances only (:meth:`GLSModel.upward`)."""
     model = GLSModel(spec, (q for lv in levels for q in lv.measured))
     return model.downward(model.upward(levels, means=means))
+
+
+# --------------------------------------------------------------------------------------------
+# a large tree in parts
+
+
+def split_parts(child_ptrs: Sequence[np.ndarray | None], n_units: Sequence[int], parts: int,
+                deepest: int | None = None) -> tuple[int, list[tuple[int, int]]]:
+    """Where to cut a tree into parts that are fitted one at a time (the estimate stage's work
+    items, the full estimator's margins of error): the split level ``k`` and the unit ranges
+    ``(lo, hi)`` of level ``k`` that make the parts, in order.
+
+    ``k`` is the shallowest level below the root with at least ``parts`` units none of which
+    holds more than twice a part's share (``1/parts``) of the bottom units — so that one large
+    county (a city of most of a state's blocks) cannot be one part doing most of the work while
+    the other workers idle; level ``deepest`` (default: the bottom) if no level above it
+    qualifies. Consecutive units are grouped until a part holds ``1/parts`` of the bottom units.
+
+    ``child_ptrs[i]``: int64 ``(n_units[i] + 1,)`` children of each unit of level ``i`` at level
+    ``i + 1`` (``None`` at the bottom); ``n_units``: units per level, root first."""
+    L = len(n_units)
+    deepest = L - 1 if deepest is None else deepest
+    # bottom-unit boundaries of every level's units, from the bottom up
+    below: list[np.ndarray] = [np.arange(n_units[L - 1] + 1, dtype=np.int64)]
+    for i in range(L - 2, -1, -1):
+        ptr = child_ptrs[i]
+        assert ptr is not None
+        below.insert(0, below[0][np.asarray(ptr, np.int64)])
+    goal = max(1, int(n_units[L - 1]) // parts)
+    k = next((i for i in range(1, deepest)
+              if n_units[i] >= parts and int(np.diff(below[i]).max()) <= 2 * goal), deepest)
+    size = np.diff(below[k])
+    ranges, lo, held = [], 0, 0
+    for u in range(n_units[k]):
+        held += int(size[u])
+        if held >= goal or u + 1 == n_units[k]:
+            ranges.append((lo, u + 1))
+            lo, held = u + 1, 0
+    return k, ranges

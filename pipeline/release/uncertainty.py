@@ -268,10 +268,15 @@ def line_factors(spec: HistogramSpec, mask: np.ndarray) -> list[np.ndarray]:
     return [f.astype(np.float64) for f in factors]
 
 
+#: the full estimator's margins are fitted a part of the tree at a time, each about this many
+#: bottom units (blocks): the fit of a whole national tree at once held ~12 GB
+MARGIN_PART_UNITS = 100_000
+
+
 def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: Mapping[str, HistogramSpec],
                        variances: Mapping[str, Mapping[str, Mapping[str, float]]], child_ptrs: Sequence[np.ndarray],
-                       levels: Sequence[str], exact_totals: Mapping[str, Sequence[str]]
-                       ) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
+                       levels: Sequence[str], exact_totals: Mapping[str, Sequence[str]],
+                       part_units: int = MARGIN_PART_UNITS) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
     """Exact variances (counts²) of the full estimator's line estimates, per unit:
     ``{(table, level): float (n_units, n_lines)}`` (:class:`RepeatedRows` where units share them:
     the bottom level's, per parent).
@@ -288,42 +293,107 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
     the invariants; the engine imposes them afterwards, which this per-unit conditioning
     describes for the unit itself, not for its relatives: an approximation, stated in the
     release notes.)
-    """
-    from pipeline.postprocess.gls import LevelMeasurements, fit
 
+    Memory: the tree is fitted in parts of about ``part_units`` bottom units (subtrees of
+    consecutive units of a split level, :func:`~pipeline.postprocess.gls.split_parts`, no
+    deeper than the bottom's parents): each part's up pass gives its message to the levels
+    above, those are fitted, and each part's up pass is run again for its down pass — so only
+    one part's fit is held at a time, beside the results. The covariances are those of the whole
+    tree fitted at once to rounding (BLAS orders a matrix product's sums by how many rows it is
+    given); the parts follow from the tree alone, so the writer and ``dptab verify`` make the same
+    bits.
+    """
+    from pipeline.postprocess.gls import GLSModel, LevelFit, LevelMeasurements, split_parts, stack_messages
+
+    L = len(levels)
+    sizes = [1] + [int(p[-1]) for p in child_ptrs]
+    ptrs = [np.asarray(p, dtype=np.int64) for p in child_ptrs]
     out: dict[tuple[str, str], np.ndarray | RepeatedRows] = {}
     for kind, tabs in tables_by_kind.items():
         if not tabs or kind not in variances:
             continue
-        spec = specs[kind]
-        sizes = [1] + [int(p[-1]) for p in child_ptrs]
-        data = [LevelMeasurements(
-            child_ptr=None if i == 0 else np.asarray(child_ptrs[i - 1]),
-            measured={q: (np.broadcast_to(0.0, (sizes[i], spec.query(q).n_answers)), float(v))
-                      for q, v in variances[kind].get(level, {}).items()})
-            for i, level in enumerate(levels)]
-        g = fit(spec, data, means=False)  # the covariances alone: the data never enter them
+        spec, var = specs[kind], variances[kind]
+
+        def subtree(i0: int, lo: int, hi: int, stop: int) -> list[LevelMeasurements]:
+            """Levels ``i0..stop-1`` under units ``lo:hi`` of level ``i0`` (pointers rebased), with
+            no data: zero values of the queries' exact variances."""
+            sub, ptr = [], None
+            for i in range(i0, stop):
+                sub.append(LevelMeasurements(ptr, {q: (np.broadcast_to(0.0, (hi - lo, spec.query(q).n_answers)), float(v))
+                                                   for q, v in var.get(levels[i], {}).items()}))
+                if i + 1 < stop:
+                    ptr = ptrs[i][lo:hi + 1] - ptrs[i][lo]
+                    lo, hi = int(ptrs[i][lo]), int(ptrs[i][hi])
+            return sub
+
+        model = GLSModel(spec, (q for lv in levels for q in var.get(lv, {})))
         ones = [np.ones(n, np.float64) for n in spec.shape]
-        model = g.levels[0].model
         total = model.pair_products([ones], [ones])
         lines = {t.name: [line_factors(spec, row) for row in t.matrix.toarray() > 0] for t in tabs}
         # every line's pair products once for all levels (they depend on the model alone)
         own = {name: model.pair_products(ls, ls) for name, ls in lines.items() if ls}
         with_total = {name: model.pair_products(ls, [ones] * len(ls)) for name, ls in lines.items() if ls}
-        for i, level in enumerate(levels):
-            est = g.levels[i]
+        for i, level in enumerate(levels[:-1]):
+            for t in tabs:
+                out[(t.name, level)] = np.empty((sizes[i], len(lines[t.name])))
+        # the leaves' variances per parent, each table's in parts, and the leaves' rows among
+        # them (one array for every table: at a national block level, 66 MB each)
+        bottom: dict[str, list[np.ndarray]] = {t.name: [] for t in tabs}
+        bottom_rows: list[np.ndarray] = []
+        rows_from = next((t.name for t in tabs if t.name in own), None)  # the table that records them
+
+        def take(i: int, first: int, est: LevelFit) -> None:
+            """Level ``i``'s line variances of the fit's units, the first being unit ``first``."""
+            level = levels[i]
             # per distinct covariance (``rows``: the units' rows, the same for every product)
             var_t = est.distinct_covariances(total)[0] if level in exact_totals.get(kind, ()) else None
             for t in tabs:
                 if t.name not in own:
-                    out[(t.name, level)] = np.zeros((sizes[i], 0))
                     continue
                 v, rows = est.distinct_covariances(own[t.name])  # (n_distinct, n_lines)
                 if var_t is not None:
                     c = est.distinct_covariances(with_total[t.name])[0]
                     v = v - np.divide(c * c, var_t, out=np.zeros_like(v), where=var_t > 0)
                 v = np.maximum(v, 0.0)
-                out[(t.name, level)] = v if rows is None else RepeatedRows(v, rows)
+                if i < L - 1:
+                    dest = out[(t.name, level)]
+                    assert isinstance(dest, np.ndarray)
+                    dest[first:first + est.n_units] = v if rows is None else v[rows]
+                else:  # the leaves: per parent, the parents' rows numbered across the parts
+                    if t.name == rows_from:
+                        bottom_rows.append(np.arange(first, first + est.n_units) if rows is None
+                                           else rows + sum(a.shape[0] for a in bottom[t.name]))
+                    bottom[t.name].append(v)
+
+        if L < 3:  # nothing to cut: the whole tree at once
+            for i, est in enumerate(model.downward(model.upward(subtree(0, 0, 1, L), means=False)).levels):
+                take(i, 0, est)
+        else:
+            k, ranges = split_parts([*ptrs, None], sizes, max(1, sizes[-1] // part_units), deepest=L - 2)
+            below = stack_messages([model.upward(subtree(k, lo, hi, L), means=False).message for lo, hi in ranges])
+            top = model.downward(model.upward(subtree(0, 0, 1, k), below=below, below_child_ptr=ptrs[k - 1],
+                                              means=False))
+            del below
+            assert top.below is not None
+            for i in range(k):
+                take(i, 0, top.levels[i])
+            for lo, hi in ranges:
+                part = model.downward(model.upward(subtree(k, lo, hi, L), means=False), top.below.select(lo, hi))
+                first = lo
+                for i, est in enumerate(part.levels, start=k):
+                    take(i, first, est)
+                    if i + 1 < L:
+                        first = int(ptrs[i][first])
+        rows_all = np.concatenate(bottom_rows) if bottom_rows else None
+        for t in tabs:
+            values = bottom[t.name]
+            if t.name not in own:
+                out[(t.name, levels[-1])] = np.zeros((sizes[-1], 0))
+            elif len(values) == 1 and np.array_equal(rows_all, np.arange(sizes[-1])):
+                out[(t.name, levels[-1])] = values[0]
+            else:
+                assert rows_all is not None
+                out[(t.name, levels[-1])] = RepeatedRows(np.concatenate(values), rows_all)
     return out
 
 
