@@ -232,8 +232,9 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
     """With simulated margins the estimate stage also writes the bottom level's line estimates
     (the margins measure the published counts' bias against them): those of one fit over the
     whole tree, whether the parts are cut above the bottom (2 parts: at the states) or are
-    bottom units themselves (the stage again with more parts than blocks); the other levels'
-    files are those of a run with design margins."""
+    bottom units themselves (the stage again with a part per block, as a large tree's parts of
+    at most ``ESTIMATE_PART_UNITS`` blocks are counted); the other levels' files are those of a
+    run with design margins."""
     from pipeline.job import estimate
 
     monkeypatch.setattr(estimate, "ESTIMATE_PARTS", 2)
@@ -259,12 +260,14 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
         for path in (ctx.rd.estimate_targets_path, ctx.rd.estimate_lines_path):
             a = pl.read_parquet(path("persons", lv.name))
             assert a.equals(pl.read_parquet(getattr(design.rd, path.__name__)("persons", lv.name))), lv.name
-    for parts in (2, 1_000_000):
-        monkeypatch.setattr(estimate, "ESTIMATE_PARTS", parts)
+    for part_units in (10**9, 1):  # at least 2 parts; then a part per block (a large tree's rule)
+        monkeypatch.setattr(estimate, "ESTIMATE_PART_UNITS", part_units)
+        parts = estimate.estimate_parts(int(levels[-1].n_units))
+        assert parts == (2 if part_units > 1 else levels[-1].n_units)
         k, _ = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
                            [int(lv.n_units) for lv in levels], parts)
-        assert (k == len(levels) - 1) == (parts > levels[-1].n_units)
-        if parts != 2:  # the stage again, cut at the bottom, over the same measurements
+        assert (k == len(levels) - 1) == (part_units == 1)
+        if part_units == 1:  # the stage again, cut at the bottom, over the same measurements
             _, files = estimate.estimate_kind(ctx, "persons", Executor(1))
             ctx.rd.mark_done("estimate:persons", ctx.rd.done_info("estimate:persons") or {}, files=files)
         lines = read_line_estimates(ctx, "persons", bottom=True)

@@ -99,10 +99,19 @@ def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int])
     return [ctx.rd.verified(ctx.rd.measurement_path(kind, level, s)) for s in shards]
 
 
-#: the up and down passes below the split level run on about this many parts (work items of
-#: the run's worker pool). A fixed number, not the worker count: every executor cuts the same
-#: parts and sums them in the same order, so the estimates are bitwise the same on any of them
+#: the up and down passes below the split level run on at least this many parts (work items of
+#: the run's worker pool), and on more of at most :data:`ESTIMATE_PART_UNITS` bottom units each
+#: where the tree is larger (a part's fit is held by one worker: a sixteenth of a national tree
+#: was ~3 GB). The count follows from the tree alone, never from the workers: every executor
+#: cuts the same parts and sums them in the same order, so the estimates are bitwise the same
+#: on any of them
 ESTIMATE_PARTS = 16
+ESTIMATE_PART_UNITS = 100_000
+
+
+def estimate_parts(n_bottom: int) -> int:
+    """How many parts the estimate stage cuts a tree of ``n_bottom`` bottom units into."""
+    return max(ESTIMATE_PARTS, -(-n_bottom // ESTIMATE_PART_UNITS))
 
 
 def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | None = None,
@@ -251,7 +260,7 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
     if len(levels) < 2:
         raise EstimateError("the full estimator needs a hierarchy of at least two levels")
     k, ranges = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
-                            [int(lv.n_units) for lv in levels], ESTIMATE_PARTS)
+                            [int(lv.n_units) for lv in levels], estimate_parts(int(levels[-1].n_units)))
     # a part's worker checks the files its subtree reads against their recorded sha256 before
     # it reads them (publishing checks every file again as it copies it): none is read unchecked
     model = _model(ctx, kind)
