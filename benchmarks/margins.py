@@ -33,6 +33,7 @@ sys.path.append(str(ROOT / "benchmarks"))  # after the repository: benchmarks/pi
 def one(persons: int, part_units: int) -> dict:
     """One measurement in this process: ``{seconds, peak_rss_mb, units}``."""
     import polars as pl
+    from scale import synthetic_input
 
     from pipeline.job.context import configured_strategies
     from pipeline.model.config import load_config
@@ -41,7 +42,6 @@ def one(persons: int, part_units: int) -> dict:
     from pipeline.release import uncertainty
     from pipeline.release.manifest import release_margins
     from pipeline.release.tables import load_tables
-    from scale import synthetic_input
 
     cache = synthetic_input(persons)
     with tempfile.TemporaryDirectory() as tmp:  # the defaults, as scale.py's runs have them
