@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py --persons 10000000 [--persons 30000000 ...] [--workers 2]
                                [--estimator topdown] [--interval 1.0]
-                               [--mode local|flow|dask|flow-dask ...] [--dask-workers 2]
+                               [--mode local|flow|dask|flow-dask ...] [--dask-workers 2] [--verify]
 
 For each N (synthetic input cached in ``bench-out/synth-N-1``, made by ``dptab synth``): runs
 the whole job (keyed noise, the 2020 strategies, ``output.csv: false``) in a fresh subprocess
@@ -293,6 +293,9 @@ def main() -> None:
     ap.add_argument("--prefect-server", action="store_true",
                     help="flow modes report to a standing Prefect server started here (as a deployment's), "
                          "not to a temporary one each run starts; its CPU and memory count in the flow modes'")
+    ap.add_argument("--verify", action="store_true",
+                    help="then `dptab verify` the (first mode's) release, watched the same way: its wall, CPU and "
+                         "peak total RSS in the JSON as `verify`")
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
         server = None
@@ -310,7 +313,14 @@ def _run_modes(n: int, args: argparse.Namespace, server: psutil.Process | None) 
         first: dict[str, str] | None = None
         for mode in args.mode or ["local"]:
             res = run_one(n, args.workers, args.estimator, args.interval, Path(tmp), mode, args.dask_workers, server)
-            digests = release_digests(Path(res.pop("release")))
+            release = Path(res.pop("release"))
+            if args.verify and first is None:
+                (_, wall), samples = _watch([sys.executable, "-m", "dptab.cli", "verify", str(release)], [],
+                                             args.interval, n)
+                res["verify"] = {"wall_s": round(wall, 1),
+                                 "cpu_percent": round(100 * samples[-1][2] / wall) if samples else None,
+                                 "peak_total_rss_mb": round(max((x[1] for x in samples), default=0.0))}
+            digests = release_digests(release)
             # one digest of the release's files: runs of other commits compare by it
             res["release_sha256"] = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
             if first is None:
