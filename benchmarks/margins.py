@@ -10,7 +10,8 @@ of the units file, the 2020 strategies' variances, the default tables, state tot
 housing units invariant. Each measurement runs in a fresh subprocess (its peak resident memory is
 its own, ``ru_maxrss``), the configurations alternated ``--repeats`` times; ``--part-units 0``
 stands for the whole tree at once. Prints a line per run and, last, one JSON object with the
-medians (the publish stage and ``dptab verify`` each make these margins once).
+medians and the size of the margins kept (the publish stage and ``dptab verify`` each make
+these margins once).
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def one(persons: int, part_units: int) -> dict:
     else:  # one part: the whole tree below the split level fitted at once
         uncertainty.MARGIN_PART_UNITS = geo.levels[-1].n_units + 1
     t0 = time.perf_counter()
-    release_margins(load_tables(cfg.tables), design(configured_strategies(cfg)).variances(),
+    moe = release_margins(load_tables(cfg.tables), design(configured_strategies(cfg)).variances(),
                     [lv.name for lv in geo.levels], {lv.name: lv.digits for lv in geo.levels}, True, True,
                     "full", [lv.child_ptr for lv in geo.levels[:-1]])
-    return {"seconds": round(time.perf_counter() - t0, 2),
+    seconds = time.perf_counter() - t0
+    held = {id(a): a.nbytes for v in moe.values()  # what the caller keeps (arrays shared by tables once)
+            for a in ((v.values, v.rows) if isinstance(v, uncertainty.RepeatedRows) else (v,))}
+    return {"seconds": round(seconds, 2), "result_mb": round(sum(held.values()) / 2**20),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "units": {lv.name: int(lv.n_units) for lv in geo.levels}}
 
@@ -88,11 +92,12 @@ def main() -> None:
             res = json.loads(out.strip().splitlines()[-1])
             runs[c].append(res)
             print(f"round {r + 1}, part units {c or 'whole tree'}: {res['seconds']} s, "
-                  f"peak {res['peak_rss_mb']} MB", flush=True)
+                  f"peak {res['peak_rss_mb']} MB, result {res['result_mb']} MB", flush=True)
     print(json.dumps({"persons": args.persons, "units": runs[configs[0]][0]["units"],
                       "runs": [{"part_units": c or "whole tree",
                                 "median_s": statistics.median(x["seconds"] for x in rs),
-                                "median_peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs)}
+                                "median_peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs),
+                                "result_mb": rs[0]["result_mb"]}
                                for c, rs in runs.items()]}))
 
 
