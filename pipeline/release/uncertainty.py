@@ -276,7 +276,7 @@ MARGIN_PART_UNITS = 100_000
 def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: Mapping[str, HistogramSpec],
                        variances: Mapping[str, Mapping[str, Mapping[str, float]]], child_ptrs: Sequence[np.ndarray],
                        levels: Sequence[str], exact_totals: Mapping[str, Sequence[str]],
-                       part_units: int = MARGIN_PART_UNITS) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
+                       part_units: int | None = None) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
     """Exact variances (counts²) of the full estimator's line estimates, per unit:
     ``{(table, level): float (n_units, n_lines)}`` (:class:`RepeatedRows` where units share them:
     the bottom level's, per parent).
@@ -294,7 +294,8 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
     describes for the unit itself, not for its relatives: an approximation, stated in the
     release notes.)
 
-    Memory: the tree is fitted in parts of about ``part_units`` bottom units (subtrees of
+    Memory: the tree is fitted in parts of about ``part_units`` (default
+    :data:`MARGIN_PART_UNITS`) bottom units (subtrees of
     consecutive units of a split level, :func:`~pipeline.postprocess.gls.split_parts`, no
     deeper than the bottom's parents): each part's up pass gives its message to the levels
     above, those are fitted, and each part's up pass is run again for its down pass — so only
@@ -369,7 +370,8 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
             for i, est in enumerate(model.downward(model.upward(subtree(0, 0, 1, L), means=False)).levels):
                 take(i, 0, est)
         else:
-            k, ranges = split_parts([*ptrs, None], sizes, max(1, sizes[-1] // part_units), deepest=L - 2)
+            per_part = MARGIN_PART_UNITS if part_units is None else part_units
+            k, ranges = split_parts([*ptrs, None], sizes, max(1, sizes[-1] // per_part), deepest=L - 2)
             below = stack_messages([model.upward(subtree(k, lo, hi, L), means=False).message for lo, hi in ranges])
             top = model.downward(model.upward(subtree(0, 0, 1, k), below=below, below_child_ptr=ptrs[k - 1],
                                               means=False))
