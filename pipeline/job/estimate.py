@@ -100,9 +100,10 @@ def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int])
 
 
 #: the up and down passes below the split level run on at least this many parts (work items of
-#: the run's worker pool), and on more of at most :data:`ESTIMATE_PART_UNITS` bottom units each
-#: where the tree is larger (a part's fit is held by one worker: a sixteenth of a national tree
-#: was ~3 GB). The count follows from the tree alone, never from the workers: every executor
+#: the run's worker pool), and on one per :data:`ESTIMATE_PART_UNITS` bottom units where the tree
+#: is larger (a part's fit is held by one worker: a sixteenth of a national tree was ~3 GB; a part
+#: is cut at whole units of the split level, so it may hold up to ~3 times its share). The count
+#: follows from the tree alone, never from the workers: every executor
 #: cuts the same parts and sums them in the same order, so the estimates are bitwise the same
 #: on any of them
 ESTIMATE_PARTS = 16

@@ -25,7 +25,7 @@ from pipeline.model.schemas import SCHEMAS_DIR, parse_yaml, relative_to
 from pipeline.release.tables import (
     TableSet,
 )
-from pipeline.release.uncertainty import Z90, RepeatedRows, gls_line_variances, release_moe90
+from pipeline.release.uncertainty import MARGIN_PART_UNITS, Z90, RepeatedRows, gls_line_variances, release_moe90
 
 MANIFEST_SCHEMA = SCHEMAS_DIR / "manifest.schema.json"
 MANIFEST_FORMAT = "dptab-release/3"
@@ -233,14 +233,15 @@ def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
 
 def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[str, float]]], levels: Sequence[str],
                     digits: Mapping[str, int], state_totals: bool, block_housing_units: bool,
-                    estimator: str = "topdown", child_ptrs: Sequence[np.ndarray] | None = None
-                    ) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
+                    estimator: str = "topdown", child_ptrs: Sequence[np.ndarray] | None = None,
+                    part_units: int | None = None) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
     """The published ``moe90`` of every (table, level) (before rounding): ``topdown``: float
     ``(n_lines,)``, the same for every unit of the level (the level's own measurements);
     ``full``: float ``(n_units, n_lines)``, per unit from the full estimator's exact GLS
     variances (``child_ptrs``: the geography's CSR child pointers, level by level); the bottom
     level's, the same for the units of one parent, as :class:`RepeatedRows` (``m[s:e]`` makes
-    units ``s:e``'s).
+    units ``s:e``'s); ``part_units``: how the tree is cut to fit them (``gls_line_variances``;
+    default ``MARGIN_PART_UNITS``, the manifest's ``estimator.margin_part_units``).
 
     ``variances[kind][level][query]``: exact noise variances (counts²); the persons total is
     exact at levels of at most 2 GEOID digits when state totals are declared, the units total at
@@ -268,14 +269,15 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
            tuple(sorted((k, lv, q, float(v)) for k, by in variances.items() for lv, qs in by.items()
                         for q, v in qs.items())),
            tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]), estimator,
-           tree.hexdigest() if estimator == "full" else "")
+           tree.hexdigest() if estimator == "full" else "",
+           (MARGIN_PART_UNITS if part_units is None else part_units) if estimator == "full" else None)
     if key not in _MARGINS_CACHE:
         if len(_MARGINS_CACHE) > 16:
             _MARGINS_CACHE.clear()
         if estimator == "full":
             if child_ptrs is None:
                 raise ReleaseError("margins of error of the full estimator need the geography's tree")
-            var = gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals)
+            var = gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals, part_units)
             for v in var.values():  # in place (a block level's are per parent: RepeatedRows)
                 a = v.values if isinstance(v, RepeatedRows) else v
                 np.sqrt(a, out=a)

@@ -295,7 +295,8 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
     release notes.)
 
     Memory: the tree is fitted in parts of about ``part_units`` (default
-    :data:`MARGIN_PART_UNITS`) bottom units (subtrees of
+    :data:`MARGIN_PART_UNITS`; ``0``: the whole tree at once, as releases made before the parts
+    were, which ``dptab verify`` then reproduces bitwise) bottom units (subtrees of
     consecutive units of a split level, :func:`~pipeline.postprocess.gls.split_parts`, no
     deeper than the bottom's parents): each part's up pass gives its message to the levels
     above, those are fitted, and each part's up pass is run again for its down pass — so only
@@ -306,6 +307,9 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
     """
     from pipeline.postprocess.gls import GLSModel, LevelFit, LevelMeasurements, split_parts, stack_messages
 
+    per_part = MARGIN_PART_UNITS if part_units is None else int(part_units)
+    if per_part < 0:
+        raise UncertaintyError(f"margins of error: part_units must be >= 0 (0: the whole tree), got {per_part}")
     L = len(levels)
     sizes = [1] + [int(p[-1]) for p in child_ptrs]
     ptrs = [np.asarray(p, dtype=np.int64) for p in child_ptrs]
@@ -362,16 +366,15 @@ def gls_line_variances(tables_by_kind: Mapping[str, Sequence[TableDef]], specs: 
                     dest[first:first + est.n_units] = v if rows is None else v[rows]
                 else:  # the leaves: per parent, the parents' rows numbered across the parts
                     if t.name == rows_from:
-                        bottom_rows.append(np.arange(first, first + est.n_units) if rows is None
-                                           else rows + sum(a.shape[0] for a in bottom[t.name]))
+                        held = sum(a.shape[0] for a in bottom[t.name])  # distinct rows of the parts before
+                        bottom_rows.append(held + (np.arange(est.n_units) if rows is None else rows))
                     bottom[t.name].append(v)
 
-        if L < 3:  # nothing to cut: the whole tree at once
+        if L < 3 or per_part == 0:  # the whole tree at once (nothing to cut, or as asked)
             for i, est in enumerate(model.downward(model.upward(subtree(0, 0, 1, L), means=False)).levels):
                 take(i, 0, est)
         else:
-            per_part = MARGIN_PART_UNITS if part_units is None else part_units
-            k, ranges = split_parts([*ptrs, None], sizes, max(1, sizes[-1] // per_part), deepest=L - 2)
+            k, ranges = split_parts([*ptrs, None], sizes, max(1, -(-sizes[-1] // per_part)), deepest=L - 2)
             below = stack_messages([model.upward(subtree(k, lo, hi, L), means=False).message for lo, hi in ranges])
             top = model.downward(model.upward(subtree(0, 0, 1, k), below=below, below_child_ptr=ptrs[k - 1],
                                               means=False))

@@ -557,10 +557,13 @@ def _margins(manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
     inv = manifest["invariants"]
     levels = [g["name"] for g in manifest["geolevels"]]
     estimator = (manifest.get("estimator") or {}).get("name", "topdown")
+    # how the writer cut the tree to fit them; absent (releases before the cut): the whole tree
+    part_units = int((manifest.get("estimator") or {}).get("margin_part_units", 0))
     geo = GeoTree.of(digits, levels)
     tree = child_ptrs_from_tree(geo, [lt.geoids for lt in lts]) if estimator == "full" else None
     return release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, geo.digits,
-                           inv["state_totals"] is not None, inv["block_housing_units"] is not None, estimator, tree)
+                           inv["state_totals"] is not None, inv["block_housing_units"] is not None, estimator, tree,
+                           part_units)
 
 
 def _unbiased_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],

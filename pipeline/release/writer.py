@@ -113,7 +113,7 @@ from pipeline.release.tables import (
     unit_names,
 )
 from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
-from pipeline.release.uncertainty import Z90, RepeatedRows, simulated_moe90
+from pipeline.release.uncertainty import MARGIN_PART_UNITS, Z90, RepeatedRows, simulated_moe90
 from pipeline.runtime import return_free_memory
 
 
@@ -467,7 +467,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         variances = variances if variances is not None else variances_from_privacy(privacy)
         moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
                               invariants.block_housing_units is not None, meta.estimator,
-                              [lv.child_ptr for lv in geography.levels[:-1]])
+                              [lv.child_ptr for lv in geography.levels[:-1]], MARGIN_PART_UNITS)
 
         entries: list[dict[str, Any]] = []
         if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
@@ -522,7 +522,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             "software": {"name": "dptab", "version": meta.software_version, "git_commit": meta.git_commit},
             "config_hash": meta.config_hash, "randomness": randomness, "seed": meta.seed,
             "joint": {"households": bool(meta.joint_households), "relaxed": bool(meta.joint_relaxed)},
-            "estimator": {"name": meta.estimator, "description": ESTIMATORS[meta.estimator]},
+            "estimator": {"name": meta.estimator, "description": ESTIMATORS[meta.estimator],
+                          **({"margin_part_units": MARGIN_PART_UNITS} if meta.estimator == "full" else {})},
             "citation": meta.citation or release_citation(meta.title, meta.release_id, meta.created, meta.dataset_id,
                                                           meta.software_version, meta.git_commit, privacy),
             "geolevels": [{"name": lv, "digits": digits[lv], "units": int(len(g))} for lv, g, _ in published],
