@@ -34,13 +34,12 @@ from pipeline.model.geography import Geography
 #: (session 7: 3,652 s, with other work on the machine; session 8: 3,495 s) and peaked at 8.08 GB
 #: in session 7 and 8.91 GB in session 8, in publishing (the writer beside its microdata and
 #: data-file-check children), which sets the slope — 100 M is then overestimated (4.9 GB), the
-#: safe side for sizing a machine. ``full``: ``topdown`` times its measured ratio at 10 M persons
-#: (session 17, three alternating pairs: 1.22-1.28x the wall, median 1.25; the same peak, 2.3-2.7
-#: GB; BENCHMARKS.md, "`full` against `topdown` at 10 M"); not measured at national scale.
-#: ``workers`` other than 2 scale the time.
+#: safe side for sizing a machine. ``full``: fitted to session 26's runs (BENCHMARKS.md, "Session
+#: 26"): 10 M persons (171,303 blocks) 100.5-109.6 s and 2.44-2.64 GB, the 331 M run (7.74 M
+#: blocks) 3,401 s and 9.74 GB. ``workers`` other than 2 scale the time.
 REFERENCE: dict[str, dict[str, float]] = {
     "topdown": {"seconds_per_million_persons": 11.5, "gb_base": 2.0, "gb_per_million_blocks": 1.23},
-    "full": {"seconds_per_million_persons": 14.4, "gb_base": 2.0, "gb_per_million_blocks": 1.23},
+    "full": {"seconds_per_million_persons": 10.5, "gb_base": 2.4, "gb_per_million_blocks": 0.95},
 }
 
 
