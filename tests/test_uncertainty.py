@@ -117,11 +117,13 @@ def test_repeated_rows_index_like_the_array_they_stand_for() -> None:
 
 def test_full_estimator_margins_fitted_in_parts_are_those_of_the_whole_tree() -> None:
     """The full estimator's line variances, fitted a part of the tree at a time, against the whole
-    tree's GLS fitted at once (``gls.fit``), with the unit's invariant total conditioned on at
+    tree's GLS fitted at once (``fit``), with the unit's invariant total conditioned on at
     nation and state: nation -> 3 states -> counties -> tracts -> blocks, uneven. Equal to
     rounding (BLAS orders a matrix product's sums by how many rows it is given: a part's units
     are not bitwise the whole level's), bitwise with ``part_units=0`` (the whole tree, as releases
     made before the parts), and bitwise the same on every call with the same parts."""
+    from test_postprocess_gls import fit
+
     from pipeline.postprocess import gls
     from pipeline.release.uncertainty import RepeatedRows, gls_line_variances
 
@@ -142,7 +144,7 @@ def test_full_estimator_margins_fitted_in_parts_are_those_of_the_whole_tree() ->
     exact = {"persons": ["nation", "state"]}
     sizes = [1] + [int(p[-1]) for p in ptrs]
     # the reference: one fit of the whole tree, each line's variance conditioned on the total
-    whole = gls.fit(SPEC, [gls.LevelMeasurements(None if i == 0 else ptrs[i - 1],
+    whole = fit(SPEC, [gls.LevelMeasurements(None if i == 0 else ptrs[i - 1],
                                                  {q: (np.zeros((sizes[i], SPEC.query(q).n_answers)), v)
                                                   for q, v in var[lv].items()})
                            for i, lv in enumerate(levels)], means=False)

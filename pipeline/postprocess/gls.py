@@ -906,13 +906,6 @@ class GLSFit:
     below: Posterior | None = None
 
 
-def fit(spec: HistogramSpec, levels: Sequence[LevelMeasurements], means: bool = True) -> GLSFit:
-    """The exact hierarchical GLS of a whole tree (``levels[0]``: the root level); without
-    ``means``, its covariances only (:meth:`GLSModel.upward`)."""
-    model = GLSModel(spec, (q for lv in levels for q in lv.measured))
-    return model.downward(model.upward(levels, means=means))
-
-
 # --------------------------------------------------------------------------------------------
 # a large tree in parts
 
