@@ -80,14 +80,14 @@ def return_free_memory(keep: int = 0) -> None:
     threads, each thread in its own malloc arena; what those shards freed stays mapped in the
     arenas, so without this the process carried the levels' high-water mark into publishing,
     where it is also the release writer."""
-    trim = _malloc_trim()
-    if trim is None:
+    libc = _glibc()
+    if libc is None:
         return
     if keep:
         info = _mallinfo2()
         if info is not None and info().fordblks <= keep:
             return
-    trim(0)
+    libc.malloc_trim(0)
 
 
 @functools.cache
@@ -105,12 +105,6 @@ def _glibc() -> Any:
     except (OSError, AttributeError):  # not glibc (e.g. musl)
         return None
     return libc
-
-
-def _malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None."""
-    libc = _glibc()
-    return None if libc is None else libc.malloc_trim
 
 
 @functools.cache

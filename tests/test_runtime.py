@@ -119,12 +119,12 @@ def test_free_heap_pages_go_back_to_the_system_on_glibc() -> None:
 
     import psutil
 
-    from pipeline.runtime import _malloc_trim, return_free_memory
+    from pipeline.runtime import _glibc, return_free_memory
 
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        assert sys.platform == "linux" or _malloc_trim() is None
+        assert sys.platform == "linux" or _glibc() is None
         return
-    assert _malloc_trim() is not None
+    assert _glibc() is not None
     me = psutil.Process()
 
     held: list[bytearray] = []
