@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,32 @@ def test_repeated_rows_index_like_the_array_they_stand_for() -> None:
     for key in (slice(2, 6), slice(None), 4, (slice(1, 5), 2), (slice(None), 0), (np.array([6, 0]), slice(0, 2))):
         assert np.array_equal(m[key], whole[key])
     assert np.array_equal(np.asarray(m), whole)
+
+
+def test_margins_kept_in_files_read_as_the_arrays_they_stand_for(tmp_path: Path) -> None:
+    """Margins written to files (the release writer's, ``release_margins(..., spill=)``) give
+    back exactly the held array's rows for every range of units, empty and clipped ones too,
+    and for per-parent rows only their parents' rows are read; anything but a range of units is
+    refused rather than read whole."""
+    from pipeline.release.uncertainty import DiskRows, RepeatedRows
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(23, 5))
+    d = DiskRows.write(tmp_path / "a.f64", a)
+    assert d.shape == a.shape and d.ndim == 2 and (tmp_path / "a.f64").stat().st_size == a.size * 8
+    values, rows = rng.normal(size=(6, 5)), np.repeat(np.arange(6), [1, 4, 0, 7, 2, 9])
+    r = RepeatedRows(DiskRows.write(tmp_path / "v.f64", values), rows)
+    held = values[rows]
+    for s, e in ((0, 23), (3, 9), (5, 5), (22, 40), (-4, None), (0, 1), (9, 3)):
+        assert np.array_equal(d[s:e], a[s:e]), (s, e)
+        assert np.array_equal(r[s:e], held[s:e]), (s, e)
+    assert np.array_equal(np.asarray(d), a) and np.array_equal(np.asarray(r), held)
+    for bad in (3, (slice(0, 2), 1), slice(0, 10, 2), np.array([1, 2])):
+        with pytest.raises(TypeError):
+            d[bad]
+        if not isinstance(bad, slice):
+            with pytest.raises(TypeError):
+                r[bad]
 
 
 def test_full_estimator_margins_fitted_in_parts_are_those_of_the_whole_tree() -> None:

@@ -49,7 +49,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -380,23 +380,43 @@ class _Appender:
         return self.path
 
 
+class LineEstimates(Mapping[tuple[str, str], np.ndarray]):
+    """The full estimator's line estimates of some run kinds, read from the run directory when
+    asked: ``m[(table, level)]`` is float ``(n_units, n_lines)``. Nothing is held: each lookup
+    reads that table's rows of the level's ``lines.parquet`` (the release writes one (table,
+    level) at a time, so it never holds the country's estimates at once; a national block-group
+    level's file is ~70 M rows, of which one table's ``estimate`` column is read)."""
+
+    def __init__(self, ctx: RunContext, kinds: Sequence[str], bottom: bool = False) -> None:
+        self._rd = ctx.rd
+        levels = ctx.geography.levels if bottom else ctx.geography.levels[:-1]
+        # (table, level) -> (kind, units, lines), in the order the files hold them
+        self._keys = {(t.name, lv.name): (kind, lv.n_units, t.n_lines)
+                      for kind in kinds for lv in levels for t in _tables(ctx, kind)}
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._keys)
+
+    def __getitem__(self, key: tuple[str, str]) -> np.ndarray:
+        kind, n_units, n_lines = self._keys[key]
+        table, level = key
+        scan = pl.scan_parquet(self._rd.verified(self._rd.estimate_lines_path(kind, level)))
+        est = scan.filter(pl.col("table") == table).select("estimate").collect()["estimate"]
+        if est.len() != n_units * n_lines:
+            raise EstimateError(f"{kind} {level}: {est.len()} line estimates of {table}, expected "
+                                f"{n_units * n_lines}")
+        return est.to_numpy().reshape(n_units, n_lines)
+
+
 def read_line_estimates(ctx: RunContext, kind: str, bottom: bool = False) -> dict[tuple[str, str], np.ndarray]:
-    """The full estimator's line estimates of ``kind``: ``{(table, level): float (n_units, n_lines)}``
-    for every level but the bottom one (the release's unbiased tables); with ``bottom``, the
-    bottom level's too (written only for simulated margins, :func:`_bottom_lines`)."""
-    out = {}
-    levels = ctx.geography.levels
-    for lv in levels if bottom else levels[:-1]:
-        # a table's estimates at a time, only that column (a national block-group level's file
-        # is ~70 M rows: read whole, a few GB of frame beside the arrays kept)
-        scan = pl.scan_parquet(ctx.rd.verified(ctx.rd.estimate_lines_path(kind, lv.name)))
-        for t in _tables(ctx, kind):
-            est = scan.filter(pl.col("table") == t.name).select("estimate").collect()["estimate"]
-            if est.len() != lv.n_units * t.n_lines:
-                raise EstimateError(f"{kind} {lv.name}: {est.len()} line estimates of {t.name}, expected "
-                                    f"{lv.n_units * t.n_lines}")
-            out[(t.name, lv.name)] = est.to_numpy().reshape(lv.n_units, t.n_lines)
-    return out
+    """The full estimator's line estimates of ``kind``, all read: ``{(table, level): float
+    (n_units, n_lines)}`` for every level but the bottom one (the release's unbiased tables);
+    with ``bottom``, the bottom level's too (written only for simulated margins,
+    :func:`_bottom_lines`). :class:`LineEstimates` reads them one at a time."""
+    return dict(LineEstimates(ctx, [kind], bottom))
 
 
 def read_targets(path: Any, spec: HistogramSpec, c0: int, c1: int,

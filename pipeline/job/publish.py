@@ -99,9 +99,10 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
                                              for lv in ctx.level_names))
     unbiased = None
     if ctx.cfg.postprocess.estimator == "full":
-        from pipeline.job.estimate import read_line_estimates
+        from pipeline.job.estimate import LineEstimates
 
-        unbiased = {k: v for kind in kinds for k, v in read_line_estimates(ctx, kind).items()}
+        # read a (table, level) at a time as the unbiased tables are written, not held
+        unbiased = LineEstimates(ctx, kinds)
     simulated = None
     if ctx.cfg.output.margins == "simulated":
         import polars as pl

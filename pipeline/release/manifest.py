@@ -25,7 +25,7 @@ from pipeline.model.schemas import SCHEMAS_DIR, parse_yaml, relative_to
 from pipeline.release.tables import (
     TableSet,
 )
-from pipeline.release.uncertainty import MARGIN_PART_UNITS, Z90, RepeatedRows, gls_line_variances, release_moe90
+from pipeline.release.uncertainty import MARGIN_PART_UNITS, Z90, DiskRows, RepeatedRows, gls_line_variances, release_moe90
 
 MANIFEST_SCHEMA = SCHEMAS_DIR / "manifest.schema.json"
 MANIFEST_FORMAT = "dptab-release/3"
@@ -234,7 +234,8 @@ def _copy_strategies(root: Path, privacy: Mapping[str, Any]) -> dict[str, Any]:
 def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[str, float]]], levels: Sequence[str],
                     digits: Mapping[str, int], state_totals: bool, block_housing_units: bool,
                     estimator: str = "topdown", child_ptrs: Sequence[np.ndarray] | None = None,
-                    part_units: int | None = None) -> dict[tuple[str, str], np.ndarray | RepeatedRows]:
+                    part_units: int | None = None, spill: Path | None = None
+                    ) -> dict[tuple[str, str], np.ndarray | RepeatedRows | DiskRows]:
     """The published ``moe90`` of every (table, level) (before rounding): ``topdown``: float
     ``(n_lines,)``, the same for every unit of the level (the level's own measurements);
     ``full``: float ``(n_units, n_lines)``, per unit from the full estimator's exact GLS
@@ -250,6 +251,11 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
     input (a digest of the tables' line matrices and the specs' queries, the variances, levels,
     flags and tree): the same inputs give the same floats, and a second caller in the process
     costs no second computation. The arrays are the memoised ones, read-only (not copied).
+
+    ``spill`` (a directory; the release writer's): the full estimator's per-unit margins are
+    written there, one file per (table, level), and returned as :class:`DiskRows` (the bottom
+    level's per-parent rows as the ``values`` of its :class:`RepeatedRows`), read a range of
+    units at a time; they are not memoised then (the point is not to hold them).
     """
     import hashlib
 
@@ -271,25 +277,37 @@ def release_margins(ts: TableSet, variances: Mapping[str, Mapping[str, Mapping[s
            tuple(levels), tuple(exact_totals["persons"]), tuple(exact_totals["units"]), estimator,
            tree.hexdigest() if estimator == "full" else "",
            (MARGIN_PART_UNITS if part_units is None else part_units) if estimator == "full" else None)
-    if key not in _MARGINS_CACHE:
-        if len(_MARGINS_CACHE) > 16:
-            _MARGINS_CACHE.clear()
+    margins = _MARGINS_CACHE.get(key)
+    if margins is None:
         if estimator == "full":
             if child_ptrs is None:
                 raise ReleaseError("margins of error of the full estimator need the geography's tree")
-            var = gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals, part_units)
-            for v in var.values():  # in place (a block level's are per parent: RepeatedRows)
+            margins = gls_line_variances(by_kind, ts.specs, variances, child_ptrs, levels, exact_totals, part_units)
+            for v in margins.values():  # in place (a block level's are per parent: RepeatedRows)
                 a = v.values if isinstance(v, RepeatedRows) else v
                 np.sqrt(a, out=a)
                 a *= Z90
-            _MARGINS_CACHE[key] = var
         else:
-            _MARGINS_CACHE[key] = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
-        for v in _MARGINS_CACHE[key].values():
+            margins = release_moe90(by_kind, ts.specs, variances, levels, exact_totals)
+        for v in margins.values():
             # shared by every caller: nobody may change a cached margin
             for a in ((v.values, v.rows) if isinstance(v, RepeatedRows) else (v,)):
                 a.flags.writeable = False
-    return dict(_MARGINS_CACHE[key])
+        if spill is None or estimator != "full":
+            if len(_MARGINS_CACHE) > 16:
+                _MARGINS_CACHE.clear()
+            _MARGINS_CACHE[key] = margins
+    if spill is None or estimator != "full":
+        return dict(margins)
+    return {(t, lv): _spilled(Path(spill) / f"{t}.{lv}.f64", v) for (t, lv), v in margins.items()}
+
+
+def _spilled(path: Path, v: np.ndarray | RepeatedRows) -> DiskRows | RepeatedRows:
+    """``v`` written to ``path``: a per-unit array as :class:`DiskRows`, a :class:`RepeatedRows`
+    with its distinct rows there (its unit-to-row index stays in memory, 8 bytes a unit)."""
+    if isinstance(v, RepeatedRows):
+        return RepeatedRows(DiskRows.write(path, np.asarray(v.values)), v.rows)
+    return DiskRows.write(path, v)
 
 
 def child_ptrs_from_geoids(geoids: Sequence[np.ndarray], digits: Sequence[int]) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ from pipeline.release.checks import CheckFailure
 from pipeline.release.manifest import ReleaseError
 from pipeline.release.tables import TableDef, TableSet, long_frame, unit_names
 from pipeline.release.tree import GeoTree
-from pipeline.release.uncertainty import Z90, RepeatedRows
+from pipeline.release.uncertainty import Z90, DiskRows, RepeatedRows
 
 #: additivity tolerance of the real-valued estimates (persons): float sums over ~10^4 children
 TOLERANCE = 1e-6
@@ -52,7 +52,8 @@ def _chunk_units(table: TableDef) -> int:
 
 
 def write_unbiased(tmp: Path, ts: TableSet, levels: Sequence[tuple[str, np.ndarray, Sequence[str]]],
-                   unbiased: Mapping[tuple[str, str], np.ndarray], moe: Mapping[tuple[str, str], np.ndarray | RepeatedRows],
+                   unbiased: Mapping[tuple[str, str], np.ndarray],
+                   moe: Mapping[tuple[str, str], np.ndarray | RepeatedRows | DiskRows],
                    tree: GeoTree | None = None) -> list[Path]:
     """Write ``tables/unbiased/<table>.parquet`` under ``tmp``. ``levels``: ``(level, geoids
     (n_units,), tables published there)`` of every level but the bottom one; ``tree``: a lookup

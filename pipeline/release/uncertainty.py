@@ -38,6 +38,7 @@ the 2020 strategy instead of 1,953 × 1,953). Everything is per level, never per
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -57,16 +58,55 @@ class UncertaintyError(DptabError, ValueError):
     """A variance is missing, non-positive or refers to an unknown query."""
 
 
+class DiskRows:
+    """A float64 ``(n_units, k)`` array kept in a file of its own (raw, C order) and read a range
+    of units at a time: ``m[s:e]`` (rows only). The release writer's margins of every unit above
+    the bottom level (~1.4 GB on the US geography) are written once and read back as each chunk
+    of units is published, instead of being held for the whole of publishing."""
+
+    ndim = 2
+
+    def __init__(self, path: Path, shape: tuple[int, int]) -> None:
+        self.path, self._shape = Path(path), (int(shape[0]), int(shape[1]))
+
+    @classmethod
+    def write(cls, path: Path, a: np.ndarray) -> "DiskRows":
+        """Write float ``(n, k)`` ``a`` to ``path`` and return it as kept there."""
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        if a.ndim != 2:
+            raise ValueError(f"DiskRows holds 2-d arrays, not shape {a.shape}")
+        a.tofile(path)
+        return cls(path, a.shape)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError(f"DiskRows reads ranges of rows (m[s:e]), not {key!r}")
+        n, k = self._shape
+        s, e, _ = key.indices(n)
+        e = max(e, s)
+        return np.fromfile(self.path, np.float64, count=(e - s) * k, offset=s * k * 8).reshape(e - s, k)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+
 class RepeatedRows:
     """A float ``(n_units, k)`` array held as its distinct rows and each unit's row among them:
     ``values[rows]``. The full estimator's margins of the bottom level are per parent (the
     leaves of one parent share their covariance), so the block level's — hundreds of MB, made
     and written fresh on every release — are kept as the parents' and made a range of units at
-    a time by whoever reads them (``m[s:e]``, ``m[:, j]``: any numpy index, rows first)."""
+    a time by whoever reads them (``m[s:e]``, ``m[:, j]``: any numpy index, rows first; with
+    ``values`` a :class:`DiskRows`, ranges of units ``m[s:e]`` only, which read the rows of
+    their parents alone)."""
 
     ndim = 2
 
-    def __init__(self, values: np.ndarray, rows: np.ndarray) -> None:
+    def __init__(self, values: "np.ndarray | DiskRows", rows: np.ndarray) -> None:
         self.values, self.rows = values, rows
 
     @property
@@ -74,11 +114,18 @@ class RepeatedRows:
         return int(self.rows.shape[0]), int(self.values.shape[1])
 
     def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(self.values, DiskRows):
+            if not isinstance(key, slice):
+                raise TypeError(f"margins kept in a file are read by ranges of units (m[s:e]), not {key!r}")
+            r = self.rows[key]
+            lo = int(r.min()) if r.size else 0
+            hi = int(r.max()) + 1 if r.size else 0
+            return self.values[lo:hi][r - lo]
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         return self.values[(slice(None), *rest)][self.rows[first]]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = self.values[self.rows]
+        out = np.asarray(self.values)[self.rows]
         return out if dtype is None else out.astype(dtype)
 
 

@@ -113,7 +113,7 @@ from pipeline.release.tables import (
     unit_names,
 )
 from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
-from pipeline.release.uncertainty import MARGIN_PART_UNITS, Z90, RepeatedRows, simulated_moe90
+from pipeline.release.uncertainty import MARGIN_PART_UNITS, Z90, DiskRows, RepeatedRows, simulated_moe90
 from pipeline.runtime import return_free_memory
 
 
@@ -264,7 +264,7 @@ def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.n
 
 def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: "Geography", tree: GeoTree,
                   persons: Mapping[str, Any], units: Mapping[str, Any] | None, invariants: Invariants,
-                  moe: Mapping[tuple[str, str], np.ndarray | RepeatedRows],
+                  moe: Mapping[tuple[str, str], np.ndarray | RepeatedRows | DiskRows],
                   simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None) -> list[tuple[str, np.ndarray, list[str]]]:
     """Tabulate, check and write every level's tables, top to bottom, :data:`STREAM_UNITS` units
     at a time; returns ``(level, geoids, tables written)`` per level. Raises
@@ -428,6 +428,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     releases_dir.mkdir(parents=True, exist_ok=True)
     tmp = releases_dir / f".{meta.release_id}.tmp-{secrets.token_hex(4)}"
     tmp.mkdir(mode=0o700)  # nobody else can read a release before the ledger counts it
+    spill = tmp.with_name(tmp.name + ".margins")  # the margins' scratch (below): not part of the release
     os.chmod(tmp, 0o700)
     pending: Future[list[dict[str, Any]]] | None = None
     children: list[Background] = []
@@ -465,9 +466,13 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         randomness = meta.randomness_mode()
         privacy = _copy_strategies(tmp, privacy)
         variances = variances if variances is not None else variances_from_privacy(privacy)
+        # the full estimator's per-unit margins (1.4 GB on the US geography) wait in files beside
+        # the folder being written (removed with it, or by the next attempt's clean-up) and are
+        # read a chunk of units at a time, not held while everything is published
+        spill.mkdir(mode=0o700)
         moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
                               invariants.block_housing_units is not None, meta.estimator,
-                              [lv.child_ptr for lv in geography.levels[:-1]], MARGIN_PART_UNITS)
+                              [lv.child_ptr for lv in geography.levels[:-1]], MARGIN_PART_UNITS, spill=spill)
 
         entries: list[dict[str, Any]] = []
         if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
@@ -494,6 +499,8 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             from pipeline.release.unbiased import write_unbiased
 
             entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, published[:-1], unbiased, moe, tree)]
+        del moe
+        shutil.rmtree(spill)  # every margin is written
         # the table definitions travel with the release: readers see exactly what each line sums
         defs = tmp / "tables" / "definitions.yaml"
         shutil.copyfile(ts.source, defs)
@@ -589,6 +596,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             child.cancel()
         lanes.close(cancel=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(spill, ignore_errors=True)
         raise
     finally:
         lanes.close()
