@@ -301,3 +301,23 @@ def test_unbiased_tables_are_written_and_checked_a_few_units_at_a_time(two_runs,
                     .otherwise(pl.col("se")).alias("se")).write_parquet(path)
     problems = verify_release(Path(again["release_path"]))
     assert any(p.check == "unbiased" and "differ" in str(p) for p in problems), problems
+
+
+def test_a_release_that_fails_after_its_margins_were_written_leaves_no_files_behind(two_runs, monkeypatch) -> None:
+    """The full estimator's margins wait in files beside the folder being written: a failure
+    while publishing (here in the unbiased tables, after the count tables read them) removes
+    them with the folder, and nothing of the attempt is left in the releases directory."""
+    from pipeline.release import unbiased
+
+    tmp, inputs, full, _ = two_runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(unbiased, "write_unbiased", broken)
+    releases = Path(full["release_path"]).parent
+    before = sorted(p.name for p in releases.iterdir())
+    with pytest.raises(RuntimeError, match="disk full"):
+        stages.run(write_config(tmp, inputs, "full3.yaml", release_id="full-3", postprocess={"estimator": "full"}),
+                   progress=False)
+    assert sorted(p.name for p in releases.iterdir()) == before
