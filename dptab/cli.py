@@ -5,6 +5,7 @@ Exit status: 0 success, 2 invalid input or configuration (nothing later runs), 1
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
@@ -469,6 +470,9 @@ def histograms_cmd(
 def verify_cmd(
     release_dir: str = typer.Argument(..., help="a release folder releases/<release-id>/"),
     show: int = typer.Option(50, "--show", help="list at most this many failures"),
+    workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=1,
+                                help="processes: with 2, a large release's noisy measurements are checked "
+                                     "beside its other data files"),
 ) -> None:
     """Recompute every checksum and consistency check of a release; exit 1 listing failures."""
     import json
@@ -479,7 +483,7 @@ def verify_cmd(
 
     t0 = time.perf_counter()
     try:
-        failures = verify_release(release_dir)
+        failures = verify_release(release_dir, workers=workers)
     except ReleaseFormatError as exc:
         typer.echo(f"not a release: {exc}", err=True)
         raise typer.Exit(2)

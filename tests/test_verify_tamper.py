@@ -817,6 +817,35 @@ def test_content_checks_split_in_two_are_the_whole(release: Path, tmp_path: Path
         verify_contents(copy, m, part="tables")
 
 
+def test_verify_checks_the_measurements_in_a_process_of_their_own(release: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dptab verify --workers 2`` on a large release checks its noisy measurements in a child
+    process beside its other data files: the same failures as in one process, on a clean copy
+    and on one tampered in a table and a measurement part."""
+    from pipeline.release import streams
+    from pipeline.release import writer as writer_mod
+
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    started: list[tuple[str, str]] = []
+    init = streams.Background.__init__
+
+    def spy(self, what, fn, args, mode):
+        init(self, what, fn, args, mode)
+        started.append((what, mode))
+
+    monkeypatch.setattr(streams.Background, "__init__", spy)
+    assert verify_release(copy, workers=2) == [] and started == []  # a small release: in one process
+    monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
+    assert verify_release(copy, workers=2) == []
+    assert started == [("measurement check", "process")]
+    t_table_count(copy)
+    t_measurement_rows_swapped(copy)
+    one, two = (sorted(map(repr, verify_release(copy, workers=w))) for w in (1, 2))
+    assert one == two
+    assert {"measurements", "additivity"} <= {f.split("check='")[1].split("'")[0] for f in two}, two
+
+
 @pytest.mark.parametrize("ordered", [True, False])
 def test_block_counts_from_the_scratch_file_equal_the_whole_matrix(ordered: bool) -> None:
     """The data check's block counts, kept batch by batch in a scratch file: any range of blocks
