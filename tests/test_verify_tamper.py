@@ -819,9 +819,9 @@ def test_content_checks_split_in_two_are_the_whole(release: Path, tmp_path: Path
 
 def test_verify_checks_the_measurements_in_a_process_of_their_own(release: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """``dptab verify --workers 2`` on a large release checks its noisy measurements in a child
-    process beside its other data files: the same failures as in one process, on a clean copy
-    and on one tampered in a table and a measurement part."""
+    """``dptab verify --workers 2`` on a large release regenerates its explorer and checks its
+    noisy measurements in child processes beside its other data files: the same failures as in
+    one process, on a clean copy and on one tampered in a table and a measurement part."""
     from pipeline.release import streams
     from pipeline.release import writer as writer_mod
 
@@ -835,10 +835,12 @@ def test_verify_checks_the_measurements_in_a_process_of_their_own(release: Path,
         started.append((what, mode))
 
     monkeypatch.setattr(streams.Background, "__init__", spy)
-    assert verify_release(copy, workers=2) == [] and started == []  # a small release: in one process
+    assert verify_release(copy, workers=2) == []  # a small release: in one process
+    assert started == [("explorer check", "inline")]
+    started.clear()
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
     assert verify_release(copy, workers=2) == []
-    assert started == [("measurement check", "process")]
+    assert started == [("explorer check", "process"), ("measurement check", "process")]
     t_table_count(copy)
     t_measurement_rows_swapped(copy)
     one, two = (sorted(map(repr, verify_release(copy, workers=w))) for w in (1, 2))

@@ -159,14 +159,45 @@ def verify_release(path: str | Path, *, release_id: str | None = None, regenerat
     recomputed: list[dict[str, Any]] = []
     failures += guard("privacy", _verify_privacy, root, manifest, recomputed)
     failures += guard("identity", _verify_identity, root, manifest, expect, recomputed[0] if recomputed else None)
+    # the explorer regenerated from the tables, once for the two checks that compare with it; in
+    # a process of its own beside the other checks when those run in two (a large release)
+    explorer = _ExplorerFiles(root, manifest, "process" if _in_two(manifest, workers) else "inline") \
+        if regenerate else None
     failures += _verify_files(root, manifest)
-    failures += guard("contents", _verify_required_files, manifest, root, regenerate)
+    failures += guard("contents", _verify_required_files, manifest, root, explorer)
     if contents:
         failures += _contents(root, manifest, regenerate, workers)
     failures += guard("joint", _verify_joint, root, manifest)
-    if regenerate:
-        failures += guard("explorer", _verify_explorer, root, manifest)
+    if explorer is not None:
+        failures += guard("explorer", _verify_explorer, root, explorer)
     return failures
+
+
+def _in_two(manifest: Mapping[str, Any], workers: int) -> bool:
+    """Whether ``verify_release`` runs its checks in two processes: ``workers`` > 1 and a release
+    of at least :data:`pipeline.release.writer.BACKGROUND_MIN_BLOCKS` blocks (below, starting a
+    process costs more than it saves)."""
+    from pipeline.release.writer import BACKGROUND_MIN_BLOCKS
+
+    blocks = int(manifest["geolevels"][-1]["units"]) if manifest.get("geolevels") else 0
+    return workers > 1 and blocks >= BACKGROUND_MIN_BLOCKS
+
+
+class _ExplorerFiles:
+    """:func:`explorer_files` of a release, made when first asked for (``mode`` of
+    :class:`pipeline.release.streams.Background`: ``"process"`` starts it now, beside the other
+    checks) and kept for the next check that compares with them."""
+
+    def __init__(self, root: Path, manifest: Mapping[str, Any], mode: str) -> None:
+        from pipeline.release.streams import Background
+
+        self._made = Background("explorer check", explorer_files, (root, manifest), mode)
+        self._files: dict[str, str] | None = None
+
+    def files(self) -> dict[str, str]:
+        if self._files is None:
+            self._files = self._made.result()
+        return self._files
 
 
 def _contents(root: Path, manifest: Mapping[str, Any], regenerate: bool, workers: int) -> list[CheckFailure]:
@@ -174,10 +205,8 @@ def _contents(root: Path, manifest: Mapping[str, Any], regenerate: bool, workers
     pays (``workers`` > 1, a large release with measurements: at national scale ~15 billion
     rows with the full estimator, checked beside the tables, microdata and unbiased estimates)."""
     from pipeline.release.streams import Background
-    from pipeline.release.writer import BACKGROUND_MIN_BLOCKS
 
-    blocks = int(manifest["geolevels"][-1]["units"]) if manifest.get("geolevels") else 0
-    if workers <= 1 or blocks < BACKGROUND_MIN_BLOCKS or not (manifest.get("contents") or {}).get("measurements"):
+    if not _in_two(manifest, workers) or not (manifest.get("contents") or {}).get("measurements"):
         return verify_contents(root, manifest, regenerate)
     measurements = Background("measurement check", verify_contents, (root, manifest, regenerate, "measurements"),
                               "process")
@@ -305,25 +334,25 @@ def explorer_files(root: Path, manifest: Mapping[str, Any]) -> dict[str, str]:
                 for p in write_explorer(scratch, manifest)}
 
 
-def _verify_explorer(root: Path, manifest: Mapping[str, Any]) -> list[CheckFailure]:
+def _verify_explorer(root: Path, explorer: _ExplorerFiles) -> list[CheckFailure]:
     """The explorer's files are exactly those the writer makes from the published tables."""
     from pipeline.files import sha256_file
 
     out = []
-    for rel, want in sorted(explorer_files(root, manifest).items()):
+    for rel, want in sorted(explorer.files().items()):
         path = root / rel
         if path.is_file() and sha256_file(path) != want:
             out.append(fail("explorer", f"{rel} differs from the explorer data made from the release's tables"))
     return out
 
 
-def _verify_required_files(manifest: Mapping[str, Any], root: Path, regenerate: bool = True) -> list[CheckFailure]:
+def _verify_required_files(manifest: Mapping[str, Any], root: Path, explorer: _ExplorerFiles | None
+                           ) -> list[CheckFailure]:
     listed = {f["path"] for f in manifest["files"]}
     # the explorer's files are those the tables make (regenerated), or, in the writer's
-    # self-check, the ones it has just listed
-    explorer = (set(explorer_files(root, manifest)) if regenerate
-                else {p for p in listed if p.startswith("explorer/")})
-    need = required_files(manifest, _spec_copies(root, manifest)) | explorer
+    # self-check (``explorer`` None), the ones it has just listed
+    made = set(explorer.files()) if explorer is not None else {p for p in listed if p.startswith("explorer/")}
+    need = required_files(manifest, _spec_copies(root, manifest)) | made
     s = manifest["contents"]
     why = f"csv {s['csv']}, measurements {s['measurements']}, tables {[t['name'] for t in manifest['tables']]}"
     out = [fail("file_missing", f"{p} is required by the manifest's settings ({why}) but not listed in its files")
