@@ -471,8 +471,8 @@ def verify_cmd(
     release_dir: str = typer.Argument(..., help="a release folder releases/<release-id>/"),
     show: int = typer.Option(50, "--show", help="list at most this many failures"),
     workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", min=1,
-                                help="processes: with 2, a large release's noisy measurements are checked "
-                                     "beside its other data files"),
+                                help="processes: with 2, a large release's explorer is regenerated and its noisy "
+                                     "measurements checked beside its other data files"),
 ) -> None:
     """Recompute every checksum and consistency check of a release; exit 1 listing failures."""
     import json

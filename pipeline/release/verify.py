@@ -138,9 +138,10 @@ def verify_release(path: str | Path, *, release_id: str | None = None, regenerat
     them in a process of its own while it writes the explorer.
 
     ``workers``: with 2 or more, a release of at least
-    :data:`pipeline.release.writer.BACKGROUND_MIN_BLOCKS` blocks that carries its noisy
-    measurements has them checked in a process of its own beside the other data files (as the
-    writer does): the same failures, the measurements' listed after the others.
+    :data:`pipeline.release.writer.BACKGROUND_MIN_BLOCKS` blocks has its explorer regenerated,
+    and its noisy measurements (if it carries them) checked, in processes of their own beside the
+    other checks (as the writer does): the same failures, the measurements' listed after the
+    other data files'.
     """
     root = Path(path)
     mpath = root / "manifest.json"
