@@ -191,7 +191,7 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
     monkeypatch.setattr(estimate, "ESTIMATE_PARTS", 2)
     from test_dask_executor import _digests, _two_states
 
-    from pipeline.job.estimate import read_line_estimates, read_targets
+    from pipeline.job.estimate import LineEstimates, read_targets
     from pipeline.postprocess.gls import split_parts
     from pipeline.release.tables import load_tables
 
@@ -205,7 +205,7 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
                        [int(lv.n_units) for lv in levels], 2)
     assert 0 < k < len(levels) - 2  # every part holds levels with targets above its leaves
     up, whole = _whole_tree_fit(ctx)
-    lines = read_line_estimates(ctx, "persons")
+    lines = dict(LineEstimates(ctx, ["persons"]))
     for i, lv in enumerate(levels[:-1]):
         sub = whole.levels[0] if i == 0 else up.subtree(i)
         got, _ = read_targets(ctx.rd.estimate_targets_path("persons", lv.name), spec, 0, lv.n_units,
@@ -242,7 +242,7 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
     monkeypatch.setattr(estimate, "ESTIMATE_PARTS", 2)
     from test_dask_executor import _two_states
 
-    from pipeline.job.estimate import read_line_estimates
+    from pipeline.job.estimate import LineEstimates
     from pipeline.job.executor import Executor
     from pipeline.postprocess.gls import split_parts
     from pipeline.release.tables import load_tables
@@ -272,7 +272,7 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
         if part_units == 1:  # the stage again, cut at the bottom, over the same measurements
             _, files = estimate.estimate_kind(ctx, "persons", Executor(1))
             ctx.rd.mark_done("estimate:persons", ctx.rd.done_info("estimate:persons") or {}, files=files)
-        lines = read_line_estimates(ctx, "persons", bottom=True)
+        lines = dict(LineEstimates(ctx, ["persons"], bottom=True))
         for i, lv in enumerate(levels):
             for t in load_tables("pl94").of_kind("persons"):
                 want = np.asarray((t.matrix.astype(np.float64) @ whole.levels[i].estimate.T).T)

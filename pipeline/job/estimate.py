@@ -411,14 +411,6 @@ class LineEstimates(Mapping[tuple[str, str], np.ndarray]):
         return est.to_numpy().reshape(n_units, n_lines)
 
 
-def read_line_estimates(ctx: RunContext, kind: str, bottom: bool = False) -> dict[tuple[str, str], np.ndarray]:
-    """The full estimator's line estimates of ``kind``, all read: ``{(table, level): float
-    (n_units, n_lines)}`` for every level but the bottom one (the release's unbiased tables);
-    with ``bottom``, the bottom level's too (written only for simulated margins,
-    :func:`_bottom_lines`). :class:`LineEstimates` reads them one at a time."""
-    return dict(LineEstimates(ctx, [kind], bottom))
-
-
 def read_targets(path: Any, spec: HistogramSpec, c0: int, c1: int,
                  queries: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The engine's targets for units ``c0:c1`` from a level's targets file: per query the float

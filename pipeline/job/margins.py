@@ -112,7 +112,7 @@ def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFr
     of the published counts its errors were shifted to; NaN without one); ``moving``: the cells
     (table, geolevel, unit, line) that some rerun changed — every other cell gets 0
     (``pipeline.release.uncertainty.simulated_moe90``)."""
-    from pipeline.job.estimate import read_line_estimates
+    from pipeline.job.estimate import LineEstimates
     from pipeline.job.stages import solve_levels
 
     ts = load_tables(ctx.cfg.tables)
@@ -120,7 +120,7 @@ def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFr
                    for lv in ctx.level_names} for kind in ctx.kinds}
     # the unbiased estimates the bias is measured against (the full estimator's, every level)
     gls = ctx.cfg.postprocess.estimator == "full"
-    blue = {k: v for kind in ctx.kinds for k, v in read_line_estimates(ctx, kind, bottom=True).items()} if gls else {}
+    blue = dict(LineEstimates(ctx, ctx.kinds, bottom=True)) if gls else {}
     reruns: dict[tuple[str, str], list[np.ndarray]] = {}
     rerun_blue: dict[tuple[str, str], list[np.ndarray]] = {}
     for k in range(trials):
@@ -128,9 +128,8 @@ def simulate_margins(ctx: RunContext, trials: int, seed: int) -> tuple[pl.DataFr
         solve_levels(rd.root)
         if gls:
             rctx = RunContext.load(rd.root)
-            for kind in ctx.kinds:
-                for key, g in read_line_estimates(rctx, kind, bottom=True).items():
-                    rerun_blue.setdefault(key, []).append(g)
+            for key, g in LineEstimates(rctx, ctx.kinds, bottom=True).items():
+                rerun_blue.setdefault(key, []).append(g)
         for kind in ctx.kinds:
             for lv in ctx.level_names:
                 rerun = SparseHistogram.from_parquet(rd.verified(rd.solved_path(kind, lv)))

@@ -254,9 +254,9 @@ def _published_margins(run_dir: Path, stats: Statistics,
     margins, unbiased = {}, {}
     line_est = {}
     if ctx.cfg.postprocess.estimator == "full" and ctx.rd.is_done("estimate:persons"):
-        from pipeline.job.estimate import read_line_estimates
+        from pipeline.job.estimate import LineEstimates
 
-        line_est = read_line_estimates(ctx, "persons")
+        line_est = dict(LineEstimates(ctx, ["persons"]))
     for lv in geo.levels:
         cols, ucols = [], []
         for table, line in lines:
