@@ -321,3 +321,49 @@ def test_a_release_that_fails_after_its_margins_were_written_leaves_no_files_beh
         stages.run(write_config(tmp, inputs, "full3.yaml", release_id="full-3", postprocess={"estimator": "full"}),
                    progress=False)
     assert sorted(p.name for p in releases.iterdir()) == before
+
+
+def test_verify_reads_the_margins_from_a_scratch_folder_and_removes_it(two_runs, tmp_path, monkeypatch) -> None:
+    """``dptab verify`` recomputes the full estimator's margins once for the count and the
+    unbiased tables, keeps them in a scratch folder outside the release (read a range of units at
+    a time, as the writer does) and removes it; a published moe90 changed in one tract row is
+    still found, and a clean copy still verifies."""
+    import shutil
+    import tempfile
+
+    from pipeline.release import manifest as release_manifest
+    from pipeline.release.uncertainty import DiskRows, RepeatedRows
+
+    _, _, full, _ = two_runs
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where verify's scratch folders go
+    calls: list[Any] = []
+    real = release_manifest.release_margins
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        calls.append((kwargs.get("spill"), out))
+        return out
+
+    monkeypatch.setattr(release_manifest, "release_margins", spy)
+    release = Path(full["release_path"])
+    rid = json.loads((release / "manifest.json").read_text())["release_id"]
+    assert verify_release(release, release_id=rid) == []
+    assert len(calls) == 1  # once for both the count and the unbiased tables' rows
+    spill, moe = calls[0]
+    assert spill is not None and spill.parent == scratch
+    per_unit = [v for v in moe.values() if getattr(v, "ndim", 1) == 2]
+    assert per_unit and all(isinstance(v, (DiskRows, RepeatedRows)) for v in per_unit)
+    assert list(scratch.iterdir()) == []  # the margins' (and the explorer's) scratch removed
+
+    copy = tmp_path / rid
+    shutil.copytree(release, copy)
+    path = copy / "tables" / "P1.parquet"
+    df = pl.read_parquet(path)
+    tract = df.with_row_index("i").filter((pl.col("geolevel") == "tract") & (pl.col("moe90") > 0))["i"][3]
+    df.with_columns(pl.when(pl.int_range(pl.len()) == tract).then(pl.col("moe90") + 0.01)
+                    .otherwise(pl.col("moe90")).alias("moe90")).write_parquet(path)
+    problems = verify_release(copy)
+    assert any(p.check == "table_rows" and "moe90" in str(p) and p.geolevel == "tract" for p in problems), problems
+    assert list(scratch.iterdir()) == []

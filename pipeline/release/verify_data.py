@@ -359,33 +359,43 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
                                                    f"{decl['total']} units", "H1"))
         else:
             failures.append(fail("file_missing", f"{decl['file']} (declared invariant) is missing"))
-    if data:
-        failures += guard("tables", _stream_tables, root, manifest, ts,
-                           [t for t in tables if t.name in runs], runs, geo, digits, x_block,
-                           Invariants(inv["state_totals"], block_geoids, block_hu), regenerate and whole)
-    if x_block is not None:
-        x_block.close()  # its scratch file
-    if meas:
-        failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, support, subset)
-    if whole and data and manifest["contents"].get("unbiased"):
-        failures += guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits, regenerate)
+    # the design's margins, which the table rows and the unbiased rows are regenerated with:
+    # recomputed once for both, kept in a scratch folder until both are checked
+    margins = _Margins(manifest, ts, geo, digits) if data and regenerate and whole else None
+    try:
+        if data:
+            failures += guard("tables", _stream_tables, root, manifest, ts,
+                               [t for t in tables if t.name in runs], runs, geo, digits, x_block,
+                               Invariants(inv["state_totals"], block_geoids, block_hu), margins)
+        if x_block is not None:
+            x_block.close()  # its scratch file
+        if meas:
+            failures += guard("measurements", _measurement_file_checks, root, manifest, ts, geo, digits, support,
+                               subset)
+        if whole and data and manifest["contents"].get("unbiased"):
+            failures += guard("unbiased", _unbiased_checks, root, manifest, ts, geo, digits, margins)
+    finally:
+        if margins is not None:
+            margins.close()
     return failures
 
 
 def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables: Sequence[Any],
                    runs: Mapping[str, Mapping[str, int]], geo: Sequence[LevelTables], tree: GeoTree,
-                   x_block: Any, invariants: Invariants, regenerate: bool) -> list[CheckFailure]:
+                   x_block: Any, invariants: Invariants, margins: "_Margins | None") -> list[CheckFailure]:
     """One pass over every table file, level by level and :data:`pipeline.release.writer.STREAM_UNITS`
     units at a time: the layout of the rows (level, lines, labels, the same units in every table),
     the consistency checks and invariants (:class:`ReleaseChecks`), the block tables against the
-    microdata (``x_block``: :class:`BlockCounts`), and with ``regenerate`` every row
-    regenerated from its counts and the design's margins of error, and every CSV row against its
-    Parquet row. Memory: one chunk of every table plus the level above's counts."""
+    microdata (``x_block``: :class:`BlockCounts`), and with ``margins`` (the design's margins of
+    error, :class:`_Margins`) every row regenerated from its counts and those margins, and every
+    CSV row against its Parquet row. Memory: one chunk of every table plus the level above's
+    counts."""
     from pipeline.release.checks import ReleaseChecks
     from pipeline.release.uncertainty import simulated_moe90
     from pipeline.release.writer import STREAM_UNITS
 
     out: list[CheckFailure] = []
+    regenerate = margins is not None
     checks = ReleaseChecks(ts, tree, invariants)
     # without regenerating the rows, only the columns the layout and the checks read (the names,
     # the table column and moe90 are most of the decoding)
@@ -403,7 +413,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
             for name, per_block in x_block.lines.items():
                 check_lines[lt.level][name] = np.bincount(pos, weights=per_block[inside],
                                                           minlength=len(lt.geoids)).astype(np.int64)
-    moe = _margins(manifest, ts, list(geo), tree) if regenerate else {}
+    moe = margins.get() if margins is not None else {}
     sim_file = (manifest.get("uncertainty") or {}).get("file")
     lookup = pl.read_parquet(root / sim_file) if regenerate and sim_file and (root / sim_file).is_file() else None
     against = "the rows regenerated from its counts and the design's margins of error"
@@ -548,32 +558,58 @@ def _geography_checks(tree: GeoTree, manifest: Mapping[str, Any]) -> list[CheckF
     return out
 
 
-def _margins(manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-             digits: "Mapping[str, int] | GeoTree") -> dict[tuple[str, str], Any]:
+class _Margins:
     """The release's margins of error recomputed from its manifest (design, invariants, estimator)
-    and, for the full estimator, the published geography's tree."""
-    from pipeline.release.manifest import child_ptrs_from_tree, release_margins, variances_from_privacy
+    and, for the full estimator, the published geography's tree (``lts``: every level's units),
+    when first asked for (:meth:`get`), as the writer made them: the full estimator's per-unit
+    margins written to a scratch folder of their own (outside the release; removed by
+    :meth:`close`) and read back a range of units at a time (:class:`DiskRows`), not held
+    through the checks (~1.4 GB on the US geography)."""
 
-    inv = manifest["invariants"]
-    levels = [g["name"] for g in manifest["geolevels"]]
-    estimator = (manifest.get("estimator") or {}).get("name", "topdown")
-    # how the writer cut the tree to fit them; absent (releases before the cut): the whole tree
-    part_units = int((manifest.get("estimator") or {}).get("margin_part_units", 0))
-    geo = GeoTree.of(digits, levels)
-    tree = child_ptrs_from_tree(geo, [lt.geoids for lt in lts]) if estimator == "full" else None
-    return release_margins(ts, variances_from_privacy(manifest["privacy"]), levels, geo.digits,
-                           inv["state_totals"] is not None, inv["block_housing_units"] is not None, estimator, tree,
-                           part_units)
+    def __init__(self, manifest: Mapping[str, Any], ts: TableSet, lts: Sequence[LevelTables],
+                 digits: "Mapping[str, int] | GeoTree") -> None:
+        self.manifest, self.ts, self.lts, self.digits = manifest, ts, list(lts), digits
+        self._moe: dict[tuple[str, str], Any] | None = None
+        self._dir: Any = None
+
+    def get(self) -> dict[tuple[str, str], Any]:
+        """``{(table, level): moe90}`` as :func:`pipeline.release.manifest.release_margins` gives them."""
+        if self._moe is None:
+            import tempfile
+
+            from pipeline.release.manifest import child_ptrs_from_tree, release_margins, variances_from_privacy
+
+            manifest = self.manifest
+            inv = manifest["invariants"]
+            levels = [g["name"] for g in manifest["geolevels"]]
+            estimator = (manifest.get("estimator") or {}).get("name", "topdown")
+            # how the writer cut the tree to fit them; absent (releases before the cut): the whole tree
+            part_units = int((manifest.get("estimator") or {}).get("margin_part_units", 0))
+            geo = GeoTree.of(self.digits, levels)
+            tree = child_ptrs_from_tree(geo, [lt.geoids for lt in self.lts]) if estimator == "full" else None
+            if estimator == "full":
+                self._dir = tempfile.TemporaryDirectory(prefix="dptab-verify-margins-")
+            self._moe = release_margins(self.ts, variances_from_privacy(manifest["privacy"]), levels, geo.digits,
+                                        inv["state_totals"] is not None, inv["block_housing_units"] is not None,
+                                        estimator, tree, part_units,
+                                        spill=Path(self._dir.name) if self._dir is not None else None)
+        return self._moe
+
+    def close(self) -> None:
+        """Remove the scratch folder (the margins read from it no longer can be)."""
+        self._moe = None
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
 
 
 def _unbiased_checks(root: Path, manifest: Mapping[str, Any], ts: TableSet, lts: list[LevelTables],
-                     digits: Mapping[str, int], regenerate: bool) -> list[CheckFailure]:
+                     digits: Mapping[str, int], margins: _Margins | None) -> list[CheckFailure]:
     """The unbiased tables; their rows regenerated (which needs the design's standard errors,
-    recomputed) only with ``regenerate``, as the count tables' rows."""
+    ``margins``) only when given, as the count tables' rows."""
     from pipeline.release.unbiased import verify_unbiased
 
-    return verify_unbiased(root, manifest, ts, lts, _margins(manifest, ts, lts, digits) if regenerate else None,
-                           digits)
+    return verify_unbiased(root, manifest, ts, lts, margins.get() if margins is not None else None, digits)
 
 
 def _table_list_checks(ts: TableSet, manifest: Mapping[str, Any]) -> list[CheckFailure]:
