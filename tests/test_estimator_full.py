@@ -326,8 +326,8 @@ def test_a_release_that_fails_after_its_margins_were_written_leaves_no_files_beh
 def test_verify_reads_the_margins_from_a_scratch_folder_and_removes_it(two_runs, tmp_path, monkeypatch) -> None:
     """``dptab verify`` recomputes the full estimator's margins once for the count and the
     unbiased tables, keeps them in a scratch folder outside the release (read a range of units at
-    a time, as the writer does) and removes it; a published moe90 changed in one tract row is
-    still found, and a clean copy still verifies."""
+    a time, as the writer does) and removes it: the release verifies clean, and in a copy a
+    published moe90 changed in one tract row is still found."""
     import shutil
     import tempfile
 
