@@ -104,8 +104,10 @@ def build_block_histogram(persons: pl.LazyFrame | pl.DataFrame, geography: Geogr
     bad = counts.filter(pl.col("cell").is_null())
     if bad.height:
         n = int(bad["count"].sum())
+        # group_by's output order varies from run to run: name the first blocks in GEOID order
+        first = bad["geoid"].unique().sort().head(5).to_list()
         raise HistogramError(f"persons: {n} record(s) with attribute codes outside the {spec.name} "
-                             f"spec, in blocks {bad['geoid'].head(5).to_list()}")
+                             f"spec, in blocks {first}")
     blocks = geography.blocks
     try:
         codes = (blocks.codes_of(counts["geoid"]) if blocks.is_lookup

@@ -165,7 +165,7 @@ class LevelIndex:
         bad = (pos >= self.n_units) | (srt[pos_c] != g) if self.n_units else np.ones(g.shape, bool)
         if bad.any():
             raise GeographyError(f"{int(bad.sum())} {self.name} code(s) not in the geography, e.g. "
-                                 f"{g[bad][:5].tolist()}")
+                                 f"{np.unique(g[bad])[:5].tolist()}")
         return self._name_order[pos_c].astype(np.int64)
 
     def index_of_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -176,7 +176,7 @@ class LevelIndex:
         bad = (pos >= self.n_units) | (self.codes[pos_c] != codes) if self.n_units else np.ones(codes.shape, bool)
         if bad.any():
             examples = [str(int(c)) if self.names is not None else format_geoid(int(c), self.digits)
-                        for c in codes[bad][:5]]
+                        for c in np.unique(codes[bad])[:5]]
             raise GeographyError(
                 f"{int(bad.sum())} {self.name} GEOID(s) not in the geography, e.g. {examples}")
         return pos.astype(np.int64)
@@ -213,6 +213,12 @@ def format_geoid(code: int, digits: int) -> str:
     return str(code).zfill(digits) if digits else ""
 
 
+def _first(values: pl.Series, n: int = 5) -> list[object]:
+    """The first ``n`` distinct ``values`` in sorted order: error messages name the same examples
+    whatever order the values came in (a polars group_by's output order varies between runs)."""
+    return values.unique().sort().head(n).to_list()
+
+
 def geoid_codes(geoids: Iterable[str] | np.ndarray | pl.Series, digits: int, what: str = "GEOIDs") -> np.ndarray:
     """Parse GEOID strings of exactly ``digits`` decimal digits into int64 codes, ``(n,)``.
 
@@ -228,14 +234,14 @@ def geoid_codes(geoids: Iterable[str] | np.ndarray | pl.Series, digits: int, wha
     if digits == 0:
         bad = s.is_null() | (s.str.len_chars() != 0)
         if bad.any():
-            raise GeographyError(f"{int(bad.sum())} {what} are not empty strings, e.g. {s.filter(bad).head(5).to_list()}")
+            raise GeographyError(f"{int(bad.sum())} {what} are not empty strings, e.g. {_first(s.filter(bad))}")
         return np.zeros(s.len(), dtype=np.int64)
     # fast exact check: right byte length, and an unsigned integer parse that succeeds; the
     # parse accepts a leading '+', which the length would otherwise let through
     codes = s.cast(pl.UInt64, strict=False)
     bad = codes.is_null() | (s.str.len_bytes() != digits) | s.str.starts_with("+")
     if bad.any():
-        examples = s.filter(bad).head(5).to_list()
+        examples = _first(s.filter(bad))
         raise GeographyError(f"{int(bad.sum())} {what} are not {digits}-digit strings, e.g. {examples}")
     return codes.cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
 
