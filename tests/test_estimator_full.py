@@ -139,6 +139,30 @@ def test_a_part_reads_no_measurement_file_changed_since_it_was_drawn(two_runs, t
         estimate._part_up((str(run), "persons", k, lo, hi, 0))
 
 
+def test_level_steps_reuse_the_measurements_without_reading_the_confidential_histograms(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measure step draws every shard of every level; the level steps then reuse those files
+    and read no confidential histogram a second time: each shard's truth is read once, by its draw."""
+    from pipeline.job import shard
+
+    calls: list[tuple[str, str, Any]] = []
+    real = shard.truth_histogram
+
+    def spy(ctx: RunContext, kind: str, level: str, units: Any = None) -> SparseHistogram:
+        calls.append((kind, level, units))
+        return real(ctx, kind, level, units)
+
+    monkeypatch.setattr(shard, "truth_histogram", spy)
+    inputs = make_inputs(tmp_path, persons=1500, seed=5)
+    out = stages.run(write_config(tmp_path, inputs, release_id="once", postprocess={"estimator": "full"}),
+                     progress=False)
+    ctx = RunContext.load(out["run_dir"])
+    drawn = [(k, lv) for k in ctx.kinds for lv in ctx.level_names
+             for _ in ctx.rd.measurement_dir(k, lv).glob("shard-*.parquet")]
+    assert sorted((k, lv) for k, lv, _ in calls) == sorted(drawn)
+    assert len(set(calls)) == len(calls)
+
+
 def test_split_parts_by_hand() -> None:
     """Root -> 2 states -> 5 counties (3 + 2) -> 10 blocks (4, 1, 1, 2, 2)."""
     from pipeline.postprocess.gls import split_parts

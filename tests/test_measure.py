@@ -14,7 +14,7 @@ from pipeline.model.design import discrete_gaussian_variance
 from pipeline.model.histogram import SparseHistogram
 from pipeline.model.spec import load_spec
 from pipeline.model.strategy import load_strategy
-from pipeline.privacy.measure import COLUMNS, MeasurementError, load_measurements, measure_shard
+from pipeline.privacy.measure import COLUMNS, MeasurementError, load_measurements, measure_shard, reused_measurements
 from pipeline.privacy.randomness import keyed_source, seeded_source
 
 SPEC = load_spec("pl94")
@@ -111,6 +111,12 @@ def test_written_once_and_reused(tmp_path: Path):
         measure_shard(path, h, SPEC, STRATEGY, "block", 0, 20, seeded_source(5))
     with pytest.raises(MeasurementError, match="full"):
         measure_shard(path, h, SPEC, STRATEGY, "block", 0, 30, seeded_source(5), full=True)
+    # what a caller checks before reading the confidential histogram: the same file and checks
+    assert reused_measurements(tmp_path / "absent.parquet", STRATEGY, "block", 0, 30) is None
+    known = reused_measurements(path, STRATEGY, "block", 0, 30)
+    assert known is not None and (known.path, known.rows, known.drawn) == (path, first.rows, False)
+    with pytest.raises(MeasurementError, match="units=0:30, not 0:20"):
+        reused_measurements(path, STRATEGY, "block", 0, 20)
 
 
 def test_keyed_noise_is_reproducible(tmp_path: Path):

@@ -154,9 +154,10 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
     zero are skipped. ``source`` defaults to the secure source.
     """
     path = Path(path)
+    reused = reused_measurements(path, strategy, level, start, stop, full=full)
+    if reused is not None:
+        return reused
     meta = _file_meta(level, start, stop, full, strategy)
-    if path.exists():
-        return _reuse(path, meta)
     if not 0 <= start <= stop <= hist.n_units:
         raise MeasurementError(f"{level}: bad unit range {start}:{stop} of {hist.n_units}")
     if hist.n_cells != spec.n_cells:
@@ -235,6 +236,17 @@ def measure_shard(path: str | Path, hist: SparseHistogram, spec: HistogramSpec, 
     finally:
         tmp.unlink(missing_ok=True)
     return MeasureResult(path, rows, True, skipped)
+
+
+def reused_measurements(path: str | Path, strategy: Strategy, level: str, start: int, stop: int, *,
+                        full: bool = False) -> MeasureResult | None:
+    """The measurements :func:`measure_shard` would reuse for this request (the file at ``path``,
+    checked to have been made for it; :class:`MeasurementError` if it was not), or ``None`` if
+    there is no file yet. A caller checks this before reading the confidential histogram and the
+    parent's answers that drawing needs: the full estimator's level steps, and every retry or
+    resume, reuse every shard's file and need neither."""
+    path = Path(path)
+    return _reuse(path, _file_meta(level, start, stop, full, strategy)) if path.exists() else None
 
 
 def _reuse(path: Path, meta: dict[bytes, bytes]) -> MeasureResult:
