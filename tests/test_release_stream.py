@@ -95,16 +95,20 @@ def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch
     case = make_case(1, n_blocks=30)
     one = _digests(_write_with(tmp_path / "one", case, workers=1))
     started: list[tuple[str, str]] = []
+    niceness: dict[str, int] = {}
     init = streams_mod.Background.__init__
 
-    def spy(self, what, fn, args, mode):
-        init(self, what, fn, args, mode)
+    def spy(self, what, fn, args, mode, nice=0):
+        init(self, what, fn, args, mode, nice=nice)
         started.append((what, mode))
+        niceness[what] = nice
 
     monkeypatch.setattr(streams_mod.Background, "__init__", spy)
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
     path = _write_with(tmp_path / "two", case, workers=2)
     assert started == [("microdata", "process"), ("release check", "process")]
+    # the check yields to the explorer written beside it (which would otherwise end alone)
+    assert niceness == {"microdata": 0, "release check": writer_mod.CHECK_NICE} and writer_mod.CHECK_NICE > 0
     assert _digests(path) == one
     assert verify_release(path) == []
     # below the threshold no process is started: threads of the writer's process
@@ -117,6 +121,15 @@ def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch
     started.clear()
     _write_with(tmp_path / "four", case, workers=1)
     assert started == [("microdata", "inline"), ("release check", "inline")]
+
+
+def test_a_background_process_runs_at_the_niceness_it_is_given() -> None:
+    """``nice`` lowers a child process's priority by that much (``os.nice(0)``: its niceness)."""
+    import os
+
+    here = os.nice(0)
+    assert streams_mod.Background("niceness", os.nice, (0,), "process", nice=3).result() == min(here + 3, 19)
+    assert streams_mod.Background("niceness", os.nice, (0,), "process").result() == here
 
 
 def test_a_failure_on_a_publishing_thread_leaves_no_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

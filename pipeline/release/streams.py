@@ -61,16 +61,18 @@ class WriteQueue:
                     fut.result()
 
 
-def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], umask: int) -> None:
+def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], umask: int, nice: int = 0) -> None:
     """Child process of :class:`Background`: send ``("ok", fn(*args))`` or ``("error", text)``.
     ``umask``: the parent's — the fork server may have been started with another (a job starts
     its worker pool while writing its private run files), and the release's files must get the
-    permissions the writer's own get."""
+    permissions the writer's own get; ``nice``: added to the child's niceness (lower priority)."""
     import os
     import traceback
 
     try:
         os.umask(umask)
+        if nice:
+            os.nice(nice)
         conn.send(("ok", fn(*args)))
     except BaseException as exc:  # the parent raises it; nothing may pass unreported
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
@@ -85,11 +87,12 @@ class Background:
     goes on, a failure there raised here as :class:`ReleaseError`; ``"thread"`` — on a thread
     of this process (no process to start and no data to reload, for releases too small to repay
     that; the work is Arrow, polars and hashing, which release the GIL); ``"inline"`` — here,
-    when :meth:`result` is first asked for. Same result in every mode."""
+    when :meth:`result` is first asked for. Same result in every mode. ``nice``: the child
+    process's added niceness (``"process"`` only: a thread shares this process's priority)."""
 
     MODES = ("process", "thread", "inline")
 
-    def __init__(self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], mode: str) -> None:
+    def __init__(self, what: str, fn: Callable[..., Any], args: tuple[Any, ...], mode: str, nice: int = 0) -> None:
         import multiprocessing
 
         if mode not in self.MODES:
@@ -103,7 +106,8 @@ class Background:
             self._conn, child = ctx.Pipe(duplex=False)
             umask = os.umask(0o077)
             os.umask(umask)
-            self._proc = ctx.Process(target=in_child, args=(child, fn, args, umask), name=f"dptab-{what}", daemon=True)
+            self._proc = ctx.Process(target=in_child, args=(child, fn, args, umask, nice), name=f"dptab-{what}",
+                                     daemon=True)
             self._proc.start()
             child.close()
         elif mode == "thread":

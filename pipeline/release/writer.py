@@ -340,6 +340,10 @@ def _write_microdata(path: Path, blocks: "LevelIndex", hist: Any, spec: Any, loo
 #: processes of their own (when the job has ``workers > 1``); below it starting a process costs
 #: more than it saves over a thread of the writer's process
 BACKGROUND_MIN_BLOCKS = 20_000
+#: niceness added to the check processes: they run beside the explorer, which this process writes
+#: alone on one core and which ends last otherwise (the checks done, a core idle for its last
+#: seconds); at a lower priority they yield to it and use both cores once it is written
+CHECK_NICE = 5
 
 
 def _without_strings(level: "LevelIndex") -> "LevelIndex":
@@ -556,11 +560,12 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         # with a second core and noisy measurements (tens of millions of rows with the full
         # estimator), their checks run beside the others instead of after them
         split = bool(mfiles) and background != "inline"
-        check = Background("release check", _check_contents, (tmp, described, "data" if split else "all"), background)
+        check = Background("release check", _check_contents, (tmp, described, "data" if split else "all"), background,
+                           nice=CHECK_NICE)
         children.append(check)
         if split:
             children.append(Background("measurement check", _check_contents, (tmp, described, "measurements"),
-                                       background))
+                                       background, nice=CHECK_NICE))
         # the codebook (README.md, codebook.json, the specs definitions.yaml refers to) is listed and checksummed
         manifest["files"] += [_file_entry(tmp, p) for p in write_codebook(tmp, manifest, ts)]
         # the area explorer's data (read back from tables/), listed and checksummed like every file
