@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from pipeline.model.geography import Geography, GeographyError, LevelIndex, geoid_codes
+from pipeline.model.geography import Geography, GeographyError, LevelIndex, geoid_codes, sorted_examples
 from pipeline.model.histogram import HistogramError, SparseHistogram
 from pipeline.model.spec import HistogramSpec
 
@@ -104,10 +104,9 @@ def build_block_histogram(persons: pl.LazyFrame | pl.DataFrame, geography: Geogr
     bad = counts.filter(pl.col("cell").is_null())
     if bad.height:
         n = int(bad["count"].sum())
-        # group_by's output order varies from run to run: name the first blocks in GEOID order
-        first = bad["geoid"].unique().sort().head(5).to_list()
+        # (group_by's output order varies from run to run: the first blocks in GEOID order)
         raise HistogramError(f"persons: {n} record(s) with attribute codes outside the {spec.name} "
-                             f"spec, in blocks {first}")
+                             f"spec, in blocks {sorted_examples(bad['geoid'])}")
     blocks = geography.blocks
     try:
         codes = (blocks.codes_of(counts["geoid"]) if blocks.is_lookup

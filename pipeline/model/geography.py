@@ -213,7 +213,7 @@ def format_geoid(code: int, digits: int) -> str:
     return str(code).zfill(digits) if digits else ""
 
 
-def _first(values: pl.Series, n: int = 5) -> list[object]:
+def sorted_examples(values: pl.Series, n: int = 5) -> list[object]:
     """The first ``n`` distinct ``values`` in sorted order: error messages name the same examples
     whatever order the values came in (a polars group_by's output order varies between runs)."""
     return values.unique().sort().head(n).to_list()
@@ -234,14 +234,14 @@ def geoid_codes(geoids: Iterable[str] | np.ndarray | pl.Series, digits: int, wha
     if digits == 0:
         bad = s.is_null() | (s.str.len_chars() != 0)
         if bad.any():
-            raise GeographyError(f"{int(bad.sum())} {what} are not empty strings, e.g. {_first(s.filter(bad))}")
+            raise GeographyError(f"{int(bad.sum())} {what} are not empty strings, e.g. {sorted_examples(s.filter(bad))}")
         return np.zeros(s.len(), dtype=np.int64)
     # fast exact check: right byte length, and an unsigned integer parse that succeeds; the
     # parse accepts a leading '+', which the length would otherwise let through
     codes = s.cast(pl.UInt64, strict=False)
     bad = codes.is_null() | (s.str.len_bytes() != digits) | s.str.starts_with("+")
     if bad.any():
-        examples = _first(s.filter(bad))
+        examples = sorted_examples(s.filter(bad))
         raise GeographyError(f"{int(bad.sum())} {what} are not {digits}-digit strings, e.g. {examples}")
     return codes.cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
 
