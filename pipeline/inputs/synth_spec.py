@@ -143,7 +143,8 @@ def synthesize_spec(spec: HistogramSpec, n_persons: int, seed: int, out_dir: str
         sizes = base.group_by("geoid").agg(pl.len().cast(pl.Int64).alias("persons")).sort("geoid")
         units = all_units.filter(pl.col("kind") == 0)
         # every populated block keeps a housing unit (the GQ-only blocks get an occupied one)
-        need = sizes.join(units.select("geoid").unique(), on="geoid", how="anti")
+        # (sorted: a join's output order is not guaranteed, and the units file must be reproducible)
+        need = sizes.join(units.select("geoid").unique(), on="geoid", how="anti").sort("geoid")
         if need.height:
             units = pl.concat([units, pl.DataFrame({
                 "unit_id": pl.Series([f"{g}-hu" for g in need["geoid"]], dtype=pl.Utf8),
