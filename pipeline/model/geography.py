@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import polars as pl
@@ -165,7 +165,7 @@ class LevelIndex:
         bad = (pos >= self.n_units) | (srt[pos_c] != g) if self.n_units else np.ones(g.shape, bool)
         if bad.any():
             raise GeographyError(f"{int(bad.sum())} {self.name} code(s) not in the geography, e.g. "
-                                 f"{np.unique(g[bad])[:5].tolist()}")
+                                 f"{sorted_examples(g[bad])}")
         return self._name_order[pos_c].astype(np.int64)
 
     def index_of_codes(self, codes: np.ndarray) -> np.ndarray:
@@ -176,7 +176,7 @@ class LevelIndex:
         bad = (pos >= self.n_units) | (self.codes[pos_c] != codes) if self.n_units else np.ones(codes.shape, bool)
         if bad.any():
             examples = [str(int(c)) if self.names is not None else format_geoid(int(c), self.digits)
-                        for c in np.unique(codes[bad])[:5]]
+                        for c in sorted_examples(codes[bad])]
             raise GeographyError(
                 f"{int(bad.sum())} {self.name} GEOID(s) not in the geography, e.g. {examples}")
         return pos.astype(np.int64)
@@ -213,9 +213,11 @@ def format_geoid(code: int, digits: int) -> str:
     return str(code).zfill(digits) if digits else ""
 
 
-def sorted_examples(values: pl.Series, n: int = 5) -> list[object]:
+def sorted_examples(values: pl.Series | np.ndarray, n: int = 5) -> list[Any]:
     """The first ``n`` distinct ``values`` in sorted order: error messages name the same examples
     whatever order the values came in (a polars group_by's output order varies between runs)."""
+    if isinstance(values, np.ndarray):
+        return np.unique(values)[:n].tolist()
     return values.unique().sort().head(n).to_list()
 
 
