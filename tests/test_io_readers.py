@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -14,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from io_cases import persons_df, to_ppmf, units_df, write  # noqa: E402
 
-from pipeline.files import sha256_file, write_parquet_atomic
+from pipeline.files import copy_file_sha256, repeated_text, sha256_file, write_parquet_atomic
 from pipeline.inputs.problems import InputValidationError
 from pipeline.inputs.readers import read_persons, read_units
 from pipeline.inputs.validation import validate_inputs
@@ -155,6 +156,28 @@ def test_sha256_file(tmp_path: Path) -> None:
     assert sha256_file(f, chunk_bytes=1000) == want  # chunk boundaries do not matter
     (tmp_path / "empty").write_bytes(b"")
     assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_copy_file_sha256_copies_and_hashes_in_one_read(tmp_path: Path) -> None:
+    data = os.urandom(5 * 1000 + 3)
+    (tmp_path / "src").write_bytes(data)
+    for chunk in (1000, 1 << 20):  # chunk boundaries inside and beyond the file
+        dst = tmp_path / f"dst-{chunk}"
+        assert copy_file_sha256(tmp_path / "src", dst, chunk_bytes=chunk) == hashlib.sha256(data).hexdigest()
+        assert dst.read_bytes() == data
+    (tmp_path / "empty").write_bytes(b"")
+    assert copy_file_sha256(tmp_path / "empty", tmp_path / "e2") == hashlib.sha256(b"").hexdigest()
+    assert (tmp_path / "e2").read_bytes() == b""
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, (1 << 22) + 3])
+def test_repeated_text_is_a_valid_one_entry_dictionary(n: int) -> None:
+    """Made without Arrow's per-index check (every index is 0, the one entry): still a valid
+    array of ``n`` equal texts, for counts below and beyond the kept zeros."""
+    a = repeated_text("P1", n, index_type=np.int8)
+    a.validate(full=True)
+    assert len(a) == n and a.dictionary.to_pylist() == ["P1"]
+    assert a.to_pylist() == ["P1"] * n if n < 10 else not a.indices.to_numpy().any()
 
 
 def test_arrow_dictionary_large_string_and_unsigned_columns(tmp_path: Path) -> None:
