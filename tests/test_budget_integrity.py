@@ -221,6 +221,26 @@ def test_damaged_measurement_shard_stops_the_release(tmp_path: Path, inputs: Pat
     with pytest.raises(RunDirIntegrityError, match="shard-00000"):
         stages.stage_publish(run_dir)
     assert not (tmp_path / "releases" / "D1").exists()
+    assert list((tmp_path / "releases").iterdir()) == []  # no partial folder either
+
+
+def test_copy_verified_checks_the_bytes_it_copies(tmp_path: Path, inputs: Path) -> None:
+    """Publishing copies each measurement file with ``RunDir.copy_verified``: one read that both
+    copies and checks the file against the run's record; a changed byte fails it and leaves no copy."""
+    cfg = write_config(tmp_path, inputs, release_id="D3")
+    rd = RunContext.load(_until_publish(cfg)).rd
+    shard = rd.measurement_path("persons", "block", 0)
+    assert rd.copy_verified(shard, tmp_path / "copy.parquet") == rd.verified_sha256(shard)
+    assert (tmp_path / "copy.parquet").read_bytes() == shard.read_bytes()
+    data = bytearray(shard.read_bytes())
+    data[-100] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(RunDirIntegrityError, match="changed since its stage finished"):
+        rd.copy_verified(shard, tmp_path / "bad.parquet")
+    assert not (tmp_path / "bad.parquet").exists()
+    stray = shutil.copy(tmp_path / "copy.parquet", shard.with_name("shard-99999.parquet"))
+    with pytest.raises(RunDirIntegrityError, match="not recorded"):
+        rd.copy_verified(Path(stray), tmp_path / "other.parquet")
 
 
 def test_damaged_solved_level_stops_the_next_level(tmp_path: Path, inputs: Path) -> None:

@@ -84,9 +84,9 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
     variances = design({k: ctx.strategies[k] for k in kinds}).variances()
     meas = None
     if ctx.cfg.output.publish_measurements:
-        # exactly the shards of the plan, each the file its stage recorded (the writer checks
-        # them with ctx.rd.verified as it copies them): a missing or edited shard file stops the
-        # release instead of silently dropping or changing rows
+        # exactly the shards of the plan, each the file its stage recorded (the writer hashes
+        # each as it copies it and compares with the run's record): a missing or edited shard
+        # file stops the release instead of silently dropping or changing rows
         meas = {(step.kind, step.level): [ctx.rd.measurement_path(step.kind, step.level, s) for s in step.shards]
                 for step in plan(ctx) if step.action == "solve"}
     meta = ReleaseMetadata(release_id=state["release_id"], dataset_id=ctx.cfg.dataset_id,
@@ -111,7 +111,7 @@ def publish_release(ctx: RunContext, before_publish: Callable[[], None] | None =
                      pl.read_parquet(ctx.rd.verified(ctx.rd.moving_cells_path)), ctx.cfg.output.margin_trials)
     path = write_release(ctx.cfg.output.releases_dir, meta, ctx.geography, persons, units,
                          declared_invariants(ctx), privacy, variances=variances, measurement_files=meas,
-                         check_measurement_file=ctx.rd.verified,
+                         copy_measurement_file=ctx.rd.copy_verified,
                          csv=ctx.cfg.output.csv, unbiased=unbiased, simulated=simulated,
                          before_publish=before_publish, tables=ctx.cfg.tables, workers=ctx.cfg.execution.workers)
     return {"release_id": meta.release_id, "release_path": str(path), "release_uri": path.resolve().as_uri(),

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DptabError, InputError, RefusedError
-from pipeline.files import crash_point, sha256_file, write_json_atomic
+from pipeline.files import copy_file_sha256, crash_point, sha256_file, write_json_atomic
 
 
 class RunDirError(InputError):
@@ -340,22 +340,44 @@ class RunDir:
     def verified_sha256(self, path: Path) -> str:
         """The sha256 of ``path``, checked as in :meth:`verified` (a key for what is built from it)."""
         path = Path(path)
+        want = self._recorded(path)
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        got = _VERIFIED.get(key) or sha256_file(path)
+        self._same(path, got, want)
+        _VERIFIED[key] = got
+        return got
+
+    def copy_verified(self, path: Path, dst: Path) -> str:
+        """Copy ``path`` to a new file ``dst`` and return its sha256, checked as in
+        :meth:`verified` on the bytes as they are copied (one read of the file, not a check and
+        then a copy). A copy that fails the check is removed."""
+        path, dst = Path(path), Path(dst)
+        want = self._recorded(path)
+        got = copy_file_sha256(path, dst)
+        try:
+            self._same(path, got, want)
+        except RunDirIntegrityError:
+            dst.unlink(missing_ok=True)
+            raise
+        return got
+
+    def _recorded(self, path: Path) -> str:
+        """The sha256 a finished stage recorded for ``path``, which must exist."""
         rel = self._rel(path)
         want = self._journal().files.get(rel) or self._state_file().get("files", {}).get(rel)
         if want is None:
             raise RunDirIntegrityError(f"{path}: not recorded as written by a finished stage of this run")
-        try:
-            st = path.stat()
-        except FileNotFoundError:
+        if not path.exists():
             raise RunDirIntegrityError(f"{path}: missing — a finished stage wrote it (sha256 {want[:12]}…); "
-                                       "the run directory was changed, the run stops") from None
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        got = _VERIFIED.get(key) or sha256_file(path)
+                                       "the run directory was changed, the run stops")
+        return str(want)
+
+    @staticmethod
+    def _same(path: Path, got: str, want: str) -> None:
         if got != want:
             raise RunDirIntegrityError(f"{path}: changed since its stage finished (sha256 {got[:12]}… instead of "
                                        f"{want[:12]}…); the run stops")
-        _VERIFIED[key] = got
-        return got
 
     def is_done(self, stage: str) -> bool:
         return self.done_info(stage) is not None

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
@@ -49,7 +48,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.files import ROW_GROUP_ROWS, RowGroups, read_ahead
+from pipeline.files import ROW_GROUP_ROWS, RowGroups, copy_file_sha256, read_ahead
 from pipeline.privacy.measure import SCHEMA as PART_SCHEMA
 from pipeline.privacy.measure import MeasurementError, check_measurement_columns, layout_labels
 from pipeline.release.checks import CheckFailure
@@ -200,11 +199,17 @@ def _units_problem(path: Path, levels: Sequence[str], geoids: Sequence[np.ndarra
 
 
 def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], design: "Design",
-                       specs: Mapping[str, "HistogramSpec"],
-                       files: Mapping[tuple[str, str], Sequence[Path]]) -> list[Path]:
+                       specs: Mapping[str, "HistogramSpec"], files: Mapping[tuple[str, str], Sequence[Path]],
+                       copy: Callable[[Path, Path], str] = copy_file_sha256) -> dict[Path, str | None]:
     """Publish the run's measurement files ``files[(kind, level)]`` (shards in unit order) into
-    ``root/measurements/`` and return the files written (none if ``files`` is empty): each shard
-    file copied byte for byte to :func:`part_path`, then the three lookups.
+    ``root/measurements/`` and return the files written (none if ``files`` is empty), each with
+    the sha256 of its bytes where it was made here: each shard file copied byte for byte to
+    :func:`part_path` (hashed as it is copied), then the three lookups (``None``).
+
+    ``copy(src, dst)`` copies a shard and returns the sha256 of the bytes copied, raising if
+    ``src`` is not a file to publish (the job's checks the digest against the run's record of
+    the file its stage wrote, as it copies: the bytes are read once, not once to check and
+    again to copy); the columns and metadata are checked after it.
 
     ``levels`` top down with ``geoids[i]`` the published GEOIDs of level ``i`` (units in
     published order); ``design``: the release's privacy design — every row's σ² must be the
@@ -216,11 +221,11 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
     published). Raises :class:`MeasurementPublishError`.
     """
     if not files:
-        return []
+        return {}
     order = {lv: i for i, lv in enumerate(levels)}
     want = {(m.kind, m.level, m.query): m for m in design.measurements}
     rows: dict[tuple[str, str, str], int] = {}
-    paths_out: list[Path] = []
+    paths_out: dict[Path, str | None] = {}
     for (kind, level), paths in sorted(files.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99))):
         if level not in order:
             raise MeasurementPublishError(f"measurements of {kind}/{level}: not a level of the geography")
@@ -232,22 +237,24 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
             rel = part_path(kind, level, p.name)
             if not is_part(rel):
                 raise MeasurementPublishError(f"{p}: a measurement shard file is named shard-NNNNN.parquet")
+            out = root / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # copied first: the copy is the check that these are the run's bytes (``copy``
+            # raises otherwise) before anything is read of them
+            digest = copy(p, out)
             try:
                 check_measurement_columns(p)
             except MeasurementError as exc:
                 raise MeasurementPublishError(f"{exc}; refusing to publish it") from None
             counts += _query_counts(p, kind, level, want, qidx)
-            out = root / rel
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, out)
-            paths_out.append(out)
+            paths_out[out] = digest
         rows.update({(kind, level, q): int(c) for q, c in zip(queries, counts)})
     for rel, table in ((QUERIES_FILE, queries_frame(design, specs, levels, rows)),
                        (ANSWERS_FILE, answers_frame(design, specs))):
         pq.write_table(table, root / rel, compression="zstd")
-        paths_out.append(root / rel)
+        paths_out[root / rel] = None
     _write_units(root / UNITS_FILE, levels, geoids)
-    paths_out.append(root / UNITS_FILE)
+    paths_out[root / UNITS_FILE] = None
     return paths_out
 
 

@@ -117,9 +117,11 @@ from pipeline.release.uncertainty import MARGIN_PART_UNITS, Z90, DiskRows, Repea
 from pipeline.runtime import return_free_memory
 
 
-def _file_entry(root: Path, path: Path, rows: int | None = None) -> dict[str, Any]:
+def _file_entry(root: Path, path: Path, rows: int | None = None, sha256: str | None = None) -> dict[str, Any]:
+    """The manifest's entry of ``path``; ``sha256``: its digest when the bytes were hashed as
+    they were written (else the file is read and hashed here)."""
     entry: dict[str, Any] = {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size,
-                             "sha256": sha256_file(path)}
+                             "sha256": sha256 or sha256_file(path)}
     if path.suffix == ".parquet":
         meta = pq.ParquetFile(path)
         entry["rows"] = int(meta.metadata.num_rows)
@@ -244,20 +246,21 @@ def _chunks(n: int) -> list[tuple[int, int, bool]]:
 
 def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], tables: TableSet,
                         privacy: Mapping[str, Any], files: Mapping[tuple[str, str], Sequence[Path]],
-                        check_file: Callable[[Path], Path] | None) -> list[dict[str, Any]]:
+                        copy: Callable[[Path, Path], str] | None) -> list[dict[str, Any]]:
     """Publish the run's measurement files into ``measurements/`` (``pipeline.release.measurements``):
     units numbered in the geography's order (``geoids[i]``: level ``i``'s), σ² and variances from
-    the release's own privacy section; each file first goes through ``check_file`` (the job's:
-    it is the file its stage recorded). Returns the manifest entries of the files written (their
-    sha256 made here, off the thread that writes the tables)."""
+    the release's own privacy section; each file copied by ``copy`` (the job's: it raises unless
+    the bytes are those of the file its stage recorded). Returns the manifest entries of the
+    files written (their sha256 made here, off the thread that writes the tables: the copies' as
+    they were copied)."""
     from pipeline.model.design import design_from_rho
     from pipeline.release.measurements import MeasurementPublishError, write_measurements
 
-    if check_file is not None:
-        files = {key: [check_file(Path(p)) for p in paths] for key, paths in files.items()}
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in privacy["runs"].items()})
     try:
-        return [_file_entry(root, p) for p in write_measurements(root, levels, geoids, design, tables.specs, files)]
+        written = (write_measurements(root, levels, geoids, design, tables.specs, files, copy) if copy is not None
+                   else write_measurements(root, levels, geoids, design, tables.specs, files))
+        return [_file_entry(root, p, sha256=digest) for p, digest in written.items()]
     except MeasurementPublishError as exc:
         raise ReleaseError(str(exc)) from None
 
@@ -387,7 +390,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                   units: Mapping[str, Any] | None, invariants: Invariants, privacy: Mapping[str, Any], *,
                   variances: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
                   measurement_files: Mapping[tuple[str, str], Sequence[Path]] | None = None,
-                  check_measurement_file: Callable[[Path], Path] | None = None,
+                  copy_measurement_file: Callable[[Path, Path], str] | None = None,
                   tables: str | Path = "pl94", csv: bool = True,
                   unbiased: Mapping[tuple[str, str], np.ndarray] | None = None,
                   simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None = None,
@@ -404,8 +407,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     ``invariants``: the declared public invariants; ``privacy``: :func:`privacy_parameters`;
     ``variances[kind][level][query]``: exact noise variances for margins of error (default:
     :func:`variances_from_privacy`); ``measurement_files[(kind, level)]``: the run's measurement
-    Parquet files to publish, each first passed to ``check_measurement_file`` if given (which
-    raises if it is not the file to publish; on the thread that copies them); ``csv=False`` skips ``csv/`` (it is ~100x the size of the
+    Parquet files to publish, each copied by ``copy_measurement_file(src, dst)`` if given (which
+    returns the sha256 of the bytes copied and raises if ``src`` is not the file to publish; on
+    the thread that copies them); ``csv=False`` skips ``csv/`` (it is ~100x the size of the
     Parquet tables); ``unbiased[(table, level)]``: the full estimator's real-valued line
     estimates, float ``(n_units, n_lines)``, for every level but the bottom one (written to
     ``tables/unbiased/`` with their standard errors); ``simulated``: ``(lookup, moving cells,
@@ -451,7 +455,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             geoids = [lv.geoids for lv in geography.levels]  # materialised here, not in two threads
             pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-measurements")
             pending = pool.submit(_write_measurements, tmp, levels, geoids, ts, privacy, measurement_files,
-                                  check_measurement_file)
+                                  copy_measurement_file)
             pool.shutdown(wait=False)  # the thread ends with its one task
         digits = {lv.name: lv.digits for lv in geography.levels}
         tree = GeoTree.from_geography(geography)
