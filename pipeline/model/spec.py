@@ -90,10 +90,11 @@ class Query:
             # index array)
             out = np.add.reduceat(flat, runs, axis=1, dtype=np.int64)
             return out.reshape(lead + (na,)).astype(x.dtype, copy=False)
-        exact_in_float = x.dtype.kind == "f" or (
-            x.dtype.kind in "iub" and (flat.size == 0 or
-                                       float(np.abs(flat).max()) * flat.shape[1] < 2.0**53))
-        if exact_in_float and x.dtype.kind != "c":
+        if x.dtype.kind == "f":
+            return self.answer_columns(flat.T).T.reshape(lead + (na,)).astype(x.dtype, copy=False)
+        exact_in_float = x.dtype.kind in "iub" and (flat.size == 0 or
+                                                    float(np.abs(flat).max()) * flat.shape[1] < 2.0**53)
+        if exact_in_float:
             # one bincount over (row, answer) ids: far faster than add.at; integer sums are
             # exact in float64 below 2^53
             idx = (np.arange(rows)[:, None] * na + self.cell_to_answer[None, :]).ravel()
@@ -102,6 +103,24 @@ class Query:
         out = np.zeros((rows, na), dtype=x.dtype)
         np.add.at(out.T, self.cell_to_answer, flat.T)  # column-wise over the partition
         return out.reshape(lead + (na,))
+
+    def answer_columns(self, xt: np.ndarray) -> np.ndarray:
+        """Answers of float histograms given as columns: ``xt`` ``(n_cells, n)`` -> float64
+        ``(n_answers, n)`` (C-contiguous ``xt``, e.g. a fit's transposed estimates, is read in
+        place; any other layout is copied first).
+
+        Each answer is summed over its cells in cell order starting from 0.0 — the order of a
+        ``bincount`` over ``(unit, answer)`` ids, so the floats are the same bit for bit — as one
+        sparse product over every unit at once, without a ``(n, n_cells)`` array of ids (~7x
+        faster on the 2020 persons queries)."""
+        return np.asarray(self._csr @ np.asarray(xt, dtype=np.float64))
+
+    @cached_property
+    def _csr(self) -> sp.csr_matrix:
+        """:meth:`matrix`, made once: each row's cells in ascending order (the sums' order)."""
+        m = self.matrix()
+        m.sort_indices()
+        return m
 
     @cached_property
     def _runs(self) -> np.ndarray | None:

@@ -828,7 +828,13 @@ class LevelFit:
 
     def query(self, q: str) -> np.ndarray:
         """``(n_units, n_answers)`` estimates of query ``q``'s answers (persons)."""
-        return self.model.spec.query(q).answer(self.estimate)
+        return self.model.spec.query(q).answer_columns(self._estimate_columns).T
+
+    @cached_property
+    def _estimate_columns(self) -> np.ndarray:
+        """:attr:`estimate` transposed, ``(d, n_units)`` C-contiguous: every query's answers are
+        one sparse product over it (made once per fit, not once per query)."""
+        return np.ascontiguousarray(self.estimate.T)
 
     def covariances_of(self, lefts: Sequence[Sequence[np.ndarray]], rights: Sequence[Sequence[np.ndarray]]
                        ) -> np.ndarray:
