@@ -236,6 +236,10 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
                               strategy.queries(lv.name))
         for q in strategy.queries(lv.name):
             np.testing.assert_allclose(got[q], sub.query(q), rtol=1e-9, atol=1e-8)
+        if lv.n_units > 1:  # a shard's unit range: exactly those units' rows of every query
+            part, _ = read_targets(ctx.rd.estimate_targets_path("persons", lv.name), spec, 1, lv.n_units,
+                                   strategy.queries(lv.name))
+            assert all(np.array_equal(part[q], got[q][1:]) for q in strategy.queries(lv.name))
         for t in load_tables("pl94").of_kind("persons"):
             want = np.asarray((t.matrix.astype(np.float64) @ whole.levels[i].estimate.T).T)
             np.testing.assert_allclose(lines[(t.name, lv.name)], want, rtol=1e-9, atol=1e-8)
