@@ -420,16 +420,11 @@ def read_targets(path: Any, spec: HistogramSpec, c0: int, c1: int,
         weights = json.loads(meta[b"dptab.variances"])
     except KeyError:
         raise EstimateError(f"{path}: not an estimate file") from None
-    # the units' rows of every query in one read (the row groups their unit statistics select),
-    # then split by query: a read per query read the same row groups once for each of them
-    rows = (pl.scan_parquet(path).filter((pl.col("unit") >= c0) & (pl.col("unit") < c1))
-            .select("unit", "query", "answer", "value").collect())
-    by_query = rows.partition_by("query", as_dict=True, include_key=False)
-    empty = rows.clear().drop("query")
+    lf = pl.scan_parquet(path).filter((pl.col("unit") >= c0) & (pl.col("unit") < c1))
     targets = {}
     for q in queries:
         na = spec.query(q).n_answers
-        part = by_query.get((q,), empty)
+        part = lf.filter(pl.col("query") == q).select("unit", "answer", "value").collect()
         if part.height != (c1 - c0) * na:
             raise EstimateError(f"{path}: {part.height} estimates of query {q!r} for units {c0}:{c1}, "
                                 f"expected {(c1 - c0) * na}")
