@@ -200,14 +200,14 @@ def _units_problem(path: Path, levels: Sequence[str], geoids: Sequence[np.ndarra
 
 def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], design: "Design",
                        specs: Mapping[str, "HistogramSpec"], files: Mapping[tuple[str, str], Sequence[Path]],
-                       copy: Callable[[Path, Path], str] = copy_file_sha256) -> dict[Path, str | None]:
+                       copy: Callable[[Path, Path], str] | None = None) -> dict[Path, str | None]:
     """Publish the run's measurement files ``files[(kind, level)]`` (shards in unit order) into
     ``root/measurements/`` and return the files written (none if ``files`` is empty), each with
     the sha256 of its bytes where it was made here: each shard file copied byte for byte to
     :func:`part_path` (hashed as it is copied), then the three lookups (``None``).
 
-    ``copy(src, dst)`` copies a shard and returns the sha256 of the bytes copied, raising if
-    ``src`` is not a file to publish (the job passes ``RunDir.copy_verified``, which compares
+    ``copy(src, dst)`` (default :func:`~pipeline.files.copy_file_sha256`) copies a shard and
+    returns the sha256 of the bytes copied, raising if ``src`` is not a file to publish (the job passes ``RunDir.copy_verified``, which compares
     that digest with the run's record of the file its stage wrote: the bytes are read once, not
     once to check and again to copy); the columns and metadata are checked after it.
 
@@ -241,7 +241,7 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
             out.parent.mkdir(parents=True, exist_ok=True)
             # copied first: the copy is the check that these are the run's bytes (``copy``
             # raises otherwise) before anything is read of them
-            digest = copy(p, out)
+            digest = (copy or copy_file_sha256)(p, out)
             try:
                 check_measurement_columns(p)
             except MeasurementError as exc:

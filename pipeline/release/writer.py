@@ -258,8 +258,7 @@ def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.n
 
     design = design_from_rho({kind: run["rho_by_level_query"] for kind, run in privacy["runs"].items()})
     try:
-        written = (write_measurements(root, levels, geoids, design, tables.specs, files, copy) if copy is not None
-                   else write_measurements(root, levels, geoids, design, tables.specs, files))
+        written = write_measurements(root, levels, geoids, design, tables.specs, files, copy)
         return [_file_entry(root, p, sha256=digest) for p, digest in written.items()]
     except MeasurementPublishError as exc:
         raise ReleaseError(str(exc)) from None
