@@ -579,6 +579,7 @@ def _write_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken
         width = counts.shape[1] // 2
         counts, moes = counts[:, :width], counts[:, width:]
     rows = encode_counts(counts)
+    files: list[tuple[str, int, int]] = []  # (file, first block, end), in the order they are written
     start = 0
     while start < len(geoids):
         key = geoids[start][:chunk_digits]
@@ -605,11 +606,19 @@ def _write_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken
         for k, (s, e) in enumerate(cuts):
             name = base if len(cuts) == 1 else f"{base}-{k + 1}"
             parts.append([geoids[s][:parent_digits], name])
-            if moes is None:
-                emit(name, {"blocks": [[geoids[i], names[i], rows[i]] for i in range(s, e)]})
-            else:
-                distinct, which = distinct_rows(moes[s:e])
-                emit(name, {"blocks": [[geoids[i], names[i], rows[i], int(which[i - s])] for i in range(s, e)],
-                            "moes": encode_counts(distinct)})
+            files.append((name, s, e))
         index["block_chunks"][key] = parts
         start = end
+    if moes is None:
+        for name, s, e in files:
+            emit(name, {"blocks": [[geoids[i], names[i], rows[i]] for i in range(s, e)]})
+        return
+    # every file's distinct margin rows as text in one call (a row's text depends on that row
+    # alone): one call per file cost more in setting up than in encoding
+    distinct = [distinct_rows(moes[s:e]) for _, s, e in files]
+    texts = encode_counts(np.concatenate([d for d, _ in distinct])) if files else []
+    at = 0
+    for (name, s, e), (d, which) in zip(files, distinct):
+        emit(name, {"blocks": [[geoids[i], names[i], rows[i], int(which[i - s])] for i in range(s, e)],
+                    "moes": texts[at:at + len(d)]})
+        at += len(d)
