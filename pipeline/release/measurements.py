@@ -207,9 +207,10 @@ def write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.nd
     :func:`part_path` (hashed as it is copied), then the three lookups (``None``).
 
     ``copy(src, dst)`` (default :func:`~pipeline.files.copy_file_sha256`) copies a shard and
-    returns the sha256 of the bytes copied, raising if ``src`` is not a file to publish (the job passes ``RunDir.copy_verified``, which compares
-    that digest with the run's record of the file its stage wrote: the bytes are read once, not
-    once to check and again to copy); the columns and metadata are checked after it.
+    returns the sha256 of the bytes copied, raising if ``src`` is not a file to publish (the job
+    passes ``RunDir.copy_verified``, which compares that digest with the run's record of the
+    file its stage wrote: the bytes are read once, not once to check and again to copy); the
+    columns and metadata are checked after it.
 
     ``levels`` top down with ``geoids[i]`` the published GEOIDs of level ``i`` (units in
     published order); ``design``: the release's privacy design — every row's σ² must be the
