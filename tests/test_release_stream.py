@@ -34,13 +34,14 @@ def _write(tmp: Path, case) -> Path:
 
 def test_chunk_size_changes_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Row groups cut every 7 units and every 100 rows (as the format cuts them every 50,000 units
-    and 1 Mi rows): streaming 3 units at a time (reading the explorer's areas 2 at a time) writes
+    and 1 Mi rows), the microdata's every 100 persons (256 Ki): streaming 3 units at a time (reading the explorer's areas 2 at a time) writes
     exactly the files one big chunk per level writes, the writer tabulates and expands at most 3
     units at a time, and the verifier checks at most 3 at a time and finds the release clean."""
     case = make_case(1, n_blocks=30)
     monkeypatch.setattr(writer_mod, "CHUNK_UNITS", 7)
     monkeypatch.setattr(files_mod, "ROW_GROUP_ROWS", 100)     # where row groups are cut ...
     monkeypatch.setattr(writer_mod, "ROW_GROUP_ROWS", 100)   # ... and where the table writer plans them
+    monkeypatch.setattr(writer_mod, "MICRODATA_GROUP_ROWS", 100)  # (the microdata's: every 256 Ki persons)
     big = _digests(_write(tmp_path / "big", case))
 
     seen: dict[str, int] = {"tabulate": 0, "microdata": 0, "checks": 0, "take": 0}
@@ -64,6 +65,7 @@ def test_chunk_size_changes_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return add(self, lt)
 
     monkeypatch.setattr(writer_mod, "STREAM_UNITS", 3)
+    monkeypatch.setattr(writer_mod, "MICRODATA_UNITS", 3)
     monkeypatch.setattr(html_mod, "READ_UNITS", 2)
     monkeypatch.setattr(writer_mod, "tabulate_units", spy_tabulate)
     monkeypatch.setattr(writer_mod, "microdata_from_blocks", spy_micro)
@@ -77,6 +79,8 @@ def test_chunk_size_changes_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # the cuts are there: a row group per 7 units of each level, split at 100 rows
     p1 = pq.ParquetFile(path / "tables" / "P1.parquet").metadata
     assert p1.num_row_groups > 7 and max(p1.row_group(i).num_rows for i in range(p1.num_row_groups)) <= 100
+    micro = pq.ParquetFile(path / "microdata" / "persons.parquet").metadata
+    assert micro.num_row_groups == -(-micro.num_rows // 100) > 1
     assert verify_release(path) == []
     assert seen["checks"] == 3
 

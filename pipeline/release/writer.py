@@ -33,7 +33,8 @@ and written :data:`STREAM_UNITS` units at a time from histograms read a chunk at
 counts (:class:`pipeline.release.checks.ReleaseChecks`), the microdata are expanded a chunk of
 blocks at a time, and the verifier and the explorer read the files back by record batches. The
 bytes do not depend on the chunk: table row groups are cut per :data:`CHUNK_UNITS` units of a
-level and every :data:`ROW_GROUP_ROWS` rows, microdata row groups every ROW_GROUP_ROWS persons.
+level and every :data:`ROW_GROUP_ROWS` rows, microdata row groups every :data:`MICRODATA_GROUP_ROWS`
+persons.
 
 What may go into a release: only *published* data — the post-processed integer histograms, the
 declared invariants, the noisy measurements and the privacy parameters. The writer takes no
@@ -314,20 +315,32 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
     return out
 
 
+#: persons per row group of ``microdata/persons.parquet``. A microdata row is ~110 bytes of Arrow
+#: text, and the process writing them holds the group being filled, its contiguous copy and the
+#: group being encoded: ~0.9 GB above its imports at 1 Mi rows (the table files' size), ~0.25 GB
+#: at this size (30 M persons), for a file 0.5% larger
+MICRODATA_GROUP_ROWS = 1 << 18
+#: blocks expanded into persons at a time (~40 persons a block: a polars frame and its Arrow copy
+#: of ~100 k rows); the file does not depend on it
+MICRODATA_UNITS = 2_500
+
+
 def _write_microdata(path: Path, blocks: "LevelIndex", hist: Any, spec: Any, lookup: bool) -> int:
-    """Write ``microdata/persons.parquet`` from the published block histogram, :data:`STREAM_UNITS`
-    blocks at a time (row groups of :data:`ROW_GROUP_ROWS` persons, encoded on a thread of their
-    own); returns the persons written. ``blocks``: the block level (in a process of its own it
-    arrives without its GEOID strings, and each chunk's are made from the codes).
+    """Write ``microdata/persons.parquet`` from the published block histogram, :data:`MICRODATA_UNITS`
+    blocks at a time (row groups of :data:`MICRODATA_GROUP_ROWS` persons, encoded on a thread of
+    their own, one waiting at most); returns the persons written. ``blocks``: the block level (in a
+    process of its own it arrives without its GEOID strings, and each chunk's are made from the
+    codes).
 
     Dictionaries only for the text columns (few distinct codes; EPNUM is unique) and zstd level 3:
     smaller than the file polars wrote when the microdata were one frame."""
-    io = WriteQueue()
-    groups = RowGroups(path, io, text_dictionaries=True)
+    io = WriteQueue(limit=1)
+    groups = RowGroups(path, io, text_dictionaries=True, group_rows=MICRODATA_GROUP_ROWS)
     n = 0
     try:
         try:
-            for s, e, _ in _chunks(blocks.n_units):
+            for s in range(0, max(blocks.n_units, 1), MICRODATA_UNITS):
+                e = min(s + MICRODATA_UNITS, blocks.n_units)
                 frame = microdata_from_blocks(blocks.geoids_of(s, e), histogram_rows(hist, s, e), spec, lookup, n + 1)
                 n += frame.height
                 groups.add(frame.to_arrow())
