@@ -476,27 +476,26 @@ def _write_level_blocks(emit: Callable[[str, Any], None], index: dict[str, Any],
                         levels: Sequence[Mapping[str, Any]], chunk_digits: int, rows: "_LevelRows",
                         chunk_units: int) -> None:
     """:func:`_write_blocks` over the bottom level read a chunk at a time, each time for the
-    whole counties read so far (a county's blocks are contiguous; the last, maybe partial,
-    county waits for the next chunk)."""
+    parts whose blocks are all read (a county's blocks are contiguous; where a part ends is known
+    once the blocks after its end are read). Memory: a read chunk plus the blocks of a part not
+    yet complete (at most ``chunk_units`` and a block group), whatever a county's size — a
+    county's blocks are no longer gathered whole (the US-shaped Los Angeles: ~225 k blocks of
+    ~600 numbers each with the full estimator's margins, ~1 GB and its copy)."""
     geoids: list[str] = []
     names: list[str] = []
     parts: list[np.ndarray] = []
+    county = _County()
     for g, n, c in rows.chunks():
         geoids += g
         names += n
         parts.append(c)
-        last = geoids[-1][:chunk_digits]
-        cut = len(geoids)
-        while cut > 0 and geoids[cut - 1][:chunk_digits] == last:
-            cut -= 1
-        if cut:
-            counts = np.concatenate(parts)
-            _write_blocks(emit, index, taken, levels, chunk_digits, geoids[:cut], names[:cut], counts[:cut], chunk_units,
-                          rows.per_area)
-            geoids, names, parts = geoids[cut:], names[cut:], [counts[cut:]]
+        counts = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        used = _write_blocks(emit, index, taken, levels, chunk_digits, geoids, names, counts, chunk_units,
+                             rows.per_area, county, final=False)
+        geoids, names, parts = geoids[used:], names[used:], [counts[used:].copy()]
     if geoids:
         _write_blocks(emit, index, taken, levels, chunk_digits, geoids, names, np.concatenate(parts), chunk_units,
-                      rows.per_area)
+                      rows.per_area, county, final=True)
 
 
 def _index_head(tables: list[Any], levels: list[Any], paths: set[str], total_of: int, chunk_digits: int,
@@ -564,55 +563,90 @@ def _write_lookup_areas(root: Path, manifest: Mapping[str, Any], tables: list[An
     emit("areas", index)
 
 
+class _County:
+    """The county whose block files :func:`_write_blocks` is writing: its key (GEOID prefix), its
+    files' base name, and its entry of the explorer index (``[first block group, file]`` per
+    part, listed as each part is written)."""
+
+    def __init__(self) -> None:
+        self.key: str | None = None
+        self.base = ""
+        self.parts: list[list[str]] = []
+
+
+def _block_parts(geoids: Sequence[str], chunk_digits: int, parent_digits: int, chunk_units: int,
+                 final: bool) -> list[tuple[str, int, int, bool]]:
+    """``(county key, start, end, ends the county)`` of each block file whose blocks ``geoids``
+    (the next blocks of the level, in order) hold whole: a county's blocks in parts of at most
+    ``chunk_units``, each cut where the parent (block group) changes, never inside one (a block
+    group of more blocks than a part is one part). ``final``: no block follows ``geoids``;
+    otherwise a part whose end depends on blocks not yet read is left for the next call."""
+    out: list[tuple[str, int, int, bool]] = []
+    n = len(geoids)
+    start = 0
+    while start < n:
+        key = geoids[start][:chunk_digits]
+        end = start
+        while end < n and geoids[end][:chunk_digits] == key:
+            end += 1
+        known = end < n or final  # the county's end is read (else it may go on after the buffer)
+        s = start
+        while s < end:
+            e = s + chunk_units
+            if e >= end:
+                if not known:
+                    return out
+                out.append((key, s, end, True))
+                break
+            back = e  # the county goes on past e: cut where the parent changes
+            while back > s and geoids[back - 1][:parent_digits] == geoids[back][:parent_digits]:
+                back -= 1
+            if back > s:
+                e = back
+            else:  # one block group holds more blocks than a part: keep it whole
+                while e < end and geoids[e][:parent_digits] == geoids[e - 1][:parent_digits]:
+                    e += 1
+                if e == end and not known:
+                    return out
+            out.append((key, s, e, e == end and known))
+            s = e
+        start = end
+    return out
+
+
 def _write_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken: dict[str, str],
                   levels: Sequence[Mapping[str, Any]], chunk_digits: int, geoids: list[str], names: list[str],
-                  counts: np.ndarray, chunk_units: int, per_area: bool = False) -> None:
-    """Blocks per county (``blocks/<county>.js``), a county of more than ``chunk_units`` blocks
-    split at block-group boundaries. ``per_area``: each row of ``counts`` is the counts, then as
-    many margins (hundredths, :class:`_LevelRows`); a file then lists its distinct margin rows
-    once (``moes``) and each block the index of its own — the margins of the full estimator
-    depend on the geography and the invariants, so a county's thousands of blocks share a few
-    hundred rows, and the margins no longer double the files and their encoding time."""
+                  counts: np.ndarray, chunk_units: int, per_area: bool, county: _County, final: bool) -> int:
+    """Write the block files (``blocks/<county>.js``, ``blocks/<county>-<k>.js`` when a county has
+    more than ``chunk_units`` blocks: :func:`_block_parts`) whose blocks are all among ``geoids``
+    (the next blocks of the level; ``county``: the county in progress, carried between calls;
+    ``final``: the level's last blocks), and return how many of the blocks they hold (a prefix).
+    ``per_area``: each row of ``counts`` is the counts, then as many margins (hundredths,
+    :class:`_LevelRows`); a file then lists its distinct margin rows once (``moes``) and each block
+    the index of its own — the margins of the full estimator depend on the geography and the
+    invariants, so a county's thousands of blocks share a few hundred rows, and the margins no
+    longer double the files and their encoding time."""
     parent_digits = int(levels[-2]["digits"])
+    files: list[tuple[str, int, int]] = []  # (file, first block, end), in the order they are written
+    for key, s, e, last in _block_parts(geoids, chunk_digits, parent_digits, chunk_units, final):
+        if key != county.key:  # the county's first part: its name and index entry
+            county.key, county.base, county.parts = key, "blocks/" + _chunk_name(key, taken), []
+            index["block_chunks"][key] = county.parts
+        # a county of one part is <county>, else its parts are <county>-1, -2, ... (a part written
+        # before the county's end is never its only one)
+        name = county.base if last and not county.parts else f"{county.base}-{len(county.parts) + 1}"
+        county.parts.append([geoids[s][:parent_digits], name])
+        files.append((name, s, e))
+    used = files[-1][2] if files else 0
     moes = None
     if per_area:
         width = counts.shape[1] // 2
-        counts, moes = counts[:, :width], counts[:, width:]
-    rows = encode_counts(counts)
-    files: list[tuple[str, int, int]] = []  # (file, first block, end), in the order they are written
-    start = 0
-    while start < len(geoids):
-        key = geoids[start][:chunk_digits]
-        end = start
-        while end < len(geoids) and geoids[end][:chunk_digits] == key:
-            end += 1
-        # the county's blocks [start, end): parts of at most BLOCK_CHUNK_UNITS, cut where the parent changes
-        cuts, s = [], start
-        while s < end:
-            e = min(s + chunk_units, end)
-            if e < end:  # cut where the parent (block group) changes, never inside one
-                back = e
-                while back > s and geoids[back - 1][:parent_digits] == geoids[back][:parent_digits]:
-                    back -= 1
-                if back > s:
-                    e = back
-                else:  # one block group holds more blocks than a part: keep it whole
-                    while e < end and geoids[e][:parent_digits] == geoids[e - 1][:parent_digits]:
-                        e += 1
-            cuts.append((s, e))
-            s = e
-        base = "blocks/" + _chunk_name(key, taken)
-        parts = []
-        for k, (s, e) in enumerate(cuts):
-            name = base if len(cuts) == 1 else f"{base}-{k + 1}"
-            parts.append([geoids[s][:parent_digits], name])
-            files.append((name, s, e))
-        index["block_chunks"][key] = parts
-        start = end
+        counts, moes = counts[:used, :width], counts[:used, width:]
+    rows = encode_counts(counts[:used])
     if moes is None:
         for name, s, e in files:
             emit(name, {"blocks": [[geoids[i], names[i], rows[i]] for i in range(s, e)]})
-        return
+        return used
     # every file's distinct margin rows as text in one call (a row's text depends on that row
     # alone): one call per file cost more in setting up than in encoding
     distinct = [distinct_rows(moes[s:e]) for _, s, e in files]
@@ -622,3 +656,4 @@ def _write_blocks(emit: Callable[[str, Any], None], index: dict[str, Any], taken
         emit(name, {"blocks": [[geoids[i], names[i], rows[i], int(which[i - s])] for i in range(s, e)],
                     "moes": texts[at:at + len(d)]})
         at += len(d)
+    return used
