@@ -317,8 +317,8 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
 
 #: persons per row group of ``microdata/persons.parquet``. A microdata row is ~110 bytes of Arrow
 #: text, and the process writing them holds the group being filled, its contiguous copy and the
-#: group being encoded: ~0.9 GB above its imports at 1 Mi rows (the table files' size), ~0.25 GB
-#: at this size (30 M persons), for a file 0.5% larger
+#: group being encoded: at 30 M persons ~0.9 GB above its imports with groups of 1 Mi rows (the
+#: table files' size), ~0.25 GB with these, for a file 0.5% larger
 MICRODATA_GROUP_ROWS = 1 << 18
 #: blocks expanded into persons at a time (~40 persons a block: a polars frame and its Arrow copy
 #: of ~100 k rows); the file does not depend on it
