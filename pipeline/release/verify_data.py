@@ -413,7 +413,7 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
     check_lines: dict[str, dict[str, np.ndarray]] = {lt.level: {} for lt in geo}
     if x_block is not None and x_block.lines:
         # the blocks' own: the microdata's per-block sums themselves (not a copy: 8 bytes a block
-        # and line, ~0.3 GB on the US geography)
+        # and line, 45 MB a line on the US geography)
         check_lines[block] = dict(x_block.lines)
         for lt in geo[:-1]:  # (each block's unit in the level found once for every line)
             pos, inside = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
