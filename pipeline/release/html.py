@@ -479,8 +479,8 @@ def _write_level_blocks(emit: Callable[[str, Any], None], index: dict[str, Any],
     parts whose blocks are all read (a county's blocks are contiguous; where a part ends is known
     once the blocks after its end are read). Memory: a read chunk plus the blocks of a part not
     yet complete (at most ``chunk_units`` and a block group), whatever a county's size — a
-    county's blocks are no longer gathered whole (the US-shaped Los Angeles: ~225 k blocks of
-    ~600 numbers each with the full estimator's margins, ~1 GB and its copy)."""
+    county's blocks are no longer gathered whole (the US-shaped Los Angeles: 155 k blocks of
+    ~600 numbers each with the full estimator's margins, ~0.74 GB and its copy)."""
     geoids: list[str] = []
     names: list[str] = []
     parts: list[np.ndarray] = []
