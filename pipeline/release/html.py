@@ -217,8 +217,11 @@ def distinct_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return m[first[order]], rank[inverse].astype(np.int64)
 
 
-#: areas read back from the tables at a time (the explorer never holds a whole level's rows)
-READ_UNITS = 10_000
+#: areas read back from the tables at a time (the explorer never holds a whole level's rows). It
+#: reads three levels' six tables side by side (county, tract, block group), each a polars frame
+#: of this many areas x the table's lines: the explorer alone at 30 M persons peaked at 1.1 GB
+#: with 10,000, 0.67 GB with 2,500 (0.60 with 1,000), and was no slower (BENCHMARKS.md, session 31)
+READ_UNITS = 2_500
 
 
 def _open_level(root: Path, tables: list[dict[str, Any]], runs: dict[str, Any], level: str,
