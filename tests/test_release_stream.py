@@ -34,14 +34,14 @@ def _write(tmp: Path, case) -> Path:
 
 def test_chunk_size_changes_no_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Row groups cut every 7 units and every 100 rows (as the format cuts them every 50,000 units
-    and 1 Mi rows), the microdata's every 100 persons (256 Ki): streaming 3 units at a time
+    and 256 Ki rows), the microdata's every 100 persons (256 Ki): streaming 3 units at a time
     (reading the explorer's areas 2 at a time) writes exactly the files one big chunk per level
     writes, the writer tabulates and expands at most 3 units at a time, and the verifier checks at
     most 3 at a time and finds the release clean."""
     case = make_case(1, n_blocks=30)
     monkeypatch.setattr(writer_mod, "CHUNK_UNITS", 7)
-    monkeypatch.setattr(files_mod, "ROW_GROUP_ROWS", 100)     # where row groups are cut ...
-    monkeypatch.setattr(writer_mod, "ROW_GROUP_ROWS", 100)   # ... and where the table writer plans them
+    monkeypatch.setattr(files_mod, "ROW_GROUP_ROWS", 100)     # (the other files' row groups)
+    monkeypatch.setattr(writer_mod, "TABLE_GROUP_ROWS", 100)  # where the table files' row groups are cut
     monkeypatch.setattr(writer_mod, "MICRODATA_GROUP_ROWS", 100)  # (the microdata's: every 256 Ki persons)
     big = _digests(_write(tmp_path / "big", case))
 

@@ -33,7 +33,7 @@ and written :data:`STREAM_UNITS` units at a time from histograms read a chunk at
 counts (:class:`pipeline.release.checks.ReleaseChecks`), the microdata are expanded a chunk of
 blocks at a time, and the verifier and the explorer read the files back by record batches. The
 bytes do not depend on the chunk: table row groups are cut per :data:`CHUNK_UNITS` units of a
-level and every :data:`ROW_GROUP_ROWS` rows, microdata row groups every :data:`MICRODATA_GROUP_ROWS`
+level and every :data:`TABLE_GROUP_ROWS` rows, microdata row groups every :data:`MICRODATA_GROUP_ROWS`
 persons.
 
 What may go into a release: only *published* data — the post-processed integer histograms, the
@@ -79,7 +79,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from pipeline.files import ROW_GROUP_ROWS, RowGroups, crash_point, sha256_file
+from pipeline.files import RowGroups, crash_point, sha256_file
 from pipeline.release.checks import CheckFailure, Invariants, ReleaseChecks
 
 if TYPE_CHECKING:
@@ -137,18 +137,22 @@ def _file_entry(root: Path, path: Path, rows: int | None = None, sha256: str | N
 
 #: units tabulated, checked and turned into rows at a time: publishing holds one such chunk of a
 #: level (plus one row group being filled). The files do not depend on it — row groups are cut
-#: by :data:`CHUNK_UNITS` and :data:`ROW_GROUP_ROWS` alone — so it only trades memory for calls.
+#: by :data:`CHUNK_UNITS` and :data:`TABLE_GROUP_ROWS` alone — so it only trades memory for calls.
 STREAM_UNITS = 10_000
+#: rows per row group of the table files (at most; also cut per :data:`CHUNK_UNITS` units). Each
+#: writer lane makes a group's rows, copies them contiguous and encodes them: with 1 Mi rows the
+#: writer's tables phase peaked at 1.85 GB at 30 M persons, 1.43 GB with 256 Ki (session 31)
+TABLE_GROUP_ROWS = 1 << 18
 
 
 class _TableWriter:
     """Streams one table's long rows into its Parquet file and per-level CSV files.
 
     Row groups as the release format has them: one per chunk of :data:`CHUNK_UNITS` units of a
-    level, split at :data:`ROW_GROUP_ROWS` rows (:meth:`cut` ends a chunk). The units given are
+    level, split at :data:`TABLE_GROUP_ROWS` rows (:meth:`cut` ends a chunk). The units given are
     kept as counts (small) and turned into long rows (text: ~10x larger) only when they complete
     a row group, so each table holds less than one unit's rows between calls — not a partial row
-    group of up to 1 Mi rows per table.
+    group per table.
 
     The CSVs carry the GEOID as a Census-style ``GEO_ID`` (``0500000US01105``; nation
     ``0100000US``) instead of the bare code: a column of digits loses its leading zeros in
@@ -167,7 +171,7 @@ class _TableWriter:
         self.path = root / "tables" / f"{table.name}.parquet"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.lanes = lanes
-        self.groups = RowGroups(self.path)  # written on this writer's lane
+        self.groups = RowGroups(self.path, group_rows=TABLE_GROUP_ROWS)  # written on this writer's lane
         self.written = False
         self.csv_rows: dict[Path, int] = {}
         #: units given but not yet made into rows: (level, geoids, names, counts, moe90)
@@ -193,8 +197,8 @@ class _TableWriter:
         self.pending.append((level, geoids, names, counts, moe90))
         self.pending_units += len(geoids)
         n_lines = self.table.n_lines
-        while self.groups.rows + self.pending_units * n_lines >= ROW_GROUP_ROWS:
-            need = ROW_GROUP_ROWS - self.groups.rows
+        while self.groups.rows + self.pending_units * n_lines >= TABLE_GROUP_ROWS:
+            need = TABLE_GROUP_ROWS - self.groups.rows
             self._make(-(-need // n_lines))  # the units that complete the row group
 
     def _make(self, units: int) -> None:
@@ -318,7 +322,7 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
 #: persons per row group of ``microdata/persons.parquet``. A microdata row is ~110 bytes of Arrow
 #: text, and the process writing them holds the group being filled, its contiguous copy and the
 #: group being encoded: at 30 M persons ~0.9 GB above its imports with groups of 1 Mi rows (the
-#: table files' size), ~0.25 GB with these, for a file 0.5% larger
+#: table files' size until session 31), ~0.25 GB with these, for a file 0.5% larger
 MICRODATA_GROUP_ROWS = 1 << 18
 #: blocks expanded into persons at a time (~40 persons a block: a polars frame and its Arrow copy
 #: of ~100 k rows); the file does not depend on it
