@@ -495,7 +495,8 @@ def _write_level_blocks(emit: Callable[[str, Any], None], index: dict[str, Any],
         counts = np.concatenate(parts) if len(parts) > 1 else parts[0]
         used = _write_blocks(emit, index, taken, levels, chunk_digits, geoids, names, counts, chunk_units,
                              rows.per_area, county, final=False)
-        geoids, names, parts = geoids[used:], names[used:], [counts[used:].copy()]
+        # (a copy of what is left, so the rows written are freed; nothing written: kept as it is)
+        geoids, names, parts = geoids[used:], names[used:], [counts[used:].copy() if used else counts]
     if geoids:
         _write_blocks(emit, index, taken, levels, chunk_digits, geoids, names, np.concatenate(parts), chunk_units,
                       rows.per_area, county, final=True)
