@@ -102,12 +102,16 @@ def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int])
 #: the up and down passes below the split level run on at least this many parts (work items of
 #: the run's worker pool), and on one per :data:`ESTIMATE_PART_UNITS` bottom units where the tree
 #: is larger (a part's fit is held by one worker: a sixteenth of a national tree was ~3 GB; a part
-#: is cut at whole units of the split level, so it may hold up to ~3 times its share). The count
-#: follows from the tree alone, never from the workers: every executor
-#: cuts the same parts and sums them in the same order, so the estimates are bitwise the same
-#: on any of them
+#: is cut at whole units of the split level, so it may hold up to ~3 times its share). 40,000
+#: blocks: about a 30 M-person tree's sixteenth, so a part holds as much from there on whatever
+#: the country's size (at 100,000 a 100 M-person part held ~1 GB a worker, at 40,000 ~0.7 GB, and
+#: the stage ran faster: more parts, better shared between the workers). The count follows from
+#: the tree alone, never from the workers: every executor cuts the same parts and sums them in
+#: the same order, so the estimates are bitwise the same on any of them. (A unit's targets and
+#: line estimates do not depend on the cut; the engine's one weight per query, fitted to the sum
+#: of the parts' information matrices, does in its last bits.)
 ESTIMATE_PARTS = 16
-ESTIMATE_PART_UNITS = 100_000
+ESTIMATE_PART_UNITS = 40_000
 
 
 def estimate_parts(n_bottom: int) -> int:
