@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from run_helpers import make_inputs, write_config
 
@@ -298,7 +299,13 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
                            [int(lv.n_units) for lv in levels], parts)
         assert (k == len(levels) - 1) == (part_units == 1)
         if part_units == 1:  # the stage again, cut at the bottom, over the same measurements
+            weights = {lv.name: pq.read_schema(ctx.rd.estimate_targets_path("persons", lv.name)).metadata
+                       for lv in levels[:-1]}
             _, files = estimate.estimate_kind(ctx, "persons", Executor(1))
+            # the engine's weights, fitted to each level's exact information sum: the same bits
+            # whatever the cut (test_postprocess_gls: the sum over any parts is the level's)
+            assert weights == {lv.name: pq.read_schema(ctx.rd.estimate_targets_path("persons", lv.name)).metadata
+                               for lv in levels[:-1]}
             ctx.rd.mark_done("estimate:persons", ctx.rd.done_info("estimate:persons") or {}, files=files)
         lines = dict(LineEstimates(ctx, ["persons"], bottom=True))
         for i, lv in enumerate(levels):

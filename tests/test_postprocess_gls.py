@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.model.spec import load_spec
 from pipeline.model.strategy import load_strategy
@@ -541,3 +543,51 @@ def test_engine_weights_recover_raw_variances_and_fit_the_information():
 
     assert misfit(fitted) <= misfit(naive) + 1e-12
     assert all(v >= 0 for v in fitted.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-1e300, 1e300, allow_nan=False, width=64), min_size=1, max_size=40),
+       st.integers(1, 4), st.integers(0, 40))
+def test_exact_sum_is_the_sum_of_the_values_whatever_the_grouping(values, width, cut):
+    """``exact_sum`` is the exact (rational) sum of every column, including subnormals, huge
+    magnitudes and cancellation; the sums of two parts add up to the whole's, so a level's
+    information summed over parts is the same for any cut (it was a float sum, whose last bits,
+    and through the engine's weights a few published counts, depended on the parts)."""
+    from fractions import Fraction
+
+    x = np.resize(np.asarray(values, dtype=np.float64), (max(len(values) // width, 1), width))
+    whole = gls.exact_sum(x)
+    assert whole.shape == (width,)
+    for j in range(width):
+        assert whole[j] == sum((Fraction(v) for v in x[:, j].tolist()), Fraction(0))
+    k = min(cut, x.shape[0])
+    parts = gls.exact_sum(x[:k]) + gls.exact_sum(x[k:])
+    assert all(a == b for a, b in zip(parts, whole))
+    want = [float(sum((Fraction(v) for v in x[:, j].tolist()), Fraction(0))) for j in range(width)]
+    assert gls.exact_float(whole).tolist() == want  # rounded once, correctly
+
+
+def test_exact_sum_refuses_non_finite_values():
+    with pytest.raises(PostprocessError, match="finite"):
+        gls.exact_sum(np.array([[1.0], [np.inf]]))
+
+
+def test_a_levels_information_sum_is_the_same_over_any_parts():
+    """The estimate stage sums a level's information over its parts and fits the engine's
+    weights to the total: whatever the cut, the parts' sums add up to exactly the level's (the
+    float sum it replaces differed in its last bits between cuts, and so, through the weights,
+    did a few published counts)."""
+    rng = np.random.default_rng(7)
+    ptrs = _ptrs([np.array([300]), rng.integers(1, 5, size=300)])
+    qsets, var = strategy_levels(3)
+    var = [{q: v * float(rng.uniform(0.5, 3.0)) for q, v in lv.items()} for lv in var]
+    levels = measure(PL94, ptrs, qsets, rng, var)
+    model = gls.GLSModel(PL94, {q for qs in qsets for q in qs})
+    whole = model.downward(model.upward(levels)).levels[1]
+    total = whole.information_sum()
+    for cuts in ([0, 300], [0, 1, 300], [0, 97, 150, 151, 300], list(range(0, 301, 7)) + [300]):
+        parts = [gls.LevelFit(model, whole.posterior.select(a, b)).information_sum() for a, b in zip(cuts, cuts[1:])]
+        summed = [sum(p[c] for p in parts[1:]) + parts[0][c] for c in range(len(total))]
+        for got, want in zip(summed, total):
+            assert gls.exact_float(got).tobytes() == gls.exact_float(want).tobytes()
+    assert whole.engine_weights(qsets[1]) == whole.engine_weights(qsets[1], total, 300)
