@@ -75,6 +75,7 @@ from pipeline.postprocess.gls import (
 )
 from pipeline.privacy.measure import load_measurements
 from pipeline.release.tables import TableDef, load_tables
+from pipeline.runtime import return_free_memory
 
 #: the variance standing for "no weight" (the engine needs a positive, finite variance per query)
 _NEGLIGIBLE = 1e30
@@ -248,6 +249,17 @@ def _part_down(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int,
     return out
 
 
+def _part_down_trimmed(item: tuple[str, str, int, int, int, int, Any, Any]) -> dict[int, tuple[Path | None, Path]]:
+    """:func:`_part_down`, then every page its worker freed back to the system. A pool worker
+    otherwise keeps up to ``runtime.WORKER_KEEP_FREE_BYTES`` of freed heap for its next task —
+    the next level's shards, after this stage: with parts of 40,000 blocks a 100 M-person run's
+    two workers left the stage holding ~0.7 GB each, nearly all of it free, through the levels
+    (where it raised the job's peak from 2.2 to 2.8 GB)."""
+    written = _part_down(item)
+    return_free_memory()
+    return written
+
+
 def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[str, Any], list[Any]]:
     """Fit the GLS over every level of ``kind`` and write the estimate files; returns the stage
     manifest (no data values) and the files written.
@@ -304,7 +316,7 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
         post = top_fit.below
         tops = [post.select(lo, hi) for lo, hi in ranges]  # each part's top units' posterior
         # (3), each part's rows appended while the pool computes the parts after it
-        for written in executor.imap(_part_down, [(run_dir, kind, k, lo, hi, p, top.mean, top.cov)
+        for written in executor.imap(_part_down_trimmed, [(run_dir, kind, k, lo, hi, p, top.mean, top.cov)
                                                   for p, ((lo, hi), top) in enumerate(zip(ranges, tops))]):
             for i, (tpath, lpath) in sorted(written.items()):
                 if tpath is not None:
