@@ -108,9 +108,9 @@ def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int])
 #: the country's size (at 100,000 a 100 M-person part held ~1 GB a worker, at 40,000 ~0.7 GB, and
 #: the stage ran faster: more parts, better shared between the workers). The count follows from
 #: the tree alone, never from the workers: every executor cuts the same parts and sums them in
-#: the same order, so the estimates are bitwise the same on any of them. (A unit's targets and
-#: line estimates do not depend on the cut; the engine's one weight per query, fitted to the sum
-#: of the parts' information matrices, does in its last bits.)
+#: the same order, so the estimates are bitwise the same on any of them. Nor do they depend on
+#: the cut: a unit's targets and line estimates are its own, and the engine's one weight per
+#: query is fitted to the level's information summed exactly (``LevelFit.information_sum``).
 ESTIMATE_PARTS = 16
 ESTIMATE_PART_UNITS = 40_000
 
