@@ -253,8 +253,9 @@ def _part_down_trimmed(item: tuple[str, str, int, int, int, int, Any, Any]) -> d
     """:func:`_part_down`, then every page its worker freed back to the system. A pool worker
     otherwise keeps up to ``runtime.WORKER_KEEP_FREE_BYTES`` of freed heap for its next task —
     the next level's shards, after this stage: with parts of 40,000 blocks a 100 M-person run's
-    two workers left the stage holding ~0.7 GB each, nearly all of it free, through the levels
-    (where the sampled total reached 2.8 GB, against 2.2 GB with the workers trimmed)."""
+    two workers left the stage holding ~0.7 GB each, nearly all of it free, and kept it through
+    the tract and block-group levels (748 and 700 MB sampled there, 0.5–0.6 GB each in a run whose
+    larger parts had freed more than the allowance, which is then all given back)."""
     written = _part_down(item)
     return_free_memory()
     return written
