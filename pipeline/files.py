@@ -300,6 +300,15 @@ def _next_of(items: Iterator[Any], convert: Callable[[Any], Any] | None) -> Any:
     return item if item is _END or convert is None else convert(item)
 
 
+def parquet_stream(path: str | Path, read_dictionary: list[str] | None = None) -> pq.ParquetFile:
+    """``path`` opened for reading on in order (``iter_batches``) without keeping what was read.
+    pyarrow's default ``pre_buffer=True`` caches every column chunk an ``iter_batches`` has read
+    until the iterator is gone, so a pass over a whole file held its compressed bytes to the end:
+    the release check's pass over the table files climbed 0.6 → 0.69 GB at 30 M persons (0.78 →
+    1.1 GB at 100 M) through the block level; without it 0.55 → 0.60 GB, as fast."""
+    return pq.ParquetFile(path, read_dictionary=read_dictionary, pre_buffer=False)
+
+
 def read_ahead(items: Iterator[T], convert: Callable[[T], R] | None = None) -> Iterator[R]:
     """``convert(item)`` for each of ``items`` (or the items themselves), in order, the next one
     fetched (and converted) on a reader thread while the caller works on this one: for reading a

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.files import ROW_GROUP_ROWS, RowGroups
+from pipeline.files import ROW_GROUP_ROWS, RowGroups, parquet_stream
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -267,7 +267,7 @@ class HistogramRows:
         """The entries of units ``start:stop`` from the sequential read (entries sorted by unit,
         as the histogram files are written; checked batch by batch)."""
         if self._batches is None:
-            self._batches = pq.ParquetFile(self.path).iter_batches(self.BATCH, columns=["unit", "cell", "count"])
+            self._batches = parquet_stream(self.path).iter_batches(self.BATCH, columns=["unit", "cell", "count"])
             self._buf = [np.zeros(0, np.int64)] * 3
         # read on until an entry at or past `stop` (or the end of the file) is in the buffer
         while not (self._buf[0].size and self._buf[0][-1] >= stop):

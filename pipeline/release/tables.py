@@ -24,7 +24,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from pipeline.errors import ConfigurationError
-from pipeline.files import read_ahead, repeated_text
+from pipeline.files import parquet_stream, read_ahead, repeated_text
 from pipeline.model.geonames import unit_names
 from pipeline.model.schemas import SCHEMAS_DIR, load_yaml, relative_to
 from pipeline.model.spec import HistogramSpec, load_spec
@@ -483,13 +483,12 @@ class RowStream:
     def __init__(self, path: Path, columns: Sequence[str] | None = None, start: int = 0,
                  batch_rows: int = 1 << 16, categorical: bool = False) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        f = pq.ParquetFile(path)
+        f = parquet_stream(path)
         if categorical:
             strings = [fl.name for fl in f.schema_arrow if (pa.types.is_string(fl.type) or pa.types.is_large_string(fl.type))
                        and (columns is None or fl.name in columns)]
-            f = pq.ParquetFile(path, read_dictionary=strings)
+            f = parquet_stream(path, read_dictionary=strings)
         md = f.metadata
         rg = first = 0
         while rg < md.num_row_groups and first + md.row_group(rg).num_rows <= start:
@@ -522,12 +521,11 @@ def level_runs(path: Path) -> list[tuple[str, int]]:
     """``(geolevel, rows)`` of each run of equal ``geolevel`` values of a table file, in file
     order (one run per level when the file is laid out as written), from that column alone."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     runs: list[tuple[str, int]] = []
     # read as dictionary indices: a run is where the index changes (a string comparison per row
     # took ~20x longer)
-    for batch in pq.ParquetFile(path, read_dictionary=["geolevel"]).iter_batches(batch_size=1 << 20,
+    for batch in parquet_stream(path, read_dictionary=["geolevel"]).iter_batches(batch_size=1 << 20,
                                                                                 columns=["geolevel"]):
         col = batch.column(0)
         if col.null_count or not hasattr(col, "indices"):  # damaged: compare the values themselves

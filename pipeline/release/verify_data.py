@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.errors import DptabError
+from pipeline.files import parquet_stream
 from pipeline.model.geonames import unit_names
 from pipeline.release.checks import CheckFailure, Invariants
 from pipeline.release.microdata import MicrodataError, histogram_from_microdata
@@ -49,13 +50,12 @@ def fail(check: str, detail: str, table: str = "*", geolevel: str = "", geoid: s
 def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> dict[str, np.ndarray]:
     """The GEOID of the first row of every unit (every ``n_lines``-th row of each level's run),
     per level: the units a table publishes, in file order, read a batch of rows at a time."""
-    import pyarrow.parquet as pq
 
     parts: dict[str, list[np.ndarray]] = {lv: [] for lv, _ in runs}
     bounds = np.cumsum([0] + [n for _, n in runs])
     offset = 0
     # read as dictionary indices: only one row in n_lines becomes a string
-    for batch in pq.ParquetFile(path, read_dictionary=["geoid"]).iter_batches(batch_size=1 << 20, columns=["geoid"]):
+    for batch in parquet_stream(path, read_dictionary=["geoid"]).iter_batches(batch_size=1 << 20, columns=["geoid"]):
         col = batch.column(0)
         for k, (lv, _) in enumerate(runs):
             lo, hi = max(bounds[k], offset), min(bounds[k + 1], offset + len(col))
@@ -162,7 +162,7 @@ def _microdata_entries(path: Path, spec: Any, block_geoids: np.ndarray
               ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK", "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
     # the PPMF geography columns as categories: a few distinct values per batch, decoded once
     cats = [c for c in ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK") if c in names]
-    f = pq.ParquetFile(path, read_dictionary=cats)
+    f = parquet_stream(path, read_dictionary=cats)
     for persons in frames_ahead(f.iter_batches(batch_size=1 << 18, columns=[c for c in wanted if c in names])):
         yield histogram_from_microdata(persons, block_geoids, spec)
 
