@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -325,6 +326,18 @@ def load_measurements(paths: str | Path | list[str | Path], spec: HistogramSpec,
                                for q in wanted}
     _query_rows(paths, start, stop, fills, set(known))
     return {q: QueryMeasurements(f.result(), known[q][1], known[q][0]) for q, f in fills.items()}
+
+
+def read_unit_rows(path: str | Path, n_answers: Mapping[str, int], start: int, stop: int) -> dict[str, np.ndarray]:
+    """Per query of ``n_answers`` (name -> answers), the dense float64 matrix ``(stop - start,
+    n_answers[q])`` of units ``start:stop`` from a Parquet file of ``unit, query, answer, value``
+    rows (NaN where the file has no row): the reader of :func:`load_measurements` for any file of
+    those columns (the full estimator's targets). Only the row groups whose ``unit`` statistics
+    overlap the range are read, one at a time (pyarrow, no pre-buffering across groups), so memory
+    is the result plus one row group, whatever the file's size."""
+    fills = {q: _Fill(stop - start, int(na), start, q, [path]) for q, na in n_answers.items()}
+    _query_rows([path], start, stop, fills, set(n_answers))
+    return {q: f.result() for q, f in fills.items()}
 
 
 class _Fill:
