@@ -88,8 +88,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def write_parquet_atomic(data: pl.DataFrame | pa.Table, path: str | Path, *,
-                         overwrite: bool = True, compression: str = "zstd") -> Path:
-    """Write a table to ``path`` so readers see either nothing or the whole file.
+                         overwrite: bool = True, compression: str = "zstd",
+                         row_group_size: int | None = None) -> Path:
+    """Write a table to ``path`` so readers see either nothing or the whole file
+    (``row_group_size``: rows per row group, default pyarrow's 1 Mi).
 
     Writes a temp file in the same directory, fsyncs it, then renames it into place (and
     fsyncs the directory). With ``overwrite=False`` an existing ``path`` raises
@@ -107,7 +109,7 @@ def write_parquet_atomic(data: pl.DataFrame | pa.Table, path: str | Path, *,
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh, compression=compression)
+            pq.write_table(table, fh, compression=compression, row_group_size=row_group_size)
             fh.flush()
             os.fsync(fh.fileno())
         if overwrite:

@@ -331,3 +331,28 @@ def test_invariants_read_whole_or_housing_units_only(tmp_path) -> None:
         else:
             np.testing.assert_array_equal(only.housing_units, hu)
             np.testing.assert_array_equal(whole.housing_units, hu)
+
+
+@pytest.mark.parametrize("group_rows", [1, 4, 1 << 16])
+def test_invariants_read_a_unit_range(tmp_path, monkeypatch, group_rows) -> None:
+    """A shard's units read from the invariants file's row groups that hold them (any range:
+    inside one group, across groups, empty, at either end) are the whole file's rows."""
+    import pyarrow.parquet as pq
+
+    from pipeline.inputs import invariants as inv
+
+    monkeypatch.setattr(inv, "INVARIANT_GROUP_ROWS", group_rows)
+    n = 11
+    declared = inv.LevelInvariants("block", persons=np.arange(n) * 3, housing_units=np.arange(n) % 4,
+                                   facilities=np.arange(n * 7).reshape(n, 7))
+    path = tmp_path / "block.parquet"
+    inv.write_invariants(declared, path, n)
+    assert pq.ParquetFile(path).metadata.num_row_groups == -(-n // group_rows)
+    for start in range(n + 1):
+        for stop in range(start, n + 1):
+            part = inv.read_invariants("block", path, units=(start, stop))
+            np.testing.assert_array_equal(part.persons, declared.persons[start:stop])
+            np.testing.assert_array_equal(part.housing_units, declared.housing_units[start:stop])
+            np.testing.assert_array_equal(part.facilities, declared.facilities[start:stop])
+    with pytest.raises(ValueError, match="outside"):
+        inv.read_invariants("block", path, units=(3, n + 1))

@@ -12,6 +12,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import polars as pl
+import pytest
 from run_helpers import make_inputs, write_config
 
 from pipeline.job import stages
@@ -69,3 +70,37 @@ def test_shard_areas_name_the_states_of_each_shard() -> None:
     assert shard_areas(geo, "block", np.array([0, 2, 4])) == ["10", "10-44"]
     assert shard_areas(geo, "block", np.array([0, 1, 2, 3, 4])) == ["10", "10", "10", "44"]
     assert shard_areas(geo, "state", np.array([0, 1])) == [""]
+
+
+def test_objects_built_from_run_files_once_under_threads() -> None:
+    """The shards a level starts together on threads ask for the same object (a level's
+    invariants, the geography) at once: it is built once and shared, and a build that fails
+    is not kept (the next caller builds it)."""
+    import threading
+    import time
+
+    from pipeline.job import context
+
+    calls: list[int] = []
+
+    def build() -> object:
+        calls.append(1)
+        time.sleep(0.2)  # every thread arrives while the first builds
+        return object()
+
+    key = f"test {time.time_ns()}"
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(context._built(key, "sha", build))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 4 and all(g is got[0] for g in got)
+
+    def fail() -> object:
+        raise OSError("unreadable")
+
+    with pytest.raises(OSError):
+        context._built(key + " failing", "sha", fail)
+    assert context._built(key + " failing", "sha", build) is not None and len(calls) == 2
+    assert not context._BUILDING

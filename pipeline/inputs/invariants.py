@@ -28,6 +28,10 @@ from pipeline.inputs.histograms import N_GQ_TYPES, UnitCounts
 from pipeline.model.config import InvariantsConfig
 from pipeline.model.histogram import SparseHistogram
 
+#: rows per row group of an invariants file: a shard reads its units' rows alone (a national
+#: block level is millions of rows; a shard's a few thousand), from one or two groups
+INVARIANT_GROUP_ROWS = 1 << 16
+
 #: levels whose persons totals are held exactly under ``invariants.state_totals``
 TOTAL_LEVELS = ("nation", "state")
 
@@ -73,16 +77,31 @@ def write_invariants(li: LevelInvariants, path: Path, n_units: int) -> None:
     # a level with nothing declared still gets its file (row count = units), so readers can
     # tell "declared nothing" from "inputs stage did not run"
     frame = pl.DataFrame(cols) if cols else pl.DataFrame({"_unit": np.arange(n_units, dtype=np.int64)})
-    write_parquet_atomic(frame, path)
+    write_parquet_atomic(frame, path, row_group_size=INVARIANT_GROUP_ROWS)
 
 
-def read_invariants(level: str, path: Path, housing_units_only: bool = False) -> LevelInvariants:
+def read_invariants(level: str, path: Path, housing_units_only: bool = False,
+                    units: tuple[int, int] | None = None) -> LevelInvariants:
     """Read one level's invariants file written by :func:`write_invariants`; with
     ``housing_units_only`` only its housing units (what a release publishes of the blocks: the
-    facilities are 7 of the block level's 8 columns, ~0.3 GB for the US)."""
-    if housing_units_only:
-        import pyarrow.parquet as pq
+    facilities are 7 of the block level's 8 columns, ~0.3 GB for the US); with ``units=(start,
+    stop)`` only those units' rows (row ``i`` of each array is unit ``start + i``), read from the
+    row groups that hold them."""
+    import pyarrow.parquet as pq
 
+    if units is not None:
+        pf = pq.ParquetFile(path)
+        start, stop = units
+        if not 0 <= start <= stop <= pf.metadata.num_rows:
+            raise ValueError(f"{path}: units {start}:{stop} outside its {pf.metadata.num_rows} rows")
+        ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, stop, side="left")) if stop > start else first - 1
+        groups = list(range(first, min(last, pf.metadata.num_row_groups - 1) + 1))
+        offset = int(ends[first - 1]) if first > 0 else 0
+        table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
+        df = pl.DataFrame(pl.from_arrow(table.slice(start - offset, stop - start)))
+    elif housing_units_only:
         has = "housing_units" in pq.read_schema(path).names
         df = pl.read_parquet(path, columns=["housing_units"]) if has else pl.DataFrame()
     else:

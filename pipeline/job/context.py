@@ -34,6 +34,7 @@ T = TypeVar("T")
 _BUILT: OrderedDict[tuple[str, str], Any] = OrderedDict()
 _BUILT_MAX = 16
 _BUILT_LOCK = threading.Lock()  # stages run on threads too (Prefect's thread runner, the shard window)
+_BUILDING: dict[tuple[str, str], threading.Lock] = {}  # the objects being built, one lock each
 
 
 def _built(what: str, sha256: str, build: Callable[[], T]) -> T:
@@ -42,11 +43,26 @@ def _built(what: str, sha256: str, build: Callable[[], T]) -> T:
         if key in _BUILT:
             _BUILT.move_to_end(key)
             return _BUILT[key]  # type: ignore[no-any-return]
-    obj = build()  # outside the lock: two threads may both build it once; either copy serves
-    with _BUILT_LOCK:
-        _BUILT[key] = obj
-        while len(_BUILT) > _BUILT_MAX:
-            _BUILT.popitem(last=False)
+        building = _BUILDING.setdefault(key, threading.Lock())
+    # one build per key at a time, outside the common lock: the shards a level starts together
+    # on threads each asked for the same object at once and each built a copy (at a national
+    # block level's start, three copies of its invariants: a 1.2 GB spike at 100 M persons)
+    with building:
+        with _BUILT_LOCK:
+            if key in _BUILT:
+                _BUILT.move_to_end(key)
+                return _BUILT[key]  # type: ignore[no-any-return]
+        try:
+            obj = build()
+        except BaseException:
+            with _BUILT_LOCK:
+                _BUILDING.pop(key, None)
+            raise
+        with _BUILT_LOCK:  # kept and no longer being built in one step: nobody builds it again
+            _BUILT[key] = obj
+            _BUILDING.pop(key, None)
+            while len(_BUILT) > _BUILT_MAX:
+                _BUILT.popitem(last=False)
     return obj
 
 
@@ -129,11 +145,16 @@ class RunContext:
     def level_names(self) -> list[str]:
         return [lv.name for lv in self.geography.levels]
 
-    def invariants(self, level: str) -> LevelInvariants:
-        """The declared public invariants of one level (``invariants/<level>.parquet``)."""
+    def invariants(self, level: str, units: tuple[int, int] | None = None) -> LevelInvariants:
+        """The declared public invariants of one level (``invariants/<level>.parquet``), or with
+        ``units=(start, stop)`` of those units only, read from the file's row groups that hold
+        them and not kept (a shard needs its own; the whole national block level would be ~0.5 GB
+        of facilities in every process that solves a shard of it)."""
+        path = self.rd.invariants_path(level)
+        if units is not None:
+            return read_invariants(level, self.rd.verified(path), units=units)
         cache = self.__dict__.setdefault("_invariants", {})
         if level not in cache:
-            path = self.rd.invariants_path(level)
             cache[level] = _built(f"invariants {level}", self.rd.verified_sha256(path),
                                   lambda: read_invariants(level, path))
         return cache[level]

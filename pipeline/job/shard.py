@@ -54,23 +54,22 @@ def _child_constraints(ctx: RunContext, kind: str, level: str, c0: int, c1: int)
     answer 0 = households, 1..7 = group-quarters types) of children ``c0:c1``, from the declared
     public invariants only (``invariants/<level>.parquet``). A spec without the bound role takes
     only the totals: facilities and housing units say nothing about its cells."""
-    inv = ctx.invariants(level)
+    inv = ctx.invariants(level, (c0, c1))  # row i: unit c0 + i
     if kind == "units":
-        totals = None if inv.housing_units is None else inv.housing_units[c0:c1]
-        return {"totals": totals, "lower": None, "zero_answers": None}
-    totals = None if inv.persons is None else inv.persons[c0:c1]
+        return {"totals": inv.housing_units, "lower": None, "zero_answers": None}
+    totals = inv.persons
     spec = ctx.spec(kind)
     if not spec.has_role("bound"):
         return {"totals": totals, "lower": None, "zero_answers": None}
     n_ans = spec.query(spec.role("bound")).n_answers  # household + one answer per facility type
     lower = zero = None
     if inv.facilities is not None:
-        fac = inv.facilities[c0:c1]
+        fac = inv.facilities
         lower = np.concatenate([np.zeros((c1 - c0, 1), np.int64), fac], axis=1)
         zero = np.concatenate([np.zeros((c1 - c0, 1), bool), fac == 0], axis=1)
     if inv.housing_units is not None:
         zero = np.zeros((c1 - c0, n_ans), bool) if zero is None else zero
-        zero[:, 0] = inv.housing_units[c0:c1] == 0
+        zero[:, 0] = inv.housing_units == 0
     if ctx.cfg.joint.households:
         # the published (noisy, post-processed) occupied units of the same children, solved
         # first: persons in households (bound answer 0) >= occupied units, = 0 where there are none
