@@ -402,3 +402,32 @@ def test_verify_reads_the_margins_from_a_scratch_folder_and_removes_it(two_runs,
     problems = verify_release(copy)
     assert any(p.check == "table_rows" and "moe90" in str(p) and p.geolevel == "tract" for p in problems), problems
     assert list(scratch.iterdir()) == []
+
+
+def test_targets_of_a_unit_range_and_a_missing_one(two_runs, tmp_path) -> None:
+    """A shard's targets are its units' rows of the level's targets file, however the file's row
+    groups cut them (here one row group every 7 rows); a file lacking one row of the range stops
+    the shard with a clear error instead of leaving an uninitialised target."""
+    import pyarrow as pa
+
+    from pipeline.job.estimate import EstimateError, read_targets
+
+    _, _, full, _ = two_runs
+    ctx = RunContext.load(full["run_dir"])
+    spec, lv = ctx.spec("persons"), ctx.geography.levels[-2]
+    queries = ctx.strategies["persons"].queries(lv.name)
+    path = ctx.rd.estimate_targets_path("persons", lv.name)
+    whole, weights = read_targets(path, spec, 0, lv.n_units, queries)
+    rows = pq.read_table(path)
+    small = tmp_path / "targets.parquet"
+    pq.write_table(rows, small, row_group_size=7)
+    a, b = 1, lv.n_units - 1
+    part, again = read_targets(small, spec, a, b, queries)
+    assert again == weights
+    for q in queries:
+        np.testing.assert_array_equal(part[q], whole[q][a:b])
+    unit = rows.column("unit").to_numpy()
+    drop = int(np.flatnonzero(unit == a)[0])
+    pq.write_table(pa.concat_tables([rows.slice(0, drop), rows.slice(drop + 1)]), small, row_group_size=7)
+    with pytest.raises(EstimateError, match="1 of .* are missing"):
+        read_targets(small, spec, a, b, queries)
