@@ -333,8 +333,8 @@ def read_unit_rows(path: str | Path, n_answers: Mapping[str, int], start: int, s
     n_answers[q])`` of units ``start:stop`` from a Parquet file of ``unit, query, answer, value``
     rows (NaN where the file has no row): the reader of :func:`load_measurements` for any file of
     those columns (the full estimator's targets). Only the row groups whose ``unit`` statistics
-    overlap the range are read, one at a time (pyarrow, no pre-buffering across groups), so memory
-    is the result plus one row group, whatever the file's size."""
+    overlap the range are read, one at a time (each group read on its own), so memory is the
+    result plus one row group, whatever the file's size."""
     fills = {q: _Fill(stop - start, int(na), start, q, [path]) for q, na in n_answers.items()}
     _query_rows([path], start, stop, fills, set(n_answers))
     return {q: f.result() for q, f in fills.items()}
