@@ -97,7 +97,7 @@ def read_invariants(level: str, path: Path, housing_units_only: bool = False,
         ends = np.cumsum([pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
         first = int(np.searchsorted(ends, start, side="right"))
         last = int(np.searchsorted(ends, stop, side="left")) if stop > start else first - 1
-        groups = list(range(first, min(last, pf.metadata.num_row_groups - 1) + 1))
+        groups = list(range(first, last + 1))  # (stop <= the rows: last is a real group)
         offset = int(ends[first - 1]) if first > 0 else 0
         table = pf.read_row_groups(groups) if groups else pf.schema_arrow.empty_table()
         df = pl.DataFrame(pl.from_arrow(table.slice(start - offset, stop - start)))

@@ -50,7 +50,6 @@ def fail(check: str, detail: str, table: str = "*", geolevel: str = "", geoid: s
 def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> dict[str, np.ndarray]:
     """The GEOID of the first row of every unit (every ``n_lines``-th row of each level's run),
     per level: the units a table publishes, in file order, read a batch of rows at a time."""
-
     parts: dict[str, list[np.ndarray]] = {lv: [] for lv, _ in runs}
     bounds = np.cumsum([0] + [n for _, n in runs])
     offset = 0
