@@ -187,6 +187,42 @@ def test_split_parts_by_hand() -> None:
     # and a county within twice the share is kept: 3 parts of 11 (goal 3, a county of 6 <= 6)
     even = [np.array([0, 2]), np.array([0, 3, 5]), np.array([0, 6, 7, 8, 9, 11]), None]
     assert split_parts(even, [1, 2, 5, 11], 3) == (2, [(0, 1), (1, 4), (4, 5)])
+    # a county of 7 blocks allowed (largest=7): the counties, the large one a part of its own
+    assert split_parts(big, [1, 2, 5, 11], 4, largest=7) == (2, [(0, 1), (1, 3), (3, 5)])
+    assert split_parts(big, [1, 2, 5, 11], 4, largest=6)[0] == 3
+
+
+def test_a_large_tree_is_cut_at_its_counties_despite_a_large_city(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The estimate stage's cut of a tree with many parts (the US-shaped one asks 141): the
+    counties, one much larger than twice a part (the synthetic Los Angeles: 155,010 blocks, ~3.9
+    parts) a part of its own — not the tracts, whose ~26 times as many units the driver would
+    fit above the split level — unless that county is over the size limit, or holds more than
+    an eighth of the tree (the work could not be shared)."""
+    from types import SimpleNamespace
+
+    from pipeline.job import estimate
+
+    def tree(big_tracts: int) -> list[SimpleNamespace]:
+        """root -> 2 states of 100 counties -> tracts (county 0: ``big_tracts``, the others 2)
+        -> 5 blocks a tract"""
+        tracts = np.array([big_tracts] + [2] * 199)
+        ptrs = [np.array([0, 2]), np.array([0, 100, 200]), np.concatenate([[0], np.cumsum(tracts)]),
+                np.arange(0, 5 * tracts.sum() + 1, 5), None]
+        sizes = [1, 2, 200, int(tracts.sum()), 5 * int(tracts.sum())]
+        return [SimpleNamespace(child_ptr=p, n_units=n) for p, n in zip(ptrs, sizes)]
+
+    monkeypatch.setattr(estimate, "ESTIMATE_PART_UNITS", 20)  # 2,050 blocks: 103 parts of 19 (2 counties)
+    monkeypatch.setattr(estimate, "ESTIMATE_LARGEST_UNIT", 100)
+    levels = tree(12)  # county 0: 60 blocks, over twice a part (38)
+    assert estimate.estimate_parts(2050) == 103
+    k, ranges = estimate.estimate_split(levels)
+    assert k == 2 and ranges[:3] == [(0, 1), (1, 3), (3, 5)] and ranges[-1][1] == 200
+    monkeypatch.setattr(estimate, "ESTIMATE_LARGEST_UNIT", 50)  # over the limit: the tracts
+    assert estimate.estimate_split(levels)[0] == 3
+    monkeypatch.setattr(estimate, "ESTIMATE_LARGEST_UNIT", 10**9)
+    assert estimate.estimate_split(levels)[0] == 2
+    # a county of 1,000 of 2,990 blocks: more than an eighth of the tree (2 * 2990 // 16 = 372)
+    assert estimate.estimate_split(tree(200))[0] == 3
 
 
 def _whole_tree_fit(ctx: RunContext) -> tuple[Any, Any]:
@@ -217,7 +253,6 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
     from test_dask_executor import _digests, _two_states
 
     from pipeline.job.estimate import LineEstimates, read_targets
-    from pipeline.postprocess.gls import split_parts
     from pipeline.release.tables import load_tables
 
     inputs = _two_states(tmp_path)
@@ -226,8 +261,7 @@ def test_streaming_by_state_equals_the_whole_tree_fit(tmp_path: Path, monkeypatc
     ctx = RunContext.load(out["run_dir"])
     spec, strategy, levels = ctx.spec("persons"), ctx.strategies["persons"], ctx.geography.levels
     assert levels[1].n_units == 2
-    k, _ = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
-                       [int(lv.n_units) for lv in levels], 2)
+    k, _ = estimate.estimate_split(levels)
     assert 0 < k < len(levels) - 2  # every part holds levels with targets above its leaves
     up, whole = _whole_tree_fit(ctx)
     lines = dict(LineEstimates(ctx, ["persons"]))
@@ -273,7 +307,6 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
 
     from pipeline.job.estimate import LineEstimates
     from pipeline.job.executor import Executor
-    from pipeline.postprocess.gls import split_parts
     from pipeline.release.tables import load_tables
 
     inputs = _two_states(tmp_path)
@@ -295,8 +328,7 @@ def test_simulated_margins_get_the_bottom_level_lines_of_the_whole_tree_fit(
         monkeypatch.setattr(estimate, "ESTIMATE_PART_UNITS", part_units)
         parts = estimate.estimate_parts(int(levels[-1].n_units))
         assert parts == (2 if part_units > 1 else levels[-1].n_units)
-        k, _ = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
-                           [int(lv.n_units) for lv in levels], parts)
+        k, _ = estimate.estimate_split(levels)
         assert (k == len(levels) - 1) == (part_units == 1)
         if part_units == 1:  # the stage again, cut at the bottom, over the same measurements
             weights = {lv.name: pq.read_schema(ctx.rd.estimate_targets_path("persons", lv.name)).metadata

@@ -113,11 +113,35 @@ def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int])
 #: query is fitted to the level's information summed exactly (``LevelFit.information_sum``).
 ESTIMATE_PARTS = 16
 ESTIMATE_PART_UNITS = 40_000
+#: the most bottom units one unit of the split level may hold where the tree has more parts
+#: than :data:`ESTIMATE_PARTS` (above: a part's worker holds ~0.7 GB a 40,000 blocks). Not
+#: twice a part's share, as for a small tree: the US-shaped tree asks 141 parts of ~40,000
+#: blocks, and two of its counties (the synthetic Los Angeles, 155,010 blocks, and Cook, 93,666)
+#: hold more than twice that, which put the split at the 84,444 tracts — and the driver's own
+#: pass over every level above the split level, with a message and a posterior per unit, there
+#: (the stage peaked at 7.7 GB; at 3.4 GB cut at the counties in parts of 100,000 blocks). A
+#: county up to this size is a part of its own
+#: (balance is kept: such a county is still at most an eighth of the tree, below).
+ESTIMATE_LARGEST_UNIT = 200_000
 
 
 def estimate_parts(n_bottom: int) -> int:
     """How many parts the estimate stage cuts a tree of ``n_bottom`` bottom units into."""
     return max(ESTIMATE_PARTS, -(-n_bottom // ESTIMATE_PART_UNITS))
+
+
+def estimate_split(levels: Sequence[Any]) -> tuple[int, list[tuple[int, int]]]:
+    """The estimate stage's split level and parts (:func:`split_parts`) of a geography's
+    ``levels`` (root first; ``child_ptr`` and ``n_units`` of each): :func:`estimate_parts`
+    parts, at the shallowest level whose largest unit holds at most twice a part's share of the
+    blocks, or — where the tree has more parts than :data:`ESTIMATE_PARTS` — twice the share of
+    that many parts (an eighth of the tree: the work stays shared between the workers) but no
+    more than :data:`ESTIMATE_LARGEST_UNIT` blocks (a part's memory stays bounded)."""
+    n = int(levels[-1].n_units)
+    parts = estimate_parts(n)
+    largest = max(2 * (n // parts), min(2 * (n // ESTIMATE_PARTS), ESTIMATE_LARGEST_UNIT))
+    return split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
+                       [int(lv.n_units) for lv in levels], parts, largest=largest)
 
 
 def _subtree(ctx: RunContext, kind: str, k: int, lo: int, hi: int, stop: int | None = None,
@@ -277,8 +301,7 @@ def estimate_kind(ctx: RunContext, kind: str, executor: Executor) -> tuple[dict[
     strategy, levels = ctx.strategies[kind], ctx.geography.levels
     if len(levels) < 2:
         raise EstimateError("the full estimator needs a hierarchy of at least two levels")
-    k, ranges = split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
-                            [int(lv.n_units) for lv in levels], estimate_parts(int(levels[-1].n_units)))
+    k, ranges = estimate_split(levels)
     # a part's worker checks the files its subtree reads against their recorded sha256 before
     # it reads them (publishing checks every file again as it copies it): none is read unchecked
     model = _model(ctx, kind)

@@ -966,16 +966,17 @@ class GLSFit:
 
 
 def split_parts(child_ptrs: Sequence[np.ndarray | None], n_units: Sequence[int], parts: int,
-                deepest: int | None = None) -> tuple[int, list[tuple[int, int]]]:
+                deepest: int | None = None, largest: int | None = None) -> tuple[int, list[tuple[int, int]]]:
     """Where to cut a tree into parts that are fitted one at a time (the estimate stage's work
     items, the full estimator's margins of error): the split level ``k`` and the unit ranges
     ``(lo, hi)`` of level ``k`` that make the parts, in order.
 
     ``k`` is the shallowest level below the root with at least ``parts`` units none of which
-    holds more than twice a part's share (``1/parts``) of the bottom units — so that one large
-    county (a city of most of a state's blocks) cannot be one part doing most of the work while
-    the other workers idle; level ``deepest`` (default: the bottom) if no level above it
-    qualifies. Consecutive units are grouped until a part holds ``1/parts`` of the bottom units.
+    holds more than ``largest`` bottom units (default: twice a part's share, ``1/parts`` of
+    them) — so that one large county (a city of most of a state's blocks) cannot be one part
+    doing most of the work while the other workers idle; level ``deepest`` (default: the bottom)
+    if no level above it qualifies. Consecutive units are grouped until a part holds ``1/parts``
+    of the bottom units (a unit larger than that is a part of its own).
 
     ``child_ptrs[i]``: int64 ``(n_units[i] + 1,)`` children of each unit of level ``i`` at level
     ``i + 1`` (``None`` at the bottom); ``n_units``: units per level, root first."""
@@ -988,8 +989,9 @@ def split_parts(child_ptrs: Sequence[np.ndarray | None], n_units: Sequence[int],
         assert ptr is not None
         below.insert(0, below[0][np.asarray(ptr, np.int64)])
     goal = max(1, int(n_units[L - 1]) // parts)
+    most = 2 * goal if largest is None else int(largest)
     k = next((i for i in range(1, deepest)
-              if n_units[i] >= parts and int(np.diff(below[i]).max()) <= 2 * goal), deepest)
+              if n_units[i] >= parts and int(np.diff(below[i]).max()) <= most), deepest)
     size = np.diff(below[k])
     ranges, lo, held = [], 0, 0
     for u in range(n_units[k]):
