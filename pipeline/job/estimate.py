@@ -103,7 +103,8 @@ def _level_files(ctx: RunContext, kind: str, level: str, units: tuple[int, int])
 #: the up and down passes below the split level run on at least this many parts (work items of
 #: the run's worker pool), and on one per :data:`ESTIMATE_PART_UNITS` bottom units where the tree
 #: is larger (a part's fit is held by one worker: a sixteenth of a national tree was ~3 GB; a part
-#: is cut at whole units of the split level, so it may hold up to ~3 times its share). 40,000
+#: is cut at whole units of the split level, so it may hold up to ~3 times its share, or one unit
+#: of up to :data:`ESTIMATE_LARGEST_UNIT` blocks). 40,000
 #: blocks: about a 30 M-person tree's sixteenth, so a part holds as much from there on whatever
 #: the country's size (at 100,000 a 100 M-person part held ~1 GB a worker, at 40,000 ~0.7 GB, and
 #: the stage ran faster: more parts, better shared between the workers). The count follows from
@@ -139,7 +140,7 @@ def estimate_split(levels: Sequence[Any]) -> tuple[int, list[tuple[int, int]]]:
     more than :data:`ESTIMATE_LARGEST_UNIT` blocks (a part's memory stays bounded)."""
     n = int(levels[-1].n_units)
     parts = estimate_parts(n)
-    largest = max(2 * (n // parts), min(2 * (n // ESTIMATE_PARTS), ESTIMATE_LARGEST_UNIT))
+    largest = max(2 * max(1, n // parts), min(2 * (n // ESTIMATE_PARTS), ESTIMATE_LARGEST_UNIT))
     return split_parts([lv.child_ptr if i + 1 < len(levels) else None for i, lv in enumerate(levels)],
                        [int(lv.n_units) for lv in levels], parts, largest=largest)
 
