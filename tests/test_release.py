@@ -208,14 +208,19 @@ def test_failure_midway_leaves_nothing(monkeypatch, tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_inconsistent_histograms_are_not_published(tmp_path) -> None:
+@pytest.mark.parametrize("workers, min_blocks", [(1, 20_000), (2, 20_000), (2, 0)])
+def test_inconsistent_histograms_are_not_published(tmp_path, monkeypatch, workers, min_blocks) -> None:
+    """In one process, with the tables on a thread, and with them in a process of their own
+    (large releases): the failed checks reach the caller as they are, and nothing is left."""
     c = make_case(3)
     h = c.persons["block"]
     count = h.count.copy()
     count[0] += 1  # one block no longer sums to its block group
     c.persons["block"] = SparseHistogram("block", h.n_units, h.n_cells, h.unit, h.cell, count)
+    monkeypatch.setattr(release_mod, "BACKGROUND_MIN_BLOCKS", min_blocks)
     with pytest.raises(ReleaseCheckError) as err:
-        write_release(tmp_path, meta("rel-bad"), c.geography, c.persons, c.units, c.invariants, PRIVACY)
+        write_release(tmp_path, meta("rel-bad"), c.geography, c.persons, c.units, c.invariants, PRIVACY,
+                      workers=workers)
     assert any(f.check == "hierarchy" for f in err.value.failures)
     assert list(tmp_path.iterdir()) == []
 

@@ -94,8 +94,8 @@ def _write_with(tmp: Path, case, workers: int, persons=None) -> Path:
 
 
 def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``workers > 1`` a large release writes its microdata and checks its data files in
-    processes of their own, a smaller one on threads: either folder is byte for byte the one
+    """With ``workers > 1`` a large release writes its microdata and its tables and checks its
+    data files in processes of their own, a smaller one on threads: either folder is byte for byte the one
     written in one process, and it verifies."""
     case = make_case(1, n_blocks=30)
     one = _digests(_write_with(tmp_path / "one", case, workers=1))
@@ -111,21 +111,21 @@ def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch
     monkeypatch.setattr(streams_mod.Background, "__init__", spy)
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
     path = _write_with(tmp_path / "two", case, workers=2)
-    assert started == [("microdata", "process"), ("release check", "process")]
+    assert started == [("microdata", "process"), ("tables", "process"), ("release check", "process")]
     # the check yields to the explorer written beside it (which would otherwise end alone)
-    assert niceness == {"microdata": 0, "release check": writer_mod.CHECK_NICE} and writer_mod.CHECK_NICE > 0
+    assert niceness == {"microdata": 0, "tables": 0, "release check": writer_mod.CHECK_NICE} and writer_mod.CHECK_NICE > 0
     assert _digests(path) == one
     assert verify_release(path) == []
     # below the threshold no process is started: threads of the writer's process
     started.clear()
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 31)
     path = _write_with(tmp_path / "three", case, workers=2)
-    assert started == [("microdata", "thread"), ("release check", "thread")]
+    assert started == [("microdata", "thread"), ("tables", "thread"), ("release check", "thread")]
     assert _digests(path) == one
     # with one worker, in sequence
     started.clear()
     _write_with(tmp_path / "four", case, workers=1)
-    assert started == [("microdata", "inline"), ("release check", "inline")]
+    assert started == [("microdata", "inline"), ("tables", "inline"), ("release check", "inline")]
 
 
 def test_a_background_process_runs_at_the_niceness_it_is_given() -> None:
@@ -266,3 +266,53 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+_ORPHAN_PARENT = """
+import sys, time
+from pipeline.release.streams import Background
+
+if __name__ == "__main__":
+    child = Background("sleeper", time.sleep, (120,), "process")
+    print(child._proc.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_background_process_ends_with_its_parent(tmp_path: Path) -> None:
+    """A child of the fork server would outlive a writer killed with ``kill -9`` (the job's
+    driver: an operator, the out-of-memory killer) and write on into a release folder that the
+    resumed run removes; it ends within seconds of its parent instead."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHAN_PARENT)
+    root = Path(__file__).resolve().parent.parent
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert parent.stdout is not None
+        child = psutil.Process(int(parent.stdout.readline()))
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.1)
+        else:
+            child.kill()
+            raise AssertionError("the child outlived its parent by 15 s")
+    finally:
+        if parent.poll() is None:
+            parent.kill()

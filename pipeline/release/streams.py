@@ -61,14 +61,28 @@ class WriteQueue:
                     fut.result()
 
 
-def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], umask: int, nice: int = 0) -> None:
+def in_child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], umask: int, nice: int = 0,
+             alive: Any = None) -> None:
     """Child process of :class:`Background`: send ``("ok", fn(*args))`` or ``("error", text)``.
     ``umask``: the parent's — the fork server may have been started with another (a job starts
     its worker pool while writing its private run files), and the release's files must get the
-    permissions the writer's own get; ``nice``: added to the child's niceness (lower priority)."""
+    permissions the writer's own get; ``nice``: added to the child's niceness (lower priority);
+    ``alive``: the reading end of a pipe whose writing end only the parent holds — the child ends
+    as soon as the parent is gone (a child of the fork server outlives a parent killed with
+    ``kill -9`` otherwise, writing on into a release folder a resumed run may already have
+    removed)."""
     import os
     import traceback
 
+    if alive is not None:
+        def watch() -> None:
+            try:
+                alive.recv()  # nothing is ever sent: returns (EOFError) when the parent's end closes
+            except (EOFError, OSError):
+                pass
+            os._exit(1)
+
+        threading.Thread(target=watch, name="dptab-parent-watch", daemon=True).start()
     try:
         os.umask(umask)
         if nice:
@@ -99,17 +113,20 @@ class Background:
             raise ValueError(f"Background mode {mode!r}: one of {self.MODES}")
         self.what, self.fn, self.args = what, fn, args
         self._proc: Any = None
+        self._alive: Any = None
         self._thread: threading.Thread | None = None
         self._outcome: tuple[bool, Any] | None = None
         if mode == "process":
             ctx = multiprocessing.get_context("forkserver")
             self._conn, child = ctx.Pipe(duplex=False)
+            watched, self._alive = ctx.Pipe(duplex=False)  # this process holds the writing end alone
             umask = os.umask(0o077)
             os.umask(umask)
-            self._proc = ctx.Process(target=in_child, args=(child, fn, args, umask, nice), name=f"dptab-{what}",
-                                     daemon=True)
+            self._proc = ctx.Process(target=in_child, args=(child, fn, args, umask, nice, watched),
+                                     name=f"dptab-{what}", daemon=True)
             self._proc.start()
             child.close()
+            watched.close()
         elif mode == "thread":
             self._thread = threading.Thread(target=self._run, name=f"dptab-{what}", daemon=True)
             self._thread.start()
@@ -139,6 +156,7 @@ class Background:
                                f"{self._proc.exitcode})") from None
         finally:
             self._conn.close()
+            self._alive.close()  # the child has sent its result, or is gone
         self._proc.join()
         self._proc = None
         if status != "ok":
@@ -155,6 +173,7 @@ class Background:
             self._proc.terminate()
             self._proc.join()
             self._conn.close()
+            self._alive.close()
             self._proc = None
 
 

@@ -67,6 +67,7 @@ cannot, since it sees only the geography it is given.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing
 import os
 import secrets
@@ -367,9 +368,82 @@ CHECK_NICE = 5
 
 def _without_strings(level: "LevelIndex") -> "LevelIndex":
     """``level`` without its cached GEOID strings (what a child process is sent: 8 bytes a unit)."""
+    return dataclasses.replace(level)
+
+
+def _geography_without_strings(geography: "Geography") -> "Geography":
+    """``geography`` without its levels' cached GEOID strings (what a child process is sent:
+    the codes, parents and child offsets, 24 bytes a block instead of 84)."""
+    from pipeline.model.geography import Geography
+
+    return Geography([_without_strings(lv) for lv in geography.levels])
+
+
+def _write_table_files(tmp: Path, spill: Path, ts: TableSet, geography: "Geography", tree: GeoTree,
+                       persons: Mapping[str, Any], units: Mapping[str, Any] | None, invariants: Invariants,
+                       variances: Mapping[str, Mapping[str, Mapping[str, float]]], estimator: str, csv: bool,
+                       workers: int, unbiased: Mapping[tuple[str, str], np.ndarray] | None,
+                       simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None) -> tuple[Any, ...]:
+    """The margins of error, ``tables/`` (every level's tables, checked as they are made; the
+    simulated margins' lookup; the unbiased tables) under the release folder ``tmp``, the
+    margins' scratch in ``spill``. Returns ``("ok", manifest entries of the files written,
+    [(level, units, tables written there)], the tables with a file)``, or ``("failed", failures)`` when a consistency
+    check failed (a value, not an exception: it crosses from a child process as it is).
+
+    Run by :func:`write_release` in a process of its own for large releases. ``invariants``'
+    block GEOIDs may be absent when they are the geography's blocks (a child is not sent them:
+    60 bytes a block); they are then the bottom level's, made here."""
     import dataclasses
 
-    return dataclasses.replace(level)
+    if invariants.block_housing_units is not None and invariants.block_geoids is None:
+        invariants = dataclasses.replace(invariants, block_geoids=geography.levels[-1].geoids)
+    levels = [lv.name for lv in geography.levels]
+    digits = {lv.name: lv.digits for lv in geography.levels}
+    # the table files' rows are made, encoded and written on lanes of their own (a file always
+    # on the same lane) while the next units are tabulated and checked here (see WriteQueue);
+    # up to 8 chunks of units wait per lane
+    lanes = WriteQueue(limit=8, lanes=max(workers, 1))
+    try:
+        # the full estimator's per-unit margins (1.4 GB on the US geography) wait in files beside
+        # the folder being written (removed with it, or by the next attempt's clean-up) and are
+        # read a chunk of units at a time, not held while everything is published
+        moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
+                              invariants.block_housing_units is not None, estimator,
+                              [lv.child_ptr for lv in geography.levels[:-1]], MARGIN_PART_UNITS, spill=spill)
+        # the margins' fits are freed by now, but their pages stay in the C heap, where the tables'
+        # Arrow and polars buffers (allocators of their own) never reuse them: at 100 M persons
+        # the writer went 396 -> 719 MB here with 329 MB of it free, and kept it to the end
+        return_free_memory()
+        writers = {name: _TableWriter(tmp, t, lanes, csv, tree.is_lookup) for name, t in ts.tables.items()}
+        try:
+            published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
+        except ReleaseCheckError as exc:
+            # the lanes stopped before the caller removes the folder: never under a writer still in it
+            lanes.close(cancel=True)
+            return ("failed", exc.failures)
+        for w in writers.values():
+            w.close()
+        lanes.wait()
+        entries: list[dict[str, Any]] = []
+        for w in writers.values():
+            if w.written:
+                entries.append(_file_entry(tmp, w.path))
+                entries += [_file_entry(tmp, p, rows) for p, rows in sorted(w.csv_rows.items())]
+        if simulated is not None:
+            spath = tmp / "margins" / "simulated.parquet"
+            spath.parent.mkdir()
+            simulated[0].write_parquet(spath, compression="zstd")
+            entries.append(_file_entry(tmp, spath))
+        if unbiased:
+            from pipeline.release.unbiased import write_unbiased
+
+            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, published[:-1], unbiased, moe, tree)]
+    except BaseException:
+        lanes.close(cancel=True)
+        raise
+    lanes.close()
+    return ("ok", entries, [(lv, len(g), names) for lv, g, names in published],
+            [name for name, w in writers.items() if w.written])
 
 
 def _check_contents(root: Path, manifest: Mapping[str, Any], part: str = "all") -> list[CheckFailure]:
@@ -456,10 +530,6 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
     os.chmod(tmp, 0o700)
     pending: Future[list[dict[str, Any]]] | None = None
     children: list[Background] = []
-    # the table files' rows are made, encoded and written on lanes of their own (a file always
-    # on the same lane) while the next units are tabulated and checked here (see WriteQueue);
-    # up to 8 chunks of units wait per lane
-    lanes = WriteQueue(limit=8, lanes=max(workers, 1))
     try:
         ts = load_tables(tables)
         levels = [lv.name for lv in geography.levels]
@@ -482,6 +552,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         background = ("inline" if workers <= 1 else
                       "process" if (len(blocks.geoids) >= BACKGROUND_MIN_BLOCKS
                                     and not multiprocessing.current_process().daemon) else "thread")
+        entries: list[dict[str, Any]] = []
         mpath = tmp / "microdata" / "persons.parquet"
         mpath.parent.mkdir()
         microdata = Background("microdata", _write_microdata, (mpath, _without_strings(blocks), persons[blocks.name],
@@ -490,44 +561,30 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         randomness = meta.randomness_mode()
         privacy = _copy_strategies(tmp, privacy)
         variances = variances if variances is not None else variances_from_privacy(privacy)
-        # the full estimator's per-unit margins (1.4 GB on the US geography) wait in files beside
-        # the folder being written (removed with it, or by the next attempt's clean-up) and are
-        # read a chunk of units at a time, not held while everything is published
+        # the margins, the table files and the unbiased tables are made in a process of their own
+        # (as the microdata and the checks): their memory (the margins' fits, the tables' Arrow and
+        # polars buffers) goes back to the system when it ends, instead of staying in this
+        # process's heap beside the checks and the explorer, which come next (at 30 M persons
+        # this process held ~0.6 GB after the tables, with the checks' processes beside it)
         spill.mkdir(mode=0o700)
-        moe = release_margins(ts, variances, levels, digits, invariants.state_totals is not None,
-                              invariants.block_housing_units is not None, meta.estimator,
-                              [lv.child_ptr for lv in geography.levels[:-1]], MARGIN_PART_UNITS, spill=spill)
-        # the margins' fits are freed by now, but their pages stay in the C heap, where the tables'
-        # Arrow and polars buffers (allocators of their own) never reuse them: at 100 M persons
-        # the writer went 396 -> 719 MB here with 329 MB of it free, and kept it to the end
-        return_free_memory()
-
-        entries: list[dict[str, Any]] = []
         if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
             gpath = tmp / GEOGRAPHY_FILE
             tree.frame().write_parquet(gpath)
             entries.append(_file_entry(tmp, gpath))
-        writers = {name: _TableWriter(tmp, t, lanes, csv, tree.is_lookup) for name, t in ts.tables.items()}
-        try:
-            published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
-        finally:
-            for w in writers.values():
-                w.close()
-        lanes.wait()
-        for w in writers.values():
-            if w.written:
-                entries.append(_file_entry(tmp, w.path))
-                entries += [_file_entry(tmp, p, rows) for p, rows in sorted(w.csv_rows.items())]
-        if simulated is not None:
-            spath = tmp / "margins" / "simulated.parquet"
-            spath.parent.mkdir()
-            simulated[0].write_parquet(spath, compression="zstd")
-            entries.append(_file_entry(tmp, spath))
-        if unbiased:
-            from pipeline.release.unbiased import write_unbiased
-
-            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, published[:-1], unbiased, moe, tree)]
-        del moe
+        sent_geo, sent_inv = geography, invariants
+        if background == "process":  # the codes, not the GEOID strings (the child makes them)
+            sent_geo = _geography_without_strings(geography)
+            if invariants.block_geoids is not None and invariants.block_geoids is geography.levels[-1].geoids:
+                sent_inv = dataclasses.replace(invariants, block_geoids=None)
+        made = Background("tables", _write_table_files, (tmp, spill, ts, sent_geo, tree, persons, units, sent_inv,
+                                                         variances, meta.estimator, csv, workers, unbiased, simulated),
+                          background)
+        children.append(made)
+        outcome = made.result()
+        if outcome[0] == "failed":
+            raise ReleaseCheckError(outcome[1])
+        entries += outcome[1]
+        published, written = outcome[2], set(outcome[3])
         shutil.rmtree(spill)  # every margin is written
         # the table definitions travel with the release: readers see exactly what each line sums
         defs = tmp / "tables" / "definitions.yaml"
@@ -539,7 +596,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         if invariants.block_housing_units is not None:
             ipath = tmp / "invariants" / "block_housing_units.parquet"
             ipath.parent.mkdir()
-            pl.DataFrame({"geoid": pl.Series(np.asarray(invariants.block_geoids).astype(str), dtype=pl.Utf8),
+            pl.DataFrame({"geoid": pl.Series(np.asarray(invariants.block_geoids).astype(str, copy=False), dtype=pl.Utf8),
                           "housing_units": pl.Series(np.asarray(invariants.block_housing_units), dtype=pl.Int64)}
                          ).write_parquet(ipath)
             entries.append(_file_entry(tmp, ipath))
@@ -561,10 +618,10 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
                           **({"margin_part_units": MARGIN_PART_UNITS} if meta.estimator == "full" else {})},
             "citation": meta.citation or release_citation(meta.title, meta.release_id, meta.created, meta.dataset_id,
                                                           meta.software_version, meta.git_commit, privacy),
-            "geolevels": [{"name": lv, "digits": digits[lv], "units": int(len(g))} for lv, g, _ in published],
+            "geolevels": [{"name": lv, "digits": digits[lv], "units": int(n)} for lv, n, _ in published],
             **({"geography": {"kind": "lookup", "file": GEOGRAPHY_FILE}} if tree.is_lookup else {}),
             "tables": [{"name": t.name, "title": t.title, "universe": t.universe, "histogram": t.histogram,
-                        "lines": t.n_lines} for t in ts.tables.values() if writers[t.name].written],
+                        "lines": t.n_lines} for t in ts.tables.values() if t.name in written],
             "table_definitions": defs.relative_to(tmp).as_posix(),
             "privacy": dict(privacy),
             "invariants": invariants.to_json(),
@@ -580,7 +637,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         # every data file is written and described: check them (tables, microdata, measurements)
         # while the codebook and the explorer are written
         described = copy.deepcopy(_described(manifest))
-        return_free_memory()  # what the table lanes (threads, each its own malloc arena) freed
+        return_free_memory()  # what the measurements' copying (a thread, its own malloc arena) freed
         # with a second core and noisy measurements (tens of millions of rows with the full
         # estimator), their checks run beside the others instead of after them
         split = bool(mfiles) and background != "inline"
@@ -623,10 +680,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             wait([pending])
         for child in children:
             child.cancel()
-        lanes.close(cancel=True)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(spill, ignore_errors=True)
         raise
-    finally:
-        lanes.close()
     return target
