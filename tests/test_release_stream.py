@@ -94,8 +94,8 @@ def _write_with(tmp: Path, case, workers: int, persons=None) -> Path:
 
 
 def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With ``workers > 1`` a large release writes its microdata and its tables and checks its
-    data files in processes of their own, a smaller one on threads: either folder is byte for byte the one
+    """With ``workers > 1`` a large release writes its microdata and checks its data files in
+    processes of their own, a smaller one on threads: either folder is byte for byte the one
     written in one process, and it verifies."""
     case = make_case(1, n_blocks=30)
     one = _digests(_write_with(tmp_path / "one", case, workers=1))
@@ -111,21 +111,21 @@ def test_background_processes_write_the_same_release(tmp_path: Path, monkeypatch
     monkeypatch.setattr(streams_mod.Background, "__init__", spy)
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 0)
     path = _write_with(tmp_path / "two", case, workers=2)
-    assert started == [("microdata", "process"), ("tables", "process"), ("release check", "process")]
+    assert started == [("microdata", "process"), ("release check", "process")]
     # the check yields to the explorer written beside it (which would otherwise end alone)
-    assert niceness == {"microdata": 0, "tables": 0, "release check": writer_mod.CHECK_NICE} and writer_mod.CHECK_NICE > 0
+    assert niceness == {"microdata": 0, "release check": writer_mod.CHECK_NICE} and writer_mod.CHECK_NICE > 0
     assert _digests(path) == one
     assert verify_release(path) == []
     # below the threshold no process is started: threads of the writer's process
     started.clear()
     monkeypatch.setattr(writer_mod, "BACKGROUND_MIN_BLOCKS", 31)
     path = _write_with(tmp_path / "three", case, workers=2)
-    assert started == [("microdata", "thread"), ("tables", "thread"), ("release check", "thread")]
+    assert started == [("microdata", "thread"), ("release check", "thread")]
     assert _digests(path) == one
     # with one worker, in sequence
     started.clear()
     _write_with(tmp_path / "four", case, workers=1)
-    assert started == [("microdata", "inline"), ("tables", "inline"), ("release check", "inline")]
+    assert started == [("microdata", "inline"), ("release check", "inline")]
 
 
 def test_a_background_process_runs_at_the_niceness_it_is_given() -> None:

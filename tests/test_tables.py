@@ -127,6 +127,29 @@ def test_each_check_catches_its_violation(what: str) -> None:
     assert all(f.geoid is not None for f in hits) and str(hits[0])
 
 
+def test_housing_unit_invariant_by_block_codes_finds_what_geoids_find() -> None:
+    """The release writer gives the blocks of a digit-prefix geography by their integer codes (8
+    bytes a block, not a GEOID string): the housing-unit checks find the same failures, and a
+    block missing from the tables is reported by its GEOID."""
+    c, lts, by = _corrupted("hu")
+    blocks = c.geography.levels[-1]
+    hu = c.invariants.block_housing_units.copy()
+    hu[3] += 2  # a published count no longer equal to its invariant
+    gone = int(np.nonzero(hu > 0)[0][-1])  # a block with housing units left out of the tables
+    blk = by["block"]
+    keep = np.arange(len(blk.geoids)) != gone
+    lts[-1] = type(blk)(blk.level, blk.geoids[keep], {k: v[keep] for k, v in blk.counts.items()},
+                        {k: v[keep] for k, v in blk.check_lines.items()})
+    found = {}
+    for kind, named in (("geoids", np.asarray(blocks.geoids)), ("codes", blocks.codes)):
+        inv = Invariants(c.invariants.state_totals, named, hu)
+        fails = [f for f in run_checks(TS, lts, digits(c.geography), inv) if f.check == "invariant"]
+        found[kind] = sorted(str(f) for f in fails)
+    assert found["codes"] == found["geoids"]
+    assert any(blocks.geoids[3] in f for f in found["codes"])
+    assert any(blocks.geoids[gone] in f and "not published" in f for f in found["codes"])
+
+
 def test_failures_are_capped_with_a_summary() -> None:
     c, lts, by = _corrupted("many")
     by["block"].counts["P1"][:, 2] += 1  # every block: many failures

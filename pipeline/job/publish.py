@@ -32,7 +32,8 @@ def git_commit() -> str | None:
 
 def declared_invariants(ctx: RunContext) -> Invariants:
     """The public invariants the release states and checks: state totals and block housing
-    units, as declared (read from ``invariants/``, never from a confidential file)."""
+    units, as declared (read from ``invariants/``, never from a confidential file); the blocks
+    by their integer codes (a lookup geography's by their names)."""
     from pipeline.inputs.invariants import read_invariants
 
     geo = ctx.geography
@@ -48,7 +49,10 @@ def declared_invariants(ctx: RunContext) -> Invariants:
     if state is not None and state.persons is not None:
         state_totals = {str(g): int(t) for g, t in zip(geo.level(tl).geoids, state.persons)}
     hu = block.housing_units
-    return Invariants(state_totals=state_totals, block_geoids=geo.blocks.geoids if hu is not None else None,
+    # a digit-prefix geography's blocks by their codes: the writer makes their GEOID strings (~60
+    # bytes a block, ~0.5 GB for the US) a chunk at a time, never the whole level's
+    blocks = geo.blocks.geoids if geo.blocks.is_lookup else geo.blocks.codes
+    return Invariants(state_totals=state_totals, block_geoids=blocks if hu is not None else None,
                       block_housing_units=hu)
 
 

@@ -59,7 +59,9 @@ class Invariants:
     """Counts declared public and exact before any noise was drawn.
 
     ``state_totals``: persons per state GEOID (the nation total is their sum);
-    ``block_geoids`` (sorted, ``(n_blocks,)``) with ``block_housing_units`` (int64 ``(n_blocks,)``).
+    ``block_geoids`` (sorted, ``(n_blocks,)``) with ``block_housing_units`` (int64 ``(n_blocks,)``);
+    ``block_geoids`` may be the blocks' int64 codes (the GEOIDs read as integers) in a digit-prefix
+    geography (8 bytes a block instead of ~60: the release writer's).
     """
 
     state_totals: Mapping[str, int] | None = None
@@ -153,6 +155,15 @@ def _parent_positions(tree: GeoTree, parent_level: str, parent_geoids: np.ndarra
     return pos, parents[pos] == prefix
 
 
+def _as_codes(geoids: np.ndarray, digits: int) -> np.ndarray:
+    """int64 codes of ``digits``-digit GEOIDs (any other string gets -1: never a code)."""
+    g = np.asarray(geoids).astype(str, copy=False)
+    ok = np.char.isdigit(g) & (np.char.str_len(g) == digits)
+    out = np.full(len(g), -1, np.int64)
+    out[ok] = g[ok].astype(np.int64)
+    return out
+
+
 class ReleaseChecks:
     """Every consistency check, fed level by level (top to bottom) in chunks of units, so a
     release is checked holding one chunk of a level plus the level above's counts.
@@ -182,8 +193,13 @@ class ReleaseChecks:
         self.p_total, self.h_total = tables.total_line("persons"), tables.total_line("units")
         self.state_seen: set[str] = set()
         self.state_checked = self.h_checked = False  # was the invariant's level (with its table) seen
+        self.inv_codes = False  # the invariant's blocks as integer codes (else GEOID strings)
         if invariants is not None and invariants.block_housing_units is not None:
-            ig = np.asarray(invariants.block_geoids).astype(str, copy=False)
+            ig = np.asarray(invariants.block_geoids)
+            # integer block codes of a digit-prefix geography (the release writer's, 8 bytes a
+            # block instead of ~60): each chunk's GEOIDs are read as integers to compare
+            self.inv_codes = ig.dtype.kind in "iu"
+            ig = ig.astype(np.int64, copy=False) if self.inv_codes else ig.astype(str, copy=False)
             hu = np.asarray(invariants.block_housing_units, dtype=np.int64)
             if ig.size > 1 and not bool(np.all(ig[1:] > ig[:-1])):
                 # the invariant's units in any order (a lookup's unit order); sorted ones (the US
@@ -343,8 +359,9 @@ class ReleaseChecks:
             ht, hline = self.h_total
             ig, iv = self.inv_geoids, self.inv_hu
             got = lt.counts[ht][:, tables.tables[ht].index(hline)]
-            pos = np.clip(np.searchsorted(ig, g), 0, max(len(ig) - 1, 0))
-            found = (ig[pos] == g) if len(ig) else np.zeros(len(g), bool)
+            key = _as_codes(g, self.tree.digits[bottom]) if self.inv_codes else g
+            pos = np.clip(np.searchsorted(ig, key), 0, max(len(ig) - 1, 0))
+            found = (ig[pos] == key) if len(ig) else np.zeros(len(g), bool)
             self.inv_seen[pos[found]] = True
             want = np.where(found, iv[pos] if len(ig) else 0, 0)  # a published block absent from the invariant has 0
             bad = np.nonzero(want != got)[0]
@@ -362,7 +379,13 @@ class ReleaseChecks:
             bottom = self.tree.levels[-1]
             absent = np.nonzero(~self.inv_seen & (self.inv_hu != 0))[0]
             if absent.size:
-                self.col.add("invariant", ht, bottom, self.inv_geoids, absent, [hline] * absent.size,
+                named = self.inv_geoids
+                if self.inv_codes:  # the blocks reported (a few) by their GEOIDs
+                    from pipeline.model.geography import format_geoids
+
+                    named = np.zeros(len(named), dtype=f"<U{self.tree.digits[bottom]}")
+                    named[absent] = format_geoids(self.inv_geoids[absent], self.tree.digits[bottom])
+                self.col.add("invariant", ht, bottom, named, absent, [hline] * absent.size,
                              self.inv_hu[absent], np.zeros(absent.size, np.int64),
                              f"{bottom} with declared housing units is not published")
         return self.col.result()

@@ -250,6 +250,23 @@ def _chunks(n: int) -> list[tuple[int, int, bool]]:
     return out
 
 
+class _LevelGeoids:
+    """A level's GEOIDs as :func:`pipeline.release.measurements.units_rows` reads them (``len``,
+    ranges), each range made from the codes when asked (``LevelIndex.geoids_of``)."""
+
+    def __init__(self, level: "LevelIndex") -> None:
+        self.level = level
+
+    def __len__(self) -> int:
+        return self.level.n_units
+
+    def __getitem__(self, k: slice) -> np.ndarray:
+        start, stop, step = k.indices(self.level.n_units)
+        if step != 1:
+            raise IndexError("ranges of units only")
+        return self.level.geoids_of(start, stop)
+
+
 def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], tables: TableSet,
                         privacy: Mapping[str, Any], files: Mapping[tuple[str, str], Sequence[Path]],
                         copy: Callable[[Path, Path], str] | None) -> list[dict[str, Any]]:
@@ -273,30 +290,31 @@ def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.n
 def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: "Geography", tree: GeoTree,
                   persons: Mapping[str, Any], units: Mapping[str, Any] | None, invariants: Invariants,
                   moe: Mapping[tuple[str, str], np.ndarray | RepeatedRows | DiskRows],
-                  simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None) -> list[tuple[str, np.ndarray, list[str]]]:
+                  simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None) -> list[tuple[str, "LevelIndex", list[str]]]:
     """Tabulate, check and write every level's tables, top to bottom, :data:`STREAM_UNITS` units
-    at a time; returns ``(level, geoids, tables written)`` per level. Raises
+    at a time; returns ``(level, its LevelIndex, tables written)`` per level. Raises
     :class:`ReleaseCheckError` when a consistency check fails (after every level is seen).
 
     Memory: one chunk's tables, int64 ``(STREAM_UNITS, n_lines)`` per table, and their long
     rows; the level above's counts for the hierarchy check (:class:`ReleaseChecks`). The
-    histograms are read a chunk of units at a time (:func:`histogram_rows`)."""
+    histograms are read a chunk of units at a time (:func:`histogram_rows`), and a level's
+    GEOIDs are made a chunk at a time from its codes unless the geography holds them already
+    (``LevelIndex.geoids_of``: a national block level's strings are ~0.5 GB)."""
     checks = ReleaseChecks(ts, tree, invariants)
     out = []
     for i, lv in enumerate(geography.levels):
-        geoids = np.asarray(lv.geoids)
         sources = {"persons": persons.get(lv.name), "units": (units or {}).get(lv.name)}
         for kind, src in sources.items():
-            if src is not None and histogram_shape(src)[0] != len(geoids):
+            if src is not None and histogram_shape(src)[0] != lv.n_units:
                 raise TableError(f"{kind} histogram of level {lv.name} has {histogram_shape(src)[0]} units, "
-                                 f"geography has {len(geoids)}")
+                                 f"geography has {lv.n_units}")
         # the simulated margins' moving cells of this level, per table (filtered once, not per chunk)
         moving = ({t: simulated[1].filter((pl.col("table") == t) & (pl.col("geolevel") == lv.name))
                    for t in ts.tables} if simulated is not None else {})
         checks.begin_level(lv.name, keep=i + 1 < len(geography.levels))
         names_written: list[str] = []
-        for s, e, ends_chunk in _chunks(len(geoids)):
-            lt = tabulate_units(ts, lv.name, geoids[s:e],
+        for s, e, ends_chunk in _chunks(lv.n_units):
+            lt = tabulate_units(ts, lv.name, lv.geoids_of(s, e),
                                 *(None if src is None else histogram_rows(src, s, e) for src in sources.values()))
             checks.add(lt)
             names = tree.unit_names(lv.name, lt.geoids) if tree.is_lookup else unit_names(lv.name, lt.geoids)
@@ -313,7 +331,7 @@ def _write_tables(writers: Mapping[str, _TableWriter], ts: TableSet, geography: 
                     writers[name].cut()
             names_written = list(lt.counts)
         checks.end_level()
-        out.append((lv.name, geoids, names_written))
+        out.append((lv.name, lv, names_written))
     failures = checks.failures()
     if failures:
         raise ReleaseCheckError(failures)
@@ -371,19 +389,12 @@ def _without_strings(level: "LevelIndex") -> "LevelIndex":
     return dataclasses.replace(level)
 
 
-def _geography_without_strings(geography: "Geography") -> "Geography":
-    """``geography`` without its levels' cached GEOID strings (what a child process is sent:
-    the codes, parents and child offsets, 24 bytes a block instead of 84)."""
-    from pipeline.model.geography import Geography
-
-    return Geography([_without_strings(lv) for lv in geography.levels])
-
-
 def _write_table_files(tmp: Path, spill: Path, ts: TableSet, geography: "Geography", tree: GeoTree,
                        persons: Mapping[str, Any], units: Mapping[str, Any] | None, invariants: Invariants,
                        variances: Mapping[str, Mapping[str, Mapping[str, float]]], estimator: str, csv: bool,
                        workers: int, unbiased: Mapping[tuple[str, str], np.ndarray] | None,
-                       simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None) -> tuple[Any, ...]:
+                       simulated: tuple[pl.DataFrame, pl.DataFrame, int] | None
+                       ) -> tuple[list[dict[str, Any]], list[tuple[str, int, list[str]]], list[str]]:
     """The margins of error, ``tables/`` (every level's tables, checked as they are made; the
     simulated margins' lookup; the unbiased tables) under the release folder ``tmp``, the
     margins' scratch in ``spill``. Returns ``("ok", manifest entries of the files written,
@@ -392,11 +403,15 @@ def _write_table_files(tmp: Path, spill: Path, ts: TableSet, geography: "Geograp
 
     Run by :func:`write_release` in a process of its own for large releases. ``invariants``'
     block GEOIDs may be absent when they are the geography's blocks (a child is not sent them:
-    60 bytes a block); they are then the bottom level's, made here."""
+    60 bytes a block); they are then the bottom level's codes (:class:`ReleaseChecks` compares
+    codes then)."""
     import dataclasses
 
     if invariants.block_housing_units is not None and invariants.block_geoids is None:
-        invariants = dataclasses.replace(invariants, block_geoids=geography.levels[-1].geoids)
+        blocks = geography.levels[-1]
+        # a digit-prefix geography's blocks as their codes (8 bytes a block, the checks compare
+        # codes), a lookup's by their names
+        invariants = dataclasses.replace(invariants, block_geoids=blocks.geoids if blocks.is_lookup else blocks.codes)
     levels = [lv.name for lv in geography.levels]
     digits = {lv.name: lv.digits for lv in geography.levels}
     # the table files' rows are made, encoded and written on lanes of their own (a file always
@@ -415,12 +430,7 @@ def _write_table_files(tmp: Path, spill: Path, ts: TableSet, geography: "Geograp
         # the writer went 396 -> 719 MB here with 329 MB of it free, and kept it to the end
         return_free_memory()
         writers = {name: _TableWriter(tmp, t, lanes, csv, tree.is_lookup) for name, t in ts.tables.items()}
-        try:
-            published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
-        except ReleaseCheckError as exc:
-            # the lanes stopped before the caller removes the folder: never under a writer still in it
-            lanes.close(cancel=True)
-            return ("failed", exc.failures)
+        published = _write_tables(writers, ts, geography, tree, persons, units, invariants, moe, simulated)
         for w in writers.values():
             w.close()
         lanes.wait()
@@ -437,12 +447,13 @@ def _write_table_files(tmp: Path, spill: Path, ts: TableSet, geography: "Geograp
         if unbiased:
             from pipeline.release.unbiased import write_unbiased
 
-            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, published[:-1], unbiased, moe, tree)]
-    except BaseException:
+            above = [(name, lv.geoids, names) for name, lv, names in published[:-1]]
+            entries += [_file_entry(tmp, p) for p in write_unbiased(tmp, ts, above, unbiased, moe, tree)]
+    except BaseException:  # the lanes stopped before the caller removes the folder
         lanes.close(cancel=True)
         raise
     lanes.close()
-    return ("ok", entries, [(lv, len(g), names) for lv, g, names in published],
+    return (entries, [(name, lv.n_units, names) for name, lv, names in published],
             [name for name, w in writers.items() if w.written])
 
 
@@ -538,7 +549,9 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             # and copied alongside the tables: Arrow reads their text codes and the copies run
             # without holding the GIL, and nothing else reads them before the manifest is built
             # (joined there). Their bytes do not depend on the timing.
-            geoids = [lv.geoids for lv in geography.levels]  # materialised here, not in two threads
+            # each level's GEOIDs made a range at a time as the units file is written (not the
+            # whole block level's strings, ~60 bytes a block, for all of publishing)
+            geoids = [_LevelGeoids(lv) for lv in geography.levels]
             pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-measurements")
             pending = pool.submit(_write_measurements, tmp, levels, geoids, ts, privacy, measurement_files,
                                   copy_measurement_file)
@@ -550,7 +563,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         # with a second core: large releases in processes of their own, smaller ones (and a
         # daemon process, which may not start children) on threads; with one core, in sequence
         background = ("inline" if workers <= 1 else
-                      "process" if (len(blocks.geoids) >= BACKGROUND_MIN_BLOCKS
+                      "process" if (blocks.n_units >= BACKGROUND_MIN_BLOCKS
                                     and not multiprocessing.current_process().daemon) else "thread")
         entries: list[dict[str, Any]] = []
         mpath = tmp / "microdata" / "persons.parquet"
@@ -561,30 +574,17 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         randomness = meta.randomness_mode()
         privacy = _copy_strategies(tmp, privacy)
         variances = variances if variances is not None else variances_from_privacy(privacy)
-        # the margins, the table files and the unbiased tables are made in a process of their own
-        # (as the microdata and the checks): their memory (the margins' fits, the tables' Arrow and
-        # polars buffers) goes back to the system when it ends, instead of staying in this
-        # process's heap beside the checks and the explorer, which come next (at 30 M persons
-        # this process held ~0.6 GB after the tables, with the checks' processes beside it)
         spill.mkdir(mode=0o700)
         if tree.is_lookup:  # the units and their parent codes: how the levels nest (verify reads it)
             gpath = tmp / GEOGRAPHY_FILE
             tree.frame().write_parquet(gpath)
             entries.append(_file_entry(tmp, gpath))
-        sent_geo, sent_inv = geography, invariants
-        if background == "process":  # the codes, not the GEOID strings (the child makes them)
-            sent_geo = _geography_without_strings(geography)
-            if invariants.block_geoids is not None and invariants.block_geoids is geography.levels[-1].geoids:
-                sent_inv = dataclasses.replace(invariants, block_geoids=None)
-        made = Background("tables", _write_table_files, (tmp, spill, ts, sent_geo, tree, persons, units, sent_inv,
-                                                         variances, meta.estimator, csv, workers, unbiased, simulated),
-                          background)
-        children.append(made)
-        outcome = made.result()
-        if outcome[0] == "failed":
-            raise ReleaseCheckError(outcome[1])
-        entries += outcome[1]
-        published, written = outcome[2], set(outcome[3])
+        # made here, not in a process of their own: in the job this process is the driver, and its
+        # heap, freed after the levels but not given back, is reused by the tables (a child beside
+        # it raised the 30 M job's publishing peak from 2.0 to 2.2 GB, session 35)
+        made, published, written = _write_table_files(tmp, spill, ts, geography, tree, persons, units, invariants,
+                                                       variances, meta.estimator, csv, workers, unbiased, simulated)
+        entries += made
         shutil.rmtree(spill)  # every margin is written
         # the table definitions travel with the release: readers see exactly what each line sums
         defs = tmp / "tables" / "definitions.yaml"
@@ -596,9 +596,11 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         if invariants.block_housing_units is not None:
             ipath = tmp / "invariants" / "block_housing_units.parquet"
             ipath.parent.mkdir()
-            pl.DataFrame({"geoid": pl.Series(np.asarray(invariants.block_geoids).astype(str, copy=False), dtype=pl.Utf8),
-                          "housing_units": pl.Series(np.asarray(invariants.block_housing_units), dtype=pl.Int64)}
-                         ).write_parquet(ipath)
+            bg = np.asarray(invariants.block_geoids)
+            geoid = (pl.Series(bg, dtype=pl.Int64).cast(pl.Utf8).str.zfill(blocks.digits) if bg.dtype.kind in "iu"
+                     else pl.Series(bg.astype(str, copy=False), dtype=pl.Utf8))  # codes: made by polars, not numpy
+            pl.DataFrame({"geoid": geoid, "housing_units": pl.Series(np.asarray(invariants.block_housing_units),
+                                                                     dtype=pl.Int64)}).write_parquet(ipath)
             entries.append(_file_entry(tmp, ipath))
         mfiles = pending.result() if pending is not None else []
         pending = None
