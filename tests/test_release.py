@@ -210,8 +210,9 @@ def test_failure_midway_leaves_nothing(monkeypatch, tmp_path) -> None:
 
 @pytest.mark.parametrize("workers, min_blocks", [(1, 20_000), (2, 20_000), (2, 0)])
 def test_inconsistent_histograms_are_not_published(tmp_path, monkeypatch, workers, min_blocks) -> None:
-    """In one process, with the tables on a thread, and with them in a process of their own
-    (large releases): the failed checks reach the caller as they are, and nothing is left."""
+    """In one process, with the microdata on a thread, and with it in a process of its own
+    (large releases): the failed checks reach the caller, the folder is removed with nothing
+    still writing into it (the table lanes and the child stopped first), and nothing is left."""
     c = make_case(3)
     h = c.persons["block"]
     count = h.count.copy()

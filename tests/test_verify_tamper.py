@@ -965,3 +965,33 @@ def test_units_lookup_written_and_checked_a_row_group_at_a_time(tmp_path: Path, 
                                                                                           for k, g in enumerate(geoids)])
     mm._write_units(tmp_path / "empty.parquet", [], [])
     assert pq.read_table(tmp_path / "empty.parquet").num_rows == 0
+
+
+def test_block_ranges_change_no_finding(release: Path, tmp_path: Path, monkeypatch) -> None:
+    """The data check goes through the blocks' GEOIDs a range at a time (the invariant file
+    against the tables' blocks; each block's ancestors for the check lines and the parents'
+    supports): with ranges of 7 blocks a clean copy still verifies, and a late block's housing
+    units edited in the invariant file, or the invariant file's blocks out of order, are reported
+    as with one range."""
+    import pipeline.release.verify_data as verify_data
+
+    def found(root: Path) -> list[str]:
+        return sorted(str(f) for f in verify_release(root))
+
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    whole = found(copy)
+    monkeypatch.setattr(verify_data, "BLOCK_RANGE", 7)
+    assert found(copy) == whole == []
+
+    def late(df: pl.DataFrame) -> pl.DataFrame:
+        i = df.height - 3
+        return set_at(df, i, "housing_units", int(df["housing_units"][i]) + 1)
+    edit_parquet(copy, "invariants/block_housing_units.parquet", late)
+    ranged = found(copy)
+    assert any("invariant" in f and "housing units" in f for f in ranged), ranged
+    monkeypatch.setattr(verify_data, "BLOCK_RANGE", 1 << 16)
+    assert found(copy) == ranged
+    edit_parquet(copy, "invariants/block_housing_units.parquet", lambda df: swap_rows(df, 1, df.height - 2))
+    monkeypatch.setattr(verify_data, "BLOCK_RANGE", 7)
+    assert found(copy) == ranged  # the file's blocks are sorted before they are compared

@@ -198,8 +198,10 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
     # (parent, cell) keys it touches (the support; a count is never 0)
     up = geo[-2] if parents and len(geo) > 1 else None
     if up is not None:
-        ppos, found = tree.parent_positions(up.level, up.geoids, block.level, block.geoids)
-        ppos = np.where(found, ppos, -1)  # orphans (reported by the hierarchy checks) count nowhere
+        ppos = np.empty(n_blocks, np.int64)
+        for s in range(0, n_blocks, BLOCK_RANGE):  # (ancestors' GEOIDs a range of blocks at a time)
+            pos, found = tree.parent_positions(up.level, up.geoids, block.level, g[s:s + BLOCK_RANGE])
+            ppos[s:s + BLOCK_RANGE] = np.where(found, pos, -1)  # orphans (reported by the hierarchy checks) count nowhere
     keys: list[np.ndarray] = []
     try:
         n_rows = pq.ParquetFile(path).metadata.num_rows
@@ -346,17 +348,11 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
     failures += micro
     inv = manifest["invariants"]
     block_geoids = block_hu = None
-    if inv["block_housing_units"] is not None:
+    if data and inv["block_housing_units"] is not None:  # (the table pass checks it: the data half)
         decl = inv["block_housing_units"]
         ipath = root / decl["file"]
         if root.resolve() in ipath.resolve().parents and ipath.is_file():
-            idf = pl.read_parquet(ipath).sort("geoid")
-            block_geoids, block_hu = idf["geoid"].to_numpy().astype(str), idf["housing_units"].to_numpy()
-            del idf  # (the checks hold its two columns only)
-            if geo and np.array_equal(block_geoids, geo[-1].geoids):
-                # the published blocks, as a rule: one array of the country's block GEOIDs, not two
-                # (~60 bytes a block, held through the table pass)
-                block_geoids = geo[-1].geoids
+            block_geoids, block_hu = _invariant_blocks(ipath, geo[-1].geoids if geo else None)
             if len(block_geoids) != decl["blocks"] or int(block_hu.sum()) != decl["total"]:
                 failures.append(fail("invariant", f"{decl['file']}: {len(block_geoids)} blocks with "
                                                    f"{int(block_hu.sum())} housing units, manifest says "
@@ -382,6 +378,32 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
         if margins is not None:
             margins.close()
     return failures
+
+
+#: blocks whose GEOIDs (and their ancestors' positions) are made at a time where the checks go
+#: through a whole block level (~60 bytes a block as strings: 0.5 GB for the US at once)
+BLOCK_RANGE = 1 << 16
+
+
+def _invariant_blocks(path: Path, published: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks of the declared housing-unit invariant's file, sorted by GEOID, and their
+    housing units (int64). The GEOIDs are ``published`` itself (the tables' blocks) when the file
+    lists exactly those, in that order, as a rule: compared :data:`BLOCK_RANGE` blocks at a time,
+    so the check holds one array of the country's block GEOIDs, not two, and never a whole
+    column's conversion to numpy strings (the object array and its copy: ~0.15 KB a block)."""
+    idf = pl.read_parquet(path)
+    col = idf["geoid"]
+    if (published is not None and col.len() == len(published) and col.null_count() == 0
+            and col.is_sorted()):
+        same = True
+        for s in range(0, len(published), BLOCK_RANGE):
+            if not np.array_equal(col.slice(s, BLOCK_RANGE).to_numpy().astype(str), published[s:s + BLOCK_RANGE]):
+                same = False
+                break
+        if same:
+            return published, idf["housing_units"].to_numpy()
+    idf = idf.sort("geoid")
+    return idf["geoid"].to_numpy().astype(str), idf["housing_units"].to_numpy()
 
 
 def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables: Sequence[Any],
@@ -414,12 +436,17 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
         # the blocks' own: the microdata's per-block sums themselves (not a copy: 8 bytes a block
         # and line, 45 MB a line on the US geography)
         check_lines[block] = dict(x_block.lines)
+        blocks = geo[-1].geoids
         for lt in geo[:-1]:  # (each block's unit in the level found once for every line)
-            pos, inside = tree.parent_positions(lt.level, lt.geoids, block, geo[-1].geoids)
-            pos = pos[inside]
-            for name, per_block in x_block.lines.items():
-                check_lines[lt.level][name] = np.bincount(pos, weights=per_block[inside],
-                                                          minlength=len(lt.geoids)).astype(np.int64)
+            sums = {name: np.zeros(len(lt.geoids)) for name in x_block.lines}
+            for s in range(0, len(blocks), BLOCK_RANGE):  # (ancestors' GEOIDs a range of blocks at a time)
+                pos, inside = tree.parent_positions(lt.level, lt.geoids, block, blocks[s:s + BLOCK_RANGE])
+                pos = pos[inside]
+                for name, per_block in x_block.lines.items():
+                    # whole numbers below 2**53 in float64: exact, whatever the ranges
+                    sums[name] += np.bincount(pos, weights=per_block[s:s + BLOCK_RANGE][inside],
+                                              minlength=len(lt.geoids))
+            check_lines[lt.level] = {name: v.astype(np.int64) for name, v in sums.items()}
     moe = margins.get() if margins is not None else {}
     sim_file = (manifest.get("uncertainty") or {}).get("file")
     lookup = pl.read_parquet(root / sim_file) if regenerate and sim_file and (root / sim_file).is_file() else None

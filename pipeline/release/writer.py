@@ -397,21 +397,9 @@ def _write_table_files(tmp: Path, spill: Path, ts: TableSet, geography: "Geograp
                        ) -> tuple[list[dict[str, Any]], list[tuple[str, int, list[str]]], list[str]]:
     """The margins of error, ``tables/`` (every level's tables, checked as they are made; the
     simulated margins' lookup; the unbiased tables) under the release folder ``tmp``, the
-    margins' scratch in ``spill``. Returns ``("ok", manifest entries of the files written,
-    [(level, units, tables written there)], the tables with a file)``, or ``("failed", failures)`` when a consistency
-    check failed (a value, not an exception: it crosses from a child process as it is).
-
-    Run by :func:`write_release` in a process of its own for large releases. ``invariants``'
-    block GEOIDs may be absent when they are the geography's blocks (a child is not sent them:
-    60 bytes a block); they are then the bottom level's codes (:class:`ReleaseChecks` compares
-    codes then)."""
-    import dataclasses
-
-    if invariants.block_housing_units is not None and invariants.block_geoids is None:
-        blocks = geography.levels[-1]
-        # a digit-prefix geography's blocks as their codes (8 bytes a block, the checks compare
-        # codes), a lookup's by their names
-        invariants = dataclasses.replace(invariants, block_geoids=blocks.geoids if blocks.is_lookup else blocks.codes)
+    margins' scratch in ``spill``. Returns the manifest entries of the files written,
+    ``(level, units, tables written there)`` per level and the tables with a file; raises
+    :class:`ReleaseCheckError` when a consistency check fails."""
     levels = [lv.name for lv in geography.levels]
     digits = {lv.name: lv.digits for lv in geography.levels}
     # the table files' rows are made, encoded and written on lanes of their own (a file always
@@ -639,7 +627,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
         # every data file is written and described: check them (tables, microdata, measurements)
         # while the codebook and the explorer are written
         described = copy.deepcopy(_described(manifest))
-        return_free_memory()  # what the measurements' copying (a thread, its own malloc arena) freed
+        return_free_memory()  # what the table lanes and the measurements' copying (threads: malloc arenas) freed
         # with a second core and noisy measurements (tens of millions of rows with the full
         # estimator), their checks run beside the others instead of after them
         split = bool(mfiles) and background != "inline"
