@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from pipeline.model.geography import format_geoids, geoid_codes
 from pipeline.release.tables import LevelTables, TableSet
 from pipeline.release.tree import GeoTree
 
@@ -153,15 +154,6 @@ def _parent_positions(tree: GeoTree, parent_level: str, parent_geoids: np.ndarra
         return np.zeros(len(child), np.int64), np.zeros(len(child), bool)
     pos = np.clip(np.searchsorted(parents, prefix), 0, len(parents) - 1).astype(np.int64)
     return pos, parents[pos] == prefix
-
-
-def _as_codes(geoids: np.ndarray, digits: int) -> np.ndarray:
-    """int64 codes of ``digits``-digit GEOIDs (any other string gets -1: never a code)."""
-    g = np.asarray(geoids).astype(str, copy=False)
-    ok = np.char.isdigit(g) & (np.char.str_len(g) == digits)
-    out = np.full(len(g), -1, np.int64)
-    out[ok] = g[ok].astype(np.int64)
-    return out
 
 
 class ReleaseChecks:
@@ -359,7 +351,8 @@ class ReleaseChecks:
             ht, hline = self.h_total
             ig, iv = self.inv_geoids, self.inv_hu
             got = lt.counts[ht][:, tables.tables[ht].index(hline)]
-            key = _as_codes(g, self.tree.digits[bottom]) if self.inv_codes else g
+            # (the writer's own GEOIDs, made from these codes: well-formed by construction)
+            key = geoid_codes(g, self.tree.digits[bottom], "block GEOIDs") if self.inv_codes else g
             pos = np.clip(np.searchsorted(ig, key), 0, max(len(ig) - 1, 0))
             found = (ig[pos] == key) if len(ig) else np.zeros(len(g), bool)
             self.inv_seen[pos[found]] = True
@@ -381,8 +374,6 @@ class ReleaseChecks:
             if absent.size:
                 named = self.inv_geoids
                 if self.inv_codes:  # the blocks reported (a few) by their GEOIDs
-                    from pipeline.model.geography import format_geoids
-
                     named = np.zeros(len(named), dtype=f"<U{self.tree.digits[bottom]}")
                     named[absent] = format_geoids(self.inv_geoids[absent], self.tree.digits[bottom])
                 self.col.add("invariant", ht, bottom, named, absent, [hline] * absent.size,
