@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -973,7 +974,7 @@ def test_block_ranges_change_no_finding(release: Path, tmp_path: Path, monkeypat
     supports): with ranges of 7 blocks a clean copy still verifies, and a late block's housing
     units edited in the invariant file, or the invariant file's blocks out of order, are reported
     as with one range."""
-    import pipeline.release.verify_data as verify_data
+    import pipeline.release.tree as geotree
 
     def found(root: Path) -> list[str]:
         return sorted(str(f) for f in verify_release(root))
@@ -981,7 +982,7 @@ def test_block_ranges_change_no_finding(release: Path, tmp_path: Path, monkeypat
     copy = tmp_path / RID
     shutil.copytree(release, copy)
     whole = found(copy)
-    monkeypatch.setattr(verify_data, "BLOCK_RANGE", 7)
+    monkeypatch.setattr(geotree, "BLOCK_RANGE", 7)
     assert found(copy) == whole == []
 
     def late(df: pl.DataFrame) -> pl.DataFrame:
@@ -990,8 +991,53 @@ def test_block_ranges_change_no_finding(release: Path, tmp_path: Path, monkeypat
     edit_parquet(copy, "invariants/block_housing_units.parquet", late)
     ranged = found(copy)
     assert any("invariant" in f and "housing units" in f for f in ranged), ranged
-    monkeypatch.setattr(verify_data, "BLOCK_RANGE", 1 << 16)
+    monkeypatch.setattr(geotree, "BLOCK_RANGE", 1 << 16)
     assert found(copy) == ranged
     edit_parquet(copy, "invariants/block_housing_units.parquet", lambda df: swap_rows(df, 1, df.height - 2))
-    monkeypatch.setattr(verify_data, "BLOCK_RANGE", 7)
+    monkeypatch.setattr(geotree, "BLOCK_RANGE", 7)
     assert found(copy) == ranged  # the file's blocks are sorted before they are compared
+
+
+@pytest.mark.parametrize("bad", ["4400102000A1000", "440010200010", "+44001020001000", "same-as-next"])
+def test_block_geoids_held_as_codes_fall_back_to_strings(release: Path, tmp_path: Path, bad: str) -> None:
+    """The data check keeps a digit-prefix release's blocks as their integer codes
+    (``CodedGeoids``, the same GEOIDs as the tables'); a block GEOID that is not a 15-digit
+    GEOID, or blocks out of order, keep the level's strings instead, and the check reports it
+    rather than stopping."""
+    from pipeline.release.tables import level_runs
+    from pipeline.release.tree import CodedGeoids, read_tree
+    from pipeline.release.verify_data import _first_geoids, verify_contents
+
+    copy = tmp_path / RID
+    shutil.copytree(release, copy)
+    m = manifest(copy)
+    ref = m["tables"][0]["name"]
+    path = copy / "tables" / f"{ref}.parquet"
+
+    def firsts() -> dict:
+        runs = level_runs(path)
+        n_lines = pl.read_parquet(path).filter(pl.col("geolevel") == "block")["line"].n_unique()
+        return _first_geoids(path, runs, n_lines, read_tree(copy, m))
+
+    def published_blocks() -> np.ndarray:
+        df = pl.read_parquet(path, columns=["geoid", "geolevel", "line"]).filter(pl.col("geolevel") == "block")
+        return df["geoid"].gather_every(df["line"].n_unique()).cast(pl.Utf8).to_numpy().astype(str)
+
+    clean = firsts()["block"]
+    assert isinstance(clean, CodedGeoids)
+    assert np.array_equal(np.asarray(clean), published_blocks()) and clean[len(clean) - 1] == published_blocks()[-1]
+    assert clean[3:5].tolist() == published_blocks()[3:5].tolist()
+
+    def tamper(df: pl.DataFrame) -> pl.DataFrame:
+        rows = df.with_row_index("i").filter(pl.col("geolevel") == "block")
+        n_lines = rows["line"].n_unique()
+        first = int(rows["i"][rows.height - 4 * n_lines])  # the 4th last block's rows
+        value = str(rows["geoid"][rows.height - 3 * n_lines]) if bad == "same-as-next" else bad
+        return df.with_columns(pl.when((pl.int_range(pl.len()) >= first) & (pl.int_range(pl.len()) < first + n_lines))
+                               .then(pl.lit(value)).otherwise(pl.col("geoid")).cast(df["geoid"].dtype).alias("geoid"))
+    edit_parquet(copy, f"tables/{ref}.parquet", tamper)
+    got = firsts()["block"]
+    assert isinstance(got, np.ndarray) and got.tolist() == published_blocks().tolist()
+    fails = verify_contents(copy, m, regenerate=False)
+    assert fails and not any("stopped" in (f.detail or "") for f in fails), fails
+    assert verify_contents(copy, m)  # (regenerating: the design's margins need the blocks' parents)

@@ -233,19 +233,32 @@ def geoid_codes(geoids: Iterable[str] | np.ndarray | pl.Series, digits: int, wha
         s = pl.Series("geoid", arr.astype(str) if arr.dtype.kind not in "UO" else arr)
     if s.dtype != pl.Utf8:
         raise GeographyError(f"{what} must be strings, got dtype {s.dtype}")
+    codes, bad = _parsed(s, digits)
+    if bad.any():
+        kind = "empty strings" if digits == 0 else f"{digits}-digit strings"
+        raise GeographyError(f"{int(bad.sum())} {what} are not {kind}, e.g. {sorted_examples(s.filter(bad))}")
+    return codes.fill_null(0).cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
+
+
+def parse_geoids(geoids: np.ndarray, digits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, valid)`` of GEOID strings ``geoids`` ``(n,)``: int64 codes as
+    :func:`geoid_codes` reads them, and whether each is a ``digits``-digit GEOID at all (its
+    code is 0 where not) — for lookups where a malformed string is simply not found."""
+    s = pl.Series("geoid", np.asarray(geoids).astype(str, copy=False), dtype=pl.Utf8)
+    codes, bad = _parsed(s, digits)
+    return codes.fill_null(0).cast(pl.Int64).to_numpy().astype(np.int64, copy=False), ~bad.to_numpy()
+
+
+def _parsed(s: pl.Series, digits: int) -> tuple[pl.Series, pl.Series]:
+    """``(codes, bad)`` of a Utf8 series: the unsigned parse (null where it fails) and where a
+    value is not a ``digits``-digit string (``digits`` 0: not empty)."""
     if digits == 0:
-        bad = s.is_null() | (s.str.len_chars() != 0)
-        if bad.any():
-            raise GeographyError(f"{int(bad.sum())} {what} are not empty strings, e.g. {sorted_examples(s.filter(bad))}")
-        return np.zeros(s.len(), dtype=np.int64)
+        return pl.Series("geoid", np.zeros(s.len(), np.uint64)), s.is_null() | (s.str.len_chars() != 0)
     # fast exact check: right byte length, and an unsigned integer parse that succeeds; the
     # parse accepts a leading '+', which the length would otherwise let through
     codes = s.cast(pl.UInt64, strict=False)
-    bad = codes.is_null() | (s.str.len_bytes() != digits) | s.str.starts_with("+")
-    if bad.any():
-        examples = sorted_examples(s.filter(bad))
-        raise GeographyError(f"{int(bad.sum())} {what} are not {digits}-digit strings, e.g. {examples}")
-    return codes.cast(pl.Int64).to_numpy().astype(np.int64, copy=False)
+    bad = (codes.is_null() | (s.str.len_bytes() != digits) | s.str.starts_with("+")).fill_null(True)
+    return codes, bad
 
 
 def sum_children(y: np.ndarray, starts: np.ndarray) -> np.ndarray:

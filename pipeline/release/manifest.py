@@ -310,17 +310,32 @@ def _spilled(path: Path, v: np.ndarray | RepeatedRows) -> DiskRows | RepeatedRow
     return DiskRows.write(path, v)
 
 
-def child_ptrs_from_geoids(geoids: Sequence[np.ndarray], digits: Sequence[int]) -> list[np.ndarray]:
+def child_ptrs_from_geoids(geoids: Sequence[Any], digits: Sequence[int]) -> list[np.ndarray]:
     """The CSR child pointers of a GEOID hierarchy: for each level ``i`` but the last, int64
     ``(n_i + 1,)`` such that level ``i + 1``'s units ``ptr[j]:ptr[j + 1]`` are unit ``j``'s
-    children. ``geoids[i]``: the sorted GEOIDs of level ``i``; ``digits[i]``: their length."""
+    children. ``geoids[i]``: the sorted GEOIDs of level ``i`` (numpy strings; the last level
+    may be :class:`pipeline.release.tree.CodedGeoids`); ``digits[i]``: their length. A child's
+    parent is the unit whose GEOID is its first ``digits[i]`` characters — for coded children, its
+    code without the last ``digits[i + 1] - digits[i]`` digits, among the parents that are GEOIDs."""
+    from pipeline.model.geography import parse_geoids
+    from pipeline.release.tree import CodedGeoids
+
     out = []
     for i in range(len(geoids) - 1):
-        parents = np.asarray(geoids[i]).astype(str)
-        prefix = np.array([str(g)[:digits[i]] for g in np.asarray(geoids[i + 1]).astype(str)])
-        idx = np.searchsorted(parents, prefix)
-        if idx.size and (idx.max() >= parents.size or not np.array_equal(parents[idx], prefix)):
+        parents, child = np.asarray(geoids[i]).astype(str), geoids[i + 1]
+        if isinstance(child, CodedGeoids):
+            codes, valid = parse_geoids(parents, digits[i])
+            keep = np.flatnonzero(valid)  # (a malformed parent is no child's prefix)
+            prefix, have = child.codes // 10 ** (digits[i + 1] - digits[i]), codes[keep]
+        else:
+            keep = None
+            have = parents
+            prefix = (np.asarray(child).astype(str).astype(f"<U{digits[i]}") if digits[i] > 0
+                      else np.full(len(child), "", dtype="<U1"))
+        idx = np.searchsorted(have, prefix)
+        if idx.size and (idx.max() >= have.size or not np.array_equal(have[idx], prefix)):
             raise ReleaseError(f"level {i + 1}: a unit has no parent among the level above's GEOIDs")
+        idx = idx if keep is None else keep[idx]
         out.append(np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=parents.size))]).astype(np.int64))
     return out
 

@@ -39,9 +39,12 @@ import polars as pl
 from pipeline.errors import DptabError
 from pipeline.model.spec import HistogramSpec
 from pipeline.release.tables import HistogramLike, as_sparse_arrays
+from pipeline.release.tree import find_units
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
+
+    from pipeline.release.tree import CodedGeoids
 
 PPMF_COLUMNS = ("TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLKGRPCE", "TABBLK", "EPNUM", "RTYPE",
                 "GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE")
@@ -110,28 +113,23 @@ def _tabulated(unit: np.ndarray, cells: np.ndarray, n: np.ndarray, n_cells: int
     return uniq // n_cells, uniq % n_cells, cnt
 
 
-def generic_histogram(persons: pl.DataFrame, unit_codes: np.ndarray,
+def generic_histogram(persons: pl.DataFrame, unit_codes: "np.ndarray | CodedGeoids",
                       spec: HistogramSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Re-tabulate generic-layout rows into ``(unit, cell, count)`` (``unit`` indexes ``unit_codes``)."""
     missing = [a.name for a in spec.attributes if a.name not in persons.columns]
     if missing:
         raise MicrodataError(f"microdata lacks the spec's attribute columns {missing}")
     rows = _counted(persons, ["geoid"], [a.name for a in spec.attributes])
-    g = np.asarray(unit_codes).astype(str, copy=False)
     keys = rows["_key"].to_numpy().astype(str)
-    order = np.argsort(g, kind="stable")
-    srt = g[order]
-    pos = np.clip(np.searchsorted(srt, keys), 0, max(len(g) - 1, 0))
-    if len(keys) and (len(g) == 0 or np.any(srt[pos] != keys)):
-        bad = keys[(srt[pos] != keys) if len(g) else np.ones(len(keys), bool)][:3]
-        raise MicrodataError(f"microdata rows in units that are not published, e.g. {bad.tolist()}")
+    unit, found = find_units(unit_codes, keys, in_order=False)
+    if not found.all():
+        raise MicrodataError(f"microdata rows in units that are not published, e.g. {keys[~found][:3].tolist()}")
     for a in spec.attributes:
         bad_codes = ~np.isin(rows[a.name].to_numpy(), np.asarray(a.codes))
         if bad_codes.any():
             raise MicrodataError(f"microdata column {a.name}: codes outside the spec, e.g. "
                                  f"{rows[a.name].to_numpy()[bad_codes][:3].tolist()}")
     cells = spec.cell_index(**{a.name: rows[a.name].to_numpy() for a in spec.attributes})
-    unit = order[pos] if len(g) else pos
     return _tabulated(unit, cells, rows["_n"].to_numpy(), spec.n_cells)
 
 
@@ -177,7 +175,7 @@ def microdata_from_blocks(block_geoids: np.ndarray, hist: "HistogramLike | np.nd
                                 ).select(PPMF_COLUMNS)
 
 
-def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
+def histogram_from_microdata(persons: pl.DataFrame, block_geoids: "np.ndarray | CodedGeoids",
                              spec: HistogramSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Re-tabulate PPMF rows into a block histogram: ``(unit, cell, count)`` int64, sorted.
 
@@ -190,13 +188,10 @@ def histogram_from_microdata(persons: pl.DataFrame, block_geoids: np.ndarray,
     # counted by the geography columns themselves: the block key is built once per group
     rows = _counted(persons, ["TABBLKST", "TABBLKCOU", "TABTRACTCE", "TABBLK"],
                     ["GQTYPE_PL", "VOTING_AGE", "CENHISP", "CENRACE"])
-    g = np.asarray(block_geoids).astype(str, copy=False)  # (a sorted str array is not copied per batch)
     keys = rows["_key"].to_numpy().astype(str)
-    unit = np.searchsorted(g, keys)
-    unit_c = np.clip(unit, 0, max(len(g) - 1, 0))
-    if len(keys) and (len(g) == 0 or np.any(g[unit_c] != keys)):
-        bad = keys[(g[unit_c] != keys) if len(g) else np.ones(len(keys), bool)][:3]
-        raise MicrodataError(f"microdata rows in blocks that are not published, e.g. {bad.tolist()}")
+    unit_c, found = find_units(block_geoids, keys)
+    if not found.all():
+        raise MicrodataError(f"microdata rows in blocks that are not published, e.g. {keys[~found][:3].tolist()}")
     cells = spec.cell_index(
         hhgq=rows["GQTYPE_PL"].to_numpy(), voting_age=rows["VOTING_AGE"].to_numpy() - 1,
         hispanic=rows["CENHISP"].to_numpy() - 1, cenrace=rows["CENRACE"].cast(pl.Utf8).cast(pl.Int64).to_numpy(),

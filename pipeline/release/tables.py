@@ -240,12 +240,14 @@ def _operand_kind(ts: TableSet, ref: tuple[str, int | None]) -> str:
 class LevelTables:
     """The published tables of one level.
 
-    ``geoids``: sorted unique GEOIDs ``(n_units,)``; ``counts[table]``: int64
-    ``(n_units, n_lines)`` in the table's line order; ``check_lines[name]``: int64 ``(n_units,)``.
+    ``geoids``: sorted unique GEOIDs ``(n_units,)`` (numpy strings; a digit-prefix release's
+    bottom level in ``dptab verify``: :class:`pipeline.release.tree.CodedGeoids`, sliced the same
+    way); ``counts[table]``: int64 ``(n_units, n_lines)`` in the table's line order;
+    ``check_lines[name]``: int64 ``(n_units,)``.
     """
 
     level: str
-    geoids: np.ndarray
+    geoids: Any
     counts: dict[str, np.ndarray]
     check_lines: dict[str, np.ndarray] = field(default_factory=dict)
 

@@ -18,11 +18,70 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 import polars as pl
 
+from pipeline.model.geography import format_geoid, format_geoids, parse_geoids
+
 if TYPE_CHECKING:
     from pipeline.model.geography import Geography
 
 #: the release file of a lookup geography (every unit, its level and parent code)
 GEOGRAPHY_FILE = "geography.parquet"
+
+#: units whose GEOID strings (and their ancestors') are made at a time where a check goes through
+#: a whole level (~60 bytes a block as numpy strings: 0.5 GB for the US blocks at once)
+BLOCK_RANGE = 1 << 16
+
+
+class CodedGeoids:
+    """A digit-prefix level's published GEOIDs, held as their int64 codes (the GEOIDs read as
+    integers, sorted): 8 bytes a unit instead of numpy ``<U``'s 4 a digit (60 for a US block).
+
+    Sliced like the array it stands for: ``g[a:b]`` (or an index array) is numpy ``<U{digits}``,
+    ``g[i]`` a ``str``; ``len(g)`` its units. ``np.asarray(g)`` makes every string at once — what
+    the checks of a release's bottom level avoid by taking ranges (:data:`BLOCK_RANGE`)."""
+
+    __slots__ = ("codes", "digits")
+
+    def __init__(self, codes: np.ndarray, digits: int) -> None:
+        self.codes = np.asarray(codes, dtype=np.int64)
+        self.digits = int(digits)
+
+    def __len__(self) -> int:
+        return int(self.codes.shape[0])
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, (int, np.integer)):
+            return format_geoid(int(self.codes[key]), self.digits)
+        return format_geoids(self.codes[key], self.digits)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def locate(self, geoids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(pos, found)`` of GEOID strings ``geoids`` among these units (``pos`` clipped into
+        range where not found); a string that is not a ``digits``-digit GEOID is not found."""
+        codes, valid = parse_geoids(geoids, self.digits)
+        if not len(self):
+            return np.zeros(codes.shape, np.int64), np.zeros(codes.shape, bool)
+        pos = np.clip(np.searchsorted(self.codes, codes), 0, len(self) - 1).astype(np.int64)
+        return pos, valid & (self.codes[pos] == codes)
+
+
+def find_units(units: "np.ndarray | CodedGeoids", keys: np.ndarray, in_order: bool = True
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``(pos, found)``: where each code of ``keys`` (str ``(n,)``) sits among ``units`` — codes
+    in sorted order (``in_order``; else in any order), or a digit-prefix level's
+    :class:`CodedGeoids` — and whether it is there at all (``pos`` clipped into range where not)."""
+    if isinstance(units, CodedGeoids):
+        return units.locate(keys)
+    g = np.asarray(units).astype(str, copy=False)  # (a sorted str array is not copied)
+    c = np.asarray(keys).astype(str, copy=False)
+    if len(g) == 0:
+        return np.zeros(c.shape, np.int64), np.zeros(c.shape, bool)
+    order = None if in_order else np.argsort(g, kind="stable")
+    srt = g if order is None else g[order]
+    p = np.clip(np.searchsorted(srt, c), 0, len(g) - 1)
+    return (p if order is None else order[p]).astype(np.int64), srt[p] == c
 
 
 class GeoTree:
@@ -149,22 +208,20 @@ class GeoTree:
     def locate(self, level: str, codes: np.ndarray, geoids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(pos, found)``: where each of ``codes`` sits among the units ``geoids`` of ``level``
         (in published order; sorted for prefix levels), and whether it is there at all."""
-        g = np.asarray(geoids).astype(str, copy=False)
-        c = np.asarray(codes).astype(str, copy=False)
-        if len(g) == 0:
-            return np.zeros(c.shape, np.int64), np.zeros(c.shape, bool)
-        if self.is_lookup:
-            order = np.argsort(g, kind="stable")
-            srt = g[order]
-            p = np.clip(np.searchsorted(srt, c), 0, len(g) - 1)
-            return order[p].astype(np.int64), srt[p] == c
-        p = np.clip(np.searchsorted(g, c), 0, len(g) - 1)
-        return p.astype(np.int64), g[p] == c
+        return find_units(geoids, codes, in_order=not self.is_lookup)
 
     def parent_positions(self, parent_level: str, parent_geoids: np.ndarray, child_level: str,
-                         child_geoids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(pos, found)`` of each child's parent among ``parent_geoids``."""
-        return self.locate(parent_level, self.ancestors(child_geoids, child_level, parent_level), parent_geoids)
+                         child_geoids: "np.ndarray | CodedGeoids") -> tuple[np.ndarray, np.ndarray]:
+        """``(pos, found)`` of each child's parent among ``parent_geoids``; the children's (and
+        their ancestors') GEOID strings are made :data:`BLOCK_RANGE` children at a time."""
+        n, step = len(child_geoids), BLOCK_RANGE
+        if n <= step and not isinstance(child_geoids, CodedGeoids):
+            return self.locate(parent_level, self.ancestors(child_geoids, child_level, parent_level), parent_geoids)
+        pos, found = np.zeros(n, np.int64), np.zeros(n, bool)
+        for s in range(0, n, step):
+            up = self.ancestors(child_geoids[s:s + step], child_level, parent_level)
+            pos[s:s + step], found[s:s + step] = self.locate(parent_level, up, parent_geoids)
+        return pos, found
 
 
 def read_tree(root: Path, manifest: Mapping[str, Any]) -> GeoTree:

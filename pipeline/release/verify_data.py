@@ -18,14 +18,16 @@ file's bytes).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generator, Iterator, Mapping, Sequence, cast
 
 import numpy as np
 import polars as pl
 
 from pipeline.errors import DptabError
 from pipeline.files import parquet_stream
+from pipeline.model.geography import format_geoids, parse_geoids
 from pipeline.model.geonames import unit_names
+from pipeline.release import tree as geotree
 from pipeline.release.checks import CheckFailure, Invariants
 from pipeline.release.microdata import MicrodataError, histogram_from_microdata
 from pipeline.release.tables import (
@@ -40,17 +42,25 @@ from pipeline.release.tables import (
     long_frame,
     tabulate,
 )
-from pipeline.release.tree import GeoTree, read_tree
+from pipeline.release.tree import CodedGeoids, GeoTree, read_tree
 
 
 def fail(check: str, detail: str, table: str = "*", geolevel: str = "", geoid: str = "") -> CheckFailure:
     return CheckFailure(check, table, None, geolevel, geoid, detail=detail)
 
 
-def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> dict[str, np.ndarray]:
+def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int, tree: GeoTree
+                  ) -> dict[str, "np.ndarray | CodedGeoids"]:
     """The GEOID of the first row of every unit (every ``n_lines``-th row of each level's run),
-    per level: the units a table publishes, in file order, read a batch of rows at a time."""
+    per level: the units a table publishes, in file order, read a batch of rows at a time.
+
+    The bottom level of a digit-prefix release (the blocks: most of the units) is kept as its
+    codes (:class:`CodedGeoids`, 8 bytes a unit instead of 60), when every one of its GEOIDs is a
+    GEOID of its level's digits in sorted order; else as strings, like the other levels, so that
+    the checks report what is wrong with them."""
     parts: dict[str, list[np.ndarray]] = {lv: [] for lv, _ in runs}
+    bottom = runs[-1][0] if runs and not tree.is_lookup and runs[-1][0] in tree.digits else None
+    coded = bottom is not None
     bounds = np.cumsum([0] + [n for _, n in runs])
     offset = 0
     # read as dictionary indices: only one row in n_lines becomes a string
@@ -62,10 +72,25 @@ def _first_geoids(path: Path, runs: Sequence[tuple[str, int]], n_lines: int) -> 
                 continue
             first = lo + (-(lo - bounds[k])) % n_lines  # the next row that starts a unit
             if first < hi:
-                taken = col.take(np.arange(first - offset, hi - offset, n_lines))
-                parts[lv].append(pl.Series(taken).cast(pl.Utf8).to_numpy().astype(str))
+                taken = pl.Series(col.take(np.arange(first - offset, hi - offset, n_lines))).cast(pl.Utf8)
+                if lv == bottom and coded:
+                    codes, valid = parse_geoids(taken.to_numpy(), tree.digits[lv])
+                    if valid.all():
+                        parts[lv].append(codes)
+                        continue
+                    coded = False  # a malformed GEOID: the level's strings as published
+                    parts[lv] = [format_geoids(c, tree.digits[lv]) for c in parts[lv]]
+                parts[lv].append(taken.to_numpy().astype(str))
         offset += len(col)
-    return {lv: np.concatenate(p) if p else np.zeros(0, dtype=str) for lv, p in parts.items()}
+    out: dict[str, np.ndarray | CodedGeoids] = {
+        lv: np.concatenate(p) if p else np.zeros(0, dtype=str) for lv, p in parts.items()}
+    if bottom is not None and coded:
+        codes = cast(np.ndarray, out[bottom])
+        if codes.size < 2 or bool(np.all(codes[1:] > codes[:-1])):
+            out[bottom] = CodedGeoids(codes.astype(np.int64, copy=False), tree.digits[bottom])
+        else:  # out of order or repeated: the order checks report it on the strings
+            out[bottom] = format_geoids(codes, tree.digits[bottom])
+    return out
 
 
 class BlockCounts:
@@ -148,7 +173,7 @@ class BlockCounts:
         self.file.close()
 
 
-def _microdata_entries(path: Path, spec: Any, block_geoids: np.ndarray
+def _microdata_entries(path: Path, spec: Any, block_geoids: "np.ndarray | CodedGeoids"
                        ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(unit, cell, count)`` of ``microdata/persons.parquet`` a batch of 256 Ki persons at a
     time, in file order (:func:`pipeline.release.microdata.histogram_from_microdata`)."""
@@ -190,7 +215,7 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
         return None, {}, [fail("file_missing", "microdata/persons.parquet (every release carries its microdata)")]
     spec, block = ts.specs["persons"], geo[-1]
     n_blocks, n_cells = len(block.geoids), spec.n_cells
-    g = np.asarray(block.geoids).astype(str, copy=False)
+    g = block.geoids  # (the blocks' codes in a digit-prefix release: CodedGeoids)
     x_block = (BlockCounts(n_blocks, n_cells, {c.name: c.vector for c in ts.check_lines.values()
                                                if c.histogram == "persons"})
                if blocks else None)
@@ -198,10 +223,8 @@ def _microdata_counts(root: Path, ts: TableSet, geo: Sequence[LevelTables], tree
     # (parent, cell) keys it touches (the support; a count is never 0)
     up = geo[-2] if parents and len(geo) > 1 else None
     if up is not None:
-        ppos = np.empty(n_blocks, np.int64)
-        for s in range(0, n_blocks, BLOCK_RANGE):  # (ancestors' GEOIDs a range of blocks at a time)
-            pos, found = tree.parent_positions(up.level, up.geoids, block.level, g[s:s + BLOCK_RANGE])
-            ppos[s:s + BLOCK_RANGE] = np.where(found, pos, -1)  # orphans (reported by the hierarchy checks) count nowhere
+        pos, found = tree.parent_positions(up.level, up.geoids, block.level, g)
+        ppos = np.where(found, pos, -1)  # orphans (reported by the hierarchy checks) count nowhere
     keys: list[np.ndarray] = []
     try:
         n_rows = pq.ParquetFile(path).metadata.num_rows
@@ -318,7 +341,7 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
     if not runs:
         return failures
     ref = next(t for t in tables if t.name in runs)  # the units of every level, as this table has them
-    geoids = _first_geoids(root / "tables" / f"{ref.name}.parquet", list(runs[ref.name].items()), ref.n_lines)
+    geoids = _first_geoids(root / "tables" / f"{ref.name}.parquet", list(runs[ref.name].items()), ref.n_lines, digits)
     geo = [LevelTables(lv, geoids[lv], {}) for lv in levels if lv in geoids]  # the units, no counts
     if digits.is_lookup:
         for lt in geo:
@@ -380,29 +403,32 @@ def _verify_contents(root: Path, manifest: Mapping[str, Any], regenerate: bool =
     return failures
 
 
-#: blocks whose GEOIDs (and their ancestors' positions) are made at a time where the checks go
-#: through a whole block level (~60 bytes a block as strings: 0.5 GB for the US at once)
-BLOCK_RANGE = 1 << 16
+def _invariant_blocks(path: Path, published: "np.ndarray | CodedGeoids | None") -> tuple[np.ndarray, np.ndarray]:
+    """The blocks of the declared housing-unit invariant's file, sorted, and their housing units
+    (int64). As a rule the file lists exactly the tables' blocks (``published``), in that order:
+    then they are ``published`` itself — their int64 codes when ``published`` is
+    :class:`CodedGeoids` — compared :data:`pipeline.release.tree.BLOCK_RANGE` rows at a time, so
+    the check never holds a second copy of the country's block GEOIDs, nor the file's column
+    whole. Otherwise the file's GEOIDs, sorted (strings)."""
+    import pyarrow.parquet as pq
 
-
-def _invariant_blocks(path: Path, published: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The blocks of the declared housing-unit invariant's file, sorted by GEOID, and their
-    housing units (int64). The GEOIDs are ``published`` itself (the tables' blocks) when the file
-    lists exactly those, in that order, as a rule: compared :data:`BLOCK_RANGE` blocks at a time,
-    so the check holds one array of the country's block GEOIDs, not two, and never a whole
-    column's conversion to numpy strings (the object array and its copy: ~0.15 KB a block)."""
-    idf = pl.read_parquet(path)
-    col = idf["geoid"]
-    if (published is not None and col.len() == len(published) and col.null_count() == 0
-            and col.is_sorted()):
-        same = True
-        for s in range(0, len(published), BLOCK_RANGE):
-            if not np.array_equal(col.slice(s, BLOCK_RANGE).to_numpy().astype(str), published[s:s + BLOCK_RANGE]):
-                same = False
+    if published is not None and pq.ParquetFile(path).metadata.num_rows == len(published):
+        at, same = 0, True
+        for batch in parquet_stream(path).iter_batches(batch_size=geotree.BLOCK_RANGE, columns=["geoid"]):
+            col = pl.Series(batch.column(0)).cast(pl.Utf8).to_numpy()
+            want = published.codes[at:at + len(col)] if isinstance(published, CodedGeoids) else published[at:at + len(col)]
+            if isinstance(published, CodedGeoids):
+                codes, valid = parse_geoids(col, published.digits)
+                same = bool(valid.all()) and np.array_equal(codes, want)
+            else:
+                same = np.array_equal(col.astype(str), want)
+            if not same:
                 break
+            at += len(col)
         if same:
-            return published, idf["housing_units"].to_numpy()
-    idf = idf.sort("geoid")
+            hu = pl.read_parquet(path, columns=["housing_units"])["housing_units"].to_numpy()
+            return (published.codes if isinstance(published, CodedGeoids) else published), hu
+    idf = pl.read_parquet(path).sort("geoid")
     return idf["geoid"].to_numpy().astype(str), idf["housing_units"].to_numpy()
 
 
@@ -438,15 +464,11 @@ def _stream_tables(root: Path, manifest: Mapping[str, Any], ts: TableSet, tables
         check_lines[block] = dict(x_block.lines)
         blocks = geo[-1].geoids
         for lt in geo[:-1]:  # (each block's unit in the level found once for every line)
-            sums = {name: np.zeros(len(lt.geoids)) for name in x_block.lines}
-            for s in range(0, len(blocks), BLOCK_RANGE):  # (ancestors' GEOIDs a range of blocks at a time)
-                pos, inside = tree.parent_positions(lt.level, lt.geoids, block, blocks[s:s + BLOCK_RANGE])
-                pos = pos[inside]
-                for name, per_block in x_block.lines.items():
-                    # whole numbers below 2**53 in float64: exact, whatever the ranges
-                    sums[name] += np.bincount(pos, weights=per_block[s:s + BLOCK_RANGE][inside],
-                                              minlength=len(lt.geoids))
-            check_lines[lt.level] = {name: v.astype(np.int64) for name, v in sums.items()}
+            pos, inside = tree.parent_positions(lt.level, lt.geoids, block, blocks)
+            pos = pos[inside]
+            # whole numbers below 2**53 in float64: exact
+            check_lines[lt.level] = {name: np.bincount(pos, weights=per_block[inside], minlength=len(lt.geoids))
+                                     .astype(np.int64) for name, per_block in x_block.lines.items()}
     moe = margins.get() if margins is not None else {}
     sim_file = (manifest.get("uncertainty") or {}).get("file")
     lookup = pl.read_parquet(root / sim_file) if regenerate and sim_file and (root / sim_file).is_file() else None

@@ -114,7 +114,7 @@ from pipeline.release.tables import (
     tabulate_units,
     unit_names,
 )
-from pipeline.release.tree import GEOGRAPHY_FILE, GeoTree
+from pipeline.release.tree import GEOGRAPHY_FILE, CodedGeoids, GeoTree
 from pipeline.release.uncertainty import MARGIN_PART_UNITS, Z90, DiskRows, RepeatedRows, simulated_moe90
 from pipeline.runtime import return_free_memory
 
@@ -248,23 +248,6 @@ def _chunks(n: int) -> list[tuple[int, int, bool]]:
             e = min(s + STREAM_UNITS, ce)
             out.append((s, e, e == ce))
     return out
-
-
-class _LevelGeoids:
-    """A level's GEOIDs as :func:`pipeline.release.measurements.units_rows` reads them (``len``,
-    ranges), each range made from the codes when asked (``LevelIndex.geoids_of``)."""
-
-    def __init__(self, level: "LevelIndex") -> None:
-        self.level = level
-
-    def __len__(self) -> int:
-        return self.level.n_units
-
-    def __getitem__(self, k: slice) -> np.ndarray:
-        start, stop, step = k.indices(self.level.n_units)
-        if step != 1:
-            raise IndexError("ranges of units only")
-        return self.level.geoids_of(start, stop)
 
 
 def _write_measurements(root: Path, levels: Sequence[str], geoids: Sequence[np.ndarray], tables: TableSet,
@@ -539,7 +522,7 @@ def write_release(releases_dir: str | Path, meta: ReleaseMetadata, geography: "G
             # (joined there). Their bytes do not depend on the timing.
             # each level's GEOIDs made a range at a time as the units file is written (not the
             # whole block level's strings, ~60 bytes a block, for all of publishing)
-            geoids = [_LevelGeoids(lv) for lv in geography.levels]
+            geoids = [lv.geoids if lv.is_lookup else CodedGeoids(lv.codes, lv.digits) for lv in geography.levels]
             pool = ThreadPoolExecutor(1, thread_name_prefix="dptab-measurements")
             pending = pool.submit(_write_measurements, tmp, levels, geoids, ts, privacy, measurement_files,
                                   copy_measurement_file)
