@@ -109,6 +109,32 @@ def test_a_worker_keeps_a_shards_worth_of_freed_memory_and_returns_more() -> Non
         ex.close()
 
 
+def test_a_worker_gives_back_what_it_kept_when_the_next_step_begins() -> None:
+    """What a worker keeps for the next item of a step (above) is given back before its first
+    item of the run's next step (``Executor.next_step``: the next level's items are not the
+    last one's, and a level's largest item must not stay in every later level's memory); items
+    of the same step keep it."""
+    import platform
+
+    from pipeline.runtime import WORKER_KEEP_FREE_BYTES
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_MAX_" in os.environ:
+        return
+    mb = int(WORKER_KEEP_FREE_BYTES / 2**20 * 0.6)
+    ex = Executor(2)
+    try:
+        during = dict(ex.map(_rss_after_freeing, [mb, mb]))
+        same = dict(ex.map(_rss, [0, 1]))  # the same step: kept
+        ex.next_step()
+        nxt = dict(ex.map(_rss, [0, 1]))   # the next step: given back first
+        both = set(during) & set(same) & set(nxt)
+        assert both, (during, same, nxt)
+        assert all(same[pid] > mb - 50 for pid in both), (mb, during, same)
+        assert all(nxt[pid] < same[pid] - mb + 100 for pid in both), (mb, same, nxt)
+    finally:
+        ex.close()
+
+
 def test_free_heap_pages_go_back_to_the_system_on_glibc() -> None:
     """``return_free_memory`` finds glibc's ``malloc_trim`` on a glibc Linux and gives back
     what a thread freed in its malloc arena but the arena kept (every tenth block still held,

@@ -51,6 +51,7 @@ class Executor:
         self._pool: ProcessPoolExecutor | None = None
         self._alive: tuple[Connection, Connection] | None = None
         self._lock = threading.Lock()  # shards on several threads share the pool: start it once
+        self._step = 0  # the run's step (level) the items belong to, :meth:`next_step`
 
     @property
     def parallel(self) -> bool:
@@ -77,7 +78,7 @@ class Executor:
             return out
         if on_done is None:
             return list(self.imap(fn, items))
-        futures = [self._get_pool().submit(_then_free, fn, x) for x in items]
+        futures = [self._get_pool().submit(_then_free, fn, self._step, x) for x in items]
         for k, _ in enumerate(as_completed(futures), start=1):
             on_done(k, total)
         return [f.result() for f in futures]
@@ -87,11 +88,19 @@ class Executor:
         done, so the caller works on the first results while the pool computes the rest."""
         if not self.parallel or len(items) < 2:
             return (fn(x) for x in items)
-        return self._get_pool().map(functools.partial(_then_free, fn), items)
+        return self._get_pool().map(functools.partial(_then_free, fn, self._step), items)
 
     def submit(self, fn: Callable[[T], R], item: T) -> "Future[R]":
         """``fn(item)`` in the worker pool, as a future (callers check :attr:`parallel` first)."""
-        return self._get_pool().submit(_then_free, fn, item)
+        return self._get_pool().submit(_then_free, fn, self._step, item)
+
+    def next_step(self) -> None:
+        """The items submitted from now on belong to the run's next step (level): each worker
+        gives back everything it kept free before its first item of it, so what a worker holds
+        is what the step's own items left, not the largest item of the run so far (measured at
+        100 M persons: a worker held 614 MB from the tract level's largest county through the
+        block levels)."""
+        self._step += 1
 
     def _get_pool(self) -> ProcessPoolExecutor:
         with self._lock:
@@ -131,9 +140,17 @@ class Executor:
             self._alive = None
 
 
-def _then_free(fn: Callable[[T], R], item: T) -> R:
+#: in a worker: the step of the last item it ran (:meth:`Executor.next_step`)
+_WORKER_STEP: list[int] = []
+
+
+def _then_free(fn: Callable[[T], R], step: int, item: T) -> R:
     """``fn(item)`` in a worker, then its freed memory back to the system if it is more than
-    the next task is likely to reuse (``runtime.use_heap_for_large_arrays``)."""
+    the next task is likely to reuse (``runtime.use_heap_for_large_arrays``); the first item of
+    a new ``step`` first gives back all of it (the last step's items are not the next ones)."""
+    if _WORKER_STEP and _WORKER_STEP[0] != step:
+        return_free_memory()
+    _WORKER_STEP[:] = [step]
     try:
         return fn(item)
     finally:

@@ -307,6 +307,7 @@ def solve_levels(run_dir: str | Path,
                     window.close()
             summaries.append(stage_finish_level(run_dir, step.kind, step.level, step.action))
             return_free_memory()  # the step's shards are gone; their freed pages go back
+            pool.next_step()  # (and the workers' when the next step's items come)
     finally:
         if pooled is not None:
             pooled.close()
