@@ -282,13 +282,7 @@ def solve_levels(run_dir: str | Path,
     try:
         for step in steps:
             def run_shard(s: int, k: str = step.kind, lv: str = step.level, a: str = step.action) -> dict[str, Any]:
-                try:
-                    return stage_shard(run_dir, k, lv, s, a)
-                finally:
-                    # what the shard freed stays in its thread's malloc arena, where the next
-                    # shard (on another thread, another arena) may not reuse it: a third of this
-                    # process at the 10 M block level (glibc's free bytes, 320 of 960 MB)
-                    return_free_memory()
+                return stage_shard(run_dir, k, lv, s, a)
             if dask is not None:
                 dask.map(_stage_shard_item, [(str(run_dir), step.kind, step.level, s, step.action)
                                              for s in step.shards])
