@@ -413,21 +413,20 @@ def _invariant_blocks(path: Path, published: "np.ndarray | CodedGeoids | None") 
     import pyarrow.parquet as pq
 
     if published is not None and pq.ParquetFile(path).metadata.num_rows == len(published):
-        at, same = 0, True
+        at, same, coded = 0, True, isinstance(published, CodedGeoids)
         for batch in parquet_stream(path).iter_batches(batch_size=geotree.BLOCK_RANGE, columns=["geoid"]):
             col = pl.Series(batch.column(0)).cast(pl.Utf8).to_numpy()
-            want = published.codes[at:at + len(col)] if isinstance(published, CodedGeoids) else published[at:at + len(col)]
             if isinstance(published, CodedGeoids):
                 codes, valid = parse_geoids(col, published.digits)
-                same = bool(valid.all()) and np.array_equal(codes, want)
+                same = bool(valid.all()) and np.array_equal(codes, published.codes[at:at + len(col)])
             else:
-                same = np.array_equal(col.astype(str), want)
+                same = np.array_equal(col.astype(str), published[at:at + len(col)])
             if not same:
                 break
             at += len(col)
         if same:
             hu = pl.read_parquet(path, columns=["housing_units"])["housing_units"].to_numpy()
-            return (published.codes if isinstance(published, CodedGeoids) else published), hu
+            return (published.codes if coded else published), hu
     idf = pl.read_parquet(path).sort("geoid")
     return idf["geoid"].to_numpy().astype(str), idf["housing_units"].to_numpy()
 
