@@ -25,9 +25,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from pipeline.model.geography import format_geoids, geoid_codes
 from pipeline.release.tables import LevelTables, TableSet
-from pipeline.release.tree import GeoTree
+from pipeline.release.tree import CodedGeoids, GeoTree, find_units
 
 #: failures reported individually per (check, table, level); the rest are counted in one summary
 MAX_PER_GROUP = 20
@@ -185,20 +184,21 @@ class ReleaseChecks:
         self.p_total, self.h_total = tables.total_line("persons"), tables.total_line("units")
         self.state_seen: set[str] = set()
         self.state_checked = self.h_checked = False  # was the invariant's level (with its table) seen
-        self.inv_codes = False  # the invariant's blocks as integer codes (else GEOID strings)
         if invariants is not None and invariants.block_housing_units is not None:
             ig = np.asarray(invariants.block_geoids)
             # integer block codes of a digit-prefix geography (the release writer's, 8 bytes a
             # block instead of ~60): each chunk's GEOIDs are read as integers to compare
-            self.inv_codes = ig.dtype.kind in "iu"
-            ig = ig.astype(np.int64, copy=False) if self.inv_codes else ig.astype(str, copy=False)
+            codes = ig.dtype.kind in "iu"
+            ig = ig.astype(np.int64, copy=False) if codes else ig.astype(str, copy=False)
             hu = np.asarray(invariants.block_housing_units, dtype=np.int64)
             if ig.size > 1 and not bool(np.all(ig[1:] > ig[:-1])):
                 # the invariant's units in any order (a lookup's unit order); sorted ones (the US
                 # blocks: a national array of GEOIDs) are searched as they are, not copied
                 order = np.argsort(ig, kind="stable")
                 ig, hu = ig[order], hu[order]
-            self.inv_geoids, self.inv_hu = ig, hu
+            # codes are looked up as the checks' coded blocks are (one lookup of GEOIDs among units)
+            self.inv_geoids = CodedGeoids(ig, self.tree.digits[self.tree.levels[-1]]) if codes else ig
+            self.inv_hu = hu
             self.inv_seen = np.zeros(len(ig), bool)
 
     def _state_level(self) -> str:
@@ -351,10 +351,7 @@ class ReleaseChecks:
             ht, hline = self.h_total
             ig, iv = self.inv_geoids, self.inv_hu
             got = lt.counts[ht][:, tables.tables[ht].index(hline)]
-            # (the writer's own GEOIDs, made from these codes: well-formed by construction)
-            key = geoid_codes(g, self.tree.digits[bottom], "block GEOIDs") if self.inv_codes else g
-            pos = np.clip(np.searchsorted(ig, key), 0, max(len(ig) - 1, 0))
-            found = (ig[pos] == key) if len(ig) else np.zeros(len(g), bool)
+            pos, found = find_units(ig, g)  # (a malformed GEOID: not found, i.e. no declared units)
             self.inv_seen[pos[found]] = True
             want = np.where(found, iv[pos] if len(ig) else 0, 0)  # a published block absent from the invariant has 0
             bad = np.nonzero(want != got)[0]
@@ -372,11 +369,7 @@ class ReleaseChecks:
             bottom = self.tree.levels[-1]
             absent = np.nonzero(~self.inv_seen & (self.inv_hu != 0))[0]
             if absent.size:
-                named = self.inv_geoids
-                if self.inv_codes:  # the blocks reported (a few) by their GEOIDs
-                    named = np.zeros(len(named), dtype=f"<U{self.tree.digits[bottom]}")
-                    named[absent] = format_geoids(self.inv_geoids[absent], self.tree.digits[bottom])
-                self.col.add("invariant", ht, bottom, named, absent, [hline] * absent.size,
+                self.col.add("invariant", ht, bottom, self.inv_geoids, absent, [hline] * absent.size,
                              self.inv_hu[absent], np.zeros(absent.size, np.int64),
                              f"{bottom} with declared housing units is not published")
         return self.col.result()

@@ -52,7 +52,7 @@ from pipeline.files import ROW_GROUP_ROWS, RowGroups, copy_file_sha256, read_ahe
 from pipeline.privacy.measure import SCHEMA as PART_SCHEMA
 from pipeline.privacy.measure import MeasurementError, check_measurement_columns, layout_labels
 from pipeline.release.checks import CheckFailure
-from pipeline.release.tree import CodedGeoids, GeoTree
+from pipeline.release.tree import GeoTree
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -640,10 +640,8 @@ class _Expected:
         if level not in self._ppos:
             parent = self.by_level[self.names[self.names.index(level) - 1]]
             pg = np.asarray(parent.geoids).astype(str, copy=False)
-            child = self.by_level[level].geoids  # (the blocks: CodedGeoids, made a range at a time)
-            ppos, _ = self.tree.parent_positions(parent.level, pg, level,
-                                                 child if isinstance(child, CodedGeoids) else
-                                                 np.asarray(child).astype(str, copy=False))
+            # (the blocks: CodedGeoids, whose strings parent_positions makes a range at a time)
+            ppos, _ = self.tree.parent_positions(parent.level, pg, level, self.by_level[level].geoids)
             self._ppos[level] = np.minimum(ppos, len(pg) - 1)
         return self._ppos[level]
 
